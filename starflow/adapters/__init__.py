@@ -1,0 +1,33 @@
+"""Frozen pretrained components around the flow: the T5 text encoder and the latent adapters (VAEs)."""
+
+from starflow.adapters.hub import missing_model_error
+from starflow.adapters.text import (
+    T5_DEFAULT,
+    TINY_T5,
+    TextEncoder,
+    apply_prompt_template,
+    build_tiny_text_encoder,
+)
+from starflow.adapters.vae import (
+    SD_VAE_DEFAULT,
+    IdentityAdapter,
+    LatentAdapter,
+    SDVAEAdapter,
+    build_latent_adapter,
+    build_tiny_sd_vae,
+)
+
+__all__ = [
+    "SD_VAE_DEFAULT",
+    "T5_DEFAULT",
+    "TINY_T5",
+    "IdentityAdapter",
+    "LatentAdapter",
+    "SDVAEAdapter",
+    "TextEncoder",
+    "apply_prompt_template",
+    "build_latent_adapter",
+    "build_tiny_sd_vae",
+    "build_tiny_text_encoder",
+    "missing_model_error",
+]

@@ -1,0 +1,199 @@
+"""Text conditioning: the prompt template and a frozen T5 encoder.
+
+STARFlow (arXiv 2506.06276) Sec. 3 conditions the deep flow block on the hidden states of a frozen
+pretrained T5 encoder (``google/flan-t5-xl``, hidden size 2048). The prompt template and the masking
+of padding follow SPEC Sec. 12. A tiny randomly initialised T5 (:func:`build_tiny_text_encoder`)
+goes through exactly the same code path for tests and demos.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
+
+from starflow.adapters.hub import check_local_folder, missing_model_error, resolve_local_files_only
+
+T5_DEFAULT = "google/flan-t5-xl"
+"""Hub id of the text encoder of the released checkpoints (encoder only, hidden size 2048)."""
+
+TINY_T5: dict[str, int] = dict(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
+"""``T5Config`` arguments of the debug encoder; vocab 384 matches ``ByT5Tokenizer`` (bytes + specials)."""
+
+
+def apply_prompt_template(
+    text: str,
+    *,
+    fps: int | None = None,
+    fps_cond: bool = False,
+    cond_noise_level: bool = False,
+    noise_std: float = 0.0,
+    mix_aspect: bool = False,
+    aspect_ratio: str = "1:1",
+) -> str:
+    """Wrap a prompt the way the released models were trained (SPEC Sec. 12).
+
+    Applied to every prompt, the empty unconditional one included, in this order:
+    fps/image prefix, noise-level prefix, aspect-ratio suffix.
+
+    Args:
+        text: The raw prompt ("" for the unconditional branch of guidance).
+        fps: Frames per second of a video; None or 0 means an image.
+        fps_cond: Config ``fps_cond``: prefix ``"A video with {fps} fps:"`` or ``"An image:"``.
+        cond_noise_level: Config ``cond_noise_level``: prefix the training noise level.
+        noise_std: Config ``noise_std`` in normalised-latent units; written as ``int(noise_std * 1000)``.
+        mix_aspect: Config ``mix_aspect``: append the aspect ratio.
+        aspect_ratio: ``"w:h"``, e.g. ``"16:9"``.
+
+    Returns:
+        The templated prompt.
+    """
+    if fps_cond:
+        text = f"A video with {fps} fps:\n{text}\n" if fps and fps > 0 else f"An image:\n{text}\n"
+    if cond_noise_level:
+        text = f"Noise Level {int(noise_std * 1000)}:\n{text}"
+    if mix_aspect:
+        text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
+    return text
+
+
+class TextEncoder(nn.Module):
+    """A frozen T5 encoder that turns prompts into padded, masked token features.
+
+    The encoder stays in eval mode (no dropout) even when a parent module calls ``.train()``, its
+    parameters have ``requires_grad=False`` and :meth:`forward` runs under ``torch.no_grad``.
+
+    Args:
+        tokenizer: The T5 tokenizer (``T5TokenizerFast`` for flan-t5, ``ByT5Tokenizer`` for the tiny one).
+        encoder: A ``T5EncoderModel`` (encoder only: ``AutoModel`` would build a random decoder too).
+        max_length: Tokens per prompt after padding/truncation; config ``txt_size`` (L).
+        name: Where the model came from, for messages.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, encoder: T5EncoderModel, max_length: int,
+                 name: str = "") -> None:
+        super().__init__()
+        if max_length <= 0:
+            raise ValueError(f"txt_size (max_length) must be positive, got {max_length}")
+        self.tokenizer = tokenizer
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.max_length = max_length
+        self.name = name
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = T5_DEFAULT,
+        *,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        local_files_only: bool | None = None,
+    ) -> TextEncoder:
+        """Load tokenizer and encoder from a local folder, the HF cache, or the Hub (in that order).
+
+        Args:
+            name_or_path: Hub id (``google/flan-t5-xl``) or a folder written by :meth:`save_pretrained`.
+            max_length: Config ``txt_size`` (L).
+            dtype: Weight dtype; flan-t5 is known to overflow in float16, prefer float32 or bfloat16.
+            device: Where the encoder runs.
+            local_files_only: True: never contact the Hub; None: True iff ``HF_HUB_OFFLINE`` is set.
+
+        Returns:
+            The frozen text encoder.
+
+        Raises:
+            FileNotFoundError: The model is neither in the folder, the cache, nor (when allowed)
+                reachable on the Hub; the message says how to download it.
+        """
+        what = "T5 text encoder"
+        check_local_folder(name_or_path, what)
+        offline = resolve_local_files_only(local_files_only)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+            encoder = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
+        except OSError as err:
+            raise missing_model_error(name_or_path, what, cause=err) from err
+        return cls(tokenizer, encoder.to(device), max_length, name=name_or_path)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write tokenizer and encoder so that :meth:`from_pretrained` on ``folder`` restores them.
+
+        Args:
+            folder: Destination folder; created if missing.
+        """
+        self.tokenizer.save_pretrained(folder)
+        self.encoder.save_pretrained(folder)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the token features (config ``txt_dim``; 2048 for flan-t5-xl)."""
+        return int(self.encoder.config.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the encoder weights."""
+        return next(self.encoder.parameters()).device
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Set the training flag of this wrapper; the frozen encoder itself stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Warn for each prompt with more than ``max_length`` tokens (counted before truncation)."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        for prompt, length in zip(prompts, lengths):
+            if length > self.max_length:
+                start = prompt[:50] + ("..." if len(prompt) > 50 else "")
+                warnings.warn(
+                    f"Prompt {start!r} has {length} tokens, more than txt_size={self.max_length}; "
+                    f"it is truncated to {self.max_length} tokens.",
+                    stacklevel=2,
+                )
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """Encode prompts (already templated with :func:`apply_prompt_template`).
+
+        Args:
+            prompts: B strings.
+
+        Returns:
+            Token features ``(B, L, D_txt)`` float32 with ``L = max_length`` and ``D_txt = hidden_size``;
+            rows of padding tokens are exactly zero (hidden states multiplied by the attention mask).
+        """
+        prompts = list(prompts)
+        self._warn_truncated(prompts)
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                               truncation=True, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)  # (B, L)
+        mask = batch["attention_mask"].to(self.device)  # (B, L), 1 = real token
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, L, D_txt)
+        return hidden.float() * mask[..., None].float()
+
+
+def build_tiny_text_encoder(max_length: int, seed: int = 0,
+                            config: dict[str, int] | None = None) -> TextEncoder:
+    """A tiny randomly initialised T5 encoder with a byte tokenizer, built without any files.
+
+    Used by tests, demos and the debug configs; it is loaded, saved and run through the same code as
+    flan-t5-xl (``save_pretrained`` then :meth:`TextEncoder.from_pretrained` round-trips).
+
+    Args:
+        max_length: Config ``txt_size`` (L).
+        seed: Seed of the weight initialisation (the global RNG state is left untouched).
+        config: ``T5Config`` arguments; default :data:`TINY_T5` (hidden size 32).
+
+    Returns:
+        The frozen tiny text encoder on CPU in float32.
+    """
+    t5_config = T5Config(**(TINY_T5 if config is None else config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = T5EncoderModel(t5_config)
+    return TextEncoder(ByT5Tokenizer(), encoder, max_length, name="tiny-t5")

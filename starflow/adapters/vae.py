@@ -1,0 +1,266 @@
+"""Latent adapters: the map between pixels and the space the flow models.
+
+STARFlow (arXiv 2506.06276) Sec. 3.1 trains the flow in the latent space of a frozen pretrained
+autoencoder (SD-VAE for images, SPEC Sec. 13); pixel-space models use no autoencoder at all. Every
+adapter offers ``encode(pixels) -> latents`` and ``decode(latents) -> pixels`` with pixels as floats
+in ``[-1, 1]``, shaped ``(B, C, H, W)`` (or ``(B, T, C, H, W)`` for videos).
+
+Adding an autoencoder: subclass :class:`LatentAdapter` and add one branch to
+:func:`build_latent_adapter`.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from starflow.adapters.hub import check_local_folder, missing_model_error, resolve_local_files_only
+
+SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
+"""Hub id of the SD-VAE used by the released text-to-image checkpoint."""
+
+_WAN_NAME = re.compile(r"(?:^|[/\\_.-])wan", re.IGNORECASE)
+
+
+class LatentAdapter(nn.Module, abc.ABC):
+    """Common interface of the frozen pixel <-> latent maps.
+
+    Attributes:
+        name: Where the autoencoder came from (``"none"`` without one).
+        downsample: Spatial downsampling factor: latent side = pixel side // downsample.
+        latent_channels: Channels C of the latents.
+    """
+
+    name: str
+    downsample: int
+    latent_channels: int
+
+    @abc.abstractmethod
+    def encode(self, pixels: torch.Tensor, *, sample: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels ``(B, 3, H, W)`` in [-1, 1] -> latents ``(B, C, H/downsample, W/downsample)``.
+
+        Args:
+            pixels: Images (or ``(B, T, 3, H, W)`` videos where supported).
+            sample: Draw from the posterior (True) or take its mean (False); ignored if deterministic.
+            generator: RNG of the posterior sample.
+        """
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` -> pixels ``(B, 3, h*downsample, w*downsample)`` in about [-1, 1]."""
+
+
+class IdentityAdapter(LatentAdapter):
+    """No autoencoder: the pixels are the latents (config ``vae: none``).
+
+    Args:
+        channels: Image channels (config ``channel_size``).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.name = "none"
+        self.downsample = 1
+        self.latent_channels = channels
+
+    def encode(self, pixels: torch.Tensor, *, sample: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return ``pixels`` unchanged (``sample`` and ``generator`` are ignored)."""
+        return pixels
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Return ``latents`` unchanged."""
+        return latents
+
+
+class SDVAEAdapter(LatentAdapter):
+    """A frozen diffusers ``AutoencoderKL`` (SD-VAE), latents scaled by ``config.scaling_factor``.
+
+    ``encode`` returns ``posterior_sample * scaling_factor`` (0.18215 for SD-VAE), ``decode`` undoes
+    the scaling (SPEC Sec. 13). Video tensors ``(B, T, C, H, W)`` are encoded frame by frame.
+
+    Args:
+        vae: The autoencoder; it is put in eval mode with gradients off.
+        name: Where it came from, for messages.
+    """
+
+    def __init__(self, vae: AutoencoderKL, name: str = "") -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.name = name
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = SD_VAE_DEFAULT,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        subfolder: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> SDVAEAdapter:
+        """Load from a local folder, the HF cache, or the Hub (in that order).
+
+        Args:
+            name_or_path: Hub id (``stabilityai/sd-vae-ft-ema``) or folder.
+            dtype: Weight dtype.
+            device: Where the autoencoder runs.
+            subfolder: E.g. ``"vae"`` inside a full Stable Diffusion repo.
+            local_files_only: True: never contact the Hub; None: True iff ``HF_HUB_OFFLINE`` is set.
+
+        Returns:
+            The frozen adapter.
+
+        Raises:
+            FileNotFoundError: The model cannot be found; the message says how to download it.
+        """
+        what = "SD-VAE (diffusers AutoencoderKL)"
+        check_local_folder(name_or_path, what, subfolder=subfolder)
+        try:
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype,
+                                                local_files_only=resolve_local_files_only(local_files_only))
+        except OSError as err:
+            raise missing_model_error(name_or_path, what, subfolder=subfolder, cause=err) from err
+        return cls(vae.to(device), name=name_or_path)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write the autoencoder so that :meth:`from_pretrained` on ``folder`` restores it."""
+        self.vae.save_pretrained(folder)
+
+    @property
+    def scaling_factor(self) -> float:
+        """Latent scale from the VAE config (0.18215 for SD-VAE)."""
+        return float(self.vae.config.scaling_factor)
+
+    def train(self, mode: bool = True) -> SDVAEAdapter:
+        """Set the training flag of this wrapper; the frozen autoencoder stays in eval mode."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, *, sample: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels ``(B, 3, H, W)`` or ``(B, T, 3, H, W)`` in [-1, 1] -> scaled latents.
+
+        Args:
+            pixels: Images or videos, H and W multiples of ``downsample``.
+            sample: Draw from the posterior (True, as in training) or return its mean (False).
+            generator: RNG of the posterior sample.
+
+        Returns:
+            Latents ``(B, C, H/downsample, W/downsample)`` (``T`` kept for videos), dtype of ``pixels``.
+        """
+        x, frames = _fold_frames(pixels)  # (B*T, 3, H, W)
+        vae_param = next(self.vae.parameters())
+        posterior = self.vae.encode(x.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        z = posterior.sample(generator=generator) if sample else posterior.mode()  # (B*T, C, h, w)
+        return _unfold_frames(z * self.scaling_factor, frames).to(pixels.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``(B, C, h, w)`` or ``(B, T, C, h, w)`` -> pixels in about [-1, 1].
+
+        Returns:
+            Pixels ``(B, 3, h*downsample, w*downsample)`` (``T`` kept for videos), dtype of ``latents``.
+        """
+        z, frames = _fold_frames(latents)  # (B*T, C, h, w)
+        vae_param = next(self.vae.parameters())
+        z = z.to(device=vae_param.device, dtype=vae_param.dtype) / self.scaling_factor
+        return _unfold_frames(self.vae.decode(z).sample, frames).to(latents.dtype)
+
+
+def _fold_frames(x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """``(B, T, C, H, W) -> (B*T, C, H, W)``; 4-D tensors pass through (frames None)."""
+    if x.ndim == 4:
+        return x, None
+    if x.ndim == 5:
+        return x.flatten(0, 1), x.shape[1]
+    raise ValueError(f"expected (B, C, H, W) or (B, T, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _unfold_frames(x: torch.Tensor, frames: int | None) -> torch.Tensor:
+    """Inverse of :func:`_fold_frames`."""
+    return x if frames is None else x.unflatten(0, (-1, frames))
+
+
+def build_tiny_sd_vae(
+    *,
+    latent_channels: int = 4,
+    block_out_channels: tuple[int, ...] = (8, 16),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> SDVAEAdapter:
+    """A tiny randomly initialised ``AutoencoderKL`` for tests and demos, built without any files.
+
+    Args:
+        latent_channels: Latent channels C.
+        block_out_channels: Encoder widths; downsample = ``2 ** (len - 1)`` (2 by default).
+        seed: Seed of the weight initialisation (the global RNG state is left untouched).
+        dtype: Weight dtype.
+        device: Where it runs.
+
+    Returns:
+        The frozen adapter (scaling factor: the diffusers default, 0.18215).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=min(8, block_out_channels[0]),
+            sample_size=16,
+        )
+    return SDVAEAdapter(vae.to(device=device, dtype=dtype), name="tiny-sd-vae")
+
+
+def build_latent_adapter(
+    vae: str | None,
+    *,
+    channels: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    local_files_only: bool | None = None,
+) -> LatentAdapter:
+    """Choose the adapter named by config ``vae``.
+
+    Args:
+        vae: None, ``""`` or ``"none"``: no autoencoder; a Hub id or folder of a diffusers
+            ``AutoencoderKL`` (``stabilityai/sd-vae-ft-ema``); WAN2.2 names are reserved for the
+            video adapter.
+        channels: Config ``channel_size``: the channels the flow models (3 without VAE, 4 for SD-VAE).
+        dtype: Weight dtype of the autoencoder.
+        device: Where it runs.
+        local_files_only: See :meth:`SDVAEAdapter.from_pretrained`.
+
+    Returns:
+        The adapter.
+
+    Raises:
+        ValueError: A WAN2.2 name, or an autoencoder whose latent channels differ from ``channels``.
+        FileNotFoundError: The autoencoder cannot be found.
+    """
+    if vae is None or vae.strip().lower() in ("", "none"):
+        return IdentityAdapter(channels)
+    if _WAN_NAME.search(vae):
+        raise ValueError(f"vae={vae!r}: the WAN2.2 video VAE is handled by the video adapter, "
+                         "which is not part of starflow.adapters.vae yet")
+    adapter = SDVAEAdapter.from_pretrained(vae, dtype=dtype, device=device, local_files_only=local_files_only)
+    if adapter.latent_channels != channels:
+        raise ValueError(f"channel_size={channels} but the VAE {vae!r} has {adapter.latent_channels} "
+                         "latent channels")
+    return adapter

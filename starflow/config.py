@@ -1,0 +1,363 @@
+"""Typed configuration in the official STARFlow YAML format.
+
+The official configs (``configs/starflow_3B_t2i_256x256.yaml``, ``configs/starflow-v_7B_t2v_caus_480p.yaml``)
+are YAML files with a top-level ``arguments:`` list of one-key maps. :func:`load_config` reads those,
+plain mappings, or dicts, and normalises once: ``0/1`` to ``bool``, ``"2 2 2 2 2 24"`` to ``list[int]``,
+``"81:16"`` to ``(frames, fps)``, ``"none"`` to ``None``. Unknown keys and contradictions raise
+``ValueError`` naming the key (and the nearest valid key for typos).
+
+Precedence is CLI > YAML > defaults, for training and sampling alike (:func:`apply_overrides`).
+Defaults are those of the official parser (STARFlow, arXiv 2506.06276; SPEC section 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["Config", "load_config", "save_config", "apply_overrides", "config_field_help", "infer_vae_downsample"]
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class Config:
+    """Every key of the official YAML configs, plus the training and sampling knobs of this package.
+
+    Field names are the official keys; units are in each field's ``doc`` metadata
+    (``starflow train --help`` prints them).
+    """
+
+    # --- model shape -----------------------------------------------------------------------
+    channel_size: int = _f(3, "channels of the flow's input (latent channels with a VAE, else pixel channels)")
+    img_size: int = _f(32, "image side in pixels (latent side = img_size // vae downsample)")
+    patch_size: int = _f(4, "patch side in latent cells; token width D = patch_size**2 * channel_size")
+    channels: int = _f(512, "transformer width W of the shallow blocks (and the denoiser)")
+    top_block_channels: int | None = _f(None, "width of the deep block (None = channels)")
+    blocks: int = _f(4, "number of flow blocks when layers_per_block has a single entry")
+    layers_per_block: list[int] = _f(None, "transformer layers per flow block, e.g. '2 2 2 2 2 24' (last = deep block)")
+    head_dim: int = _f(64, "attention head width; heads = width // head_dim")
+    rope: bool = _f(False, "rotary position embedding on queries and keys")
+    pt_seq_len: int | None = _f(None, "RoPE position scale P (None = latent side // patch_size)")
+    sos: bool = _f(False, "prepend a learned start-of-sequence token in every block")
+    seq_order: str = _f("R2L", "token order of the first block: 'R2L' or 'L2R' (orders then alternate)")
+    use_softplus: bool = _f(False, "scale a = softplus(o + 0.5413) instead of exp(o)")
+    cond_top_only: bool = _f(False, "condition only the deep block on text")
+    use_final_norm: bool = _f(False, "RMSNorm (float32, 1 + weight) before proj_out")
+    soft_clip: float = _f(0.0, "soft clipping s*tanh(o/s) of the block outputs (0 = off)")
+    txt_size: int = _f(0, "text tokens L (prompts are padded/truncated to it); 0 = unconditional")
+    learnable_self_denoiser: bool = _f(False, "train/use the learnable non-causal denoiser (STARFlow-V)")
+    conditional_denoiser: bool = _f(False, "the learnable denoiser sees the text")
+    denoiser_window: int | None = _f(None, "denoiser attention window G in latent frames")
+    temporal_causal: int = _f(0, "video: block-causal frame span A (flip reverses tokens inside each frame)")
+    shallow_block_local: bool = _f(False, "video: shallow blocks see each frame on its own")
+    local_attn_window: int | None = _f(None, "local attention window (not used by the released models)")
+    noise_std: float = _f(0.3, "std of the Gaussian noise added to training latents (normalised-latent units)")
+    cond_noise_level: bool = _f(False, "prefix the prompt with the noise level (SPEC section 12)")
+    fps_cond: bool = _f(False, "prefix the prompt with the fps / 'An image:' (SPEC section 12)")
+    mix_aspect: bool = _f(False, "train on aspect-ratio buckets and state the ratio in the prompt")
+    vid_size: tuple[int, int] | None = _f(None, "video 'frames:fps', e.g. '81:16' (None = images)")
+    # --- conditioning, encoders -------------------------------------------------------------
+    text: str | None = _f(None, "text encoder: hub id or folder (e.g. google/flan-t5-xl)")
+    vae: str | None = _f(None, "VAE: hub id or folder, optional ':scale' suffix for video (None = pixels)")
+    finetuned_vae: str | None = _f(None, "fine-tuned VAE decoder weights (None = the VAE's own)")
+    cfg: float = _f(0.0, "classifier-free guidance weight w used when sampling")
+    drop_label: float = _f(0.0, "probability of replacing the caption by '' in training")
+    drop_image: float = _f(0.0, "video: probability of dropping the first frame in training")
+    # --- optimisation -----------------------------------------------------------------------
+    lr: float = _f(1e-4, "peak learning rate")
+    min_lr: float = _f(1e-6, "final learning rate of the cosine schedule")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    warmup_steps: int = _f(1000, "linear warm-up steps")
+    steps: int = _f(100000, "total optimizer steps")
+    batch_size: int = _f(64, "global batch size (split across ranks)")
+    grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)")
+    grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100")
+    latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty")
+    loss_scaling: bool = _f(False, "official flag, kept for compatibility (no effect)")
+    seed: int = _f(0, "random seed")
+    # --- systems ----------------------------------------------------------------------------
+    fsdp: bool = _f(False, "shard the model with FSDP2 under torchrun")
+    fsdp_text_encoder: bool = _f(False, "shard the frozen text encoder with FSDP2 too")
+    gradient_checkpoint: bool = _f(False, "activation checkpointing of attention")
+    gradient_checkpoint_mlp: bool = _f(False, "activation checkpointing of the MLP")
+    wds: bool = _f(False, "read training data from webdataset shards")
+    data: str | None = _f(None, "training data: an image folder with metadata.jsonl")
+    num_workers: int = _f(2, "DataLoader worker processes")
+    logdir: str = _f("runs/starflow", "output folder for checkpoints, samples and metrics")
+    log_freq: int = _f(10, "steps between metric log lines")
+    save_freq: int = _f(1000, "steps between checkpoints")
+    sample_freq: int = _f(1000, "steps between sample grids")
+    keep_last: int = _f(3, "checkpoints kept on disk")
+    # --- official keys accepted for compatibility --------------------------------------------
+    no_flip: bool = _f(False, "official flag (no horizontal-flip augmentation); kept")
+    nvp: bool = _f(True, "official flag: affine (shift and scale) flow; only True is supported")
+    adaln: bool = _f(False, "official flag: adaptive LayerNorm; only False is supported")
+    secondary_img_size: int | None = _f(None, "official: image size of the secondary (image) data mix")
+    secondary_batch_size: int | None = _f(None, "official: batch size of the secondary data mix")
+    secondary_ratio: float = _f(0.0, "official: fraction of steps on the secondary data mix")
+
+    def __post_init__(self) -> None:
+        if self.layers_per_block is None:
+            self.layers_per_block = [8]
+
+    # --- derived quantities -----------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        """Number of flow blocks K (SPEC section 1)."""
+        return self.blocks if len(self.layers_per_block) == 1 else len(self.layers_per_block)
+
+    @property
+    def block_layers(self) -> list[int]:
+        """Transformer layers of each flow block, length K."""
+        lpb = self.layers_per_block
+        return lpb * self.blocks if len(lpb) == 1 else list(lpb)
+
+    @property
+    def deep_channels(self) -> int:
+        """Width of the deep block."""
+        return self.top_block_channels or self.channels
+
+    @property
+    def is_video(self) -> bool:
+        return self.vid_size is not None
+
+    def latent_size(self, vae_downsample: int) -> int:
+        """Latent grid side in cells for this config's ``img_size`` (pixels)."""
+        return self.img_size // vae_downsample
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe mapping of every field."""
+        d = dataclasses.asdict(self)
+        if d["vid_size"] is not None:
+            d["vid_size"] = f"{d['vid_size'][0]}:{d['vid_size'][1]}"
+        return d
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def config_field_help(name: str) -> str:
+    """One-line documentation of a config key."""
+    return _FIELDS[name].metadata.get("doc", "")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Return (inner type, optional) for annotations like ``int | None``."""
+    tp = typing.get_type_hints(Config)[tp] if isinstance(tp, str) else tp
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert one raw YAML/CLI value to the field's type, or raise ValueError naming the key."""
+    tp, optional = _base_type(_HINTS[key])
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+        if optional:
+            return None
+        if tp is str:
+            return value
+        raise ValueError(f"config key '{key}' cannot be None")
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config key '{key}' cannot be None")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(tp) is list:  # layers_per_block
+            items = value.split() if isinstance(value, str) else ([value] if isinstance(value, int) else list(value))
+            out = [int(v) for v in items]
+            if not out:
+                raise ValueError
+            return out
+        if typing.get_origin(tp) is tuple:  # vid_size 'frames:fps'
+            parts = value.split(":") if isinstance(value, str) else list(value)
+            frames, fps = (int(p) for p in parts)
+            return (frames, fps)
+    except (ValueError, TypeError):
+        pass
+    raise ValueError(
+        f"config key '{key}' expects {_type_name(_HINTS[key])}, got {value!r} ({config_field_help(key)})"
+    )
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _base_type(tp)
+    name = {bool: "0/1 (bool)", int: "an integer", float: "a number", str: "a string"}.get(base)
+    if name is None:
+        name = "a list of integers like '2 2 24'" if typing.get_origin(base) is list else "'frames:fps' like '81:16'"
+    return name + (" or none" if optional else "")
+
+
+def _check_key(key: str) -> None:
+    if key not in _FIELDS:
+        near = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else "; see `starflow train --help` for the keys"
+        raise ValueError(f"unknown config key '{key}'{hint}")
+
+
+def _flatten_official(raw: Any, source: str) -> dict[str, Any]:
+    """Accept ``{'arguments': [{'k': v}, ...]}`` (official) or a plain mapping."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{source}: expected a mapping or an 'arguments:' list, got {type(raw).__name__}")
+    if "arguments" in raw:
+        if set(raw) != {"arguments"} or not isinstance(raw["arguments"], list):
+            raise ValueError(f"{source}: 'arguments:' must be the only top-level key and hold a list of one-key maps")
+        out: dict[str, Any] = {}
+        for item in raw["arguments"]:
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise ValueError(f"{source}: each entry under 'arguments:' must be a one-key map, got {item!r}")
+            out.update(item)
+        return out
+    return dict(raw)
+
+
+def validate(cfg: Config) -> Config:
+    """Check cross-field constraints; raise ValueError naming the offending key."""
+    if cfg.seq_order not in ("L2R", "R2L"):
+        raise ValueError(f"config key 'seq_order' must be 'L2R' or 'R2L', got {cfg.seq_order!r}")
+    if any(n < 0 for n in cfg.layers_per_block) or cfg.block_layers[-1] < 1:
+        raise ValueError("config key 'layers_per_block': counts must be >= 0 and the deep (last) block needs >= 1")
+    for key in ("channels", "deep_channels"):
+        width = getattr(cfg, key)
+        if width % cfg.head_dim:
+            name = "channels" if key == "channels" else "top_block_channels"
+            raise ValueError(f"config key '{name}' ({width}) must be a multiple of 'head_dim' ({cfg.head_dim})")
+    if cfg.rope and cfg.head_dim % 4:
+        raise ValueError(f"config key 'head_dim' ({cfg.head_dim}) must be a multiple of 4 with rope")
+    if cfg.rope and cfg.txt_size > 0 and cfg.head_dim // 2 < 8:
+        raise ValueError("config key 'head_dim' must be >= 16 with rope and text (8 dims go to the third axis)")
+    for key in ("drop_label", "drop_image", "secondary_ratio"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"config key '{key}' is a probability, got {getattr(cfg, key)}")
+    for key in ("img_size", "patch_size", "channel_size", "head_dim", "batch_size", "steps", "grad_accum"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if cfg.noise_std < 0:
+        raise ValueError(f"config key 'noise_std' must be >= 0, got {cfg.noise_std}")
+    if not cfg.nvp:
+        raise ValueError("config key 'nvp': only the affine flow (nvp: 1) is supported")
+    if cfg.adaln:
+        raise ValueError("config key 'adaln': adaptive LayerNorm is not part of the released models; set it to 0")
+    if cfg.local_attn_window is not None:
+        raise ValueError("config key 'local_attn_window' is not supported (the released models do not use it)")
+    if cfg.conditional_denoiser and not cfg.learnable_self_denoiser:
+        raise ValueError("config key 'conditional_denoiser' needs 'learnable_self_denoiser: 1'")
+    if cfg.cfg > 0 and cfg.txt_size == 0:
+        raise ValueError("config key 'cfg' > 0 needs text conditioning ('txt_size' > 0)")
+    return cfg
+
+
+def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a config from a YAML path, a mapping of YAML keys, or a Config.
+
+    Args:
+        source: path to a YAML file (official ``arguments:`` list or plain mapping), a dict with
+            YAML keys (values may be Python values or the official strings), or a Config.
+        overrides: keys that take precedence over ``source`` (e.g. from the command line).
+
+    Returns:
+        A validated :class:`Config`; keys not given take the official parser's defaults.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ValueError: an unknown key (with the nearest valid key), an ill-typed value, or
+            contradicting keys.
+    """
+    if isinstance(source, Config):
+        raw = source.to_dict()
+        name = "config"
+    elif isinstance(source, Mapping):
+        raw = _flatten_official(source, "config")
+        name = "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path} (the official configs are in configs/)")
+        raw = _flatten_official(yaml.safe_load(path.read_text()), str(path))
+        name = str(path)
+    values: dict[str, Any] = {}
+    for src in (raw, dict(overrides or {})):
+        for key, value in src.items():
+            try:
+                _check_key(key)
+                values[key] = _coerce(key, value)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    if "blocks" in values and len(values.get("layers_per_block", [])) > 1:
+        if values["blocks"] != len(values["layers_per_block"]):
+            raise ValueError(
+                f"{name}: config key 'blocks' ({values['blocks']}) contradicts 'layers_per_block' "
+                f"({len(values['layers_per_block'])} entries); drop 'blocks' or make them agree"
+            )
+    return validate(Config(**values))
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """Return a new validated Config with ``overrides`` (CLI values) applied on top of ``cfg``."""
+    return load_config(cfg, {k: v for k, v in overrides.items() if v is not None})
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML in the official ``arguments:`` format (loadable by :func:`load_config`)."""
+    items = [{k: v} for k, v in cfg.to_dict().items()]
+    for item in items:
+        (k, v), = item.items()
+        if isinstance(v, list):
+            item[k] = " ".join(str(i) for i in v)
+    Path(path).write_text(yaml.safe_dump({"arguments": items}, sort_keys=False))
+
+
+def infer_vae_downsample(vae: str | None) -> int:
+    """Spatial downsampling of the latent space named by a config's ``vae`` key.
+
+    ``None`` (pixels) -> 1; a WAN2.2 VAE (name containing 'wan') -> 16; any other (SD-VAE) -> 8.
+    """
+    if vae is None or vae.lower() == "none":
+        return 1
+    return 16 if "wan" in vae.lower() else 8

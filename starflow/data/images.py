@@ -1,0 +1,246 @@
+"""Image folders with captions, aspect-ratio buckets and a tolerant loader.
+
+A folder follows the Hugging Face `imagefolder` convention: image files anywhere under `root` plus
+`root/metadata.jsonl`, one JSON object per line with `file_name` (path relative to `root`) and
+`text` (the caption). Pixels come out as `(C, H, W)` float32 in `[-1, 1]`, the range the VAE and the
+pixel-space flow expect (SPEC 13). Mixed aspect ratios follow STARFlow (arXiv 2506.06276): each image
+goes to its nearest `"w:h"` bucket, and `starflow.data.aspect.AspectBucketBatchSampler` keeps each
+batch in one bucket.
+"""
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from starflow.data.aspect import aspect_to_size, nearest_aspect
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.jsonl"
+_FORMAT_HELP = (
+    f"an image folder needs a '{METADATA_FILE}' file in its root with one JSON object per line, "
+    'e.g. {"file_name": "images/0001.png", "text": "a red bicycle"}; file_name is relative to the root'
+)
+
+
+class CorruptImageError(OSError):
+    """An image file that is missing, truncated or cannot be decoded."""
+
+
+def _open(path: Path) -> Image.Image:
+    """Opens an image lazily (header only); raises `CorruptImageError` if that fails."""
+    try:
+        return Image.open(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+
+
+def load_image(path: str | Path, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """Loads an image, resizes its shorter side to cover `size` and centre-crops to it.
+
+    Args:
+        path: Image file (any format PIL reads). EXIF orientation is applied.
+        size: Target `(h, w)` in pixels.
+        channels: 1 for greyscale (PIL mode "L"), 3 for RGB.
+
+    Returns:
+        Pixels `(C, H, W)` float32 in `[-1, 1]` (0 -> -1, 255 -> 1).
+
+    Raises:
+        CorruptImageError: If the file is missing, truncated or not a decodable image.
+        ValueError: If `channels` is not 1 or 3 or a side of `size` is not positive.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    h, w = size
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size must be positive (h, w), got {size}")
+    path = Path(path)
+    with _open(path) as img:
+        try:
+            img.load()  # decode now so a truncated file fails here
+            img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+    scale = max(h / img.height, w / img.width)  # cover the target, then crop the excess
+    new_w, new_h = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - w) // 2, (new_h - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.float32).reshape(h, w, channels)  # (H, W, C) in 0..255
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W) in [-1, 1]
+
+
+def _read_metadata(root: Path) -> list[tuple[str, str]]:
+    """Reads `root/metadata.jsonl` into `(file_name, text)` pairs, validating each line."""
+    meta = root / METADATA_FILE
+    if not meta.is_file():
+        raise FileNotFoundError(f"no {meta}: {_FORMAT_HELP}")
+    records = []
+    with meta.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}); {_FORMAT_HELP}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
+                raise ValueError(f"{meta}:{line_no}: needs a string 'file_name'; {_FORMAT_HELP}")
+            if not isinstance(obj.get("text"), str):
+                raise ValueError(f"{meta}:{line_no}: needs a string 'text' caption; {_FORMAT_HELP}")
+            records.append((obj["file_name"], obj["text"]))
+    if not records:
+        raise ValueError(f"{meta} lists no images; {_FORMAT_HELP}")
+    return records
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Captioned images from a folder with `metadata.jsonl`; never crashes on a bad file.
+
+    Files listed in the metadata but absent are dropped at construction; files that fail to decode
+    are replaced in `__getitem__` by the next readable sample (index + 1, wrapping, preferring the
+    same aspect bucket so batches still stack). Both are recorded in `skipped` and logged once per
+    file. With DataLoader workers each worker process keeps its own `skipped` record.
+
+    Args:
+        root: Folder holding `metadata.jsonl` and the images.
+        img_size: Side `S` of the square training size, in pixels.
+        channels: 1 (greyscale) or 3 (RGB).
+        mix_aspect: Put each image in its nearest bucket of `ASPECT_RATIOS` (read from its header)
+            and resize to that bucket's size; otherwise every image uses `aspect_ratio`.
+        multiple: `vae_downsample * patch_size`, in pixels; bucket sides are multiples of it.
+        aspect_ratio: The `"w:h"` bucket used when `mix_aspect` is off.
+
+    Raises:
+        FileNotFoundError: If `metadata.jsonl` is absent (the message explains the format).
+        ValueError: On malformed metadata, a bad `aspect_ratio`, or if no listed file exists.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        img_size: int,
+        channels: int = 3,
+        mix_aspect: bool = False,
+        multiple: int = 1,
+        aspect_ratio: str = "1:1",
+    ) -> None:
+        self.root = Path(root)
+        self.img_size, self.channels, self.multiple = img_size, channels, multiple
+        self.mix_aspect, self.aspect_ratio = mix_aspect, aspect_ratio
+        aspect_to_size(aspect_ratio, img_size, multiple)  # validate early
+        self.skipped: set[str] = set()
+        self._missing = 0
+        self.paths: list[Path] = []
+        self.texts: list[str] = []
+        missing = []
+        for file_name, text in _read_metadata(self.root):
+            path = self.root / file_name
+            if path.is_file():
+                self.paths.append(path)
+                self.texts.append(text)
+            else:
+                missing.append(str(path))
+        if missing:
+            self._missing = len(missing)
+            self.skipped.update(missing)
+            logger.warning("%s: skipping %d missing files, e.g. %s", self.root, len(missing), missing[:3])
+        if not self.paths:
+            raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
+        self._buckets: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def buckets(self) -> list[str]:
+        """Aspect bucket (`"w:h"`) of every sample; read from image headers on first use."""
+        if self._buckets is None:
+            if not self.mix_aspect:
+                self._buckets = [self.aspect_ratio] * len(self)
+            else:
+                self._buckets = [self._header_bucket(p) for p in self.paths]
+        return self._buckets
+
+    def _header_bucket(self, path: Path) -> str:
+        """Nearest bucket from the header's (width, height); unreadable files get the default."""
+        try:
+            with _open(path) as img:
+                width, height = img.size
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotates by 90 degrees
+                    width, height = height, width
+            return nearest_aspect(width, height)
+        except (OSError, SyntaxError, ValueError) as err:  # CorruptImageError is an OSError
+            self._skip(path, err)
+            return self.aspect_ratio
+
+    def _skip(self, path: Path, err: Exception) -> None:
+        if str(path) not in self.skipped:
+            self.skipped.add(str(path))
+            logger.warning("skipping unreadable image (%s)", err)
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """`index`, then the following indices (wrapping) in its bucket, then all others."""
+        n, buckets = len(self), self.buckets
+        for same in (True, False):  # lazy: normally only `index` itself is tried
+            for k in range(n):
+                j = (index + k) % n
+                if (buckets[j] == buckets[index]) == same:
+                    yield j
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        """Returns `{"pixels": (C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": str}`.
+
+        `(H, W) = aspect_to_size(bucket of index, img_size, multiple)` even when a substitute is used.
+
+        Raises:
+            RuntimeError: If no file in the folder can be read.
+        """
+        bucket = self.buckets[index]
+        size = aspect_to_size(bucket, self.img_size, self.multiple)
+        for j in self._candidates(index):
+            path = self.paths[j]
+            if str(path) in self.skipped:
+                continue
+            try:
+                pixels = load_image(path, size, self.channels)
+            except CorruptImageError as err:
+                self._skip(path, err)
+                continue
+            return {"pixels": pixels, "text": self.texts[j], "aspect_ratio": bucket}
+        raise RuntimeError(f"every image in {self.root} is unreadable: {self.report()}")
+
+    def report(self) -> str:
+        """One line: samples listed, files skipped (missing / unreadable) and a few of their paths."""
+        unreadable = len(self.skipped) - self._missing
+        few = sorted(self.skipped)[:3]
+        return (
+            f"{self.root}: {len(self) + self._missing} listed, {len(self.skipped)} skipped "
+            f"({self._missing} missing, {unreadable} unreadable)" + (f", e.g. {few}" if few else "")
+        )
+
+
+def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.Tensor | list[str]]:
+    """Stacks `ImageFolder` samples.
+
+    Returns:
+        `{"pixels": (B, C, H, W) float32, "text": list[str], "aspect_ratio": list[str]}`.
+
+    Raises:
+        ValueError: If the samples' sizes differ (batch with `AspectBucketBatchSampler`).
+    """
+    shapes = {tuple(s["pixels"].shape) for s in batch}
+    if len(shapes) != 1:
+        raise ValueError(f"samples have different shapes {sorted(shapes)}; use AspectBucketBatchSampler")
+    return {
+        "pixels": torch.stack([s["pixels"] for s in batch]),
+        "text": [s["text"] for s in batch],
+        "aspect_ratio": [s["aspect_ratio"] for s in batch],
+    }

@@ -1,0 +1,108 @@
+"""Transformer parts of a STARFlow flow block: RMSNorm, attention with a KV-cache hook, MLP.
+
+Attribute names (``attention.norm``, ``attention.qkv``, ``attention.proj``, ``mlp.norm``, ``mlp.main``)
+are those of the released checkpoints (SPEC section 3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from starflow.models.kv_cache import KVCache
+from starflow.models.rope import apply_rope
+
+__all__ = ["RMSNorm", "Attention", "MLP", "AttentionBlock", "Rope"]
+
+LAYER_NORM_EPS = 1e-5
+RMS_NORM_EPS = 1e-6
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim) for the positions in use
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32 with a zero-initialised gain: ``x / sqrt(mean(x^2) + 1e-6) * (1 + weight)``.
+
+    Args:
+        dim: feature width W. Input ``(..., W)``; output has the input dtype.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS) * (1 + self.weight.float())
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention with RoPE, a causal or explicit mask, and an optional KV cache.
+
+    Args:
+        dim: width W; heads = W // head_dim.
+        head_dim: per-head width; softmax scale ``1/sqrt(head_dim)``.
+    """
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.heads = dim // head_dim
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            x: ``(B, n, W)`` hidden states of positions ``[start, start + n)``.
+            rope: (cos, sin) ``(n, head_dim)`` for those positions, or None.
+            mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal.
+            cache: KV cache receiving this chunk's keys/values (then keys span ``[0, start + n)``).
+            layer: index of this layer in the cache.
+            start: position of the first query.
+
+        Returns:
+            ``(B, n, W)`` attention output (before the residual).
+        """
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, n, head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(layer, k, v, start)
+        if mask is None and k.shape[2] != n:  # causal chunk against cached keys
+            if n > 1:
+                mask = torch.ones(n, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    """Pre-norm MLP ``W -> 4W -> W`` with exact GELU."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.main = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(self.norm(x))
+
+
+class AttentionBlock(nn.Module):
+    """One transformer layer: ``h = h + Attn(LN(h)); h = h + MLP(LN(h))`` (SPEC section 4, step 3)."""
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.attention = Attention(dim, head_dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        x = x + self.attention(x, rope, mask, cache=cache, layer=layer, start=start)
+        return x + self.mlp(x)

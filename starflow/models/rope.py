@@ -1,0 +1,66 @@
+"""Rotary position embedding (RoPE) with 2 or 3 axes, as used by STARFlow / STARFlow-V.
+
+Half of the head width, ``d = head_dim / 2``, holds rotation frequencies. In a model with text,
+``d - 8`` of them are spatial (split between rows and columns) and 8 belong to a third axis (the
+frame index for video, the text position for text tokens); without text and video all ``d`` are
+spatial (SPEC section 6). Angles are repeated twice in place (``a0 a0 a1 a1 ...``) and rotate
+adjacent pairs of query/key features.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["THIRD_AXIS_DIMS", "rope_angles", "apply_rope"]
+
+THIRD_AXIS_DIMS = 8  # frequencies reserved for the frame / text axis
+ROPE_BASE = 10000.0
+
+
+def rope_angles(head_dim: int, grid: tuple[int, int, int], pos_scale: float, txt_len: int = 0,
+                three_axis: bool = False) -> torch.Tensor:
+    """Rotation angles for a sequence ``[text tokens; frame-major grid tokens]``.
+
+    Args:
+        head_dim: attention head width (multiple of 4).
+        grid: ``(T, h, w)`` frames and token rows/columns; images have ``T = 1``.
+        pos_scale: ``P = pt_seq_len``; a row index ``i`` maps to ``i / sqrt(h*w) * P``.
+        txt_len: text tokens ``L`` placed first, at ``(0, 0, k / L * P)``.
+        three_axis: use the 3-axis form (model with text, or video). Token third coordinates are
+            the frame index (0 for images).
+
+    Returns:
+        ``(L + T*h*w, head_dim)`` float32 angles in radians, each repeated twice in place.
+    """
+    half = head_dim // 2
+    t, h, w = grid
+    d_s = half - THIRD_AXIS_DIMS if three_axis else half
+    f = ROPE_BASE ** (-2.0 * torch.arange(d_s // 2, dtype=torch.float64) / d_s) if d_s > 0 else torch.zeros(0)
+    rows = torch.arange(h, dtype=torch.float64) / math.sqrt(h * w) * pos_scale
+    cols = torch.arange(w, dtype=torch.float64) / math.sqrt(h * w) * pos_scale
+    px = rows.view(1, h, 1).expand(t, h, w).reshape(-1)  # (T*h*w,)
+    py = cols.view(1, 1, w).expand(t, h, w).reshape(-1)
+    parts = [px[:, None] * f, py[:, None] * f]
+    if three_axis:
+        g = ROPE_BASE ** (-torch.arange(THIRD_AXIS_DIMS, dtype=torch.float64) / THIRD_AXIS_DIMS)
+        frame = torch.arange(t, dtype=torch.float64).view(t, 1, 1).expand(t, h, w).reshape(-1)
+        parts.append(frame[:, None] * g)
+    angles = torch.cat(parts, dim=1)  # (T*h*w, half)
+    if txt_len:
+        txt = torch.zeros(txt_len, half, dtype=torch.float64)
+        txt[:, d_s:] = (torch.arange(txt_len, dtype=torch.float64) / txt_len * pos_scale)[:, None] * g
+        angles = torch.cat([txt, angles], dim=0)
+    return angles.repeat_interleave(2, dim=1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent feature pairs: ``x*cos + rot(x)*sin``, ``rot(x)[2k] = -x[2k+1]``, ``rot(x)[2k+1] = x[2k]``.
+
+    Args:
+        x: ``(B, heads, S, head_dim)`` queries or keys.
+        cos, sin: ``(S, head_dim)`` of the angles at the positions of ``x``.
+    """
+    x_pairs = x.unflatten(-1, (-1, 2))  # (B, heads, S, head_dim/2, 2)
+    rot = torch.stack((-x_pairs[..., 1], x_pairs[..., 0]), dim=-1).flatten(-2)
+    return (x * cos + rot * sin).to(x.dtype)

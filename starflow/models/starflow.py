@@ -1,0 +1,339 @@
+"""STARFlow: a stack of affine autoregressive flow blocks over patchified (video) latents.
+
+STARFlow (arXiv 2506.06276, Sec. 3) stacks ``K`` flow blocks: ``K - 1`` shallow blocks and one deep,
+text-conditioned block; consecutive blocks read the tokens in alternating orders. STARFlow-V
+(arXiv 2511.20462) runs the same flow over ``(B, T, C, H, W)`` video latents, causal in time.
+Data -> noise runs ``blocks[0] .. blocks[K-1]``; sampling runs them in reverse (SPEC sections 4-8).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from starflow.config import Config, infer_vae_downsample, load_config
+from starflow.models.denoiser import Denoiser
+from starflow.models.layers import Rope
+from starflow.models.rope import rope_angles
+from starflow.models.tarflow_block import FlowBlock, IdentityBlock
+from starflow.sampling.jacobi import DecodeStats, JacobiSettings, decode_block
+
+__all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI"]
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, [T,] C, H, W) -> (B, [T,] H/p, W/p, p*p*C)`` with the last axis ordered ``(p1, p2, c)``."""
+    *lead, c, h, w = x.shape
+    x = x.reshape(*lead, c, h // p, p, w // p, p)
+    n = len(lead)
+    perm = list(range(n)) + [n + 1, n + 3, n + 2, n + 4, n]  # (..., h/p, w/p, p1, p2, c)
+    return x.permute(perm).reshape(*lead, h // p, w // p, p * p * c)
+
+
+def unpatchify(t: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, [T,] h, w, p*p*C) -> (B, [T,] C, h*p, w*p)``."""
+    *lead, h, w, d = t.shape
+    c = d // (p * p)
+    t = t.reshape(*lead, h, w, p, p, c)
+    n = len(lead)
+    perm = list(range(n)) + [n + 4, n, n + 2, n + 1, n + 3]  # (..., c, h, p1, w, p2)
+    return t.permute(perm).reshape(*lead, c, h * p, w * p)
+
+
+@dataclass
+class FlowOutput:
+    """Result of the data -> noise map.
+
+    Attributes:
+        z: noise, same layout as the input ``x`` (float32).
+        logdets: one float32 tensor per block of per-element log-determinants (nats), token layout
+            ``(B, N, D)``, or ``(B, T, N_frame, D)`` for frame-local shallow blocks.
+        outputs: the token grids ``(B, [T,] h, w, D)`` before block 0 and after every block.
+    """
+
+    z: torch.Tensor
+    logdets: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+class STARFlow(nn.Module):
+    """Transformer autoregressive normalizing flow (STARFlow / STARFlow-V).
+
+    Build with :meth:`from_config`. Parameter names match the released checkpoints (SPEC section 3).
+    """
+
+    def __init__(self, config: Config, txt_dim: int | None, vae_downsample: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.txt_dim = txt_dim if config.txt_size > 0 else None
+        if config.txt_size > 0 and not txt_dim:
+            raise ValueError("a text-conditioned config (txt_size > 0) needs txt_dim, the text encoder's width")
+        down = vae_downsample or infer_vae_downsample(config.vae)
+        self.patch_size = config.patch_size
+        self.token_dim = config.patch_size ** 2 * config.channel_size
+        latent_side = config.latent_size(down)
+        self.pos_scale = float(config.pt_seq_len or latent_side // config.patch_size)
+        k = config.num_blocks
+        blocks: list[nn.Module] = []
+        for i, layers in enumerate(config.block_layers):
+            deep = i == k - 1
+            if layers == 0:
+                blocks.append(IdentityBlock())
+                continue
+            conditioned = config.txt_size > 0 and (deep or not config.cond_top_only)
+            blocks.append(FlowBlock(
+                self.token_dim, config.deep_channels if deep else config.channels, layers, config.head_dim,
+                self.txt_dim if conditioned else None, config.sos, config.use_softplus,
+                config.use_final_norm, config.soft_clip))
+        self.blocks = nn.ModuleList(blocks)
+        self.learnable_self_denoiser = None
+        if config.learnable_self_denoiser:
+            self.learnable_self_denoiser = Denoiser(
+                self.token_dim, config.channels, config.head_dim,
+                self.txt_dim if config.conditional_denoiser else None, config.temporal_causal,
+                config.denoiser_window)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: Config | dict | str, txt_dim: int | None = None,
+                    vae_downsample: int | None = None) -> "STARFlow":
+        """Build from a :class:`Config`, a mapping of YAML keys, or a YAML path.
+
+        Args:
+            config: the model's configuration.
+            txt_dim: hidden width of the text encoder (2048 for flan-t5-xl); needed when ``txt_size > 0``.
+            vae_downsample: spatial downsampling of the latent space (default: from ``config.vae``).
+        """
+        return cls(load_config(config), txt_dim, vae_downsample)
+
+    def reset_parameters(self) -> None:
+        """All initialisation in one place: zero ``proj_out.weight`` and ``final_norm.weight``, N(0, 1) ``sos_embed``."""
+        for module in self.modules():
+            if isinstance(module, FlowBlock):
+                nn.init.normal_(module.sos_embed)
+                nn.init.zeros_(module.proj_out.weight)
+                if module.final_norm is not None:
+                    nn.init.zeros_(module.final_norm.weight)
+        if self.learnable_self_denoiser is not None:
+            self.learnable_self_denoiser.reset_parameters()
+
+    # ------------------------------------------------------------------ token layout
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_flips(self, i: int) -> bool:
+        """Whether block ``i`` reads tokens in the flipped order (SPEC section 5)."""
+        return (i + 1) % 2 == 1 if self.config.seq_order == "L2R" else i % 2 == 1
+
+    def _frame_local(self, i: int, video: bool) -> bool:
+        return video and self.config.shallow_block_local and i < self.num_blocks - 1
+
+    def _to_sequence(self, grid: torch.Tensor, i: int) -> torch.Tensor:
+        """Token grid ``(B, [T,] h, w, D)`` -> block ``i``'s sequence ``(B', N, D)`` in its token order."""
+        video = grid.dim() == 5
+        if self._frame_local(i, video):
+            seq = grid.flatten(0, 1).flatten(1, 2)  # (B*T, h*w, D)
+        elif video:
+            seq = grid.flatten(1, 3)  # (B, T*h*w, D)
+        else:
+            seq = grid.flatten(1, 2)  # (B, h*w, D)
+        if self.block_flips(i):
+            if video and self.config.temporal_causal and not self._frame_local(i, video):
+                t = grid.shape[1]
+                seq = seq.unflatten(1, (t, -1)).flip(2).flatten(1, 2)  # reverse inside each frame
+            else:
+                seq = seq.flip(1)
+        return seq
+
+    def _from_sequence(self, seq: torch.Tensor, like: torch.Tensor, i: int) -> torch.Tensor:
+        """Inverse of :meth:`_to_sequence` for a sequence shaped like block ``i``'s."""
+        video = like.dim() == 5
+        if self.block_flips(i):
+            if video and self.config.temporal_causal and not self._frame_local(i, video):
+                seq = seq.unflatten(1, (like.shape[1], -1)).flip(2).flatten(1, 2)
+            else:
+                seq = seq.flip(1)
+        return seq.reshape(like.shape[:-1] + seq.shape[-1:])
+
+    def block_rope(self, i: int, grid_shape: tuple[int, ...], txt_len: int) -> Rope | None:
+        """(cos, sin) ``(L + N, head_dim)`` for block ``i`` on a grid ``(B, [T,] h, w, D)``, or None."""
+        if not self.config.rope:
+            return None
+        video = len(grid_shape) == 5
+        t = grid_shape[1] if video and not self._frame_local(i, video) else 1
+        h, w = grid_shape[-3], grid_shape[-2]
+        three_axis = self.config.txt_size > 0 or video
+        txt = txt_len if self.blocks[i].text_conditioned else 0
+        angles = rope_angles(self.config.head_dim, (t, h, w), self.pos_scale, txt, three_axis)
+        device = self.blocks[-1].proj_in.weight.device
+        return angles.cos().to(device), angles.sin().to(device)
+
+    def _block_text(self, i: int, y: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
+        if not self.blocks[i].text_conditioned:
+            return None
+        if y is None:
+            raise ValueError("this model is text-conditioned: pass y (B, L, txt_dim) text embeddings")
+        if self._frame_local(i, grid.dim() == 5):
+            return y.repeat_interleave(grid.shape[1], dim=0)  # one text row per frame
+        return y
+
+    # ------------------------------------------------------------------ data -> noise
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> FlowOutput:
+        """Map data to noise through every block (training direction, SPEC section 4).
+
+        Args:
+            x: ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video latents (noised with ``noise_std``).
+            y: ``(B, L, txt_dim)`` text embeddings, or None for a model without text.
+
+        Returns:
+            :class:`FlowOutput` with ``z`` in the layout of ``x``.
+        """
+        grid = patchify(x, self.patch_size)
+        outputs, logdets = [grid], []
+        txt_len = 0 if y is None else y.shape[1]
+        for i, block in enumerate(self.blocks):
+            seq = self._to_sequence(grid, i)
+            z, logdet, _ = block(seq, self._block_text(i, y, grid), self.block_rope(i, grid.shape, txt_len))
+            grid = self._from_sequence(z, grid, i)
+            logdet = self._from_sequence(logdet, grid, i)
+            logdets.append(logdet.flatten(-3, -2) if logdet.dim() == 4 else logdet.flatten(1, 2))
+            outputs.append(grid)
+        return FlowOutput(unpatchify(grid, self.patch_size), logdets, outputs)
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss ``0.5 mean(z^2) - sum_blocks mean(logdet)`` ``(B,)`` (nats/dim minus ``0.5 log 2pi``)."""
+        out = self(x, y)
+        return self._nll_terms(out)[0] + self._nll_terms(out)[1]
+
+    @staticmethod
+    def _nll_terms(out: FlowOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        b = out.z.shape[0]
+        loss_z = 0.5 * out.z.reshape(b, -1).square().mean(1)
+        loss_logdet = -sum(ld.reshape(b, -1).mean(1) for ld in out.logdets)
+        return loss_z, loss_logdet
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None,
+             weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training loss (STARFlow Sec. 3.1; SPEC section 7).
+
+        Args:
+            x: noised latents ``(B, C, H, W)`` or ``(B, T, C, H, W)``.
+            y: ``(B, L, txt_dim)`` text embeddings or None.
+            weights: optional ``(B,)`` per-sample weights (normalised to mean 1).
+
+        Returns:
+            dict with scalar ``loss`` (what to minimise, including ``latent_norm_regularization``),
+            ``loss_z``, ``loss_logdet``, ``nll`` (per-sample, ``(B,)``), ``bits_per_dim`` of the latents.
+        """
+        out = self(x, y)
+        loss_z, loss_logdet = self._nll_terms(out)
+        nll = loss_z + loss_logdet
+        w = torch.ones_like(nll) if weights is None else weights / weights.mean()
+        total = (nll * w).mean()
+        lam = self.config.latent_norm_regularization
+        if lam > 0:
+            total = total + lam * sum(o.float().square().mean() for o in out.outputs[1:-1])
+        return {"loss": total, "loss_z": (loss_z * w).mean(), "loss_logdet": (loss_logdet * w).mean(),
+                "nll": nll.detach(), "bits_per_dim": ((nll.detach().mean() + HALF_LOG_2PI) / math.log(2))}
+
+    def denoiser(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw prediction ``D(x, y)`` of the learnable self-denoiser (STARFlow-V Sec. 3.3).
+
+        Args:
+            x: ``(B, T, C, H, W)`` (or ``(B, C, H, W)``) noisy latents.
+            y: ``(B, L, txt_dim)`` text embeddings (used by a conditional denoiser).
+
+        Returns:
+            Prediction of ``noise_std * dNLL/dx``, same shape as ``x``.
+
+        Raises:
+            RuntimeError: the config has no ``learnable_self_denoiser``.
+        """
+        if self.learnable_self_denoiser is None:
+            raise RuntimeError("this model has no learnable denoiser (config learnable_self_denoiser: 0)")
+        video = x.dim() == 5
+        grid = patchify(x if video else x[:, None], self.patch_size)  # (B, T, h, w, D)
+        conditional = self.learnable_self_denoiser.proj_txt is not None
+        txt_len = y.shape[1] if conditional and y is not None else 0
+        rope = None
+        if self.config.rope:
+            angles = rope_angles(self.config.head_dim, tuple(grid.shape[1:4]), self.pos_scale, txt_len, True)
+            rope = (angles.cos().to(x.device), angles.sin().to(x.device))
+        out = self.learnable_self_denoiser(grid.flatten(1, 3), y, rope, grid.shape[1])
+        out = unpatchify(out.reshape(grid.shape), self.patch_size)
+        return out if video else out[:, 0]
+
+    # ------------------------------------------------------------------ noise -> data
+    @torch.no_grad()
+    def reverse(self, noise: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
+                jacobi: bool = False, jacobi_block_size: int = 32, jacobi_th: float = 0.001,
+                jacobi_max_iter: int = 32, context=None, anneal_guidance: bool = False,
+                stats: DecodeStats | None = None) -> torch.Tensor:
+        """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
+
+        Args:
+            noise: ``(B, C, H, W)`` or ``(B, T, C, H, W)`` standard normal noise.
+            y: text embeddings; with ``guidance > 0`` ``(2B, L, txt_dim)`` rows ``[cond; uncond]``
+               (with ``guidance == 0`` extra uncond rows are ignored); None for a model without text.
+            guidance: classifier-free guidance weight w.
+            jacobi: block-wise Jacobi iteration instead of sequential decoding.
+            jacobi_block_size, jacobi_th, jacobi_max_iter: chunk size, stopping threshold, iteration cap.
+            context: image-to-video prefix from :meth:`encode_context` (video models).
+            anneal_guidance: weight ``w (t + 1) / N`` at token t.
+            stats: optional counters of sequential model evaluations.
+
+        Returns:
+            Samples in the layout of ``noise`` (float32), still carrying the training noise
+            (see :func:`starflow.sampling.self_denoise`).
+
+        Raises:
+            ValueError: text rows do not match the batch.
+        """
+        if context is not None:
+            from starflow.sampling.video import reverse_with_context
+
+            return reverse_with_context(self, noise, y, context, guidance=guidance, jacobi=jacobi,
+                                        jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
+                                        jacobi_max_iter=jacobi_max_iter, stats=stats)
+        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter)
+        b = noise.shape[0]
+        y = self._guidance_rows(y, b, guidance)
+        grid = patchify(noise.float(), self.patch_size)
+        txt_len = 0 if y is None else y.shape[1]
+        for i in reversed(range(self.num_blocks)):
+            grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats)
+        return unpatchify(grid, self.patch_size)
+
+    def _guidance_rows(self, y: torch.Tensor | None, b: int, guidance: float) -> torch.Tensor | None:
+        if self.txt_dim is None:
+            return None
+        if y is None:
+            raise ValueError("this model is text-conditioned: pass y text embeddings")
+        if guidance > 0 and y.shape[0] != 2 * b:
+            raise ValueError(f"guidance > 0 needs y with 2B = {2 * b} rows [cond; uncond], got {y.shape[0]}")
+        if y.shape[0] not in (b, 2 * b):
+            raise ValueError(f"y has {y.shape[0]} rows for a batch of {b}")
+        return y if guidance > 0 else y[:b]
+
+    def reverse_block(self, i: int, grid: torch.Tensor, y: torch.Tensor | None, guidance: float,
+                      settings: JacobiSettings, txt_len: int, anneal_guidance: bool = False,
+                      stats: DecodeStats | None = None, cache=None) -> torch.Tensor:
+        """Invert block ``i`` on a token grid ``(B, [T,] h, w, D)``; returns the grid before the block."""
+        block = self.blocks[i]
+        if isinstance(block, IdentityBlock):
+            return grid
+        seq = self._to_sequence(grid, i)
+        y_i = self._block_text(i, y, grid) if block.text_conditioned else None
+        guided = guidance > 0 and y_i is not None
+        if guided:
+            seq = torch.cat([seq, seq])  # guidance rows [cond; uncond]
+        x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
+                         jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats)
+        if guided:
+            x = x[: x.shape[0] // 2]
+        return self._from_sequence(x, grid, i)
