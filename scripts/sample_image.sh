@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sample images from a caption (or a caption file) with the released 3B text-to-image model when its
+# checkpoint is in ckpts/, else with the small demo model that ships in ckpts/demo_digits.
+#
+#   scripts/sample_image.sh "a handwritten digit 3"
+#   scripts/sample_image.sh prompts.txt                 # one caption per line
+#   NPROC=4 scripts/sample_image.sh prompts.txt         # split the captions across 4 processes
+#
+# Extra flags after the caption go to `starflow sample` (e.g. --cfg 3.6 --seed 1 --output_dir out/).
+set -euo pipefail
+caption=${1:-}
+shift $(( $# > 0 ? 1 : 0 ))
+here=$(cd "$(dirname "$0")/.." && pwd)
+official_ckpt=$here/ckpts/starflow_3B_t2i_256x256.pth
+official_cfg=$here/configs/starflow_3B_t2i_256x256.yaml
+args=()
+if [ -f "$official_ckpt" ]; then
+  args+=(--checkpoint_path "$official_ckpt" --model_config_path "$official_cfg" --cfg 3.6 --jacobi 1 --jacobi_th 0.001 --jacobi_block_size 16)
+else
+  echo "note: $official_ckpt not found; sampling the shipped demo model instead." >&2
+  echo "      Official weights: Hugging Face repo apple/starflow (starflow_3B_t2i_256x256.pth) -> ckpts/" >&2
+fi
+if [ -n "$caption" ] && [ -f "$caption" ]; then
+  args+=(--caption_file "$caption")
+elif [ -n "$caption" ]; then
+  args+=(--caption "$caption")
+fi
+nproc=${NPROC:-1}
+if [ "$nproc" -gt 1 ]; then
+  exec torchrun --nproc_per_node "$nproc" -m starflow.cli sample "${args[@]}" "$@"
+fi
+exec starflow sample "${args[@]}" "$@"

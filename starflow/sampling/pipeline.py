@@ -1,0 +1,216 @@
+"""Text -> pixels: text encoder, flow sampling with guidance and Jacobi iteration, denoising, VAE decoding.
+
+A *model folder* holds ``config.yaml`` (official format), the flow weights (``model.safetensors`` or a
+``.pth`` in the official layout) and, for small models, a ``text_encoder/`` folder. Relative paths in
+the config's ``text`` and ``vae`` keys are resolved against the config's folder first.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from starflow.adapters import LatentAdapter, TextEncoder, apply_prompt_template, build_latent_adapter, build_tiny_text_encoder
+from starflow.checkpoint import load_weights, save_weights
+from starflow.config import Config, load_config
+from starflow.data.aspect import aspect_to_size
+from starflow.models import STARFlow
+from starflow.sampling.denoise import self_denoise
+from starflow.sampling.jacobi import DecodeStats
+
+__all__ = ["Pipeline", "SampleSettings", "TINY_TEXT_ENCODER", "find_weights", "resolve_asset", "build_text_encoder"]
+
+TINY_TEXT_ENCODER = "tiny-t5"  # config 'text' preset: a seeded random tiny T5 with the ByT5 byte tokenizer
+WEIGHT_NAMES = ("model.safetensors", "model.pth")
+
+
+def resolve_asset(name: str | None, base_dir: Path | None) -> str | None:
+    """A config path-or-hub-id, resolved against ``base_dir`` when that file or folder exists there."""
+    if name is None or base_dir is None:
+        return name
+    candidate = base_dir / name
+    return str(candidate) if candidate.exists() else name
+
+
+def find_weights(folder: Path) -> Path:
+    """The flow weights inside a model folder (``model.safetensors``, ``model.pth`` or a single ``*.pth``)."""
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")
+
+
+def build_text_encoder(cfg: Config, base_dir: Path | None, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> TextEncoder | None:
+    """The config's text encoder (``None`` for ``txt_size: 0``); ``tiny-t5`` builds the seeded tiny preset."""
+    if cfg.txt_size == 0:
+        return None
+    if cfg.text == TINY_TEXT_ENCODER:
+        return build_tiny_text_encoder(cfg.txt_size, seed=cfg.seed).to(device)
+    if cfg.text is None:
+        raise ValueError("config key 'text' is empty but txt_size > 0: name a T5 (e.g. google/flan-t5-xl)")
+    return TextEncoder.from_pretrained(resolve_asset(cfg.text, base_dir), max_length=cfg.txt_size,
+                                       dtype=dtype, device=device)
+
+
+@dataclass
+class SampleSettings:
+    """Sampling options (names as the official ``sample.py`` flags)."""
+
+    cfg: float = 0.0
+    jacobi: bool = True
+    jacobi_th: float = 0.001
+    jacobi_block_size: int = 16
+    jacobi_max_iter: int = 32
+    aspect_ratio: str = "1:1"
+    self_denoise: bool = True
+    anneal_guidance: bool = False
+
+
+@dataclass
+class Profile:
+    """Seconds spent per stage (``starflow sample --profile``)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[name] += time.perf_counter() - start
+
+
+class Pipeline:
+    """Flow + text encoder + latent adapter, sampling images from prompts.
+
+    Args:
+        model: the flow (eval mode).
+        text_encoder: frozen text encoder, or None for an unconditional model.
+        vae: latent adapter (identity for pixel models).
+        config: the model's config (prompt template flags, ``noise_std``, sizes).
+    """
+
+    def __init__(self, model: STARFlow, text_encoder: TextEncoder | None, vae: LatentAdapter, config: Config) -> None:
+        self.model, self.text_encoder, self.vae, self.config = model.eval(), text_encoder, vae, config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, folder_or_weights: str | Path, config: str | Path | Config | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "Pipeline":
+        """Load a model folder, or a weights file with its config.
+
+        Args:
+            folder_or_weights: a model folder (config.yaml + weights), or a ``.pth``/``.safetensors``.
+            config: YAML path or Config; default ``config.yaml`` beside the weights.
+            device, dtype: where and in which precision to run the flow.
+
+        Raises:
+            FileNotFoundError: weights, config, text encoder or VAE not found (with how to get them).
+        """
+        path = Path(folder_or_weights)
+        weights = find_weights(path) if path.is_dir() else path
+        if not weights.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {weights} (official weights: `starflow download t2i`)")
+        base_dir = weights.parent
+        if config is None:
+            config = base_dir / "config.yaml"
+            if not config.is_file():
+                raise FileNotFoundError(f"no config.yaml beside {weights}: pass the config (--model_config_path)")
+        if not isinstance(config, Config):
+            base_dir = Path(config).parent
+        cfg = load_config(config)
+        device = torch.device(device)
+        vae = build_latent_adapter(resolve_asset(cfg.vae, base_dir), channels=cfg.channel_size, device=device)
+        text_encoder = build_text_encoder(cfg, base_dir, device)
+        txt_dim = text_encoder.hidden_size if text_encoder is not None else None
+        with torch.device("meta"):
+            model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae.downsample)
+        load_weights(model, str(weights), assign=True, dtype=dtype)
+        return cls(model.to(device), text_encoder, vae, cfg)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
+        preset text encoder, ``text_encoder/`` (the config then points at it)."""
+        from starflow.config import save_config
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        if cfg.text == TINY_TEXT_ENCODER and self.text_encoder is not None:
+            self.text_encoder.save_pretrained(folder / "text_encoder")
+            cfg = load_config(cfg, {"text": "text_encoder"})
+        save_weights(self.model, folder / "model.safetensors")
+        save_config(cfg, folder / "config.yaml")
+
+    def encode_prompts(self, prompts: list[str], aspect_ratio: str = "1:1") -> torch.Tensor | None:
+        """Prompt template (SPEC section 12) + text encoder: ``(B, L, txt_dim)``, or None without text."""
+        if self.text_encoder is None:
+            return None
+        c = self.config
+        fps = c.vid_size[1] if c.vid_size else 0
+        texts = [apply_prompt_template(p, fps=fps, fps_cond=c.fps_cond, cond_noise_level=c.cond_noise_level,
+                                       noise_std=c.noise_std, mix_aspect=c.mix_aspect, aspect_ratio=aspect_ratio)
+                 for p in prompts]
+        return self.text_encoder(texts).to(self.device)
+
+    def latent_shape(self, aspect_ratio: str = "1:1") -> tuple[int, int, int]:
+        """``(C, H, W)`` of the latents for the config's ``img_size`` and an aspect ratio."""
+        c, down = self.config, self.vae.downsample
+        h, w = aspect_to_size(aspect_ratio, c.img_size, down * c.patch_size)
+        return c.channel_size, h // down, w // down
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], settings: SampleSettings, seeds: list[int] | None = None,
+                 generator: torch.Generator | None = None, profile: Profile | None = None,
+                 stats: DecodeStats | None = None) -> torch.Tensor:
+        """Sample one image per prompt.
+
+        Args:
+            prompts: B captions.
+            settings: guidance, Jacobi and denoising options.
+            seeds: one seed per prompt: each image's noise comes from its own CPU generator, so an
+                image does not depend on the batch it is in, the device, or the number of ranks.
+            generator: RNG for the initial noise when ``seeds`` is None.
+            profile: optional per-stage timer.
+            stats: optional counter of sequential model evaluations.
+
+        Returns:
+            ``(B, C, H, W)`` float32 pixels in ``[-1, 1]``.
+        """
+        profile = profile or Profile()
+        dev = self.device
+        c, h, w = self.latent_shape(settings.aspect_ratio)
+        if seeds is not None:
+            noise = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        else:
+            noise = torch.randn(len(prompts), c, h, w, generator=generator)
+        noise = noise.to(dev)
+        with profile.stage("text encoding", dev):
+            y = self.encode_prompts(prompts, settings.aspect_ratio)
+            guided = settings.cfg > 0 and y is not None
+            y_all = torch.cat([y, self.encode_prompts([""] * len(prompts), settings.aspect_ratio)]) if guided else y
+        with profile.stage("flow sampling", dev):
+            x = self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
+                                   jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
+                                   jacobi_max_iter=settings.jacobi_max_iter,
+                                   anneal_guidance=settings.anneal_guidance, stats=stats)
+        if settings.self_denoise and self.config.noise_std > 0:
+            with profile.stage("denoising", dev):
+                x = self_denoise(self.model, x, y, self.config.noise_std)
+        with profile.stage("VAE decoding", dev):
+            pixels = self.vae.decode(x.to(dev))
+        return pixels.float().clamp(-1, 1)

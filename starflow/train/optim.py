@@ -1,0 +1,45 @@
+"""Optimizer and learning-rate schedule of the STARFlow recipe (arXiv 2506.06276, Sec. 4; SPEC section 14).
+
+AdamW with betas (0.9, 0.95) and weight decay; linear warm-up from ``min(min_lr, 1e-6)`` to ``lr``,
+then cosine decay to ``min_lr`` at ``steps``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from starflow.config import Config
+
+__all__ = ["build_optimizer", "build_schedule", "lr_at", "ADAM_BETAS"]
+
+ADAM_BETAS = (0.9, 0.95)
+WARMUP_START_LR = 1e-6
+
+
+def build_optimizer(params, cfg: Config, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW over ``params`` with the recipe's betas; ``lr``/``weight_decay`` default to the config's."""
+    return torch.optim.AdamW(list(params), lr=cfg.lr if lr is None else lr, betas=ADAM_BETAS,
+                             weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): warm-up then cosine (SPEC section 14)."""
+    start = min(cfg.min_lr, WARMUP_START_LR)
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return start + (cfg.lr - start) * step / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following :func:`lr_at` (its state_dict restores the step on resume)."""
+    base = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / base)
+
+
+def trainable(module: nn.Module):
+    """Parameters of ``module`` that require gradients."""
+    return [p for p in module.parameters() if p.requires_grad]

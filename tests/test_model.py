@@ -1,0 +1,286 @@
+"""Properties of the flow on tiny random models: exact inversion, log-determinants, caches, guidance, layout.
+
+Models are built randomly and then ``proj_out`` / ``final_norm`` are perturbed: their zero initialisation
+makes a fresh flow the identity, which would hide every bug these tests look for.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from starflow.checkpoint import compare_layout
+from starflow.config import load_config
+from starflow.models import STARFlow, patchify, unpatchify
+from starflow.models.rope import rope_angles
+from starflow.models.tarflow_block import FlowBlock, IdentityBlock
+from starflow.sampling import DecodeStats, JacobiSettings, decode_block
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+TXT_DIM, TXT_LEN = 8, 3
+TINY = dict(channel_size=2, img_size=4, patch_size=1, channels=32, head_dim=16, layers_per_block=[1, 1, 2],
+            rope=1, sos=1, txt_size=TXT_LEN, cond_top_only=1, use_softplus=1, use_final_norm=1, soft_clip=4.0,
+            seq_order="L2R")
+VIDEO = dict(temporal_causal=2, shallow_block_local=1)
+VARIANTS = {
+    "default": {},
+    "r2l": dict(seq_order="R2L"),
+    "no_sos": dict(sos=0),
+    "exp_scale": dict(use_softplus=0),
+    "no_final_norm_no_clip": dict(use_final_norm=0, soft_clip=0.0),
+    "identity_shallow": dict(layers_per_block=[0, 1, 2]),
+    "no_rope": dict(rope=0),
+    "text_everywhere": dict(cond_top_only=0),
+    "unconditional": dict(txt_size=0),
+    "four_blocks": dict(layers_per_block=[1, 1, 1, 1]),
+    "video": VIDEO,
+    "video_global_shallow": dict(temporal_causal=2),
+    "video_no_sos_r2l": dict(VIDEO, sos=0, seq_order="R2L"),
+    "video_text_everywhere": dict(VIDEO, cond_top_only=0),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Add noise to the zero-initialised output layers so the flow is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj_out.weight" in name or "final_norm.weight" in name:
+                p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny(seed: int = 0, **overrides) -> STARFlow:
+    torch.manual_seed(seed)
+    cfg = dict(TINY, **overrides)
+    return perturb(STARFlow.from_config(cfg, txt_dim=TXT_DIM if cfg["txt_size"] else None), seed=seed).eval()
+
+
+def inputs(model: STARFlow, batch: int = 2, frames: int | None = None, seed: int = 1):
+    """Data ``x (B, [T,] C, H, W)``, text ``y (B, L, txt_dim)`` and unconditional text (or None, None)."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.config.channel_size, model.config.img_size
+    x = torch.randn((batch, frames, c, s, s) if frames else (batch, c, s, s), generator=g)
+    if not model.config.txt_size:
+        return x, None, None
+    y = torch.randn(batch, TXT_LEN, TXT_DIM, generator=g)
+    return x, y, torch.randn(batch, TXT_LEN, TXT_DIM, generator=g)
+
+
+def case(name: str) -> tuple[STARFlow, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    overrides = VARIANTS[name]
+    model = tiny(**overrides)
+    return (model, *inputs(model, frames=3 if "temporal_causal" in overrides else None))
+
+
+# ------------------------------------------------------------------ inversion
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_block_inverts_exactly(name: str) -> None:
+    model, x, y, _ = case(name)
+    with torch.no_grad():
+        out = model(x, y)
+    assert (out.z - x).abs().max() > 0.1, "the perturbed flow should not be the identity"
+    txt_len = 0 if y is None else y.shape[1]
+    for i in range(model.num_blocks):
+        before = model.reverse_block(i, out.outputs[i + 1], y, 0.0, JacobiSettings(), txt_len)
+        torch.testing.assert_close(before, out.outputs[i], atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.reverse(out.z, y), x, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["default", "text_everywhere", "video"])
+def test_forward_of_sample_gives_back_the_noise(name: str) -> None:
+    model, noise, y, y_uncond = case(name)
+    sample = model.reverse(noise, torch.cat([y, y_uncond]), guidance=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(sample, y).z, noise, atol=1e-4, rtol=0)
+
+
+def test_identity_shallow_block_has_no_parameters() -> None:
+    model = tiny(layers_per_block=[0, 1, 2])
+    assert isinstance(model.blocks[0], IdentityBlock)
+    assert not any(k.startswith("blocks.0.") for k in model.state_dict())
+    x, y, _ = inputs(model)
+    with torch.no_grad():
+        out = model(x, y)
+    assert torch.equal(out.outputs[1], out.outputs[0]) and not out.logdets[0].any()
+
+
+@pytest.mark.parametrize("order, flips", [("L2R", [True, False, True, False, True, False]),
+                                          ("R2L", [False, True, False, True, False, True])])
+def test_token_orders_alternate(order: str, flips: list[bool]) -> None:
+    model = tiny(seq_order=order, layers_per_block=[1] * 6, txt_size=0)
+    assert [model.block_flips(i) for i in range(6)] == flips  # SPEC section 5, K = 6
+
+
+def test_text_in_every_block_when_not_cond_top_only() -> None:
+    model = tiny(cond_top_only=0)
+    assert all(block.proj_txt is not None for block in model.blocks)
+    assert all(block.proj_txt is None for block in tiny().blocks[:-1])
+
+
+# ------------------------------------------------------------------ log-determinant
+def brute_force_logdet(f, x: torch.Tensor) -> torch.Tensor:
+    jac = torch.autograd.functional.jacobian(lambda v: f(v.view_as(x)).flatten(), x.flatten())
+    return torch.linalg.slogdet(jac.double()).logabsdet, jac
+
+
+def test_block_logdet_matches_jacobian() -> None:
+    torch.manual_seed(0)
+    block = FlowBlock(2, 16, 1, 8, None, sos=True, use_softplus=True, use_final_norm=True, soft_clip=4.0)
+    perturb(block, std=0.3)
+    cos_sin = rope_angles(8, (1, 1, 3), 3.0).cos(), rope_angles(8, (1, 1, 3), 3.0).sin()
+    x = torch.randn(1, 3, 2)  # D = 2, N = 3
+    logabsdet, jac = brute_force_logdet(lambda v: block(v, None, cos_sin)[0], x)
+    _, logdet, _ = block(x, None, cos_sin)
+    assert abs(logdet.sum().item()) > 0.05
+    torch.testing.assert_close(logdet.sum().double(), logabsdet, atol=1e-4, rtol=0)
+    jac = jac.view(3, 2, 3, 2)
+    for t in range(3):  # autoregressive: z_t depends on x_t (diagonally) and on earlier tokens only
+        assert not jac[t, :, t + 1:].any()
+        assert not (jac[t, :, t] - torch.diag(torch.diagonal(jac[t, :, t]))).any()
+
+
+@pytest.mark.parametrize("name", ["default", "exp_scale", "no_sos"])
+def test_model_logdet_matches_jacobian(name: str) -> None:
+    model = tiny(**dict(VARIANTS[name], img_size=2))  # N = 4 tokens of D = 2: an 8 x 8 Jacobian
+    x, y, _ = inputs(model, batch=1)
+    logabsdet, _ = brute_force_logdet(lambda v: model(v, y).z, x)
+    total = sum(ld.sum() for ld in model(x, y).logdets)
+    torch.testing.assert_close(total.double(), logabsdet, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ KV cache and Jacobi
+@pytest.mark.parametrize("sos", [1, 0])
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_cached_chunk_params_equal_uncached_forward(sos: int, chunk: int) -> None:
+    model = tiny(sos=sos)
+    x, y, _ = inputs(model)
+    i = model.num_blocks - 1
+    block = model.blocks[i]  # the deep, text-conditioned block
+    seq = torch.randn(2, 16, block.in_dim)
+    rope = model.block_rope(i, (2, 4, 4, block.in_dim), TXT_LEN)
+    with torch.no_grad():
+        _, _, o = block(seq, y, rope)
+        a_ref, b_ref, _ = block.scale_shift(o)
+        cache = block.new_cache(2, TXT_LEN + 16, torch.float32, seq.device)
+        block.prefill_text(y, rope, cache)
+        params = []
+        for s in range(0, 16, chunk):
+            e = min(s + chunk, 16)
+            first = seq[:, s - 1:s] if s else torch.zeros_like(seq[:, :1])
+            params.append(block.chunk_params(torch.cat([first, seq[:, s:e - 1]], 1), s, TXT_LEN, rope, cache))
+    torch.testing.assert_close(torch.cat([a for a, _ in params], 1), a_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([b for _, b in params], 1), b_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+@pytest.mark.parametrize("name", ["default", "no_sos", "text_everywhere", "video", "video_text_everywhere"])
+def test_exact_jacobi_equals_sequential(name: str, w: float) -> None:
+    model, noise, y, y_uncond = case(name)
+    rows = torch.cat([y, y_uncond])
+    sequential = model.reverse(noise, rows, guidance=w)
+    # k iterations reach the fixed point of a k-token chunk; video chunks after the first frame may be
+    # 4k long with a shifted first guess (SPEC section 9), hence 4k + 1 there
+    max_iter = 4 * 4 + 1 if noise.dim() == 5 else 4
+    jacobi = model.reverse(noise, rows, guidance=w, jacobi=True, jacobi_block_size=4, jacobi_th=0.0,
+                           jacobi_max_iter=max_iter)
+    torch.testing.assert_close(jacobi, sequential, atol=1e-4, rtol=0)
+
+
+def test_decode_block_jacobi_counts_evaluations() -> None:
+    model = tiny()
+    block = model.blocks[0]
+    z = torch.randn(2, 16, block.in_dim)
+    stats = [DecodeStats(), DecodeStats()]
+    seq = decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings(), stats=stats[0])
+    jac = decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings(True, 8, 0.0, 8), stats=stats[1])
+    torch.testing.assert_close(jac, seq, atol=1e-4, rtol=0)
+    assert stats[0].evaluations == 16 and stats[1].evaluations == 16  # 2 chunks x 8 iterations
+
+
+# ------------------------------------------------------------------ guidance
+@pytest.mark.parametrize("name", ["default", "text_everywhere", "video", "video_text_everywhere"])
+def test_guidance_zero_is_conditional_sampling(name: str) -> None:
+    model, noise, y, y_uncond = case(name)
+    conditional = model.reverse(noise, y)
+    torch.testing.assert_close(model.reverse(noise, torch.cat([y, y_uncond]), guidance=0.0), conditional)
+    # identical cond/uncond rows: s = 1 so a = a_c, b = b_c for any weight (SPEC section 8)
+    torch.testing.assert_close(model.reverse(noise, torch.cat([y, y]), guidance=3.0), conditional,
+                               atol=1e-4, rtol=0)
+
+
+def test_guidance_changes_the_sample() -> None:
+    model, noise, y, y_uncond = case("text_everywhere")
+    guided = model.reverse(noise, torch.cat([y, y_uncond]), guidance=2.0)
+    assert guided.isfinite().all() and (guided - model.reverse(noise, y)).abs().max() > 1e-3
+
+
+def test_guidance_needs_uncond_rows() -> None:
+    model, noise, y, _ = case("default")
+    with pytest.raises(ValueError, match="2B"):
+        model.reverse(noise, y, guidance=1.0)
+
+
+# ------------------------------------------------------------------ patchify
+def test_patchify_orders_p1_p2_c() -> None:
+    x = torch.arange(2 * 2 * 4, dtype=torch.float32).view(1, 2, 2, 4)  # (B, C, H, W): value = c*8 + h*4 + w
+    t = patchify(x, 2)
+    assert t.shape == (1, 1, 2, 8)
+    # token (0, 1) covers rows 0-1, columns 2-3; last axis ordered (p1, p2, c)
+    expected = [x[0, c, p1, 2 + p2].item() for p1 in range(2) for p2 in range(2) for c in range(2)]
+    assert t[0, 0, 1].tolist() == expected == [2, 10, 3, 11, 6, 14, 7, 15]
+
+
+@pytest.mark.parametrize("shape, p", [((2, 3, 8, 4), 2), ((2, 5, 4, 6, 6), 3), ((1, 4, 4, 4), 1)])
+def test_patchify_round_trip(shape: tuple[int, ...], p: int) -> None:
+    x = torch.randn(shape)
+    t = patchify(x, p)
+    *lead, c, h, w = shape
+    assert t.shape == (*lead, h // p, w // p, p * p * c)
+    assert torch.equal(unpatchify(t, p), x)
+
+
+# ------------------------------------------------------------------ official model layouts
+OFFICIAL = [
+    ("starflow_3B_t2i_256x256.yaml", "keys_starflow_3B_t2i_256x256.json", 3_858_281_544, 0),
+    ("starflow-v_7B_t2v_caus_480p.yaml", "keys_starflow-v_7B_t2v_caus_480p.json", 6_890_096_528, 912_884_784),
+]
+
+
+@pytest.mark.parametrize("config, keys, total, denoiser", OFFICIAL)
+def test_official_parameter_layout(config: str, keys: str, total: int, denoiser: int) -> None:
+    with torch.device("meta"):
+        model = STARFlow.from_config(REPO / "configs" / config, txt_dim=2048)
+    assert sum(p.numel() for p in model.parameters()) == total
+    if model.learnable_self_denoiser is not None:
+        assert sum(p.numel() for p in model.learnable_self_denoiser.parameters()) == denoiser
+    path = REFERENCE_DIR / keys
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set STARFLOW_REFERENCE_DIR)")
+    reference = json.loads(path.read_text())
+    report = compare_layout(model, reference["parameters"])
+    assert report.ok, report.describe()
+    assert set(compare_layout(model, {**reference["parameters"], **reference["deprecated_buffers"]}).unexpected) == set()
+
+
+@pytest.mark.parametrize("config, side", [("starflow_3B_t2i_256x256.yaml", 256 // 8),  # SD-VAE: 8x
+                                          ("starflow-v_7B_t2v_caus_480p.yaml", 640 // 16)])  # WAN2.2: 16x
+def test_vae_downsample_inferred_from_config(config: str, side: int) -> None:
+    small = dict(channels=64, top_block_channels=64, blocks=2, layers_per_block="1 1", pt_seq_len="none")
+    with torch.device("meta"):
+        model = STARFlow.from_config(load_config(REPO / "configs" / config, small), txt_dim=8)
+    assert model.pos_scale == side // model.patch_size  # RoPE scale P defaults to latent side / patch
