@@ -263,7 +263,8 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
         tensor = tensor.detach().cpu()
         if is_st:  # safetensors needs contiguous tensors that share no storage
             ptr = tensor.untyped_storage().data_ptr()
-            tensor = tensor.clone() if ptr in seen and tensor.numel() else tensor.contiguous()
+            if (ptr in seen and tensor.numel()) or not tensor.is_contiguous():
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
             seen.add(ptr)
         out[name] = tensor
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.layers_per_block is None:
             self.layers_per_block = [8]
+        if len(self.layers_per_block) > 1:
+            self.blocks = len(self.layers_per_block)  # the layer list decides the block count
 
     # --- derived quantities -----------------------------------------------------------------
     @property
@@ -321,8 +323,11 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
             raise FileNotFoundError(f"config file not found: {path} (the official configs are in configs/)")
         raw = _flatten_official(yaml.safe_load(path.read_text()), str(path))
         name = str(path)
+    overrides = dict(overrides or {})
+    if "layers_per_block" in overrides and "blocks" not in overrides:
+        raw = {k: v for k, v in raw.items() if k != "blocks"}  # the new layer list decides the block count
     values: dict[str, Any] = {}
-    for src in (raw, dict(overrides or {})):
+    for src in (raw, overrides):
         for key, value in src.items():
             try:
                 _check_key(key)

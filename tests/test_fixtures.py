@@ -18,7 +18,8 @@ from starflow.models import STARFlow
 from starflow.sampling import self_denoise
 
 ATOL = 1e-4  # float32 against the official implementation
-REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
 GUIDANCE = (0.0, 2.5)
 VIDEO_TODO = pytest.mark.xfail(strict=True, reason="video Jacobi rules / image-to-video: issue 4")
 
@@ -93,6 +94,14 @@ def test_forward_logdets(case: tuple) -> None:
     b = inputs["x"].shape[0]
     for ours, ref in zip(logdets, expected["forward"]["logdets"]):
         assert_close(ours.reshape(b, -1).mean(1), ref.reshape(b, -1).mean(1))  # per-sample mean, (B,)
+
+
+@torch.no_grad()
+def test_forward_logdet_layout_video(t2v: tuple) -> None:
+    model, inputs, expected = t2v
+    logdets = model(inputs["x"], inputs["y"]).logdets
+    # official: (B, T, F, D) for frame-local shallow blocks, (B, T*F, D) for the deep block
+    assert [ld.shape for ld in logdets] == [ld.shape for ld in expected["forward"]["logdets"]]
 
 
 @torch.no_grad()

@@ -200,15 +200,18 @@ class STARFlow(nn.Module):
             seq = self._to_sequence(grid, i)
             z, logdet, _ = block(seq, self._block_text(i, y, grid), self.block_rope(i, grid.shape, txt_len))
             grid = self._from_sequence(z, grid, i)
-            logdet = self._from_sequence(logdet, grid, i)
-            logdets.append(logdet.flatten(-3, -2) if logdet.dim() == 4 else logdet.flatten(1, 2))
+            logdet = self._from_sequence(logdet, grid, i)  # (B, [T,] h, w, D)
+            if self._frame_local(i, grid.dim() == 5):
+                logdets.append(logdet.flatten(2, 3))  # (B, T, F, D)
+            else:
+                logdets.append(logdet.flatten(1, -2))  # (B, N, D)
             outputs.append(grid)
         return FlowOutput(unpatchify(grid, self.patch_size), logdets, outputs)
 
     def nll(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample loss ``0.5 mean(z^2) - sum_blocks mean(logdet)`` ``(B,)`` (nats/dim minus ``0.5 log 2pi``)."""
-        out = self(x, y)
-        return self._nll_terms(out)[0] + self._nll_terms(out)[1]
+        loss_z, loss_logdet = self._nll_terms(self(x, y))
+        return loss_z + loss_logdet
 
     @staticmethod
     def _nll_terms(out: FlowOutput) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,7 +104,7 @@ class FlowBlock(nn.Module):
             and the raw block output ``o (B, N, 2D)``.
         """
         inp = torch.cat([self.sos_embed.expand(x.shape[0], -1, -1).to(x.dtype), x[:, :-1]], 1) if self.sos else x
-        h = self.proj_in(inp)  # (B, N, W)
+        h = self.proj_in(inp.to(self.proj_in.weight.dtype))  # (B, N, W)
         txt_len = 0
         if self.text_conditioned:
             if y is None:

@@ -150,7 +150,8 @@ class Pipeline:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        if cfg.text == TINY_TEXT_ENCODER and self.text_encoder is not None:
+        local_text = self.text_encoder is not None and Path(self.text_encoder.name).is_dir()
+        if self.text_encoder is not None and (cfg.text == TINY_TEXT_ENCODER or local_text):
             self.text_encoder.save_pretrained(folder / "text_encoder")
             cfg = load_config(cfg, {"text": "text_encoder"})
         save_weights(self.model, folder / "model.safetensors")

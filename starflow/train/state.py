@@ -7,6 +7,7 @@ while saving keeps the previous checkpoint.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -79,6 +80,6 @@ class CheckpointManager:
         """
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError) as e:
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
             raise RuntimeError(f"training checkpoint {path} is corrupt or incomplete ({e}); delete it to resume "
                                "from the previous one") from e

@@ -182,8 +182,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _loader(self) -> DataLoader:
+        # A private generator: the loader's worker seeds must not consume the global RNG (exact resume).
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1000 * self.batches.epoch + self.dist.rank)
         return DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=collate,
-                          num_workers=self.cfg.num_workers, persistent_workers=False)
+                          num_workers=self.cfg.num_workers, persistent_workers=False, generator=gen)
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         while True:

@@ -1,0 +1,243 @@
+"""The command line on a tiny model trained for a few steps: sample, eval-nll, model folders, help, the shipped demo."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from starflow import cli
+from starflow.cli import DEMO_DIR, DEMO_PROMPTS, main
+from starflow.config import load_config
+from starflow.data import ImageFolder, collate
+from starflow.evaluation import PIXEL_SCALE_BITS, evaluate_nll
+from starflow.models.starflow import HALF_LOG_2PI
+from starflow.sampling.pipeline import Pipeline, SampleSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CAPTIONS = ["a handwritten digit 3", "a handwritten digit 5"]
+EXPECTED_PNGS = ["00000_a_handwritten_digit_3.png", "00001_a_handwritten_digit_3.png",
+                 "00002_a_handwritten_digit_5.png", "00003_a_handwritten_digit_5.png"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_config, digits, tmp_path_factory, one_thread) -> Path:
+    """``starflow train`` for 4 steps (guidance weight 1.5 stored in the config); returns ``LOGDIR/model``."""
+    tmp = tmp_path_factory.mktemp("cli_train")
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(tiny_config, steps=4, save_freq=4, cfg=1.5)))
+    logdir = tmp / "run"
+    with torch.random.fork_rng(devices=[]):
+        assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(logdir),
+                     "--device", "cpu"]) == 0
+    return logdir / "model"
+
+
+def sample(model_dir: Path, out: Path, *extra: str, captions: list[str] = CAPTIONS) -> int:
+    args = ["sample", "--checkpoint_path", str(model_dir), "--num_samples", "2", "--output_dir", str(out),
+            "--device", "cpu"]
+    for c in captions:
+        args += ["--caption", c]
+    return main(args + list(extra))
+
+
+def read_pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("0*.png"))}
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------- sample
+def test_model_folder_layout(model_dir: Path) -> None:
+    assert (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "text_encoder" / "config.json").is_file()  # the tiny-t5 preset travels with the model
+    cfg = load_config(model_dir / "config.yaml")
+    assert cfg.text == "text_encoder" and cfg.cfg == 1.5 and cfg.img_size == 8
+
+
+def test_sample_writes_images_grid_and_settings(model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert sample(model_dir, out, "--sample_batch_size", "3") == 0
+    assert "wrote 4 images, grid.png and settings.json" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPECTED_PNGS + ["grid.png", "settings.json"])
+    for name in EXPECTED_PNGS:
+        with Image.open(out / name) as img:
+            assert img.size == (8, 8) and img.mode == "L"
+    with Image.open(out / "grid.png") as grid:  # 2 x 2 tiles of 8 + 1 px padding, upscaled 64 // 8 = 8 times
+        assert grid.size == ((2 * 9 + 1) * 8, (2 * 9 + 1) * 8)
+    record = json.loads((out / "settings.json").read_text())
+    assert set(record) == {"captions", "checkpoint", "settings", "seed", "world_size", "config"}
+    assert record["captions"] == [CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2
+    assert record["checkpoint"] == str(model_dir) and record["seed"] == 0 and record["world_size"] == 1
+    assert record["settings"]["cfg"] == 1.5 and record["settings"]["jacobi"] is True
+    assert record["config"]["img_size"] == 8 and record["config"]["cfg"] == 1.5
+    pngs = read_pngs(out)
+    assert not np.array_equal(pngs[EXPECTED_PNGS[0]], pngs[EXPECTED_PNGS[1]])  # one seed per image
+
+
+def test_sample_is_reproducible_and_seeded(model_dir: Path, tmp_path: Path) -> None:
+    for name, extra in (("a", ()), ("b", ()), ("seed1", ("--seed", "1"))):
+        assert sample(model_dir, tmp_path / name, "--sample_batch_size", "3", *extra) == 0
+    a, b, other = (read_pngs(tmp_path / n) for n in ("a", "b", "seed1"))
+    assert list(a) == EXPECTED_PNGS
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not any(np.array_equal(a[k], other[k]) for k in a)
+
+
+def test_sample_does_not_depend_on_batch_size(model_dir: Path, tmp_path: Path) -> None:
+    for bs in ("1", "3", "4"):
+        assert sample(model_dir, tmp_path / bs, "--sample_batch_size", bs) == 0
+    ref = read_pngs(tmp_path / "4")
+    for bs in ("1", "3"):
+        got = read_pngs(tmp_path / bs)
+        for k in ref:  # per-image seeds; batched float arithmetic may differ in the last bit
+            diff = np.abs(got[k].astype(int) - ref[k].astype(int))
+            assert diff.max() <= 1, (bs, k)
+
+
+def test_caption_file(model_dir: Path, tmp_path: Path) -> None:
+    captions = tmp_path / "captions.txt"
+    captions.write_text(f"{CAPTIONS[0]}\n\n  {CAPTIONS[1]}  \n", encoding="utf-8")
+    assert sample(model_dir, tmp_path / "file", "--caption_file", str(captions), captions=[]) == 0
+    assert sample(model_dir, tmp_path / "flags") == 0
+    from_file, from_flags = read_pngs(tmp_path / "file"), read_pngs(tmp_path / "flags")
+    assert list(from_file) == EXPECTED_PNGS
+    assert all(np.array_equal(from_file[k], from_flags[k]) for k in from_flags)
+    assert json.loads((tmp_path / "file" / "settings.json").read_text())["captions"][2] == CAPTIONS[1]
+
+
+def test_sample_profile_prints_stage_table(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert sample(model_dir, tmp_path / "p", "--profile", "--jacobi", "0", captions=CAPTIONS[:1]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"stage\s+seconds\s+share", out)
+    for stage in ("text encoding", "flow sampling", "denoising", "VAE decoding"):
+        assert re.search(rf"^{stage}\s+\d+\.\d{{3}}\s+\d+\.\d%$", out, re.MULTILINE), stage
+    # sequential decoding: one evaluation per token of every non-identity block (3 blocks of 16 tokens)
+    assert "sequential flow evaluations: 48" in out
+
+
+def test_sample_without_prompt_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--caption"):
+        sample(model_dir, tmp_path / "none", captions=[])
+
+
+def test_sample_missing_checkpoint_returns_2(tmp_path: Path, capsys) -> None:
+    code = main(["sample", "--checkpoint_path", str(tmp_path / "nope.safetensors"), "--caption", "x",
+                 "--model_config_path", str(tmp_path / "nope.yaml"), "--output_dir", str(tmp_path / "o")])
+    assert code == 2 and "not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- eval-nll
+def test_eval_nll_command(model_dir: Path, digits, capsys) -> None:
+    assert main(["eval-nll", "--checkpoint_path", str(model_dir), "--data", str(digits["test"]),
+                 "--batch_size", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "images: 24 x 1 noise draws" in out
+    nats, bits = map(float, re.search(r"([-\d.]+) nats/dim = ([-\d.]+) bits/dim", out).groups())
+    pixel = float(re.search(r"bits/dim on the 8-bit pixel scale: ([-\d.]+)", out).group(1))
+    assert bits == pytest.approx(nats / math.log(2), abs=2e-4)
+    assert pixel == pytest.approx(bits + math.log2(127.5), abs=2e-4)
+    pipe = Pipeline.from_pretrained(model_dir)
+    r = evaluate_nll(pipe, str(digits["test"]), batch_size=16, progress=False)
+    assert f"{r.bits_per_dim:.4f} bits/dim" in out  # the command reports evaluate_nll's number
+
+
+def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> None:
+    pipe = Pipeline.from_pretrained(model_dir)
+    r = evaluate_nll(pipe, str(digits["test"]), batch_size=64, noise_samples=1, seed=3, progress=False)
+    assert r.images == 24
+    assert all(math.isfinite(v) for v in (r.nats_per_dim, r.bits_per_dim, r.pixel_bits_per_dim))
+    assert r.bits_per_dim == pytest.approx(r.nats_per_dim / math.log(2), rel=1e-12)
+    assert r.pixel_bits_per_dim == pytest.approx(r.bits_per_dim + math.log2(127.5), rel=1e-12)
+    assert PIXEL_SCALE_BITS == pytest.approx(math.log2(127.5))
+    # by hand: the same noise draw, the flow's per-dimension NLL plus the Gaussian constant
+    cfg = pipe.config
+    data = ImageFolder(digits["test"], cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)
+    batch = collate([data[i] for i in range(len(data))])
+    x = batch["pixels"] + cfg.noise_std * torch.randn(batch["pixels"].shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        nll = pipe.model.nll(x, pipe.encode_prompts(batch["text"]))  # (B,)
+    assert r.nats_per_dim == pytest.approx(nll.mean().item() + HALF_LOG_2PI, rel=1e-5)
+    more = evaluate_nll(pipe, str(digits["test"]), batch_size=7, noise_samples=3, seed=3, progress=False)
+    assert more.images == 24 and abs(more.bits_per_dim - r.bits_per_dim) < 0.1  # more draws, same estimate
+
+
+# ---------------------------------------------------------------------- model folders
+def test_save_pretrained_round_trip(make_pipeline, tmp_path: Path) -> None:
+    pipe = make_pipeline(cfg=1.5)
+    assert pipe.config.text == "tiny-t5"
+    folder = tmp_path / "model"
+    pipe.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file() and (folder / "config.yaml").is_file()
+    assert (folder / "text_encoder" / "config.json").is_file()
+    assert load_config(folder / "config.yaml").text == "text_encoder"
+
+    loaded = Pipeline.from_pretrained(folder)
+    assert loaded.text_encoder is not None and loaded.config.text == "text_encoder"
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    prompts = ["a handwritten digit 1", "a handwritten digit 7", ""]
+    torch.testing.assert_close(loaded.encode_prompts(prompts), pipe.encode_prompts(prompts), rtol=0, atol=0)
+    settings = SampleSettings(cfg=1.5)
+    a = pipe(prompts, settings, seeds=[0, 1, 2])
+    b = loaded(prompts, settings, seeds=[0, 1, 2])
+    assert torch.equal(a, b)
+
+
+def test_loaded_model_folder_can_be_saved_again(model_dir: Path, tmp_path: Path) -> None:
+    pipe = Pipeline.from_pretrained(model_dir)
+    pipe.save_pretrained(tmp_path / "copy")
+    again = Pipeline.from_pretrained(tmp_path / "copy")
+    settings = SampleSettings(cfg=1.5)
+    assert torch.equal(pipe(CAPTIONS, settings, seeds=[5, 6]), again(CAPTIONS, settings, seeds=[5, 6]))
+
+
+# ---------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["eval-nll"]])
+def test_help_exits_0(command: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(command + ["--help"])
+    assert exc.value.code == 0
+    out = normalised(capsys.readouterr().out)
+    assert "usage: starflow" in out
+    if not command:
+        assert all(name in out for name in ("train", "sample", "eval-nll"))
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_help_documents_config_keys(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = normalised(capsys.readouterr().out)
+    assert "--noise_std V std of the Gaussian noise added to training latents (normalised-latent units) " \
+           "[default: 0.3]" in out
+    assert "--layers_per_block" in out and "CLI > YAML > defaults" in out
+    assert ("--data V" in out) == (command == "train")  # sampling takes no training data
+
+
+# ---------------------------------------------------------------------- the shipped demo
+def test_sample_without_checkpoint_needs_the_demo(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(cli, "DEMO_DIR", tmp_path / "no_demo")
+    with pytest.raises(SystemExit, match="shipped demo is missing"):
+        main(["sample", "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "config.yaml").is_file(),
+                    reason=f"the shipped demo {DEMO_DIR} is not in this checkout yet")
+def test_sample_from_the_shipped_demo(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["sample", "--output_dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "sampling from the shipped demo" in printed
+    pngs = sorted(p.name for p in out.glob("0*.png"))
+    assert len(pngs) == len(DEMO_PROMPTS) == 10
+    assert pngs[3] == "00003_a_handwritten_digit_3.png"
+    assert (out / "grid.png").is_file() and (out / "settings.json").is_file()

@@ -1,0 +1,101 @@
+"""Text -> pixels on a tiny random pipeline: shapes, Jacobi = sequential, guidance 0 = conditional, truncation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from starflow.sampling.denoise import self_denoise
+from starflow.sampling.jacobi import DecodeStats
+from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["a handwritten digit 1", "a handwritten digit 7", "a handwritten digit 0"]
+SEEDS = [0, 1, 2]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def pipe(make_pipeline) -> Pipeline:
+    """The tiny pipeline with output layers perturbed by N(0, 0.05^2): a non-trivial flow."""
+    return make_pipeline(std=0.05)
+
+
+def test_guided_sampling_shape_and_range(pipe: Pipeline) -> None:
+    profile, stats = Profile(), DecodeStats()
+    x = pipe(PROMPTS, SampleSettings(cfg=2.0), seeds=SEEDS, profile=profile, stats=stats)
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+    assert set(profile.seconds) == {"text encoding", "flow sampling", "denoising", "VAE decoding"}
+    assert stats.evaluations > 0
+    unguided = pipe(PROMPTS, SampleSettings(cfg=0.0), seeds=SEEDS)
+    assert relative_error(x, unguided) > 1e-3  # guidance changes the samples
+    assert torch.equal(x[1:2], pipe(PROMPTS[1:2], SampleSettings(cfg=2.0), seeds=SEEDS[1:2]))  # per-image seeds
+
+
+def test_the_flow_is_not_trivial(pipe: Pipeline, make_pipeline) -> None:
+    identity = make_pipeline(std=0.0)  # zero output layers: the flow maps noise to itself
+    a = pipe(PROMPTS, SampleSettings(jacobi=False), seeds=SEEDS)
+    b = identity(PROMPTS, SampleSettings(jacobi=False), seeds=SEEDS)
+    assert relative_error(a, b) > 0.1
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_jacobi_matches_sequential(pipe: Pipeline, guidance: float, block_size: int) -> None:
+    seq_stats, jac_stats = DecodeStats(), DecodeStats()
+    sequential = pipe(PROMPTS, SampleSettings(cfg=guidance, jacobi=False), seeds=SEEDS, stats=seq_stats)
+    jacobi = pipe(PROMPTS, SampleSettings(cfg=guidance, jacobi=True, jacobi_th=1e-4, jacobi_block_size=block_size),
+                  seeds=SEEDS, stats=jac_stats)
+    assert relative_error(jacobi, sequential) < 1e-2
+    assert seq_stats.evaluations == 3 * 16  # one evaluation per token of each of the 3 blocks
+    if block_size == 16:
+        assert jac_stats.evaluations < seq_stats.evaluations  # the point of Jacobi iteration
+
+
+def test_jacobi_fixed_point_is_the_sequential_result(make_pipeline) -> None:
+    """Without early stopping, k iterations on a chunk of k tokens reproduce sequential decoding exactly."""
+    strong = make_pipeline(std=0.2)
+    sequential = strong(PROMPTS, SampleSettings(cfg=2.0, jacobi=False, self_denoise=False), seeds=SEEDS)
+    jacobi = strong(PROMPTS, SampleSettings(cfg=2.0, jacobi=True, jacobi_th=0.0, jacobi_block_size=16,
+                                            jacobi_max_iter=16, self_denoise=False), seeds=SEEDS)
+    torch.testing.assert_close(jacobi, sequential, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_zero_is_conditional_sampling(pipe: Pipeline) -> None:
+    settings = SampleSettings(cfg=0.0, jacobi=False)
+    got = pipe(PROMPTS, settings, seeds=SEEDS)
+    noise = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+    y = pipe.encode_prompts(PROMPTS)  # (B, L, 32): conditional rows only
+    x = pipe.model.reverse(noise, y, guidance=0.0, jacobi=False)
+    expected = self_denoise(pipe.model, x, y, pipe.config.noise_std).clamp(-1, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # with the unconditional rows present and weight 0, the guided formula gives the same (a, b)
+    x_rows = pipe.model.reverse(noise, torch.cat([y, pipe.encode_prompts([""] * 3)]), guidance=0.0, jacobi=False)
+    torch.testing.assert_close(x_rows, x, rtol=0, atol=1e-6)
+    # and a vanishing guidance weight is continuous with it
+    tiny_w = pipe(PROMPTS, SampleSettings(cfg=1e-6, jacobi=False), seeds=SEEDS)
+    torch.testing.assert_close(tiny_w, got, rtol=1e-4, atol=1e-4)
+    unconditional = pipe([""] * 3, settings, seeds=SEEDS)
+    assert relative_error(got, unconditional) > 1e-3  # the text matters, so the check above is not vacuous
+
+
+def test_long_prompt_warns_about_truncation_and_samples(pipe: Pipeline) -> None:
+    long = "a handwritten digit 7 written slowly with a thick black marker on white paper"  # > 24 byte tokens
+    assert len(long.encode()) > pipe.config.txt_size
+    with pytest.warns(UserWarning, match=f"truncated to {pipe.config.txt_size} tokens"):
+        x = pipe([long, "a handwritten digit 2"], SampleSettings(cfg=2.0), seeds=[0, 1])
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    # only the first txt_size tokens count: the same prompt with a different tail samples the same image
+    with pytest.warns(UserWarning):
+        other_tail = pipe([long[:40] + " and nothing else at all", "a handwritten digit 2"],
+                          SampleSettings(cfg=2.0), seeds=[0, 1])
+    torch.testing.assert_close(other_tail, x, rtol=0, atol=0)
+
+
+def test_short_prompts_do_not_warn(pipe: Pipeline, recwarn) -> None:
+    pipe(PROMPTS[:1], SampleSettings(cfg=2.0), seeds=[0])
+    assert not [w for w in recwarn if "truncated" in str(w.message)]

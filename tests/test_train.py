@@ -1,0 +1,328 @@
+"""Training: the loss goes down, the schedule, exact resume, checkpoint files, dry runs, skipped updates, errors.
+
+Everything runs a tiny text-to-image model (see ``conftest.TINY_CONFIG``) on a few real 8x8 digits on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+import yaml
+
+from starflow.adapters import build_latent_adapter
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.data import ImageFolder, collate
+from starflow.models import STARFlow
+from starflow.sampling.pipeline import build_text_encoder
+from starflow.train.distributed import init_distributed
+from starflow.train.optim import WARMUP_START_LR, build_optimizer, build_schedule, lr_at
+from starflow.train.state import CheckpointManager
+from starflow.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build_trainer(config: dict[str, Any], logdir: Path) -> Trainer:
+    """A :class:`Trainer` built exactly as ``starflow train`` builds it (same seeding, one CPU process)."""
+    cfg = load_config(config, {"logdir": str(logdir)})
+    dist = init_distributed("cpu")
+    torch.manual_seed(cfg.seed)
+    vae = build_latent_adapter(cfg.vae, channels=cfg.channel_size)
+    text_encoder = build_text_encoder(cfg, None, dist.device)
+    dataset = ImageFolder(cfg.data, cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)
+    torch.manual_seed(cfg.seed)
+    model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size, vae_downsample=1)
+    torch.manual_seed(cfg.seed)
+    return Trainer(cfg, dist, model, text_encoder, vae, dataset, logdir)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def read_metrics(logdir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_args(config_file: Path, data: Path, logdir: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(config_file), "--data", str(data), "--logdir", str(logdir), "--device", "cpu",
+            *extra]
+
+
+# ---------------------------------------------------------------------- the loss goes down
+def test_training_lowers_loss_on_a_fixed_batch(tiny_config, digits) -> None:
+    cfg = load_config(dict(tiny_config, steps=30, warmup_steps=0, lr=1e-3, drop_label=0.0))
+    text_encoder = build_text_encoder(cfg, None, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size, vae_downsample=1).train()
+    data = ImageFolder(digits["train"], cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)
+    batch = collate([data[i] for i in range(cfg.batch_size)])
+    y = text_encoder(batch["text"])  # (B, L, 32)
+    noise = torch.randn(batch["pixels"].shape, generator=torch.Generator().manual_seed(1))
+    x = batch["pixels"] + cfg.noise_std * noise  # (B, 1, 8, 8), one fixed noised batch
+    optimizer = build_optimizer(model.parameters(), cfg)
+    schedule = build_schedule(optimizer, cfg)
+    before = snapshot(model)
+
+    losses = []
+    for _ in range(cfg.steps):
+        loss = model.loss(x, y)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = model.loss(x, y)["loss"].item()
+
+    assert all(math.isfinite(v) for v in losses + [final])
+    assert final < losses[0] - 0.1, f"loss went {losses[0]:.4f} -> {final:.4f} in {cfg.steps} steps"
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("proj_out.weight" in k for k in changed)  # zero-initialised output layers now learn
+    assert len(changed) > len(before) // 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.min_lr)  # the schedule ran to its end
+
+
+# ---------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("min_lr", [1e-5, 1e-7])
+def test_lr_schedule_warmup_then_cosine(min_lr: float) -> None:
+    cfg = load_config(dict(lr=1e-3, min_lr=min_lr, warmup_steps=10, steps=100))
+    assert lr_at(0, cfg) == pytest.approx(min(min_lr, WARMUP_START_LR))
+    assert lr_at(0, cfg) == pytest.approx(min(min_lr, 1e-6))
+    warmup = [lr_at(s, cfg) for s in range(11)]
+    assert all(a < b for a, b in zip(warmup, warmup[1:]))  # linear warm-up, increasing
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(5, cfg) == pytest.approx((min(min_lr, 1e-6) + 1e-3) / 2)
+    decay = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing cosine
+    assert lr_at(55, cfg) == pytest.approx((1e-3 + min_lr) / 2)  # cosine midpoint
+    assert lr_at(100, cfg) == pytest.approx(min_lr)
+    assert lr_at(150, cfg) == pytest.approx(min_lr)  # stays at min_lr after the end
+
+
+def test_schedule_follows_lr_at() -> None:
+    cfg = load_config(dict(lr=1e-3, min_lr=1e-5, warmup_steps=3, steps=12))
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    schedule = build_schedule(optimizer, cfg)
+    for step in range(15):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg), rel=1e-12)
+        optimizer.step()
+        schedule.step()
+
+
+def test_no_warmup_starts_at_peak_lr() -> None:
+    cfg = load_config(dict(lr=1e-3, min_lr=1e-5, warmup_steps=0, steps=20))
+    assert lr_at(0, cfg) == pytest.approx(1e-3)
+    assert lr_at(20, cfg) == pytest.approx(1e-5)
+
+
+# ---------------------------------------------------------------------- exact resume
+def training_state(trainer: Trainer) -> dict[str, Any]:
+    """Copies of what a resume must restore."""
+    return {"step": trainer.step, "latest": trainer.checkpoints.latest().name, "model": snapshot(trainer.model),
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()), "lr": trainer.optimizer.param_groups[0]["lr"],
+            "data": (trainer.batches.epoch, trainer.batches.skip)}
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_config, digits, tmp_path_factory, one_thread) -> dict[str, Any]:
+    """6 steps via ``starflow train``; and 3 steps, then a fresh Trainer resuming from the checkpoint, 3 more.
+
+    32 images in batches of 8: the runs cross an epoch boundary after step 4, past the resume point.
+    """
+    tmp = tmp_path_factory.mktemp("resume")
+    config = dict(tiny_config, data=str(digits["train"]), steps=6, save_freq=2, keep_last=2, log_freq=1)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    straight, split = tmp / "straight", tmp / "split"
+    with torch.random.fork_rng(devices=[]):
+        assert main(train_args(tmp / "config.yaml", digits["train"], straight)) == 0
+        first = build_trainer(config, split)
+        resumed_before_start = first.resume()
+        history = first.fit(max_steps=3)
+        at_three = training_state(first)
+        (split / "checkpoints" / "step_00000004.pt.tmp").write_bytes(b"killed while saving step 4")
+        second = build_trainer(config, split)  # a new process: fresh weights, optimizer and RNG
+        resumed = second.resume()
+        after_resume = training_state(second)
+        history += second.fit()
+    return dict(straight=straight, split=split, reference=read_metrics(straight), history=history,
+                resumed_before_start=resumed_before_start, resumed=resumed, at_three=at_three,
+                after_resume=after_resume, final_step=second.step)
+
+
+def test_resume_restores_model_optimizer_schedule_step_and_data(resume_runs) -> None:
+    r = resume_runs
+    assert not r["resumed_before_start"]  # nothing to resume from in an empty logdir
+    assert r["resumed"]
+    a, b = r["at_three"], r["after_resume"]
+    assert a["step"] == b["step"] == 3
+    assert a["latest"] == b["latest"] == "step_00000003.pt"  # the partial step-4 file is ignored
+    assert same_state(a["model"], b["model"])
+    assert a["lr"] == b["lr"] and a["data"] == b["data"] == (0, 3)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert all(torch.equal(sa[k][name], sb[k][name]) for name in sa[k])
+    assert r["final_step"] == 6
+    assert [m["step"] for m in r["reference"]] == [m["step"] for m in r["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in read_metrics(r["split"])] == [1, 2, 3, 4, 5, 6]
+    # before the interruption both runs are the same computation (the Trainer API matches `starflow train`)
+    assert [m["loss"] for m in r["history"][:3]] == [m["loss"] for m in r["reference"][:3]]
+
+
+def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:
+    r = resume_runs
+    got = read_metrics(r["split"])
+    for key in ("loss", "loss_z", "loss_logdet", "lr", "grad_norm"):
+        ref = [m[key] for m in r["reference"]]
+        assert [m[key] for m in r["history"]] == ref, key  # bit-exact: same computation
+        assert [m[key] for m in got] == ref, key
+    final_a = CheckpointManager.load(CheckpointManager(r["straight"] / "checkpoints").latest())
+    final_b = CheckpointManager.load(CheckpointManager(r["split"] / "checkpoints").latest())
+    assert final_a["step"] == final_b["step"] == 6 and final_a["data"] == final_b["data"]
+    for k, v in final_a["model"].items():
+        assert torch.equal(final_b["model"][k], v), k
+
+
+def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:
+    for run in ("straight", "split"):
+        names = sorted(p.name for p in (resume_runs[run] / "checkpoints").iterdir())
+        assert names == ["step_00000004.pt", "step_00000006.pt"], run
+
+
+def test_checkpoints_pruned_to_keep_last(tiny_config, digits, config_file, tmp_path) -> None:
+    config = dict(tiny_config, steps=5, save_freq=1, keep_last=2)
+    logdir = tmp_path / "run"
+    assert main(train_args(config_file(config), digits["train"], logdir)) == 0
+    names = sorted(p.name for p in (logdir / "checkpoints").iterdir())
+    assert names == ["step_00000004.pt", "step_00000005.pt"]
+    state = CheckpointManager.load(logdir / "checkpoints" / names[-1])
+    assert {"model", "optimizer", "schedule", "step", "data", "rng", "config"} <= state.keys()
+    assert state["step"] == 5 and state["schedule"]["last_epoch"] == 5
+    assert (logdir / "config.yaml").is_file() and (logdir / "model" / "config.yaml").is_file()
+    assert load_config(logdir / "config.yaml").keep_last == 2  # the resolved config is saved beside them
+
+
+def test_checkpoint_manager_ignores_partial_files(tmp_path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    assert manager.latest() is None
+    for step in (1, 2, 3):
+        manager.save(step, {"step": step})
+    assert [p.name for p in manager.checkpoints()] == ["step_00000002.pt", "step_00000003.pt"]
+    leftover = manager.folder / "step_00000004.pt.tmp"  # a run killed while writing step 4
+    leftover.write_bytes(b"truncated")
+    (manager.folder / "notes.txt").write_text("not a checkpoint")
+    assert manager.latest().name == "step_00000003.pt"
+    assert CheckpointManager.load(manager.latest())["step"] == 3
+    manager.save(5, {"step": 5})  # pruning never touches the leftover
+    assert [p.name for p in manager.checkpoints()] == ["step_00000003.pt", "step_00000005.pt"]
+
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_checkpoint_raises_a_clear_error(tmp_path, damage: str) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    path = manager.save(1, {"step": 1, "model": {"w": torch.randn(64, 64)}})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint at all")
+    with pytest.raises(RuntimeError, match="corrupt or incomplete"):
+        CheckpointManager.load(path)
+
+
+# ---------------------------------------------------------------------- dry run
+def test_dry_run_runs_one_step_and_writes_nothing(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+    logdir = tmp_path / "dry"
+    assert main(train_args(config_file(tiny_config), digits["train"], logdir, "--dry_run")) == 0
+    out = capsys.readouterr().out
+    assert "dry run OK" in out and "loss" in out and "bits/dim" in out
+    assert not (logdir / "checkpoints").exists()
+    assert not (logdir / "model").exists()
+    assert not (logdir / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- skipped updates
+def test_non_finite_loss_skips_the_update(tiny_config, digits, tmp_path, monkeypatch) -> None:
+    config = dict(tiny_config, data=str(digits["train"]), steps=3, save_freq=3, drop_label=0.0)
+    trainer = build_trainer(config, tmp_path / "nan")
+    good = collate([trainer.dataset[i] for i in range(trainer.cfg.batch_size)])
+    bad = dict(good, pixels=torch.full_like(good["pixels"], float("nan")))
+    around_bad: list[tuple[dict, dict, int]] = []
+
+    def batches() -> Iterator[dict[str, Any]]:
+        yield good
+        before = snapshot(trainer.model)
+        adam_steps = [s["step"].item() for s in trainer.optimizer.state.values()]
+        yield bad
+        # resumed when step 3 asks for its batch: step 2 (the NaN one) is done
+        around_bad.append((before, snapshot(trainer.model), adam_steps,
+                           [s["step"].item() for s in trainer.optimizer.state.values()]))
+        yield good
+
+    monkeypatch.setattr(trainer, "_batches", batches)
+    history = trainer.fit()
+
+    assert [m["skipped"] for m in history] == [0.0, 1.0, 0.0]
+    assert not math.isfinite(history[1]["loss"])
+    assert trainer.skipped_updates == 1 and trainer.step == 3
+    before, after, adam_before, adam_after = around_bad[0]
+    assert same_state(before, after), "a non-finite step changed the weights"
+    assert adam_before == adam_after, "a non-finite step advanced AdamW"
+    assert not same_state(after, snapshot(trainer.model)), "the next finite step did not update"
+    assert CheckpointManager.load(trainer.checkpoints.latest())["skipped_updates"] == 1
+
+
+# ---------------------------------------------------------------------- errors
+def test_typo_in_yaml_names_the_nearest_key(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+    config = dict(tiny_config)
+    config["nosie_std"] = config.pop("noise_std")
+    code = main(train_args(config_file(config), digits["train"], tmp_path / "typo"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nosie_std" in err and "did you mean 'noise_std'" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_bad_value_on_the_command_line_names_the_key(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+    code = main(train_args(config_file(tiny_config), digits["train"], tmp_path / "bad", "--noise_std", "abc"))
+    assert code == 2
+    assert "noise_std" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_rejected(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(train_args(config_file(tiny_config), digits["train"], tmp_path / "flag", "--nosie_std", "0.1"))
+    assert exc.value.code == 2
+    assert "--nosie_std" in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tiny_config, config_file, tmp_path) -> None:
+    config = {k: v for k, v in tiny_config.items() if k != "data"}
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(config_file(config)), "--logdir", str(tmp_path / "nodata"), "--device", "cpu"])
+    assert "--data" in str(exc.value.code) and "metadata.jsonl" in str(exc.value.code)
+
+
+def test_missing_config_file_returns_2(tmp_path, capsys) -> None:
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--data", str(tmp_path)]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_blocks_key_follows_layers_per_block(tiny_config, digits, config_file, tmp_path) -> None:
+    """``layers_per_block: 1 1 2`` without ``blocks`` trains, and the saved configs reload (regression)."""
+    assert "blocks" not in tiny_config
+    logdir = tmp_path / "run"
+    assert main(train_args(config_file(dict(tiny_config, steps=1)), digits["train"], logdir)) == 0
+    for saved in (logdir / "config.yaml", logdir / "model" / "config.yaml"):
+        cfg = load_config(saved)
+        assert cfg.layers_per_block == [1, 1, 2] and cfg.num_blocks == 3 and cfg.blocks == 3
