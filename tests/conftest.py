@@ -38,7 +38,7 @@ def offline_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
     threads = torch.get_num_threads()

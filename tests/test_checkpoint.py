@@ -20,14 +20,6 @@ DEPRECATED = {"var": (4, 2), "blocks.0.attn_mask": (16, 16), "blocks.1.attn_mask
               "feat_rope.freqs_cos": (19, 8), "feat_rope.freqs_sin": (19, 8)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(seed: int | None = 0) -> STARFlow:
     """A tiny model; with a seed, random weights with non-zero output layers (not the identity)."""
     torch.manual_seed(seed or 0)

@@ -36,15 +36,6 @@ def load_fixture(name: str) -> tuple[STARFlow, dict, dict]:
     return model, fixture["inputs"], fixture["expected"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def t2i() -> tuple[STARFlow, dict, dict]:
     return load_fixture("tiny_t2i")
