@@ -21,7 +21,7 @@ ATOL = 1e-4  # float32 against the official implementation
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
 GUIDANCE = (0.0, 2.5)
-VIDEO_TODO = pytest.mark.xfail(strict=True, reason="video Jacobi rules / image-to-video: issue 4")
+VIDEO_TODO = pytest.mark.xfail(strict=True, reason="image-to-video (encode_context): issue 4")
 
 
 def load_fixture(name: str) -> tuple[STARFlow, dict, dict]:
@@ -129,7 +129,6 @@ def test_jacobi_official_threshold_image(t2i: tuple, w: float) -> None:
     assert_close(run_official_jacobi(model, inputs, w), expected[f"jacobi_cfg{w}_th1e-3"])
 
 
-@VIDEO_TODO
 @pytest.mark.parametrize("w", GUIDANCE)
 def test_jacobi_official_threshold_video(t2v: tuple, w: float) -> None:
     model, inputs, expected = t2v

@@ -335,8 +335,11 @@ class STARFlow(nn.Module):
         guided = guidance > 0 and y_i is not None
         if guided:
             seq = torch.cat([seq, seq])  # guidance rows [cond; uncond]
+        video = grid.dim() == 5 and not self._frame_local(i, True) and grid.shape[1] > 1
+        frame_tokens = grid.shape[-3] * grid.shape[-2] if video else None
         x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
-                         jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats)
+                         jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats,
+                         frame_tokens=frame_tokens)
         if guided:
             x = x[: x.shape[0] // 2]
         return self._from_sequence(x, grid, i)

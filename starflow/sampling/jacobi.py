@@ -41,9 +41,23 @@ class DecodeStats:
     evaluations: int = 0
 
 
+def chunk_bounds(n: int, block_size: int, frame_tokens: int | None) -> list[tuple[int, int]]:
+    """Chunks ``[s, e)`` covering ``n`` tokens: ``block_size`` long, and ``4 * block_size`` long once they start
+    after the first frame of a video (``s > F``, SPEC section 9); the last chunk is cut at ``n``."""
+    bounds, s = [], 0
+    while s < n:
+        k = block_size * VIDEO_CHUNK_FACTOR if frame_tokens and s > frame_tokens else block_size
+        bounds.append((s, min(s + k, n)))
+        s += k
+    return bounds
+
+
+VIDEO_CHUNK_FACTOR = 4
+
+
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
                  jacobi: JacobiSettings, anneal_guidance: bool = False, cache=None,
-                 stats: DecodeStats | None = None) -> torch.Tensor:
+                 stats: DecodeStats | None = None, frame_tokens: int | None = None) -> torch.Tensor:
     """Invert ``block`` on ``z`` (noise -> data), token by token or chunk by chunk.
 
     Args:
@@ -56,6 +70,8 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         anneal_guidance: use ``w (t + 1) / N`` at token t.
         cache: a KV cache to continue (e.g. filled with an image-to-video prefix); None = a new one.
         stats: optional counters, incremented with the number of block evaluations.
+        frame_tokens: tokens per frame F when the sequence spans several video frames: Jacobi chunks after
+            the first frame are 4x longer and their first iteration reads the window one frame back.
 
     Returns:
         ``x (R, N, D)`` float32 data tokens in block order.
@@ -67,18 +83,22 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         if txt_len:
             block.prefill_text(y, rope_table, cache)
     guided = guidance > 0 and block.text_conditioned
-    k = jacobi.block_size if jacobi.enabled else 1
+    bounds = chunk_bounds(n, jacobi.block_size, frame_tokens) if jacobi.enabled else [(t, t + 1) for t in range(n)]
     x = torch.empty_like(z, dtype=torch.float32)
     zf = z.float()
-    for s in range(0, n, k):
-        e = min(s + k, n)
+    for s, e in bounds:
         x_chunk = zf[:, s:e]  # initial guess: the noise
+        frame_back = jacobi.enabled and frame_tokens is not None and s > frame_tokens
         base = cache.length
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
         max_iter = jacobi.max_iter if e - s > 1 else 1
         for it in range(max_iter):
-            first = x[:, s - 1 : s] if s > 0 else torch.zeros_like(x_chunk[:, :1])
-            prev = torch.cat([first, x_chunk[:, :-1]], dim=1).to(block.proj_in.weight.dtype)
+            if it == 0 and frame_back:  # first guess of the inputs: the same window one frame back
+                prev = x[:, s - 1 - frame_tokens : e - 1 - frame_tokens]
+            else:
+                first = x[:, s - 1 : s] if s > 0 else torch.zeros_like(x_chunk[:, :1])
+                prev = torch.cat([first, x_chunk[:, :-1]], dim=1)
+            prev = prev.to(block.proj_in.weight.dtype)
             a, b = block.chunk_params(prev, s, txt_len, rope_table, cache)
             if guided:
                 a, b = guide(a, b, w)
