@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from starflow.config import _FIELDS, Config, config_field_help, load_config
+from starflow.config import _FIELDS, config_field_help, load_config
 
 __all__ = ["main", "DEMO_DIR", "DEMO_PROMPTS"]
 
@@ -117,9 +117,8 @@ def _sample(args: argparse.Namespace) -> int:
         config = folder / "config.yaml"
     cfg = load_config(config, _overrides(args))
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
-                                    dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    if not isinstance(config, Config):
-        pipe.base_dir = Path(config).parent
+                                    dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                    asset_dir=Path(config).parent)
     captions = _read_captions(args, demo)
     settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                               jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
@@ -229,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from starflow.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -241,3 +241,24 @@ def test_sample_from_the_shipped_demo(tmp_path: Path, capsys) -> None:
     assert len(pngs) == len(DEMO_PROMPTS) == 10
     assert pngs[3] == "00003_a_handwritten_digit_3.png"
     assert (out / "grid.png").is_file() and (out / "settings.json").is_file()
+
+
+def test_weights_file_elsewhere_resolves_assets_beside_config(model_dir: Path, tmp_path: Path) -> None:
+    """--checkpoint_path to a weights file in another folder + --model_config_path: the config's relative
+    `text: text_encoder` resolves against the config's folder, not the weights' folder."""
+    weights = tmp_path / "elsewhere" / "weights.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes((model_dir / "model.safetensors").read_bytes())
+    out = tmp_path / "out"
+    assert main(["sample", "--checkpoint_path", str(weights), "--model_config_path", str(model_dir / "config.yaml"),
+                 "--caption", "a handwritten digit 1", "--output_dir", str(out)]) == 0
+    assert (out / "00000_a_handwritten_digit_1.png").is_file()
+
+
+def test_corrupt_weights_give_a_clear_cli_error(model_dir: Path, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((model_dir / "model.safetensors").read_bytes()[:5000])
+    code = main(["sample", "--checkpoint_path", str(broken), "--model_config_path", str(model_dir / "config.yaml"),
+                 "--caption", "x", "--output_dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "corrupt or incomplete" in capsys.readouterr().err

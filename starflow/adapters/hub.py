@@ -80,7 +80,7 @@ def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None =
     else:
         local_dir = os.path.join("ckpts", name_or_path.rstrip("/").split("/")[-1])
         how = (f"Download it once with `hf download {name_or_path} --local-dir {local_dir}` "
-               f"(older huggingface_hub: `huggingface-cli download ...`) or `starflow download`, "
+               f"(older huggingface_hub: `huggingface-cli download ...`), "
                f"then pass the folder ({local_dir}) instead of the id. "
                "With HF_HUB_OFFLINE=1 only the local folder and the Hugging Face cache are searched; "
                "the network is never contacted.")

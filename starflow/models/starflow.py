@@ -233,7 +233,10 @@ class STARFlow(nn.Module):
             dict with scalar ``loss`` (what to minimise, including ``latent_norm_regularization``),
             ``loss_z``, ``loss_logdet``, ``nll`` (per-sample, ``(B,)``), ``bits_per_dim`` of the latents.
         """
-        out = self(x, y)
+        return self.loss_from_output(self(x, y), weights)
+
+    def loss_from_output(self, out: FlowOutput, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The :meth:`loss` dict from a :class:`FlowOutput` (e.g. one computed through a DDP wrapper)."""
         loss_z, loss_logdet = self._nll_terms(out)
         nll = loss_z + loss_logdet
         w = torch.ones_like(nll) if weights is None else weights / weights.mean()

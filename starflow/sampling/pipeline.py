@@ -110,13 +110,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, folder_or_weights: str | Path, config: str | Path | Config | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "Pipeline":
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        asset_dir: str | Path | None = None) -> "Pipeline":
         """Load a model folder, or a weights file with its config.
 
         Args:
             folder_or_weights: a model folder (config.yaml + weights), or a ``.pth``/``.safetensors``.
             config: YAML path or Config; default ``config.yaml`` beside the weights.
             device, dtype: where and in which precision to run the flow.
+            asset_dir: folder against which relative ``text``/``vae`` paths resolve (default: the config
+                file's folder, or the weights' folder when ``config`` is a Config object).
 
         Raises:
             FileNotFoundError: weights, config, text encoder or VAE not found (with how to get them).
@@ -124,13 +127,15 @@ class Pipeline:
         path = Path(folder_or_weights)
         weights = find_weights(path) if path.is_dir() else path
         if not weights.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {weights} (official weights: `starflow download t2i`)")
+            raise FileNotFoundError(f"checkpoint not found: {weights} (official weights: Hugging Face repo apple/starflow)")
         base_dir = weights.parent
         if config is None:
             config = base_dir / "config.yaml"
             if not config.is_file():
                 raise FileNotFoundError(f"no config.yaml beside {weights}: pass the config (--model_config_path)")
-        if not isinstance(config, Config):
+        if asset_dir is not None:
+            base_dir = Path(asset_dir)
+        elif not isinstance(config, Config):
             base_dir = Path(config).parent
         cfg = load_config(config)
         device = torch.device(device)

@@ -22,7 +22,6 @@ from starflow.adapters import LatentAdapter, TextEncoder, apply_prompt_template
 from starflow.config import Config, save_config
 from starflow.data import AspectBucketBatchSampler, ImageFolder, collate
 from starflow.models import STARFlow
-from starflow.models.starflow import HALF_LOG_2PI
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.train.distributed import DistInfo
@@ -140,20 +139,9 @@ class Trainer:
         ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with ctx:
             with self._autocast():
-                losses = self.model.loss(x, y) if self.train_model is self.model else self._ddp_loss(x, y)
+                losses = self.model.loss_from_output(self.train_model(x, y))  # the wrapper's forward (DDP hooks)
             (losses["loss"] * scale).backward()
         return {k: v.detach() for k, v in losses.items() if v.dim() == 0}
-
-    def _ddp_loss(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        out = self.train_model(x, y)  # DDP hooks need the wrapped module's forward
-        loss_z, loss_logdet = STARFlow._nll_terms(out)
-        nll = loss_z + loss_logdet
-        total = nll.mean()
-        lam = self.cfg.latent_norm_regularization
-        if lam > 0:
-            total = total + lam * sum(o.float().square().mean() for o in out.outputs[1:-1])
-        return {"loss": total, "loss_z": loss_z.mean(), "loss_logdet": loss_logdet.mean(),
-                "bits_per_dim": (nll.detach().mean() + HALF_LOG_2PI) / math.log(2)}
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; non-finite or (with grad_skip) too large
