@@ -7,18 +7,20 @@
 #   NPROC=4 scripts/sample_image.sh prompts.txt         # split the captions across 4 processes
 #
 # Extra flags after the caption go to `starflow sample` (e.g. --cfg 3.6 --seed 1 --output_dir out/).
+# CKPT=path picks another checkpoint in the official layout (default: ckpts/starflow_3B_t2i_256x256.pth).
 set -euo pipefail
 caption=${1:-}
 shift $(( $# > 0 ? 1 : 0 ))
 here=$(cd "$(dirname "$0")/.." && pwd)
-official_ckpt=$here/ckpts/starflow_3B_t2i_256x256.pth
+official_ckpt=${CKPT:-$here/ckpts/starflow_3B_t2i_256x256.pth}
 official_cfg=$here/configs/starflow_3B_t2i_256x256.yaml
 args=()
 if [ -f "$official_ckpt" ]; then
   args+=(--checkpoint_path "$official_ckpt" --model_config_path "$official_cfg" --cfg 3.6 --jacobi 1 --jacobi_th 0.001 --jacobi_block_size 16)
 else
   echo "note: $official_ckpt not found; sampling the shipped demo model instead." >&2
-  echo "      Official weights: Hugging Face repo apple/starflow (starflow_3B_t2i_256x256.pth) -> ckpts/" >&2
+  echo "      Get the official weights with: starflow download t2i --local-dir $here/ckpts" >&2
+  echo "      (offline, the same command lists the files to copy by hand)" >&2
 fi
 if [ -n "$caption" ] && [ -f "$caption" ]; then
   args+=(--caption_file "$caption")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["DEPRECATED_BUFFERS", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated", "is_deprecated",
-           "read_state_dict", "load_weights", "compare_layout", "save_weights", "convert_checkpoint"]
+           "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights", "convert_checkpoint"]
 
 DEPRECATED_BUFFERS: tuple[str, ...] = ("var", "blocks.{i}.attn_mask", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
 """Names of the official checkpoints' buffers that have no effect (``{i}`` is a block index)."""
@@ -157,6 +157,26 @@ def read_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
             what = f"the file is corrupt or incomplete ({type(e).__name__}: {e}); download it again"
         raise CheckpointError(f"{path}: {what}") from e
     return _unwrap(obj, str(path))
+
+
+def read_shapes(path: PathLike) -> dict[str, Shape]:
+    """Names and shapes of a checkpoint's tensors without reading their values.
+
+    ``.safetensors``: only the header is parsed; torch files: loaded memory-mapped (``mmap=True``), so
+    no tensor data is paged in.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`read_state_dict`.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - header or size errors of a damaged file
+            raise CheckpointError(f"{path}: the file is corrupt or incomplete ({type(e).__name__}: {e}); "
+                                  "download it again") from e
+    return {k: tuple(v.shape) for k, v in read_state_dict(path, mmap=True).items()}
 
 
 def _shape_of(value: torch.Tensor | torch.Size | tuple | list) -> Shape:

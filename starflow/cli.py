@@ -1,4 +1,4 @@
-"""Command line: ``starflow {train,sample,eval-nll}``.
+"""Command line: ``starflow {train,sample,validate,download,convert,eval-nll}``.
 
 Every config key is also a flag (``--img_size 256``); precedence is CLI > YAML > defaults, the same for
 training and sampling. ``starflow <command> --help`` documents each flag with its default and unit.
@@ -116,25 +116,34 @@ def _sample(args: argparse.Namespace) -> int:
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         config = folder / "config.yaml"
     cfg = load_config(config, _overrides(args))
+    shard = bool(cfg.fsdp) and dist.distributed
+    if dist.is_main and shard:
+        print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
                                     dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                    asset_dir=Path(config).parent)
+                                    asset_dir=Path(config).parent, shard=shard)
     captions = _read_captions(args, demo)
     settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                               jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
-                              self_denoise=args.self_denoise)
+                              self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mine = list(range(dist.rank, len(captions), dist.world_size))  # prompts split across ranks
+    # Captions split across ranks round-robin; every rank runs the same number of batches (the last ones
+    # padded with a repeat whose image is dropped), as sharded weights need all ranks in every step.
+    per_rank = -(-len(captions) // dist.world_size)
+    mine = list(range(dist.rank, len(captions), dist.world_size))
+    mine += [None] * (per_rank - len(mine))
     profile, stats = Profile(), DecodeStats()
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(mine), args.sample_batch_size), disable=not dist.is_main, desc="sample"):
+    for start in tqdm(range(0, per_rank, args.sample_batch_size), disable=not dist.is_main, desc="sample"):
         idx = mine[start : start + args.sample_batch_size]
-        pixels = pipe([captions[i] for i in idx], settings, seeds=[cfg.seed + i for i in idx],
+        real = [0 if i is None else i for i in idx]
+        pixels = pipe([captions[i] for i in real], settings, seeds=[cfg.seed + i for i in real],
                       profile=profile, stats=stats)
         for i, img in zip(idx, pixels):
-            save_image(img, out / f"{i:05d}_{_slug(captions[i])}.png")
+            if i is not None:
+                save_image(img, out / f"{i:05d}_{_slug(captions[i])}.png")
     if dist.distributed:
         torch.distributed.barrier()
     if dist.is_main:
@@ -177,6 +186,62 @@ def _eval_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- validate
+def _validate(args: argparse.Namespace) -> int:
+    from starflow.checkpoint import compare_layout, read_shapes
+    from starflow.models import STARFlow
+    from starflow.config import infer_vae_downsample
+    from starflow.sizing import format_report, size_report, text_width
+
+    cfg = load_config(args.config, _overrides(args))
+    txt_dim = args.txt_dim or text_width(cfg, Path(args.config).parent)
+    report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)
+    print(f"config {args.config}: OK ({'video ' + str(cfg.vid_size[0]) + ' frames at ' + str(cfg.vid_size[1]) + ' fps' if cfg.is_video else 'images'}, "
+          f"{cfg.num_blocks} flow blocks, img_size {cfg.img_size})")
+    print(format_report(report, cfg))
+    if args.checkpoint is None:
+        return 0
+    shapes = read_shapes(args.checkpoint)
+    with torch.device("meta"):
+        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=infer_vae_downsample(cfg.vae))
+    layout = compare_layout(model, shapes)
+    print("")
+    if layout.ok:
+        n = sum(1 for _ in model.state_dict())
+        print(f"checkpoint {args.checkpoint}: every name and shape matches ({n} tensors, "
+              f"{sum(int(torch.Size(s).numel()) for k, s in shapes.items() if k in model.state_dict()):,} parameters)")
+        return 0
+    print(f"checkpoint {args.checkpoint} does NOT match the config: {layout.describe(limit=10 ** 9)}")
+    return 1
+
+
+# ---------------------------------------------------------------------- download, convert
+def _download(args: argparse.Namespace) -> int:
+    from starflow.download import download
+
+    for path in download(args.release, args.local_dir):
+        print(f"ready: {path}")
+    print(f"sample with e.g.: bash scripts/sample_image.sh \"a cat\"  (checkpoints are looked up in {args.local_dir})")
+    return 0
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from starflow.checkpoint import convert_checkpoint, read_shapes
+
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise FileExistsError(f"{dst} exists: pass --overwrite to replace it")
+    convert_checkpoint(src, dst, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    before, after = read_shapes(src), read_shapes(dst)
+    if before != after:  # names and shapes must survive the conversion
+        raise RuntimeError(f"conversion changed the layout of {src}; {dst} is not usable")
+    print(f"wrote {dst} ({len(after)} tensors, {dst.stat().st_size / 2**20:.1f} MiB; names and shapes as in {src})")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starflow", description=__doc__,
@@ -204,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jacobi", type=int, default=1, help="1: block-wise Jacobi iteration, 0: sequential [default: 1]")
     p.add_argument("--jacobi_th", type=float, default=0.001, help="Jacobi stopping threshold [default: 0.001]")
     p.add_argument("--jacobi_block_size", type=int, default=16, help="tokens per Jacobi chunk [default: 16]")
+    p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
+                   help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
+                        "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
+                        "(change over the whole batch) [default: sample]")
     p.add_argument("--aspect_ratio", default="1:1", help="w:h, e.g. 16:9 [default: 1:1]")
     p.add_argument("--sample_batch_size", type=int, default=16, help="images per forward batch [default: 16]")
     p.add_argument("--output_dir", default="outputs/samples", help="folder for PNGs, grid.png, settings.json")
@@ -214,6 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda ... [default: cuda if available]")
     _add_config_flags(p, skip={"data"})
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("validate", help="check a config (and a checkpoint) without data or weights",
+                       description="Build the model on the meta device and print parameters per block, latent "
+                                   "shapes and token counts, and estimated memory in fp32 and bf16. With "
+                                   "--checkpoint, compare every parameter name and shape with the file (read "
+                                   "memory-mapped, no tensor loaded) and list all mismatches. Exit 0 when valid, "
+                                   "1 on a layout mismatch, 2 on a bad config or unreadable file.")
+    p.add_argument("config", help="YAML config (official format or plain mapping)")
+    p.add_argument("--checkpoint", default=None, help="weights file (.pth or .safetensors) to compare")
+    p.add_argument("--batch", type=int, default=1, help="samples per device for the memory estimates [default: 1]")
+    p.add_argument("--gpus", type=int, default=1, help="devices the weights and optimizer are sharded over [default: 1]")
+    p.add_argument("--txt_dim", type=int, default=None,
+                   help="text encoder width (default: from the encoder's config; 2048 for flan-t5-xl)")
+    _add_config_flags(p, skip={"data"})
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("download", help="fetch released weights with their T5 and VAE from the Hugging Face Hub",
+                       description="Download apple/starflow checkpoints plus the T5 encoder and VAE they need into "
+                                   "--local-dir (models in subfolders named like their Hub ids, where sampling "
+                                   "looks first). Resumes partial downloads, checks file sizes. Offline it lists "
+                                   "the files and where to place them by hand.")
+    p.add_argument("release", choices=("t2i", "t2v", "all"), help="t2i: STARFlow 3B, t2v: STARFlow-V 7B, all: both")
+    p.add_argument("--local-dir", "--local_dir", dest="local_dir", default="ckpts", help="destination [default: ckpts]")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("convert", help="convert weights between .pth and .safetensors, keeping every name",
+                       description="Convert a checkpoint (.pth/.pt/.bin <-> .safetensors); the suffix of DST picks "
+                                   "the format. Torch files are read weights-only and memory-mapped; safetensors "
+                                   "holds no pickle.")
+    p.add_argument("src", help="checkpoint to read")
+    p.add_argument("dst", help="file to write (.safetensors or .pth)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors [default: keep]")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder")
     p.add_argument("--checkpoint_path", default=None, help="model folder or weights [default: shipped demo]")
@@ -233,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError) as e:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from starflow.models.layers import Rope
 from starflow.models.rope import rope_angles
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
 from starflow.sampling.jacobi import DecodeStats, JacobiSettings, decode_block
+from starflow.sharding import gathered
 
 __all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI"]
 
@@ -76,6 +77,7 @@ class STARFlow(nn.Module):
         self.patch_size = config.patch_size
         self.token_dim = config.patch_size ** 2 * config.channel_size
         latent_side = config.latent_size(down)
+        self.latent_side = latent_side  # latent height/width at the configured img_size
         self.pos_scale = float(config.pt_seq_len or latent_side // config.patch_size)
         k = config.num_blocks
         blocks: list[nn.Module] = []
@@ -279,7 +281,8 @@ class STARFlow(nn.Module):
     def reverse(self, noise: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
                 jacobi: bool = False, jacobi_block_size: int = 32, jacobi_th: float = 0.001,
                 jacobi_max_iter: int = 32, context=None, anneal_guidance: bool = False,
-                stats: DecodeStats | None = None) -> torch.Tensor:
+                stats: DecodeStats | None = None, jacobi_stop: str = "batch",
+                sync_ranks: bool = False) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
 
         Args:
@@ -292,6 +295,11 @@ class STARFlow(nn.Module):
             context: image-to-video prefix from :meth:`encode_context` (video models).
             anneal_guidance: weight ``w (t + 1) / N`` at token t.
             stats: optional counters of sequential model evaluations.
+            jacobi_stop: ``"batch"`` (official rule: change over the whole batch) or ``"sample"`` (each sample
+                stops on its own and is frozen: results independent of the batch; see
+                :mod:`starflow.sampling.jacobi`).
+            sync_ranks: with ``"sample"`` under ``torch.distributed``, iterate until every rank is done (for
+                sharded weights, where all ranks must evaluate each layer equally often).
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
@@ -305,8 +313,9 @@ class STARFlow(nn.Module):
 
             return reverse_with_context(self, noise, y, context, guidance=guidance, jacobi=jacobi,
                                         jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
-                                        jacobi_max_iter=jacobi_max_iter, stats=stats)
-        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter)
+                                        jacobi_max_iter=jacobi_max_iter, stats=stats, jacobi_stop=jacobi_stop,
+                                        sync_ranks=sync_ranks)
+        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, sync_ranks)
         b = noise.shape[0]
         y = self._guidance_rows(y, b, guidance)
         grid = patchify(noise.float(), self.patch_size)
@@ -340,9 +349,10 @@ class STARFlow(nn.Module):
             seq = torch.cat([seq, seq])  # guidance rows [cond; uncond]
         video = grid.dim() == 5 and not self._frame_local(i, True) and grid.shape[1] > 1
         frame_tokens = grid.shape[-3] * grid.shape[-2] if video else None
-        x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
-                         jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats,
-                         frame_tokens=frame_tokens)
+        with gathered(block):  # a no-op unless the weights are sharded (FSDP2)
+            x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
+                             jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats,
+                             frame_tokens=frame_tokens)
         if guided:
             x = x[: x.shape[0] // 2]
         return self._from_sequence(x, grid, i)

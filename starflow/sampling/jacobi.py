@@ -5,6 +5,11 @@ Eq. 5). Block-wise Jacobi iteration (STARFlow-V, arXiv 2511.20462, Sec. 4; SPEC 
 of ``k`` tokens, evaluates the block once on the whole chunk, updates the guess, and repeats until the
 relative change ``mean((x_new - x_old)^2) / mean(x_new^2)`` falls below ``jacobi_th``; its fixed point
 is the sequential result and ``k`` iterations reach it exactly.
+
+Two stopping rules: ``"batch"`` (the official one: the change is measured over the whole batch, so a
+sample's result depends on the batch it is in) and ``"sample"`` (each sample stops on its own change and
+is then frozen, so its result does not depend on the other samples, the batch size or the number of
+ranks; the loop runs until every sample, on every rank when ``sync_ranks``, has stopped).
 """
 from __future__ import annotations
 
@@ -26,12 +31,22 @@ class JacobiSettings:
         block_size: tokens per chunk k.
         threshold: stop when the relative squared change is below this.
         max_iter: at most this many model evaluations per chunk.
+        stop: ``"batch"`` (official: relative change over the whole batch) or ``"sample"`` (per sample,
+            converged samples frozen: results independent of batch composition).
+        sync_ranks: with ``stop="sample"`` under ``torch.distributed``, keep iterating until every rank is
+            done, so all ranks evaluate the model equally often (needed when the weights are sharded).
     """
 
     enabled: bool = False
     block_size: int = 32
     threshold: float = 1e-3
     max_iter: int = 32
+    stop: str = "batch"
+    sync_ranks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"Jacobi stopping rule {self.stop!r} is not one of {STOP_RULES}")
 
 
 @dataclass
@@ -53,6 +68,15 @@ def chunk_bounds(n: int, block_size: int, frame_tokens: int | None) -> list[tupl
 
 
 VIDEO_CHUNK_FACTOR = 4
+STOP_RULES = ("batch", "sample")
+
+
+def _any_active(active: torch.Tensor, sync_ranks: bool) -> bool:
+    """Whether any row (on any rank with ``sync_ranks``) still iterates; the one host sync per iteration."""
+    flag = active.any().to(torch.int32)
+    if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
@@ -86,12 +110,15 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
     bounds = chunk_bounds(n, jacobi.block_size, frame_tokens) if jacobi.enabled else [(t, t + 1) for t in range(n)]
     x = torch.empty_like(z, dtype=torch.float32)
     zf = z.float()
+    per_sample = jacobi.stop == "sample"
     for s, e in bounds:
         x_chunk = zf[:, s:e]  # initial guess: the noise
         frame_back = jacobi.enabled and frame_tokens is not None and s > frame_tokens
         base = cache.length
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
         max_iter = jacobi.max_iter if e - s > 1 else 1
+        active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device)
+        frozen_prev = None  # per-sample rule: the inputs at which each stopped sample converged
         for it in range(max_iter):
             if it == 0 and frame_back:  # first guess of the inputs: the same window one frame back
                 prev = x[:, s - 1 - frame_tokens : e - 1 - frame_tokens]
@@ -99,6 +126,8 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
                 first = x[:, s - 1 : s] if s > 0 else torch.zeros_like(x_chunk[:, :1])
                 prev = torch.cat([first, x_chunk[:, :-1]], dim=1)
             prev = prev.to(block.proj_in.weight.dtype)
+            if frozen_prev is not None:  # stopped samples see (and cache) exactly their converged inputs
+                prev = torch.where(active, prev, frozen_prev)
             a, b = block.chunk_params(prev, s, txt_len, rope_table, cache)
             if guided:
                 a, b = guide(a, b, w)
@@ -108,10 +137,20 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
             if max_iter == 1:
                 x_chunk = x_new
                 break
-            change = (x_new - x_chunk).square().mean() / x_new.square().mean()
-            x_chunk = x_new
-            if it == max_iter - 1 or change.item() < jacobi.threshold:
-                break
+            if per_sample:
+                x_new = torch.where(active, x_new, x_chunk)
+                change = (x_new - x_chunk).square().mean((1, 2)) / x_new.square().mean((1, 2))
+                done = active & (change < jacobi.threshold)[:, None, None]
+                frozen_prev = prev if frozen_prev is None else torch.where(done, prev, frozen_prev)
+                active = active & ~done
+                x_chunk = x_new
+                if it == max_iter - 1 or not _any_active(active, jacobi.sync_ranks):
+                    break
+            else:
+                change = (x_new - x_chunk).square().mean() / x_new.square().mean()
+                x_chunk = x_new
+                if it == max_iter - 1 or change.item() < jacobi.threshold:
+                    break
             cache.rewind(base)
         x[:, s:e] = x_chunk
     return x

@@ -6,6 +6,7 @@ the config's ``text`` and ``vae`` keys are resolved against the config's folder 
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,19 +22,46 @@ from starflow.data.aspect import aspect_to_size
 from starflow.models import STARFlow
 from starflow.sampling.denoise import self_denoise
 from starflow.sampling.jacobi import DecodeStats
+from starflow.sharding import is_sharded
 
-__all__ = ["Pipeline", "SampleSettings", "TINY_TEXT_ENCODER", "find_weights", "resolve_asset", "build_text_encoder"]
+__all__ = ["Pipeline", "SampleSettings", "TINY_TEXT_ENCODER", "find_weights", "resolve_asset", "asset_search_dirs",
+           "build_text_encoder"]
 
 TINY_TEXT_ENCODER = "tiny-t5"  # config 'text' preset: a seeded random tiny T5 with the ByT5 byte tokenizer
 WEIGHT_NAMES = ("model.safetensors", "model.pth")
 
 
-def resolve_asset(name: str | None, base_dir: Path | None) -> str | None:
-    """A config path-or-hub-id, resolved against ``base_dir`` when that file or folder exists there."""
-    if name is None or base_dir is None:
+PACKAGE_CKPTS = Path(__file__).resolve().parents[2] / "ckpts"
+_SCALE_SUFFIX = re.compile(r"(:[0-9.]+)$")  # 'Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6'
+
+
+def asset_search_dirs(*dirs: Path | str | None) -> list[Path]:
+    """Folders searched for a config's ``text``/``vae`` entries, in order: the given ones (the config's
+    folder, the weights' folder), then ``./ckpts`` and this package's ``ckpts/`` (where
+    ``starflow download`` puts models, in subfolders named like their Hub ids)."""
+    out: list[Path] = []
+    for d in (*dirs, Path("ckpts"), PACKAGE_CKPTS):
+        if d is not None and Path(d).resolve() not in [o.resolve() for o in out]:
+            out.append(Path(d))
+    return out
+
+
+def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
+    """A config path-or-hub-id, replaced by the first existing ``dir/name`` of :func:`asset_search_dirs`.
+
+    A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. Names found nowhere are
+    returned unchanged: loaders then try the Hugging Face cache, then the Hub.
+    """
+    if name is None or name.lower() == "none":
         return name
-    candidate = base_dir / name
-    return str(candidate) if candidate.exists() else name
+    match = _SCALE_SUFFIX.search(name)
+    suffix = match.group(1) if match else ""
+    bare = name[: len(name) - len(suffix)]
+    for d in asset_search_dirs(*dirs):
+        candidate = d / bare
+        if candidate.exists():
+            return str(candidate) + suffix
+    return name
 
 
 def find_weights(folder: Path) -> Path:
@@ -47,16 +75,25 @@ def find_weights(folder: Path) -> Path:
     raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")
 
 
-def build_text_encoder(cfg: Config, base_dir: Path | None, device: torch.device,
+def build_text_encoder(cfg: Config, base_dir: Path | tuple[Path, ...] | None, device: torch.device,
                        dtype: torch.dtype = torch.float32) -> TextEncoder | None:
-    """The config's text encoder (``None`` for ``txt_size: 0``); ``tiny-t5`` builds the seeded tiny preset."""
+    """The config's text encoder (``None`` for ``txt_size: 0``); ``tiny-t5`` builds the seeded tiny preset.
+
+    ``base_dir`` (one folder or a tuple) is searched first for the config's ``text`` entry, then
+    :func:`asset_search_dirs`, then the Hugging Face cache and the Hub.
+
+    Raises:
+        ValueError: ``txt_size > 0`` without a ``text`` entry.
+        FileNotFoundError: the encoder is nowhere to be found (the message says how to get it).
+    """
     if cfg.txt_size == 0:
         return None
     if cfg.text == TINY_TEXT_ENCODER:
         return build_tiny_text_encoder(cfg.txt_size, seed=cfg.seed).to(device)
     if cfg.text is None:
         raise ValueError("config key 'text' is empty but txt_size > 0: name a T5 (e.g. google/flan-t5-xl)")
-    return TextEncoder.from_pretrained(resolve_asset(cfg.text, base_dir), max_length=cfg.txt_size,
+    dirs = base_dir if isinstance(base_dir, tuple) else (base_dir,)
+    return TextEncoder.from_pretrained(resolve_asset(cfg.text, *dirs), max_length=cfg.txt_size,
                                        dtype=dtype, device=device)
 
 
@@ -72,6 +109,7 @@ class SampleSettings:
     aspect_ratio: str = "1:1"
     self_denoise: bool = True
     anneal_guidance: bool = False
+    jacobi_stop: str = "sample"  # "sample": results independent of batch and ranks; "batch": the official rule
 
 
 @dataclass
@@ -111,7 +149,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, folder_or_weights: str | Path, config: str | Path | Config | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        asset_dir: str | Path | None = None) -> "Pipeline":
+                        asset_dir: str | Path | None = None, shard: bool = False) -> "Pipeline":
         """Load a model folder, or a weights file with its config.
 
         Args:
@@ -120,9 +158,13 @@ class Pipeline:
             device, dtype: where and in which precision to run the flow.
             asset_dir: folder against which relative ``text``/``vae`` paths resolve (default: the config
                 file's folder, or the weights' folder when ``config`` is a Config object).
+            shard: shard the flow over the ranks of ``torch.distributed`` with FSDP2 (each rank holds
+                ``1/N`` of the weights; every rank must then sample the same number of batches).
 
         Raises:
             FileNotFoundError: weights, config, text encoder or VAE not found (with how to get them).
+            CheckpointError: the weights file is corrupt or truncated, or its names/shapes differ from the
+                config's model (every difference listed); nothing is half-loaded.
         """
         path = Path(folder_or_weights)
         weights = find_weights(path) if path.is_dir() else path
@@ -139,13 +181,21 @@ class Pipeline:
             base_dir = Path(config).parent
         cfg = load_config(config)
         device = torch.device(device)
-        vae = build_latent_adapter(resolve_asset(cfg.vae, base_dir), channels=cfg.channel_size, device=device)
-        text_encoder = build_text_encoder(cfg, base_dir, device)
+        dirs = (base_dir, weights.parent)
+        vae = build_latent_adapter(resolve_asset(cfg.vae, *dirs), channels=cfg.channel_size, device=device)
+        text_encoder = build_text_encoder(cfg, dirs, device)
         txt_dim = text_encoder.hidden_size if text_encoder is not None else None
         with torch.device("meta"):
             model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae.downsample)
+        if shard:
+            from starflow.sharding import load_sharded, prepare_sharded_inference
+
+            load_sharded(model, weights, device, dtype)
+            model.requires_grad_(False)
+            prepare_sharded_inference(model, cfg.txt_size, txt_dim, device)
+            return cls(model, text_encoder, vae, cfg)
         load_weights(model, str(weights), assign=True, dtype=dtype)
-        return cls(model.to(device), text_encoder, vae, cfg)
+        return cls(model.to(device).requires_grad_(False), text_encoder, vae, cfg)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
@@ -213,7 +263,8 @@ class Pipeline:
             x = self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
                                    jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
                                    jacobi_max_iter=settings.jacobi_max_iter,
-                                   anneal_guidance=settings.anneal_guidance, stats=stats)
+                                   anneal_guidance=settings.anneal_guidance, stats=stats,
+                                   jacobi_stop=settings.jacobi_stop, sync_ranks=is_sharded(self.model))
         if settings.self_denoise and self.config.noise_std > 0:
             with profile.stage("denoising", dev):
                 x = self_denoise(self.model, x, y, self.config.noise_std)

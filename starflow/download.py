@@ -1,0 +1,171 @@
+"""Fetching the released weights and the models they need through ``huggingface_hub``.
+
+``starflow download {t2i,t2v,all} --local-dir ckpts`` puts everything under one folder, each model in a
+subfolder named like its Hub id, which is where sampling looks first (see
+:func:`starflow.sampling.pipeline.asset_search_dirs`)::
+
+    ckpts/starflow_3B_t2i_256x256.pth                      apple/starflow
+    ckpts/starflow-v_7B_t2v_caus_480p_v3.pth               apple/starflow
+    ckpts/google/flan-t5-xl/...                            T5 text encoder (both models)
+    ckpts/stabilityai/sd-vae-ft-ema/...                    SD-VAE (text-to-image)
+    ckpts/Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/...          WAN2.2 VAE (text-to-video)
+
+Downloads resume where they stopped (``huggingface_hub`` keeps partial files), show progress bars, and
+every file's size is checked against the Hub's record afterwards. Without network access (or with
+``HF_HUB_OFFLINE=1``) the command fails at once and lists the files and where to put them by hand.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Asset", "RELEASES", "DownloadError", "download", "manual_instructions", "release_assets"]
+
+HUB = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """Files of one Hub repository that a release needs.
+
+    Attributes:
+        what: what they are, for messages.
+        repo: Hub repository id.
+        patterns: file names or glob patterns inside the repository.
+        folder: subfolder of ``--local-dir`` that receives them ("" = the folder itself).
+    """
+
+    what: str
+    repo: str
+    patterns: tuple[str, ...]
+    folder: str
+
+    def target(self, local_dir: Path) -> Path:
+        return local_dir / self.folder if self.folder else local_dir
+
+    def present(self, local_dir: Path) -> bool:
+        """Whether the files look present: every exact name exists (patterns: some file matches)."""
+        root = self.target(local_dir)
+        return all(any(root.glob(p)) if _is_glob(p) else (root / p).is_file() for p in self.patterns)
+
+
+T5_XL = Asset("T5 text encoder (google/flan-t5-xl)", "google/flan-t5-xl",
+              ("config.json", "*.safetensors", "model.safetensors.index.json", "spiece.model", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json"), "google/flan-t5-xl")
+RELEASES: dict[str, tuple[Asset, ...]] = {
+    "t2i": (Asset("STARFlow 3B text-to-image checkpoint", "apple/starflow", ("starflow_3B_t2i_256x256.pth",), ""),
+            T5_XL,
+            Asset("SD-VAE (stabilityai/sd-vae-ft-ema)", "stabilityai/sd-vae-ft-ema",
+                  ("config.json", "diffusion_pytorch_model.safetensors"), "stabilityai/sd-vae-ft-ema")),
+    "t2v": (Asset("STARFlow-V 7B text-to-video checkpoint", "apple/starflow", ("starflow-v_7B_t2v_caus_480p_v3.pth",), ""),
+            T5_XL,
+            Asset("WAN2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers, subfolder vae)", "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                  ("vae/config.json", "vae/diffusion_pytorch_model.safetensors"), "Wan-AI/Wan2.2-TI2V-5B-Diffusers")),
+}
+"""What each release needs: its checkpoint, the T5 encoder and its VAE."""
+
+
+class DownloadError(OSError):
+    """A download cannot start or its result is incomplete; the message says what to do."""
+
+
+def release_assets(which: str) -> list[Asset]:
+    """The assets of ``t2i``, ``t2v`` or ``all`` (shared ones once).
+
+    Raises:
+        ValueError: unknown release name.
+    """
+    if which not in (*RELEASES, "all"):
+        raise ValueError(f"unknown release {which!r}: choose one of {', '.join(RELEASES)} or all")
+    assets: list[Asset] = []
+    for name in RELEASES if which == "all" else (which,):
+        assets += [a for a in RELEASES[name] if a not in assets]
+    return assets
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def manual_instructions(assets: list[Asset], local_dir: Path) -> str:
+    """Where to get each file in a browser and where to put it, for machines without Hub access."""
+    lines = []
+    for a in assets:
+        lines.append(f"  {a.what}:")
+        root = a.target(local_dir)
+        for p in a.patterns:
+            if _is_glob(p):
+                lines.append(f"    {HUB}/{a.repo}/tree/main: every file matching {p} -> {root / Path(p).parent}/")
+            else:
+                lines.append(f"    {HUB}/{a.repo}/resolve/main/{p} -> {root / p}")
+    return "\n".join(lines)
+
+
+def _offline_error(assets: list[Asset], local_dir: Path, cause: BaseException | None) -> DownloadError:
+    why = "HF_HUB_OFFLINE is set" if cause is None else f"the Hub cannot be reached ({type(cause).__name__}: {cause})"
+    return DownloadError(
+        f"cannot download: {why}. Fetch these files on a machine with access and place them as shown "
+        f"(or unset HF_HUB_OFFLINE / use a mirror through HF_ENDPOINT):\n{manual_instructions(assets, local_dir)}")
+
+
+def _check_sizes(infos, root: Path, asset: Asset) -> None:
+    bad = []
+    for info in infos:
+        path = root / info.filename
+        size = path.stat().st_size if path.is_file() else None
+        if info.file_size is not None and size != info.file_size:
+            bad.append(f"{path}: {size if size is not None else 'missing'} bytes, expected {info.file_size}")
+    if bad:
+        raise DownloadError(f"{asset.what}: incomplete download ({'; '.join(bad)}); run the command again "
+                            "to resume, or delete the file to start over")
+
+
+def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str | None = None) -> list[Path]:
+    """Download a release's checkpoint, T5 and VAE into ``local_dir``, resuming partial files.
+
+    Args:
+        which: ``t2i``, ``t2v`` or ``all``.
+        local_dir: destination folder (created); models go to subfolders named like their Hub ids.
+        token: Hugging Face token (default: the logged-in one / ``HF_TOKEN``).
+
+    Returns:
+        The folders (or the checkpoint files) written.
+
+    Raises:
+        ValueError: unknown release.
+        DownloadError: offline (with manual instructions), or a file's size differs from the Hub's.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import DryRunError
+
+    from starflow.adapters.hub import hub_offline
+
+    local_dir = Path(local_dir)
+    assets = release_assets(which)
+    if hub_offline():
+        missing = [a for a in assets if not a.present(local_dir)]
+        if missing:
+            raise _offline_error(missing, local_dir, None)
+        print(f"every file is already in {local_dir} (sizes not checked: HF_HUB_OFFLINE is set)")
+        return [a.target(local_dir) for a in assets]
+    written = []
+    for asset in assets:
+        root = asset.target(local_dir)
+        try:  # plan first: file list and sizes, without downloading
+            infos = huggingface_hub.snapshot_download(asset.repo, allow_patterns=list(asset.patterns), local_dir=root,
+                                                      token=token, dry_run=True)
+        except DryRunError as e:
+            raise _offline_error(assets, local_dir, e) from e
+        except huggingface_hub.errors.GatedRepoError as e:
+            raise DownloadError(f"{asset.repo} is gated: accept its licence on {HUB}/{asset.repo} and log in "
+                                "(`hf auth login`) or set HF_TOKEN") from e
+        if not infos:
+            raise DownloadError(f"{asset.repo} has no files matching {asset.patterns}; the release layout changed?")
+        todo = sum(i.file_size or 0 for i in infos if i.will_download)
+        print(f"{asset.what}: {len(infos)} file(s), {sum(i.file_size or 0 for i in infos) / 2**30:.2f} GiB "
+              f"({todo / 2**30:.2f} GiB to fetch) -> {root}")
+        huggingface_hub.snapshot_download(asset.repo, allow_patterns=list(asset.patterns), local_dir=root, token=token)
+        _check_sizes(infos, root, asset)
+        written.append(root / asset.patterns[0] if not asset.folder else root)
+    return written

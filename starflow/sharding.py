@@ -1,0 +1,130 @@
+"""Sharding a STARFlow over ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Every transformer layer (:class:`~starflow.models.layers.AttentionBlock`) is its own FSDP unit, then each
+flow block and the learnable denoiser (their projections, norms and SOS token), then the root. A rank
+holds ``1/N`` of every parameter; a layer's full weights exist only while that layer runs.
+
+Sampling calls the flow blocks through their KV-cached methods, not ``forward``: :func:`gathered` gathers a
+block's own parameters around those calls (its layers gather themselves when called), and every rank must
+evaluate the layers equally often (the Jacobi per-sample stopping rule with ``sync_ranks``).
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["shard_model", "gathered", "is_sharded", "prepare_sharded_inference"]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` was passed to ``fully_shard`` (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+    """Apply FSDP2 to a STARFlow in place: each transformer layer, each flow block, the denoiser, the root.
+
+    Args:
+        model: a :class:`~starflow.models.STARFlow`, on the meta device or already on its device.
+        mesh: a 1-D ``DeviceMesh`` (default: all ranks of the default process group).
+        mp_policy: optional ``MixedPrecisionPolicy`` (e.g. bf16 parameters, fp32 reduction).
+        reshard_after_forward: free the gathered weights after each unit runs (saves memory).
+
+    Returns:
+        ``model`` (now an ``FSDPModule``).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from starflow.models.layers import AttentionBlock
+    from starflow.models.tarflow_block import FlowBlock
+
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("sharding needs torch.distributed: launch with torchrun --nproc_per_node N")
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
+    for module in model.modules():
+        if isinstance(module, AttentionBlock):
+            fully_shard(module, **kw)
+    for module in model.modules():
+        if isinstance(module, FlowBlock) or module is getattr(model, "learnable_self_denoiser", None):
+            fully_shard(module, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[nn.Module]:
+    """Gather a sharded module's own parameters for the duration of the block (no-op if not sharded).
+
+    Not recursive: nested FSDP units (the transformer layers) gather themselves when they are called.
+    """
+    if not hasattr(module, "unshard"):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
+
+
+@torch.no_grad()
+def prepare_sharded_inference(model: nn.Module, txt_len: int, txt_dim: int | None, device: torch.device) -> None:
+    """Run one forward pass on a one-frame zero latent so FSDP2 sets up its root (it must see the root
+    run first) before sampling calls the blocks' KV-cached methods.
+
+    Args:
+        model: a sharded :class:`~starflow.models.STARFlow` with its weights loaded.
+        txt_len, txt_dim: text length and width (``txt_dim`` None for a model without text).
+        device: the rank's device.
+    """
+    # Our outputs are never modified in place, so FSDP2's warning about returning views does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    c, side = model.config.channel_size, model.latent_side
+    shape = (1, 1, c, side, side) if model.config.is_video else (1, c, side, side)
+    y = torch.zeros(1, txt_len, txt_dim, device=device) if txt_dim else None
+    model(torch.zeros(shape, device=device), y)
+
+
+def load_sharded(model: nn.Module, weights, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard a meta-device STARFlow with FSDP2 and load official-layout weights into the shards.
+
+    Every rank memory-maps the checkpoint and keeps only its own ``1/N`` slice of each parameter, so no
+    rank ever holds a full copy of the model.
+
+    Args:
+        model: a :class:`~starflow.models.STARFlow` built on the meta device.
+        weights: checkpoint file (``.pth`` / ``.safetensors``, see :func:`starflow.checkpoint.read_state_dict`).
+        device: this rank's device.
+        dtype: optional parameter dtype (e.g. ``torch.bfloat16``).
+
+    Returns:
+        ``model``, sharded and loaded.
+
+    Raises:
+        FileNotFoundError, CheckpointError: unreadable file; LayoutError: names or shapes differ (all
+        listed). Checked before any parameter is allocated.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from starflow.checkpoint import LayoutError, compare_layout, drop_deprecated, read_state_dict
+
+    state_dict = drop_deprecated(read_state_dict(weights))
+    report = compare_layout(model, state_dict)
+    if not report.ok:
+        raise LayoutError(report, str(weights))
+    if dtype is not None:
+        model.to(dtype)
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    shard_model(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
+    return model

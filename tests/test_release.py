@@ -1,0 +1,257 @@
+"""The released-checkpoint path: validate, download, convert, the official YAMLs with every command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from starflow.checkpoint import CheckpointError, read_shapes, save_weights
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.download import DownloadError, RELEASES, _check_sizes, download, release_assets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
+OFFICIAL = {
+    "t2i": ("starflow_3B_t2i_256x256.yaml", "keys_starflow_3B_t2i_256x256.json", 3_858_281_544, 0),
+    "t2v": ("starflow-v_7B_t2v_caus_480p.yaml", "keys_starflow-v_7B_t2v_caus_480p.json", 6_890_096_528, 912_884_784),
+}
+
+
+def shape_only_checkpoint(keys: dict, path: Path) -> Path:
+    """A ``torch.save`` file with every official name and shape but no data (meta tensors): what
+    ``validate --checkpoint`` reads from the real 14-28 GB files, at 40 kB."""
+    torch.save({k: torch.empty(shape, device="meta") for k, shape in keys.items()}, path)
+    return path
+
+
+def official_keys(name: str) -> dict:
+    if not (REFERENCE / name).is_file():
+        pytest.skip(f"reference file {name} not available")
+    d = json.loads((REFERENCE / name).read_text())
+    return {**d["parameters"], **d["deprecated_buffers"]}
+
+
+# ---------------------------------------------------------------------- validate
+@pytest.mark.parametrize("release", ["t2i", "t2v"])
+def test_validate_official_config_counts_and_layout(release: str, tmp_path: Path, capsys) -> None:
+    yaml_name, keys_name, total, denoiser = OFFICIAL[release]
+    keys = official_keys(keys_name)
+    ckpt = shape_only_checkpoint(keys, tmp_path / "official.pth")
+    assert main(["validate", str(ROOT / "configs" / yaml_name), "--checkpoint", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert f"{total:,}" in out
+    assert "every name and shape matches" in out
+    if denoiser:
+        assert f"learnable_self_denoiser   denoiser        8   3072   yes{denoiser:>16,}" in out
+    # the per-block rows add up to the total
+    rows = [line for line in out.splitlines() if line.startswith(("blocks.", "learnable_self_denoiser"))]
+    assert sum(int(line.split()[-1].replace(",", "")) for line in rows) == total
+    assert "KV cache" in out and "checkpointed" in out and "bf16" in out
+
+
+def test_validate_reports_every_mismatch_at_once(tmp_path: Path, capsys) -> None:
+    keys = official_keys(OFFICIAL["t2i"][1])
+    keys.pop("blocks.5.attn_blocks.3.mlp.main.0.weight")
+    keys["blocks.5.extra.weight"] = [3]
+    keys["blocks.0.proj_in.weight"] = [3072, 8]
+    keys["blocks.2.proj_out.bias"] = [16]
+    ckpt = shape_only_checkpoint(keys, tmp_path / "bad.pth")
+    assert main(["validate", str(ROOT / "configs" / OFFICIAL["t2i"][0]), "--checkpoint", str(ckpt)]) == 1
+    out = capsys.readouterr().out
+    for name in ("blocks.5.attn_blocks.3.mlp.main.0.weight", "blocks.5.extra.weight", "blocks.0.proj_in.weight",
+                 "blocks.2.proj_out.bias"):
+        assert name in out
+
+
+def test_validate_truncated_checkpoint_is_a_clear_error(tiny_config, tmp_path: Path, capsys, config_file) -> None:
+    from starflow.models import STARFlow
+
+    cfg = config_file(tiny_config)
+    model = STARFlow.from_config(load_config(cfg), txt_dim=32, vae_downsample=1)
+    for suffix in (".pth", ".safetensors"):
+        path = save_weights(model, tmp_path / f"w{suffix}")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        assert main(["validate", str(cfg), "--checkpoint", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "corrupt or incomplete" in err and str(path) in err
+
+
+def test_validate_tiny_checkpoint_round_trip(tiny_config, tmp_path: Path, config_file, capsys) -> None:
+    from starflow.models import STARFlow
+
+    cfg = config_file(tiny_config)
+    model = STARFlow.from_config(load_config(cfg), txt_dim=32, vae_downsample=1)
+    path = save_weights(model, tmp_path / "w.safetensors")
+    assert main(["validate", str(cfg), "--checkpoint", str(path)]) == 0
+    assert f"{sum(p.numel() for p in model.parameters()):,} parameters)" in capsys.readouterr().out
+
+
+def test_kv_cache_estimate_equals_what_sampling_allocates(tiny_config) -> None:
+    from starflow.models import STARFlow
+    from starflow.sizing import size_report
+
+    cfg = load_config(dict(tiny_config, cfg=2.0))
+    report = size_report(cfg, txt_dim=32, batch=3)
+    model = STARFlow.from_config(cfg, txt_dim=32, vae_downsample=1)
+    tokens = (cfg.img_size // cfg.patch_size) ** 2
+    allocated = 0
+    for block in model.blocks:
+        rows = 3 * (2 if block.text_conditioned else 1)
+        cache = block.new_cache(rows, tokens + (cfg.txt_size if block.text_conditioned else 0), torch.float32, "cpu")
+        allocated = max(allocated, cache.k.numel() * 4 + cache.v.numel() * 4)
+    assert report.memory[0].dtype == "fp32" and report.memory[0].kv_cache == allocated
+    assert report.memory[1].kv_cache * 2 == allocated
+    assert report.total_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_validate_rejects_a_wrong_config_key(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arguments:\n- img_sise: 256\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "img_size" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- download
+@pytest.mark.parametrize("release", ["t2i", "t2v", "all"])
+def test_download_offline_lists_files_and_destinations(release: str, tmp_path: Path, capsys) -> None:
+    assert main(["download", release, "--local-dir", str(tmp_path / "ck")]) == 2  # HF_HUB_OFFLINE=1 in tests
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err
+    for asset in release_assets(release):
+        assert asset.what in err
+        for p in asset.patterns:
+            assert p in err
+    if release in ("t2i", "all"):
+        assert f"apple/starflow/resolve/main/starflow_3B_t2i_256x256.pth -> {tmp_path / 'ck'}/starflow_3B_t2i_256x256.pth" in err
+    if release in ("t2v", "all"):
+        assert "Wan2.2-TI2V-5B-Diffusers/vae/diffusion_pytorch_model.safetensors" in err
+    assert len(release_assets("all")) == 5  # the T5 is shared
+
+
+def test_download_offline_with_files_in_place(tmp_path: Path) -> None:
+    for asset in RELEASES["t2i"]:
+        root = asset.target(tmp_path)
+        for p in asset.patterns:
+            (root / p.replace("*", "model")).parent.mkdir(parents=True, exist_ok=True)
+            (root / p.replace("*", "model")).write_bytes(b"x")
+    assert len(download("t2i", tmp_path)) == 3
+    with pytest.raises(ValueError, match="unknown release"):
+        release_assets("t2x")
+
+
+def test_size_check_names_the_incomplete_file(tmp_path: Path) -> None:
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    (tmp_path / "a.pth").write_bytes(b"12345")
+    info = DryRunFileInfo(commit_hash="0", file_size=10, filename="a.pth", local_path=str(tmp_path / "a.pth"),
+                          is_cached=False, will_download=True)
+    with pytest.raises(DownloadError, match="a.pth: 5 bytes, expected 10"):
+        _check_sizes([info], tmp_path, RELEASES["t2i"][0])
+    _check_sizes([DryRunFileInfo("0", 5, "a.pth", "", False, False)], tmp_path, RELEASES["t2i"][0])
+
+
+# ---------------------------------------------------------------------- convert
+def test_convert_keeps_names_and_casts(tiny_config, tmp_path: Path, capsys) -> None:
+    from starflow.checkpoint import read_state_dict
+    from starflow.models import STARFlow
+
+    model = STARFlow.from_config(load_config(dict(tiny_config)), txt_dim=32, vae_downsample=1)
+    src = save_weights(model, tmp_path / "w.pth")
+    st = tmp_path / "w.safetensors"
+    assert main(["convert", str(src), str(st)]) == 0
+    assert read_shapes(st) == read_shapes(src)
+    a, b = read_state_dict(src), read_state_dict(st)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", str(st), str(tmp_path / "half.pth"), "--dtype", "bf16"]) == 0
+    half = read_state_dict(tmp_path / "half.pth")
+    assert all(v.dtype == torch.bfloat16 for v in half.values()) and half.keys() == a.keys()
+    assert main(["convert", str(src), str(st)]) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_read_shapes_of_safetensors_reads_only_the_header(tiny_config, tmp_path: Path) -> None:
+    from starflow.models import STARFlow
+
+    model = STARFlow.from_config(load_config(dict(tiny_config)), txt_dim=32, vae_downsample=1)
+    path = save_weights(model, tmp_path / "w.safetensors")
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    data = path.read_bytes()
+    damaged = tmp_path / "d.safetensors"  # every tensor byte zeroed: shapes still readable
+    damaged.write_bytes(data[: 8 + header] + bytes(len(data) - 8 - header))
+    assert read_shapes(damaged) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        (tmp_path / "t.safetensors").write_bytes(data[:100])
+        read_shapes(tmp_path / "t.safetensors")
+
+
+# ---------------------------------------------------------------------- the official 3B YAML, every command
+TINY_OVERRIDES = ["--img_size", "32", "--channels", "32", "--head_dim", "16", "--layers_per_block", "1 2",
+                  "--txt_size", "32", "--batch_size", "4", "--num_workers", "0", "--sample_freq", "0"]
+
+
+@pytest.fixture(scope="module")
+def official_stand_in(tmp_path_factory, tiny_config, one_thread):
+    """A folder laid out like ``starflow download t2i``: a tiny T5 in ``ckpts/google/flan-t5-xl``, a tiny
+    8x-downsampling AutoencoderKL in ``ckpts/stabilityai/sd-vae-ft-ema`` and random weights, in the
+    official layout, for the official YAML shrunk with CLI overrides."""
+    from starflow.adapters import build_tiny_text_encoder
+    from starflow.adapters.vae import build_tiny_sd_vae
+    from starflow.models import STARFlow
+
+    root = tmp_path_factory.mktemp("official")
+    build_tiny_text_encoder(32).save_pretrained(root / "ckpts" / "google" / "flan-t5-xl")
+    build_tiny_sd_vae(block_out_channels=(8, 8, 8, 8)).save_pretrained(root / "ckpts" / "stabilityai" / "sd-vae-ft-ema")
+    cfg = load_config(ROOT / "configs" / OFFICIAL["t2i"][0],
+                      {"img_size": 32, "channels": 32, "head_dim": 16, "layers_per_block": "1 2", "txt_size": 32})
+    torch.manual_seed(0)
+    model = STARFlow.from_config(cfg, txt_dim=32, vae_downsample=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj_out.weight" in name or "final_norm.weight" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    save_weights(model, root / "ckpts" / "starflow_3B_t2i_256x256.pth")
+    return root
+
+
+def test_official_yaml_trains_and_samples_with_local_assets(official_stand_in: Path, digits, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(official_stand_in)  # ./ckpts holds the T5 and the VAE under their Hub ids
+    yaml_path = str(ROOT / "configs" / OFFICIAL["t2i"][0])
+    assert main(["train", "--config", yaml_path, "--dry_run", "--data", str(digits["train"]), "--device", "cpu",
+                 "--logdir", "run", *TINY_OVERRIDES]) == 0
+    assert "dry run OK" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint_path", "ckpts/starflow_3B_t2i_256x256.pth", "--model_config_path", yaml_path,
+                 "--caption", "a red apple", "--output_dir", "out", "--device", "cpu", *TINY_OVERRIDES]) == 0
+    img = np.asarray(Image.open("out/00000_a_red_apple.png"))
+    assert img.shape == (32, 32, 3) and img.std() > 0
+
+
+def test_sample_image_script_uses_the_official_checkpoint(official_stand_in: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, CKPT=str(official_stand_in / "ckpts" / "starflow_3B_t2i_256x256.pth"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "script_out"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "sample_image.sh"), "a blue car", "--output_dir", str(out),
+                        "--device", "cpu", "--jacobi_block_size", "4", *TINY_OVERRIDES],
+                       cwd=official_stand_in, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["settings"]["cfg"] == 3.6  # the official script's default guidance
+    assert settings["checkpoint"].endswith("starflow_3B_t2i_256x256.pth")
+    assert (out / "00000_a_blue_car.png").is_file()
+
+
+def test_sample_video_script_says_how_to_get_the_weights(tmp_path: Path) -> None:
+    env = dict(os.environ, CKPT=str(tmp_path / "missing.pth"))
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "sample_video.sh"), "a corgi"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "starflow download t2v" in r.stderr
