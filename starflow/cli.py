@@ -54,8 +54,14 @@ def _train(args: argparse.Namespace) -> int:
     vae = build_latent_adapter(resolve_asset(cfg.vae, base), channels=cfg.channel_size, device=dist.device)
     text_encoder = build_text_encoder(cfg, base, dist.device)
     pixel_channels = cfg.channel_size if vae.downsample == 1 else 3
-    dataset = ImageFolder(cfg.data, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
-                          multiple=vae.downsample * cfg.patch_size)
+    if cfg.is_video:
+        from starflow.data.video import VideoFolder
+
+        dataset = VideoFolder(cfg.data, frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size),
+                              channels=pixel_channels)
+    else:
+        dataset = ImageFolder(cfg.data, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
+                              multiple=vae.downsample * cfg.patch_size)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
                                  vae_downsample=vae.downsample).to(dist.device)
@@ -63,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir))
     if dist.is_main:
         n = sum(p.numel() for p in model.parameters())
-        print(f"STARFlow: {n:,} parameters, {len(dataset)} training images, {dist.world_size} process(es) "
+        print(f"STARFlow: {n:,} parameters, {len(dataset)} training {'videos' if cfg.is_video else 'images'}, {dist.world_size} process(es) "
               f"on {dist.device}; logdir {cfg.logdir}")
     if not args.dry_run and args.resume:
         trainer.resume()
@@ -98,8 +104,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "empty"
 
 
+def _save_sample(sample: torch.Tensor, stem: Path, cfg, gif: bool) -> None:
+    """An image as ``stem.png``; a video ``(T, C, H, W)`` as ``stem.mp4`` (H.264) plus a poster ``stem.png``
+    (the frames side by side) and, with ``gif``, an animated ``stem.gif``."""
+    from starflow.sampling.io import save_image
+
+    if sample.dim() == 3:
+        save_image(sample, stem.with_suffix(".png"))
+        return
+    from starflow.data.video import write_gif, write_video
+
+    fps = cfg.vid_size[1]
+    write_video(stem.with_suffix(".mp4"), sample, fps)
+    save_image(torch.cat(list(sample), dim=-1), stem.with_suffix(".png"))
+    if gif:
+        write_gif(stem.with_suffix(".gif"), sample, fps, scale=max(1, 128 // sample.shape[-1]))
+
+
 def _sample(args: argparse.Namespace) -> int:
-    from starflow.sampling.io import save_grid, save_image
+    from starflow.sampling.io import save_grid
     from starflow.sampling.jacobi import DecodeStats
     from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
     from starflow.train.distributed import cleanup_distributed, init_distributed
@@ -125,11 +148,21 @@ def _sample(args: argparse.Namespace) -> int:
     captions = _read_captions(args, demo)
     settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                               jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
-                              self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop)
+                              self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
+                              target_length=args.target_length, context_length=args.context_length)
+    image = None
+    if args.input_image:
+        if not cfg.is_video:
+            raise ValueError("--input_image is for video configs (image-to-video); this config has no vid_size")
+        from starflow.data import load_image
+
+        _, c, h, w = pipe.latent_shape(args.aspect_ratio)
+        down = pipe.vae.downsample
+        image = load_image(args.input_image, (h * down, w * down), cfg.channel_size if down == 1 else 3)[None]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Captions split across ranks round-robin; every rank runs the same number of batches (the last ones
-    # padded with a repeat whose image is dropped), as sharded weights need all ranks in every step.
+    # padded with a repeat whose sample is dropped), as sharded weights need all ranks in every step.
     per_rank = -(-len(captions) // dist.world_size)
     mine = list(range(dist.rank, len(captions), dist.world_size))
     mine += [None] * (per_rank - len(mine))
@@ -140,24 +173,28 @@ def _sample(args: argparse.Namespace) -> int:
         idx = mine[start : start + args.sample_batch_size]
         real = [0 if i is None else i for i in idx]
         pixels = pipe([captions[i] for i in real], settings, seeds=[cfg.seed + i for i in real],
-                      profile=profile, stats=stats)
-        for i, img in zip(idx, pixels):
+                      profile=profile, stats=stats,
+                      input_image=None if image is None else image.expand(len(real), -1, -1, -1))
+        for i, sample in zip(idx, pixels):
             if i is not None:
-                save_image(img, out / f"{i:05d}_{_slug(captions[i])}.png")
+                _save_sample(sample, out / f"{i:05d}_{_slug(captions[i])}", cfg, args.gif)
     if dist.distributed:
         torch.distributed.barrier()
     if dist.is_main:
         from starflow.data import load_image
 
         h, w = pixels.shape[-2:]
+        frames = pixels.shape[1] if pixels.dim() == 5 else 1
         files = [out / f"{i:05d}_{_slug(c)}.png" for i, c in enumerate(captions)]
-        grid = torch.stack([load_image(f, (h, w), pixels.shape[1]) for f in files])
-        save_grid(grid, out / "grid.png", nrow=args.num_samples if args.num_samples > 1 else None,
+        posters = torch.stack([load_image(f, (h, w * frames), pixels.shape[-3]) for f in files])
+        save_grid(posters, out / "grid.png", nrow=args.num_samples if args.num_samples > 1 else None,
                   scale=max(1, 64 // w))
         record = {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
-                  "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict()}
+                  "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
+                  "input_image": args.input_image}
         (out / "settings.json").write_text(json.dumps(record, indent=1))
-        print(f"wrote {len(captions)} images, grid.png and settings.json to {out}")
+        kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
+        print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:
             total = sum(profile.seconds.values())
             print(f"{'stage':<16}{'seconds':>10}{'share':>8}")
@@ -279,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="remove the training noise with one score step [default: on]")
     p.add_argument("--bf16", action="store_true", help="bf16 weights (flow arithmetic stays float32)")
+    p.add_argument("--input_image", default=None,
+                   help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
+                        "image-to-video")
+    p.add_argument("--target_length", type=int, default=None,
+                   help="video configs: frames to generate [default: the config's vid_size]; longer than trained "
+                        "samples window by window")
+    p.add_argument("--context_length", type=int, default=None,
+                   help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
+    p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
     p.add_argument("--profile", action="store_true", help="print the time spent per stage")
     p.add_argument("--device", default=None, help="cpu, cuda ... [default: cuda if available]")
     _add_config_flags(p, skip={"data"})

@@ -84,6 +84,7 @@ class Config:
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)")
     grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100")
     latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty")
+    denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
     loss_scaling: bool = _f(False, "official flag, kept for compatibility (no effect)")
     seed: int = _f(0, "random seed")
     # --- systems ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ ATOL = 1e-4  # float32 against the official implementation
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
 GUIDANCE = (0.0, 2.5)
-VIDEO_TODO = pytest.mark.xfail(strict=True, reason="image-to-video (encode_context): issue 4")
+
 
 
 def load_fixture(name: str) -> tuple[STARFlow, dict, dict]:
@@ -147,7 +147,7 @@ def test_learnable_denoiser(t2v: tuple) -> None:
     assert_close(model.denoiser(inputs["x"], inputs["y"]), expected["denoiser"])
 
 
-@VIDEO_TODO
+
 def test_image_to_video(t2v: tuple) -> None:
     model, inputs, expected = t2v
     y_pair = guidance_rows(inputs)

@@ -282,7 +282,8 @@ class STARFlow(nn.Module):
                 jacobi: bool = False, jacobi_block_size: int = 32, jacobi_th: float = 0.001,
                 jacobi_max_iter: int = 32, context=None, anneal_guidance: bool = False,
                 stats: DecodeStats | None = None, jacobi_stop: str = "batch",
-                sync_ranks: bool = False) -> torch.Tensor:
+                sync_ranks: bool = False, window: int | None = None, context_frames: int | None = None,
+                y_extend: torch.Tensor | None = None) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
 
         Args:
@@ -300,6 +301,13 @@ class STARFlow(nn.Module):
                 :mod:`starflow.sampling.jacobi`).
             sync_ranks: with ``"sample"`` under ``torch.distributed``, iterate until every rank is done (for
                 sharded weights, where all ranks must evaluate each layer equally often).
+            window: video: latent frames the model was trained on, W. Longer noise is sampled window by window
+                (SPEC section 11): once a window is full, each block that spans frames starts a new KV cache,
+                re-encodes the text and the last ``context_frames`` frames at positions restarting from 0, and
+                samples the next ``W - context_frames`` frames.
+            context_frames: frames carried into each new window (``1 <= C < W``).
+            y_extend: text for the continuation windows (e.g. the caption with the ``(extend) `` prefix);
+                default ``y``.
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
@@ -308,21 +316,42 @@ class STARFlow(nn.Module):
         Raises:
             ValueError: text rows do not match the batch.
         """
-        if context is not None:
-            from starflow.sampling.video import reverse_with_context
-
-            return reverse_with_context(self, noise, y, context, guidance=guidance, jacobi=jacobi,
-                                        jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
-                                        jacobi_max_iter=jacobi_max_iter, stats=stats, jacobi_stop=jacobi_stop,
-                                        sync_ranks=sync_ranks)
         settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, sync_ranks)
         b = noise.shape[0]
         y = self._guidance_rows(y, b, guidance)
+        y_extend = y if y_extend is None else self._guidance_rows(y_extend, b, guidance)
         grid = patchify(noise.float(), self.patch_size)
+        if context is not None and (noise.dim() != 5 or context.frames >= noise.shape[1]):
+            raise ValueError(f"a context of {context.frames} frame(s) needs video noise (B, T, C, H, W) with more "
+                             f"frames, got {tuple(noise.shape)}")
         txt_len = 0 if y is None else y.shape[1]
         for i in reversed(range(self.num_blocks)):
-            grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats)
+            prefix = None if context is None else context.grids[i]
+            grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats, prefix=prefix,
+                                      window=window, context_frames=context_frames, y_extend=y_extend)
         return unpatchify(grid, self.patch_size)
+
+    @torch.no_grad()
+    def encode_context(self, x_prefix: torch.Tensor, y: torch.Tensor | None = None) -> "VideoContext":
+        """Run known leading frames through the flow (data -> noise) for image-to-video (SPEC section 11).
+
+        Args:
+            x_prefix: ``(B, P, C, H, W)`` noisy latents of the first ``P`` frames (an image: ``P = 1``, or a
+                ``(B, C, H, W)`` tensor), already carrying the training noise (``noise_std``).
+            y: text embeddings ``(B, L, txt_dim)`` or the guidance rows ``(2B, ...)`` (the first ``B`` are used).
+
+        Returns:
+            A :class:`VideoContext` for :meth:`reverse` (``context=``): every flow block's input for the
+            prefix frames. ``reverse`` then fills each block's KV cache with them (guidance rows duplicated),
+            samples the remaining frames, and returns the prefix unchanged as the first frames.
+        """
+        if x_prefix.dim() == 4:
+            x_prefix = x_prefix[:, None]
+        b = x_prefix.shape[0]
+        if y is not None and y.shape[0] == 2 * b:
+            y = y[:b]
+        out = self(x_prefix.float(), y if self.txt_dim is not None else None)
+        return VideoContext(out.outputs[:-1], x_prefix.shape[1])
 
     def _guidance_rows(self, y: torch.Tensor | None, b: int, guidance: float) -> torch.Tensor | None:
         if self.txt_dim is None:
@@ -337,22 +366,76 @@ class STARFlow(nn.Module):
 
     def reverse_block(self, i: int, grid: torch.Tensor, y: torch.Tensor | None, guidance: float,
                       settings: JacobiSettings, txt_len: int, anneal_guidance: bool = False,
-                      stats: DecodeStats | None = None, cache=None) -> torch.Tensor:
-        """Invert block ``i`` on a token grid ``(B, [T,] h, w, D)``; returns the grid before the block."""
+                      stats: DecodeStats | None = None, cache=None, prefix: torch.Tensor | None = None,
+                      window: int | None = None, context_frames: int | None = None,
+                      y_extend: torch.Tensor | None = None) -> torch.Tensor:
+        """Invert block ``i`` on a token grid ``(B, [T,] h, w, D)``; returns the grid before the block.
+
+        ``prefix`` ``(B, P, h, w, D)``: known inputs of the first ``P`` frames (returned unchanged). ``window``
+        / ``context_frames``: sliding-window sampling of videos longer than ``window`` frames (see :meth:`reverse`).
+        """
         block = self.blocks[i]
-        if isinstance(block, IdentityBlock):
-            return grid
+        known = 0 if prefix is None else prefix.shape[1]
+        video = grid.dim() == 5
+        if isinstance(block, IdentityBlock) or self._frame_local(i, video):
+            rest = grid[:, known:]
+            if not isinstance(block, IdentityBlock):
+                rest = self._reverse_sequence(i, rest, y, guidance, settings, txt_len, anneal_guidance, stats, cache)
+            return rest if prefix is None else torch.cat([prefix.to(rest.dtype), rest], dim=1)
+        frames = grid.shape[1] if video else 1
+        if window is None or frames <= window:
+            return self._reverse_sequence(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats, cache, prefix)
+        c = context_frames
+        if c is None or not 1 <= c < window:
+            raise ValueError(f"sampling {frames} frames with a window of {window} needs 1 <= context_frames < {window}, got {c}")
+        out = grid.clone()
+        out[:, :window] = self._reverse_sequence(i, grid[:, :window], y, guidance, settings, txt_len, anneal_guidance,
+                                                 stats, None, prefix)
+        end = window
+        while end < frames:
+            n = min(window - c, frames - end)
+            ctx = out[:, end - c : end]
+            seg = torch.cat([ctx, grid[:, end : end + n]], dim=1)  # positions restart at the window start
+            out[:, end : end + n] = self._reverse_sequence(i, seg, y_extend if y_extend is not None else y, guidance,
+                                                           settings, txt_len, anneal_guidance, stats, None, ctx)[:, c:]
+            end += n
+        return out
+
+    def _reverse_sequence(self, i: int, grid: torch.Tensor, y: torch.Tensor | None, guidance: float,
+                          settings: JacobiSettings, txt_len: int, anneal_guidance: bool, stats: DecodeStats | None,
+                          cache=None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode block ``i`` over its whole token sequence (one window), after an optional known prefix."""
+        block = self.blocks[i]
         seq = self._to_sequence(grid, i)
         y_i = self._block_text(i, y, grid) if block.text_conditioned else None
         guided = guidance > 0 and y_i is not None
+        pre = None
+        if prefix is not None:
+            if self.block_flips(i) and not self.config.temporal_causal:
+                raise ValueError("a video prefix needs temporal_causal > 0 (flipped blocks must keep frame order)")
+            pre = self._to_sequence(prefix.to(grid.dtype), i)
         if guided:
             seq = torch.cat([seq, seq])  # guidance rows [cond; uncond]
+            pre = None if pre is None else torch.cat([pre, pre])
         video = grid.dim() == 5 and not self._frame_local(i, True) and grid.shape[1] > 1
         frame_tokens = grid.shape[-3] * grid.shape[-2] if video else None
         with gathered(block):  # a no-op unless the weights are sharded (FSDP2)
             x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
                              jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats,
-                             frame_tokens=frame_tokens)
+                             frame_tokens=frame_tokens, prefix=pre)
         if guided:
             x = x[: x.shape[0] // 2]
         return self._from_sequence(x, grid, i)
+
+
+@dataclass
+class VideoContext:
+    """Known leading frames for image-to-video and video continuation (from :meth:`STARFlow.encode_context`).
+
+    Attributes:
+        grids: per flow block ``i``, its input token grid for the known frames ``(B, P, h, w, D)``.
+        frames: ``P``, the number of known latent frames.
+    """
+
+    grids: list[torch.Tensor]
+    frames: int

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["self_denoise"]
+__all__ = ["self_denoise", "learned_denoise", "LEARNED_DENOISER_STEP"]
 
 
 def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float) -> torch.Tensor:
@@ -28,3 +28,41 @@ def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: floa
         total = (per_dim * xg[0].numel()).sum()
         (grad,) = torch.autograd.grad(total, xg)
     return (xg - noise_std ** 2 * grad).detach()
+
+
+LEARNED_DENOISER_STEP = 0.3
+"""Step of the learnable denoiser, ``x <- x - 0.3 * D(x, y)`` (SPEC section 10)."""
+
+
+@torch.no_grad()
+def learned_denoise(model, x: torch.Tensor, y: torch.Tensor | None, window: int | None = None,
+                    step: float = LEARNED_DENOISER_STEP) -> torch.Tensor:
+    """Remove the training noise with the learnable denoiser (STARFlow-V Sec. 3.3; SPEC section 10).
+
+    ``x - step * D(x, y)``; D predicts ``noise_std * dNLL/dx``. Videos longer than ``window`` latent frames are
+    denoised window by window, each window after the first starting ``denoiser_window`` frames back so that
+    every frame sees as many past frames as in training; only the new frames of a window are kept.
+
+    Args:
+        model: a :class:`~starflow.models.STARFlow` with ``learnable_self_denoiser``.
+        x: ``(B, T, C, H, W)`` sampled latents.
+        y: ``(B, L, txt_dim)`` conditional text embeddings, or None.
+        window: latent frames per denoiser pass (the training length), None = all at once.
+        step: the update's weight.
+
+    Returns:
+        Denoised latents, float32, same shape.
+    """
+    frames = x.shape[1]
+    if window is None or frames <= window:
+        return (x - step * model.denoiser(x, y).float()).float()
+    overlap = min(model.config.denoiser_window or 0, window - 1)
+    out, start = x.clone().float(), 0
+    while True:
+        end = min(start + window, frames)
+        d = model.denoiser(x[:, start:end], y).float()
+        keep = 0 if start == 0 else overlap  # the overlapping frames were finished by the previous window
+        out[:, start + keep : end] = x[:, start + keep : end] - step * d[:, keep:]
+        if end == frames:
+            return out
+        start = end - overlap

@@ -56,10 +56,10 @@ class DecodeStats:
     evaluations: int = 0
 
 
-def chunk_bounds(n: int, block_size: int, frame_tokens: int | None) -> list[tuple[int, int]]:
-    """Chunks ``[s, e)`` covering ``n`` tokens: ``block_size`` long, and ``4 * block_size`` long once they start
-    after the first frame of a video (``s > F``, SPEC section 9); the last chunk is cut at ``n``."""
-    bounds, s = [], 0
+def chunk_bounds(n: int, block_size: int, frame_tokens: int | None, start: int = 0) -> list[tuple[int, int]]:
+    """Chunks ``[s, e)`` covering tokens ``[start, n)``: ``block_size`` long, and ``4 * block_size`` long once they
+    start after the first frame of a video (``s > F``, SPEC section 9); the last chunk is cut at ``n``."""
+    bounds, s = [], start
     while s < n:
         k = block_size * VIDEO_CHUNK_FACTOR if frame_tokens and s > frame_tokens else block_size
         bounds.append((s, min(s + k, n)))
@@ -81,7 +81,8 @@ def _any_active(active: torch.Tensor, sync_ranks: bool) -> bool:
 
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
                  jacobi: JacobiSettings, anneal_guidance: bool = False, cache=None,
-                 stats: DecodeStats | None = None, frame_tokens: int | None = None) -> torch.Tensor:
+                 stats: DecodeStats | None = None, frame_tokens: int | None = None,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Invert ``block`` on ``z`` (noise -> data), token by token or chunk by chunk.
 
     Args:
@@ -96,6 +97,8 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         stats: optional counters, incremented with the number of block evaluations.
         frame_tokens: tokens per frame F when the sequence spans several video frames: Jacobi chunks after
             the first frame are 4x longer and their first iteration reads the window one frame back.
+        prefix: ``(R, P, D)`` known first tokens (image-to-video or a sliding-window context, in block
+            order): written to the KV cache in one pass, copied to the output, and decoding starts at ``P``.
 
     Returns:
         ``x (R, N, D)`` float32 data tokens in block order.
@@ -107,8 +110,16 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         if txt_len:
             block.prefill_text(y, rope_table, cache)
     guided = guidance > 0 and block.text_conditioned
-    bounds = chunk_bounds(n, jacobi.block_size, frame_tokens) if jacobi.enabled else [(t, t + 1) for t in range(n)]
     x = torch.empty_like(z, dtype=torch.float32)
+    known = 0 if prefix is None else prefix.shape[1]
+    if known:  # the prefix's keys and values, in one pass (its scale and shift are not needed)
+        x[:, :known] = prefix.float()
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, : known - 1]], dim=1).to(block.proj_in.weight.dtype)
+        block.chunk_params(prev, 0, txt_len, rope_table, cache)
+        if stats is not None:
+            stats.evaluations += 1
+    bounds = (chunk_bounds(n, jacobi.block_size, frame_tokens, known) if jacobi.enabled
+              else [(t, t + 1) for t in range(known, n)])
     zf = z.float()
     per_sample = jacobi.stop == "sample"
     for s, e in bounds:

@@ -20,13 +20,16 @@ from starflow.checkpoint import load_weights, save_weights
 from starflow.config import Config, load_config
 from starflow.data.aspect import aspect_to_size
 from starflow.models import STARFlow
-from starflow.sampling.denoise import self_denoise
+from starflow.sampling.denoise import learned_denoise, self_denoise
 from starflow.sampling.jacobi import DecodeStats
 from starflow.sharding import is_sharded
 
 __all__ = ["Pipeline", "SampleSettings", "TINY_TEXT_ENCODER", "find_weights", "resolve_asset", "asset_search_dirs",
            "build_text_encoder"]
 
+EXTEND_PREFIX = "(extend) "  # caption prefix of continuation windows of models trained with drop_image
+DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a long video (SPEC section 11)
+PREFIX_SEED_OFFSET = 1_000_003  # the image prefix's noise seed: the sample's seed plus this
 TINY_TEXT_ENCODER = "tiny-t5"  # config 'text' preset: a seeded random tiny T5 with the ByT5 byte tokenizer
 WEIGHT_NAMES = ("model.safetensors", "model.pth")
 
@@ -110,6 +113,8 @@ class SampleSettings:
     self_denoise: bool = True
     anneal_guidance: bool = False
     jacobi_stop: str = "sample"  # "sample": results independent of batch and ranks; "batch": the official rule
+    target_length: int | None = None  # video: pixel frames to generate (default: the config's vid_size frames)
+    context_length: int | None = None  # video: latent frames carried into each new window (default min(16, W - 1))
 
 
 @dataclass
@@ -223,51 +228,113 @@ class Pipeline:
                  for p in prompts]
         return self.text_encoder(texts).to(self.device)
 
-    def latent_shape(self, aspect_ratio: str = "1:1") -> tuple[int, int, int]:
-        """``(C, H, W)`` of the latents for the config's ``img_size`` and an aspect ratio."""
+    def latent_shape(self, aspect_ratio: str = "1:1", frames: int | None = None) -> tuple[int, ...]:
+        """``(C, H, W)`` of image latents, or ``(T', C, H, W)`` for a video of ``frames`` pixel frames
+        (default: the config's ``vid_size``), for the config's ``img_size`` and an aspect ratio."""
         c, down = self.config, self.vae.downsample
         h, w = aspect_to_size(aspect_ratio, c.img_size, down * c.patch_size)
-        return c.channel_size, h // down, w // down
+        if not c.is_video:
+            return c.channel_size, h // down, w // down
+        return self.latent_frames(frames), c.channel_size, h // down, w // down
+
+    def latent_frames(self, frames: int | None = None) -> int:
+        """Latent frames ``T' = (T - 1) // t + 1`` of ``T`` pixel frames (``t`` the VAE's temporal downsampling)."""
+        from starflow.sizing import temporal_downsample
+
+        frames = frames or self.config.vid_size[0]
+        if frames < 1:
+            raise ValueError(f"a video needs at least one frame, got {frames}")
+        return (frames - 1) // temporal_downsample(self.config.vae) + 1
+
+    @property
+    def window(self) -> int | None:
+        """Latent frames of the training clips, W (the sliding window of longer videos); None for images."""
+        return self.latent_frames() if self.config.is_video else None
+
+    def _noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+        if seeds is not None:
+            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return torch.randn(n, *shape, generator=generator)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SampleSettings, seeds: list[int] | None = None,
                  generator: torch.Generator | None = None, profile: Profile | None = None,
-                 stats: DecodeStats | None = None) -> torch.Tensor:
-        """Sample one image per prompt.
+                 stats: DecodeStats | None = None, input_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample one image (or video) per prompt.
 
         Args:
             prompts: B captions.
-            settings: guidance, Jacobi and denoising options.
-            seeds: one seed per prompt: each image's noise comes from its own CPU generator, so an
-                image does not depend on the batch it is in, the device, or the number of ranks.
+            settings: guidance, Jacobi, denoising and video-length options.
+            seeds: one seed per prompt: each sample's noise comes from its own CPU generator, so a
+                sample does not depend on the batch it is in, the device, or the number of ranks.
             generator: RNG for the initial noise when ``seeds`` is None.
             profile: optional per-stage timer.
             stats: optional counter of sequential model evaluations.
+            input_image: video models: ``(B, C, H, W)`` pixels in ``[-1, 1]`` at the sampling size, the first
+                frame (image-to-video, SPEC section 11): encoded as a one-frame video, noised with ``noise_std``
+                (seeded like the noise) and used as the prefix; it comes back as frame 0.
 
         Returns:
-            ``(B, C, H, W)`` float32 pixels in ``[-1, 1]``.
+            ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video pixels, float32 in ``[-1, 1]``.
+
+        Raises:
+            ValueError: ``input_image`` with an image model or of the wrong size.
         """
         profile = profile or Profile()
-        dev = self.device
-        c, h, w = self.latent_shape(settings.aspect_ratio)
-        if seeds is not None:
-            noise = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        else:
-            noise = torch.randn(len(prompts), c, h, w, generator=generator)
-        noise = noise.to(dev)
+        dev, c = self.device, self.config
+        shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
+        noise = self._noise(shape, len(prompts), seeds, generator).to(dev)
         with profile.stage("text encoding", dev):
             y = self.encode_prompts(prompts, settings.aspect_ratio)
             guided = settings.cfg > 0 and y is not None
             y_all = torch.cat([y, self.encode_prompts([""] * len(prompts), settings.aspect_ratio)]) if guided else y
+            y_extend = None
+            if c.is_video and c.drop_image > 0 and y is not None and shape[0] > (self.window or shape[0]):
+                y_extend = self.encode_prompts([EXTEND_PREFIX + p for p in prompts], settings.aspect_ratio)
+                if guided:
+                    y_extend = torch.cat([y_extend, y_all[len(prompts):]])
+        context = None
+        if input_image is not None:
+            context = self._image_context(input_image, shape, seeds, generator, y_all, profile)
+        window = self.window
+        ctx_frames = None
+        if window is not None and shape[0] > window:
+            ctx_frames = settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1)
         with profile.stage("flow sampling", dev):
             x = self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
                                    jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
                                    jacobi_max_iter=settings.jacobi_max_iter,
                                    anneal_guidance=settings.anneal_guidance, stats=stats,
-                                   jacobi_stop=settings.jacobi_stop, sync_ranks=is_sharded(self.model))
-        if settings.self_denoise and self.config.noise_std > 0:
+                                   jacobi_stop=settings.jacobi_stop, sync_ranks=is_sharded(self.model),
+                                   context=context, window=window, context_frames=ctx_frames, y_extend=y_extend)
+        if settings.self_denoise and c.noise_std > 0:
             with profile.stage("denoising", dev):
-                x = self_denoise(self.model, x, y, self.config.noise_std)
+                if self.model.learnable_self_denoiser is not None and x.dim() == 5:
+                    x = learned_denoise(self.model, x, y, window=window)
+                else:
+                    x = self_denoise(self.model, x, y, c.noise_std)
+                if context is not None:  # the given first frame stays as it was encoded
+                    x[:, : context.frames] = self._prefix_latents
         with profile.stage("VAE decoding", dev):
             pixels = self.vae.decode(x.to(dev))
         return pixels.float().clamp(-1, 1)
+
+    def _image_context(self, image: torch.Tensor, shape: tuple[int, ...], seeds, generator, y_all, profile):
+        """Encode the first frame of an image-to-video sample into a :class:`VideoContext`."""
+        if not self.config.is_video:
+            raise ValueError("input_image is for video models (image-to-video); this config has no vid_size")
+        b = image.shape[0]
+        with profile.stage("VAE encoding", self.device):
+            latent = self.vae.encode(image.to(self.device)[:, None].float(), sample=False).float()  # (B, 1, C, h, w)
+        if tuple(latent.shape[2:]) != tuple(shape[1:]):
+            raise ValueError(f"input image encodes to latents {tuple(latent.shape[2:])}, the video needs {tuple(shape[1:])}: "
+                             "resize it to the sampling size (aspect ratio and img_size)")
+        if seeds is not None:
+            eps = torch.stack([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s + PREFIX_SEED_OFFSET))
+                               for s in seeds])
+        else:
+            eps = torch.randn(latent.shape, generator=generator)
+        prefix = latent + self.config.noise_std * eps.to(latent.device)
+        self._prefix_latents = latent
+        return self.model.encode_context(prefix, y_all[:b] if y_all is not None else None)

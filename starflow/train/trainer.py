@@ -3,6 +3,12 @@
 ``x = vae.encode(img) + noise_std * N(0, I)``, captions dropped to ``""`` with probability ``drop_label``,
 AdamW (0.9, 0.95), warm-up + cosine, gradient clipping / skipping, bf16 autocast on CUDA. One process
 or many under ``torchrun``; checkpoints restore model, optimizer, schedule, step, data position and RNG.
+
+Video (STARFlow-V, arXiv 2511.20462): batches are ``(B, T, C, H, W)``; with probability ``drop_image`` a
+batch loses its first frame and its captions get the ``(extend) `` prefix (SPEC section 11). The learnable
+self-denoiser trains beside the flow with its own AdamW (``denoiser_lr``, weight decay 1e-4): its target
+is ``noise_std * numel(x) * dL/dx`` (SPEC section 10), read from the flow's own backward pass (the noisy
+latents require grad), so it costs one denoiser forward/backward and no second flow pass.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from starflow.config import Config, save_config
 from starflow.data import AspectBucketBatchSampler, ImageFolder, collate
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
-from starflow.sampling.pipeline import Pipeline, SampleSettings
+from starflow.sampling.pipeline import EXTEND_PREFIX, Pipeline, SampleSettings
 from starflow.train.distributed import DistInfo
 from starflow.train.optim import build_optimizer, build_schedule
 from starflow.train.state import CheckpointManager, rng_state, set_rng_state
@@ -31,6 +37,7 @@ from starflow.train.state import CheckpointManager, rng_state, set_rng_state
 __all__ = ["Trainer", "ResumableBatchSampler", "GRAD_SKIP_AFTER"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
+DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
 SAMPLE_PROMPTS = 10  # captions in the periodic sample grid
 
 
@@ -70,9 +77,18 @@ class Trainer:
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
         self.train_model: torch.nn.Module = model
         if dist.distributed:
+            if model.learnable_self_denoiser is not None:  # trained outside the flow's forward: synced by hand
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, [n for n, _ in model.named_parameters() if n.startswith("learnable_self_denoiser.")])
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-        self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), cfg)
+        self.denoiser = model.learnable_self_denoiser
+        den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
+        self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad and id(p) not in den_ids), cfg)
+        self.denoiser_optimizer = None
+        if self.denoiser is not None:
+            self.denoiser_optimizer = build_optimizer(self.denoiser.parameters(), cfg, lr=cfg.denoiser_lr,
+                                                      weight_decay=DENOISER_WEIGHT_DECAY)
         self.schedule = build_schedule(self.optimizer, cfg)
         self.step = 0
         self.skipped_updates = 0
@@ -89,6 +105,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimizer, schedule, step, data position, RNG, config."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "denoiser_optimizer": self.denoiser_optimizer.state_dict() if self.denoiser_optimizer else None,
                 "schedule": self.schedule.state_dict(), "step": self.step, "skipped_updates": self.skipped_updates,
                 "data": {"epoch": self.batches.epoch, "skip": self.batches.skip}, "rng": rng_state(),
                 "config": self.cfg.to_dict()}
@@ -96,6 +113,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.denoiser_optimizer is not None and state.get("denoiser_optimizer"):
+            self.denoiser_optimizer.load_state_dict(state["denoiser_optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.skipped_updates = state["step"], state.get("skipped_updates", 0)
         self.batches.epoch, self.batches.skip = state["data"]["epoch"], state["data"]["skip"]
@@ -130,18 +149,46 @@ class Trainer:
     def micro_step(self, batch: dict[str, Any], scale: float, sync: bool) -> dict[str, torch.Tensor]:
         """Forward + backward on one micro-batch; gradients are scaled by ``scale`` and accumulate."""
         pixels = batch["pixels"].to(self.dist.device)
+        captions = list(batch["text"])
+        if pixels.dim() == 5 and pixels.shape[1] > 1 and self.cfg.drop_image > 0 and torch.rand(()) < self.cfg.drop_image:
+            pixels = pixels[:, 1:]  # continue a video: no first frame, and the caption says so
+            captions = [EXTEND_PREFIX + c for c in captions]
         with torch.no_grad():
             latents = self.vae.encode(pixels).float()
         noise = torch.randn(latents.shape).to(latents.device)
         x = latents + self.cfg.noise_std * noise
-        y = self._encode_text(batch["text"], batch["aspect_ratio"])
+        y = self._encode_text(captions, batch["aspect_ratio"])
+        if self.denoiser is not None:
+            x.requires_grad_(True)  # dL/dx is the denoiser's training target
         no_sync = getattr(self.train_model, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with ctx:
             with self._autocast():
                 losses = self.model.loss_from_output(self.train_model(x, y))  # the wrapper's forward (DDP hooks)
             (losses["loss"] * scale).backward()
-        return {k: v.detach() for k, v in losses.items() if v.dim() == 0}
+        out = {k: v.detach() for k, v in losses.items() if v.dim() == 0}
+        if self.denoiser is not None:
+            target = self.cfg.noise_std * x.numel() * x.grad / scale  # noise_std * numel(x) * dL/dx
+            with self._autocast():
+                pred = self.model.denoiser(x.detach(), y)
+            denoiser_loss = torch.nn.functional.mse_loss(pred.float(), target)
+            (denoiser_loss * scale).backward()
+            out["denoiser_loss"] = denoiser_loss.detach()
+        return out
+
+    def _denoiser_step(self) -> float:
+        """Average the denoiser's gradients over ranks, clip, step its optimizer; returns the gradient norm."""
+        params = [p for p in self.denoiser.parameters() if p.grad is not None]
+        if self.dist.distributed:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        if math.isfinite(norm):
+            self.denoiser_optimizer.step()
+        self.denoiser_optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; non-finite or (with grad_skip) too large
@@ -152,6 +199,7 @@ class Trainer:
             out = self.micro_step(batch, 1.0 / len(batches), sync=i == len(batches) - 1)
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + v.item() / len(batches)
+        denoiser_norm = self._denoiser_step() if self.denoiser is not None else None
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
@@ -166,6 +214,8 @@ class Trainer:
         self.schedule.step()
         self.step += 1
         metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], skipped=float(skip))
+        if denoiser_norm is not None:
+            metrics["denoiser_grad_norm"] = denoiser_norm
         return metrics
 
     # ------------------------------------------------------------------ loop
