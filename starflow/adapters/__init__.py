@@ -15,6 +15,8 @@ from starflow.adapters.vae import (
     SDVAEAdapter,
     build_latent_adapter,
     build_tiny_sd_vae,
+    build_tiny_wan_vae,
+    WanVAEAdapter,
 )
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "apply_prompt_template",
     "build_latent_adapter",
     "build_tiny_sd_vae",
+    "build_tiny_wan_vae",
+    "WanVAEAdapter",
     "build_tiny_text_encoder",
     "missing_model_error",
 ]

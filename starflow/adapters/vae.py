@@ -14,12 +14,13 @@ from __future__ import annotations
 import abc
 import os
 import re
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from starflow.adapters.hub import check_local_folder, missing_model_error, resolve_local_files_only
+from starflow.adapters.hub import check_local_folder, looks_like_local_path, missing_model_error, resolve_local_files_only
 
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 """Hub id of the SD-VAE used by the released text-to-image checkpoint."""
@@ -178,6 +179,135 @@ class SDVAEAdapter(LatentAdapter):
         return _unfold_frames(self.vae.decode(z).sample, frames).to(latents.dtype)
 
 
+WAN_DEFAULT = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+WAN_STATS_FILE = Path(__file__).with_name("wan22_latent_stats.json")
+_SCALE_SUFFIX = re.compile(r":([0-9.]+)$")
+
+
+class WanVAEAdapter(LatentAdapter):
+    """A frozen diffusers ``AutoencoderKLWan`` in the Wan2.2 TI2V-5B layout (STARFlow-V; SPEC section 11).
+
+    48 latent channels, 16x spatial and 4x temporal downsampling (``T' = (T - 1) / 4 + 1``; ``T`` must be
+    ``4k + 1``). Latents are normalised per channel, ``(z - latents_mean) / latents_std``, and frames
+    ``1 .. T'-1`` are multiplied by ``frame_scale`` (the ``:0.6`` suffix of the config's vae name) after
+    encoding and divided by it before decoding. An image is a one-frame video.
+
+    Args:
+        vae: the autoencoder; eval mode, gradients off.
+        frame_scale: scale of the latent frames after the first.
+        name: where it came from, for messages.
+
+    Raises:
+        ValueError: the autoencoder's ``latents_mean``/``latents_std`` do not have ``z_dim`` entries (the
+            diffusers defaults are Wan2.1's 16 values).
+    """
+
+    def __init__(self, vae, frame_scale: float = 1.0, name: str = "") -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.name, self.frame_scale = name, frame_scale
+        cfg = vae.config
+        self.downsample = int(cfg.scale_factor_spatial)
+        self.temporal_downsample = int(cfg.scale_factor_temporal)
+        self.latent_channels = int(cfg.z_dim)
+        if len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+            raise ValueError(f"{name or 'WAN VAE'}: latents_mean/latents_std have {len(cfg.latents_mean)} entries for "
+                             f"z_dim={cfg.z_dim}; use the Wan2.2 statistics ({WAN_STATS_FILE.name})")
+        self.register_buffer("mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, 1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, 1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = WAN_DEFAULT + ":0.6", *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", local_files_only: bool | None = None) -> "WanVAEAdapter":
+        """Load from a folder, the HF cache or the Hub; ``name:0.6`` sets ``frame_scale``; the ``vae``
+        subfolder of a full Wan2.2 Diffusers repo is used when present (or for Hub ids).
+
+        Raises:
+            FileNotFoundError: the autoencoder cannot be found (the message says how to get it).
+        """
+        from diffusers import AutoencoderKLWan
+
+        match = _SCALE_SUFFIX.search(name_or_path)
+        scale = float(match.group(1)) if match else 1.0
+        path = name_or_path[: match.start()] if match else name_or_path
+        subfolder = "vae" if (os.path.isdir(os.path.join(path, "vae")) or not looks_like_local_path(path)) else None
+        what = "WAN2.2 VAE (diffusers AutoencoderKLWan)"
+        check_local_folder(path, what, subfolder=subfolder)
+        try:
+            vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype,
+                                                   local_files_only=resolve_local_files_only(local_files_only))
+        except OSError as err:
+            raise missing_model_error(path, what, subfolder=subfolder, cause=err) from err
+        return cls(vae.to(device), scale, name=name_or_path)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write the autoencoder so that :meth:`from_pretrained` on ``folder`` restores it."""
+        self.vae.save_pretrained(folder)
+
+    def train(self, mode: bool = True) -> "WanVAEAdapter":
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def _frame_scales(self, frames: int, device) -> torch.Tensor:
+        s = torch.full((1, frames, 1, 1, 1), self.frame_scale, device=device)
+        s[:, 0] = 1.0
+        return s
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, *, sample: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels ``(B, T, 3, H, W)`` (or an image ``(B, 3, H, W)``) in [-1, 1] -> normalised latents
+        ``(B, T', 48, H/16, W/16)`` (an image: ``(B, 48, h, w)``).
+
+        Raises:
+            ValueError: ``T`` is not ``4k + 1`` or H, W are not multiples of 16.
+        """
+        image = pixels.dim() == 4
+        x = pixels[:, None] if image else pixels
+        t, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+        if (t - 1) % self.temporal_downsample or h % self.downsample or w % self.downsample:
+            raise ValueError(f"WAN2.2 VAE input {tuple(x.shape)}: frames must be 4k + 1 and H, W multiples of "
+                             f"{self.downsample}")
+        p = next(self.vae.parameters())
+        dist = self.vae.encode(x.permute(0, 2, 1, 3, 4).to(device=p.device, dtype=p.dtype)).latent_dist
+        z = (dist.sample(generator=generator) if sample else dist.mode()).permute(0, 2, 1, 3, 4).float()
+        z = (z - self.mean) / self.std * self._frame_scales(z.shape[1], z.device)
+        z = z.to(pixels.dtype)
+        return z[:, 0] if image else z
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``(B, T', 48, h, w)`` (or ``(B, 48, h, w)``) -> pixels ``(B, T, 3, 16h, 16w)``
+        in [-1, 1] (an image: ``(B, 3, H, W)``)."""
+        image = latents.dim() == 4
+        z = (latents[:, None] if image else latents).float()
+        z = z / self._frame_scales(z.shape[1], z.device) * self.std + self.mean
+        p = next(self.vae.parameters())
+        x = self.vae.decode(z.permute(0, 2, 1, 3, 4).to(device=p.device, dtype=p.dtype)).sample
+        x = x.permute(0, 2, 1, 3, 4).to(latents.dtype)
+        return x[:, 0] if image else x
+
+
+def build_tiny_wan_vae(*, base_dim: int = 8, seed: int = 0, frame_scale: float = 0.6,
+                       device: str | torch.device = "cpu") -> WanVAEAdapter:
+    """A tiny randomly initialised ``AutoencoderKLWan`` with the Wan2.2 TI2V-5B layout options (48 channels,
+    residual, 2x2 patchify, 16x spatial / 4x temporal, the Wan2.2 latent statistics), for tests."""
+    import json
+
+    from diffusers import AutoencoderKLWan
+
+    stats = json.loads(WAN_STATS_FILE.read_text())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(base_dim=base_dim, decoder_base_dim=base_dim, z_dim=48, dim_mult=[1, 2, 4, 4],
+                               num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True,
+                               in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                               scale_factor_temporal=4, latents_mean=stats["latents_mean"],
+                               latents_std=stats["latents_std"])
+    return WanVAEAdapter(vae.to(device), frame_scale, name="tiny-wan")
+
+
 def _fold_frames(x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
     """``(B, T, C, H, W) -> (B*T, C, H, W)``; 4-D tensors pass through (frames None)."""
     if x.ndim == 4:
@@ -240,8 +370,8 @@ def build_latent_adapter(
 
     Args:
         vae: None, ``""`` or ``"none"``: no autoencoder; a Hub id or folder of a diffusers
-            ``AutoencoderKL`` (``stabilityai/sd-vae-ft-ema``); WAN2.2 names are reserved for the
-            video adapter.
+            ``AutoencoderKL`` (``stabilityai/sd-vae-ft-ema``); a WAN2.2 name (``Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6``)
+            loads :class:`WanVAEAdapter` (the suffix is the frame scale).
         channels: Config ``channel_size``: the channels the flow models (3 without VAE, 4 for SD-VAE).
         dtype: Weight dtype of the autoencoder.
         device: Where it runs.
@@ -251,14 +381,16 @@ def build_latent_adapter(
         The adapter.
 
     Raises:
-        ValueError: A WAN2.2 name, or an autoencoder whose latent channels differ from ``channels``.
+        ValueError: An autoencoder whose latent channels differ from ``channels``.
         FileNotFoundError: The autoencoder cannot be found.
     """
     if vae is None or vae.strip().lower() in ("", "none"):
         return IdentityAdapter(channels)
     if _WAN_NAME.search(vae):
-        raise ValueError(f"vae={vae!r}: the WAN2.2 video VAE is handled by the video adapter, "
-                         "which is not part of starflow.adapters.vae yet")
+        adapter = WanVAEAdapter.from_pretrained(vae, dtype=dtype, device=device, local_files_only=local_files_only)
+        if adapter.latent_channels != channels:
+            raise ValueError(f"channel_size={channels} but the VAE {vae!r} has {adapter.latent_channels} latent channels")
+        return adapter
     adapter = SDVAEAdapter.from_pretrained(vae, dtype=dtype, device=device, local_files_only=local_files_only)
     if adapter.latent_channels != channels:
         raise ValueError(f"channel_size={channels} but the VAE {vae!r} has {adapter.latent_channels} "

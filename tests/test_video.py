@@ -1,0 +1,238 @@
+"""STARFlow-V: WAN2.2 latents, video folders, video training with the learnable denoiser, image-to-video,
+videos longer than trained, and the video sampling command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from starflow.adapters import build_latent_adapter, build_tiny_wan_vae
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, render_clip
+from starflow.data.video import CorruptVideoError, VideoFolder, read_video, write_video
+from starflow.models import STARFlow
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_VIDEO = dict(img_size=8, vid_size="3:8", channel_size=1, patch_size=2, channels=32, top_block_channels=48,
+                  head_dim=16, layers_per_block="1 2", rope=1, sos=1, seq_order="L2R", use_softplus=1,
+                  cond_top_only=1, use_final_norm=1, soft_clip=4.0, temporal_causal=1, shallow_block_local=1,
+                  learnable_self_denoiser=1, conditional_denoiser=1, denoiser_window=1, txt_size=48, text="tiny-t5",
+                  vae="none", noise_std=0.3, drop_label=0.1, drop_image=0.5, lr=1e-3, min_lr=1e-5, denoiser_lr=1e-3,
+                  warmup_steps=0, steps=3, batch_size=4, grad_clip=1.0, num_workers=0, log_freq=1, save_freq=3,
+                  sample_freq=0, keep_last=1, seed=0)
+
+
+# ---------------------------------------------------------------------- WAN2.2 latents
+@pytest.fixture(scope="module")
+def wan():
+    return build_tiny_wan_vae()
+
+
+def test_wan_layout_normalisation_and_frame_scale(wan) -> None:
+    torch.manual_seed(0)
+    video = torch.rand(2, 5, 3, 32, 32) * 2 - 1
+    z = wan.encode(video, sample=False)
+    assert z.shape == (2, 2, 48, 2, 2)  # (5 - 1) / 4 + 1 frames, 16x smaller, 48 channels
+    raw = wan.vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist.mode().permute(0, 2, 1, 3, 4)
+    stats = json.loads((Path(__file__).resolve().parents[1] / "starflow/adapters/wan22_latent_stats.json").read_text())
+    mean = torch.tensor(stats["latents_mean"]).view(1, 1, -1, 1, 1)
+    std = torch.tensor(stats["latents_std"]).view(1, 1, -1, 1, 1)
+    expected = (raw - mean) / std
+    expected[:, 1:] *= 0.6
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+    image = wan.encode(video[:, 0], sample=False)  # an image is a one-frame video
+    torch.testing.assert_close(image, z[:, 0], atol=1e-5, rtol=1e-5)
+    pixels = wan.decode(z)
+    assert pixels.shape == video.shape
+    torch.testing.assert_close(wan.decode(z[:, :1])[:, 0], wan.decode(z[:, 0]))
+
+
+def test_wan_rejects_bad_frame_counts(wan) -> None:
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        wan.encode(torch.zeros(1, 4, 3, 32, 32))
+
+
+def test_wan_folder_round_trip_with_scale_suffix(wan, tmp_path: Path) -> None:
+    wan.save_pretrained(tmp_path / "Wan2.2-tiny" / "vae")  # the Diffusers repo layout: a vae/ subfolder
+    loaded = build_latent_adapter(f"{tmp_path / 'Wan2.2-tiny'}:0.6", channels=48)
+    assert loaded.frame_scale == 0.6 and loaded.downsample == 16 and loaded.temporal_downsample == 4
+    video = torch.rand(1, 5, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded.encode(video, sample=False), wan.encode(video, sample=False))
+    with pytest.raises(ValueError, match="channel_size=4"):
+        build_latent_adapter(f"{tmp_path / 'Wan2.2-tiny'}:0.6", channels=4)
+    with pytest.raises(FileNotFoundError, match="WAN2.2 VAE"):
+        build_latent_adapter(f"{tmp_path / 'missing-wan'}:0.6", channels=48)
+
+
+# ---------------------------------------------------------------------- video folders
+def test_lossless_video_round_trip(tmp_path: Path) -> None:
+    digit = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    clip = render_clip(digit, 6, 12, (3, 5), "left")
+    write_video(tmp_path / "c.mp4", clip, 8, lossless=True)
+    frames, fps = read_video(tmp_path / "c.mp4")
+    assert fps == 8 and frames.shape == (6, 12, 12, 3)
+    assert np.abs(frames[..., 0].astype(int) - clip).max() <= 1
+
+
+def _clip_folder(root: Path, n: int = 8, frames: int = 6) -> Path:
+    from starflow.data.digits import load_digit_split
+
+    images, labels = load_digit_split("train")
+    lines = []
+    for i in range(n):
+        direction = list(DIRECTIONS)[i % 4]
+        write_video(root / f"{i}.mp4", render_clip(images[i], frames, 8, (i, 2 * i), direction), 8, lossless=True)
+        lines.append(json.dumps({"file_name": f"{i}.mp4", "text": moving_caption(int(labels[i]), direction), "fps": 8}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_video_folder_clips_fps_and_bad_files(tmp_path: Path) -> None:
+    root = _clip_folder(tmp_path, n=3, frames=6)
+    (root / "broken.mp4").write_bytes(b"not a video")
+    write_video(root / "short.mp4", np.zeros((2, 8, 8), np.uint8), 8, lossless=True)
+    meta = (root / "metadata.jsonl").read_text()
+    extra = [{"file_name": "broken.mp4", "text": "x"}, {"file_name": "short.mp4", "text": "y"},
+             {"file_name": "gone.mp4", "text": "z"}]
+    (root / "metadata.jsonl").write_text(meta + "\n".join(json.dumps(e) for e in extra) + "\n")
+    ds = VideoFolder(root, frames=3, fps=4, size=(8, 8), channels=1, random_start=False)
+    assert len(ds) == 5 and "gone.mp4" in ds.report()
+    assert ds.clip_indices(6, 8.0) == [0, 2, 4]  # 8 fps source at 4 fps: every other frame
+    with pytest.raises(CorruptVideoError, match="shorter than a clip"):
+        ds.clip_indices(4, 8.0)
+    items = [ds[i] for i in range(len(ds))]
+    assert all(item["pixels"].shape == (3, 1, 8, 8) for item in items)
+    assert len(ds.skipped) == 3 and "3 skipped" in ds.report()  # missing, undecodable, too short
+    frames, _ = read_video(root / "0.mp4")
+    expected = torch.from_numpy(frames[[0, 2, 4], ..., 0].astype(np.float32))[:, None] / 127.5 - 1
+    torch.testing.assert_close(items[0]["pixels"], expected)
+
+
+# ---------------------------------------------------------------------- training and sampling
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory, one_thread) -> Path:
+    """``starflow train`` on moving digits for 3 steps (learnable denoiser, drop_image 0.5)."""
+    tmp = tmp_path_factory.mktemp("video_train")
+    data = _clip_folder(tmp / "clips")
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(TINY_VIDEO))
+    with torch.random.fork_rng(devices=[]):
+        assert main(["train", "--config", str(config), "--data", str(data), "--logdir", str(tmp / "run"),
+                     "--device", "cpu"]) == 0
+    return tmp / "run"
+
+
+def test_video_training_updates_flow_and_denoiser(video_run: Path) -> None:
+    metrics = [json.loads(line) for line in (video_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(np.isfinite(m["denoiser_loss"]) for m in metrics)
+    state = torch.load(next((video_run / "checkpoints").glob("*.pt")), weights_only=False)
+    assert state["denoiser_optimizer"]["state"], "the denoiser optimizer never stepped"
+    flow_ids = {i for g in state["optimizer"]["param_groups"] for i in g["params"]}
+    den_ids = {i for g in state["denoiser_optimizer"]["param_groups"] for i in g["params"]}
+    cfg = load_config(video_run / "config.yaml")
+    model = STARFlow.from_config(cfg, txt_dim=32)
+    n_den = len(list(model.learnable_self_denoiser.parameters()))
+    assert len(den_ids) == n_den and len(flow_ids) == len(list(model.parameters())) - n_den
+
+
+def test_denoiser_target_is_the_scaled_likelihood_gradient() -> None:
+    cfg = load_config(TINY_VIDEO)
+    torch.manual_seed(0)
+    model = STARFlow.from_config(cfg, txt_dim=32)
+    x = torch.randn(2, 3, 1, 8, 8, requires_grad=True)
+    y = torch.randn(2, 48, 32)
+    model.loss(x, y)["loss"].backward()
+    target = cfg.noise_std * x.numel() * x.grad
+    xg = x.detach().requires_grad_(True)
+    nll_sum = (model.nll(xg, y) * xg[0].numel()).sum()  # per-sample NLL summed over dims
+    (grad,) = torch.autograd.grad(nll_sum, xg)
+    torch.testing.assert_close(target, cfg.noise_std * grad, rtol=1e-4, atol=1e-6)
+
+
+def _random_video_model(seed: int = 0) -> STARFlow:
+    torch.manual_seed(seed)
+    model = STARFlow.from_config(load_config(TINY_VIDEO), txt_dim=32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj_out.weight" in name or "final_norm.weight" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_long_video_first_window_is_the_short_video() -> None:
+    model = _random_video_model()
+    torch.manual_seed(1)
+    noise, y = torch.randn(2, 9, 1, 8, 8), torch.randn(2, 48, 32)
+    long = model.reverse(noise, y, window=3, context_frames=2)
+    short = model.reverse(noise[:, :3], y)
+    assert long.shape == noise.shape
+    torch.testing.assert_close(long[:, :3], short)
+    # a window continues from its context: changing a frame inside the first window changes later frames
+    assert not torch.allclose(long[:, 3:], model.reverse(noise[:, 3:], y))
+    with pytest.raises(ValueError, match="context_frames"):
+        model.reverse(noise, y, window=3, context_frames=3)
+
+
+def test_image_to_video_keeps_the_prefix_and_matches_plain_decoding() -> None:
+    model = _random_video_model()
+    torch.manual_seed(2)
+    noise, y = torch.randn(2, 3, 1, 8, 8), torch.randn(2, 48, 32)
+    x = model.reverse(noise, y)  # a sample; its first frame as a prefix must give back the same video
+    ctx = model.encode_context(x[:, :1], y)
+    again = model.reverse(noise, y, context=ctx)
+    torch.testing.assert_close(again[:, :1], x[:, :1])
+    torch.testing.assert_close(again, x, atol=1e-4, rtol=1e-4)
+
+
+def test_windowed_learned_denoiser_matches_whole_windows() -> None:
+    from starflow.sampling import learned_denoise
+
+    model = _random_video_model()
+    x, y = torch.randn(1, 7, 1, 8, 8), torch.randn(1, 48, 32)
+    whole = learned_denoise(model, x, y)
+    torch.testing.assert_close(whole, x - 0.3 * model.denoiser(x, y))
+    windowed = learned_denoise(model, x, y, window=3)
+    torch.testing.assert_close(windowed[:, :3], x[:, :3] - 0.3 * model.denoiser(x[:, :3], y))
+    assert windowed.shape == x.shape and not torch.equal(windowed, x)
+
+
+def test_sample_video_command(video_run: Path, tmp_path: Path) -> None:
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(image)
+    out = tmp_path / "i2v"
+    assert main(["sample", "--checkpoint_path", str(video_run / "model"), "--caption", "a handwritten digit 3 moving left",
+                 "--input_image", str(image), "--target_length", "7", "--gif", "--output_dir", str(out),
+                 "--device", "cpu", "--cfg", "1.5"]) == 0
+    stem = out / "00000_a_handwritten_digit_3_moving_left"
+    frames, fps = read_video(stem.with_suffix(".mp4"))
+    assert frames.shape[0] == 7 and fps == 8
+    poster = np.asarray(Image.open(stem.with_suffix(".png")))
+    assert poster.shape == (8, 7 * 8)
+    np.testing.assert_array_equal(poster[:, :8], np.asarray(Image.open(image)))  # frame 0 is the input image
+    assert Image.open(stem.with_suffix(".gif")).n_frames == 7
+    assert main(["sample", "--checkpoint_path", str(video_run / "model"), "--caption", "x",
+                 "--input_image", str(tmp_path / "missing.png"), "--output_dir", str(out), "--device", "cpu"]) == 2
+
+
+def test_input_image_needs_a_video_model(tmp_path: Path, capsys) -> None:
+    from starflow.cli import DEMO_DIR
+
+    assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_image", "x.png",
+                 "--output_dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert "video configs" in capsys.readouterr().err
+
+
+def test_circular_centre_follows_the_motion() -> None:
+    digit = np.zeros((8, 8), np.uint8)
+    digit[3:5, 3:5] = 255
+    clip = render_clip(digit, 4, 12, (0, 10), "right")  # crosses the right edge
+    cols = [circular_centre(f)[1] for f in clip]
+    steps = [((b - a + 6) % 12) - 6 for a, b in zip(cols, cols[1:])]
+    np.testing.assert_allclose(steps, [1, 1, 1], atol=1e-6)
