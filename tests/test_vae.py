@@ -105,8 +105,8 @@ def test_build_without_vae(name: str | None) -> None:
     assert isinstance(adapter, IdentityAdapter) and adapter.latent_channels == 3
 
 
-def test_build_wan_is_reserved_for_video_adapter() -> None:
-    with pytest.raises(ValueError, match="WAN2.2"):
+def test_build_wan_offline_says_how_to_get_it() -> None:
+    with pytest.raises(FileNotFoundError, match="WAN2.2 VAE.*hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers"):
         build_latent_adapter("Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6", channels=48)
 
 
