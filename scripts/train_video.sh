@@ -13,12 +13,5 @@ set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,12p' "$0"; exit 2
 fi
-config=$1; data=$2; logdir=${3:-runs/$(basename "${config%.*}")}
-shift $(( $# >= 3 ? 3 : 2 ))
-nproc=${NPROC:-1}
-if [ "$nproc" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
-  exec torchrun --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
-    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-    -m starflow.cli train --config "$config" --data "$data" --logdir "$logdir" "$@"
-fi
-exec starflow train --config "$config" --data "$data" --logdir "$logdir" "$@"
+# `starflow train` reads video folders for video configs (vid_size set); the launch is the image script's.
+exec bash "$(dirname "$0")/train_image.sh" "$@"

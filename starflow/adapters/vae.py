@@ -80,6 +80,17 @@ class IdentityAdapter(LatentAdapter):
         return latents
 
 
+def _load_diffusers(model_cls, name_or_path: str, what: str, subfolder: str | None, dtype: torch.dtype,
+                    local_files_only: bool | None):
+    """``model_cls.from_pretrained`` from a folder, the HF cache or the Hub, with the project's missing-model error."""
+    check_local_folder(name_or_path, what, subfolder=subfolder)
+    try:
+        return model_cls.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype,
+                                         local_files_only=resolve_local_files_only(local_files_only))
+    except OSError as err:
+        raise missing_model_error(name_or_path, what, subfolder=subfolder, cause=err) from err
+
+
 class SDVAEAdapter(LatentAdapter):
     """A frozen diffusers ``AutoencoderKL`` (SD-VAE), latents scaled by ``config.scaling_factor``.
 
@@ -123,13 +134,8 @@ class SDVAEAdapter(LatentAdapter):
         Raises:
             FileNotFoundError: The model cannot be found; the message says how to download it.
         """
-        what = "SD-VAE (diffusers AutoencoderKL)"
-        check_local_folder(name_or_path, what, subfolder=subfolder)
-        try:
-            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype,
-                                                local_files_only=resolve_local_files_only(local_files_only))
-        except OSError as err:
-            raise missing_model_error(name_or_path, what, subfolder=subfolder, cause=err) from err
+        vae = _load_diffusers(AutoencoderKL, name_or_path, "SD-VAE (diffusers AutoencoderKL)", subfolder, dtype,
+                              local_files_only)
         return cls(vae.to(device), name=name_or_path)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
@@ -231,13 +237,8 @@ class WanVAEAdapter(LatentAdapter):
         scale = float(match.group(1)) if match else 1.0
         path = name_or_path[: match.start()] if match else name_or_path
         subfolder = "vae" if (os.path.isdir(os.path.join(path, "vae")) or not looks_like_local_path(path)) else None
-        what = "WAN2.2 VAE (diffusers AutoencoderKLWan)"
-        check_local_folder(path, what, subfolder=subfolder)
-        try:
-            vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype,
-                                                   local_files_only=resolve_local_files_only(local_files_only))
-        except OSError as err:
-            raise missing_model_error(path, what, subfolder=subfolder, cause=err) from err
+        vae = _load_diffusers(AutoencoderKLWan, path, "WAN2.2 VAE (diffusers AutoencoderKLWan)", subfolder, dtype,
+                              local_files_only)
         return cls(vae.to(device), scale, name=name_or_path)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
