@@ -1,0 +1,229 @@
+"""Video folders with captions: clips at a requested frame rate and length, decoded with PyAV.
+
+A folder holds video files plus ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative to
+the folder), ``text`` and optionally ``fps`` (else the container's frame rate is used). A clip of ``frames``
+frames at ``fps`` frames per second starts at a random time (the torch RNG) and takes the source frame
+nearest to each target time, so a 30 fps file sampled at 8 fps skips frames and a 4 fps file repeats them.
+Files that cannot be decoded or are shorter than one clip are skipped, counted and reported.
+
+Video files are written with :func:`write_video` (H.264 through PyAV, ``imageio``'s backend) and previews
+with :func:`write_gif`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from starflow.data.images import METADATA_FILE
+
+__all__ = ["VideoFolder", "CorruptVideoError", "read_video", "write_video", "write_gif", "to_uint8_frames"]
+
+logger = logging.getLogger(__name__)
+_FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object per line, e.g. "
+                '{"file_name": "clips/0001.mp4", "text": "a dog running", "fps": 24}; fps is optional')
+
+
+class CorruptVideoError(OSError):
+    """A video file that is missing, cannot be decoded, or is too short for one clip."""
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video file.
+
+    Returns:
+        ``(frames (T, H, W, 3) uint8 RGB, fps)``.
+
+    Raises:
+        CorruptVideoError: the file is missing or cannot be decoded.
+    """
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
+        raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+    if not frames:
+        raise CorruptVideoError(f"video {path} has no frames")
+    return np.stack(frames), fps
+
+
+def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, lossless: bool = False) -> Path:
+    """Write frames as an H.264 MP4 (yuv420p, playable everywhere; ``lossless``: yuv444p, constant QP 0).
+
+    Args:
+        path: output file (``.mp4``).
+        frames: ``(T, H, W, 3)`` or ``(T, H, W)`` uint8, or a float tensor ``(T, C, H, W)`` in ``[-1, 1]``.
+        fps: frames per second.
+        lossless: keep every pixel (for datasets); otherwise the default quality (for viewing).
+    """
+    import av
+
+    frames = to_uint8_frames(frames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t, h, w, _ = frames.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height = w + w % 2, h + h % 2  # yuv420p needs even sides
+        stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        if lossless:
+            stream.width, stream.height = w, h
+            stream.options = {"qp": "0"}
+        for frame in frames:
+            if (stream.width, stream.height) != (w, h):
+                frame = np.pad(frame, ((0, stream.height - h), (0, stream.width - w), (0, 0)), mode="edge")
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def to_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(T, C, H, W)`` float in ``[-1, 1]`` (tensor) or ``(T, H, W[, C])`` uint8 -> ``(T, H, W, 3)`` uint8."""
+    if isinstance(frames, torch.Tensor):
+        x = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        frames = x.permute(0, 2, 3, 1).cpu().numpy()
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    return frames
+
+
+def write_gif(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, scale: int = 1) -> Path:
+    """An animated GIF preview (looping), each pixel enlarged ``scale`` times."""
+    from PIL import Image
+
+    frames = to_uint8_frames(frames)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+def _resize_frames(frames: np.ndarray, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 -> ``(T, C, h, w)`` float in ``[-1, 1]`` (shorter side covers, centre crop)."""
+    from PIL import Image
+
+    h, w = size
+    out = []
+    for f in frames:
+        img = Image.fromarray(f).convert("L" if channels == 1 else "RGB")
+        if img.size != (w, h):
+            scale = max(w / img.width, h / img.height)
+            img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                             Image.Resampling.BICUBIC)
+            left, top = (img.width - w) // 2, (img.height - h) // 2
+            img = img.crop((left, top, left + w, top + h))
+        arr = np.asarray(img, dtype=np.float32)
+        out.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out)) / 127.5 - 1
+
+
+class VideoFolder(torch.utils.data.Dataset):
+    """Captioned clips from a folder of videos with ``metadata.jsonl``; never crashes on a bad file.
+
+    Args:
+        root: folder with ``metadata.jsonl`` and the videos.
+        frames: frames per clip T.
+        fps: frame rate of the clips.
+        size: ``(h, w)`` of the clips in pixels.
+        channels: 1 (greyscale) or 3 (RGB).
+        random_start: a random clip start per access (training); else the first clip.
+
+    Raises:
+        FileNotFoundError: no ``metadata.jsonl`` (the message explains the format).
+        ValueError: malformed metadata, or none of the listed files exist.
+    """
+
+    def __init__(self, root: str | Path, frames: int, fps: float, size: tuple[int, int], channels: int = 3,
+                 random_start: bool = True) -> None:
+        self.root, self.frames, self.fps, self.size, self.channels = Path(root), frames, fps, size, channels
+        self.random_start = random_start
+        meta = self.root / METADATA_FILE
+        if not meta.is_file():
+            raise FileNotFoundError(f"no {meta}: {_FORMAT_HELP}")
+        self.paths: list[Path] = []
+        self.texts: list[str] = []
+        self.source_fps: list[float | None] = []
+        self.skipped: dict[str, str] = {}
+        for line_no, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}); {_FORMAT_HELP}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{meta}:{line_no}: needs string 'file_name' and 'text'; {_FORMAT_HELP}")
+            path = self.root / obj["file_name"]
+            if not path.is_file():
+                self.skipped[str(path)] = "missing"
+                continue
+            self.paths.append(path)
+            self.texts.append(obj["text"])
+            self.source_fps.append(float(obj["fps"]) if obj.get("fps") else None)
+        if self.skipped:
+            logger.warning("%s: skipping %d missing files", self.root, len(self.skipped))
+        if not self.paths:
+            raise ValueError(f"none of the files listed in {meta} exist")
+        self.buckets = ["1:1"] * len(self.paths)  # one bucket: clips share a size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def clip_indices(self, n_source: int, source_fps: float) -> list[int]:
+        """Source frame indices of one clip (nearest frame to each target time), random start if enabled.
+
+        Raises:
+            CorruptVideoError: the video is shorter than one clip.
+        """
+        step = source_fps / self.fps  # source frames per clip frame
+        span = (self.frames - 1) * step
+        if span > n_source - 1 + 1e-6:
+            raise CorruptVideoError(f"{n_source} frames at {source_fps:g} fps are shorter than a clip of "
+                                    f"{self.frames} frames at {self.fps:g} fps")
+        latest = n_source - 1 - span
+        start = float(torch.rand(()).item()) * latest if self.random_start else 0.0
+        return [min(n_source - 1, round(start + k * step)) for k in range(self.frames)]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        """``{"pixels": (T, C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": "1:1"}``; an unreadable
+        or too-short file is replaced by the next readable one (and recorded in ``skipped``).
+
+        Raises:
+            RuntimeError: no file in the folder can be used.
+        """
+        n = len(self)
+        for k in range(n):
+            j = (index + k) % n
+            path = self.paths[j]
+            if str(path) in self.skipped:
+                continue
+            try:
+                frames, fps = read_video(path)
+                fps = self.source_fps[j] or fps or self.fps
+                pick = self.clip_indices(len(frames), fps)
+            except CorruptVideoError as err:
+                self.skipped[str(path)] = str(err)
+                logger.warning("skipping video (%s)", err)
+                continue
+            return {"pixels": _resize_frames(frames[pick], self.size, self.channels), "text": self.texts[j],
+                    "aspect_ratio": "1:1"}
+        raise RuntimeError(f"no usable video in {self.root}: {self.report()}")
+
+    def report(self) -> str:
+        """One line: clips listed and files skipped, with reasons for a few."""
+        few = list(self.skipped.items())[:3]
+        return f"{self.root}: {len(self.paths)} usable of {len(self.paths) + sum(v == 'missing' for v in self.skipped.values())} listed, " \
+               f"{len(self.skipped)} skipped" + (f", e.g. {few}" if few else "")
