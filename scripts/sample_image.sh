@@ -22,13 +22,5 @@ else
   echo "      Get the official weights with: starflow download t2i --local-dir $here/ckpts" >&2
   echo "      (offline, the same command lists the files to copy by hand)" >&2
 fi
-if [ -n "$caption" ] && [ -f "$caption" ]; then
-  args+=(--caption_file "$caption")
-elif [ -n "$caption" ]; then
-  args+=(--caption "$caption")
-fi
-nproc=${NPROC:-1}
-if [ "$nproc" -gt 1 ]; then
-  exec torchrun --nproc_per_node "$nproc" -m starflow.cli sample "${args[@]}" "$@"
-fi
-exec starflow sample "${args[@]}" "$@"
+. "$here/scripts/_launch_sample.sh"
+launch_sample "$caption" "${args[@]}" "$@"

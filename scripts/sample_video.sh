@@ -25,19 +25,11 @@ if [ ! -f "$ckpt" ]; then
 fi
 args=(--checkpoint_path "$ckpt" --model_config_path "$cfg" --cfg 3.5 --jacobi 1 --jacobi_th 0.001
       --jacobi_block_size 32 --aspect_ratio 16:9 --output_dir "${OUTPUT_DIR:-outputs/video}")
-if [ -n "$caption" ] && [ -f "$caption" ]; then
-  args+=(--caption_file "$caption")
-elif [ -n "$caption" ]; then
-  args+=(--caption "$caption")
-fi
 if [ "$input_image" != "none" ] && [ -n "$input_image" ]; then
   args+=(--input_image "$input_image")
 fi
 if [ -n "$target_length" ]; then
   args+=(--target_length "$target_length")
 fi
-nproc=${NPROC:-1}
-if [ "$nproc" -gt 1 ]; then
-  exec torchrun --nproc_per_node "$nproc" -m starflow.cli sample "${args[@]}" "$@"
-fi
-exec starflow sample "${args[@]}" "$@"
+. "$here/scripts/_launch_sample.sh"
+launch_sample "$caption" "${args[@]}" "$@"

@@ -35,7 +35,7 @@ _DEPRECATED_RE = re.compile("|".join(re.escape(p).replace(re.escape("{i}"), r"\d
 _WRAPPER_KEYS = ("state_dict", "model")  # {'model': sd} / {'state_dict': sd} training checkpoints
 _PREFIX_RE = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP / torch.compile wrappers
 _LIST_LIMIT = 20  # names shown per category in a layout error
-HOW_TO_GET = "get the official weights from Hugging Face repo apple/starflow (e.g. `hf download apple/starflow starflow_3B_t2i_256x256.pth --local-dir ckpts`)"
+HOW_TO_GET = "get the official weights from Hugging Face repo apple/starflow with `starflow download t2i` (or t2v; offline it lists the files to copy by hand)"
 PathLike = Union[str, os.PathLike]
 Shape = tuple[int, ...]
 

@@ -77,11 +77,17 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int) -> torch.
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W) in [-1, 1]
 
 
-def _read_metadata(root: Path) -> list[tuple[str, str]]:
-    """Reads `root/metadata.jsonl` into `(file_name, text)` pairs, validating each line."""
+def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
+    """Reads `root/metadata.jsonl`: one JSON object per line with string `file_name` and `text` (other keys,
+    e.g. a video's `fps`, are kept). Shared by image and video folders.
+
+    Raises:
+        FileNotFoundError: If the file is absent (the message explains the format).
+        ValueError: On a malformed line (file and line number named) or an empty file.
+    """
     meta = root / METADATA_FILE
     if not meta.is_file():
-        raise FileNotFoundError(f"no {meta}: {_FORMAT_HELP}")
+        raise FileNotFoundError(f"no {meta}: {format_help}")
     records = []
     with meta.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -90,14 +96,14 @@ def _read_metadata(root: Path) -> list[tuple[str, str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}); {_FORMAT_HELP}") from None
+                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}); {format_help}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
-                raise ValueError(f"{meta}:{line_no}: needs a string 'file_name'; {_FORMAT_HELP}")
+                raise ValueError(f"{meta}:{line_no}: needs a string 'file_name'; {format_help}")
             if not isinstance(obj.get("text"), str):
-                raise ValueError(f"{meta}:{line_no}: needs a string 'text' caption; {_FORMAT_HELP}")
-            records.append((obj["file_name"], obj["text"]))
+                raise ValueError(f"{meta}:{line_no}: needs a string 'text' caption; {format_help}")
+            records.append(obj)
     if not records:
-        raise ValueError(f"{meta} lists no images; {_FORMAT_HELP}")
+        raise ValueError(f"{meta} lists no files; {format_help}")
     return records
 
 
@@ -141,7 +147,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.paths: list[Path] = []
         self.texts: list[str] = []
         missing = []
-        for file_name, text in _read_metadata(self.root):
+        for record in read_metadata(self.root):
+            file_name, text = record["file_name"], record["text"]
             path = self.root / file_name
             if path.is_file():
                 self.paths.append(path)

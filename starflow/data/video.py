@@ -11,7 +11,6 @@ with :func:`write_gif`.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from starflow.data.images import METADATA_FILE
+from starflow.data.images import METADATA_FILE, read_metadata
 
 __all__ = ["VideoFolder", "CorruptVideoError", "read_video", "write_video", "write_gif", "to_uint8_frames"]
 
@@ -150,22 +149,11 @@ class VideoFolder(torch.utils.data.Dataset):
                  random_start: bool = True) -> None:
         self.root, self.frames, self.fps, self.size, self.channels = Path(root), frames, fps, size, channels
         self.random_start = random_start
-        meta = self.root / METADATA_FILE
-        if not meta.is_file():
-            raise FileNotFoundError(f"no {meta}: {_FORMAT_HELP}")
         self.paths: list[Path] = []
         self.texts: list[str] = []
         self.source_fps: list[float | None] = []
         self.skipped: dict[str, str] = {}
-        for line_no, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}); {_FORMAT_HELP}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{meta}:{line_no}: needs string 'file_name' and 'text'; {_FORMAT_HELP}")
+        for obj in read_metadata(self.root, _FORMAT_HELP):
             path = self.root / obj["file_name"]
             if not path.is_file():
                 self.skipped[str(path)] = "missing"
@@ -176,7 +164,7 @@ class VideoFolder(torch.utils.data.Dataset):
         if self.skipped:
             logger.warning("%s: skipping %d missing files", self.root, len(self.skipped))
         if not self.paths:
-            raise ValueError(f"none of the files listed in {meta} exist")
+            raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
         self.buckets = ["1:1"] * len(self.paths)  # one bucket: clips share a size
 
     def __len__(self) -> int:
