@@ -1,4 +1,4 @@
-"""Command line: ``starflow {train,sample,validate,download,convert,eval-nll}``.
+"""Command line: ``starflow {train,sample,validate,download,convert,export,eval-nll}``.
 
 Every config key is also a flag (``--img_size 256``); precedence is CLI > YAML > defaults, the same for
 training and sampling. ``starflow <command> --help`` documents each flag with its default and unit.
@@ -38,11 +38,10 @@ def _overrides(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict:
 # ---------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
     from starflow.adapters import build_latent_adapter
-    from starflow.data import ImageFolder
     from starflow.models import STARFlow
-    from starflow.sampling.pipeline import Pipeline, build_text_encoder, resolve_asset
+    from starflow.sampling.pipeline import build_text_encoder, resolve_asset
     from starflow.train.distributed import cleanup_distributed, init_distributed
-    from starflow.train.trainer import Trainer
+    from starflow.train.trainer import Trainer, TrainingDiverged, build_dataset
 
     cfg = load_config(args.config, _overrides(args))
     if cfg.data is None:
@@ -53,15 +52,7 @@ def _train(args: argparse.Namespace) -> int:
     base = Path(args.config).parent
     vae = build_latent_adapter(resolve_asset(cfg.vae, base), channels=cfg.channel_size, device=dist.device)
     text_encoder = build_text_encoder(cfg, base, dist.device)
-    pixel_channels = cfg.channel_size if vae.downsample == 1 else 3
-    if cfg.is_video:
-        from starflow.data.video import VideoFolder
-
-        dataset = VideoFolder(cfg.data, frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size),
-                              channels=pixel_channels)
-    else:
-        dataset = ImageFolder(cfg.data, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
-                              multiple=vae.downsample * cfg.patch_size)
+    dataset = build_dataset(cfg, vae, dist)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
                                  vae_downsample=vae.downsample).to(dist.device)
@@ -69,19 +60,27 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir))
     if dist.is_main:
         n = sum(p.numel() for p in model.parameters())
-        print(f"STARFlow: {n:,} parameters, {len(dataset)} training {'videos' if cfg.is_video else 'images'}, {dist.world_size} process(es) "
-              f"on {dist.device}; logdir {cfg.logdir}")
+        size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
+            else f"shards in {cfg.data}"
+        print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device}; logdir {cfg.logdir}")
     if not args.dry_run and args.resume:
         trainer.resume()
-    history = trainer.fit(dry_run=args.dry_run)
+    try:
+        history = trainer.fit(dry_run=args.dry_run)
+    except TrainingDiverged as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        cleanup_distributed()
+        return 3
     if args.dry_run:
         m = history[-1]
-        print(f"dry run OK: one step, loss {m['loss']:.4f}, bits/dim {m['bits_per_dim']:.4f}, "
-              f"grad norm {m['grad_norm']:.3g}")
-    elif dist.is_main:
-        folder = Path(cfg.logdir) / "model"
-        Pipeline(model, text_encoder, vae, cfg).save_pretrained(folder)
-        print(f"model folder written to {folder} (sample with: starflow sample --checkpoint_path {folder})")
+        if dist.is_main:
+            print(f"dry run OK: one step, loss {m['loss']:.4f}, bits/dim {m['bits_per_dim']:.4f}, "
+                  f"grad norm {m['grad_norm']:.3g}")
+    else:
+        folder = trainer.export(Path(cfg.logdir) / "model")
+        if folder is not None:
+            print(f"model folder written to {folder} (sample with: starflow sample --checkpoint_path {folder})")
     cleanup_distributed()
     return 0
 
@@ -279,6 +278,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from starflow.checkpoint import read_shapes
+    from starflow.train.export import export_checkpoint, find_checkpoint
+
+    src, dst = find_checkpoint(args.src), Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise FileExistsError(f"{dst} exists: pass --overwrite to replace it")
+    export_checkpoint(src, dst, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    weights = dst if dst.is_file() else dst / "model.safetensors"
+    print(f"wrote {dst} from {src} ({len(read_shapes(weights))} tensors, {weights.stat().st_size / 2**20:.1f} MiB, "
+          "official layout)")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starflow", description=__doc__,
@@ -364,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("export", help="write one consolidated weights file from a sharded training checkpoint",
+                       description="Read the model of a DCP training checkpoint (any number of shards) and write it "
+                                   "in the official layout: a .pth or .safetensors file, or a model folder for "
+                                   "starflow sample.")
+    p.add_argument("src", help="a run's logdir (latest checkpoint), its checkpoints/ folder, or a step_XXXXXXXX folder")
+    p.add_argument("dst", help="output: model.pth, model.safetensors, or a folder")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors [default: keep]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dst")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder")
     p.add_argument("--checkpoint_path", default=None, help="model folder or weights [default: shipped demo]")
     p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
@@ -373,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_eval_nll)
+
+    from starflow.data.shards import add_cli as add_data_cli
+    add_data_cli(sub)  # pack, cache-latents
     return parser
 
 

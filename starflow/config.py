@@ -83,6 +83,7 @@ class Config:
     grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)")
     grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100")
+    max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never stops")
     latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty")
     denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
     loss_scaling: bool = _f(False, "official flag, kept for compatibility (no effect)")
@@ -90,8 +91,10 @@ class Config:
     # --- systems ----------------------------------------------------------------------------
     fsdp: bool = _f(False, "shard the model with FSDP2 under torchrun")
     fsdp_text_encoder: bool = _f(False, "shard the frozen text encoder with FSDP2 too")
-    gradient_checkpoint: bool = _f(False, "activation checkpointing of attention")
-    gradient_checkpoint_mlp: bool = _f(False, "activation checkpointing of the MLP")
+    gradient_checkpoint: int = _f(0, "activation checkpointing of attention in every k-th transformer layer "
+                                     "(0 = off, 1 = every layer)")
+    gradient_checkpoint_mlp: int = _f(0, "activation checkpointing of the MLP in every k-th transformer layer "
+                                         "(0 = off, 1 = every layer)")
     wds: bool = _f(False, "read training data from webdataset shards")
     data: str | None = _f(None, "training data: an image folder with metadata.jsonl")
     num_workers: int = _f(2, "DataLoader worker processes")
@@ -166,6 +169,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 _HINTS = typing.get_type_hints(Config)
+_INT_ONCE_BOOL = {"gradient_checkpoint", "gradient_checkpoint_mlp"}  # official YAMLs write 0/1; true/false also read
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -194,6 +198,8 @@ def _coerce(key: str, value: Any) -> Any:
                 return bool(value)
             raise ValueError
         if tp is int:
+            if key in _INT_ONCE_BOOL and str(value).strip().lower() in ("true", "false"):
+                return int(str(value).strip().lower() == "true")
             if isinstance(value, bool):
                 raise ValueError
             if isinstance(value, float) and not value.is_integer():
@@ -275,6 +281,9 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key 'head_dim' ({cfg.head_dim}) must be a multiple of 4 with rope")
     if cfg.rope and cfg.txt_size > 0 and cfg.head_dim // 2 < 8:
         raise ValueError("config key 'head_dim' must be >= 16 with rope and text (8 dims go to the third axis)")
+    for key in sorted(_INT_ONCE_BOOL):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key '{key}' is a layer period k >= 0 (0 = off), got {getattr(cfg, key)}")
     for key in ("drop_label", "drop_image", "secondary_ratio"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"config key '{key}' is a probability, got {getattr(cfg, key)}")

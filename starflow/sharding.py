@@ -49,6 +49,8 @@ def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_fo
 
     if not torch.distributed.is_initialized():
         raise RuntimeError("sharding needs torch.distributed: launch with torchrun --nproc_per_node N")
+    # Our outputs are never modified in place, so FSDP2's warning about returning views does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
     for module in model.modules():
         if isinstance(module, AttentionBlock):
@@ -86,8 +88,6 @@ def prepare_sharded_inference(model: nn.Module, txt_len: int, txt_dim: int | Non
         txt_len, txt_dim: text length and width (``txt_dim`` None for a model without text).
         device: the rank's device.
     """
-    # Our outputs are never modified in place, so FSDP2's warning about returning views does not apply.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     c, side = model.config.channel_size, model.latent_side
     shape = (1, 1, c, side, side) if model.config.is_video else (1, c, side, side)
     y = torch.zeros(1, txt_len, txt_dim, device=device) if txt_dim else None

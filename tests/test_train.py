@@ -23,7 +23,7 @@ from starflow.sampling.pipeline import build_text_encoder
 from starflow.train.distributed import init_distributed
 from starflow.train.optim import WARMUP_START_LR, build_optimizer, build_schedule, lr_at
 from starflow.train.state import CheckpointManager
-from starflow.train.trainer import Trainer
+from starflow.train.trainer import Trainer, TrainingDiverged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,6 +52,16 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def read_metrics(logdir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_checkpoint(path: Path, tmp: Path) -> dict[str, Any]:
+    """Everything in a DCP training checkpoint as one plain dict (plus ``trainer.json`` under ``meta``)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(path, tmp / "consolidated.pt")
+    state = torch.load(tmp / "consolidated.pt", weights_only=False)
+    state["meta"] = json.loads((path / "trainer.json").read_text())
+    return state
 
 
 def train_args(config_file: Path, data: Path, logdir: Path, *extra: str) -> list[str]:
@@ -151,7 +161,9 @@ def resume_runs(tiny_config, digits, tmp_path_factory, one_thread) -> dict[str, 
         resumed_before_start = first.resume()
         history = first.fit(max_steps=3)
         at_three = training_state(first)
-        (split / "checkpoints" / "step_00000004.pt.tmp").write_bytes(b"killed while saving step 4")
+        partial = split / "checkpoints" / "step_00000004.partial"  # a run killed while saving step 4
+        partial.mkdir()
+        (partial / "__0_0.distcp").write_bytes(b"half a shard")
         second = build_trainer(config, split)  # a new process: fresh weights, optimizer and RNG
         resumed = second.resume()
         after_resume = training_state(second)
@@ -167,7 +179,7 @@ def test_resume_restores_model_optimizer_schedule_step_and_data(resume_runs) -> 
     assert r["resumed"]
     a, b = r["at_three"], r["after_resume"]
     assert a["step"] == b["step"] == 3
-    assert a["latest"] == b["latest"] == "step_00000003.pt"  # the partial step-4 file is ignored
+    assert a["latest"] == b["latest"] == "step_00000003"  # the partial step-4 folder is ignored
     assert same_state(a["model"], b["model"])
     assert a["lr"] == b["lr"] and a["data"] == b["data"] == (0, 3)
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -188,9 +200,9 @@ def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:
         ref = [m[key] for m in r["reference"]]
         assert [m[key] for m in r["history"]] == ref, key  # bit-exact: same computation
         assert [m[key] for m in got] == ref, key
-    final_a = CheckpointManager.load(CheckpointManager(r["straight"] / "checkpoints").latest())
-    final_b = CheckpointManager.load(CheckpointManager(r["split"] / "checkpoints").latest())
-    assert final_a["step"] == final_b["step"] == 6 and final_a["data"] == final_b["data"]
+    final_a = read_checkpoint(CheckpointManager(r["straight"] / "checkpoints").latest(), r["straight"])
+    final_b = read_checkpoint(CheckpointManager(r["split"] / "checkpoints").latest(), r["split"])
+    assert final_a["meta"]["step"] == final_b["meta"]["step"] == 6
     for k, v in final_a["model"].items():
         assert torch.equal(final_b["model"][k], v), k
 
@@ -198,7 +210,7 @@ def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:
 def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:
     for run in ("straight", "split"):
         names = sorted(p.name for p in (resume_runs[run] / "checkpoints").iterdir())
-        assert names == ["step_00000004.pt", "step_00000006.pt"], run
+        assert names == ["step_00000004", "step_00000006"], run
 
 
 def test_checkpoints_pruned_to_keep_last(tiny_config, digits, config_file, tmp_path) -> None:
@@ -206,38 +218,43 @@ def test_checkpoints_pruned_to_keep_last(tiny_config, digits, config_file, tmp_p
     logdir = tmp_path / "run"
     assert main(train_args(config_file(config), digits["train"], logdir)) == 0
     names = sorted(p.name for p in (logdir / "checkpoints").iterdir())
-    assert names == ["step_00000004.pt", "step_00000005.pt"]
-    state = CheckpointManager.load(logdir / "checkpoints" / names[-1])
-    assert {"model", "optimizer", "schedule", "step", "data", "rng", "config"} <= state.keys()
-    assert state["step"] == 5 and state["schedule"]["last_epoch"] == 5
+    assert names == ["step_00000004", "step_00000005"]
+    state = read_checkpoint(logdir / "checkpoints" / names[-1], tmp_path)
+    assert {"model", "optimizer", "meta"} <= state.keys()
+    assert state["meta"]["step"] == 5 and state["meta"]["schedule"]["last_epoch"] == 5
+    local = CheckpointManager.load_local(logdir / "checkpoints" / names[-1], 0)
+    assert {"data", "rng"} <= local.keys()
     assert (logdir / "config.yaml").is_file() and (logdir / "model" / "config.yaml").is_file()
     assert load_config(logdir / "config.yaml").keep_last == 2  # the resolved config is saved beside them
 
 
-def test_checkpoint_manager_ignores_partial_files(tmp_path) -> None:
+def test_checkpoint_manager_ignores_partial_folders(tmp_path) -> None:
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
     assert manager.latest() is None
     for step in (1, 2, 3):
-        manager.save(step, {"step": step})
-    assert [p.name for p in manager.checkpoints()] == ["step_00000002.pt", "step_00000003.pt"]
-    leftover = manager.folder / "step_00000004.pt.tmp"  # a run killed while writing step 4
-    leftover.write_bytes(b"truncated")
+        manager.save(step, {"w": torch.full((3,), float(step))}, {"step": step}, {"rank": 0})
+    assert [p.name for p in manager.checkpoints()] == ["step_00000002", "step_00000003"]
+    leftover = manager.folder / "step_00000004.partial"  # a run killed while writing step 4
+    leftover.mkdir()
     (manager.folder / "notes.txt").write_text("not a checkpoint")
-    assert manager.latest().name == "step_00000003.pt"
-    assert CheckpointManager.load(manager.latest())["step"] == 3
-    manager.save(5, {"step": 5})  # pruning never touches the leftover
-    assert [p.name for p in manager.checkpoints()] == ["step_00000003.pt", "step_00000005.pt"]
-
+    assert manager.latest().name == "step_00000003"
+    tensors = {"w": torch.zeros(3)}
+    meta, local = manager.load(manager.latest(), tensors)
+    assert meta == {"step": 3} and local == {"rank": 0} and torch.equal(tensors["w"], torch.full((3,), 3.0))
+    manager.save(5, {"w": torch.zeros(3)}, {"step": 5}, {})
+    assert [p.name for p in manager.checkpoints()] == ["step_00000003", "step_00000005"]
+    assert not leftover.exists()  # the next save clears what a killed save left
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_checkpoint_raises_a_clear_error(tmp_path, damage: str) -> None:
     manager = CheckpointManager(tmp_path, keep_last=1)
-    path = manager.save(1, {"step": 1, "model": {"w": torch.randn(64, 64)}})
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint at all")
+    path = manager.save(1, {"w": torch.randn(64, 64)}, {"step": 1}, {})
+    shard = next(path.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint at all")
     with pytest.raises(RuntimeError, match="corrupt or incomplete"):
-        CheckpointManager.load(path)
+        manager.load(path, {"w": torch.zeros(64, 64)})
 
 
 # ---------------------------------------------------------------------- dry run
@@ -279,7 +296,23 @@ def test_non_finite_loss_skips_the_update(tiny_config, digits, tmp_path, monkeyp
     assert same_state(before, after), "a non-finite step changed the weights"
     assert adam_before == adam_after, "a non-finite step advanced AdamW"
     assert not same_state(after, snapshot(trainer.model)), "the next finite step did not update"
-    assert CheckpointManager.load(trainer.checkpoints.latest())["skipped_updates"] == 1
+    assert read_checkpoint(trainer.checkpoints.latest(), tmp_path)["meta"]["skipped_updates"] == 1
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_config, digits, tmp_path, monkeypatch) -> None:
+    config = dict(tiny_config, data=str(digits["train"]), steps=20, save_freq=100, drop_label=0.0, max_nonfinite=3)
+    trainer = build_trainer(config, tmp_path / "diverged")
+    good = collate([trainer.dataset[i] for i in range(trainer.cfg.batch_size)])
+    bad = dict(good, pixels=torch.full_like(good["pixels"], float("inf")))
+    monkeypatch.setattr(trainer, "_batches", lambda: iter([good, bad, good, bad, bad, bad, good]))
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps .* non-finite.*resume"):
+        trainer.fit()
+    assert trainer.step == 6 and trainer.skipped_updates == 4  # the isolated bad step did not count
+    weights = snapshot(trainer.model)
+    resumed = build_trainer(config, tmp_path / "diverged")
+    assert resumed.resume() and resumed.step == 6
+    assert same_state(weights, snapshot(resumed.model))  # the checkpoint holds the last good weights
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 # ---------------------------------------------------------------------- errors

@@ -1,20 +1,32 @@
-"""Data: captioned image folders, aspect-ratio buckets and the demo digits."""
+"""Data: captioned image folders, webdataset shards, latent caches, aspect-ratio buckets and the demo digits."""
 
 from starflow.data.aspect import ASPECT_RATIOS, AspectBucketBatchSampler, aspect_to_size, nearest_aspect, parse_aspect
 from starflow.data.digits import load_digit_split, split_indices, write_digits
 from starflow.data.images import CorruptImageError, ImageFolder, collate, load_image
+from starflow.data.latent_cache import cache_latents, cache_settings, check_cache_settings, load_uncond
+from starflow.data.shards import pack_folder, read_index
+from starflow.data.stream import BatchPosition, PositionTracker, ShardStream
 
 __all__ = [
     "ASPECT_RATIOS",
     "AspectBucketBatchSampler",
+    "BatchPosition",
     "CorruptImageError",
     "ImageFolder",
+    "PositionTracker",
+    "ShardStream",
     "aspect_to_size",
+    "cache_latents",
+    "cache_settings",
+    "check_cache_settings",
     "collate",
     "load_digit_split",
     "load_image",
+    "load_uncond",
     "nearest_aspect",
+    "pack_folder",
     "parse_aspect",
+    "read_index",
     "split_indices",
     "write_digits",
 ]

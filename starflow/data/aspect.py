@@ -93,21 +93,24 @@ def nearest_aspect(width: int, height: int) -> str:
 class AspectBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of indices that share one aspect bucket, shuffled per epoch and split across ranks.
 
-    Each epoch, indices are grouped by bucket, shuffled within buckets, cut into batches, and the
-    batches shuffled; rank `r` takes batches `r, r + world_size, ...`, so ranks are disjoint.
-    With `drop_last` the short batch of each bucket is dropped and the batch list cut to a multiple of
-    `world_size`, so every rank runs the same number of steps (needed for FSDP/DDP collectives).
-    Without it every index appears exactly once per epoch over all ranks, and ranks may differ by
-    one batch.
+    Each epoch, indices are grouped by bucket and shuffled within buckets; each bucket is cut into global
+    batches of `batch_size * world_size * grad_accum` indices, and the global batches are shuffled. A
+    global batch is one optimizer step: for micro-step `a` rank `r` takes the slice starting at
+    `(a * world_size + r) * batch_size`. The samples of a step are therefore the same for any number of
+    ranks and any accumulation, which makes runs on different numbers of processes comparable.
+    With `drop_last` short global batches are dropped, so every rank runs the same number of steps
+    (needed for FSDP/DDP collectives). Without it every index appears exactly once per epoch over all
+    ranks, and ranks may differ by one batch.
 
     Args:
         buckets: Bucket key of every dataset index, e.g. `ImageFolder.buckets`.
-        batch_size: Samples per batch on this rank.
+        batch_size: Samples per micro-batch on this rank.
         shuffle: Shuffle within buckets and the batch order (seeded by `seed + epoch`).
         seed: Base seed, identical on all ranks.
-        drop_last: Drop short batches and equalise the batch count across ranks.
+        drop_last: Drop short global batches.
         rank: This process's rank in `[0, world_size)`.
         world_size: Number of data-parallel ranks.
+        grad_accum: Micro-batches per optimizer step.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class AspectBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -126,42 +130,52 @@ class AspectBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         self.buckets = list(buckets)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, max(1, grad_accum)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch that, with `seed`, fixes this epoch's order (call before iterating)."""
         self.epoch = epoch
 
-    def _all_batches(self) -> list[list[int]]:
-        """Every rank's batches for the current epoch, identical on all ranks."""
+    def _global_batches(self) -> list[list[int]]:
+        """Every step's global batch for the current epoch, identical on all ranks."""
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(self.buckets):
             groups.setdefault(key, []).append(i)
+        size = self.batch_size * self.world_size * self.grad_accum
         batches = []
         for key in sorted(groups):
             idx = groups[key]
             if self.shuffle:
                 idx = [idx[i] for i in torch.randperm(len(idx), generator=gen).tolist()]
-            for start in range(0, len(idx), self.batch_size):
-                batch = idx[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
+            for start in range(0, len(idx), size):
+                batch = idx[start : start + size]
+                if len(batch) == size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        if self.drop_last:
-            batches = batches[: len(batches) - len(batches) % self.world_size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.world_size]
+        for batch in self._global_batches():
+            for a in range(self.grad_accum):
+                start = (a * self.world_size + self.rank) * self.batch_size
+                mine = batch[start : start + self.batch_size]
+                if mine:
+                    yield mine
 
     def __len__(self) -> int:
         sizes: dict[str, int] = {}
         for key in self.buckets:
             sizes[key] = sizes.get(key, 0) + 1
+        size = self.batch_size * self.world_size * self.grad_accum
         if self.drop_last:
-            return sum(n // self.batch_size for n in sizes.values()) // self.world_size
-        total = sum(math.ceil(n / self.batch_size) for n in sizes.values())
-        return len(range(self.rank, total, self.world_size))
+            return sum(n // size for n in sizes.values()) * self.grad_accum
+        count = 0
+        for n in sizes.values():
+            full, rest = divmod(n, size)
+            count += full * self.grad_accum
+            for a in range(self.grad_accum):  # the short global batch: this rank's non-empty slices
+                count += (a * self.world_size + self.rank) * self.batch_size < rest
+        return count

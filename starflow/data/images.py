@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -32,19 +33,19 @@ class CorruptImageError(OSError):
     """An image file that is missing, truncated or cannot be decoded."""
 
 
-def _open(path: Path) -> Image.Image:
-    """Opens an image lazily (header only); raises `CorruptImageError` if that fails."""
+def _open(path: Path | BinaryIO) -> Image.Image:
+    """Opens an image (a file or a binary stream) lazily (header only); raises `CorruptImageError` if that fails."""
     try:
         return Image.open(path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(f"cannot read image {path}: {err}") from err
 
 
-def load_image(path: str | Path, size: tuple[int, int], channels: int) -> torch.Tensor:
+def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int) -> torch.Tensor:
     """Loads an image, resizes its shorter side to cover `size` and centre-crops to it.
 
     Args:
-        path: Image file (any format PIL reads). EXIF orientation is applied.
+        path: Image file or binary stream (any format PIL reads). EXIF orientation is applied.
         size: Target `(h, w)` in pixels.
         channels: 1 for greyscale (PIL mode "L"), 3 for RGB.
 
@@ -60,7 +61,7 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int) -> torch.
     h, w = size
     if h <= 0 or w <= 0:
         raise ValueError(f"size must be positive (h, w), got {size}")
-    path = Path(path)
+    path = path if hasattr(path, "read") else Path(path)
     with _open(path) as img:
         try:
             img.load()  # decode now so a truncated file fails here
@@ -75,6 +76,22 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int) -> torch.
     img = img.crop((left, top, left + w, top + h))
     arr = np.asarray(img, dtype=np.float32).reshape(h, w, channels)  # (H, W, C) in 0..255
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W) in [-1, 1]
+
+
+def image_aspect(path: str | Path | BinaryIO) -> str:
+    """The nearest bucket of `ASPECT_RATIOS` for an image, read from its header (EXIF rotation applied).
+
+    Raises:
+        CorruptImageError: If the header cannot be read.
+    """
+    with _open(path if hasattr(path, "read") else Path(path)) as img:
+        try:
+            width, height = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotates by 90 degrees
+                width, height = height, width
+            return nearest_aspect(width, height)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise CorruptImageError(f"cannot read the header of image {path}: {err}") from err
 
 
 def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
@@ -179,11 +196,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def _header_bucket(self, path: Path) -> str:
         """Nearest bucket from the header's (width, height); unreadable files get the default."""
         try:
-            with _open(path) as img:
-                width, height = img.size
-                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotates by 90 degrees
-                    width, height = height, width
-            return nearest_aspect(width, height)
+            return image_aspect(path)
         except (OSError, SyntaxError, ValueError) as err:  # CorruptImageError is an OSError
             self._skip(path, err)
             return self.aspect_ratio

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
 
 from starflow.data.images import METADATA_FILE, read_metadata
 
-__all__ = ["VideoFolder", "CorruptVideoError", "read_video", "write_video", "write_gif", "to_uint8_frames"]
+__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_video", "write_video", "write_gif",
+           "to_uint8_frames"]
 
 logger = logging.getLogger(__name__)
 _FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object per line, e.g. "
@@ -31,8 +32,8 @@ class CorruptVideoError(OSError):
     """A video file that is missing, cannot be decoded, or is too short for one clip."""
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame of a video file.
+def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video file (or binary stream).
 
     Returns:
         ``(frames (T, H, W, 3) uint8 RGB, fps)``.
@@ -43,7 +44,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(path if hasattr(path, "read") else str(path)) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
@@ -129,6 +130,24 @@ def _resize_frames(frames: np.ndarray, size: tuple[int, int], channels: int) -> 
     return torch.from_numpy(np.stack(out)) / 127.5 - 1
 
 
+def clip_indices(n_source: int, source_fps: float, frames: int, fps: float, *, random_start: bool = True,
+                 generator: torch.Generator | None = None) -> list[int]:
+    """Source frame indices of one clip of ``frames`` frames at ``fps``: the nearest source frame to each target
+    time, from a uniformly random start (``generator``, else the global torch RNG) or from frame 0.
+
+    Raises:
+        CorruptVideoError: the video is shorter than one clip.
+    """
+    step = source_fps / fps  # source frames per clip frame
+    span = (frames - 1) * step
+    if span > n_source - 1 + 1e-6:
+        raise CorruptVideoError(f"{n_source} frames at {source_fps:g} fps are shorter than a clip of "
+                                f"{frames} frames at {fps:g} fps")
+    latest = n_source - 1 - span
+    start = float(torch.rand((), generator=generator).item()) * latest if random_start else 0.0
+    return [min(n_source - 1, round(start + k * step)) for k in range(frames)]
+
+
 class VideoFolder(torch.utils.data.Dataset):
     """Captioned clips from a folder of videos with ``metadata.jsonl``; never crashes on a bad file.
 
@@ -176,14 +195,7 @@ class VideoFolder(torch.utils.data.Dataset):
         Raises:
             CorruptVideoError: the video is shorter than one clip.
         """
-        step = source_fps / self.fps  # source frames per clip frame
-        span = (self.frames - 1) * step
-        if span > n_source - 1 + 1e-6:
-            raise CorruptVideoError(f"{n_source} frames at {source_fps:g} fps are shorter than a clip of "
-                                    f"{self.frames} frames at {self.fps:g} fps")
-        latest = n_source - 1 - span
-        start = float(torch.rand(()).item()) * latest if self.random_start else 0.0
-        return [min(n_source - 1, round(start + k * step)) for k in range(self.frames)]
+        return clip_indices(n_source, source_fps, self.frames, self.fps, random_start=self.random_start)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         """``{"pixels": (T, C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": "1:1"}``; an unreadable

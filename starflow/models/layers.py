@@ -1,18 +1,23 @@
 """Transformer parts of a STARFlow flow block: RMSNorm, attention with a KV-cache hook, MLP.
 
 Attribute names (``attention.norm``, ``attention.qkv``, ``attention.proj``, ``mlp.norm``, ``mlp.main``)
-are those of the released checkpoints (SPEC section 3).
+are those of the released checkpoints (SPEC section 3). Activation checkpointing is per layer and per
+sub-layer (:func:`set_activation_checkpointing`, config keys ``gradient_checkpoint`` and
+``gradient_checkpoint_mlp``).
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from starflow.models.kv_cache import KVCache
 from starflow.models.rope import apply_rope
 
-__all__ = ["RMSNorm", "Attention", "MLP", "AttentionBlock", "Rope"]
+__all__ = ["RMSNorm", "Attention", "MLP", "AttentionBlock", "Rope", "set_activation_checkpointing"]
 
 LAYER_NORM_EPS = 1e-5
 RMS_NORM_EPS = 1e-6
@@ -95,14 +100,51 @@ class MLP(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """One transformer layer: ``h = h + Attn(LN(h)); h = h + MLP(LN(h))`` (SPEC section 4, step 3)."""
+    """One transformer layer: ``h = h + Attn(LN(h)); h = h + MLP(LN(h))`` (SPEC section 4, step 3).
+
+    Attributes:
+        checkpoint_attention: recompute the attention in the backward pass instead of storing its
+            activations (only when training with gradients and without a KV cache).
+        checkpoint_mlp: the same for the MLP.
+    """
 
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
         self.attention = Attention(dim, head_dim)
         self.mlp = MLP(dim)
+        self.checkpoint_attention = False
+        self.checkpoint_mlp = False
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
-        x = x + self.attention(x, rope, mask, cache=cache, layer=layer, start=start)
+        """Apply the layer; arguments as :meth:`Attention.forward`. Returns ``(B, n, W)``."""
+        recompute = self.training and torch.is_grad_enabled() and cache is None
+        if recompute and self.checkpoint_attention:
+            x = x + checkpoint(self.attention, x, rope, mask, use_reentrant=False)
+        else:
+            x = x + self.attention(x, rope, mask, cache=cache, layer=layer, start=start)
+        if recompute and self.checkpoint_mlp:
+            return x + checkpoint(self.mlp, x, use_reentrant=False)
         return x + self.mlp(x)
+
+
+def set_activation_checkpointing(layers: Iterable[AttentionBlock], attention_every: int, mlp_every: int) -> None:
+    """Checkpoint the attention (resp. MLP) of every k-th layer of one transformer stack.
+
+    Layer ``j`` (0-based, within the stack) is checkpointed when ``j % k == 0``: ``k = 1`` every layer,
+    ``k = 2`` layers 0, 2, 4, ..., ``k = 0`` none. Checkpointed sub-layers are recomputed in the backward
+    pass (``torch.utils.checkpoint``, non-reentrant): less activation memory, the same values and gradients.
+
+    Args:
+        layers: the stack's layers in order (e.g. a flow block's ``attn_blocks``).
+        attention_every: period k of the attention checkpoints (config ``gradient_checkpoint``).
+        mlp_every: period k of the MLP checkpoints (config ``gradient_checkpoint_mlp``).
+
+    Raises:
+        ValueError: a period is negative.
+    """
+    if attention_every < 0 or mlp_every < 0:
+        raise ValueError(f"checkpointing periods must be >= 0, got {attention_every} and {mlp_every}")
+    for j, layer in enumerate(layers):
+        layer.checkpoint_attention = attention_every > 0 and j % attention_every == 0
+        layer.checkpoint_mlp = mlp_every > 0 and j % mlp_every == 0

@@ -15,7 +15,7 @@ from torch import nn
 
 from starflow.config import Config, infer_vae_downsample, load_config
 from starflow.models.denoiser import Denoiser
-from starflow.models.layers import Rope
+from starflow.models.layers import Rope, set_activation_checkpointing
 from starflow.models.rope import rope_angles
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
 from starflow.sampling.jacobi import DecodeStats, JacobiSettings, decode_block
@@ -98,6 +98,7 @@ class STARFlow(nn.Module):
                 self.token_dim, config.channels, config.head_dim,
                 self.txt_dim if config.conditional_denoiser else None, config.temporal_causal,
                 config.denoiser_window)
+        self.set_activation_checkpointing(config.gradient_checkpoint, config.gradient_checkpoint_mlp)
         self.reset_parameters()
 
     @classmethod
@@ -111,6 +112,22 @@ class STARFlow(nn.Module):
             vae_downsample: spatial downsampling of the latent space (default: from ``config.vae``).
         """
         return cls(load_config(config), txt_dim, vae_downsample)
+
+    def set_activation_checkpointing(self, attention_every: int, mlp_every: int) -> None:
+        """Checkpoint attention (resp. MLP) activations in every k-th layer of each flow block and the denoiser.
+
+        Called at construction with the config's ``gradient_checkpoint`` and ``gradient_checkpoint_mlp``;
+        layer ``j`` of each stack is checkpointed when ``j % k == 0`` (``k = 0``: off). Only training
+        forward passes with gradients are affected; values and gradients are unchanged.
+
+        Raises:
+            ValueError: a period is negative.
+        """
+        stacks = [b.attn_blocks for b in self.blocks if isinstance(b, FlowBlock)]
+        if self.learnable_self_denoiser is not None:
+            stacks.append(self.learnable_self_denoiser.attn_blocks)
+        for layers in stacks:
+            set_activation_checkpointing(layers, attention_every, mlp_every)
 
     def reset_parameters(self) -> None:
         """All initialisation in one place: zero ``proj_out.weight`` and ``final_norm.weight``, N(0, 1) ``sos_embed``."""

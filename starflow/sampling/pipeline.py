@@ -12,6 +12,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -202,9 +203,10 @@ class Pipeline:
         load_weights(model, str(weights), assign=True, dtype=dtype)
         return cls(model.to(device).requires_grad_(False), text_encoder, vae, cfg)
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, weights: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
-        preset text encoder, ``text_encoder/`` (the config then points at it)."""
+        preset text encoder, ``text_encoder/`` (the config then points at it). ``weights`` replaces the
+        model's own state dict (e.g. the gathered weights of a sharded model)."""
         from starflow.config import save_config
 
         folder = Path(folder)
@@ -214,7 +216,7 @@ class Pipeline:
         if self.text_encoder is not None and (cfg.text == TINY_TEXT_ENCODER or local_text):
             self.text_encoder.save_pretrained(folder / "text_encoder")
             cfg = load_config(cfg, {"text": "text_encoder"})
-        save_weights(self.model, folder / "model.safetensors")
+        save_weights(self.model if weights is None else weights, folder / "model.safetensors")
         save_config(cfg, folder / "config.yaml")
 
     def encode_prompts(self, prompts: list[str], aspect_ratio: str = "1:1") -> torch.Tensor | None:

@@ -1,24 +1,43 @@
-"""Training checkpoints: everything needed to resume exactly, written atomically, last ``k`` kept.
+"""Training checkpoints through ``torch.distributed.checkpoint`` (DCP): sharded, atomic, last ``k`` kept.
 
-A checkpoint is one file ``step_XXXXXXXX.pt`` holding the model, optimizer and schedule state, the step,
-the data position and every RNG state. It is written to a temporary name and renamed, so a run killed
-while saving keeps the previous checkpoint.
+A checkpoint is a folder ``step_XXXXXXXX/`` holding
+
+* the DCP files (``.metadata`` and one ``.distcp`` file per rank) of the tensors: model, optimizer(s).
+  Under FSDP2 every rank writes only its own shards; replicated tensors are written once. DCP reshards
+  on load, so a run can resume on a different number of ranks;
+* ``trainer.json`` (rank 0): step, schedule, counters and the resolved config;
+* ``rank_{r}.pt`` (every rank): that rank's data position and RNG states.
+
+Everything is first written to ``step_XXXXXXXX.partial/``; once every rank has finished, rank 0 renames
+it. A run killed while saving therefore keeps the previous checkpoint, and the leftover ``.partial``
+folder is removed by the next save. Setting the environment variable ``STARFLOW_KILL_DURING_SAVE`` to a
+step number kills the process (SIGKILL) after the tensors of that step's checkpoint are written and
+before the rename: the crash-safety tests use it to stop a run at the worst moment.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
-import pickle
 import random
 import re
+import shutil
+import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-__all__ = ["CheckpointManager", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "KILL_DURING_SAVE_ENV"]
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{8})$")
+META_FILE = "trainer.json"
+KILL_DURING_SAVE_ENV = "STARFLOW_KILL_DURING_SAVE"
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,48 +57,113 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_sizes(path: Path) -> None:
+    """Raise if a DCP data file is shorter than the metadata says (a truncated copy)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    needed: dict[str, int] = {}
+    for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        have = (path / name).stat().st_size
+        if have < size:
+            raise OSError(f"{name} has {have} bytes, the checkpoint's metadata needs {size}")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class CheckpointManager:
-    """Saves and finds training checkpoints in ``folder``.
+    """Saves and finds training checkpoints in ``folder`` (every rank calls every method).
 
     Args:
         folder: checkpoint directory (created on first save).
         keep_last: number of checkpoints kept; older ones are deleted after a successful save.
+        rank: this process's rank (rank 0 writes the metadata, renames and prunes).
     """
 
-    def __init__(self, folder: str | Path, keep_last: int = 3) -> None:
+    def __init__(self, folder: str | Path, keep_last: int = 3, rank: int = 0) -> None:
         self.folder = Path(folder)
         self.keep_last = max(1, keep_last)
+        self.rank = rank
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first (``.partial`` folders and other files are ignored)."""
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name))
+        return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name) and (p / META_FILE).is_file())
 
     def latest(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state`` for ``step`` atomically and prune old checkpoints."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step_{step:08d}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        for old in self.checkpoints()[: -self.keep_last]:
-            old.unlink()
-        return path
+    def save(self, step: int, tensors: dict[str, Any], meta: dict[str, Any], local: dict[str, Any]) -> Path:
+        """Write a checkpoint for ``step`` atomically and prune old ones.
 
-    @staticmethod
-    def load(path: str | Path) -> dict[str, Any]:
-        """Read a checkpoint written by :meth:`save`.
+        Args:
+            tensors: nested dict of (possibly sharded DTensor) tensors, e.g. ``{"model": ..., "optimizer": ...}``
+                from ``torch.distributed.checkpoint.state_dict``; saved with DCP.
+            meta: JSON-serialisable, identical on every rank (written by rank 0).
+            local: this rank's picklable state (data position, RNG).
+
+        Returns:
+            The checkpoint folder.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        final = self.folder / f"step_{step:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for leftover in self.folder.glob("*.partial"):  # from a run killed while saving
+                shutil.rmtree(leftover, ignore_errors=True)
+            if final.exists():  # the same step saved again (e.g. the last step after a periodic save)
+                shutil.rmtree(final)
+        _barrier()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(tensors, checkpoint_id=str(partial))
+        torch.save(local, partial / f"rank_{self.rank}.pt")
+        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        _barrier()
+        if self.rank == 0:
+            (partial / META_FILE).write_text(json.dumps(meta, indent=1))
+            os.replace(partial, final)
+            for old in self.checkpoints()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: str | Path, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Load a checkpoint written by :meth:`save`; ``tensors`` is filled in place (DCP reshards as needed).
+
+        Returns:
+            ``(meta, local)``; ``local`` is None when the checkpoint has no file for this rank (it was
+            written by fewer ranks).
 
         Raises:
-            RuntimeError: the file is corrupt or truncated.
+            RuntimeError: the checkpoint is corrupt or incomplete (the message names the folder).
         """
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-            raise RuntimeError(f"training checkpoint {path} is corrupt or incomplete ({e}); delete it to resume "
-                               "from the previous one") from e
+            meta = json.loads((path / META_FILE).read_text())
+            _check_sizes(path)
+            with warnings.catch_warnings():  # one process without a process group is the intended use
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(tensors, checkpoint_id=str(path))
+            local_file = path / f"rank_{self.rank}.pt"
+            local = torch.load(local_file, map_location="cpu", weights_only=False) if local_file.is_file() else None
+        except Exception as e:  # DCP raises a variety of errors on damaged files
+            raise RuntimeError(f"training checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); "
+                               "delete the folder to resume from the previous one") from e
+        return meta, local
+
+    @staticmethod
+    def load_local(path: str | Path, rank: int) -> dict[str, Any]:
+        """The per-rank state (data position, RNG) that ``rank`` wrote into checkpoint ``path``."""
+        return torch.load(Path(path) / f"rank_{rank}.pt", map_location="cpu", weights_only=False)

@@ -2,7 +2,13 @@
 
 ``x = vae.encode(img) + noise_std * N(0, I)``, captions dropped to ``""`` with probability ``drop_label``,
 AdamW (0.9, 0.95), warm-up + cosine, gradient clipping / skipping, bf16 autocast on CUDA. One process
-or many under ``torchrun``; checkpoints restore model, optimizer, schedule, step, data position and RNG.
+or many under ``torchrun`` (FSDP2 or DDP, see :mod:`starflow.train.parallelize`); sharded DCP checkpoints
+restore model, optimizer, schedule, step, data position and RNG (:mod:`starflow.train.state`).
+
+The noise, caption dropout and ``drop_image`` of a step are drawn from generators seeded by
+``(seed, step, global sample index)``, and the sampler hands out the same global batch for any number of
+ranks: the same config on 1 or N processes computes the same losses, and a resumed run continues the
+uninterrupted one exactly.
 
 Video (STARFlow-V, arXiv 2511.20462): batches are ``(B, T, C, H, W)``; with probability ``drop_image`` a
 batch loses its first frame and its captions get the ``(extend) `` prefix (SPEC section 11). The learnable
@@ -14,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -26,19 +31,67 @@ from tqdm.auto import tqdm
 
 from starflow.adapters import LatentAdapter, TextEncoder, apply_prompt_template
 from starflow.config import Config, save_config
-from starflow.data import AspectBucketBatchSampler, ImageFolder, collate
+from starflow.data import AspectBucketBatchSampler, ImageFolder, PositionTracker, ShardStream, collate, load_uncond
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import EXTEND_PREFIX, Pipeline, SampleSettings
+from starflow.sharding import is_sharded
 from starflow.train.distributed import DistInfo
+from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_optimizer, build_schedule
+from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
+                                        shard_text_encoder)
 from starflow.train.state import CheckpointManager, rng_state, set_rng_state
 
-__all__ = ["Trainer", "ResumableBatchSampler", "GRAD_SKIP_AFTER"]
+__all__ = ["Trainer", "build_dataset", "ResumableBatchSampler", "TrainingDiverged", "GRAD_SKIP_AFTER", "sample_seed"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
 SAMPLE_PROMPTS = 10  # captions in the periodic sample grid
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (``max_nonfinite``)."""
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """Seed of the random draws for global sample ``index`` of optimizer step ``step`` (``index`` -1: the
+    draws shared by the whole step). A pure function, so every rank and a resumed run agree."""
+    return hash((seed, step, index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def build_dataset(cfg: Config, vae: LatentAdapter, dist: DistInfo):
+    """The training data named by ``cfg.data``: a folder with ``metadata.jsonl`` (images or videos), or a folder
+    of webdataset shards with ``index.json`` (``starflow pack``; or cached latents, ``starflow cache-latents``).
+
+    With ``wds: 1`` and a plain folder the folder is read directly, with a note on how to pack it.
+
+    Raises:
+        ValueError: a latent cache made with other settings (the message names the keys).
+    """
+    from starflow.data import check_cache_settings, read_index
+
+    root = Path(cfg.data)
+    pixel_channels = cfg.channel_size if vae.downsample == 1 else 3
+    if (root / "index.json").is_file():
+        kind = read_index(root)[1]["kind"]
+        if kind == "latent":
+            check_cache_settings(root, cfg)
+        micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
+        video = dict(frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size)) if cfg.is_video else {}
+        return ShardStream(root, micro, img_size=cfg.img_size, channels=pixel_channels,
+                           multiple=vae.downsample * cfg.patch_size, mix_aspect=cfg.mix_aspect, seed=cfg.seed,
+                           rank=dist.rank, world_size=dist.world_size, **video)
+    if cfg.wds and dist.is_main:
+        tqdm.write(f"note: config key 'wds' is 1 but {root} is a plain folder (no index.json); reading it directly. "
+                   f"For sharded reading at scale run `starflow pack {root} SHARDS_DIR` and pass --data SHARDS_DIR")
+    if cfg.is_video:
+        from starflow.data.video import VideoFolder
+
+        return VideoFolder(root, frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size),
+                           channels=pixel_channels)
+    return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
+                       multiple=vae.downsample * cfg.patch_size)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -64,24 +117,21 @@ class Trainer:
         model: the flow (possibly wrapped for data parallelism by the caller via :attr:`train_model`).
         text_encoder: frozen text encoder or None.
         vae: latent adapter.
-        dataset: training images.
+        dataset: training data (:func:`build_dataset`): an image or video folder, or a :class:`ShardStream`.
         logdir: output folder (checkpoints, samples, ``metrics.jsonl``, ``config.yaml``).
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, model: STARFlow, text_encoder: TextEncoder | None,
-                 vae: LatentAdapter, dataset: ImageFolder, logdir: Path) -> None:
+                 vae: LatentAdapter, dataset: ImageFolder | ShardStream, logdir: Path) -> None:
         if cfg.batch_size % (dist.world_size * cfg.grad_accum):
             raise ValueError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by world size x grad_accum "
                              f"({dist.world_size} x {cfg.grad_accum})")
         self.cfg, self.dist, self.logdir = cfg, dist, Path(logdir)
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
-        self.train_model: torch.nn.Module = model
-        if dist.distributed:
-            if model.learnable_self_denoiser is not None:  # trained outside the flow's forward: synced by hand
-                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, [n for n, _ in model.named_parameters() if n.startswith("learnable_self_denoiser.")])
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
+        self.sharded = is_sharded(model)
+        if cfg.fsdp_text_encoder and dist.distributed and text_encoder is not None:
+            shard_text_encoder(text_encoder.encoder, dist)
         self.denoiser = model.learnable_self_denoiser
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
         self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad and id(p) not in den_ids), cfg)
@@ -92,130 +142,205 @@ class Trainer:
         self.schedule = build_schedule(self.optimizer, cfg)
         self.step = 0
         self.skipped_updates = 0
-        micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
-        buckets = dataset.buckets
-        self.batches = ResumableBatchSampler(AspectBucketBatchSampler(
-            buckets, micro, shuffle=True, seed=cfg.seed, drop_last=True, rank=dist.rank, world_size=dist.world_size))
-        if len(self.batches.sampler) == 0:
-            raise ValueError(f"dataset of {len(dataset)} images is smaller than one batch of {micro} per rank")
-        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", cfg.keep_last)
-        self.sample_prompts = sorted(set(dataset.texts))[:SAMPLE_PROMPTS]
+        self.nonfinite_in_a_row = 0
+        self.micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
+        self.stream = dataset if isinstance(dataset, ShardStream) else None
+        self.batches, self.tracker, self._uncond_cache = None, PositionTracker(cfg.num_workers), {}
+        if self.stream is None:
+            self.batches = ResumableBatchSampler(AspectBucketBatchSampler(
+                dataset.buckets, self.micro, shuffle=True, seed=cfg.seed, drop_last=True, rank=dist.rank,
+                world_size=dist.world_size, grad_accum=cfg.grad_accum))
+            if len(self.batches.sampler) == 0:
+                raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch of {cfg.batch_size}")
+        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", cfg.keep_last, rank=dist.rank)
+        self.sample_prompts = sorted(set(getattr(dataset, "texts", [])))[:SAMPLE_PROMPTS]
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model, optimizer, schedule, step, data position, RNG, config."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "denoiser_optimizer": self.denoiser_optimizer.state_dict() if self.denoiser_optimizer else None,
-                "schedule": self.schedule.state_dict(), "step": self.step, "skipped_updates": self.skipped_updates,
-                "data": {"epoch": self.batches.epoch, "skip": self.batches.skip}, "rng": rng_state(),
-                "config": self.cfg.to_dict()}
+    def _tensor_state(self) -> dict[str, Any]:
+        """Model and optimizer state as DCP state dicts (sharded DTensors under FSDP2)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.denoiser_optimizer is not None and state.get("denoiser_optimizer"):
-            self.denoiser_optimizer.load_state_dict(state["denoiser_optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.step, self.skipped_updates = state["step"], state.get("skipped_updates", 0)
-        self.batches.epoch, self.batches.skip = state["data"]["epoch"], state["data"]["skip"]
-        set_rng_state(state["rng"])
+        state = {"model": get_model_state_dict(self.model),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        if self.denoiser_optimizer is not None:
+            state["denoiser_optimizer"] = get_optimizer_state_dict(self.model, self.denoiser_optimizer)
+        return state
+
+    def save(self) -> Path:
+        """Write a checkpoint of everything needed to resume (every rank must call it)."""
+        meta = {"step": self.step, "skipped_updates": self.skipped_updates,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "schedule": self.schedule.state_dict(),
+                "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
+        local = {"data": self._data_position(), "rng": rng_state()}
+        return self.checkpoints.save(self.step, self._tensor_state(), meta, local)
+
+    def load(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save` (on any number of ranks)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        tensors = self._tensor_state()
+        meta, local = self.checkpoints.load(path, tensors)
+        set_model_state_dict(self.model, tensors["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
+        if self.denoiser_optimizer is not None:
+            set_optimizer_state_dict(self.model, self.denoiser_optimizer, tensors["denoiser_optimizer"])
+        self.schedule.load_state_dict(meta["schedule"])
+        self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
+        self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
+        if local is None:  # written by fewer ranks: the global batches are the same, only RNG states differ
+            self._log(f"{path} was written by {meta['world_size']} process(es); rank {self.dist.rank} continues "
+                      "the data order of rank 0 with fresh RNG states")
+            local = self.checkpoints.load_local(path, 0)
+        else:
+            set_rng_state(local["rng"])
+        self._set_data_position(local["data"])
 
     def resume(self) -> bool:
         """Load the latest checkpoint in ``logdir`` if there is one; returns whether it did."""
         path = self.checkpoints.latest()
         if path is None:
             return False
-        self.load_state_dict(CheckpointManager.load(path))
+        self.load(path)
         self._log(f"resumed from {path} at step {self.step}")
         return True
 
     # ------------------------------------------------------------------ one step
-    def _encode_text(self, captions: list[str], aspects: list[str]) -> torch.Tensor | None:
+    def _encode_text(self, captions: list[str], aspects: list[str], drop: list[bool]) -> torch.Tensor | None:
         if self.text_encoder is None:
             return None
         c = self.cfg
-        drop = torch.rand(len(captions)) < c.drop_label
         fps = c.vid_size[1] if c.vid_size else 0
         texts = [apply_prompt_template("" if d else t, fps=fps, fps_cond=c.fps_cond, cond_noise_level=c.cond_noise_level,
                                        noise_std=c.noise_std, mix_aspect=c.mix_aspect, aspect_ratio=a)
-                 for t, a, d in zip(captions, aspects, drop.tolist())]
+                 for t, a, d in zip(captions, aspects, drop)]
         return self.text_encoder(texts).to(self.dist.device)
 
     def _autocast(self):
-        if self.dist.device.type == "cuda":
+        if self.dist.device.type == "cuda" and not self.sharded:  # FSDP2 casts the parameters to bf16 itself
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def micro_step(self, batch: dict[str, Any], scale: float, sync: bool) -> dict[str, torch.Tensor]:
-        """Forward + backward on one micro-batch; gradients are scaled by ``scale`` and accumulate."""
-        pixels = batch["pixels"].to(self.dist.device)
+    def _latents(self, batch: dict[str, Any], drop_image: bool) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """``(latents, captions, cached text embeddings or None)`` of a batch of pixels or of cached latents.
+
+        With ``drop_image`` a video loses its first frame and its captions get the ``(extend) `` prefix.
+        """
         captions = list(batch["text"])
-        if pixels.dim() == 5 and pixels.shape[1] > 1 and self.cfg.drop_image > 0 and torch.rand(()) < self.cfg.drop_image:
+        if "latents" in batch:  # a latent cache (starflow cache-latents)
+            latents, text = batch["latents"].to(self.dist.device).float(), batch.get("text_emb")
+            if drop_image and latents.dim() == 5 and latents.shape[1] > 1:
+                latents, text = latents[:, 1:], batch["text_emb_extend"]
+            return latents, captions, text
+        pixels = batch["pixels"].to(self.dist.device)
+        if drop_image and pixels.dim() == 5 and pixels.shape[1] > 1:
             pixels = pixels[:, 1:]  # continue a video: no first frame, and the caption says so
             captions = [EXTEND_PREFIX + c for c in captions]
         with torch.no_grad():
-            latents = self.vae.encode(pixels).float()
-        noise = torch.randn(latents.shape).to(latents.device)
-        x = latents + self.cfg.noise_std * noise
-        y = self._encode_text(captions, batch["aspect_ratio"])
+            return self.vae.encode(pixels).float(), captions, None
+
+    def _uncond(self, aspect_ratio: str) -> torch.Tensor:
+        if aspect_ratio not in self._uncond_cache:
+            self._uncond_cache[aspect_ratio] = load_uncond(self.cfg.data, aspect_ratio if self.cfg.mix_aspect else None)
+        return self._uncond_cache[aspect_ratio]
+
+    def micro_step(self, batch: dict[str, Any], scale: float, sync: bool, micro_index: int = 0) -> dict[str, torch.Tensor]:
+        """Forward + backward on one micro-batch; gradients are scaled by ``scale`` and accumulate.
+
+        ``micro_index`` is the micro-batch's place in the step (gradient accumulation); with the rank it
+        gives the global index of each sample, which seeds its noise and caption dropout.
+        """
+        step_gen = torch.Generator().manual_seed(sample_seed(self.cfg.seed, self.step, -1))
+        drop_image = self.cfg.drop_image > 0 and bool(torch.rand((), generator=step_gen) < self.cfg.drop_image)
+        latents, captions, cached_text = self._latents(batch, drop_image)
+        first = (micro_index * self.dist.world_size + self.dist.rank) * self.micro
+        noise, drop = [], []
+        for i in range(latents.shape[0]):
+            gen = torch.Generator(device=latents.device).manual_seed(sample_seed(self.cfg.seed, self.step, first + i))
+            drop.append(bool(torch.rand((), generator=gen, device=latents.device) < self.cfg.drop_label))
+            noise.append(torch.randn(latents.shape[1:], generator=gen, device=latents.device))
+        x = latents + self.cfg.noise_std * torch.stack(noise)
+        if cached_text is None:
+            y = self._encode_text(captions, batch["aspect_ratio"], drop)
+        else:  # a latent cache: the templated captions were encoded once; dropped ones become the empty prompt
+            uncond = [self._uncond(a) for a in batch["aspect_ratio"]]
+            y = torch.stack([u if d else t for t, u, d in zip(cached_text, uncond, drop)]).to(self.dist.device)
         if self.denoiser is not None:
             x.requires_grad_(True)  # dL/dx is the denoiser's training target
-        no_sync = getattr(self.train_model, "no_sync", None)
-        ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
-        with ctx:
+        with gradient_sync(self.train_model, sync):
             with self._autocast():
                 losses = self.model.loss_from_output(self.train_model(x, y))  # the wrapper's forward (DDP hooks)
             (losses["loss"] * scale).backward()
-        out = {k: v.detach() for k, v in losses.items() if v.dim() == 0}
-        if self.denoiser is not None:
-            target = self.cfg.noise_std * x.numel() * x.grad / scale  # noise_std * numel(x) * dL/dx
-            with self._autocast():
-                pred = self.model.denoiser(x.detach(), y)
-            denoiser_loss = torch.nn.functional.mse_loss(pred.float(), target)
-            (denoiser_loss * scale).backward()
-            out["denoiser_loss"] = denoiser_loss.detach()
+            out = {k: v.detach() for k, v in losses.items() if v.dim() == 0}
+            if self.denoiser is not None:
+                target = self.cfg.noise_std * x.numel() * x.grad / scale  # noise_std * numel(x) * dL/dx
+                with self._autocast():
+                    pred = self.model.denoiser(x.detach(), y)
+                denoiser_loss = torch.nn.functional.mse_loss(pred.float(), target)
+                (denoiser_loss * scale).backward()
+                out["denoiser_loss"] = denoiser_loss.detach()
         return out
 
     def _denoiser_step(self) -> float:
-        """Average the denoiser's gradients over ranks, clip, step its optimizer; returns the gradient norm."""
+        """Average the denoiser's gradients over ranks (FSDP2 already did), clip, step its optimizer;
+        returns the gradient norm."""
         params = [p for p in self.denoiser.parameters() if p.grad is not None]
-        if self.dist.distributed:
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.dist.world_size
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        if not self.sharded:
+            all_reduce_grads(params, self.dist.world_size)
+        norm = clip_grad_norm(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         if math.isfinite(norm):
             self.denoiser_optimizer.step()
         self.denoiser_optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if not self.dist.distributed:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.dist.device)
+        torch.distributed.all_reduce(values)
+        return dict(zip(keys, (values / self.dist.world_size).tolist()))
+
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; non-finite or (with grad_skip) too large
-        gradients are skipped and counted, never applied."""
+        gradients are skipped and counted, never applied.
+
+        Raises:
+            TrainingDiverged: ``max_nonfinite`` consecutive steps were non-finite (after saving a checkpoint
+                that holds the last good weights).
+        """
         self.train_model.train()
         metrics: dict[str, float] = {}
         for i, batch in enumerate(batches):
-            out = self.micro_step(batch, 1.0 / len(batches), sync=i == len(batches) - 1)
+            out = self.micro_step(batch, 1.0 / len(batches), sync=i == len(batches) - 1, micro_index=i)
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + v.item() / len(batches)
+        metrics = self._mean_over_ranks(metrics)
         denoiser_norm = self._denoiser_step() if self.denoiser is not None else None
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        skip = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
+        grad_norm = clip_grad_norm(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        nonfinite = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
+        skip = nonfinite
         if self.cfg.grad_skip and self.cfg.grad_clip > 0 and self.step >= GRAD_SKIP_AFTER:
             skip = skip or grad_norm > self.cfg.grad_clip
         if skip:
             self.skipped_updates += 1
         else:
             self.optimizer.step()
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.step += 1
-        metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], skipped=float(skip))
+        metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], skipped=float(skip),
+                       skipped_total=float(self.skipped_updates))
         if denoiser_norm is not None:
             metrics["denoiser_grad_norm"] = denoiser_norm
+        if self.cfg.max_nonfinite and self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+            path = self.save()
+            raise TrainingDiverged(
+                f"{self.nonfinite_in_a_row} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"gradient and were skipped; stopping. {path} holds the last good weights: lower 'lr', set "
+                "'grad_clip', or check the data, then run the same command again to resume (config key "
+                "'max_nonfinite' sets the limit, 0 never stops)")
         return metrics
 
     # ------------------------------------------------------------------ loop
@@ -226,12 +351,33 @@ class Trainer:
                           num_workers=self.cfg.num_workers, persistent_workers=False, generator=gen)
 
     def _batches(self) -> Iterator[dict[str, Any]]:
+        if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
+            for batch in DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers):
+                self.tracker.update(batch.pop("position"))
+                if not self.sample_prompts:
+                    self.sample_prompts = sorted(set(batch["text"]))[:SAMPLE_PROMPTS]
+                yield batch
         while True:
             for batch in self._loader():
                 self.batches.skip += 1
                 yield batch
             self.batches.epoch += 1
             self.batches.skip = 0
+
+    def _data_position(self) -> dict[str, Any]:
+        if self.stream is not None:
+            return {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers}
+        return {"epoch": self.batches.epoch, "skip": self.batches.skip}
+
+    def _set_data_position(self, position: dict[str, Any]) -> None:
+        if self.stream is None:
+            self.batches.epoch, self.batches.skip = position["epoch"], position["skip"]
+            return
+        if position.get("num_workers") != self.cfg.num_workers:
+            raise ValueError(f"the checkpoint's shard positions are for num_workers {position.get('num_workers')}; "
+                             f"resume with --num_workers {position.get('num_workers')}")
+        self.tracker.load_state_dict(position["stream"])
+        self.stream.set_position(**position["stream"])
 
     def _log(self, message: str) -> None:
         if self.dist.is_main:
@@ -248,40 +394,50 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.logdir / "config.yaml")
         history: list[dict[str, float]] = []
+        logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run)
         data = self._batches()
         bar = tqdm(total=end, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
         t0, seen = time.perf_counter(), 0
-        while self.step < end:
-            m = self.train_step([next(data) for _ in range(cfg.grad_accum)])
-            seen += cfg.batch_size
-            m.update(step=self.step, samples_per_s=seen / (time.perf_counter() - t0))
-            history.append(m)
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", bpd=f"{m['bits_per_dim']:.3f}", lr=f"{m['lr']:.2e}")
-            if dry_run:
-                break
-            if self.dist.is_main and (self.step % cfg.log_freq == 0 or self.step == end):
-                with open(self.logdir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(m) + "\n")
-            if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
-                self.sample_grid()
-            if self.step % cfg.save_freq == 0 or self.step == end:
-                self.save()
-        bar.close()
+        try:
+            while self.step < end:
+                m = self.train_step([next(data) for _ in range(cfg.grad_accum)])
+                seen += cfg.batch_size
+                m.update(step=self.step, samples_per_s=seen / (time.perf_counter() - t0))
+                history.append(m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", bpd=f"{m['bits_per_dim']:.3f}", lr=f"{m['lr']:.2e}",
+                                samples_s=f"{m['samples_per_s']:.1f}")
+                if dry_run:
+                    break
+                if self.step % cfg.log_freq == 0 or self.step == end:
+                    logger.log(self.step, m)
+                if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
+                    self.sample_grid()
+                if self.step % cfg.save_freq == 0 or self.step == end:
+                    self.save()
+        finally:
+            bar.close()
+            logger.close()
         if self.skipped_updates:
             self._log(f"{self.skipped_updates} updates skipped (non-finite or above grad_clip)")
         return history
 
-    def save(self) -> Path | None:
+    def export(self, folder: str | Path) -> Path | None:
+        """Write a model folder (``config.yaml``, ``model.safetensors`` in the official layout) from the
+        current weights; every rank must call it under FSDP2, rank 0 writes."""
+        weights = full_state_dict(self.model)
         if not self.dist.is_main:
             return None
-        path = self.checkpoints.save(self.step, self.state_dict())
-        return path
+        Pipeline(self.model, self.text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)
+        return Path(folder)
 
     @torch.no_grad()
     def sample_grid(self, per_prompt: int = 4) -> Path | None:
-        """Sample ``per_prompt`` images for a fixed set of training captions into ``samples/step_X.png``."""
-        if not self.dist.is_main or not self.sample_prompts:
+        """Sample ``per_prompt`` images for a fixed set of training captions into ``samples/step_X.png``.
+
+        Under FSDP2 every rank samples (the sharded layers need all ranks) and rank 0 writes the grid.
+        """
+        if not self.sample_prompts or not (self.dist.is_main or self.sharded):
             return None
         was_training = self.model.training
         pipe = Pipeline(self.model, self.text_encoder, self.vae, self.cfg)
@@ -291,6 +447,8 @@ class Trainer:
         pixels = pipe(prompts, SampleSettings(cfg=self.cfg.cfg, jacobi=True), generator=gen)
         torch.set_rng_state(rng)  # sampling must not change the training noise stream
         self.model.train(was_training)
+        if not self.dist.is_main:
+            return None
         path = self.logdir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(pixels, path, nrow=per_prompt, scale=max(1, 64 // pixels.shape[-1]))

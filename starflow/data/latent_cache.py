@@ -1,0 +1,262 @@
+"""Latent caches: every sample's VAE latent and text embedding computed once and stored as shards.
+
+Training on a cache skips the frozen VAE and T5 in every step. The cache stores the posterior mean
+(no sampling noise; the trainer still adds ``noise_std`` noise) and the T5 embedding of the caption
+templated exactly as the trainer templates it (``apply_prompt_template``; SPEC section 12), plus, for
+``drop_image > 0``, that of ``EXTEND_PREFIX + caption``. ``uncond.pt`` holds the empty prompt's embedding
+(caption dropout) per aspect bucket. ``index.json`` records the config keys the cache depends on;
+:func:`check_cache_settings` compares them with a training config.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from starflow.data.aspect import ASPECT_RATIOS
+from starflow.data.shards import (
+    INDEX_FILE,
+    SampleDecoder,
+    folder_samples,
+    prepare_output,
+    read_index,
+    read_shards,
+    write_shards,
+)
+
+if TYPE_CHECKING:  # the adapters pull in transformers and diffusers: imported where used
+    from starflow.adapters import LatentAdapter, TextEncoder
+    from starflow.config import Config
+
+__all__ = ["UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "load_uncond"]
+
+UNCOND_FILE = "uncond.pt"
+_SETTING_KEYS = ("img_size", "vid_size", "vae", "text", "txt_size", "channel_size", "fps_cond",
+                 "cond_noise_level", "noise_std", "mix_aspect")
+
+
+def cache_settings(cfg: Config) -> dict[str, Any]:
+    """The config values a latent cache depends on (JSON-safe): the keys above, ``drop_image`` as
+    ``drop_image > 0``, and ``patch_size`` with ``mix_aspect`` (bucket sides are its multiples)."""
+    d = cfg.to_dict()
+    settings = {k: d[k] for k in _SETTING_KEYS}
+    settings["drop_image"] = cfg.drop_image > 0
+    settings["patch_size"] = cfg.patch_size if cfg.mix_aspect else None
+    return settings
+
+
+def check_cache_settings(index: Mapping[str, Any] | str | Path, cfg: Config) -> None:
+    """Checks that a latent cache was made for ``cfg``.
+
+    Args:
+        index: The cache's index (``read_index(root)[1]``), its folder or its ``index.json``.
+        cfg: The training config.
+
+    Raises:
+        ValueError: Not a latent cache, or settings differ (each key named, with both values and the fix).
+    """
+    if not isinstance(index, Mapping):
+        index = read_index(index)[1]
+    if index.get("kind") != "latent":
+        raise ValueError(f"not a latent cache (kind {index.get('kind')!r}); make one with `starflow cache-latents`")
+    stored, wanted = index.get("settings", {}), cache_settings(cfg)
+    diff = [f"{k}: cache {stored.get(k)!r}, config {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    if diff:
+        raise ValueError(f"the latent cache was made with other settings ({'; '.join(diff)}); re-run "
+                         "`starflow cache-latents --config CONFIG --data SRC --out OUT --overwrite` with this config")
+
+
+def load_uncond(root: str | Path, aspect_ratio: str | None = None) -> torch.Tensor:
+    """The empty prompt's embedding ``(L, D)`` float32 from a latent cache.
+
+    Args:
+        root: The cache folder.
+        aspect_ratio: The bucket (``"w:h"``); needed only for ``mix_aspect`` caches, which hold one per bucket.
+
+    Raises:
+        FileNotFoundError: The cache has no ``uncond.pt`` (made without a text encoder).
+        KeyError: ``aspect_ratio`` is missing or unknown for a ``mix_aspect`` cache.
+    """
+    path = read_index(root)[0] / UNCOND_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: the cache was made without a text encoder (txt_size 0)")
+    table = torch.load(path, weights_only=True)
+    if len(table) == 1:
+        return next(iter(table.values())).float()
+    if aspect_ratio not in table:
+        raise KeyError(f"{path} holds one embedding per aspect ratio; pass one of {sorted(table)}")
+    return table[aspect_ratio].float()
+
+
+def _tensor_bytes(x: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(x.detach().cpu().clone(), buf)  # clone: a row of a batch would save the whole batch
+    return buf.getvalue()
+
+
+class _Encoder:
+    """Encodes decoded samples in batches and yields the cache's raw samples."""
+
+    def __init__(self, cfg: Config, vae: LatentAdapter, text_encoder: TextEncoder | None, dtype: torch.dtype) -> None:
+        self.cfg, self.vae, self.text_encoder, self.dtype = cfg, vae, text_encoder, dtype
+        self.fps = cfg.vid_size[1] if cfg.vid_size else 0
+
+    def prompt(self, text: str, aspect_ratio: str) -> str:
+        from starflow.adapters import apply_prompt_template
+
+        c = self.cfg  # as Trainer._encode_text
+        return apply_prompt_template(text, fps=self.fps, fps_cond=c.fps_cond, cond_noise_level=c.cond_noise_level,
+                                     noise_std=c.noise_std, mix_aspect=c.mix_aspect, aspect_ratio=aspect_ratio)
+
+    def embed(self, texts: list[str], aspects: list[str]) -> torch.Tensor:
+        """``(B, L, D)`` embeddings of templated captions."""
+        return self.text_encoder([self.prompt(t, a) for t, a in zip(texts, aspects)])
+
+    def batch(self, items: list[tuple[dict, dict]]) -> Iterator[dict]:
+        """``items``: (raw sample, decoded sample) pairs of one bucket."""
+        from starflow.sampling.pipeline import EXTEND_PREFIX
+
+        decoded = [d for _, d in items]
+        texts, aspects = [d["text"] for d in decoded], [d["aspect_ratio"] for d in decoded]
+        pixels = torch.stack([d["pixels"] for d in decoded])  # (B, [T,] C, H, W); the adapter moves it
+        latents = self.vae.encode(pixels, sample=False).to(self.dtype)
+        emb = extend = None
+        if self.text_encoder is not None:
+            emb = self.embed(texts, aspects).to(self.dtype)  # (B, L, D)
+            if self.cfg.drop_image > 0:
+                extend = self.embed([EXTEND_PREFIX + t for t in texts], aspects).to(self.dtype)
+        for i, (raw, d) in enumerate(items):
+            out = {"__key__": raw["__key__"], "latent.pth": _tensor_bytes(latents[i]), "txt": raw["txt"],
+                   "json": _with_aspect(raw.get("json"), d["aspect_ratio"])}
+            if emb is not None:
+                out["txt.pth"] = _tensor_bytes(emb[i])
+            if extend is not None:
+                out["txt_extend.pth"] = _tensor_bytes(extend[i])
+            yield out
+
+
+def _with_aspect(meta: bytes | None, aspect_ratio: str) -> bytes:
+    return json.dumps(dict(json.loads(meta) if meta else {}, aspect_ratio=aspect_ratio)).encode("utf-8")
+
+
+def _source(src: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]]:
+    """``(kind, raw samples)`` of a shard folder (read in order) or a captioned folder."""
+    if (src / INDEX_FILE).is_file():
+        root, index = read_index(src)
+        return index["kind"], read_shards([root / s["name"] for s in index["shards"]])
+    return folder_samples(src, skipped)
+
+
+def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdapter, text_encoder: TextEncoder | None,
+                  batch_size: int = 16, dtype: torch.dtype = torch.float32, shard_size: int = 1000,
+                  overwrite: bool = False) -> dict:
+    """Encodes every sample of a folder or shard folder once into a latent cache.
+
+    Samples are decoded as the trainer's datasets decode them (``img_size``, aspect buckets of
+    ``vae.downsample * patch_size`` with ``mix_aspect``; videos: the first ``vid_size`` clip), batched per
+    bucket, and stored as ``latent.pth`` (``vae.encode(pixels, sample=False)``: ``(C, h, w)`` or
+    ``(T', C, h, w)``), ``txt.pth`` and, with ``drop_image > 0``, ``txt_extend.pth`` (``(L, D)``), plus the
+    caption and ``json`` (with ``aspect_ratio``).
+
+    Args:
+        src: Captioned folder (``metadata.jsonl``) or shard folder (``index.json`` of kind image/video).
+        out: Output folder: ``shard-*.tar``, ``index.json`` (kind ``"latent"``, ``settings``), ``uncond.pt``.
+        cfg: The training config.
+        vae: Latent adapter (as built for training).
+        text_encoder: Text encoder, or None for ``txt_size: 0``.
+        batch_size: Samples per encoder batch.
+        dtype: Storage dtype of latents and embeddings (read back as float32).
+        shard_size: Samples per shard.
+        overwrite: Replace a cache already in ``out``.
+
+    Returns:
+        The index written to ``out/index.json``.
+
+    Raises:
+        FileNotFoundError: ``src`` has neither ``metadata.jsonl`` nor ``index.json``.
+        FileExistsError: ``out`` holds shards and ``overwrite`` is off.
+        ValueError: ``src`` is a latent cache, or no sample is usable.
+    """
+    src, out = Path(src), Path(out)
+    skipped: list[dict] = []
+    kind, samples = _source(src, skipped)
+    if kind == "latent":
+        raise ValueError(f"{src} is already a latent cache; pass the image or video data")
+    channels = cfg.channel_size if vae.downsample == 1 else 3
+    decoder = SampleDecoder(kind, img_size=cfg.img_size, channels=channels, multiple=vae.downsample * cfg.patch_size,
+                            mix_aspect=cfg.mix_aspect, frames=cfg.vid_size[0] if cfg.vid_size else None,
+                            fps=cfg.vid_size[1] if cfg.vid_size else None, size=(cfg.img_size, cfg.img_size),
+                            random_start=False)
+    encoder = _Encoder(cfg, vae, text_encoder, dtype)
+    prepare_output(out, overwrite)
+    if text_encoder is not None:
+        aspects = ASPECT_RATIOS if cfg.mix_aspect else ("1:1",)
+        table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype)
+        torch.save({a: table[i].clone() for i, a in enumerate(aspects)}, out / UNCOND_FILE)
+
+    def encoded() -> Iterator[dict]:
+        buffers: dict[str, list[tuple[dict, dict]]] = {}
+        for raw in samples:
+            bucket = decoder.bucket(raw)
+            item = decoder.decode(raw, bucket) if bucket is not None else None
+            if item is None:
+                skipped.append({"file_name": f"sample {raw.get('__key__')} of {raw.get('__url__', src)}",
+                                "reason": "corrupt sample"})
+                continue
+            buf = buffers.setdefault(bucket, [])
+            buf.append((raw, item))
+            if len(buf) == batch_size:
+                yield from encoder.batch(buf)
+                buf.clear()
+        for buf in buffers.values():  # the short batches too: every sample is cached
+            if buf:
+                yield from encoder.batch(buf)
+
+    with torch.no_grad():
+        return write_shards(out, encoded(), shard_size, {"kind": "latent", "settings": cache_settings(cfg),
+                                                         "source": str(src), "skipped": skipped})
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from starflow.adapters import build_latent_adapter
+    from starflow.cli import _overrides
+    from starflow.config import load_config
+    from starflow.sampling.pipeline import build_text_encoder, resolve_asset
+
+    cfg = load_config(args.config, _overrides(args, skip={"data"}))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = Path(args.config).parent
+    vae = build_latent_adapter(resolve_asset(cfg.vae, base), channels=cfg.channel_size, device=device)
+    text_encoder = build_text_encoder(cfg, base, device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    index = cache_latents(args.data, args.out, cfg, vae, text_encoder, batch_size=args.batch, dtype=dtype,
+                          shard_size=args.shard_size, overwrite=args.overwrite)
+    print(f"cached {index['total']} latents into {len(index['shards'])} shards in {args.out}; "
+          f"skipped {len(index['skipped'])}; train with --data {args.out}")
+    return 0
+
+
+def add_cache_cli(sub: argparse._SubParsersAction) -> None:
+    """Registers ``starflow cache-latents``."""
+    from starflow.cli import _add_config_flags
+
+    p = sub.add_parser("cache-latents", help="encode a dataset once with the config's VAE and text encoder",
+                       description="Write VAE latents and T5 embeddings of every sample of --data (a folder with "
+                                   "metadata.jsonl or a shard folder) to --out as shards, with the settings they "
+                                   "depend on; training checks them against its config.")
+    p.add_argument("--config", required=True, help="training config (YAML)")
+    p.add_argument("--data", required=True, help="image/video folder with metadata.jsonl, or a shard folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch", type=int, default=16, help="samples per encoder batch [default: 16]")
+    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="storage dtype of latents and embeddings [default: float32]")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    p.add_argument("--device", default=None, help="cpu, cuda ... [default: cuda if available]")
+    _add_config_flags(p, skip={"data"})
+    p.set_defaults(func=_cache_command)

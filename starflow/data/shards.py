@@ -1,0 +1,312 @@
+"""WebDataset shards: pack a captioned folder into tar shards, read them back, decode their samples.
+
+A shard folder holds ``shard-000000.tar, shard-000001.tar, ...`` and ``index.json``::
+
+    {"kind": "image" | "video" | "latent", "shards": [{"name": "shard-000000.tar", "samples": 1000}, ...],
+     "total": N, "skipped": [{"file_name": ..., "reason": ...}, ...]}
+
+A sample is ``__key__`` (a zero-padded running index), the file's bytes under its extension (``png``,
+``mp4``, ...; latent caches: ``latent.pth``, ``txt.pth``, ``txt_extend.pth``), ``txt`` (the caption) and
+``json`` (the original ``file_name``, ``fps`` if given, ``aspect_ratio`` in latent caches). Training reads
+shard folders with :class:`starflow.data.stream.ShardStream`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from starflow.data.aspect import aspect_to_size
+from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata
+from starflow.data.video import CorruptVideoError, _resize_frames, clip_indices, read_video
+
+__all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "sample_seed", "write_shards"]
+
+logger = logging.getLogger(__name__)
+
+SHARD_PATTERN = "shard-%06d.tar"
+INDEX_FILE = "index.json"
+VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "avi", "mkv", "webm", "m4v"})
+_NOT_MEDIA = frozenset({"txt", "json", "latent.pth", "txt.pth", "txt_extend.pth"})
+_BAD_SAMPLE = (OSError, ValueError, KeyError, RuntimeError, EOFError)  # what a corrupt sample can raise
+
+
+def read_index(root: str | Path) -> tuple[Path, dict]:
+    """``(folder, index)`` of a shard folder, given the folder or its ``index.json``.
+
+    Raises:
+        FileNotFoundError: No ``index.json`` (the message says how to make one).
+    """
+    root = Path(root)
+    path = root if root.name == INDEX_FILE else root / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: not a shard folder; make one with `starflow pack SRC OUT` "
+                                "(or `starflow cache-latents` for latents)")
+    return path.parent, json.loads(path.read_text(encoding="utf-8"))
+
+
+def _extension(file_name: str) -> str:
+    return Path(file_name).suffix.lower().lstrip(".")
+
+
+def folder_kind(file_names: Iterable[str]) -> str:
+    """``"video"`` if every file has a video extension, ``"image"`` if none has.
+
+    Raises:
+        ValueError: The folder mixes videos and images.
+    """
+    video = [_extension(f) in VIDEO_EXTENSIONS for f in file_names]
+    if any(video) and not all(video):
+        raise ValueError(f"the folder mixes videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) and images; "
+                         "pack them into separate folders")
+    return "video" if video and all(video) else "image"
+
+
+def _check_file(path: Path, kind: str) -> str | None:
+    """Why ``path`` cannot be used (missing, undecodable), or None if it can."""
+    if not path.is_file():
+        return "missing"
+    try:
+        if kind == "video":
+            read_video(path)
+        else:
+            with Image.open(path) as img:
+                img.verify()  # structure and checksums
+            with Image.open(path) as img:
+                img.load()  # every pixel: catches truncation
+    except (CorruptVideoError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]]:
+    """``(kind, samples)`` of a captioned folder; samples are raw (bytes), as read back from a shard.
+
+    Unusable files are left out and appended to ``skipped`` as ``{"file_name", "reason"}``.
+
+    Raises:
+        FileNotFoundError: No ``metadata.jsonl`` (the message explains the format).
+        ValueError: Malformed metadata, or images and videos mixed.
+    """
+    records = read_metadata(root)
+    kind = folder_kind(r["file_name"] for r in records)
+
+    def samples() -> Iterator[dict]:
+        written = 0
+        for record in records:
+            path = root / record["file_name"]
+            reason = _check_file(path, kind)
+            if reason is not None:
+                skipped.append({"file_name": record["file_name"], "reason": reason})
+                logger.warning("skipping %s (%s)", path, reason)
+                continue
+            meta = {k: v for k, v in record.items() if k != "text"}
+            yield {"__key__": f"{written:09d}", _extension(path.name) or "bin": path.read_bytes(),
+                   "txt": record["text"].encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+            written += 1
+
+    return kind, samples()
+
+
+def read_shards(paths: Sequence[str | Path]) -> Iterator[dict]:
+    """The raw samples of tar shards in order (``__key__``, ``__url__`` and bytes per extension); a corrupt
+    tar member is logged and skipped."""
+    import webdataset
+
+    def log_and_continue(err: Exception) -> bool:
+        logger.warning("skipping a corrupt part of a shard (%s)", err)
+        return True
+
+    return webdataset.tarfile_samples([{"url": str(p)} for p in paths], handler=log_and_continue)
+
+
+def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict) -> dict:
+    """Writes ``samples`` into ``out/shard-*.tar`` (``shard_size`` each) and ``out/index.json`` (``index``
+    plus ``shards`` and ``total``); returns the index.
+
+    Raises:
+        ValueError: No sample was written.
+    """
+    import webdataset
+
+    counts: dict[str, int] = {}
+    writer = webdataset.ShardWriter(str(out / SHARD_PATTERN), maxcount=shard_size, verbose=0)
+    try:
+        for sample in samples:
+            writer.write(sample)
+            name = Path(writer.fname).name
+            counts[name] = counts.get(name, 0) + 1
+    finally:
+        writer.close()
+    if not counts:
+        (out / (SHARD_PATTERN % 0)).unlink(missing_ok=True)
+        raise ValueError(f"no usable sample to write to {out}; skipped: {index.get('skipped', [])[:3]}")
+    index = dict(index, shards=[{"name": n, "samples": c} for n, c in counts.items()], total=sum(counts.values()))
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    return index
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Creates ``out``; removes its shards and index with ``overwrite``.
+
+    Raises:
+        FileExistsError: ``out`` holds shards or an index and ``overwrite`` is off.
+    """
+    old = sorted(out.glob("shard-*.tar")) + [p for p in (out / INDEX_FILE, out / "uncond.pt") if p.exists()]
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
+    for path in old:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False) -> dict:
+    """Packs a captioned image or video folder (``metadata.jsonl``) into tar shards.
+
+    Images must pass PIL's ``verify`` and decode fully; videos must decode (``read_video``). Others are
+    skipped, logged and listed in the index.
+
+    Args:
+        src: Folder with ``metadata.jsonl`` (``file_name``, ``text``, optional ``fps``).
+        out: Output folder for ``shard-*.tar`` and ``index.json``.
+        shard_size: Samples per shard.
+        overwrite: Replace shards already in ``out``.
+
+    Returns:
+        The index: ``{"kind", "shards": [{"name", "samples"}], "total", "skipped": [{"file_name", "reason"}]}``.
+
+    Raises:
+        FileNotFoundError: ``src`` has no ``metadata.jsonl``.
+        FileExistsError: ``out`` holds shards and ``overwrite`` is off.
+        ValueError: Malformed metadata, images and videos mixed, or no usable file.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    src, out = Path(src), Path(out)
+    skipped: list[dict] = []
+    kind, samples = folder_samples(src, skipped)
+    prepare_output(out, overwrite)
+    return write_shards(out, samples, shard_size, {"kind": kind, "skipped": skipped})
+
+
+def _media(sample: dict) -> bytes:
+    """The image or video bytes of a raw sample."""
+    for key, value in sample.items():
+        if not key.startswith("__") and key not in _NOT_MEDIA:
+            return value
+    raise KeyError("no image or video file in the sample")
+
+
+def _load_tensor(data: bytes) -> torch.Tensor:
+    return torch.load(io.BytesIO(data), weights_only=True).float()
+
+
+def sample_seed(*parts: object) -> int:
+    """A 63-bit seed from any values, identical in every process (no Python hash randomisation)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
+
+
+class SampleDecoder:
+    """Turns raw shard samples into training samples, with the resize helpers of ``images``/``video``.
+
+    Args:
+        kind: ``"image"``, ``"video"`` or ``"latent"`` (the index's kind).
+        img_size: Images: side S of the square size, in pixels.
+        channels: Pixel channels, 1 or 3.
+        multiple: Images: bucket sides are multiples of it (``vae_downsample * patch_size``).
+        mix_aspect: Images: each image in its nearest aspect bucket (read from its header).
+        aspect_ratio: Images: the bucket without ``mix_aspect``.
+        frames: Videos: frames per clip T.
+        fps: Videos: frame rate of the clips.
+        size: Videos: ``(h, w)`` of the clips in pixels.
+        random_start: Videos: a random clip start (seeded per sample by :meth:`decode`), else frame 0.
+
+    Raises:
+        ValueError: A setting the kind needs is missing.
+    """
+
+    def __init__(self, kind: str, *, img_size: int | None = None, channels: int = 3, multiple: int = 1,
+                 mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
+                 fps: float | None = None, size: tuple[int, int] | None = None, random_start: bool = True) -> None:
+        if kind == "image" and img_size is None:
+            raise ValueError("an image shard folder needs img_size")
+        if kind == "video" and (frames is None or fps is None or size is None):
+            raise ValueError("a video shard folder needs frames, fps and size")
+        if kind not in ("image", "video", "latent"):
+            raise ValueError(f"unknown shard kind {kind!r}: expected image, video or latent")
+        self.kind, self.img_size, self.channels, self.multiple = kind, img_size, channels, multiple
+        self.mix_aspect, self.aspect_ratio = mix_aspect, aspect_ratio
+        self.frames, self.fps, self.size, self.random_start = frames, fps, size, random_start
+
+    def bucket(self, sample: dict) -> str | None:
+        """The sample's aspect bucket without decoding it (an image header at most); None if unreadable."""
+        try:
+            if self.kind == "latent":
+                return json.loads(sample["json"])["aspect_ratio"]
+            if self.kind == "image" and self.mix_aspect:
+                return image_aspect(io.BytesIO(_media(sample)))
+            return self.aspect_ratio if self.kind == "image" else "1:1"
+        except (CorruptImageError, *_BAD_SAMPLE) as err:
+            logger.warning("skipping sample %s of %s (%s)", sample.get("__key__"), sample.get("__url__"), err)
+            return None
+
+    def decode(self, sample: dict, bucket: str, seed: int = 0) -> dict | None:
+        """A training sample, or None (logged) if the raw sample is corrupt.
+
+        Returns:
+            Images/videos: ``{"pixels": (C, H, W) or (T, C, H, W) float32 in [-1, 1], "text", "aspect_ratio"}``;
+            latents: ``{"latents", "text_emb": (L, D), "text_emb_extend": (L, D) if cached, "text",
+            "aspect_ratio"}`` float32.
+        """
+        try:
+            out: dict[str, Any] = {"text": sample["txt"].decode("utf-8"), "aspect_ratio": bucket}
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            if self.kind == "latent":
+                out["latents"] = _load_tensor(sample["latent.pth"])
+                for key, name in (("txt.pth", "text_emb"), ("txt_extend.pth", "text_emb_extend")):
+                    if key in sample:
+                        out[name] = _load_tensor(sample[key])
+            elif self.kind == "image":
+                size = aspect_to_size(bucket, self.img_size, self.multiple)
+                out["pixels"] = load_image(io.BytesIO(_media(sample)), size, self.channels)
+            else:
+                frames, fps = read_video(io.BytesIO(_media(sample)))
+                gen = torch.Generator().manual_seed(seed)
+                pick = clip_indices(len(frames), meta.get("fps") or fps or self.fps, self.frames, self.fps,
+                                    random_start=self.random_start, generator=gen)
+                out["pixels"] = _resize_frames(frames[pick], self.size, self.channels)
+            return out
+        except (CorruptImageError, CorruptVideoError, *_BAD_SAMPLE) as err:
+            logger.warning("skipping sample %s of %s (%s)", sample.get("__key__"), sample.get("__url__"), err)
+            return None
+
+
+def _pack_command(args: argparse.Namespace) -> int:
+    index = pack_folder(args.src, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    few = ", ".join(s["file_name"] for s in index["skipped"][:3])
+    print(f"packed {index['total']} {index['kind']}s into {len(index['shards'])} shards in {args.out}; "
+          f"skipped {len(index['skipped'])}" + (f" (e.g. {few})" if few else ""))
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Registers ``starflow pack`` and ``starflow cache-latents``."""
+    from starflow.data.latent_cache import add_cache_cli
+
+    p = sub.add_parser("pack", help="pack an image or video folder into webdataset tar shards",
+                       description="Pack a folder with metadata.jsonl into OUT/shard-*.tar and OUT/index.json. "
+                                   "Missing or undecodable files are skipped and listed in the index.")
+    p.add_argument("src", help="image or video folder with metadata.jsonl")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.set_defaults(func=_pack_command)
+    add_cache_cli(sub)

@@ -1,0 +1,195 @@
+"""An endless, resumable stream of micro-batches from a shard folder, split over ranks and DataLoader workers.
+
+Each DataLoader worker of each rank (a *slot*) reads its own share of every epoch: whole shards when there
+are at least as many shards as slots, else every ``slots``-th sample. Raw samples are buffer-shuffled and
+grouped by aspect bucket before anything is decoded, so a resumed stream skips to its position cheaply.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from starflow.data.images import collate
+from starflow.data.shards import SampleDecoder, read_index, read_shards, sample_seed
+
+__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any"]
+
+
+class BatchPosition(NamedTuple):
+    """Where a batch came from: DataLoader ``worker``, ``epoch`` and its ``index`` among that worker's
+    batches of the epoch (kept as a NamedTuple by the DataLoader)."""
+
+    worker: int
+    epoch: int
+    index: int
+
+
+def collate_any(samples: Sequence[dict]) -> dict:
+    """``collate`` for pixel samples; latent samples: tensors stacked to ``(B, ...)``, strings listed."""
+    if "pixels" in samples[0]:
+        return collate(samples)
+    return {k: torch.stack([s[k] for s in samples]) if isinstance(v, torch.Tensor) else [s[k] for s in samples]
+            for k, v in samples[0].items()}
+
+
+def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Buffer shuffle: keeps ``size`` samples and emits a random one for each new one."""
+    if size < 2:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless shuffled micro-batches from a shard folder, split over ranks and DataLoader workers.
+
+    Use with ``DataLoader(stream, batch_size=None, num_workers=W)``. Each worker runs epochs 0, 1, ... on its
+    own. In epoch ``e`` the shard list is shuffled with ``seed + e``; slot ``rank * W + worker`` of
+    ``S = world_size * W`` takes shards ``[slot::S]`` if there are at least ``S`` shards, else reads all
+    and keeps sample ``i`` iff ``i % S == slot``; so no sample is read twice in an epoch. Raw samples
+    are buffer-shuffled (RNG seeded by seed, epoch, slot), grouped by aspect bucket, and decoded only when
+    their batch is due. A worker drops its incomplete batches at the end of each epoch. Corrupt samples
+    are logged and skipped.
+
+    Batches: ``{"pixels": (B, C, H, W) or (B, T, C, H, W) float32 in [-1, 1], "text": list[str],
+    "aspect_ratio": list[str], "position": BatchPosition}``; latent folders give ``"latents": (B, ...)``,
+    ``"text_emb": (B, L, D)``, ``"text_emb_extend": (B, L, D)`` (if cached) instead of ``"pixels"``.
+
+    Args:
+        root: Shard folder or its ``index.json``.
+        batch_size: Samples per micro-batch on this rank.
+        img_size, channels, multiple, mix_aspect, aspect_ratio: Image decoding, as :class:`SampleDecoder`.
+        frames, fps, size: Video decoding (``channels`` too), as :class:`SampleDecoder`; clips start at a
+            random time drawn from (seed, epoch, sample key). Latent folders need no decoding settings.
+        seed: Base seed, identical on all ranks.
+        rank: This process's rank in ``[0, world_size)``.
+        world_size: Number of data-parallel ranks.
+        shuffle_buffer: Raw samples held for shuffling (< 2: no shuffling).
+
+    Raises:
+        FileNotFoundError: No ``index.json``.
+        ValueError: Bad ``batch_size``/``rank``, or a decoding setting the kind needs is missing.
+    """
+
+    def __init__(self, root: str | Path, batch_size: int, *, img_size: int | None = None, channels: int = 3,
+                 multiple: int = 1, mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
+                 fps: float | None = None, size: tuple[int, int] | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 1000) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        self.root, self.index = read_index(root)
+        self.decoder = SampleDecoder(self.index["kind"], img_size=img_size, channels=channels, multiple=multiple,
+                                     mix_aspect=mix_aspect, aspect_ratio=aspect_ratio, frames=frames, fps=fps,
+                                     size=size)
+        self.shards = [str(self.root / s["name"]) for s in self.index["shards"] if s["samples"] > 0]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.next_worker = 0
+
+    def set_position(self, positions: Mapping[int | str, Sequence[int]], next_worker: int = 0) -> None:
+        """Start each worker at ``positions[worker] = (epoch, next batch index)`` (others at (0, 0)).
+
+        The DataLoader hands out batches round-robin from worker 0; ``next_worker`` is the worker whose batch
+        was due next, so that a new DataLoader continues the interrupted sequence exactly. Call before
+        ``iter(loader)``; :class:`PositionTracker` records both values. The number of workers must not change.
+        Skipped batches are counted without decoding: a corrupt sample among them (one that passed ``pack``)
+        shifts the resumed stream by one sample.
+        """
+        self.positions = {int(w): (int(p[0]), int(p[1])) for w, p in positions.items()}
+        self.next_worker = int(next_worker)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers, physical = (info.num_workers, info.id) if info is not None else (1, 0)
+        if any(w >= workers for w in self.positions) or self.next_worker >= workers:
+            raise ValueError(f"the saved stream position is for more than {workers} DataLoader workers; "
+                             "resume with the same num_workers")
+        worker = (physical + self.next_worker) % workers
+        epoch, start = self.positions.get(worker, (0, 0))
+        while True:
+            formed = yield from self._epoch(epoch, worker, workers, start)
+            if formed == 0:
+                raise ValueError(f"{self.root}: worker {worker} of rank {self.rank} forms no batch of "
+                                 f"{self.batch_size} in an epoch; use fewer ranks, workers or a smaller batch")
+            epoch, start = epoch + 1, 0
+
+    def _epoch(self, epoch: int, worker: int, workers: int, skip: int) -> Iterator[dict]:
+        """One epoch of this slot's batches from batch ``skip`` on; returns the number of batches formed."""
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        shards = list(self.shards)
+        random.Random(self.seed + epoch).shuffle(shards)
+        if len(shards) >= slots:
+            raw: Iterable[dict] = read_shards(shards[slot::slots])
+        else:
+            raw = (s for i, s in enumerate(read_shards(shards)) if i % slots == slot)
+        raw = _shuffled(raw, self.shuffle_buffer, random.Random(sample_seed(self.seed, epoch, slot)))
+        buffers: dict[str, list[dict]] = {}
+        formed = 0
+        for sample in raw:
+            bucket = self.decoder.bucket(sample)
+            if bucket is None:
+                continue
+            buf = buffers.setdefault(bucket, [])
+            buf.append(sample)
+            if len(buf) < self.batch_size:
+                continue
+            if formed < skip:  # resuming: count the batch, decode nothing
+                buf.clear()
+                formed += 1
+                continue
+            for s in buf:
+                if "_decoded" not in s:
+                    s["_decoded"] = self.decoder.decode(s, bucket, sample_seed(self.seed, epoch, s["__key__"]))
+            buf[:] = [s for s in buf if s["_decoded"] is not None]  # corrupt ones leave room for the next
+            if len(buf) == self.batch_size:
+                batch = collate_any([s["_decoded"] for s in buf])
+                batch["position"] = BatchPosition(worker, epoch, formed)
+                buf.clear()
+                formed += 1
+                yield batch
+        return formed
+
+
+class PositionTracker:
+    """Records the batches a ``DataLoader(ShardStream, batch_size=None)`` has handed out, to resume after them.
+
+    Args:
+        num_workers: The DataLoader's ``num_workers`` (0 counts as 1).
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = max(1, num_workers)
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.next_worker = 0
+
+    def update(self, position: Sequence[int]) -> None:
+        """Notes a consumed batch's ``batch["position"]``."""
+        worker, epoch, index = (int(v) for v in position)
+        self.positions[worker] = (epoch, index + 1)
+        self.next_worker = (worker + 1) % self.num_workers
+
+    def state_dict(self) -> dict:
+        """``{"positions": {worker: [epoch, next batch]}, "next_worker": w}`` (JSON-safe), for
+        ``ShardStream.set_position(**state)``."""
+        return {"positions": {str(w): list(p) for w, p in self.positions.items()}, "next_worker": self.next_worker}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.positions = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
+        self.next_worker = int(state["next_worker"])

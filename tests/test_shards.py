@@ -1,0 +1,245 @@
+"""Webdataset shards: packing, the resumable sharded stream, and latent caches."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from starflow.adapters import apply_prompt_template, build_tiny_sd_vae
+from starflow.config import load_config
+from starflow.data import (
+    ImageFolder,
+    PositionTracker,
+    ShardStream,
+    aspect_to_size,
+    cache_latents,
+    check_cache_settings,
+    load_uncond,
+    pack_folder,
+    write_digits,
+)
+from starflow.data.video import VideoFolder, write_video
+from starflow.sampling.pipeline import EXTEND_PREFIX, build_text_encoder
+
+N = 40  # samples in the small folders
+
+
+@pytest.fixture(scope="module")
+def all_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image folder of all real training digits (written once)."""
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root)
+    return root / "train"
+
+
+def _digits_folder(src: Path, root: Path, n: int = N, unique: bool = False) -> Path:
+    """The first ``n`` digits of ``src`` copied to ``root``; ``unique``: captions ``sample i``."""
+    root.mkdir(parents=True)
+    records = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines()[:n]]
+    for i, record in enumerate(records):
+        shutil.copy(src / record["file_name"], root / record["file_name"])
+        if unique:
+            record["text"] = f"sample {i}"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def _aspect_folder(root: Path, n: int = N) -> Path:
+    """Random greyscale images, alternately 8x8 (bucket 1:1) and 16x9 (w x h, bucket 16:9), captions ``sample i``."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        w, h = (8, 8) if i % 2 else (16, 9)
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"sample {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _batches(stream: ShardStream, count: int, workers: int) -> list[dict]:
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == count:
+            return out
+
+
+def _as_set(pixels: torch.Tensor, texts: list[str]) -> list[tuple[str, bytes]]:
+    return sorted((t, p.numpy().tobytes()) for p, t in zip(pixels, texts))
+
+
+def test_pack_round_trips_image_folder(all_digits: Path, tmp_path: Path, capsys) -> None:
+    from starflow.cli import main
+
+    src = _digits_folder(all_digits, tmp_path / "src")
+    assert main(["pack", str(src), str(tmp_path / "shards"), "--shard_size", "16"]) == 0
+    assert "packed 40 images into 3 shards" in capsys.readouterr().out
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["kind"] == "image" and index["total"] == N and index["skipped"] == []
+    assert [s["samples"] for s in index["shards"]] == [16, 16, 8]
+    batch = next(iter(ShardStream(tmp_path / "shards", N, img_size=8, channels=1)))
+    folder = ImageFolder(src, 8, channels=1)
+    expected = [folder[i] for i in range(len(folder))]
+    assert batch["pixels"].shape == (N, 1, 8, 8) and batch["pixels"].dtype == torch.float32
+    assert _as_set(batch["pixels"], batch["text"]) == _as_set(torch.stack([s["pixels"] for s in expected]),
+                                                            [s["text"] for s in expected])
+    assert batch["aspect_ratio"] == ["1:1"] * N and tuple(batch["position"]) == (0, 0, 0)
+    assert main(["pack", str(src), str(tmp_path / "shards")]) == 2  # shards exist: refused
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_pack_skips_corrupt_and_missing_files(all_digits: Path, tmp_path: Path) -> None:
+    src = _digits_folder(all_digits, tmp_path / "src", n=10)
+    (src / "bad.png").write_bytes(b"not a png at all")
+    good = (src / json.loads((src / "metadata.jsonl").read_text().splitlines()[0])["file_name"]).read_bytes()
+    (src / "truncated.png").write_bytes(good[: len(good) // 2])
+    with (src / "metadata.jsonl").open("a") as f:
+        for name in ("bad.png", "gone.png", "truncated.png"):
+            f.write(json.dumps({"file_name": name, "text": "broken"}) + "\n")
+    index = pack_folder(src, tmp_path / "shards", shard_size=4)
+    assert index["total"] == 10
+    assert sorted(s["file_name"] for s in index["skipped"]) == ["bad.png", "gone.png", "truncated.png"]
+    assert {s["file_name"]: s["reason"] for s in index["skipped"]}["gone.png"] == "missing"
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        pack_folder(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_corrupt_sample_inside_a_shard_is_skipped(all_digits: Path, tmp_path: Path, caplog) -> None:
+    import webdataset
+
+    src = _digits_folder(all_digits, tmp_path / "src", n=7, unique=True)
+    pack_folder(src, tmp_path / "shards")
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    samples = list(webdataset.tarfile_samples([{"url": str(shard)}]))
+    samples[2]["png"] = b"garbage"
+    with webdataset.TarWriter(str(shard)) as writer:
+        for s in samples:
+            writer.write({k: v for k, v in s.items() if k != "__url__"})
+    with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
+        batch = next(iter(ShardStream(tmp_path / "shards", 6, img_size=8, channels=1, shuffle_buffer=0)))
+    assert sorted(batch["text"]) == [f"sample {i}" for i in (0, 1, 3, 4, 5, 6)]
+    assert "000000002" in caplog.text
+
+
+@pytest.mark.parametrize("shard_size", [5, 20], ids=["split-by-shard", "split-by-sample"])
+def test_epoch_covers_every_sample_once_over_ranks_and_workers(all_digits: Path, tmp_path: Path,
+                                                              shard_size: int) -> None:
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", unique=True), tmp_path / "shards", shard_size=shard_size)
+    seen, epochs = [], set()
+    for rank in (0, 1):
+        stream = ShardStream(tmp_path / "shards", 2, img_size=8, channels=1, seed=3, rank=rank, world_size=2,
+                             shuffle_buffer=4)
+        for batch in _batches(stream, 12, workers=2):  # 5 batches per worker and epoch, then epoch 1
+            epochs.add(batch["position"].epoch)
+            if batch["position"].epoch == 0:
+                seen += batch["text"]
+    assert epochs == {0, 1}
+    assert sorted(seen) == sorted(f"sample {i}" for i in range(N))
+
+
+def test_resume_continues_the_uninterrupted_stream(tmp_path: Path) -> None:
+    pack_folder(_aspect_folder(tmp_path / "images"), tmp_path / "shards", shard_size=7)
+    settings = dict(img_size=8, channels=1, multiple=2, mix_aspect=True, seed=1, shuffle_buffer=8)
+    full = _batches(ShardStream(tmp_path / "shards", 3, **settings), 16, workers=2)
+    assert {b["position"].epoch for b in full} == {0, 1}
+    for b in full:  # one bucket per batch, at that bucket's size
+        (bucket,) = set(b["aspect_ratio"])
+        assert b["pixels"].shape[-2:] == aspect_to_size(bucket, 8, 2)
+    assert {b["aspect_ratio"][0] for b in full} == {"1:1", "16:9"}
+
+    tracker = PositionTracker(num_workers=2)
+    for b in _batches(ShardStream(tmp_path / "shards", 3, **settings), 7, workers=2):
+        tracker.update(b["position"])
+    state = json.loads(json.dumps(tracker.state_dict()))  # as stored in a checkpoint
+    resumed = ShardStream(tmp_path / "shards", 3, **settings)
+    resumed.set_position(**state)
+    rest = _batches(resumed, 9, workers=2)
+    for a, b in zip(full[7:], rest, strict=True):
+        assert a["position"] == b["position"] and a["text"] == b["text"]
+        assert torch.equal(a["pixels"], b["pixels"])
+
+
+def test_resume_skips_without_decoding(tmp_path: Path, monkeypatch) -> None:
+    from starflow.data.shards import SampleDecoder
+
+    pack_folder(_aspect_folder(tmp_path / "images"), tmp_path / "shards", shard_size=7)
+    settings = dict(img_size=8, channels=1, multiple=2, mix_aspect=True, seed=1, shuffle_buffer=8)
+    full = list(itertools.islice(ShardStream(tmp_path / "shards", 3, **settings), 8))  # no workers: worker 0
+    calls = []
+    decode = SampleDecoder.decode
+    monkeypatch.setattr(SampleDecoder, "decode", lambda self, *a: calls.append(1) or decode(self, *a))
+    stream = ShardStream(tmp_path / "shards", 3, **settings)
+    stream.set_position({0: tuple(full[6]["position"][1:])})
+    batch = next(iter(stream))
+    assert batch["position"] == full[6]["position"] and batch["text"] == full[6]["text"]
+    assert len(calls) == 3  # only the batch returned was decoded
+
+
+def test_video_folder_packs_and_streams_clips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    src = tmp_path / "videos"
+    lines = []
+    for i in range(4):
+        write_video(src / f"{i}.mp4", rng.integers(0, 256, (5, 8, 8), dtype=np.uint8), 8, lossless=True)
+        lines.append(json.dumps({"file_name": f"{i}.mp4", "text": f"clip {i}", "fps": 8}))
+    (src / "broken.mp4").write_bytes(b"\x00" * 64)
+    lines.append(json.dumps({"file_name": "broken.mp4", "text": "broken"}))
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    index = pack_folder(src, tmp_path / "shards")
+    assert index["kind"] == "video" and index["total"] == 4 and index["skipped"][0]["file_name"] == "broken.mp4"
+    batch = next(iter(ShardStream(tmp_path / "shards", 4, frames=5, fps=8, size=(8, 8), channels=1)))
+    assert batch["pixels"].shape == (4, 5, 1, 8, 8)
+    folder = VideoFolder(src, frames=5, fps=8, size=(8, 8), channels=1, random_start=False)
+    expected = [folder[i] for i in range(4)]
+    assert _as_set(batch["pixels"], batch["text"]) == _as_set(torch.stack([s["pixels"] for s in expected]),
+                                                            [s["text"] for s in expected])
+
+
+def test_cache_latents_stores_vae_and_text_outputs(all_digits: Path, tmp_path: Path, tiny_config) -> None:
+    src = _digits_folder(all_digits, tmp_path / "src", n=10, unique=True)
+    keys = dict(channel_size=4, txt_size=48, drop_image=0.5, fps_cond=1, cond_noise_level=1)
+    cfg = load_config(dict(tiny_config, **keys))
+    vae, text_encoder = build_tiny_sd_vae(), build_text_encoder(cfg, None, torch.device("cpu"))
+    index = cache_latents(src, tmp_path / "cache", cfg, vae, text_encoder, batch_size=4)
+    assert index["kind"] == "latent" and index["total"] == 10
+    check_cache_settings(index, cfg)
+    batch = next(iter(ShardStream(tmp_path / "cache", 10, shuffle_buffer=0)))
+    folder = {s["text"]: s["pixels"] for s in (ImageFolder(src, 8, channels=3)[i] for i in range(10))}
+    pixels = torch.stack([folder[t] for t in batch["text"]])
+    torch.testing.assert_close(batch["latents"], vae.encode(pixels, sample=False), rtol=0, atol=1e-6)
+    assert batch["latents"].shape == (10, 4, 4, 4)
+    template = dict(fps=0, fps_cond=True, cond_noise_level=True, noise_std=cfg.noise_std, mix_aspect=False)
+    prompts = [apply_prompt_template(t, **template) for t in batch["text"]]
+    torch.testing.assert_close(batch["text_emb"], text_encoder(prompts), rtol=0, atol=1e-6)
+    extend = [apply_prompt_template(EXTEND_PREFIX + t, **template) for t in batch["text"]]
+    torch.testing.assert_close(batch["text_emb_extend"], text_encoder(extend), rtol=0, atol=1e-6)
+    uncond = text_encoder([apply_prompt_template("", **template)])[0]
+    torch.testing.assert_close(load_uncond(tmp_path / "cache"), uncond, rtol=0, atol=1e-6)
+    assert not torch.equal(batch["text_emb"][0], batch["text_emb"][1])  # captions differ within txt_size
+    assert not torch.equal(batch["text_emb"], batch["text_emb_extend"])
+    with pytest.raises(ValueError, match="img_size.*cache-latents"):
+        check_cache_settings(tmp_path / "cache", load_config(dict(tiny_config, **keys, img_size=16)))
+
+
+def test_cache_latents_command_on_shards(all_digits: Path, tmp_path: Path, config_file, tiny_config, capsys) -> None:
+    from starflow.cli import main
+
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=6), tmp_path / "shards")
+    config = config_file(dict(tiny_config))
+    assert main(["cache-latents", "--config", str(config), "--data", str(tmp_path / "shards"),
+                 "--out", str(tmp_path / "cache"), "--batch", "4"]) == 0
+    assert "cached 6 latents" in capsys.readouterr().out
+    batch = next(iter(ShardStream(tmp_path / "cache", 6)))
+    assert batch["latents"].shape == (6, 1, 8, 8) and batch["text_emb"].shape == (6, 24, 32)
+    assert "text_emb_extend" not in batch
+    check_cache_settings(tmp_path / "cache", load_config(config))

@@ -1,0 +1,81 @@
+"""Training from webdataset shards (``starflow pack``) and from cached latents (``starflow cache-latents``):
+exact resume of the shard position with DataLoader workers, and cached latents train exactly like the shards
+they were made from."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from starflow.cli import main
+from starflow.train.state import KILL_DURING_SAVE_ENV
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def metrics(logdir: Path) -> dict[int, dict[str, float]]:
+    return {m["step"]: m for m in map(json.loads, (logdir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def shard_runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("shard_train")
+    config = dict(tiny_config, steps=8, save_freq=3, num_workers=2, drop_label=0.3)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    train = ["train", "--config", str(tmp / "config.yaml"), "--device", "cpu"]
+    assert main(["pack", str(digits["train"]), str(tmp / "shards"), "--shard_size", "8"]) == 0
+    assert main(["cache-latents", "--config", str(tmp / "config.yaml"), "--data", str(tmp / "shards"),
+                 "--out", str(tmp / "cache"), "--shard_size", "8", "--device", "cpu"]) == 0
+    with torch.random.fork_rng(devices=[]):
+        assert main([*train, "--data", str(tmp / "shards"), "--logdir", str(tmp / "straight")]) == 0
+        # killed while saving step 6: the step-3 checkpoint (mid-epoch) is where the next process resumes
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{KILL_DURING_SAVE_ENV: "6"})
+        r = subprocess.run([sys.executable, "-m", "starflow.cli", *train, "--data", str(tmp / "shards"),
+                            "--logdir", str(tmp / "split")], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and (tmp / "split" / "checkpoints" / "step_00000003").is_dir(), r.stderr[-2000:]
+        assert main([*train, "--data", str(tmp / "shards"), "--logdir", str(tmp / "split")]) == 0
+        assert main([*train, "--data", str(tmp / "cache"), "--logdir", str(tmp / "cached")]) == 0
+    return {"tmp": tmp, "config": tmp / "config.yaml"}
+
+
+def test_shard_training_resumes_exactly_with_workers(shard_runs) -> None:
+    """Killed at step 6, a new process resumes from the step-3 checkpoint (mid-epoch, 2 workers): the same losses."""
+    tmp = shard_runs["tmp"]
+    straight, split = metrics(tmp / "straight"), metrics(tmp / "split")
+    assert sorted(straight) == sorted(split) == list(range(1, 9))
+    for step in straight:
+        assert split[step]["loss"] == straight[step]["loss"], step
+    assert (tmp / "split" / "model" / "model.safetensors").is_file()
+
+
+def test_cached_latents_train_like_their_shards(shard_runs) -> None:
+    tmp = shard_runs["tmp"]
+    straight, cached = metrics(tmp / "straight"), metrics(tmp / "cached")
+    for step in straight:
+        assert cached[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
+
+
+def test_cache_with_other_settings_is_refused(shard_runs, capsys) -> None:
+    tmp = shard_runs["tmp"]
+    code = main(["train", "--config", str(shard_runs["config"]), "--data", str(tmp / "cache"), "--device", "cpu",
+                 "--logdir", str(tmp / "wrong"), "--noise_std", "0.3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "noise_std" in err and "cache-latents" in err
+
+
+def test_wds_with_a_plain_folder_reads_it_and_names_the_packer(tiny_config, digits, config_file, tmp_path,
+                                                              capsys) -> None:
+    code = main(["train", "--config", str(config_file(dict(tiny_config, wds=1, steps=1))), "--data",
+                 str(digits["train"]), "--device", "cpu", "--logdir", str(tmp_path / "run")])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "starflow pack" in out.out + out.err
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
