@@ -60,6 +60,15 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     return hash((seed, step, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far, in GiB: allocated CUDA memory on a GPU, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
 def build_dataset(cfg: Config, vae: LatentAdapter, dist: DistInfo):
     """The training data named by ``cfg.data``: a folder with ``metadata.jsonl`` (images or videos), or a folder
     of webdataset shards with ``index.json`` (``starflow pack``; or cached latents, ``starflow cache-latents``).
@@ -410,6 +419,7 @@ class Trainer:
                 if dry_run:
                     break
                 if self.step % cfg.log_freq == 0 or self.step == end:
+                    m["peak_mem_gib"] = peak_memory_gib(self.dist.device)
                     logger.log(self.step, m)
                 if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
                     self.sample_grid()
