@@ -293,6 +293,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+def _add_output_flags(p: argparse.ArgumentParser, dst_help: str) -> None:
+    """DST, --dtype and --overwrite of the commands that write weights."""
+    p.add_argument("dst", help=dst_help)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors [default: keep]")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,9 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the format. Torch files are read weights-only and memory-mapped; safetensors "
                                    "holds no pickle.")
     p.add_argument("src", help="checkpoint to read")
-    p.add_argument("dst", help="file to write (.safetensors or .pth)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors [default: keep]")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    _add_output_flags(p, "file to write (.safetensors or .pth)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="write one consolidated weights file from a sharded training checkpoint",
@@ -382,9 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in the official layout: a .pth or .safetensors file, or a model folder for "
                                    "starflow sample.")
     p.add_argument("src", help="a run's logdir (latest checkpoint), its checkpoints/ folder, or a step_XXXXXXXX folder")
-    p.add_argument("dst", help="output: model.pth, model.safetensors, or a folder")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors [default: keep]")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dst")
+    _add_output_flags(p, "output: model.pth, model.safetensors, or a folder")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder")
