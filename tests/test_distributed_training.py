@@ -1,4 +1,5 @@
-"""``torchrun --nproc_per_node 2 starflow train`` on CPU (gloo): FSDP2 and DDP give the one-process losses, and a
+"""``torchrun --nproc_per_node 2 starflow train`` on CPU (gloo): FSDP2 (also with the T5 sharded) and DDP with
+gradient accumulation give the one-process losses, and a
 2-process run killed during a save and again mid-training resumes onto the uninterrupted loss curve.
 
 The model is the tiny text-to-image STARFlow of ``conftest.TINY_CONFIG`` with the learnable denoiser, on real
@@ -49,7 +50,9 @@ def runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
                   learnable_self_denoiser=1, conditional_denoiser=1, denoiser_lr=1e-3, fsdp=1)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     out = {}
-    for name, nproc, extra in (("one", 1, ()), ("fsdp", 2, ()), ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2"))):
+    variants = (("one", 1, ()), ("fsdp", 2, ()), ("fsdp_t5", 2, ("--fsdp_text_encoder", "1")),
+                ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2")))
+    for name, nproc, extra in variants:
         out[name] = tmp / name
         r = subprocess.run(train_cmd(tmp / "config.yaml", out[name], nproc, *extra), env=run_env(tmp),
                            capture_output=True, text=True, timeout=600)
@@ -58,7 +61,7 @@ def runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("name", ["fsdp", "ddp_accum"])
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_t5", "ddp_accum"])
 def test_two_processes_match_one_process(runs, name: str) -> None:
     """Same global batch and seed: the same loss at every step (relative 1e-5)."""
     one, two = losses(runs["one"]), losses(runs[name])

@@ -34,7 +34,7 @@ from starflow.config import Config, save_config
 from starflow.data import AspectBucketBatchSampler, ImageFolder, PositionTracker, ShardStream, collate, load_uncond
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
-from starflow.sampling.pipeline import EXTEND_PREFIX, Pipeline, SampleSettings
+from starflow.sampling.pipeline import EXTEND_PREFIX, TINY_TEXT_ENCODER, Pipeline, SampleSettings, build_text_encoder
 from starflow.sharding import is_sharded
 from starflow.train.distributed import DistInfo
 from starflow.train.logging import MetricsLogger
@@ -438,7 +438,13 @@ class Trainer:
         weights = full_state_dict(self.model)
         if not self.dist.is_main:
             return None
-        Pipeline(self.model, self.text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)
+        text_encoder = self.text_encoder
+        if text_encoder is not None and is_sharded(text_encoder.encoder):  # frozen: an unsharded copy is the same
+            if text_encoder.name == TINY_TEXT_ENCODER:
+                text_encoder = build_text_encoder(self.cfg, None, torch.device("cpu"))
+            elif Path(text_encoder.name).is_dir():  # copied into the model folder
+                text_encoder = TextEncoder.from_pretrained(text_encoder.name, max_length=self.cfg.txt_size)
+        Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)
         return Path(folder)
 
     @torch.no_grad()
