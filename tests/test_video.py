@@ -184,6 +184,23 @@ def test_long_video_first_window_is_the_short_video() -> None:
         model.reverse(noise, y, window=3, context_frames=3)
 
 
+def test_video_jacobi_chunks_longer_than_a_frame_read_only_defined_inputs(monkeypatch) -> None:
+    """A 4 x 8 token chunk after the first frame (16 tokens a frame) starts from the window one frame back,
+    which reaches past the chunk's start: those inputs must be the current guess, never unset memory."""
+    model = _random_video_model()
+    torch.manual_seed(3)
+    noise, y = torch.randn(2, 3, 1, 8, 8), torch.randn(2, 48, 32)
+
+    def poisoned(like, *args, **kwargs):  # what uninitialised memory may hold
+        return torch.full_like(like, float("nan"), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty_like", poisoned)
+    jacobi = model.reverse(noise, y, jacobi=True, jacobi_block_size=8, jacobi_th=0.0, jacobi_max_iter=40)
+    monkeypatch.undo()
+    assert torch.isfinite(jacobi).all()
+    torch.testing.assert_close(jacobi, model.reverse(noise, y), atol=1e-4, rtol=1e-4)
+
+
 def test_image_to_video_keeps_the_prefix_and_matches_plain_decoding() -> None:
     model = _random_video_model()
     torch.manual_seed(2)

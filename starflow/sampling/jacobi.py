@@ -110,7 +110,10 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         if txt_len:
             block.prefill_text(y, rope_table, cache)
     guided = guidance > 0 and block.text_conditioned
-    x = torch.empty_like(z, dtype=torch.float32)
+    zf = z.float()
+    # x holds the decoded tokens before the current chunk and the current guess (the noise) after it: the
+    # first iteration of a long video chunk reads one frame back, which can reach past the chunk's start
+    x = zf.clone()
     known = 0 if prefix is None else prefix.shape[1]
     if known:  # the prefix's keys and values, in one pass (its scale and shift are not needed)
         x[:, :known] = prefix.float()
@@ -120,7 +123,6 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
             stats.evaluations += 1
     bounds = (chunk_bounds(n, jacobi.block_size, frame_tokens, known) if jacobi.enabled
               else [(t, t + 1) for t in range(known, n)])
-    zf = z.float()
     per_sample = jacobi.stop == "sample"
     for s, e in bounds:
         x_chunk = zf[:, s:e]  # initial guess: the noise
