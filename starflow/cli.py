@@ -195,11 +195,7 @@ def _sample(args: argparse.Namespace) -> int:
         kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:
-            total = sum(profile.seconds.values())
-            print(f"{'stage':<16}{'seconds':>10}{'share':>8}")
-            for name, sec in profile.seconds.items():
-                print(f"{name:<16}{sec:>10.3f}{sec / total:>8.1%}")
-            print(f"sequential flow evaluations: {stats.evaluations}")
+            print(profile.table())
     cleanup_distributed()
     return 0
 
@@ -345,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_length", type=int, default=None,
                    help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
     p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
-    p.add_argument("--profile", action="store_true", help="print the time spent per stage")
+    p.add_argument("--profile", action="store_true",
+                   help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
+                        "block, denoising, VAE decoding")
     p.add_argument("--device", default=None, help="cpu, cuda ... [default: cuda if available]")
     _add_config_flags(p, skip={"data"})
     p.set_defaults(func=_sample)

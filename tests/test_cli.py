@@ -118,10 +118,12 @@ def test_sample_profile_prints_stage_table(model_dir: Path, tmp_path: Path, caps
     assert sample(model_dir, tmp_path / "p", "--profile", "--jacobi", "0", captions=CAPTIONS[:1]) == 0
     out = capsys.readouterr().out
     assert re.search(r"stage\s+seconds\s+share", out)
-    for stage in ("text encoding", "flow sampling", "denoising", "VAE decoding"):
+    for stage in ("text encoding", "denoising", "VAE decoding"):
         assert re.search(rf"^{stage}\s+\d+\.\d{{3}}\s+\d+\.\d%$", out, re.MULTILINE), stage
-    # sequential decoding: one evaluation per token of every non-identity block (3 blocks of 16 tokens)
-    assert "sequential flow evaluations: 48" in out
+    blocks = re.findall(r"^flow block (\d) \((deep|shallow)\)\s+\d+\.\d{3}\s+\d+\.\d%\s+(\d+)$", out, re.MULTILINE)
+    assert [b[:2] for b in blocks] == [("2", "deep"), ("1", "shallow"), ("0", "shallow")]
+    # sequential decoding: one evaluation per token of every block (3 blocks of 16 tokens)
+    assert [int(b[2]) for b in blocks] == [16, 16, 16]
 
 
 def test_sample_without_prompt_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:

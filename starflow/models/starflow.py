@@ -7,8 +7,10 @@ Data -> noise runs ``blocks[0] .. blocks[K-1]``; sampling runs them in reverse (
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -144,6 +146,10 @@ class STARFlow(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def block_name(self, i: int) -> str:
+        """``"flow block 3 (deep)"``, ``"flow block 0 (shallow)"``: block ``i`` as profiles and logs name it."""
+        return f"flow block {i} ({'deep' if i == self.num_blocks - 1 else 'shallow'})"
 
     def block_flips(self, i: int) -> bool:
         """Whether block ``i`` reads tokens in the flipped order (SPEC section 5)."""
@@ -300,7 +306,8 @@ class STARFlow(nn.Module):
                 jacobi_max_iter: int = 32, context=None, anneal_guidance: bool = False,
                 stats: DecodeStats | None = None, jacobi_stop: str = "batch",
                 sync_ranks: bool = False, window: int | None = None, context_frames: int | None = None,
-                y_extend: torch.Tensor | None = None) -> torch.Tensor:
+                y_extend: torch.Tensor | None = None,
+                timer: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
 
         Args:
@@ -325,6 +332,8 @@ class STARFlow(nn.Module):
             context_frames: frames carried into each new window (``1 <= C < W``).
             y_extend: text for the continuation windows (e.g. the caption with the ``(extend) `` prefix);
                 default ``y``.
+            timer: optional ``timer(name)`` context manager wrapped around each block's decoding, named by
+                :meth:`block_name` (``starflow sample --profile``).
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
@@ -344,8 +353,10 @@ class STARFlow(nn.Module):
         txt_len = 0 if y is None else y.shape[1]
         for i in reversed(range(self.num_blocks)):
             prefix = None if context is None else context.grids[i]
-            grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats, prefix=prefix,
-                                      window=window, context_frames=context_frames, y_extend=y_extend)
+            with timer(self.block_name(i)) if timer is not None else contextlib.nullcontext():
+                grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats,
+                                          prefix=prefix, window=window, context_frames=context_frames,
+                                          y_extend=y_extend)
         return unpatchify(grid, self.patch_size)
 
     @torch.no_grad()

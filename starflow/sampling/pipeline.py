@@ -120,19 +120,38 @@ class SampleSettings:
 
 @dataclass
 class Profile:
-    """Seconds spent per stage (``starflow sample --profile``)."""
+    """Seconds (and sequential flow evaluations) spent per stage (``starflow sample --profile``).
+
+    Stages are named as they run: ``"text encoding"``, one per flow block (``"flow block 3 (deep)"`` ...),
+    ``"denoising"``, ``"VAE decoding"`` (and ``"VAE encoding"`` for image-to-video). On CUDA each stage is
+    bracketed by device synchronisations, so the times are the GPU's.
+    """
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    evaluations: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @contextmanager
-    def stage(self, name: str, device: torch.device):
+    def stage(self, name: str, device: torch.device, stats: DecodeStats | None = None):
+        """Time the block as stage ``name``; with ``stats``, also count its sequential flow evaluations."""
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, evals = time.perf_counter(), stats.evaluations if stats is not None else 0
         yield
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.seconds[name] += time.perf_counter() - start
+        if stats is not None:
+            self.evaluations[name] += stats.evaluations - evals
+
+    def table(self) -> str:
+        """One line per stage: seconds, share of the total, sequential flow evaluations."""
+        total = sum(self.seconds.values()) or 1.0
+        lines = [f"{'stage':<24}{'seconds':>10}{'share':>8}{'evals':>8}"]
+        for name, sec in self.seconds.items():
+            evals = str(self.evaluations[name]) if name in self.evaluations else ""
+            lines.append(f"{name:<24}{sec:>10.3f}{sec / total:>8.1%}{evals:>8}".rstrip())
+        lines.append(f"{'total':<24}{sum(self.seconds.values()):>10.3f}")
+        return "\n".join(lines)
 
 
 class Pipeline:
@@ -303,13 +322,14 @@ class Pipeline:
         ctx_frames = None
         if window is not None and shape[0] > window:
             ctx_frames = settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1)
-        with profile.stage("flow sampling", dev):
-            x = self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
-                                   jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
-                                   jacobi_max_iter=settings.jacobi_max_iter,
-                                   anneal_guidance=settings.anneal_guidance, stats=stats,
-                                   jacobi_stop=settings.jacobi_stop, sync_ranks=is_sharded(self.model),
-                                   context=context, window=window, context_frames=ctx_frames, y_extend=y_extend)
+        stats = stats if stats is not None else DecodeStats()
+        x = self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
+                               jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
+                               jacobi_max_iter=settings.jacobi_max_iter,
+                               anneal_guidance=settings.anneal_guidance, stats=stats,
+                               jacobi_stop=settings.jacobi_stop, sync_ranks=is_sharded(self.model),
+                               context=context, window=window, context_frames=ctx_frames, y_extend=y_extend,
+                               timer=lambda name: profile.stage(name, dev, stats))
         if settings.self_denoise and c.noise_std > 0:
             with profile.stage("denoising", dev):
                 if self.model.learnable_self_denoiser is not None and x.dim() == 5:

@@ -1,0 +1,194 @@
+"""Sampling speed: sequential decoding against block-wise Jacobi iteration, measured.
+
+For a model (default: the shipped demo ``ckpts/demo_digits``) and a batch of prompts, samples the same noise
+with every strategy and prints, per strategy:
+
+* evals: sequential model evaluations (flow-block passes that must run one after another; sequential
+  decoding needs one per token per block, Jacobi one per chunk iteration);
+* seconds and samples/s of the flow sampling (``STARFlow.reverse``; text encoding, denoising and VAE decoding
+  are the same for every strategy and are left out);
+* peak memory of the sampling: CUDA ``max_memory_allocated``, or on CPU the growth of the resident set
+  (``VmHWM`` after sampling minus ``VmRSS`` before, with the peak reset through ``/proc/self/clear_refs``);
+* rel. dist.: ``||x - x_seq|| / ||x_seq||`` between its result and the sequential sample (float32).
+
+Strategies: sequential, and Jacobi at block sizes 8/16/32/64 and thresholds 1e-2/1e-3/1e-4 (SPEC section 9).
+Every strategy runs ``--repeats`` times after one warm-up run; the table gives the fastest time.
+On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32) and, with
+``--compile``, compiled chunk steps. ``--layout`` benchmarks a config with random weights instead
+of a checkpoint (random text embeddings, no text encoder), e.g. the 3B layout at 256x256 with batch 8:
+
+    python benchmarks/sampling.py [--checkpoint_path ckpts/demo_digits] [--batch 8] [--device cpu|cuda]
+    python benchmarks/sampling.py --layout configs/starflow_3B_t2i_256x256.yaml --batch 8 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from starflow.sampling.jacobi import DecodeStats
+
+DEMO = Path(__file__).resolve().parents[1] / "ckpts" / "demo_digits"
+PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+
+
+@dataclass
+class Result:
+    name: str
+    dtype: str
+    evals: int
+    seconds: float
+    samples_per_s: float
+    peak_mib: float
+    distance: float | None
+
+
+def _proc_status(field: str) -> float:
+    """A ``/proc/self/status`` memory field in MiB (Linux), or NaN elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, out: list[float]):
+    """Append the peak memory (MiB) used inside the block to ``out``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        out.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    base = _proc_status("VmRSS")
+    yield
+    out.append(_proc_status("VmHWM") - base)
+
+
+def load(args: argparse.Namespace, device: torch.device):
+    """The flow, its guidance-ready text rows ``y`` and the noise for ``--batch`` samples."""
+    from starflow.config import load_config
+    from starflow.models import STARFlow
+    from starflow.sampling.pipeline import Pipeline
+
+    prompts = (PROMPTS * args.batch)[: args.batch]
+    if args.layout:
+        cfg = load_config(args.layout)
+        if args.img_size:
+            cfg.img_size = args.img_size
+        with torch.device(device):
+            model = STARFlow.from_config(cfg, txt_dim=args.txt_dim if cfg.txt_size > 0 else None).eval()
+        gen = torch.Generator().manual_seed(args.seed)
+        y = None if model.txt_dim is None else torch.randn(2 * args.batch, cfg.txt_size, model.txt_dim, generator=gen)
+        side = model.latent_side
+        shape = (cfg.channel_size, side, side)
+        source = f"{args.layout} (random weights)"
+    else:
+        pipe = Pipeline.from_pretrained(args.checkpoint_path, device=device)
+        model, cfg = pipe.model, pipe.config
+        y = pipe.encode_prompts(prompts)
+        if y is not None:
+            y = torch.cat([y, pipe.encode_prompts([""] * len(prompts))])
+        shape = pipe.latent_shape()
+        source = args.checkpoint_path
+    noise = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
+    y = None if y is None else y.to(device)
+    return model, cfg, y, noise.to(device), source
+
+
+def measure(model, y, noise, strategy: dict, guidance: float, repeats: int, device: torch.device,
+            dtype: torch.dtype) -> tuple[torch.Tensor, int, float, float]:
+    """(sample, sequential evaluations, fastest seconds, peak MiB) of one strategy."""
+    yd = None if y is None else y.to(dtype)
+    run = lambda stats=None: model.reverse(noise, yd, guidance=guidance if y is not None else 0.0,  # noqa: E731
+                                           stats=stats, **strategy)
+    run()  # warm-up (allocator, kernels, compilation)
+    best, peaks = float("inf"), []
+    for _ in range(repeats):
+        stats = DecodeStats()
+        with peak_memory(device, peaks):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            x = run(stats)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return x.float(), stats.evaluations, best, max(peaks)
+
+
+def strategies(block_sizes: list[int], thresholds: list[float], max_iter: int, stop: str) -> list[tuple[str, dict]]:
+    out = [("sequential", dict(jacobi=False))]
+    for k in block_sizes:
+        for th in thresholds:
+            out.append((f"jacobi k={k} th={th:g}", dict(jacobi=True, jacobi_block_size=k, jacobi_th=th,
+                                                          jacobi_max_iter=max_iter, jacobi_stop=stop)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", default=str(DEMO), help="model folder [default: the shipped demo]")
+    parser.add_argument("--layout", default=None, help="a config to benchmark with random weights instead")
+    parser.add_argument("--img_size", type=int, default=None, help="with --layout: override img_size")
+    parser.add_argument("--txt_dim", type=int, default=2048, help="with --layout: text width [default: 2048, T5-XL]")
+    parser.add_argument("--batch", type=int, default=8, help="samples per batch [default: 8]")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance weight [default: the config's cfg]")
+    parser.add_argument("--block_sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
+    parser.add_argument("--max_iter", type=int, default=32, help="Jacobi iteration cap per chunk [default: 32]")
+    parser.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
+                        help="Jacobi stopping rule (see starflow sample --help) [default: sample]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per strategy [default: 3]")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="CUDA: also time compiled chunk steps")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads [default: torch's]")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, cfg, y, noise, source = load(args, device)
+    guidance = cfg.cfg if args.cfg is None else args.cfg
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    print(f"model {source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"latent {tuple(noise.shape[1:])}, batch {args.batch}, guidance {guidance:g}, {device}, "
+          f"{torch.get_num_threads() if device.type == 'cpu' else torch.cuda.get_device_name(device)}"
+          f"{' threads' if device.type == 'cpu' else ''}")
+    results: list[Result] = []
+    for dtype in dtypes:
+        model.to(dtype)
+        reference = None
+        for name, strategy in strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop):
+            x, evals, seconds, peak = measure(model, y, noise, strategy, guidance, args.repeats, device, dtype)
+            if reference is None:
+                reference = x
+            dist = ((x - reference).norm() / reference.norm()).item()
+            results.append(Result(name, str(dtype).removeprefix("torch."), evals, seconds, args.batch / seconds,
+                                  peak, dist))
+            r = results[-1]
+            print(f"  {r.dtype:<9}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}"
+                  f"{r.peak_mib:>10.1f}{r.distance:>12.2e}", flush=True)
+    seq = {r.dtype: r for r in results if r.name == "sequential"}
+    print()
+    print(f"{'dtype':<9}{'strategy':<26}{'evals':>7}{'seconds':>10}{'samples/s':>11}{'peak MiB':>10}"
+          f"{'rel. dist.':>12}{'evals x':>9}{'speed x':>9}")
+    for r in results:
+        s = seq[r.dtype]
+        print(f"{r.dtype:<9}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}{r.peak_mib:>10.1f}"
+              f"{r.distance:>12.2e}{s.evals / r.evals:>9.1f}{s.seconds / r.seconds:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
