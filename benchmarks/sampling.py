@@ -13,12 +13,13 @@ with every strategy and prints, per strategy:
 
 Strategies: sequential, and Jacobi at block sizes 8/16/32/64 and thresholds 1e-2/1e-3/1e-4 (SPEC section 9).
 Every strategy runs ``--repeats`` times after one warm-up run; the table gives the fastest time.
-On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32) and, with
-``--compile``, compiled chunk steps. ``--layout`` benchmarks a config with random weights instead
+On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32); with ``--compile``
+every strategy is timed again with compiled flow layers (``torch.compile(dynamic=True)``, compilation in the
+warm-up runs). ``--layout`` benchmarks a config with random weights instead
 of a checkpoint (random text embeddings, no text encoder), e.g. the 3B layout at 256x256 with batch 8:
 
-    python benchmarks/sampling.py [--checkpoint_path ckpts/demo_digits] [--batch 8] [--device cpu|cuda]
-    python benchmarks/sampling.py --layout configs/starflow_3B_t2i_256x256.yaml --batch 8 --device cuda
+    python benchmarks/sampling.py [--checkpoint_path ckpts/demo_digits] [--batch 1 8] [--device cpu|cuda]
+    python benchmarks/sampling.py --layout configs/starflow_3B_t2i_256x256.yaml --batch 8 --device cuda --repeats 1
 """
 from __future__ import annotations
 
@@ -77,34 +78,39 @@ def peak_memory(device: torch.device, out: list[float]):
 
 
 def load(args: argparse.Namespace, device: torch.device):
-    """The flow, its guidance-ready text rows ``y`` and the noise for ``--batch`` samples."""
+    """The flow, its config, a function ``inputs(batch) -> (y, noise)`` (guidance-ready text rows and noise)
+    and a description of the model."""
     from starflow.config import load_config
     from starflow.models import STARFlow
     from starflow.sampling.pipeline import Pipeline
 
-    prompts = (PROMPTS * args.batch)[: args.batch]
     if args.layout:
         cfg = load_config(args.layout)
         if args.img_size:
             cfg.img_size = args.img_size
         with torch.device(device):
             model = STARFlow.from_config(cfg, txt_dim=args.txt_dim if cfg.txt_size > 0 else None).eval()
-        gen = torch.Generator().manual_seed(args.seed)
-        y = None if model.txt_dim is None else torch.randn(2 * args.batch, cfg.txt_size, model.txt_dim, generator=gen)
-        side = model.latent_side
-        shape = (cfg.channel_size, side, side)
+        shape = (cfg.channel_size, model.latent_side, model.latent_side)
         source = f"{args.layout} (random weights)"
+
+        def text(batch: int) -> torch.Tensor | None:
+            gen = torch.Generator().manual_seed(args.seed)
+            return None if model.txt_dim is None else torch.randn(2 * batch, cfg.txt_size, model.txt_dim, generator=gen)
     else:
         pipe = Pipeline.from_pretrained(args.checkpoint_path, device=device)
-        model, cfg = pipe.model, pipe.config
-        y = pipe.encode_prompts(prompts)
-        if y is not None:
-            y = torch.cat([y, pipe.encode_prompts([""] * len(prompts))])
-        shape = pipe.latent_shape()
-        source = args.checkpoint_path
-    noise = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(args.seed))
-    y = None if y is None else y.to(device)
-    return model, cfg, y, noise.to(device), source
+        model, cfg, shape, source = pipe.model, pipe.config, pipe.latent_shape(), args.checkpoint_path
+
+        def text(batch: int) -> torch.Tensor | None:
+            prompts = (PROMPTS * batch)[:batch]
+            y = pipe.encode_prompts(prompts)
+            return None if y is None else torch.cat([y, pipe.encode_prompts([""] * batch)])
+
+    def inputs(batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        y = text(batch)
+        noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(args.seed))
+        return None if y is None else y.to(device), noise.to(device)
+
+    return model, cfg, inputs, source
 
 
 def measure(model, y, noise, strategy: dict, guidance: float, repeats: int, device: torch.device,
@@ -113,7 +119,8 @@ def measure(model, y, noise, strategy: dict, guidance: float, repeats: int, devi
     yd = None if y is None else y.to(dtype)
     run = lambda stats=None: model.reverse(noise, yd, guidance=guidance if y is not None else 0.0,  # noqa: E731
                                            stats=stats, **strategy)
-    run()  # warm-up (allocator, kernels, compilation)
+    run()  # warm-up (allocator, kernels, compilation: a few shapes, so twice)
+    run()
     best, peaks = float("inf"), []
     for _ in range(repeats):
         stats = DecodeStats()
@@ -143,7 +150,8 @@ def main() -> None:
     parser.add_argument("--layout", default=None, help="a config to benchmark with random weights instead")
     parser.add_argument("--img_size", type=int, default=None, help="with --layout: override img_size")
     parser.add_argument("--txt_dim", type=int, default=2048, help="with --layout: text width [default: 2048, T5-XL]")
-    parser.add_argument("--batch", type=int, default=8, help="samples per batch [default: 8]")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                        help="samples per batch, one table block each [default: 1 8]")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight [default: the config's cfg]")
     parser.add_argument("--block_sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
@@ -152,42 +160,44 @@ def main() -> None:
                         help="Jacobi stopping rule (see starflow sample --help) [default: sample]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per strategy [default: 3]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="CUDA: also time compiled chunk steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every strategy with compiled flow layers (STARFlow.compile_layers)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads [default: torch's]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, cfg, y, noise, source = load(args, device)
+    model, cfg, inputs, source = load(args, device)
     guidance = cfg.cfg if args.cfg is None else args.cfg
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    print(f"model {source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"latent {tuple(noise.shape[1:])}, batch {args.batch}, guidance {guidance:g}, {device}, "
-          f"{torch.get_num_threads() if device.type == 'cpu' else torch.cuda.get_device_name(device)}"
-          f"{' threads' if device.type == 'cpu' else ''}")
-    results: list[Result] = []
-    for dtype in dtypes:
-        model.to(dtype)
-        reference = None
-        for name, strategy in strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop):
-            x, evals, seconds, peak = measure(model, y, noise, strategy, guidance, args.repeats, device, dtype)
-            if reference is None:
-                reference = x
-            dist = ((x - reference).norm() / reference.norm()).item()
-            results.append(Result(name, str(dtype).removeprefix("torch."), evals, seconds, args.batch / seconds,
-                                  peak, dist))
-            r = results[-1]
-            print(f"  {r.dtype:<9}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}"
-                  f"{r.peak_mib:>10.1f}{r.distance:>12.2e}", flush=True)
-    seq = {r.dtype: r for r in results if r.name == "sequential"}
-    print()
-    print(f"{'dtype':<9}{'strategy':<26}{'evals':>7}{'seconds':>10}{'samples/s':>11}{'peak MiB':>10}"
-          f"{'rel. dist.':>12}{'evals x':>9}{'speed x':>9}")
-    for r in results:
-        s = seq[r.dtype]
-        print(f"{r.dtype:<9}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}{r.peak_mib:>10.1f}"
-              f"{r.distance:>12.2e}{s.evals / r.evals:>9.1f}{s.seconds / r.seconds:>9.2f}")
+    where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"model {source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, guidance {guidance:g}, "
+          f"{where}; times are the fastest of {args.repeats} runs of STARFlow.reverse after a warm-up")
+    header = (f"{'batch':>5}  {'dtype':<9}{'strategy':<26}{'evals':>7}{'seconds':>10}{'samples/s':>11}"
+              f"{'peak MiB':>10}{'rel. dist.':>12}{'evals x':>9}{'speed x':>9}")
+    print(header)
+    references = {}  # per batch: the float32 sequential sample
+    for compiled in (False, True) if args.compile else (False,):
+        if compiled:
+            model.compile_layers()
+        for batch in args.batch:
+            y, noise = inputs(batch)
+            for dtype in dtypes:
+                model.to(dtype)
+                base = None
+                for name, strategy in strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop):
+                    x, evals, seconds, peak = measure(model, y, noise, strategy, guidance, args.repeats, device, dtype)
+                    reference = references.setdefault(batch, x)
+                    r = Result(name, str(dtype).removeprefix("torch.") + ("+c" if compiled else ""), evals, seconds,
+                               batch / seconds, peak, ((x - reference).norm() / reference.norm()).item())
+                    base = base or r
+                    print(f"{batch:>5}  {r.dtype:<9}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}"
+                          f"{r.peak_mib:>10.1f}{r.distance:>12.2e}{base.evals / r.evals:>9.1f}"
+                          f"{base.seconds / r.seconds:>9.2f}", flush=True)
+            model.to(torch.float32)
+    print("evals x / speed x: sequential evaluations and seconds of sequential decoding (same batch and dtype) "
+          "over the strategy's; rel. dist. to the float32 sequential sample; +c: compiled layers")
 
 
 if __name__ == "__main__":

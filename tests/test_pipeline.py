@@ -100,3 +100,23 @@ def test_long_prompt_warns_about_truncation_and_samples(pipe: Pipeline) -> None:
 def test_short_prompts_do_not_warn(pipe: Pipeline, recwarn) -> None:
     pipe(PROMPTS[:1], SampleSettings(cfg=2.0), seeds=[0])
     assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_default_jacobi_on_the_demo_is_close_to_sequential_with_far_fewer_evaluations() -> None:
+    """The sampler's default Jacobi settings on the shipped demo: within 1e-2 (relative) of sequential decoding
+    of the same noise, with at least 4x fewer sequential model evaluations (wall time: benchmarks/sampling.py)."""
+    from starflow.cli import DEMO_DIR
+
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    defaults = SampleSettings()
+    prompts = [f"a handwritten digit {d}" for d in range(8)]
+    y = torch.cat([pipe.encode_prompts(prompts), pipe.encode_prompts([""] * len(prompts))])
+    noise = torch.randn(len(prompts), *pipe.latent_shape(), generator=torch.Generator().manual_seed(0))
+    seq_stats, jac_stats = DecodeStats(), DecodeStats()
+    seq = pipe.model.reverse(noise, y, guidance=pipe.config.cfg, stats=seq_stats)
+    jac = pipe.model.reverse(noise, y, guidance=pipe.config.cfg, jacobi=True, stats=jac_stats,
+                             jacobi_block_size=defaults.jacobi_block_size, jacobi_th=defaults.jacobi_th,
+                             jacobi_max_iter=defaults.jacobi_max_iter, jacobi_stop=defaults.jacobi_stop)
+    assert relative_error(jac, seq) < 1e-2
+    assert seq_stats.evaluations == 4 * 64  # one per token of each of the 4 blocks of 8x8 tokens
+    assert jac_stats.evaluations * 4 <= seq_stats.evaluations

@@ -156,7 +156,11 @@ class FlowBlock(nn.Module):
         else:
             rope = None if rope_table is None else (rope_table[0][pos : pos + inp.shape[1]],
                                                     rope_table[1][pos : pos + inp.shape[1]])
-            o = self._head(self._trunk(self.proj_in(inp), rope, None, cache, pos))
+            n = inp.shape[1]
+            # causal against the cached keys: query j (position pos + j) sees keys [0, pos + j]; built once per
+            # chunk for all layers (a single token sees every cached key and needs no mask)
+            mask = None if n == 1 else torch.ones(n, pos + n, dtype=torch.bool, device=inp.device).tril(pos)
+            o = self._head(self._trunk(self.proj_in(inp), rope, mask, cache, pos))
             o = o if lead is None else torch.cat([lead, o.float()], dim=1)
         a, b, _ = self.scale_shift(o)
         return a, b

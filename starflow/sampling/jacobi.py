@@ -38,8 +38,8 @@ class JacobiSettings:
     """
 
     enabled: bool = False
-    block_size: int = 32
-    threshold: float = 1e-3
+    block_size: int = 64
+    threshold: float = 1e-4
     max_iter: int = 32
     stop: str = "batch"
     sync_ranks: bool = False

@@ -107,8 +107,8 @@ class SampleSettings:
 
     cfg: float = 0.0
     jacobi: bool = True
-    jacobi_th: float = 0.001
-    jacobi_block_size: int = 16
+    jacobi_th: float = 1e-4  # the official scripts use 1e-3 (images: block 16, video: block 32)
+    jacobi_block_size: int = 64
     jacobi_max_iter: int = 32
     aspect_ratio: str = "1:1"
     self_denoise: bool = True
