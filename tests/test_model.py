@@ -131,17 +131,6 @@ def test_bfloat16_model_runs_forward() -> None:
     assert z.dtype == torch.float32 and z.isfinite().all()
 
 
-def test_compile_layers_keeps_parameter_names() -> None:
-    """Compiling for sampling must not rename parameters (checkpoints load and save the same); compilation
-    itself is lazy and timed in benchmarks/sampling.py --compile."""
-    model = tiny()
-    names = list(model.state_dict())
-    model.compile_layers()
-    assert list(model.state_dict()) == names
-    layers = [layer for block in model.blocks for layer in getattr(block, "attn_blocks", ())]
-    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
-
-
 # ------------------------------------------------------------------ log-determinant
 def brute_force_logdet(f, x: torch.Tensor) -> torch.Tensor:
     jac = torch.autograd.functional.jacobian(lambda v: f(v.view_as(x)).flatten(), x.flatten())

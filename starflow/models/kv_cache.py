@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "LayerCache"]
 
 
 class KVCache:
@@ -40,6 +40,20 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def check(self, start: int, n: int) -> None:
+        """Validate a write of ``n`` positions at ``start`` (before the layers write them).
+
+        Raises:
+            ValueError: the write would leave a gap or overflow the cache.
+        """
+        end = start + n
+        if start > self.length or end > self.max_len:
+            raise ValueError(f"KV cache write [{start}, {end}) invalid (length {self.length}, size {self.max_len})")
+
+    def layer(self, j: int) -> "LayerCache":
+        """The buffers of layer ``j`` (views, no copy)."""
+        return LayerCache(self.k[j], self.v[j])
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v (B, heads, n, head_dim)`` at positions ``[start, start + n)`` of ``layer``.
 
@@ -49,12 +63,8 @@ class KVCache:
         Raises:
             ValueError: the write would leave a gap or overflow the cache.
         """
-        end = start + k.shape[2]
-        if start > self.length or end > self.max_len:
-            raise ValueError(f"KV cache write [{start}, {end}) invalid (length {self.length}, size {self.max_len})")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.check(start, k.shape[2])
+        return self.layer(layer).write(k, v, start)
 
     def commit(self, end: int) -> None:
         """Mark positions ``[0, end)`` valid (after every layer wrote them)."""
@@ -68,3 +78,24 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class LayerCache:
+    """One layer's slice of a :class:`KVCache`: what a transformer layer reads and writes.
+
+    It carries no position bookkeeping (validated once per chunk by :meth:`KVCache.check`), so a compiled
+    layer sees only tensors and the symbolic start position.
+
+    Attributes:
+        k, v: ``(B, heads, S, head_dim)`` views of the cache's buffers.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v (B, heads, n, head_dim)`` at ``[start, start + n)``; returns the views ``[0, start + n)``."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from starflow.models.kv_cache import KVCache
+from starflow.models.kv_cache import LayerCache
 from starflow.models.rope import apply_rope
 
 __all__ = ["RMSNorm", "Attention", "MLP", "AttentionBlock", "Rope", "set_activation_checkpointing"]
@@ -59,15 +59,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+                cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
         """Attend.
 
         Args:
             x: ``(B, n, W)`` hidden states of positions ``[start, start + n)``.
             rope: (cos, sin) ``(n, head_dim)`` for those positions, or None.
             mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal.
-            cache: KV cache receiving this chunk's keys/values (then keys span ``[0, start + n)``).
-            layer: index of this layer in the cache.
+            cache: this layer's KV cache, receiving the chunk's keys/values (then keys span ``[0, start + n)``).
             start: position of the first query.
 
         Returns:
@@ -79,7 +78,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.write(layer, k, v, start)
+            k, v = cache.write(k, v, start)
         if mask is None and k.shape[2] != n:  # causal chunk against cached keys
             if n > 1:
                 mask = torch.ones(n, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - n)
@@ -116,13 +115,13 @@ class AttentionBlock(nn.Module):
         self.checkpoint_mlp = False
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+                cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
         """Apply the layer; arguments as :meth:`Attention.forward`. Returns ``(B, n, W)``."""
         recompute = self.training and torch.is_grad_enabled() and cache is None
         if recompute and self.checkpoint_attention:
             x = x + checkpoint(self.attention, x, rope, mask, use_reentrant=False)
         else:
-            x = x + self.attention(x, rope, mask, cache=cache, layer=layer, start=start)
+            x = x + self.attention(x, rope, mask, cache=cache, start=start)
         if recompute and self.checkpoint_mlp:
             return x + checkpoint(self.mlp, x, use_reentrant=False)
         return x + self.mlp(x)

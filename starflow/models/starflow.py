@@ -147,21 +147,6 @@ class STARFlow(nn.Module):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
-    def compile_layers(self, mode: str | None = None) -> None:
-        """Compile every flow-block transformer layer in place with ``torch.compile(dynamic=True)``.
-
-        Chunk steps of sampling (one token or a Jacobi chunk against a growing KV cache) then run as compiled
-        kernels; token counts and cache lengths are symbolic, so the layers compile a handful of times (one
-        token, a chunk, the text prefix) rather than once per position. Parameter names do not change
-        (``nn.Module.compile``). The first samples pay the compilation (tens of seconds on a CPU).
-
-        Args:
-            mode: ``torch.compile`` mode (e.g. ``"max-autotune"``); None = the default.
-        """
-        for block in self.blocks:
-            for layer in getattr(block, "attn_blocks", ()):
-                layer.compile(dynamic=True, mode=mode)
-
     def block_name(self, i: int) -> str:
         """``"flow block 3 (deep)"``, ``"flow block 0 (shallow)"``: block ``i`` as profiles and logs name it."""
         return f"flow block {i} ({'deep' if i == self.num_blocks - 1 else 'shallow'})"

@@ -64,8 +64,10 @@ class FlowBlock(nn.Module):
     # ------------------------------------------------------------------ transformer
     def _trunk(self, h: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
                cache: KVCache | None, start: int) -> torch.Tensor:
+        if cache is not None:
+            cache.check(start, h.shape[1])
         for j, layer in enumerate(self.attn_blocks):
-            h = layer(h, rope, mask, cache=cache, layer=j, start=start)
+            h = layer(h, rope, mask, cache=None if cache is None else cache.layer(j), start=start)
         if cache is not None:
             cache.commit(start + h.shape[1])
         return h
