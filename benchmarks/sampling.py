@@ -13,7 +13,8 @@ with every strategy and prints, per strategy:
 
 Strategies: sequential, and Jacobi at block sizes 8/16/32/64 and thresholds 1e-2/1e-3/1e-4 (SPEC section 9).
 Every strategy runs ``--repeats`` times after one warm-up run; the table gives the fastest time.
-On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32). ``--layout`` benchmarks a config with random weights instead
+On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32); with ``--compile``
+every strategy runs again with compiled flow layers (``dtype`` column ``+c``; compilation in the warm-up). ``--layout`` benchmarks a config with random weights instead
 of a checkpoint (random text embeddings, no text encoder), e.g. the 3B layout at 256x256 with batch 8:
 
     python benchmarks/sampling.py [--checkpoint_path ckpts/demo_digits] [--batch 1 8] [--device cpu|cuda]
@@ -117,7 +118,8 @@ def measure(model, y, noise, strategy: dict, guidance: float, repeats: int, devi
     yd = None if y is None else y.to(dtype)
     run = lambda stats=None: model.reverse(noise, yd, guidance=guidance if y is not None else 0.0,  # noqa: E731
                                            stats=stats, **strategy)
-    run()  # warm-up (allocator, kernels)
+    run()  # warm-up (allocator, kernels; compilation of a few shapes, hence twice)
+    run()
     best, peaks = float("inf"), []
     for _ in range(repeats):
         stats = DecodeStats()
@@ -157,6 +159,8 @@ def main() -> None:
                         help="Jacobi stopping rule (see starflow sample --help) [default: sample]")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per strategy [default: 3]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every strategy with compiled flow layers (STARFlow.compile_layers)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads [default: torch's]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -169,27 +173,30 @@ def main() -> None:
     where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"model {source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, guidance {guidance:g}, "
           f"{where}; times are the fastest of {args.repeats} runs of STARFlow.reverse after a warm-up")
-    header = (f"{'batch':>5}  {'dtype':<9}{'strategy':<26}{'evals':>7}{'seconds':>10}{'samples/s':>11}"
+    header = (f"{'batch':>5}  {'dtype':<11}{'strategy':<26}{'evals':>7}{'seconds':>10}{'samples/s':>11}"
               f"{'peak MiB':>10}{'rel. dist.':>12}{'evals x':>9}{'speed x':>9}")
     print(header)
     references = {}  # per batch: the float32 sequential sample
-    for batch in args.batch:
-        y, noise = inputs(batch)
-        for dtype in dtypes:
-            model.to(dtype)
-            base = None
-            for name, strategy in strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop):
-                x, evals, seconds, peak = measure(model, y, noise, strategy, guidance, args.repeats, device, dtype)
-                reference = references.setdefault(batch, x)
-                r = Result(name, str(dtype).removeprefix("torch."), evals, seconds,
-                           batch / seconds, peak, ((x - reference).norm() / reference.norm()).item())
-                base = base or r
-                print(f"{batch:>5}  {r.dtype:<9}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}"
-                      f"{r.peak_mib:>10.1f}{r.distance:>12.2e}{base.evals / r.evals:>9.1f}"
-                      f"{base.seconds / r.seconds:>9.2f}", flush=True)
-        model.to(torch.float32)
+    for compiled in (False, True) if args.compile else (False,):
+        if compiled:
+            model.compile_layers()
+        for batch in args.batch:
+            y, noise = inputs(batch)
+            for dtype in dtypes:
+                model.to(dtype)
+                base = None
+                for name, strategy in strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop):
+                    x, evals, seconds, peak = measure(model, y, noise, strategy, guidance, args.repeats, device, dtype)
+                    reference = references.setdefault(batch, x)
+                    r = Result(name, str(dtype).removeprefix("torch.") + ("+c" if compiled else ""), evals, seconds,
+                               batch / seconds, peak, ((x - reference).norm() / reference.norm()).item())
+                    base = base or r
+                    print(f"{batch:>5}  {r.dtype:<11}{r.name:<26}{r.evals:>7}{r.seconds:>10.3f}{r.samples_per_s:>11.2f}"
+                          f"{r.peak_mib:>10.1f}{r.distance:>12.2e}{base.evals / r.evals:>9.1f}"
+                          f"{base.seconds / r.seconds:>9.2f}", flush=True)
+            model.to(torch.float32)
     print("evals x / speed x: sequential evaluations and seconds of sequential decoding (same batch and dtype) "
-          "over the strategy's; rel. dist. to the float32 sequential sample")
+          "over the strategy's; rel. dist. to the float32 sequential sample; +c: compiled layers")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ def _sample(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
                                     dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                     asset_dir=Path(config).parent, shard=shard)
+    if args.compile:
+        pipe.model.compile_layers()
     captions = _read_captions(args, demo)
     settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                               jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
@@ -336,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="remove the training noise with one score step [default: on]")
     p.add_argument("--bf16", action="store_true", help="bf16 weights (flow arithmetic stays float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the flow layers (dynamic shapes; the first batch pays the compilation)")
     p.add_argument("--input_image", default=None,
                    help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
                         "image-to-video")

@@ -131,6 +131,19 @@ def test_bfloat16_model_runs_forward() -> None:
     assert z.dtype == torch.float32 and z.isfinite().all()
 
 
+def test_compiled_layers_sample_like_eager_and_keep_names() -> None:
+    """Compiled sampling steps (dynamic shapes over the fixed-size KV cache) give the eager samples, and
+    parameter names do not change."""
+    model = tiny()
+    x, y, _ = inputs(model)
+    noise = torch.randn_like(x)
+    eager = model.reverse(noise, y, jacobi=True, jacobi_block_size=4)
+    names = list(model.state_dict())
+    model.compile_layers()
+    torch.testing.assert_close(model.reverse(noise, y, jacobi=True, jacobi_block_size=4), eager, atol=1e-4, rtol=1e-4)
+    assert list(model.state_dict()) == names
+
+
 # ------------------------------------------------------------------ log-determinant
 def brute_force_logdet(f, x: torch.Tensor) -> torch.Tensor:
     jac = torch.autograd.functional.jacobian(lambda v: f(v.view_as(x)).flatten(), x.flatten())

@@ -32,8 +32,10 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (num_layers, batch, heads, max_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # zeros, not empty: layers attend over the whole buffer with a position mask, and a masked-out
+        # NaN would still poison the weighted sum
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
     @property
@@ -58,7 +60,7 @@ class KVCache:
         """Store ``k, v (B, heads, n, head_dim)`` at positions ``[start, start + n)`` of ``layer``.
 
         Returns:
-            Views of the keys and values at positions ``[0, start + n)``.
+            The layer's whole key and value buffers ``(B, heads, S, head_dim)``.
 
         Raises:
             ValueError: the write would leave a gap or overflow the cache.
@@ -94,8 +96,9 @@ class LayerCache:
         self.k, self.v = k, v
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v (B, heads, n, head_dim)`` at ``[start, start + n)``; returns the views ``[0, start + n)``."""
+        """Store ``k, v (B, heads, n, head_dim)`` at ``[start, start + n)``; returns the whole buffers
+        ``(B, heads, S, head_dim)`` (fixed shapes: the caller masks the positions not yet valid)."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k, self.v

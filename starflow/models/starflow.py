@@ -147,6 +147,28 @@ class STARFlow(nn.Module):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def compile_layers(self, mode: str | None = None) -> None:
+        """Compile every flow-block transformer layer in place with ``torch.compile(dynamic=True)``.
+
+        Sampling steps (one token or a Jacobi chunk) attend over the whole preallocated KV cache with a position
+        mask, so a layer sees fixed cache shapes and a symbolic token count and start: it compiles a few times
+        (text prefix, one token, a chunk), not once per position. Parameter names do not change
+        (``nn.Module.compile``); the first samples pay the compilation.
+
+        The layers share one code object, and sizes 0 and 1 (first position, one token, one row) specialise,
+        so the variants (with or without text rows, RoPE, guidance rows) exceed dynamo's default recompile
+        limit of 8; it is raised to at least 64 for the process.
+
+        Args:
+            mode: ``torch.compile`` mode (e.g. ``"max-autotune"``); None = the default.
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in self.blocks:
+            for layer in getattr(block, "attn_blocks", ()):
+                layer.compile(dynamic=True, mode=mode)
+
     def block_name(self, i: int) -> str:
         """``"flow block 3 (deep)"``, ``"flow block 0 (shallow)"``: block ``i`` as profiles and logs name it."""
         return f"flow block {i} ({'deep' if i == self.num_blocks - 1 else 'shallow'})"

@@ -64,8 +64,11 @@ class FlowBlock(nn.Module):
     # ------------------------------------------------------------------ transformer
     def _trunk(self, h: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
                cache: KVCache | None, start: int) -> torch.Tensor:
-        if cache is not None:
-            cache.check(start, h.shape[1])
+        if cache is not None:  # causal against the whole cache buffer: query j sees positions [0, start + j]
+            n = h.shape[1]
+            cache.check(start, n)
+            keys = torch.arange(cache.max_len, device=h.device)
+            mask = keys[None, :] <= start + torch.arange(n, device=h.device)[:, None]
         for j, layer in enumerate(self.attn_blocks):
             h = layer(h, rope, mask, cache=None if cache is None else cache.layer(j), start=start)
         if cache is not None:
@@ -158,11 +161,7 @@ class FlowBlock(nn.Module):
         else:
             rope = None if rope_table is None else (rope_table[0][pos : pos + inp.shape[1]],
                                                     rope_table[1][pos : pos + inp.shape[1]])
-            n = inp.shape[1]
-            # causal against the cached keys: query j (position pos + j) sees keys [0, pos + j]; built once per
-            # chunk for all layers (a single token sees every cached key and needs no mask)
-            mask = None if n == 1 else torch.ones(n, pos + n, dtype=torch.bool, device=inp.device).tril(pos)
-            o = self._head(self._trunk(self.proj_in(inp), rope, mask, cache, pos))
+            o = self._head(self._trunk(self.proj_in(inp), rope, None, cache, pos))
             o = o if lead is None else torch.cat([lead, o.float()], dim=1)
         a, b, _ = self.scale_shift(o)
         return a, b
