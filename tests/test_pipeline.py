@@ -120,3 +120,11 @@ def test_default_jacobi_on_the_demo_is_close_to_sequential_with_far_fewer_evalua
     assert relative_error(jac, seq) < 1e-2
     assert seq_stats.evaluations == 4 * 64  # one per token of each of the 4 blocks of 8x8 tokens
     assert jac_stats.evaluations * 4 <= seq_stats.evaluations
+
+
+@pytest.mark.parametrize("bad", [dict(block_size=0), dict(max_iter=0), dict(threshold=-1.0)])
+def test_jacobi_settings_reject_values_that_would_never_finish(bad: dict) -> None:
+    from starflow.sampling.jacobi import JacobiSettings
+
+    with pytest.raises(ValueError, match="block_size >= 1"):
+        JacobiSettings(enabled=True, **bad)

@@ -43,7 +43,8 @@ class KVCache:
         return self.k.shape[3]
 
     def check(self, start: int, n: int) -> None:
-        """Validate a write of ``n`` positions at ``start`` (before the layers write them).
+        """Validate a write of ``n`` positions at ``start`` (once per chunk, before the layers write their
+        :meth:`layer` views).
 
         Raises:
             ValueError: the write would leave a gap or overflow the cache.
@@ -55,18 +56,6 @@ class KVCache:
     def layer(self, j: int) -> "LayerCache":
         """The buffers of layer ``j`` (views, no copy)."""
         return LayerCache(self.k[j], self.v[j])
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v (B, heads, n, head_dim)`` at positions ``[start, start + n)`` of ``layer``.
-
-        Returns:
-            The layer's whole key and value buffers ``(B, heads, S, head_dim)``.
-
-        Raises:
-            ValueError: the write would leave a gap or overflow the cache.
-        """
-        self.check(start, k.shape[2])
-        return self.layer(layer).write(k, v, start)
 
     def commit(self, end: int) -> None:
         """Mark positions ``[0, end)`` valid (after every layer wrote them)."""

@@ -65,8 +65,10 @@ class Attention(nn.Module):
         Args:
             x: ``(B, n, W)`` hidden states of positions ``[start, start + n)``.
             rope: (cos, sin) ``(n, head_dim)`` for those positions, or None.
-            mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal.
-            cache: this layer's KV cache, receiving the chunk's keys/values (then keys span ``[0, start + n)``).
+            mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal. With a cache,
+                ``S`` is the cache size and the mask must hide the positions not yet written.
+            cache: this layer's KV cache, receiving the chunk's keys/values; attention then runs over the whole
+                buffer (see :meth:`starflow.models.tarflow_block.FlowBlock._trunk`, which builds the mask).
             start: position of the first query.
 
         Returns:
@@ -78,10 +80,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
+            if mask is None:
+                raise ValueError("attention over a KV cache needs the position mask (n, cache size)")
             k, v = cache.write(k, v, start)
-        if mask is None and k.shape[2] != n:  # causal chunk against cached keys
-            if n > 1:
-                mask = torch.ones(n, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 

@@ -47,6 +47,9 @@ class JacobiSettings:
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:
             raise ValueError(f"Jacobi stopping rule {self.stop!r} is not one of {STOP_RULES}")
+        if self.block_size < 1 or self.max_iter < 1 or self.threshold < 0:
+            raise ValueError(f"Jacobi needs block_size >= 1, max_iter >= 1 and threshold >= 0, got {self.block_size}, "
+                             f"{self.max_iter} and {self.threshold} (--jacobi_block_size, --jacobi_th)")
 
 
 @dataclass
