@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from starflow.cli import DEMO_DIR
+from starflow.assets import DEMO_DIR
 from starflow.data import load_digit_split, write_digits
 from starflow.evaluation import evaluate_nll
 from starflow.sampling.io import to_uint8

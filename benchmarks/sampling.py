@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from starflow.sampling.jacobi import DecodeStats
+from starflow.models.jacobi import DecodeStats
 
 DEMO = Path(__file__).resolve().parents[1] / "ckpts" / "demo_digits"
 PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
@@ -79,6 +79,7 @@ def peak_memory(device: torch.device, out: list[float]):
 def load(args: argparse.Namespace, device: torch.device):
     """The flow, its config, a function ``inputs(batch) -> (y, noise)`` (guidance-ready text rows and noise)
     and a description of the model."""
+    from starflow.adapters import vae_geometry
     from starflow.config import load_config
     from starflow.models import STARFlow
     from starflow.sampling.pipeline import Pipeline
@@ -88,7 +89,8 @@ def load(args: argparse.Namespace, device: torch.device):
         if args.img_size:
             cfg.img_size = args.img_size
         with torch.device(device):
-            model = STARFlow.from_config(cfg, txt_dim=args.txt_dim if cfg.txt_size > 0 else None).eval()
+            model = STARFlow.from_config(cfg, txt_dim=args.txt_dim if cfg.txt_size > 0 else None,
+                                         vae_downsample=vae_geometry(cfg.vae).downsample).eval()
         shape = (cfg.channel_size, model.latent_side, model.latent_side)
         source = f"{args.layout} (random weights)"
 

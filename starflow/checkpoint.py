@@ -9,7 +9,7 @@ repo ``apple/starflow``) are plain ``torch.save`` state dicts whose names follow
 size, memory-mapped::
 
     with torch.device("meta"):
-        model = STARFlow.from_config("configs/starflow_3B_t2i_256x256.yaml", txt_dim=2048)
+        model = STARFlow.from_config("configs/starflow_3B_t2i_256x256.yaml", txt_dim=2048, vae_downsample=8)
     load_weights(model, "ckpts/starflow_3B_t2i_256x256.pth", assign=True)
 """
 from __future__ import annotations

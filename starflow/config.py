@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["Config", "load_config", "save_config", "apply_overrides", "config_field_help", "infer_vae_downsample"]
+__all__ = ["Config", "CONFIG_FIELDS", "load_config", "save_config", "apply_overrides", "config_field_help"]
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -150,12 +150,13 @@ class Config:
         return d
 
 
-_FIELDS = {f.name: f for f in fields(Config)}
+CONFIG_FIELDS = {f.name: f for f in fields(Config)}
+"""Every config key (the official YAML names) -> its dataclass field (default, ``metadata["doc"]``)."""
 
 
 def config_field_help(name: str) -> str:
     """One-line documentation of a config key."""
-    return _FIELDS[name].metadata.get("doc", "")
+    return CONFIG_FIELDS[name].metadata.get("doc", "")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -242,8 +243,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_key(key: str) -> None:
-    if key not in _FIELDS:
-        near = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
+    if key not in CONFIG_FIELDS:
+        near = difflib.get_close_matches(key, list(CONFIG_FIELDS), n=1, cutoff=0.5)
         hint = f"; did you mean '{near[0]}'?" if near else "; see `starflow train --help` for the keys"
         raise ValueError(f"unknown config key '{key}'{hint}")
 
@@ -367,12 +368,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
             item[k] = " ".join(str(i) for i in v)
     Path(path).write_text(yaml.safe_dump({"arguments": items}, sort_keys=False))
 
-
-def infer_vae_downsample(vae: str | None) -> int:
-    """Spatial downsampling of the latent space named by a config's ``vae`` key.
-
-    ``None`` (pixels) -> 1; a WAN2.2 VAE (name containing 'wan') -> 16; any other (SD-VAE) -> 8.
-    """
-    if vae is None or vae.lower() == "none":
-        return 1
-    return 16 if "wan" in vae.lower() else 8

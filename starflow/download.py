@@ -2,7 +2,7 @@
 
 ``starflow download {t2i,t2v,all} --local-dir ckpts`` puts everything under one folder, each model in a
 subfolder named like its Hub id, which is where sampling looks first (see
-:func:`starflow.sampling.pipeline.asset_search_dirs`)::
+:func:`starflow.assets.asset_search_dirs`)::
 
     ckpts/starflow_3B_t2i_256x256.pth                      apple/starflow
     ckpts/starflow-v_7B_t2v_caus_480p_v3.pth               apple/starflow

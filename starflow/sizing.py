@@ -24,11 +24,17 @@ from pathlib import Path
 
 import torch
 
-from starflow.config import Config, infer_vae_downsample
+from starflow.adapters.geometry import vae_geometry
+from starflow.adapters.text import TINY_T5
+from starflow.assets import TINY_TEXT_ENCODER, resolve_asset
+from starflow.config import Config
 from starflow.data.aspect import ASPECT_RATIOS, aspect_to_size
+from starflow.models import STARFlow
+from starflow.models.layers import AttentionBlock
+from starflow.models.tarflow_block import FlowBlock
 
-__all__ = ["BlockCount", "TokenLayout", "MemoryEstimate", "SizeReport", "size_report", "text_width",
-           "temporal_downsample", "KNOWN_TEXT_WIDTHS", "ACTIVATION_VALUES_PER_WIDTH"]
+__all__ = ["BlockCount", "TokenLayout", "MemoryEstimate", "SizeReport", "size_report", "text_width", "build_meta_model",
+           "KNOWN_TEXT_WIDTHS", "ACTIVATION_VALUES_PER_WIDTH"]
 
 KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/t5-v1_1-xl": 2048, "google/flan-t5-xxl": 4096,
                      "google/flan-t5-large": 1024, "google/flan-t5-base": 768, "google/flan-t5-small": 512}
@@ -36,11 +42,6 @@ KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/t5-v1_1-xl": 2048, "goog
 ACTIVATION_VALUES_PER_WIDTH = 16
 GIB = 2 ** 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-
-
-def temporal_downsample(vae: str | None) -> int:
-    """Latent frames per pixel frame step: 4 for the WAN2.2 VAE (``T' = (T - 1) / 4 + 1``), else 1."""
-    return 4 if vae is not None and "wan" in vae.lower() else 1
 
 
 def text_width(cfg: Config, base_dir: Path | None = None) -> int | None:
@@ -52,13 +53,9 @@ def text_width(cfg: Config, base_dir: Path | None = None) -> int | None:
     Raises:
         FileNotFoundError: the width cannot be found (pass ``--txt_dim``).
     """
-    from starflow.sampling.pipeline import TINY_TEXT_ENCODER, resolve_asset
-
     if cfg.txt_size == 0:
         return None
     if cfg.text == TINY_TEXT_ENCODER:
-        from starflow.adapters.text import TINY_T5
-
         return TINY_T5["d_model"]
     name = resolve_asset(cfg.text, base_dir)
     if name in KNOWN_TEXT_WIDTHS:
@@ -128,7 +125,7 @@ def _frames(cfg: Config) -> tuple[int, int]:
     if not cfg.is_video:
         return 1, 1
     frames = cfg.vid_size[0]
-    return frames, (frames - 1) // temporal_downsample(cfg.vae) + 1
+    return frames, vae_geometry(cfg.vae).latent_frames(frames)
 
 
 def token_layouts(cfg: Config, vae_downsample: int) -> list[TokenLayout]:
@@ -144,10 +141,13 @@ def token_layouts(cfg: Config, vae_downsample: int) -> list[TokenLayout]:
     return out
 
 
-def _block_counts(model) -> list[BlockCount]:
-    from starflow.models.layers import AttentionBlock
-    from starflow.models.tarflow_block import FlowBlock
+def build_meta_model(cfg: Config, txt_dim: int | None) -> STARFlow:
+    """The config's STARFlow on the meta device (no memory), sized for the VAE its ``vae`` key names."""
+    with torch.device("meta"):
+        return STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae_geometry(cfg.vae).downsample)
 
+
+def _block_counts(model: STARFlow) -> list[BlockCount]:
     counts = []
     last = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
@@ -206,13 +206,10 @@ def size_report(cfg: Config, txt_dim: int | None, batch: int = 1, gpus: int = 1)
     Returns:
         A :class:`SizeReport`; memory estimated for the largest aspect-ratio bucket (most tokens).
     """
-    from starflow.models import STARFlow
-
-    with torch.device("meta"):
-        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=infer_vae_downsample(cfg.vae))
+    model = build_meta_model(cfg, txt_dim)
     counts = _block_counts(model)
     total = sum(p.numel() for p in model.parameters())
-    layouts = token_layouts(cfg, infer_vae_downsample(cfg.vae))
+    layouts = token_layouts(cfg, vae_geometry(cfg.vae).downsample)
     worst = max(layouts, key=lambda t: t.tokens)
     report = SizeReport(counts, total, layouts, cfg.txt_size, txt_dim, batch, gpus)
     kv = _kv_elements(cfg, counts, worst, batch)
@@ -236,8 +233,9 @@ def format_report(report: SizeReport, cfg: Config) -> str:
         lines.append(f"{'  of which flow':<56}{report.total_parameters - den:>16,}")
     lines.append("")
     text = f"text: {report.txt_size} tokens x {report.txt_dim} (T5 width)" if report.txt_dim else "text: none"
-    lines.append(f"{text}; vae: {cfg.vae or 'none'} (spatial /{infer_vae_downsample(cfg.vae)}, temporal "
-                 f"/{temporal_downsample(cfg.vae) if cfg.is_video else 1}); patch {cfg.patch_size}")
+    geometry = vae_geometry(cfg.vae)
+    lines.append(f"{text}; vae: {cfg.vae or 'none'} (spatial /{geometry.downsample}, temporal "
+                 f"/{geometry.temporal_downsample if cfg.is_video else 1}); patch {cfg.patch_size}")
     lines.append(f"{'aspect':<8}{'pixels (T, H, W)':<22}{'latent (T, C, H, W)':<24}{'tokens/frame':>13}{'tokens':>9}")
     for t in report.layouts:
         lines.append(f"{t.aspect_ratio:<8}{str(t.pixels):<22}{str(t.latent):<24}{t.tokens_per_frame:>13,}{t.tokens:>9,}")

@@ -75,11 +75,12 @@ def make_pipeline(tiny_config):
     from starflow.adapters import build_latent_adapter
     from starflow.config import load_config
     from starflow.models import STARFlow
-    from starflow.sampling.pipeline import Pipeline, build_text_encoder
+    from starflow.adapters import build_text_encoder
+    from starflow.sampling.pipeline import Pipeline
 
     def build(std: float = 0.05, seed: int = 0, **config: Any) -> Pipeline:
         cfg = load_config(dict(tiny_config, **config))
-        text_encoder = build_text_encoder(cfg, None, torch.device("cpu"))
+        text_encoder = build_text_encoder(cfg, device="cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size, vae_downsample=1)

@@ -11,8 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
-from starflow import cli
-from starflow.cli import DEMO_DIR, DEMO_PROMPTS, main
+from starflow import assets
+from starflow.assets import DEMO_DIR, DEMO_PROMPTS
+from starflow.cli import main
 from starflow.config import load_config
 from starflow.data import ImageFolder, collate
 from starflow.evaluation import PIXEL_SCALE_BITS, evaluate_nll
@@ -227,7 +228,7 @@ def test_help_documents_config_keys(command: str, capsys) -> None:
 
 # ---------------------------------------------------------------------- the shipped demo
 def test_sample_without_checkpoint_needs_the_demo(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(cli, "DEMO_DIR", tmp_path / "no_demo")
+    monkeypatch.setattr(assets, "DEMO_DIR", tmp_path / "no_demo")
     with pytest.raises(SystemExit, match="shipped demo is missing"):
         main(["sample", "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
 

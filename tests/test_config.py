@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from starflow.config import Config, apply_overrides, infer_vae_downsample, load_config, save_config
+from starflow.adapters.geometry import vae_geometry
+from starflow.config import Config, apply_overrides, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
@@ -29,7 +30,7 @@ def test_official_t2i_config() -> None:
     assert (cfg.img_size, cfg.txt_size, cfg.noise_std, cfg.cfg, cfg.soft_clip) == (256, 128, 0.3, 2.5, 4.0)
     assert cfg.rope and cfg.sos and cfg.use_softplus and cfg.cond_top_only and cfg.use_final_norm
     assert cfg.seq_order == "L2R" and cfg.pt_seq_len is None and cfg.vid_size is None and not cfg.is_video
-    assert cfg.vae == "stabilityai/sd-vae-ft-ema" and infer_vae_downsample(cfg.vae) == 8 and cfg.latent_size(8) == 32
+    assert cfg.vae == "stabilityai/sd-vae-ft-ema" and vae_geometry(cfg.vae).downsample == 8 and cfg.latent_size(8) == 32
     assert cfg.text == "google/flan-t5-xl" and cfg.latent_norm_regularization == 1e-4 and cfg.lr == 6.4e-5
 
 
@@ -38,7 +39,7 @@ def test_official_t2v_config() -> None:
     assert cfg.block_layers == [2, 2, 2, 2, 2, 24] and cfg.num_blocks == 6
     assert (cfg.channels, cfg.deep_channels, cfg.channel_size, cfg.patch_size) == (3072, 4096, 48, 1)
     assert cfg.vid_size == (81, 16) and cfg.is_video and cfg.img_size == 640 and cfg.txt_size == 256
-    assert cfg.vae == "Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6" and infer_vae_downsample(cfg.vae) == 16
+    assert cfg.vae == "Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6" and vae_geometry(cfg.vae).downsample == 16
     assert cfg.finetuned_vae is None  # 'none' in the YAML
     assert (cfg.temporal_causal, cfg.denoiser_window, cfg.pt_seq_len, cfg.noise_std) == (2, 10, 32, 0.5)
     assert cfg.learnable_self_denoiser and cfg.conditional_denoiser and cfg.shallow_block_local and cfg.fps_cond

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from starflow.cli import DEMO_DIR, main
+from starflow.assets import DEMO_DIR
+from starflow.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,12 +13,13 @@ from typing import Iterator
 import pytest
 import torch
 
+from starflow.adapters.geometry import vae_geometry
 from starflow.checkpoint import compare_layout
 from starflow.config import load_config
 from starflow.models import STARFlow, patchify, unpatchify
 from starflow.models.rope import rope_angles
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
-from starflow.sampling import DecodeStats, JacobiSettings, decode_block
+from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
@@ -275,8 +276,9 @@ OFFICIAL = [
 
 @pytest.mark.parametrize("config, keys, total, denoiser", OFFICIAL)
 def test_official_parameter_layout(config: str, keys: str, total: int, denoiser: int) -> None:
+    cfg = load_config(REPO / "configs" / config)
     with torch.device("meta"):
-        model = STARFlow.from_config(REPO / "configs" / config, txt_dim=2048)
+        model = STARFlow.from_config(cfg, txt_dim=2048, vae_downsample=vae_geometry(cfg.vae).downsample)
     assert sum(p.numel() for p in model.parameters()) == total
     if model.learnable_self_denoiser is not None:
         assert sum(p.numel() for p in model.learnable_self_denoiser.parameters()) == denoiser
@@ -292,8 +294,20 @@ def test_official_parameter_layout(config: str, keys: str, total: int, denoiser:
 
 @pytest.mark.parametrize("config, side", [("starflow_3B_t2i_256x256.yaml", 256 // 8),  # SD-VAE: 8x
                                           ("starflow-v_7B_t2v_caus_480p.yaml", 640 // 16)])  # WAN2.2: 16x
-def test_vae_downsample_inferred_from_config(config: str, side: int) -> None:
+def test_vae_geometry_of_the_official_configs_sets_the_rope_scale(config: str, side: int) -> None:
     small = dict(channels=64, top_block_channels=64, blocks=2, layers_per_block="1 1", pt_seq_len="none")
+    cfg = load_config(REPO / "configs" / config, small)
     with torch.device("meta"):
-        model = STARFlow.from_config(load_config(REPO / "configs" / config, small), txt_dim=8)
+        model = STARFlow.from_config(cfg, txt_dim=8, vae_downsample=vae_geometry(cfg.vae).downsample)
     assert model.pos_scale == side // model.patch_size  # RoPE scale P defaults to latent side / patch
+    with pytest.raises(ValueError, match="pass vae_downsample"):  # a VAE config never falls back to pixels
+        STARFlow.from_config(cfg, txt_dim=8)
+
+
+@pytest.mark.parametrize("name, down, temporal", [
+    (None, 1, 1), ("stabilityai/sd-vae-ft-ema", 8, 1), ("/data/swanson/sd-vae-ft-ema", 8, 1),
+    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6", 16, 4), ("/models/wan22_vae", 16, 4), ("none", 1, 1)])
+def test_vae_geometry_by_name(name: str | None, down: int, temporal: int) -> None:
+    g = vae_geometry(name)
+    assert (g.downsample, g.temporal_downsample) == (down, temporal)
+    assert g.latent_frames(81) == (81 - 1) // temporal + 1

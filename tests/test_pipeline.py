@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from starflow.sampling.denoise import self_denoise
-from starflow.sampling.jacobi import DecodeStats
+from starflow.models.jacobi import DecodeStats
 from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,7 +105,7 @@ def test_short_prompts_do_not_warn(pipe: Pipeline, recwarn) -> None:
 def test_default_jacobi_on_the_demo_is_close_to_sequential_with_far_fewer_evaluations() -> None:
     """The sampler's default Jacobi settings on the shipped demo: within 1e-2 (relative) of sequential decoding
     of the same noise, with at least 4x fewer sequential model evaluations (wall time: benchmarks/sampling.py)."""
-    from starflow.cli import DEMO_DIR
+    from starflow.assets import DEMO_DIR
 
     pipe = Pipeline.from_pretrained(DEMO_DIR)
     defaults = SampleSettings()
@@ -124,7 +124,7 @@ def test_default_jacobi_on_the_demo_is_close_to_sequential_with_far_fewer_evalua
 
 @pytest.mark.parametrize("bad", [dict(block_size=0), dict(max_iter=0), dict(threshold=-1.0)])
 def test_jacobi_settings_reject_values_that_would_never_finish(bad: dict) -> None:
-    from starflow.sampling.jacobi import JacobiSettings
+    from starflow.models.jacobi import JacobiSettings
 
     with pytest.raises(ValueError, match="block_size >= 1"):
         JacobiSettings(enabled=True, **bad)

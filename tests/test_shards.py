@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from starflow.adapters import apply_prompt_template, build_tiny_sd_vae
+from starflow.adapters import build_text_encoder, build_tiny_sd_vae
 from starflow.config import load_config
 from starflow.data import (
     ImageFolder,
@@ -27,7 +27,7 @@ from starflow.data import (
     write_digits,
 )
 from starflow.data.video import VideoFolder, write_video
-from starflow.sampling.pipeline import EXTEND_PREFIX, build_text_encoder
+from starflow.prompts import EXTEND_PREFIX, apply_prompt_template
 
 N = 40  # samples in the small folders
 
@@ -209,7 +209,7 @@ def test_cache_latents_stores_vae_and_text_outputs(all_digits: Path, tmp_path: P
     src = _digits_folder(all_digits, tmp_path / "src", n=10, unique=True)
     keys = dict(channel_size=4, txt_size=48, drop_image=0.5, fps_cond=1, cond_noise_level=1)
     cfg = load_config(dict(tiny_config, **keys))
-    vae, text_encoder = build_tiny_sd_vae(), build_text_encoder(cfg, None, torch.device("cpu"))
+    vae, text_encoder = build_tiny_sd_vae(), build_text_encoder(cfg, device="cpu")
     index = cache_latents(src, tmp_path / "cache", cfg, vae, text_encoder, batch_size=4)
     assert index["kind"] == "latent" and index["total"] == 10
     check_cache_settings(index, cfg)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from starflow.adapters.hub import resolve_local_files_only
-from starflow.adapters.text import TINY_T5, TextEncoder, apply_prompt_template, build_tiny_text_encoder
+from starflow.adapters.text import TINY_T5, TextEncoder, build_tiny_text_encoder
+from starflow.prompts import apply_prompt_template
 
 TXT_SIZE = 16
 

@@ -19,8 +19,8 @@ from starflow.cli import main
 from starflow.config import load_config
 from starflow.data import ImageFolder, collate
 from starflow.models import STARFlow
-from starflow.sampling.pipeline import build_text_encoder
-from starflow.train.distributed import init_distributed
+from starflow.adapters import build_text_encoder
+from starflow.distributed import init_distributed
 from starflow.train.optim import WARMUP_START_LR, build_optimizer, build_schedule, lr_at
 from starflow.train.state import CheckpointManager
 from starflow.train.trainer import Trainer, TrainingDiverged
@@ -34,7 +34,7 @@ def build_trainer(config: dict[str, Any], logdir: Path) -> Trainer:
     dist = init_distributed("cpu")
     torch.manual_seed(cfg.seed)
     vae = build_latent_adapter(cfg.vae, channels=cfg.channel_size)
-    text_encoder = build_text_encoder(cfg, None, dist.device)
+    text_encoder = build_text_encoder(cfg, device=dist.device)
     dataset = ImageFolder(cfg.data, cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)
     torch.manual_seed(cfg.seed)
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size, vae_downsample=1)
@@ -72,7 +72,7 @@ def train_args(config_file: Path, data: Path, logdir: Path, *extra: str) -> list
 # ---------------------------------------------------------------------- the loss goes down
 def test_training_lowers_loss_on_a_fixed_batch(tiny_config, digits) -> None:
     cfg = load_config(dict(tiny_config, steps=30, warmup_steps=0, lr=1e-3, drop_label=0.0))
-    text_encoder = build_text_encoder(cfg, None, torch.device("cpu"))
+    text_encoder = build_text_encoder(cfg, device="cpu")
     torch.manual_seed(0)
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size, vae_downsample=1).train()
     data = ImageFolder(digits["train"], cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)

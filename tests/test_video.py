@@ -277,7 +277,7 @@ def test_shipped_video_demo_image_to_video_keeps_the_real_image(tmp_path: Path) 
 
 
 def test_input_image_needs_a_video_model(tmp_path: Path, capsys) -> None:
-    from starflow.cli import DEMO_DIR
+    from starflow.assets import DEMO_DIR
 
     assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_image", "x.png",
                  "--output_dir", str(tmp_path), "--device", "cpu"]) == 2

@@ -1,13 +1,9 @@
 """Frozen pretrained components around the flow: the T5 text encoder and the latent adapters (VAEs)."""
 
+from starflow.adapters.build import build_text_encoder, build_vae
+from starflow.adapters.geometry import VAEGeometry, vae_geometry
 from starflow.adapters.hub import missing_model_error
-from starflow.adapters.text import (
-    T5_DEFAULT,
-    TINY_T5,
-    TextEncoder,
-    apply_prompt_template,
-    build_tiny_text_encoder,
-)
+from starflow.adapters.text import T5_DEFAULT, TINY_T5, TextEncoder, build_tiny_text_encoder
 from starflow.adapters.vae import (
     SD_VAE_DEFAULT,
     IdentityAdapter,
@@ -27,11 +23,14 @@ __all__ = [
     "LatentAdapter",
     "SDVAEAdapter",
     "TextEncoder",
-    "apply_prompt_template",
+    "VAEGeometry",
     "build_latent_adapter",
+    "build_text_encoder",
     "build_tiny_sd_vae",
     "build_tiny_wan_vae",
+    "build_vae",
     "WanVAEAdapter",
     "build_tiny_text_encoder",
     "missing_model_error",
+    "vae_geometry",
 ]

@@ -1,8 +1,8 @@
-"""Text conditioning: the prompt template and a frozen T5 encoder.
+"""Text conditioning: a frozen T5 encoder (the prompt template is in :mod:`starflow.prompts`).
 
 STARFlow (arXiv 2506.06276) Sec. 3 conditions the deep flow block on the hidden states of a frozen
-pretrained T5 encoder (``google/flan-t5-xl``, hidden size 2048). The prompt template and the masking
-of padding follow SPEC Sec. 12. A tiny randomly initialised T5 (:func:`build_tiny_text_encoder`)
+pretrained T5 encoder (``google/flan-t5-xl``, hidden size 2048). The masking of padding follows
+SPEC Sec. 12. A tiny randomly initialised T5 (:func:`build_tiny_text_encoder`)
 goes through exactly the same code path for tests and demos.
 """
 
@@ -22,42 +22,6 @@ T5_DEFAULT = "google/flan-t5-xl"
 
 TINY_T5: dict[str, int] = dict(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 """``T5Config`` arguments of the debug encoder; vocab 384 matches ``ByT5Tokenizer`` (bytes + specials)."""
-
-
-def apply_prompt_template(
-    text: str,
-    *,
-    fps: int | None = None,
-    fps_cond: bool = False,
-    cond_noise_level: bool = False,
-    noise_std: float = 0.0,
-    mix_aspect: bool = False,
-    aspect_ratio: str = "1:1",
-) -> str:
-    """Wrap a prompt the way the released models were trained (SPEC Sec. 12).
-
-    Applied to every prompt, the empty unconditional one included, in this order:
-    fps/image prefix, noise-level prefix, aspect-ratio suffix.
-
-    Args:
-        text: The raw prompt ("" for the unconditional branch of guidance).
-        fps: Frames per second of a video; None or 0 means an image.
-        fps_cond: Config ``fps_cond``: prefix ``"A video with {fps} fps:"`` or ``"An image:"``.
-        cond_noise_level: Config ``cond_noise_level``: prefix the training noise level.
-        noise_std: Config ``noise_std`` in normalised-latent units; written as ``int(noise_std * 1000)``.
-        mix_aspect: Config ``mix_aspect``: append the aspect ratio.
-        aspect_ratio: ``"w:h"``, e.g. ``"16:9"``.
-
-    Returns:
-        The templated prompt.
-    """
-    if fps_cond:
-        text = f"A video with {fps} fps:\n{text}\n" if fps and fps > 0 else f"An image:\n{text}\n"
-    if cond_noise_level:
-        text = f"Noise Level {int(noise_std * 1000)}:\n{text}"
-    if mix_aspect:
-        text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
-    return text
 
 
 class TextEncoder(nn.Module):

@@ -20,12 +20,11 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from starflow.adapters.geometry import VAEGeometry, is_wan_vae, no_vae
 from starflow.adapters.hub import check_local_folder, looks_like_local_path, missing_model_error, resolve_local_files_only
 
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 """Hub id of the SD-VAE used by the released text-to-image checkpoint."""
-
-_WAN_NAME = re.compile(r"(?:^|[/\\_.-])wan", re.IGNORECASE)
 
 
 class LatentAdapter(nn.Module, abc.ABC):
@@ -35,11 +34,18 @@ class LatentAdapter(nn.Module, abc.ABC):
         name: Where the autoencoder came from (``"none"`` without one).
         downsample: Spatial downsampling factor: latent side = pixel side // downsample.
         latent_channels: Channels C of the latents.
+        temporal_downsample: Latent frames ``T' = (T - 1) // temporal_downsample + 1`` (1 but for WAN2.2).
     """
 
     name: str
     downsample: int
     latent_channels: int
+    temporal_downsample: int = 1
+
+    @property
+    def geometry(self) -> VAEGeometry:
+        """This adapter's own spatial and temporal factors."""
+        return VAEGeometry(self.downsample, self.temporal_downsample)
 
     @abc.abstractmethod
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
@@ -385,9 +391,9 @@ def build_latent_adapter(
         ValueError: An autoencoder whose latent channels differ from ``channels``.
         FileNotFoundError: The autoencoder cannot be found.
     """
-    if vae is None or vae.strip().lower() in ("", "none"):
+    if no_vae(vae):
         return IdentityAdapter(channels)
-    if _WAN_NAME.search(vae):
+    if is_wan_vae(vae):
         adapter = WanVAEAdapter.from_pretrained(vae, dtype=dtype, device=device, local_files_only=local_files_only)
         if adapter.latent_channels != channels:
             raise ValueError(f"channel_size={channels} but the VAE {vae!r} has {adapter.latent_channels} latent channels")

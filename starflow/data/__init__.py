@@ -1,10 +1,12 @@
 """Data: captioned image folders, webdataset shards, latent caches, aspect-ratio buckets and the demo digits."""
 
-from starflow.data.aspect import ASPECT_RATIOS, AspectBucketBatchSampler, aspect_to_size, nearest_aspect, parse_aspect
+from starflow.data.aspect import (ASPECT_RATIOS, AspectBucketBatchSampler, ResumableBatchSampler, aspect_to_size,
+                                  nearest_aspect, parse_aspect)
+from starflow.data.build import build_dataset
 from starflow.data.digits import load_digit_split, split_indices, write_digits
 from starflow.data.images import CorruptImageError, ImageFolder, collate, load_image
 from starflow.data.latent_cache import cache_latents, cache_settings, check_cache_settings, load_uncond
-from starflow.data.shards import pack_folder, read_index
+from starflow.data.shards import pack_folder, read_index, sample_seed
 from starflow.data.stream import BatchPosition, PositionTracker, ShardStream
 
 __all__ = [
@@ -14,8 +16,10 @@ __all__ = [
     "CorruptImageError",
     "ImageFolder",
     "PositionTracker",
+    "ResumableBatchSampler",
     "ShardStream",
     "aspect_to_size",
+    "build_dataset",
     "cache_latents",
     "cache_settings",
     "check_cache_settings",
@@ -27,6 +31,7 @@ __all__ = [
     "pack_folder",
     "parse_aspect",
     "read_index",
+    "sample_seed",
     "split_indices",
     "write_digits",
 ]

@@ -6,6 +6,7 @@ size, which keeps roughly `img_size**2` pixels and is a multiple of the token gr
 (`vae_downsample * patch_size`). The bucket name is also appended to the prompt (SPEC 12).
 """
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -179,3 +180,17 @@ class AspectBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             for a in range(self.grad_accum):  # the short global batch: this rank's non-empty slices
                 count += (a * self.world_size + self.rank) * self.batch_size < rest
         return count
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Wraps a per-epoch batch sampler; remembers ``(epoch, batches consumed)`` to resume mid-epoch."""
+
+    def __init__(self, sampler: AspectBucketBatchSampler) -> None:
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.sampler.set_epoch(self.epoch)
+        return itertools.islice(iter(self.sampler), self.skip, None)

@@ -2,14 +2,13 @@
 
 Training on a cache skips the frozen VAE and T5 in every step. The cache stores the posterior mean
 (no sampling noise; the trainer still adds ``noise_std`` noise) and the T5 embedding of the caption
-templated exactly as the trainer templates it (``apply_prompt_template``; SPEC section 12), plus, for
+templated exactly as the trainer templates it (:func:`starflow.prompts.prompt_from_config`; SPEC section 12), plus, for
 ``drop_image > 0``, that of ``EXTEND_PREFIX + caption``. ``uncond.pt`` holds the empty prompt's embedding
 (caption dropout) per aspect bucket. ``index.json`` records the config keys the cache depends on;
 :func:`check_cache_settings` compares them with a training config.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from collections.abc import Iterator, Mapping
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from starflow.data.aspect import ASPECT_RATIOS
+from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.data.shards import (
     INDEX_FILE,
     SampleDecoder,
@@ -104,23 +104,13 @@ class _Encoder:
 
     def __init__(self, cfg: Config, vae: LatentAdapter, text_encoder: TextEncoder | None, dtype: torch.dtype) -> None:
         self.cfg, self.vae, self.text_encoder, self.dtype = cfg, vae, text_encoder, dtype
-        self.fps = cfg.vid_size[1] if cfg.vid_size else 0
-
-    def prompt(self, text: str, aspect_ratio: str) -> str:
-        from starflow.adapters import apply_prompt_template
-
-        c = self.cfg  # as Trainer._encode_text
-        return apply_prompt_template(text, fps=self.fps, fps_cond=c.fps_cond, cond_noise_level=c.cond_noise_level,
-                                     noise_std=c.noise_std, mix_aspect=c.mix_aspect, aspect_ratio=aspect_ratio)
 
     def embed(self, texts: list[str], aspects: list[str]) -> torch.Tensor:
         """``(B, L, D)`` embeddings of templated captions."""
-        return self.text_encoder([self.prompt(t, a) for t, a in zip(texts, aspects)])
+        return self.text_encoder([prompt_from_config(t, self.cfg, a) for t, a in zip(texts, aspects)])
 
     def batch(self, items: list[tuple[dict, dict]]) -> Iterator[dict]:
         """``items``: (raw sample, decoded sample) pairs of one bucket."""
-        from starflow.sampling.pipeline import EXTEND_PREFIX
-
         decoded = [d for _, d in items]
         texts, aspects = [d["text"] for d in decoded], [d["aspect_ratio"] for d in decoded]
         pixels = torch.stack([d["pixels"] for d in decoded])  # (B, [T,] C, H, W); the adapter moves it
@@ -220,43 +210,3 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     with torch.no_grad():
         return write_shards(out, encoded(), shard_size, {"kind": "latent", "settings": cache_settings(cfg),
                                                          "source": str(src), "skipped": skipped})
-
-
-def _cache_command(args: argparse.Namespace) -> int:
-    from starflow.adapters import build_latent_adapter
-    from starflow.cli import _overrides
-    from starflow.config import load_config
-    from starflow.sampling.pipeline import build_text_encoder, resolve_asset
-
-    cfg = load_config(args.config, _overrides(args, skip={"data"}))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base = Path(args.config).parent
-    vae = build_latent_adapter(resolve_asset(cfg.vae, base), channels=cfg.channel_size, device=device)
-    text_encoder = build_text_encoder(cfg, base, device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    index = cache_latents(args.data, args.out, cfg, vae, text_encoder, batch_size=args.batch, dtype=dtype,
-                          shard_size=args.shard_size, overwrite=args.overwrite)
-    print(f"cached {index['total']} latents into {len(index['shards'])} shards in {args.out}; "
-          f"skipped {len(index['skipped'])}; train with --data {args.out}")
-    return 0
-
-
-def add_cache_cli(sub: argparse._SubParsersAction) -> None:
-    """Registers ``starflow cache-latents``."""
-    from starflow.cli import _add_config_flags
-
-    p = sub.add_parser("cache-latents", help="encode a dataset once with the config's VAE and text encoder",
-                       description="Write VAE latents and T5 embeddings of every sample of --data (a folder with "
-                                   "metadata.jsonl or a shard folder) to --out as shards, with the settings they "
-                                   "depend on; training checks them against its config.")
-    p.add_argument("--config", required=True, help="training config (YAML)")
-    p.add_argument("--data", required=True, help="image/video folder with metadata.jsonl, or a shard folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch", type=int, default=16, help="samples per encoder batch [default: 16]")
-    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="storage dtype of latents and embeddings [default: float32]")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
-    p.add_argument("--device", default=None, help="cpu, cuda ... [default: cuda if available]")
-    _add_config_flags(p, skip={"data"})
-    p.set_defaults(func=_cache_command)

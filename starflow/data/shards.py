@@ -12,7 +12,6 @@ shard folders with :class:`starflow.data.stream.ShardStream`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -210,7 +209,9 @@ def _load_tensor(data: bytes) -> torch.Tensor:
 
 
 def sample_seed(*parts: object) -> int:
-    """A 63-bit seed from any values, identical in every process (no Python hash randomisation)."""
+    """A 63-bit seed from any values, identical in every process and run (no Python hash randomisation): the
+    seed of a shard stream's shuffle and decoding, and of training sample ``index`` of step ``step``
+    (``sample_seed(seed, step, index)``; index -1: the draws shared by the whole step)."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
 
 
@@ -287,26 +288,3 @@ class SampleDecoder:
         except (CorruptImageError, CorruptVideoError, *_BAD_SAMPLE) as err:
             logger.warning("skipping sample %s of %s (%s)", sample.get("__key__"), sample.get("__url__"), err)
             return None
-
-
-def _pack_command(args: argparse.Namespace) -> int:
-    index = pack_folder(args.src, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
-    few = ", ".join(s["file_name"] for s in index["skipped"][:3])
-    print(f"packed {index['total']} {index['kind']}s into {len(index['shards'])} shards in {args.out}; "
-          f"skipped {len(index['skipped'])}" + (f" (e.g. {few})" if few else ""))
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Registers ``starflow pack`` and ``starflow cache-latents``."""
-    from starflow.data.latent_cache import add_cache_cli
-
-    p = sub.add_parser("pack", help="pack an image or video folder into webdataset tar shards",
-                       description="Pack a folder with metadata.jsonl into OUT/shard-*.tar and OUT/index.json. "
-                                   "Missing or undecodable files are skipped and listed in the index.")
-    p.add_argument("src", help="image or video folder with metadata.jsonl")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
-    p.set_defaults(func=_pack_command)
-    add_cache_cli(sub)

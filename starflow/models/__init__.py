@@ -1,4 +1,10 @@
-"""The flow itself: layers, RoPE, KV cache, flow blocks, STARFlow. No I/O, no torch.distributed."""
-from starflow.models.starflow import STARFlow, FlowOutput, patchify, unpatchify
+"""The flow itself: layers, RoPE, KV cache, flow blocks, guidance, Jacobi decoding, STARFlow.
 
-__all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify"]
+No I/O and no ``torch.distributed``: ``import starflow.models`` loads torch, ``starflow.config`` and
+``starflow.models.*`` only.
+"""
+from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
+from starflow.models.starflow import STARFlow, FlowOutput, VideoContext, patchify, unpatchify
+
+__all__ = ["STARFlow", "FlowOutput", "VideoContext", "patchify", "unpatchify", "DecodeStats", "JacobiSettings",
+           "decode_block"]

@@ -15,13 +15,13 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from starflow.config import Config, infer_vae_downsample, load_config
+from starflow.config import Config, load_config
 from starflow.models.denoiser import Denoiser
+from starflow.models.jacobi import (JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats, JacobiSettings,
+                                    RankSync, decode_block)
 from starflow.models.layers import Rope, set_activation_checkpointing
 from starflow.models.rope import rope_angles
-from starflow.models.tarflow_block import FlowBlock, IdentityBlock
-from starflow.sampling.jacobi import DecodeStats, JacobiSettings, decode_block
-from starflow.sharding import gathered
+from starflow.models.tarflow_block import FlowBlock, IdentityBlock, gathered
 
 __all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI"]
 
@@ -75,7 +75,10 @@ class STARFlow(nn.Module):
         self.txt_dim = txt_dim if config.txt_size > 0 else None
         if config.txt_size > 0 and not txt_dim:
             raise ValueError("a text-conditioned config (txt_size > 0) needs txt_dim, the text encoder's width")
-        down = vae_downsample or infer_vae_downsample(config.vae)
+        if vae_downsample is None and config.vae is not None:
+            raise ValueError(f"config vae {config.vae!r} names an autoencoder: pass vae_downsample, its spatial factor "
+                             "(the loaded adapter's .downsample, or starflow.adapters.vae_geometry(name).downsample)")
+        down = vae_downsample or 1
         self.patch_size = config.patch_size
         self.token_dim = config.patch_size ** 2 * config.channel_size
         latent_side = config.latent_size(down)
@@ -111,7 +114,12 @@ class STARFlow(nn.Module):
         Args:
             config: the model's configuration.
             txt_dim: hidden width of the text encoder (2048 for flan-t5-xl); needed when ``txt_size > 0``.
-            vae_downsample: spatial downsampling of the latent space (default: from ``config.vae``).
+            vae_downsample: spatial downsampling of the latent space; may be omitted only for pixel models
+                (``vae: none``).
+
+        Raises:
+            ValueError: a text-conditioned config without ``txt_dim``, or a config with a VAE without
+                ``vae_downsample``.
         """
         return cls(load_config(config), txt_dim, vae_downsample)
 
@@ -324,10 +332,10 @@ class STARFlow(nn.Module):
     # ------------------------------------------------------------------ noise -> data
     @torch.no_grad()
     def reverse(self, noise: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
-                jacobi: bool = False, jacobi_block_size: int = 64, jacobi_th: float = 1e-4,
-                jacobi_max_iter: int = 32, context=None, anneal_guidance: bool = False,
+                jacobi: bool = False, jacobi_block_size: int = JACOBI_BLOCK_SIZE,
+                jacobi_th: float = JACOBI_THRESHOLD, jacobi_max_iter: int = JACOBI_MAX_ITER, context=None, anneal_guidance: bool = False,
                 stats: DecodeStats | None = None, jacobi_stop: str = "batch",
-                sync_ranks: bool = False, window: int | None = None, context_frames: int | None = None,
+                rank_sync: RankSync | None = None, window: int | None = None, context_frames: int | None = None,
                 y_extend: torch.Tensor | None = None,
                 timer: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
@@ -344,9 +352,10 @@ class STARFlow(nn.Module):
             stats: optional counters of sequential model evaluations.
             jacobi_stop: ``"batch"`` (official rule: change over the whole batch) or ``"sample"`` (each sample
                 stops on its own and is frozen: results independent of the batch; see
-                :mod:`starflow.sampling.jacobi`).
-            sync_ranks: with ``"sample"`` under ``torch.distributed``, iterate until every rank is done (for
-                sharded weights, where all ranks must evaluate each layer equally often).
+                :mod:`starflow.models.jacobi`).
+            rank_sync: with ``"sample"`` over several ranks, a reduction of a flag over them
+                (:func:`starflow.distributed.any_rank`): iterate until every rank is done (for sharded weights,
+                where all ranks must evaluate each layer equally often).
             window: video: latent frames the model was trained on, W. Longer noise is sampled window by window
                 (SPEC section 11): once a window is full, each block that spans frames starts a new KV cache,
                 re-encodes the text and the last ``context_frames`` frames at positions restarting from 0, and
@@ -364,7 +373,7 @@ class STARFlow(nn.Module):
         Raises:
             ValueError: text rows do not match the batch.
         """
-        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, sync_ranks)
+        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync)
         b = noise.shape[0]
         y = self._guidance_rows(y, b, guidance)
         y_extend = y if y_extend is None else self._guidance_rows(y_extend, b, guidance)

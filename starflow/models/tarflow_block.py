@@ -8,6 +8,8 @@ every token ``x_t``, a scale ``a_t`` and shift ``b_t`` from the tokens before it
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import nn
 from starflow.models.kv_cache import KVCache
 from starflow.models.layers import AttentionBlock, RMSNorm, Rope
 
-__all__ = ["FlowBlock", "IdentityBlock", "SOFTPLUS_ONE"]
+__all__ = ["FlowBlock", "IdentityBlock", "SOFTPLUS_ONE", "gathered"]
 
 SOFTPLUS_ONE = math.log(math.e - 1.0)  # 0.541324854612918: softplus(0 + SOFTPLUS_ONE) = 1
 
@@ -175,3 +177,19 @@ class IdentityBlock(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None, rope: Rope | None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return x.float(), torch.zeros_like(x, dtype=torch.float32), torch.zeros_like(x)
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[nn.Module]:
+    """Gather an FSDP2-sharded module's own parameters for the duration of the block (no-op if not sharded).
+
+    Not recursive: nested FSDP units (the transformer layers) gather themselves when they are called.
+    """
+    if not hasattr(module, "unshard"):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()

@@ -1,14 +1,23 @@
-"""Writing samples: pixels in [-1, 1] to uint8 arrays, PNG files and grids (PIL/numpy only)."""
+"""Writing samples: pixels in [-1, 1] to uint8 arrays, PNG files, grids, videos (MP4/GIF) and the
+``settings.json`` record of a sampling run (PIL/numpy; videos through :mod:`starflow.data.video`).
+
+File names: sample ``i`` of caption ``c`` is ``{i:05d}_{slug(c)}`` plus ``.png`` (images), or ``.mp4`` +
+``.png`` poster (+ ``.gif``) for videos.
+"""
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["to_uint8", "save_image", "make_grid", "save_grid"]
+__all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
+           "write_settings"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -48,3 +57,49 @@ def save_grid(pixels: torch.Tensor, path: str | Path, nrow: int | None = None, s
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img.save(path)
+
+
+def slug(text: str) -> str:
+    """A caption as a file-name fragment: runs of other characters become ``_``, at most 48 characters."""
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:48] or "empty"
+
+
+def sample_stem(folder: Path, index: int, caption: str) -> Path:
+    """``folder / f"{index:05d}_{slug(caption)}"``: the path of a sample without its suffix."""
+    return folder / f"{index:05d}_{slug(caption)}"
+
+
+def save_sample(sample: torch.Tensor, stem: Path, fps: float | None = None, gif: bool = False) -> None:
+    """An image ``(C, H, W)`` as ``stem.png``; a video ``(T, C, H, W)`` as ``stem.mp4`` (H.264 at ``fps``) plus a
+    poster ``stem.png`` (the frames side by side) and, with ``gif``, an animated ``stem.gif``.
+
+    Raises:
+        ValueError: a video without ``fps``.
+    """
+    if sample.dim() == 3:
+        save_image(sample, stem.with_suffix(".png"))
+        return
+    from starflow.data.video import write_gif, write_video
+
+    if not fps:
+        raise ValueError("writing a video needs its fps")
+    write_video(stem.with_suffix(".mp4"), sample, fps)
+    save_image(torch.cat(list(sample), dim=-1), stem.with_suffix(".png"))
+    if gif:
+        write_gif(stem.with_suffix(".gif"), sample, fps, scale=max(1, 128 // sample.shape[-1]))
+
+
+def save_poster_grid(files: Sequence[Path], path: Path, size: tuple[int, int], channels: int,
+                     nrow: int | None = None, scale: int = 1) -> None:
+    """Read the PNGs ``files`` (images or video posters, all ``size = (h, w)`` pixels) back and save them as one
+    grid (``nrow`` per row, nearest upscaling by ``scale``)."""
+    from starflow.data.images import load_image
+
+    save_grid(torch.stack([load_image(f, size, channels) for f in files]), path, nrow=nrow, scale=scale)
+
+
+def write_settings(folder: Path, record: dict[str, Any]) -> Path:
+    """``folder/settings.json``: what produced the samples (captions, checkpoint, every effective setting)."""
+    path = Path(folder) / "settings.json"
+    path.write_text(json.dumps(record, indent=1))
+    return path

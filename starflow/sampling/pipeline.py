@@ -6,7 +6,6 @@ the config's ``text`` and ``vae`` keys are resolved against the config's folder 
 """
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -16,89 +15,21 @@ from typing import Mapping
 
 import torch
 
-from starflow.adapters import LatentAdapter, TextEncoder, apply_prompt_template, build_latent_adapter, build_tiny_text_encoder
+from starflow.adapters import LatentAdapter, TextEncoder, build_text_encoder, build_vae
+from starflow.assets import TINY_TEXT_ENCODER, find_weights
 from starflow.checkpoint import load_weights, save_weights
-from starflow.config import Config, load_config
+from starflow.config import Config, load_config, save_config
 from starflow.data.aspect import aspect_to_size
+from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sharded_inference
 from starflow.models import STARFlow
+from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
+from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.sampling.denoise import learned_denoise, self_denoise
-from starflow.sampling.jacobi import DecodeStats
-from starflow.sharding import is_sharded
 
-__all__ = ["Pipeline", "SampleSettings", "TINY_TEXT_ENCODER", "find_weights", "resolve_asset", "asset_search_dirs",
-           "build_text_encoder"]
+__all__ = ["Pipeline", "SampleSettings", "Profile"]
 
-EXTEND_PREFIX = "(extend) "  # caption prefix of continuation windows of models trained with drop_image
 DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a long video (SPEC section 11)
 PREFIX_SEED_OFFSET = 1_000_003  # the image prefix's noise seed: the sample's seed plus this
-TINY_TEXT_ENCODER = "tiny-t5"  # config 'text' preset: a seeded random tiny T5 with the ByT5 byte tokenizer
-WEIGHT_NAMES = ("model.safetensors", "model.pth")
-
-
-PACKAGE_CKPTS = Path(__file__).resolve().parents[2] / "ckpts"
-_SCALE_SUFFIX = re.compile(r"(:[0-9.]+)$")  # 'Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6'
-
-
-def asset_search_dirs(*dirs: Path | str | None) -> list[Path]:
-    """Folders searched for a config's ``text``/``vae`` entries, in order: the given ones (the config's
-    folder, the weights' folder), then ``./ckpts`` and this package's ``ckpts/`` (where
-    ``starflow download`` puts models, in subfolders named like their Hub ids)."""
-    out: list[Path] = []
-    for d in (*dirs, Path("ckpts"), PACKAGE_CKPTS):
-        if d is not None and Path(d).resolve() not in [o.resolve() for o in out]:
-            out.append(Path(d))
-    return out
-
-
-def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
-    """A config path-or-hub-id, replaced by the first existing ``dir/name`` of :func:`asset_search_dirs`.
-
-    A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. Names found nowhere are
-    returned unchanged: loaders then try the Hugging Face cache, then the Hub.
-    """
-    if name is None or name.lower() == "none":
-        return name
-    match = _SCALE_SUFFIX.search(name)
-    suffix = match.group(1) if match else ""
-    bare = name[: len(name) - len(suffix)]
-    for d in asset_search_dirs(*dirs):
-        candidate = d / bare
-        if candidate.exists():
-            return str(candidate) + suffix
-    return name
-
-
-def find_weights(folder: Path) -> Path:
-    """The flow weights inside a model folder (``model.safetensors``, ``model.pth`` or a single ``*.pth``)."""
-    for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth"))
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")
-
-
-def build_text_encoder(cfg: Config, base_dir: Path | tuple[Path, ...] | None, device: torch.device,
-                       dtype: torch.dtype = torch.float32) -> TextEncoder | None:
-    """The config's text encoder (``None`` for ``txt_size: 0``); ``tiny-t5`` builds the seeded tiny preset.
-
-    ``base_dir`` (one folder or a tuple) is searched first for the config's ``text`` entry, then
-    :func:`asset_search_dirs`, then the Hugging Face cache and the Hub.
-
-    Raises:
-        ValueError: ``txt_size > 0`` without a ``text`` entry.
-        FileNotFoundError: the encoder is nowhere to be found (the message says how to get it).
-    """
-    if cfg.txt_size == 0:
-        return None
-    if cfg.text == TINY_TEXT_ENCODER:
-        return build_tiny_text_encoder(cfg.txt_size, seed=cfg.seed).to(device)
-    if cfg.text is None:
-        raise ValueError("config key 'text' is empty but txt_size > 0: name a T5 (e.g. google/flan-t5-xl)")
-    dirs = base_dir if isinstance(base_dir, tuple) else (base_dir,)
-    return TextEncoder.from_pretrained(resolve_asset(cfg.text, *dirs), max_length=cfg.txt_size,
-                                       dtype=dtype, device=device)
 
 
 @dataclass
@@ -107,9 +38,9 @@ class SampleSettings:
 
     cfg: float = 0.0
     jacobi: bool = True
-    jacobi_th: float = 1e-4  # the official scripts use 1e-3 (images: block 16, video: block 32)
-    jacobi_block_size: int = 64
-    jacobi_max_iter: int = 32
+    jacobi_th: float = JACOBI_THRESHOLD  # the official scripts use 1e-3 (images: block 16, video: block 32)
+    jacobi_block_size: int = JACOBI_BLOCK_SIZE
+    jacobi_max_iter: int = JACOBI_MAX_ITER
     aspect_ratio: str = "1:1"
     self_denoise: bool = True
     anneal_guidance: bool = False
@@ -207,14 +138,12 @@ class Pipeline:
         cfg = load_config(config)
         device = torch.device(device)
         dirs = (base_dir, weights.parent)
-        vae = build_latent_adapter(resolve_asset(cfg.vae, *dirs), channels=cfg.channel_size, device=device)
-        text_encoder = build_text_encoder(cfg, dirs, device)
+        vae = build_vae(cfg, *dirs, device=device)
+        text_encoder = build_text_encoder(cfg, *dirs, device=device)
         txt_dim = text_encoder.hidden_size if text_encoder is not None else None
         with torch.device("meta"):
             model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae.downsample)
         if shard:
-            from starflow.sharding import load_sharded, prepare_sharded_inference
-
             load_sharded(model, weights, device, dtype)
             model.requires_grad_(False)
             prepare_sharded_inference(model, cfg.txt_size, txt_dim, device)
@@ -226,8 +155,6 @@ class Pipeline:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
         preset text encoder, ``text_encoder/`` (the config then points at it). ``weights`` replaces the
         model's own state dict (e.g. the gathered weights of a sharded model)."""
-        from starflow.config import save_config
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config
@@ -242,11 +169,7 @@ class Pipeline:
         """Prompt template (SPEC section 12) + text encoder: ``(B, L, txt_dim)``, or None without text."""
         if self.text_encoder is None:
             return None
-        c = self.config
-        fps = c.vid_size[1] if c.vid_size else 0
-        texts = [apply_prompt_template(p, fps=fps, fps_cond=c.fps_cond, cond_noise_level=c.cond_noise_level,
-                                       noise_std=c.noise_std, mix_aspect=c.mix_aspect, aspect_ratio=aspect_ratio)
-                 for p in prompts]
+        texts = [prompt_from_config(p, self.config, aspect_ratio) for p in prompts]
         return self.text_encoder(texts).to(self.device)
 
     def latent_shape(self, aspect_ratio: str = "1:1", frames: int | None = None) -> tuple[int, ...]:
@@ -259,13 +182,12 @@ class Pipeline:
         return self.latent_frames(frames), c.channel_size, h // down, w // down
 
     def latent_frames(self, frames: int | None = None) -> int:
-        """Latent frames ``T' = (T - 1) // t + 1`` of ``T`` pixel frames (``t`` the VAE's temporal downsampling)."""
-        from starflow.sizing import temporal_downsample
+        """Latent frames ``T' = (T - 1) // t + 1`` of ``T`` pixel frames (``t`` the VAE's temporal downsampling).
 
-        frames = frames or self.config.vid_size[0]
-        if frames < 1:
-            raise ValueError(f"a video needs at least one frame, got {frames}")
-        return (frames - 1) // temporal_downsample(self.config.vae) + 1
+        Raises:
+            ValueError: ``frames < 1``.
+        """
+        return self.vae.geometry.latent_frames(frames or self.config.vid_size[0])
 
     @property
     def window(self) -> int | None:
@@ -327,7 +249,8 @@ class Pipeline:
                                jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
                                jacobi_max_iter=settings.jacobi_max_iter,
                                anneal_guidance=settings.anneal_guidance, stats=stats,
-                               jacobi_stop=settings.jacobi_stop, sync_ranks=is_sharded(self.model),
+                               jacobi_stop=settings.jacobi_stop,
+                               rank_sync=any_rank if is_sharded(self.model) else None,
                                context=context, window=window, context_frames=ctx_frames, y_extend=y_extend,
                                timer=lambda name: profile.stage(name, dev, stats))
         if settings.self_denoise and c.noise_std > 0:

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
+from starflow.adapters import build_text_encoder, vae_geometry
+from starflow.assets import TINY_TEXT_ENCODER
 from starflow.checkpoint import save_weights
 from starflow.config import Config, load_config
+from starflow.models import STARFlow
+from starflow.sampling.pipeline import Pipeline
 from starflow.train.state import META_FILE, CheckpointManager
 
 __all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
@@ -50,14 +54,13 @@ def load_checkpoint_model(path: str | Path) -> tuple[Config, torch.nn.Module]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from starflow.models import STARFlow
-
     path = find_checkpoint(path)
     cfg = load_config(json.loads((path / META_FILE).read_text())["config"])
     shapes = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     txt = [m.size for k, m in shapes.items() if k.startswith("model.") and k.endswith("proj_txt.weight")]
     with torch.device("meta"):
-        model = STARFlow.from_config(cfg, txt_dim=txt[0][1] if txt else None)
+        model = STARFlow.from_config(cfg, txt_dim=txt[0][1] if txt else None,
+                                     vae_downsample=vae_geometry(cfg.vae).downsample)
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     try:
@@ -89,8 +92,6 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     if dst.suffix in (".pth", ".pt", ".safetensors"):
         dst.parent.mkdir(parents=True, exist_ok=True)
         return save_weights(model, dst)
-    from starflow.sampling.pipeline import TINY_TEXT_ENCODER, Pipeline, build_text_encoder
-
-    text_encoder = build_text_encoder(cfg, None, torch.device("cpu")) if cfg.text == TINY_TEXT_ENCODER else None
+    text_encoder = build_text_encoder(cfg, device="cpu") if cfg.text == TINY_TEXT_ENCODER else None
     Pipeline(model, text_encoder, None, cfg).save_pretrained(dst)
     return dst

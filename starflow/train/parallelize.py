@@ -1,6 +1,6 @@
 """Data parallelism for training: FSDP2, DDP, or one process; gradient-sync control and clipping.
 
-* ``fsdp: 1`` under ``torchrun``: :func:`starflow.sharding.shard_model` applies ``fully_shard`` to every
+* ``fsdp: 1`` under ``torchrun``: :func:`starflow.distributed.shard_model` applies ``fully_shard`` to every
   transformer layer, then each flow block and the learnable denoiser, then the root. On CUDA parameters
   are bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``); the flow's scale, shift and
   log-determinant arithmetic is float32 inside the model either way. ``fsdp_text_encoder: 1`` shards the
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from starflow.config import Config
-from starflow.sharding import is_sharded, shard_model
-from starflow.train.distributed import DistInfo
+from starflow.distributed import is_sharded, shard_model
+from starflow.distributed import DistInfo
 
 __all__ = ["parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm", "all_reduce_grads",
            "full_state_dict"]

@@ -19,31 +19,32 @@ latents require grad), so it costs one denoiser forward/backward and no second f
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from starflow.adapters import LatentAdapter, TextEncoder, apply_prompt_template
+from starflow.adapters import LatentAdapter, TextEncoder, build_text_encoder
+from starflow.assets import TINY_TEXT_ENCODER
 from starflow.config import Config, save_config
-from starflow.data import AspectBucketBatchSampler, ImageFolder, PositionTracker, ShardStream, collate, load_uncond
+from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
+                           collate, load_uncond, sample_seed)
+from starflow.distributed import DistInfo, is_sharded
 from starflow.models import STARFlow
+from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.sampling.io import save_grid
-from starflow.sampling.pipeline import EXTEND_PREFIX, TINY_TEXT_ENCODER, Pipeline, SampleSettings, build_text_encoder
-from starflow.sharding import is_sharded
-from starflow.train.distributed import DistInfo
+from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_optimizer, build_schedule
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
                                         shard_text_encoder)
 from starflow.train.state import CheckpointManager, rng_state, set_rng_state
 
-__all__ = ["Trainer", "build_dataset", "ResumableBatchSampler", "TrainingDiverged", "GRAD_SKIP_AFTER", "sample_seed"]
+__all__ = ["Trainer", "TrainingDiverged", "GRAD_SKIP_AFTER"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
@@ -52,12 +53,6 @@ SAMPLE_PROMPTS = 10  # captions in the periodic sample grid
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient (``max_nonfinite``)."""
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """Seed of the random draws for global sample ``index`` of optimizer step ``step`` (``index`` -1: the
-    draws shared by the whole step). A pure function, so every rank and a resumed run agree."""
-    return hash((seed, step, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -69,54 +64,6 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-def build_dataset(cfg: Config, vae: LatentAdapter, dist: DistInfo):
-    """The training data named by ``cfg.data``: a folder with ``metadata.jsonl`` (images or videos), or a folder
-    of webdataset shards with ``index.json`` (``starflow pack``; or cached latents, ``starflow cache-latents``).
-
-    With ``wds: 1`` and a plain folder the folder is read directly, with a note on how to pack it.
-
-    Raises:
-        ValueError: a latent cache made with other settings (the message names the keys).
-    """
-    from starflow.data import check_cache_settings, read_index
-
-    root = Path(cfg.data)
-    pixel_channels = cfg.channel_size if vae.downsample == 1 else 3
-    if (root / "index.json").is_file():
-        kind = read_index(root)[1]["kind"]
-        if kind == "latent":
-            check_cache_settings(root, cfg)
-        micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
-        video = dict(frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size)) if cfg.is_video else {}
-        return ShardStream(root, micro, img_size=cfg.img_size, channels=pixel_channels,
-                           multiple=vae.downsample * cfg.patch_size, mix_aspect=cfg.mix_aspect, seed=cfg.seed,
-                           rank=dist.rank, world_size=dist.world_size, **video)
-    if cfg.wds and dist.is_main:
-        tqdm.write(f"note: config key 'wds' is 1 but {root} is a plain folder (no index.json); reading it directly. "
-                   f"For sharded reading at scale run `starflow pack {root} SHARDS_DIR` and pass --data SHARDS_DIR")
-    if cfg.is_video:
-        from starflow.data.video import VideoFolder
-
-        return VideoFolder(root, frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size),
-                           channels=pixel_channels)
-    return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
-                       multiple=vae.downsample * cfg.patch_size)
-
-
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Wraps a per-epoch batch sampler; remembers ``(epoch, batches consumed)`` to resume mid-epoch."""
-
-    def __init__(self, sampler: AspectBucketBatchSampler) -> None:
-        self.sampler, self.epoch, self.skip = sampler, 0, 0
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self.skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        self.sampler.set_epoch(self.epoch)
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-
 class Trainer:
     """Trains a :class:`STARFlow` on a captioned image folder.
 
@@ -126,7 +73,7 @@ class Trainer:
         model: the flow (possibly wrapped for data parallelism by the caller via :attr:`train_model`).
         text_encoder: frozen text encoder or None.
         vae: latent adapter.
-        dataset: training data (:func:`build_dataset`): an image or video folder, or a :class:`ShardStream`.
+        dataset: training data (:func:`starflow.data.build_dataset`): an image or video folder, or a :class:`ShardStream`.
         logdir: output folder (checkpoints, samples, ``metrics.jsonl``, ``config.yaml``).
     """
 
@@ -217,11 +164,7 @@ class Trainer:
     def _encode_text(self, captions: list[str], aspects: list[str], drop: list[bool]) -> torch.Tensor | None:
         if self.text_encoder is None:
             return None
-        c = self.cfg
-        fps = c.vid_size[1] if c.vid_size else 0
-        texts = [apply_prompt_template("" if d else t, fps=fps, fps_cond=c.fps_cond, cond_noise_level=c.cond_noise_level,
-                                       noise_std=c.noise_std, mix_aspect=c.mix_aspect, aspect_ratio=a)
-                 for t, a, d in zip(captions, aspects, drop)]
+        texts = [prompt_from_config("" if d else t, self.cfg, a) for t, a, d in zip(captions, aspects, drop)]
         return self.text_encoder(texts).to(self.dist.device)
 
     def _autocast(self):
@@ -441,7 +384,7 @@ class Trainer:
         text_encoder = self.text_encoder
         if text_encoder is not None and is_sharded(text_encoder.encoder):  # frozen: an unsharded copy is the same
             if text_encoder.name == TINY_TEXT_ENCODER:
-                text_encoder = build_text_encoder(self.cfg, None, torch.device("cpu"))
+                text_encoder = build_text_encoder(self.cfg, device="cpu")
             elif Path(text_encoder.name).is_dir():  # copied into the model folder
                 text_encoder = TextEncoder.from_pretrained(text_encoder.name, max_length=self.cfg.txt_size)
         Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)

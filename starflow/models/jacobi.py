@@ -9,17 +9,29 @@ is the sequential result and ``k`` iterations reach it exactly.
 Two stopping rules: ``"batch"`` (the official one: the change is measured over the whole batch, so a
 sample's result depends on the batch it is in) and ``"sample"`` (each sample stops on its own change and
 is then frozen, so its result does not depend on the other samples, the batch size or the number of
-ranks; the loop runs until every sample, on every rank when ``sync_ranks``, has stopped).
+ranks; the loop runs until every sample, on every rank when a ``rank_sync`` is given, has stopped).
+
+No ``torch.distributed`` here: code that shards the weights passes ``rank_sync``, a function that reduces
+a flag over the ranks (:func:`starflow.distributed.any_rank`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from starflow.sampling.guidance import guide, guidance_weights
+from starflow.models.guidance import guide, guidance_weights
 
-__all__ = ["JacobiSettings", "decode_block"]
+__all__ = ["JacobiSettings", "DecodeStats", "RankSync", "decode_block", "chunk_bounds", "JACOBI_BLOCK_SIZE",
+           "JACOBI_THRESHOLD", "JACOBI_MAX_ITER"]
+
+JACOBI_BLOCK_SIZE = 64  # tokens per chunk; the official scripts use 16 (images) and 32 (video)
+JACOBI_THRESHOLD = 1e-4  # relative squared change; the official scripts use 1e-3
+JACOBI_MAX_ITER = 32  # model evaluations per chunk at most (the official default)
+
+RankSync = Callable[[torch.Tensor], torch.Tensor]
+"""``flag (int32 scalar) -> its maximum over all ranks`` (a collective every rank must call equally often)."""
 
 
 @dataclass
@@ -33,16 +45,17 @@ class JacobiSettings:
         max_iter: at most this many model evaluations per chunk.
         stop: ``"batch"`` (official: relative change over the whole batch) or ``"sample"`` (per sample,
             converged samples frozen: results independent of batch composition).
-        sync_ranks: with ``stop="sample"`` under ``torch.distributed``, keep iterating until every rank is
-            done, so all ranks evaluate the model equally often (needed when the weights are sharded).
+        rank_sync: with ``stop="sample"`` over several ranks, reduces the "still iterating" flag over them so
+            every rank iterates until all are done and all evaluate the model equally often (needed when the
+            weights are sharded); None: this process decides alone.
     """
 
     enabled: bool = False
-    block_size: int = 64
-    threshold: float = 1e-4
-    max_iter: int = 32
+    block_size: int = JACOBI_BLOCK_SIZE
+    threshold: float = JACOBI_THRESHOLD
+    max_iter: int = JACOBI_MAX_ITER
     stop: str = "batch"
-    sync_ranks: bool = False
+    rank_sync: RankSync | None = None
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:
@@ -74,11 +87,11 @@ VIDEO_CHUNK_FACTOR = 4
 STOP_RULES = ("batch", "sample")
 
 
-def _any_active(active: torch.Tensor, sync_ranks: bool) -> bool:
-    """Whether any row (on any rank with ``sync_ranks``) still iterates; the one host sync per iteration."""
+def _any_active(active: torch.Tensor, rank_sync: RankSync | None) -> bool:
+    """Whether any row (on any rank with ``rank_sync``) still iterates; the one host sync per iteration."""
     flag = active.any().to(torch.int32)
-    if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if rank_sync is not None:
+        flag = rank_sync(flag)
     return bool(flag.item())
 
 
@@ -160,7 +173,7 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
                 frozen_prev = prev if frozen_prev is None else torch.where(done, prev, frozen_prev)
                 active = active & ~done
                 x_chunk = x_new
-                if it == max_iter - 1 or not _any_active(active, jacobi.sync_ranks):
+                if it == max_iter - 1 or not _any_active(active, jacobi.rank_sync):
                     break
             else:
                 change = (x_new - x_chunk).square().mean() / x_new.square().mean()

@@ -1,23 +1,79 @@
-"""Sharding a STARFlow over ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""Process groups and sharding: the ``torch.distributed`` code shared by training and sampling.
+
+Process groups work with and without ``torchrun``: under ``torchrun`` (``WORLD_SIZE`` > 1) a process group
+is initialised (NCCL on CUDA, gloo on CPU); otherwise everything runs in one process with no process group,
+on CUDA if available else CPU.
+
+Sharding a STARFlow over ranks uses FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Every transformer layer (:class:`~starflow.models.layers.AttentionBlock`) is its own FSDP unit, then each
 flow block and the learnable denoiser (their projections, norms and SOS token), then the root. A rank
 holds ``1/N`` of every parameter; a layer's full weights exist only while that layer runs.
 
-Sampling calls the flow blocks through their KV-cached methods, not ``forward``: :func:`gathered` gathers a
-block's own parameters around those calls (its layers gather themselves when called), and every rank must
-evaluate the layers equally often (the Jacobi per-sample stopping rule with ``sync_ranks``).
+Sampling calls the flow blocks through their KV-cached methods, not ``forward``:
+:func:`starflow.models.tarflow_block.gathered` gathers a block's own parameters around those calls (its
+layers gather themselves when called), and every rank must evaluate the layers equally often (the Jacobi
+per-sample stopping rule with ``rank_sync=any_rank``).
 """
 from __future__ import annotations
 
+import os
 import warnings
-from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "gathered", "is_sharded", "prepare_sharded_inference"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "shard_model", "any_rank",
+           "is_sharded", "load_sharded", "prepare_sharded_inference"]
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: ``rank`` of ``world_size``, ``local_rank``, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
+    """``requested`` ('cpu', 'cuda', 'cuda:1', ...) or the best available device for this rank."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Initialise the default process group when launched by torchrun; no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group if one was initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -47,7 +103,7 @@ def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_fo
     from starflow.models.layers import AttentionBlock
     from starflow.models.tarflow_block import FlowBlock
 
-    if not torch.distributed.is_initialized():
+    if not dist.is_initialized():
         raise RuntimeError("sharding needs torch.distributed: launch with torchrun --nproc_per_node N")
     # Our outputs are never modified in place, so FSDP2's warning about returning views does not apply.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -62,20 +118,12 @@ def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_fo
     return model
 
 
-@contextmanager
-def gathered(module: nn.Module) -> Iterator[nn.Module]:
-    """Gather a sharded module's own parameters for the duration of the block (no-op if not sharded).
-
-    Not recursive: nested FSDP units (the transformer layers) gather themselves when they are called.
-    """
-    if not hasattr(module, "unshard"):
-        yield module
-        return
-    module.unshard()
-    try:
-        yield module
-    finally:
-        module.reshard()
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """The maximum of an int32 flag over all ranks (the Jacobi ``rank_sync`` of sharded sampling); the flag
+    itself when ``torch.distributed`` is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
 
 
 @torch.no_grad()

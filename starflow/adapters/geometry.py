@@ -1,0 +1,57 @@
+"""VAE geometry from a config's ``vae`` name alone, for code that sizes a model without loading the VAE.
+
+A loaded adapter knows its own factors (``LatentAdapter.downsample``, ``temporal_downsample``); this module
+answers the same question for a name on the meta device (``starflow validate``, sizing, model folders
+without their VAE). SPEC sections 1, 11 and 13: no VAE -> 1x; SD-VAE -> 8x spatial; the WAN2.2 VAE ->
+16x spatial and 4x temporal (``T' = (T - 1) / 4 + 1``). A name is WAN2.2 when a path component or a
+``_``/``-``/``.``-separated word starts with ``wan`` (``Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6``, ``/models/wan22_vae``),
+so ``/data/swanson/sd-vae-ft-ema`` is an SD-VAE.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["VAEGeometry", "vae_geometry", "is_wan_vae", "no_vae"]
+
+_WAN_NAME = re.compile(r"(?:^|[/\\_.-])wan", re.IGNORECASE)
+SD_VAE_DOWNSAMPLE = 8  # stabilityai/sd-vae-ft-ema: 2 ** (len(block_out_channels) - 1)
+WAN_DOWNSAMPLE, WAN_TEMPORAL_DOWNSAMPLE = 16, 4  # Wan2.2 TI2V-5B: scale_factor_spatial / scale_factor_temporal
+
+
+@dataclass(frozen=True)
+class VAEGeometry:
+    """Downsampling factors of a latent space: latent side = pixel side // ``downsample``; latent frames
+    ``T' = (T - 1) // temporal_downsample + 1``."""
+
+    downsample: int = 1
+    temporal_downsample: int = 1
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of ``frames`` pixel frames.
+
+        Raises:
+            ValueError: ``frames < 1``.
+        """
+        if frames < 1:
+            raise ValueError(f"a video needs at least one frame, got {frames}")
+        return (frames - 1) // self.temporal_downsample + 1
+
+
+def no_vae(name: str | None) -> bool:
+    """Whether config ``vae`` means pixels (None, ``""`` or ``"none"``)."""
+    return name is None or name.strip().lower() in ("", "none")
+
+
+def is_wan_vae(name: str) -> bool:
+    """Whether a ``vae`` name is a WAN2.2 VAE (see the module docstring)."""
+    return bool(_WAN_NAME.search(name))
+
+
+def vae_geometry(name: str | None) -> VAEGeometry:
+    """The factors of the VAE a config names (see the module docstring)."""
+    if no_vae(name):
+        return VAEGeometry()
+    if is_wan_vae(name):
+        return VAEGeometry(WAN_DOWNSAMPLE, WAN_TEMPORAL_DOWNSAMPLE)
+    return VAEGeometry(SD_VAE_DOWNSAMPLE)

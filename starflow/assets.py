@@ -1,0 +1,67 @@
+"""Where a config's assets come from: the text encoder and VAE named by ``text``/``vae``, and model folders.
+
+One lookup order for sampling, sizing, downloading and training alike: the given folders (the config's
+folder, the weights' folder), then ``./ckpts`` and the repository's ``ckpts/`` (where ``starflow download``
+puts models, in subfolders named like their Hub ids), then the loaders' own Hugging Face cache and Hub.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "asset_search_dirs",
+           "resolve_asset", "find_weights"]
+
+PACKAGE_CKPTS = Path(__file__).resolve().parents[1] / "ckpts"
+"""The repository's ``ckpts/`` folder (the shipped demos; released weights go here too)."""
+DEMO_DIR = PACKAGE_CKPTS / "demo_digits"
+"""The shipped text-to-image demo that ``starflow sample`` uses without ``--checkpoint_path``."""
+DEMO_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+TINY_TEXT_ENCODER = "tiny-t5"
+"""Config ``text`` preset: a seeded random tiny T5 with the ByT5 byte tokenizer (no download)."""
+WEIGHT_NAMES = ("model.safetensors", "model.pth")
+_SCALE_SUFFIX = re.compile(r"(:[0-9.]+)$")  # 'Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6'
+
+
+def asset_search_dirs(*dirs: Path | str | None) -> list[Path]:
+    """Folders searched for a config's ``text``/``vae`` entries, in order: the given ones (the config's
+    folder, the weights' folder), then ``./ckpts`` and the repository's ``ckpts/``; ``None`` entries and
+    repeats are dropped."""
+    out: list[Path] = []
+    for d in (*dirs, Path("ckpts"), PACKAGE_CKPTS):
+        if d is not None and Path(d).resolve() not in [o.resolve() for o in out]:
+            out.append(Path(d))
+    return out
+
+
+def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
+    """A config path-or-hub-id, replaced by the first existing ``dir/name`` of :func:`asset_search_dirs`.
+
+    A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. Names found nowhere are
+    returned unchanged: loaders then try the Hugging Face cache, then the Hub.
+    """
+    if name is None or name.lower() == "none":
+        return name
+    match = _SCALE_SUFFIX.search(name)
+    suffix = match.group(1) if match else ""
+    bare = name[: len(name) - len(suffix)]
+    for d in asset_search_dirs(*dirs):
+        candidate = d / bare
+        if candidate.exists():
+            return str(candidate) + suffix
+    return name
+
+
+def find_weights(folder: Path) -> Path:
+    """The flow weights inside a model folder (``model.safetensors``, ``model.pth`` or a single ``*.pth``).
+
+    Raises:
+        FileNotFoundError: none, or several candidates.
+    """
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")

@@ -1,0 +1,42 @@
+"""Command line: ``starflow {train,sample,validate,download,eval-nll,convert,export,pack,cache-latents}``.
+
+Every config key is also a flag (``--img_size 256``); precedence is CLI > YAML > defaults, the same for
+training and sampling. ``starflow <command> --help`` documents each flag with its default and unit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from starflow.cli import checkpoints, data, evaluate, sample, train
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``starflow`` parser: one subcommand per command, each registered by its module in ``starflow.cli``."""
+    parser = argparse.ArgumentParser(prog="starflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train.register(sub)
+    sample.register(sub)
+    checkpoints.register(sub)  # validate, download, convert, export
+    evaluate.register(sub)  # eval-nll
+    data.register(sub)  # pack, cache-latents
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; bad input ends as ``error: ...`` on stderr with exit code 2
+    (``STARFLOW_DEBUG=1`` re-raises instead)."""
+    from starflow.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, CheckpointError) as e:
+        if os.environ.get("STARFLOW_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2

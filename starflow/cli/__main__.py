@@ -1,0 +1,6 @@
+"""``python -m starflow.cli ...`` (what ``torchrun -m starflow.cli`` runs)."""
+import sys
+
+from starflow.cli import main
+
+sys.exit(main())

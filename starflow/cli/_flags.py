@@ -1,0 +1,40 @@
+"""Flags shared by several commands: every config key as a flag, the weights-writing flags, ``--device``."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from starflow.config import CONFIG_FIELDS, config_field_help
+
+__all__ = ["add_config_flags", "config_overrides", "add_weights_io_flags", "add_device_flag", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """One ``--KEY V`` flag per config key (but ``skip``), documented with the key's help and default."""
+    group = parser.add_argument_group("config overrides (any key of the YAML config; CLI > YAML > defaults)")
+    for name, f in CONFIG_FIELDS.items():
+        if name in skip:
+            continue
+        group.add_argument(f"--{name}", default=None, metavar="V",
+                           help=f"{config_field_help(name)} [default: {f.default}]")
+
+
+def config_overrides(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict:
+    """The config keys given on the command line, as ``{key: raw value}`` for :func:`starflow.config.load_config`."""
+    return {k: getattr(args, k) for k in CONFIG_FIELDS if k not in skip and getattr(args, k, None) is not None}
+
+
+def add_weights_io_flags(p: argparse.ArgumentParser, src_help: str, dst_help: str) -> None:
+    """SRC, DST, --dtype and --overwrite of the commands that write weights."""
+    p.add_argument("src", help=src_help)
+    p.add_argument("dst", help=dst_help)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors [default: keep]")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def add_device_flag(p: argparse.ArgumentParser, help: str = "cpu, cuda, cuda:1 ... [default: cuda if available]") -> None:
+    """``--device``."""
+    p.add_argument("--device", default=None, help=help)

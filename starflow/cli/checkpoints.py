@@ -1,0 +1,124 @@
+"""Weights on disk: ``starflow validate``, ``download``, ``convert`` and ``export``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from starflow.cli._flags import DTYPES, add_config_flags, add_weights_io_flags, config_overrides
+from starflow.config import load_config
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``validate``, ``download``, ``convert`` and ``export`` to the subcommands."""
+    p = sub.add_parser("validate", help="check a config (and a checkpoint) without data or weights",
+                       description="Build the model on the meta device and print parameters per block, latent "
+                                   "shapes and token counts, and estimated memory in fp32 and bf16. With "
+                                   "--checkpoint, compare every parameter name and shape with the file (read "
+                                   "memory-mapped, no tensor loaded) and list all mismatches. Exit 0 when valid, "
+                                   "1 on a layout mismatch, 2 on a bad config or unreadable file.")
+    p.add_argument("config", help="YAML config (official format or plain mapping)")
+    p.add_argument("--checkpoint", default=None, help="weights file (.pth or .safetensors) to compare")
+    p.add_argument("--batch", type=int, default=1, help="samples per device for the memory estimates [default: 1]")
+    p.add_argument("--gpus", type=int, default=1, help="devices the weights and optimizer are sharded over [default: 1]")
+    p.add_argument("--txt_dim", type=int, default=None,
+                   help="text encoder width (default: from the encoder's config; 2048 for flan-t5-xl)")
+    add_config_flags(p, skip={"data"})
+    p.set_defaults(func=validate)
+
+    p = sub.add_parser("download", help="fetch released weights with their T5 and VAE from the Hugging Face Hub",
+                       description="Download apple/starflow checkpoints plus the T5 encoder and VAE they need into "
+                                   "--local-dir (models in subfolders named like their Hub ids, where sampling "
+                                   "looks first). Resumes partial downloads, checks file sizes. Offline it lists "
+                                   "the files and where to place them by hand.")
+    p.add_argument("release", choices=("t2i", "t2v", "all"), help="t2i: STARFlow 3B, t2v: STARFlow-V 7B, all: both")
+    p.add_argument("--local-dir", "--local_dir", dest="local_dir", default="ckpts", help="destination [default: ckpts]")
+    p.set_defaults(func=download)
+
+    p = sub.add_parser("convert", help="convert weights between .pth and .safetensors, keeping every name",
+                       description="Convert a checkpoint (.pth/.pt/.bin <-> .safetensors); the suffix of DST picks "
+                                   "the format. Torch files are read weights-only and memory-mapped; safetensors "
+                                   "holds no pickle.")
+    add_weights_io_flags(p, "checkpoint to read", "file to write (.safetensors or .pth)")
+    p.set_defaults(func=convert)
+
+    p = sub.add_parser("export", help="write one consolidated weights file from a sharded training checkpoint",
+                       description="Read the model of a DCP training checkpoint (any number of shards) and write it "
+                                   "in the official layout: a .pth or .safetensors file, or a model folder for "
+                                   "starflow sample.")
+    add_weights_io_flags(p, "a run's logdir (latest checkpoint), its checkpoints/ folder, or a step_XXXXXXXX folder",
+                         "output: model.pth, model.safetensors, or a folder")
+    p.set_defaults(func=export)
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Print the size report (:mod:`starflow.sizing`); with ``--checkpoint``, compare its layout."""
+    import torch
+
+    from starflow.checkpoint import compare_layout, read_shapes
+    from starflow.sizing import build_meta_model, format_report, size_report, text_width
+
+    cfg = load_config(args.config, config_overrides(args))
+    txt_dim = args.txt_dim or text_width(cfg, Path(args.config).parent)
+    report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)
+    print(f"config {args.config}: OK ({'video ' + str(cfg.vid_size[0]) + ' frames at ' + str(cfg.vid_size[1]) + ' fps' if cfg.is_video else 'images'}, "
+          f"{cfg.num_blocks} flow blocks, img_size {cfg.img_size})")
+    print(format_report(report, cfg))
+    if args.checkpoint is None:
+        return 0
+    shapes = read_shapes(args.checkpoint)
+    model = build_meta_model(cfg, txt_dim)
+    layout = compare_layout(model, shapes)
+    print("")
+    if layout.ok:
+        n = sum(1 for _ in model.state_dict())
+        print(f"checkpoint {args.checkpoint}: every name and shape matches ({n} tensors, "
+              f"{sum(int(torch.Size(s).numel()) for k, s in shapes.items() if k in model.state_dict()):,} parameters)")
+        return 0
+    print(f"checkpoint {args.checkpoint} does NOT match the config: {layout.describe(limit=10 ** 9)}")
+    return 1
+
+
+def download(args: argparse.Namespace) -> int:
+    """:func:`starflow.download.download` into ``--local-dir``."""
+    from starflow.download import download as fetch
+
+    for path in fetch(args.release, args.local_dir):
+        print(f"ready: {path}")
+    print(f"sample with e.g.: bash scripts/sample_image.sh \"a cat\"  (checkpoints are looked up in {args.local_dir})")
+    return 0
+
+
+def _output(args: argparse.Namespace):
+    """``(DST, dtype or None)`` of a weights-writing command; refuses to replace DST without ``--overwrite``."""
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise FileExistsError(f"{dst} exists: pass --overwrite to replace it")
+    return dst, DTYPES[args.dtype] if args.dtype else None
+
+
+def convert(args: argparse.Namespace) -> int:
+    """:func:`starflow.checkpoint.convert_checkpoint`, then check that names and shapes survived."""
+    from starflow.checkpoint import convert_checkpoint, read_shapes
+
+    src, (dst, dtype) = Path(args.src), _output(args)
+    convert_checkpoint(src, dst, dtype=dtype)
+    before, after = read_shapes(src), read_shapes(dst)
+    if before != after:  # names and shapes must survive the conversion
+        raise RuntimeError(f"conversion changed the layout of {src}; {dst} is not usable")
+    print(f"wrote {dst} ({len(after)} tensors, {dst.stat().st_size / 2**20:.1f} MiB; names and shapes as in {src})")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """:func:`starflow.train.export.export_checkpoint` of a run's (latest) checkpoint."""
+    from starflow.checkpoint import read_shapes
+    from starflow.train.export import export_checkpoint, find_checkpoint
+
+    src, (dst, dtype) = find_checkpoint(args.src), _output(args)
+    export_checkpoint(src, dst, dtype=dtype)
+    weights = dst if dst.is_file() else dst / "model.safetensors"
+    print(f"wrote {dst} from {src} ({len(read_shapes(weights))} tensors, {weights.stat().st_size / 2**20:.1f} MiB, "
+          "official layout)")
+    return 0

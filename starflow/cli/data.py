@@ -1,0 +1,71 @@
+"""``starflow pack`` and ``starflow cache-latents``: captioned folders -> webdataset shards / latent caches."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
+
+__all__ = ["register"]
+
+_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``pack`` and ``cache-latents`` to the subcommands."""
+    p = sub.add_parser("pack", help="pack an image or video folder into webdataset tar shards",
+                       description="Pack a folder with metadata.jsonl into OUT/shard-*.tar and OUT/index.json. "
+                                   "Missing or undecodable files are skipped and listed in the index.")
+    p.add_argument("src", help="image or video folder with metadata.jsonl")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.set_defaults(func=pack)
+
+    p = sub.add_parser("cache-latents", help="encode a dataset once with the config's VAE and text encoder",
+                       description="Write VAE latents and T5 embeddings of every sample of --data (a folder with "
+                                   "metadata.jsonl or a shard folder) to --out as shards, with the settings they "
+                                   "depend on; training checks them against its config.")
+    p.add_argument("--config", required=True, help="training config (YAML)")
+    p.add_argument("--data", required=True, help="image/video folder with metadata.jsonl, or a shard folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch", type=int, default=16, help="samples per encoder batch [default: 16]")
+    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
+    p.add_argument("--dtype", choices=_STORAGE_DTYPES, default="float32",
+                   help="storage dtype of latents and embeddings [default: float32]")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
+    add_config_flags(p, skip={"data"})
+    p.set_defaults(func=cache)
+
+
+def pack(args: argparse.Namespace) -> int:
+    """``starflow pack SRC OUT``: :func:`starflow.data.pack_folder`."""
+    from starflow.data.shards import pack_folder
+
+    index = pack_folder(args.src, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    few = ", ".join(s["file_name"] for s in index["skipped"][:3])
+    print(f"packed {index['total']} {index['kind']}s into {len(index['shards'])} shards in {args.out}; "
+          f"skipped {len(index['skipped'])}" + (f" (e.g. {few})" if few else ""))
+    return 0
+
+
+def cache(args: argparse.Namespace) -> int:
+    """``starflow cache-latents``: :func:`starflow.data.cache_latents` with the config's VAE and text encoder."""
+    import torch
+
+    from starflow.adapters import build_text_encoder, build_vae
+    from starflow.config import load_config
+    from starflow.data.latent_cache import cache_latents
+    from starflow.distributed import pick_device
+
+    cfg = load_config(args.config, config_overrides(args, skip={"data"}))
+    device = pick_device(args.device)
+    base = Path(args.config).parent
+    vae = build_vae(cfg, base, device=device)
+    text_encoder = build_text_encoder(cfg, base, device=device)
+    index = cache_latents(args.data, args.out, cfg, vae, text_encoder, batch_size=args.batch,
+                          dtype=getattr(torch, args.dtype), shard_size=args.shard_size, overwrite=args.overwrite)
+    print(f"cached {index['total']} latents into {len(index['shards'])} shards in {args.out}; "
+          f"skipped {len(index['skipped'])}; train with --data {args.out}")
+    return 0

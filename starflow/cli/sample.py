@@ -1,0 +1,138 @@
+"""``starflow sample``: prompts -> image or video files (one process or under ``torchrun``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from starflow import assets
+from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
+from starflow.config import load_config
+from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_THRESHOLD
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``sample`` to the subcommands."""
+    p = sub.add_parser("sample", help="sample images from prompts",
+                       description="Sample images. Without --checkpoint_path, samples the shipped demo.")
+    p.add_argument("--checkpoint_path", default=None, help="model folder or weights file [default: shipped demo]")
+    p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
+    p.add_argument("--caption", action="append", help="prompt (repeat for several)")
+    p.add_argument("--caption_file", default=None, help="text file, one prompt per line")
+    p.add_argument("--num_samples", type=int, default=1, help="images per prompt [default: 1]")
+    p.add_argument("--jacobi", type=int, default=1, help="1: block-wise Jacobi iteration, 0: sequential [default: 1]")
+    p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
+                   help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
+                        "the official scripts use 1e-3]")
+    p.add_argument("--jacobi_block_size", type=int, default=JACOBI_BLOCK_SIZE,
+                   help="tokens per Jacobi chunk (4x after the first frame of a video) [default: 64; the official "
+                        "scripts use 16 for images, 32 for video]")
+    p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
+                   help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
+                        "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
+                        "(change over the whole batch) [default: sample]")
+    p.add_argument("--aspect_ratio", default="1:1", help="w:h, e.g. 16:9 [default: 1:1]")
+    p.add_argument("--sample_batch_size", type=int, default=16, help="images per forward batch [default: 16]")
+    p.add_argument("--output_dir", default="outputs/samples", help="folder for PNGs, grid.png, settings.json")
+    p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the training noise with one score step [default: on]")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights (flow arithmetic stays float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the flow layers (dynamic shapes; the first batch pays the compilation)")
+    p.add_argument("--input_image", default=None,
+                   help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
+                        "image-to-video")
+    p.add_argument("--target_length", type=int, default=None,
+                   help="video configs: frames to generate [default: the config's vid_size]; longer than trained "
+                        "samples window by window")
+    p.add_argument("--context_length", type=int, default=None,
+                   help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
+    p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
+    p.add_argument("--profile", action="store_true",
+                   help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
+                        "block, denoising, VAE decoding")
+    add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
+    add_config_flags(p, skip={"data"})
+    p.set_defaults(func=run)
+
+
+def read_captions(args: argparse.Namespace, demo: bool) -> list[str]:
+    """The prompts of ``--caption_file`` or ``--caption`` (the demo prompts for the demo), each repeated
+    ``--num_samples`` times."""
+    if args.caption_file:
+        lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
+        captions = [line.strip() for line in lines if line.strip()]
+    elif args.caption:
+        captions = list(args.caption)
+    elif demo:
+        captions = list(assets.DEMO_PROMPTS)
+    else:
+        raise SystemExit("no prompt: pass --caption TEXT (repeatable) or --caption_file FILE")
+    return [c for c in captions for _ in range(args.num_samples)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample every caption into ``--output_dir``, then (rank 0) write ``grid.png`` and ``settings.json``."""
+    from starflow.distributed import cleanup_distributed, init_distributed
+    from starflow.models.jacobi import DecodeStats
+    from starflow.sampling.batch import write_samples
+    from starflow.sampling.io import sample_stem, save_poster_grid, write_settings
+    from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
+
+    demo = args.checkpoint_path is None
+    checkpoint = args.checkpoint_path or assets.DEMO_DIR
+    if demo:
+        if not Path(checkpoint).is_dir():
+            raise SystemExit(f"the shipped demo is missing ({assets.DEMO_DIR}); pass --checkpoint_path")
+        print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
+    dist = init_distributed(args.device)
+    config = args.model_config_path
+    if config is None:
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        config = folder / "config.yaml"
+    cfg = load_config(config, config_overrides(args))
+    shard = bool(cfg.fsdp) and dist.distributed
+    if dist.is_main and shard:
+        print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
+    pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
+                                    dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                    asset_dir=Path(config).parent, shard=shard)
+    if args.compile:
+        pipe.model.compile_layers()
+    captions = read_captions(args, demo)
+    settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
+                              jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
+                              self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
+                              target_length=args.target_length, context_length=args.context_length)
+    image = None
+    if args.input_image:
+        if not cfg.is_video:
+            raise ValueError("--input_image is for video configs (image-to-video); this config has no vid_size")
+        from starflow.data import load_image
+
+        _, c, h, w = pipe.latent_shape(args.aspect_ratio)
+        down = pipe.vae.downsample
+        image = load_image(args.input_image, (h * down, w * down), cfg.channel_size if down == 1 else 3)[None]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = Profile()
+    shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
+                          gif=args.gif, input_image=image, profile=profile, stats=DecodeStats())
+    if dist.is_main:
+        h, w = shape[-2:]
+        frames = shape[1] if len(shape) == 5 else 1
+        files = [sample_stem(out, i, c).with_suffix(".png") for i, c in enumerate(captions)]
+        save_poster_grid(files, out / "grid.png", (h, w * frames), shape[-3],
+                         nrow=args.num_samples if args.num_samples > 1 else None, scale=max(1, 64 // w))
+        write_settings(out, {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
+                             "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
+                             "input_image": args.input_image})
+        kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
+        print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
+        if args.profile:
+            print(profile.table())
+    cleanup_distributed()
+    return 0

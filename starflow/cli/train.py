@@ -1,0 +1,64 @@
+"""``starflow train``: one process, or many under ``torchrun`` (FSDP2 / DDP)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
+from starflow.config import load_config
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` to the subcommands."""
+    p = sub.add_parser("train", help="train a STARFlow (single process or under torchrun)",
+                       description="Train on an image folder with metadata.jsonl. Resumes from the latest "
+                                   "checkpoint in --logdir unless --no-resume.")
+    p.add_argument("--config", required=True, help="YAML config (official format or plain mapping)")
+    p.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the latest checkpoint in logdir [default: on]")
+    add_device_flag(p)
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the run (:func:`starflow.train.launch.build_trainer`), resume, fit, export ``logdir/model``."""
+    from starflow.distributed import cleanup_distributed, init_distributed
+    from starflow.train.launch import NO_DATA, build_trainer
+    from starflow.train.trainer import TrainingDiverged
+
+    cfg = load_config(args.config, config_overrides(args))
+    if cfg.data is None:
+        raise SystemExit(NO_DATA)
+    dist = init_distributed(args.device)
+    trainer = build_trainer(cfg, dist, Path(args.config).parent)
+    if dist.is_main:
+        n = sum(p.numel() for p in trainer.model.parameters())
+        dataset = trainer.dataset
+        size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
+            else f"shards in {cfg.data}"
+        print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device}; logdir {cfg.logdir}")
+    if not args.dry_run and args.resume:
+        trainer.resume()
+    try:
+        history = trainer.fit(dry_run=args.dry_run)
+    except TrainingDiverged as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        cleanup_distributed()
+        return 3
+    if args.dry_run:
+        m = history[-1]
+        if dist.is_main:
+            print(f"dry run OK: one step, loss {m['loss']:.4f}, bits/dim {m['bits_per_dim']:.4f}, "
+                  f"grad norm {m['grad_norm']:.3g}")
+    else:
+        folder = trainer.export(Path(cfg.logdir) / "model")
+        if folder is not None:
+            print(f"model folder written to {folder} (sample with: starflow sample --checkpoint_path {folder})")
+    cleanup_distributed()
+    return 0

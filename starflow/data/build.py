@@ -1,0 +1,55 @@
+"""The training data a config names: a captioned folder (images or videos) or a folder of shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from starflow.config import Config
+from starflow.data.images import ImageFolder
+from starflow.data.latent_cache import check_cache_settings
+from starflow.data.shards import read_index
+from starflow.data.stream import ShardStream
+
+__all__ = ["build_dataset"]
+
+
+def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: int = 1):
+    """The training data named by ``cfg.data``: a folder with ``metadata.jsonl`` (images or videos), or a folder
+    of webdataset shards with ``index.json`` (``starflow pack``; or cached latents, ``starflow cache-latents``).
+
+    With ``wds: 1`` and a plain folder the folder is read directly, with a note on how to pack it.
+
+    Args:
+        cfg: the training config (``data``, sizes, ``batch_size``, ``grad_accum``, ``mix_aspect``, ``seed``).
+        downsample: the VAE's spatial factor (1 for pixels): sizes are multiples of ``downsample * patch_size``.
+        rank, world_size: this process's place among the training processes (shard streams split by rank).
+
+    Returns:
+        An :class:`ImageFolder`, a :class:`~starflow.data.video.VideoFolder` or a :class:`ShardStream`.
+
+    Raises:
+        ValueError: a latent cache made with other settings (the message names the keys).
+        FileNotFoundError: no ``metadata.jsonl`` / ``index.json`` in the folder.
+    """
+    root = Path(cfg.data)
+    pixel_channels = cfg.channel_size if downsample == 1 else 3
+    if (root / "index.json").is_file():
+        kind = read_index(root)[1]["kind"]
+        if kind == "latent":
+            check_cache_settings(root, cfg)
+        micro = cfg.batch_size // (world_size * cfg.grad_accum)
+        video = dict(frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size)) if cfg.is_video else {}
+        return ShardStream(root, micro, img_size=cfg.img_size, channels=pixel_channels,
+                           multiple=downsample * cfg.patch_size, mix_aspect=cfg.mix_aspect, seed=cfg.seed,
+                           rank=rank, world_size=world_size, **video)
+    if cfg.wds and rank == 0:
+        tqdm.write(f"note: config key 'wds' is 1 but {root} is a plain folder (no index.json); reading it directly. "
+                   f"For sharded reading at scale run `starflow pack {root} SHARDS_DIR` and pass --data SHARDS_DIR")
+    if cfg.is_video:
+        from starflow.data.video import VideoFolder
+
+        return VideoFolder(root, frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size),
+                           channels=pixel_channels)
+    return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
+                       multiple=downsample * cfg.patch_size)

@@ -1,0 +1,58 @@
+"""Sampling a list of captions into a folder, split over the ranks of ``torch.distributed``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from starflow.distributed import DistInfo
+from starflow.models.jacobi import DecodeStats
+from starflow.sampling.io import sample_stem, save_sample
+from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
+
+__all__ = ["write_samples"]
+
+
+def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings, out: Path, *, seed: int,
+                  batch_size: int, dist: DistInfo, gif: bool = False, input_image: torch.Tensor | None = None,
+                  profile: Profile | None = None, stats: DecodeStats | None = None) -> tuple[int, ...]:
+    """Sample caption ``i`` with seed ``seed + i`` into ``sample_stem(out, i, captions[i])`` (see
+    :func:`starflow.sampling.io.save_sample`).
+
+    Captions are split across ranks round-robin; every rank runs the same number of batches (the last ones
+    padded with a repeat whose sample is dropped), as sharded weights need all ranks in every step. Each
+    sample's noise comes from its own seed, so the files do not depend on ``batch_size`` or the ranks.
+
+    Args:
+        pipe: the pipeline.
+        captions: one caption per sample.
+        settings: guidance, Jacobi, denoising, size and length options.
+        out: the output folder (must exist).
+        seed: seed of sample 0.
+        batch_size: samples per forward batch on each rank.
+        dist: this process's rank and world size.
+        gif: videos: also write an animated GIF.
+        input_image: video models: ``(1, C, H, W)`` first frame in ``[-1, 1]`` (image-to-video) for every sample.
+        profile, stats: optional per-stage timer and evaluation counter.
+
+    Returns:
+        The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)``.
+    """
+    fps = pipe.config.vid_size[1] if pipe.config.is_video else None
+    per_rank = -(-len(captions) // dist.world_size)
+    mine: list[int | None] = list(range(dist.rank, len(captions), dist.world_size))
+    mine += [None] * (per_rank - len(mine))
+    shape: tuple[int, ...] = ()
+    for start in tqdm(range(0, per_rank, batch_size), disable=not dist.is_main, desc="sample"):
+        idx = mine[start : start + batch_size]
+        real = [0 if i is None else i for i in idx]
+        pixels = pipe([captions[i] for i in real], settings, seeds=[seed + i for i in real], profile=profile,
+                      stats=stats, input_image=None if input_image is None else input_image.expand(len(real), -1, -1, -1))
+        shape = tuple(pixels.shape)
+        for i, sample in zip(idx, pixels):
+            if i is not None:
+                save_sample(sample, sample_stem(out, i, captions[i]), fps, gif)
+    if dist.distributed:
+        torch.distributed.barrier()
+    return shape

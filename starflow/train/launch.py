@@ -1,0 +1,46 @@
+"""Everything a training run needs, built from its config: frozen components, data, model, :class:`Trainer`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from starflow.adapters import build_text_encoder, build_vae
+from starflow.config import Config
+from starflow.data import build_dataset
+from starflow.distributed import DistInfo
+from starflow.models import STARFlow
+from starflow.train.trainer import Trainer
+
+__all__ = ["build_trainer", "NO_DATA"]
+
+NO_DATA = ("no training data: pass --data FOLDER (an image folder with metadata.jsonl; "
+           "`python scripts/prepare_digits.py` makes one)")
+
+
+def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = None) -> Trainer:
+    """VAE, text encoder, dataset, model and trainer of a run.
+
+    The model's initial weights come from ``cfg.seed`` and are identical on every rank; the global RNG of
+    rank ``r`` is then seeded with ``cfg.seed + r``.
+
+    Args:
+        cfg: the resolved training config (``data`` set).
+        dist: this process's rank and device (:func:`starflow.distributed.init_distributed`).
+        config_dir: folder against which the config's relative ``text``/``vae`` paths resolve.
+
+    Raises:
+        ValueError: no ``data`` in the config, or data that does not fit the config.
+        FileNotFoundError: data, text encoder or VAE not found.
+    """
+    if cfg.data is None:
+        raise ValueError(NO_DATA)
+    torch.manual_seed(cfg.seed + dist.rank)
+    vae = build_vae(cfg, config_dir, device=dist.device)
+    text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
+    dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
+                                 vae_downsample=vae.downsample).to(dist.device)
+    torch.manual_seed(cfg.seed + dist.rank)
+    return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir))
