@@ -97,6 +97,9 @@ class Config:
                                          "(0 = off, 1 = every layer)")
     wds: bool = _f(False, "read training data from webdataset shards")
     data: str | None = _f(None, "training data: an image folder with metadata.jsonl")
+    init_from: str | None = _f(None, "training: start from these weights (.pth/.safetensors, a model folder or a "
+                                     "training checkpoint step folder; official flag --resume_path); optimizer, "
+                                     "schedule and step start fresh, a restarted run resumes from its own checkpoints")
     num_workers: int = _f(2, "DataLoader worker processes")
     logdir: str = _f("runs/starflow", "output folder for checkpoints, samples and metrics")
     log_freq: int = _f(10, "steps between metric log lines")

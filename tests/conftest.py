@@ -72,10 +72,9 @@ def make_pipeline(tiny_config):
     The zero-initialised output layers (``proj_out``, ``final_norm``) get N(0, std^2) noise: a fresh flow is
     the identity, which would hide most bugs.
     """
-    from starflow.adapters import build_latent_adapter
+    from starflow.adapters import build_latent_adapter, build_text_encoder
     from starflow.config import load_config
     from starflow.models import STARFlow
-    from starflow.adapters import build_text_encoder
     from starflow.sampling.pipeline import Pipeline
 
     def build(std: float = 0.05, seed: int = 0, **config: Any) -> Pipeline:

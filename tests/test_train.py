@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 
-from starflow.adapters import build_latent_adapter
+from starflow.adapters import build_text_encoder
 from starflow.cli import main
 from starflow.config import load_config
 from starflow.data import ImageFolder, collate
-from starflow.models import STARFlow
-from starflow.adapters import build_text_encoder
 from starflow.distributed import init_distributed
+from starflow.models import STARFlow
+from starflow.train import launch
 from starflow.train.optim import WARMUP_START_LR, build_optimizer, build_schedule, lr_at
 from starflow.train.state import CheckpointManager
 from starflow.train.trainer import Trainer, TrainingDiverged
@@ -29,17 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_trainer(config: dict[str, Any], logdir: Path) -> Trainer:
-    """A :class:`Trainer` built exactly as ``starflow train`` builds it (same seeding, one CPU process)."""
-    cfg = load_config(config, {"logdir": str(logdir)})
-    dist = init_distributed("cpu")
-    torch.manual_seed(cfg.seed)
-    vae = build_latent_adapter(cfg.vae, channels=cfg.channel_size)
-    text_encoder = build_text_encoder(cfg, device=dist.device)
-    dataset = ImageFolder(cfg.data, cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)
-    torch.manual_seed(cfg.seed)
-    model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size, vae_downsample=1)
-    torch.manual_seed(cfg.seed)
-    return Trainer(cfg, dist, model, text_encoder, vae, dataset, logdir)
+    """A :class:`Trainer` built exactly as ``starflow train`` builds it (one CPU process)."""
+    return launch.build_trainer(load_config(config, {"logdir": str(logdir)}), init_distributed("cpu"))
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in logdir [default: on]")
+    p.add_argument("--resume_path", dest="init_from", default=None, metavar="PATH",
+                   help="official name of --init_from: start from these weights (optimizer and step fresh)")
     add_device_flag(p)
     add_config_flags(p)
     p.set_defaults(func=run)
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the run (:func:`starflow.train.launch.build_trainer`), resume, fit, export ``logdir/model``."""
     from starflow.distributed import cleanup_distributed, init_distributed
+    from starflow.train.init_from import init_from
     from starflow.train.launch import NO_DATA, build_trainer
     from starflow.train.trainer import TrainingDiverged
 
@@ -42,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
         size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
             else f"shards in {cfg.data}"
         print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device}; logdir {cfg.logdir}")
-    if not args.dry_run and args.resume:
-        trainer.resume()
+    resumed = not args.dry_run and args.resume and trainer.resume()
+    if cfg.init_from and not resumed:  # a restarted fine-tune continues from its own checkpoints
+        report = init_from(trainer.model, cfg.init_from, sharded=trainer.sharded)
+        if dist.is_main:
+            print(report.table())
     try:
         history = trainer.fit(dry_run=args.dry_run)
     except TrainingDiverged as e:

@@ -1,0 +1,197 @@
+"""Fine-tuning: start a run from released or exported weights (``starflow train --init_from PATH``).
+
+The official ``train.py --resume_path`` loads a ``.pth`` with ``strict=False`` before training (SPEC section
+16). Here the load is checked: every parameter of the model must come from the file, except those a
+fine-tune may add (a learnable denoiser on a model that had none), and the file may carry only parameters a
+fine-tune may drop (a learnable denoiser the new config turns off) and the official deprecated buffers.
+Everything else missing or mis-shaped is an error that names every key. Optimizer, schedule and step start
+fresh; a restarted run resumes from its own checkpoints instead (:meth:`Trainer.resume` first).
+
+Sources: a ``.pth``/``.safetensors`` file, a model folder (``starflow export`` / ``logdir/model``) or a DCP
+step folder of a training run (``checkpoints/step_XXXXXXXX``). Under FSDP2 each rank keeps only its shards:
+files are memory-mapped and sliced per rank, DCP folders are read shard by shard.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from starflow.assets import find_weights
+from starflow.checkpoint import CheckpointError, LayoutReport, drop_deprecated, is_deprecated, read_state_dict
+
+__all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source"]
+
+OPTIONAL_PREFIXES = ("learnable_self_denoiser.",)
+"""Parameters a fine-tune may add (initialised fresh) or drop (config turned the part off)."""
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class InitReport:
+    """What ``--init_from`` did with each parameter name.
+
+    Attributes:
+        source: the file or folder read.
+        loaded: ``{name: shape}`` loaded from the file.
+        new: ``{name: shape}`` the model has and the file lacks (initialised fresh).
+        dropped: ``{name: shape}`` the file has and the model lacks (ignored), deprecated buffers included.
+    """
+
+    source: str
+    loaded: dict[str, Shape] = field(default_factory=dict)
+    new: dict[str, Shape] = field(default_factory=dict)
+    dropped: dict[str, Shape] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """One table: per top-level part (``blocks.3``, ``learnable_self_denoiser``, ...), tensors and
+        parameters loaded, new and dropped."""
+        parts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+        for what, names in (("loaded", self.loaded), ("new", self.new), ("dropped", self.dropped)):
+            for name, shape in names.items():
+                part = "deprecated buffers" if is_deprecated(name) else ".".join(name.split(".")[:2]) \
+                    if name.startswith("blocks.") else name.split(".")[0]
+                count = parts[part][what]
+                count[0] += 1
+                count[1] += int(torch.Size(shape).numel())
+        lines = [f"init_from {self.source}", f"{'part':<28}{'loaded':>18}{'new':>18}{'dropped':>18}"]
+
+        def cell(c: list[int]) -> str:
+            return f"{c[0]} ({c[1]:,})" if c[0] else "-"
+
+        for part in sorted(parts, key=_part_order):
+            row = parts[part]
+            lines.append(f"{part:<28}" + "".join(f"{cell(row[w]):>18}" for w in ("loaded", "new", "dropped")))
+        total = {w: [len(d), sum(int(torch.Size(s).numel()) for s in d.values())]
+                 for w, d in (("loaded", self.loaded), ("new", self.new), ("dropped", self.dropped))}
+        lines.append(f"{'total: tensors (parameters)':<28}" + "".join(f"{cell(total[w]):>18}" for w in total))
+        return "\n".join(lines)
+
+
+def _part_order(part: str) -> tuple:
+    bits = part.split(".")
+    return (0, int(bits[1])) if bits[0] == "blocks" and len(bits) > 1 and bits[1].isdigit() else (1, part)
+
+
+def _optional(name: str) -> bool:
+    return name.startswith(OPTIONAL_PREFIXES)
+
+
+def plan_init(model_shapes: dict[str, Shape], file_shapes: dict[str, Shape], source: str) -> InitReport:
+    """Sort every name into loaded / new / dropped.
+
+    Args:
+        model_shapes: ``{name: shape}`` of the model to train.
+        file_shapes: ``{name: shape}`` of the weights to start from.
+        source: the file, for messages.
+
+    Raises:
+        CheckpointError (a ``LayoutError`` report in the message): a model parameter missing from the file or a
+            file parameter the model lacks, outside :data:`OPTIONAL_PREFIXES`, or any shape mismatch; every
+            offending name is listed.
+    """
+    report = InitReport(source)
+    problems = LayoutReport()
+    for name, shape in model_shapes.items():
+        if name in file_shapes:
+            if tuple(file_shapes[name]) != tuple(shape):
+                problems.mismatched.append((name, tuple(shape), tuple(file_shapes[name])))
+            else:
+                report.loaded[name] = tuple(shape)
+        elif _optional(name):
+            report.new[name] = tuple(shape)
+        else:
+            problems.missing.append(name)
+    for name, shape in file_shapes.items():
+        if name not in model_shapes:
+            if _optional(name) or is_deprecated(name):
+                report.dropped[name] = tuple(shape)
+            else:
+                problems.unexpected.append(name)
+    if not problems.ok:
+        raise CheckpointError(f"--init_from {source} does not fit the model being trained: "
+                              f"{problems.describe(limit=10 ** 9)}\n(only {', '.join(OPTIONAL_PREFIXES)}* may be "
+                              "new or dropped; check that the config describes the weights' architecture)")
+    return report
+
+
+def _is_dcp(path: Path) -> bool:
+    from starflow.train.state import META_FILE
+
+    return path.is_dir() and (path / META_FILE).is_file() and any(path.glob("*.distcp"))
+
+
+def read_init_shapes(path: str | Path) -> dict[str, Shape]:
+    """``{name: shape}`` of the weights at ``path`` without reading tensors (DCP metadata or the file).
+
+    Raises:
+        FileNotFoundError: nothing there (the message names what is accepted).
+        CheckpointError: unreadable.
+    """
+    from starflow.checkpoint import read_shapes
+
+    path = Path(path)
+    if _is_dcp(path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return {k[len("model."):]: tuple(m.size) for k, m in meta.items()
+                if k.startswith("model.") and hasattr(m, "size")}
+    if path.is_dir():
+        path = find_weights(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init_from {path}: no such file; pass a .pth/.safetensors file, a model folder "
+                                "(config.yaml + model.safetensors) or a training checkpoint step folder")
+    return dict(read_shapes(path))
+
+
+def init_from(model: nn.Module, path: str | Path, *, sharded: bool) -> InitReport:
+    """Load the weights at ``path`` into ``model`` (checked by :func:`plan_init`); new parameters keep their
+    fresh initialisation.
+
+    Args:
+        model: the model to train, after ``fully_shard`` when ``sharded`` (every rank must call this then).
+        path: a ``.pth``/``.safetensors`` file, a model folder or a DCP step folder.
+        sharded: the model is FSDP2-sharded: each rank keeps only its slices.
+
+    Returns:
+        The :class:`InitReport` (print :meth:`InitReport.table`).
+
+    Raises:
+        FileNotFoundError, CheckpointError: see :func:`read_init_shapes` and :func:`plan_init`; the model is
+            untouched then.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    path = Path(path)
+    current = get_model_state_dict(model)
+    report = plan_init({k: tuple(v.shape) for k, v in current.items()}, read_init_shapes(path), describe_source(path))
+    if _is_dcp(path):
+        import torch.distributed.checkpoint as dcp
+
+        wanted = {k: v for k, v in current.items() if k in report.loaded}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": wanted}, checkpoint_id=str(path))
+        set_model_state_dict(model, wanted, options=StateDictOptions(strict=False))
+        return report
+    state = drop_deprecated(read_state_dict(find_weights(path) if path.is_dir() else path))
+    state = {k: v for k, v in state.items() if k in report.loaded}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=sharded, strict=False))
+    return report
+
+
+def describe_source(path: str | Path) -> str:
+    """``path`` and, for a DCP step folder, the step it holds (for the run's log)."""
+    path = Path(path)
+    if _is_dcp(path):
+        from starflow.train.state import META_FILE
+
+        return f"{path} (training checkpoint at step {json.loads((path / META_FILE).read_text())['step']})"
+    return str(path)

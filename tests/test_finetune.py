@@ -1,0 +1,105 @@
+"""Fine-tuning from released or exported weights: ``starflow train --init_from PATH`` (``--resume_path``).
+
+The weights are a perturbed tiny STARFlow (``conftest.TINY_CONFIG``) saved in the official layout; the fine-tune
+adds a learnable denoiser, which the file lacks. The first logged loss of a fine-tune must equal the loss of
+those weights, loaded with the strict loader, on the same batch: in one process and in two FSDP2 processes.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from starflow.checkpoint import CheckpointError, load_weights, save_weights
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.distributed import init_distributed
+from starflow.train import launch
+from starflow.train.init_from import init_from, plan_init
+from test_distributed_training import losses, run_env, train_cmd
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def weights(make_pipeline, tmp_path_factory) -> Path:
+    """A perturbed tiny model without a denoiser, as ``model.safetensors``."""
+    path = tmp_path_factory.mktemp("init") / "model.safetensors"
+    save_weights(make_pipeline(std=0.3, seed=3).model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def config(tiny_config, digits, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("init_cfg") / "config.yaml"
+    path.write_text(yaml.safe_dump(dict(tiny_config, data=str(digits["train"]), steps=STEPS, save_freq=2,
+                                        learnable_self_denoiser=1, fsdp=1, lr=1e-3)))
+    return path
+
+
+def reference_loss(config: Path, weights: Path | None, logdir: Path) -> float:
+    """First-step loss of the run's model with ``weights`` put in by the strict loader (denoiser excluded)."""
+    trainer = launch.build_trainer(load_config(config, {"logdir": str(logdir)}), init_distributed("cpu"))
+    if weights is not None:
+        load_weights(trainer.model, weights, strict=False)
+    return trainer.train_step([next(trainer._batches())])["loss"]
+
+
+def test_plan_sorts_names_and_rejects_everything_else() -> None:
+    model = {"blocks.0.proj_in.weight": (4, 2), "learnable_self_denoiser.proj_in.weight": (8, 2)}
+    report = plan_init(model, {"blocks.0.proj_in.weight": (4, 2), "var": ()}, "w")
+    assert list(report.loaded) == ["blocks.0.proj_in.weight"]
+    assert list(report.new) == ["learnable_self_denoiser.proj_in.weight"]
+    assert list(report.dropped) == ["var"]  # a deprecated buffer
+    assert "learnable_self_denoiser" in report.table() and "blocks.0" in report.table()
+    with pytest.raises(CheckpointError) as err:
+        plan_init(model, {"blocks.0.proj_in.weight": (4, 3), "blocks.9.sos_embed": (1, 1, 2)}, "w")
+    assert "blocks.0.proj_in.weight: model [4, 2], checkpoint [4, 3]" in str(err.value)
+    assert "blocks.9.sos_embed" in str(err.value)
+
+
+def test_one_and_two_process_finetunes_start_from_the_weights(config, weights, tmp_path) -> None:
+    ref = reference_loss(config, weights, tmp_path / "ref")
+    fresh = reference_loss(config, None, tmp_path / "fresh")
+    assert abs(ref - fresh) > 1e-2  # the weights change the loss: the comparison below can fail
+    outputs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        logdir = tmp_path / name
+        r = subprocess.run(train_cmd(config, logdir, nproc, "--init_from", str(weights)), env=run_env(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outputs[name] = r.stdout
+        assert losses(logdir)[1]["loss"] == pytest.approx(ref, rel=1e-5), name
+    assert "learnable_self_denoiser" in outputs["two"] and "init_from" in outputs["two"]  # the table
+    # a restart of the same run resumes from its own checkpoint, not from --init_from
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump(dict(yaml.safe_load(config.read_text()), steps=STEPS + 2)))
+    r = subprocess.run(train_cmd(longer, tmp_path / "two", 2, "--resume_path", str(weights)), env=run_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr and "init_from" not in r.stdout
+    assert sorted(losses(tmp_path / "two")) == list(range(1, STEPS + 3))
+
+
+def test_init_from_a_training_checkpoint_folder(config, weights, tmp_path) -> None:
+    """A DCP step folder is a source too; a mismatched config is an error and leaves the model untouched."""
+    logdir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--logdir", str(logdir), "--device", "cpu", "--init_from",
+                 str(weights)]) == 0
+    step = logdir / "checkpoints" / f"step_{STEPS:08d}"
+    trainer = launch.build_trainer(load_config(config, {"logdir": str(tmp_path / "b")}), init_distributed("cpu"))
+    report = init_from(trainer.model, step, sharded=False)
+    assert not report.new and "step 3" in report.source
+    final = load_file(logdir / "model" / "model.safetensors")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, final[k]), k
+    wide = load_config(config, {"logdir": str(tmp_path / "c"), "channels": 64})
+    other = launch.build_trainer(wide, init_distributed("cpu"))
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="mismatched"):
+        init_from(other.model, weights, sharded=False)
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
