@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "asset_search_dirs",
+__all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "EMA_WEIGHT_NAMES", "asset_search_dirs",
            "resolve_asset", "find_weights"]
 
 PACKAGE_CKPTS = Path(__file__).resolve().parents[1] / "ckpts"
@@ -20,6 +20,7 @@ DEMO_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
 TINY_TEXT_ENCODER = "tiny-t5"
 """Config ``text`` preset: a seeded random tiny T5 with the ByT5 byte tokenizer (no download)."""
 WEIGHT_NAMES = ("model.safetensors", "model.pth")
+EMA_WEIGHT_NAMES = ("ema.safetensors",)  # the moving average of a run's weights (config 'ema')
 _SCALE_SUFFIX = re.compile(r"(:[0-9.]+)$")  # 'Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6'
 
 
@@ -52,16 +53,23 @@ def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
     return name
 
 
-def find_weights(folder: Path) -> Path:
-    """The flow weights inside a model folder (``model.safetensors``, ``model.pth`` or a single ``*.pth``).
+def find_weights(folder: Path, ema: bool = False) -> Path:
+    """The flow weights inside a model folder (``model.safetensors``, ``model.pth`` or a single ``*.pth``), or
+    with ``ema`` the moving average (``ema.safetensors``).
 
     Raises:
         FileNotFoundError: none, or several candidates.
     """
+    if ema:
+        for name in EMA_WEIGHT_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(f"no EMA weights in {folder} (expected {EMA_WEIGHT_NAMES[0]}, written by runs with "
+                                "config key 'ema'); drop --ema to use the weights")
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
-    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth"))
+    found = [p for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth")) if p.name not in EMA_WEIGHT_NAMES]
     if len(found) == 1:
         return found[0]
     raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")

@@ -85,6 +85,8 @@ class Config:
     grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100")
     max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never stops")
     latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty")
+    ema: float = _f(0.0, "decay of the exponential moving average of the weights, e.g. 0.9999 (0 = no EMA)")
+    ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights")
     denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
     loss_scaling: bool = _f(False, "official flag, kept for compatibility (no effect)")
     seed: int = _f(0, "random seed")

@@ -69,12 +69,19 @@ def test_one_and_two_process_finetunes_start_from_the_weights(config, weights, t
     outputs = {}
     for name, nproc in (("one", 1), ("two", 2)):
         logdir = tmp_path / name
-        r = subprocess.run(train_cmd(config, logdir, nproc, "--init_from", str(weights)), env=run_env(tmp_path),
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(train_cmd(config, logdir, nproc, "--init_from", str(weights), "--ema", "0.5"),
+                           env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         outputs[name] = r.stdout
         assert losses(logdir)[1]["loss"] == pytest.approx(ref, rel=1e-5), name
     assert "learnable_self_denoiser" in outputs["two"] and "init_from" in outputs["two"]  # the table
+    # the EMA (sharded like the weights under FSDP2) starts from the loaded weights and matches one process
+    ema = {n: load_file(tmp_path / n / "model" / "ema.safetensors") for n in ("one", "two")}
+    start = load_file(weights)
+    for k, v in ema["one"].items():
+        assert torch.allclose(ema["two"][k], v, atol=1e-4), k  # as the weights themselves (Adam, 3 steps)
+    moved = [k for k in start if not torch.allclose(ema["one"][k], start[k], atol=1e-6)]
+    assert moved and all(k in ema["one"] for k in start)
     # a restart of the same run resumes from its own checkpoint, not from --init_from
     longer = tmp_path / "longer.yaml"
     longer.write_text(yaml.safe_dump(dict(yaml.safe_load(config.read_text()), steps=STEPS + 2)))

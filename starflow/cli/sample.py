@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output_dir", default="outputs/samples", help="folder for PNGs, grid.png, settings.json")
     p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="remove the training noise with one score step [default: on]")
+    p.add_argument("--ema", action="store_true",
+                   help="sample with the moving average of the weights (ema.safetensors of a model folder trained "
+                        "with config key 'ema')")
     p.add_argument("--bf16", action="store_true", help="bf16 weights (flow arithmetic stays float32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the flow layers (dynamic shapes; the first batch pays the compilation)")
@@ -55,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip={"data"})
+    add_config_flags(p, skip={"data", "ema", "ema_start", "init_from"})  # training-only keys; --ema is a switch here
     p.set_defaults(func=run)
 
 
@@ -93,13 +96,13 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         config = folder / "config.yaml"
-    cfg = load_config(config, config_overrides(args))
+    cfg = load_config(config, config_overrides(args, skip={"ema"}))
     shard = bool(cfg.fsdp) and dist.distributed
     if dist.is_main and shard:
         print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
                                     dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                    asset_dir=Path(config).parent, shard=shard)
+                                    asset_dir=Path(config).parent, shard=shard, ema=args.ema)
     if args.compile:
         pipe.model.compile_layers()
     captions = read_captions(args, demo)
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                          nrow=args.num_samples if args.num_samples > 1 else None, scale=max(1, 64 // w))
         write_settings(out, {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
                              "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
-                             "input_image": args.input_image})
+                             "input_image": args.input_image, "ema": args.ema})
         kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:

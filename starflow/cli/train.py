@@ -30,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the run (:func:`starflow.train.launch.build_trainer`), resume, fit, export ``logdir/model``."""
     from starflow.distributed import cleanup_distributed, init_distributed
-    from starflow.train.init_from import init_from
     from starflow.train.launch import NO_DATA, build_trainer
     from starflow.train.trainer import TrainingDiverged
 
@@ -47,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device}; logdir {cfg.logdir}")
     resumed = not args.dry_run and args.resume and trainer.resume()
     if cfg.init_from and not resumed:  # a restarted fine-tune continues from its own checkpoints
-        report = init_from(trainer.model, cfg.init_from, sharded=trainer.sharded)
-        if dist.is_main:
-            print(report.table())
+        trainer.initialise_from(cfg.init_from)
     try:
         history = trainer.fit(dry_run=args.dry_run)
     except TrainingDiverged as e:

@@ -105,7 +105,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, folder_or_weights: str | Path, config: str | Path | Config | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        asset_dir: str | Path | None = None, shard: bool = False) -> "Pipeline":
+                        asset_dir: str | Path | None = None, shard: bool = False, ema: bool = False) -> "Pipeline":
         """Load a model folder, or a weights file with its config.
 
         Args:
@@ -116,6 +116,7 @@ class Pipeline:
                 file's folder, or the weights' folder when ``config`` is a Config object).
             shard: shard the flow over the ranks of ``torch.distributed`` with FSDP2 (each rank holds
                 ``1/N`` of the weights; every rank must then sample the same number of batches).
+            ema: with a model folder, load its moving-average weights (``ema.safetensors``).
 
         Raises:
             FileNotFoundError: weights, config, text encoder or VAE not found (with how to get them).
@@ -123,7 +124,7 @@ class Pipeline:
                 config's model (every difference listed); nothing is half-loaded.
         """
         path = Path(folder_or_weights)
-        weights = find_weights(path) if path.is_dir() else path
+        weights = find_weights(path, ema=ema) if path.is_dir() else path
         if not weights.is_file():
             raise FileNotFoundError(f"checkpoint not found: {weights} (official weights: Hugging Face repo apple/starflow)")
         base_dir = weights.parent

@@ -42,14 +42,19 @@ def find_checkpoint(src: str | Path) -> Path:
                             f"a step_XXXXXXXX folder with {META_FILE} (written by starflow train)")
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[Config, torch.nn.Module]:
+def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[Config, torch.nn.Module]:
     """Build the run's STARFlow from the checkpoint's config and load its (unsharded) weights on CPU.
+
+    Args:
+        path: see :func:`find_checkpoint`.
+        ema: load the moving average of the weights (config ``ema``) instead of the weights.
 
     Returns:
         ``(config, model)``.
 
     Raises:
-        FileNotFoundError: see :func:`find_checkpoint`; RuntimeError: unreadable checkpoint.
+        FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA;
+        RuntimeError: unreadable checkpoint.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
@@ -62,18 +67,21 @@ def load_checkpoint_model(path: str | Path) -> tuple[Config, torch.nn.Module]:
         model = STARFlow.from_config(cfg, txt_dim=txt[0][1] if txt else None,
                                      vae_downsample=vae_geometry(cfg.vae).downsample)
     model.to_empty(device="cpu")
-    state = {"model": model.state_dict()}
+    if ema and not any(k.startswith("ema.") for k in shapes):
+        raise ValueError(f"{path} holds no EMA weights (train with config key 'ema', e.g. --ema 0.9999)")
+    state = {"ema": {k: p.detach() for k, p in model.named_parameters()}} if ema else {"model": model.state_dict()}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
     except Exception as e:
         raise RuntimeError(f"cannot read the model from {path} ({type(e).__name__}: {e})") from e
-    model.load_state_dict(state["model"])
+    if not ema:  # the EMA entries were loaded into the parameters in place
+        model.load_state_dict(state["model"])
     return cfg, model.eval()
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False) -> Path:
     """Write the model of a training checkpoint as ``dst``.
 
     Args:
@@ -81,11 +89,12 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
         dst: ``*.pth`` / ``*.safetensors`` file (weights only), or a folder (``config.yaml``,
             ``model.safetensors`` and, for the built-in tiny text encoder, ``text_encoder/``).
         dtype: optional floating-point dtype of the written tensors (e.g. ``torch.bfloat16``).
+        ema: write the moving average of the weights (config ``ema``) instead of the weights.
 
     Returns:
         ``dst``.
     """
-    cfg, model = load_checkpoint_model(src)
+    cfg, model = load_checkpoint_model(src, ema=ema)
     if dtype is not None:
         model.to(dtype)
     dst = Path(dst)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from starflow.adapters import LatentAdapter, TextEncoder, build_text_encoder
 from starflow.assets import TINY_TEXT_ENCODER
+from starflow.checkpoint import save_weights
 from starflow.config import Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            collate, load_uncond, sample_seed)
@@ -38,6 +39,8 @@ from starflow.models import STARFlow
 from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
+from starflow.train.ema import EMA, EMA_WEIGHTS
+from starflow.train.init_from import InitReport, init_from
 from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_optimizer, build_schedule
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
@@ -96,6 +99,7 @@ class Trainer:
             self.denoiser_optimizer = build_optimizer(self.denoiser.parameters(), cfg, lr=cfg.denoiser_lr,
                                                       weight_decay=DENOISER_WEIGHT_DECAY)
         self.schedule = build_schedule(self.optimizer, cfg)
+        self.ema = EMA(model, cfg.ema, cfg.ema_start) if cfg.ema > 0 else None
         self.step = 0
         self.skipped_updates = 0
         self.nonfinite_in_a_row = 0
@@ -120,6 +124,8 @@ class Trainer:
                  "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
         if self.denoiser_optimizer is not None:
             state["denoiser_optimizer"] = get_optimizer_state_dict(self.model, self.denoiser_optimizer)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()  # loaded in place
         return state
 
     def save(self) -> Path:
@@ -150,6 +156,15 @@ class Trainer:
         else:
             set_rng_state(local["rng"])
         self._set_data_position(local["data"])
+
+    def initialise_from(self, path: str | Path) -> InitReport:
+        """Fine-tune: load weights (``--init_from``, see :mod:`starflow.train.init_from`) into the model, the EMA
+        starting from them; logs the table of loaded / new / dropped parameters."""
+        report = init_from(self.model, path, sharded=self.sharded)
+        if self.ema is not None:
+            self.ema.reset()
+        self._log(report.table())
+        return report
 
     def resume(self) -> bool:
         """Load the latest checkpoint in ``logdir`` if there is one; returns whether it did."""
@@ -282,6 +297,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], skipped=float(skip),
                        skipped_total=float(self.skipped_updates))
         if denoiser_norm is not None:
@@ -376,9 +393,11 @@ class Trainer:
         return history
 
     def export(self, folder: str | Path) -> Path | None:
-        """Write a model folder (``config.yaml``, ``model.safetensors`` in the official layout) from the
-        current weights; every rank must call it under FSDP2, rank 0 writes."""
+        """Write a model folder (``config.yaml``, ``model.safetensors`` in the official layout, and with
+        ``ema`` the averaged weights as ``ema.safetensors``) from the current weights; every rank must call it
+        under FSDP2, rank 0 writes."""
         weights = full_state_dict(self.model)
+        ema = self.ema.full_state_dict(weights) if self.ema is not None else None
         if not self.dist.is_main:
             return None
         text_encoder = self.text_encoder
@@ -388,6 +407,8 @@ class Trainer:
             elif Path(text_encoder.name).is_dir():  # copied into the model folder
                 text_encoder = TextEncoder.from_pretrained(text_encoder.name, max_length=self.cfg.txt_size)
         Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)
+        if ema is not None:
+            save_weights(ema, Path(folder) / EMA_WEIGHTS)
         return Path(folder)
 
     @torch.no_grad()

@@ -1,0 +1,77 @@
+"""EMA of the weights (config ``ema``, ``ema_start``): the average, its exact resume, export and sampling."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.distributed import init_distributed
+from starflow.train import launch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DECAY, START = 0.8, 2
+
+
+def trainer_for(tiny_config, digits, logdir: Path, **extra):
+    config = dict(tiny_config, data=str(digits["train"]), ema=DECAY, ema_start=START, steps=6, save_freq=3,
+                  lr=1e-2, **extra)
+    return launch.build_trainer(load_config(config, {"logdir": str(logdir)}), init_distributed("cpu"))
+
+
+def test_ema_is_the_hand_computed_average(tiny_config, digits, tmp_path) -> None:
+    trainer = trainer_for(tiny_config, digits, tmp_path)
+    data = trainer._batches()
+    expected = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
+    for step in range(1, 6):
+        trainer.train_step([next(data)])
+        for k, p in trainer.model.named_parameters():
+            w = p.detach()
+            expected[k] = w.clone() if step <= START else DECAY * expected[k] + (1 - DECAY) * w
+    moved = 0
+    for k, p in trainer.model.named_parameters():
+        assert torch.allclose(trainer.ema.shadow[k], expected[k], atol=1e-6, rtol=1e-5), k
+        moved += not torch.allclose(trainer.ema.shadow[k], p.detach(), atol=1e-6)
+    assert moved  # after ema_start the average lags the weights
+
+
+def test_resumed_ema_is_bit_identical(tiny_config, digits, tmp_path) -> None:
+    straight = trainer_for(tiny_config, digits, tmp_path / "a")
+    straight.fit()
+    split = trainer_for(tiny_config, digits, tmp_path / "b")
+    split.fit(max_steps=4)  # checkpoints at step 3 and at step 4 (the end of this call)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000004")  # as if killed before saving step 4
+    resumed = trainer_for(tiny_config, digits, tmp_path / "b")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    for k, e in straight.ema.shadow.items():
+        assert torch.equal(resumed.ema.shadow[k], e), k
+
+
+def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path) -> None:
+    config = config_file(dict(tiny_config, data=str(digits["train"]), ema=DECAY, steps=4, save_freq=4, lr=1e-2))
+    logdir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--logdir", str(logdir), "--device", "cpu"]) == 0
+    folder = logdir / "model"
+    ema, weights = load_file(folder / "ema.safetensors"), load_file(folder / "model.safetensors")
+    assert ema.keys() == weights.keys() and any(not torch.equal(ema[k], weights[k]) for k in ema)
+    assert main(["export", "--ema", str(logdir), str(tmp_path / "ema.safetensors")]) == 0
+    exported = load_file(tmp_path / "ema.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    for flag, out in (([], "plain"), (["--ema"], "ema")):
+        assert main(["sample", "--checkpoint_path", str(folder), "--caption", "a handwritten digit 3",
+                     "--output_dir", str(tmp_path / out), "--device", "cpu", *flag]) == 0
+    a = (tmp_path / "plain" / "00000_a_handwritten_digit_3.png").read_bytes()
+    b = (tmp_path / "ema" / "00000_a_handwritten_digit_3.png").read_bytes()
+    assert a != b
+    no_ema = tmp_path / "no_ema"
+    no_ema.mkdir()
+    for name in ("config.yaml", "model.safetensors"):
+        (no_ema / name).write_bytes((folder / name).read_bytes())
+    assert main(["sample", "--checkpoint_path", str(no_ema), "--caption", "x", "--ema", "--output_dir",
+                 str(tmp_path / "x"), "--device", "cpu"]) == 2  # no ema.safetensors: a clear error
