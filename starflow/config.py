@@ -65,7 +65,8 @@ class Config:
     cond_noise_level: bool = _f(False, "prefix the prompt with the noise level (SPEC section 12)")
     fps_cond: bool = _f(False, "prefix the prompt with the fps / 'An image:' (SPEC section 12)")
     mix_aspect: bool = _f(False, "train on aspect-ratio buckets and state the ratio in the prompt")
-    vid_size: tuple[int, int] | None = _f(None, "video 'frames:fps', e.g. '81:16' (None = images)")
+    vid_size: tuple[int, ...] | None = _f(None, "video 'frames:fps', e.g. '81:16', or 'frames:fps1:fps2:...' (a rate "
+                                                "drawn per training clip; sampling uses the first) (None = images)")
     # --- conditioning, encoders -------------------------------------------------------------
     text: str | None = _f(None, "text encoder: hub id or folder (e.g. google/flan-t5-xl)")
     vae: str | None = _f(None, "VAE: hub id or folder, optional ':scale' suffix for video (None = pixels)")
@@ -73,6 +74,12 @@ class Config:
     cfg: float = _f(0.0, "classifier-free guidance weight w used when sampling")
     drop_label: float = _f(0.0, "probability of replacing the caption by '' in training")
     drop_image: float = _f(0.0, "video: probability of dropping the first frame in training")
+    video_to_video: bool = _f(False, "video: clips hold target then source frames; train source -> target with the "
+                                     "'(v2v) ' caption tag")
+    last_frame_cond: bool = _f(False, "video: condition on the clip's end frame (one latent frame before the clip, "
+                                      "'(last) ' caption tag)")
+    noise_type: str = _f("gaussian", "training noise: 'gaussian' (x + noise_std * N(0, I)) or 'uniform' "
+                                     "(dequantisation of 8-bit pixels; pixel models only)")
     # --- optimisation -----------------------------------------------------------------------
     lr: float = _f(1e-4, "peak learning rate")
     min_lr: float = _f(1e-6, "final learning rate of the cosine schedule")
@@ -88,7 +95,8 @@ class Config:
     ema: float = _f(0.0, "decay of the exponential moving average of the weights, e.g. 0.9999 (0 = no EMA)")
     ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights")
     denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
-    loss_scaling: bool = _f(False, "official flag, kept for compatibility (no effect)")
+    loss_scaling: bool = _f(False, "official flag: fp16 dynamic loss scaling; training here runs in bf16, which needs "
+                                   "none, so `starflow train` rejects 1")
     seed: int = _f(0, "random seed")
     # --- systems ----------------------------------------------------------------------------
     fsdp: bool = _f(False, "shard the model with FSDP2 under torchrun")
@@ -109,12 +117,14 @@ class Config:
     sample_freq: int = _f(1000, "steps between sample grids")
     keep_last: int = _f(3, "checkpoints kept on disk")
     # --- official keys accepted for compatibility --------------------------------------------
-    no_flip: bool = _f(False, "official flag (no horizontal-flip augmentation); kept")
+    no_flip: bool = _f(False, "no random horizontal flip of training images and clips (0 = flip half of them)")
     nvp: bool = _f(True, "official flag: affine (shift and scale) flow; only True is supported")
     adaln: bool = _f(False, "official flag: adaptive LayerNorm; only False is supported")
-    secondary_img_size: int | None = _f(None, "official: image size of the secondary (image) data mix")
-    secondary_batch_size: int | None = _f(None, "official: batch size of the secondary data mix")
-    secondary_ratio: float = _f(0.0, "official: fraction of steps on the secondary data mix")
+    secondary_data: str | None = _f(None, "video: an image folder trained as one-frame videos on a secondary_ratio "
+                                          "share of the steps")
+    secondary_img_size: int | None = _f(None, "video: image side of the secondary data (None = img_size)")
+    secondary_batch_size: int | None = _f(None, "video: global batch size of secondary steps (None = batch_size)")
+    secondary_ratio: float = _f(0.0, "video: probability that a step trains on the secondary image data")
 
     def __post_init__(self) -> None:
         if self.layers_per_block is None:
@@ -143,6 +153,16 @@ class Config:
     def is_video(self) -> bool:
         return self.vid_size is not None
 
+    @property
+    def fps(self) -> int:
+        """Frame rate of sampled videos and of single-rate training clips: the first rate of ``vid_size`` (0 for images)."""
+        return self.vid_size[1] if self.vid_size else 0
+
+    @property
+    def fps_choices(self) -> tuple[int, ...]:
+        """The training clip rates of ``vid_size`` (one drawn per clip; SPEC section 16)."""
+        return tuple(self.vid_size[1:]) if self.vid_size else ()
+
     def latent_size(self, vae_downsample: int) -> int:
         """Latent grid side in cells for this config's ``img_size`` (pixels)."""
         return self.img_size // vae_downsample
@@ -151,7 +171,7 @@ class Config:
         """Plain YAML-safe mapping of every field."""
         d = dataclasses.asdict(self)
         if d["vid_size"] is not None:
-            d["vid_size"] = f"{d['vid_size'][0]}:{d['vid_size'][1]}"
+            d["vid_size"] = ":".join(str(v) for v in d["vid_size"])
         return d
 
 
@@ -175,6 +195,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 _HINTS = typing.get_type_hints(Config)
+NOISE_TYPES = ("gaussian", "uniform")
 _INT_ONCE_BOOL = {"gradient_checkpoint", "gradient_checkpoint_mlp"}  # official YAMLs write 0/1; true/false also read
 
 
@@ -228,10 +249,12 @@ def _coerce(key: str, value: Any) -> Any:
             if not out:
                 raise ValueError
             return out
-        if typing.get_origin(tp) is tuple:  # vid_size 'frames:fps'
+        if typing.get_origin(tp) is tuple:  # vid_size 'frames:fps[:fps2...]'
             parts = value.split(":") if isinstance(value, str) else list(value)
-            frames, fps = (int(p) for p in parts)
-            return (frames, fps)
+            out = tuple(int(p) for p in parts)
+            if len(out) < 2 or min(out) < 1:
+                raise ValueError
+            return out
     except (ValueError, TypeError):
         pass
     raise ValueError(
@@ -243,7 +266,7 @@ def _type_name(tp: Any) -> str:
     base, optional = _base_type(tp)
     name = {bool: "0/1 (bool)", int: "an integer", float: "a number", str: "a string"}.get(base)
     if name is None:
-        name = "a list of integers like '2 2 24'" if typing.get_origin(base) is list else "'frames:fps' like '81:16'"
+        name = "a list of integers like '2 2 24'" if typing.get_origin(base) is list else "'frames:fps' like '81:16' (or 'frames:fps1:fps2')"
     return name + (" or none" if optional else "")
 
 
@@ -308,6 +331,21 @@ def validate(cfg: Config) -> Config:
         raise ValueError("config key 'conditional_denoiser' needs 'learnable_self_denoiser: 1'")
     if cfg.cfg > 0 and cfg.txt_size == 0:
         raise ValueError("config key 'cfg' > 0 needs text conditioning ('txt_size' > 0)")
+    if cfg.noise_type not in NOISE_TYPES:
+        raise ValueError(f"config key 'noise_type' must be one of {NOISE_TYPES}, got {cfg.noise_type!r}")
+    if cfg.noise_type == "uniform" and cfg.vae is not None:
+        raise ValueError("config key 'noise_type: uniform' dequantises 8-bit pixels: it needs 'vae: none'")
+    for key in ("video_to_video", "last_frame_cond", "secondary_data"):
+        if getattr(cfg, key) and not cfg.is_video:
+            raise ValueError(f"config key '{key}' is for video configs (set 'vid_size')")
+    if cfg.drop_image > 0 and (cfg.video_to_video or cfg.last_frame_cond):
+        raise ValueError("config key 'drop_image' is not combined with 'video_to_video' / 'last_frame_cond' here: set "
+                         "--drop_image 0")
+    if cfg.video_to_video and cfg.last_frame_cond:
+        raise ValueError("config keys 'video_to_video' and 'last_frame_cond' are two data modes: set one")
+    for key in ("secondary_img_size", "secondary_batch_size"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     return cfg
 
 

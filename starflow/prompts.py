@@ -11,10 +11,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from starflow.config import Config
 
-__all__ = ["EXTEND_PREFIX", "apply_prompt_template", "prompt_from_config"]
+__all__ = ["EXTEND_PREFIX", "V2V_PREFIX", "LAST_FRAME_PREFIX", "apply_prompt_template", "prompt_from_config"]
 
 EXTEND_PREFIX = "(extend) "
 """Caption tag of video continuation (``drop_image`` training, continuation windows; SPEC section 11)."""
+V2V_PREFIX = "(v2v) "
+"""Caption tag of ``video_to_video`` models: source clip in, target clip out (SPEC sections 16, 17)."""
+LAST_FRAME_PREFIX = "(last) "
+"""Caption tag of ``last_frame_cond`` models: the end frame is a one-latent-frame prefix (SPEC sections 16, 17)."""
 
 
 def apply_prompt_template(
@@ -64,6 +68,6 @@ def prompt_from_config(text: str, cfg: "Config", aspect_ratio: str = "1:1", fps:
         fps: the clip's frame rate [default: the config's ``vid_size`` fps, 0 for image configs].
     """
     if fps is None:
-        fps = cfg.vid_size[1] if cfg.vid_size else 0
+        fps = cfg.fps
     return apply_prompt_template(text, fps=fps, fps_cond=cfg.fps_cond, cond_noise_level=cfg.cond_noise_level,
                                  noise_std=cfg.noise_std, mix_aspect=cfg.mix_aspect, aspect_ratio=aspect_ratio)

@@ -24,7 +24,7 @@ TINY_CONFIG: dict[str, Any] = dict(
     rope=1, sos=1, seq_order="L2R", use_softplus=1, cond_top_only=1, use_final_norm=1, soft_clip=4.0,
     txt_size=24, text="tiny-t5", vae="none", noise_std=0.1, drop_label=0.1,
     lr=1e-3, min_lr=1e-5, warmup_steps=0, steps=6, batch_size=8, grad_clip=1.0,
-    num_workers=0, log_freq=1, save_freq=3, sample_freq=0, keep_last=2, seed=0,
+    num_workers=0, log_freq=1, save_freq=3, sample_freq=0, keep_last=2, seed=0, no_flip=1,
 )
 """YAML keys of a tiny pixel-space text-to-image STARFlow; copy before changing."""
 

@@ -15,7 +15,7 @@ from starflow.adapters import build_latent_adapter, build_tiny_wan_vae
 from starflow.cli import main
 from starflow.config import load_config
 from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, render_clip
-from starflow.data.video import CorruptVideoError, VideoFolder, read_video, write_video
+from starflow.data.video import CorruptVideoError, VideoFolder, clip_indices, read_video, write_video
 from starflow.models import STARFlow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,7 @@ TINY_VIDEO = dict(img_size=8, vid_size="3:8", channel_size=1, patch_size=2, chan
                   learnable_self_denoiser=1, conditional_denoiser=1, denoiser_window=1, txt_size=48, text="tiny-t5",
                   vae="none", noise_std=0.3, drop_label=0.1, drop_image=0.5, lr=1e-3, min_lr=1e-5, denoiser_lr=1e-3,
                   warmup_steps=0, steps=3, batch_size=4, grad_clip=1.0, num_workers=0, log_freq=1, save_freq=3,
-                  sample_freq=0, keep_last=1, seed=0)
+                  sample_freq=0, keep_last=1, seed=0, no_flip=1)
 
 
 # ---------------------------------------------------------------------- WAN2.2 latents
@@ -104,9 +104,9 @@ def test_video_folder_clips_fps_and_bad_files(tmp_path: Path) -> None:
     (root / "metadata.jsonl").write_text(meta + "\n".join(json.dumps(e) for e in extra) + "\n")
     ds = VideoFolder(root, frames=3, fps=4, size=(8, 8), channels=1, random_start=False)
     assert len(ds) == 5 and "gone.mp4" in ds.report()
-    assert ds.clip_indices(6, 8.0) == [0, 2, 4]  # 8 fps source at 4 fps: every other frame
+    assert clip_indices(6, 8.0, 3, 4, random_start=False) == [0, 2, 4]  # 8 fps source at 4 fps: every other frame
     with pytest.raises(CorruptVideoError, match="shorter than a clip"):
-        ds.clip_indices(4, 8.0)
+        clip_indices(4, 8.0, 3, 4, random_start=False)
     items = [ds[i] for i in range(len(ds))]
     assert all(item["pixels"].shape == (3, 1, 8, 8) for item in items)
     assert len(ds.skipped) == 3 and "3 skipped" in ds.report()  # missing, undecodable, too short

@@ -63,8 +63,9 @@ def validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, config_overrides(args))
     txt_dim = args.txt_dim or text_width(cfg, Path(args.config).parent)
     report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)
-    print(f"config {args.config}: OK ({'video ' + str(cfg.vid_size[0]) + ' frames at ' + str(cfg.vid_size[1]) + ' fps' if cfg.is_video else 'images'}, "
-          f"{cfg.num_blocks} flow blocks, img_size {cfg.img_size})")
+    rates = "/".join(str(f) for f in cfg.fps_choices)
+    kind = f"video {cfg.vid_size[0]} frames at {rates} fps" if cfg.is_video else "images"
+    print(f"config {args.config}: OK ({kind}, {cfg.num_blocks} flow blocks, img_size {cfg.img_size})")
     print(format_report(report, cfg))
     if args.checkpoint is None:
         return 0

@@ -2,11 +2,12 @@
 
 from starflow.data.aspect import (ASPECT_RATIOS, AspectBucketBatchSampler, ResumableBatchSampler, aspect_to_size,
                                   nearest_aspect, parse_aspect)
-from starflow.data.build import build_dataset
+from starflow.data.build import build_dataset, build_secondary_dataset
 from starflow.data.digits import load_digit_split, split_indices, write_digits
 from starflow.data.images import CorruptImageError, ImageFolder, collate, load_image
 from starflow.data.latent_cache import cache_latents, cache_settings, check_cache_settings, load_uncond
-from starflow.data.shards import pack_folder, read_index, sample_seed
+from starflow.data.seeding import sample_seed
+from starflow.data.shards import pack_folder, read_index
 from starflow.data.stream import BatchPosition, PositionTracker, ShardStream
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ShardStream",
     "aspect_to_size",
     "build_dataset",
+    "build_secondary_dataset",
     "cache_latents",
     "cache_settings",
     "check_cache_settings",

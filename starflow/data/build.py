@@ -11,7 +11,13 @@ from starflow.data.latent_cache import check_cache_settings
 from starflow.data.shards import read_index
 from starflow.data.stream import ShardStream
 
-__all__ = ["build_dataset"]
+__all__ = ["build_dataset", "build_secondary_dataset", "clip_frames"]
+
+
+def clip_frames(cfg: Config) -> int:
+    """Pixel frames read per training clip: ``vid_size`` frames, twice that with ``video_to_video`` (target then
+    source, SPEC section 16)."""
+    return cfg.vid_size[0] * (2 if cfg.video_to_video else 1)
 
 
 def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: int = 1):
@@ -39,7 +45,7 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         if kind == "latent":
             check_cache_settings(root, cfg)
         micro = cfg.batch_size // (world_size * cfg.grad_accum)
-        video = dict(frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size)) if cfg.is_video else {}
+        video = dict(frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size)) if cfg.is_video else {}
         return ShardStream(root, micro, img_size=cfg.img_size, channels=pixel_channels,
                            multiple=downsample * cfg.patch_size, mix_aspect=cfg.mix_aspect, seed=cfg.seed,
                            rank=rank, world_size=world_size, **video)
@@ -49,7 +55,22 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
     if cfg.is_video:
         from starflow.data.video import VideoFolder
 
-        return VideoFolder(root, frames=cfg.vid_size[0], fps=cfg.vid_size[1], size=(cfg.img_size, cfg.img_size),
-                           channels=pixel_channels)
+        return VideoFolder(root, frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size),
+                           channels=pixel_channels, mix_aspect=cfg.mix_aspect, img_size=cfg.img_size,
+                           multiple=downsample * cfg.patch_size, seed=cfg.seed)
     return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
                        multiple=downsample * cfg.patch_size)
+
+
+def build_secondary_dataset(cfg: Config, *, downsample: int) -> ImageFolder | None:
+    """The secondary image data of a video config (``secondary_data`` at ``secondary_img_size``, aspect buckets
+    with ``mix_aspect``), trained as one-frame videos; None without ``secondary_data``.
+
+    Raises:
+        FileNotFoundError: no ``metadata.jsonl`` in the folder.
+    """
+    if cfg.secondary_data is None:
+        return None
+    channels = cfg.channel_size if downsample == 1 else 3
+    return ImageFolder(Path(cfg.secondary_data), cfg.secondary_img_size or cfg.img_size, channels,
+                       mix_aspect=cfg.mix_aspect, multiple=downsample * cfg.patch_size)

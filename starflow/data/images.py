@@ -248,10 +248,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.Tensor | list[str]]:
-    """Stacks `ImageFolder` samples.
+    """Stacks `ImageFolder` (or `VideoFolder`) samples.
 
     Returns:
-        `{"pixels": (B, C, H, W) float32, "text": list[str], "aspect_ratio": list[str]}`.
+        `{"pixels": (B, C, H, W) float32, "text": list[str], "aspect_ratio": list[str]}`, plus `"fps":
+        list[float]` for video clips.
 
     Raises:
         ValueError: If the samples' sizes differ (batch with `AspectBucketBatchSampler`).
@@ -259,8 +260,11 @@ def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.T
     shapes = {tuple(s["pixels"].shape) for s in batch}
     if len(shapes) != 1:
         raise ValueError(f"samples have different shapes {sorted(shapes)}; use AspectBucketBatchSampler")
-    return {
+    out = {
         "pixels": torch.stack([s["pixels"] for s in batch]),
         "text": [s["text"] for s in batch],
         "aspect_ratio": [s["aspect_ratio"] for s in batch],
     }
+    if all("fps" in s for s in batch):
+        out["fps"] = [s["fps"] for s in batch]
+    return out

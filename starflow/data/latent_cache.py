@@ -177,10 +177,13 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     kind, samples = _source(src, skipped)
     if kind == "latent":
         raise ValueError(f"{src} is already a latent cache; pass the image or video data")
+    if len(cfg.fps_choices) > 1:
+        raise ValueError(f"vid_size {cfg.to_dict()['vid_size']!r} draws a clip rate per step; a latent cache holds one "
+                         "clip per video: train on the videos (or their shards) instead")
     channels = cfg.channel_size if vae.downsample == 1 else 3
     decoder = SampleDecoder(kind, img_size=cfg.img_size, channels=channels, multiple=vae.downsample * cfg.patch_size,
                             mix_aspect=cfg.mix_aspect, frames=cfg.vid_size[0] if cfg.vid_size else None,
-                            fps=cfg.vid_size[1] if cfg.vid_size else None, size=(cfg.img_size, cfg.img_size),
+                            fps=cfg.fps or None, size=(cfg.img_size, cfg.img_size),
                             random_start=False)
     encoder = _Encoder(cfg, vae, text_encoder, dtype)
     prepare_output(out, overwrite)

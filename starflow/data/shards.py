@@ -12,7 +12,6 @@ shard folders with :class:`starflow.data.stream.ShardStream`.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -25,9 +24,9 @@ from PIL import Image
 
 from starflow.data.aspect import aspect_to_size
 from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata
-from starflow.data.video import CorruptVideoError, _resize_frames, clip_indices, read_video
+from starflow.data.video import CorruptVideoError, _resize_frames, clip_indices, draw_rate, read_video, video_aspect
 
-__all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "sample_seed", "write_shards"]
+__all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,13 +207,6 @@ def _load_tensor(data: bytes) -> torch.Tensor:
     return torch.load(io.BytesIO(data), weights_only=True).float()
 
 
-def sample_seed(*parts: object) -> int:
-    """A 63-bit seed from any values, identical in every process and run (no Python hash randomisation): the
-    seed of a shard stream's shuffle and decoding, and of training sample ``index`` of step ``step``
-    (``sample_seed(seed, step, index)``; index -1: the draws shared by the whole step)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
-
-
 class SampleDecoder:
     """Turns raw shard samples into training samples, with the resize helpers of ``images``/``video``.
 
@@ -223,11 +215,11 @@ class SampleDecoder:
         img_size: Images: side S of the square size, in pixels.
         channels: Pixel channels, 1 or 3.
         multiple: Images: bucket sides are multiples of it (``vae_downsample * patch_size``).
-        mix_aspect: Images: each image in its nearest aspect bucket (read from its header).
+        mix_aspect: Each image or video in its nearest aspect bucket (read from its header).
         aspect_ratio: Images: the bucket without ``mix_aspect``.
         frames: Videos: frames per clip T.
-        fps: Videos: frame rate of the clips.
-        size: Videos: ``(h, w)`` of the clips in pixels.
+        fps: Videos: frame rate of the clips, or several (one drawn per clip with the sample's seed).
+        size: Videos: ``(h, w)`` of the clips in pixels without ``mix_aspect`` (with it: buckets of ``img_size``).
         random_start: Videos: a random clip start (seeded per sample by :meth:`decode`), else frame 0.
 
     Raises:
@@ -236,7 +228,8 @@ class SampleDecoder:
 
     def __init__(self, kind: str, *, img_size: int | None = None, channels: int = 3, multiple: int = 1,
                  mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
-                 fps: float | None = None, size: tuple[int, int] | None = None, random_start: bool = True) -> None:
+                 fps: float | tuple[float, ...] | None = None, size: tuple[int, int] | None = None,
+                 random_start: bool = True) -> None:
         if kind == "image" and img_size is None:
             raise ValueError("an image shard folder needs img_size")
         if kind == "video" and (frames is None or fps is None or size is None):
@@ -245,15 +238,19 @@ class SampleDecoder:
             raise ValueError(f"unknown shard kind {kind!r}: expected image, video or latent")
         self.kind, self.img_size, self.channels, self.multiple = kind, img_size, channels, multiple
         self.mix_aspect, self.aspect_ratio = mix_aspect, aspect_ratio
-        self.frames, self.fps, self.size, self.random_start = frames, fps, size, random_start
+        self.frames, self.size, self.random_start = frames, size, random_start
+        self.rates = tuple(fps) if isinstance(fps, (tuple, list)) else (fps,)
+        if kind == "video" and mix_aspect and img_size is None:
+            self.img_size = size[0]
 
     def bucket(self, sample: dict) -> str | None:
         """The sample's aspect bucket without decoding it (an image header at most); None if unreadable."""
         try:
             if self.kind == "latent":
                 return json.loads(sample["json"])["aspect_ratio"]
-            if self.kind == "image" and self.mix_aspect:
-                return image_aspect(io.BytesIO(_media(sample)))
+            if self.mix_aspect and self.kind in ("image", "video"):
+                media = io.BytesIO(_media(sample))
+                return image_aspect(media) if self.kind == "image" else video_aspect(media)
             return self.aspect_ratio if self.kind == "image" else "1:1"
         except (CorruptImageError, *_BAD_SAMPLE) as err:
             logger.warning("skipping sample %s of %s (%s)", sample.get("__key__"), sample.get("__url__"), err)
@@ -263,7 +260,8 @@ class SampleDecoder:
         """A training sample, or None (logged) if the raw sample is corrupt.
 
         Returns:
-            Images/videos: ``{"pixels": (C, H, W) or (T, C, H, W) float32 in [-1, 1], "text", "aspect_ratio"}``;
+            Images/videos: ``{"pixels": (C, H, W) or (T, C, H, W) float32 in [-1, 1], "text", "aspect_ratio"}``
+            (videos also ``"fps"``, the clip's rate);
             latents: ``{"latents", "text_emb": (L, D), "text_emb_extend": (L, D) if cached, "text",
             "aspect_ratio"}`` float32.
         """
@@ -281,9 +279,12 @@ class SampleDecoder:
             else:
                 frames, fps = read_video(io.BytesIO(_media(sample)))
                 gen = torch.Generator().manual_seed(seed)
-                pick = clip_indices(len(frames), meta.get("fps") or fps or self.fps, self.frames, self.fps,
+                rate = draw_rate(self.rates, gen)
+                pick = clip_indices(len(frames), meta.get("fps") or fps or rate, self.frames, rate,
                                     random_start=self.random_start, generator=gen)
-                out["pixels"] = _resize_frames(frames[pick], self.size, self.channels)
+                size = aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size
+                out["pixels"] = _resize_frames(frames[pick], size, self.channels)
+                out["fps"] = rate
             return out
         except (CorruptImageError, CorruptVideoError, *_BAD_SAMPLE) as err:
             logger.warning("skipping sample %s of %s (%s)", sample.get("__key__"), sample.get("__url__"), err)

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import torch
 
 from starflow.data.images import collate
-from starflow.data.shards import SampleDecoder, read_index, read_shards, sample_seed
+from starflow.data.seeding import sample_seed
+from starflow.data.shards import SampleDecoder, read_index, read_shards
 
 __all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any"]
 
@@ -86,7 +87,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, root: str | Path, batch_size: int, *, img_size: int | None = None, channels: int = 3,
                  multiple: int = 1, mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
-                 fps: float | None = None, size: tuple[int, int] | None = None, seed: int = 0, rank: int = 0,
+                 fps: float | tuple[float, ...] | None = None, size: tuple[int, int] | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000) -> None:
         super().__init__()
         if batch_size < 1:

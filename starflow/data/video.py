@@ -2,8 +2,11 @@
 
 A folder holds video files plus ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative to
 the folder), ``text`` and optionally ``fps`` (else the container's frame rate is used). A clip of ``frames``
-frames at ``fps`` frames per second starts at a random time (the torch RNG) and takes the source frame
-nearest to each target time, so a 30 fps file sampled at 8 fps skips frames and a 4 fps file repeats them.
+frames at ``fps`` frames per second starts at a random time and takes the source frame nearest to each target
+time, so a 30 fps file sampled at 8 fps skips frames and a 4 fps file repeats them. With several rates
+(``vid_size: 'F:fps1:fps2'``) each clip is cut at one drawn uniformly (SPEC section 16). The draws of clip
+``index`` in epoch ``e`` come from ``sample_seed(seed, e, index)``: the same on any number of processes.
+With ``mix_aspect`` each clip is resized into the aspect bucket nearest to its source (SPEC section 13).
 Files that cannot be decoded or are shorter than one clip are skipped, counted and reported.
 
 Video files are written with :func:`write_video` (H.264 through PyAV, ``imageio``'s backend) and previews
@@ -18,10 +21,12 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
+from starflow.data.seeding import sample_seed
 
-__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_video", "write_video", "write_gif",
-           "to_uint8_frames"]
+__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_video", "video_aspect", "write_video", "write_gif",
+           "to_uint8_frames", "draw_rate"]
 
 logger = logging.getLogger(__name__)
 _FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object per line, e.g. "
@@ -53,6 +58,27 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
     if not frames:
         raise CorruptVideoError(f"video {path} has no frames")
     return np.stack(frames), fps
+
+
+def video_aspect(path: str | Path | BinaryIO) -> str:
+    """The nearest aspect bucket of a video, read from its stream header (no frame decoded).
+
+    Raises:
+        CorruptVideoError: the header cannot be read.
+    """
+    import av
+
+    try:
+        with av.open(path if hasattr(path, "read") else str(path)) as container:
+            ctx = container.streams.video[0].codec_context
+            return nearest_aspect(ctx.width, ctx.height)
+    except (OSError, ValueError, IndexError, ZeroDivisionError, av.error.FFmpegError) as err:
+        raise CorruptVideoError(f"cannot read the video header of {path}: {err}") from err
+
+
+def draw_rate(rates: tuple[float, ...], generator: torch.Generator) -> float:
+    """One of ``rates``, uniformly (the only draw when there is a single rate is skipped: nothing is consumed)."""
+    return rates[int(torch.randint(len(rates), (), generator=generator))] if len(rates) > 1 else rates[0]
 
 
 def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, lossless: bool = False) -> Path:
@@ -154,72 +180,93 @@ class VideoFolder(torch.utils.data.Dataset):
     Args:
         root: folder with ``metadata.jsonl`` and the videos.
         frames: frames per clip T.
-        fps: frame rate of the clips.
-        size: ``(h, w)`` of the clips in pixels.
+        fps: frame rate of the clips, or several (one drawn per clip).
+        size: ``(h, w)`` of the clips in pixels (without ``mix_aspect``).
         channels: 1 (greyscale) or 3 (RGB).
         random_start: a random clip start per access (training); else the first clip.
+        mix_aspect: each clip in the aspect bucket nearest to its source, at ``img_size`` (read from its header).
+        img_size: with ``mix_aspect``: the side S of the bucket sizes (SPEC section 13).
+        multiple: with ``mix_aspect``: bucket sides are multiples of it (``vae_downsample * patch_size``).
+        seed: seed of the clip draws (with the epoch, :meth:`set_epoch`, and the index).
 
     Raises:
         FileNotFoundError: no ``metadata.jsonl`` (the message explains the format).
         ValueError: malformed metadata, or none of the listed files exist.
     """
 
-    def __init__(self, root: str | Path, frames: int, fps: float, size: tuple[int, int], channels: int = 3,
-                 random_start: bool = True) -> None:
-        self.root, self.frames, self.fps, self.size, self.channels = Path(root), frames, fps, size, channels
-        self.random_start = random_start
+    def __init__(self, root: str | Path, frames: int, fps: float | tuple[float, ...], size: tuple[int, int],
+                 channels: int = 3, random_start: bool = True, *, mix_aspect: bool = False,
+                 img_size: int | None = None, multiple: int = 1, seed: int = 0) -> None:
+        self.root, self.frames, self.size, self.channels = Path(root), frames, size, channels
+        self.rates = tuple(fps) if isinstance(fps, (tuple, list)) else (fps,)
+        self.fps = self.rates[0]
+        self.random_start, self.mix_aspect, self.multiple = random_start, mix_aspect, multiple
+        self.img_size = img_size or size[0]
+        self.seed, self.epoch = seed, 0
         self.paths: list[Path] = []
         self.texts: list[str] = []
         self.source_fps: list[float | None] = []
+        self.buckets: list[str] = []
         self.skipped: dict[str, str] = {}
         for obj in read_metadata(self.root, _FORMAT_HELP):
             path = self.root / obj["file_name"]
             if not path.is_file():
                 self.skipped[str(path)] = "missing"
                 continue
+            bucket = "1:1"
+            if mix_aspect:
+                try:
+                    bucket = video_aspect(path)
+                except CorruptVideoError as err:
+                    self.skipped[str(path)] = str(err)
+                    continue
             self.paths.append(path)
             self.texts.append(obj["text"])
             self.source_fps.append(float(obj["fps"]) if obj.get("fps") else None)
+            self.buckets.append(bucket)
         if self.skipped:
-            logger.warning("%s: skipping %d missing files", self.root, len(self.skipped))
+            logger.warning("%s: skipping %d missing or unreadable files", self.root, len(self.skipped))
         if not self.paths:
             raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
-        self.buckets = ["1:1"] * len(self.paths)  # one bucket: clips share a size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def clip_indices(self, n_source: int, source_fps: float) -> list[int]:
-        """Source frame indices of one clip (nearest frame to each target time), random start if enabled.
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose clip draws (start, rate) :meth:`__getitem__` makes."""
+        self.epoch = epoch
+
+    def clip_size(self, bucket: str) -> tuple[int, int]:
+        """``(h, w)`` of the clips of an aspect bucket."""
+        return aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | float]:
+        """``{"pixels": (T, C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": str, "fps": float}``; an
+        unreadable or too-short file is replaced by the next readable one of the same bucket (and recorded in
+        ``skipped``).
 
         Raises:
-            CorruptVideoError: the video is shorter than one clip.
-        """
-        return clip_indices(n_source, source_fps, self.frames, self.fps, random_start=self.random_start)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        """``{"pixels": (T, C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": "1:1"}``; an unreadable
-        or too-short file is replaced by the next readable one (and recorded in ``skipped``).
-
-        Raises:
-            RuntimeError: no file in the folder can be used.
+            RuntimeError: no file of the bucket can be used.
         """
         n = len(self)
+        bucket = self.buckets[index]
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        rate = draw_rate(self.rates, gen)
         for k in range(n):
             j = (index + k) % n
             path = self.paths[j]
-            if str(path) in self.skipped:
+            if str(path) in self.skipped or self.buckets[j] != bucket:
                 continue
             try:
                 frames, fps = read_video(path)
-                fps = self.source_fps[j] or fps or self.fps
-                pick = self.clip_indices(len(frames), fps)
+                fps = self.source_fps[j] or fps or rate
+                pick = clip_indices(len(frames), fps, self.frames, rate, random_start=self.random_start, generator=gen)
             except CorruptVideoError as err:
                 self.skipped[str(path)] = str(err)
                 logger.warning("skipping video (%s)", err)
                 continue
-            return {"pixels": _resize_frames(frames[pick], self.size, self.channels), "text": self.texts[j],
-                    "aspect_ratio": "1:1"}
+            return {"pixels": _resize_frames(frames[pick], self.clip_size(bucket), self.channels),
+                    "text": self.texts[j], "aspect_ratio": bucket, "fps": rate}
         raise RuntimeError(f"no usable video in {self.root}: {self.report()}")
 
     def report(self) -> str:

@@ -39,7 +39,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)``.
     """
-    fps = pipe.config.vid_size[1] if pipe.config.is_video else None
+    fps = pipe.config.fps or None
     per_rank = -(-len(captions) // dist.world_size)
     mine: list[int | None] = list(range(dist.rank, len(captions), dist.world_size))
     mine += [None] * (per_rank - len(mine))

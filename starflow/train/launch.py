@@ -7,7 +7,7 @@ import torch
 
 from starflow.adapters import build_text_encoder, build_vae
 from starflow.config import Config
-from starflow.data import build_dataset
+from starflow.data import build_dataset, build_secondary_dataset
 from starflow.distributed import DistInfo
 from starflow.models import STARFlow
 from starflow.train.trainer import Trainer
@@ -39,8 +39,9 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
     dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
+    secondary = build_secondary_dataset(cfg, downsample=vae.downsample)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
                                  vae_downsample=vae.downsample).to(dist.device)
     torch.manual_seed(cfg.seed + dist.rank)
-    return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir))
+    return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir), secondary=secondary)

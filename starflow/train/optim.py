@@ -12,7 +12,7 @@ from torch import nn
 
 from starflow.config import Config
 
-__all__ = ["build_optimizer", "build_schedule", "lr_at", "ADAM_BETAS"]
+__all__ = ["build_optimizer", "build_schedule", "build_cosine_schedule", "lr_at", "ADAM_BETAS"]
 
 ADAM_BETAS = (0.9, 0.95)
 WARMUP_START_LR = 1e-6
@@ -38,6 +38,18 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim
     """A LambdaLR following :func:`lr_at` (its state_dict restores the step on resume)."""
     base = cfg.lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / base)
+
+
+def build_cosine_schedule(optimizer: torch.optim.Optimizer, peak: float, final: float,
+                          steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine from ``peak`` (the optimizer's lr) to ``final`` over ``steps`` optimizer steps, then ``final``
+    (the learnable denoiser's schedule, SPEC section 16)."""
+
+    def factor(step: int) -> float:
+        progress = min(1.0, step / max(1, steps))
+        return (final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))) / peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def trainable(module: nn.Module):

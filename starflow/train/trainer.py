@@ -36,13 +36,13 @@ from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracke
                            collate, load_uncond, sample_seed)
 from starflow.distributed import DistInfo, is_sharded
 from starflow.models import STARFlow
-from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.train.ema import EMA, EMA_WEIGHTS
 from starflow.train.init_from import InitReport, init_from
 from starflow.train.logging import MetricsLogger
-from starflow.train.optim import build_optimizer, build_schedule
+from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule
+from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
                                         shard_text_encoder)
 from starflow.train.state import CheckpointManager, rng_state, set_rng_state
@@ -51,6 +51,7 @@ __all__ = ["Trainer", "TrainingDiverged", "GRAD_SKIP_AFTER"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
+DENOISER_FINAL_LR = 1e-6  # the denoiser's cosine ends here (SPEC section 16)
 SAMPLE_PROMPTS = 10  # captions in the periodic sample grid
 
 
@@ -81,10 +82,26 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, model: STARFlow, text_encoder: TextEncoder | None,
-                 vae: LatentAdapter, dataset: ImageFolder | ShardStream, logdir: Path) -> None:
-        if cfg.batch_size % (dist.world_size * cfg.grad_accum):
-            raise ValueError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by world size x grad_accum "
-                             f"({dist.world_size} x {cfg.grad_accum})")
+                 vae: LatentAdapter, dataset: ImageFolder | ShardStream, logdir: Path,
+                 secondary: ImageFolder | None = None) -> None:
+        for key in ("batch_size", "secondary_batch_size"):
+            value = getattr(cfg, key) or cfg.batch_size
+            if value % (dist.world_size * cfg.grad_accum):
+                raise ValueError(f"config key '{key}' ({value}) must be divisible by world size x grad_accum "
+                                 f"({dist.world_size} x {cfg.grad_accum})")
+        if cfg.loss_scaling:
+            raise ValueError("config key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported: training runs "
+                             "in float32 or bf16 autocast, which need no loss scaling; set --loss_scaling 0")
+        if cfg.secondary_ratio > 0 and secondary is None:
+            raise ValueError("config key 'secondary_ratio' > 0 trains some steps on secondary images: pass them with "
+                             "--secondary_data FOLDER (an image folder with metadata.jsonl), or set --secondary_ratio 0")
+        latent_cache = isinstance(dataset, ShardStream) and dataset.decoder.kind == "latent"
+        if latent_cache and not cfg.no_flip:
+            raise ValueError("flipping (no_flip: 0) needs pixels, and a latent cache holds the unflipped latents: set "
+                             "--no_flip 1, or train on the images/videos (or their shards)")
+        if latent_cache and (cfg.video_to_video or cfg.last_frame_cond):
+            raise ValueError("video_to_video / last_frame_cond encode parts of each clip: train on the videos, not on "
+                             "a latent cache")
         self.cfg, self.dist, self.logdir = cfg, dist, Path(logdir)
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
         self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
@@ -99,6 +116,11 @@ class Trainer:
             self.denoiser_optimizer = build_optimizer(self.denoiser.parameters(), cfg, lr=cfg.denoiser_lr,
                                                       weight_decay=DENOISER_WEIGHT_DECAY)
         self.schedule = build_schedule(self.optimizer, cfg)
+        self.denoiser_schedule = None
+        if self.denoiser is not None:  # its own cosine, denoiser_lr -> 1e-6 over the run (SPEC section 16)
+            self.denoiser_schedule = build_cosine_schedule(self.denoiser_optimizer, cfg.denoiser_lr,
+                                                           DENOISER_FINAL_LR, cfg.steps)
+        self.recipe = Recipe(cfg, vae, dist.device)
         self.ema = EMA(model, cfg.ema, cfg.ema_start) if cfg.ema > 0 else None
         self.step = 0
         self.skipped_updates = 0
@@ -112,6 +134,15 @@ class Trainer:
                 world_size=dist.world_size, grad_accum=cfg.grad_accum))
             if len(self.batches.sampler) == 0:
                 raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch of {cfg.batch_size}")
+        self.secondary, self.secondary_batches = secondary, None
+        if secondary is not None:  # images as one-frame videos on a secondary_ratio share of the steps
+            micro = (cfg.secondary_batch_size or cfg.batch_size) // (dist.world_size * cfg.grad_accum)
+            self.secondary_batches = ResumableBatchSampler(AspectBucketBatchSampler(
+                secondary.buckets, micro, shuffle=True, seed=cfg.seed + 1, drop_last=True, rank=dist.rank,
+                world_size=dist.world_size, grad_accum=cfg.grad_accum))
+            if len(self.secondary_batches.sampler) == 0:
+                raise ValueError(f"secondary_data of {len(secondary)} images is smaller than one global batch of "
+                                 f"{cfg.secondary_batch_size or cfg.batch_size}")
         self.checkpoints = CheckpointManager(self.logdir / "checkpoints", cfg.keep_last, rank=dist.rank)
         self.sample_prompts = sorted(set(getattr(dataset, "texts", [])))[:SAMPLE_PROMPTS]
 
@@ -133,6 +164,8 @@ class Trainer:
         meta = {"step": self.step, "skipped_updates": self.skipped_updates,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "schedule": self.schedule.state_dict(),
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
+        if self.denoiser_schedule is not None:
+            meta["denoiser_schedule"] = self.denoiser_schedule.state_dict()
         local = {"data": self._data_position(), "rng": rng_state()}
         return self.checkpoints.save(self.step, self._tensor_state(), meta, local)
 
@@ -147,6 +180,8 @@ class Trainer:
         if self.denoiser_optimizer is not None:
             set_optimizer_state_dict(self.model, self.denoiser_optimizer, tensors["denoiser_optimizer"])
         self.schedule.load_state_dict(meta["schedule"])
+        if self.denoiser_schedule is not None and "denoiser_schedule" in meta:
+            self.denoiser_schedule.load_state_dict(meta["denoiser_schedule"])
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
         if local is None:  # written by fewer ranks: the global batches are the same, only RNG states differ
@@ -176,34 +211,10 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ one step
-    def _encode_text(self, captions: list[str], aspects: list[str], drop: list[bool]) -> torch.Tensor | None:
-        if self.text_encoder is None:
-            return None
-        texts = [prompt_from_config("" if d else t, self.cfg, a) for t, a, d in zip(captions, aspects, drop)]
-        return self.text_encoder(texts).to(self.dist.device)
-
     def _autocast(self):
         if self.dist.device.type == "cuda" and not self.sharded:  # FSDP2 casts the parameters to bf16 itself
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def _latents(self, batch: dict[str, Any], drop_image: bool) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-        """``(latents, captions, cached text embeddings or None)`` of a batch of pixels or of cached latents.
-
-        With ``drop_image`` a video loses its first frame and its captions get the ``(extend) `` prefix.
-        """
-        captions = list(batch["text"])
-        if "latents" in batch:  # a latent cache (starflow cache-latents)
-            latents, text = batch["latents"].to(self.dist.device).float(), batch.get("text_emb")
-            if drop_image and latents.dim() == 5 and latents.shape[1] > 1:
-                latents, text = latents[:, 1:], batch["text_emb_extend"]
-            return latents, captions, text
-        pixels = batch["pixels"].to(self.dist.device)
-        if drop_image and pixels.dim() == 5 and pixels.shape[1] > 1:
-            pixels = pixels[:, 1:]  # continue a video: no first frame, and the caption says so
-            captions = [EXTEND_PREFIX + c for c in captions]
-        with torch.no_grad():
-            return self.vae.encode(pixels).float(), captions, None
 
     def _uncond(self, aspect_ratio: str) -> torch.Tensor:
         if aspect_ratio not in self._uncond_cache:
@@ -214,28 +225,26 @@ class Trainer:
         """Forward + backward on one micro-batch; gradients are scaled by ``scale`` and accumulate.
 
         ``micro_index`` is the micro-batch's place in the step (gradient accumulation); with the rank it
-        gives the global index of each sample, which seeds its noise and caption dropout.
+        gives the global index of each sample, which seeds its random draws (:mod:`starflow.train.recipe`).
         """
-        step_gen = torch.Generator().manual_seed(sample_seed(self.cfg.seed, self.step, -1))
-        drop_image = self.cfg.drop_image > 0 and bool(torch.rand((), generator=step_gen) < self.cfg.drop_image)
-        latents, captions, cached_text = self._latents(batch, drop_image)
-        first = (micro_index * self.dist.world_size + self.dist.rank) * self.micro
-        noise, drop = [], []
-        for i in range(latents.shape[0]):
-            gen = torch.Generator(device=latents.device).manual_seed(sample_seed(self.cfg.seed, self.step, first + i))
-            drop.append(bool(torch.rand((), generator=gen, device=latents.device) < self.cfg.drop_label))
-            noise.append(torch.randn(latents.shape[1:], generator=gen, device=latents.device))
-        x = latents + self.cfg.noise_std * torch.stack(noise)
-        if cached_text is None:
-            y = self._encode_text(captions, batch["aspect_ratio"], drop)
-        else:  # a latent cache: the templated captions were encoded once; dropped ones become the empty prompt
+        first = (micro_index * self.dist.world_size + self.dist.rank) * len(batch["text"])
+        data = self.recipe.prepare(batch, self.step, first)
+        x, drop = self.recipe.noised(data.latents, self.step, first)
+        if data.cached_text is not None:  # a latent cache: templated captions encoded once; dropped ones -> ""
             uncond = [self._uncond(a) for a in batch["aspect_ratio"]]
-            y = torch.stack([u if d else t for t, u, d in zip(cached_text, uncond, drop)]).to(self.dist.device)
+            y = torch.stack([u if d else t for t, u, d in zip(data.cached_text, uncond, drop)]).to(self.dist.device)
+        elif self.text_encoder is not None:
+            y = self.text_encoder(self.recipe.prompts(data.captions, batch["aspect_ratio"], data.fps, drop))
+            y = y.to(self.dist.device)
+        else:
+            y = None
         if self.denoiser is not None:
             x.requires_grad_(True)  # dL/dx is the denoiser's training target
         with gradient_sync(self.train_model, sync):
             with self._autocast():
                 losses = self.model.loss_from_output(self.train_model(x, y))  # the wrapper's forward (DDP hooks)
+            if self.recipe.loss_weight != 1.0:  # cond_noise_level: the denoiser's target follows (SPEC 16)
+                losses["loss"] = losses["loss"] * self.recipe.loss_weight
             (losses["loss"] * scale).backward()
             out = {k: v.detach() for k, v in losses.items() if v.dim() == 0}
             if self.denoiser is not None:
@@ -257,6 +266,7 @@ class Trainer:
         if math.isfinite(norm):
             self.denoiser_optimizer.step()
         self.denoiser_optimizer.zero_grad(set_to_none=True)
+        self.denoiser_schedule.step()
         return norm
 
     def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -313,32 +323,53 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
-    def _loader(self) -> DataLoader:
+    def _loader(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> DataLoader:
         # A private generator: the loader's worker seeds must not consume the global RNG (exact resume).
-        gen = torch.Generator().manual_seed(self.cfg.seed + 1000 * self.batches.epoch + self.dist.rank)
-        return DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=collate,
-                          num_workers=self.cfg.num_workers, persistent_workers=False, generator=gen)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1000 * sampler.epoch + self.dist.rank + 7919 * stream)
+        if hasattr(dataset, "set_epoch"):  # per-epoch clip draws (start, rate) of a video folder
+            dataset.set_epoch(sampler.epoch)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
+                          persistent_workers=False, generator=gen)
+
+    def _folder_batches(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> Iterator[dict[str, Any]]:
+        while True:
+            for batch in self._loader(dataset, sampler, stream):
+                sampler.skip += 1
+                yield batch
+            sampler.epoch += 1
+            sampler.skip = 0
 
     def _batches(self) -> Iterator[dict[str, Any]]:
+        """The endless micro-batches of the training data (``cfg.data``)."""
         if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
             for batch in DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers):
                 self.tracker.update(batch.pop("position"))
                 if not self.sample_prompts:
                     self.sample_prompts = sorted(set(batch["text"]))[:SAMPLE_PROMPTS]
                 yield batch
-        while True:
-            for batch in self._loader():
-                self.batches.skip += 1
-                yield batch
-            self.batches.epoch += 1
-            self.batches.skip = 0
+        yield from self._folder_batches(self.dataset, self.batches)
+
+    def _secondary_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` trains on the secondary images (``secondary_ratio``; one draw per step,
+        the same on every rank)."""
+        if self.secondary is None:
+            return False
+        gen = torch.Generator().manual_seed(sample_seed(self.cfg.seed, step, "secondary"))
+        return bool(torch.rand((), generator=gen) < self.cfg.secondary_ratio)
 
     def _data_position(self) -> dict[str, Any]:
         if self.stream is not None:
-            return {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers}
-        return {"epoch": self.batches.epoch, "skip": self.batches.skip}
+            out = {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers}
+        else:
+            out = {"epoch": self.batches.epoch, "skip": self.batches.skip}
+        if self.secondary_batches is not None:
+            out["secondary"] = {"epoch": self.secondary_batches.epoch, "skip": self.secondary_batches.skip}
+        return out
 
     def _set_data_position(self, position: dict[str, Any]) -> None:
+        if self.secondary_batches is not None and "secondary" in position:
+            self.secondary_batches.epoch = position["secondary"]["epoch"]
+            self.secondary_batches.skip = position["secondary"]["skip"]
         if self.stream is None:
             self.batches.epoch, self.batches.skip = position["epoch"], position["skip"]
             return
@@ -365,12 +396,17 @@ class Trainer:
         history: list[dict[str, float]] = []
         logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run)
         data = self._batches()
+        secondary = self._folder_batches(self.secondary, self.secondary_batches, 1) if self.secondary else None
         bar = tqdm(total=end, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
         t0, seen = time.perf_counter(), 0
         try:
             while self.step < end:
-                m = self.train_step([next(data) for _ in range(cfg.grad_accum)])
-                seen += cfg.batch_size
+                on_secondary = self._secondary_step(self.step)
+                source = secondary if on_secondary else data
+                m = self.train_step([next(source) for _ in range(cfg.grad_accum)])
+                if self.secondary is not None:
+                    m["secondary"] = float(on_secondary)
+                seen += (cfg.secondary_batch_size or cfg.batch_size) if on_secondary else cfg.batch_size
                 m.update(step=self.step, samples_per_s=seen / (time.perf_counter() - t0))
                 history.append(m)
                 bar.update(1)

@@ -1,0 +1,160 @@
+"""The STARFlow-V training recipe (SPEC section 16): loss weight of ``cond_noise_level`` and the denoiser target,
+the denoiser's cosine, uniform dequantisation, flips, multi-rate clips, aspect buckets for clips, the secondary
+image mix, the ``video_to_video`` / ``last_frame_cond`` modes, and the same losses on 1 and 2 processes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.data import sample_seed
+from starflow.data.moving_digits import render_clip
+from starflow.data.video import VideoFolder, write_video
+from starflow.distributed import init_distributed
+from starflow.train import launch
+from starflow.train.recipe import Recipe
+from test_distributed_training import losses, run_env, train_cmd
+from test_video import TINY_VIDEO, _clip_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def trainer_for(config: dict, logdir: Path):
+    return launch.build_trainer(load_config(config, {"logdir": str(logdir)}), init_distributed("cpu"))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return _clip_folder(tmp_path_factory.mktemp("recipe_clips"), n=8, frames=8)
+
+
+def test_cond_noise_level_weights_the_loss_and_the_denoiser_target(tiny_config, digits, tmp_path) -> None:
+    config = dict(tiny_config, data=str(digits["train"]), cond_noise_level=1, noise_std=0.15, txt_size=48,
+                  learnable_self_denoiser=1, conditional_denoiser=1)
+    trainer = trainer_for(config, tmp_path)
+    batch = next(trainer._batches())
+    out = trainer.micro_step(batch, 1.0, sync=True)
+    data = trainer.recipe.prepare(batch, 0, 0)
+    x, drop = trainer.recipe.noised(data.latents, 0, 0)
+    prompts = trainer.recipe.prompts(data.captions, batch["aspect_ratio"], data.fps, drop)
+    assert all(p.startswith("Noise Level 150:") for p in prompts)
+    y = trainer.text_encoder(prompts)
+    x.requires_grad_(True)
+    plain = trainer.model.loss(x, y)["loss"]
+    weighted = plain * 0.15 / 0.3
+    assert out["loss"].item() == pytest.approx(weighted.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(weighted, x)
+    target = 0.15 * x.numel() * grad  # x - 0.3 D(x) = x + noise_std^2 grad log p for any noise_std
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(trainer.model.denoiser(x.detach(), y), target)
+    assert out["denoiser_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_denoiser_follows_its_own_cosine(tiny_config, digits, tmp_path) -> None:
+    config = dict(tiny_config, data=str(digits["train"]), learnable_self_denoiser=1, denoiser_lr=1e-3, steps=8,
+                  lr=1e-3, warmup_steps=0)
+    trainer = trainer_for(config, tmp_path)
+    trainer.fit(max_steps=3)
+    expected = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 3 / 8))
+    assert trainer.denoiser_optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_uniform_dequantisation_and_flips(tiny_config, digits, tmp_path) -> None:
+    config = dict(tiny_config, data=str(digits["train"]), noise_type="uniform", no_flip=0)
+    trainer = trainer_for(config, tmp_path)
+    recipe, batch = trainer.recipe, next(trainer._batches())
+    data = recipe.prepare(batch, 5, 16)
+    flips = [bool(torch.rand((), generator=torch.Generator().manual_seed(sample_seed(0, 5, 16 + i, "flip"))) < 0.5)
+             for i in range(8)]
+    assert 0 < sum(flips) < 8  # some flipped, some not: the check below can fail both ways
+    for i, f in enumerate(flips):
+        assert torch.equal(data.latents[i], batch["pixels"][i].flip(-1) if f else batch["pixels"][i])
+    x, _ = recipe.noised(data.latents, 5, 16)
+    bins = torch.floor((x + 1) / 2 * 256)  # each value stays inside its 8-bit pixel's bin
+    assert torch.equal(bins, torch.round((data.latents + 1) * 127.5))
+    assert not torch.equal(x, recipe.noised(data.latents, 6, 16)[0])
+    with pytest.raises(ValueError, match="needs 'vae: none'"):
+        load_config(dict(config, vae="stabilityai/sd-vae-ft-ema"))
+
+
+def test_multi_rate_clips_and_fps_prompts(clips) -> None:
+    ds = VideoFolder(clips, frames=3, fps=(4, 8), size=(8, 8), channels=1, seed=1)
+    rates = [ds[i]["fps"] for i in range(len(ds))]
+    assert set(rates) == {4, 8}
+    assert rates == [ds[i]["fps"] for i in range(len(ds))]  # seeded by (seed, epoch, index)
+    ds.set_epoch(1)
+    assert rates != [ds[i]["fps"] for i in range(len(ds))]
+    cfg = load_config(dict(TINY_VIDEO, vid_size="3:4:8", fps_cond=1))
+    assert cfg.fps == 4 and cfg.fps_choices == (4, 8) and cfg.to_dict()["vid_size"] == "3:4:8"
+    recipe = Recipe(cfg, None, torch.device("cpu"))
+    assert recipe.prompts(["a"], ["1:1"], [8.0], [False]) == ["A video with 8 fps:\na\n"]
+    assert recipe.prompts(["a"], ["1:1"], [0.0], [False]) == ["An image:\na\n"]
+
+
+def test_clips_go_to_their_aspect_bucket(tmp_path) -> None:
+    digit = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    wide = np.concatenate([render_clip(digit, 4, 8, (0, 0), "left")] * 2, axis=2)  # 4 frames of 8 x 16
+    write_video(tmp_path / "wide.mp4", wide, 8, lossless=True)
+    write_video(tmp_path / "square.mp4", render_clip(digit, 4, 8, (0, 0), "up"), 8, lossless=True)
+    lines = [{"file_name": "wide.mp4", "text": "w", "fps": 8}, {"file_name": "square.mp4", "text": "s", "fps": 8}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    ds = VideoFolder(tmp_path, frames=3, fps=8, size=(8, 8), channels=1, mix_aspect=True, img_size=8, multiple=2)
+    assert ds.buckets == ["16:9", "1:1"]
+    assert ds[0]["pixels"].shape[-2:] == (6, 10) and ds[0]["aspect_ratio"] == "16:9"  # SPEC section 13 sizes
+    assert ds[1]["pixels"].shape[-2:] == (8, 8)
+
+
+def test_video_to_video_and_last_frame_modes(clips) -> None:
+    pixels = VideoFolder(clips, frames=8, fps=8, size=(8, 8), channels=1, random_start=False)[0]["pixels"][None]
+    batch = {"pixels": pixels, "text": ["a digit"], "aspect_ratio": ["1:1"]}
+    from starflow.adapters import build_latent_adapter
+
+    identity = build_latent_adapter(None, channels=1)
+    v2v = Recipe(load_config(dict(TINY_VIDEO, vid_size="4:8", video_to_video=1, drop_image=0, no_flip=1)), identity,
+                 torch.device("cpu")).prepare(batch, 0, 0)
+    assert torch.equal(v2v.latents, torch.cat([pixels[:, 4:], pixels[:, :4]], 1))  # [source; target]
+    assert v2v.captions == ["(v2v) a digit"]
+    last = Recipe(load_config(dict(TINY_VIDEO, vid_size="8:8", last_frame_cond=1, drop_image=0, no_flip=1)), identity,
+                  torch.device("cpu")).prepare(batch, 0, 0)
+    assert torch.equal(last.latents, torch.cat([pixels[:, 4:5], pixels], 1))  # pixel frame F - 4 first
+    assert last.captions == ["(last) a digit"]
+    with pytest.raises(ValueError, match="two data modes"):
+        load_config(dict(TINY_VIDEO, video_to_video=1, last_frame_cond=1, drop_image=0))
+
+
+def test_loss_scaling_is_rejected_when_training(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+    official = load_config(Path(__file__).resolve().parents[1] / "configs" / "starflow-v_7B_t2v_caus_480p.yaml")
+    assert official.loss_scaling  # the official config loads unchanged
+    config = config_file(dict(tiny_config, loss_scaling=1))
+    assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(tmp_path / "r"),
+                 "--device", "cpu"]) == 2
+    assert "loss_scaling" in capsys.readouterr().err
+
+
+def test_full_video_recipe_on_two_processes_matches_one(clips, digits, tmp_path) -> None:
+    """Secondary images, multi-rate clips, flips, aspect buckets, cond_noise_level, drop_image: the same losses
+    on 1 and 2 processes, and some steps train on the secondary images."""
+    config = tmp_path / "config.yaml"
+    recipe = dict(TINY_VIDEO, vid_size="3:4:8", fps_cond=1, no_flip=0, mix_aspect=1, cond_noise_level=1,
+                  secondary_data=str(digits["train"]), secondary_ratio=0.5, secondary_img_size=8,
+                  secondary_batch_size=8, data=str(clips), steps=6, save_freq=6, batch_size=4)
+    config.write_text(yaml.safe_dump(recipe))
+    runs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        r = subprocess.run(train_cmd(config, tmp_path / name, nproc), env=run_env(tmp_path), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = losses(tmp_path / name)
+    assert {m["secondary"] for m in runs["one"].values()} == {0.0, 1.0}
+    for step, m in runs["one"].items():
+        for key in ("loss", "denoiser_loss"):
+            assert runs["two"][step][key] == pytest.approx(m[key], rel=1e-5), (step, key)
