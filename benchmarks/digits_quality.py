@@ -1,8 +1,9 @@
 """Quality of the shipped text-to-image demo on the real handwritten digits.
 
 Fits a classifier on the real digits' train split (sklearn ``load_digits``, the split of
-``scripts/prepare_digits.py``), samples ``--per_digit`` images per prompt "a handwritten digit {d}" from a
-model folder (default: the shipped ``ckpts/demo_digits``) at its config's guidance weight, and prints
+``scripts/prepare_digits.py``), samples ``--per_digit`` images per prompt "a handwritten digit {d}" (for a
+class-conditional model: its class names, "zero" ... "nine") from a model folder (default: the shipped
+``ckpts/demo_digits``) at its config's guidance weight, and prints
 the fraction the classifier labels as the prompted digit, plus the test split's bits/dim.
 
     python benchmarks/digits_quality.py [--checkpoint_path ckpts/demo_digits] [--per_digit 100]
@@ -50,7 +51,8 @@ def main() -> None:
     cfg_w = pipe.config.cfg if args.cfg is None else args.cfg
     settings = SampleSettings(cfg=cfg_w, jacobi=True)
     labels = [d for d in range(10) for _ in range(args.per_digit)]
-    prompts = [f"a handwritten digit {d}" for d in labels]
+    classes = getattr(pipe.text_encoder, "names", None)  # a class-conditional model: prompt with the class names
+    prompts = [classes[d] if classes else f"a handwritten digit {d}" for d in labels]
     start = time.perf_counter()
     images = []
     for i in range(0, len(prompts), args.batch_size):

@@ -26,8 +26,12 @@ def main() -> None:
         "--test_fraction", type=float, default=0.2, help="share of digits in the test split (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split permutation (default: %(default)s)")
+    parser.add_argument("--captions", choices=("sentence", "name"), default="sentence",
+                        help="'sentence': \"a handwritten digit 7\"; 'name': \"seven\", the class names of "
+                             "configs/digits.vocab for the class-conditional demo (default: %(default)s)")
     args = parser.parse_args()
-    counts = write_digits(args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed)
+    counts = write_digits(args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
+                          captions=args.captions)
     for split, n in counts.items():
         print(f"{args.out}/{split}: {n} images")
 

@@ -68,7 +68,8 @@ class Config:
     vid_size: tuple[int, ...] | None = _f(None, "video 'frames:fps', e.g. '81:16', or 'frames:fps1:fps2:...' (a rate "
                                                 "drawn per training clip; sampling uses the first) (None = images)")
     # --- conditioning, encoders -------------------------------------------------------------
-    text: str | None = _f(None, "text encoder: hub id or folder (e.g. google/flan-t5-xl)")
+    text: str | None = _f(None, "text encoder: hub id or folder (e.g. google/flan-t5-xl), 'tiny-t5', or a .vocab file "
+                                "of class names (class-conditional, txt_size 1)")
     vae: str | None = _f(None, "VAE: hub id or folder, optional ':scale' suffix for video (None = pixels)")
     finetuned_vae: str | None = _f(None, "fine-tuned VAE decoder weights (None = the VAE's own)")
     cfg: float = _f(0.0, "classifier-free guidance weight w used when sampling")
@@ -331,6 +332,12 @@ def validate(cfg: Config) -> Config:
         raise ValueError("config key 'conditional_denoiser' needs 'learnable_self_denoiser: 1'")
     if cfg.cfg > 0 and cfg.txt_size == 0:
         raise ValueError("config key 'cfg' > 0 needs text conditioning ('txt_size' > 0)")
+    if cfg.text is not None and cfg.text.endswith(".vocab"):  # class labels (SPEC section 16)
+        if cfg.txt_size != 1:
+            raise ValueError(f"config key 'text' names class labels ({cfg.text}): set 'txt_size: 1', got {cfg.txt_size}")
+        if cfg.fps_cond or cfg.cond_noise_level or cfg.mix_aspect:
+            raise ValueError("class labels (a .vocab 'text') are looked up as given: 'fps_cond', 'cond_noise_level' "
+                             "and 'mix_aspect' would rewrite them; set them to 0")
     if cfg.noise_type not in NOISE_TYPES:
         raise ValueError(f"config key 'noise_type' must be one of {NOISE_TYPES}, got {cfg.noise_type!r}")
     if cfg.noise_type == "uniform" and cfg.vae is not None:

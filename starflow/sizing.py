@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from starflow.adapters.geometry import vae_geometry
+from starflow.adapters.labels import is_vocab, read_vocab
 from starflow.adapters.text import TINY_T5
 from starflow.assets import TINY_TEXT_ENCODER, resolve_asset
 from starflow.config import Config
@@ -57,6 +58,8 @@ def text_width(cfg: Config, base_dir: Path | None = None) -> int | None:
         return None
     if cfg.text == TINY_TEXT_ENCODER:
         return TINY_T5["d_model"]
+    if is_vocab(cfg.text):  # one-hot class labels: K names + the unconditional row
+        return len(read_vocab(resolve_asset(cfg.text, base_dir))) + 1
     name = resolve_asset(cfg.text, base_dir)
     if name in KNOWN_TEXT_WIDTHS:
         return KNOWN_TEXT_WIDTHS[name]
@@ -232,7 +235,7 @@ def format_report(report: SizeReport, cfg: Config) -> str:
     if den:
         lines.append(f"{'  of which flow':<56}{report.total_parameters - den:>16,}")
     lines.append("")
-    text = f"text: {report.txt_size} tokens x {report.txt_dim} (T5 width)" if report.txt_dim else "text: none"
+    text = f"text: {report.txt_size} tokens x {report.txt_dim} (text encoder width)" if report.txt_dim else "text: none"
     geometry = vae_geometry(cfg.vae)
     lines.append(f"{text}; vae: {cfg.vae or 'none'} (spatial /{geometry.downsample}, temporal "
                  f"/{geometry.temporal_downsample if cfg.is_video else 1}); patch {cfg.patch_size}")

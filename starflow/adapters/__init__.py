@@ -3,6 +3,7 @@
 from starflow.adapters.build import build_text_encoder, build_vae
 from starflow.adapters.geometry import VAEGeometry, vae_geometry
 from starflow.adapters.hub import missing_model_error
+from starflow.adapters.labels import LabelEncoder, is_vocab
 from starflow.adapters.text import T5_DEFAULT, TINY_T5, TextEncoder, build_tiny_text_encoder
 from starflow.adapters.vae import (
     SD_VAE_DEFAULT,
@@ -20,6 +21,7 @@ __all__ = [
     "T5_DEFAULT",
     "TINY_T5",
     "IdentityAdapter",
+    "LabelEncoder",
     "LatentAdapter",
     "SDVAEAdapter",
     "TextEncoder",
@@ -31,6 +33,7 @@ __all__ = [
     "build_vae",
     "WanVAEAdapter",
     "build_tiny_text_encoder",
+    "is_vocab",
     "missing_model_error",
     "vae_geometry",
 ]

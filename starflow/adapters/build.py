@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from starflow.adapters.labels import LabelEncoder, is_vocab
 from starflow.adapters.text import TextEncoder, build_tiny_text_encoder
 from starflow.adapters.vae import LatentAdapter, build_latent_adapter
 from starflow.assets import TINY_TEXT_ENCODER, resolve_asset
@@ -14,8 +15,9 @@ __all__ = ["build_text_encoder", "build_vae"]
 
 
 def build_text_encoder(cfg: Config, *dirs: Path | str | None, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> TextEncoder | None:
-    """The config's text encoder (``None`` for ``txt_size: 0``); ``tiny-t5`` builds the seeded tiny preset.
+                       dtype: torch.dtype = torch.float32) -> TextEncoder | LabelEncoder | None:
+    """The config's text encoder (``None`` for ``txt_size: 0``); ``tiny-t5`` builds the seeded tiny preset, a
+    ``*.vocab`` file the class-label encoder (:mod:`starflow.adapters.labels`).
 
     Args:
         cfg: the config (``text``, ``txt_size``, ``seed``).
@@ -33,6 +35,8 @@ def build_text_encoder(cfg: Config, *dirs: Path | str | None, device: str | torc
         return build_tiny_text_encoder(cfg.txt_size, seed=cfg.seed).to(device)
     if cfg.text is None:
         raise ValueError("config key 'text' is empty but txt_size > 0: name a T5 (e.g. google/flan-t5-xl)")
+    if is_vocab(cfg.text):
+        return LabelEncoder.from_file(resolve_asset(cfg.text, *dirs))
     return TextEncoder.from_pretrained(resolve_asset(cfg.text, *dirs), max_length=cfg.txt_size, dtype=dtype,
                                        device=device)
 

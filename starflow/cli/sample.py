@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
     p.add_argument("--caption", action="append", help="prompt (repeat for several)")
     p.add_argument("--caption_file", default=None, help="text file, one prompt per line")
+    p.add_argument("--class_id", type=int, action="append",
+                   help="class-conditional models (a .vocab 'text'): sample class K of the vocabulary (repeatable); "
+                        "--caption takes the class name instead")
     p.add_argument("--num_samples", type=int, default=1, help="images per prompt [default: 1]")
     p.add_argument("--jacobi", type=int, default=1, help="1: block-wise Jacobi iteration, 0: sequential [default: 1]")
     p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
@@ -62,10 +65,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_captions(args: argparse.Namespace, demo: bool) -> list[str]:
-    """The prompts of ``--caption_file`` or ``--caption`` (the demo prompts for the demo), each repeated
-    ``--num_samples`` times."""
-    if args.caption_file:
+def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | None = None) -> list[str]:
+    """The prompts of ``--caption_file``, ``--caption`` or ``--class_id`` (the demo prompts for the demo), each
+    repeated ``--num_samples`` times."""
+    if args.class_id:
+        if classes is None:
+            raise ValueError("--class_id is for class-conditional models (config 'text' a .vocab file); pass --caption")
+        bad = [k for k in args.class_id if not 0 <= k < len(classes)]
+        if bad:
+            raise ValueError(f"--class_id {bad[0]}: the model has classes 0..{len(classes) - 1} ({classes})")
+        captions = [classes[k] for k in args.class_id]
+    elif args.caption_file:
         lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
         captions = [line.strip() for line in lines if line.strip()]
     elif args.caption:
@@ -105,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                                     asset_dir=Path(config).parent, shard=shard, ema=args.ema)
     if args.compile:
         pipe.model.compile_layers()
-    captions = read_captions(args, demo)
+    captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None))
     settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                               jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
                               self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,

@@ -62,6 +62,8 @@ def load_digit_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> t
         split: `"train"` or `"test"`.
         test_fraction: As in `split_indices`.
         seed: As in `split_indices`.
+        captions: ``"sentence"`` ("a handwritten digit 7") or ``"name"`` ("seven", the class names of
+            ``configs/digits.vocab`` for class-conditional models).
 
     Returns:
         `(images, labels)`: `(N, 8, 8)` uint8 greyscale in 0..255 (raw value * 255 / 16, rounded;
@@ -74,7 +76,12 @@ def load_digit_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> t
     return pixels[idx], labels[idx]
 
 
-def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+"""Class names of the digits, in label order (``configs/digits.vocab``)."""
+
+
+def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2, seed: int = 0,
+                 captions: str = "sentence") -> dict[str, int]:
     """Writes the digits as two image folders, `out_dir/train` and `out_dir/test`.
 
     Each folder gets PNGs `{index:04d}.png` (greyscale "L", `index` the scikit-learn index) and a
@@ -86,12 +93,16 @@ def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2,
         size: Side of the written images in pixels; upscaled from 8 with nearest-neighbour.
         test_fraction: As in `split_indices`.
         seed: As in `split_indices`.
+        captions: ``"sentence"`` ("a handwritten digit 7") or ``"name"`` ("seven", the class names of
+            ``configs/digits.vocab`` for class-conditional models).
 
     Returns:
         Number of images written per split, `{"train": ..., "test": ...}`.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
+    if captions not in ("sentence", "name"):
+        raise ValueError(f"captions must be 'sentence' or 'name', got {captions!r}")
     pixels, labels = _digits()
     counts = {}
     for split, idx in split_indices(test_fraction, seed).items():
@@ -105,7 +116,8 @@ def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2,
             name = f"{i:04d}.png"
             img.save(folder / name)
             label = int(labels[i])
-            lines.append(json.dumps({"file_name": name, "text": digit_caption(label), "label": label}))
+            text = digit_caption(label) if captions == "sentence" else DIGIT_NAMES[label]
+            lines.append(json.dumps({"file_name": name, "text": text, "label": label}))
         (folder / METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
         counts[split] = len(idx)
     return counts

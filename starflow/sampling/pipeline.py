@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from starflow.adapters import LatentAdapter, TextEncoder, build_text_encoder, build_vae
+from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_text_encoder, build_vae
 from starflow.assets import TINY_TEXT_ENCODER, find_weights
 from starflow.checkpoint import load_weights, save_weights
 from starflow.config import Config, load_config, save_config
@@ -154,13 +154,16 @@ class Pipeline:
 
     def save_pretrained(self, folder: str | Path, weights: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
-        preset text encoder, ``text_encoder/`` (the config then points at it). ``weights`` replaces the
+        preset text encoder, ``text_encoder/`` (the config then points at it; a class vocabulary is copied
+        beside the weights). ``weights`` replaces the
         model's own state dict (e.g. the gathered weights of a sharded model)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         local_text = self.text_encoder is not None and Path(self.text_encoder.name).is_dir()
-        if self.text_encoder is not None and (cfg.text == TINY_TEXT_ENCODER or local_text):
+        if isinstance(self.text_encoder, LabelEncoder):  # the class vocabulary travels with the weights
+            cfg = load_config(cfg, {"text": self.text_encoder.save_pretrained(folder).name})
+        elif self.text_encoder is not None and (cfg.text == TINY_TEXT_ENCODER or local_text):
             self.text_encoder.save_pretrained(folder / "text_encoder")
             cfg = load_config(cfg, {"text": "text_encoder"})
         save_weights(self.model if weights is None else weights, folder / "model.safetensors")

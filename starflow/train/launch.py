@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from starflow.adapters import build_text_encoder, build_vae
+from starflow.adapters import LabelEncoder, build_text_encoder, build_vae
 from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
 from starflow.distributed import DistInfo
@@ -40,6 +40,8 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
     dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
     secondary = build_secondary_dataset(cfg, downsample=vae.downsample)
+    if isinstance(text_encoder, LabelEncoder) and hasattr(dataset, "texts"):
+        text_encoder.ids(list(dataset.texts))  # every caption must be a class name (raises, naming the others)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
                                  vae_downsample=vae.downsample).to(dist.device)

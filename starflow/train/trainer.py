@@ -106,7 +106,7 @@ class Trainer:
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
         self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
         self.sharded = is_sharded(model)
-        if cfg.fsdp_text_encoder and dist.distributed and text_encoder is not None:
+        if cfg.fsdp_text_encoder and dist.distributed and isinstance(text_encoder, TextEncoder):
             shard_text_encoder(text_encoder.encoder, dist)
         self.denoiser = model.learnable_self_denoiser
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
@@ -437,7 +437,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         text_encoder = self.text_encoder
-        if text_encoder is not None and is_sharded(text_encoder.encoder):  # frozen: an unsharded copy is the same
+        if isinstance(text_encoder, TextEncoder) and is_sharded(text_encoder.encoder):  # frozen: an unsharded copy is the same
             if text_encoder.name == TINY_TEXT_ENCODER:
                 text_encoder = build_text_encoder(self.cfg, device="cpu")
             elif Path(text_encoder.name).is_dir():  # copied into the model folder

@@ -1,0 +1,71 @@
+"""Class-conditional models: ``text: NAME.vocab`` (one-hot labels, ``txt_size 1``), training, sampling with
+``--caption CLASS`` / ``--class_id K``, guidance against the empty label, and clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from starflow.adapters import LabelEncoder, build_text_encoder
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.data import write_digits
+from starflow.data.digits import DIGIT_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_one_hot_rows_and_the_unconditional_label(tmp_path) -> None:
+    (tmp_path / "c.vocab").write_text("cat\n\ndog\n")
+    enc = LabelEncoder.from_file(tmp_path / "c.vocab")
+    assert enc.hidden_size == 3 and enc.names == ["cat", "dog"]
+    rows = enc(["dog", "", "cat"])
+    assert rows.shape == (3, 1, 3)
+    assert torch.equal(rows[:, 0], torch.eye(3)[[1, 2, 0]])  # the empty label is the last row
+    with pytest.raises(ValueError, match=r"\['bird'\] are not classes"):
+        enc(["bird", "cat"])
+    (tmp_path / "d.vocab").write_text("a\na\n")
+    with pytest.raises(ValueError, match="twice"):
+        LabelEncoder.from_file(tmp_path / "d.vocab")
+    cfg = load_config(REPO / "configs" / "demo_digits_class.yaml")
+    assert build_text_encoder(cfg, REPO / "configs").names == list(DIGIT_NAMES)
+    with pytest.raises(ValueError, match="txt_size: 1"):
+        load_config(REPO / "configs" / "demo_digits_class.yaml", {"txt_size": 4})
+
+
+def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, capsys) -> None:
+    write_digits(tmp_path / "data", captions="name")
+    (tmp_path / "digits.vocab").write_text((REPO / "configs" / "digits.vocab").read_text())
+    config = config_file(dict(tiny_config, text="digits.vocab", txt_size=1, steps=4, batch_size=8, cfg=2.0))
+    logdir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", str(tmp_path / "data" / "train"), "--logdir",
+                 str(logdir), "--device", "cpu"]) == 0
+    folder = logdir / "model"
+    assert (folder / "digits.vocab").is_file() and load_config(folder / "config.yaml").text == "digits.vocab"
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint_path", str(folder), "--class_id", "3", "--caption", "seven",
+                 "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "settings.json").read_text())["captions"] == ["three"]  # --class_id wins
+    assert (out / "00000_three.png").is_file()
+    assert main(["sample", "--checkpoint_path", str(folder), "--caption", "seven", "--output_dir", str(out),
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint_path", str(folder), "--class_id", "10", "--output_dir", str(out),
+                 "--device", "cpu"]) == 2
+    assert "classes 0..9" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint_path", str(folder), "--caption", "a handwritten digit 7", "--output_dir",
+                 str(out), "--device", "cpu"]) == 2
+    assert "are not classes" in capsys.readouterr().err
+    # training data whose captions are not class names is refused before the first step
+    write_digits(tmp_path / "sentences")
+    assert main(["train", "--config", str(config), "--data", str(tmp_path / "sentences" / "train"), "--logdir",
+                 str(tmp_path / "bad"), "--device", "cpu"]) == 2
+    assert "a handwritten digit" in capsys.readouterr().err
+
+
+def test_validate_sizes_a_class_model(capsys) -> None:
+    assert main(["validate", str(REPO / "configs" / "demo_digits_class.yaml")]) == 0
+    assert "text: 1 tokens x 11" in capsys.readouterr().out  # 10 classes + the unconditional row
