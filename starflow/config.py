@@ -93,6 +93,10 @@ class Config:
     grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100")
     max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never stops")
     latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty")
+    lora_rank: int = _f(0, "LoRA rank r: train only low-rank adapters of the lora_targets layers (0 = all weights)")
+    lora_alpha: float = _f(16.0, "LoRA scale alpha: the adapters add (alpha / r) B A x")
+    lora_targets: str | None = _f(None, "LoRA target layers, a regex over module names (None = the deep block's "
+                                        "attention qkv/proj and MLP main.0/main.2)")
     ema: float = _f(0.0, "decay of the exponential moving average of the weights, e.g. 0.9999 (0 = no EMA)")
     ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights")
     denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
@@ -338,6 +342,11 @@ def validate(cfg: Config) -> Config:
         if cfg.fps_cond or cfg.cond_noise_level or cfg.mix_aspect:
             raise ValueError("class labels (a .vocab 'text') are looked up as given: 'fps_cond', 'cond_noise_level' "
                              "and 'mix_aspect' would rewrite them; set them to 0")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"config key 'lora_rank' must be >= 0 (0 = no LoRA), got {cfg.lora_rank}")
+    if cfg.lora_rank and cfg.ema > 0:
+        raise ValueError("config keys 'lora_rank' and 'ema' together are not supported (the EMA would average only "
+                         "the adapters): set --ema 0 for a LoRA run")
     if cfg.noise_type not in NOISE_TYPES:
         raise ValueError(f"config key 'noise_type' must be one of {NOISE_TYPES}, got {cfg.noise_type!r}")
     if cfg.noise_type == "uniform" and cfg.vae is not None:

@@ -33,6 +33,7 @@ from starflow.data.aspect import ASPECT_RATIOS, aspect_to_size
 from starflow.models import STARFlow
 from starflow.models.layers import AttentionBlock
 from starflow.models.tarflow_block import FlowBlock
+from starflow.models.lora import lora_parameter_count
 
 __all__ = ["BlockCount", "TokenLayout", "MemoryEstimate", "SizeReport", "size_report", "text_width", "build_meta_model",
            "KNOWN_TEXT_WIDTHS", "ACTIVATION_VALUES_PER_WIDTH"]
@@ -107,6 +108,7 @@ class MemoryEstimate:
     activations: int
     activations_checkpointed: int
     training_state: int
+    ema: int = 0
 
 
 @dataclass
@@ -121,6 +123,7 @@ class SizeReport:
     batch: int
     gpus: int
     memory: list[MemoryEstimate] = field(default_factory=list)
+    trainable_parameters: int = 0
 
 
 def _frames(cfg: Config) -> tuple[int, int]:
@@ -217,10 +220,14 @@ def size_report(cfg: Config, txt_dim: int | None, batch: int = 1, gpus: int = 1)
     report = SizeReport(counts, total, layouts, cfg.txt_size, txt_dim, batch, gpus)
     kv = _kv_elements(cfg, counts, worst, batch)
     act, act_ckpt = _activation_elements(cfg, counts, worst, batch)
+    trainable = lora_parameter_count(model, cfg) if cfg.lora_rank else total
+    report.trainable_parameters = trainable
     for name, nbytes in DTYPE_BYTES.items():
-        state = total * nbytes + total * 8  # gradients (param dtype) + fp32 Adam moments
-        report.memory.append(MemoryEstimate(name, total * nbytes // gpus, kv * nbytes, act * nbytes,
-                                            act_ckpt * nbytes, state // gpus))
+        state = trainable * nbytes + trainable * 8  # gradients (param dtype) + fp32 Adam moments
+        weights = (total + (trainable if cfg.lora_rank else 0)) * nbytes  # LoRA adds its adapters
+        ema = trainable * 4 if cfg.ema > 0 else 0  # an fp32 copy of the trained weights
+        report.memory.append(MemoryEstimate(name, weights // gpus, kv * nbytes, act * nbytes,
+                                            act_ckpt * nbytes, state // gpus, ema // gpus))
     return report
 
 
@@ -231,6 +238,8 @@ def format_report(report: SizeReport, cfg: Config) -> str:
         lines.append(f"{b.name:<26}{b.kind:<10}{b.layers:>7}{b.width:>7}{'yes' if b.text_conditioned else '-':>6}"
                      f"{b.parameters:>16,}")
     lines.append(f"{'total':<56}{report.total_parameters:>16,}")
+    if cfg.lora_rank:
+        lines.append(f"{f'trained: LoRA adapters (rank {cfg.lora_rank})':<56}{report.trainable_parameters:>16,}")
     den = sum(b.parameters for b in report.blocks if b.kind == "denoiser")
     if den:
         lines.append(f"{'  of which flow':<56}{report.total_parameters - den:>16,}")
@@ -249,7 +258,9 @@ def format_report(report: SizeReport, cfg: Config) -> str:
     rows = [("weights", "weights"), ("KV cache, sampling (largest block)", "kv_cache"),
             ("training activations, no checkpointing", "activations"),
             ("training activations, checkpointed", "activations_checkpointed"),
-            ("gradients + Adam moments (fp32)", "training_state")]
+            ("gradients + Adam moments (fp32) of trained", "training_state")]
+    if cfg.ema > 0:
+        rows.append((f"EMA of the weights (fp32, decay {cfg.ema:g})", "ema"))
     for label, attr in rows:
         lines.append(f"{label:<44}" + "".join(f"{getattr(m, attr) / GIB:>10.2f}" for m in report.memory))
     return "\n".join(lines)

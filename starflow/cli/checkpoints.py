@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_weights_io_flags(p, "a run's logdir (latest checkpoint), its checkpoints/ folder, or a step_XXXXXXXX folder",
                          "output: model.pth, model.safetensors, or a folder")
     p.add_argument("--ema", action="store_true", help="export the moving average of the weights (config 'ema')")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="a LoRA run: fold its adapters into the base weights (config 'init_from') and write plain "
+                        "official-layout weights")
     p.set_defaults(func=export)
 
 
@@ -119,7 +122,7 @@ def export(args: argparse.Namespace) -> int:
     from starflow.train.export import export_checkpoint, find_checkpoint
 
     src, (dst, dtype) = find_checkpoint(args.src), _output(args)
-    export_checkpoint(src, dst, dtype=dtype, ema=args.ema)
+    export_checkpoint(src, dst, dtype=dtype, ema=args.ema, merge_lora=args.merge_lora)
     weights = dst if dst.is_file() else dst / "model.safetensors"
     print(f"wrote {dst} from {src}{' (EMA weights)' if args.ema else ''} ({len(read_shapes(weights))} tensors, "
           f"{weights.stat().st_size / 2**20:.1f} MiB, official layout)")

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             else f"shards in {cfg.data}"
         print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device}; logdir {cfg.logdir}")
     resumed = not args.dry_run and args.resume and trainer.resume()
-    if cfg.init_from and not resumed:  # a restarted fine-tune continues from its own checkpoints
+    if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
+        # runs loaded their base weights when they were built
         trainer.initialise_from(cfg.init_from)
     try:
         history = trainer.fit(dry_run=args.dry_run)

@@ -19,6 +19,9 @@ from starflow.checkpoint import save_weights
 from starflow.config import Config, load_config
 from starflow.models import STARFlow
 from starflow.sampling.pipeline import Pipeline
+from starflow.sizing import text_width
+from starflow.train.init_from import init_from
+from starflow.models.lora import LORA_MARK, apply_lora, merge_lora_state
 from starflow.train.state import META_FILE, CheckpointManager
 
 __all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
@@ -42,25 +45,57 @@ def find_checkpoint(src: str | Path) -> Path:
                             f"a step_XXXXXXXX folder with {META_FILE} (written by starflow train)")
 
 
-def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[Config, torch.nn.Module]:
+def _dcp_load(state: dict, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:
+        raise RuntimeError(f"cannot read the model from {path} ({type(e).__name__}: {e})") from e
+
+
+def _merged_lora_model(cfg: Config, path: Path) -> STARFlow:
+    """The base weights (``init_from``) with the checkpoint's LoRA adapters folded in, as a plain STARFlow."""
+    if not cfg.init_from:
+        raise ValueError(f"{path} holds LoRA adapters but its config has no 'init_from' (the base weights)")
+    model = STARFlow.from_config(cfg, txt_dim=text_width(cfg), vae_downsample=vae_geometry(cfg.vae).downsample)
+    init_from(model, cfg.init_from, sharded=False)
+    apply_lora(model, cfg)
+    state = {"model": {k: v for k, v in model.state_dict().items() if LORA_MARK in k}}
+    _dcp_load(state, path)
+    model.load_state_dict(state["model"], strict=False)
+    plain = STARFlow.from_config(cfg, txt_dim=text_width(cfg), vae_downsample=vae_geometry(cfg.vae).downsample)
+    plain.load_state_dict(merge_lora_state(model.state_dict(), cfg))
+    return plain
+
+
+def load_checkpoint_model(path: str | Path, ema: bool = False,
+                          merge_lora: bool = False) -> tuple[Config, torch.nn.Module]:
     """Build the run's STARFlow from the checkpoint's config and load its (unsharded) weights on CPU.
 
     Args:
         path: see :func:`find_checkpoint`.
         ema: load the moving average of the weights (config ``ema``) instead of the weights.
+        merge_lora: a LoRA run (``lora_rank``): fold its adapters into the base weights (``init_from``).
 
     Returns:
-        ``(config, model)``.
+        ``(config, model)``: a plain STARFlow in the official layout.
 
     Raises:
-        FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA;
-        RuntimeError: unreadable checkpoint.
+        FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA, a LoRA
+        checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
     path = find_checkpoint(path)
     cfg = load_config(json.loads((path / META_FILE).read_text())["config"])
+    if bool(cfg.lora_rank) != merge_lora:
+        raise ValueError(f"{path} holds LoRA adapters: pass --merge_lora to fold them into the base weights"
+                         if cfg.lora_rank else f"{path} is not a LoRA run (lora_rank 0): drop --merge_lora")
+    if merge_lora:
+        return cfg, _merged_lora_model(cfg, path).eval()
     shapes = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     txt = [m.size for k, m in shapes.items() if k.startswith("model.") and k.endswith("proj_txt.weight")]
     with torch.device("meta"):
@@ -70,18 +105,14 @@ def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[Config, 
     if ema and not any(k.startswith("ema.") for k in shapes):
         raise ValueError(f"{path} holds no EMA weights (train with config key 'ema', e.g. --ema 0.9999)")
     state = {"ema": {k: p.detach() for k, p in model.named_parameters()}} if ema else {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
-        raise RuntimeError(f"cannot read the model from {path} ({type(e).__name__}: {e})") from e
+    _dcp_load(state, path)
     if not ema:  # the EMA entries were loaded into the parameters in place
         model.load_state_dict(state["model"])
     return cfg, model.eval()
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False) -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, ema: bool = False,
+                      merge_lora: bool = False) -> Path:
     """Write the model of a training checkpoint as ``dst``.
 
     Args:
@@ -90,11 +121,12 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
             ``model.safetensors`` and, for the built-in tiny text encoder, ``text_encoder/``).
         dtype: optional floating-point dtype of the written tensors (e.g. ``torch.bfloat16``).
         ema: write the moving average of the weights (config ``ema``) instead of the weights.
+        merge_lora: a LoRA run: write its base weights with the adapters folded in.
 
     Returns:
         ``dst``.
     """
-    cfg, model = load_checkpoint_model(src, ema=ema)
+    cfg, model = load_checkpoint_model(src, ema=ema, merge_lora=merge_lora)
     if dtype is not None:
         model.to(dtype)
     dst = Path(dst)

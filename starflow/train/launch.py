@@ -4,12 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from starflow.adapters import LabelEncoder, build_text_encoder, build_vae
 from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
 from starflow.distributed import DistInfo
 from starflow.models import STARFlow
+from starflow.train.init_from import init_from
+from starflow.models.lora import apply_lora
 from starflow.train.trainer import Trainer
 
 __all__ = ["build_trainer", "NO_DATA"]
@@ -22,7 +25,9 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     """VAE, text encoder, dataset, model and trainer of a run.
 
     The model's initial weights come from ``cfg.seed`` and are identical on every rank; the global RNG of
-    rank ``r`` is then seeded with ``cfg.seed + r``.
+    rank ``r`` is then seeded with ``cfg.seed + r``. With ``lora_rank`` the base weights are loaded from
+    ``init_from`` here (every start, resumed or not: checkpoints hold only the adapters) and the adapters are
+    injected before the model is sharded.
 
     Args:
         cfg: the resolved training config (``data`` set).
@@ -45,5 +50,15 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
                                  vae_downsample=vae.downsample).to(dist.device)
+    if cfg.lora_rank:  # LoRA: base weights first (checkpoints hold only the adapters), then the adapters
+        if cfg.init_from:
+            report = init_from(model, cfg.init_from, sharded=False)
+            if dist.is_main:
+                tqdm.write(report.table())
+        trainable = apply_lora(model, cfg)
+        if dist.is_main:
+            total = sum(p.numel() for p in model.parameters())
+            tqdm.write(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}: training {trainable:,} of {total:,} "
+                       f"parameters ({100 * trainable / total:.2f}%)")
     torch.manual_seed(cfg.seed + dist.rank)
     return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir), secondary=secondary)

@@ -40,6 +40,7 @@ from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.train.ema import EMA, EMA_WEIGHTS
 from starflow.train.init_from import InitReport, init_from
+from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
 from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule
 from starflow.train.recipe import Recipe
@@ -108,7 +109,8 @@ class Trainer:
         self.sharded = is_sharded(model)
         if cfg.fsdp_text_encoder and dist.distributed and isinstance(text_encoder, TextEncoder):
             shard_text_encoder(text_encoder.encoder, dist)
-        self.denoiser = model.learnable_self_denoiser
+        self.lora = cfg.lora_rank > 0
+        self.denoiser = None if self.lora else model.learnable_self_denoiser  # LoRA: only the adapters train
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
         self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad and id(p) not in den_ids), cfg)
         self.denoiser_optimizer = None
@@ -149,9 +151,11 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _tensor_state(self) -> dict[str, Any]:
         """Model and optimizer state as DCP state dicts (sharded DTensors under FSDP2)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
 
-        state = {"model": get_model_state_dict(self.model),
+        options = StateDictOptions(ignore_frozen_params=self.lora)  # LoRA: the adapters only
+        state = {"model": get_model_state_dict(self.model, options=options),
                  "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
         if self.denoiser_optimizer is not None:
             state["denoiser_optimizer"] = get_optimizer_state_dict(self.model, self.denoiser_optimizer)
@@ -171,11 +175,12 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save` (on any number of ranks)."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
         tensors = self._tensor_state()
         meta, local = self.checkpoints.load(path, tensors)
-        set_model_state_dict(self.model, tensors["model"])
+        set_model_state_dict(self.model, tensors["model"], options=StateDictOptions(strict=not self.lora))
         set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
         if self.denoiser_optimizer is not None:
             set_optimizer_state_dict(self.model, self.denoiser_optimizer, tensors["denoiser_optimizer"])
@@ -436,6 +441,10 @@ class Trainer:
         ema = self.ema.full_state_dict(weights) if self.ema is not None else None
         if not self.dist.is_main:
             return None
+        adapters = None
+        if self.lora:  # plain official-layout weights with the adapters folded in, and the adapters beside them
+            adapters = {k: v for k, v in weights.items() if LORA_MARK in k}
+            weights = merge_lora_state(weights, self.cfg)
         text_encoder = self.text_encoder
         if isinstance(text_encoder, TextEncoder) and is_sharded(text_encoder.encoder):  # frozen: an unsharded copy is the same
             if text_encoder.name == TINY_TEXT_ENCODER:
@@ -445,6 +454,8 @@ class Trainer:
         Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)
         if ema is not None:
             save_weights(ema, Path(folder) / EMA_WEIGHTS)
+        if adapters is not None:
+            save_weights(adapters, Path(folder) / ADAPTER_WEIGHTS)
         return Path(folder)
 
     @torch.no_grad()

@@ -1,0 +1,74 @@
+"""LoRA fine-tuning through peft: only the adapters train, checkpoints hold only them, the merged export is a
+plain official-layout model equal to the adapted one, resume reloads the base weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from starflow.checkpoint import load_weights, save_weights
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.models import STARFlow
+from starflow.models.lora import apply_lora, merge_lora_state
+from test_train import read_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_merged_weights_equal_the_adapted_model(make_pipeline) -> None:
+    pipe = make_pipeline(std=0.2, seed=1, lora_rank=4, lora_alpha=8.0)
+    model, cfg = pipe.model, pipe.config
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = apply_lora(model, cfg)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    with torch.no_grad():  # B starts at zero: make the adapters do something
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    x, y = torch.randn(3, 1, 8, 8), torch.randn(3, cfg.txt_size, 32)
+    merged = merge_lora_state(model.state_dict(), cfg)
+    assert merged.keys() == base.keys()  # the official names again
+    plain = STARFlow.from_config(cfg, txt_dim=32, vae_downsample=1)
+    load_weights(plain, merged)  # strict names
+    adapted, folded = model(x, y), plain(x, y)
+    assert torch.allclose(adapted.z, folded.z, atol=1e-5)
+    assert not torch.allclose(folded.z, STARFlow.from_config(cfg, txt_dim=32, vae_downsample=1).eval()(x, y).z)
+
+
+def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_config, digits, config_file,
+                                                          tmp_path, capsys) -> None:
+    base = tmp_path / "base.safetensors"
+    save_weights(make_pipeline(std=0.3, seed=2).model, base)
+    config = config_file(dict(tiny_config, init_from=str(base), lora_rank=4, lora_alpha=8.0, steps=4, save_freq=2,
+                              lr=1e-2))
+    logdir = tmp_path / "run"
+    train = ["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(logdir),
+             "--device", "cpu"]
+    assert main(train) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA rank 4, alpha 8: training" in printed and "init_from" in printed
+    ckpt = read_checkpoint(logdir / "checkpoints" / "step_00000004", tmp_path)
+    assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])  # only the adapters are saved
+    final = load_file(logdir / "model" / "model.safetensors")
+    adapters = load_file(logdir / "model" / "lora.safetensors")
+    start = load_file(base)
+    assert final.keys() == start.keys() and adapters and all("lora_" in k for k in adapters)
+    changed = [k for k in start if not torch.equal(final[k], start[k])]
+    assert changed and all(".attn_blocks." in k and k.startswith("blocks.2.") for k in changed)  # the deep block
+    assert main(["export", "--merge_lora", str(logdir), str(tmp_path / "merged.safetensors")]) == 0
+    merged = load_file(tmp_path / "merged.safetensors")
+    assert all(torch.allclose(merged[k], final[k], atol=1e-6) for k in final)
+    assert main(["export", str(logdir), str(tmp_path / "x.safetensors")]) == 2
+    assert "--merge_lora" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint_path", str(logdir / "model"), "--caption", "a handwritten digit 1",
+                 "--output_dir", str(tmp_path / "s"), "--device", "cpu"]) == 0
+    # a restart resumes the adapters on top of the base weights loaded again from init_from
+    longer = config_file(dict(load_config(config).to_dict(), steps=6), name="longer.yaml")
+    assert main([*train[:2], str(longer), *train[3:]]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="lora_rank' and 'ema'"):
+        load_config(config, {"ema": 0.9})
