@@ -71,7 +71,8 @@ class Config:
     text: str | None = _f(None, "text encoder: hub id or folder (e.g. google/flan-t5-xl), 'tiny-t5', or a .vocab file "
                                 "of class names (class-conditional, txt_size 1)")
     vae: str | None = _f(None, "VAE: hub id or folder, optional ':scale' suffix for video (None = pixels)")
-    finetuned_vae: str | None = _f(None, "fine-tuned VAE decoder weights (None = the VAE's own)")
+    finetuned_vae: str | None = _f(None, "fine-tuned VAE decoder weights; only none (the VAE's own decoder) is "
+                                         "supported")
     cfg: float = _f(0.0, "classifier-free guidance weight w used when sampling")
     drop_label: float = _f(0.0, "probability of replacing the caption by '' in training")
     drop_image: float = _f(0.0, "video: probability of dropping the first frame in training")
@@ -342,6 +343,9 @@ def validate(cfg: Config) -> Config:
         if cfg.fps_cond or cfg.cond_noise_level or cfg.mix_aspect:
             raise ValueError("class labels (a .vocab 'text') are looked up as given: 'fps_cond', 'cond_noise_level' "
                              "and 'mix_aspect' would rewrite them; set them to 0")
+    if cfg.finetuned_vae is not None:
+        raise ValueError(f"config key 'finetuned_vae' ({cfg.finetuned_vae!r}) is not supported yet: the VAE's own "
+                         "decoder is used; set it to none")
     if cfg.lora_rank < 0:
         raise ValueError(f"config key 'lora_rank' must be >= 0 (0 = no LoRA), got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.ema > 0:
