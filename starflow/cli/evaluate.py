@@ -1,10 +1,14 @@
-"""Evaluation commands: ``starflow eval-nll`` (exact bits/dim of a model on an image folder)."""
+"""Evaluation commands: ``starflow eval-nll`` (exact bits/dim of a model on an image folder) and
+``starflow generate-set`` (a resumable sample set for metrics, over ranks) and ``starflow evaluate`` (FID, KID,
+precision/recall, CLIP score of a set)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import add_device_flag
+from starflow.cli._flags import add_config_flags, add_device_flag
+from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline, sample_settings
 
 __all__ = ["register"]
 
@@ -20,6 +24,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_device_flag(p, "cpu, cuda ... [default: cpu]")
     p.set_defaults(func=eval_nll)
+
+    p = sub.add_parser("generate-set", help="sample a resumable set of N images for metrics (FID, CLIP score)",
+                       description="Sample --num_samples images into --out as {index:06d}.png with captions.jsonl "
+                                   "and set.json; image i uses caption i (the captions cycle) and seed seed + i, so "
+                                   "the set does not depend on batch size or process count. Under torchrun the "
+                                   "indices are split over the ranks. Re-running the same command skips the "
+                                   "images already there (a killed run resumes).")
+    add_model_flags(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--caption_file", default=None, help="text file, one caption per line (cycled to N)")
+    what.add_argument("--caption", action="append", help="caption (repeatable; cycled to N)")
+    what.add_argument("--class_names", action="store_true",
+                      help="class-conditional models: cycle through the classes of the vocabulary")
+    p.add_argument("--num_samples", type=int, required=True, help="images in the set, N")
+    p.add_argument("--out", required=True, help="the set's folder")
+    add_decoding_flags(p)
+    add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
+    add_config_flags(p, skip={"data", "ema", "ema_start", "init_from"})
+    p.set_defaults(func=generate_set)
+
+    p = sub.add_parser("evaluate", help="FID, KID, precision/recall and CLIP score of a sample set",
+                       description="Compare a folder of samples with real images (a folder, or the .npz statistics "
+                                   "of one written by --save_stats) and/or score them against their captions "
+                                   "(captions.jsonl of generate-set). FID and KID come from torchmetrics, CLIP "
+                                   "score from torchmetrics + transformers. Prints a table and writes metrics.json.")
+    p.add_argument("--samples", required=True, help="folder of sample images (a generate-set folder)")
+    p.add_argument("--reference", default=None, help="folder of real images, or reference statistics (.npz)")
+    p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,precision_recall,clip [default: fid]")
+    p.add_argument("--features", default="inception", choices=("inception", "digits"),
+                   help="feature extractor: 'inception' (InceptionV3 pool, standard FID; needs torch-fidelity) or "
+                        "'digits' (the shipped digit classifier, for the digit demos) [default: inception]")
+    p.add_argument("--save_stats", default=None, metavar="FILE.npz",
+                   help="write the reference folder's statistics, to pass as --reference next time")
+    p.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
+                   help="transformers CLIP id or folder [default: openai/clip-vit-large-patch14]")
+    p.add_argument("--batch_size", type=int, default=256, help="images per feature batch [default: 256]")
+    p.add_argument("--out", default=None, help="metrics file [default: SAMPLES/metrics.json]")
+    add_device_flag(p, "cpu, cuda ... [default: cpu]")
+    p.set_defaults(func=evaluate)
 
 
 def eval_nll(args: argparse.Namespace) -> int:
@@ -37,4 +80,60 @@ def eval_nll(args: argparse.Namespace) -> int:
         print(f"bits/dim on the 8-bit pixel scale: {r.pixel_bits_per_dim:.4f} (adds log2(127.5) for [-1, 1] -> [0, 255])")
     print(f"Noise: the flow models x + {pipe.config.noise_std} * N(0, I) (the training noise_std); this is the exact "
           "density of that noised data, averaged over the noise draws, not a bound on the clean data.")
+    return 0
+
+
+def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[str]:
+    """Caption of each of the ``--num_samples`` images: the given captions (or classes), cycled.
+
+    Raises:
+        ValueError: ``--num_samples < 1``, an empty caption file, or ``--class_names`` for a text model.
+    """
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples {args.num_samples}: a set needs at least one image")
+    if args.class_names:
+        if classes is None:
+            raise ValueError("--class_names is for class-conditional models (config 'text' a .vocab file)")
+        pool = list(classes)
+    elif args.caption_file:
+        path = Path(args.caption_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--caption_file {path}: no such file")
+        pool = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not pool:
+            raise ValueError(f"--caption_file {path} holds no caption")
+    else:
+        pool = list(args.caption)
+    return [pool[i % len(pool)] for i in range(args.num_samples)]
+
+
+def generate_set(args: argparse.Namespace) -> int:
+    """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
+    from starflow.distributed import cleanup_distributed, init_distributed
+    from starflow.evaluation.generate import generate_set as make_set
+
+    if args.checkpoint_path is None:
+        raise SystemExit("generate-set needs --checkpoint_path (a model folder or weights file)")
+    dist = init_distributed(args.device)
+    pipe, cfg, checkpoint = load_pipeline(args, dist)
+    captions = set_captions(args, getattr(pipe.text_encoder, "names", None))
+    record = {"checkpoint": str(Path(checkpoint).resolve()), "ema": args.ema}
+    summary = make_set(pipe, captions, Path(args.out), sample_settings(args, cfg), seed=cfg.seed,
+                       batch_size=args.sample_batch_size, dist=dist, record=record)
+    if dist.is_main:
+        print(f"{args.out}: {summary.total} images ({summary.existing} already there, {summary.written} written in "
+              f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s on {dist.world_size} process(es)); "
+              f"captions in captions.jsonl")
+    cleanup_distributed()
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """:func:`starflow.evaluation.evaluate.evaluate_samples`, printed as a table."""
+    from starflow.evaluation.evaluate import evaluate_samples, format_results
+
+    record = evaluate_samples(args.samples, args.reference, [m.strip() for m in args.metrics.split(",") if m.strip()],
+                              features=args.features, clip_model=args.clip_model, save_stats_to=args.save_stats,
+                              batch_size=args.batch_size, device=args.device or "cpu", out=args.out)
+    print(format_results(record))
     return 0

@@ -18,36 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``sample`` to the subcommands."""
     p = sub.add_parser("sample", help="sample images from prompts",
                        description="Sample images. Without --checkpoint_path, samples the shipped demo.")
-    p.add_argument("--checkpoint_path", default=None, help="model folder or weights file [default: shipped demo]")
-    p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
+    add_model_flags(p)
     p.add_argument("--caption", action="append", help="prompt (repeat for several)")
     p.add_argument("--caption_file", default=None, help="text file, one prompt per line")
     p.add_argument("--class_id", type=int, action="append",
                    help="class-conditional models (a .vocab 'text'): sample class K of the vocabulary (repeatable); "
                         "--caption takes the class name instead")
     p.add_argument("--num_samples", type=int, default=1, help="images per prompt [default: 1]")
-    p.add_argument("--jacobi", type=int, default=1, help="1: block-wise Jacobi iteration, 0: sequential [default: 1]")
-    p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
-                   help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
-                        "the official scripts use 1e-3]")
-    p.add_argument("--jacobi_block_size", type=int, default=JACOBI_BLOCK_SIZE,
-                   help="tokens per Jacobi chunk (4x after the first frame of a video) [default: 64; the official "
-                        "scripts use 16 for images, 32 for video]")
-    p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
-                   help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
-                        "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
-                        "(change over the whole batch) [default: sample]")
-    p.add_argument("--aspect_ratio", default="1:1", help="w:h, e.g. 16:9 [default: 1:1]")
-    p.add_argument("--sample_batch_size", type=int, default=16, help="images per forward batch [default: 16]")
+    add_decoding_flags(p)
     p.add_argument("--output_dir", default="outputs/samples", help="folder for PNGs, grid.png, settings.json")
-    p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove the training noise with one score step [default: on]")
-    p.add_argument("--ema", action="store_true",
-                   help="sample with the moving average of the weights (ema.safetensors of a model folder trained "
-                        "with config key 'ema')")
-    p.add_argument("--bf16", action="store_true", help="bf16 weights (flow arithmetic stays float32)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the flow layers (dynamic shapes; the first batch pays the compilation)")
     p.add_argument("--input_image", default=None,
                    help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
                         "image-to-video")
@@ -63,6 +42,74 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     add_config_flags(p, skip={"data", "ema", "ema_start", "init_from"})  # training-only keys; --ema is a switch here
     p.set_defaults(func=run)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model to sample from: ``--checkpoint_path``, ``--model_config_path``, ``--ema``, ``--bf16``, ``--compile``."""
+    p.add_argument("--checkpoint_path", default=None, help="model folder or weights file [default: shipped demo]")
+    p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
+    p.add_argument("--ema", action="store_true",
+                   help="sample with the moving average of the weights (ema.safetensors of a model folder trained "
+                        "with config key 'ema')")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights (flow arithmetic stays float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the flow layers (dynamic shapes; the first batch pays the compilation)")
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """Jacobi decoding, size, batch and denoising flags (names as the official ``sample.py``)."""
+    p.add_argument("--jacobi", type=int, default=1, help="1: block-wise Jacobi iteration, 0: sequential [default: 1]")
+    p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
+                   help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
+                        "the official scripts use 1e-3]")
+    p.add_argument("--jacobi_block_size", type=int, default=JACOBI_BLOCK_SIZE,
+                   help="tokens per Jacobi chunk (4x after the first frame of a video) [default: 64; the official "
+                        "scripts use 16 for images, 32 for video]")
+    p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
+                   help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
+                        "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
+                        "(change over the whole batch) [default: sample]")
+    p.add_argument("--aspect_ratio", default="1:1", help="w:h, e.g. 16:9 [default: 1:1]")
+    p.add_argument("--sample_batch_size", type=int, default=16, help="images per forward batch [default: 16]")
+    p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove the training noise with one score step [default: on]")
+
+
+def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
+    """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, when allowed),
+    with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``.
+
+    Raises:
+        SystemExit: no checkpoint (and no demo).
+    """
+    from starflow.sampling.pipeline import Pipeline
+
+    checkpoint = args.checkpoint_path or assets.DEMO_DIR
+    config = args.model_config_path
+    if config is None:
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        config = folder / "config.yaml"
+    cfg = load_config(config, config_overrides(args, skip={"ema"}))
+    shard = bool(cfg.fsdp) and dist.distributed
+    if dist.is_main and shard:
+        print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
+    pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
+                                    dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                    asset_dir=Path(config).parent, shard=shard, ema=args.ema)
+    if args.compile:
+        pipe.model.compile_layers()
+    return pipe, cfg, checkpoint
+
+
+def sample_settings(args: argparse.Namespace, cfg):
+    """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present)."""
+    from starflow.sampling.pipeline import SampleSettings
+
+    return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
+                          jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
+                          self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
+                          target_length=getattr(args, "target_length", None),
+                          context_length=getattr(args, "context_length", None))
 
 
 def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | None = None) -> list[str]:
@@ -93,33 +140,17 @@ def run(args: argparse.Namespace) -> int:
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import write_samples
     from starflow.sampling.io import sample_stem, save_poster_grid, write_settings
-    from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
+    from starflow.sampling.pipeline import Profile
 
     demo = args.checkpoint_path is None
-    checkpoint = args.checkpoint_path or assets.DEMO_DIR
     if demo:
-        if not Path(checkpoint).is_dir():
+        if not Path(assets.DEMO_DIR).is_dir():
             raise SystemExit(f"the shipped demo is missing ({assets.DEMO_DIR}); pass --checkpoint_path")
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     dist = init_distributed(args.device)
-    config = args.model_config_path
-    if config is None:
-        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        config = folder / "config.yaml"
-    cfg = load_config(config, config_overrides(args, skip={"ema"}))
-    shard = bool(cfg.fsdp) and dist.distributed
-    if dist.is_main and shard:
-        print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
-    pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
-                                    dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                    asset_dir=Path(config).parent, shard=shard, ema=args.ema)
-    if args.compile:
-        pipe.model.compile_layers()
+    pipe, cfg, checkpoint = load_pipeline(args, dist)
     captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None))
-    settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
-                              jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
-                              self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
-                              target_length=args.target_length, context_length=args.context_length)
+    settings = sample_settings(args, cfg)
     image = None
     if args.input_image:
         if not cfg.is_video:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,11 +32,17 @@ def _pil(array: np.ndarray) -> Image.Image:
 
 
 def save_image(pixels: torch.Tensor, path: str | Path, scale: int = 1) -> None:
-    """Save one ``(C, H, W)`` image in ``[-1, 1]`` as PNG, optionally upscaled (nearest) by ``scale``."""
+    """Save one ``(C, H, W)`` image in ``[-1, 1]`` as PNG, optionally upscaled (nearest) by ``scale``.
+
+    Written to a temporary name and renamed, so a killed process never leaves a truncated file at ``path``.
+    """
     img = _pil(to_uint8(pixels))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def make_grid(pixels: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:

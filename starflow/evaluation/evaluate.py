@@ -1,0 +1,112 @@
+"""``starflow evaluate``: a sample set against a reference set or its cached statistics, to ``metrics.json``."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from starflow.evaluation.features import build_extractor, extract_features, list_images
+from starflow.evaluation.generate import read_set_captions
+from starflow.evaluation.metrics import (clip_score, fid_from_features, kid_from_features, load_stats,
+                                         precision_recall, save_stats)
+
+__all__ = ["METRICS", "evaluate_samples", "format_results"]
+
+METRICS = ("fid", "kid", "precision_recall", "clip")
+CLIP_DEFAULT = "openai/clip-vit-large-patch14"
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torchmetrics
+    import transformers
+
+    import starflow
+
+    return {"starflow": starflow.__version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__}
+
+
+def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics: list[str], *,
+                     features: str = "inception", clip_model: str = CLIP_DEFAULT, save_stats_to: str | Path | None = None,
+                     batch_size: int = 256, device: str = "cpu", out: str | Path | None = None) -> dict[str, Any]:
+    """Compute ``metrics`` of the images in ``samples`` and write them to ``out`` (default
+    ``samples/metrics.json``).
+
+    Args:
+        samples: a folder of images (a ``generate-set`` folder: its ``captions.jsonl`` gives CLIP's captions).
+        reference: a folder of real images, or a ``.npz`` of :func:`~starflow.evaluation.metrics.save_stats`
+            (needed by fid, kid, precision_recall).
+        metrics: names from :data:`METRICS`.
+        features: ``"inception"`` (standard) or ``"digits"`` (the digit demos).
+        clip_model: a ``transformers`` CLIP id or folder.
+        save_stats_to: write the reference's statistics there (to reuse as ``reference``).
+        batch_size, device: feature extraction.
+        out: where ``metrics.json`` goes.
+
+    Returns:
+        The record written: ``{"metrics": {...}, "samples": n, "reference": ..., "features": ..., ...}``.
+
+    Raises:
+        ValueError: unknown metric, or a reference needed but missing; FileNotFoundError: missing folders, models
+            or weights (checked before anything is computed or written).
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"--metrics {','.join(metrics)}: choose from {','.join(METRICS)}")
+    files = list_images(samples)
+    distribution = [m for m in metrics if m != "clip"]
+    if distribution and reference is None:
+        raise ValueError(f"{', '.join(distribution)} compare with real images: pass --reference FOLDER_OR_STATS.npz")
+    captions = None
+    if "clip" in metrics:
+        table = read_set_captions(samples)
+        missing = [f.name for f in files if f.name not in table]
+        if missing:
+            raise ValueError(f"clip needs each sample's caption: {Path(samples) / 'captions.jsonl'} lacks "
+                             f"{missing[:3]} (make the set with `starflow generate-set`)")
+        captions = [table[f.name] for f in files]
+    extractor = build_extractor(features, device) if distribution else None  # fails before any work
+    ref_is_stats = reference is not None and str(reference).endswith(".npz")
+    if ref_is_stats and save_stats_to:
+        raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
+    start = time.perf_counter()
+    results: dict[str, float] = {}
+    if distribution:
+        real = load_stats(reference)["features"] if ref_is_stats else \
+            extract_features(list_images(reference), features, batch_size, device, extractor)
+        if save_stats_to:
+            save_stats(save_stats_to, real)
+        fake = extract_features(files, features, batch_size, device, extractor)
+        if "fid" in metrics:
+            results["fid"] = fid_from_features(real, fake)
+        if "kid" in metrics:
+            results["kid_mean"], results["kid_std"] = kid_from_features(real, fake)
+        if "precision_recall" in metrics:
+            results["precision"], results["recall"] = precision_recall(real, fake)
+    if captions is not None:
+        results["clip_score"] = clip_score(files, captions, clip_model, device=device)
+    record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
+              "reference": None if reference is None else str(reference), "features": features if distribution else None,
+              "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
+              "versions": _versions()}
+    path = Path(out) if out else Path(samples) / "metrics.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    record["path"] = str(path)
+    return record
+
+
+def format_results(record: dict[str, Any]) -> str:
+    """The table ``starflow evaluate`` prints."""
+    lines = [f"{record['samples']} samples from {record['samples_dir']}"
+             + (f" against {record['reference']} ({record['features']} features)" if record["reference"] else "")]
+    lines.append(f"{'metric':<16}{'value':>14}")
+    for name, value in record["metrics"].items():
+        lines.append(f"{name:<16}{value:>14.5g}")
+    lines.append(f"written to {record['path']}")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Feature extractors for distribution metrics (FID, KID, precision/recall) and image loading for them.
+
+* ``inception``: the standard InceptionV3 pool features (2048-d) of FID, through ``torchmetrics``
+  (``NoTrainInceptionV3``, which needs ``torch-fidelity`` and the ``pt_inception-2015-12-05`` weights); images
+  are handed over as uint8 and resized to 299 by the library.
+* ``digits``: a small classifier of the real 8x8 handwritten digits (``ckpts/digit_features``, trained on the
+  train split by ``scripts/train_digit_features.py``); its 64-d penultimate activations give an honest
+  "FID in digit space" for the digit demos.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from starflow.assets import PACKAGE_CKPTS
+
+__all__ = ["DigitClassifier", "DIGIT_FEATURES_DIR", "IMAGE_SUFFIXES", "list_images", "load_images", "build_extractor",
+           "extract_features"]
+
+DIGIT_FEATURES_DIR = PACKAGE_CKPTS / "digit_features"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DIGIT_SIDE = 8
+
+
+class DigitClassifier(nn.Module):
+    """MLP over 8x8 greyscale digits in ``[0, 1]``: 64 -> 128 -> 64 (the features) -> 10 classes."""
+
+    num_features = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 8, 8)`` -> ``(B, 64)``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 8, 8)`` -> class logits ``(B, 10)``."""
+        return self.head(self.body(x))
+
+    @classmethod
+    def load(cls, folder: str | Path = DIGIT_FEATURES_DIR) -> "DigitClassifier":
+        """The shipped classifier (``folder/model.safetensors``).
+
+        Raises:
+            FileNotFoundError: the weights are missing (the message says how to make them).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(folder) / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"digit feature weights {path} not found: make them with "
+                                    "`python scripts/train_digit_features.py --out ckpts/digit_features`")
+        model = cls()
+        model.load_state_dict(load_file(path))
+        return model.eval()
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted by path).
+
+    Raises:
+        FileNotFoundError: no such folder, or no image in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_images(files: list[Path], mode: str, size: int | None = None) -> torch.Tensor:
+    """``(B, C, H, W)`` uint8 of PIL ``mode`` ("RGB" or "L"), resized to ``size x size`` (box filter) if given.
+
+    Raises:
+        OSError: an unreadable image (named).
+    """
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img = img.convert(mode)
+                if size is not None and img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.BOX)
+                a = np.asarray(img)
+        except OSError as err:
+            raise OSError(f"cannot read image {f}: {err}") from err
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def build_extractor(name: str, device: torch.device | str = "cpu"):
+    """``(extractor, image mode, image size or None)`` of a feature name: ``"digits"`` or ``"inception"``.
+
+    Raises:
+        ValueError: an unknown name.
+        ModuleNotFoundError, FileNotFoundError: the Inception extractor's package or weights are missing (the
+            message says what to install and where the weights go).
+    """
+    if name == "digits":
+        return DigitClassifier.load().to(device), "L", DIGIT_SIDE
+    if name == "inception":
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise ModuleNotFoundError("--features inception (standard FID) needs torch-fidelity: pip install "
+                                      "'starflow[eval]' or pip install torch-fidelity (it needs a torchvision build "
+                                      "that works with your torch); --features digits works without it")
+        try:
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device), "RGB", None
+        except Exception as err:  # noqa: BLE001 - torch-fidelity raises several types for missing weights
+            raise FileNotFoundError(
+                "the InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth) could not be loaded: torch-fidelity "
+                "downloads them into $TORCH_HOME/hub/checkpoints/ on first use; offline, copy the file there "
+                f"({type(err).__name__}: {err})") from err
+    raise ValueError(f"--features {name!r}: use 'inception' (standard FID) or 'digits' (the digit demos)")
+
+
+@torch.no_grad()
+def extract_features(files: list[Path], name: str, batch_size: int = 256, device: torch.device | str = "cpu",
+                     extractor=None) -> np.ndarray:
+    """``(N, D)`` float64 features of the images ``files`` with the named extractor."""
+    model, mode, size = extractor or build_extractor(name, device)
+    out = []
+    for i in range(0, len(files), batch_size):
+        images = load_images(files[i : i + batch_size], mode, size).to(device)
+        if name == "digits":
+            out.append(model.features(images.float() / 255.0))
+        else:
+            out.append(model(images).reshape(len(images), -1))
+    return torch.cat(out).double().cpu().numpy()

@@ -1,0 +1,123 @@
+"""Sample sets for metrics (``starflow generate-set``): ``N`` images, resumable, split over ranks.
+
+Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i]`` with seed ``seed + i``, so a
+set is the same whatever the batch size and number of processes. ``captions.jsonl`` (one
+``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
+a re-run of the same command skips every image already there, so a killed 50K run continues where it
+stopped. Images are written under a temporary name and renamed, so no truncated PNG is ever left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from starflow.distributed import DistInfo
+from starflow.sampling.batch import write_samples
+from starflow.sampling.pipeline import Pipeline, SampleSettings
+
+__all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "sample_path", "read_set_captions"]
+
+CAPTIONS_FILE = "captions.jsonl"
+SET_FILE = "set.json"
+
+
+def sample_path(out: Path, index: int) -> Path:
+    """The PNG of sample ``index``: ``out/{index:06d}.png``."""
+    return Path(out) / f"{index:06d}.png"
+
+
+def read_set_captions(folder: str | Path) -> dict[str, str]:
+    """``{file name: caption}`` of a sample set's ``captions.jsonl`` (empty when there is none)."""
+    path = Path(folder) / CAPTIONS_FILE
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["file_name"]: r["caption"] for r in records}
+
+
+@dataclass
+class SetSummary:
+    """What a ``generate-set`` run did: the set's size, images found and written, seconds and images/s."""
+
+    total: int
+    existing: int
+    written: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any], dist: DistInfo) -> None:
+    """Rank 0 writes ``captions.jsonl`` and ``set.json`` for a new set; an existing set must be the same one.
+
+    Raises:
+        ValueError: ``out`` holds a set made with other captions, count, seed, model or settings.
+    """
+    path = out / SET_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a sample set made with other {', '.join(diff)} ({SET_FILE}); pass another "
+                             "--out, or the same settings to continue it")
+        return
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c})
+                 for i, c in enumerate(captions)]
+        _write_atomic(out / CAPTIONS_FILE, "\n".join(lines) + "\n")
+        _write_atomic(path, json.dumps(record, indent=1))
+
+
+def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings: SampleSettings, *, seed: int,
+                 batch_size: int, dist: DistInfo, record: dict[str, Any] | None = None) -> SetSummary:
+    """Make the missing images of a sample set (see the module docstring).
+
+    Args:
+        pipe: the pipeline (every rank's, sharded or not).
+        captions: caption of every sample, length N.
+        out: the set's folder.
+        settings: sampling settings (guidance, Jacobi, size).
+        seed: seed of sample 0.
+        batch_size: images per forward batch on each rank.
+        dist: this process's rank and world size (every rank must call this).
+        record: what else identifies the set (checkpoint, ...), stored in ``set.json`` and checked on resume.
+
+    Returns:
+        A :class:`SetSummary` (every rank gets the same numbers).
+
+    Raises:
+        ValueError: ``out`` holds a different set.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    full = {"num_samples": len(captions), "seed": seed, "settings": asdict(settings),
+            "captions_sha": _digest(captions), **(record or {})}
+    _check_or_write_record(out, captions, json.loads(json.dumps(full)), dist)
+    missing = [i for i in range(len(captions)) if not sample_path(out, i).is_file()]
+    if dist.distributed:  # every rank decides from the same listing, before anyone writes
+        torch.distributed.barrier()
+    start = time.perf_counter()
+    write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
+                  stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set")
+    return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)
+
+
+def _digest(captions: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()[:16]

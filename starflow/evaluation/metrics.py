@@ -1,0 +1,138 @@
+"""Distribution and text-alignment metrics of a sample set, on precomputed features.
+
+* FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) through ``torchmetrics`` (its
+  ``FrechetInceptionDistance`` / ``KernelInceptionDistance``, fed precomputed features through an identity
+  extractor), so the numbers are the library's;
+* precision / recall of Kynkäänniemi et al. 2019 (k-nearest-neighbour manifolds, k = 3): no maintained
+  library here implements it without ``torchvision``, so it is computed with ``torch.cdist``;
+* CLIP score (Hessel et al. 2021) with a ``transformers`` CLIP: ``100 * max(cos(image, caption), 0)`` averaged
+  over the samples (torchmetrics' ``CLIPScore`` does not run with transformers 5, whose feature getters return
+  output objects).
+
+Reference statistics are stored as ``.npz``: ``mu (D,)``, ``sigma (D, D)``, ``n`` and ``features (n, D)``.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["FeatureInput", "fid_from_features", "kid_from_features", "precision_recall", "save_stats", "load_stats",
+           "clip_score"]
+
+
+class FeatureInput(nn.Module):
+    """The identity, announcing ``num_features``: lets torchmetrics take features instead of images."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_stats(path: str | Path, features: np.ndarray) -> Path:
+    """Write ``mu``, ``sigma``, ``n`` and the features of a reference set to ``path`` (``.npz``)."""
+    features = np.asarray(features, dtype=np.float64)
+    path = Path(path)
+    np.savez(path, mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features), features=features)
+    return path
+
+
+def load_stats(path: str | Path) -> dict[str, np.ndarray]:
+    """``{"mu", "sigma", "n", "features"}`` of a ``.npz`` written by :func:`save_stats`.
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: not a stats file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} not found (write them with --save_stats)")
+    with np.load(path) as data:
+        missing = {"mu", "sigma", "n", "features"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} is not a reference statistics file (missing {sorted(missing)})")
+        return {k: data[k] for k in data.files}
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to two ``(N, D)`` feature sets (torchmetrics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=FeatureInput(real.shape[1])).double()
+    metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
+    metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)), real=False)
+    return float(metric.compute())
+
+
+def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """``(mean, std)`` of the kernel inception distance over random subsets (torchmetrics, cubic kernel)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(real), len(fake))
+    with warnings.catch_warnings():  # it keeps every feature: these are ours, already in memory
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=subsets, subset_size=size)
+    metric.update(torch.from_numpy(np.asarray(real, dtype=np.float32)), real=True)
+    metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float32)), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def _radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(features, features)
+    return d.kthvalue(k + 1, dim=1).values  # the k-th neighbour besides the point itself
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the share of samples inside the real
+    manifold (union of k-NN balls) and the share of real points inside the samples' manifold."""
+    r = torch.from_numpy(np.asarray(real, dtype=np.float64))
+    f = torch.from_numpy(np.asarray(fake, dtype=np.float64))
+    r_radii, f_radii = _radii(r, k), _radii(f, k)
+    precision = (torch.cdist(f, r) <= r_radii[None]).any(1).double().mean()
+    recall = (torch.cdist(r, f) <= f_radii[None]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+@torch.no_grad()
+def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, batch_size: int = 64,
+               device: torch.device | str = "cpu") -> float:
+    """Mean CLIP score ``100 * max(cos(image, caption), 0)`` of images and their captions (a ``transformers``
+    ``CLIPModel`` and ``CLIPProcessor``: the projected, normalised image and text embeddings).
+
+    Raises:
+        FileNotFoundError: the CLIP model is not available (offline: the files and where to put them).
+    """
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    from starflow.adapters.hub import hub_offline
+
+    try:
+        model = CLIPModel.from_pretrained(model_name_or_path, local_files_only=hub_offline()).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(model_name_or_path, local_files_only=hub_offline())
+    except OSError as err:
+        raise FileNotFoundError(
+            f"CLIP model {model_name_or_path!r} not found: it needs config.json, the weights (model.safetensors) and "
+            "the processor files (preprocessor_config.json, vocab.json, merges.txt, tokenizer_config.json); "
+            f"download them with `huggingface-cli download {model_name_or_path}` or pass --clip_model FOLDER") from err
+    total = 0.0
+    for i in range(0, len(files), batch_size):
+        images = []
+        for f in files[i : i + batch_size]:
+            with Image.open(f) as img:
+                images.append(img.convert("RGB"))
+        inputs = processor(text=captions[i : i + batch_size], images=images, return_tensors="pt", padding=True,
+                           truncation=True).to(device)
+        out = model(**inputs)
+        cos = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalised by CLIPModel
+        total += float((100 * cos.clamp(min=0)).sum())
+    return total / len(files)

@@ -1,0 +1,156 @@
+"""Sample-set evaluation: FID against the closed form, KID and precision/recall sanity, generate-set resume and
+multi-process equality, CLIP score through a tiny random CLIP, digit features, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from starflow.assets import DEMO_DIR
+from starflow.cli import main
+from starflow.evaluation.metrics import fid_from_features, kid_from_features, precision_recall
+from test_distributed_training import run_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gaussian_features(n: int, d: int, shift: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ mix + shift
+
+
+def test_fid_is_the_closed_form_frechet_distance() -> None:
+    a, b = gaussian_features(500, 8, 0.0, 0), gaussian_features(400, 8, 0.7, 1)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    closed = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert fid_from_features(a, b) == pytest.approx(closed, rel=1e-4)
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kid_and_precision_recall_on_identical_and_disjoint_sets() -> None:
+    a, far = gaussian_features(300, 8, 0.0, 0), gaussian_features(300, 8, 50.0, 1)
+    same, spread = kid_from_features(a, a, subset_size=100)
+    assert abs(same) < 2 * spread  # zero within the spread of the subset estimates (unbiased estimator)
+    shifted = kid_from_features(a, a + 1.0, subset_size=100)[0]
+    assert shifted > 10 * spread and kid_from_features(a, far, subset_size=100)[0] > 1000 * shifted
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert precision_recall(a, far) == (0.0, 0.0)
+
+
+def _generate(out: Path, n: int, nproc: int = 1, tmp: Path | None = None) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    return [*launch, "-m", "starflow.cli", "generate-set", "--checkpoint_path", str(DEMO_DIR), "--caption",
+            "a handwritten digit 4", "--caption", "a handwritten digit 9", "--num_samples", str(n), "--out", str(out),
+            "--sample_batch_size", "2", "--device", "cpu", "--fsdp", "0"]
+
+
+def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path) -> None:
+    n = 8
+    out = tmp_path / "set"
+    proc = subprocess.Popen(_generate(out, n), env=run_env(tmp_path), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.png"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert 3 <= len(first) < n, "the run was not interrupted part way"
+    r = subprocess.run(_generate(out, n), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(first)} already there" in r.stdout
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"{i:06d}.png" for i in range(n)] and not list(out.glob(".*tmp"))
+    assert all(out.joinpath(k).stat().st_mtime_ns == t for k, t in first.items())  # each index written once
+    captions = [json.loads(line)["caption"] for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert captions == ["a handwritten digit 4", "a handwritten digit 9"] * (n // 2)
+    two = tmp_path / "two"
+    r = subprocess.run(_generate(two, n, nproc=2), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in names:
+        assert (two / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, capsys) -> None:
+    stats = tmp_path / "ref.npz"
+    args = ["evaluate", "--samples", str(digits["test"]), "--reference", str(digits["train"]), "--features", "digits",
+            "--metrics", "fid,kid,precision_recall", "--out", str(tmp_path / "m.json")]
+    assert main([*args, "--save_stats", str(stats)]) == 0
+    first = json.loads((tmp_path / "m.json").read_text())
+    assert set(first["metrics"]) == {"fid", "kid_mean", "kid_std", "precision", "recall"}
+    assert first["samples"] == 24 and "torchmetrics" in first["versions"] and first["features"] == "digits"
+    assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(stats), "--features", "digits",
+                 "--out", str(tmp_path / "m2.json")]) == 0
+    assert json.loads((tmp_path / "m2.json").read_text())["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"])
+    capsys.readouterr()
+    assert main(["evaluate", "--samples", str(digits["test"]), "--metrics", "fid", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--reference" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert main(["evaluate", "--samples", str(digits["test"]), "--metrics", "clip", "--out", str(tmp_path / "x.json")]) == 2
+    assert "captions.jsonl" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def _tiny_clip(folder: Path) -> None:
+    """A random CLIP with a character-level tokenizer, saved as a transformers folder (no download)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))  # byte-level BPE's byte -> character table (GPT-2, CLIP)
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=77,
+                                         eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"]),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_clip_score_through_a_tiny_clip(tmp_path, capsys) -> None:
+    clip = tmp_path / "clip"
+    _tiny_clip(clip)
+    out = tmp_path / "set"
+    r = subprocess.run(_generate(out, 4), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(clip)]) == 0
+    score = json.loads((out / "metrics.json").read_text())["metrics"]["clip_score"]
+    assert 0.0 <= score <= 100.0
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(clip).eval(), CLIPProcessor.from_pretrained(clip)
+    files = sorted(out.glob("*.png"))
+    captions = ["a handwritten digit 4", "a handwritten digit 9"] * 2
+    with torch.no_grad():  # the projections by hand: pooled vision / text outputs through the projection layers
+        pixels = processor(images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt").pixel_values
+        tokens = processor(text=captions, return_tensors="pt", padding=True)
+        img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        txt = model.text_projection(model.text_model(**tokens).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert score == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-4)
+    assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
