@@ -15,7 +15,7 @@ from starflow import assets
 from starflow.assets import DEMO_DIR, DEMO_PROMPTS
 from starflow.cli import main
 from starflow.config import load_config
-from starflow.data import ImageFolder, collate
+from starflow.data import ImageFolder, collate, sample_seed
 from starflow.evaluation import PIXEL_SCALE_BITS, evaluate_nll
 from starflow.models.starflow import HALF_LOG_2PI
 from starflow.sampling.pipeline import Pipeline, SampleSettings
@@ -144,13 +144,14 @@ def test_eval_nll_command(model_dir: Path, digits, capsys) -> None:
                  "--batch_size", "16", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "images: 24 x 1 noise draws" in out
-    nats, bits = map(float, re.search(r"([-\d.]+) nats/dim = ([-\d.]+) bits/dim", out).groups())
+    nats, bits, ci = map(float, re.search(r"([-\d.]+) nats/dim = ([-\d.]+) ± ([\d.]+) bits/dim", out).groups())
+    assert 0 < ci < 1
     pixel = float(re.search(r"bits/dim on the 8-bit pixel scale: ([-\d.]+)", out).group(1))
     assert bits == pytest.approx(nats / math.log(2), abs=2e-4)
     assert pixel == pytest.approx(bits + math.log2(127.5), abs=2e-4)
     pipe = Pipeline.from_pretrained(model_dir)
     r = evaluate_nll(pipe, str(digits["test"]), batch_size=16, progress=False)
-    assert f"{r.bits_per_dim:.4f} bits/dim" in out  # the command reports evaluate_nll's number
+    assert f"= {r.bits_per_dim:.4f} ± {r.bits_per_dim_ci95:.4f} bits/dim" in out  # evaluate_nll's numbers
 
 
 def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> None:
@@ -165,10 +166,16 @@ def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> N
     cfg = pipe.config
     data = ImageFolder(digits["test"], cfg.img_size, cfg.channel_size, multiple=cfg.patch_size)
     batch = collate([data[i] for i in range(len(data))])
-    x = batch["pixels"] + cfg.noise_std * torch.randn(batch["pixels"].shape, generator=torch.Generator().manual_seed(3))
+    noise = torch.stack([torch.randn(batch["pixels"].shape[1:], generator=torch.Generator().manual_seed(
+        sample_seed(3, i, 0))) for i in range(len(data))])  # image i's draw: sample_seed(seed, i, draw)
+    x = batch["pixels"] + cfg.noise_std * noise
     with torch.no_grad():
-        nll = pipe.model.nll(x, pipe.encode_prompts(batch["text"]))  # (B,)
+        nll = pipe.model.nll(x, pipe.encode_prompts(batch["text"])).double()  # (B,)
     assert r.nats_per_dim == pytest.approx(nll.mean().item() + HALF_LOG_2PI, rel=1e-5)
+    ci = 1.96 * nll.std().item() / math.sqrt(len(nll)) / math.log(2)  # the 95% interval over images
+    assert r.bits_per_dim_ci95 == pytest.approx(ci, rel=1e-4)
+    first = evaluate_nll(pipe, str(digits["test"]), batch_size=5, seed=3, progress=False, num_samples=10)
+    assert first.images == 10 and first.nats_per_dim == pytest.approx(nll[:10].mean().item() + HALF_LOG_2PI, rel=1e-5)
     more = evaluate_nll(pipe, str(digits["test"]), batch_size=7, noise_samples=3, seed=3, progress=False)
     assert more.images == 24 and abs(more.bits_per_dim - r.bits_per_dim) < 0.1  # more draws, same estimate
 

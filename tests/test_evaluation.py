@@ -154,3 +154,17 @@ def test_clip_score_through_a_tiny_clip(tmp_path, capsys) -> None:
     assert score == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-4)
     assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_eval_nll_on_two_processes_matches_one(digits, tmp_path) -> None:
+    def run(nproc: int) -> str:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+            if nproc > 1 else [sys.executable]
+        r = subprocess.run([*launch, "-m", "starflow.cli", "eval-nll", "--checkpoint_path", str(DEMO_DIR), "--data",
+                            str(digits["test"]), "--noise_samples", "2", "--num_samples", "20", "--batch_size", "8"],
+                           env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return next(line for line in r.stdout.splitlines() if line.startswith("NLL"))
+
+    one = run(1)
+    assert "±" in one and one == run(2)

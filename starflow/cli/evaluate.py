@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="image folder with metadata.jsonl")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--noise_samples", type=int, default=1, help="noise draws per image [default: 1]")
+    p.add_argument("--num_samples", type=int, default=None, help="evaluate the first N images [default: all]")
     p.add_argument("--seed", type=int, default=0)
     add_device_flag(p, "cpu, cuda ... [default: cpu]")
     p.set_defaults(func=eval_nll)
@@ -67,15 +68,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def eval_nll(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.evaluate_nll` of a model folder on ``--data``."""
+    from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation import evaluate_nll
     from starflow.sampling.pipeline import Pipeline
 
+    dist = init_distributed(args.device or "cpu")
     pipe = Pipeline.from_pretrained(args.checkpoint_path or assets.DEMO_DIR, config=args.model_config_path,
-                                    device=args.device or "cpu")
-    r = evaluate_nll(pipe, args.data, args.batch_size, args.noise_samples, args.seed)
+                                    device=dist.device)
+    r = evaluate_nll(pipe, args.data, args.batch_size, args.noise_samples, args.seed, num_samples=args.num_samples,
+                     rank=dist.rank, world_size=dist.world_size)
+    cleanup_distributed()
+    if not dist.is_main:
+        return 0
     space = "latents" if pipe.vae.downsample > 1 else "pixels"
-    print(f"images: {r.images} x {args.noise_samples} noise draws from {args.data}")
-    print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} bits/dim (data in [-1, 1])")
+    print(f"images: {r.images} x {args.noise_samples} noise draws from {args.data} ({dist.world_size} process(es))")
+    print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} "
+          f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; data in [-1, 1])")
     if r.pixel_bits_per_dim is not None:
         print(f"bits/dim on the 8-bit pixel scale: {r.pixel_bits_per_dim:.4f} (adds log2(127.5) for [-1, 1] -> [0, 255])")
     print(f"Noise: the flow models x + {pipe.config.noise_std} * N(0, I) (the training noise_std); this is the exact "

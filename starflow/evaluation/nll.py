@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from starflow.data import ImageFolder, collate
+from starflow.data import ImageFolder, collate, sample_seed
 from starflow.models.starflow import HALF_LOG_2PI
 
 __all__ = ["NLLResult", "evaluate_nll", "PIXEL_SCALE_BITS"]
@@ -30,18 +30,26 @@ class NLLResult:
         nats_per_dim: full Gaussian NLL of the noised data per dimension (nats), data in ``[-1, 1]`` units.
         bits_per_dim: the same in bits.
         pixel_bits_per_dim: on the 8-bit pixel scale (pixel-space models only; adds ``log2(127.5)``).
+        bits_per_dim_ci95: half-width of the 95% interval of ``bits_per_dim`` over images
+            (``1.96 * std / sqrt(images)`` of the per-image values; 0 for one image).
     """
 
     images: int
     nats_per_dim: float
     bits_per_dim: float
     pixel_bits_per_dim: float | None
+    bits_per_dim_ci95: float = 0.0
 
 
 @torch.no_grad()
 def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 1, seed: int = 0,
-                 progress: bool = True) -> NLLResult:
+                 progress: bool = True, num_samples: int | None = None, rank: int = 0,
+                 world_size: int = 1) -> NLLResult:
     """Bits/dim of ``pipe.model`` on an image folder, conditioned on each image's caption.
+
+    Image ``i`` gets the noise draws of ``sample_seed(seed, i, k)``, so the result is the same on any number
+    of processes; under ``torch.distributed`` each rank takes images ``rank, rank + world_size, ...`` and the
+    sums are all-reduced (every rank must call this).
 
     Args:
         pipe: a :class:`~starflow.sampling.pipeline.Pipeline`.
@@ -49,20 +57,40 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         batch_size: images per batch.
         noise_samples: Gaussian noise draws per image.
         seed: seed of the noise draws.
+        progress: show a progress bar (rank 0).
+        num_samples: evaluate only the first ``num_samples`` images (default: all).
+        rank, world_size: this process's share of the images.
+
+    Raises:
+        ValueError: ``num_samples`` or ``noise_samples`` below 1.
     """
+    if (num_samples is not None and num_samples < 1) or noise_samples < 1:
+        raise ValueError(f"--num_samples and --noise_samples must be >= 1, got {num_samples} and {noise_samples}")
     cfg = pipe.config
     pixel_channels = cfg.channel_size if pipe.vae.downsample == 1 else 3
     data = ImageFolder(folder, cfg.img_size, pixel_channels, multiple=pipe.vae.downsample * cfg.patch_size)
-    gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for batch in tqdm(DataLoader(data, batch_size=batch_size, collate_fn=collate), desc="eval-nll", disable=not progress):
+    n = len(data) if num_samples is None else min(num_samples, len(data))
+    mine = list(range(rank, n, world_size))
+    sums = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count of per-image nats/dim
+    start = 0
+    loader = DataLoader(Subset(data, mine), batch_size=batch_size, collate_fn=collate)
+    for batch in tqdm(loader, desc="eval-nll", disable=not progress or rank != 0):
+        index = mine[start : start + len(batch["text"])]
+        start += len(index)
         latents = pipe.vae.encode(batch["pixels"].to(pipe.device), sample=False).float()
         y = pipe.encode_prompts(batch["text"])
-        for _ in range(noise_samples):
-            x = latents + cfg.noise_std * torch.randn(latents.shape, generator=gen).to(latents.device)
-            total += pipe.model.nll(x, y).sum().item()
-            count += x.shape[0]
-    nats = total / count + HALF_LOG_2PI
+        per_image = torch.zeros(len(index), dtype=torch.float64)
+        for k in range(noise_samples):
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                sample_seed(seed, i, k))) for i in index]).to(latents.device)
+            per_image += pipe.model.nll(latents + cfg.noise_std * noise, y).double().cpu() / noise_samples
+        sums += torch.stack([per_image.sum(), per_image.square().sum(), torch.tensor(float(len(index)))])
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+    total, squares, count = sums.tolist()
+    mean = total / count
+    var = max(0.0, (squares - count * mean * mean) / (count - 1)) if count > 1 else 0.0
+    nats = mean + HALF_LOG_2PI
     bpd = nats / math.log(2)
     pixel = bpd + PIXEL_SCALE_BITS if pipe.vae.downsample == 1 else None
-    return NLLResult(count // noise_samples, nats, bpd, pixel)
+    return NLLResult(int(count), nats, bpd, pixel, 1.96 * math.sqrt(var / count) / math.log(2))
