@@ -75,6 +75,13 @@ def test_one_and_two_process_finetunes_start_from_the_weights(config, weights, t
         outputs[name] = r.stdout
         assert losses(logdir)[1]["loss"] == pytest.approx(ref, rel=1e-5), name
     assert "learnable_self_denoiser" in outputs["two"] and "init_from" in outputs["two"]  # the table
+    assert "meta device" not in outputs["two"]  # a new denoiser needs its random initialisation
+    # without the denoiser every weight comes from the file: built on the meta device, allocated as shards
+    r = subprocess.run(train_cmd(config, tmp_path / "meta", 2, "--init_from", str(weights), "--learnable_self_denoiser",
+                                 "0", "--steps", "1"), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "built on the meta device" in r.stdout
+    assert losses(tmp_path / "meta")[1]["loss"] == pytest.approx(ref, rel=1e-5)
     # the EMA (sharded like the weights under FSDP2) starts from the loaded weights and matches one process
     ema = {n: load_file(tmp_path / n / "model" / "ema.safetensors") for n in ("one", "two")}
     start = load_file(weights)

@@ -26,7 +26,8 @@ from torch import nn
 from starflow.assets import find_weights
 from starflow.checkpoint import CheckpointError, LayoutReport, drop_deprecated, is_deprecated, read_state_dict
 
-__all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source"]
+__all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source",
+           "covers_every_parameter"]
 
 OPTIONAL_PREFIXES = ("learnable_self_denoiser.",)
 """Parameters a fine-tune may add (initialised fresh) or drop (config turned the part off)."""
@@ -150,6 +151,17 @@ def read_init_shapes(path: str | Path) -> dict[str, Shape]:
         raise FileNotFoundError(f"--init_from {path}: no such file; pass a .pth/.safetensors file, a model folder "
                                 "(config.yaml + model.safetensors) or a training checkpoint step folder")
     return dict(read_shapes(path))
+
+
+def covers_every_parameter(model: nn.Module, path: str | Path) -> bool:
+    """Whether the weights at ``path`` hold every parameter of ``model`` (names and shapes; no tensor is read),
+    so the model need not be initialised first."""
+    try:
+        report = plan_init({k: tuple(v.shape) for k, v in model.state_dict().items()}, read_init_shapes(path),
+                           str(path))
+    except (OSError, CheckpointError):
+        return False  # the load itself reports the problem
+    return not report.new
 
 
 def init_from(model: nn.Module, path: str | Path, *, sharded: bool) -> InitReport:

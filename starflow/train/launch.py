@@ -11,7 +11,7 @@ from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
 from starflow.distributed import DistInfo
 from starflow.models import STARFlow
-from starflow.train.init_from import init_from
+from starflow.train.init_from import covers_every_parameter, init_from
 from starflow.models.lora import apply_lora
 from starflow.train.trainer import Trainer
 
@@ -25,7 +25,9 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     """VAE, text encoder, dataset, model and trainer of a run.
 
     The model's initial weights come from ``cfg.seed`` and are identical on every rank; the global RNG of
-    rank ``r`` is then seeded with ``cfg.seed + r``. With ``lora_rank`` the base weights are loaded from
+    rank ``r`` is then seeded with ``cfg.seed + r``. A fine-tune whose ``init_from`` holds every parameter
+    builds the model on the meta device: the trainer allocates it (sharded under FSDP2) and the weights are
+    loaded into it, with no random initialisation and no full copy per rank. With ``lora_rank`` the base weights are loaded from
     ``init_from`` here (every start, resumed or not: checkpoints hold only the adapters) and the adapters are
     injected before the model is sharded.
 
@@ -48,8 +50,13 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     if isinstance(text_encoder, LabelEncoder) and hasattr(dataset, "texts"):
         text_encoder.ids(list(dataset.texts))  # every caption must be a class name (raises, naming the others)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = STARFlow.from_config(cfg, txt_dim=text_encoder.hidden_size if text_encoder else None,
-                                 vae_downsample=vae.downsample).to(dist.device)
+    txt_dim = text_encoder.hidden_size if text_encoder else None
+    with torch.device("meta"):
+        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae.downsample)
+    if not (cfg.init_from and not cfg.lora_rank and covers_every_parameter(model, cfg.init_from)):
+        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae.downsample).to(dist.device)
+    elif dist.is_main:  # every weight comes from init_from: no random initialisation, no full copy per rank
+        tqdm.write(f"the model is built on the meta device; its weights come from {cfg.init_from}")
     if cfg.lora_rank:  # LoRA: base weights first (checkpoints hold only the adapters), then the adapters
         if cfg.init_from:
             report = init_from(model, cfg.init_from, sharded=False)

@@ -105,8 +105,13 @@ class Trainer:
                              "a latent cache")
         self.cfg, self.dist, self.logdir = cfg, dist, Path(logdir)
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
+        meta = any(p.is_meta for p in model.parameters())  # built for init_from: allocated here, loaded later
+        if meta and not (cfg.fsdp and dist.distributed):
+            model.to_empty(device=dist.device)
         self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
         self.sharded = is_sharded(model)
+        if meta and self.sharded:
+            model.to_empty(device=dist.device)  # each rank allocates only its shards
         if cfg.fsdp_text_encoder and dist.distributed and isinstance(text_encoder, TextEncoder):
             shard_text_encoder(text_encoder.encoder, dist)
         self.lora = cfg.lora_rank > 0
