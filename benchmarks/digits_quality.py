@@ -63,7 +63,7 @@ def main() -> None:
     pred = clf.predict(pixels)
     hits = pred == np.array(labels)
     with tempfile.TemporaryDirectory() as tmp:
-        write_digits(tmp)
+        write_digits(tmp, captions="name" if classes else "sentence")
         nll = evaluate_nll(pipe, f"{tmp}/test", progress=False)
 
     print(f"model: {args.checkpoint_path}   guidance cfg = {cfg_w}   samples: {len(prompts)} in {seconds:.1f} s")
