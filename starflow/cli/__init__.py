@@ -1,4 +1,5 @@
-"""Command line: ``starflow {train,sample,validate,download,eval-nll,convert,export,pack,cache-latents}``.
+"""Command line: ``starflow {train,sample,inpaint,edit,validate,download,convert,export,eval-nll,generate-set,
+evaluate,pack,cache-latents}``.
 
 Every config key is also a flag (``--img_size 256``); precedence is CLI > YAML > defaults, the same for
 training and sampling. ``starflow <command> --help`` documents each flag with its default and unit.
@@ -9,7 +10,7 @@ import argparse
 import os
 import sys
 
-from starflow.cli import checkpoints, data, evaluate, sample, train
+from starflow.cli import checkpoints, data, edit, evaluate, sample, train
 
 __all__ = ["main", "build_parser"]
 
@@ -21,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train.register(sub)
     sample.register(sub)
+    edit.register(sub)  # inpaint, edit
     checkpoints.register(sub)  # validate, download, convert, export
-    evaluate.register(sub)  # eval-nll
+    evaluate.register(sub)  # eval-nll, generate-set, evaluate
     data.register(sub)  # pack, cache-latents
     return parser
 

@@ -30,9 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input_image", default=None,
                    help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
                         "image-to-video")
+    p.add_argument("--input_video", default=None,
+                   help="video configs: a clip (any file av decodes; resized and centre-cropped). A model trained "
+                        "with video_to_video turns it into the target clip (the '(v2v) ' prompt; its first vid_size "
+                        "frames are used); any other model continues it: the clip's last --context_length latent "
+                        "frames are the context, then --target_length new frames follow (the output is the clip and "
+                        "its continuation). WAN2.2 latents need 4k+1 input frames")
+    p.add_argument("--last_image", default=None,
+                   help="video configs trained with last_frame_cond: the end frame (the '(last) ' prompt); with "
+                        "--input_image as well, the clip runs from one to the other")
     p.add_argument("--target_length", type=int, default=None,
                    help="video configs: frames to generate [default: the config's vid_size]; longer than trained "
-                        "samples window by window")
+                        "samples window by window; with --input_video (continuation): frames added after the clip")
     p.add_argument("--context_length", type=int, default=None,
                    help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
     p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
@@ -134,6 +143,42 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     return [c for c in captions for _ in range(args.num_samples)]
 
 
+def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
+    """``--input_image``, ``--input_video`` and ``--last_image`` as pixels at the sampling size, each ``(1, ...)``.
+
+    Raises:
+        ValueError: a video input with an image model, or a clip whose frame count the VAE does not accept.
+    """
+    given = {flag: getattr(args, flag) for flag in ("input_image", "input_video", "last_image") if getattr(args, flag)}
+    if given and not cfg.is_video:
+        raise ValueError(f"--{next(iter(given))} is for video configs (image-to-video, continuation, video-to-video, "
+                         "end frame); this config has no vid_size")
+    if not given:
+        return {}
+    from starflow.data import load_image
+    from starflow.data.video import load_video
+
+    _, c, h, w = pipe.latent_shape(args.aspect_ratio)
+    down = pipe.vae.downsample
+    size, channels = (h * down, w * down), cfg.channel_size if down == 1 else 3
+    inputs = {}
+    for flag, path in given.items():
+        if flag != "input_video":
+            inputs[flag] = load_image(path, size, channels)[None]
+            continue
+        clip = load_video(path, size, channels, max_frames=cfg.vid_size[0] if cfg.video_to_video else None)
+        t = pipe.vae.temporal_downsample
+        if cfg.video_to_video and clip.shape[0] < cfg.vid_size[0]:
+            raise ValueError(f"--input_video {path}: {clip.shape[0]} frames; this video_to_video model needs "
+                             f"{cfg.vid_size[0]} (vid_size)")
+        if (clip.shape[0] - 1) % t:
+            keep = 1 + (clip.shape[0] - 1) // t * t
+            raise ValueError(f"--input_video {path}: {clip.shape[0]} frames; the VAE encodes {t}k+1 frames "
+                             f"(temporal factor {t}): trim the clip to {keep} frames")
+        inputs[flag] = clip[None]
+    return inputs
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample every caption into ``--output_dir``, then (rank 0) write ``grid.png`` and ``settings.json``."""
     from starflow.distributed import cleanup_distributed, init_distributed
@@ -151,20 +196,12 @@ def run(args: argparse.Namespace) -> int:
     pipe, cfg, checkpoint = load_pipeline(args, dist)
     captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None))
     settings = sample_settings(args, cfg)
-    image = None
-    if args.input_image:
-        if not cfg.is_video:
-            raise ValueError("--input_image is for video configs (image-to-video); this config has no vid_size")
-        from starflow.data import load_image
-
-        _, c, h, w = pipe.latent_shape(args.aspect_ratio)
-        down = pipe.vae.downsample
-        image = load_image(args.input_image, (h * down, w * down), cfg.channel_size if down == 1 else 3)[None]
+    inputs = read_video_inputs(args, pipe, cfg)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
-                          gif=args.gif, input_image=image, profile=profile, stats=DecodeStats())
+                          gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats())
     if dist.is_main:
         h, w = shape[-2:]
         frames = shape[1] if len(shape) == 5 else 1
@@ -173,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
                          nrow=args.num_samples if args.num_samples > 1 else None, scale=max(1, 64 // w))
         write_settings(out, {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
                              "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
-                             "input_image": args.input_image, "ema": args.ema})
+                             "input_image": args.input_image, "input_video": args.input_video,
+                             "last_image": args.last_image, "ema": args.ema})
         kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:

@@ -25,7 +25,7 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
-__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_video", "video_aspect", "write_video", "write_gif",
+__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_video", "load_video", "video_aspect", "write_video", "write_gif",
            "to_uint8_frames", "draw_rate"]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,26 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
     if not frames:
         raise CorruptVideoError(f"video {path} has no frames")
     return np.stack(frames), fps
+
+
+def load_video(path: str | Path | BinaryIO, size: tuple[int, int], channels: int,
+               max_frames: int | None = None) -> torch.Tensor:
+    """Decode a video file and resize its frames like :func:`starflow.data.load_image` (cover, centre crop).
+
+    Args:
+        path: any file ``av`` decodes (MP4, WebM, GIF ...).
+        size: ``(h, w)`` in pixels.
+        channels: 1 (greyscale) or 3 (RGB).
+        max_frames: keep only the first frames.
+
+    Returns:
+        ``(T, C, h, w)`` float32 in ``[-1, 1]``.
+
+    Raises:
+        CorruptVideoError: the file is missing or cannot be decoded.
+    """
+    frames, _ = read_video(path)
+    return _resize_frames(frames[:max_frames], size, channels)
 
 
 def video_aspect(path: str | Path | BinaryIO) -> str:

@@ -95,10 +95,28 @@ def _any_active(active: torch.Tensor, rank_sync: RankSync | None) -> bool:
     return bool(flag.item())
 
 
+def _merge_known_runs(bounds: list[tuple[int, int]], all_known: list[bool]) -> list[tuple[int, int]]:
+    """Cut chunks where tokens switch between known (in every row) and not, and join consecutive known pieces
+    into one chunk: a known run needs one evaluation (its values are given; only its keys and values are new)."""
+    merged: list[tuple[int, int]] = []
+    for s, e in bounds:
+        start = s
+        for t in range(s + 1, e + 1):
+            if t < e and all_known[t] == all_known[start]:
+                continue
+            if all_known[start] and merged and all_known[merged[-1][0]]:
+                merged[-1] = (merged[-1][0], t)  # pieces are uniform, so the previous one is wholly known
+            else:
+                merged.append((start, t))
+            start = t
+    return merged
+
+
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
                  jacobi: JacobiSettings, anneal_guidance: bool = False, cache=None,
                  stats: DecodeStats | None = None, frame_tokens: int | None = None,
-                 prefix: torch.Tensor | None = None) -> torch.Tensor:
+                 prefix: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                 known_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Invert ``block`` on ``z`` (noise -> data), token by token or chunk by chunk.
 
     Args:
@@ -115,6 +133,11 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
             the first frame are 4x longer and their first iteration reads the window one frame back.
         prefix: ``(R, P, D)`` known first tokens (image-to-video or a sliding-window context, in block
             order): written to the KV cache in one pass, copied to the output, and decoding starts at ``P``.
+        known: ``(R, N, D)`` known inputs of this block (inpainting, SPEC section 17), in block order, used where
+            ``known_mask`` is True: a known token's decoded value is replaced by its known value (teacher
+            forcing), so every later token attends to the known data. Known tokens start as their exact value
+            (not the noise); a chunk known in every row is evaluated once, only to fill the KV cache.
+        known_mask: ``(R, N, 1)`` bool, True where ``known`` holds (required with ``known``).
 
     Returns:
         ``x (R, N, D)`` float32 data tokens in block order.
@@ -130,22 +153,33 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
     # x holds the decoded tokens before the current chunk and the current guess (the noise) after it: the
     # first iteration of a long video chunk reads one frame back, which can reach past the chunk's start
     x = zf.clone()
-    known = 0 if prefix is None else prefix.shape[1]
-    if known:  # the prefix's keys and values, in one pass (its scale and shift are not needed)
-        x[:, :known] = prefix.float()
-        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, : known - 1]], dim=1).to(block.proj_in.weight.dtype)
+    forced = known is not None
+    if forced:
+        if known_mask is None or known.shape != z.shape or known_mask.shape != (rows, n, 1):
+            raise ValueError(f"known {tuple(known.shape)} needs the noise's shape {tuple(z.shape)} and known_mask "
+                             f"(R, N, 1) = {(rows, n, 1)}, got {None if known_mask is None else tuple(known_mask.shape)}")
+        known_values = known.float()
+        x = torch.where(known_mask, known_values, x)  # known tokens start at their exact value
+        all_known = known_mask.all(0).flatten().tolist()  # tokens known in every row
+    n_prefix = 0 if prefix is None else prefix.shape[1]
+    if n_prefix:  # the prefix's keys and values, in one pass (its scale and shift are not needed)
+        x[:, :n_prefix] = prefix.float()
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, : n_prefix - 1]], dim=1).to(block.proj_in.weight.dtype)
         block.chunk_params(prev, 0, txt_len, rope_table, cache)
         if stats is not None:
             stats.evaluations += 1
-    bounds = (chunk_bounds(n, jacobi.block_size, frame_tokens, known) if jacobi.enabled
-              else [(t, t + 1) for t in range(known, n)])
+    bounds = (chunk_bounds(n, jacobi.block_size, frame_tokens, n_prefix) if jacobi.enabled
+              else [(t, t + 1) for t in range(n_prefix, n)])
+    if forced:
+        bounds = _merge_known_runs(bounds, all_known)
     per_sample = jacobi.stop == "sample"
     for s, e in bounds:
-        x_chunk = zf[:, s:e]  # initial guess: the noise
+        x_chunk = x[:, s:e]  # initial guess: the noise (the exact value at known tokens)
         frame_back = jacobi.enabled and frame_tokens is not None and s > frame_tokens
         base = cache.length
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
-        max_iter = jacobi.max_iter if e - s > 1 else 1
+        fully_known = forced and all(all_known[s:e])
+        max_iter = jacobi.max_iter if e - s > 1 and not fully_known else 1
         active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device)
         frozen_prev = None  # per-sample rule: the inputs at which each stopped sample converged
         for it in range(max_iter):
@@ -161,6 +195,8 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
             if guided:
                 a, b = guide(a, b, w)
             x_new = b + a * zf[:, s:e]
+            if forced:  # teacher forcing: known tokens keep their known value
+                x_new = torch.where(known_mask[:, s:e], known_values[:, s:e], x_new)
             if stats is not None:
                 stats.evaluations += 1
             if max_iter == 1:

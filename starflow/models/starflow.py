@@ -337,7 +337,8 @@ class STARFlow(nn.Module):
                 stats: DecodeStats | None = None, jacobi_stop: str = "batch",
                 rank_sync: RankSync | None = None, window: int | None = None, context_frames: int | None = None,
                 y_extend: torch.Tensor | None = None,
-                timer: Callable[[str], ContextManager] | None = None) -> torch.Tensor:
+                timer: Callable[[str], ContextManager] | None = None, known: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, intermediates: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
 
         Args:
@@ -365,13 +366,25 @@ class STARFlow(nn.Module):
                 default ``y``.
             timer: optional ``timer(name)`` context manager wrapped around each block's decoding, named by
                 :meth:`block_name` (``starflow sample --profile``).
+            known: training-free inpainting (SPEC section 17): latents in the layout of ``noise``, already carrying
+                the training noise (``x~ = x + noise_std * eps``), known outside ``mask``. They are mapped to noise
+                with the conditional text (rows ``[:B]`` of ``y``), keeping every block's input activations;
+                sampling starts from ``(1 - m) f(x~) + m noise`` and, inside every block, each known token's
+                decoded value is replaced by its known activation (teacher forcing), so later tokens attend to
+                the exact known data at every level. Known tokens of the result equal ``known`` exactly.
+            mask: ``(B, [T,] h, w)`` on the token grid (``h = H / patch_size``), True/1 = generate; required with
+                ``known``. Pixel masks are max-pooled to the grid by the caller
+                (:meth:`starflow.sampling.Pipeline.inpaint`).
+            intermediates: a list that receives the latents ``(B, [T,] C, H, W)`` after each block is inverted,
+                deep block first (the last entry is the result).
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
             (see :func:`starflow.sampling.self_denoise`).
 
         Raises:
-            ValueError: text rows do not match the batch.
+            ValueError: text rows do not match the batch; ``known`` without ``mask`` or of another shape, or
+                combined with a video ``context`` or windowed sampling.
         """
         settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync)
         b = noise.shape[0]
@@ -382,13 +395,41 @@ class STARFlow(nn.Module):
             raise ValueError(f"a context of {context.frames} frame(s) needs video noise (B, T, C, H, W) with more "
                              f"frames, got {tuple(noise.shape)}")
         txt_len = 0 if y is None else y.shape[1]
+        known_grids = mask_grid = None
+        if known is not None or mask is not None:
+            known_grids, mask_grid = self._known_activations(known, mask, y, b, grid, context, window)
+            grid = torch.where(mask_grid, grid, known_grids[-1])  # z = (1 - m) f(x~) + m noise
         for i in reversed(range(self.num_blocks)):
             prefix = None if context is None else context.grids[i]
+            forced = None if known_grids is None else (known_grids[i], mask_grid)
             with timer(self.block_name(i)) if timer is not None else contextlib.nullcontext():
                 grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats,
                                           prefix=prefix, window=window, context_frames=context_frames,
-                                          y_extend=y_extend)
+                                          y_extend=y_extend, known=forced)
+            if intermediates is not None:
+                intermediates.append(unpatchify(grid, self.patch_size))
         return unpatchify(grid, self.patch_size)
+
+    def _known_activations(self, known: torch.Tensor | None, mask: torch.Tensor | None, y: torch.Tensor | None,
+                           b: int, grid: torch.Tensor, context, window: int | None):
+        """Every block's input grid for the known latents and the token mask ``(B, [T,] h, w, 1)`` (True = generate)."""
+        if known is None or mask is None:
+            raise ValueError("inpainting needs both known (noised latents) and mask (token grid, 1 = generate)")
+        if tuple(known.shape) != tuple(unpatchify(grid, self.patch_size).shape):
+            raise ValueError(f"known latents {tuple(known.shape)} must have the noise's shape "
+                             f"{tuple(unpatchify(grid, self.patch_size).shape)}")
+        if context is not None or (window is not None and grid.dim() == 5 and grid.shape[1] > window):
+            raise ValueError("inpainting (known, mask) works on one window without a video context prefix: sample "
+                             f"at most {window} latent frames and pass the known frames through the mask instead")
+        mask = mask.to(device=grid.device)
+        if mask.dim() == grid.dim() - 2:
+            mask = mask.expand(b, *mask.shape)
+        if tuple(mask.shape) != tuple(grid.shape[:-1]):
+            raise ValueError(f"mask {tuple(mask.shape)} must be on the token grid {tuple(grid.shape[:-1])} "
+                             f"(latent size / patch_size {self.patch_size}); max-pool pixel masks to it")
+        y_cond = None if y is None else y[:b]
+        out = self(known.float().to(grid.device), y_cond)
+        return out.outputs, mask.bool()[..., None]
 
     @torch.no_grad()
     def encode_context(self, x_prefix: torch.Tensor, y: torch.Tensor | None = None) -> "VideoContext":
@@ -427,23 +468,31 @@ class STARFlow(nn.Module):
                       settings: JacobiSettings, txt_len: int, anneal_guidance: bool = False,
                       stats: DecodeStats | None = None, cache=None, prefix: torch.Tensor | None = None,
                       window: int | None = None, context_frames: int | None = None,
-                      y_extend: torch.Tensor | None = None) -> torch.Tensor:
+                      y_extend: torch.Tensor | None = None,
+                      known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Invert block ``i`` on a token grid ``(B, [T,] h, w, D)``; returns the grid before the block.
 
         ``prefix`` ``(B, P, h, w, D)``: known inputs of the first ``P`` frames (returned unchanged). ``window``
         / ``context_frames``: sliding-window sampling of videos longer than ``window`` frames (see :meth:`reverse`).
+        ``known``: ``(values, mask)``, the block's known input grid and the token mask ``(B, [T,] h, w, 1)``
+        (True = generate) for teacher-forced inpainting (see :meth:`reverse`).
         """
         block = self.blocks[i]
-        known = 0 if prefix is None else prefix.shape[1]
+        n_prefix = 0 if prefix is None else prefix.shape[1]
         video = grid.dim() == 5
-        if isinstance(block, IdentityBlock) or self._frame_local(i, video):
-            rest = grid[:, known:]
-            if not isinstance(block, IdentityBlock):
-                rest = self._reverse_sequence(i, rest, y, guidance, settings, txt_len, anneal_guidance, stats, cache)
+        if isinstance(block, IdentityBlock):
+            rest = grid[:, n_prefix:]
+            if known is not None:
+                rest = torch.where(known[1], rest, known[0].to(rest.dtype))
+            return rest if prefix is None else torch.cat([prefix.to(rest.dtype), rest], dim=1)
+        if self._frame_local(i, video):
+            rest = self._reverse_sequence(i, grid[:, n_prefix:], y, guidance, settings, txt_len, anneal_guidance,
+                                          stats, cache, known=known)
             return rest if prefix is None else torch.cat([prefix.to(rest.dtype), rest], dim=1)
         frames = grid.shape[1] if video else 1
         if window is None or frames <= window:
-            return self._reverse_sequence(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats, cache, prefix)
+            return self._reverse_sequence(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats, cache, prefix,
+                                          known=known)
         c = context_frames
         if c is None or not 1 <= c < window:
             raise ValueError(f"sampling {frames} frames with a window of {window} needs 1 <= context_frames < {window}, got {c}")
@@ -462,8 +511,10 @@ class STARFlow(nn.Module):
 
     def _reverse_sequence(self, i: int, grid: torch.Tensor, y: torch.Tensor | None, guidance: float,
                           settings: JacobiSettings, txt_len: int, anneal_guidance: bool, stats: DecodeStats | None,
-                          cache=None, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode block ``i`` over its whole token sequence (one window), after an optional known prefix."""
+                          cache=None, prefix: torch.Tensor | None = None,
+                          known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Decode block ``i`` over its whole token sequence (one window), after an optional known prefix, with
+        optional teacher-forced known tokens ``(values, mask)``."""
         block = self.blocks[i]
         seq = self._to_sequence(grid, i)
         y_i = self._block_text(i, y, grid) if block.text_conditioned else None
@@ -473,15 +524,21 @@ class STARFlow(nn.Module):
             if self.block_flips(i) and not self.config.temporal_causal:
                 raise ValueError("a video prefix needs temporal_causal > 0 (flipped blocks must keep frame order)")
             pre = self._to_sequence(prefix.to(grid.dtype), i)
+        forced = forced_mask = None
+        if known is not None:  # mask True = generate; decode_block takes True = known
+            forced = self._to_sequence(known[0].to(grid.dtype), i)
+            forced_mask = ~self._to_sequence(known[1].expand(*grid.shape[:-1], 1), i)
         if guided:
             seq = torch.cat([seq, seq])  # guidance rows [cond; uncond]
             pre = None if pre is None else torch.cat([pre, pre])
+            if forced is not None:
+                forced, forced_mask = torch.cat([forced, forced]), torch.cat([forced_mask, forced_mask])
         video = grid.dim() == 5 and not self._frame_local(i, True) and grid.shape[1] > 1
         frame_tokens = grid.shape[-3] * grid.shape[-2] if video else None
         with gathered(block):  # a no-op unless the weights are sharded (FSDP2)
             x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
                              jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats,
-                             frame_tokens=frame_tokens, prefix=pre)
+                             frame_tokens=frame_tokens, prefix=pre, known=forced, known_mask=forced_mask)
         if guided:
             x = x[: x.shape[0] // 2]
         return self._from_sequence(x, grid, i)

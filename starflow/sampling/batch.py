@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +16,7 @@ __all__ = ["write_samples"]
 
 
 def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings, out: Path, *, seed: int,
-                  batch_size: int, dist: DistInfo, gif: bool = False, input_image: torch.Tensor | None = None,
+                  batch_size: int, dist: DistInfo, gif: bool = False, inputs: Mapping[str, torch.Tensor] | None = None,
                   profile: Profile | None = None, stats: DecodeStats | None = None,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
                   progress: str = "sample") -> tuple[int, ...]:
@@ -36,7 +36,9 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         batch_size: samples per forward batch on each rank.
         dist: this process's rank and world size.
         gif: videos: also write an animated GIF.
-        input_image: video models: ``(1, C, H, W)`` first frame in ``[-1, 1]`` (image-to-video) for every sample.
+        inputs: video models: conditioning pixels shared by every sample, by :class:`Pipeline` argument name
+            (``input_image``, ``input_video``, ``last_image``), each with a leading batch axis of 1;
+            ``input_video`` of a ``video_to_video`` model goes to :meth:`Pipeline.video_to_video`.
         profile, stats: optional per-stage timer and evaluation counter.
         indices: the samples to make (e.g. those a resumed run still lacks).
         stem: the output path of sample ``i`` without suffix.
@@ -55,8 +57,13 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
     for start in range(0, per_rank, batch_size):
         idx = mine[start : start + batch_size]
         real = [0 if i is None else i for i in idx]
-        pixels = pipe([captions[i] for i in real], settings, seeds=[seed + i for i in real], profile=profile,
-                      stats=stats, input_image=None if input_image is None else input_image.expand(len(real), -1, -1, -1))
+        batch = {k: v.expand(len(real), *v.shape[1:]) for k, v in (inputs or {}).items()}
+        prompts, seeds = [captions[i] for i in real], [seed + i for i in real]
+        if "input_video" in batch and pipe.config.video_to_video:
+            pixels = pipe.video_to_video(prompts, batch["input_video"], settings, seeds=seeds, profile=profile,
+                                         stats=stats)
+        else:
+            pixels = pipe(prompts, settings, seeds=seeds, profile=profile, stats=stats, **batch)
         shape = tuple(pixels.shape)
         for i, sample in zip(idx, pixels):
             if i is not None:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings"]
+           "write_settings", "overlay_mask", "save_panels"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -36,7 +36,11 @@ def save_image(pixels: torch.Tensor, path: str | Path, scale: int = 1) -> None:
 
     Written to a temporary name and renamed, so a killed process never leaves a truncated file at ``path``.
     """
-    img = _pil(to_uint8(pixels))
+    _save_png(_pil(to_uint8(pixels)), path, scale)
+
+
+def _save_png(img: Image.Image, path: str | Path, scale: int = 1) -> None:
+    """Write ``img`` (nearest upscaling by ``scale``) under a temporary name and rename it to ``path``."""
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
@@ -60,10 +64,7 @@ def make_grid(pixels: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np
 
 def save_grid(pixels: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> None:
     """Save ``(B, C, H, W)`` images in ``[-1, 1]`` as one PNG grid (nearest upscaling by ``scale``)."""
-    img = _pil(make_grid(pixels, nrow))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    _save_png(_pil(make_grid(pixels, nrow)), path, scale)
 
 
 def slug(text: str) -> str:
@@ -110,3 +111,18 @@ def write_settings(folder: Path, record: dict[str, Any]) -> Path:
     path = Path(folder) / "settings.json"
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def overlay_mask(pixels: torch.Tensor, mask: torch.Tensor, tint: tuple[float, float, float] = (1.0, -1.0, -1.0),
+                 alpha: float = 0.5) -> torch.Tensor:
+    """An image ``(C, H, W)`` in ``[-1, 1]`` as RGB with the region ``mask (1, H, W)`` (True) tinted red."""
+    rgb = pixels.float().expand(3, -1, -1) if pixels.shape[0] == 1 else pixels.float()
+    color = torch.tensor(tint, dtype=rgb.dtype, device=rgb.device)[:, None, None]
+    return torch.where(mask.to(rgb.device), (1 - alpha) * rgb + alpha * color, rgb)
+
+
+def save_panels(panels: Sequence[torch.Tensor], path: str | Path, scale: int = 1) -> None:
+    """Save images ``(C, H, W)`` in ``[-1, 1]`` side by side in one PNG (greyscale ones as RGB when mixed)."""
+    rgb = any(p.shape[0] == 3 for p in panels)
+    row = torch.stack([p.float().cpu().expand(3, -1, -1) if rgb else p.float().cpu() for p in panels])
+    save_grid(row, path, nrow=len(panels), scale=scale)

@@ -23,13 +23,15 @@ from starflow.data.aspect import aspect_to_size
 from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sharded_inference
 from starflow.models import STARFlow
 from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
-from starflow.prompts import EXTEND_PREFIX, prompt_from_config
+from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import learned_denoise, self_denoise
 
-__all__ = ["Pipeline", "SampleSettings", "Profile"]
+__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask"]
 
 DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a long video (SPEC section 11)
-PREFIX_SEED_OFFSET = 1_000_003  # the image prefix's noise seed: the sample's seed plus this
+PREFIX_SEED_OFFSET = 1_000_003  # the noise of a known input (prefix, inpainted image): the sample's seed plus this
+LAST_SEED_OFFSET = 2_000_003  # the end frame's noise (last_frame_cond)
+ROUND_SEED_OFFSET = 3_000_017  # inpainting: resampling round r draws its noise with seed + r * this
 
 
 @dataclass
@@ -198,16 +200,86 @@ class Pipeline:
         """Latent frames of the training clips, W (the sliding window of longer videos); None for images."""
         return self.latent_frames() if self.config.is_video else None
 
+    @property
+    def trained_latent_frames(self) -> int | None:
+        """Latent frames of one training sample: the clip, plus the source clip (``video_to_video``) or the end
+        frame (``last_frame_cond``) trained before it; None for images."""
+        if not self.config.is_video:
+            return None
+        frames = self.latent_frames()
+        if self.config.video_to_video:
+            return 2 * frames
+        return frames + 1 if self.config.last_frame_cond else frames
+
     def _noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
-               generator: torch.Generator | None) -> torch.Tensor:
+               generator: torch.Generator | None, offset: int = 0) -> torch.Tensor:
+        """Standard normal ``(n, *shape)``: row ``i`` from its own CPU generator seeded ``seeds[i] + offset``."""
         if seeds is not None:
-            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
         return torch.randn(n, *shape, generator=generator)
+
+    def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = ""):
+        """``(y, y_all, guided)``: conditional rows of ``tag + prompt``, the guidance rows ``[cond; uncond]``."""
+        y = self.encode_prompts([tag + p for p in prompts], settings.aspect_ratio)
+        guided = settings.cfg > 0 and y is not None
+        y_all = torch.cat([y, self.encode_prompts([""] * len(prompts), settings.aspect_ratio)]) if guided else y
+        return y, y_all, guided
+
+    def _reverse(self, noise: torch.Tensor, y_all, guided: bool, settings: SampleSettings, profile: Profile,
+                 stats: DecodeStats, **kwargs) -> torch.Tensor:
+        """:meth:`STARFlow.reverse` with the settings' guidance and Jacobi options, timed per block."""
+        dev = self.device
+        return self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
+                                  jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
+                                  jacobi_max_iter=settings.jacobi_max_iter, anneal_guidance=settings.anneal_guidance,
+                                  stats=stats, jacobi_stop=settings.jacobi_stop,
+                                  rank_sync=any_rank if is_sharded(self.model) else None,
+                                  timer=lambda name: profile.stage(name, dev, stats), **kwargs)
+
+    def _denoise(self, x: torch.Tensor, y, settings: SampleSettings, profile: Profile,
+                 clean: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Remove the training noise from sampled latents (SPEC section 10); ``clean = (P, latents)`` puts back the
+        first ``P`` frames as they were encoded (a video prefix)."""
+        dev, c = self.device, self.config
+        if settings.self_denoise and c.noise_std > 0:
+            with profile.stage("denoising", dev):
+                if self.model.learnable_self_denoiser is not None and x.dim() == 5:
+                    x = learned_denoise(self.model, x, y, window=self.trained_latent_frames)
+                else:
+                    x = self_denoise(self.model, x, y, c.noise_std)
+        if clean is not None:
+            x = x.clone()
+            x[:, : clean[0]] = clean[1].to(x.dtype)
+        return x
+
+    def _decode(self, latents: torch.Tensor, profile: Profile) -> torch.Tensor:
+        """VAE decoding to pixels clamped to ``[-1, 1]``."""
+        with profile.stage("VAE decoding", self.device):
+            pixels = self.vae.decode(latents.to(self.device))
+        return pixels.float().clamp(-1, 1)
+
+    def _encode_pixels(self, pixels: torch.Tensor, what: str, shape: tuple[int, ...], profile: Profile) -> torch.Tensor:
+        """Clean latents of pixels ``(B, C, H, W)`` or ``(B, T, C, H, W)`` in ``[-1, 1]`` (a video keeps ``T``), checked
+        against the sampling size ``shape[-3:]``."""
+        with profile.stage("VAE encoding", self.device):
+            latent = self.vae.encode(pixels.to(self.device).float(), sample=False).float()
+        if tuple(latent.shape[-3:]) != tuple(shape[-3:]):
+            down = self.vae.downsample
+            raise ValueError(f"{what} {tuple(pixels.shape)} encodes to latents {tuple(latent.shape[-3:])}, the sample "
+                             f"needs {tuple(shape[-3:])}: resize it to {shape[-2] * down}x{shape[-1] * down} pixels "
+                             "(the aspect ratio and img_size)")
+        return latent
+
+    def _noised(self, latent: torch.Tensor, seeds, generator, offset: int) -> torch.Tensor:
+        """``latent + noise_std * eps``, ``eps`` seeded per sample (``seed + offset``) like the noise."""
+        eps = self._noise(tuple(latent.shape[1:]), latent.shape[0], seeds, generator, offset)
+        return latent + self.config.noise_std * eps.to(latent.device)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SampleSettings, seeds: list[int] | None = None,
                  generator: torch.Generator | None = None, profile: Profile | None = None,
-                 stats: DecodeStats | None = None, input_image: torch.Tensor | None = None) -> torch.Tensor:
+                 stats: DecodeStats | None = None, input_image: torch.Tensor | None = None,
+                 input_video: torch.Tensor | None = None, last_image: torch.Tensor | None = None) -> torch.Tensor:
         """Sample one image (or video) per prompt.
 
         Args:
@@ -221,69 +293,272 @@ class Pipeline:
             input_image: video models: ``(B, C, H, W)`` pixels in ``[-1, 1]`` at the sampling size, the first
                 frame (image-to-video, SPEC section 11): encoded as a one-frame video, noised with ``noise_std``
                 (seeded like the noise) and used as the prefix; it comes back as frame 0.
+            input_video: video models: ``(B, T, C, H, W)`` pixels of a clip to continue (SPEC sections 11, 17; ``T``
+                frames the VAE accepts, ``(T - 1) % temporal_downsample == 0``). Its last ``context_length`` latent
+                frames (default ``min(16, W - 1)``) are the prefix (with the ``"(extend) "`` caption when the clip
+                is cut), then ``target_length`` new pixel frames (a multiple of the VAE's temporal factor; default
+                the config's clip length) follow, window by window; the result is the whole clip followed by them.
+                For a ``video_to_video`` model use :meth:`video_to_video`.
+            last_image: ``last_frame_cond`` video models: ``(B, C, H, W)`` the end frame, encoded as a one-frame
+                prefix with the ``"(last) "`` caption (before the first frame when ``input_image`` is also given);
+                it is not part of the result.
 
         Returns:
             ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video pixels, float32 in ``[-1, 1]``.
 
         Raises:
-            ValueError: ``input_image`` with an image model or of the wrong size.
+            ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
+                not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size
+                or frame count.
         """
         profile = profile or Profile()
-        dev, c = self.device, self.config
+        c = self.config
+        if (input_image is not None or input_video is not None or last_image is not None) and not c.is_video:
+            raise ValueError("input_image, input_video and last_image are for video models (image-to-video, "
+                             "continuation, end frame); this config has no vid_size")
+        if input_video is not None:
+            if input_image is not None or last_image is not None:
+                raise ValueError("input_video (continuation) cannot be combined with input_image or last_image")
+            return self._continue(prompts, input_video, settings, seeds, generator, profile, stats)
+        if last_image is not None and not c.last_frame_cond:
+            raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
+                             "frame conditions only such models")
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
-        noise = self._noise(shape, len(prompts), seeds, generator).to(dev)
-        with profile.stage("text encoding", dev):
-            y = self.encode_prompts(prompts, settings.aspect_ratio)
-            guided = settings.cfg > 0 and y is not None
-            y_all = torch.cat([y, self.encode_prompts([""] * len(prompts), settings.aspect_ratio)]) if guided else y
+        stats = stats if stats is not None else DecodeStats()
+        with profile.stage("text encoding", self.device):
+            tag = LAST_FRAME_PREFIX if last_image is not None else ""
+            y, y_all, guided = self._encode_text(prompts, settings, tag)
             y_extend = None
             if c.is_video and c.drop_image > 0 and y is not None and shape[0] > (self.window or shape[0]):
                 y_extend = self.encode_prompts([EXTEND_PREFIX + p for p in prompts], settings.aspect_ratio)
                 if guided:
                     y_extend = torch.cat([y_extend, y_all[len(prompts):]])
-        context = None
+        prefix = []  # (clean latents, noised latents, keep in the result)
+        if last_image is not None:
+            end = self._encode_pixels(last_image[:, None], "last_image", shape, profile)
+            prefix.append((end, self._noised(end, seeds, generator, LAST_SEED_OFFSET), False))
         if input_image is not None:
-            context = self._image_context(input_image, shape, seeds, generator, y_all, profile)
-        window = self.window
-        ctx_frames = None
-        if window is not None and shape[0] > window:
-            ctx_frames = settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1)
-        stats = stats if stats is not None else DecodeStats()
-        x = self.model.reverse(noise, y_all, guidance=settings.cfg if guided else 0.0, jacobi=settings.jacobi,
-                               jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
-                               jacobi_max_iter=settings.jacobi_max_iter,
-                               anneal_guidance=settings.anneal_guidance, stats=stats,
-                               jacobi_stop=settings.jacobi_stop,
-                               rank_sync=any_rank if is_sharded(self.model) else None,
-                               context=context, window=window, context_frames=ctx_frames, y_extend=y_extend,
-                               timer=lambda name: profile.stage(name, dev, stats))
-        if settings.self_denoise and c.noise_std > 0:
-            with profile.stage("denoising", dev):
-                if self.model.learnable_self_denoiser is not None and x.dim() == 5:
-                    x = learned_denoise(self.model, x, y, window=window)
-                else:
-                    x = self_denoise(self.model, x, y, c.noise_std)
-                if context is not None:  # the given first frame stays as it was encoded
-                    x[:, : context.frames] = self._prefix_latents
-        with profile.stage("VAE decoding", dev):
-            pixels = self.vae.decode(x.to(dev))
-        return pixels.float().clamp(-1, 1)
+            first = self._encode_pixels(input_image[:, None], "input_image", shape, profile)
+            prefix.append((first, self._noised(first, seeds, generator, PREFIX_SEED_OFFSET), True))
+        drop = sum(1 for *_, keep in prefix if not keep)
+        noise = self._noise((shape[0] + drop, *shape[1:]) if c.is_video else shape, len(prompts), seeds, generator)
+        x = self._sample_after(noise.to(self.device), prefix, y_all, guided, settings, profile, stats,
+                               y_extend=y_extend)
+        clean = None
+        if prefix:
+            clean = (len(prefix), torch.cat([lat for lat, *_ in prefix], 1))
+        return self._decode(self._denoise(x, y, settings, profile, clean)[:, drop:], profile)
 
-    def _image_context(self, image: torch.Tensor, shape: tuple[int, ...], seeds, generator, y_all, profile):
-        """Encode the first frame of an image-to-video sample into a :class:`VideoContext`."""
-        if not self.config.is_video:
-            raise ValueError("input_image is for video models (image-to-video); this config has no vid_size")
-        b = image.shape[0]
-        with profile.stage("VAE encoding", self.device):
-            latent = self.vae.encode(image.to(self.device)[:, None].float(), sample=False).float()  # (B, 1, C, h, w)
-        if tuple(latent.shape[2:]) != tuple(shape[1:]):
-            raise ValueError(f"input image encodes to latents {tuple(latent.shape[2:])}, the video needs {tuple(shape[1:])}: "
-                             "resize it to the sampling size (aspect ratio and img_size)")
-        if seeds is not None:
-            eps = torch.stack([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s + PREFIX_SEED_OFFSET))
-                               for s in seeds])
-        else:
-            eps = torch.randn(latent.shape, generator=generator)
-        prefix = latent + self.config.noise_std * eps.to(latent.device)
-        self._prefix_latents = latent
-        return self.model.encode_context(prefix, y_all[:b] if y_all is not None else None)
+    def _sample_after(self, noise: torch.Tensor, prefix, y_all, guided, settings, profile, stats, y_extend=None):
+        """Sample ``noise`` (video: the prefix frames included) after the encoded prefix latents."""
+        window = self.trained_latent_frames
+        context = ctx_frames = None
+        if prefix:
+            noised = torch.cat([nz for _, nz, _ in prefix], 1)
+            context = self.model.encode_context(noised, y_all)
+        if window is not None and noise.shape[1] > window:
+            ctx_frames = settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1)
+        return self._reverse(noise, y_all, guided, settings, profile, stats, context=context, window=window,
+                             context_frames=ctx_frames, y_extend=y_extend)
+
+    def _continue(self, prompts, video, settings, seeds, generator, profile, stats) -> torch.Tensor:
+        """Continue clips ``(B, T, C, H, W)``: see ``input_video`` in :meth:`__call__`."""
+        c, geo = self.config, self.vae.geometry
+        t = geo.temporal_downsample
+        if video.dim() != 5 or (video.shape[1] - 1) % t:
+            raise ValueError(f"input_video {tuple(video.shape)}: needs (B, T, C, H, W) with T - 1 a multiple of {t} "
+                             f"(the VAE's temporal factor): trim it to {1 + (video.shape[1] - 1) // t * t} frames")
+        new_frames = settings.target_length or max(t, (c.vid_size[0] - 1) // t * t if t > 1 else c.vid_size[0])
+        if new_frames < 1 or new_frames % t:
+            raise ValueError(f"continuation adds target_length = {new_frames} pixel frames; it must be a positive "
+                             f"multiple of {t} (each latent frame after the first covers {t} frames)")
+        shape = self.latent_shape(settings.aspect_ratio)
+        clip = self._encode_pixels(video, "input_video", shape, profile)  # (B, Tc, C, h, w)
+        window = self.window
+        ctx = min(clip.shape[1], settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1))
+        if not 1 <= ctx < window:
+            raise ValueError(f"context_length {ctx}: continuation needs 1 <= context_length < {window} (the window)")
+        cut = clip.shape[1] > ctx  # the context does not start at the video's first frame: "(extend) "
+        with profile.stage("text encoding", self.device):
+            y_plain, y_all, guided = self._encode_text(prompts, settings)
+            y_ext, y_ext_all, _ = self._encode_text(prompts, settings, EXTEND_PREFIX) if c.drop_image > 0 else (
+                y_plain, y_all, guided)
+        stats = stats if stats is not None else DecodeStats()
+        prefix = [(clip[:, -ctx:], self._noised(clip[:, -ctx:], seeds, generator, PREFIX_SEED_OFFSET), True)]
+        n_new = new_frames // t
+        noise = self._noise((ctx + n_new, *shape[1:]), len(prompts), seeds, generator).to(self.device)
+        x = self._sample_after(noise, prefix, y_ext_all if cut else y_all, guided, settings, profile, stats,
+                               y_extend=y_ext_all)
+        x = self._denoise(x, y_ext if cut else y_plain, settings, profile, (ctx, clip[:, -ctx:]))
+        return self._decode(torch.cat([clip[:, :-ctx], x], 1), profile)  # the whole clip, then the new frames
+
+    @torch.no_grad()
+    def video_to_video(self, prompts: list[str], source: torch.Tensor, settings: SampleSettings,
+                       seeds: list[int] | None = None, generator: torch.Generator | None = None,
+                       profile: Profile | None = None, stats: DecodeStats | None = None) -> torch.Tensor:
+        """Video-to-video with a ``video_to_video``-trained model (STARFlow-V; SPEC sections 16, 17).
+
+        The source clip is encoded, noised with ``noise_std`` and run through the flow as a prefix (as
+        image-to-video), the prompt is ``"(v2v) " + caption``, and as many target latent frames as the source has
+        are sampled after it; the prefix is dropped.
+
+        Args:
+            prompts: B captions of the target clips.
+            source: ``(B, T, C, H, W)`` source pixels in ``[-1, 1]`` at the sampling size, ``T`` the config's clip
+                length (``vid_size`` frames).
+            settings, seeds, generator, profile, stats: as :meth:`__call__`.
+
+        Returns:
+            ``(B, T, C, H, W)`` target pixels in ``[-1, 1]``.
+
+        Raises:
+            ValueError: the model was not trained with ``video_to_video``, or the clip has another size or length.
+        """
+        profile, c = profile or Profile(), self.config
+        if not c.video_to_video:
+            raise ValueError("video_to_video needs a model trained with video_to_video (its config says 0); to "
+                             "continue a clip with this model pass it as input_video")
+        if source.dim() != 5 or source.shape[1] != c.vid_size[0]:
+            raise ValueError(f"source clip {tuple(source.shape)}: the model was trained on (B, {c.vid_size[0]}, C, H, W) "
+                             f"clips (vid_size {c.vid_size[0]} frames): cut or resample it to that length")
+        shape = self.latent_shape(settings.aspect_ratio)
+        src = self._encode_pixels(source, "source clip", shape, profile)
+        with profile.stage("text encoding", self.device):
+            y, y_all, guided = self._encode_text(prompts, settings, V2V_PREFIX)
+        stats = stats if stats is not None else DecodeStats()
+        frames = src.shape[1]
+        noise = self._noise((2 * frames, *shape[1:]), len(prompts), seeds, generator).to(self.device)
+        prefix = [(src, self._noised(src, seeds, generator, PREFIX_SEED_OFFSET), False)]
+        x = self._sample_after(noise, prefix, y_all, guided, settings, profile, stats)
+        return self._decode(self._denoise(x, y, settings, profile)[:, frames:], profile)
+
+    # ------------------------------------------------------------------ images: inpainting and editing
+    def _image_inputs(self, image: torch.Tensor, mask: torch.Tensor | None, settings: SampleSettings,
+                      what: str, profile: Profile):
+        """Clean latents of ``image``, the sample's latent shape, and the pixel and token masks (or None)."""
+        if self.config.is_video:
+            raise ValueError(f"{what} works on image models; this config is a video model (vid_size)")
+        shape = self.latent_shape(settings.aspect_ratio)
+        if image.dim() != 4:
+            raise ValueError(f"{what}: the input image must be (B, C, H, W) pixels in [-1, 1], got {tuple(image.shape)}")
+        latent = self._encode_pixels(image, "input image", shape, profile)
+        if mask is None:
+            return latent, shape, None, None
+        pixel_mask = pixel_mask_like(mask, image)
+        return latent, shape, pixel_mask, token_mask(pixel_mask, self.vae.downsample * self.config.patch_size)
+
+    @torch.no_grad()
+    def inpaint(self, prompts: list[str], image: torch.Tensor, mask: torch.Tensor, settings: SampleSettings,
+                seeds: list[int] | None = None, generator: torch.Generator | None = None, rounds: int = 1,
+                profile: Profile | None = None, stats: DecodeStats | None = None,
+                latents: dict | None = None) -> torch.Tensor:
+        """Training-free inpainting with teacher-forced known tokens (STARFlow; SPEC section 17).
+
+        The image is encoded and noised (``x~``, seeded per sample), the pixel mask is max-pooled to the token
+        grid, and :meth:`STARFlow.reverse` samples from ``(1 - m) f(x~) + m eps`` with every block's known
+        activations forced at the known tokens (guidance and Jacobi as ``settings``). Each further round
+        re-encodes the result (its known activations now agree with the generated tokens) and samples the masked
+        tokens again from fresh noise. Then the usual denoising and decoding, and the known pixels are pasted
+        back, so they are exactly the input's.
+
+        Args:
+            prompts: B captions of the completed images.
+            image: ``(B, C, H, W)`` pixels in ``[-1, 1]`` at the sampling size (aspect ratio, ``img_size``).
+            mask: pixel mask, 1 = generate: ``(B, 1, H, W)``, ``(B, H, W)`` or ``(H, W)`` (values > 0.5 count).
+            settings, seeds, generator, profile, stats: as :meth:`__call__`.
+            rounds: sampling rounds K >= 1.
+            latents: optional dict that receives ``"input"`` (``x~``) and ``"sampled"`` (the last round's
+                latents before denoising), ``(B, C, h, w)``.
+
+        Returns:
+            ``(B, C, H, W)`` pixels in ``[-1, 1]``, equal to ``image`` wherever the mask is 0.
+
+        Raises:
+            ValueError: a video model, a mask or image of another size, ``rounds < 1``.
+        """
+        if rounds < 1:
+            raise ValueError(f"inpainting needs rounds >= 1, got {rounds}")
+        profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
+        latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "inpainting", profile)
+        x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET)
+        with profile.stage("text encoding", self.device):
+            y, y_all, guided = self._encode_text(prompts, settings)
+        x = x_known
+        for r in range(rounds):
+            noise = self._noise(shape, len(prompts), seeds, generator, r * ROUND_SEED_OFFSET).to(self.device)
+            x = self._reverse(noise, y_all, guided, settings, profile, stats, known=x, mask=tokens)
+        if latents is not None:
+            latents.update(input=x_known, sampled=x)
+        pixels = self._decode(self._denoise(x, y, settings, profile), profile)
+        return torch.where(pixel_mask, pixels, image.to(pixels))
+
+    @torch.no_grad()
+    def edit(self, source_prompts: list[str], prompts: list[str], image: torch.Tensor, settings: SampleSettings,
+             mask: torch.Tensor | None = None, seeds: list[int] | None = None, generator: torch.Generator | None = None,
+             profile: Profile | None = None, stats: DecodeStats | None = None,
+             latents: dict | None = None) -> torch.Tensor:
+        """Training-free editing by inversion (STARFlow; SPEC section 17).
+
+        ``z = f(x~, y_source)``, then ``x' = f^-1(z, [y_target; y_uncond], w)``: the image's own noise, decoded
+        under the new caption. With ``mask`` only the masked region changes (inpainting with ``z`` as the masked
+        noise; known = outside the mask, pasted back in pixels). With ``prompts == source_prompts`` and guidance 0
+        the sampled latents reproduce ``x~`` (up to float error).
+
+        Args:
+            source_prompts: B captions describing the input image.
+            prompts: B target captions.
+            image: ``(B, C, H, W)`` pixels in ``[-1, 1]`` at the sampling size.
+            settings: guidance (``cfg``), Jacobi and denoising options.
+            mask: optional pixel mask, 1 = may change (as :meth:`inpaint`).
+            seeds, generator, profile, stats: as :meth:`__call__` (the seed draws the noise of ``x~``).
+            latents: optional dict that receives ``"input"`` (``x~``), ``"inverted"`` (``z``) and ``"sampled"``.
+
+        Returns:
+            ``(B, C, H, W)`` edited pixels in ``[-1, 1]``.
+
+        Raises:
+            ValueError: a video model, caption counts that differ from the batch, or inputs of another size.
+        """
+        if not len(source_prompts) == len(prompts) == image.shape[0]:
+            raise ValueError(f"editing needs one source and one target caption per image: got {len(source_prompts)}, "
+                             f"{len(prompts)} and {image.shape[0]} images")
+        profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
+        latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "editing", profile)
+        x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET)
+        with profile.stage("text encoding", self.device):
+            y_source = self.encode_prompts(source_prompts, settings.aspect_ratio)
+            y, y_all, guided = self._encode_text(prompts, settings)
+        with profile.stage("inversion", self.device):
+            z = self.model(x_known, y_source).z
+        masked = {} if tokens is None else {"known": x_known, "mask": tokens}
+        x = self._reverse(z, y_all, guided, settings, profile, stats, **masked)
+        if latents is not None:
+            latents.update(input=x_known, inverted=z, sampled=x)
+        pixels = self._decode(self._denoise(x, y, settings, profile), profile)
+        return pixels if pixel_mask is None else torch.where(pixel_mask, pixels, image.to(pixels))
+
+
+def pixel_mask_like(mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """A pixel mask as bool ``(B, 1, H, W)`` for ``image (B, C, H, W)``, from ``(B, 1, H, W)``, ``(B, H, W)`` or
+    ``(H, W)`` (values > 0.5 are True = generate).
+
+    Raises:
+        ValueError: the mask's size differs from the image's.
+    """
+    b, _, h, w = image.shape
+    m = mask.to(image.device)
+    if m.dim() == 2:
+        m = m[None]
+    if m.dim() == 3:
+        m = m[:, None]
+    if m.dim() != 4 or m.shape[1] != 1 or tuple(m.shape[-2:]) != (h, w) or m.shape[0] not in (1, b):
+        raise ValueError(f"mask {tuple(mask.shape)} does not fit the image {tuple(image.shape)}: give (H, W), (B, H, W) "
+                         f"or (B, 1, H, W) with H, W = {h}, {w}")
+    return (m.float() > 0.5).expand(b, 1, h, w)
+
+
+def token_mask(pixel_mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Max-pool a pixel mask ``(B, 1, H, W)`` (True = generate) to the token grid ``(B, H / factor, W / factor)``:
+    a token is generated when any of its pixels is (``factor`` = VAE downsampling x patch size; SPEC section 17)."""
+    pooled = torch.nn.functional.max_pool2d(pixel_mask.float(), factor)
+    return pooled[:, 0] > 0.5

@@ -1,0 +1,139 @@
+"""Quality of the training-free applications on the shipped demos (SPEC section 17), on real test data.
+
+(a) Inpainting: ``--n`` real test digits with the lower half masked and the prompt "a handwritten digit k" for a
+    *random* k: the fraction the shipped digit classifier (``ckpts/digit_features``) labels k, and the largest
+    pixel error (0..255) in the known upper half. Two references put the number in context: the same images
+    with the lower half of a real train-split digit k pasted in (what a perfect completion drawn from the data
+    would score), and the model prompted with the true digit.
+(b) Editing: the same digits, inverted under their true caption and decoded under a random other digit: the
+    fraction labelled as the target (and, separately, real "3" -> "8").
+(c) Continuation: real moving-digit clips from the test split (``vid_size`` frames, random start and direction)
+    continued by ``--continue_frames`` frames with the shipped moving-digits demo: digit and direction agreement
+    of the new frames (the classifier of ``benchmarks/moving_digits_quality.py``).
+
+    python benchmarks/applications_quality.py [--n 200] [--cfg 2.0] [--rounds 1] [--clips 200]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from moving_digits_quality import fit_classifier, score  # noqa: E402
+
+from starflow.data import load_digit_split  # noqa: E402
+from starflow.data.moving_digits import DIRECTIONS, moving_caption, render_clip  # noqa: E402
+from starflow.evaluation.features import DigitClassifier  # noqa: E402
+from starflow.sampling.io import to_uint8  # noqa: E402
+from starflow.sampling.pipeline import Pipeline, SampleSettings  # noqa: E402
+
+DIGITS = ROOT / "ckpts" / "demo_digits"
+MOVING = ROOT / "ckpts" / "demo_moving_digits"
+
+
+def caption(d: int) -> str:
+    return f"a handwritten digit {d}"
+
+
+def classify(clf: DigitClassifier, pixels: torch.Tensor) -> np.ndarray:
+    """Labels of ``(B, 1, 8, 8)`` pixels in ``[-1, 1]``, quantised to 8 bits first (as saved files are)."""
+    u8 = torch.from_numpy(to_uint8(pixels)[..., 0]).float()[:, None] / 255.0
+    with torch.no_grad():
+        return clf(u8).argmax(1).numpy()
+
+
+def batched(fn, n: int, batch: int):
+    return torch.cat([fn(slice(i, min(i + batch, n))) for i in range(0, n, batch)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="real test digits for (a) and (b) [default: 200]")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance [default: each demo's config]")
+    parser.add_argument("--rounds", type=int, default=1, help="inpainting rounds [default: 1]")
+    parser.add_argument("--clips", type=int, default=200, help="real clips to continue in (c) [default: 200]")
+    parser.add_argument("--continue_frames", type=int, default=8, help="frames added to each clip [default: 8]")
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    clf = DigitClassifier.load()
+
+    pipe = Pipeline.from_pretrained(DIGITS)
+    cfg = pipe.config.cfg if args.cfg is None else args.cfg
+    settings = SampleSettings(cfg=cfg, jacobi=True)
+    images, labels = load_digit_split("test")
+    pick = rng.choice(len(images), args.n, replace=False)
+    x = torch.from_numpy(images[pick]).float()[:, None] / 127.5 - 1
+    truth = labels[pick]
+    target = rng.integers(0, 10, args.n)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[4:] = True
+    seeds = list(range(args.seed, args.seed + args.n))
+    print(f"(a) inpainting the lower half of {args.n} real test digits (guidance {cfg:g}, {args.rounds} round(s))")
+    start = time.perf_counter()
+    out = batched(lambda s: pipe.inpaint([caption(d) for d in target[s]], x[s], mask, settings, seeds=seeds[s],
+                                         rounds=args.rounds), args.n, args.batch_size)
+    seconds = time.perf_counter() - start
+    known_error = np.abs(to_uint8(out)[:, :4].astype(int) - images[pick][:, :4, :, None].astype(int)).max()
+    agree = (classify(clf, out) == target).mean()
+    own = batched(lambda s: pipe.inpaint([caption(d) for d in truth[s]], x[s], mask, settings, seeds=seeds[s],
+                                         rounds=args.rounds), args.n, args.batch_size)
+    train, train_labels = load_digit_split("train")
+    pasted = images[pick].copy()
+    for i, d in enumerate(target):
+        donors = train[train_labels == d]
+        pasted[i, 4:] = donors[rng.integers(len(donors))][4:]
+    pasted_agree = (classify(clf, torch.from_numpy(pasted).float()[:, None] / 127.5 - 1) == target).mean()
+    print(f"{'':<4}{'case':<58}{'agreement':>10}")
+    print(f"{'':<4}{'random prompted digit':<58}{agree:>10.3f}")
+    print(f"{'':<4}{'reference: real lower half of the prompted digit pasted in':<58}{pasted_agree:>10.3f}")
+    print(f"{'':<4}{'reference: prompted with the true digit':<58}{(classify(clf, own) == truth).mean():>10.3f}")
+    print(f"    known upper half: max pixel error {known_error} (0..255); {seconds:.1f} s")
+
+    print(f"\n(b) editing {args.n} real test digits: true caption -> a random other digit (guidance {cfg:g})")
+    other = (truth + rng.integers(1, 10, args.n)) % 10
+    edited = batched(lambda s: pipe.edit([caption(d) for d in truth[s]], [caption(d) for d in other[s]], x[s],
+                                         settings, seeds=seeds[s]), args.n, args.batch_size)
+    print(f"    labelled as the target digit: {(classify(clf, edited) == other).mean():.3f}")
+    threes = torch.from_numpy(images[labels == 3]).float()[:, None] / 127.5 - 1
+    eights = pipe.edit([caption(3)] * len(threes), [caption(8)] * len(threes), threes, settings,
+                       seeds=list(range(len(threes))))
+    print(f"    real 3 -> 8 ({len(threes)} test digits): labelled 8 {(classify(clf, eights) == 8).mean():.3f}")
+
+    video = Pipeline.from_pretrained(MOVING)
+    frames, canvas = video.config.vid_size[0], video.config.img_size
+    vcfg = video.config.cfg if args.cfg is None else args.cfg
+    vclf, _ = fit_classifier(canvas, args.seed)
+    names = list(DIRECTIONS)
+    pick = rng.choice(len(images), args.clips, replace=args.clips > len(images))
+    dirs = [names[k] for k in rng.integers(0, 4, args.clips)]
+    clips = np.stack([render_clip(images[i], frames, canvas, tuple(rng.integers(0, canvas, 2)), d)
+                      for i, d in zip(pick, dirs)])
+    clip_px = torch.from_numpy(clips).float()[:, :, None] / 127.5 - 1
+    vsettings = SampleSettings(cfg=vcfg, jacobi=True, target_length=args.continue_frames)
+    print(f"\n(c) continuing {args.clips} real moving-digit clips ({frames} frames) by {args.continue_frames} frames "
+          f"(guidance {vcfg:g})")
+    start = time.perf_counter()
+    cont = batched(lambda s: video([moving_caption(labels[i], d) for i, d in zip(pick[s], dirs[s])], vsettings,
+                                   seeds=list(range(s.start, s.stop)), input_video=clip_px[s]),
+                   args.clips, args.batch_size)
+    seconds = time.perf_counter() - start
+    new = to_uint8(cont[:, frames:].flatten(0, 1))[..., 0].reshape(args.clips, -1, canvas, canvas)
+    digit_ok, dir_ok = score(new, list(labels[pick]), dirs, vclf)
+    print(f"    {'direction':<12}{'digit':>8}{'direction':>11}")
+    for name in names:
+        sel = np.array([d == name for d in dirs])
+        print(f"    {name:<12}{digit_ok[sel].mean():>8.3f}{dir_ok[sel].mean():>11.3f}")
+    print(f"    {'all':<12}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}   ({seconds:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""``starflow inpaint`` and ``starflow edit``: training-free image applications of the flow (SPEC section 17)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from starflow.cli._flags import add_config_flags, add_device_flag
+from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
+
+__all__ = ["register", "EDIT_SEPARATOR"]
+
+EDIT_SEPARATOR = "[edit]"
+"""The official editing prompts are ``"caption [edit] instruction"``."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``inpaint`` and ``edit`` to the subcommands."""
+    p = sub.add_parser(
+        "inpaint", help="fill a masked region of an image (training-free)",
+        description="Training-free inpainting (STARFlow): the known pixels are run through the flow and teacher-forced "
+                    "at every flow block while the masked tokens are sampled under the caption. Writes result.png "
+                    "(result_NNN.png with --num_samples), input.png, mask.png (the overlay: red = generated) and "
+                    "side_by_side.png; the known pixels of the result are exactly the input's.")
+    _add_common(p)
+    p.add_argument("--caption", required=True, help="caption of the completed image")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="sampling rounds K: each round after the first re-encodes the result and samples the masked "
+                        "tokens again [default: 1]")
+    p.add_argument("--num_samples", type=int, default=1, help="completions (seeds seed .. seed + N - 1) [default: 1]")
+    p.set_defaults(func=run_inpaint)
+
+    p = sub.add_parser(
+        "edit", help="edit an image by inversion under a new caption (training-free)",
+        description="Training-free editing (STARFlow): the image is mapped to noise under --source_caption and "
+                    "decoded under --caption with guidance --cfg. With --mask only the masked region changes. "
+                    "--caption_file takes the official 'caption [edit] instruction' lines: the caption is the source "
+                    "caption and the instruction the target caption, one edit per line. Writes edit_NNN.png, "
+                    "input.png and side_by_side.png (input, then every edit).")
+    _add_common(p, mask_required=False)
+    p.add_argument("--source_caption", default=None, help="caption describing the input image")
+    p.add_argument("--caption", default=None, help="target caption")
+    p.add_argument("--caption_file", default=None,
+                   help="one edit per line: 'source caption [edit] target caption' (the official editing format)")
+    p.set_defaults(func=run_edit)
+
+
+def _add_common(p: argparse.ArgumentParser, mask_required: bool = True) -> None:
+    add_model_flags(p)
+    p.add_argument("--input_image", required=True, help="the image (any PIL-readable file; resized and centre-cropped "
+                                                        "to the sampling size)")
+    region = "region to generate" if mask_required else "region allowed to change [default: the whole image]"
+    masks = p.add_mutually_exclusive_group(required=mask_required)
+    masks.add_argument("--mask", default=None,
+                       help=f"mask image, white = {region}; resized and cropped like the input image")
+    masks.add_argument("--mask_box", default=None, metavar="x0,y0,x1,y1",
+                       help=f"rectangle in the input image's pixels (x1, y1 exclusive): the {region}")
+    add_decoding_flags(p)
+    p.add_argument("--output_dir", default=f"outputs/{p.prog.split()[-1]}", help="folder for the PNGs and settings.json")
+    add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
+    add_config_flags(p, skip={"data", "ema", "ema_start", "init_from"})
+
+
+def _load_inputs(args: argparse.Namespace, pipe, cfg):
+    """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size."""
+    import torch
+    from PIL import Image
+
+    from starflow.data import load_image
+
+    _, h, w = pipe.latent_shape(args.aspect_ratio)
+    down = pipe.vae.downsample
+    size = (h * down, w * down)
+    image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
+    if args.mask:
+        return image, load_image(args.mask, size, 1)[None] > 0
+    if not args.mask_box:
+        return image, None
+    try:
+        x0, y0, x1, y1 = (int(v) for v in args.mask_box.split(","))
+    except ValueError:
+        raise ValueError(f"--mask_box {args.mask_box}: expected four integers x0,y0,x1,y1") from None
+    with Image.open(args.input_image) as img:
+        width, height = img.size
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"--mask_box {args.mask_box}: needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} "
+                         "(the input image's pixels)")
+    box = Image.new("L", (width, height), 0)
+    box.paste(255, (x0, y0, x1, y1))
+    path = Path(args.output_dir) / ".mask_box.png"
+    box.save(path)
+    mask = load_image(path, size, 1)[None] > 0
+    path.unlink()
+    if not mask.any():
+        raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: enlarge it")
+    return image, torch.as_tensor(mask)
+
+
+def _start(args: argparse.Namespace):
+    from starflow.distributed import init_distributed
+
+    dist = init_distributed(args.device)
+    if dist.distributed:
+        raise ValueError(f"{args.command} runs on one process; start it without torchrun")
+    pipe, cfg, checkpoint = load_pipeline(args, dist)
+    if cfg.is_video:
+        raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
+                         "--input_video for continuation and video-to-video)")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return pipe, cfg, checkpoint
+
+
+def run_inpaint(args: argparse.Namespace) -> int:
+    """Inpaint ``--input_image`` inside the mask; write the result, input, overlay and side-by-side PNGs."""
+    from starflow.cli.sample import sample_settings
+    from starflow.sampling.io import overlay_mask, save_image, save_panels, write_settings
+
+    if args.num_samples < 1 or args.rounds < 1:
+        raise ValueError(f"--num_samples {args.num_samples} / --rounds {args.rounds}: both must be >= 1")
+    pipe, cfg, checkpoint = _start(args)
+    image, mask = _load_inputs(args, pipe, cfg)
+    settings = sample_settings(args, cfg)
+    out = Path(args.output_dir)
+    results = []
+    for start in range(0, args.num_samples, args.sample_batch_size):
+        n = min(args.sample_batch_size, args.num_samples - start)
+        results += list(pipe.inpaint([args.caption] * n, image.expand(n, -1, -1, -1), mask, settings,
+                                     seeds=[cfg.seed + start + k for k in range(n)], rounds=args.rounds))
+    scale = max(1, 64 // image.shape[-1])
+    names = ["result.png"] if len(results) == 1 else [f"result_{k:03d}.png" for k in range(len(results))]
+    for name, r in zip(names, results):
+        save_image(r, out / name, scale)
+    save_image(image[0], out / "input.png", scale)
+    overlay = overlay_mask(image[0], mask[0])
+    save_image(overlay, out / "mask.png", scale)
+    save_panels([image[0], overlay, *results], out / "side_by_side.png", scale)
+    write_settings(out, {"command": "inpaint", "caption": args.caption, "checkpoint": str(checkpoint),
+                         "input_image": args.input_image, "mask": args.mask, "mask_box": args.mask_box,
+                         "rounds": args.rounds, "seed": cfg.seed, "settings": vars(settings), "config": cfg.to_dict()})
+    print(f"wrote {', '.join(names)}, input.png, mask.png, side_by_side.png and settings.json to {out}")
+    return 0
+
+
+def read_edits(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(source caption, target caption)`` pairs of ``--caption_file`` (``"caption [edit] instruction"`` lines) or
+    of ``--source_caption``/``--caption``."""
+    if args.caption_file:
+        if args.caption or args.source_caption:
+            raise ValueError("--caption_file holds the captions: drop --caption/--source_caption")
+        pairs = []
+        for k, line in enumerate(Path(args.caption_file).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if line.count(EDIT_SEPARATOR) != 1:
+                raise ValueError(f"{args.caption_file} line {k}: expected 'caption {EDIT_SEPARATOR} instruction', "
+                                 f"got {line!r}")
+            source, target = (part.strip() for part in line.split(EDIT_SEPARATOR))
+            pairs.append((source, target))
+        if not pairs:
+            raise ValueError(f"{args.caption_file} holds no edit")
+        return pairs
+    if args.caption is None or args.source_caption is None:
+        raise ValueError("edit needs --source_caption and --caption (or --caption_file with "
+                         f"'caption {EDIT_SEPARATOR} instruction' lines)")
+    return [(args.source_caption, args.caption)]
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """Edit ``--input_image`` from its source caption to each target caption; write one PNG per edit."""
+    from starflow.cli.sample import sample_settings
+    from starflow.sampling.io import save_image, save_panels, write_settings
+
+    pairs = read_edits(args)
+    pipe, cfg, checkpoint = _start(args)
+    image, mask = _load_inputs(args, pipe, cfg)
+    settings = sample_settings(args, cfg)
+    out = Path(args.output_dir)
+    edits = []
+    for start in range(0, len(pairs), args.sample_batch_size):
+        chunk = pairs[start : start + args.sample_batch_size]
+        edits += list(pipe.edit([s for s, _ in chunk], [t for _, t in chunk], image.expand(len(chunk), -1, -1, -1),
+                                settings, mask=mask, seeds=[cfg.seed] * len(chunk)))
+    scale = max(1, 64 // image.shape[-1])
+    names = [f"edit_{k:03d}.png" for k in range(len(edits))]
+    for name, e in zip(names, edits):
+        save_image(e, out / name, scale)
+    save_image(image[0], out / "input.png", scale)
+    save_panels([image[0], *edits], out / "side_by_side.png", scale)
+    write_settings(out, {"command": "edit", "edits": [{"file": n, "source_caption": s, "caption": t}
+                                                      for n, (s, t) in zip(names, pairs)],
+                         "checkpoint": str(checkpoint), "input_image": args.input_image, "mask": args.mask,
+                         "mask_box": args.mask_box, "seed": cfg.seed, "settings": vars(settings),
+                         "config": cfg.to_dict()})
+    print(f"wrote {len(edits)} edit(s), input.png, side_by_side.png and settings.json to {out}")
+    return 0

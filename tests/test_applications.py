@@ -1,0 +1,286 @@
+"""The training-free applications (SPEC section 17): inpainting with teacher-forced known tokens, editing by
+inversion, video continuation, video-to-video and the end frame; their commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from starflow.adapters import build_text_encoder, build_tiny_wan_vae
+from starflow.assets import DEMO_DIR
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.data import load_digit_split
+from starflow.data.video import read_video, write_video
+from starflow.models import STARFlow
+from starflow.models.jacobi import _merge_known_runs
+from starflow.models.starflow import patchify
+from starflow.sampling.pipeline import Pipeline, SampleSettings, token_mask
+
+from test_video import TINY_VIDEO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+MOVING_DEMO = ROOT / "ckpts" / "demo_moving_digits"
+
+
+@pytest.fixture(scope="module")
+def digits() -> Pipeline:
+    return Pipeline.from_pretrained(DEMO_DIR)
+
+
+@pytest.fixture(scope="module")
+def real_digits() -> tuple[torch.Tensor, np.ndarray]:
+    images, labels = load_digit_split("test")
+    return torch.from_numpy(images[:6]).float()[:, None] / 127.5 - 1, labels[:6]
+
+
+def _prompts(digits: Pipeline, captions: list[str], guidance: float) -> torch.Tensor:
+    y = digits.encode_prompts(captions)
+    return torch.cat([y, digits.encode_prompts([""] * len(captions))]) if guidance > 0 else y
+
+
+LOWER_HALF = torch.zeros(8, 8, dtype=torch.bool)
+LOWER_HALF[4:] = True
+
+
+# ---------------------------------------------------------------------- the model: teacher forcing
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_known_tokens_are_the_known_activations_in_every_block(digits, real_digits, jacobi: bool) -> None:
+    model, (x, _) = digits.model, real_digits
+    known = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    y = _prompts(digits, ["a handwritten digit 5"] * len(x), 2.0)
+    mask = LOWER_HALF.clone()
+    mask[:, :2] = True  # the generated region is not a prefix in either token order
+    steps: list[torch.Tensor] = []
+    out = model.reverse(torch.randn(x.shape), y, guidance=2.0, jacobi=jacobi, jacobi_block_size=8, known=known,
+                        mask=mask, intermediates=steps)
+    reference = model(known, y[: len(x)]).outputs
+    assert len(steps) == model.num_blocks and torch.equal(steps[-1], out)
+    for i, step in zip(reversed(range(model.num_blocks)), steps):  # step = the input of block i
+        grid = patchify(step, model.patch_size)
+        assert torch.equal(grid[:, ~mask], reference[i][:, ~mask]), model.block_name(i)
+        assert not torch.allclose(grid[:, mask], reference[i][:, mask])
+    assert torch.equal(out[:, :, ~mask], known[:, :, ~mask])
+
+
+def test_everything_known_gives_the_input_back_in_one_evaluation_per_run(digits, real_digits) -> None:
+    from starflow.models.jacobi import DecodeStats
+
+    model, (x, _) = digits.model, real_digits
+    y = _prompts(digits, ["a handwritten digit 1"] * len(x), 0.0)
+    stats = DecodeStats()
+    out = model.reverse(torch.randn(x.shape), y, known=x, mask=torch.zeros(8, 8, dtype=torch.bool), stats=stats)
+    assert torch.equal(out, x)
+    assert stats.evaluations == sum(1 for b in model.blocks if hasattr(b, "attn_blocks"))
+
+
+def test_known_runs_become_one_chunk() -> None:
+    known = [True, True, False, True, True, True, False, False]
+    assert _merge_known_runs([(t, t + 1) for t in range(8)], known) == [(0, 2), (2, 3), (3, 6), (6, 7), (7, 8)]
+    assert _merge_known_runs([(0, 4), (4, 8)], known) == [(0, 2), (2, 3), (3, 6), (6, 8)]
+    assert _merge_known_runs([(0, 8)], [False] * 8) == [(0, 8)]
+
+
+def test_jacobi_and_sequential_inpainting_agree(digits, real_digits) -> None:
+    (x, _), model = real_digits, digits.model
+    y = _prompts(digits, ["a handwritten digit 7"] * len(x), 2.0)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    seq = model.reverse(noise, y, guidance=2.0, known=x, mask=LOWER_HALF)
+    jac = model.reverse(noise, y, guidance=2.0, jacobi=True, jacobi_block_size=16, jacobi_th=1e-6, known=x,
+                        mask=LOWER_HALF)
+    torch.testing.assert_close(jac, seq, atol=1e-3, rtol=1e-3)  # the test of plain Jacobi decoding uses the same
+
+
+def test_inpainting_rejects_bad_masks(digits, real_digits) -> None:
+    x, model = real_digits[0], digits.model
+    y = _prompts(digits, ["a"] * len(x), 0.0)
+    with pytest.raises(ValueError, match="token grid"):
+        model.reverse(torch.randn(x.shape), y, known=x, mask=torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="both known"):
+        model.reverse(torch.randn(x.shape), y, known=x)
+
+
+# ---------------------------------------------------------------------- the pipeline: inpainting and editing
+def test_inpaint_keeps_the_known_pixels_exactly(digits, real_digits) -> None:
+    x, _ = real_digits
+    settings = SampleSettings(cfg=2.0, jacobi=False)
+    latents: dict = {}
+    out = digits.inpaint(["a handwritten digit 9"] * len(x), x, LOWER_HALF, settings, seeds=list(range(len(x))),
+                         rounds=2, latents=latents)
+    assert out.shape == x.shape
+    assert torch.equal(out[:, :, :4], x[:, :, :4])
+    assert not torch.allclose(out[:, :, 4:], x[:, :, 4:], atol=0.05)
+    assert torch.equal(latents["sampled"][:, :, :4], latents["input"][:, :, :4])
+    again = digits.inpaint(["a handwritten digit 9"], x[:1], LOWER_HALF, settings, seeds=[0], rounds=2)
+    torch.testing.assert_close(again, out[:1])  # per-sample seeds: independent of the batch
+
+
+def test_token_mask_is_the_max_pooled_pixel_mask() -> None:
+    pixels = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    pixels[0, 0, 3, 5] = True
+    tokens = token_mask(pixels, 2)
+    assert tokens.shape == (1, 4, 4) and tokens.sum() == 1 and tokens[0, 1, 2]
+
+
+def test_edit_with_the_source_caption_reproduces_the_input(digits, real_digits) -> None:
+    x, labels = real_digits
+    captions = [f"a handwritten digit {d}" for d in labels]
+    latents: dict = {}
+    digits.edit(captions, captions, x, SampleSettings(cfg=0.0, jacobi=False), seeds=list(range(len(x))),
+                latents=latents)
+    torch.testing.assert_close(latents["sampled"], latents["input"], atol=1e-4, rtol=0)
+    edited = digits.edit(captions, ["a handwritten digit 8"] * len(x), x, SampleSettings(cfg=1.0),
+                         seeds=list(range(len(x))))
+    assert (edited - x).abs().max() > 0.3
+    masked = digits.edit(captions, ["a handwritten digit 8"] * len(x), x, SampleSettings(cfg=1.0), mask=LOWER_HALF,
+                         seeds=list(range(len(x))))
+    assert torch.equal(masked[:, :, :4], x[:, :, :4])
+
+
+# ---------------------------------------------------------------------- video: continuation, v2v, end frame
+def _video_pipeline(**overrides) -> Pipeline:
+    """The tiny video config (with ``overrides``) as a pipeline, output layers perturbed: a non-trivial flow."""
+    from starflow.adapters import build_latent_adapter
+
+    cfg = load_config(dict(TINY_VIDEO, **overrides))
+    torch.manual_seed(0)
+    model = STARFlow.from_config(cfg, txt_dim=32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj_out.weight" in name or "final_norm.weight" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return Pipeline(model, build_text_encoder(cfg), build_latent_adapter("none", channels=1), cfg)
+
+
+def test_continuation_keeps_the_clip_and_follows_it() -> None:
+    pipe = _video_pipeline()
+    clip = torch.rand(1, 5, 1, 8, 8) * 2 - 1
+    settings = SampleSettings(cfg=1.0, jacobi=False, target_length=4, self_denoise=False)
+    out = pipe(["a handwritten digit 2 moving left"], settings, seeds=[0], input_video=clip)
+    assert out.shape == (1, 9, 1, 8, 8)
+    torch.testing.assert_close(out[:, :5], clip.clamp(-1, 1))  # the clip, then 4 new frames
+    other = clip.clone()
+    other[:, -1] = -other[:, -1]
+    assert not torch.allclose(pipe(["a handwritten digit 2 moving left"], settings, seeds=[0], input_video=other)[:, 5:],
+                              out[:, 5:])  # the new frames depend on the context
+    with pytest.raises(ValueError, match="input_image"):
+        pipe(["a"], settings, input_video=clip, input_image=clip[:, 0])
+
+
+def test_continuation_checks_the_wan_frame_rules() -> None:
+    cfg = load_config(dict(TINY_VIDEO, img_size=32, patch_size=1, channel_size=48, vid_size="5:8",
+                           vae="Wan-AI/Wan2.2-TI2V-5B-Diffusers"))
+    model = STARFlow.from_config(cfg, txt_dim=32, vae_downsample=16).eval()
+    pipe = Pipeline(model, build_text_encoder(cfg), build_tiny_wan_vae(), cfg)
+    settings = SampleSettings(jacobi=False, target_length=4)
+    out = pipe(["a"], settings, seeds=[0], input_video=torch.rand(1, 5, 3, 32, 32) * 2 - 1)
+    assert out.shape == (1, 9, 3, 32, 32)  # 5 + 4 frames: latents 2 + 1
+    with pytest.raises(ValueError, match="trim it to 5 frames"):
+        pipe(["a"], settings, input_video=torch.zeros(1, 6, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pipe(["a"], SampleSettings(target_length=3), input_video=torch.zeros(1, 5, 3, 32, 32))
+
+
+def test_video_to_video_and_end_frame_models() -> None:
+    v2v = _video_pipeline(video_to_video=1, drop_image=0)
+    assert v2v.trained_latent_frames == 6
+    source = torch.rand(2, 3, 1, 8, 8) * 2 - 1
+    settings = SampleSettings(cfg=1.0, jacobi=False)
+    out = v2v.video_to_video(["a", "b"], source, settings, seeds=[0, 1])
+    assert out.shape == source.shape
+    torch.testing.assert_close(v2v.video_to_video(["b"], source[1:], settings, seeds=[1]), out[1:])
+    with pytest.raises(ValueError, match="video_to_video"):
+        _video_pipeline().video_to_video(["a"], source[:1], settings)
+    with pytest.raises(ValueError, match="vid_size 3 frames"):
+        v2v.video_to_video(["a"], source[:, :2], settings)
+
+    last = _video_pipeline(last_frame_cond=1, drop_image=0)
+    end, first = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 1, 8, 8) * 2 - 1
+    clip = last(["a"], settings, seeds=[0], last_image=end, input_image=first)
+    assert clip.shape == (1, 3, 1, 8, 8)
+    torch.testing.assert_close(clip[:, 0], first)  # the end frame is not part of the result
+    assert last(["a"], settings, seeds=[0], last_image=end).shape == (1, 3, 1, 8, 8)
+    with pytest.raises(ValueError, match="last_frame_cond"):
+        v2v(["a"], settings, last_image=end)
+
+
+# ---------------------------------------------------------------------- commands
+def _digit_png(folder: Path, label: int) -> Path:
+    images, labels = load_digit_split("test")
+    path = folder / f"digit_{label}.png"
+    Image.fromarray(images[int(np.flatnonzero(labels == label)[0])]).save(path)
+    return path
+
+
+def test_inpaint_command(tmp_path: Path) -> None:
+    image = _digit_png(tmp_path, 4)
+    out = tmp_path / "inpaint"
+    assert main(["inpaint", "--input_image", str(image), "--mask_box", "0,4,8,8", "--caption", "a handwritten digit 9",
+                 "--num_samples", "2", "--rounds", "2", "--output_dir", str(out), "--device", "cpu"]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"result_000.png", "result_001.png", "input.png", "mask.png", "side_by_side.png", "settings.json"} <= files
+    original = np.asarray(Image.open(image))
+    for name in ("result_000.png", "result_001.png"):
+        result = np.asarray(Image.open(out / name))[::8, ::8]  # saved 8x larger
+        np.testing.assert_array_equal(result[:4], original[:4])
+    assert json.loads((out / "settings.json").read_text())["rounds"] == 2
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(8)[:, None] >= 4, 255, 0).repeat(8, 1).astype(np.uint8)).save(mask)
+    assert main(["inpaint", "--input_image", str(image), "--mask", str(mask), "--caption", "a handwritten digit 9",
+                 "--rounds", "2", "--output_dir", str(tmp_path / "png_mask"), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png_mask" / "result.png"))[::8, ::8],
+                                  np.asarray(Image.open(out / "result_000.png"))[::8, ::8])  # same mask, same seed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mask_box", "0,4,9,8"], "--mask_box 0,4,9,8: needs 0 <= x0 < x1 <= 8"),
+    (["--mask_box", "a,b"], "four integers"),
+    (["--mask_box", "0,4,8,8", "--rounds", "0"], "--rounds 0"),
+])
+def test_inpaint_command_rejects_bad_input(tmp_path: Path, capsys, argv, message) -> None:
+    image = _digit_png(tmp_path, 4)
+    assert main(["inpaint", "--input_image", str(image), "--caption", "x", "--output_dir", str(tmp_path / "o"),
+                 "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_edit_command_reads_official_edit_lines(tmp_path: Path, capsys) -> None:
+    image = _digit_png(tmp_path, 3)
+    edits = tmp_path / "edits.txt"
+    edits.write_text("a handwritten digit 3 [edit] a handwritten digit 8\n\na handwritten digit 3 [edit] "
+                     "a handwritten digit 3\n")
+    out = tmp_path / "edit"
+    assert main(["edit", "--input_image", str(image), "--caption_file", str(edits), "--cfg", "0",
+                 "--output_dir", str(out), "--device", "cpu"]) == 0
+    record = json.loads((out / "settings.json").read_text())
+    assert [e["caption"] for e in record["edits"]] == ["a handwritten digit 8", "a handwritten digit 3"]
+    original = np.asarray(Image.open(image)).astype(int)
+    same = np.asarray(Image.open(out / "edit_001.png"))[::8, ::8].astype(int)
+    changed = np.asarray(Image.open(out / "edit_000.png"))[::8, ::8].astype(int)
+    assert np.abs(same - original).mean() < np.abs(changed - original).mean()
+    edits.write_text("a handwritten digit 3 to 8\n")
+    assert main(["edit", "--input_image", str(image), "--caption_file", str(edits), "--output_dir", str(out),
+                 "--device", "cpu"]) == 2
+    assert "line 1: expected 'caption [edit] instruction'" in capsys.readouterr().err
+
+
+def test_sample_continues_a_real_moving_digit_clip(tmp_path: Path) -> None:
+    from starflow.data.moving_digits import render_clip
+
+    images, _ = load_digit_split("test")
+    clip = render_clip(images[0], 4, 12, (2, 2), "right")
+    source = write_video(tmp_path / "clip.mp4", np.repeat(clip[..., None], 3, -1), 8, lossless=True)
+    out = tmp_path / "continued"
+    assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a handwritten digit 2 moving right",
+                 "--input_video", str(source), "--target_length", "4", "--output_dir", str(out),
+                 "--device", "cpu"]) == 0
+    frames, _ = read_video(next(out.glob("*.mp4")))
+    assert frames.shape[0] == 8
+    assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_video", str(source),
+                 "--output_dir", str(out), "--device", "cpu"]) == 2
