@@ -278,7 +278,7 @@ def test_sample_continues_a_real_moving_digit_clip(tmp_path: Path) -> None:
     source = write_video(tmp_path / "clip.mp4", np.repeat(clip[..., None], 3, -1), 8, lossless=True)
     out = tmp_path / "continued"
     assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a handwritten digit 2 moving right",
-                 "--input_video", str(source), "--target_length", "4", "--output_dir", str(out),
+                 "--input_video", str(source), "--target_length", "4", "--num_samples", "1", "--output_dir", str(out),
                  "--device", "cpu"]) == 0
     frames, _ = read_video(next(out.glob("*.mp4")))
     assert frames.shape[0] == 8

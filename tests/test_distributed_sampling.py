@@ -73,3 +73,28 @@ def test_per_sample_stopping_is_what_makes_ranks_agree(one_process: Path, tmp_pa
     assert main(base[:-2] + ["--output_dir", str(c), "--sample_batch_size", "7"]) == 0
     assert main(base[:-2] + ["--output_dir", str(d), "--sample_batch_size", "1"]) == 0
     assert all(np.array_equal(x, y) for x, y in zip(pngs(c).values(), pngs(d).values()))
+
+
+def test_a_single_caption_counts_as_the_official_script(tmp_path: Path) -> None:
+    """One ``--caption``: ``sample_batch_size`` images per process (4, and 8 on 2 processes), unless
+    ``--num_samples`` says otherwise; a caption file: one image per line (times ``--num_samples``)."""
+    base = ["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a handwritten digit 7", "--device", "cpu",
+            "--sample_batch_size", "4"]
+    assert main(base + ["--output_dir", str(tmp_path / "one")]) == 0
+    assert len(pngs(tmp_path / "one")) == 4
+    r = torchrun(base + ["--output_dir", str(tmp_path / "two")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = pngs(tmp_path / "two")
+    assert len(two) == 8
+    for name, image in pngs(tmp_path / "one").items():  # seeds follow the global index
+        np.testing.assert_array_equal(two[name], image)
+    assert main(base + ["--num_samples", "3", "--output_dir", str(tmp_path / "three")]) == 0
+    assert len(pngs(tmp_path / "three")) == 3
+    (tmp_path / "captions.txt").write_text("a handwritten digit 1\na handwritten digit 2\n")
+    files = ["sample", "--checkpoint_path", str(DEMO_DIR), "--caption_file", str(tmp_path / "captions.txt"),
+             "--device", "cpu", "--sample_batch_size", "4"]
+    assert main(files + ["--output_dir", str(tmp_path / "file")]) == 0
+    assert len(pngs(tmp_path / "file")) == 2
+    assert main(files + ["--num_samples", "2", "--output_dir", str(tmp_path / "file2")]) == 0
+    assert len(pngs(tmp_path / "file2")) == 4
+    assert main(base + ["--num_samples", "0", "--output_dir", str(tmp_path / "zero")]) == 2

@@ -65,7 +65,7 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
     assert main(["export", str(logdir), str(tmp_path / "x.safetensors")]) == 2
     assert "--merge_lora" in capsys.readouterr().err
     assert main(["sample", "--checkpoint_path", str(logdir / "model"), "--caption", "a handwritten digit 1",
-                 "--output_dir", str(tmp_path / "s"), "--device", "cpu"]) == 0
+                 "--num_samples", "1", "--output_dir", str(tmp_path / "s"), "--device", "cpu"]) == 0
     # a restart resumes the adapters on top of the base weights loaded again from init_from
     longer = config_file(dict(load_config(config).to_dict(), steps=6), name="longer.yaml")
     assert main([*train[:2], str(longer), *train[3:]]) == 0

@@ -229,7 +229,7 @@ def test_sample_video_command(video_run: Path, tmp_path: Path) -> None:
     Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(image)
     out = tmp_path / "i2v"
     assert main(["sample", "--checkpoint_path", str(video_run / "model"), "--caption", "a handwritten digit 3 moving left",
-                 "--input_image", str(image), "--target_length", "7", "--gif", "--output_dir", str(out),
+                 "--input_image", str(image), "--target_length", "7", "--gif", "--num_samples", "1", "--output_dir", str(out),
                  "--device", "cpu", "--cfg", "1.5"]) == 0
     stem = out / "00000_a_handwritten_digit_3_moving_left"
     frames, fps = read_video(stem.with_suffix(".mp4"))
@@ -269,7 +269,8 @@ def test_shipped_video_demo_moves_as_prompted() -> None:
 def test_shipped_video_demo_image_to_video_keeps_the_real_image(tmp_path: Path) -> None:
     out = tmp_path / "i2v"
     assert main(["sample", "--checkpoint_path", str(VIDEO_DEMO), "--caption", "a handwritten digit 7 moving right",
-                 "--input_image", str(REAL_DIGIT), "--output_dir", str(out), "--device", "cpu"]) == 0
+                 "--input_image", str(REAL_DIGIT), "--num_samples", "1", "--output_dir", str(out),
+                 "--device", "cpu"]) == 0
     poster = np.asarray(Image.open(out / "00000_a_handwritten_digit_7_moving_right.png"))
     image = np.asarray(Image.open(REAL_DIGIT).convert("L"))
     assert poster.shape == (12, 4 * 12) and image.shape == (12, 12)

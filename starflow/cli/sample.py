@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class_id", type=int, action="append",
                    help="class-conditional models (a .vocab 'text'): sample class K of the vocabulary (repeatable); "
                         "--caption takes the class name instead")
-    p.add_argument("--num_samples", type=int, default=1, help="images per prompt [default: 1]")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="images per prompt. Default as the official sample.py: a single prompt (one --caption or "
+                        "--class_id) gives sample_batch_size x world_size images, several prompts (repeated flags, "
+                        "a --caption_file, the demo's prompts) one image each")
     add_decoding_flags(p)
     p.add_argument("--output_dir", default="outputs/samples", help="folder for PNGs, grid.png, settings.json")
     p.add_argument("--input_image", default=None,
@@ -79,7 +82,9 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
                         "(change over the whole batch) [default: sample]")
     p.add_argument("--aspect_ratio", default="1:1", help="w:h, e.g. 16:9 [default: 1:1]")
-    p.add_argument("--sample_batch_size", type=int, default=16, help="images per forward batch [default: 16]")
+    p.add_argument("--sample_batch_size", type=int, default=16,
+                   help="images per forward batch on each process; also the images per process of a single prompt in "
+                        "starflow sample without --num_samples (the official sample.py) [default: 16]")
     p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="remove the training noise with one score step [default: on]")
 
@@ -121,9 +126,17 @@ def sample_settings(args: argparse.Namespace, cfg):
                           context_length=getattr(args, "context_length", None))
 
 
-def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | None = None) -> list[str]:
+def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | None = None,
+                  world_size: int = 1) -> list[str]:
     """The prompts of ``--caption_file``, ``--caption`` or ``--class_id`` (the demo prompts for the demo), each
-    repeated ``--num_samples`` times."""
+    repeated ``--num_samples`` times; without ``--num_samples``, a single ``--caption``/``--class_id`` is repeated
+    ``sample_batch_size x world_size`` times (the official ``sample.py``) and several prompts once each.
+
+    Raises:
+        ValueError: ``--num_samples`` below 1, an unknown class, or a caption file without a caption.
+    """
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num_samples {args.num_samples}: must be >= 1 (images per prompt)")
     if args.class_id:
         if classes is None:
             raise ValueError("--class_id is for class-conditional models (config 'text' a .vocab file); pass --caption")
@@ -134,13 +147,19 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     elif args.caption_file:
         lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
         captions = [line.strip() for line in lines if line.strip()]
+        if not captions:
+            raise ValueError(f"--caption_file {args.caption_file}: no caption in it (one per line)")
     elif args.caption:
         captions = list(args.caption)
     elif demo:
         captions = list(assets.DEMO_PROMPTS)
     else:
         raise SystemExit("no prompt: pass --caption TEXT (repeatable) or --caption_file FILE")
-    return [c for c in captions for _ in range(args.num_samples)]
+    repeat = args.num_samples
+    if repeat is None:
+        single = not args.caption_file and len(captions) == 1 and (args.caption or args.class_id)
+        repeat = args.sample_batch_size * world_size if single else 1
+    return [c for c in captions for _ in range(repeat)]
 
 
 def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
@@ -194,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     dist = init_distributed(args.device)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
-    captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None))
+    captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size)
+    per_prompt = len(captions) // len(set(captions)) if captions else 1
     settings = sample_settings(args, cfg)
     inputs = read_video_inputs(args, pipe, cfg)
     out = Path(args.output_dir)
@@ -207,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         frames = shape[1] if len(shape) == 5 else 1
         files = [sample_stem(out, i, c).with_suffix(".png") for i, c in enumerate(captions)]
         save_poster_grid(files, out / "grid.png", (h, w * frames), shape[-3],
-                         nrow=args.num_samples if args.num_samples > 1 else None, scale=max(1, 64 // w))
+                         nrow=per_prompt if 1 < per_prompt <= 16 else None, scale=max(1, 64 // w))
         write_settings(out, {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
                              "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
                              "input_image": args.input_image, "input_video": args.input_video,
