@@ -76,7 +76,7 @@ def test_sample_writes_images_grid_and_settings(model_dir: Path, tmp_path: Path,
         assert grid.size == ((2 * 9 + 1) * 8, (2 * 9 + 1) * 8)
     record = json.loads((out / "settings.json").read_text())
     assert set(record) == {"captions", "checkpoint", "settings", "seed", "world_size", "config", "input_image",
-                           "input_video", "last_image", "ema"}
+                           "input_video", "last_image", "negative_prompts", "ema"}
     assert record["captions"] == [CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2
     assert record["checkpoint"] == str(model_dir) and record["seed"] == 0 and record["world_size"] == 1
     assert record["settings"]["cfg"] == 1.5 and record["settings"]["jacobi"] is True
@@ -273,3 +273,28 @@ def test_corrupt_weights_give_a_clear_cli_error(model_dir: Path, tmp_path: Path,
                  "--caption", "x", "--output_dir", str(tmp_path / "out")])
     assert code == 2
     assert "corrupt or incomplete" in capsys.readouterr().err
+
+
+def test_negative_prompts_replace_the_unconditional_rows(tmp_path: Path, capsys) -> None:
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    settings, prompts = SampleSettings(cfg=2.0, jacobi=False), ["a handwritten digit 8"] * 2
+    plain = pipe(prompts, settings, seeds=[0, 1])
+    assert torch.equal(pipe(prompts, settings, seeds=[0, 1], negative_prompts=["", ""]), plain)  # default unchanged
+    negative = pipe(prompts, settings, seeds=[0, 1], negative_prompts=["a handwritten digit 3"] * 2)
+    assert (negative - plain).abs().max() > 0.1
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe(prompts, settings, negative_prompts=["x"])
+    (tmp_path / "captions.txt").write_text("a handwritten digit 8\ta handwritten digit 3\na handwritten digit 8\n")
+    base = ["sample", "--checkpoint_path", str(DEMO_DIR), "--cfg", "2.0", "--jacobi", "0", "--device", "cpu"]
+    assert main(base + ["--caption_file", str(tmp_path / "captions.txt"), "--output_dir", str(tmp_path / "f")]) == 0
+    record = json.loads((tmp_path / "f" / "settings.json").read_text())
+    assert record["captions"] == prompts and record["negative_prompts"] == ["a handwritten digit 3", ""]
+    assert main(base + ["--caption", "a handwritten digit 8", "--num_samples", "1", "--negative_prompt",
+                        "a handwritten digit 3", "--output_dir", str(tmp_path / "c")]) == 0
+    file_png = np.asarray(Image.open(tmp_path / "f" / "00000_a_handwritten_digit_8.png"))
+    flag_png = np.asarray(Image.open(tmp_path / "c" / "00000_a_handwritten_digit_8.png"))
+    np.testing.assert_array_equal(file_png, flag_png)
+    capsys.readouterr()
+    assert main(base[:3] + ["--cfg", "0", "--caption", "x", "--negative_prompt", "y", "--output_dir",
+                            str(tmp_path / "z"), "--device", "cpu"]) == 2
+    assert "need --cfg > 0" in capsys.readouterr().err

@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Sample images. Without --checkpoint_path, samples the shipped demo.")
     add_model_flags(p)
     p.add_argument("--caption", action="append", help="prompt (repeat for several)")
-    p.add_argument("--caption_file", default=None, help="text file, one prompt per line")
+    p.add_argument("--caption_file", default=None,
+                   help="text file, one prompt per line; 'prompt<TAB>negative prompt' gives that line its own "
+                        "negative prompt")
+    p.add_argument("--negative_prompt", default="",
+                   help="text the unconditional guidance rows encode instead of the empty prompt: guidance steers "
+                        "away from it (needs --cfg > 0; not in the official scripts) [default: '' = plain guidance]")
     p.add_argument("--class_id", type=int, action="append",
                    help="class-conditional models (a .vocab 'text'): sample class K of the vocabulary (repeatable); "
                         "--caption takes the class name instead")
@@ -198,6 +203,16 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     return inputs
 
 
+def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], list[str]]:
+    """``prompt<TAB>negative`` lines -> ``(prompts, negative prompts)``; lines without a tab get ``default``."""
+    prompts, negatives = [], []
+    for line in captions:
+        prompt, tab, negative = line.partition("\t")
+        prompts.append(prompt.strip())
+        negatives.append(negative.strip() if tab else default)
+    return prompts, negatives
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample every caption into ``--output_dir``, then (rank 0) write ``grid.png`` and ``settings.json``."""
     from starflow.distributed import cleanup_distributed, init_distributed
@@ -215,13 +230,18 @@ def run(args: argparse.Namespace) -> int:
     pipe, cfg, checkpoint = load_pipeline(args, dist)
     captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size)
     per_prompt = len(captions) // len(set(captions)) if captions else 1
+    captions, negatives = split_negatives(captions, args.negative_prompt)
     settings = sample_settings(args, cfg)
+    if any(negatives) and not settings.cfg > 0:
+        raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
+                         f"(got {settings.cfg:g})")
     inputs = read_video_inputs(args, pipe, cfg)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
-                          gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats())
+                          gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats(),
+                          negatives=negatives)
     if dist.is_main:
         h, w = shape[-2:]
         frames = shape[1] if len(shape) == 5 else 1
@@ -231,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         write_settings(out, {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
                              "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
                              "input_image": args.input_image, "input_video": args.input_video,
-                             "last_image": args.last_image, "ema": args.ema})
+                             "last_image": args.last_image, "negative_prompts": negatives, "ema": args.ema})
         kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:

@@ -19,7 +19,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
                   batch_size: int, dist: DistInfo, gif: bool = False, inputs: Mapping[str, torch.Tensor] | None = None,
                   profile: Profile | None = None, stats: DecodeStats | None = None,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
-                  progress: str = "sample") -> tuple[int, ...]:
+                  progress: str = "sample", negatives: Sequence[str] | None = None) -> tuple[int, ...]:
     """Sample caption ``i`` with seed ``seed + i`` into ``stem(out, i, captions[i])`` (see
     :func:`starflow.sampling.io.save_sample`), for every ``i`` of ``indices`` (default: all captions).
 
@@ -43,6 +43,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         indices: the samples to make (e.g. those a resumed run still lacks).
         stem: the output path of sample ``i`` without suffix.
         progress: the progress bar's label (rank 0 shows it, counting this rank's samples).
+        negatives: one negative prompt per caption (the unconditional guidance rows), or None (all ``""``).
 
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
@@ -59,7 +60,11 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         real = [0 if i is None else i for i in idx]
         batch = {k: v.expand(len(real), *v.shape[1:]) for k, v in (inputs or {}).items()}
         prompts, seeds = [captions[i] for i in real], [seed + i for i in real]
+        if negatives is not None and any(negatives):
+            batch["negative_prompts"] = [negatives[i] for i in real]
         if "input_video" in batch and pipe.config.video_to_video:
+            if "negative_prompts" in batch:
+                raise ValueError("negative prompts are not supported for video-to-video")
             pixels = pipe.video_to_video(prompts, batch["input_video"], settings, seeds=seeds, profile=profile,
                                          stats=stats)
         else:

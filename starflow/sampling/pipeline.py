@@ -218,11 +218,16 @@ class Pipeline:
             return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
         return torch.randn(n, *shape, generator=generator)
 
-    def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = ""):
-        """``(y, y_all, guided)``: conditional rows of ``tag + prompt``, the guidance rows ``[cond; uncond]``."""
+    def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = "",
+                     negatives: list[str] | None = None):
+        """``(y, y_all, guided)``: conditional rows of ``tag + prompt``, the guidance rows ``[cond; uncond]`` (the
+        unconditional rows encode the negative prompts, ``""`` by default)."""
         y = self.encode_prompts([tag + p for p in prompts], settings.aspect_ratio)
         guided = settings.cfg > 0 and y is not None
-        y_all = torch.cat([y, self.encode_prompts([""] * len(prompts), settings.aspect_ratio)]) if guided else y
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+        uncond = negatives if negatives is not None else [""] * len(prompts)
+        y_all = torch.cat([y, self.encode_prompts(uncond, settings.aspect_ratio)]) if guided else y
         return y, y_all, guided
 
     def _reverse(self, noise: torch.Tensor, y_all, guided: bool, settings: SampleSettings, profile: Profile,
@@ -279,7 +284,8 @@ class Pipeline:
     def __call__(self, prompts: list[str], settings: SampleSettings, seeds: list[int] | None = None,
                  generator: torch.Generator | None = None, profile: Profile | None = None,
                  stats: DecodeStats | None = None, input_image: torch.Tensor | None = None,
-                 input_video: torch.Tensor | None = None, last_image: torch.Tensor | None = None) -> torch.Tensor:
+                 input_video: torch.Tensor | None = None, last_image: torch.Tensor | None = None,
+                 negative_prompts: list[str] | None = None) -> torch.Tensor:
         """Sample one image (or video) per prompt.
 
         Args:
@@ -302,6 +308,8 @@ class Pipeline:
             last_image: ``last_frame_cond`` video models: ``(B, C, H, W)`` the end frame, encoded as a one-frame
                 prefix with the ``"(last) "`` caption (before the first frame when ``input_image`` is also given);
                 it is not part of the result.
+            negative_prompts: B texts the unconditional guidance rows encode instead of ``""`` (a negative prompt:
+                guidance steers away from it); None or ``""`` = the plain classifier-free guidance of the papers.
 
         Returns:
             ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video pixels, float32 in ``[-1, 1]``.
@@ -319,7 +327,7 @@ class Pipeline:
         if input_video is not None:
             if input_image is not None or last_image is not None:
                 raise ValueError("input_video (continuation) cannot be combined with input_image or last_image")
-            return self._continue(prompts, input_video, settings, seeds, generator, profile, stats)
+            return self._continue(prompts, input_video, settings, seeds, generator, profile, stats, negative_prompts)
         if last_image is not None and not c.last_frame_cond:
             raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
                              "frame conditions only such models")
@@ -327,7 +335,7 @@ class Pipeline:
         stats = stats if stats is not None else DecodeStats()
         with profile.stage("text encoding", self.device):
             tag = LAST_FRAME_PREFIX if last_image is not None else ""
-            y, y_all, guided = self._encode_text(prompts, settings, tag)
+            y, y_all, guided = self._encode_text(prompts, settings, tag, negative_prompts)
             y_extend = None
             if c.is_video and c.drop_image > 0 and y is not None and shape[0] > (self.window or shape[0]):
                 y_extend = self.encode_prompts([EXTEND_PREFIX + p for p in prompts], settings.aspect_ratio)
@@ -361,7 +369,7 @@ class Pipeline:
         return self._reverse(noise, y_all, guided, settings, profile, stats, context=context, window=window,
                              context_frames=ctx_frames, y_extend=y_extend)
 
-    def _continue(self, prompts, video, settings, seeds, generator, profile, stats) -> torch.Tensor:
+    def _continue(self, prompts, video, settings, seeds, generator, profile, stats, negatives=None) -> torch.Tensor:
         """Continue clips ``(B, T, C, H, W)``: see ``input_video`` in :meth:`__call__`."""
         c, geo = self.config, self.vae.geometry
         t = geo.temporal_downsample
@@ -380,8 +388,8 @@ class Pipeline:
             raise ValueError(f"context_length {ctx}: continuation needs 1 <= context_length < {window} (the window)")
         cut = clip.shape[1] > ctx  # the context does not start at the video's first frame: "(extend) "
         with profile.stage("text encoding", self.device):
-            y_plain, y_all, guided = self._encode_text(prompts, settings)
-            y_ext, y_ext_all, _ = self._encode_text(prompts, settings, EXTEND_PREFIX) if c.drop_image > 0 else (
+            y_plain, y_all, guided = self._encode_text(prompts, settings, negatives=negatives)
+            y_ext, y_ext_all, _ = self._encode_text(prompts, settings, EXTEND_PREFIX, negatives) if c.drop_image > 0 else (
                 y_plain, y_all, guided)
         stats = stats if stats is not None else DecodeStats()
         prefix = [(clip[:, -ctx:], self._noised(clip[:, -ctx:], seeds, generator, PREFIX_SEED_OFFSET), True)]
