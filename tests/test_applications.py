@@ -284,3 +284,6 @@ def test_sample_continues_a_real_moving_digit_clip(tmp_path: Path) -> None:
     assert frames.shape[0] == 8
     assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_video", str(source),
                  "--output_dir", str(out), "--device", "cpu"]) == 2
+    assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a", "--last_image",
+                 str(tmp_path / "any.png"), "--output_dir", str(tmp_path / "last"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "last").exists()  # refused before anything is written

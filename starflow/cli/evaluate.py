@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="FID, KID, precision/recall and CLIP score of a sample set",
                        description="Compare a folder of samples with real images (a folder, or the .npz statistics "
                                    "of one written by --save_stats) and/or score them against their captions "
-                                   "(captions.jsonl of generate-set). FID and KID come from torchmetrics, CLIP "
-                                   "score from torchmetrics + transformers. Prints a table and writes metrics.json.")
+                                   "(captions.jsonl of generate-set). FID and KID come from torchmetrics, the CLIP "
+                                   "score from a transformers CLIP model. Prints a table and writes metrics.json.")
     p.add_argument("--samples", required=True, help="folder of sample images (a generate-set folder)")
     p.add_argument("--reference", default=None, help="folder of real images, or reference statistics (.npz)")
     p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,precision_recall,clip [default: fid]")

@@ -179,6 +179,9 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
                          "end frame); this config has no vid_size")
     if not given:
         return {}
+    if "last_image" in given and not cfg.last_frame_cond:
+        raise ValueError("--last_image needs a model trained with last_frame_cond (its config says 0): the end frame "
+                         "conditions only such models")
     from starflow.data import load_image
     from starflow.data.video import load_video
 
