@@ -57,7 +57,8 @@ def apply_prompt_template(
     return text
 
 
-def prompt_from_config(text: str, cfg: "Config", aspect_ratio: str = "1:1", fps: int | None = None) -> str:
+def prompt_from_config(text: str, cfg: "Config", aspect_ratio: str = "1:1", fps: int | None = None,
+                       noise_std: float | None = None) -> str:
     """:func:`apply_prompt_template` with a config's switches: the one template call of training, latent
     caching and sampling.
 
@@ -66,8 +67,10 @@ def prompt_from_config(text: str, cfg: "Config", aspect_ratio: str = "1:1", fps:
         cfg: the model's config (``fps_cond``, ``cond_noise_level``, ``noise_std``, ``mix_aspect``).
         aspect_ratio: ``"w:h"`` of the sample.
         fps: the clip's frame rate [default: the config's ``vid_size`` fps, 0 for image configs].
+        noise_std: the noise level a ``cond_noise_level`` prompt announces [default: the config's ``noise_std``].
     """
     if fps is None:
         fps = cfg.fps
     return apply_prompt_template(text, fps=fps, fps_cond=cfg.fps_cond, cond_noise_level=cfg.cond_noise_level,
-                                 noise_std=cfg.noise_std, mix_aspect=cfg.mix_aspect, aspect_ratio=aspect_ratio)
+                                 noise_std=cfg.noise_std if noise_std is None else noise_std,
+                                 mix_aspect=cfg.mix_aspect, aspect_ratio=aspect_ratio)

@@ -8,8 +8,8 @@ import torch
 
 from starflow import assets
 from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
-from starflow.config import load_config
-from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_THRESHOLD
+from starflow.config import CONFIG_FIELDS, load_config
+from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
 __all__ = ["register"]
 
@@ -34,7 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--class_id) gives sample_batch_size x world_size images, several prompts (repeated flags, "
                         "a --caption_file, the demo's prompts) one image each")
     add_decoding_flags(p)
-    p.add_argument("--output_dir", default="outputs/samples", help="folder for PNGs, grid.png, settings.json")
+    p.add_argument("--output_dir", "--save_folder", dest="output_dir", default="outputs/samples",
+                   help="folder for PNGs (MP4s), grid.png, settings.json (--save_folder: the official name) "
+                        "[default: outputs/samples]")
+    p.add_argument("--return_sequence", action="store_true",
+                   help="also write NAME_sequence.png (.mp4 for videos) per sample: the noise, the latents after each "
+                        "flow block (deep block first, before denoising) and the result, each decoded, side by side")
+    p.add_argument("--out_fps", type=int, default=None,
+                   help="video configs: the frame rate in the prompt (fps_cond models) and of the written files "
+                        "[default: the config's vid_size fps]")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the plan (samples, sizes, tokens, batches, memory estimate) and exit without loading "
+                        "weights or sampling")
     p.add_argument("--input_image", default=None,
                    help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
                         "image-to-video")
@@ -86,12 +97,36 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
                         "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
                         "(change over the whole batch) [default: sample]")
-    p.add_argument("--aspect_ratio", default="1:1", help="w:h, e.g. 16:9 [default: 1:1]")
+    p.add_argument("--aspect_ratio", default="1:1",
+                   help="w:h, e.g. 16:9; 'random': each sample draws one of the nine trained ratios from its seed "
+                        "(models trained with mix_aspect) [default: 1:1]")
     p.add_argument("--sample_batch_size", type=int, default=16,
                    help="images per forward batch on each process; also the images per process of a single prompt in "
                         "starflow sample without --num_samples (the official sample.py) [default: 16]")
+    p.add_argument("--jacobi_max_iter", type=int, default=JACOBI_MAX_ITER,
+                   help="at most this many model evaluations per Jacobi chunk [default: 32, as the official]")
+    p.add_argument("--guide_top", type=int, default=None,
+                   help="guidance only in the first K flow blocks in sampling order (the deep block is the first); "
+                        "the rest run unguided [default: every text-conditioned block]")
+    p.add_argument("--attn_temp", type=float, default=1.0,
+                   help="attention temperature of the unconditional guidance rows: their attention logits are divided "
+                        "by it in every layer (TARFlow's guidance); needs --cfg > 0 [default: 1 = plain guidance]")
+    p.add_argument("--annealed_guidance", action="store_true",
+                   help="guidance weight grows linearly over the tokens, w (t + 1) / N at token t (SPEC section 8)")
     p.add_argument("--self_denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="remove the training noise with one score step [default: on]")
+    p.add_argument("--disable_learnable_denoiser", action="store_true",
+                   help="video models with a learnable denoiser: take the Tweedie step of the flow's own likelihood "
+                        "instead (as images)")
+    p.add_argument("--target_noise_std", type=float, default=None,
+                   help="the noise level to sample at: announced in the prompt of cond_noise_level models, added to "
+                        "input frames, and removed by the Tweedie step [default: the config's noise_std]")
+    p.add_argument("--self_denoising_lr", type=float, default=None,
+                   help="step of the denoising update: factor of the Tweedie step x - lr * noise_std^2 * grad "
+                        "[default: 1], or the learnable denoiser's x - lr * D(x, y) [default: 0.3]")
+    p.add_argument("--denoising_batch_size", type=int, default=None,
+                   help="samples per denoising pass (the Tweedie step runs a backward pass: lower it if that runs out "
+                        "of memory) [default: the sampling batch]")
 
 
 def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
@@ -104,10 +139,7 @@ def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
     from starflow.sampling.pipeline import Pipeline
 
     checkpoint = args.checkpoint_path or assets.DEMO_DIR
-    config = args.model_config_path
-    if config is None:
-        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        config = folder / "config.yaml"
+    config = _config_path(args)
     cfg = load_config(config, config_overrides(args, skip={"ema"}))
     shard = bool(cfg.fsdp) and dist.distributed
     if dist.is_main and shard:
@@ -120,13 +152,63 @@ def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
     return pipe, cfg, checkpoint
 
 
-def sample_settings(args: argparse.Namespace, cfg):
-    """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present)."""
+def sample_settings(args: argparse.Namespace, cfg, pipe=None):
+    """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present),
+    checked against the config (and the loaded model's learnable denoiser, with ``pipe``).
+
+    Raises:
+        ValueError: a flag out of range or one that would not act on this model, named with the fix.
+    """
+    from starflow.data.aspect import parse_aspect
+    from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.pipeline import SampleSettings
 
+    positive = {"jacobi_block_size": args.jacobi_block_size, "jacobi_max_iter": args.jacobi_max_iter,
+                "denoising_batch_size": args.denoising_batch_size, "out_fps": getattr(args, "out_fps", None)}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} {value}: must be >= 1")
+    if cfg.cfg < 0:
+        raise ValueError(f"--cfg {cfg.cfg:g}: the guidance weight must be >= 0 (0 = no guidance)")
+    if args.jacobi_th < 0:
+        raise ValueError(f"--jacobi_th {args.jacobi_th:g}: the stopping threshold must be >= 0")
+    if args.guide_top is not None and args.guide_top < 0:
+        raise ValueError(f"--guide_top {args.guide_top}: the number of guided blocks must be >= 0")
+    if not args.attn_temp > 0:
+        raise ValueError(f"--attn_temp {args.attn_temp:g}: the attention temperature must be > 0 (1 = plain guidance)")
+    guidance_only = {"attn_temp": args.attn_temp != 1.0, "guide_top": args.guide_top is not None,
+                     "annealed_guidance": args.annealed_guidance}
+    for flag, given in guidance_only.items():
+        if given and not cfg.cfg > 0:
+            raise ValueError(f"--{flag} shapes classifier-free guidance, which is off (--cfg {cfg.cfg:g}): pass --cfg > 0")
+    if args.target_noise_std is not None and not args.target_noise_std >= 0:
+        raise ValueError(f"--target_noise_std {args.target_noise_std:g}: a noise level must be >= 0")
+    if args.self_denoising_lr is not None and not args.self_denoising_lr >= 0:
+        raise ValueError(f"--self_denoising_lr {args.self_denoising_lr:g}: the denoising step must be >= 0")
+    if not args.self_denoise:
+        for flag in ("self_denoising_lr", "denoising_batch_size"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} sets the denoising step, which --no-self_denoise turns off: drop one")
+    if getattr(args, "out_fps", None) is not None and not cfg.is_video:
+        raise ValueError("--out_fps is for video configs (fps of the prompt and the written video); this config "
+                         "has no vid_size")
+    if args.disable_learnable_denoiser and not cfg.learnable_self_denoiser:
+        raise ValueError("--disable_learnable_denoiser: this model has no learnable denoiser (learnable_self_denoiser "
+                         "0); it already denoises with the Tweedie step")
+    if args.aspect_ratio == RANDOM_ASPECT:
+        if not cfg.mix_aspect:
+            raise ValueError("--aspect_ratio random draws from the nine trained ratios of a mix_aspect model; this "
+                             "one was trained on one shape (mix_aspect 0): give a ratio such as 1:1")
+    else:
+        parse_aspect(args.aspect_ratio)
     return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
-                          jacobi_block_size=args.jacobi_block_size, aspect_ratio=args.aspect_ratio,
-                          self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
+                          jacobi_block_size=args.jacobi_block_size, jacobi_max_iter=args.jacobi_max_iter,
+                          aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
+                          anneal_guidance=args.annealed_guidance, guide_top=args.guide_top, attn_temp=args.attn_temp,
+                          fps=getattr(args, "out_fps", None), target_noise_std=args.target_noise_std,
+                          self_denoising_lr=args.self_denoising_lr,
+                          learnable_denoiser=not args.disable_learnable_denoiser,
+                          denoising_batch_size=args.denoising_batch_size,
                           target_length=getattr(args, "target_length", None),
                           context_length=getattr(args, "context_length", None))
 
@@ -216,18 +298,91 @@ def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], 
     return prompts, negatives
 
 
+def _config_path(args: argparse.Namespace) -> Path:
+    """``--model_config_path``, or ``config.yaml`` beside ``--checkpoint_path`` (the shipped demo without one)."""
+    if args.model_config_path is not None:
+        return Path(args.model_config_path)
+    checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
+    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
+
+
+def sample_plan(args: argparse.Namespace, world_size: int) -> str:
+    """What ``starflow sample`` would do (``--dry_run``): samples, sizes, tokens, batches and a memory estimate per
+    process, from the config alone (no weights loaded, nothing written).
+
+    Raises:
+        FileNotFoundError: the checkpoint or its config is missing.
+        ValueError: a bad flag (as sampling would report it).
+    """
+    import math
+
+    from starflow.adapters.geometry import vae_geometry
+    from starflow.adapters.labels import is_vocab, read_vocab
+    from starflow.assets import resolve_asset
+    from starflow.data.aspect import aspect_to_size
+    from starflow.sampling.batch import sample_aspect_ratios
+    from starflow.sizing import GIB, size_report, text_width
+
+    checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
+    weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
+    if not weights.is_file():
+        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
+    config = _config_path(args)
+    if not config.is_file():
+        raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
+    cfg = load_config(config, config_overrides(args, skip={"ema"}))
+    settings = sample_settings(args, cfg)
+    classes = read_vocab(resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
+    captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
+    geometry = vae_geometry(cfg.vae)
+    ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))
+    frames = settings.target_length or (cfg.vid_size[0] if cfg.is_video else 1)
+    latent_frames = geometry.latent_frames(frames) if cfg.is_video else 1
+    multiple = geometry.downsample * cfg.patch_size
+    batch = args.sample_batch_size
+    per_rank = -(-len(captions) // world_size)
+    txt_dim = text_width(cfg, config.parent)
+    report = size_report(cfg, txt_dim, batch=min(batch, per_rank) or 1)
+    lines = [f"dry run (nothing loaded or sampled): {weights} with {config}",
+             f"samples: {len(captions)} ({len(set(captions))} distinct prompts) over {world_size} process(es), "
+             f"{per_rank} per process in {math.ceil(per_rank / batch)} batch(es) of up to {batch}",
+             f"{'aspect':<8}{'pixels (T, H, W)':<20}{'latent (T, C, H, W)':<24}{'tokens':>8}{'text tokens':>13}"]
+    for ratio in ratios:
+        h, w = aspect_to_size(ratio, cfg.img_size, multiple)
+        latent = (latent_frames, cfg.channel_size, h // geometry.downsample, w // geometry.downsample)
+        tokens = latent_frames * (h // multiple) * (w // multiple)
+        lines.append(f"{ratio:<8}{str((frames, h, w)):<20}{str(latent):<24}{tokens:>8,}{cfg.txt_size:>13}")
+    mode = (f"Jacobi (block {settings.jacobi_block_size}, th {settings.jacobi_th:g}, max {settings.jacobi_max_iter} "
+            f"iterations)" if settings.jacobi else "sequential")
+    lines.append(f"decoding: {mode}; guidance {settings.cfg:g}"
+                 + (f" (uncond rows doubled, attn_temp {settings.attn_temp:g})" if settings.cfg > 0 else "")
+                 + f"; denoising {'on' if settings.self_denoise else 'off'}")
+    mem = {m.dtype: m for m in report.memory}["bf16" if args.bf16 else "fp32"]
+    lines.append(f"memory per process ({mem.dtype} weights, batch {report.batch}, largest trained bucket): weights "
+                 f"{mem.weights / GIB:.3f} GiB, KV cache {mem.kv_cache / GIB:.3f} GiB, "
+                 f"{report.total_parameters:,} flow parameters")
+    lines.append(f"output: {args.output_dir} ({len(captions)} {'MP4 + poster PNG' if cfg.is_video else 'PNG'} files, "
+                 "grid.png, settings.json)")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample every caption into ``--output_dir``, then (rank 0) write ``grid.png`` and ``settings.json``."""
+    import os
+
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.models.jacobi import DecodeStats
-    from starflow.sampling.batch import write_samples
+    from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
     from starflow.sampling.io import sample_stem, save_poster_grid, write_settings
     from starflow.sampling.pipeline import Profile
 
     demo = args.checkpoint_path is None
+    if demo and not Path(assets.DEMO_DIR).is_dir():
+        raise SystemExit(f"the shipped demo is missing ({assets.DEMO_DIR}); pass --checkpoint_path")
+    if args.dry_run:
+        print(sample_plan(args, int(os.environ.get("WORLD_SIZE", 1))))
+        return 0
     if demo:
-        if not Path(assets.DEMO_DIR).is_dir():
-            raise SystemExit(f"the shipped demo is missing ({assets.DEMO_DIR}); pass --checkpoint_path")
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     dist = init_distributed(args.device)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
@@ -240,21 +395,31 @@ def run(args: argparse.Namespace) -> int:
                          f"(got {settings.cfg:g})")
     inputs = read_video_inputs(args, pipe, cfg)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--output_dir {out}: cannot create it ({e.strerror}); pass a writable folder") from None
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
                           gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats(),
-                          negatives=negatives)
+                          negatives=negatives, return_sequence=args.return_sequence)
     if dist.is_main:
-        h, w = shape[-2:]
+        random_ratio = settings.aspect_ratio == RANDOM_ASPECT
+        h, w = pipe.latent_shape("1:1")[-2:] if random_ratio else shape[-2:]
+        if random_ratio:  # the grid shows centre crops at the square size
+            h, w = h * pipe.vae.downsample, w * pipe.vae.downsample
         frames = shape[1] if len(shape) == 5 else 1
         files = [sample_stem(out, i, c).with_suffix(".png") for i, c in enumerate(captions)]
         save_poster_grid(files, out / "grid.png", (h, w * frames), shape[-3],
                          nrow=per_prompt if 1 < per_prompt <= 16 else None, scale=max(1, 64 // w))
-        write_settings(out, {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
-                             "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
-                             "input_image": args.input_image, "input_video": args.input_video,
-                             "last_image": args.last_image, "negative_prompts": negatives, "ema": args.ema})
+        flags = {k: v for k, v in vars(args).items() if k != "func" and not (k in CONFIG_FIELDS and v is None)}
+        record = {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
+                  "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
+                  "input_image": args.input_image, "input_video": args.input_video,
+                  "last_image": args.last_image, "negative_prompts": negatives, "ema": args.ema, "flags": flags}
+        if random_ratio:
+            record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
+        write_settings(out, record)
         kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:

@@ -116,7 +116,7 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
                  jacobi: JacobiSettings, anneal_guidance: bool = False, cache=None,
                  stats: DecodeStats | None = None, frame_tokens: int | None = None,
                  prefix: torch.Tensor | None = None, known: torch.Tensor | None = None,
-                 known_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 known_mask: torch.Tensor | None = None, attn_temp: float = 1.0) -> torch.Tensor:
     """Invert ``block`` on ``z`` (noise -> data), token by token or chunk by chunk.
 
     Args:
@@ -138,17 +138,30 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
             forcing), so every later token attends to the known data. Known tokens start as their exact value
             (not the noise); a chunk known in every row is evaluated once, only to fill the KV cache.
         known_mask: ``(R, N, 1)`` bool, True where ``known`` holds (required with ``known``).
+        attn_temp: attention temperature ``T`` of the unconditional guidance rows: their attention logits are
+            divided by ``T`` in every layer (text prefix included), as the unconditional branch of TARFlow's
+            guidance; 1 = plain guidance. Only acts with guidance.
 
     Returns:
         ``x (R, N, D)`` float32 data tokens in block order.
+
+    Raises:
+        ValueError: ``attn_temp <= 0``; ``known`` of another shape or without ``known_mask``.
     """
     rows, n, _ = z.shape
+    if not attn_temp > 0:
+        raise ValueError(f"attention temperature must be > 0, got {attn_temp}")
     txt_len = y.shape[1] if block.text_conditioned else 0
-    if cache is None:
-        cache = block.new_cache(rows, txt_len + n, block.proj_in.weight.dtype, z.device)
-        if txt_len:
-            block.prefill_text(y, rope_table, cache)
     guided = guidance > 0 and block.text_conditioned
+    new_cache = cache is None
+    if new_cache:
+        cache = block.new_cache(rows, txt_len + n, block.proj_in.weight.dtype, z.device)
+    if guided and attn_temp != 1.0:  # rows [B:] are the unconditional ones
+        scale = torch.ones(rows, 1, 1, 1, device=z.device)
+        scale[rows // 2 :] = 1.0 / attn_temp
+        cache.query_scale = scale
+    if new_cache and txt_len:
+        block.prefill_text(y, rope_table, cache)
     zf = z.float()
     # x holds the decoded tokens before the current chunk and the current guess (the noise) after it: the
     # first iteration of a long video chunk reads one frame back, which can reach past the chunk's start

@@ -27,6 +27,9 @@ class KVCache:
     Attributes:
         k, v: ``(num_layers, B, heads, S, head_dim)`` buffers.
         length: number of valid positions (``[0, length)``).
+        query_scale: None, or ``(B, 1, 1, 1)`` factors multiplying each row's queries in every layer that uses this
+            cache: ``1 / T`` divides that row's attention logits by a temperature ``T`` (attention-temperature
+            guidance, ``starflow sample --attn_temp``; set by :func:`starflow.models.jacobi.decode_block`).
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
@@ -37,6 +40,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.query_scale: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -55,7 +59,7 @@ class KVCache:
 
     def layer(self, j: int) -> "LayerCache":
         """The buffers of layer ``j`` (views, no copy)."""
-        return LayerCache(self.k[j], self.v[j])
+        return LayerCache(self.k[j], self.v[j], self.query_scale)
 
     def commit(self, end: int) -> None:
         """Mark positions ``[0, end)`` valid (after every layer wrote them)."""
@@ -79,10 +83,11 @@ class LayerCache:
 
     Attributes:
         k, v: ``(B, heads, S, head_dim)`` views of the cache's buffers.
+        query_scale: None or ``(B, 1, 1, 1)`` per-row query factors (see :class:`KVCache`).
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k, v
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, query_scale: torch.Tensor | None = None) -> None:
+        self.k, self.v, self.query_scale = k, v, query_scale
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v (B, heads, n, head_dim)`` at ``[start, start + n)``; returns the whole buffers

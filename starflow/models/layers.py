@@ -83,6 +83,8 @@ class Attention(nn.Module):
             if mask is None:
                 raise ValueError("attention over a KV cache needs the position mask (n, cache size)")
             k, v = cache.write(k, v, start)
+            if cache.query_scale is not None:  # per-row attention temperature (sampling only)
+                q = q * cache.query_scale.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 

@@ -338,7 +338,8 @@ class STARFlow(nn.Module):
                 rank_sync: RankSync | None = None, window: int | None = None, context_frames: int | None = None,
                 y_extend: torch.Tensor | None = None,
                 timer: Callable[[str], ContextManager] | None = None, known: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, intermediates: list[torch.Tensor] | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, intermediates: list[torch.Tensor] | None = None,
+                guide_top: int | None = None, attn_temp: float = 1.0) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
 
         Args:
@@ -377,6 +378,10 @@ class STARFlow(nn.Module):
                 (:meth:`starflow.sampling.Pipeline.inpaint`).
             intermediates: a list that receives the latents ``(B, [T,] C, H, W)`` after each block is inverted,
                 deep block first (the last entry is the result).
+            guide_top: guide only the first ``guide_top`` blocks in sampling order (the deep block is the first);
+                later blocks run unguided on the conditional rows. None = every text-conditioned block.
+            attn_temp: attention temperature of the unconditional guidance rows (see
+                :func:`starflow.models.jacobi.decode_block`); 1 = plain guidance.
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
@@ -384,8 +389,12 @@ class STARFlow(nn.Module):
 
         Raises:
             ValueError: text rows do not match the batch; ``known`` without ``mask`` or of another shape, or
-                combined with a video ``context`` or windowed sampling.
+                combined with a video ``context`` or windowed sampling; ``guide_top < 0`` or ``attn_temp <= 0``.
         """
+        if guide_top is not None and guide_top < 0:
+            raise ValueError(f"guide_top {guide_top}: the number of guided blocks must be >= 0")
+        if not attn_temp > 0:
+            raise ValueError(f"attn_temp {attn_temp}: the attention temperature must be > 0")
         settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync)
         b = noise.shape[0]
         y = self._guidance_rows(y, b, guidance)
@@ -399,13 +408,16 @@ class STARFlow(nn.Module):
         if known is not None or mask is not None:
             known_grids, mask_grid = self._known_activations(known, mask, y, b, grid, context, window)
             grid = torch.where(mask_grid, grid, known_grids[-1])  # z = (1 - m) f(x~) + m noise
-        for i in reversed(range(self.num_blocks)):
+        for order, i in enumerate(reversed(range(self.num_blocks))):
             prefix = None if context is None else context.grids[i]
             forced = None if known_grids is None else (known_grids[i], mask_grid)
+            w_i, y_i, y_ext_i = guidance, y, y_extend
+            if guidance > 0 and guide_top is not None and order >= guide_top:  # unguided: the conditional rows
+                w_i, y_i, y_ext_i = 0.0, None if y is None else y[:b], None if y_extend is None else y_extend[:b]
             with timer(self.block_name(i)) if timer is not None else contextlib.nullcontext():
-                grid = self.reverse_block(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats,
+                grid = self.reverse_block(i, grid, y_i, w_i, settings, txt_len, anneal_guidance, stats,
                                           prefix=prefix, window=window, context_frames=context_frames,
-                                          y_extend=y_extend, known=forced)
+                                          y_extend=y_ext_i, known=forced, attn_temp=attn_temp)
             if intermediates is not None:
                 intermediates.append(unpatchify(grid, self.patch_size))
         return unpatchify(grid, self.patch_size)
@@ -469,13 +481,14 @@ class STARFlow(nn.Module):
                       stats: DecodeStats | None = None, cache=None, prefix: torch.Tensor | None = None,
                       window: int | None = None, context_frames: int | None = None,
                       y_extend: torch.Tensor | None = None,
-                      known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      known: tuple[torch.Tensor, torch.Tensor] | None = None, attn_temp: float = 1.0) -> torch.Tensor:
         """Invert block ``i`` on a token grid ``(B, [T,] h, w, D)``; returns the grid before the block.
 
         ``prefix`` ``(B, P, h, w, D)``: known inputs of the first ``P`` frames (returned unchanged). ``window``
         / ``context_frames``: sliding-window sampling of videos longer than ``window`` frames (see :meth:`reverse`).
         ``known``: ``(values, mask)``, the block's known input grid and the token mask ``(B, [T,] h, w, 1)``
-        (True = generate) for teacher-forced inpainting (see :meth:`reverse`).
+        (True = generate) for teacher-forced inpainting (see :meth:`reverse`). ``attn_temp``: attention temperature of
+        the unconditional guidance rows.
         """
         block = self.blocks[i]
         n_prefix = 0 if prefix is None else prefix.shape[1]
@@ -487,32 +500,33 @@ class STARFlow(nn.Module):
             return rest if prefix is None else torch.cat([prefix.to(rest.dtype), rest], dim=1)
         if self._frame_local(i, video):
             rest = self._reverse_sequence(i, grid[:, n_prefix:], y, guidance, settings, txt_len, anneal_guidance,
-                                          stats, cache, known=known)
+                                          stats, cache, known=known, attn_temp=attn_temp)
             return rest if prefix is None else torch.cat([prefix.to(rest.dtype), rest], dim=1)
         frames = grid.shape[1] if video else 1
         if window is None or frames <= window:
             return self._reverse_sequence(i, grid, y, guidance, settings, txt_len, anneal_guidance, stats, cache, prefix,
-                                          known=known)
+                                          known=known, attn_temp=attn_temp)
         c = context_frames
         if c is None or not 1 <= c < window:
             raise ValueError(f"sampling {frames} frames with a window of {window} needs 1 <= context_frames < {window}, got {c}")
         out = grid.clone()
         out[:, :window] = self._reverse_sequence(i, grid[:, :window], y, guidance, settings, txt_len, anneal_guidance,
-                                                 stats, None, prefix)
+                                                 stats, None, prefix, attn_temp=attn_temp)
         end = window
         while end < frames:
             n = min(window - c, frames - end)
             ctx = out[:, end - c : end]
             seg = torch.cat([ctx, grid[:, end : end + n]], dim=1)  # positions restart at the window start
             out[:, end : end + n] = self._reverse_sequence(i, seg, y_extend if y_extend is not None else y, guidance,
-                                                           settings, txt_len, anneal_guidance, stats, None, ctx)[:, c:]
+                                                           settings, txt_len, anneal_guidance, stats, None, ctx,
+                                                           attn_temp=attn_temp)[:, c:]
             end += n
         return out
 
     def _reverse_sequence(self, i: int, grid: torch.Tensor, y: torch.Tensor | None, guidance: float,
                           settings: JacobiSettings, txt_len: int, anneal_guidance: bool, stats: DecodeStats | None,
                           cache=None, prefix: torch.Tensor | None = None,
-                          known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          known: tuple[torch.Tensor, torch.Tensor] | None = None, attn_temp: float = 1.0) -> torch.Tensor:
         """Decode block ``i`` over its whole token sequence (one window), after an optional known prefix, with
         optional teacher-forced known tokens ``(values, mask)``."""
         block = self.blocks[i]
@@ -538,7 +552,8 @@ class STARFlow(nn.Module):
         with gathered(block):  # a no-op unless the weights are sharded (FSDP2)
             x = decode_block(block, seq, y_i, self.block_rope(i, grid.shape, txt_len), guidance=guidance,
                              jacobi=settings, anneal_guidance=anneal_guidance, cache=cache, stats=stats,
-                             frame_tokens=frame_tokens, prefix=pre, known=forced, known_mask=forced_mask)
+                             frame_tokens=frame_tokens, prefix=pre, known=forced, known_mask=forced_mask,
+                             attn_temp=attn_temp)
         if guided:
             x = x[: x.shape[0] // 2]
         return self._from_sequence(x, grid, i)

@@ -1,31 +1,49 @@
 """Sampling a list of captions into a folder, split over the ranks of ``torch.distributed``."""
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from starflow.data.aspect import ASPECT_RATIOS
 from starflow.distributed import DistInfo
 from starflow.models.jacobi import DecodeStats
 from starflow.sampling.io import sample_stem, save_sample
 from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
 
-__all__ = ["write_samples"]
+__all__ = ["write_samples", "sample_aspect_ratios", "RANDOM_ASPECT"]
+
+RANDOM_ASPECT = "random"
+"""``--aspect_ratio random``: each sample draws one of the trained ratios from its seed."""
+
+
+def sample_aspect_ratios(aspect_ratio: str, seed: int, n: int) -> list[str]:
+    """The aspect ratio of samples ``0..n-1``: ``aspect_ratio`` for all, or with ``"random"`` one of
+    :data:`~starflow.data.aspect.ASPECT_RATIOS` per sample, drawn from ``random.Random(seed + i)`` (so a sample's
+    ratio, like its noise, does not depend on the batch or the ranks)."""
+    if aspect_ratio != RANDOM_ASPECT:
+        return [aspect_ratio] * n
+    return [random.Random(seed + i).choice(ASPECT_RATIOS) for i in range(n)]
 
 
 def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings, out: Path, *, seed: int,
                   batch_size: int, dist: DistInfo, gif: bool = False, inputs: Mapping[str, torch.Tensor] | None = None,
                   profile: Profile | None = None, stats: DecodeStats | None = None,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
-                  progress: str = "sample", negatives: Sequence[str] | None = None) -> tuple[int, ...]:
+                  progress: str = "sample", negatives: Sequence[str] | None = None,
+                  return_sequence: bool = False) -> tuple[int, ...]:
     """Sample caption ``i`` with seed ``seed + i`` into ``stem(out, i, captions[i])`` (see
     :func:`starflow.sampling.io.save_sample`), for every ``i`` of ``indices`` (default: all captions).
 
     The indices are split across ranks round-robin; every rank runs the same number of batches (the last ones
     padded with a repeat whose sample is dropped), as sharded weights need all ranks in every step. Each
-    sample's noise comes from its own seed, so the files do not depend on ``batch_size`` or the ranks.
+    sample's noise comes from its own seed, so the files do not depend on ``batch_size`` or the ranks. With
+    ``settings.aspect_ratio == "random"`` the samples are grouped by their ratio (:func:`sample_aspect_ratios`)
+    and each group is batched on its own.
 
     Args:
         pipe: the pipeline.
@@ -44,20 +62,31 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         stem: the output path of sample ``i`` without suffix.
         progress: the progress bar's label (rank 0 shows it, counting this rank's samples).
         negatives: one negative prompt per caption (the unconditional guidance rows), or None (all ``""``).
+        return_sequence: also write ``stem_sequence.png`` (``.mp4`` for videos): the noise, each flow block's
+            output and the result, decoded side by side (see ``sequence`` in :meth:`Pipeline.__call__`).
 
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
     """
-    fps = pipe.config.fps or None
+    fps = settings.fps or pipe.config.fps or None
     todo = list(range(len(captions))) if indices is None else list(indices)
-    per_rank = -(-len(todo) // dist.world_size)
-    mine: list[int | None] = todo[dist.rank :: dist.world_size]
-    mine += [None] * (per_rank - len(mine))
+    ratios = sample_aspect_ratios(settings.aspect_ratio, seed, len(captions))
+    groups: dict[str, list[int]] = {}
+    for i in todo:
+        groups.setdefault(ratios[i], []).append(i)
+    schedule = []  # (aspect ratio, this rank's indices, None = padding, the group's first index)
+    for ratio, group in groups.items():
+        per_rank = -(-len(group) // dist.world_size)
+        mine: list[int | None] = group[dist.rank :: dist.world_size]
+        schedule.append((ratio, mine + [None] * (per_rank - len(mine)), group[0]))
     shape: tuple[int, ...] = ()
-    bar = tqdm(total=per_rank, disable=not dist.is_main, desc=progress, unit="img", dynamic_ncols=True)
-    for start in range(0, per_rank, batch_size):
-        idx = mine[start : start + batch_size]
-        real = [0 if i is None else i for i in idx]
+    bar = tqdm(total=sum(len(m) for _, m, _ in schedule), disable=not dist.is_main, desc=progress, unit="img",
+               dynamic_ncols=True)
+    batches = [(ratio, mine[s : s + batch_size], pad) for ratio, mine, pad in schedule
+               for s in range(0, len(mine), batch_size)]
+    for ratio, idx, pad in batches:
+        settings_b = replace(settings, aspect_ratio=ratio)
+        real = [pad if i is None else i for i in idx]  # padding repeats a sample of the group (its file is not written)
         batch = {k: v.expand(len(real), *v.shape[1:]) for k, v in (inputs or {}).items()}
         prompts, seeds = [captions[i] for i in real], [seed + i for i in real]
         if negatives is not None and any(negatives):
@@ -65,14 +94,21 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         if "input_video" in batch and pipe.config.video_to_video:
             if "negative_prompts" in batch:
                 raise ValueError("negative prompts are not supported for video-to-video")
-            pixels = pipe.video_to_video(prompts, batch["input_video"], settings, seeds=seeds, profile=profile,
+            if return_sequence:
+                raise ValueError("return_sequence is not supported for video-to-video")
+            pixels = pipe.video_to_video(prompts, batch["input_video"], settings_b, seeds=seeds, profile=profile,
                                          stats=stats)
         else:
-            pixels = pipe(prompts, settings, seeds=seeds, profile=profile, stats=stats, **batch)
+            sequence = [] if return_sequence else None
+            pixels = pipe(prompts, settings_b, seeds=seeds, profile=profile, stats=stats, sequence=sequence, **batch)
         shape = tuple(pixels.shape)
-        for i, sample in zip(idx, pixels):
+        for r, (i, sample) in enumerate(zip(idx, pixels)):
             if i is not None:
                 save_sample(sample, stem(out, i, captions[i]), fps, gif)
+                if return_sequence:
+                    panels = torch.cat([stage[r] for stage in sequence], dim=-1)  # side by side
+                    path = stem(out, i, captions[i])
+                    save_sample(panels, path.with_name(path.name + "_sequence"), fps)
         bar.update(len(idx))
     bar.close()
     if dist.distributed:

@@ -10,14 +10,15 @@ import torch
 __all__ = ["self_denoise", "learned_denoise", "LEARNED_DENOISER_STEP"]
 
 
-def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float) -> torch.Tensor:
-    """One Tweedie step with the flow's own likelihood: ``x - noise_std^2 * grad_x NLL(x | y)``.
+def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: float, step: float = 1.0) -> torch.Tensor:
+    """One Tweedie step with the flow's own likelihood: ``x - step * noise_std^2 * grad_x NLL(x | y)``.
 
     Args:
         model: a :class:`~starflow.models.STARFlow`.
         x: ``(B, C, H, W)`` or ``(B, T, C, H, W)`` noisy latents (samples of :meth:`STARFlow.reverse`).
         y: ``(B, L, txt_dim)`` conditional text embeddings (not the guidance rows), or None.
         noise_std: std of the training noise in latent units (the config's ``noise_std``).
+        step: factor of the update (``starflow sample --self_denoising_lr``); 1 is Tweedie's formula.
 
     Returns:
         Denoised latents, same shape, float32.
@@ -27,7 +28,7 @@ def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: floa
         per_dim = model.nll(xg, y)  # (B,) nats per dim
         total = (per_dim * xg[0].numel()).sum()
         (grad,) = torch.autograd.grad(total, xg)
-    return (xg - noise_std ** 2 * grad).detach()
+    return (xg - step * noise_std ** 2 * grad).detach()
 
 
 LEARNED_DENOISER_STEP = 0.3

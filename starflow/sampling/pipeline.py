@@ -24,7 +24,7 @@ from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sha
 from starflow.models import STARFlow
 from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
-from starflow.sampling.denoise import learned_denoise, self_denoise
+from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 
 __all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask"]
 
@@ -49,6 +49,18 @@ class SampleSettings:
     jacobi_stop: str = "sample"  # "sample": results independent of batch and ranks; "batch": the official rule
     target_length: int | None = None  # video: pixel frames to generate (default: the config's vid_size frames)
     context_length: int | None = None  # video: latent frames carried into each new window (default min(16, W - 1))
+    guide_top: int | None = None  # guide only the first K blocks in sampling order (deep first); None = all
+    attn_temp: float = 1.0  # attention temperature of the unconditional guidance rows
+    fps: int | None = None  # video: the frame rate of the prompt (fps_cond) and the written file (default: config)
+    target_noise_std: float | None = None  # noise level of the prompt (cond_noise_level), the prefix and Tweedie step
+    self_denoising_lr: float | None = None  # denoising step: Tweedie factor (default 1), learned denoiser (0.3)
+    learnable_denoiser: bool = True  # False: a video model with a learnable denoiser takes the Tweedie step
+    denoising_batch_size: int | None = None  # samples per denoising pass (default: the whole batch)
+
+    @property
+    def noise_std(self) -> float | None:
+        """The noise level sampling assumes (``target_noise_std``), or None for the config's ``noise_std``."""
+        return self.target_noise_std
 
 
 @dataclass
@@ -171,12 +183,19 @@ class Pipeline:
         save_weights(self.model if weights is None else weights, folder / "model.safetensors")
         save_config(cfg, folder / "config.yaml")
 
-    def encode_prompts(self, prompts: list[str], aspect_ratio: str = "1:1") -> torch.Tensor | None:
-        """Prompt template (SPEC section 12) + text encoder: ``(B, L, txt_dim)``, or None without text."""
+    def encode_prompts(self, prompts: list[str], aspect_ratio: str = "1:1", fps: int | None = None,
+                       noise_std: float | None = None) -> torch.Tensor | None:
+        """Prompt template (SPEC section 12) + text encoder: ``(B, L, txt_dim)``, or None without text.
+
+        ``fps`` and ``noise_std`` replace the config's in the template (``fps_cond``, ``cond_noise_level``)."""
         if self.text_encoder is None:
             return None
-        texts = [prompt_from_config(p, self.config, aspect_ratio) for p in prompts]
+        texts = [prompt_from_config(p, self.config, aspect_ratio, fps=fps, noise_std=noise_std) for p in prompts]
         return self.text_encoder(texts).to(self.device)
+
+    def _prompts(self, prompts: list[str], settings: SampleSettings) -> torch.Tensor | None:
+        """:meth:`encode_prompts` with the settings' aspect ratio, fps and noise level."""
+        return self.encode_prompts(prompts, settings.aspect_ratio, settings.fps, settings.noise_std)
 
     def latent_shape(self, aspect_ratio: str = "1:1", frames: int | None = None) -> tuple[int, ...]:
         """``(C, H, W)`` of image latents, or ``(T', C, H, W)`` for a video of ``frames`` pixel frames
@@ -222,12 +241,12 @@ class Pipeline:
                      negatives: list[str] | None = None):
         """``(y, y_all, guided)``: conditional rows of ``tag + prompt``, the guidance rows ``[cond; uncond]`` (the
         unconditional rows encode the negative prompts, ``""`` by default)."""
-        y = self.encode_prompts([tag + p for p in prompts], settings.aspect_ratio)
+        y = self._prompts([tag + p for p in prompts], settings)
         guided = settings.cfg > 0 and y is not None
         if negatives is not None and len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
         uncond = negatives if negatives is not None else [""] * len(prompts)
-        y_all = torch.cat([y, self.encode_prompts(uncond, settings.aspect_ratio)]) if guided else y
+        y_all = torch.cat([y, self._prompts(uncond, settings)]) if guided else y
         return y, y_all, guided
 
     def _reverse(self, noise: torch.Tensor, y_all, guided: bool, settings: SampleSettings, profile: Profile,
@@ -238,20 +257,30 @@ class Pipeline:
                                   jacobi_block_size=settings.jacobi_block_size, jacobi_th=settings.jacobi_th,
                                   jacobi_max_iter=settings.jacobi_max_iter, anneal_guidance=settings.anneal_guidance,
                                   stats=stats, jacobi_stop=settings.jacobi_stop,
-                                  rank_sync=any_rank if is_sharded(self.model) else None,
-                                  timer=lambda name: profile.stage(name, dev, stats), **kwargs)
+                                  rank_sync=any_rank if is_sharded(self.model) else None, guide_top=settings.guide_top,
+                                  attn_temp=settings.attn_temp, timer=lambda name: profile.stage(name, dev, stats),
+                                  **kwargs)
 
     def _denoise(self, x: torch.Tensor, y, settings: SampleSettings, profile: Profile,
                  clean: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Remove the training noise from sampled latents (SPEC section 10); ``clean = (P, latents)`` puts back the
         first ``P`` frames as they were encoded (a video prefix)."""
         dev, c = self.device, self.config
-        if settings.self_denoise and c.noise_std > 0:
+        std = c.noise_std if settings.noise_std is None else settings.noise_std
+        if settings.self_denoise and std > 0:
+            learned = self.model.learnable_self_denoiser is not None and x.dim() == 5 and settings.learnable_denoiser
+            lr = settings.self_denoising_lr
+            n = settings.denoising_batch_size or x.shape[0]
+            parts = []
             with profile.stage("denoising", dev):
-                if self.model.learnable_self_denoiser is not None and x.dim() == 5:
-                    x = learned_denoise(self.model, x, y, window=self.trained_latent_frames)
-                else:
-                    x = self_denoise(self.model, x, y, c.noise_std)
+                for s in range(0, x.shape[0], n):  # --denoising_batch_size: the Tweedie step holds a backward pass
+                    xs, ys = x[s : s + n], None if y is None else y[s : s + n]
+                    if learned:
+                        parts.append(learned_denoise(self.model, xs, ys, window=self.trained_latent_frames,
+                                                     step=LEARNED_DENOISER_STEP if lr is None else lr))
+                    else:
+                        parts.append(self_denoise(self.model, xs, ys, std, step=1.0 if lr is None else lr))
+            x = torch.cat(parts)
         if clean is not None:
             x = x.clone()
             x[:, : clean[0]] = clean[1].to(x.dtype)
@@ -275,17 +304,19 @@ class Pipeline:
                              "(the aspect ratio and img_size)")
         return latent
 
-    def _noised(self, latent: torch.Tensor, seeds, generator, offset: int) -> torch.Tensor:
-        """``latent + noise_std * eps``, ``eps`` seeded per sample (``seed + offset``) like the noise."""
+    def _noised(self, latent: torch.Tensor, seeds, generator, offset: int, settings: SampleSettings) -> torch.Tensor:
+        """``latent + noise_std * eps`` (the settings' ``target_noise_std`` if given), ``eps`` seeded per sample
+        (``seed + offset``) like the noise."""
         eps = self._noise(tuple(latent.shape[1:]), latent.shape[0], seeds, generator, offset)
-        return latent + self.config.noise_std * eps.to(latent.device)
+        std = self.config.noise_std if settings.noise_std is None else settings.noise_std
+        return latent + std * eps.to(latent.device)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SampleSettings, seeds: list[int] | None = None,
                  generator: torch.Generator | None = None, profile: Profile | None = None,
                  stats: DecodeStats | None = None, input_image: torch.Tensor | None = None,
                  input_video: torch.Tensor | None = None, last_image: torch.Tensor | None = None,
-                 negative_prompts: list[str] | None = None) -> torch.Tensor:
+                 negative_prompts: list[str] | None = None, sequence: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Sample one image (or video) per prompt.
 
         Args:
@@ -310,6 +341,9 @@ class Pipeline:
                 it is not part of the result.
             negative_prompts: B texts the unconditional guidance rows encode instead of ``""`` (a negative prompt:
                 guidance steers away from it); None or ``""`` = the plain classifier-free guidance of the papers.
+            sequence: a list that receives the pixels of every stage (``starflow sample --return_sequence``): the
+                noise, the latents after each flow block is inverted (deep block first; before denoising), each
+                decoded by the VAE, then the result; each ``(B, [T,] C, H, W)`` in ``[-1, 1]``.
 
         Returns:
             ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video pixels, float32 in ``[-1, 1]``.
@@ -317,7 +351,7 @@ class Pipeline:
         Raises:
             ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
                 not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size
-                or frame count.
+                or frame count; ``sequence`` with ``input_video``.
         """
         profile = profile or Profile()
         c = self.config
@@ -325,6 +359,9 @@ class Pipeline:
             raise ValueError("input_image, input_video and last_image are for video models (image-to-video, "
                              "continuation, end frame); this config has no vid_size")
         if input_video is not None:
+            if sequence is not None:
+                raise ValueError("the block-by-block sequence (return_sequence) is for sampling from noise and "
+                                 "image-to-video, not for continuing an input_video")
             if input_image is not None or last_image is not None:
                 raise ValueError("input_video (continuation) cannot be combined with input_image or last_image")
             return self._continue(prompts, input_video, settings, seeds, generator, profile, stats, negative_prompts)
@@ -338,26 +375,33 @@ class Pipeline:
             y, y_all, guided = self._encode_text(prompts, settings, tag, negative_prompts)
             y_extend = None
             if c.is_video and c.drop_image > 0 and y is not None and shape[0] > (self.window or shape[0]):
-                y_extend = self.encode_prompts([EXTEND_PREFIX + p for p in prompts], settings.aspect_ratio)
+                y_extend = self._prompts([EXTEND_PREFIX + p for p in prompts], settings)
                 if guided:
                     y_extend = torch.cat([y_extend, y_all[len(prompts):]])
         prefix = []  # (clean latents, noised latents, keep in the result)
         if last_image is not None:
             end = self._encode_pixels(last_image[:, None], "last_image", shape, profile)
-            prefix.append((end, self._noised(end, seeds, generator, LAST_SEED_OFFSET), False))
+            prefix.append((end, self._noised(end, seeds, generator, LAST_SEED_OFFSET, settings), False))
         if input_image is not None:
             first = self._encode_pixels(input_image[:, None], "input_image", shape, profile)
-            prefix.append((first, self._noised(first, seeds, generator, PREFIX_SEED_OFFSET), True))
+            prefix.append((first, self._noised(first, seeds, generator, PREFIX_SEED_OFFSET, settings), True))
         drop = sum(1 for *_, keep in prefix if not keep)
         noise = self._noise((shape[0] + drop, *shape[1:]) if c.is_video else shape, len(prompts), seeds, generator)
+        inter = [] if sequence is not None else None
         x = self._sample_after(noise.to(self.device), prefix, y_all, guided, settings, profile, stats,
-                               y_extend=y_extend)
+                               y_extend=y_extend, intermediates=inter)
         clean = None
         if prefix:
             clean = (len(prefix), torch.cat([lat for lat, *_ in prefix], 1))
-        return self._decode(self._denoise(x, y, settings, profile, clean)[:, drop:], profile)
+        pixels = self._decode(self._denoise(x, y, settings, profile, clean)[:, drop:], profile)
+        if sequence is not None:
+            for stage in [noise.to(self.device), *inter]:
+                sequence.append(self._decode(stage[:, drop:] if drop else stage, profile))
+            sequence.append(pixels)
+        return pixels
 
-    def _sample_after(self, noise: torch.Tensor, prefix, y_all, guided, settings, profile, stats, y_extend=None):
+    def _sample_after(self, noise: torch.Tensor, prefix, y_all, guided, settings, profile, stats, y_extend=None,
+                      intermediates: list | None = None):
         """Sample ``noise`` (video: the prefix frames included) after the encoded prefix latents."""
         window = self.trained_latent_frames
         context = ctx_frames = None
@@ -367,7 +411,7 @@ class Pipeline:
         if window is not None and noise.shape[1] > window:
             ctx_frames = settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1)
         return self._reverse(noise, y_all, guided, settings, profile, stats, context=context, window=window,
-                             context_frames=ctx_frames, y_extend=y_extend)
+                             context_frames=ctx_frames, y_extend=y_extend, intermediates=intermediates)
 
     def _continue(self, prompts, video, settings, seeds, generator, profile, stats, negatives=None) -> torch.Tensor:
         """Continue clips ``(B, T, C, H, W)``: see ``input_video`` in :meth:`__call__`."""
@@ -392,7 +436,7 @@ class Pipeline:
             y_ext, y_ext_all, _ = self._encode_text(prompts, settings, EXTEND_PREFIX, negatives) if c.drop_image > 0 else (
                 y_plain, y_all, guided)
         stats = stats if stats is not None else DecodeStats()
-        prefix = [(clip[:, -ctx:], self._noised(clip[:, -ctx:], seeds, generator, PREFIX_SEED_OFFSET), True)]
+        prefix = [(clip[:, -ctx:], self._noised(clip[:, -ctx:], seeds, generator, PREFIX_SEED_OFFSET, settings), True)]
         n_new = new_frames // t
         noise = self._noise((ctx + n_new, *shape[1:]), len(prompts), seeds, generator).to(self.device)
         x = self._sample_after(noise, prefix, y_ext_all if cut else y_all, guided, settings, profile, stats,
@@ -436,7 +480,7 @@ class Pipeline:
         stats = stats if stats is not None else DecodeStats()
         frames = src.shape[1]
         noise = self._noise((2 * frames, *shape[1:]), len(prompts), seeds, generator).to(self.device)
-        prefix = [(src, self._noised(src, seeds, generator, PREFIX_SEED_OFFSET), False)]
+        prefix = [(src, self._noised(src, seeds, generator, PREFIX_SEED_OFFSET, settings), False)]
         x = self._sample_after(noise, prefix, y_all, guided, settings, profile, stats)
         return self._decode(self._denoise(x, y, settings, profile)[:, frames:], profile)
 
@@ -488,7 +532,7 @@ class Pipeline:
             raise ValueError(f"inpainting needs rounds >= 1, got {rounds}")
         profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
         latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "inpainting", profile)
-        x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET)
+        x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET, settings)
         with profile.stage("text encoding", self.device):
             y, y_all, guided = self._encode_text(prompts, settings)
         x = x_known
@@ -532,9 +576,9 @@ class Pipeline:
                              f"{len(prompts)} and {image.shape[0]} images")
         profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
         latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "editing", profile)
-        x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET)
+        x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET, settings)
         with profile.stage("text encoding", self.device):
-            y_source = self.encode_prompts(source_prompts, settings.aspect_ratio)
+            y_source = self._prompts(source_prompts, settings)
             y, y_all, guided = self._encode_text(prompts, settings)
         with profile.stage("inversion", self.device):
             z = self.model(x_known, y_source).z
