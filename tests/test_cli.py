@@ -76,7 +76,7 @@ def test_sample_writes_images_grid_and_settings(model_dir: Path, tmp_path: Path,
         assert grid.size == ((2 * 9 + 1) * 8, (2 * 9 + 1) * 8)
     record = json.loads((out / "settings.json").read_text())
     assert set(record) == {"captions", "checkpoint", "settings", "seed", "world_size", "config", "input_image",
-                           "input_video", "last_image", "negative_prompts", "ema"}
+                           "input_video", "last_image", "negative_prompts", "ema", "flags"}
     assert record["captions"] == [CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2
     assert record["checkpoint"] == str(model_dir) and record["seed"] == 0 and record["world_size"] == 1
     assert record["settings"]["cfg"] == 1.5 and record["settings"]["jacobi"] is True
@@ -128,9 +128,9 @@ def test_sample_profile_prints_stage_table(model_dir: Path, tmp_path: Path, caps
     assert [int(b[2]) for b in blocks] == [16, 16, 16]
 
 
-def test_sample_without_prompt_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--caption"):
-        sample(model_dir, tmp_path / "none", captions=[])
+def test_sample_without_prompt_is_a_clear_error(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert sample(model_dir, tmp_path / "none", captions=[]) == 2
+    assert "error: no prompt: pass --caption" in capsys.readouterr().err
 
 
 def test_sample_missing_checkpoint_returns_2(tmp_path: Path, capsys) -> None:
@@ -235,10 +235,10 @@ def test_help_documents_config_keys(command: str, capsys) -> None:
 
 
 # ---------------------------------------------------------------------- the shipped demo
-def test_sample_without_checkpoint_needs_the_demo(monkeypatch, tmp_path: Path) -> None:
+def test_sample_without_checkpoint_needs_the_demo(monkeypatch, tmp_path: Path, capsys) -> None:
     monkeypatch.setattr(assets, "DEMO_DIR", tmp_path / "no_demo")
-    with pytest.raises(SystemExit, match="shipped demo is missing"):
-        main(["sample", "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+    assert main(["sample", "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "shipped demo is missing" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (DEMO_DIR / "config.yaml").is_file(),

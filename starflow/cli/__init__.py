@@ -37,8 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, CheckpointError) as e:
+    except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status
+        if isinstance(e.code, str):
+            print(f"error: {e.code}", file=sys.stderr)
+            return 2
+        raise
+    except (ValueError, OSError, CheckpointError, RuntimeError, KeyError) as e:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (training from its last checkpoint, generate-set "
+              "from the samples already written)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
+        if os.environ.get("STARFLOW_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (a bug: rerun with STARFLOW_DEBUG=1 for the traceback and "
+              "report it)", file=sys.stderr)
+        return 1

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from starflow.config import CONFIG_FIELDS, config_field_help
 
-__all__ = ["add_config_flags", "config_overrides", "add_weights_io_flags", "add_device_flag", "DTYPES"]
+__all__ = ["add_config_flags", "config_overrides", "add_weights_io_flags", "add_device_flag", "DTYPES",
+           "check_input_files", "about_flag"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,3 +42,33 @@ def add_weights_io_flags(p: argparse.ArgumentParser, src_help: str, dst_help: st
 def add_device_flag(p: argparse.ArgumentParser, help: str = "cpu, cuda, cuda:1 ... [default: cuda if available]") -> None:
     """``--device``."""
     p.add_argument("--device", default=None, help=help)
+
+
+def check_input_files(args: argparse.Namespace, *flags: str) -> None:
+    """Before any work: every given ``--FLAG PATH`` of ``flags`` names an existing file.
+
+    Raises:
+        FileNotFoundError: ``--FLAG PATH: no such file`` (a folder or a missing path).
+    """
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value and not Path(value).is_file():
+            what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
+            raise FileNotFoundError(f"--{flag} {value}: {what}; pass the path of an existing file")
+
+
+@contextmanager
+def about_flag(flag: str, value) -> Iterator[None]:
+    """Prefix a ``ValueError``/``OSError`` raised inside with ``--FLAG VALUE: `` (unless it already names the flag), so
+    a failure reading a flag's input says which flag it came from."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        message = str(e)
+        if message.startswith(f"--{flag}"):
+            raise
+        try:
+            wrapped = type(e)(f"--{flag} {value}: {message}")
+        except TypeError:  # an exception type with another constructor
+            wrapped = ValueError(f"--{flag} {value}: {message}")
+        raise wrapped from None

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from starflow.cli._flags import add_config_flags, add_device_flag
+from starflow.cli._flags import about_flag, check_input_files
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
@@ -70,9 +71,11 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
     _, h, w = pipe.latent_shape(args.aspect_ratio)
     down = pipe.vae.downsample
     size = (h * down, w * down)
-    image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
+    with about_flag("input_image", args.input_image):
+        image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
     if args.mask:
-        return image, load_image(args.mask, size, 1)[None] > 0
+        with about_flag("mask", args.mask):
+            return image, load_image(args.mask, size, 1)[None] > 0
     if not args.mask_box:
         return image, None
     try:
@@ -98,6 +101,9 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
 def _start(args: argparse.Namespace):
     from starflow.distributed import init_distributed
 
+    check_input_files(args, "input_image", "mask", "caption_file")
+    if getattr(args, "sample_batch_size", 1) < 1:
+        raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     dist = init_distributed(args.device)
     if dist.distributed:
         raise ValueError(f"{args.command} runs on one process; start it without torchrun")
@@ -147,7 +153,9 @@ def read_edits(args: argparse.Namespace) -> list[tuple[str, str]]:
         if args.caption or args.source_caption:
             raise ValueError("--caption_file holds the captions: drop --caption/--source_caption")
         pairs = []
-        for k, line in enumerate(Path(args.caption_file).read_text(encoding="utf-8").splitlines(), 1):
+        with about_flag("caption_file", args.caption_file):
+            lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
+        for k, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             if line.count(EDIT_SEPARATOR) != 1:

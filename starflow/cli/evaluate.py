@@ -8,6 +8,7 @@ from pathlib import Path
 
 from starflow import assets
 from starflow.cli._flags import add_config_flags, add_device_flag
+from starflow.cli._flags import check_input_files
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline, sample_settings
 
 __all__ = ["register"]
@@ -122,6 +123,10 @@ def generate_set(args: argparse.Namespace) -> int:
 
     if args.checkpoint_path is None:
         raise SystemExit("generate-set needs --checkpoint_path (a model folder or weights file)")
+    check_input_files(args, "caption_file")
+    if args.num_samples < 1 or args.sample_batch_size < 1:
+        raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
+                         "be >= 1")
     dist = init_distributed(args.device)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
     captions = set_captions(args, getattr(pipe.text_encoder, "names", None))

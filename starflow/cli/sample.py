@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from starflow import assets
-from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
+from starflow.cli._flags import about_flag, add_config_flags, add_device_flag, check_input_files, config_overrides
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
@@ -152,6 +152,34 @@ def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
     return pipe, cfg, checkpoint
 
 
+def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
+    """Accept a ``w:h`` the model was trained on: ``1:1`` without ``mix_aspect``; any ratio with it, sized as SPEC
+    section 13, with a note on stderr when it is not one of the nine trained buckets.
+
+    Raises:
+        ValueError: a malformed ratio, or another shape than the one a ``mix_aspect 0`` model was trained on.
+    """
+    import sys
+
+    from starflow.data.aspect import ASPECT_RATIOS, aspect_to_size, parse_aspect
+    from starflow.adapters.geometry import vae_geometry
+
+    try:
+        ratio = parse_aspect(aspect_ratio)
+    except ValueError as e:
+        raise ValueError(f"--aspect_ratio {aspect_ratio}: {e}; e.g. 16:9") from None
+    if not cfg.mix_aspect:
+        if ratio != 1.0:
+            raise ValueError(f"--aspect_ratio {aspect_ratio}: this model was trained on square {cfg.img_size}x"
+                             f"{cfg.img_size} samples only (mix_aspect 0); drop the flag (1:1) or use a model trained "
+                             "with mix_aspect 1")
+        return
+    if aspect_ratio not in ASPECT_RATIOS:
+        h, w = aspect_to_size(aspect_ratio, cfg.img_size, vae_geometry(cfg.vae).downsample * cfg.patch_size)
+        print(f"note: --aspect_ratio {aspect_ratio} is outside the trained buckets ({' '.join(ASPECT_RATIOS)}); "
+              f"sampling {w}x{h} pixels", file=sys.stderr)
+
+
 def sample_settings(args: argparse.Namespace, cfg, pipe=None):
     """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present),
     checked against the config (and the loaded model's learnable denoiser, with ``pipe``).
@@ -159,11 +187,12 @@ def sample_settings(args: argparse.Namespace, cfg, pipe=None):
     Raises:
         ValueError: a flag out of range or one that would not act on this model, named with the fix.
     """
-    from starflow.data.aspect import parse_aspect
     from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.pipeline import SampleSettings
 
-    positive = {"jacobi_block_size": args.jacobi_block_size, "jacobi_max_iter": args.jacobi_max_iter,
+    positive = {"sample_batch_size": args.sample_batch_size, "jacobi_block_size": args.jacobi_block_size,
+                "jacobi_max_iter": args.jacobi_max_iter, "target_length": getattr(args, "target_length", None),
+                "context_length": getattr(args, "context_length", None),
                 "denoising_batch_size": args.denoising_batch_size, "out_fps": getattr(args, "out_fps", None)}
     for flag, value in positive.items():
         if value is not None and value < 1:
@@ -200,7 +229,7 @@ def sample_settings(args: argparse.Namespace, cfg, pipe=None):
             raise ValueError("--aspect_ratio random draws from the nine trained ratios of a mix_aspect model; this "
                              "one was trained on one shape (mix_aspect 0): give a ratio such as 1:1")
     else:
-        parse_aspect(args.aspect_ratio)
+        check_aspect_ratio(args.aspect_ratio, cfg)
     return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                           jacobi_block_size=args.jacobi_block_size, jacobi_max_iter=args.jacobi_max_iter,
                           aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
@@ -232,7 +261,8 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
             raise ValueError(f"--class_id {bad[0]}: the model has classes 0..{len(classes) - 1} ({classes})")
         captions = [classes[k] for k in args.class_id]
     elif args.caption_file:
-        lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
+        with about_flag("caption_file", args.caption_file):
+            lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
         captions = [line.strip() for line in lines if line.strip()]
         if not captions:
             raise ValueError(f"--caption_file {args.caption_file}: no caption in it (one per line)")
@@ -273,9 +303,11 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     inputs = {}
     for flag, path in given.items():
         if flag != "input_video":
-            inputs[flag] = load_image(path, size, channels)[None]
+            with about_flag(flag, path):
+                inputs[flag] = load_image(path, size, channels)[None]
             continue
-        clip = load_video(path, size, channels, max_frames=cfg.vid_size[0] if cfg.video_to_video else None)
+        with about_flag(flag, path):
+            clip = load_video(path, size, channels, max_frames=cfg.vid_size[0] if cfg.video_to_video else None)
         t = pipe.vae.temporal_downsample
         if cfg.video_to_video and clip.shape[0] < cfg.vid_size[0]:
             raise ValueError(f"--input_video {path}: {clip.shape[0]} frames; this video_to_video model needs "
@@ -379,6 +411,11 @@ def run(args: argparse.Namespace) -> int:
     demo = args.checkpoint_path is None
     if demo and not Path(assets.DEMO_DIR).is_dir():
         raise SystemExit(f"the shipped demo is missing ({assets.DEMO_DIR}); pass --checkpoint_path")
+    check_input_files(args, "caption_file", "input_image", "input_video", "last_image")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num_samples {args.num_samples}: must be >= 1 (images per prompt)")
+    if args.sample_batch_size < 1:
+        raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     if args.dry_run:
         print(sample_plan(args, int(os.environ.get("WORLD_SIZE", 1))))
         return 0

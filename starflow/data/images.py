@@ -216,15 +216,17 @@ class ImageFolder(torch.utils.data.Dataset):
                     yield j
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        """Returns `{"pixels": (C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": str}`.
+        """Returns `{"pixels": (C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": str, "skipped": list[str]}`.
 
-        `(H, W) = aspect_to_size(bucket of index, img_size, multiple)` even when a substitute is used.
+        `(H, W) = aspect_to_size(bucket of index, img_size, multiple)` even when a substitute is used; `skipped`
+        lists the files this call found unreadable (so a training loop learns of them from DataLoader workers).
 
         Raises:
             RuntimeError: If no file in the folder can be read.
         """
         bucket = self.buckets[index]
         size = aspect_to_size(bucket, self.img_size, self.multiple)
+        newly: list[str] = []
         for j in self._candidates(index):
             path = self.paths[j]
             if str(path) in self.skipped:
@@ -233,8 +235,9 @@ class ImageFolder(torch.utils.data.Dataset):
                 pixels = load_image(path, size, self.channels)
             except CorruptImageError as err:
                 self._skip(path, err)
+                newly.append(str(path))
                 continue
-            return {"pixels": pixels, "text": self.texts[j], "aspect_ratio": bucket}
+            return {"pixels": pixels, "text": self.texts[j], "aspect_ratio": bucket, "skipped": newly}
         raise RuntimeError(f"every image in {self.root} is unreadable: {self.report()}")
 
     def report(self) -> str:
@@ -251,8 +254,8 @@ def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.T
     """Stacks `ImageFolder` (or `VideoFolder`) samples.
 
     Returns:
-        `{"pixels": (B, C, H, W) float32, "text": list[str], "aspect_ratio": list[str]}`, plus `"fps":
-        list[float]` for video clips.
+        `{"pixels": (B, C, H, W) float32, "text": list[str], "aspect_ratio": list[str], "skipped": list[str]}`
+        (the files found unreadable while loading the batch), plus `"fps": list[float]` for video clips.
 
     Raises:
         ValueError: If the samples' sizes differ (batch with `AspectBucketBatchSampler`).
@@ -264,6 +267,7 @@ def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.T
         "pixels": torch.stack([s["pixels"] for s in batch]),
         "text": [s["text"] for s in batch],
         "aspect_ratio": [s["aspect_ratio"] for s in batch],
+        "skipped": [path for s in batch for path in s.get("skipped", ())],
     }
     if all("fps" in s for s in batch):
         out["fps"] = [s["fps"] for s in batch]

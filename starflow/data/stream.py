@@ -143,9 +143,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         raw = _shuffled(raw, self.shuffle_buffer, random.Random(sample_seed(self.seed, epoch, slot)))
         buffers: dict[str, list[dict]] = {}
         formed = 0
+        skipped: list[str] = []  # corrupt samples met since the last batch, reported with the next one
         for sample in raw:
             bucket = self.decoder.bucket(sample)
             if bucket is None:
+                skipped.append(f"{sample.get('__url__')}:{sample.get('__key__')}")
                 continue
             buf = buffers.setdefault(bucket, [])
             buf.append(sample)
@@ -158,10 +160,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             for s in buf:
                 if "_decoded" not in s:
                     s["_decoded"] = self.decoder.decode(s, bucket, sample_seed(self.seed, epoch, s["__key__"]))
+                    if s["_decoded"] is None:
+                        skipped.append(f"{s.get('__url__')}:{s.get('__key__')}")
             buf[:] = [s for s in buf if s["_decoded"] is not None]  # corrupt ones leave room for the next
             if len(buf) == self.batch_size:
                 batch = collate_any([s["_decoded"] for s in buf])
                 batch["position"] = BatchPosition(worker, epoch, formed)
+                batch["skipped"], skipped = skipped, []
                 buf.clear()
                 formed += 1
                 yield batch

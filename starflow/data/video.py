@@ -261,9 +261,9 @@ class VideoFolder(torch.utils.data.Dataset):
         return aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | float]:
-        """``{"pixels": (T, C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": str, "fps": float}``; an
-        unreadable or too-short file is replaced by the next readable one of the same bucket (and recorded in
-        ``skipped``).
+        """``{"pixels": (T, C, H, W) float32 in [-1, 1], "text": str, "aspect_ratio": str, "fps": float,
+        "skipped": list[str]}``; an unreadable or too-short file is replaced by the next readable one of the same
+        bucket (recorded in ``skipped`` and listed in the sample's ``"skipped"``).
 
         Raises:
             RuntimeError: no file of the bucket can be used.
@@ -272,6 +272,7 @@ class VideoFolder(torch.utils.data.Dataset):
         bucket = self.buckets[index]
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         rate = draw_rate(self.rates, gen)
+        newly: list[str] = []
         for k in range(n):
             j = (index + k) % n
             path = self.paths[j]
@@ -283,10 +284,11 @@ class VideoFolder(torch.utils.data.Dataset):
                 pick = clip_indices(len(frames), fps, self.frames, rate, random_start=self.random_start, generator=gen)
             except CorruptVideoError as err:
                 self.skipped[str(path)] = str(err)
+                newly.append(str(path))
                 logger.warning("skipping video (%s)", err)
                 continue
             return {"pixels": _resize_frames(frames[pick], self.clip_size(bucket), self.channels),
-                    "text": self.texts[j], "aspect_ratio": bucket, "fps": rate}
+                    "text": self.texts[j], "aspect_ratio": bucket, "fps": rate, "skipped": newly}
         raise RuntimeError(f"no usable video in {self.root}: {self.report()}")
 
     def report(self) -> str:

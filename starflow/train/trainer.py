@@ -131,6 +131,9 @@ class Trainer:
         self.ema = EMA(model, cfg.ema, cfg.ema_start) if cfg.ema > 0 else None
         self.step = 0
         self.skipped_updates = 0
+        self.skipped_files: set[str] = set()  # unreadable or missing data files met by this rank
+        for data in (dataset, secondary):
+            self._note_skipped(getattr(data, "skipped", ()))  # found while listing the folder
         self.nonfinite_in_a_row = 0
         self.micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
         self.stream = dataset if isinstance(dataset, ShardStream) else None
@@ -341,10 +344,26 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, generator=gen)
 
+    def _note_skipped(self, files) -> None:
+        """Record data files found unreadable or missing (a batch's ``"skipped"``, a dataset's ``skipped``)."""
+        new = set(files) - self.skipped_files
+        if new and self.step > 0:
+            self._log(f"skipping {len(new)} unreadable data file(s), e.g. {sorted(new)[0]}")
+        self.skipped_files |= new
+
+    def skipped_images(self) -> int:
+        """Data files skipped so far (missing or unreadable), over all ranks (a collective when distributed)."""
+        if not self.dist.distributed:
+            return len(self.skipped_files)
+        every: list[set[str]] = [set() for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather_object(every, self.skipped_files)
+        return len(set().union(*every))
+
     def _folder_batches(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> Iterator[dict[str, Any]]:
         while True:
             for batch in self._loader(dataset, sampler, stream):
                 sampler.skip += 1
+                self._note_skipped(batch.pop("skipped", ()))
                 yield batch
             sampler.epoch += 1
             sampler.skip = 0
@@ -354,6 +373,7 @@ class Trainer:
         if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
             for batch in DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers):
                 self.tracker.update(batch.pop("position"))
+                self._note_skipped(batch.pop("skipped", ()))
                 if not self.sample_prompts:
                     self.sample_prompts = sorted(set(batch["text"]))[:SAMPLE_PROMPTS]
                 yield batch
@@ -426,6 +446,7 @@ class Trainer:
                     break
                 if self.step % cfg.log_freq == 0 or self.step == end:
                     m["peak_mem_gib"] = peak_memory_gib(self.dist.device)
+                    m["skipped_images"] = float(self.skipped_images())
                     logger.log(self.step, m)
                 if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
                     self.sample_grid()
@@ -436,6 +457,11 @@ class Trainer:
             logger.close()
         if self.skipped_updates:
             self._log(f"{self.skipped_updates} updates skipped (non-finite or above grad_clip)")
+        skipped = self.skipped_images()
+        if skipped:
+            few = ", ".join(sorted(self.skipped_files)[:3])
+            self._log(f"{skipped} data file(s) skipped (missing or unreadable; logged as skipped_images in "
+                      f"metrics.jsonl), e.g. {few}")
         return history
 
     def export(self, folder: str | Path) -> Path | None:

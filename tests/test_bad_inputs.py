@@ -1,0 +1,210 @@
+"""Every bad input is one clear line on stderr, never a traceback: one table run through the real CLI entry point.
+
+Each row: the command line (with ``{placeholders}`` for files the fixture makes), the expected exit code and a
+phrase of the expected message (stderr for errors, stdout for runs that recover). Sampling rows also check that
+nothing was written to their ``--output_dir``.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from starflow.assets import DEMO_DIR
+from starflow.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = [
+    # ---- sample: counts, ratios, guidance, paths
+    ("sample --caption x --num_samples 0", 2, "error: --num_samples 0: must be >= 1"),
+    ("sample --caption x --sample_batch_size 0", 2, "error: --sample_batch_size 0: must be >= 1"),
+    ("sample --caption x --aspect_ratio 7:3", 2, "error: --aspect_ratio 7:3: this model was trained on square"),
+    ("sample --caption x --aspect_ratio wide", 2, "error: --aspect_ratio wide: aspect ratio must look like 'w:h'"),
+    ("sample --caption x --aspect_ratio random", 2, "error: --aspect_ratio random draws from the nine trained"),
+    ("sample --caption x --cfg -3", 2, "error: --cfg -3: the guidance weight must be >= 0"),
+    ("sample --caption x --jacobi_th -1", 2, "error: --jacobi_th -1: the stopping threshold must be >= 0"),
+    ("sample --caption x --jacobi_block_size 0", 2, "error: --jacobi_block_size 0: must be >= 1"),
+    ("sample --caption x --output_dir {afile}/sub", 2, "error: --output_dir {afile}/sub: cannot create it"),
+    ("sample --caption_file {tmp}/missing.txt", 2, "error: --caption_file {tmp}/missing.txt: no such file"),
+    ("sample --caption_file {empty_txt}", 2, "error: --caption_file {empty_txt}: no caption in it"),
+    ("sample --caption_file {tmp}", 2, "is a folder, not a file"),
+    ("sample --caption x --input_image {tmp}/missing.png", 2, "error: --input_image {tmp}/missing.png: no such file"),
+    ("sample --caption x --input_image {digit_png}", 2, "error: --input_image is for video configs"),
+    ("sample --caption x --out_fps 8", 2, "error: --out_fps is for video configs"),
+    ("sample --class_id 3", 2, "error: --class_id is for class-conditional models"),
+    ("sample --caption x --cfg 0 --attn_temp 2", 2, "error: --attn_temp shapes classifier-free guidance"),
+    ("sample --caption x --cfg 0 --negative_prompt y", 2, "they need --cfg > 0"),
+    ("sample --caption x --no-self_denoise --self_denoising_lr 0.5", 2, "which --no-self_denoise turns off"),
+    ("sample --caption x --bogus_flag 1", 2, "unrecognized arguments: --bogus_flag"),
+    ("sample --caption x --num_samples two", 2, "argument --num_samples: invalid int value"),
+    # ---- weights: missing, truncated, corrupt, of another model
+    ("sample --checkpoint_path {tmp}/nope.safetensors --model_config_path {demo}/config.yaml --caption x", 2,
+     "checkpoint not found"),
+    ("sample --checkpoint_path {truncated} --model_config_path {demo}/config.yaml --caption x", 2, "error: "),
+    ("sample --checkpoint_path {garbage} --model_config_path {demo}/config.yaml --caption x", 2, "error: "),
+    ("sample --checkpoint_path {other_weights} --model_config_path {demo}/config.yaml --caption x", 2, "shape"),
+    ("sample --checkpoint_path {afile} --caption x", 2, "error: "),
+    ("convert {tmp}/nope.pth {tmp}/out.safetensors", 2, "checkpoint not found"),
+    ("convert {truncated} {tmp}/out.safetensors", 2, "error: "),
+    ("export {tmp}/no_run {tmp}/exported", 2, "no training checkpoint in"),
+    ("validate {tmp}/nope.yaml", 2, "config file not found"),
+    # ---- config keys: unknown, ill-typed, out of range, cross-field
+    ("train --config {unknown_key_cfg} --data {digits} --logdir {tmp}/r_unknown", 2,
+     "unknown config key 'nosie_std'; did you mean 'noise_std'?"),
+    ("sample --caption x --img_size abc", 2, "config key 'img_size' expects an integer"),
+    ("sample --caption x --noise_std -1", 2, "config key 'noise_std' must be >= 0"),
+    ("sample --caption x --finetuned_vae some/folder", 2, "config key 'finetuned_vae'"),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_steps --steps 0", 2, "config key 'steps' must be >= 1"),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_secondary --secondary_ratio 0.5", 2,
+     "config key 'secondary_ratio' > 0 trains some steps on secondary images"),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_batch --batch_size 7 --grad_accum 2", 2,
+     "must be divisible by world size x grad_accum"),
+    # ---- data folders: empty, corrupt metadata, nothing readable
+    ("train --config {cfg} --data {empty} --logdir {tmp}/r_empty", 2, "metadata.jsonl"),
+    ("train --config {cfg} --data {bad_meta} --logdir {tmp}/r_meta", 2, "metadata.jsonl:2"),
+    ("train --config {cfg} --data {all_corrupt} --logdir {tmp}/r_corrupt", 2, "is unreadable"),
+    ("eval-nll --checkpoint_path {demo} --data {empty}", 2, "metadata.jsonl"),
+    ("eval-nll --checkpoint_path {demo} --data {digits} --num_samples 0", 2, "must be >= 1"),
+    ("pack {empty} {tmp}/shards", 2, "metadata.jsonl"),
+    ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
+    # ---- applications and sample sets
+    ("inpaint --input_image {tmp}/missing.png --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp1", 2,
+     "error: --input_image {tmp}/missing.png: no such file"),
+    ("inpaint --input_image {digit_png} --mask_box 0,0,40,4 --caption x --output_dir {tmp}/inp2", 2,
+     "error: --mask_box 0,0,40,4: needs 0 <= x0 < x1 <= 8"),
+    ("inpaint --input_image {digit_png} --mask_box a,b --caption x --output_dir {tmp}/inp3", 2,
+     "error: --mask_box a,b: expected four integers"),
+    ("inpaint --input_image {corrupt_png} --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp4", 2,
+     "error: --input_image {corrupt_png}: cannot"),
+    ("edit --input_image {digit_png} --caption x --output_dir {tmp}/ed1", 2, "edit needs --source_caption and --caption"),
+    ("generate-set --checkpoint_path {demo} --caption x --num_samples 0 --out {tmp}/set0", 2, "--num_samples 0"),
+    ("generate-set --checkpoint_path {demo} --caption_file {tmp}/none.txt --num_samples 2 --out {tmp}/set1", 2,
+     "--caption_file {tmp}/none.txt: no such file"),
+    ("evaluate --samples {tmp}/no_samples --metrics fid --reference {tmp}/no_ref", 2, "error: "),
+    # ---- interrupted runs: a half-written checkpoint is skipped, a corrupt one named; sample sets resume
+    ("train --config {cfg} --data {digits} --logdir {run_partial} --steps 3", 0, "resumed from"),
+    ("train --config {cfg} --data {digits} --logdir {run_corrupt} --steps 3", 2, "is corrupt or incomplete"),
+    ("generate-set --checkpoint_path {demo} --caption x --num_samples 4 --out {set_half}", 0, "2 already there"),
+    ("generate-set --checkpoint_path {demo} --caption y --num_samples 4 --out {set_half}", 2, "error: "),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str]:
+    """Every file and folder the table's placeholders name."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    f: dict[str, str] = {"tmp": str(tmp), "demo": str(DEMO_DIR), "digits": str(digits["train"])}
+    (tmp / "afile").write_text("a file, not a folder")
+    f["afile"] = str(tmp / "afile")
+    (tmp / "empty").mkdir()
+    f["empty"] = str(tmp / "empty")
+    (tmp / "empty.txt").write_text("\n  \n")
+    f["empty_txt"] = str(tmp / "empty.txt")
+    first = json.loads((digits["train"] / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+    f["digit_png"] = str(digits["train"] / first)
+    (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    f["corrupt_png"] = str(tmp / "corrupt.png")
+    weights = (DEMO_DIR / "model.safetensors").read_bytes()
+    (tmp / "truncated.safetensors").write_bytes(weights[: len(weights) // 2])
+    f["truncated"] = str(tmp / "truncated.safetensors")
+    (tmp / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    f["garbage"] = str(tmp / "garbage.pth")
+    other = tmp / "other"
+    make_pipeline().save_pretrained(other)  # a model of another shape than the demo's config
+    f["other_weights"] = str(other / "model.safetensors")
+    config = dict(tiny_config, steps=2, save_freq=1, keep_last=3, batch_size=8)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    f["cfg"] = str(tmp / "config.yaml")
+    (tmp / "unknown.yaml").write_text(yaml.safe_dump(dict(config, nosie_std=0.1)))
+    f["unknown_key_cfg"] = str(tmp / "unknown.yaml")
+    bad = tmp / "bad_meta"
+    bad.mkdir()
+    (bad / "metadata.jsonl").write_text(json.dumps({"file_name": first, "text": "x"}) + "\n{not json\n")
+    f["bad_meta"] = str(bad)
+    corrupt = tmp / "all_corrupt"
+    corrupt.mkdir()
+    lines = []
+    for k in range(8):
+        (corrupt / f"{k}.png").write_bytes(b"garbage")
+        lines.append(json.dumps({"file_name": f"{k}.png", "text": "a handwritten digit 1"}))
+    (corrupt / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    f["all_corrupt"] = str(corrupt)
+    # a run of 2 steps; one copy gets a half-written third checkpoint, the other a damaged latest one
+    run = tmp / "run"
+    with torch.random.fork_rng(devices=[]):
+        assert main(["train", "--config", f["cfg"], "--data", f["digits"], "--logdir", str(run), "--device", "cpu"]) == 0
+    partial, damaged = tmp / "run_partial", tmp / "run_corrupt"
+    shutil.copytree(run, partial)
+    shutil.copytree(run, damaged)
+    steps = sorted((partial / "checkpoints").iterdir())
+    half = partial / "checkpoints" / steps[-1].name.replace("2", "3")
+    shutil.copytree(steps[-1], half)
+    (half / "trainer.json").unlink()  # killed before the checkpoint was complete
+    latest = sorted((damaged / "checkpoints").iterdir())[-1]
+    for tensor_file in latest.glob("*.distcp"):
+        tensor_file.write_bytes(tensor_file.read_bytes()[:64])
+    f["run_partial"], f["run_corrupt"] = str(partial), str(damaged)
+    # a sample set killed half way: 2 of its 4 images exist
+    half_set = tmp / "set_half"
+    assert main(["generate-set", "--checkpoint_path", f["demo"], "--caption", "x", "--num_samples", "4",
+                 "--out", str(half_set), "--device", "cpu"]) == 0
+    for png in sorted(half_set.glob("*.png"))[2:]:
+        png.unlink()
+    f["set_half"] = str(half_set)
+    return f
+
+
+@pytest.mark.parametrize("command, code, phrase", CASES, ids=[c[0][:60] for c in CASES])
+def test_bad_input(command: str, code: int, phrase: str, files: dict[str, str], tmp_path: Path, capsys) -> None:
+    argv = [part.format(**files) for part in shlex.split(command)]
+    out_dir = tmp_path / "out"
+    if argv[0] == "sample" and "--output_dir" not in argv:
+        argv += ["--output_dir", str(out_dir)]
+    argv += ["--device", "cpu"] if argv[0] in ("sample", "train", "eval-nll", "generate-set", "inpaint", "edit",
+                                               "cache-latents") else []
+    try:
+        got = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        got = e.code
+    captured = capsys.readouterr()
+    text = captured.err if code else captured.out + captured.err
+    assert got == code, f"{argv}: exit {got}, stderr: {captured.err[-2000:]}"
+    assert phrase.format(**files) in text, f"{argv}: {text[-2000:]}"
+    assert "Traceback" not in captured.err
+    if code:
+        errors = [line for line in captured.err.splitlines() if line.startswith("error:") or ": error:" in line]
+        assert len(errors) == 1, captured.err  # one line says it
+        assert not out_dir.exists()  # nothing half-written
+
+
+def test_corrupt_images_met_mid_epoch_are_counted(tmp_path: Path, digits, tiny_config, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (digits["train"] / "metadata.jsonl").read_text().splitlines()[:14]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).symlink_to((digits["train"] / name).resolve())
+    for k in range(2):  # listed like any other image: found unreadable only when a batch loads them
+        (data / f"broken_{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        lines.insert(5 + 4 * k, json.dumps({"file_name": f"broken_{k}.png", "text": "a handwritten digit 0"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(tiny_config, steps=3, batch_size=8, log_freq=1, save_freq=3,
+                                          num_workers=1)))
+    logdir = tmp_path / "run"
+    with torch.random.fork_rng(devices=[]):
+        assert main(["train", "--config", str(config), "--data", str(data), "--logdir", str(logdir),
+                     "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["skipped_images"] for r in records if "skipped_images" in r]
+    assert counts[0] <= counts[-1] == 2  # both met by the DataLoader worker within 3 steps of 8 (16 listed)
+    captured = capsys.readouterr()
+    summary = captured.out + captured.err
+    assert "2 data file(s) skipped" in summary and "broken_" in summary
