@@ -111,6 +111,8 @@ class Config:
                                      "(0 = off, 1 = every layer)")
     gradient_checkpoint_mlp: int = _f(0, "activation checkpointing of the MLP in every k-th transformer layer "
                                          "(0 = off, 1 = every layer)")
+    compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "
+                              "the compilation; sampling has its own --compile switch)")
     wds: bool = _f(False, "read training data from webdataset shards")
     data: str | None = _f(None, "training data: an image folder with metadata.jsonl")
     init_from: str | None = _f(None, "training: start from these weights (.pth/.safetensors, a model folder or a "

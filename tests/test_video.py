@@ -280,8 +280,9 @@ def test_shipped_video_demo_image_to_video_keeps_the_real_image(tmp_path: Path) 
 def test_input_image_needs_a_video_model(tmp_path: Path, capsys) -> None:
     from starflow.assets import DEMO_DIR
 
-    assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_image", "x.png",
-                 "--output_dir", str(tmp_path), "--device", "cpu"]) == 2
+    image = Path(__file__).resolve().parents[1] / "docs" / "real_digit_3.png"
+    assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_image", str(image),
+                 "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "video configs" in capsys.readouterr().err
 
 

@@ -10,7 +10,11 @@ import torch
 
 from starflow.config import CONFIG_FIELDS, config_field_help
 
-__all__ = ["add_config_flags", "config_overrides", "add_weights_io_flags", "add_device_flag", "DTYPES",
+SAMPLING_SKIP = frozenset({"data", "ema", "ema_start", "init_from", "compile"})
+"""Config keys the sampling commands do not take as flags: training-only keys, and --ema / --compile, which are
+switches of their own there."""
+
+__all__ = ["SAMPLING_SKIP", "add_config_flags", "config_overrides", "add_weights_io_flags", "add_device_flag", "DTYPES",
            "check_input_files", "about_flag"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from starflow.cli._flags import add_config_flags, add_device_flag
-from starflow.cli._flags import about_flag, check_input_files
+from starflow.cli._flags import SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, check_input_files
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
@@ -58,7 +57,7 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True) -> None:
     add_decoding_flags(p)
     p.add_argument("--output_dir", default=f"outputs/{p.prog.split()[-1]}", help="folder for the PNGs and settings.json")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip={"data", "ema", "ema_start", "init_from"})
+    add_config_flags(p, skip=SAMPLING_SKIP)
 
 
 def _load_inputs(args: argparse.Namespace, pipe, cfg):

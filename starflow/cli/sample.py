@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from starflow import assets
-from starflow.cli._flags import about_flag, add_config_flags, add_device_flag, check_input_files, config_overrides
+from starflow.cli._flags import (SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, check_input_files,
+                                 config_overrides)
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
@@ -68,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip={"data", "ema", "ema_start", "init_from"})  # training-only keys; --ema is a switch here
+    add_config_flags(p, skip=SAMPLING_SKIP)  # training-only keys; --ema and --compile are switches here
     p.set_defaults(func=run)
 
 
@@ -140,7 +141,7 @@ def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
 
     checkpoint = args.checkpoint_path or assets.DEMO_DIR
     config = _config_path(args)
-    cfg = load_config(config, config_overrides(args, skip={"ema"}))
+    cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     shard = bool(cfg.fsdp) and dist.distributed
     if dist.is_main and shard:
         print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
@@ -362,7 +363,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     config = _config_path(args)
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
-    cfg = load_config(config, config_overrides(args, skip={"ema"}))
+    cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     settings = sample_settings(args, cfg)
     classes = read_vocab(resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)

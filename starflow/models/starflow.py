@@ -133,10 +133,7 @@ class STARFlow(nn.Module):
         Raises:
             ValueError: a period is negative.
         """
-        stacks = [b.attn_blocks for b in self.blocks if isinstance(b, FlowBlock)]
-        if self.learnable_self_denoiser is not None:
-            stacks.append(self.learnable_self_denoiser.attn_blocks)
-        for layers in stacks:
+        for layers in self._layer_stacks():
             set_activation_checkpointing(layers, attention_every, mlp_every)
 
     def reset_parameters(self) -> None:
@@ -176,6 +173,29 @@ class STARFlow(nn.Module):
         for block in self.blocks:
             for layer in getattr(block, "attn_blocks", ()):
                 layer.compile(dynamic=True, mode=mode)
+
+    def compile_training(self, mode: str | None = None) -> None:
+        """Compile every transformer layer (flow blocks and the learnable denoiser) in place for training (config
+        ``compile: 1``), each layer one ``torch.compile`` unit as FSDP2 shards them: norms, RoPE, attention and MLP
+        fuse into a few kernels, forward and backward. Parameter names do not change; each token layout (aspect
+        bucket, text length) compiles once in its first step. Call it before sharding.
+
+        Args:
+            mode: ``torch.compile`` mode (e.g. ``"max-autotune"``); None = the default.
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for stack in self._layer_stacks():
+            for layer in stack:
+                layer.compile(mode=mode)
+
+    def _layer_stacks(self) -> list[nn.ModuleList]:
+        """The transformer layer lists: each flow block's, then the learnable denoiser's."""
+        stacks = [b.attn_blocks for b in self.blocks if isinstance(b, FlowBlock)]
+        if self.learnable_self_denoiser is not None:
+            stacks.append(self.learnable_self_denoiser.attn_blocks)
+        return stacks
 
     def block_name(self, i: int) -> str:
         """``"flow block 3 (deep)"``, ``"flow block 0 (shallow)"``: block ``i`` as profiles and logs name it."""

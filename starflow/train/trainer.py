@@ -108,6 +108,8 @@ class Trainer:
         meta = any(p.is_meta for p in model.parameters())  # built for init_from: allocated here, loaded later
         if meta and not (cfg.fsdp and dist.distributed):
             model.to_empty(device=dist.device)
+        if cfg.compile:  # each transformer layer, before FSDP2 wraps it
+            model.compile_training()
         self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
         self.sharded = is_sharded(model)
         if meta and self.sharded:

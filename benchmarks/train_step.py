@@ -1,0 +1,190 @@
+"""One training step of a STARFlow layout: time, peak memory and achieved FLOP/s; eager, torch.compile and
+activation checkpointing side by side.
+
+A step is the forward pass and the loss (``STARFlow.loss``: every flow block, the log-determinants) and the
+backward pass, on random latents and text embeddings, as ``starflow train`` runs it (the optimizer update is
+left out: it is the same for every variant). Each variant runs in its own process, so its peak memory is its
+own (CUDA: ``max_memory_allocated``; CPU: the peak resident set, which includes the interpreter, ~0.3 GiB).
+
+Default layout: the shipped digits demo (``configs/demo_digits.yaml``: 4 flow blocks of 2 2 2 4 layers, head
+width 32, a 24-token text prefix) scaled to 256 tokens (``img_size 16``) and width 192, batch 8.
+``--layout configs/starflow_3B_t2i_256x256.yaml`` times a released layout (at a small ``--batch`` and, on one
+GPU, ``--dtype bf16``).
+
+FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.utils.flop_counter``.
+
+    python benchmarks/train_step.py [--layout CONFIG] [--batch 8] [--steps 10] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from starflow.config import load_config  # noqa: E402
+from starflow.models import STARFlow  # noqa: E402
+from starflow.models.starflow import patchify  # noqa: E402
+from starflow.models.tarflow_block import FlowBlock  # noqa: E402
+from starflow.sizing import text_width  # noqa: E402
+
+MODES = ("eager", "compile", "checkpoint")
+DEMO_SCALED = {"img_size": 16, "channels": 192}  # the demo layout at 256 tokens, width 192
+
+
+def build(args: argparse.Namespace):
+    """The model (train mode) and one batch ``(x, y)`` of the layout."""
+    overrides = dict(DEMO_SCALED) if args.layout is None else {}
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    cfg = load_config(args.layout or ROOT / "configs" / "demo_digits.yaml", overrides)
+    txt_dim = text_width(cfg, Path(args.layout).parent if args.layout else ROOT / "configs")
+    down = 1 if not cfg.vae else (16 if cfg.is_video else 8)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=down).to(dtype)
+    model.train()
+    side = cfg.img_size // down
+    shape = (args.batch, cfg.channel_size, side, side)
+    if cfg.is_video:
+        frames = (cfg.vid_size[0] - 1) // 4 + 1
+        shape = (args.batch, frames, cfg.channel_size, side, side)
+    x = torch.randn(shape, device=device)
+    y = torch.randn(args.batch, cfg.txt_size, txt_dim, device=device) if txt_dim else None
+    return cfg, model, x, y
+
+
+def step_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None) -> int:
+    """Analytic FLOPs of one training step (forward + backward = 3 x forward).
+
+    Per flow block with ``N`` tokens of width ``D`` (patch features), text prefix ``L`` of width ``T`` (text-
+    conditioned blocks only), transformer width ``W`` and ``K`` layers, sequence ``S = L + N``, batch ``B``
+    (frame-local video blocks: ``B x frames`` rows of one frame each):
+
+        forward = B [ 2 N D W  (proj_in)  +  2 L T W  (proj_txt)
+                      + K (24 S W^2  (qkv 6, out 2, MLP 16)  +  4 S^2 W  (scores and values, full square))
+                      + 4 N W D  (proj_out to 2D) ]
+
+    A multiply-add is 2 FLOPs; causal attention is counted over the full ``S x S`` square, as
+    ``torch.utils.flop_counter`` counts SDPA. Norms, RoPE, softmax and the affine update are not counted.
+    The backward pass costs twice the forward (gradients of inputs and weights).
+    """
+    total, b = 0, x.shape[0]
+    grid = patchify(x, model.patch_size)  # (B, [T,] h, w, D)
+    frames = grid.shape[1] if x.dim() == 5 else 1
+    n_all = frames * grid.shape[-3] * grid.shape[-2]
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, FlowBlock):
+            continue
+        d, w, k = block.in_dim, block.width, len(block.attn_blocks)
+        n = n_all
+        l, t = (y.shape[1], y.shape[2]) if (block.text_conditioned and y is not None) else (0, 0)
+        rows = b
+        if x.dim() == 5 and model._frame_local(i, True):
+            rows, n = b * frames, n_all // frames
+        s = l + n
+        fwd = 2 * n * d * w + 2 * l * t * w + k * (24 * s * w * w + 4 * s * s * w) + 4 * n * w * d
+        total += rows * fwd
+    return 3 * total
+
+
+def counted_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None) -> int:
+    """FLOPs of one step as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model.loss(x, y)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Time ``args.mode`` in this process; returns the row as a dict."""
+    torch.set_num_threads(args.threads)
+    cfg, model, x, y = build(args)
+    if args.mode == "checkpoint":
+        model.set_activation_checkpointing(1, 1)
+    if args.mode == "compile":
+        model.compile_training()
+    cuda = x.device.type == "cuda"
+
+    def step() -> float:
+        loss = model.loss(x, y)["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    flops = step_flops(model, x, y)
+    row = {"mode": args.mode, "seconds": median, "peak_gib": peak / 2**30, "flops": flops,
+           "tflops_per_s": flops / median / 1e12, "loss": loss,
+           "params": sum(p.numel() for p in model.parameters()), "tokens": int(x[0].numel() // cfg.channel_size)}
+    if args.mode == "eager" and args.check_flops:
+        row["counted_flops"] = counted_flops(model, x, y)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default=None, help="a YAML config [default: the demo layout, 256 tokens, width 192]")
+    parser.add_argument("--img_size", type=int, default=None, help="override the layout's img_size")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter and activation dtype")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--no_check_flops", dest="check_flops", action="store_false",
+                        help="skip the torch.utils.flop_counter check of the analytic count")
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
+    args = parser.parse_args()
+    if args.mode is not None:
+        print(json.dumps(run_one(args)))
+        return
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:] if not a.startswith("--modes")]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if r.returncode != 0:
+            sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    first = rows[0]
+    print(f"layout: {args.layout or 'demo scaled (img_size 16, channels 192)'}; {first['params']:,} parameters, "
+          f"{first['tokens']} tokens, batch {args.batch}, {args.dtype} on {args.device} ({args.threads} threads)")
+    if "counted_flops" in first:
+        print(f"FLOPs per step: analytic {first['flops'] / 1e9:.3f} G, torch.utils.flop_counter "
+              f"{first['counted_flops'] / 1e9:.3f} G (ratio {first['flops'] / max(first['counted_flops'], 1):.3f})")
+    print(f"{'variant':<12}{'step ms':>10}{'vs eager':>10}{'peak GiB':>10}{'TFLOP/s':>10}{'loss':>12}")
+    for row in rows:
+        print(f"{row['mode']:<12}{row['seconds'] * 1e3:>10.1f}{row['seconds'] / first['seconds']:>10.2f}"
+              f"{row['peak_gib']:>10.2f}{row['tflops_per_s']:>10.3f}{row['loss']:>12.6f}")
+
+
+if __name__ == "__main__":
+    main()
