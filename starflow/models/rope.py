@@ -57,10 +57,13 @@ def rope_angles(head_dim: int, grid: tuple[int, int, int], pos_scale: float, txt
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent feature pairs: ``x*cos + rot(x)*sin``, ``rot(x)[2k] = -x[2k+1]``, ``rot(x)[2k+1] = x[2k]``.
 
+    Computed as one complex multiplication per pair, ``(x[2k] + i x[2k+1]) * (cos + i sin)`` (the same products
+    and sums, so the same float32 result as the real form, in one kernel forward and backward).
+
     Args:
         x: ``(B, heads, S, head_dim)`` queries or keys.
-        cos, sin: ``(S, head_dim)`` of the angles at the positions of ``x``.
+        cos, sin: ``(S, head_dim)`` of the angles at the positions of ``x`` (each angle repeated twice in place).
     """
-    x_pairs = x.unflatten(-1, (-1, 2))  # (B, heads, S, head_dim/2, 2)
-    rot = torch.stack((-x_pairs[..., 1], x_pairs[..., 0]), dim=-1).flatten(-2)
-    return (x * cos + rot * sin).to(x.dtype)
+    rotation = torch.complex(cos[..., ::2].float(), sin[..., ::2].float())  # (S, head_dim / 2)
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

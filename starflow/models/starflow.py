@@ -84,6 +84,7 @@ class STARFlow(nn.Module):
         latent_side = config.latent_size(down)
         self.latent_side = latent_side  # latent height/width at the configured img_size
         self.pos_scale = float(config.pt_seq_len or latent_side // config.patch_size)
+        self._rope_tables: dict[tuple, Rope] = {}  # (frames, h, w, text, three_axis, device) -> (cos, sin)
         k = config.num_blocks
         blocks: list[nn.Module] = []
         for i, layers in enumerate(config.block_layers):
@@ -244,9 +245,15 @@ class STARFlow(nn.Module):
         h, w = grid_shape[-3], grid_shape[-2]
         three_axis = self.config.txt_size > 0 or video
         txt = txt_len if self.blocks[i].text_conditioned else 0
-        angles = rope_angles(self.config.head_dim, (t, h, w), self.pos_scale, txt, three_axis)
-        device = self.blocks[-1].proj_in.weight.device
-        return angles.cos().to(device), angles.sin().to(device)
+        return self._rope_table((t, h, w), txt, three_axis, self.blocks[-1].proj_in.weight.device)
+
+    def _rope_table(self, grid: tuple[int, int, int], txt_len: int, three_axis: bool, device: torch.device) -> Rope:
+        """(cos, sin) of :func:`rope_angles`, built once per layout and device (not in every step)."""
+        key = (*grid, txt_len, three_axis, device)
+        if key not in self._rope_tables:
+            angles = rope_angles(self.config.head_dim, grid, self.pos_scale, txt_len, three_axis)
+            self._rope_tables[key] = (angles.cos().to(device), angles.sin().to(device))
+        return self._rope_tables[key]
 
     def _block_text(self, i: int, y: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
         if not self.blocks[i].text_conditioned:
@@ -343,8 +350,7 @@ class STARFlow(nn.Module):
         txt_len = y.shape[1] if conditional and y is not None else 0
         rope = None
         if self.config.rope:
-            angles = rope_angles(self.config.head_dim, tuple(grid.shape[1:4]), self.pos_scale, txt_len, True)
-            rope = (angles.cos().to(x.device), angles.sin().to(x.device))
+            rope = self._rope_table(tuple(grid.shape[1:4]), txt_len, True, x.device)
         out = self.learnable_self_denoiser(grid.flatten(1, 3), y, rope, grid.shape[1])
         out = unpatchify(out.reshape(grid.shape), self.patch_size)
         return out if video else out[:, 0]
