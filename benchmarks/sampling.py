@@ -11,7 +11,8 @@ with every strategy and prints, per strategy:
   (``VmHWM`` after sampling minus ``VmRSS`` before, with the peak reset through ``/proc/self/clear_refs``);
 * rel. dist.: ``||x - x_seq|| / ||x_seq||`` between its result and the sequential sample (float32).
 
-Strategies: sequential, and Jacobi at block sizes 8/16/32/64 and thresholds 1e-2/1e-3/1e-4 (SPEC section 9).
+Strategies: sequential, Jacobi at block sizes 8/16/32/64 and thresholds 1e-2/1e-3/1e-4 (SPEC section 9), and
+``auto`` block sizes (``starflow.models.jacobi.auto_block_size``).
 Every strategy runs ``--repeats`` times after one warm-up run; the table gives the fastest time.
 On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32); with ``--compile``
 every strategy runs again with compiled flow layers (``dtype`` column ``+c``; compilation in the warm-up). ``--layout`` benchmarks a config with random weights instead
@@ -142,6 +143,9 @@ def strategies(block_sizes: list[int], thresholds: list[float], max_iter: int, s
         for th in thresholds:
             out.append((f"jacobi k={k} th={th:g}", dict(jacobi=True, jacobi_block_size=k, jacobi_th=th,
                                                           jacobi_max_iter=max_iter, jacobi_stop=stop)))
+    for th in thresholds:  # --jacobi_block_size auto: chosen per block from its rows and the device
+        out.append((f"jacobi k=auto th={th:g}", dict(jacobi=True, jacobi_block_size="auto", jacobi_th=th,
+                                                       jacobi_max_iter=max_iter, jacobi_stop=stop)))
     return out
 
 

@@ -17,7 +17,7 @@ from starflow.adapters.geometry import vae_geometry
 from starflow.checkpoint import compare_layout
 from starflow.config import load_config
 from starflow.models import STARFlow, patchify, unpatchify
-from starflow.models.rope import rope_angles
+from starflow.models.rope import rope_angles, rope_rotation
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
 from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
 
@@ -155,10 +155,10 @@ def test_block_logdet_matches_jacobian() -> None:
     torch.manual_seed(0)
     block = FlowBlock(2, 16, 1, 8, None, sos=True, use_softplus=True, use_final_norm=True, soft_clip=4.0)
     perturb(block, std=0.3)
-    cos_sin = rope_angles(8, (1, 1, 3), 3.0).cos(), rope_angles(8, (1, 1, 3), 3.0).sin()
+    rope = rope_rotation(rope_angles(8, (1, 1, 3), 3.0))
     x = torch.randn(1, 3, 2)  # D = 2, N = 3
-    logabsdet, jac = brute_force_logdet(lambda v: block(v, None, cos_sin)[0], x)
-    _, logdet, _ = block(x, None, cos_sin)
+    logabsdet, jac = brute_force_logdet(lambda v: block(v, None, rope)[0], x)
+    _, logdet, _ = block(x, None, rope)
     assert abs(logdet.sum().item()) > 0.05
     torch.testing.assert_close(logdet.sum().double(), logabsdet, atol=1e-4, rtol=0)
     jac = jac.view(3, 2, 3, 2)
@@ -212,6 +212,37 @@ def test_exact_jacobi_equals_sequential(name: str, w: float) -> None:
     jacobi = model.reverse(noise, rows, guidance=w, jacobi=True, jacobi_block_size=4, jacobi_th=0.0,
                            jacobi_max_iter=max_iter)
     torch.testing.assert_close(jacobi, sequential, atol=1e-4, rtol=0)
+
+
+def test_batch_rule_skips_the_final_prefix_and_keeps_the_fixed_point() -> None:
+    model = tiny()
+    block = model.blocks[0]
+    z = torch.randn(2, 16, block.in_dim)
+    seq = decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings())
+    stats = DecodeStats()
+    jac = decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings(True, 16, 0.0, 16), stats=stats)
+    torch.testing.assert_close(jac, seq, atol=1e-5, rtol=0)
+    assert stats.evaluations == 16 and stats.tokens < 16 * 16  # later iterations skip the tokens already final
+    per_sample = DecodeStats()
+    decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings(True, 16, 0.0, 16, "sample"),
+                 stats=per_sample)
+    assert per_sample.tokens == per_sample.evaluations * 16  # the per-sample rule evaluates whole chunks
+
+
+def test_auto_block_size_follows_the_rows_and_device() -> None:
+    from starflow.models.jacobi import AUTO, auto_block_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [auto_block_size(r, cpu) for r in (1, 2, 4, 8, 16, 32)] == [64, 64, 64, 32, 1, 1]
+    assert auto_block_size(32, gpu) == 64
+    model = tiny()
+    block = model.blocks[0]
+    for rows, equal_to in ((16, JacobiSettings()), (2, JacobiSettings(True, 64, 1e-4))):
+        z = torch.randn(rows, 16, block.in_dim)
+        auto = decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings(True, AUTO, 1e-4))
+        assert torch.equal(auto, decode_block(block, z, None, None, guidance=0.0, jacobi=equal_to))
+    with pytest.raises(ValueError, match="'auto'"):
+        JacobiSettings(True, "big")
 
 
 def test_decode_block_jacobi_counts_evaluations() -> None:

@@ -10,7 +10,7 @@ from starflow import assets
 from starflow.cli._flags import (SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, check_input_files,
                                  config_overrides)
 from starflow.config import CONFIG_FIELDS, load_config
-from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
+from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
 __all__ = ["register"]
 
@@ -91,9 +91,12 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
                    help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
                         "the official scripts use 1e-3]")
-    p.add_argument("--jacobi_block_size", type=int, default=JACOBI_BLOCK_SIZE,
-                   help="tokens per Jacobi chunk (4x after the first frame of a video) [default: 64; the official "
-                        "scripts use 16 for images, 32 for video]")
+    p.add_argument("--jacobi_block_size", type=_block_size, default=JACOBI_BLOCK_SIZE, metavar="K|auto",
+                   help="tokens per Jacobi chunk (4x after the first frame of a video); 'auto': chosen per flow block "
+                        "from its rows and the device (GPU 64; CPU: the largest of 64/32 with rows x K <= 256, else "
+                        "sequential: faster on CPU for large batches, but the block size, and so each image, then "
+                        "depends on the batch) [default: 64, bit-identical images in any batch; the official scripts "
+                        "use 16 for images, 32 for video]")
     p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
                    help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
                         "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
@@ -128,6 +131,19 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoising_batch_size", type=int, default=None,
                    help="samples per denoising pass (the Tweedie step runs a backward pass: lower it if that runs out "
                         "of memory) [default: the sampling batch]")
+
+
+def _block_size(value: str) -> int | str:
+    """``--jacobi_block_size``: a positive integer or ``auto``."""
+    if value == AUTO:
+        return AUTO
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of tokens or 'auto'") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{k}: must be >= 1 (1 = sequential decoding)")
+    return k
 
 
 def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
@@ -191,8 +207,7 @@ def sample_settings(args: argparse.Namespace, cfg, pipe=None):
     from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.pipeline import SampleSettings
 
-    positive = {"sample_batch_size": args.sample_batch_size, "jacobi_block_size": args.jacobi_block_size,
-                "jacobi_max_iter": args.jacobi_max_iter, "target_length": getattr(args, "target_length", None),
+    positive = {"sample_batch_size": args.sample_batch_size, "jacobi_max_iter": args.jacobi_max_iter, "target_length": getattr(args, "target_length", None),
                 "context_length": getattr(args, "context_length", None),
                 "denoising_batch_size": args.denoising_batch_size, "out_fps": getattr(args, "out_fps", None)}
     for flag, value in positive.items():

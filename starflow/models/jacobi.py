@@ -4,7 +4,9 @@ Sequential decoding computes ``x_t = z_t * a_t + b_t`` one token at a time (TARF
 Eq. 5). Block-wise Jacobi iteration (STARFlow-V, arXiv 2511.20462, Sec. 4; SPEC section 9) guesses a chunk
 of ``k`` tokens, evaluates the block once on the whole chunk, updates the guess, and repeats until the
 relative change ``mean((x_new - x_old)^2) / mean(x_new^2)`` falls below ``jacobi_th``; its fixed point
-is the sequential result and ``k`` iterations reach it exactly.
+is the sequential result and ``k`` iterations reach it exactly. Under the ``"batch"`` rule the chunk's final
+prefix (every token up to the first one that still changed in any row) is not evaluated again: later iterations
+run only on the rest, after its cached keys and values.
 
 Two stopping rules: ``"batch"`` (the official one: the change is measured over the whole batch, so a
 sample's result depends on the batch it is in) and ``"sample"`` (each sample stops on its own change and
@@ -23,12 +25,16 @@ import torch
 
 from starflow.models.guidance import guide, guidance_weights
 
-__all__ = ["JacobiSettings", "DecodeStats", "RankSync", "decode_block", "chunk_bounds", "JACOBI_BLOCK_SIZE",
-           "JACOBI_THRESHOLD", "JACOBI_MAX_ITER"]
+__all__ = ["JacobiSettings", "DecodeStats", "RankSync", "decode_block", "chunk_bounds", "auto_block_size",
+           "JACOBI_BLOCK_SIZE", "JACOBI_THRESHOLD", "JACOBI_MAX_ITER", "AUTO", "CPU_TOKEN_ROWS"]
 
 JACOBI_BLOCK_SIZE = 64  # tokens per chunk; the official scripts use 16 (images) and 32 (video)
 JACOBI_THRESHOLD = 1e-4  # relative squared change; the official scripts use 1e-3
 JACOBI_MAX_ITER = 32  # model evaluations per chunk at most (the official default)
+
+AUTO = "auto"  # block size chosen per block from its rows and the device (auto_block_size)
+CPU_TOKEN_ROWS = 256  # on CPU a Jacobi pass of more token-rows than this is slower than sequential decoding
+AUTO_MIN_BLOCK = 32  # below this the CPU decodes sequentially (measured with benchmarks/sampling.py)
 
 RankSync = Callable[[torch.Tensor], torch.Tensor]
 """``flag (int32 scalar) -> its maximum over all ranks`` (a collective every rank must call equally often)."""
@@ -40,7 +46,7 @@ class JacobiSettings:
 
     Attributes:
         enabled: block-wise Jacobi iteration (else sequential, one token per model evaluation).
-        block_size: tokens per chunk k.
+        block_size: tokens per chunk k, or ``"auto"`` (:func:`auto_block_size` per block).
         threshold: stop when the relative squared change is below this.
         max_iter: at most this many model evaluations per chunk.
         stop: ``"batch"`` (official: relative change over the whole batch) or ``"sample"`` (per sample,
@@ -51,7 +57,7 @@ class JacobiSettings:
     """
 
     enabled: bool = False
-    block_size: int = JACOBI_BLOCK_SIZE
+    block_size: int | str = JACOBI_BLOCK_SIZE
     threshold: float = JACOBI_THRESHOLD
     max_iter: int = JACOBI_MAX_ITER
     stop: str = "batch"
@@ -60,16 +66,40 @@ class JacobiSettings:
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:
             raise ValueError(f"Jacobi stopping rule {self.stop!r} is not one of {STOP_RULES}")
-        if self.block_size < 1 or self.max_iter < 1 or self.threshold < 0:
+        if self.block_size != AUTO and not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"Jacobi block size {self.block_size!r}: a positive number of tokens or 'auto' "
+                             "(--jacobi_block_size)")
+        if self.max_iter < 1 or self.threshold < 0:
             raise ValueError(f"Jacobi needs block_size >= 1, max_iter >= 1 and threshold >= 0, got {self.block_size}, "
                              f"{self.max_iter} and {self.threshold} (--jacobi_block_size, --jacobi_th)")
 
 
 @dataclass
 class DecodeStats:
-    """Counts from one decode: sequential model evaluations of the block."""
+    """Counts from one decode: sequential model evaluations of the block, and the token positions they evaluated
+    (per row; sequential decoding evaluates one per evaluation, a Jacobi iteration its chunk or unfinished rest)."""
 
     evaluations: int = 0
+    tokens: int = 0
+
+
+def auto_block_size(rows: int, device: torch.device) -> int:
+    """The Jacobi chunk of ``--jacobi_block_size auto`` for ``rows`` decoded rows (batch x 2 with guidance; x frames
+    in frame-local video blocks); 1 means sequential decoding.
+
+    On a GPU a chunk costs about what one token costs: :data:`JACOBI_BLOCK_SIZE`. On the CPU a pass costs its
+    token-rows, and a Jacobi chunk needs several passes: the largest power of two ``k <= 64`` with
+    ``rows * k <= 256`` (:data:`CPU_TOKEN_ROWS`), or sequential decoding below ``k = 32``. With the shipped demo on
+    2 cores this picks 64 for batch 1 and 2, 32 for batch 4 and sequential from batch 8 with guidance
+    (``benchmarks/sampling.py``). The block size then depends on the batch, so a sample is no longer
+    bit-identical across batch sizes (it is for a fixed block size).
+    """
+    if device.type != "cpu":
+        return JACOBI_BLOCK_SIZE
+    k = JACOBI_BLOCK_SIZE
+    while k > 1 and rows * k > CPU_TOKEN_ROWS:
+        k //= 2
+    return k if k >= AUTO_MIN_BLOCK else 1
 
 
 def chunk_bounds(n: int, block_size: int, frame_tokens: int | None, start: int = 0) -> list[tuple[int, int]]:
@@ -112,6 +142,15 @@ def _merge_known_runs(bounds: list[tuple[int, int]], all_known: list[bool]) -> l
     return merged
 
 
+def _final_prefix(x_new: torch.Tensor, x_old: torch.Tensor) -> int:
+    """Tokens of a chunk that are final after an iteration: up to and including the first token whose value
+    changed (in any row). Every earlier token kept its value, so the inputs of those tokens were already the
+    ones they will always see: evaluating them again gives the same values (the Jacobi fixed point)."""
+    changed = (x_new != x_old).flatten(2).any(2).any(0)  # (k,) per token, over rows and features
+    first = int(changed.to(torch.int8).argmax()) if bool(changed.any()) else changed.numel()
+    return min(first + 1, changed.numel())
+
+
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
                  jacobi: JacobiSettings, anneal_guidance: bool = False, cache=None,
                  stats: DecodeStats | None = None, frame_tokens: int | None = None,
@@ -123,7 +162,7 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         block: a :class:`~starflow.models.tarflow_block.FlowBlock`.
         z: ``(R, N, D)`` block-order noise; with guidance ``R = 2B`` and rows ``[:B]`` equal rows ``[B:]``.
         y: ``(R, L, txt_dim)`` text (``[cond; uncond]`` with guidance) or None.
-        rope_table: (cos, sin) ``(L + N, head_dim)`` or None.
+        rope_table: RoPE rotation table ``(L + N, head_dim / 2)`` or None.
         guidance: weight w; > 0 combines the halves (SPEC section 8).
         jacobi: sequential or Jacobi settings.
         anneal_guidance: use ``w (t + 1) / N`` at token t.
@@ -181,20 +220,24 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         block.chunk_params(prev, 0, txt_len, rope_table, cache)
         if stats is not None:
             stats.evaluations += 1
-    bounds = (chunk_bounds(n, jacobi.block_size, frame_tokens, n_prefix) if jacobi.enabled
+            stats.tokens += n_prefix
+    block_size = auto_block_size(rows, z.device) if jacobi.block_size == AUTO else jacobi.block_size
+    enabled = jacobi.enabled and (block_size > 1 or jacobi.block_size != AUTO)
+    bounds = (chunk_bounds(n, block_size, frame_tokens, n_prefix) if enabled
               else [(t, t + 1) for t in range(n_prefix, n)])
     if forced:
         bounds = _merge_known_runs(bounds, all_known)
     per_sample = jacobi.stop == "sample"
     for s, e in bounds:
         x_chunk = x[:, s:e]  # initial guess: the noise (the exact value at known tokens)
-        frame_back = jacobi.enabled and frame_tokens is not None and s > frame_tokens
+        frame_back = enabled and frame_tokens is not None and s > frame_tokens
         base = cache.length
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
         fully_known = forced and all(all_known[s:e])
         max_iter = jacobi.max_iter if e - s > 1 and not fully_known else 1
         active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device)
         frozen_prev = None  # per-sample rule: the inputs at which each stopped sample converged
+        done_to = 0  # tokens [s, s + done_to) are final: their inputs no longer change, so they are not re-evaluated
         for it in range(max_iter):
             if it == 0 and frame_back:  # first guess of the inputs: the same window one frame back
                 prev = x[:, s - 1 - frame_tokens : e - 1 - frame_tokens]
@@ -204,14 +247,18 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
             prev = prev.to(block.proj_in.weight.dtype)
             if frozen_prev is not None:  # stopped samples see (and cache) exactly their converged inputs
                 prev = torch.where(active, prev, frozen_prev)
-            a, b = block.chunk_params(prev, s, txt_len, rope_table, cache)
+            o = done_to
+            a, b = block.chunk_params(prev[:, o:], s + o, txt_len, rope_table, cache)
             if guided:
-                a, b = guide(a, b, w)
-            x_new = b + a * zf[:, s:e]
+                a, b = guide(a, b, w if isinstance(w, float) or o == 0 else w[o:])
+            x_new = b + a * zf[:, s + o : e]
             if forced:  # teacher forcing: known tokens keep their known value
-                x_new = torch.where(known_mask[:, s:e], known_values[:, s:e], x_new)
+                x_new = torch.where(known_mask[:, s + o : e], known_values[:, s + o : e], x_new)
+            if o:
+                x_new = torch.cat([x_chunk[:, :o], x_new], dim=1)
             if stats is not None:
                 stats.evaluations += 1
+                stats.tokens += e - s - o
             if max_iter == 1:
                 x_chunk = x_new
                 break
@@ -221,14 +268,17 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
                 done = active & (change < jacobi.threshold)[:, None, None]
                 frozen_prev = prev if frozen_prev is None else torch.where(done, prev, frozen_prev)
                 active = active & ~done
-                x_chunk = x_new
-                if it == max_iter - 1 or not _any_active(active, jacobi.rank_sync):
-                    break
+                stop = it == max_iter - 1 or not _any_active(active, jacobi.rank_sync)
             else:
                 change = (x_new - x_chunk).square().mean() / x_new.square().mean()
-                x_chunk = x_new
-                if it == max_iter - 1 or change.item() < jacobi.threshold:
-                    break
-            cache.rewind(base)
+                stop = it == max_iter - 1 or change.item() < jacobi.threshold
+            # the final prefix is shared by the rows, so it is skipped only under the batch rule: with the per-sample
+            # rule a sample's evaluations must not depend on its batch (bit-identical results in any batch)
+            if not stop and not per_sample and not (it == 0 and frame_back):  # (a frame-back pass read other inputs)
+                done_to = _final_prefix(x_new, x_chunk)
+            x_chunk = x_new
+            if stop or done_to == e - s:
+                break
+            cache.rewind(base + done_to)  # keep the keys and values of the final prefix
         x[:, s:e] = x_chunk
     return x

@@ -35,8 +35,8 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (num_layers, batch, heads, max_len, head_dim)
-        # zeros, not empty: layers attend over the whole buffer with a position mask, and a masked-out
-        # NaN would still poison the weighted sum
+        # zeros, not empty: positions are only read once written, but a stray NaN in memory read by a
+        # masked-out key would still poison the weighted sum
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
@@ -79,7 +79,7 @@ class LayerCache:
     """One layer's slice of a :class:`KVCache`: what a transformer layer reads and writes.
 
     It carries no position bookkeeping (validated once per chunk by :meth:`KVCache.check`), so a compiled
-    layer sees only tensors and the symbolic start position.
+    layer sees only tensors and the symbolic start position and length.
 
     Attributes:
         k, v: ``(B, heads, S, head_dim)`` views of the cache's buffers.
@@ -90,9 +90,10 @@ class LayerCache:
         self.k, self.v, self.query_scale = k, v, query_scale
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v (B, heads, n, head_dim)`` at ``[start, start + n)``; returns the whole buffers
-        ``(B, heads, S, head_dim)`` (fixed shapes: the caller masks the positions not yet valid)."""
+        """Store ``k, v (B, heads, n, head_dim)`` at ``[start, start + n)``; returns the keys and values of positions
+        ``[0, start + n)`` (views ``(B, heads, start + n, head_dim)``: attention never reads the positions not yet
+        written)."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k, self.v
+        return self.k[:, :, :end], self.v[:, :, :end]

@@ -22,7 +22,7 @@ __all__ = ["RMSNorm", "Attention", "MLP", "AttentionBlock", "Rope", "set_activat
 LAYER_NORM_EPS = 1e-5
 RMS_NORM_EPS = 1e-6
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim) for the positions in use
+Rope = torch.Tensor  # cos + i sin, (S, head_dim / 2) complex64 for the positions in use (rope.rope_rotation)
 
 
 class RMSNorm(nn.Module):
@@ -64,11 +64,11 @@ class Attention(nn.Module):
 
         Args:
             x: ``(B, n, W)`` hidden states of positions ``[start, start + n)``.
-            rope: (cos, sin) ``(n, head_dim)`` for those positions, or None.
+            rope: rotation table ``(n, head_dim / 2)`` for those positions (:func:`~starflow.models.rope.rope_rotation`), or None.
             mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal. With a cache,
-                ``S`` is the cache size and the mask must hide the positions not yet written.
-            cache: this layer's KV cache, receiving the chunk's keys/values; attention then runs over the whole
-                buffer (see :meth:`starflow.models.tarflow_block.FlowBlock._trunk`, which builds the mask).
+                ``S = start + n`` (the positions written so far, this chunk's included); None for one query.
+            cache: this layer's KV cache, receiving the chunk's keys/values; attention then runs over positions
+                ``[0, start + n)`` (see :meth:`starflow.models.tarflow_block.FlowBlock._trunk`, which builds the mask).
             start: position of the first query.
 
         Returns:
@@ -78,14 +78,14 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, n, head_dim)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
-            if mask is None:
-                raise ValueError("attention over a KV cache needs the position mask (n, cache size)")
+            if mask is None and n > 1:
+                raise ValueError("attention of several queries over a KV cache needs the position mask (n, start + n)")
             k, v = cache.write(k, v, start)
             if cache.query_scale is not None:  # per-row attention temperature (sampling only)
                 q = q * cache.query_scale.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1 and cache is None)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["THIRD_AXIS_DIMS", "rope_angles", "apply_rope"]
+__all__ = ["THIRD_AXIS_DIMS", "rope_angles", "rope_rotation", "apply_rope"]
 
 THIRD_AXIS_DIMS = 8  # frequencies reserved for the frame / text axis
 ROPE_BASE = 10000.0
@@ -54,7 +54,14 @@ def rope_angles(head_dim: int, grid: tuple[int, int, int], pos_scale: float, txt
     return angles.repeat_interleave(2, dim=1).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """The rotation table of :func:`apply_rope`: ``cos + i sin`` of each distinct angle, ``(S, head_dim / 2)``
+    complex64, from :func:`rope_angles` ``(S, head_dim)`` (each angle repeated twice in place)."""
+    a = angles[..., ::2].float()
+    return torch.complex(a.cos(), a.sin())
+
+
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent feature pairs: ``x*cos + rot(x)*sin``, ``rot(x)[2k] = -x[2k+1]``, ``rot(x)[2k+1] = x[2k]``.
 
     Computed as one complex multiplication per pair, ``(x[2k] + i x[2k+1]) * (cos + i sin)`` (the same products
@@ -62,8 +69,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Args:
         x: ``(B, heads, S, head_dim)`` queries or keys.
-        cos, sin: ``(S, head_dim)`` of the angles at the positions of ``x`` (each angle repeated twice in place).
+        rotation: ``(S, head_dim / 2)`` complex64 from :func:`rope_rotation`, at the positions of ``x``.
     """
-    rotation = torch.complex(cos[..., ::2].float(), sin[..., ::2].float())  # (S, head_dim / 2)
     pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

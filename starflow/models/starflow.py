@@ -20,7 +20,7 @@ from starflow.models.denoiser import Denoiser
 from starflow.models.jacobi import (JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats, JacobiSettings,
                                     RankSync, decode_block)
 from starflow.models.layers import Rope, set_activation_checkpointing
-from starflow.models.rope import rope_angles
+from starflow.models.rope import rope_angles, rope_rotation
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock, gathered
 
 __all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI"]
@@ -84,7 +84,7 @@ class STARFlow(nn.Module):
         latent_side = config.latent_size(down)
         self.latent_side = latent_side  # latent height/width at the configured img_size
         self.pos_scale = float(config.pt_seq_len or latent_side // config.patch_size)
-        self._rope_tables: dict[tuple, Rope] = {}  # (frames, h, w, text, three_axis, device) -> (cos, sin)
+        self._rope_tables: dict[tuple, Rope] = {}  # (frames, h, w, text, three_axis, device) -> rotation table
         k = config.num_blocks
         blocks: list[nn.Module] = []
         for i, layers in enumerate(config.block_layers):
@@ -156,8 +156,8 @@ class STARFlow(nn.Module):
     def compile_layers(self, mode: str | None = None) -> None:
         """Compile every flow-block transformer layer in place with ``torch.compile(dynamic=True)``.
 
-        Sampling steps (one token or a Jacobi chunk) attend over the whole preallocated KV cache with a position
-        mask, so a layer sees fixed cache shapes and a symbolic token count and start: it compiles a few times
+        Sampling steps (one token or a Jacobi chunk) attend over the written part of the preallocated KV cache, so a
+        layer sees fixed buffers and a symbolic token count, start and length: it compiles a few times
         (text prefix, one token, a chunk), not once per position. Parameter names do not change
         (``nn.Module.compile``); the first samples pay the compilation.
 
@@ -237,7 +237,7 @@ class STARFlow(nn.Module):
         return seq.reshape(like.shape[:-1] + seq.shape[-1:])
 
     def block_rope(self, i: int, grid_shape: tuple[int, ...], txt_len: int) -> Rope | None:
-        """(cos, sin) ``(L + N, head_dim)`` for block ``i`` on a grid ``(B, [T,] h, w, D)``, or None."""
+        """RoPE rotation table ``(L + N, head_dim / 2)`` for block ``i`` on a grid ``(B, [T,] h, w, D)``, or None."""
         if not self.config.rope:
             return None
         video = len(grid_shape) == 5
@@ -248,11 +248,11 @@ class STARFlow(nn.Module):
         return self._rope_table((t, h, w), txt, three_axis, self.blocks[-1].proj_in.weight.device)
 
     def _rope_table(self, grid: tuple[int, int, int], txt_len: int, three_axis: bool, device: torch.device) -> Rope:
-        """(cos, sin) of :func:`rope_angles`, built once per layout and device (not in every step)."""
+        """:func:`rope_rotation` of :func:`rope_angles`, built once per layout and device (not in every step)."""
         key = (*grid, txt_len, three_axis, device)
         if key not in self._rope_tables:
             angles = rope_angles(self.config.head_dim, grid, self.pos_scale, txt_len, three_axis)
-            self._rope_tables[key] = (angles.cos().to(device), angles.sin().to(device))
+            self._rope_tables[key] = rope_rotation(angles).to(device)
         return self._rope_tables[key]
 
     def _block_text(self, i: int, y: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
@@ -358,7 +358,7 @@ class STARFlow(nn.Module):
     # ------------------------------------------------------------------ noise -> data
     @torch.no_grad()
     def reverse(self, noise: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
-                jacobi: bool = False, jacobi_block_size: int = JACOBI_BLOCK_SIZE,
+                jacobi: bool = False, jacobi_block_size: int | str = JACOBI_BLOCK_SIZE,
                 jacobi_th: float = JACOBI_THRESHOLD, jacobi_max_iter: int = JACOBI_MAX_ITER, context=None, anneal_guidance: bool = False,
                 stats: DecodeStats | None = None, jacobi_stop: str = "batch",
                 rank_sync: RankSync | None = None, window: int | None = None, context_frames: int | None = None,
@@ -374,7 +374,8 @@ class STARFlow(nn.Module):
                (with ``guidance == 0`` extra uncond rows are ignored); None for a model without text.
             guidance: classifier-free guidance weight w.
             jacobi: block-wise Jacobi iteration instead of sequential decoding.
-            jacobi_block_size, jacobi_th, jacobi_max_iter: chunk size, stopping threshold, iteration cap.
+            jacobi_block_size, jacobi_th, jacobi_max_iter: chunk size (or ``"auto"``, see
+                :func:`starflow.models.jacobi.auto_block_size`), stopping threshold, iteration cap.
             context: image-to-video prefix from :meth:`encode_context` (video models).
             anneal_guidance: weight ``w (t + 1) / N`` at token t.
             stats: optional counters of sequential model evaluations.

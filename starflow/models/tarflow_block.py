@@ -66,11 +66,12 @@ class FlowBlock(nn.Module):
     # ------------------------------------------------------------------ transformer
     def _trunk(self, h: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
                cache: KVCache | None, start: int) -> torch.Tensor:
-        if cache is not None:  # causal against the whole cache buffer: query j sees positions [0, start + j]
+        if cache is not None:  # query j sees cached positions [0, start + j]; one query sees them all (no mask)
             n = h.shape[1]
             cache.check(start, n)
-            keys = torch.arange(cache.max_len, device=h.device)
-            mask = keys[None, :] <= start + torch.arange(n, device=h.device)[:, None]
+            if n > 1:
+                keys = torch.arange(start + n, device=h.device)
+                mask = keys[None, :] <= start + torch.arange(n, device=h.device)[:, None]
         for j, layer in enumerate(self.attn_blocks):
             h = layer(h, rope, mask, cache=None if cache is None else cache.layer(j), start=start)
         if cache is not None:
@@ -103,7 +104,7 @@ class FlowBlock(nn.Module):
         Args:
             x: ``(B, N, D)`` tokens, already in this block's order.
             y: ``(B, L, txt_dim)`` text embeddings if text-conditioned, else ignored.
-            rope: (cos, sin) ``(L + N, head_dim)`` or None.
+            rope: RoPE rotation table ``(L + N, head_dim / 2)`` or None.
             mask: optional boolean ``(L + N, L + N)`` attention mask (None = causal).
 
         Returns:
@@ -129,10 +130,10 @@ class FlowBlock(nn.Module):
     def prefill_text(self, y: torch.Tensor, rope: Rope | None, cache: KVCache) -> None:
         """Encode the text prefix ``y (B, L, txt_dim)`` into positions ``[0, L)`` of ``cache``.
 
-        ``rope`` is the whole sequence's (cos, sin) table; its first ``L`` rows are used.
+        ``rope`` is the whole sequence's rotation table; its first ``L`` rows are used.
         """
         txt_len = y.shape[1]
-        rope = None if rope is None else (rope[0][:txt_len], rope[1][:txt_len])
+        rope = None if rope is None else rope[:txt_len]
         self._trunk(self.proj_txt(y.to(self.proj_in.weight.dtype)), rope, None, cache, 0)
 
     def chunk_params(self, prev: torch.Tensor, start: int, txt_len: int, rope_table: Rope | None,
@@ -144,7 +145,7 @@ class FlowBlock(nn.Module):
                 entry is ignored (the block uses its SOS token or, without SOS, unit scale and zero shift).
             start: first token position (excluding the text prefix).
             txt_len: text tokens in the cache (0 if not text-conditioned).
-            rope_table: (cos, sin) ``(L + N, head_dim)`` of the whole sequence, or None.
+            rope_table: RoPE rotation table ``(L + N, head_dim / 2)`` of the whole sequence, or None.
             cache: this block's KV cache, holding positions ``[0, txt_len + start)`` (minus one without SOS).
 
         Returns:
@@ -161,8 +162,7 @@ class FlowBlock(nn.Module):
         if inp.shape[1] == 0:
             o = lead
         else:
-            rope = None if rope_table is None else (rope_table[0][pos : pos + inp.shape[1]],
-                                                    rope_table[1][pos : pos + inp.shape[1]])
+            rope = None if rope_table is None else rope_table[pos : pos + inp.shape[1]]
             o = self._head(self._trunk(self.proj_in(inp), rope, None, cache, pos))
             o = o if lead is None else torch.cat([lead, o.float()], dim=1)
         a, b, _ = self.scale_shift(o)

@@ -41,7 +41,7 @@ class SampleSettings:
     cfg: float = 0.0
     jacobi: bool = True
     jacobi_th: float = JACOBI_THRESHOLD  # the official scripts use 1e-3 (images: block 16, video: block 32)
-    jacobi_block_size: int = JACOBI_BLOCK_SIZE
+    jacobi_block_size: int | str = JACOBI_BLOCK_SIZE  # or "auto" (starflow.models.jacobi.auto_block_size)
     jacobi_max_iter: int = JACOBI_MAX_ITER
     aspect_ratio: str = "1:1"
     self_denoise: bool = True
