@@ -329,6 +329,11 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     if cfg.noise_std < 0:
         raise ValueError(f"config key 'noise_std' must be >= 0, got {cfg.noise_std}")
+    if not cfg.lr > 0:
+        raise ValueError(f"config key 'lr' (the peak learning rate) must be > 0, got {cfg.lr}")
+    for key in ("min_lr", "weight_decay", "grad_clip", "denoiser_lr", "warmup_steps"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise ValueError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if not cfg.nvp:
         raise ValueError("config key 'nvp': only the affine flow (nvp: 1) is supported")
     if cfg.adaln:

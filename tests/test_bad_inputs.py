@@ -55,6 +55,10 @@ CASES = [
     ("convert {truncated} {tmp}/out.safetensors", 2, "error: "),
     ("export {tmp}/no_run {tmp}/exported", 2, "no training checkpoint in"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
+    ("validate {demo}/config.yaml --gpus 0", 2, "error: --gpus 0: must be >= 1"),
+    ("eval-nll --checkpoint_path {demo} --data {digits} --batch_size 0", 2, "error: --batch_size 0: must be >= 1"),
+    ("train --config {cfg} --data {digits} --logdir {afile}", 2, "error: --logdir {afile}: is a file"),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_lr --lr -1", 2, "config key 'lr' (the peak learning rate)"),
     # ---- config keys: unknown, ill-typed, out of range, cross-field
     ("train --config {unknown_key_cfg} --data {digits} --logdir {tmp}/r_unknown", 2,
      "unknown config key 'nosie_std'; did you mean 'noise_std'?"),
@@ -71,7 +75,7 @@ CASES = [
     ("train --config {cfg} --data {bad_meta} --logdir {tmp}/r_meta", 2, "metadata.jsonl:2"),
     ("train --config {cfg} --data {all_corrupt} --logdir {tmp}/r_corrupt", 2, "is unreadable"),
     ("eval-nll --checkpoint_path {demo} --data {empty}", 2, "metadata.jsonl"),
-    ("eval-nll --checkpoint_path {demo} --data {digits} --num_samples 0", 2, "must be >= 1"),
+    ("eval-nll --checkpoint_path {demo} --data {digits} --num_samples 0", 2, "error: --num_samples 0: must be >= 1"),
     ("pack {empty} {tmp}/shards", 2, "metadata.jsonl"),
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
     # ---- applications and sample sets

@@ -63,6 +63,9 @@ def validate(args: argparse.Namespace) -> int:
     from starflow.checkpoint import compare_layout, read_shapes
     from starflow.sizing import build_meta_model, format_report, size_report, text_width
 
+    for flag in ("batch", "gpus"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     cfg = load_config(args.config, config_overrides(args))
     txt_dim = args.txt_dim or text_width(cfg, Path(args.config).parent)
     report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)

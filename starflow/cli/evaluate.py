@@ -72,6 +72,10 @@ def eval_nll(args: argparse.Namespace) -> int:
     from starflow.evaluation import evaluate_nll
     from starflow.sampling.pipeline import Pipeline
 
+    for flag in ("batch_size", "num_samples", "noise_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} {value}: must be >= 1")
     dist = init_distributed(args.device or "cpu")
     pipe = Pipeline.from_pretrained(args.checkpoint_path or assets.DEMO_DIR, config=args.model_config_path,
                                     device=dist.device)

@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, config_overrides(args))
     if cfg.data is None:
         raise SystemExit(NO_DATA)
+    if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
+        raise ValueError(f"--logdir {cfg.logdir}: is a file; pass a folder for the run (checkpoints, metrics, model)")
     dist = init_distributed(args.device)
     trainer = build_trainer(cfg, dist, Path(args.config).parent)
     if dist.is_main:
