@@ -67,7 +67,7 @@ class JacobiSettings:
         if self.stop not in STOP_RULES:
             raise ValueError(f"Jacobi stopping rule {self.stop!r} is not one of {STOP_RULES}")
         if self.block_size != AUTO and not (isinstance(self.block_size, int) and self.block_size >= 1):
-            raise ValueError(f"Jacobi block size {self.block_size!r}: a positive number of tokens or 'auto' "
+            raise ValueError(f"Jacobi needs block_size >= 1 (tokens) or 'auto', got {self.block_size!r} "
                              "(--jacobi_block_size)")
         if self.max_iter < 1 or self.threshold < 0:
             raise ValueError(f"Jacobi needs block_size >= 1, max_iter >= 1 and threshold >= 0, got {self.block_size}, "
