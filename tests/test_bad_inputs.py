@@ -213,3 +213,20 @@ def test_corrupt_images_met_mid_epoch_are_counted(tmp_path: Path, digits, tiny_c
     captured = capsys.readouterr()
     summary = captured.out + captured.err
     assert "2 data file(s) skipped" in summary and "broken_" in summary
+
+
+def test_video_frame_counts_the_vae_cannot_make_are_refused() -> None:
+    from starflow.cli import build_parser
+    from starflow.cli.sample import sample_settings
+    from starflow.config import load_config
+
+    from test_video import TINY_VIDEO
+
+    wan = load_config(dict(TINY_VIDEO, img_size=32, patch_size=1, channel_size=48, vid_size="5:8",
+                           vae="Wan-AI/Wan2.2-TI2V-5B-Diffusers"))
+    args = build_parser().parse_args(["sample", "--caption", "x", "--target_length", "6"])
+    with pytest.raises(ValueError, match=r"--target_length 6: the VAE decodes 4k\+1 frames .* use 5 or 9"):
+        sample_settings(args, wan)
+    assert sample_settings(build_parser().parse_args(["sample", "--caption", "x", "--target_length", "9"]), wan)
+    pixels = load_config(dict(TINY_VIDEO))  # no VAE: any frame count
+    assert sample_settings(args, pixels).target_length == 6

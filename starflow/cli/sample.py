@@ -234,6 +234,15 @@ def sample_settings(args: argparse.Namespace, cfg, pipe=None):
         for flag in ("self_denoising_lr", "denoising_batch_size"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} sets the denoising step, which --no-self_denoise turns off: drop one")
+    target = getattr(args, "target_length", None)
+    if target is not None and cfg.is_video and not getattr(args, "input_video", None):
+        from starflow.adapters.geometry import vae_geometry
+
+        t = vae_geometry(cfg.vae).temporal_downsample
+        if (target - 1) % t:
+            lower = 1 + (target - 1) // t * t
+            raise ValueError(f"--target_length {target}: the VAE decodes {t}k+1 frames (temporal factor {t}); use "
+                             f"{lower} or {lower + t}")
     if getattr(args, "out_fps", None) is not None and not cfg.is_video:
         raise ValueError("--out_fps is for video configs (fps of the prompt and the written video); this config "
                          "has no vid_size")
