@@ -402,7 +402,14 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path} (the official configs are in configs/)")
-        raw = _flatten_official(yaml.safe_load(path.read_text()), str(path))
+        try:
+            text = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ValueError(f"config {path}: not a readable YAML file{line} ({getattr(e, 'problem', None) or e}); "
+                             "the official configs are in configs/") from None
+        raw = _flatten_official(text, str(path))
         name = str(path)
     overrides = dict(overrides or {})
     if "layers_per_block" in overrides and "blocks" not in overrides:

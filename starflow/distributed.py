@@ -48,9 +48,23 @@ class DistInfo:
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
-    """``requested`` ('cpu', 'cuda', 'cuda:1', ...) or the best available device for this rank."""
+    """``requested`` ('cpu', 'cuda', 'cuda:1', ...) or the best available device for this rank.
+
+    Raises:
+        ValueError: ``requested`` is not a device name, or names a CUDA device this machine does not have.
+    """
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"--device {requested}: not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {requested}: no CUDA GPU is available to this PyTorch; use --device cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {requested}: there are {torch.cuda.device_count()} GPU(s) (cuda:0 .. "
+                                 f"cuda:{torch.cuda.device_count() - 1})")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

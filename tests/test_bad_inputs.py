@@ -55,6 +55,10 @@ CASES = [
     ("convert {truncated} {tmp}/out.safetensors", 2, "error: "),
     ("export {tmp}/no_run {tmp}/exported", 2, "no training checkpoint in"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
+    ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
+    ("sample --caption x --model_config_path {digit_png} --checkpoint_path {demo}", 2, "not a readable YAML file"),
+    ("sample --caption x --device foo", 2, "error: --device foo: not a device"),
+    ("generate-set --checkpoint_path {demo} --caption x --num_samples 2 --out {afile}", 2, "--out {afile}: is a file"),
     ("validate {demo}/config.yaml --gpus 0", 2, "error: --gpus 0: must be >= 1"),
     ("eval-nll --checkpoint_path {demo} --data {digits} --batch_size 0", 2, "error: --batch_size 0: must be >= 1"),
     ("train --config {cfg} --data {digits} --logdir {afile}", 2, "error: --logdir {afile}: is a file"),
@@ -110,6 +114,8 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     (tmp / "empty").mkdir()
     f["empty"] = str(tmp / "empty")
     (tmp / "empty.txt").write_text("\n  \n")
+    (tmp / "bad.yaml").write_text("arguments:\n- img_size: [8\n")
+    f["bad_yaml"] = str(tmp / "bad.yaml")
     f["empty_txt"] = str(tmp / "empty.txt")
     first = json.loads((digits["train"] / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
     f["digit_png"] = str(digits["train"] / first)
@@ -171,8 +177,9 @@ def test_bad_input(command: str, code: int, phrase: str, files: dict[str, str], 
     out_dir = tmp_path / "out"
     if argv[0] == "sample" and "--output_dir" not in argv:
         argv += ["--output_dir", str(out_dir)]
-    argv += ["--device", "cpu"] if argv[0] in ("sample", "train", "eval-nll", "generate-set", "inpaint", "edit",
-                                               "cache-latents") else []
+    if argv[0] in ("sample", "train", "eval-nll", "generate-set", "inpaint", "edit", "cache-latents") \
+            and "--device" not in argv:
+        argv += ["--device", "cpu"]
     try:
         got = main(argv)
     except SystemExit as e:  # argparse's own errors

@@ -127,6 +127,8 @@ def generate_set(args: argparse.Namespace) -> int:
     if args.checkpoint_path is None:
         raise SystemExit("generate-set needs --checkpoint_path (a model folder or weights file)")
     check_input_files(args, "caption_file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a file; pass the folder of the sample set")
     if args.num_samples < 1 or args.sample_batch_size < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
                          "be >= 1")
