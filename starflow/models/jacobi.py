@@ -147,8 +147,9 @@ def _final_prefix(x_new: torch.Tensor, x_old: torch.Tensor) -> int:
     changed (in any row). Every earlier token kept its value, so the inputs of those tokens were already the
     ones they will always see: evaluating them again gives the same values (the Jacobi fixed point)."""
     changed = (x_new != x_old).flatten(2).any(2).any(0)  # (k,) per token, over rows and features
-    first = int(changed.to(torch.int8).argmax()) if bool(changed.any()) else changed.numel()
-    return min(first + 1, changed.numel())
+    k = changed.numel()
+    first = torch.where(changed.any(), changed.to(torch.int8).argmax(), k)  # k when nothing changed
+    return min(int(first) + 1, k)  # the one host sync
 
 
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
