@@ -81,6 +81,9 @@ CASES = [
     ("eval-nll --checkpoint_path {demo} --data {empty}", 2, "metadata.jsonl"),
     ("eval-nll --checkpoint_path {demo} --data {digits} --num_samples 0", 2, "error: --num_samples 0: must be >= 1"),
     ("pack {empty} {tmp}/shards", 2, "metadata.jsonl"),
+    ("pack {digits} {afile}", 2, "error: OUT {afile}: is a file"),
+    ("cache-latents --config {cfg} --data {digits} --out {afile}", 2, "error: --out {afile}: is a file"),
+    ("sample --checkpoint_path {tmp}/no_model --caption x", 2, "error: --checkpoint_path {tmp}/no_model: checkpoint not found"),
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
     # ---- applications and sample sets
     ("inpaint --input_image {tmp}/missing.png --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp1", 2,

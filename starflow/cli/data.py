@@ -39,10 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cache)
 
 
+def _check_out_folder(flag: str, path: str) -> None:
+    """The shard folder a command writes must not be a file.
+
+    Raises:
+        ValueError: ``path`` is an existing file.
+    """
+    if Path(path).is_file():
+        raise ValueError(f"{flag} {path}: is a file; pass a folder for the shards")
+
+
 def pack(args: argparse.Namespace) -> int:
     """``starflow pack SRC OUT``: :func:`starflow.data.pack_folder`."""
     from starflow.data.shards import pack_folder
 
+    _check_out_folder("OUT", args.out)
     index = pack_folder(args.src, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
     few = ", ".join(s["file_name"] for s in index["skipped"][:3])
     print(f"packed {index['total']} {index['kind']}s into {len(index['shards'])} shards in {args.out}; "
@@ -59,6 +70,7 @@ def cache(args: argparse.Namespace) -> int:
     from starflow.data.latent_cache import cache_latents
     from starflow.distributed import pick_device
 
+    _check_out_folder("--out", args.out)
     cfg = load_config(args.config, config_overrides(args, skip={"data"}))
     device = pick_device(args.device)
     base = Path(args.config).parent

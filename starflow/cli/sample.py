@@ -156,6 +156,9 @@ def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
     from starflow.sampling.pipeline import Pipeline
 
     checkpoint = args.checkpoint_path or assets.DEMO_DIR
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
+                                "file; the official weights: starflow download t2i|t2v)")
     config = _config_path(args)
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     shard = bool(cfg.fsdp) and dist.distributed
