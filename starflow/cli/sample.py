@@ -200,9 +200,9 @@ def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
               f"sampling {w}x{h} pixels", file=sys.stderr)
 
 
-def sample_settings(args: argparse.Namespace, cfg, pipe=None):
+def sample_settings(args: argparse.Namespace, cfg):
     """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present),
-    checked against the config (and the loaded model's learnable denoiser, with ``pipe``).
+    checked against the config.
 
     Raises:
         ValueError: a flag out of range or one that would not act on this model, named with the fix.
