@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=3, help="length factor of the long videos [default: 3]")
     parser.add_argument("--batch_size", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance weight [default: the model's config cfg]")
     args = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(args.checkpoint_path)
@@ -87,11 +89,12 @@ def main() -> None:
     clf, real_acc = fit_classifier(canvas, args.seed)
     prompts = [(d, name) for d in range(10) for name in DIRECTIONS for _ in range(args.per_prompt)]
     print(f"classifier accuracy on recentred real test digits: {real_acc:.3f}")
-    print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {pipe.config.cfg}, "
+    cfg = pipe.config.cfg if args.cfg is None else args.cfg
+    print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {cfg}, "
           f"model {args.checkpoint_path}")
     print(f"{'length':<18}{'frames':>7}{'digit':>8}{'direction':>11}{'seconds':>9}")
     for factor in (1, args.long):
-        settings = SampleSettings(cfg=pipe.config.cfg, jacobi=True, target_length=frames * factor)
+        settings = SampleSettings(cfg=cfg, jacobi=True, target_length=frames * factor)
         start, videos = time.perf_counter(), []
         for i in range(0, len(prompts), args.batch_size):
             chunk = prompts[i : i + args.batch_size]

@@ -245,6 +245,27 @@ def test_auto_block_size_follows_the_rows_and_device() -> None:
         JacobiSettings(True, "big")
 
 
+def test_auto_block_size_is_chosen_for_the_jobs_batch() -> None:
+    """With jacobi_auto_batch a job's smaller last batch decodes with the chunks of its full batch (its samples then
+    differ from the full batch's only by float rounding); without it the block size follows the smaller batch."""
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(8, 2, 4, 4, generator=g)
+    y = torch.randn(16, TXT_LEN, TXT_DIM, generator=g)  # [cond; uncond]
+    y_last = torch.cat([y[6:8], y[14:16]])
+    kw = dict(guidance=1.5, jacobi=True, jacobi_block_size="auto", jacobi_th=1e-4, jacobi_stop="sample")
+    full, last, alone = DecodeStats(), DecodeStats(), DecodeStats()
+    x_full = model.reverse(noise, y, jacobi_auto_batch=8, stats=full, **kw)  # CPU, 16 guided rows: sequential deep block
+    x_last = model.reverse(noise[6:], y_last, jacobi_auto_batch=8, stats=last, **kw)
+    assert (last.evaluations, last.tokens) == (full.evaluations, full.tokens)
+    torch.testing.assert_close(x_last, x_full[6:], rtol=0, atol=1e-5)
+    x_alone = model.reverse(noise[6:], y_last, stats=alone, **kw)  # 4 guided rows: Jacobi chunks of 64
+    assert alone.evaluations < full.evaluations
+    assert (x_alone - x_full[6:]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="jacobi_auto_batch 0"):
+        model.reverse(noise, y, jacobi_auto_batch=0, **kw)
+
+
 def test_decode_block_jacobi_counts_evaluations() -> None:
     model = tiny()
     block = model.blocks[0]

@@ -91,12 +91,13 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
                    help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
                         "the official scripts use 1e-3]")
-    p.add_argument("--jacobi_block_size", type=_block_size, default=JACOBI_BLOCK_SIZE, metavar="K|auto",
+    p.add_argument("--jacobi_block_size", type=_block_size, default=AUTO, metavar="K|auto",
                    help="tokens per Jacobi chunk (4x after the first frame of a video); 'auto': chosen per flow block "
-                        "from its rows and the device (GPU 64; CPU: the largest of 64/32 with rows x K <= 256, else "
-                        "sequential: faster on CPU for large batches, but the block size, and so each image, then "
-                        "depends on the batch) [default: 64, bit-identical images in any batch; the official scripts "
-                        "use 16 for images, 32 for video]")
+                        "from its rows at --sample_batch_size and the device (GPU 64; CPU: the largest of 64/32 with "
+                        "rows x K <= 256, else sequential decoding, which is faster on a CPU for large batches); "
+                        "every batch of a job, a smaller last one included, decodes with the chunks chosen for "
+                        f"--sample_batch_size. A fixed K (e.g. {JACOBI_BLOCK_SIZE}) gives the same images at any "
+                        "--sample_batch_size [default: auto; the official scripts use 16 for images, 32 for video]")
     p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
                    help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
                         "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
@@ -260,6 +261,7 @@ def sample_settings(args: argparse.Namespace, cfg):
         check_aspect_ratio(args.aspect_ratio, cfg)
     return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                           jacobi_block_size=args.jacobi_block_size, jacobi_max_iter=args.jacobi_max_iter,
+                          jacobi_auto_batch=getattr(args, "sample_batch_size", None),
                           aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
                           anneal_guidance=args.annealed_guidance, guide_top=args.guide_top, attn_temp=args.attn_temp,
                           fps=getattr(args, "out_fps", None), target_noise_std=args.target_noise_std,

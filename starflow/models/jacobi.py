@@ -54,6 +54,10 @@ class JacobiSettings:
         rank_sync: with ``stop="sample"`` over several ranks, reduces the "still iterating" flag over them so
             every rank iterates until all are done and all evaluate the model equally often (needed when the
             weights are sharded); None: this process decides alone.
+        auto_scale: with ``block_size="auto"``, the decoded rows are multiplied by this before
+            :func:`auto_block_size` chooses: :meth:`~starflow.models.STARFlow.reverse` sets it to
+            ``jacobi_auto_batch / B`` so that every batch of a job (a smaller last one included) decodes with the
+            block size of the job's full batch.
     """
 
     enabled: bool = False
@@ -62,6 +66,7 @@ class JacobiSettings:
     max_iter: int = JACOBI_MAX_ITER
     stop: str = "batch"
     rank_sync: RankSync | None = None
+    auto_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:
@@ -222,7 +227,8 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         if stats is not None:
             stats.evaluations += 1
             stats.tokens += n_prefix
-    block_size = auto_block_size(rows, z.device) if jacobi.block_size == AUTO else jacobi.block_size
+    block_size = (auto_block_size(max(1, round(rows * jacobi.auto_scale)), z.device) if jacobi.block_size == AUTO
+                  else jacobi.block_size)
     enabled = jacobi.enabled and (block_size > 1 or jacobi.block_size != AUTO)
     bounds = (chunk_bounds(n, block_size, frame_tokens, n_prefix) if enabled
               else [(t, t + 1) for t in range(n_prefix, n)])
@@ -236,7 +242,7 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
         fully_known = forced and all(all_known[s:e])
         max_iter = jacobi.max_iter if e - s > 1 and not fully_known else 1
-        active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device)
+        active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device) if max_iter > 1 else None
         frozen_prev = None  # per-sample rule: the inputs at which each stopped sample converged
         done_to = 0  # tokens [s, s + done_to) are final: their inputs no longer change, so they are not re-evaluated
         for it in range(max_iter):
@@ -244,8 +250,9 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
                 prev = x[:, s - 1 - frame_tokens : e - 1 - frame_tokens]
             else:
                 first = x[:, s - 1 : s] if s > 0 else torch.zeros_like(x_chunk[:, :1])
-                prev = torch.cat([first, x_chunk[:, :-1]], dim=1)
-            prev = prev.to(block.proj_in.weight.dtype)
+                prev = torch.cat([first, x_chunk[:, :-1]], dim=1)  # (a new contiguous tensor)
+            if prev.dtype != block.proj_in.weight.dtype:
+                prev = prev.to(block.proj_in.weight.dtype)
             if frozen_prev is not None:  # stopped samples see (and cache) exactly their converged inputs
                 prev = torch.where(active, prev, frozen_prev)
             o = done_to

@@ -40,7 +40,18 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
-        self.query_scale: torch.Tensor | None = None
+        self._layers = [LayerCache(self.k[j], self.v[j]) for j in range(num_layers)]  # views, made once
+        self._query_scale: torch.Tensor | None = None
+
+    @property
+    def query_scale(self) -> torch.Tensor | None:
+        return self._query_scale
+
+    @query_scale.setter
+    def query_scale(self, scale: torch.Tensor | None) -> None:
+        self._query_scale = scale
+        for layer in self._layers:
+            layer.query_scale = scale
 
     @property
     def max_len(self) -> int:
@@ -59,7 +70,7 @@ class KVCache:
 
     def layer(self, j: int) -> "LayerCache":
         """The buffers of layer ``j`` (views, no copy)."""
-        return LayerCache(self.k[j], self.v[j], self.query_scale)
+        return self._layers[j]
 
     def commit(self, end: int) -> None:
         """Mark positions ``[0, end)`` valid (after every layer wrote them)."""

@@ -37,6 +37,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS) * (1 + self.weight)
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS) * (1 + self.weight.float())
         return out.to(x.dtype)
@@ -76,9 +78,9 @@ class Attention(nn.Module):
         """
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, n, head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # each (B, heads, n, head_dim); queries and keys are rotated in one pass, read in place from qkv
+        q, k = (qkv[:2] if rope is None else apply_rope(qkv[:2], rope)).unbind(0)
+        v = qkv[2]
         if cache is not None:
             if mask is None and n > 1:
                 raise ValueError("attention of several queries over a KV cache needs the position mask (n, start + n)")

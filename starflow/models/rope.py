@@ -68,8 +68,17 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     and sums, so the same float32 result as the real form, in one kernel forward and backward).
 
     Args:
-        x: ``(B, heads, S, head_dim)`` queries or keys.
+        x: ``(..., S, head_dim)`` queries and/or keys, e.g. ``(B, heads, S, head_dim)`` or both at once as
+            ``(2, B, heads, S, head_dim)``; a strided view (a slice of the fused ``qkv`` projection) is read in
+            place, without a copy, when its feature pairs are adjacent.
         rotation: ``(S, head_dim / 2)`` complex64 from :func:`rope_rotation`, at the positions of ``x``.
+
+    Returns:
+        The rotated features, contiguous, in ``x``'s shape and dtype.
     """
-    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
+        x32 = x32.contiguous()  # complex views need adjacent (real, imaginary) pairs
+    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+    out = torch.view_as_real(pairs * rotation).flatten(-2)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -365,7 +365,8 @@ class STARFlow(nn.Module):
                 y_extend: torch.Tensor | None = None,
                 timer: Callable[[str], ContextManager] | None = None, known: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, intermediates: list[torch.Tensor] | None = None,
-                guide_top: int | None = None, attn_temp: float = 1.0) -> torch.Tensor:
+                guide_top: int | None = None, attn_temp: float = 1.0,
+                jacobi_auto_batch: int | None = None) -> torch.Tensor:
         """Sample: map noise to data, deep block first (SPEC sections 8 and 9).
 
         Args:
@@ -409,6 +410,8 @@ class STARFlow(nn.Module):
                 later blocks run unguided on the conditional rows. None = every text-conditioned block.
             attn_temp: attention temperature of the unconditional guidance rows (see
                 :func:`starflow.models.jacobi.decode_block`); 1 = plain guidance.
+            jacobi_auto_batch: with ``jacobi_block_size="auto"``: the batch the block size is chosen for (e.g. the
+                job's ``--sample_batch_size``), so a job's smaller last batch decodes as its full ones; None = B.
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
@@ -422,8 +425,11 @@ class STARFlow(nn.Module):
             raise ValueError(f"guide_top {guide_top}: the number of guided blocks must be >= 0")
         if not attn_temp > 0:
             raise ValueError(f"attn_temp {attn_temp}: the attention temperature must be > 0")
-        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync)
         b = noise.shape[0]
+        if jacobi_auto_batch is not None and jacobi_auto_batch < 1:
+            raise ValueError(f"jacobi_auto_batch {jacobi_auto_batch}: the batch the auto block size is chosen for must be >= 1")
+        settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync,
+                                  auto_scale=1.0 if jacobi_auto_batch is None else jacobi_auto_batch / b)
         y = self._guidance_rows(y, b, guidance)
         y_extend = y if y_extend is None else self._guidance_rows(y_extend, b, guidance)
         grid = patchify(noise.float(), self.patch_size)

@@ -87,13 +87,14 @@ class FlowBlock(nn.Module):
             o = self.soft_clip * torch.tanh(o / self.soft_clip)
         return o
 
-    def scale_shift(self, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Split ``o (..., 2D)`` into float32 scale ``a``, shift ``b`` and ``log a`` (each ``(..., D)``)."""
-        o = o.float()
+    def scale_shift(self, o: torch.Tensor, log: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Split ``o (..., 2D)`` into float32 scale ``a``, shift ``b`` and ``log a`` (each ``(..., D)``; ``log a`` is
+        None with ``log=False``, as sampling does not need it)."""
+        o = o if o.dtype == torch.float32 else o.float()
         o_a, b = o[..., : self.in_dim], o[..., self.in_dim :]
         if self.use_softplus:
             a = F.softplus(o_a + SOFTPLUS_ONE)
-            return a, b, torch.log(a)
+            return a, b, torch.log(a) if log else None
         return torch.exp(o_a), b, o_a
 
     # ------------------------------------------------------------------ data -> noise
@@ -165,7 +166,7 @@ class FlowBlock(nn.Module):
             rope = None if rope_table is None else rope_table[pos : pos + inp.shape[1]]
             o = self._head(self._trunk(self.proj_in(inp), rope, None, cache, pos))
             o = o if lead is None else torch.cat([lead, o.float()], dim=1)
-        a, b, _ = self.scale_shift(o)
+        a, b, _ = self.scale_shift(o, log=False)
         return a, b
 
 

@@ -22,7 +22,7 @@ from starflow.config import Config, load_config, save_config
 from starflow.data.aspect import aspect_to_size
 from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sharded_inference
 from starflow.models import STARFlow
-from starflow.models.jacobi import JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
+from starflow.models.jacobi import AUTO, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 
@@ -41,7 +41,8 @@ class SampleSettings:
     cfg: float = 0.0
     jacobi: bool = True
     jacobi_th: float = JACOBI_THRESHOLD  # the official scripts use 1e-3 (images: block 16, video: block 32)
-    jacobi_block_size: int | str = JACOBI_BLOCK_SIZE  # or "auto" (starflow.models.jacobi.auto_block_size)
+    jacobi_block_size: int | str = AUTO  # starflow.models.jacobi.auto_block_size, or tokens per chunk
+    jacobi_auto_batch: int | None = None  # "auto" chooses for this batch (a job's batch size); None: each call's
     jacobi_max_iter: int = JACOBI_MAX_ITER
     aspect_ratio: str = "1:1"
     self_denoise: bool = True
@@ -259,7 +260,7 @@ class Pipeline:
                                   stats=stats, jacobi_stop=settings.jacobi_stop,
                                   rank_sync=any_rank if is_sharded(self.model) else None, guide_top=settings.guide_top,
                                   attn_temp=settings.attn_temp, timer=lambda name: profile.stage(name, dev, stats),
-                                  **kwargs)
+                                  jacobi_auto_batch=settings.jacobi_auto_batch, **kwargs)
 
     def _denoise(self, x: torch.Tensor, y, settings: SampleSettings, profile: Profile,
                  clean: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
