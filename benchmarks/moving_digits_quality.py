@@ -11,6 +11,8 @@ videos from a model folder (default: the shipped ``ckpts/demo_moving_digits``), 
 * direction: the fraction whose centre of mass moves in the prompted direction (mean frame-to-frame
   displacement on the torus, dominant axis and sign).
 
+Rows per direction and a line per prompted digit follow each length.
+
     python benchmarks/moving_digits_quality.py [--checkpoint_path ckpts/demo_moving_digits] [--per_prompt 20]
 """
 from __future__ import annotations
@@ -108,6 +110,8 @@ def main() -> None:
         for name in DIRECTIONS:
             sel = np.array([n == name for _, n in prompts])
             print(f"  {name:<16}{'':>7}{digit_ok[sel].mean():>8.3f}{dir_ok[sel].mean():>11.3f}")
+        per_digit = [digit_ok[np.array([d == k for d, _ in prompts])].mean() for k in range(10)]
+        print("  digit agreement per digit 0-9: " + " ".join(f"{a:.2f}" for a in per_digit))
 
 
 if __name__ == "__main__":
