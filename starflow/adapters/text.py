@@ -46,6 +46,7 @@ class TextEncoder(nn.Module):
         self.encoder = encoder.eval().requires_grad_(False)
         self.max_length = max_length
         self.name = name
+        self._warned: set[str] = set()  # prompts already reported as truncated
 
     @classmethod
     def from_pretrained(
@@ -109,16 +110,20 @@ class TextEncoder(nn.Module):
         return self
 
     def _warn_truncated(self, prompts: list[str]) -> None:
-        """Warn for each prompt with more than ``max_length`` tokens (counted before truncation)."""
-        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-        for prompt, length in zip(prompts, lengths):
-            if length > self.max_length:
-                start = prompt[:50] + ("..." if len(prompt) > 50 else "")
-                warnings.warn(
-                    f"Prompt {start!r} has {length} tokens, more than txt_size={self.max_length}; "
-                    f"it is truncated to {self.max_length} tokens.",
-                    stacklevel=2,
-                )
+        """One warning naming the prompts with more than ``max_length`` tokens (counted before truncation) that this
+        encoder has not reported before (a training run or a benchmark repeats its prompts)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._warned]
+        if not new:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(new, truncation=False)["input_ids"]]
+        long = [(p, n) for p, n in zip(new, lengths) if n > self.max_length]
+        if not long:
+            return
+        self._warned.update(p for p, _ in long)
+        shown = ", ".join(f"{p[:50] + ('...' if len(p) > 50 else '')!r} ({n} tokens)" for p, n in long[:3])
+        more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+        warnings.warn(f"{len(long)} prompt(s) have more than txt_size={self.max_length} tokens and are truncated to "
+                      f"{self.max_length} tokens: {shown}{more}", stacklevel=3)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
