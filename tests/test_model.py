@@ -229,6 +229,25 @@ def test_batch_rule_skips_the_final_prefix_and_keeps_the_fixed_point() -> None:
     assert per_sample.tokens == per_sample.evaluations * 16  # the per-sample rule evaluates whole chunks
 
 
+def test_jacobi_iterations_sync_with_the_host_once(monkeypatch) -> None:
+    """Each Jacobi iteration reads one value set from the device: the batch rule's change and final prefix in one
+    transfer, the per-sample rule's "any row still active" flag; the last allowed iteration reads nothing."""
+    model = tiny()
+    block = model.blocks[0]
+    z = torch.randn(2, 16, block.in_dim)
+    syncs = []
+    for method in ("item", "tolist", "__int__", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, _f=original: (syncs.append(1), _f(self))[1])
+    for stop in ("batch", "sample"):
+        syncs.clear()
+        stats = DecodeStats()
+        decode_block(block, z, None, None, guidance=0.0, jacobi=JacobiSettings(True, 16, 0.0, 16, stop), stats=stats)
+        assert stats.evaluations > 1
+        assert len(syncs) <= stats.evaluations - (stop == "batch")
+
+
 def test_auto_block_size_follows_the_rows_and_device() -> None:
     from starflow.models.jacobi import AUTO, auto_block_size
 

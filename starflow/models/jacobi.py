@@ -147,14 +147,15 @@ def _merge_known_runs(bounds: list[tuple[int, int]], all_known: list[bool]) -> l
     return merged
 
 
-def _final_prefix(x_new: torch.Tensor, x_old: torch.Tensor) -> int:
-    """Tokens of a chunk that are final after an iteration: up to and including the first token whose value
-    changed (in any row). Every earlier token kept its value, so the inputs of those tokens were already the
-    ones they will always see: evaluating them again gives the same values (the Jacobi fixed point)."""
+def _first_change(x_new: torch.Tensor, x_old: torch.Tensor) -> torch.Tensor:
+    """Index of the first token of a chunk whose value changed in any row (``k`` when none did), on the device.
+
+    Tokens up to and including it are final after the iteration: every earlier token kept its value, so the inputs
+    of those tokens were already the ones they will always see, and evaluating them again gives the same values
+    (the Jacobi fixed point)."""
     changed = (x_new != x_old).flatten(2).any(2).any(0)  # (k,) per token, over rows and features
     k = changed.numel()
-    first = torch.where(changed.any(), changed.to(torch.int8).argmax(), k)  # k when nothing changed
-    return min(int(first) + 1, k)  # the one host sync
+    return torch.where(changed.any(), changed.to(torch.int8).argmax(), k)
 
 
 def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, guidance: float,
@@ -277,13 +278,20 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
                 frozen_prev = prev if frozen_prev is None else torch.where(done, prev, frozen_prev)
                 active = active & ~done
                 stop = it == max_iter - 1 or not _any_active(active, jacobi.rank_sync)
+            elif it == max_iter - 1:
+                stop = True
             else:
                 change = (x_new - x_chunk).square().mean() / x_new.square().mean()
-                stop = it == max_iter - 1 or change.item() < jacobi.threshold
-            # the final prefix is shared by the rows, so it is skipped only under the batch rule: with the per-sample
-            # rule a sample's evaluations must not depend on its batch (bit-identical results in any batch)
-            if not stop and not per_sample and not (it == 0 and frame_back):  # (a frame-back pass read other inputs)
-                done_to = _final_prefix(x_new, x_chunk)
+                # the final prefix is shared by the rows, so it is skipped only under the batch rule: with the
+                # per-sample rule a sample's evaluations must not depend on its batch (bit-identical in any batch);
+                # a frame-back pass read other inputs. Change and prefix reach the host in one sync.
+                if it == 0 and frame_back:
+                    stop = change.item() < jacobi.threshold
+                else:
+                    first = _first_change(x_new, x_chunk).to(change.dtype)
+                    change_value, first_value = torch.stack([change, first]).tolist()
+                    stop = change_value < jacobi.threshold
+                    done_to = min(int(first_value) + 1, e - s)
             x_chunk = x_new
             if stop or done_to == e - s:
                 break
