@@ -13,7 +13,8 @@ with every strategy and prints, per strategy:
 
 Strategies: sequential, Jacobi at block sizes 8/16/32/64 and thresholds 1e-2/1e-3/1e-4 (SPEC section 9), and
 ``auto`` block sizes (``starflow.models.jacobi.auto_block_size``).
-Every strategy runs ``--repeats`` times after one warm-up run; the table gives the fastest time.
+Every strategy is warmed up, then all run ``--repeats`` times in interleaved rounds; the table gives the
+fastest time of each.
 On CUDA it also compares bf16 against fp32 weights (flow arithmetic stays in float32); with ``--compile``
 every strategy runs again with compiled flow layers (``dtype`` column ``+c``; compilation in the warm-up). ``--layout`` benchmarks a config with random weights instead
 of a checkpoint (random text embeddings, no text encoder), e.g. the 3B layout at 256x256 with batch 8:
@@ -115,26 +116,36 @@ def load(args: argparse.Namespace, device: torch.device):
     return model, cfg, inputs, source
 
 
-def measure(model, y, noise, strategy: dict, guidance: float, repeats: int, device: torch.device,
-            dtype: torch.dtype) -> tuple[torch.Tensor, int, float, float]:
-    """(sample, sequential evaluations, fastest seconds, peak MiB) of one strategy."""
+def measure(model, y, noise, named: list[tuple[str, dict]], guidance: float, repeats: int, device: torch.device,
+            dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, int, float, float]]:
+    """Per strategy name: (sample, sequential evaluations, fastest seconds, peak MiB).
+
+    The strategies are timed in rounds, each round running every strategy once, so a slow phase of the machine
+    (shared CPUs drift by tens of percent over minutes) slows all of them alike instead of whichever ran then."""
     yd = None if y is None else y.to(dtype)
-    run = lambda stats=None: model.reverse(noise, yd, guidance=guidance if y is not None else 0.0,  # noqa: E731
-                                           stats=stats, **strategy)
-    run()  # warm-up (allocator, kernels; compilation of a few shapes, hence twice)
-    run()
-    best, peaks = float("inf"), []
+
+    def run(strategy: dict, stats=None) -> torch.Tensor:
+        return model.reverse(noise, yd, guidance=guidance if y is not None else 0.0, stats=stats, **strategy)
+
+    for _, strategy in named:  # warm-up (allocator, kernels; compilation of a few shapes, hence twice)
+        run(strategy)
+        run(strategy)
+    best = {name: float("inf") for name, _ in named}
+    peaks: dict[str, list[float]] = {name: [] for name, _ in named}
+    out: dict[str, tuple[torch.Tensor, int]] = {}
     for _ in range(repeats):
-        stats = DecodeStats()
-        with peak_memory(device, peaks):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            x = run(stats)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
-    return x.float(), stats.evaluations, best, max(peaks)
+        for name, strategy in named:
+            stats = DecodeStats()
+            with peak_memory(device, peaks[name]):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                x = run(strategy, stats)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+            out[name] = (x.float(), stats.evaluations)
+    return {name: (*out[name], best[name], max(peaks[name])) for name, _ in named}
 
 
 def strategies(block_sizes: list[int], thresholds: list[float], max_iter: int, stop: str) -> list[tuple[str, dict]]:
@@ -178,7 +189,7 @@ def main() -> None:
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     where = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"model {source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, guidance {guidance:g}, "
-          f"{where}; times are the fastest of {args.repeats} runs of STARFlow.reverse after a warm-up")
+          f"{where}; times are the fastest of {args.repeats} interleaved rounds of STARFlow.reverse after a warm-up")
     header = (f"{'batch':>5}  {'dtype':<11}{'strategy':<26}{'evals':>7}{'seconds':>10}{'samples/s':>11}"
               f"{'peak MiB':>10}{'rel. dist.':>12}{'evals x':>9}{'speed x':>9}")
     print(header)
@@ -191,8 +202,10 @@ def main() -> None:
             for dtype in dtypes:
                 model.to(dtype)
                 base = None
-                for name, strategy in strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop):
-                    x, evals, seconds, peak = measure(model, y, noise, strategy, guidance, args.repeats, device, dtype)
+                named = strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop)
+                results = measure(model, y, noise, named, guidance, args.repeats, device, dtype)
+                for name, _ in named:
+                    x, evals, seconds, peak = results[name]
                     reference = references.setdefault(batch, x)
                     r = Result(name, str(dtype).removeprefix("torch.") + ("+c" if compiled else ""), evals, seconds,
                                batch / seconds, peak, ((x - reference).norm() / reference.norm()).item())
