@@ -211,7 +211,8 @@ def sample_settings(args: argparse.Namespace, cfg):
     from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.pipeline import SampleSettings
 
-    positive = {"sample_batch_size": args.sample_batch_size, "jacobi_max_iter": args.jacobi_max_iter, "target_length": getattr(args, "target_length", None),
+    positive = {"sample_batch_size": args.sample_batch_size, "jacobi_max_iter": args.jacobi_max_iter,
+                "target_length": getattr(args, "target_length", None),
                 "context_length": getattr(args, "context_length", None),
                 "denoising_batch_size": args.denoising_batch_size, "out_fps": getattr(args, "out_fps", None)}
     for flag, value in positive.items():

@@ -97,7 +97,8 @@ def auto_block_size(rows: int, device: torch.device) -> int:
     ``rows * k <= 256`` (:data:`CPU_TOKEN_ROWS`), or sequential decoding below ``k = 32``. With the shipped demo on
     2 cores this picks 64 for batch 1 and 2, 32 for batch 4 and sequential from batch 8 with guidance
     (``benchmarks/sampling.py``). The block size then depends on the batch, so a sample is no longer
-    bit-identical across batch sizes (it is for a fixed block size).
+    bit-identical across batch sizes (it is for a fixed block size); :attr:`JacobiSettings.auto_scale` makes every
+    batch of a job choose for the job's batch size.
     """
     if device.type != "cpu":
         return JACOBI_BLOCK_SIZE
