@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def main() -> None:
 
     pipe = Pipeline.from_pretrained(DIGITS)
     cfg = pipe.config.cfg if args.cfg is None else args.cfg
-    settings = SampleSettings(cfg=cfg, jacobi=True)
+    settings = SampleSettings(cfg=cfg, jacobi=True, temperature=pipe.config.temperature)
     images, labels = load_digit_split("test")
     pick = rng.choice(len(images), args.n, replace=False)
     x = torch.from_numpy(images[pick]).float()[:, None] / 127.5 - 1
@@ -100,6 +101,7 @@ def main() -> None:
 
     print(f"\n(b) editing {args.n} real test digits: true caption -> a random other digit (guidance {cfg:g})")
     other = (truth + rng.integers(1, 10, args.n)) % 10
+    settings = dataclasses.replace(settings, temperature=1.0)  # editing decodes the images' own noise
     edited = batched(lambda s: pipe.edit([caption(d) for d in truth[s]], [caption(d) for d in other[s]], x[s],
                                          settings, seeds=seeds[s]), args.n, args.batch_size)
     print(f"    labelled as the target digit: {(classify(clf, edited) == other).mean():.3f}")
@@ -118,9 +120,10 @@ def main() -> None:
     clips = np.stack([render_clip(images[i], frames, canvas, tuple(rng.integers(0, canvas, 2)), d)
                       for i, d in zip(pick, dirs)])
     clip_px = torch.from_numpy(clips).float()[:, :, None] / 127.5 - 1
-    vsettings = SampleSettings(cfg=vcfg, jacobi=True, target_length=args.continue_frames)
+    vsettings = SampleSettings(cfg=vcfg, jacobi=True, target_length=args.continue_frames,
+                                 temperature=video.config.temperature)
     print(f"\n(c) continuing {args.clips} real moving-digit clips ({frames} frames) by {args.continue_frames} frames "
-          f"(guidance {vcfg:g})")
+          f"(guidance {vcfg:g}, temperature {vsettings.temperature:g})")
     start = time.perf_counter()
     cont = batched(lambda s: video([moving_caption(labels[i], d) for i, d in zip(pick[s], dirs[s])], vsettings,
                                    seeds=list(range(s.start, s.stop)), input_video=clip_px[s]),

@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--checkpoint_path", default=str(DEMO_DIR))
     parser.add_argument("--per_digit", type=int, default=100)
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight [default: the config's cfg]")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature [default: the config's temperature]")
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
     clf, real_acc = fit_classifier()
     pipe = Pipeline.from_pretrained(args.checkpoint_path)
     cfg_w = pipe.config.cfg if args.cfg is None else args.cfg
-    settings = SampleSettings(cfg=cfg_w, jacobi=True)
+    temperature = pipe.config.temperature if args.temperature is None else args.temperature
+    settings = SampleSettings(cfg=cfg_w, jacobi=True, temperature=temperature)
     labels = [d for d in range(10) for _ in range(args.per_digit)]
     classes = getattr(pipe.text_encoder, "names", None)  # a class-conditional model: prompt with the class names
     prompts = [classes[d] if classes else f"a handwritten digit {d}" for d in labels]

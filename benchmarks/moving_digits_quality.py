@@ -13,7 +13,7 @@ videos from a model folder (default: the shipped ``ckpts/demo_moving_digits``), 
 
 Rows per direction and a line per prompted digit follow each length.
 
-    python benchmarks/moving_digits_quality.py [--checkpoint_path ckpts/demo_moving_digits] [--per_prompt 20]
+    python benchmarks/moving_digits_quality.py [--checkpoint_path ckpts/demo_moving_digits] [--per_prompt 20] [--temperature T]
 """
 from __future__ import annotations
 
@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=None,
                         help="guidance weight [default: the model's config cfg]")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature [default: the model's config temperature]")
     args = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(args.checkpoint_path)
@@ -92,11 +94,12 @@ def main() -> None:
     prompts = [(d, name) for d in range(10) for name in DIRECTIONS for _ in range(args.per_prompt)]
     print(f"classifier accuracy on recentred real test digits: {real_acc:.3f}")
     cfg = pipe.config.cfg if args.cfg is None else args.cfg
-    print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {cfg}, "
+    temperature = pipe.config.temperature if args.temperature is None else args.temperature
+    print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {cfg}, temperature {temperature}, "
           f"model {args.checkpoint_path}")
     print(f"{'length':<18}{'frames':>7}{'digit':>8}{'direction':>11}{'seconds':>9}")
     for factor in (1, args.long):
-        settings = SampleSettings(cfg=cfg, jacobi=True, target_length=frames * factor)
+        settings = SampleSettings(cfg=cfg, jacobi=True, target_length=frames * factor, temperature=temperature)
         start, videos = time.perf_counter(), []
         for i in range(0, len(prompts), args.batch_size):
             chunk = prompts[i : i + args.batch_size]

@@ -74,6 +74,8 @@ class Config:
     finetuned_vae: str | None = _f(None, "fine-tuned VAE decoder weights; only none (the VAE's own decoder) is "
                                          "supported")
     cfg: float = _f(0.0, "classifier-free guidance weight w used when sampling")
+    temperature: float = _f(1.0, "sampling temperature: the Gaussian noise the flow inverts is scaled by it (Glow, "
+                             "Kingma & Dhariwal 2018); 1 = the official sampling")
     drop_label: float = _f(0.0, "probability of replacing the caption by '' in training")
     drop_image: float = _f(0.0, "video: probability of dropping the first frame in training")
     video_to_video: bool = _f(False, "video: clips hold target then source frames; train source -> target with the "
@@ -327,6 +329,9 @@ def validate(cfg: Config) -> Config:
     for key in ("img_size", "patch_size", "channel_size", "head_dim", "batch_size", "steps", "grad_accum"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if not cfg.temperature > 0:
+        raise ValueError(f"config key 'temperature' scales the sampling noise and must be > 0 (1 = the official "
+                         f"sampling), got {cfg.temperature}")
     if cfg.noise_std < 0:
         raise ValueError(f"config key 'noise_std' must be >= 0, got {cfg.noise_std}")
     if not cfg.lr > 0:

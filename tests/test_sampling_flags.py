@@ -1,7 +1,8 @@
-"""The official sampling flags: attention temperature, guide_top, annealed guidance, Jacobi iteration cap,
+"""The official sampling flags: attention temperature, (our) sampling temperature, guide_top, annealed guidance, Jacobi iteration cap,
 return_sequence, random aspect ratios, out_fps, the denoising controls, save_folder, dry runs, settings.json."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -87,6 +88,39 @@ def test_guide_top_guides_only_the_first_blocks(make_pipeline) -> None:
     full = []
     pipe(PROMPTS, SampleSettings(**s), seeds=[0, 1], sequence=full)
     assert torch.equal(deep[1], full[1])  # the deep block's output is the same, the next blocks differ
+
+
+def test_temperature_scales_the_noise_the_flow_inverts(make_pipeline, monkeypatch) -> None:
+    pipe = make_pipeline()
+    seen = []
+    inverse = pipe.model.reverse
+    monkeypatch.setattr(pipe.model, "reverse", lambda noise, *a, **k: seen.append(noise) or inverse(noise, *a, **k))
+    base = SampleSettings(cfg=2.0, jacobi=False, self_denoise=False)
+    plain = pipe(PROMPTS, base, seeds=[0, 1])
+    cold = pipe(PROMPTS, dataclasses.replace(base, temperature=0.5), seeds=[0, 1])
+    assert torch.equal(seen[1], 0.5 * seen[0])
+    assert (cold - plain).abs().max() > 1e-3
+    # inpainting draws its masked noise the same way; the known image's noise (noise_std) is not scaled
+    image, mask = torch.rand(2, 1, 8, 8) * 2 - 1, torch.zeros(8, 8)
+    mask[4:] = 1
+    for t in (1.0, 0.5):
+        pipe.inpaint(PROMPTS, image, mask, dataclasses.replace(base, temperature=t), seeds=[0, 1])
+    assert torch.equal(seen[3], 0.5 * seen[2])
+    # editing decodes the image's own noise: a temperature is refused, not ignored
+    with pytest.raises(ValueError, match="temperature 0.5 would not scale"):
+        pipe.edit(PROMPTS, PROMPTS, image, dataclasses.replace(base, temperature=0.5), seeds=[0, 1])
+
+
+def test_temperature_from_the_config_and_the_flag(tmp_path: Path, capsys) -> None:
+    base = ["--caption", "a handwritten digit 4", "--num_samples", "1", "--cfg", "2"]
+    assert run_cli(*base, "--temperature", "0.7", "--output_dir", str(tmp_path / "a")) == 0
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["settings"]["temperature"] == 0.7
+    assert run_cli(*base, "--temperature", "0", "--output_dir", str(tmp_path / "b")) == 2
+    assert "config key 'temperature' scales the sampling noise and must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):  # editing has no such flag: it draws no noise
+        main(["edit", "--input_image", "x.png", "--caption", "a", "--source_caption", "b", "--temperature", "0.5"])
+    assert "unrecognized arguments: --temperature 0.5" in capsys.readouterr().err
 
 
 def test_guidance_flags_need_guidance_and_range(tmp_path: Path, capsys) -> None:

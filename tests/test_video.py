@@ -247,15 +247,16 @@ REAL_DIGIT = Path(__file__).resolve().parents[1] / "docs" / "real_digit_7.png"
 
 
 def test_shipped_video_demo_moves_as_prompted() -> None:
-    """The shipped STARFlow-V demo: 8 videos, two per direction; the digit's centre of mass moves the prompted
-    way in at least 7 (benchmarks/moving_digits_quality.py measures it on 800)."""
+    """The shipped STARFlow-V demo at its config's guidance and temperature: 8 videos, two per direction; the
+    digit's centre of mass moves the prompted way in at least 7 (benchmarks/moving_digits_quality.py measures it
+    on 800)."""
     from starflow.sampling.io import to_uint8
     from starflow.sampling.pipeline import Pipeline, SampleSettings
 
     pipe = Pipeline.from_pretrained(VIDEO_DEMO)
     assert pipe.config.is_video and pipe.model.learnable_self_denoiser is not None
     names = [name for name in DIRECTIONS for _ in range(2)]
-    pixels = pipe([moving_caption(3 + i, name) for i, name in enumerate(names)], SampleSettings(cfg=pipe.config.cfg),
+    pixels = pipe([moving_caption(3 + i, name) for i, name in enumerate(names)], SampleSettings(cfg=pipe.config.cfg, temperature=pipe.config.temperature),
                   seeds=list(range(len(names))))
     assert pixels.shape == (8, 4, 1, 12, 12)
     moved = 0

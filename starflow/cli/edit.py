@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from starflow.cli._flags import SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, check_input_files
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--caption_file takes the official 'caption [edit] instruction' lines: the caption is the source "
                     "caption and the instruction the target caption, one edit per line. Writes edit_NNN.png, "
                     "input.png and side_by_side.png (input, then every edit).")
-    _add_common(p, mask_required=False)
+    _add_common(p, mask_required=False, skip=SAMPLING_SKIP | {"temperature"})  # no noise is drawn
     p.add_argument("--source_caption", default=None, help="caption describing the input image")
     p.add_argument("--caption", default=None, help="target caption")
     p.add_argument("--caption_file", default=None,
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_edit)
 
 
-def _add_common(p: argparse.ArgumentParser, mask_required: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: frozenset = SAMPLING_SKIP) -> None:
     add_model_flags(p)
     p.add_argument("--input_image", required=True, help="the image (any PIL-readable file; resized and centre-cropped "
                                                         "to the sampling size)")
@@ -57,7 +58,7 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True) -> None:
     add_decoding_flags(p)
     p.add_argument("--output_dir", default=f"outputs/{p.prog.split()[-1]}", help="folder for the PNGs and settings.json")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP)
+    add_config_flags(p, skip=skip)
 
 
 def _load_inputs(args: argparse.Namespace, pipe, cfg):
@@ -179,7 +180,8 @@ def run_edit(args: argparse.Namespace) -> int:
     pairs = read_edits(args)
     pipe, cfg, checkpoint = _start(args)
     image, mask = _load_inputs(args, pipe, cfg)
-    settings = sample_settings(args, cfg)
+    # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
+    settings = dataclasses.replace(sample_settings(args, cfg), temperature=1.0)
     out = Path(args.output_dir)
     edits = []
     for start in range(0, len(pairs), args.sample_batch_size):

@@ -265,6 +265,7 @@ def sample_settings(args: argparse.Namespace, cfg):
                           jacobi_auto_batch=getattr(args, "sample_batch_size", None),
                           aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
                           anneal_guidance=args.annealed_guidance, guide_top=args.guide_top, attn_temp=args.attn_temp,
+                          temperature=cfg.temperature,
                           fps=getattr(args, "out_fps", None), target_noise_std=args.target_noise_std,
                           self_denoising_lr=args.self_denoising_lr,
                           learnable_denoiser=not args.disable_learnable_denoiser,

@@ -52,6 +52,7 @@ class SampleSettings:
     context_length: int | None = None  # video: latent frames carried into each new window (default min(16, W - 1))
     guide_top: int | None = None  # guide only the first K blocks in sampling order (deep first); None = all
     attn_temp: float = 1.0  # attention temperature of the unconditional guidance rows
+    temperature: float = 1.0  # the sampled Gaussian noise is scaled by it (config key temperature; 1 = official)
     fps: int | None = None  # video: the frame rate of the prompt (fps_cond) and the written file (default: config)
     target_noise_std: float | None = None  # noise level of the prompt (cond_noise_level), the prefix and Tweedie step
     self_denoising_lr: float | None = None  # denoising step: Tweedie factor (default 1), learned denoiser (0.3)
@@ -238,6 +239,13 @@ class Pipeline:
             return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
         return torch.randn(n, *shape, generator=generator)
 
+    def _latent_noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
+                      generator: torch.Generator | None, settings: SampleSettings, offset: int = 0) -> torch.Tensor:
+        """The noise the flow inverts: :meth:`_noise` times ``settings.temperature`` (Glow's sampling temperature;
+        the noise of known inputs, :meth:`_noised`, is never scaled)."""
+        noise = self._noise(shape, n, seeds, generator, offset)
+        return noise if settings.temperature == 1.0 else noise * settings.temperature
+
     def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = "",
                      negatives: list[str] | None = None):
         """``(y, y_all, guided)``: conditional rows of ``tag + prompt``, the guidance rows ``[cond; uncond]`` (the
@@ -387,7 +395,8 @@ class Pipeline:
             first = self._encode_pixels(input_image[:, None], "input_image", shape, profile)
             prefix.append((first, self._noised(first, seeds, generator, PREFIX_SEED_OFFSET, settings), True))
         drop = sum(1 for *_, keep in prefix if not keep)
-        noise = self._noise((shape[0] + drop, *shape[1:]) if c.is_video else shape, len(prompts), seeds, generator)
+        noise = self._latent_noise((shape[0] + drop, *shape[1:]) if c.is_video else shape, len(prompts), seeds,
+                                   generator, settings)
         inter = [] if sequence is not None else None
         x = self._sample_after(noise.to(self.device), prefix, y_all, guided, settings, profile, stats,
                                y_extend=y_extend, intermediates=inter)
@@ -439,7 +448,7 @@ class Pipeline:
         stats = stats if stats is not None else DecodeStats()
         prefix = [(clip[:, -ctx:], self._noised(clip[:, -ctx:], seeds, generator, PREFIX_SEED_OFFSET, settings), True)]
         n_new = new_frames // t
-        noise = self._noise((ctx + n_new, *shape[1:]), len(prompts), seeds, generator).to(self.device)
+        noise = self._latent_noise((ctx + n_new, *shape[1:]), len(prompts), seeds, generator, settings).to(self.device)
         x = self._sample_after(noise, prefix, y_ext_all if cut else y_all, guided, settings, profile, stats,
                                y_extend=y_ext_all)
         x = self._denoise(x, y_ext if cut else y_plain, settings, profile, (ctx, clip[:, -ctx:]))
@@ -480,7 +489,7 @@ class Pipeline:
             y, y_all, guided = self._encode_text(prompts, settings, V2V_PREFIX)
         stats = stats if stats is not None else DecodeStats()
         frames = src.shape[1]
-        noise = self._noise((2 * frames, *shape[1:]), len(prompts), seeds, generator).to(self.device)
+        noise = self._latent_noise((2 * frames, *shape[1:]), len(prompts), seeds, generator, settings).to(self.device)
         prefix = [(src, self._noised(src, seeds, generator, PREFIX_SEED_OFFSET, settings), False)]
         x = self._sample_after(noise, prefix, y_all, guided, settings, profile, stats)
         return self._decode(self._denoise(x, y, settings, profile)[:, frames:], profile)
@@ -538,7 +547,8 @@ class Pipeline:
             y, y_all, guided = self._encode_text(prompts, settings)
         x = x_known
         for r in range(rounds):
-            noise = self._noise(shape, len(prompts), seeds, generator, r * ROUND_SEED_OFFSET).to(self.device)
+            noise = self._latent_noise(shape, len(prompts), seeds, generator, settings, r * ROUND_SEED_OFFSET)
+            noise = noise.to(self.device)
             x = self._reverse(noise, y_all, guided, settings, profile, stats, known=x, mask=tokens)
         if latents is not None:
             latents.update(input=x_known, sampled=x)
@@ -570,8 +580,12 @@ class Pipeline:
             ``(B, C, H, W)`` edited pixels in ``[-1, 1]``.
 
         Raises:
-            ValueError: a video model, caption counts that differ from the batch, or inputs of another size.
+            ValueError: a video model, caption counts that differ from the batch, inputs of another size, or a
+                sampling temperature other than 1 (the noise is the image's own, not drawn).
         """
+        if settings.temperature != 1.0:
+            raise ValueError(f"editing decodes the image's own inverted noise, which temperature "
+                             f"{settings.temperature:g} would not scale: pass --temperature 1 (or temperature=1.0)")
         if not len(source_prompts) == len(prompts) == image.shape[0]:
             raise ValueError(f"editing needs one source and one target caption per image: got {len(source_prompts)}, "
                              f"{len(prompts)} and {image.shape[0]} images")
