@@ -10,6 +10,9 @@
 (c) Continuation: real moving-digit clips from the test split (``vid_size`` frames, random start and direction)
     continued by ``--continue_frames`` frames with the shipped moving-digits demo: digit and direction agreement
     of the new frames (the classifier of ``benchmarks/moving_digits_quality.py``).
+(d) Video-to-video: real moving-digit clips redrawn by the ``video_to_video`` demo (``ckpts/demo_moving_digits_v2v``)
+    as a random digit: digit and direction agreement, and how closely the result follows the source's path (mean
+    centre-of-mass distance per frame), beside a real digit of the prompted class on the same path.
 
     python benchmarks/applications_quality.py [--n 200] [--cfg 2.0] [--rounds 1] [--clips 200]
 """
@@ -30,13 +33,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from moving_digits_quality import fit_classifier, score  # noqa: E402
 
 from starflow.data import load_digit_split  # noqa: E402
-from starflow.data.moving_digits import DIRECTIONS, moving_caption, render_clip  # noqa: E402
+from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, render_clip  # noqa: E402
 from starflow.evaluation.features import DigitClassifier  # noqa: E402
 from starflow.sampling.io import to_uint8  # noqa: E402
 from starflow.sampling.pipeline import Pipeline, SampleSettings  # noqa: E402
 
 DIGITS = ROOT / "ckpts" / "demo_digits"
 MOVING = ROOT / "ckpts" / "demo_moving_digits"
+V2V = ROOT / "ckpts" / "demo_moving_digits_v2v"
 
 
 def caption(d: int) -> str:
@@ -136,6 +140,57 @@ def main() -> None:
         sel = np.array([d == name for d in dirs])
         print(f"    {name:<12}{digit_ok[sel].mean():>8.3f}{dir_ok[sel].mean():>11.3f}")
     print(f"    {'all':<12}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}   ({seconds:.1f} s)")
+
+    if V2V.is_dir():
+        video_to_video(args, rng, images, labels, vclf)
+    else:
+        print(f"\n(d) skipped: no video-to-video model at {V2V}")
+
+
+def path_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per clip: the mean over frames of the torus distance (pixels) between the centres of mass of ``a`` and
+    ``b``, both ``(N, T, H, W)``."""
+    n, t, h, _ = a.shape
+    ca = np.array([circular_centre(f) for f in a.reshape(n * t, h, h)]).reshape(n, t, 2)
+    cb = np.array([circular_centre(f) for f in b.reshape(n * t, h, h)]).reshape(n, t, 2)
+    d = (ca - cb + h / 2) % h - h / 2
+    return np.sqrt((d ** 2).sum(-1)).mean(1)
+
+
+def video_to_video(args, rng, images, labels, vclf) -> None:
+    """(d): real test clips redrawn as a random digit by the video-to-video demo."""
+    pipe = Pipeline.from_pretrained(V2V)
+    frames, canvas = pipe.config.vid_size[0], pipe.config.img_size
+    cfg = pipe.config.cfg if args.cfg is None else args.cfg
+    settings = SampleSettings(cfg=cfg, jacobi=True, temperature=pipe.config.temperature)
+    names = list(DIRECTIONS)
+    pick = rng.choice(len(images), args.clips, replace=args.clips > len(images))
+    dirs = [names[k] for k in rng.integers(0, 4, args.clips)]
+    starts = [tuple(rng.integers(0, canvas, 2)) for _ in range(args.clips)]
+    target = rng.integers(0, 10, args.clips)
+    source = np.stack([render_clip(images[i], frames, canvas, st, d) for i, st, d in zip(pick, starts, dirs)])
+    # reference: a real digit of the target class on the same path (what the training pairs show)
+    donors = [rng.choice(np.flatnonzero(labels == k)) for k in target]
+    real = np.stack([render_clip(images[j], frames, canvas, st, d) for j, st, d in zip(donors, starts, dirs)])
+    print(f"\n(d) video-to-video: {args.clips} real moving-digit clips ({frames} frames) redrawn as a random digit "
+          f"(guidance {cfg:g}, temperature {settings.temperature:g})")
+    start = time.perf_counter()
+    src_px = torch.from_numpy(source).float()[:, :, None] / 127.5 - 1
+    out = batched(lambda s: pipe.video_to_video([moving_caption(k, d) for k, d in zip(target[s], dirs[s])],
+                                                src_px[s], settings, seeds=list(range(s.start, s.stop))),
+                  args.clips, args.batch_size)
+    seconds = time.perf_counter() - start
+    result = to_uint8(out.flatten(0, 1))[..., 0].reshape(args.clips, frames, canvas, canvas)
+    digit_ok, dir_ok = score(result, list(target), dirs, vclf)
+    err = path_error(result, source)
+    ref_digit, _ = score(real, list(target), dirs, vclf)
+    ref_err = path_error(real, source)
+    print(f"    {'case':<46}{'digit':>8}{'direction':>11}{'path error (px)':>17}")
+    print(f"    {'redrawn by the model':<46}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}{np.median(err):>17.2f}")
+    print(f"    {'reference: a real digit of that class, same path':<46}{ref_digit.mean():>8.3f}{'':>11}"
+          f"{np.median(ref_err):>17.2f}")
+    print(f"    path error: median over clips of the mean centre-of-mass distance to the source; "
+          f"within 1.5 px: {(err <= 1.5).mean():.3f} (reference {(ref_err <= 1.5).mean():.3f}); {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 
 writes data/moving_digits/{train,test}/ with lossless H.264 clips (12 frames, 12x12, 8 fps) and metadata.jsonl
 captions such as "a handwritten digit 3 moving left".
+
+    python scripts/prepare_moving_digits.py --out data/moving_digits_v2v --video_to_video --frames 4
+
+writes source/target pairs for a video_to_video fine-tune (configs/demo_moving_digits_v2v.yaml).
 """
 import argparse
 import time
@@ -18,10 +22,13 @@ def main() -> None:
     p.add_argument("--canvas", type=int, default=12, help="canvas side in pixels [default: 12]")
     p.add_argument("--fps", type=int, default=8, help="frame rate [default: 8]")
     p.add_argument("--clips_per_digit", type=int, default=2, help="clips (directions) per real digit [default: 2]")
+    p.add_argument("--video_to_video", action="store_true",
+                   help="pairs for a video_to_video model: each file holds the target clip (another real digit on the "
+                        "same path, the caption's digit), then the source clip, --frames each (use --frames 4)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     t = time.perf_counter()
-    counts = write_moving_digits(a.out, a.frames, a.canvas, a.fps, a.clips_per_digit, a.seed)
+    counts = write_moving_digits(a.out, a.frames, a.canvas, a.fps, a.clips_per_digit, a.seed, a.video_to_video)
     print(f"wrote {counts} clips to {a.out} in {time.perf_counter() - t:.1f} s")
 
 

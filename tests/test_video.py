@@ -294,3 +294,58 @@ def test_circular_centre_follows_the_motion() -> None:
     cols = [circular_centre(f)[1] for f in clip]
     steps = [((b - a + 6) % 12) - 6 for a, b in zip(cols, cols[1:])]
     np.testing.assert_allclose(steps, [1, 1, 1], atol=1e-6)
+
+
+def test_video_to_video_pairs_put_another_digit_on_the_source_path(tmp_path: Path, monkeypatch) -> None:
+    """prepare_moving_digits.py --video_to_video: each file is the target clip then the source clip; the target is
+    a real digit of the caption's class on exactly the source's path (same box positions frame by frame)."""
+    import starflow.data.moving_digits as md
+    from starflow.data import load_digit_split
+
+    images, labels = load_digit_split("test")
+    monkeypatch.setattr(md, "load_digit_split", lambda split: (images[:6], labels[:6]))
+    assert md.write_moving_digits(tmp_path, frames=4, clips_per_digit=2, video_to_video=True) == {"train": 12,
+                                                                                                  "test": 12}
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        frames, _ = read_video(tmp_path / "train" / row["file_name"])
+        target, source = frames[:4, ..., 0], frames[4:, ..., 0]
+        assert frames.shape[0] == 8 and row["text"] == moving_caption(row["label"], row["direction"])
+        i = int(row["file_name"][:4])
+        assert row["source_label"] == labels[i]
+        # the source is digit i moving; the target a digit of the caption's class on the same path
+        def same(a, b):  # the H.264 round trip is lossless up to 1 grey level
+            return np.abs(a.astype(int) - b).max() <= 1
+
+        boxes = [(r, c) for r in range(12) for c in range(12)
+                 if same(render_clip(images[i], 4, 12, (r, c), row["direction"]), source)]
+        assert boxes
+        donors = [k for k in range(6) if labels[k] == row["label"]]
+        assert any(same(render_clip(images[k], 4, 12, boxes[0], row["direction"]), target) for k in donors)
+
+
+def test_shipped_video_to_video_demo_redraws_a_real_clip_on_its_path() -> None:
+    """ckpts/demo_moving_digits_v2v at its config's settings: 4 real test clips redrawn as other digits keep the
+    source's path (centre of mass within 1.5 px on average, moving the same way) in at least 3 of 4
+    (benchmarks/applications_quality.py (d) measures digit agreement on 200)."""
+    from starflow.data import load_digit_split
+    from starflow.sampling.io import to_uint8
+    from starflow.sampling.pipeline import Pipeline, SampleSettings
+
+    pipe = Pipeline.from_pretrained(VIDEO_DEMO.with_name("demo_moving_digits_v2v"))
+    assert pipe.config.video_to_video
+    images, labels = load_digit_split("test")
+    names = list(DIRECTIONS)
+    source = np.stack([render_clip(images[i], 4, 12, (3 * i, 5 * i % 12), names[i]) for i in range(4)])
+    targets = [(int(labels[i]) + 3) % 10 for i in range(4)]
+    out = pipe.video_to_video([moving_caption(k, names[i]) for i, k in enumerate(targets)],
+                              torch.from_numpy(source).float()[:, :, None] / 127.5 - 1,
+                              SampleSettings(cfg=pipe.config.cfg, temperature=pipe.config.temperature), seeds=[0, 1, 2, 3])
+    assert out.shape == (4, 4, 1, 12, 12)
+    result = to_uint8(out.flatten(0, 1))[..., 0].reshape(4, 4, 12, 12)
+    on_path = 0
+    for res, src in zip(result, source):
+        d = np.array([circular_centre(f) for f in res]) - np.array([circular_centre(f) for f in src])
+        on_path += bool(np.sqrt((((d + 6) % 12 - 6) ** 2).sum(-1)).mean() <= 1.5)
+    assert on_path >= 3
+    assert not np.array_equal(result, source)  # redrawn, not copied

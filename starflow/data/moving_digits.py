@@ -51,11 +51,16 @@ def circular_centre(frame: np.ndarray) -> tuple[float, float]:
 
 
 def write_moving_digits(out_dir: str | Path, frames: int = 12, canvas: int = 12, fps: int = 8,
-                        clips_per_digit: int = 2, seed: int = 0) -> dict[str, int]:
+                        clips_per_digit: int = 2, seed: int = 0, video_to_video: bool = False) -> dict[str, int]:
     """Write ``train`` and ``test`` video folders of moving digits (lossless H.264 MP4 + ``metadata.jsonl``).
 
     Each real digit of the split gets ``clips_per_digit`` clips with distinct random directions and random
     start positions. Metadata lines: ``{"file_name", "text", "fps", "label", "direction"}``.
+
+    With ``video_to_video`` each file holds ``2 * frames`` frames for a ``video_to_video`` model (SPEC section
+    16): the target, then the source. The source is the real digit moving; the target is another real digit
+    of a random class (same split) on exactly the same path, and the caption describes the target, so the task
+    is "redraw this clip as digit k". The line also records ``"source_label"``.
 
     Returns:
         Clips written per split.
@@ -75,9 +80,14 @@ def write_moving_digits(out_dir: str | Path, frames: int = 12, canvas: int = 12,
                 start = tuple(int(s) for s in rng.integers(0, canvas, size=2))
                 clip = render_clip(img, frames, canvas, start, str(direction))
                 name = f"{i:04d}_{direction}.mp4"
+                meta = {"label": label}
+                if video_to_video:
+                    k = int(rng.integers(len(images)))
+                    meta = {"label": int(labels[k]), "source_label": label}
+                    clip = np.concatenate([render_clip(images[k], frames, canvas, start, str(direction)), clip])
                 write_video(folder / name, clip, fps, lossless=True)
-                lines.append(json.dumps({"file_name": name, "text": moving_caption(label, str(direction)), "fps": fps,
-                                         "label": label, "direction": str(direction)}))
+                lines.append(json.dumps({"file_name": name, "text": moving_caption(meta["label"], str(direction)),
+                                         "fps": fps, **meta, "direction": str(direction)}))
         (folder / METADATA_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
         counts[split] = len(lines)
     return counts
