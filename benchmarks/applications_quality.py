@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="real test digits for (a) and (b) [default: 200]")
     parser.add_argument("--cfg", type=float, default=None, help="guidance [default: each demo's config]")
     parser.add_argument("--rounds", type=int, default=1, help="inpainting rounds [default: 1]")
-    parser.add_argument("--clips", type=int, default=200, help="real clips to continue in (c) [default: 200]")
+    parser.add_argument("--clips", type=int, default=200,
+                        help="real clips to continue in (c) and to redraw in (d) [default: 200]")
     parser.add_argument("--continue_frames", type=int, default=8, help="frames added to each clip [default: 8]")
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -125,7 +126,7 @@ def main() -> None:
                       for i, d in zip(pick, dirs)])
     clip_px = torch.from_numpy(clips).float()[:, :, None] / 127.5 - 1
     vsettings = SampleSettings(cfg=vcfg, jacobi=True, target_length=args.continue_frames,
-                                 temperature=video.config.temperature)
+                               temperature=video.config.temperature)
     print(f"\n(c) continuing {args.clips} real moving-digit clips ({frames} frames) by {args.continue_frames} frames "
           f"(guidance {vcfg:g}, temperature {vsettings.temperature:g})")
     start = time.perf_counter()

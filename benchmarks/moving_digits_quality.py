@@ -13,7 +13,8 @@ videos from a model folder (default: the shipped ``ckpts/demo_moving_digits``), 
 
 Rows per direction and a line per prompted digit follow each length.
 
-    python benchmarks/moving_digits_quality.py [--checkpoint_path ckpts/demo_moving_digits] [--per_prompt 20] [--temperature T]
+    python benchmarks/moving_digits_quality.py [--checkpoint_path ckpts/demo_moving_digits] [--per_prompt 20] \
+        [--temperature T]
 """
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def main() -> None:
     print(f"classifier accuracy on recentred real test digits: {real_acc:.3f}")
     cfg = pipe.config.cfg if args.cfg is None else args.cfg
     temperature = pipe.config.temperature if args.temperature is None else args.temperature
-    print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {cfg}, temperature {temperature}, "
-          f"model {args.checkpoint_path}")
+    print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {cfg}, "
+          f"temperature {temperature}, model {args.checkpoint_path}")
     print(f"{'length':<18}{'frames':>7}{'digit':>8}{'direction':>11}{'seconds':>9}")
     for factor in (1, args.long):
         settings = SampleSettings(cfg=cfg, jacobi=True, target_length=frames * factor, temperature=temperature)

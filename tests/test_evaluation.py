@@ -83,6 +83,19 @@ def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path
         assert (two / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def test_a_set_made_before_a_setting_existed_resumes_at_its_default(tmp_path, capsys) -> None:
+    out = tmp_path / "set"
+    args = _generate(out, 2)[3:]  # the CLI arguments after "python -m starflow.cli"
+    assert main(args) == 0
+    record = json.loads((out / "set.json").read_text())
+    del record["settings"]["temperature"]  # as written before the key existed
+    (out / "set.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(args) == 0 and "2 already there" in capsys.readouterr().out
+    assert main([*args, "--temperature", "0.5"]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+
+
 def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, capsys) -> None:
     stats = tmp_path / "ref.npz"
     args = ["evaluate", "--samples", str(digits["test"]), "--reference", str(digits["train"]), "--features", "digits",

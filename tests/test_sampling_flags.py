@@ -1,5 +1,6 @@
-"""The official sampling flags: attention temperature, (our) sampling temperature, guide_top, annealed guidance, Jacobi iteration cap,
-return_sequence, random aspect ratios, out_fps, the denoising controls, save_folder, dry runs, settings.json."""
+"""The official sampling flags: attention temperature, guide_top, annealed guidance, Jacobi iteration cap,
+return_sequence, random aspect ratios, out_fps, the denoising controls, save_folder, dry runs, settings.json; and the
+sampling temperature (this package's own)."""
 from __future__ import annotations
 
 import dataclasses
@@ -92,9 +93,15 @@ def test_guide_top_guides_only_the_first_blocks(make_pipeline) -> None:
 
 def test_temperature_scales_the_noise_the_flow_inverts(make_pipeline, monkeypatch) -> None:
     pipe = make_pipeline()
-    seen = []
+    seen, known = [], []
     inverse = pipe.model.reverse
-    monkeypatch.setattr(pipe.model, "reverse", lambda noise, *a, **k: seen.append(noise) or inverse(noise, *a, **k))
+
+    def spy(noise, *a, **k):
+        seen.append(noise)
+        known.append(k.get("known"))
+        return inverse(noise, *a, **k)
+
+    monkeypatch.setattr(pipe.model, "reverse", spy)
     base = SampleSettings(cfg=2.0, jacobi=False, self_denoise=False)
     plain = pipe(PROMPTS, base, seeds=[0, 1])
     cold = pipe(PROMPTS, dataclasses.replace(base, temperature=0.5), seeds=[0, 1])
@@ -105,13 +112,46 @@ def test_temperature_scales_the_noise_the_flow_inverts(make_pipeline, monkeypatc
     mask[4:] = 1
     for t in (1.0, 0.5):
         pipe.inpaint(PROMPTS, image, mask, dataclasses.replace(base, temperature=t), seeds=[0, 1])
-    assert torch.equal(seen[3], 0.5 * seen[2])
+    assert torch.equal(seen[3], 0.5 * seen[2]) and torch.equal(known[3], known[2])
+    # video: image-to-video, continuation and video-to-video scale the sampled noise, never the known frames
+    video = _video_pipeline()
+    v2v = _video_pipeline(video_to_video=1, drop_image=0.0)
+    frame, clip = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 5, 1, 8, 8) * 2 - 1
+    for p in (video, v2v):
+        p.model.reverse, p.model.encode_context = _spy_video(p.model)
+    vs = SampleSettings(cfg=1.0, jacobi=False, self_denoise=False, target_length=4)
+    runs = [lambda s: video(["a"], s, seeds=[0], input_image=frame),
+            lambda s: video(["a"], s, seeds=[0], input_video=clip),
+            lambda s: v2v.video_to_video(["a"], clip[:, :3], s, seeds=[0])]
+    for run in runs:
+        for p in (video, v2v):
+            p.model.calls.clear()
+        run(vs)
+        run(dataclasses.replace(vs, temperature=0.5))
+        calls = video.model.calls + v2v.model.calls
+        (noise1, ctx1), (noise2, ctx2) = calls
+        assert torch.equal(noise2, 0.5 * noise1) and torch.equal(ctx1, ctx2)
     # editing decodes the image's own noise: a temperature is refused, not ignored
     with pytest.raises(ValueError, match="temperature 0.5 would not scale"):
         pipe.edit(PROMPTS, PROMPTS, image, dataclasses.replace(base, temperature=0.5), seeds=[0, 1])
 
 
-def test_temperature_from_the_config_and_the_flag(tmp_path: Path, capsys) -> None:
+def _spy_video(model):
+    """``(reverse, encode_context)`` of ``model`` that record ``(noise, noised context)`` in ``model.calls``."""
+    model.calls, reverse, encode = [], model.reverse, model.encode_context
+
+    def encode_context(x, *a, **k):
+        model.context = x
+        return encode(x, *a, **k)
+
+    def spy(noise, *a, **k):
+        model.calls.append((noise, model.context))
+        return reverse(noise, *a, **k)
+
+    return spy, encode_context
+
+
+def test_temperature_from_the_flag(tmp_path: Path, capsys) -> None:
     base = ["--caption", "a handwritten digit 4", "--num_samples", "1", "--cfg", "2"]
     assert run_cli(*base, "--temperature", "0.7", "--output_dir", str(tmp_path / "a")) == 0
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["settings"]["temperature"] == 0.7

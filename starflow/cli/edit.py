@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--caption_file takes the official 'caption [edit] instruction' lines: the caption is the source "
                     "caption and the instruction the target caption, one edit per line. Writes edit_NNN.png, "
                     "input.png and side_by_side.png (input, then every edit).")
-    _add_common(p, mask_required=False, skip=SAMPLING_SKIP | {"temperature"})  # no noise is drawn
+    _add_common(p, mask_required=False, skip=SAMPLING_SKIP | {"temperature"})  # no sampling noise is drawn
     p.add_argument("--source_caption", default=None, help="caption describing the input image")
     p.add_argument("--caption", default=None, help="target caption")
     p.add_argument("--caption_file", default=None,

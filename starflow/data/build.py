@@ -45,7 +45,8 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         if kind == "latent":
             check_cache_settings(root, cfg)
         micro = cfg.batch_size // (world_size * cfg.grad_accum)
-        video = dict(frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size)) if cfg.is_video else {}
+        video = dict(frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size),
+                     paired=bool(cfg.video_to_video)) if cfg.is_video else {}
         return ShardStream(root, micro, img_size=cfg.img_size, channels=pixel_channels,
                            multiple=downsample * cfg.patch_size, mix_aspect=cfg.mix_aspect, seed=cfg.seed,
                            rank=rank, world_size=world_size, **video)
@@ -57,7 +58,7 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
 
         return VideoFolder(root, frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size),
                            channels=pixel_channels, mix_aspect=cfg.mix_aspect, img_size=cfg.img_size,
-                           multiple=downsample * cfg.patch_size, seed=cfg.seed)
+                           multiple=downsample * cfg.patch_size, seed=cfg.seed, paired=bool(cfg.video_to_video))
     return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
                        multiple=downsample * cfg.patch_size)
 

@@ -58,9 +58,9 @@ def write_moving_digits(out_dir: str | Path, frames: int = 12, canvas: int = 12,
     start positions. Metadata lines: ``{"file_name", "text", "fps", "label", "direction"}``.
 
     With ``video_to_video`` each file holds ``2 * frames`` frames for a ``video_to_video`` model (SPEC section
-    16): the target, then the source. The source is the real digit moving; the target is another real digit
-    of a random class (same split) on exactly the same path, and the caption describes the target, so the task
-    is "redraw this clip as digit k". The line also records ``"source_label"``.
+    16): the target, then the source. The source is the real digit moving; the target is a real digit drawn at
+    random from the same split (so of a random class) on exactly the same path, and the caption describes the
+    target, so the task is "redraw this clip as digit k". The line also records ``"source_label"``.
 
     Returns:
         Clips written per split.

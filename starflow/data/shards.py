@@ -221,6 +221,7 @@ class SampleDecoder:
         fps: Videos: frame rate of the clips, or several (one drawn per clip with the sample's seed).
         size: Videos: ``(h, w)`` of the clips in pixels without ``mix_aspect`` (with it: buckets of ``img_size``).
         random_start: Videos: a random clip start (seeded per sample by :meth:`decode`), else frame 0.
+        paired: Videos: ``video_to_video`` samples (target then source), both halves cut at the same times.
 
     Raises:
         ValueError: A setting the kind needs is missing.
@@ -229,7 +230,7 @@ class SampleDecoder:
     def __init__(self, kind: str, *, img_size: int | None = None, channels: int = 3, multiple: int = 1,
                  mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
                  fps: float | tuple[float, ...] | None = None, size: tuple[int, int] | None = None,
-                 random_start: bool = True) -> None:
+                 random_start: bool = True, paired: bool = False) -> None:
         if kind == "image" and img_size is None:
             raise ValueError("an image shard folder needs img_size")
         if kind == "video" and (frames is None or fps is None or size is None):
@@ -238,7 +239,7 @@ class SampleDecoder:
             raise ValueError(f"unknown shard kind {kind!r}: expected image, video or latent")
         self.kind, self.img_size, self.channels, self.multiple = kind, img_size, channels, multiple
         self.mix_aspect, self.aspect_ratio = mix_aspect, aspect_ratio
-        self.frames, self.size, self.random_start = frames, size, random_start
+        self.frames, self.size, self.random_start, self.paired = frames, size, random_start, paired
         self.rates = tuple(fps) if isinstance(fps, (tuple, list)) else (fps,)
         if kind == "video" and mix_aspect and img_size is None:
             self.img_size = size[0]
@@ -281,7 +282,7 @@ class SampleDecoder:
                 gen = torch.Generator().manual_seed(seed)
                 rate = draw_rate(self.rates, gen)
                 pick = clip_indices(len(frames), meta.get("fps") or fps or rate, self.frames, rate,
-                                    random_start=self.random_start, generator=gen)
+                                    random_start=self.random_start, generator=gen, paired=self.paired)
                 size = aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size
                 out["pixels"] = _resize_frames(frames[pick], size, self.channels)
                 out["fps"] = rate

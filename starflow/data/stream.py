@@ -73,7 +73,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         root: Shard folder or its ``index.json``.
         batch_size: Samples per micro-batch on this rank.
         img_size, channels, multiple, mix_aspect, aspect_ratio: Image decoding, as :class:`SampleDecoder`.
-        frames, fps, size: Video decoding (``channels`` too), as :class:`SampleDecoder`; clips start at a
+        frames, fps, size, paired: Video decoding (``channels`` too), as :class:`SampleDecoder`; clips start at a
             random time drawn from (seed, epoch, sample key). Latent folders need no decoding settings.
         seed: Base seed, identical on all ranks.
         rank: This process's rank in ``[0, world_size)``.
@@ -88,7 +88,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, root: str | Path, batch_size: int, *, img_size: int | None = None, channels: int = 3,
                  multiple: int = 1, mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
                  fps: float | tuple[float, ...] | None = None, size: tuple[int, int] | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 1000) -> None:
+                 world_size: int = 1, shuffle_buffer: int = 1000, paired: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -97,7 +97,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.root, self.index = read_index(root)
         self.decoder = SampleDecoder(self.index["kind"], img_size=img_size, channels=channels, multiple=multiple,
                                      mix_aspect=mix_aspect, aspect_ratio=aspect_ratio, frames=frames, fps=fps,
-                                     size=size)
+                                     size=size, paired=paired)
         self.shards = [str(self.root / s["name"]) for s in self.index["shards"] if s["samples"] > 0]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer

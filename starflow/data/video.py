@@ -177,13 +177,24 @@ def _resize_frames(frames: np.ndarray, size: tuple[int, int], channels: int) -> 
 
 
 def clip_indices(n_source: int, source_fps: float, frames: int, fps: float, *, random_start: bool = True,
-                 generator: torch.Generator | None = None) -> list[int]:
+                 generator: torch.Generator | None = None, paired: bool = False) -> list[int]:
     """Source frame indices of one clip of ``frames`` frames at ``fps``: the nearest source frame to each target
     time, from a uniformly random start (``generator``, else the global torch RNG) or from frame 0.
 
+    With ``paired`` (``video_to_video`` files: the target clip, then the source clip, of equal length) the file's
+    halves are cut at the same times: ``frames // 2`` indices drawn in the first half, then the same ones in the
+    second, so target and source frames stay aligned (SPEC section 16).
+
     Raises:
-        CorruptVideoError: the video is shorter than one clip.
+        CorruptVideoError: the video is shorter than one clip, or a paired file has an odd number of frames.
     """
+    if paired:
+        if n_source % 2:
+            raise CorruptVideoError(f"{n_source} frames: a video_to_video file holds the target clip then the source "
+                                    "clip, two halves of equal length")
+        half = n_source // 2
+        pick = clip_indices(half, source_fps, frames // 2, fps, random_start=random_start, generator=generator)
+        return pick + [half + i for i in pick]
     step = source_fps / fps  # source frames per clip frame
     span = (frames - 1) * step
     if span > n_source - 1 + 1e-6:
@@ -208,6 +219,8 @@ class VideoFolder(torch.utils.data.Dataset):
         img_size: with ``mix_aspect``: the side S of the bucket sizes (SPEC section 13).
         multiple: with ``mix_aspect``: bucket sides are multiples of it (``vae_downsample * patch_size``).
         seed: seed of the clip draws (with the epoch, :meth:`set_epoch`, and the index).
+        paired: ``video_to_video`` files (target then source): both halves are cut at the same times
+            (:func:`clip_indices`); ``frames`` counts both.
 
     Raises:
         FileNotFoundError: no ``metadata.jsonl`` (the message explains the format).
@@ -216,8 +229,9 @@ class VideoFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, frames: int, fps: float | tuple[float, ...], size: tuple[int, int],
                  channels: int = 3, random_start: bool = True, *, mix_aspect: bool = False,
-                 img_size: int | None = None, multiple: int = 1, seed: int = 0) -> None:
+                 img_size: int | None = None, multiple: int = 1, seed: int = 0, paired: bool = False) -> None:
         self.root, self.frames, self.size, self.channels = Path(root), frames, size, channels
+        self.paired = paired
         self.rates = tuple(fps) if isinstance(fps, (tuple, list)) else (fps,)
         self.fps = self.rates[0]
         self.random_start, self.mix_aspect, self.multiple = random_start, mix_aspect, multiple
@@ -281,7 +295,8 @@ class VideoFolder(torch.utils.data.Dataset):
             try:
                 frames, fps = read_video(path)
                 fps = self.source_fps[j] or fps or rate
-                pick = clip_indices(len(frames), fps, self.frames, rate, random_start=self.random_start, generator=gen)
+                pick = clip_indices(len(frames), fps, self.frames, rate, random_start=self.random_start, generator=gen,
+                                    paired=self.paired)
             except CorruptVideoError as err:
                 self.skipped[str(path)] = str(err)
                 newly.append(str(path))

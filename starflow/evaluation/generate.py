@@ -70,6 +70,8 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
     path = out / SET_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
+            old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
         diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
         if diff:
             raise ValueError(f"{out} holds a sample set made with other {', '.join(diff)} ({SET_FILE}); pass another "

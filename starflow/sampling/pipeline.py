@@ -36,7 +36,7 @@ ROUND_SEED_OFFSET = 3_000_017  # inpainting: resampling round r draws its noise 
 
 @dataclass
 class SampleSettings:
-    """Sampling options (names as the official ``sample.py`` flags)."""
+    """Sampling options (names as the official ``sample.py`` flags; ``temperature`` is this package's own)."""
 
     cfg: float = 0.0
     jacobi: bool = True
@@ -517,7 +517,7 @@ class Pipeline:
         """Training-free inpainting with teacher-forced known tokens (STARFlow; SPEC section 17).
 
         The image is encoded and noised (``x~``, seeded per sample), the pixel mask is max-pooled to the token
-        grid, and :meth:`STARFlow.reverse` samples from ``(1 - m) f(x~) + m eps`` with every block's known
+        grid, and :meth:`STARFlow.reverse` samples from ``(1 - m) f(x~) + m T eps`` (``T`` the temperature) with every block's known
         activations forced at the known tokens (guidance and Jacobi as ``settings``). Each further round
         re-encodes the result (its known activations now agree with the generated tokens) and samples the masked
         tokens again from fresh noise. Then the usual denoising and decoding, and the known pixels are pasted

@@ -504,7 +504,8 @@ class Trainer:
         prompts = [p for p in self.sample_prompts for _ in range(per_prompt)]
         gen = torch.Generator().manual_seed(self.cfg.seed)
         rng = torch.get_rng_state()
-        pixels = pipe(prompts, SampleSettings(cfg=self.cfg.cfg, jacobi=True, temperature=self.cfg.temperature), generator=gen)
+        settings = SampleSettings(cfg=self.cfg.cfg, jacobi=True, temperature=self.cfg.temperature)
+        pixels = pipe(prompts, settings, generator=gen)
         torch.set_rng_state(rng)  # sampling must not change the training noise stream
         self.model.train(was_training)
         if not self.dist.is_main:
