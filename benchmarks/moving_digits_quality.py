@@ -29,20 +29,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from starflow.data import load_digit_split
-from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, render_clip
+from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, recentre, render_clip
 from starflow.sampling.io import to_uint8
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 
 DEMO = Path(__file__).resolve().parents[1] / "ckpts" / "demo_moving_digits"
-
-
-def recentre(frame: np.ndarray, side: int = 8) -> np.ndarray:
-    """Roll a torus frame so its centre of mass is at the canvas centre and crop ``side x side`` around it."""
-    n = frame.shape[0]
-    r, c = circular_centre(frame)
-    rolled = np.roll(frame, (round(n / 2 - r), round(n / 2 - c)), axis=(0, 1))
-    lo = n // 2 - side // 2
-    return rolled[lo : lo + side, lo : lo + side]
 
 
 def fit_classifier(canvas: int, seed: int = 0):

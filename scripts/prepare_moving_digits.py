@@ -5,7 +5,7 @@
 writes data/moving_digits/{train,test}/ with lossless H.264 clips (12 frames, 12x12, 8 fps) and metadata.jsonl
 captions such as "a handwritten digit 3 moving left".
 
-    python scripts/prepare_moving_digits.py --out data/moving_digits_v2v --video_to_video --frames 4
+    python scripts/prepare_moving_digits.py --out data/moving_digits_v2v --video_to_video --frames 4 --clips_per_digit 4
 
 writes source/target pairs for a video_to_video fine-tune (configs/demo_moving_digits_v2v.yaml).
 """
@@ -24,7 +24,8 @@ def main() -> None:
     p.add_argument("--clips_per_digit", type=int, default=2, help="clips (directions) per real digit [default: 2]")
     p.add_argument("--video_to_video", action="store_true",
                    help="pairs for a video_to_video model: each file holds the target clip (another real digit on the "
-                        "same path, the caption's digit), then the source clip, --frames each (use --frames 4)")
+                        "same path, the caption's digit), then the source clip, --frames each (4 for "
+                        "configs/demo_moving_digits_v2v.yaml; longer pairs are cut at the same times in both halves)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     t = time.perf_counter()

@@ -14,7 +14,7 @@ from PIL import Image
 from starflow.adapters import build_latent_adapter, build_tiny_wan_vae
 from starflow.cli import main
 from starflow.config import load_config
-from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, render_clip
+from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, recentre, render_clip
 from starflow.data.video import CorruptVideoError, VideoFolder, clip_indices, read_video, write_video
 from starflow.models import STARFlow
 
@@ -354,17 +354,13 @@ def test_shipped_video_to_video_demo_redraws_a_real_clip_on_its_path() -> None:
     # labelled by its nearest real train digit rendered and recentred the same way (majority over frames)
     from sklearn.neighbors import KNeighborsClassifier
 
-    def recentre(f):
-        r, c = circular_centre(f)
-        return np.roll(f, (round(6 - r), round(6 - c)), axis=(0, 1))[2:10, 2:10].reshape(-1).astype(np.float32)
-
     train, train_labels = load_digit_split("train")
     rng = np.random.default_rng(0)
     knn = KNeighborsClassifier(3).fit([recentre(render_clip(im, 1, 12, tuple(rng.integers(0, 12, 2)), "left")[0])
-                                       for im in train], train_labels)
+                                       .ravel() for im in train], train_labels)
 
     def label(video):
-        return np.bincount(knn.predict([recentre(f) for f in video]), minlength=10).argmax()
+        return np.bincount(knn.predict([recentre(f).ravel() for f in video]), minlength=10).argmax()
 
     votes, source_votes = [label(v) for v in result], [label(v) for v in source]
     assert sum(v == k for v, k in zip(votes, targets)) >= 3, (votes, targets)

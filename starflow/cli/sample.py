@@ -262,7 +262,9 @@ def sample_settings(args: argparse.Namespace, cfg):
         check_aspect_ratio(args.aspect_ratio, cfg)
     return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
                           jacobi_block_size=args.jacobi_block_size, jacobi_max_iter=args.jacobi_max_iter,
-                          jacobi_auto_batch=getattr(args, "sample_batch_size", None),
+                          # the batch "auto" chooses for; a fixed block size does not depend on it
+                          jacobi_auto_batch=getattr(args, "sample_batch_size", None) if args.jacobi_block_size == AUTO
+                          else None,
                           aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
                           anneal_guidance=args.annealed_guidance, guide_top=args.guide_top, attn_temp=args.attn_temp,
                           temperature=cfg.temperature,

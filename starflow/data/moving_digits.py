@@ -15,7 +15,7 @@ import numpy as np
 from starflow.data.digits import load_digit_split
 from starflow.data.images import METADATA_FILE
 
-__all__ = ["DIRECTIONS", "moving_caption", "render_clip", "write_moving_digits", "circular_centre"]
+__all__ = ["DIRECTIONS", "moving_caption", "render_clip", "write_moving_digits", "circular_centre", "recentre"]
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 """Direction name -> (row, column) step."""
@@ -48,6 +48,17 @@ def circular_centre(frame: np.ndarray) -> tuple[float, float]:
         z = (mass * np.exp(1j * angle)).sum()
         out.append((np.angle(z) % (2 * np.pi)) * n / (2 * np.pi))
     return out[0], out[1]
+
+
+def recentre(frame: np.ndarray, side: int = 8) -> np.ndarray:
+    """``(side, side)``: a ``(n, n)`` torus frame rolled so its centre of mass (:func:`circular_centre`) is at the
+    canvas centre, then cropped around it (how the moving-digit benchmarks and tests compare a frame with a
+    digit)."""
+    n = frame.shape[0]
+    r, c = circular_centre(frame)
+    rolled = np.roll(frame, (round(n / 2 - r), round(n / 2 - c)), axis=(0, 1))
+    lo = n // 2 - side // 2
+    return rolled[lo : lo + side, lo : lo + side]
 
 
 def write_moving_digits(out_dir: str | Path, frames: int = 12, canvas: int = 12, fps: int = 8,

@@ -427,7 +427,8 @@ class STARFlow(nn.Module):
             raise ValueError(f"attn_temp {attn_temp}: the attention temperature must be > 0")
         b = noise.shape[0]
         if jacobi_auto_batch is not None and jacobi_auto_batch < 1:
-            raise ValueError(f"jacobi_auto_batch {jacobi_auto_batch}: the batch the auto block size is chosen for must be >= 1")
+            raise ValueError(f"jacobi_auto_batch {jacobi_auto_batch}: the batch the auto block size is chosen for "
+                             "must be >= 1")
         settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync,
                                   auto_scale=1.0 if jacobi_auto_batch is None else jacobi_auto_batch / b)
         y = self._guidance_rows(y, b, guidance)
