@@ -8,12 +8,16 @@ own (CUDA: ``max_memory_allocated``; CPU: the peak resident set, which includes 
 
 Default layout: the shipped digits demo (``configs/demo_digits.yaml``: 4 flow blocks of 2 2 2 4 layers, head
 width 32, a 24-token text prefix) scaled to 256 tokens (``img_size 16``) and width 192, batch 8.
-``--layout configs/starflow_3B_t2i_256x256.yaml`` times a released layout (at a small ``--batch`` and, on one
-GPU, ``--dtype bf16``).
+``--layout configs/starflow_3B_t2i_256x256.yaml`` times a released layout (at a small ``--batch``).
+
+``--precision`` is the training config key: ``fp32``, or ``bf16`` = float32 parameters under bf16 autocast,
+as ``starflow train`` runs it (the official recipe; attention runs in float32 on a CPU, see
+:func:`starflow.models.layers.attend`); the default ``auto`` is bf16 on CUDA and fp32 on CPU.
 
 FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.utils.flop_counter``.
 
     python benchmarks/train_step.py [--layout CONFIG] [--batch 8] [--steps 10] [--device cpu|cuda]
+                                    [--precision auto|fp32|bf16]
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from starflow.models import STARFlow  # noqa: E402
 from starflow.models.starflow import patchify  # noqa: E402
 from starflow.models.tarflow_block import FlowBlock  # noqa: E402
 from starflow.sizing import text_width  # noqa: E402
+from starflow.train.parallelize import training_dtype  # noqa: E402
 
 MODES = ("eager", "compile", "checkpoint")
 DEMO_SCALED = {"img_size": 16, "channels": 192}  # the demo layout at 256 tokens, width 192
@@ -50,10 +55,9 @@ def build(args: argparse.Namespace):
     txt_dim = text_width(cfg, Path(args.layout).parent if args.layout else ROOT / "configs")
     down = 1 if not cfg.vae else (16 if cfg.is_video else 8)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     with torch.device(device):
-        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=down).to(dtype)
+        model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=down)
     model.train()
     side = cfg.img_size // down
     shape = (args.batch, cfg.channel_size, side, side)
@@ -119,9 +123,11 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.mode == "compile":
         model.compile_training()
     cuda = x.device.type == "cuda"
+    bf16 = training_dtype(args.precision, x.device) == torch.bfloat16
 
     def step() -> float:
-        loss = model.loss(x, y)["loss"]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):  # as Trainer.micro_step
+            loss = model.loss(x, y)["loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
         return float(loss)
@@ -159,7 +165,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter and activation dtype")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the training config key: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--no_check_flops", dest="check_flops", action="store_false",
@@ -172,7 +179,7 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype,
+               "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
                "--threads", str(args.threads)]
         cmd += (["--layout", args.layout] if args.layout else []) + (["--img_size", str(args.img_size)]
                                                                      if args.img_size else [])
@@ -184,8 +191,10 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     first = rows[0]
+    bf16 = training_dtype(args.precision, torch.device(args.device)) == torch.bfloat16
+    precision = "bf16 autocast" if bf16 else "fp32"
     print(f"layout: {args.layout or 'demo scaled (img_size 16, channels 192)'}; {first['params']:,} parameters, "
-          f"{first['tokens']} tokens, batch {args.batch}, {args.dtype} on {args.device} ({args.threads} threads)")
+          f"{first['tokens']} tokens, batch {args.batch}, {precision} on {args.device} ({args.threads} threads)")
     if "counted_flops" in first:
         linear, attention = first["flops_linear"], first["flops"] - first["flops_linear"]
         print(f"FLOPs per step (analytic): {first['flops'] / 1e9:.3f} G = matmuls {linear / 1e9:.3f} G + attention "

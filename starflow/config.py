@@ -113,6 +113,10 @@ class Config:
                                      "(0 = off, 1 = every layer)")
     gradient_checkpoint_mlp: int = _f(0, "activation checkpointing of the MLP in every k-th transformer layer "
                                          "(0 = off, 1 = every layer)")
+    precision: str = _f("auto", "training arithmetic: bf16 (autocast, the official recipe; FSDP2 keeps bf16 parameters "
+                                "with fp32 gradient reduction), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU "
+                                "with native bf16 (AVX512-BF16 or AMX) bf16 is the faster one (benchmarks/train_step.py "
+                                "--precision bf16); the flow's scale, shift and log-determinant stay float32")
     compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "
                               "the compilation; sampling has its own --compile switch)")
     wds: bool = _f(False, "read training data from webdataset shards")
@@ -206,6 +210,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 _HINTS = typing.get_type_hints(Config)
 NOISE_TYPES = ("gaussian", "uniform")
+PRECISIONS = ("auto", "bf16", "fp32")
 _INT_ONCE_BOOL = {"gradient_checkpoint", "gradient_checkpoint_mlp"}  # official YAMLs write 0/1; true/false also read
 
 
@@ -363,6 +368,8 @@ def validate(cfg: Config) -> Config:
     if cfg.lora_rank and cfg.ema > 0:
         raise ValueError("config keys 'lora_rank' and 'ema' together are not supported (the EMA would average only "
                          "the adapters): set --ema 0 for a LoRA run")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"config key 'precision' must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.noise_type not in NOISE_TYPES:
         raise ValueError(f"config key 'noise_type' must be one of {NOISE_TYPES}, got {cfg.noise_type!r}")
     if cfg.noise_type == "uniform" and cfg.vae is not None:

@@ -1,5 +1,5 @@
 """``torchrun --nproc_per_node 2 starflow train`` on CPU (gloo): FSDP2 (also with the T5 sharded) and DDP with
-gradient accumulation give the one-process losses, and a
+gradient accumulation give the one-process losses, FSDP2 in bf16 follows them, and a
 2-process run killed during a save and again mid-training resumes onto the uninterrupted loss curve.
 
 The model is the tiny text-to-image STARFlow of ``conftest.TINY_CONFIG`` with the learnable denoiser, on real
@@ -51,7 +51,7 @@ def runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     out = {}
     variants = (("one", 1, ()), ("fsdp", 2, ()), ("fsdp_t5", 2, ("--fsdp_text_encoder", "1")),
-                ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2")))
+                ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2")), ("fsdp_bf16", 2, ("--precision", "bf16")))
     for name, nproc, extra in variants:
         out[name] = tmp / name
         r = subprocess.run(train_cmd(tmp / "config.yaml", out[name], nproc, *extra), env=run_env(tmp),
@@ -70,6 +70,18 @@ def test_two_processes_match_one_process(runs, name: str) -> None:
         for key in ("loss", "denoiser_loss"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
     assert one[STEPS]["loss"] < one[1]["loss"] - 0.05  # it learns
+
+
+def test_sharded_bf16_run_follows_the_float32_losses(runs) -> None:
+    """``--precision bf16`` under FSDP2 on CPU (gloo): bf16 parameters while computing, float32 gradients and
+    weights; the loss curve follows the float32 one closely without equalling it."""
+    one, bf16 = losses(runs["one"]), losses(runs["fsdp_bf16"])
+    assert sorted(bf16) == sorted(one)
+    got, want = [bf16[s]["loss"] for s in sorted(one)], [one[s]["loss"] for s in sorted(one)]
+    assert got != want
+    assert got == pytest.approx(want, rel=3e-2)
+    weights = load_file(runs["fsdp_bf16"] / "model" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
 def test_sharded_run_exports_the_same_weights(runs, tmp_path) -> None:

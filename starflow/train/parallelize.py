@@ -1,8 +1,9 @@
 """Data parallelism for training: FSDP2, DDP, or one process; gradient-sync control and clipping.
 
 * ``fsdp: 1`` under ``torchrun``: :func:`starflow.distributed.shard_model` applies ``fully_shard`` to every
-  transformer layer, then each flow block and the learnable denoiser, then the root. On CUDA parameters
-  are bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``); the flow's scale, shift and
+  transformer layer, then each flow block and the learnable denoiser, then the root. In bf16 (``precision``,
+  :func:`training_dtype`; the default on CUDA) parameters are bf16 with fp32 gradient reduction
+  (``MixedPrecisionPolicy``); the flow's scale, shift and
   log-determinant arithmetic is float32 inside the model either way. ``fsdp_text_encoder: 1`` shards the
   frozen T5 the same way (each ``T5Block``, then the encoder).
 * ``fsdp: 0`` under ``torchrun``: DDP. The learnable denoiser is trained outside the flow's forward, so DDP
@@ -21,14 +22,29 @@ from starflow.config import Config
 from starflow.distributed import is_sharded, shard_model
 from starflow.distributed import DistInfo
 
-__all__ = ["parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm", "all_reduce_grads",
+__all__ = ["training_dtype", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm", "all_reduce_grads",
            "full_state_dict"]
 
 
-def _mp_policy(device: torch.device):
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a training step computes its matmuls in (config key ``precision``).
+
+    ``bf16`` -> ``torch.bfloat16`` (autocast, or FSDP2 bf16 parameters), ``fp32`` -> ``torch.float32``,
+    ``auto`` -> bf16 on CUDA (the official recipe, SPEC section 16) and float32 elsewhere.
+
+    Raises:
+        ValueError: ``precision`` is none of ``auto``, ``bf16``, ``fp32``.
+    """
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"config key 'precision' must be auto, bf16 or fp32, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _mp_policy(dtype: torch.dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type == "cuda":
+    if dtype == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
@@ -42,24 +58,25 @@ def parallelize(model: nn.Module, cfg: Config, dist: DistInfo) -> nn.Module:
     if not dist.distributed:
         return model
     if cfg.fsdp:
-        return shard_model(model, mp_policy=_mp_policy(dist.device))
+        return shard_model(model, mp_policy=_mp_policy(training_dtype(cfg.precision, dist.device)))
     denoiser = [n for n, _ in model.named_parameters() if n.startswith("learnable_self_denoiser.")]
     if denoiser:  # trained outside the flow's forward: its gradients are synced by hand
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, denoiser)
     return nn.parallel.DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
 
 
-def shard_text_encoder(encoder: nn.Module, dist: DistInfo) -> nn.Module:
+def shard_text_encoder(encoder: nn.Module, dist: DistInfo, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard a frozen ``transformers`` T5 encoder with FSDP2 (each ``T5Block``, then the whole encoder).
 
     Args:
         encoder: a ``T5EncoderModel`` (frozen; only its forward is used).
         dist: this process's rank and device.
+        dtype: its compute dtype (bf16: bf16 parameters while it runs).
     """
     from torch.distributed.fsdp import fully_shard
 
     blocks = [m for m in encoder.modules() if type(m).__name__ == "T5Block"]
-    kw = dict(mp_policy=_mp_policy(dist.device))
+    kw = dict(mp_policy=_mp_policy(dtype))
     for block in blocks:
         fully_shard(block, **kw)
     fully_shard(encoder, **kw)

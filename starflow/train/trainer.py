@@ -1,7 +1,7 @@
 """The training loop: the STARFlow recipe (arXiv 2506.06276, Sec. 4; SPEC section 14), resumable to the step.
 
 ``x = vae.encode(img) + noise_std * N(0, I)``, captions dropped to ``""`` with probability ``drop_label``,
-AdamW (0.9, 0.95), warm-up + cosine, gradient clipping / skipping, bf16 autocast on CUDA. One process
+AdamW (0.9, 0.95), warm-up + cosine, gradient clipping / skipping, bf16 autocast (config ``precision``: on CUDA by default). One process
 or many under ``torchrun`` (FSDP2 or DDP, see :mod:`starflow.train.parallelize`); sharded DCP checkpoints
 restore model, optimizer, schedule, step, data position and RNG (:mod:`starflow.train.state`).
 
@@ -45,7 +45,7 @@ from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule
 from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
-                                        shard_text_encoder)
+                                        shard_text_encoder, training_dtype)
 from starflow.train.state import CheckpointManager, rng_state, set_rng_state
 
 __all__ = ["Trainer", "TrainingDiverged", "GRAD_SKIP_AFTER"]
@@ -110,12 +110,13 @@ class Trainer:
             model.to_empty(device=dist.device)
         if cfg.compile:  # each transformer layer, before FSDP2 wraps it
             model.compile_training()
+        self.compute_dtype = training_dtype(cfg.precision, dist.device)
         self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
         self.sharded = is_sharded(model)
         if meta and self.sharded:
             model.to_empty(device=dist.device)  # each rank allocates only its shards
         if cfg.fsdp_text_encoder and dist.distributed and isinstance(text_encoder, TextEncoder):
-            shard_text_encoder(text_encoder.encoder, dist)
+            shard_text_encoder(text_encoder.encoder, dist, self.compute_dtype)
         self.lora = cfg.lora_rank > 0
         self.denoiser = None if self.lora else model.learnable_self_denoiser  # LoRA: only the adapters train
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
@@ -227,8 +228,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.dist.device.type == "cuda" and not self.sharded:  # FSDP2 casts the parameters to bf16 itself
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.compute_dtype == torch.bfloat16 and not self.sharded:  # FSDP2 casts the parameters to bf16 itself
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _uncond(self, aspect_ratio: str) -> torch.Tensor:

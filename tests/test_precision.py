@@ -1,0 +1,119 @@
+"""``precision`` (config key): bf16 autocast (the official recipe) or float32 training, on CUDA and on a CPU.
+
+On a CPU the bf16 step computes its linear layers in bf16 and its attention in float32
+(:func:`starflow.models.layers.attend`), and the flow's scale, shift and log-determinant stay float32.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from starflow.cli import main
+from starflow.config import load_config
+from starflow.models.layers import attend
+from starflow.train.parallelize import training_dtype
+
+
+class DtypeLog(TorchDispatchMode):
+    """Counts ``(op, input dtypes)`` of the matmuls and the attention kernels that run inside it."""
+
+    OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten._scaled_dot_product_flash_attention_for_cpu",
+           "aten._scaled_dot_product_flash_attention_for_cpu_backward")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.OPS:
+            dtypes = tuple(sorted({str(a.dtype) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}))
+            self.seen[(name.split(".")[-1], dtypes)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_dtype_follows_the_key_and_the_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_dtype("auto", cpu) == torch.float32
+    assert training_dtype("auto", cuda) == torch.bfloat16  # the official recipe on GPUs
+    assert training_dtype("bf16", cpu) == training_dtype("bf16", cuda) == torch.bfloat16
+    assert training_dtype("fp32", cuda) == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        training_dtype("fp16", cpu)
+
+
+def test_unknown_precision_is_rejected(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="'precision' must be one of"):
+        load_config(dict(tiny_config, precision="fp16"))
+    code = main(["train", "--config", str(config_file(tiny_config)), "--data", str(digits["train"]),
+                 "--logdir", str(tmp_path / "run"), "--precision", "half"])
+    assert code == 2
+    assert "precision" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_attention_of_bf16_inputs_on_a_cpu_runs_in_float32() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16), DtypeLog() as log:
+        out = attend(q, k, v, None, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    assert set(log.seen) == {("_scaled_dot_product_flash_attention_for_cpu", ("torch.float32",))}
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    assert torch.equal(out, want)
+    # a layer under autocast: bf16 projections, float32 attention forward and backward (RoPE in between)
+    from starflow.models.layers import Attention
+    from starflow.models.rope import rope_angles, rope_rotation
+
+    layer, x = Attention(32, 16), torch.randn(2, 9, 32, generator=g, requires_grad=True)
+    rope = rope_rotation(rope_angles(16, (1, 3, 3), 1.0))
+    with DtypeLog() as log:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x, rope)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert log.seen.keys() == {("addmm", ("torch.bfloat16",)), ("mm", ("torch.bfloat16",)),
+                               ("_scaled_dot_product_flash_attention_for_cpu", ("torch.float32",)),
+                               ("_scaled_dot_product_flash_attention_for_cpu_backward", ("torch.float32",))}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_training_on_a_cpu(tiny_config, digits, config_file, tmp_path: Path) -> None:
+    """``--precision bf16``: the linear layers' matmuls (forward and backward) run in bf16, attention in float32;
+    the losses follow the float32 run closely without being equal to it (the key is honoured); the saved
+    weights stay float32. ``auto`` on a CPU is the float32 run."""
+    config = config_file(dict(tiny_config, steps=5))
+    losses, logs = {}, {}
+    for precision in ("auto", "fp32", "bf16"):
+        logdir = tmp_path / precision
+        with torch.random.fork_rng(devices=[]), DtypeLog() as log:
+            assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(logdir),
+                         "--device", "cpu", "--precision", precision]) == 0
+        records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+        losses[precision], logs[precision] = [r["loss"] for r in records if "loss" in r], log.seen
+    assert losses["auto"] == losses["fp32"]
+    assert len(losses["bf16"]) == 5
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+    assert losses["bf16"] != losses["fp32"]
+
+    def matmul_dtypes(seen: Counter) -> set:
+        return {dtypes for (op, dtypes), n in seen.items() if op in ("mm", "addmm")}
+
+    assert matmul_dtypes(logs["fp32"]) == {("torch.float32",)}
+    # the flow trains in bf16; the float32 matmuls left are the frozen text encoder's (it runs outside autocast)
+    bf16_steps = sum(n for (op, dtypes), n in logs["bf16"].items() if op in ("mm", "addmm") and dtypes == ("torch.bfloat16",))
+    fp32_rest = sum(n for (op, dtypes), n in logs["bf16"].items() if op in ("mm", "addmm") and dtypes == ("torch.float32",))
+    assert bf16_steps > 0 and bf16_steps > 4 * fp32_rest, logs["bf16"]
+    attention = {dtypes for (op, dtypes) in logs["bf16"] if op.startswith("_scaled_dot_product")}
+    assert attention == {("torch.float32",)}, logs["bf16"]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "bf16" / "model" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
