@@ -8,7 +8,7 @@ last step (global batch / wall time per step); memory is the peak per process (C
 set). Latent caching encodes VAE latents and T5 embeddings once (``starflow cache-latents``); its one-off
 time is printed too. On CPU the processes share the cores: every variant uses ``--threads`` in total.
 
-    python benchmarks/train_throughput.py [--steps 30] [--nproc 2] [--device cpu|cuda]
+    python benchmarks/train_throughput.py [--steps 30] [--nproc 2] [--device cpu|cuda] [--precision auto|fp32|bf16]
 """
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2, help="processes of the multi-process variants [default: 2]")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in total per variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda [default: cpu]")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the training config key (auto: bf16 on CUDA, fp32 on CPU) [default: auto]")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,10 +91,12 @@ def main() -> None:
                         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                     cmd = [*launch, "-m", "starflow.cli", "train", "--config", str(root / "config.yaml"),
                            "--data", str(folder), "--logdir", str(logdir), "--device", args.device,
+                           "--precision", args.precision,
                            "--gradient_checkpoint", str(ckpt), "--gradient_checkpoint_mlp", str(ckpt)]
                     run(cmd, dict(env, OMP_NUM_THREADS=str(max(1, args.threads // nproc))))
                     rows.append((nproc, "attn+mlp" if ckpt else "off", name, *throughput(logdir, args.warmup)))
-    print(f"\nstarflow train, {args.device}, global batch {CONFIG['batch_size']}, {args.steps} steps "
+    print(f"\nstarflow train, {args.device}, precision {args.precision}, global batch {CONFIG['batch_size']}, "
+          f"{args.steps} steps "
           f"(timed after step {args.warmup}), FSDP2 when processes > 1")
     print(f"{'processes':>9}  {'act. ckpt':<9}  {'data':<15}  {'samples/s':>9}  {'peak GiB/process':>16}")
     for nproc, ckpt, name, sps, mem in rows:

@@ -34,7 +34,8 @@ class DtypeLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         if name in self.OPS:
-            dtypes = tuple(sorted({str(a.dtype) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}))
+            floats = (a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+            dtypes = tuple(sorted({str(a.dtype) for a in floats}))
             self.seen[(name.split(".")[-1], dtypes)] += 1
         return func(*args, **(kwargs or {}))
 
@@ -108,9 +109,12 @@ def test_bf16_training_on_a_cpu(tiny_config, digits, config_file, tmp_path: Path
 
     assert matmul_dtypes(logs["fp32"]) == {("torch.float32",)}
     # the flow trains in bf16; the float32 matmuls left are the frozen text encoder's (it runs outside autocast)
-    bf16_steps = sum(n for (op, dtypes), n in logs["bf16"].items() if op in ("mm", "addmm") and dtypes == ("torch.bfloat16",))
-    fp32_rest = sum(n for (op, dtypes), n in logs["bf16"].items() if op in ("mm", "addmm") and dtypes == ("torch.float32",))
-    assert bf16_steps > 0 and bf16_steps > 4 * fp32_rest, logs["bf16"]
+    def matmuls(seen: Counter, dtype: str) -> int:
+        return sum(n for (op, dtypes), n in seen.items() if op in ("mm", "addmm") and dtypes == (dtype,))
+
+    assert matmuls(logs["bf16"], "torch.float32") == matmuls(logs["fp32"], "torch.float32") - matmuls(
+        logs["bf16"], "torch.bfloat16"), logs["bf16"]
+    assert matmuls(logs["bf16"], "torch.bfloat16") > 4 * matmuls(logs["bf16"], "torch.float32")
     attention = {dtypes for (op, dtypes) in logs["bf16"] if op.startswith("_scaled_dot_product")}
     assert attention == {("torch.float32",)}, logs["bf16"]
     from safetensors.torch import load_file

@@ -42,7 +42,8 @@ class RMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           is_causal: bool) -> torch.Tensor:
     """Scaled dot-product attention ``softmax(q k^T / sqrt(head_dim)) v`` (``F.scaled_dot_product_attention``).
 
     Args:
