@@ -120,8 +120,9 @@ def measure(model, y, noise, named: list[tuple[str, dict]], guidance: float, rep
             dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, int, float, float]]:
     """Per strategy name: (sample, sequential evaluations, fastest seconds, peak MiB).
 
-    The strategies are timed in rounds, each round running every strategy once, so a slow phase of the machine
-    (shared CPUs drift by tens of percent over minutes) slows all of them alike instead of whichever ran then."""
+    The strategies are timed in rounds, each round running every strategy once (in reverse order every other
+    round), so a slow phase of the machine (shared CPUs drift by tens of percent over minutes) slows all of them
+    alike instead of whichever ran then."""
     yd = None if y is None else y.to(dtype)
 
     def run(strategy: dict, stats=None) -> torch.Tensor:
@@ -133,8 +134,8 @@ def measure(model, y, noise, named: list[tuple[str, dict]], guidance: float, rep
     best = {name: float("inf") for name, _ in named}
     peaks: dict[str, list[float]] = {name: [] for name, _ in named}
     out: dict[str, tuple[torch.Tensor, int]] = {}
-    for _ in range(repeats):
-        for name, strategy in named:
+    for r in range(repeats):
+        for name, strategy in (named if r % 2 == 0 else named[::-1]):  # no strategy always runs first
             stats = DecodeStats()
             with peak_memory(device, peaks[name]):
                 if device.type == "cuda":
