@@ -50,6 +50,20 @@ def test_training_dtype_follows_the_key_and_the_device() -> None:
         training_dtype("fp16", cpu)
 
 
+def test_a_cpu_without_native_bf16_is_named(tiny_config, digits, config_file, tmp_path, monkeypatch, capsys) -> None:
+    from starflow.train.parallelize import native_bf16
+
+    assert native_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not native_bf16(torch.device("cpu"))
+    config = config_file(dict(tiny_config, steps=1))
+    for precision, named in (("bf16", True), ("fp32", False)):
+        assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir",
+                     str(tmp_path / precision), "--device", "cpu", "--precision", precision]) == 0
+        assert ("no native bf16" in capsys.readouterr().out) == named
+
+
 def test_unknown_precision_is_rejected(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="'precision' must be one of"):
         load_config(dict(tiny_config, precision="fp16"))

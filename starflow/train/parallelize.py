@@ -22,7 +22,7 @@ from starflow.config import Config
 from starflow.distributed import is_sharded, shard_model
 from starflow.distributed import DistInfo
 
-__all__ = ["training_dtype", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm", "all_reduce_grads",
+__all__ = ["training_dtype", "native_bf16", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm", "all_reduce_grads",
            "full_state_dict"]
 
 
@@ -39,6 +39,15 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"config key 'precision' must be auto, bf16 or fp32, got {precision!r}")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively: any CUDA device, or a CPU with AVX512-BF16 or AMX
+    (elsewhere oneDNN emulates them, slower than float32)."""
+    if device.type != "cpu":
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _mp_policy(dtype: torch.dtype):

@@ -45,7 +45,7 @@ from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule
 from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
-                                        shard_text_encoder, training_dtype)
+                                        native_bf16, shard_text_encoder, training_dtype)
 from starflow.train.state import CheckpointManager, rng_state, set_rng_state
 
 __all__ = ["Trainer", "TrainingDiverged", "GRAD_SKIP_AFTER"]
@@ -111,6 +111,9 @@ class Trainer:
         if cfg.compile:  # each transformer layer, before FSDP2 wraps it
             model.compile_training()
         self.compute_dtype = training_dtype(cfg.precision, dist.device)
+        if self.compute_dtype == torch.bfloat16 and not native_bf16(dist.device):
+            self._log("precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so its bf16 matmuls are "
+                      "emulated and slower than float32; --precision fp32 (or auto) trains faster here")
         self.train_model: torch.nn.Module = parallelize(model, cfg, dist)
         self.sharded = is_sharded(model)
         if meta and self.sharded:
