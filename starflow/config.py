@@ -103,8 +103,8 @@ class Config:
     ema: float = _f(0.0, "decay of the exponential moving average of the weights, e.g. 0.9999 (0 = no EMA)")
     ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights")
     denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
-    loss_scaling: bool = _f(False, "official flag: fp16 dynamic loss scaling; training here runs in bf16, which needs "
-                                   "none, so `starflow train` rejects 1")
+    loss_scaling: bool = _f(False, "official flag: fp16 dynamic loss scaling; training here runs in bf16 or fp32, "
+                                   "which need none, so `starflow train` rejects 1")
     seed: int = _f(0, "random seed")
     # --- systems ----------------------------------------------------------------------------
     fsdp: bool = _f(False, "shard the model with FSDP2 under torchrun")
@@ -113,9 +113,9 @@ class Config:
                                      "(0 = off, 1 = every layer)")
     gradient_checkpoint_mlp: int = _f(0, "activation checkpointing of the MLP in every k-th transformer layer "
                                          "(0 = off, 1 = every layer)")
-    precision: str = _f("auto", "training arithmetic: bf16 (autocast, the official recipe; FSDP2 keeps bf16 "
-                                "parameters with fp32 gradient reduction), fp32, or auto = bf16 on CUDA and fp32 on "
-                                "CPU. On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 is the faster one "
+    precision: str = _f("auto", "training arithmetic: bf16 (autocast, the official recipe; FSDP2 computes with bf16 "
+                                "copies of its float32 parameters and reduces gradients in fp32; a sharded T5 runs in "
+                                "bf16 too), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 is the faster one "
                                 "(benchmarks/train_step.py --precision bf16); the flow's scale, shift and "
                                 "log-determinant stay float32")
     compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "

@@ -87,7 +87,7 @@ class Denoiser(nn.Module):
         Returns:
             ``(B, T*F, D)`` prediction of ``noise_std * dNLL/dx``.
         """
-        h = self.proj_in(x)
+        h = self.proj_in(x.to(self.proj_in.weight.dtype))  # sampling passes float32 latents to bf16 weights
         txt_len = 0
         if self.proj_txt is not None:
             if y is None:

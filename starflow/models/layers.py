@@ -53,8 +53,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     Returns:
         ``(B, heads, n, head_dim)`` in ``q``'s dtype. On a CPU, bf16 inputs, and any inputs under CPU autocast, are
-        attended in float32: the CPU flash kernel is faster in float32 than in bf16 (forward + backward of the
-        ``benchmarks/train_step.py`` attention: 19.7 ms float32, 27.3 ms bf16), and no less accurate.
+        attended in float32: at training shapes the CPU flash kernel is faster in float32 than in bf16 (forward +
+        backward of the ``benchmarks/train_step.py`` attention: 19.7 ms float32, 27.3 ms bf16), and no less
+        accurate. (KV-cached decoding does not come here: casting the whole cache per call would cost more.)
     """
     if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
@@ -109,7 +110,10 @@ class Attention(nn.Module):
             k, v = cache.write(k, v, start)
             if cache.query_scale is not None:  # per-row attention temperature (sampling only)
                 q = q * cache.query_scale.to(q.dtype)
-        out = attend(q, k, v, mask, is_causal=mask is None and n > 1 and cache is None)
+        if cache is None:
+            out = attend(q, k, v, mask, is_causal=mask is None and n > 1)
+        else:  # decoding: attention in the cache's dtype (a float32 copy of the whole cache per call costs more)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1).to(x.dtype))
 
 

@@ -22,8 +22,8 @@ from starflow.config import Config
 from starflow.distributed import is_sharded, shard_model
 from starflow.distributed import DistInfo
 
-__all__ = ["training_dtype", "native_bf16", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm", "all_reduce_grads",
-           "full_state_dict"]
+__all__ = ["training_dtype", "native_bf16", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm",
+           "all_reduce_grads", "full_state_dict"]
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -42,8 +42,9 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 matmuls natively: any CUDA device, or a CPU with AVX512-BF16 or AMX
-    (elsewhere oneDNN emulates them, slower than float32)."""
+    """Whether ``device`` computes bf16 matmuls natively: a CUDA device is taken to (Ampere and later do; older
+    GPUs emulate bf16, as the official recipe does there too); a CPU when it has AVX512-BF16 or AMX (x86; other
+    CPUs are reported as not native). Elsewhere oneDNN emulates bf16, slower than float32."""
     if device.type != "cpu":
         return True
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -1,9 +1,10 @@
 """The training loop: the STARFlow recipe (arXiv 2506.06276, Sec. 4; SPEC section 14), resumable to the step.
 
 ``x = vae.encode(img) + noise_std * N(0, I)``, captions dropped to ``""`` with probability ``drop_label``,
-AdamW (0.9, 0.95), warm-up + cosine, gradient clipping / skipping, bf16 autocast (config ``precision``: on CUDA by default). One process
-or many under ``torchrun`` (FSDP2 or DDP, see :mod:`starflow.train.parallelize`); sharded DCP checkpoints
-restore model, optimizer, schedule, step, data position and RNG (:mod:`starflow.train.state`).
+AdamW (0.9, 0.95), warm-up + cosine, gradient clipping / skipping, bf16 autocast (config ``precision``; on CUDA
+by default). One process or many under ``torchrun`` (FSDP2 or DDP, see :mod:`starflow.train.parallelize`);
+sharded DCP checkpoints restore model, optimizer, schedule, step, data position and RNG
+(:mod:`starflow.train.state`).
 
 The noise, caption dropout and ``drop_image`` of a step are drawn from generators seeded by
 ``(seed, step, global sample index)``, and the sampler hands out the same global batch for any number of
