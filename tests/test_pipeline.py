@@ -6,6 +6,7 @@ import torch
 
 from starflow.sampling.denoise import self_denoise
 from starflow.models.jacobi import DecodeStats
+from starflow.prompts import prompt_from_config
 from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,6 +101,20 @@ def test_long_prompt_warns_about_truncation_and_samples(pipe: Pipeline) -> None:
 def test_short_prompts_do_not_warn(pipe: Pipeline, recwarn) -> None:
     pipe(PROMPTS[:1], SampleSettings(cfg=2.0), seeds=[0])
     assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_template_tags_past_txt_size_are_cut_silently(make_pipeline, recwarn) -> None:
+    """A caption that fits, whose template tags (here the aspect ratio) run past txt_size: truncated as in training,
+    without a warning; a caption that is itself too long still warns."""
+    pipe = make_pipeline(mix_aspect=1)
+    caption = "a handwritten digit 2"
+    encoder, template = pipe.text_encoder, prompt_from_config(caption, pipe.config, "1:1")
+    assert encoder.token_counts([caption])[0] <= pipe.config.txt_size < encoder.token_counts([template])[0]
+    x = pipe.encode_prompts([caption])
+    assert not [w for w in recwarn if "truncated" in str(w.message)]
+    torch.testing.assert_close(x, encoder([template]), rtol=0, atol=0)  # the same truncated encoding
+    with pytest.warns(UserWarning, match="truncated"):
+        pipe.encode_prompts(["a handwritten digit 7 written slowly with a thick black marker"])
 
 
 def test_default_jacobi_on_the_demo_is_close_to_sequential_with_far_fewer_evaluations() -> None:

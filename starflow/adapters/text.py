@@ -109,13 +109,23 @@ class TextEncoder(nn.Module):
         self.encoder.eval()
         return self
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt before padding and truncation (the end-of-sequence token included)."""
+        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+
+    def expect_truncation(self, prompts: list[str]) -> None:
+        """Do not warn when these prompts are truncated: e.g. templates whose tags run past ``max_length`` after
+        a caption that fits, truncated exactly as in training (:meth:`Pipeline.encode_prompts` checks the
+        captions themselves)."""
+        self._warned.update(prompts)
+
     def _warn_truncated(self, prompts: list[str]) -> None:
         """One warning naming the prompts with more than ``max_length`` tokens (counted before truncation) that this
         encoder has not reported before (a training run or a benchmark repeats its prompts)."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._warned]
         if not new:
             return
-        lengths = [len(ids) for ids in self.tokenizer(new, truncation=False)["input_ids"]]
+        lengths = self.token_counts(new)
         long = [(p, n) for p, n in zip(new, lengths) if n > self.max_length]
         if not long:
             return

@@ -189,10 +189,15 @@ class Pipeline:
                        noise_std: float | None = None) -> torch.Tensor | None:
         """Prompt template (SPEC section 12) + text encoder: ``(B, L, txt_dim)``, or None without text.
 
-        ``fps`` and ``noise_std`` replace the config's in the template (``fps_cond``, ``cond_noise_level``)."""
+        ``fps`` and ``noise_std`` replace the config's in the template (``fps_cond``, ``cond_noise_level``).
+        A caption longer than ``txt_size`` tokens is truncated with a warning; a caption that fits but whose
+        template tags run past ``txt_size`` is truncated silently, exactly as the model's training prompts were."""
         if self.text_encoder is None:
             return None
         texts = [prompt_from_config(p, self.config, aspect_ratio, fps=fps, noise_std=noise_std) for p in prompts]
+        if isinstance(self.text_encoder, TextEncoder):  # (class labels are looked up, never truncated)
+            counts = self.text_encoder.token_counts(prompts)
+            self.text_encoder.expect_truncation([t for t, n in zip(texts, counts) if n <= self.text_encoder.max_length])
         return self.text_encoder(texts).to(self.device)
 
     def _prompts(self, prompts: list[str], settings: SampleSettings) -> torch.Tensor | None:
