@@ -63,7 +63,9 @@ def test_a_cpu_without_native_bf16_is_named(tiny_config, digits, config_file, tm
     for precision, named in (("bf16", True), ("fp32", False)):
         assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir",
                      str(tmp_path / precision), "--device", "cpu", "--precision", precision]) == 0
-        assert ("no native bf16" in capsys.readouterr().out) == named
+        out = capsys.readouterr().out
+        assert ("no native bf16" in out) == named
+        assert f"process(es) on cpu in {precision};" in out
 
 
 def test_unknown_precision_is_rejected(tiny_config, digits, config_file, tmp_path, capsys) -> None:

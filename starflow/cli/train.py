@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the run (:func:`starflow.train.launch.build_trainer`), resume, fit, export ``logdir/model``."""
+    import torch
+
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.train.launch import NO_DATA, build_trainer
     from starflow.train.trainer import TrainingDiverged
@@ -45,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         dataset = trainer.dataset
         size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
             else f"shards in {cfg.data}"
-        print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device}; logdir {cfg.logdir}")
+        precision = "bf16" if trainer.compute_dtype == torch.bfloat16 else "fp32"
+        print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device} in {precision}; "
+              f"logdir {cfg.logdir}")
     resumed = not args.dry_run and args.resume and trainer.resume()
     if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
         # runs loaded their base weights when they were built
