@@ -17,7 +17,9 @@ as ``starflow train`` runs it (the official recipe; attention runs in float32 on
 FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.utils.flop_counter``.
 
     python benchmarks/train_step.py [--layout CONFIG] [--batch 8] [--steps 10] [--device cpu|cuda]
-                                    [--precision auto|fp32|bf16]
+                                    [--precision auto|fp32|bf16|fp32,bf16] [--rounds 1]
+
+With ``--rounds R`` every variant (mode x precision) runs R times, in interleaved rounds, each in a fresh process.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from starflow.config import load_config  # noqa: E402
+from starflow.config import PRECISIONS, load_config  # noqa: E402
 from starflow.models import STARFlow  # noqa: E402
 from starflow.models.starflow import patchify  # noqa: E402
 from starflow.models.tarflow_block import FlowBlock  # noqa: E402
@@ -165,47 +168,75 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="the training config key: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--precision", default="auto",
+                        help="the training config key, or several comma-separated (e.g. fp32,bf16): bf16 autocast or "
+                             "fp32 (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, interleaved (every other round in reverse order), "
+                             "and report its fastest step and the median of its medians: a drifting machine then "
+                             "slows all variants alike [default: 1]")
     parser.add_argument("--no_check_flops", dest="check_flops", action="store_false",
                         help="skip the torch.utils.flop_counter check of the analytic count")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
     args = parser.parse_args()
+    precisions = args.precision.split(",")
+    if bad := [p for p in precisions if p not in PRECISIONS]:
+        parser.error(f"--precision {args.precision}: {', '.join(bad)} is not one of {', '.join(PRECISIONS)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be >= 1")
     if args.mode is not None:
         print(json.dumps(run_one(args)))
         return
+    variants = [(mode, p) for p in precisions for mode in args.modes.split(",")]
+    runs: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for mode, precision in (variants if r % 2 == 0 else variants[::-1]):
+            runs[mode, precision].append(run_child(args, mode, precision, check_flops=args.check_flops and r == 0))
     rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
-               "--threads", str(args.threads)]
-        cmd += (["--layout", args.layout] if args.layout else []) + (["--img_size", str(args.img_size)]
-                                                                     if args.img_size else [])
-        cmd += [] if args.check_flops else ["--no_check_flops"]
-        # compile in this process (no worker pool left competing for the cores while the steps are timed)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_COMPILE_THREADS="1")
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    first = rows[0]
-    bf16 = training_dtype(args.precision, torch.device(args.device)) == torch.bfloat16
-    precision = "bf16 autocast" if bf16 else "fp32"
+    for variant in variants:
+        row = dict(min(runs[variant], key=lambda x: x["best"]))
+        row["seconds"] = statistics.median(x["seconds"] for x in runs[variant])
+        row["peak_gib"] = max(x["peak_gib"] for x in runs[variant])
+        row["label"] = f"{variant[0]}, {describe(variant[1], args.device)}"
+        rows.append(row)
+    first = next((x for run in runs.values() for x in run if "counted_flops" in x), rows[0])
     print(f"layout: {args.layout or 'demo scaled (img_size 16, channels 192)'}; {first['params']:,} parameters, "
-          f"{first['tokens']} tokens, batch {args.batch}, {precision} on {args.device} ({args.threads} threads)")
+          f"{first['tokens']} tokens, batch {args.batch} on {args.device} ({args.threads} threads); "
+          f"{args.rounds} round(s) of {args.steps} timed steps per variant")
     if "counted_flops" in first:
         linear, attention = first["flops_linear"], first["flops"] - first["flops_linear"]
         print(f"FLOPs per step (analytic): {first['flops'] / 1e9:.3f} G = matmuls {linear / 1e9:.3f} G + attention "
               f"{attention / 1e9:.3f} G; torch.utils.flop_counter: {first['counted_flops'] / 1e9:.3f} G "
               f"(it counts the matmuls; SDPA only where it has a rule: CUDA, not the CPU kernels)")
-    print(f"{'variant':<12}{'best ms':>10}{'median ms':>11}{'vs eager':>10}{'peak GiB':>10}{'TFLOP/s':>10}"
+    print(f"{'variant':<26}{'best ms':>10}{'median ms':>11}{'vs first':>10}{'peak GiB':>10}{'TFLOP/s':>10}"
           f"{'loss':>12}")
     for row in rows:
-        print(f"{row['mode']:<12}{row['best'] * 1e3:>10.1f}{row['seconds'] * 1e3:>11.1f}"
-              f"{row['best'] / first['best']:>10.2f}{row['peak_gib']:>10.2f}{row['tflops_per_s']:>10.3f}"
+        print(f"{row['label']:<26}{row['best'] * 1e3:>10.1f}{row['seconds'] * 1e3:>11.1f}"
+              f"{row['best'] / rows[0]['best']:>10.2f}{row['peak_gib']:>10.2f}{row['tflops_per_s']:>10.3f}"
               f"{row['loss']:>12.6f}")
+
+
+def describe(precision: str, device: str) -> str:
+    """``"fp32"`` or ``"bf16 autocast"``: what ``precision`` trains in on ``device``."""
+    return "bf16 autocast" if training_dtype(precision, torch.device(device)) == torch.bfloat16 else "fp32"
+
+
+def run_child(args: argparse.Namespace, mode: str, precision: str, check_flops: bool) -> dict:
+    """Time one variant in a fresh process (its own peak memory); returns its row."""
+    cmd = [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--device", args.device, "--precision", precision,
+           "--threads", str(args.threads)]
+    cmd += (["--layout", args.layout] if args.layout else []) + (["--img_size", str(args.img_size)]
+                                                                 if args.img_size else [])
+    cmd += [] if check_flops else ["--no_check_flops"]
+    # compile in this process (no worker pool left competing for the cores while the steps are timed)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_COMPILE_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"{mode} ({precision}) failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
