@@ -115,9 +115,9 @@ class Config:
                                          "(0 = off, 1 = every layer)")
     precision: str = _f("auto", "training arithmetic: bf16 (autocast, the official recipe; FSDP2 computes with bf16 "
                                 "copies of its float32 parameters and reduces gradients in fp32; a sharded T5 runs in "
-                                "bf16 too), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 is the faster one "
-                                "(benchmarks/train_step.py --precision bf16); the flow's scale, shift and "
-                                "log-determinant stay float32")
+                                "bf16 too), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU with native bf16 "
+                                "(AVX512-BF16 or AMX) bf16 is the faster one (benchmarks/train_step.py --precision "
+                                "fp32,bf16); the flow's scale, shift and log-determinant stay float32")
     compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "
                               "the compilation; sampling has its own --compile switch)")
     wds: bool = _f(False, "read training data from webdataset shards")

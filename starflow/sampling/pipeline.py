@@ -522,10 +522,10 @@ class Pipeline:
         """Training-free inpainting with teacher-forced known tokens (STARFlow; SPEC section 17).
 
         The image is encoded and noised (``x~``, seeded per sample), the pixel mask is max-pooled to the token
-        grid, and :meth:`STARFlow.reverse` samples from ``(1 - m) f(x~) + m T eps`` (``T`` the temperature) with every block's known
-        activations forced at the known tokens (guidance and Jacobi as ``settings``). Each further round
-        re-encodes the result (its known activations now agree with the generated tokens) and samples the masked
-        tokens again from fresh noise. Then the usual denoising and decoding, and the known pixels are pasted
+        grid, and :meth:`STARFlow.reverse` samples from ``(1 - m) f(x~) + m T eps`` (``T`` the temperature) with
+        every block's known activations forced at the known tokens (guidance and Jacobi as ``settings``). Each
+        further round re-encodes the result (its known activations now agree with the generated tokens) and
+        samples the masked tokens again from fresh noise. Then the usual denoising and decoding, and the known pixels are pasted
         back, so they are exactly the input's.
 
         Args:

@@ -2,9 +2,9 @@
 
 * ``fsdp: 1`` under ``torchrun``: :func:`starflow.distributed.shard_model` applies ``fully_shard`` to every
   transformer layer, then each flow block and the learnable denoiser, then the root. In bf16 (``precision``,
-  :func:`training_dtype`; the default on CUDA) parameters are bf16 with fp32 gradient reduction
-  (``MixedPrecisionPolicy``); the flow's scale, shift and
-  log-determinant arithmetic is float32 inside the model either way. ``fsdp_text_encoder: 1`` shards the
+  :func:`training_dtype`; the default on CUDA) it computes with bf16 copies of the float32 parameters and
+  reduces gradients in fp32 (``MixedPrecisionPolicy``); the flow's scale, shift and log-determinant arithmetic
+  is float32 inside the model either way. ``fsdp_text_encoder: 1`` shards the
   frozen T5 the same way (each ``T5Block``, then the encoder).
 * ``fsdp: 0`` under ``torchrun``: DDP. The learnable denoiser is trained outside the flow's forward, so DDP
   ignores its parameters and :func:`all_reduce_grads` averages them by hand.
@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from starflow.config import Config
+from starflow.config import PRECISIONS, Config
 from starflow.distributed import is_sharded, shard_model
 from starflow.distributed import DistInfo
 
@@ -35,8 +35,8 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     Raises:
         ValueError: ``precision`` is none of ``auto``, ``bf16``, ``fp32``.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"config key 'precision' must be auto, bf16 or fp32, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"config key 'precision' must be one of {PRECISIONS}, got {precision!r}")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
 
