@@ -296,6 +296,19 @@ def test_decode_block_jacobi_counts_evaluations() -> None:
     assert stats[0].evaluations == 16 and stats[1].evaluations == 16  # 2 chunks x 8 iterations
 
 
+
+def test_sampling_hands_back_ordinary_tensors_and_training_follows() -> None:
+    """reverse runs in inference mode; its results, and the model's cached RoPE table, must still serve autograd."""
+    model, noise, y, y_uncond = case("default")
+    kept: list[torch.Tensor] = []
+    sample = model.reverse(noise, torch.cat([y, y_uncond]), guidance=1.0, intermediates=kept)
+    assert not sample.is_inference() and kept and not any(t.is_inference() for t in kept)
+    sample.mul_(0.5)  # in place, outside inference mode
+    model.train()  # the RoPE table was built by the sampling above; training saves it for backward
+    loss = model.loss(sample.requires_grad_(), y)["loss"]
+    loss.backward()
+    assert sample.grad is not None and sample.grad.abs().sum() > 0
+
 # ------------------------------------------------------------------ guidance
 @pytest.mark.parametrize("name", ["default", "text_everywhere", "video", "video_text_everywhere"])
 def test_guidance_zero_is_conditional_sampling(name: str) -> None:

@@ -8,6 +8,7 @@ Data -> noise runs ``blocks[0] .. blocks[K-1]``; sampling runs them in reverse (
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -26,6 +27,27 @@ from starflow.models.tarflow_block import FlowBlock, IdentityBlock, gathered
 __all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI"]
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _inference(sample: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run a sampling method under ``torch.inference_mode`` and hand back ordinary tensors.
+
+    Inference mode drops autograd's bookkeeping (version counters, view tracking) from every op: token-by-token
+    decoding, a few dozen small ops per token and layer, is ~10% faster on a CPU than under ``no_grad``. Tensors
+    made in inference mode may not be changed in place or saved for backward outside it, so the result and
+    the tensors appended to an ``intermediates=`` list are cloned out of it (one copy of the samples); caches
+    the model keeps across calls are built outside it (:meth:`STARFlow._rope_table`).
+    """
+    @functools.wraps(sample)
+    def wrapper(*args, **kwargs) -> torch.Tensor:
+        kept = kwargs.get("intermediates")
+        before = 0 if kept is None else len(kept)
+        with torch.inference_mode():
+            out = sample(*args, **kwargs)
+        if kept is not None:
+            kept[before:] = [t.clone() for t in kept[before:]]
+        return out.clone()
+    return wrapper
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -251,8 +273,9 @@ class STARFlow(nn.Module):
         """:func:`rope_rotation` of :func:`rope_angles`, built once per layout and device (not in every step)."""
         key = (*grid, txt_len, three_axis, device)
         if key not in self._rope_tables:
-            angles = rope_angles(self.config.head_dim, grid, self.pos_scale, txt_len, three_axis)
-            self._rope_tables[key] = rope_rotation(angles).to(device)
+            with torch.inference_mode(False):  # kept for training too: never an inference tensor (see _inference)
+                angles = rope_angles(self.config.head_dim, grid, self.pos_scale, txt_len, three_axis)
+                self._rope_tables[key] = rope_rotation(angles).to(device)
         return self._rope_tables[key]
 
     def _block_text(self, i: int, y: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
@@ -356,7 +379,7 @@ class STARFlow(nn.Module):
         return out if video else out[:, 0]
 
     # ------------------------------------------------------------------ noise -> data
-    @torch.no_grad()
+    @_inference
     def reverse(self, noise: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
                 jacobi: bool = False, jacobi_block_size: int | str = JACOBI_BLOCK_SIZE,
                 jacobi_th: float = JACOBI_THRESHOLD, jacobi_max_iter: int = JACOBI_MAX_ITER, context=None, anneal_guidance: bool = False,
