@@ -198,6 +198,19 @@ def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:
         assert torch.equal(final_b["model"][k], v), k
 
 
+
+def test_sampling_during_training_leaves_the_run_unchanged(resume_runs, tmp_path) -> None:
+    """``sample_freq``: sample grids mid-run (in inference mode, eval mode), then training goes on bit-exactly."""
+    straight = resume_runs["straight"]
+    config = yaml.safe_load((straight.parent / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(config, sample_freq=3)))
+    assert main(train_args(tmp_path / "config.yaml", Path(config["data"]), tmp_path / "run")) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step_00000003.png",
+                                                                                "step_00000006.png"]
+    keys = ("step", "loss", "loss_z", "loss_logdet", "grad_norm", "lr")
+    assert ([[m[k] for k in keys] for m in read_metrics(tmp_path / "run")]
+            == [[m[k] for k in keys] for m in resume_runs["reference"]])
+
 def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:
     for run in ("straight", "split"):
         names = sorted(p.name for p in (resume_runs[run] / "checkpoints").iterdir())
