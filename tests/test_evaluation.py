@@ -68,6 +68,7 @@ def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path
     proc.wait(timeout=60)
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert 3 <= len(first) < n, "the run was not interrupted part way"
+    (out / f".{n - 1:06d}.png.999999.tmp").write_bytes(b"half a PNG")  # as a kill during a write leaves it
     r = subprocess.run(_generate(out, n), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{len(first)} already there" in r.stdout

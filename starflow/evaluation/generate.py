@@ -4,7 +4,8 @@ Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i
 set is the same whatever the batch size and number of processes. ``captions.jsonl`` (one
 ``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
 a re-run of the same command skips every image already there, so a killed 50K run continues where it
-stopped. Images are written under a temporary name and renamed, so no truncated PNG is ever left.
+stopped. Images are written under a temporary name and renamed, so no truncated PNG is ever left; the
+temporary file of an image a killed run was writing is removed when the set is resumed.
 """
 from __future__ import annotations
 
@@ -110,6 +111,9 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     full = {"num_samples": len(captions), "seed": seed, "settings": asdict(settings),
             "captions_sha": _digest(captions), **(record or {})}
     _check_or_write_record(out, captions, json.loads(json.dumps(full)), dist)
+    if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     missing = [i for i in range(len(captions)) if not sample_path(out, i).is_file()]
     if dist.distributed:  # every rank decides from the same listing, before anyone writes
         torch.distributed.barrier()
