@@ -438,7 +438,8 @@ class STARFlow(nn.Module):
 
         Returns:
             Samples in the layout of ``noise`` (float32), still carrying the training noise
-            (see :func:`starflow.sampling.self_denoise`).
+            (see :func:`starflow.sampling.self_denoise`). The decoding runs under ``torch.inference_mode``; the
+            samples and ``intermediates`` are ordinary tensors (see :func:`_inference`).
 
         Raises:
             ValueError: text rows do not match the batch; ``known`` without ``mask`` or of another shape, or
