@@ -2,7 +2,8 @@
 
 ``tiny_t2i.pt`` / ``tiny_t2v.pt`` hold a small config, a full state dict in the official layout (deprecated
 buffers included), inputs and the official outputs. Everything is float32; agreement to 1e-4 is expected.
-The fixtures are looked up in ``$STARFLOW_REFERENCE_DIR`` or ``<repo>/../shared/reference``.
+The fixtures are looked up in ``$STARFLOW_REFERENCE_DIR`` or ``<repo>/../shared/reference``. The model and
+inputs run on ``$STARFLOW_TEST_DEVICE`` (default ``cpu``; e.g. ``cuda``, in float32 without TF32).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from starflow.sampling import self_denoise
 ATOL = 1e-4  # float32 against the official implementation
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
+DEVICE = torch.device(os.environ.get("STARFLOW_TEST_DEVICE", "cpu"))
 GUIDANCE = (0.0, 2.5)
 
 
@@ -33,7 +35,10 @@ def load_fixture(name: str) -> tuple[STARFlow, dict, dict]:
     txt_dim = cfg.pop("txt_dim")  # the text encoder's width: a build argument, not a config key
     model = STARFlow.from_config(cfg, txt_dim=txt_dim).eval()
     load_weights(model, fixture["state_dict"])  # strict; the deprecated buffers are dropped
-    return model, fixture["inputs"], fixture["expected"]
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fixtures are float32 arithmetic
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in fixture["inputs"].items()}
+    return model.to(DEVICE), inputs, fixture["expected"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def guidance_rows(inputs: dict) -> torch.Tensor:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(actual.float().cpu(), expected.float(), rtol=0, atol=ATOL)
 
 
 def is_video(inputs: dict) -> bool:
