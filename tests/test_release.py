@@ -196,8 +196,8 @@ def test_read_shapes_of_safetensors_reads_only_the_header(tiny_config, tmp_path:
 
 
 # ---------------------------------------------------------------------- the official 3B YAML, every command
-TINY_OVERRIDES = ["--img_size", "32", "--channels", "32", "--head_dim", "16", "--layers_per_block", "1 2",
-                  "--txt_size", "32", "--batch_size", "4", "--num_workers", "0", "--sample_freq", "0"]
+TINY_MODEL = ["--img_size", "32", "--channels", "32", "--head_dim", "16", "--layers_per_block", "1 2", "--txt_size", "32"]
+TINY_OVERRIDES = [*TINY_MODEL, "--batch_size", "4", "--num_workers", "0", "--sample_freq", "0"]  # for training
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_official_yaml_trains_and_samples_with_local_assets(official_stand_in: P
                  "--logdir", "run", *TINY_OVERRIDES]) == 0
     assert "dry run OK" in capsys.readouterr().out
     assert main(["sample", "--checkpoint_path", "ckpts/starflow_3B_t2i_256x256.pth", "--model_config_path", yaml_path,
-                 "--caption", "a red apple", "--num_samples", "1", "--output_dir", "out", "--device", "cpu", *TINY_OVERRIDES]) == 0
+                 "--caption", "a red apple", "--num_samples", "1", "--output_dir", "out", "--device", "cpu", *TINY_MODEL]) == 0
     img = np.asarray(Image.open("out/00000_a_red_apple.png"))
     assert img.shape == (32, 32, 3) and img.std() > 0
 
@@ -241,7 +241,7 @@ def test_sample_image_script_uses_the_official_checkpoint(official_stand_in: Pat
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "script_out"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "sample_image.sh"), "a blue car", "--output_dir", str(out),
-                        "--device", "cpu", "--jacobi_block_size", "4", *TINY_OVERRIDES],
+                        "--device", "cpu", "--jacobi_block_size", "4", *TINY_MODEL],
                        cwd=official_stand_in, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     settings = json.loads((out / "settings.json").read_text())
@@ -250,8 +250,10 @@ def test_sample_image_script_uses_the_official_checkpoint(official_stand_in: Pat
     assert (out / "00000_a_blue_car.png").is_file()
 
 
-def test_sample_video_script_says_how_to_get_the_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script, command", [("sample_video.sh", "starflow download t2v"),
+                                             ("sample_image.sh", "starflow download t2i")])
+def test_sample_scripts_say_how_to_get_the_weights(script: str, command: str, tmp_path: Path) -> None:
     env = dict(os.environ, CKPT=str(tmp_path / "missing.pth"))
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "sample_video.sh"), "a corgi"], env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "starflow download t2v" in r.stderr
+    r = subprocess.run(["bash", str(ROOT / "scripts" / script), "a corgi", "--output_dir", str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and command in r.stderr and not (tmp_path / "out").exists()

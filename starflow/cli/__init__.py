@@ -2,7 +2,7 @@
 evaluate,pack,cache-latents}``.
 
 Every config key is also a flag (``--img_size 256``); precedence is CLI > YAML > defaults, the same for
-training and sampling. ``starflow <command> --help`` documents each flag with its default and unit.
+training and sampling (the sampling commands reject the keys only training reads). ``starflow <command> --help`` documents each flag with its default and unit.
 """
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import os
 import sys
 
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
+from starflow.cli._flags import OneLineErrors
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``starflow`` parser: one subcommand per command, each registered by its module in ``starflow.cli``."""
-    parser = argparse.ArgumentParser(prog="starflow", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="starflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train.register(sub)
     sample.register(sub)
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     (``STARFLOW_DEBUG=1`` re-raises instead)."""
     from starflow.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, which names the command
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status

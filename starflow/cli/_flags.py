@@ -10,21 +10,56 @@ import torch
 
 from starflow.config import CONFIG_FIELDS, config_field_help
 
-SAMPLING_SKIP = frozenset({"data", "ema", "ema_start", "init_from", "compile"})
-"""Config keys the sampling commands do not take as flags: training-only keys, and --ema / --compile, which are
-switches of their own there."""
+TRAINING_ONLY = frozenset({
+    "drop_label", "drop_image", "noise_type", "lr", "min_lr", "weight_decay", "warmup_steps", "steps", "batch_size",
+    "grad_accum", "grad_clip", "grad_skip", "max_nonfinite", "latent_norm_regularization", "ema_start", "denoiser_lr",
+    "loss_scaling", "fsdp_text_encoder", "gradient_checkpoint", "gradient_checkpoint_mlp", "precision", "wds", "data",
+    "init_from", "num_workers", "logdir", "log_freq", "save_freq", "sample_freq", "keep_last", "no_flip",
+    "secondary_data", "secondary_img_size", "secondary_batch_size", "secondary_ratio"})
+"""Config keys only training reads (optimizer, schedule, data, logging, training arithmetic): the sampling commands
+reject them as flags, with a message saying so, rather than accept and ignore them."""
 
-__all__ = ["SAMPLING_SKIP", "add_config_flags", "config_overrides", "add_weights_io_flags", "add_device_flag", "DTYPES",
-           "check_input_files", "about_flag"]
+SAMPLING_SKIP = frozenset({"ema", "compile"})
+"""Config keys the sampling commands do not take as flags because a switch of their own has the name (``--ema``:
+sample the EMA weights; ``--compile``: compile the flow layers)."""
+
+__all__ = ["SAMPLING_SKIP", "TRAINING_ONLY", "OneLineErrors", "add_config_flags", "config_overrides",
+           "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag"]
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, ``error: PROG: message (see PROG --help)``,
+    with exit code 2, instead of the whole usage block (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _Rejected(argparse.Action):
+    """A flag the command does not use: a usage error that says why (instead of an unknown-flag error)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {values}: a training key, which `{parser.prog}` does not use; set it for "
+                     "`starflow train` (or in the training config)")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    """One ``--KEY V`` flag per config key (but ``skip``), documented with the key's help and default."""
-    group = parser.add_argument_group("config overrides (any key of the YAML config; CLI > YAML > defaults)")
+def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
+                     reject: set[str] = frozenset()) -> None:
+    """One ``--KEY V`` flag per config key (but ``skip``), documented with the key's help and default.
+
+    Keys in ``reject`` (e.g. :data:`TRAINING_ONLY` for the sampling commands) are hidden flags that end the parse
+    with a usage error naming the key as one the command does not use.
+    """
+    title = "config overrides (the model and sampling keys of the YAML config; CLI > YAML > defaults)" if reject \
+        else "config overrides (any key of the YAML config; CLI > YAML > defaults)"
+    group = parser.add_argument_group(title)
     for name, f in CONFIG_FIELDS.items():
         if name in skip:
+            continue
+        if name in reject:
+            group.add_argument(f"--{name}", action=_Rejected, default=None, help=argparse.SUPPRESS)
             continue
         group.add_argument(f"--{name}", default=None, metavar="V",
                            help=f"{config_field_help(name)} [default: {f.default}]")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 from pathlib import Path
 
-from starflow.cli._flags import SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, check_input_files
+from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, about_flag, add_config_flags, add_device_flag,
+                                 check_input_files)
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
@@ -58,7 +60,7 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
     add_decoding_flags(p)
     p.add_argument("--output_dir", default=f"outputs/{p.prog.split()[-1]}", help="folder for the PNGs and settings.json")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=skip)
+    add_config_flags(p, skip=skip, reject=TRAINING_ONLY)
 
 
 def _load_inputs(args: argparse.Namespace, pipe, cfg):
@@ -75,7 +77,11 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
         image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
     if args.mask:
         with about_flag("mask", args.mask):
-            return image, load_image(args.mask, size, 1)[None] > 0
+            mask = load_image(args.mask, size, 1)[None] > 0
+        if not mask.any():
+            raise ValueError(f"--mask {args.mask}: no white pixel at the sampling size {size}, so nothing would change "
+                             "(white = the region to generate or change)")
+        return image, mask
     if not args.mask_box:
         return image, None
     try:
@@ -89,10 +95,9 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
                          "(the input image's pixels)")
     box = Image.new("L", (width, height), 0)
     box.paste(255, (x0, y0, x1, y1))
-    path = Path(args.output_dir) / ".mask_box.png"
-    box.save(path)
-    mask = load_image(path, size, 1)[None] > 0
-    path.unlink()
+    with tempfile.TemporaryDirectory() as tmp:  # resized and cropped exactly as an image mask file would be
+        box.save(Path(tmp) / "mask_box.png")
+        mask = load_image(Path(tmp) / "mask_box.png", size, 1)[None] > 0
     if not mask.any():
         raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: enlarge it")
     return image, torch.as_tensor(mask)
@@ -111,8 +116,15 @@ def _start(args: argparse.Namespace):
     if cfg.is_video:
         raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
                          "--input_video for continuation and video-to-video)")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return pipe, cfg, checkpoint
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    """Create ``--output_dir`` (once every input has been read and checked: a refused command writes nothing)."""
+    out = Path(args.output_dir)
+    with about_flag("output_dir", args.output_dir):
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
@@ -125,7 +137,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe, cfg, checkpoint = _start(args)
     image, mask = _load_inputs(args, pipe, cfg)
     settings = sample_settings(args, cfg)
-    out = Path(args.output_dir)
+    out = _output_dir(args)
     results = []
     for start in range(0, args.num_samples, args.sample_batch_size):
         n = min(args.sample_batch_size, args.num_samples - start)
@@ -182,7 +194,7 @@ def run_edit(args: argparse.Namespace) -> int:
     image, mask = _load_inputs(args, pipe, cfg)
     # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
     settings = dataclasses.replace(sample_settings(args, cfg), temperature=1.0)
-    out = Path(args.output_dir)
+    out = _output_dir(args)
     edits = []
     for start in range(0, len(pairs), args.sample_batch_size):
         chunk = pairs[start : start + args.sample_batch_size]

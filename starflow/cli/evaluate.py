@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import SAMPLING_SKIP, add_config_flags, add_device_flag, check_input_files
+from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, add_config_flags, add_device_flag,
+                                 check_input_files)
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline, sample_settings
 
 __all__ = ["register"]
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the set's folder")
     add_decoding_flags(p)
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP)
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_ONLY)
     p.set_defaults(func=generate_set)
 
     p = sub.add_parser("evaluate", help="FID, KID, precision/recall and CLIP score of a sample set",

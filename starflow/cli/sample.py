@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, check_input_files,
-                                 config_overrides)
+from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, about_flag, add_config_flags, add_device_flag,
+                                 check_input_files, config_overrides)
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP)  # training-only keys; --ema and --compile are switches here
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_ONLY)  # --ema and --compile are switches here
     p.set_defaults(func=run)
 
 
@@ -365,8 +365,16 @@ def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], 
 
 
 def _config_path(args: argparse.Namespace) -> Path:
-    """``--model_config_path``, or ``config.yaml`` beside ``--checkpoint_path`` (the shipped demo without one)."""
+    """``--model_config_path``, or ``config.yaml`` beside ``--checkpoint_path`` (the shipped demo without one).
+
+    Raises:
+        ValueError: ``--model_config_path`` without ``--checkpoint_path`` (the demo's weights fit only its own config).
+    """
     if args.model_config_path is not None:
+        if args.checkpoint_path is None:
+            raise ValueError(f"--model_config_path {args.model_config_path}: pass the weights of that config with "
+                             "--checkpoint_path (without it the shipped demo is sampled, whose weights fit only its "
+                             "own config)")
         return Path(args.model_config_path)
     checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
     return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
