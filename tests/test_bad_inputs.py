@@ -110,6 +110,7 @@ CASES = [
     ("generate-set --checkpoint_path {demo} --caption_file {tmp}/none.txt --num_samples 2 --out {tmp}/set1", 2,
      "--caption_file {tmp}/none.txt: no such file"),
     ("evaluate --samples {tmp}/no_samples --metrics fid --reference {tmp}/no_ref", 2, "error: "),
+    ("evaluate --samples {digits} --metrics fid --reference {digits}", 2, "torch-fidelity"),  # an optional package
     # ---- interrupted runs: a half-written checkpoint is skipped, a corrupt one named; sample sets resume
     ("train --config {cfg} --data {digits} --logdir {run_partial} --steps 3", 0, "resumed from"),
     ("train --config {cfg} --data {digits} --logdir {run_corrupt} --steps 3", 2, "is corrupt or incomplete"),

@@ -364,3 +364,12 @@ def test_blocks_key_follows_layers_per_block(tiny_config, digits, config_file, t
     for saved in (logdir / "config.yaml", logdir / "model" / "config.yaml"):
         cfg = load_config(saved)
         assert cfg.layers_per_block == [1, 1, 2] and cfg.num_blocks == 3 and cfg.blocks == 3
+
+
+def test_template_tags_past_txt_size_are_cut_silently_in_training(tiny_config, digits, config_file, tmp_path,
+                                                                  recwarn) -> None:
+    """Captions that fit txt_size, whose template tags (the aspect ratio) run past it: truncated without a warning,
+    as in sampling (a warning per step would bury the run's log)."""
+    config = config_file(dict(tiny_config, mix_aspect=1, steps=2, save_freq=2))
+    assert main(train_args(config, digits["train"], tmp_path / "run")) == 0
+    assert not [w for w in recwarn if "truncated" in str(w.message)]

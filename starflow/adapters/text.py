@@ -119,6 +119,21 @@ class TextEncoder(nn.Module):
         captions themselves)."""
         self._warned.update(prompts)
 
+    def encode_templated(self, captions: list[str], prompts: list[str]) -> torch.Tensor:
+        """Encode ``prompts``, the ``captions`` with their template tags (SPEC section 12), warning only about a caption
+        that is itself longer than ``max_length`` tokens: tags that run past it after a caption that fits are cut
+        silently, the same cut in training and in sampling.
+
+        Args:
+            captions: B captions; prompts: the B prompts made from them.
+
+        Returns:
+            ``(B, L, D_txt)`` as :meth:`forward`.
+        """
+        counts = self.token_counts(captions)
+        self.expect_truncation([p for p, n in zip(prompts, counts) if n <= self.max_length])
+        return self(prompts)
+
     def _warn_truncated(self, prompts: list[str]) -> None:
         """One warning naming the prompts with more than ``max_length`` tokens (counted before truncation) that this
         encoder has not reported before (a training run or a benchmark repeats its prompts)."""

@@ -196,8 +196,7 @@ class Pipeline:
             return None
         texts = [prompt_from_config(p, self.config, aspect_ratio, fps=fps, noise_std=noise_std) for p in prompts]
         if isinstance(self.text_encoder, TextEncoder):  # (class labels are looked up, never truncated)
-            counts = self.text_encoder.token_counts(prompts)
-            self.text_encoder.expect_truncation([t for t, n in zip(texts, counts) if n <= self.text_encoder.max_length])
+            return self.text_encoder.encode_templated(prompts, texts).to(self.device)
         return self.text_encoder(texts).to(self.device)
 
     def _prompts(self, prompts: list[str], settings: SampleSettings) -> torch.Tensor | None:
