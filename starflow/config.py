@@ -428,13 +428,13 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
     if "layers_per_block" in overrides and "blocks" not in overrides:
         raw = {k: v for k, v in raw.items() if k != "blocks"}  # the new layer list decides the block count
     values: dict[str, Any] = {}
-    for src in (raw, overrides):
+    for src, where in ((raw, None), (overrides, "override")):
         for key, value in src.items():
             try:
                 _check_key(key)
                 values[key] = _coerce(key, value)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+            except ValueError as e:  # an override's bad value is the command line's (--KEY VALUE), not the file's
+                raise ValueError(f"--{key} {value}: {e}" if where else f"{name}: {e}") from None
     if "blocks" in values and len(values.get("layers_per_block", [])) > 1:
         if values["blocks"] != len(values["layers_per_block"]):
             raise ValueError(

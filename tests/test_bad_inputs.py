@@ -71,7 +71,7 @@ CASES = [
     # ---- config keys: unknown, ill-typed, out of range, cross-field
     ("train --config {unknown_key_cfg} --data {digits} --logdir {tmp}/r_unknown", 2,
      "unknown config key 'nosie_std'; did you mean 'noise_std'?"),
-    ("sample --caption x --img_size abc", 2, "config key 'img_size' expects an integer"),
+    ("sample --caption x --img_size abc", 2, "error: --img_size abc: config key 'img_size' expects an integer"),
     ("sample --caption x --noise_std -1", 2, "config key 'noise_std' must be >= 0"),
     ("sample --caption x --finetuned_vae some/folder", 2, "config key 'finetuned_vae'"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_steps --steps 0", 2, "config key 'steps' must be >= 1"),
