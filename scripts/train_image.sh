@@ -9,7 +9,7 @@
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for torchrun.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,10p' "$0"; exit 2
+  sed -n '2,9p' "$0"; exit 2
 fi
 config=$1; data=$2; logdir=${3:-runs/$(basename "${config%.*}")}
 shift $(( $# >= 3 ? 3 : 2 ))

@@ -102,7 +102,8 @@ class Config:
                                         "attention qkv/proj and MLP main.0/main.2)")
     ema: float = _f(0.0, "decay of the exponential moving average of the weights, e.g. 0.9999 (0 = no EMA)")
     ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights")
-    denoiser_lr: float = _f(1e-4, "learning rate of the learnable self-denoiser's own AdamW (constant)")
+    denoiser_lr: float = _f(1e-4, "peak learning rate of the learnable self-denoiser's own AdamW (its own cosine "
+                                  "schedule to 1e-6 over the run)")
     loss_scaling: bool = _f(False, "official flag: fp16 dynamic loss scaling; training here runs in bf16 or fp32, "
                                    "which need none, so `starflow train` rejects 1")
     seed: int = _f(0, "random seed")
@@ -121,7 +122,8 @@ class Config:
     compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "
                               "the compilation; sampling has its own --compile switch)")
     wds: bool = _f(False, "read training data from webdataset shards")
-    data: str | None = _f(None, "training data: an image folder with metadata.jsonl")
+    data: str | None = _f(None, "training data: an image or video folder with metadata.jsonl, a folder of "
+                                "webdataset shards (wds 1), or a latent cache (starflow cache-latents)")
     init_from: str | None = _f(None, "training: start from these weights (.pth/.safetensors, a model folder or a "
                                      "training checkpoint step folder; official flag --resume_path); optimizer, "
                                      "schedule and step start fresh, a restarted run resumes from its own checkpoints")

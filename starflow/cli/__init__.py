@@ -1,8 +1,9 @@
-"""Command line: ``starflow {train,sample,inpaint,edit,validate,download,convert,export,eval-nll,generate-set,
-evaluate,pack,cache-latents}``.
+"""Command line: starflow {train,sample,inpaint,edit,validate,download,convert,export,eval-nll,generate-set,
+evaluate,pack,cache-latents}.
 
-Every config key is also a flag (``--img_size 256``); precedence is CLI > YAML > defaults, the same for
-training and sampling (the sampling commands reject the keys only training reads). ``starflow <command> --help`` documents each flag with its default and unit.
+Every config key is also a flag (--img_size 256); precedence is CLI > YAML > defaults, the same for
+training and sampling (the sampling commands reject the keys only training reads). `starflow COMMAND --help`
+documents each flag with its default and unit.
 """
 from __future__ import annotations
 

@@ -16,14 +16,18 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval-nll`` to the subcommands."""
-    p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder")
+    p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder",
+                       description="The model's exact negative log-likelihood, in bits per dimension, of the images of a "
+                                   "folder with metadata.jsonl (VAE latents or pixels) plus the training noise "
+                                   "(Gaussian, std noise_std), averaged over --noise_samples noise draws per image: "
+                                   "a statement about the noised data, not a bound on the clean data.")
     p.add_argument("--checkpoint_path", default=None, help="model folder or weights [default: shipped demo]")
     p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
     p.add_argument("--data", required=True, help="image folder with metadata.jsonl")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass [default: 256]")
     p.add_argument("--noise_samples", type=int, default=1, help="noise draws per image [default: 1]")
     p.add_argument("--num_samples", type=int, default=None, help="evaluate the first N images [default: all]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws [default: 0]")
     add_device_flag(p, "cpu, cuda ... [default: cpu]")
     p.set_defaults(func=eval_nll)
 

@@ -17,8 +17,10 @@ __all__ = ["register"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``sample`` to the subcommands."""
-    p = sub.add_parser("sample", help="sample images from prompts",
-                       description="Sample images. Without --checkpoint_path, samples the shipped demo.")
+    p = sub.add_parser("sample", help="sample images or videos from prompts",
+                       description="Sample images (image models) or videos (video models: text-to-video, "
+                                   "image-to-video, continuation, video-to-video). Without --checkpoint_path, samples "
+                                   "the shipped demo.")
     add_model_flags(p)
     p.add_argument("--caption", action="append", help="prompt (repeat for several)")
     p.add_argument("--caption_file", default=None,
@@ -418,7 +420,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     txt_dim = text_width(cfg, config.parent)
     report = size_report(cfg, txt_dim, batch=min(batch, per_rank) or 1)
     lines = [f"dry run (nothing loaded or sampled): {weights} with {config}",
-             f"samples: {len(captions)} ({len(set(captions))} distinct prompts) over {world_size} process(es), "
+             f"samples: {len(captions)} ({len(set(captions))} distinct prompt(s)) over {world_size} process(es), "
              f"{per_rank} per process in {math.ceil(per_rank / batch)} batch(es) of up to {batch}",
              f"{'aspect':<8}{'pixels (T, H, W)':<20}{'latent (T, C, H, W)':<24}{'tokens':>8}{'text tokens':>13}"]
     for ratio in ratios:
@@ -499,7 +501,8 @@ def run(args: argparse.Namespace) -> int:
         if random_ratio:
             record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
         write_settings(out, record)
-        kind = "videos (MP4 + poster PNG)" if cfg.is_video else "images"
+        kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
+        kind += " (MP4 + poster PNG)" if cfg.is_video else ""
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
         if args.profile:
             print(profile.table())

@@ -14,8 +14,8 @@ __all__ = ["register"]
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the subcommands."""
     p = sub.add_parser("train", help="train a STARFlow (single process or under torchrun)",
-                       description="Train on an image folder with metadata.jsonl. Resumes from the latest "
-                                   "checkpoint in --logdir unless --no-resume.")
+                       description="Train on an image or video folder with metadata.jsonl, webdataset shards (wds 1) or a "
+                                   "latent cache. Resumes from the latest checkpoint in --logdir unless --no-resume.")
     p.add_argument("--config", required=True, help="YAML config (official format or plain mapping)")
     p.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
