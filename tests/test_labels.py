@@ -57,8 +57,10 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
                  "--device", "cpu"]) == 2
     assert "classes 0..9" in capsys.readouterr().err
     assert main(["sample", "--checkpoint_path", str(folder), "--caption", "a handwritten digit 7", "--output_dir",
-                 str(out), "--device", "cpu"]) == 2
-    assert "are not classes" in capsys.readouterr().err
+                 str(tmp_path / "refused"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --caption a handwritten digit 7: ['a handwritten digit 7'] are not classes")
+    assert not (tmp_path / "refused").exists()  # refused before any output
     # training data whose captions are not class names is refused before the first step
     write_digits(tmp_path / "sentences")
     assert main(["train", "--config", str(config), "--data", str(tmp_path / "sentences" / "train"), "--logdir",

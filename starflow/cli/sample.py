@@ -308,6 +308,11 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
         captions = list(assets.DEMO_PROMPTS)
     else:
         raise SystemExit("no prompt: pass --caption TEXT (repeatable) or --caption_file FILE")
+    if classes is not None:  # a class-conditional model takes class names: check them before any work
+        unknown = sorted({c for c in captions if c.strip() and c.strip() not in classes})
+        if unknown:
+            flag = "--caption_file " + args.caption_file if args.caption_file else "--caption " + unknown[0]
+            raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}, or --class_id K")
     repeat = args.num_samples
     if repeat is None:
         single = not args.caption_file and len(captions) == 1 and (args.caption or args.class_id)
