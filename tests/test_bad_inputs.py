@@ -83,6 +83,8 @@ CASES = [
     ("train --config {cfg} --data {empty} --logdir {tmp}/r_empty", 2, "metadata.jsonl"),
     ("train --config {cfg} --data {bad_meta} --logdir {tmp}/r_meta", 2, "metadata.jsonl:2"),
     ("train --config {cfg} --data {all_corrupt} --logdir {tmp}/r_corrupt", 2, "is unreadable"),
+    ("train --config {cfg} --data {tmp}/nowhere --logdir {tmp}/r_nodata", 2, "error: --data {tmp}/nowhere: no such folder"),
+    ("train --config {cfg} --data {video_meta} --logdir {tmp}/r_videos", 2, "holds videos (clip_0.mp4), but this is an image"),
     ("eval-nll --checkpoint_path {demo} --data {empty}", 2, "metadata.jsonl"),
     ("eval-nll --checkpoint_path {demo} --data {digits} --num_samples 0", 2, "error: --num_samples 0: must be >= 1"),
     ("pack {empty} {tmp}/shards", 2, "metadata.jsonl"),
@@ -163,6 +165,10 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
         lines.append(json.dumps({"file_name": f"{k}.png", "text": "a handwritten digit 1"}))
     (corrupt / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     f["all_corrupt"] = str(corrupt)
+    videos = tmp / "videos"
+    videos.mkdir()
+    (videos / "metadata.jsonl").write_text(json.dumps({"file_name": "clip_0.mp4", "text": "a moving digit"}) + "\n")
+    f["video_meta"] = str(videos)
     # a run of 2 steps; one copy gets a half-written third checkpoint, the other a damaged latest one
     run = tmp / "run"
     with torch.random.fork_rng(devices=[]):
@@ -199,6 +205,9 @@ def test_bad_input(command: str, code: int, phrase: str, files: dict[str, str], 
         argv += ["--device", "cpu"]
     if "--output_dir" in argv:
         out_dir = Path(argv[argv.index("--output_dir") + 1])
+    new_logdir = None
+    if "--logdir" in argv and not Path(argv[argv.index("--logdir") + 1]).exists():
+        new_logdir = Path(argv[argv.index("--logdir") + 1])
     try:
         got = main(argv)
     except SystemExit as e:  # argparse's own errors
@@ -212,6 +221,7 @@ def test_bad_input(command: str, code: int, phrase: str, files: dict[str, str], 
         errors = [line for line in captured.err.splitlines() if line.startswith("error:") or ": error:" in line]
         assert len(errors) == 1 and "usage:" not in captured.err, captured.err  # one line says it
         assert not out_dir.exists()  # nothing half-written
+        assert new_logdir is None or not new_logdir.exists()  # a refused run leaves no logdir behind
 
 
 def test_corrupt_images_met_mid_epoch_are_counted(tmp_path: Path, digits, tiny_config, capsys) -> None:

@@ -39,6 +39,9 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         FileNotFoundError: no ``metadata.jsonl`` / ``index.json`` in the folder.
     """
     root = Path(cfg.data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder (an image or video folder with metadata.jsonl, or "
+                                "a folder of shards from starflow pack / cache-latents)")
     pixel_channels = cfg.channel_size if downsample == 1 else 3
     if (root / "index.json").is_file():
         kind = read_index(root)[1]["kind"]
@@ -59,8 +62,32 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         return VideoFolder(root, frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size),
                            channels=pixel_channels, mix_aspect=cfg.mix_aspect, img_size=cfg.img_size,
                            multiple=downsample * cfg.patch_size, seed=cfg.seed, paired=bool(cfg.video_to_video))
+    _check_not_videos(root)
     return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
                        multiple=downsample * cfg.patch_size)
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+
+
+def _check_not_videos(root: Path) -> None:
+    """An image config pointed at a video folder: say so at once (from the first ``metadata.jsonl`` entry) instead
+    of skipping every file as an unreadable image.
+
+    Raises:
+        ValueError: the folder's first file is a video.
+    """
+    import json
+
+    try:
+        with open(root / "metadata.jsonl", encoding="utf-8") as f:
+            first = json.loads(next((line for line in f if line.strip()), "{}"))
+    except (OSError, ValueError):
+        return  # ImageFolder reports a missing or corrupt metadata.jsonl with its line
+    name = str(first.get("file_name", "")) if isinstance(first, dict) else ""
+    if name.lower().endswith(VIDEO_SUFFIXES):
+        raise ValueError(f"--data {root}: holds videos ({name}), but this is an image config (no vid_size): train "
+                         "a video config on it, or pass an image folder")
 
 
 def build_secondary_dataset(cfg: Config, *, downsample: int) -> ImageFolder | None:

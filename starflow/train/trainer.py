@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -424,10 +425,12 @@ class Trainer:
     def fit(self, max_steps: int | None = None, dry_run: bool = False) -> list[dict[str, float]]:
         """Train until ``cfg.steps`` (or ``max_steps`` more steps); returns the logged metrics.
 
-        With ``dry_run`` one step runs and nothing is written.
+        With ``dry_run`` one step runs and nothing is written. A run that fails before its first step in a logdir
+        it created (unreadable data, say) removes that logdir again.
         """
         cfg = self.cfg
         end = self.step + 1 if dry_run else min(cfg.steps, self.step + (max_steps or cfg.steps))
+        created = self.dist.is_main and not dry_run and not self.logdir.exists()
         if self.dist.is_main and not dry_run:
             self.logdir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.logdir / "config.yaml")
@@ -460,6 +463,11 @@ class Trainer:
                     self.sample_grid()
                 if self.step % cfg.save_freq == 0 or self.step == end:
                     self.save()
+        except BaseException:
+            if created and not history:  # refused before its first step (e.g. unreadable data): leave no logdir
+                logger.close()
+                shutil.rmtree(self.logdir, ignore_errors=True)
+            raise
         finally:
             bar.close()
             logger.close()
