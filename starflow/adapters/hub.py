@@ -78,11 +78,11 @@ def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None =
         how = (f"No usable folder at {os.path.abspath(name_or_path)!r}: it must hold "
                "the files written by `save_pretrained` (config.json, weights, tokenizer files).")
     else:
-        local_dir = os.path.join("ckpts", name_or_path.rstrip("/").split("/")[-1])
-        how = (f"Download it once with `hf download {name_or_path} --local-dir {local_dir}` "
-               f"(older huggingface_hub: `huggingface-cli download ...`), "
-               f"then pass the folder ({local_dir}) instead of the id. "
-               "With HF_HUB_OFFLINE=1 only the local folder and the Hugging Face cache are searched; "
+        local_dir = os.path.join("ckpts", name_or_path.rstrip("/"))
+        how = (f"The released models' T5 and VAEs come with `starflow download t2i|t2v --local-dir ckpts`; any Hub "
+               f"model with `hf download {name_or_path} --local-dir {local_dir}`. A folder named like the id under "
+               "./ckpts, the config's folder or the weights' folder is found without changing the config. "
+               "With HF_HUB_OFFLINE=1 only local folders and the Hugging Face cache are searched; "
                "the network is never contacted.")
     message = f"Could not load the {what} {where!r}. {how}"
     if cause is not None:
