@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise_samples", type=int, default=1, help="noise draws per image [default: 1]")
     p.add_argument("--num_samples", type=int, default=None, help="evaluate the first N images [default: all]")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws [default: 0]")
-    add_device_flag(p, "cpu, cuda ... [default: cpu]")
+    add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     p.set_defaults(func=eval_nll)
 
     p = sub.add_parser("generate-set", help="sample a resumable set of N images for metrics (FID, CLIP score)",
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="transformers CLIP id or folder [default: openai/clip-vit-large-patch14]")
     p.add_argument("--batch_size", type=int, default=256, help="images per feature batch [default: 256]")
     p.add_argument("--out", default=None, help="metrics file [default: SAMPLES/metrics.json]")
-    add_device_flag(p, "cpu, cuda ... [default: cpu]")
+    add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     p.set_defaults(func=evaluate)
 
 
@@ -81,7 +81,7 @@ def eval_nll(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} {value}: must be >= 1")
-    dist = init_distributed(args.device or "cpu")
+    dist = init_distributed(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint_path or assets.DEMO_DIR, config=args.model_config_path,
                                     device=dist.device)
     r = evaluate_nll(pipe, args.data, args.batch_size, args.noise_samples, args.seed, num_samples=args.num_samples,
@@ -153,10 +153,11 @@ def generate_set(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.evaluate.evaluate_samples`, printed as a table."""
+    from starflow.distributed import pick_device
     from starflow.evaluation.evaluate import evaluate_samples, format_results
 
     record = evaluate_samples(args.samples, args.reference, [m.strip() for m in args.metrics.split(",") if m.strip()],
                               features=args.features, clip_model=args.clip_model, save_stats_to=args.save_stats,
-                              batch_size=args.batch_size, device=args.device or "cpu", out=args.out)
+                              batch_size=args.batch_size, device=pick_device(args.device), out=args.out)
     print(format_results(record))
     return 0
