@@ -149,16 +149,18 @@ def _block_size(value: str) -> int | str:
     return k
 
 
-def load_pipeline(args: argparse.Namespace, dist, demo_allowed: bool = True):
-    """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, when allowed),
+def load_pipeline(args: argparse.Namespace, dist):
+    """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, with a note),
     with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``.
 
     Raises:
-        SystemExit: no checkpoint (and no demo).
+        FileNotFoundError: the checkpoint does not exist.
     """
     from starflow.sampling.pipeline import Pipeline
 
     checkpoint = args.checkpoint_path or assets.DEMO_DIR
+    if args.checkpoint_path is None and dist.is_main:
+        print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
                                 "file; the official weights: starflow download t2i|t2v)")
@@ -468,8 +470,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(sample_plan(args, int(os.environ.get("WORLD_SIZE", 1))))
         return 0
-    if demo:
-        print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     dist = init_distributed(args.device)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
     captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size)
