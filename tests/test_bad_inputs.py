@@ -92,6 +92,8 @@ CASES = [
     ("cache-latents --config {cfg} --data {digits} --out {afile}", 2, "error: --out {afile}: is a file"),
     ("sample --checkpoint_path {tmp}/no_model --caption x", 2, "error: --checkpoint_path {tmp}/no_model: checkpoint not found"),
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
+    ("cache-latents --config {cfg} --data {digits} --out {tmp}/cache_lr --lr 3", 2,
+     "--lr 3: a training key, which `starflow cache-latents` does not use"),
     # ---- applications and sample sets
     ("inpaint --input_image {tmp}/missing.png --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp1", 2,
      "error: --input_image {tmp}/missing.png: no such file"),

@@ -52,8 +52,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
     Keys in ``reject`` (e.g. :data:`TRAINING_ONLY` for the sampling commands) are hidden flags that end the parse
     with a usage error naming the key as one the command does not use.
     """
-    title = ("config overrides (the model and sampling keys of the YAML config; CLI > YAML > defaults; the defaults "
-             "shown are the package's: a model folder's config.yaml sets its own, e.g. cfg and temperature)"
+    title = ("config overrides (the YAML config's keys this command uses; CLI > YAML > defaults; the defaults shown "
+             "are the package's: a config, e.g. a model folder's config.yaml, sets its own, such as cfg)"
              if reject else "config overrides (any key of the YAML config; CLI > YAML > defaults)")
     group = parser.add_argument_group(title)
     for name, f in CONFIG_FIELDS.items():
