@@ -285,7 +285,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys) -> N
     assert run_cli("--dry_run", "--caption", "a handwritten digit 1", "--sample_batch_size", "3", "--cfg", "2",
                    "--output_dir", str(out)) == 0
     text = capsys.readouterr().out
-    assert "samples: 3 (1 distinct prompts) over 1 process(es), 3 per process in 1 batch(es)" in text
+    assert "samples: 3 (1 distinct prompt(s)) over 1 process(es), 3 per process in 1 batch(es)" in text
     assert "(1, 8, 8)" in text and "KV cache" in text and "guidance 2" in text
     assert not out.exists()
     assert run_cli("--dry_run", "--checkpoint_path", str(tmp_path / "missing"), "--caption", "x") == 2
