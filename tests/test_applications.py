@@ -264,6 +264,13 @@ def test_edit_command_reads_official_edit_lines(tmp_path: Path, capsys) -> None:
     same = np.asarray(Image.open(out / "edit_001.png"))[::8, ::8].astype(int)
     changed = np.asarray(Image.open(out / "edit_000.png"))[::8, ::8].astype(int)
     assert np.abs(same - original).mean() < np.abs(changed - original).mean()
+    assert not (out / "mask.png").exists()
+    masked = tmp_path / "edit_masked"  # the lower half may change: the upper half stays, mask.png shows the region
+    assert main(["edit", "--input_image", str(image), "--source_caption", "a handwritten digit 3", "--caption",
+                 "a handwritten digit 8", "--mask_box", "0,4,8,8", "--output_dir", str(masked), "--device", "cpu"]) == 0
+    assert Image.open(masked / "mask.png").size == Image.open(masked / "input.png").size
+    top = np.asarray(Image.open(masked / "edit_000.png"))[::8, ::8].astype(int)[:4]
+    assert np.abs(top - original[:4]).max() <= 1  # 8-bit round trip of the known half
     edits.write_text("a handwritten digit 3 to 8\n")
     assert main(["edit", "--input_image", str(image), "--caption_file", str(edits), "--output_dir", str(out),
                  "--device", "cpu"]) == 2

@@ -188,7 +188,7 @@ def read_edits(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run_edit(args: argparse.Namespace) -> int:
     """Edit ``--input_image`` from its source caption to each target caption; write one PNG per edit."""
     from starflow.cli.sample import sample_settings
-    from starflow.sampling.io import save_image, save_panels, write_settings
+    from starflow.sampling.io import overlay_mask, save_image, save_panels, write_settings
 
     pairs = read_edits(args)
     pipe, cfg, checkpoint = _start(args)
@@ -206,11 +206,16 @@ def run_edit(args: argparse.Namespace) -> int:
     for name, e in zip(names, edits):
         save_image(e, out / name, scale)
     save_image(image[0], out / "input.png", scale)
-    save_panels([image[0], *edits], out / "side_by_side.png", scale)
+    panels = [image[0], *edits]
+    if mask is not None:  # the region allowed to change, over the input (as inpaint writes it)
+        panels.insert(1, overlay_mask(image[0], mask[0]))
+        save_image(panels[1], out / "mask.png", scale)
+    save_panels(panels, out / "side_by_side.png", scale)
     write_settings(out, {"command": "edit", "edits": [{"file": n, "source_caption": s, "caption": t}
                                                       for n, (s, t) in zip(names, pairs)],
                          "checkpoint": str(checkpoint), "input_image": args.input_image, "mask": args.mask,
                          "mask_box": args.mask_box, "seed": cfg.seed, "settings": vars(settings),
                          "config": cfg.to_dict()})
-    print(f"wrote {len(edits)} edit(s), input.png, side_by_side.png and settings.json to {out}")
+    print(f"wrote {len(edits)} edit(s), input.png, {'mask.png, ' if mask is not None else ''}side_by_side.png and "
+          f"settings.json to {out}")
     return 0
