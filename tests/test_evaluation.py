@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,21 @@ def test_a_set_made_before_a_setting_existed_resumes_at_its_default(tmp_path, ca
     assert main([*args, "--temperature", "0.5"]) == 2
     assert "made with other settings" in capsys.readouterr().err
 
+
+
+def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsys) -> None:
+    out = tmp_path / "set"
+    args = _generate(out, 2)[3:]  # the CLI arguments after "python -m starflow.cli"
+    assert main(args) == 0
+    unloadable = tmp_path / "model"  # the demo's config with weights that would fail to load
+    unloadable.mkdir()
+    shutil.copy(DEMO_DIR / "config.yaml", unloadable / "config.yaml")
+    shutil.copytree(DEMO_DIR / "text_encoder", unloadable / "text_encoder")
+    (unloadable / "model.safetensors").write_bytes(b"not weights")
+    capsys.readouterr()
+    other = [str(unloadable) if a == str(DEMO_DIR) else a for a in args]
+    assert main(other) == 2
+    assert "holds a sample set made with other checkpoint" in capsys.readouterr().err
 
 def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, capsys) -> None:
     stats = tmp_path / "ref.npz"

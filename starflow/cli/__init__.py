@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.code}", file=sys.stderr)
             return 2
         raise
-    except (ValueError, OSError, CheckpointError, RuntimeError, KeyError, ImportError) as e:  # ImportError: a missing optional package
+    except (ValueError, OSError, CheckpointError, RuntimeError, KeyError, ImportError) as e:  # (a missing package)
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)

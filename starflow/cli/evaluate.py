@@ -8,8 +8,9 @@ from pathlib import Path
 
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, add_config_flags, add_device_flag,
-                                 check_input_files)
-from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline, sample_settings
+                                 check_input_files, config_overrides)
+from starflow.cli.sample import (add_decoding_flags, add_model_flags, load_pipeline, model_config_path,
+                                 sample_settings)
 
 __all__ = ["register"]
 
@@ -126,7 +127,10 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
 
 def generate_set(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
+    from starflow.adapters.labels import is_vocab, read_vocab
+    from starflow.config import load_config
     from starflow.distributed import cleanup_distributed, init_distributed
+    from starflow.evaluation.generate import check_set, set_record
     from starflow.evaluation.generate import generate_set as make_set
 
     if args.checkpoint_path is None:
@@ -137,10 +141,15 @@ def generate_set(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.sample_batch_size < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
                          "be >= 1")
+    # an existing set made otherwise is refused before the weights load (minutes for the released models)
+    config = model_config_path(args)
+    cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
+    classes = read_vocab(assets.resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
+    captions = set_captions(args, classes)
+    record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema}
+    check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record))
     dist = init_distributed(args.device)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
-    captions = set_captions(args, getattr(pipe.text_encoder, "names", None))
-    record = {"checkpoint": str(Path(checkpoint).resolve()), "ema": args.ema}
     summary = make_set(pipe, captions, Path(args.out), sample_settings(args, cfg), seed=cfg.seed,
                        batch_size=args.sample_batch_size, dist=dist, record=record)
     if dist.is_main:

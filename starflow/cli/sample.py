@@ -164,7 +164,7 @@ def load_pipeline(args: argparse.Namespace, dist):
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
                                 "file; the official weights: starflow download t2i|t2v)")
-    config = _config_path(args)
+    config = model_config_path(args)
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     shard = bool(cfg.fsdp) and dist.distributed
     if dist.is_main and shard:
@@ -373,7 +373,7 @@ def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], 
     return prompts, negatives
 
 
-def _config_path(args: argparse.Namespace) -> Path:
+def model_config_path(args: argparse.Namespace) -> Path:
     """``--model_config_path``, or ``config.yaml`` beside ``--checkpoint_path`` (the shipped demo without one).
 
     Raises:
@@ -410,7 +410,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
-    config = _config_path(args)
+    config = model_config_path(args)
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))

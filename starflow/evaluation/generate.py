@@ -22,7 +22,8 @@ from starflow.distributed import DistInfo
 from starflow.sampling.batch import write_samples
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 
-__all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "sample_path", "read_set_captions"]
+__all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set", "set_record", "sample_path",
+           "read_set_captions"]
 
 CAPTIONS_FILE = "captions.jsonl"
 SET_FILE = "set.json"
@@ -62,22 +63,47 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def set_record(captions: list[str], settings: SampleSettings, seed: int,
+               record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies a sample set, as ``set.json`` stores it: count, seed, settings, a digest of the captions, and
+    ``record`` (the checkpoint, ...)."""
+    full = {"num_samples": len(captions), "seed": seed, "settings": asdict(settings), "captions_sha": _digest(captions),
+            **(record or {})}
+    return json.loads(json.dumps(full))  # as read back from the file (tuples -> lists)
+
+
+def check_set(out: str | Path, record: dict[str, Any]) -> bool:
+    """Whether ``out`` already holds this sample set (False: no set there yet); callable before any weights load.
+
+    Args:
+        out: the set's folder.
+        record: :func:`set_record` of the set to make.
+
+    Raises:
+        ValueError: ``out`` holds a set made with other captions, count, seed, model or settings.
+    """
+    path = Path(out) / SET_FILE
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
+        old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
+    diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+    if diff:
+        raise ValueError(f"{out} holds a sample set made with other {', '.join(diff)} ({SET_FILE}); pass another "
+                         "--out, or the same settings to continue it")
+    return True
+
+
 def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any], dist: DistInfo) -> None:
     """Rank 0 writes ``captions.jsonl`` and ``set.json`` for a new set; an existing set must be the same one.
 
     Raises:
         ValueError: ``out`` holds a set made with other captions, count, seed, model or settings.
     """
-    path = out / SET_FILE
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
-            old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
-        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-        if diff:
-            raise ValueError(f"{out} holds a sample set made with other {', '.join(diff)} ({SET_FILE}); pass another "
-                             "--out, or the same settings to continue it")
+    if check_set(out, record):
         return
+    path = out / SET_FILE
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c})
@@ -108,9 +134,7 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    full = {"num_samples": len(captions), "seed": seed, "settings": asdict(settings),
-            "captions_sha": _digest(captions), **(record or {})}
-    _check_or_write_record(out, captions, json.loads(json.dumps(full)), dist)
+    _check_or_write_record(out, captions, set_record(captions, settings, seed, record), dist)
     if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
