@@ -252,6 +252,12 @@ def test_sample_from_the_shipped_demo(tmp_path: Path, capsys) -> None:
     assert len(pngs) == len(DEMO_PROMPTS) == 10
     assert pngs[3] == "00003_a_handwritten_digit_3.png"
     assert (out / "grid.png").is_file() and (out / "settings.json").is_file()
+    assert "earlier run" not in printed
+    assert main(["sample", "--output_dir", str(out), "--device", "cpu", "--caption", "a handwritten digit 5",
+                 "--num_samples", "2"]) == 0  # the same folder again: the 10 demo images stay, and it says so
+    printed = capsys.readouterr().out
+    assert f"note: {out} also holds 10 file(s) of an earlier run, left as they were: 00000_a_handwritten_digit_0.png" \
+        in printed
 
 
 def test_weights_file_elsewhere_resolves_assets_beside_config(model_dir: Path, tmp_path: Path) -> None:

@@ -120,12 +120,24 @@ def _start(args: argparse.Namespace):
     return pipe, cfg, checkpoint
 
 
-def _output_dir(args: argparse.Namespace) -> Path:
-    """Create ``--output_dir`` (once every input has been read and checked: a refused command writes nothing)."""
+def _note_earlier_files(out: Path, before: dict[str, int]) -> None:
+    from starflow.sampling.io import earlier_files_note
+
+    note = earlier_files_note(out, before)
+    if note:
+        print(note)
+
+
+def _output_dir(args: argparse.Namespace) -> tuple[Path, dict[str, int]]:
+    """Create ``--output_dir`` (once every input has been read and checked: a refused command writes nothing);
+    returns it with its :func:`~starflow.sampling.io.folder_state` from before."""
+    from starflow.sampling.io import folder_state
+
     out = Path(args.output_dir)
+    before = folder_state(out)
     with about_flag("output_dir", args.output_dir):
         out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, before
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
@@ -138,7 +150,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe, cfg, checkpoint = _start(args)
     image, mask = _load_inputs(args, pipe, cfg)
     settings = sample_settings(args, cfg)
-    out = _output_dir(args)
+    out, before = _output_dir(args)
     results = []
     for start in range(0, args.num_samples, args.sample_batch_size):
         n = min(args.sample_batch_size, args.num_samples - start)
@@ -156,6 +168,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
                          "input_image": args.input_image, "mask": args.mask, "mask_box": args.mask_box,
                          "rounds": args.rounds, "seed": cfg.seed, "settings": vars(settings), "config": cfg.to_dict()})
     print(f"wrote {', '.join(names)}, input.png, mask.png, side_by_side.png and settings.json to {out}")
+    _note_earlier_files(out, before)
     return 0
 
 
@@ -195,7 +208,7 @@ def run_edit(args: argparse.Namespace) -> int:
     image, mask = _load_inputs(args, pipe, cfg)
     # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
     settings = dataclasses.replace(sample_settings(args, cfg), temperature=1.0)
-    out = _output_dir(args)
+    out, before = _output_dir(args)
     edits = []
     for start in range(0, len(pairs), args.sample_batch_size):
         chunk = pairs[start : start + args.sample_batch_size]
@@ -218,4 +231,5 @@ def run_edit(args: argparse.Namespace) -> int:
                          "config": cfg.to_dict()})
     print(f"wrote {len(edits)} edit(s), input.png, {'mask.png, ' if mask is not None else ''}side_by_side.png and "
           f"settings.json to {out}")
+    _note_earlier_files(out, before)
     return 0

@@ -456,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
-    from starflow.sampling.io import sample_stem, save_poster_grid, write_settings
+    from starflow.sampling.io import earlier_files_note, folder_state, sample_stem, save_poster_grid, write_settings
     from starflow.sampling.pipeline import Profile
 
     demo = args.checkpoint_path is None
@@ -481,6 +481,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(got {settings.cfg:g})")
     inputs = read_video_inputs(args, pipe, cfg)
     out = Path(args.output_dir)
+    before = folder_state(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -509,6 +510,9 @@ def run(args: argparse.Namespace) -> int:
         kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
         kind += " (MP4 + poster PNG)" if cfg.is_video else ""
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
+        note = earlier_files_note(out, before, ours=[f.stem for f in files])  # (other ranks' files too)
+        if note:
+            print(note)
         if args.profile:
             print(profile.table())
     cleanup_distributed()

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings", "overlay_mask", "save_panels"]
+           "write_settings", "overlay_mask", "save_panels", "folder_state", "earlier_files_note"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -126,3 +126,22 @@ def save_panels(panels: Sequence[torch.Tensor], path: str | Path, scale: int = 1
     rgb = any(p.shape[0] == 3 for p in panels)
     row = torch.stack([p.float().cpu().expand(3, -1, -1) if rgb else p.float().cpu() for p in panels])
     save_grid(row, path, nrow=len(panels), scale=scale)
+
+
+def folder_state(folder: Path) -> dict[str, int]:
+    """``{file name: modification time (ns)}`` of the files in ``folder`` (empty when it does not exist yet)."""
+    folder = Path(folder)
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def earlier_files_note(folder: Path, before: dict[str, int], ours: Sequence[str] = ()) -> str | None:
+    """A note naming the files of ``folder`` that an earlier run wrote and this one left as they were (``before``:
+    :func:`folder_state` taken before this run; names starting with one of ``ours``, this run's sample stems, are
+    this run's), so that outputs of two runs are not taken for one; None if there are none."""
+    now = folder_state(folder)
+    kept = sorted(name for name, t in before.items()
+                  if now.get(name) == t and not name.startswith((".", *ours)))
+    if not kept:
+        return None
+    shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+    return f"note: {folder} also holds {len(kept)} file(s) of an earlier run, left as they were: {shown}"
