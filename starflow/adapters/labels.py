@@ -81,6 +81,11 @@ class LabelEncoder(nn.Module):
         eye = torch.eye(self.hidden_size)
         return eye[self.ids(prompts)][:, None]
 
+    def encode_templated(self, captions: list[str], prompts: list[str]) -> torch.Tensor:
+        """:meth:`forward` of ``prompts`` (the interface of :meth:`TextEncoder.encode_templated`; class names are
+        looked up whole, never truncated, so ``captions`` is not needed)."""
+        return self(prompts)
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the vocabulary as ``folder/<its file name>``; returns the written file."""
         folder = Path(folder)

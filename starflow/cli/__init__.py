@@ -17,10 +17,11 @@ from starflow.cli._flags import OneLineErrors
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineErrors:
     """The ``starflow`` parser: one subcommand per command, each registered by its module in ``starflow.cli``."""
     parser = OneLineErrors(prog="starflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # main() reports unknown flags through the command's own parser
     train.register(sub)
     sample.register(sub)
     edit.register(sub)  # inpaint, edit
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status

@@ -24,12 +24,18 @@ SAMPLING_SKIP = frozenset({"ema", "compile"})
 sample the EMA weights; ``--compile``: compile the flow layers)."""
 
 __all__ = ["SAMPLING_SKIP", "TRAINING_ONLY", "OneLineErrors", "add_config_flags", "config_overrides",
-           "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag"]
+           "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder"]
 
 
 class OneLineErrors(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line on stderr, ``error: PROG: message (see PROG --help)``,
-    with exit code 2, instead of the whole usage block (subcommand parsers inherit the class)."""
+    with exit code 2, instead of the whole usage block (subcommand parsers inherit the class).
+
+    Attributes:
+        commands: the subcommand parsers by name (set by :func:`starflow.cli.build_parser`).
+    """
+
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
@@ -95,6 +101,25 @@ def check_input_files(args: argparse.Namespace, *flags: str) -> None:
         if value and not Path(value).is_file():
             what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
             raise FileNotFoundError(f"--{flag} {value}: {what}; pass the path of an existing file")
+
+
+def output_folder(value: str, flag: str = "output_dir") -> tuple[Path, dict[str, int]]:
+    """Create the folder a command writes (called once every input has been read and checked, so a refused command
+    writes nothing); returns it with its :func:`~starflow.sampling.io.folder_state` from before, for
+    :func:`~starflow.sampling.io.note_earlier_files`.
+
+    Raises:
+        OSError: ``--FLAG VALUE: cannot create it``.
+    """
+    from starflow.sampling.io import folder_state
+
+    out = Path(value)
+    before = folder_state(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--{flag} {out}: cannot create it ({e.strerror}); pass a writable folder") from None
+    return out, before
 
 
 @contextmanager

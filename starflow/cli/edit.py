@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files)
+                                 check_input_files, output_folder)
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
@@ -120,37 +120,17 @@ def _start(args: argparse.Namespace):
     return pipe, cfg, checkpoint
 
 
-def _note_earlier_files(out: Path, before: dict[str, int]) -> None:
-    from starflow.sampling.io import earlier_files_note
-
-    note = earlier_files_note(out, before)
-    if note:
-        print(note)
-
-
-def _output_dir(args: argparse.Namespace) -> tuple[Path, dict[str, int]]:
-    """Create ``--output_dir`` (once every input has been read and checked: a refused command writes nothing);
-    returns it with its :func:`~starflow.sampling.io.folder_state` from before."""
-    from starflow.sampling.io import folder_state
-
-    out = Path(args.output_dir)
-    before = folder_state(out)
-    with about_flag("output_dir", args.output_dir):
-        out.mkdir(parents=True, exist_ok=True)
-    return out, before
-
-
 def run_inpaint(args: argparse.Namespace) -> int:
     """Inpaint ``--input_image`` inside the mask; write the result, input, overlay and side-by-side PNGs."""
     from starflow.cli.sample import sample_settings
-    from starflow.sampling.io import overlay_mask, save_image, save_panels, write_settings
+    from starflow.sampling.io import note_earlier_files, overlay_mask, save_image, save_panels, write_settings
 
     if args.num_samples < 1 or args.rounds < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --rounds {args.rounds}: both must be >= 1")
     pipe, cfg, checkpoint = _start(args)
     image, mask = _load_inputs(args, pipe, cfg)
     settings = sample_settings(args, cfg)
-    out, before = _output_dir(args)
+    out, before = output_folder(args.output_dir)
     results = []
     for start in range(0, args.num_samples, args.sample_batch_size):
         n = min(args.sample_batch_size, args.num_samples - start)
@@ -168,7 +148,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
                          "input_image": args.input_image, "mask": args.mask, "mask_box": args.mask_box,
                          "rounds": args.rounds, "seed": cfg.seed, "settings": vars(settings), "config": cfg.to_dict()})
     print(f"wrote {', '.join(names)}, input.png, mask.png, side_by_side.png and settings.json to {out}")
-    _note_earlier_files(out, before)
+    note_earlier_files(out, before)
     return 0
 
 
@@ -201,14 +181,14 @@ def read_edits(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run_edit(args: argparse.Namespace) -> int:
     """Edit ``--input_image`` from its source caption to each target caption; write one PNG per edit."""
     from starflow.cli.sample import sample_settings
-    from starflow.sampling.io import overlay_mask, save_image, save_panels, write_settings
+    from starflow.sampling.io import note_earlier_files, overlay_mask, save_image, save_panels, write_settings
 
     pairs = read_edits(args)
     pipe, cfg, checkpoint = _start(args)
     image, mask = _load_inputs(args, pipe, cfg)
     # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
     settings = dataclasses.replace(sample_settings(args, cfg), temperature=1.0)
-    out, before = _output_dir(args)
+    out, before = output_folder(args.output_dir)
     edits = []
     for start in range(0, len(pairs), args.sample_batch_size):
         chunk = pairs[start : start + args.sample_batch_size]
@@ -231,5 +211,5 @@ def run_edit(args: argparse.Namespace) -> int:
                          "config": cfg.to_dict()})
     print(f"wrote {len(edits)} edit(s), input.png, {'mask.png, ' if mask is not None else ''}side_by_side.png and "
           f"settings.json to {out}")
-    _note_earlier_files(out, before)
+    note_earlier_files(out, before)
     return 0

@@ -9,8 +9,8 @@ from pathlib import Path
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, add_config_flags, add_device_flag,
                                  check_input_files, config_overrides)
-from starflow.cli.sample import (add_decoding_flags, add_model_flags, load_pipeline, model_config_path,
-                                 sample_settings)
+from starflow.cli.sample import (add_decoding_flags, add_model_flags, config_classes, load_pipeline,
+                                 model_config_path, sample_settings)
 
 __all__ = ["register"]
 
@@ -127,7 +127,6 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
 
 def generate_set(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
-    from starflow.adapters.labels import is_vocab, read_vocab
     from starflow.config import load_config
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation.generate import check_set, set_record
@@ -144,7 +143,7 @@ def generate_set(args: argparse.Namespace) -> int:
     # an existing set made otherwise is refused before the weights load (minutes for the released models)
     config = model_config_path(args)
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
-    classes = read_vocab(assets.resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
+    classes = config_classes(cfg, config)
     captions = set_captions(args, classes)
     record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema}
     check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record))

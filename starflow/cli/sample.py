@@ -8,7 +8,7 @@ import torch
 
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files, config_overrides)
+                                 check_input_files, config_overrides, output_folder)
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
@@ -373,6 +373,14 @@ def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], 
     return prompts, negatives
 
 
+def config_classes(cfg, config: Path) -> list[str] | None:
+    """The class names of a class-conditional config (``text`` a ``.vocab`` file, resolved beside ``config``), read
+    without loading the model; None for a text model."""
+    from starflow.adapters.labels import is_vocab, read_vocab
+
+    return read_vocab(assets.resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
+
+
 def model_config_path(args: argparse.Namespace) -> Path:
     """``--model_config_path``, or ``config.yaml`` beside ``--checkpoint_path`` (the shipped demo without one).
 
@@ -400,8 +408,6 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     import math
 
     from starflow.adapters.geometry import vae_geometry
-    from starflow.adapters.labels import is_vocab, read_vocab
-    from starflow.assets import resolve_asset
     from starflow.data.aspect import aspect_to_size
     from starflow.sampling.batch import sample_aspect_ratios
     from starflow.sizing import GIB, size_report, text_width
@@ -415,7 +421,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     settings = sample_settings(args, cfg)
-    classes = read_vocab(resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
+    classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
     geometry = vae_geometry(cfg.vae)
     ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))
@@ -456,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
-    from starflow.sampling.io import earlier_files_note, folder_state, sample_stem, save_poster_grid, write_settings
+    from starflow.sampling.io import note_earlier_files, sample_stem, save_poster_grid, write_settings
     from starflow.sampling.pipeline import Profile
 
     demo = args.checkpoint_path is None
@@ -480,12 +486,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
                          f"(got {settings.cfg:g})")
     inputs = read_video_inputs(args, pipe, cfg)
-    out = Path(args.output_dir)
-    before = folder_state(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"--output_dir {out}: cannot create it ({e.strerror}); pass a writable folder") from None
+    out, before = output_folder(args.output_dir)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
                           gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats(),
@@ -510,9 +511,7 @@ def run(args: argparse.Namespace) -> int:
         kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
         kind += " (MP4 + poster PNG)" if cfg.is_video else ""
         print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
-        note = earlier_files_note(out, before, ours=[f.stem for f in files])  # (other ranks' files too)
-        if note:
-            print(note)
+        note_earlier_files(out, before, ours=[f.stem for f in files])  # (other ranks' files are this run's too)
         if args.profile:
             print(profile.table())
     cleanup_distributed()

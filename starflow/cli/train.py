@@ -38,9 +38,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, config_overrides(args))
     if cfg.data is None:
         raise SystemExit(NO_DATA)
-    if not Path(cfg.data).is_dir():  # before the text encoder and VAE are loaded (minutes for the released ones)
-        raise FileNotFoundError(f"--data {cfg.data}: no such folder (an image or video folder with metadata.jsonl, "
-                                "or a folder of shards from starflow pack / cache-latents)")
     if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
         raise ValueError(f"--logdir {cfg.logdir}: is a file; pass a folder for the run (checkpoints, metrics, model)")
     dist = init_distributed(args.device)

@@ -11,7 +11,20 @@ from starflow.data.latent_cache import check_cache_settings
 from starflow.data.shards import read_index
 from starflow.data.stream import ShardStream
 
-__all__ = ["build_dataset", "build_secondary_dataset", "clip_frames"]
+__all__ = ["build_dataset", "build_secondary_dataset", "check_data_folder", "clip_frames"]
+
+
+def check_data_folder(data: str | Path) -> Path:
+    """``data`` as a folder (cheap, so a run can check it before loading its text encoder and VAE).
+
+    Raises:
+        FileNotFoundError: no such folder.
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder (an image or video folder with metadata.jsonl, or "
+                                "a folder of shards from starflow pack / cache-latents)")
+    return root
 
 
 def clip_frames(cfg: Config) -> int:
@@ -38,10 +51,7 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         ValueError: a latent cache made with other settings (the message names the keys).
         FileNotFoundError: no ``metadata.jsonl`` / ``index.json`` in the folder.
     """
-    root = Path(cfg.data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such folder (an image or video folder with metadata.jsonl, or "
-                                "a folder of shards from starflow pack / cache-latents)")
+    root = check_data_folder(cfg.data)
     pixel_channels = cfg.channel_size if downsample == 1 else 3
     if (root / "index.json").is_file():
         kind = read_index(root)[1]["kind"]

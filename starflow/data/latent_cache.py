@@ -108,8 +108,7 @@ class _Encoder:
     def embed(self, texts: list[str], aspects: list[str]) -> torch.Tensor:
         """``(B, L, D)`` embeddings of templated captions."""
         prompts = [prompt_from_config(t, self.cfg, a) for t, a in zip(texts, aspects)]
-        encode = getattr(self.text_encoder, "encode_templated", None)  # (class labels are never truncated)
-        return encode(texts, prompts) if encode else self.text_encoder(prompts)
+        return self.text_encoder.encode_templated(texts, prompts)
 
     def batch(self, items: list[tuple[dict, dict]]) -> Iterator[dict]:
         """``items``: (raw sample, decoded sample) pairs of one bucket."""

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings", "overlay_mask", "save_panels", "folder_state", "earlier_files_note"]
+           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -134,14 +134,13 @@ def folder_state(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
 
 
-def earlier_files_note(folder: Path, before: dict[str, int], ours: Sequence[str] = ()) -> str | None:
-    """A note naming the files of ``folder`` that an earlier run wrote and this one left as they were (``before``:
-    :func:`folder_state` taken before this run; names starting with one of ``ours``, this run's sample stems, are
-    this run's), so that outputs of two runs are not taken for one; None if there are none."""
+def note_earlier_files(folder: Path, before: dict[str, int], ours: Sequence[str] = ()) -> None:
+    """Print a note naming the files of ``folder`` that an earlier run wrote and this one left as they were
+    (``before``: :func:`folder_state` taken before this run; names starting with one of ``ours``, this run's sample
+    stems, are this run's), so that the outputs of two runs are not taken for one; nothing if there are none."""
     now = folder_state(folder)
     kept = sorted(name for name, t in before.items()
                   if now.get(name) == t and not name.startswith((".", *ours)))
-    if not kept:
-        return None
-    shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
-    return f"note: {folder} also holds {len(kept)} file(s) of an earlier run, left as they were: {shown}"
+    if kept:
+        shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+        print(f"note: {folder} also holds {len(kept)} file(s) of an earlier run, left as they were: {shown}")

@@ -195,9 +195,7 @@ class Pipeline:
         if self.text_encoder is None:
             return None
         texts = [prompt_from_config(p, self.config, aspect_ratio, fps=fps, noise_std=noise_std) for p in prompts]
-        if isinstance(self.text_encoder, TextEncoder):  # (class labels are looked up, never truncated)
-            return self.text_encoder.encode_templated(prompts, texts).to(self.device)
-        return self.text_encoder(texts).to(self.device)
+        return self.text_encoder.encode_templated(prompts, texts).to(self.device)
 
     def _prompts(self, prompts: list[str], settings: SampleSettings) -> torch.Tensor | None:
         """:meth:`encode_prompts` with the settings' aspect ratio, fps and noise level."""

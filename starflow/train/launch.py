@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from starflow.adapters import LabelEncoder, build_text_encoder, build_vae
 from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
+from starflow.data.build import check_data_folder
 from starflow.distributed import DistInfo
 from starflow.models import STARFlow
 from starflow.train.init_from import covers_every_parameter, init_from
@@ -42,6 +43,7 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     """
     if cfg.data is None:
         raise ValueError(NO_DATA)
+    check_data_folder(cfg.data)  # before the text encoder and VAE load (minutes for the released ones)
     torch.manual_seed(cfg.seed + dist.rank)
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)

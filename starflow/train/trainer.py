@@ -256,8 +256,7 @@ class Trainer:
             y = torch.stack([u if d else t for t, u, d in zip(data.cached_text, uncond, drop)]).to(self.dist.device)
         elif self.text_encoder is not None:
             prompts = self.recipe.prompts(data.captions, batch["aspect_ratio"], data.fps, drop)
-            encode = getattr(self.text_encoder, "encode_templated", None)  # (class labels are never truncated)
-            y = (encode(data.captions, prompts) if encode else self.text_encoder(prompts)).to(self.dist.device)
+            y = self.text_encoder.encode_templated(data.captions, prompts).to(self.dist.device)
         else:
             y = None
         if self.denoiser is not None:
