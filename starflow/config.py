@@ -22,11 +22,13 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["Config", "CONFIG_FIELDS", "load_config", "save_config", "apply_overrides", "config_field_help"]
+__all__ = ["Config", "CONFIG_FIELDS", "TRAINING_KEYS", "load_config", "save_config", "apply_overrides", "config_field_help"]
 
 
-def _f(default: Any, doc: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"doc": doc}, **kw)
+def _f(default: Any, doc: str, training: bool = False) -> Any:
+    """A config field with its one-line ``doc``; ``training=True`` marks a key only training reads (optimizer,
+    schedule, data, logging, training arithmetic), which the sampling commands refuse as a flag."""
+    return field(default=default, metadata={"doc": doc, "training": training})
 
 
 @dataclass
@@ -76,72 +78,77 @@ class Config:
     cfg: float = _f(0.0, "classifier-free guidance weight w used when sampling")
     temperature: float = _f(1.0, "sampling temperature: the Gaussian noise the flow inverts is scaled by it (Glow, "
                              "Kingma & Dhariwal 2018); 1 = the official sampling")
-    drop_label: float = _f(0.0, "probability of replacing the caption by '' in training")
-    drop_image: float = _f(0.0, "video: probability of dropping the first frame in training")
+    drop_label: float = _f(0.0, "probability of replacing the caption by '' in training", training=True)
+    drop_image: float = _f(0.0, "video: probability of dropping the first frame in training", training=True)
     video_to_video: bool = _f(False, "video: clips hold target then source frames; train source -> target with the "
                                      "'(v2v) ' caption tag")
     last_frame_cond: bool = _f(False, "video: condition on the clip's end frame (one latent frame before the clip, "
                                       "'(last) ' caption tag)")
     noise_type: str = _f("gaussian", "training noise: 'gaussian' (x + noise_std * N(0, I)) or 'uniform' "
-                                     "(dequantisation of 8-bit pixels; pixel models only)")
+                                     "(dequantisation of 8-bit pixels; pixel models only)", training=True)
     # --- optimisation -----------------------------------------------------------------------
-    lr: float = _f(1e-4, "peak learning rate")
-    min_lr: float = _f(1e-6, "final learning rate of the cosine schedule")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    warmup_steps: int = _f(1000, "linear warm-up steps")
-    steps: int = _f(100000, "total optimizer steps")
-    batch_size: int = _f(64, "global batch size (split across ranks)")
-    grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
-    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)")
-    grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100")
-    max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never stops")
-    latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty")
+    lr: float = _f(1e-4, "peak learning rate", training=True)
+    min_lr: float = _f(1e-6, "final learning rate of the cosine schedule", training=True)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", training=True)
+    warmup_steps: int = _f(1000, "linear warm-up steps", training=True)
+    steps: int = _f(100000, "total optimizer steps", training=True)
+    batch_size: int = _f(64, "global batch size (split across ranks)", training=True)
+    grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step", training=True)
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)", training=True)
+    grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100", training=True)
+    max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never "
+                                "stops", training=True)
+    latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty", training=True)
     lora_rank: int = _f(0, "LoRA rank r: train only low-rank adapters of the lora_targets layers (0 = all weights)")
     lora_alpha: float = _f(16.0, "LoRA scale alpha: the adapters add (alpha / r) B A x")
     lora_targets: str | None = _f(None, "LoRA target layers, a regex over module names (None = the deep block's "
                                         "attention qkv/proj and MLP main.0/main.2)")
     ema: float = _f(0.0, "decay of the exponential moving average of the weights, e.g. 0.9999 (0 = no EMA)")
-    ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights")
+    ema_start: int = _f(0, "optimizer steps during which the EMA just copies the weights", training=True)
     denoiser_lr: float = _f(1e-4, "peak learning rate of the learnable self-denoiser's own AdamW (its own cosine "
-                                  "schedule to 1e-6 over the run)")
+                                  "schedule to 1e-6 over the run)", training=True)
     loss_scaling: bool = _f(False, "official flag: fp16 dynamic loss scaling; training here runs in bf16 or fp32, "
-                                   "which need none, so `starflow train` rejects 1")
+                                   "which need none, so `starflow train` rejects 1", training=True)
     seed: int = _f(0, "random seed")
     # --- systems ----------------------------------------------------------------------------
     fsdp: bool = _f(False, "shard the model with FSDP2 under torchrun")
-    fsdp_text_encoder: bool = _f(False, "shard the frozen text encoder with FSDP2 too")
+    fsdp_text_encoder: bool = _f(False, "shard the frozen text encoder with FSDP2 too", training=True)
     gradient_checkpoint: int = _f(0, "activation checkpointing of attention in every k-th transformer layer "
-                                     "(0 = off, 1 = every layer)")
+                                     "(0 = off, 1 = every layer)", training=True)
     gradient_checkpoint_mlp: int = _f(0, "activation checkpointing of the MLP in every k-th transformer layer "
-                                         "(0 = off, 1 = every layer)")
+                                         "(0 = off, 1 = every layer)", training=True)
     precision: str = _f("auto", "training arithmetic: bf16 (autocast, the official recipe; FSDP2 computes with bf16 "
                                 "copies of its float32 parameters and reduces gradients in fp32; a sharded T5 runs in "
                                 "bf16 too), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU with native bf16 "
                                 "(AVX512-BF16 or AMX) bf16 is the faster one (benchmarks/train_step.py --precision "
-                                "fp32,bf16); the flow's scale, shift and log-determinant stay float32")
+                                "fp32,bf16); the flow's scale, shift and log-determinant stay float32", training=True)
     compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "
                               "the compilation; sampling has its own --compile switch)")
-    wds: bool = _f(False, "read training data from webdataset shards")
+    wds: bool = _f(False, "read training data from webdataset shards", training=True)
     data: str | None = _f(None, "training data: an image or video folder with metadata.jsonl, a folder of "
-                                "webdataset shards (wds 1), or a latent cache (starflow cache-latents)")
+                                "webdataset shards (wds 1), or a latent cache (starflow cache-latents)", training=True)
     init_from: str | None = _f(None, "training: start from these weights (.pth/.safetensors, a model folder or a "
                                      "training checkpoint step folder; official flag --resume_path); optimizer, "
-                                     "schedule and step start fresh, a restarted run resumes from its own checkpoints")
-    num_workers: int = _f(2, "DataLoader worker processes")
-    logdir: str = _f("runs/starflow", "output folder for checkpoints, samples and metrics")
-    log_freq: int = _f(10, "steps between metric log lines")
-    save_freq: int = _f(1000, "steps between checkpoints")
-    sample_freq: int = _f(1000, "steps between sample grids")
-    keep_last: int = _f(3, "checkpoints kept on disk")
+                                     "schedule and step start fresh, a restarted run resumes from its own checkpoints",
+                            training=True)
+    num_workers: int = _f(2, "DataLoader worker processes", training=True)
+    logdir: str = _f("runs/starflow", "output folder for checkpoints, samples and metrics", training=True)
+    log_freq: int = _f(10, "steps between metric log lines", training=True)
+    save_freq: int = _f(1000, "steps between checkpoints", training=True)
+    sample_freq: int = _f(1000, "steps between sample grids", training=True)
+    keep_last: int = _f(3, "checkpoints kept on disk", training=True)
     # --- official keys accepted for compatibility --------------------------------------------
-    no_flip: bool = _f(False, "no random horizontal flip of training images and clips (0 = flip half of them)")
+    no_flip: bool = _f(False, "no random horizontal flip of training images and clips (0 = flip half of them)",
+                       training=True)
     nvp: bool = _f(True, "official flag: affine (shift and scale) flow; only True is supported")
     adaln: bool = _f(False, "official flag: adaptive LayerNorm; only False is supported")
     secondary_data: str | None = _f(None, "video: an image folder trained as one-frame videos on a secondary_ratio "
-                                          "share of the steps")
-    secondary_img_size: int | None = _f(None, "video: image side of the secondary data (None = img_size)")
-    secondary_batch_size: int | None = _f(None, "video: global batch size of secondary steps (None = batch_size)")
-    secondary_ratio: float = _f(0.0, "video: probability that a step trains on the secondary image data")
+                                          "share of the steps", training=True)
+    secondary_img_size: int | None = _f(None, "video: image side of the secondary data (None = img_size)",
+                                       training=True)
+    secondary_batch_size: int | None = _f(None, "video: global batch size of secondary steps (None = batch_size)",
+                                         training=True)
+    secondary_ratio: float = _f(0.0, "video: probability that a step trains on the secondary image data", training=True)
 
     def __post_init__(self) -> None:
         if self.layers_per_block is None:
@@ -194,6 +201,10 @@ class Config:
 
 CONFIG_FIELDS = {f.name: f for f in fields(Config)}
 """Every config key (the official YAML names) -> its dataclass field (default, ``metadata["doc"]``)."""
+
+TRAINING_KEYS = frozenset(name for name, f in CONFIG_FIELDS.items() if f.metadata["training"])
+"""Config keys only training reads (the fields declared with ``training=True``): the sampling commands reject them
+as flags, with a message saying so, rather than accept and ignore them."""
 
 
 def config_field_help(name: str) -> str:

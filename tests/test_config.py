@@ -109,3 +109,34 @@ def test_save_config_round_trip(path: Path, tmp_path: Path) -> None:
     save_config(cfg, out)
     assert out.read_text().startswith("arguments:")
     assert load_config(out) == cfg
+
+
+def _attributes_read(paths: list[Path]) -> set[str]:
+    """Attribute names read in ``paths``, but a command's own flags (``args.X``) and module paths (``starflow.X``)."""
+    import ast
+
+    def root(node: ast.expr) -> str:
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return node.id if isinstance(node, ast.Name) else ""
+
+    return {node.attr for p in paths for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.Attribute) and root(node) not in ("args", "starflow")}
+
+
+def test_training_keys_are_read_by_training_and_not_by_sampling() -> None:
+    """The ``training=True`` marking decides which flags the sampling commands refuse: a marked key must be one the
+    training code reads (else `starflow train` would accept and ignore it), and one sampling never reads (else the
+    refused flag would be a knob that works). ``drop_image`` is the one exception: sampling reads a video model's
+    own value from its config, to know whether it learned the '(extend)' prompt."""
+    from starflow.config import TRAINING_KEYS
+
+    pkg = Path(__file__).resolve().parents[1] / "starflow"
+    training = _attributes_read([*(pkg / "train").rglob("*.py"), *(pkg / "data").rglob("*.py"),
+                                 *(pkg / "models").rglob("*.py"), pkg / "cli" / "train.py"])
+    sampling = _attributes_read([*(pkg / "sampling").rglob("*.py"), *(pkg / "evaluation").rglob("*.py"),
+                                 pkg / "cli" / "sample.py", pkg / "cli" / "edit.py", pkg / "cli" / "evaluate.py"])
+    assert {"lr", "steps", "logdir", "precision", "data"} <= TRAINING_KEYS
+    assert not TRAINING_KEYS & {"cfg", "temperature", "txt_size", "img_size", "seed", "ema", "vae", "text"}
+    assert sorted(TRAINING_KEYS - training) == []
+    assert sorted(TRAINING_KEYS & sampling) == ["drop_image"]

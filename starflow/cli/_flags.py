@@ -10,20 +10,11 @@ import torch
 
 from starflow.config import CONFIG_FIELDS, config_field_help
 
-TRAINING_ONLY = frozenset({
-    "drop_label", "drop_image", "noise_type", "lr", "min_lr", "weight_decay", "warmup_steps", "steps", "batch_size",
-    "grad_accum", "grad_clip", "grad_skip", "max_nonfinite", "latent_norm_regularization", "ema_start", "denoiser_lr",
-    "loss_scaling", "fsdp_text_encoder", "gradient_checkpoint", "gradient_checkpoint_mlp", "precision", "wds", "data",
-    "init_from", "num_workers", "logdir", "log_freq", "save_freq", "sample_freq", "keep_last", "no_flip",
-    "secondary_data", "secondary_img_size", "secondary_batch_size", "secondary_ratio"})
-"""Config keys only training reads (optimizer, schedule, data, logging, training arithmetic): the sampling commands
-reject them as flags, with a message saying so, rather than accept and ignore them."""
-
 SAMPLING_SKIP = frozenset({"ema", "compile"})
 """Config keys the sampling commands do not take as flags because a switch of their own has the name (``--ema``:
 sample the EMA weights; ``--compile``: compile the flow layers)."""
 
-__all__ = ["SAMPLING_SKIP", "TRAINING_ONLY", "OneLineErrors", "add_config_flags", "config_overrides",
+__all__ = ["SAMPLING_SKIP", "OneLineErrors", "add_config_flags", "config_overrides",
            "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder"]
 
 
@@ -55,8 +46,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
                      reject: set[str] = frozenset()) -> None:
     """One ``--KEY V`` flag per config key (but ``skip``), documented with the key's help and default.
 
-    Keys in ``reject`` (e.g. :data:`TRAINING_ONLY` for the sampling commands) are hidden flags that end the parse
-    with a usage error naming the key as one the command does not use.
+    Keys in ``reject`` (e.g. :data:`~starflow.config.TRAINING_KEYS` for the sampling commands) are hidden flags that
+    end the parse with a usage error naming the key as one the command does not use.
     """
     title = ("config overrides (the YAML config's keys this command uses; CLI > YAML > defaults; the defaults shown "
              "are the package's: a config, e.g. a model folder's config.yaml, sets its own, such as cfg)"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from starflow.cli._flags import TRAINING_ONLY, add_config_flags, add_device_flag, config_overrides
+from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
+from starflow.config import TRAINING_KEYS
 
 __all__ = ["register"]
 
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="storage dtype of latents and embeddings [default: float32]")
     p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip={"data"}, reject=TRAINING_ONLY - {"data", "drop_image"})  # drop_image: the (extend) text
+    add_config_flags(p, skip={"data"}, reject=TRAINING_KEYS - {"data", "drop_image"})  # drop_image: the (extend) text
     p.set_defaults(func=cache)
 
 

@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, add_config_flags, add_device_flag,
+from starflow.cli._flags import (SAMPLING_SKIP, add_config_flags, add_device_flag,
                                  check_input_files, config_overrides)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, config_classes, load_pipeline,
                                  model_config_path, sample_settings)
+from starflow.config import TRAINING_KEYS
 
 __all__ = ["register"]
 
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the set's folder")
     add_decoding_flags(p)
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_ONLY)
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS)
     p.set_defaults(func=generate_set)
 
     p = sub.add_parser("evaluate", help="FID, KID, precision/recall and CLIP score of a sample set",

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_SKIP, TRAINING_ONLY, about_flag, add_config_flags, add_device_flag,
+from starflow.cli._flags import (SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, config_overrides, output_folder)
-from starflow.config import CONFIG_FIELDS, load_config
+from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, load_config
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
 __all__ = ["register"]
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_ONLY)  # --ema and --compile are switches here
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS)  # --ema and --compile are switches here
     p.set_defaults(func=run)
 
 
