@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with video_to_video turns it into the target clip (the '(v2v) ' prompt; its first vid_size "
                         "frames are used); any other model continues it: the clip's last --context_length latent "
                         "frames are the context, then --target_length new frames follow (the output is the clip and "
-                        "its continuation). WAN2.2 latents need 4k+1 input frames")
+                        "its continuation; a still image is a one-frame clip: the image then --target_length frames, which "
+                        "begin as --input_image's clip does). WAN2.2 latents need 4k+1 input frames")
     p.add_argument("--last_image", default=None,
                    help="video configs trained with last_frame_cond: the end frame (the '(last) ' prompt); with "
                         "--input_image as well, the clip runs from one to the other")
