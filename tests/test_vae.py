@@ -118,6 +118,8 @@ def test_build_from_local_folder_round_trip(adapter: SDVAEAdapter, tmp_path,
     assert isinstance(loaded, SDVAEAdapter) and loaded.downsample == adapter.downsample
     x = pixels(1, 3, 16, 16)
     assert torch.equal(loaded.encode(x, sample=False), adapter.encode(x, sample=False))
+    elsewhere = build_latent_adapter(str(tmp_path), channels=4, device="meta")
+    assert {t.device.type for t in [*elsewhere.parameters(), *elsewhere.buffers()]} == {"meta"}
     with pytest.raises(ValueError, match="channel_size=3"):
         build_latent_adapter(str(tmp_path), channels=3)
 

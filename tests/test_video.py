@@ -65,6 +65,10 @@ def test_wan_folder_round_trip_with_scale_suffix(wan, tmp_path: Path) -> None:
     assert loaded.frame_scale == 0.6 and loaded.downsample == 16 and loaded.temporal_downsample == 4
     video = torch.rand(1, 5, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded.encode(video, sample=False), wan.encode(video, sample=False))
+    # loaded onto a device, the latent statistics go with the weights (a CPU mean with CUDA latents cannot subtract)
+    elsewhere = build_latent_adapter(f"{tmp_path / 'Wan2.2-tiny'}:0.6", channels=48, device="meta")
+    assert {t.device.type for t in [*elsewhere.parameters(), *elsewhere.buffers()]} == {"meta"}
+    assert {t.device.type for t in build_tiny_wan_vae(device="meta").buffers()} == {"meta"}
     with pytest.raises(ValueError, match="channel_size=4"):
         build_latent_adapter(f"{tmp_path / 'Wan2.2-tiny'}:0.6", channels=4)
     with pytest.raises(FileNotFoundError, match="WAN2.2 VAE"):

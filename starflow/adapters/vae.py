@@ -142,7 +142,7 @@ class SDVAEAdapter(LatentAdapter):
         """
         vae = _load_diffusers(AutoencoderKL, name_or_path, "SD-VAE (diffusers AutoencoderKL)", subfolder, dtype,
                               local_files_only)
-        return cls(vae.to(device), name=name_or_path)
+        return cls(vae, name=name_or_path).to(device)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """Write the autoencoder so that :meth:`from_pretrained` on ``folder`` restores it."""
@@ -245,7 +245,7 @@ class WanVAEAdapter(LatentAdapter):
         subfolder = "vae" if (os.path.isdir(os.path.join(path, "vae")) or not looks_like_local_path(path)) else None
         vae = _load_diffusers(AutoencoderKLWan, path, "WAN2.2 VAE (diffusers AutoencoderKLWan)", subfolder, dtype,
                               local_files_only)
-        return cls(vae.to(device), scale, name=name_or_path)
+        return cls(vae, scale, name=name_or_path).to(device)  # the adapter's latent statistics move too
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """Write the autoencoder so that :meth:`from_pretrained` on ``folder`` restores it."""
@@ -312,7 +312,7 @@ def build_tiny_wan_vae(*, base_dim: int = 8, seed: int = 0, frame_scale: float =
                                in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
                                scale_factor_temporal=4, latents_mean=stats["latents_mean"],
                                latents_std=stats["latents_std"])
-    return WanVAEAdapter(vae.to(device), frame_scale, name="tiny-wan")
+    return WanVAEAdapter(vae, frame_scale, name="tiny-wan").to(device)
 
 
 def _fold_frames(x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
