@@ -47,11 +47,15 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
+def pick_device(requested: str | None = None, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """``requested`` ('cpu', 'cuda', 'cuda:1', ...) or the best available device for this rank.
 
+    ``cuda`` without an index, or no request on a machine with GPUs, is this rank's GPU,
+    ``cuda:{local_rank % device_count}`` (``cuda:0`` for one process).
+
     Raises:
-        ValueError: ``requested`` is not a device name, or names a CUDA device this machine does not have.
+        ValueError: ``requested`` is not a device name, names a CUDA device this machine does not have, or names
+            one GPU for several processes (``world_size`` > 1), which NCCL cannot share.
     """
     if requested:
         try:
@@ -61,9 +65,14 @@ def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.devi
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {requested}: no CUDA GPU is available to this PyTorch; use --device cpu")
-            if device.index is not None and device.index >= torch.cuda.device_count():
+            if device.index is None:
+                return torch.device("cuda", local_rank % torch.cuda.device_count())
+            if device.index >= torch.cuda.device_count():
                 raise ValueError(f"--device {requested}: there are {torch.cuda.device_count()} GPU(s) (cuda:0 .. "
                                  f"cuda:{torch.cuda.device_count() - 1})")
+            if world_size > 1:
+                raise ValueError(f"--device {requested} names one GPU for all {world_size} processes: use --device "
+                                 "cuda (each process takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -75,7 +84,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, world)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -48,7 +48,7 @@ def losses(logdir: Path) -> dict[int, dict[str, float]]:
 def runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("dist_train")
     config = dict(tiny_config, data=str(digits["train"]), steps=STEPS, batch_size=8, save_freq=5, keep_last=3,
-                  learnable_self_denoiser=1, conditional_denoiser=1, denoiser_lr=1e-3, fsdp=1)
+                  learnable_self_denoiser=1, conditional_denoiser=1, denoiser_lr=1e-3, fsdp=1, ema=0.9)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     out = {}
     variants = (("one", 1, ()), ("fsdp", 2, ()), ("fsdp_t5", 2, ("--fsdp_text_encoder", "1")),
@@ -88,7 +88,7 @@ def test_sharded_bf16_run_follows_the_float32_losses(runs) -> None:
 
 def test_sharded_run_exports_the_same_weights(runs, tmp_path) -> None:
     """The final model folder (gathered from the shards) equals `starflow export` of the last checkpoint, and
-    is close to the one-process weights."""
+    its weights and EMA are close to the one-process ones."""
     assert main(["export", str(runs["fsdp"]), str(tmp_path / "w.safetensors")]) == 0
     exported, final = load_file(tmp_path / "w.safetensors"), load_file(runs["fsdp"] / "model" / "model.safetensors")
     single = load_file(runs["one"] / "model" / "model.safetensors")
@@ -96,6 +96,13 @@ def test_sharded_run_exports_the_same_weights(runs, tmp_path) -> None:
     for k in final:
         assert torch.equal(exported[k], final[k]), k
         assert torch.allclose(final[k], single[k], atol=1e-4), k
+    # the moving average, gathered from the shards one parameter at a time, is the one-process average
+    ema = load_file(runs["fsdp"] / "model" / "ema.safetensors")
+    single_ema = load_file(runs["one"] / "model" / "ema.safetensors")
+    assert ema.keys() == single_ema.keys() and ema.keys() <= final.keys()
+    for k in ema:
+        assert torch.allclose(ema[k], single_ema[k], atol=1e-4), k
+    assert any(not torch.allclose(ema[k], final[k], atol=1e-3) for k in ema)  # an average, not the weights
     shards = sorted(p.name for p in (runs["fsdp"] / "checkpoints" / f"step_{STEPS:08d}").glob("*.distcp"))
     assert len(shards) == 2  # each rank wrote its own shards
 
@@ -128,4 +135,25 @@ def test_killed_runs_resume_onto_the_uninterrupted_curve(runs) -> None:
     for step in ref:
         for key in ("loss", "denoiser_loss", "grad_norm", "lr"):
             assert got[step][key] == ref[step][key], (step, key)  # the same computation, bit for bit
+    ema = load_file(logdir / "model" / "ema.safetensors")
+    ref_ema = load_file(runs["fsdp"] / "model" / "ema.safetensors")
+    assert all(torch.equal(ema[k], ref_ema[k]) for k in ref_ema)  # the average resumes from its checkpoint too
     assert not any(p.name.endswith(".partial") for p in (logdir / "checkpoints").iterdir())
+
+
+def test_each_process_takes_its_own_gpu(monkeypatch) -> None:
+    """``--device cuda`` under torchrun: rank ``r`` takes ``cuda:{LOCAL_RANK % GPUs}`` (``torch.cuda.set_device``
+    needs an index); ``cuda:N`` for several processes would put every rank on one GPU, which NCCL refuses."""
+    from starflow.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("cuda", local_rank=3, world_size=8) == torch.device("cuda", 3)
+    assert pick_device("cuda", local_rank=5, world_size=8) == torch.device("cuda", 1)
+    assert pick_device(None, local_rank=2, world_size=8) == torch.device("cuda", 2)
+    assert pick_device("cuda") == pick_device(None) == torch.device("cuda", 0)
+    assert pick_device("cuda:2") == torch.device("cuda", 2)
+    with pytest.raises(ValueError, match="names one GPU for all 8 processes"):
+        pick_device("cuda:1", local_rank=0, world_size=8)
+    with pytest.raises(ValueError, match="there are 4 GPU"):
+        pick_device("cuda:4")

@@ -63,11 +63,11 @@ class EMA:
     def full_state_dict(self, model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A complete official-layout state dict: ``model_state`` (full tensors, e.g. the gathered weights) with
         every averaged parameter replaced by its full average in the weights' dtype. Every rank must call it
-        under FSDP2 (shards are gathered); an empty ``model_state`` (ranks > 0) gives ``{}``."""
-        full = {name: e.full_tensor() if hasattr(e, "full_tensor") else e for name, e in self.shadow.items()}
-        if not model_state:  # ranks other than 0 of a sharded model get no gathered weights
-            return {}
+        under FSDP2 (shards are gathered one parameter at a time, each moved to the CPU before the next, so the
+        device holds one full parameter at a time); an empty ``model_state`` (ranks > 0) gives ``{}``."""
         out = dict(model_state)
-        for name, e in full.items():
-            out[name] = e.detach().cpu().to(model_state[name].dtype)
+        for name, e in self.shadow.items():
+            full = e.full_tensor() if hasattr(e, "full_tensor") else e  # a collective: every rank gathers
+            if model_state:  # ranks other than 0 of a sharded model get no gathered weights
+                out[name] = full.detach().cpu().to(model_state[name].dtype)
         return out
