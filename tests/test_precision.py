@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from starflow.cli import main
 from starflow.config import load_config
+from starflow.models import STARFlow
 from starflow.models.layers import attend
 from starflow.train.parallelize import training_dtype
 
@@ -168,3 +169,43 @@ def test_bf16_weights_sample_on_a_cpu_with_the_learnable_denoiser(make_pipeline,
     got = pipe(prompts, settings, seeds=[0, 1])
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert 0 < ((got - want).norm() / want.norm()).item() < 5e-2
+
+
+def test_sharded_bf16_passes_float32_activations_between_flow_blocks(tiny_config, tmp_path: Path, monkeypatch) -> None:
+    """FSDP2 in bf16 (``parallelize`` for ``fsdp: 1``, on one rank of a gloo group here): every flow block
+    receives its input in float32, as under single-process autocast, and the loss is autocast's up to bf16
+    rounding of the weights. (FSDP2's default policy casts each sharded module's inputs to bf16, which would
+    round the flow's path from block to block.)"""
+    import torch.distributed as dist
+
+    from starflow.distributed import DistInfo, is_sharded
+    from starflow.models.tarflow_block import FlowBlock
+    from starflow.train.parallelize import parallelize
+
+    cfg = load_config(dict(tiny_config))
+    torch.manual_seed(0)
+    model = STARFlow(cfg, txt_dim=8)
+    x, y = torch.randn(4, 1, 8, 8), torch.randn(4, cfg.txt_size, 8)
+    seen: list[torch.dtype] = []
+    forward = FlowBlock.forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(x.dtype)
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(FlowBlock, "forward", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.loss(x, y)["loss"].item()
+    assert seen == [torch.float32] * cfg.num_blocks
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        seen.clear()
+        # parallelize's FSDP2 branch, as a trainer of several ranks takes it (this group has one rank)
+        bf16_fsdp = load_config(dict(tiny_config, fsdp=1, precision="bf16"))
+        parallelize(model, bf16_fsdp, DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
+        assert is_sharded(model)
+        got = model.loss(x, y)["loss"].item()
+    finally:
+        dist.destroy_process_group()
+    assert seen == [torch.float32] * cfg.num_blocks
+    assert abs(got - want) < 0.02 * abs(want)

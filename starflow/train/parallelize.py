@@ -3,8 +3,8 @@
 * ``fsdp: 1`` under ``torchrun``: :func:`starflow.distributed.shard_model` applies ``fully_shard`` to every
   transformer layer, then each flow block and the learnable denoiser, then the root. In bf16 (``precision``,
   :func:`training_dtype`; the default on CUDA) it computes with bf16 copies of the float32 parameters and
-  reduces gradients in fp32 (``MixedPrecisionPolicy``); the flow's scale, shift and log-determinant arithmetic
-  is float32 inside the model either way. ``fsdp_text_encoder: 1`` shards the
+  reduces gradients in fp32 (:func:`mixed_precision_policy`); the flow's scale, shift and log-determinant
+  arithmetic, and the activations passed from block to block, are float32 either way. ``fsdp_text_encoder: 1`` shards the
   frozen T5 the same way (each ``T5Block``, then the encoder).
 * ``fsdp: 0`` under ``torchrun``: DDP. The learnable denoiser is trained outside the flow's forward, so DDP
   ignores its parameters and :func:`all_reduce_grads` averages them by hand.
@@ -22,7 +22,7 @@ from starflow.config import PRECISIONS, Config
 from starflow.distributed import is_sharded, shard_model
 from starflow.distributed import DistInfo
 
-__all__ = ["training_dtype", "native_bf16", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm",
+__all__ = ["training_dtype", "native_bf16", "mixed_precision_policy", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm",
            "all_reduce_grads", "full_state_dict"]
 
 
@@ -51,11 +51,22 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def _mp_policy(dtype: torch.dtype):
+def mixed_precision_policy(dtype: torch.dtype, cast_forward_inputs: bool = True):
+    """The FSDP2 ``MixedPrecisionPolicy`` of a compute dtype: bf16 -> bf16 copies of the float32 parameters while a
+    module runs and gradients reduced in float32; float32 -> none.
+
+    Args:
+        dtype: the compute dtype (:func:`training_dtype`).
+        cast_forward_inputs: whether every sharded module casts its floating-point inputs to bf16. The flow passes
+            False: a flow block's input is the previous block's float32 output, on which ``(x - shift) / scale``
+            must stay float32 (as under autocast); the model casts to the weights' dtype where a projection
+            reads it. The frozen T5 keeps the default.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if dtype == torch.bfloat16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=cast_forward_inputs)
     return MixedPrecisionPolicy()
 
 
@@ -68,7 +79,8 @@ def parallelize(model: nn.Module, cfg: Config, dist: DistInfo) -> nn.Module:
     if not dist.distributed:
         return model
     if cfg.fsdp:
-        return shard_model(model, mp_policy=_mp_policy(training_dtype(cfg.precision, dist.device)))
+        policy = mixed_precision_policy(training_dtype(cfg.precision, dist.device), cast_forward_inputs=False)
+        return shard_model(model, mp_policy=policy)
     denoiser = [n for n, _ in model.named_parameters() if n.startswith("learnable_self_denoiser.")]
     if denoiser:  # trained outside the flow's forward: its gradients are synced by hand
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, denoiser)
@@ -86,7 +98,7 @@ def shard_text_encoder(encoder: nn.Module, dist: DistInfo, dtype: torch.dtype = 
     from torch.distributed.fsdp import fully_shard
 
     blocks = [m for m in encoder.modules() if type(m).__name__ == "T5Block"]
-    kw = dict(mp_policy=_mp_policy(dtype))
+    kw = dict(mp_policy=mixed_precision_policy(dtype))
     for block in blocks:
         fully_shard(block, **kw)
     fully_shard(encoder, **kw)
