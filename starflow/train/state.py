@@ -40,21 +40,30 @@ META_FILE = "trainer.json"
 KILL_DURING_SAVE_ENV = "STARFLOW_KILL_DURING_SAVE"
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA) RNG states."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy and torch CPU RNG states, and on a CUDA ``device`` that device's (this rank's) state."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states returned by :func:`rng_state`."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore the states returned by :func:`rng_state` (the CUDA one onto ``device``, when both have one).
+
+    A state of every visible GPU (written by earlier versions) restores ``device``'s entry, if it has one: a run
+    resumed on a node with fewer GPUs than it was saved on does not fail."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _check_sizes(path: Path) -> None:

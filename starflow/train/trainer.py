@@ -186,7 +186,7 @@ class Trainer:
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
         if self.denoiser_schedule is not None:
             meta["denoiser_schedule"] = self.denoiser_schedule.state_dict()
-        local = {"data": self._data_position(), "rng": rng_state()}
+        local = {"data": self._data_position(), "rng": rng_state(self.dist.device)}
         return self.checkpoints.save(self.step, self._tensor_state(), meta, local)
 
     def load(self, path: str | Path) -> None:
@@ -210,7 +210,7 @@ class Trainer:
                       "the data order of rank 0 with fresh RNG states")
             local = self.checkpoints.load_local(path, 0)
         else:
-            set_rng_state(local["rng"])
+            set_rng_state(local["rng"], self.dist.device)
         self._set_data_position(local["data"])
 
     def initialise_from(self, path: str | Path) -> InitReport:
