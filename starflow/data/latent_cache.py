@@ -85,7 +85,7 @@ def load_uncond(root: str | Path, aspect_ratio: str | None = None) -> torch.Tens
     path = read_index(root)[0] / UNCOND_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: the cache was made without a text encoder (txt_size 0)")
-    table = torch.load(path, weights_only=True)
+    table = torch.load(path, map_location="cpu", weights_only=True)
     if len(table) == 1:
         return next(iter(table.values())).float()
     if aspect_ratio not in table:
@@ -190,7 +190,7 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     prepare_output(out, overwrite)
     if text_encoder is not None:
         aspects = ASPECT_RATIOS if cfg.mix_aspect else ("1:1",)
-        table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype)
+        table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype).cpu()  # as the samples are: loadable anywhere
         torch.save({a: table[i].clone() for i, a in enumerate(aspects)}, out / UNCOND_FILE)
 
     def encoded() -> Iterator[dict]:

@@ -204,7 +204,7 @@ def _media(sample: dict) -> bytes:
 
 
 def _load_tensor(data: bytes) -> torch.Tensor:
-    return torch.load(io.BytesIO(data), weights_only=True).float()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).float()
 
 
 class SampleDecoder:

@@ -85,8 +85,10 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
                 sample_seed(seed, i, k))) for i in index]).to(latents.device)
             per_image += pipe.model.nll(latents + cfg.noise_std * noise, y).double().cpu() / noise_samples
         sums += torch.stack([per_image.sum(), per_image.square().sum(), torch.tensor(float(len(index)))])
-    if world_size > 1:
+    if world_size > 1:  # reduced on the model's device: NCCL has no CPU tensors
+        sums = sums.to(pipe.device)
         torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
     total, squares, count = sums.tolist()
     mean = total / count
     var = max(0.0, (squares - count * mean * mean) / (count - 1)) if count > 1 else 0.0

@@ -508,7 +508,7 @@ class Pipeline:
         latent = self._encode_pixels(image, "input image", shape, profile)
         if mask is None:
             return latent, shape, None, None
-        pixel_mask = pixel_mask_like(mask, image)
+        pixel_mask = pixel_mask_like(mask, image).to(self.device)  # the decoded pixels are on the model's device
         return latent, shape, pixel_mask, token_mask(pixel_mask, self.vae.downsample * self.config.patch_size)
 
     @torch.no_grad()
