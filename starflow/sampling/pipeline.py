@@ -239,7 +239,8 @@ class Pipeline:
         """Standard normal ``(n, *shape)``: row ``i`` from its own CPU generator seeded ``seeds[i] + offset``."""
         if seeds is not None:
             return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
-        return torch.randn(n, *shape, generator=generator)
+        device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its GPU
+        return torch.randn(n, *shape, generator=generator, device=device)
 
     def _latent_noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
                       generator: torch.Generator | None, settings: SampleSettings, offset: int = 0) -> torch.Tensor:
@@ -335,7 +336,7 @@ class Pipeline:
             settings: guidance, Jacobi, denoising and video-length options.
             seeds: one seed per prompt: each sample's noise comes from its own CPU generator, so a
                 sample does not depend on the batch it is in, the device, or the number of ranks.
-            generator: RNG for the initial noise when ``seeds`` is None.
+            generator: RNG for the initial noise when ``seeds`` is None (a CPU or a CUDA generator).
             profile: optional per-stage timer.
             stats: optional counter of sequential model evaluations.
             input_image: video models: ``(B, C, H, W)`` pixels in ``[-1, 1]`` at the sampling size, the first
