@@ -9,11 +9,12 @@
 # others. Steps (set STEPS="fixtures sample" to run some of them):
 #
 #   env        GPU, torch and CUDA versions, bf16 support, TF32 defaults
-#   fixtures   the official fixtures on the GPU in float32 (tests/test_fixtures.py, STARFLOW_TEST_DEVICE=cuda)
+#   fixtures   the official fixtures on the GPU in float32 (tests/test_fixtures.py, STARFLOW_TEST_DEVICE=cuda;
+#              they are read from STARFLOW_REFERENCE_DIR or ../shared/reference, and the step fails if any skip)
 #   sample     the shipped digits demo on the GPU: sequential and Jacobi, float32 and --bf16 weights (each against
 #              sequential decoding on the CPU), and the moving-digits demo (text-to-video)
 #   train      the digits demo for 200 steps: --precision auto (bf16 on CUDA), fp32, and --compile 1; then
-#              FSDP2 over NCCL (torchrun, one process per GPU) for 20 steps
+#              FSDP2 over NCCL (torchrun, one process per GPU; on one GPU a one-rank group) for 20 steps
 #   step       benchmarks/train_step.py: the demo layout (fp32 and bf16; eager, compile, checkpoint) and the
 #              3B layout at batch 4 (bf16, eager)
 #   sampling   benchmarks/sampling.py: the shipped demo at batch 1, 8, 64 (fp32 and bf16), and the 3B layout
@@ -62,7 +63,10 @@ print('bf16', torch.cuda.is_bf16_supported(), '| TF32 matmul', torch.backends.cu
 fi
 
 if wants fixtures; then
-    check fixtures 300 env STARFLOW_TEST_DEVICE=$DEVICE $PY -m pytest -q -p no:cacheprovider tests/test_fixtures.py
+    # a skipped fixture (reference files not found) fails the step rather than passing it
+    check fixtures 300 env STARFLOW_TEST_DEVICE=$DEVICE PY=$PY bash -c \
+        'out=$($PY -m pytest -q -rs -p no:cacheprovider tests/test_fixtures.py); rc=$?; echo "$out"
+         [ $rc -eq 0 ] && ! grep -q skipped <<<"$out"'
 fi
 
 if wants sample; then
@@ -91,6 +95,7 @@ EOF
 fi
 
 if wants train; then
+    rm -rf "$OUT"/run_auto "$OUT"/run_fp32 "$OUT"/run_compile "$OUT"/run_fsdp2  # fresh runs, not resumed ones
     [ -d data/digits/train ] || $PY scripts/prepare_digits.py --out data/digits >"$OUT/prepare_digits.log" 2>&1
     base=(train --config configs/demo_digits.yaml --data data/digits/train --device $DEVICE --steps "$TRAIN_STEPS"
           --log_freq 10 --save_freq "$TRAIN_STEPS" --sample_freq 0)

@@ -31,12 +31,14 @@ __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device",
 
 @dataclass
 class DistInfo:
-    """Where this process runs: ``rank`` of ``world_size``, ``local_rank``, and its device."""
+    """Where this process runs: ``rank`` of ``world_size``, ``local_rank``, and its device; ``group``: a process
+    group is initialised (launched by torchrun, with one process or more)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +46,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is one rank of a process group (``fsdp: 1`` shards, the ranks share the work)."""
+        return self.group or self.world_size > 1
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0, world_size: int = 1) -> torch.device:
@@ -80,16 +83,18 @@ def pick_device(requested: str | None = None, local_rank: int = 0, world_size: i
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Initialise the default process group when launched by torchrun; no-op for one process."""
+    """Initialise the default process group (NCCL on CUDA, gloo on a CPU) when launched by torchrun, also for
+    ``--nproc_per_node 1`` (so ``fsdp: 1`` shards over one GPU as over eight); a no-op for a plain process."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank, world)
-    if world > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, world, local_rank, dev)
+    return DistInfo(rank, world, local_rank, dev, group=dist.is_available() and dist.is_initialized())
 
 
 def cleanup_distributed() -> None:

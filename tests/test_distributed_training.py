@@ -31,9 +31,10 @@ def run_env(tmp: Path, **extra: str) -> dict[str, str]:
     return dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
 
 
-def train_cmd(config: Path, logdir: Path, nproc: int, *extra: str) -> list[str]:
+def train_cmd(config: Path, logdir: Path, nproc: int, *extra: str, torchrun: bool | None = None) -> list[str]:
+    """The training command line; under torchrun for several processes (or with ``torchrun``)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
+        if (nproc > 1 if torchrun is None else torchrun) else [sys.executable]
     return [*launch, "-m", "starflow.cli", "train", "--config", str(config), "--logdir", str(logdir),
             "--device", "cpu", *extra]
 
@@ -52,25 +53,31 @@ def runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     out = {}
     variants = (("one", 1, ()), ("fsdp", 2, ()), ("fsdp_t5", 2, ("--fsdp_text_encoder", "1")),
-                ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2")), ("fsdp_bf16", 2, ("--precision", "bf16")))
+                ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2")), ("fsdp_bf16", 2, ("--precision", "bf16")),
+                ("fsdp_one_rank", 1, ()))
     for name, nproc, extra in variants:
         out[name] = tmp / name
-        r = subprocess.run(train_cmd(tmp / "config.yaml", out[name], nproc, *extra), env=run_env(tmp),
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(train_cmd(tmp / "config.yaml", out[name], nproc, *extra, torchrun=name != "one"),
+                           env=run_env(tmp), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
+        (out[name] / "stdout.txt").write_text(r.stdout)
     out["tmp"], out["config"] = tmp, tmp / "config.yaml"
     return out
 
 
-@pytest.mark.parametrize("name", ["fsdp", "fsdp_t5", "ddp_accum"])
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_t5", "ddp_accum", "fsdp_one_rank"])
 def test_two_processes_match_one_process(runs, name: str) -> None:
-    """Same global batch and seed: the same loss at every step (relative 1e-5)."""
+    """Same global batch and seed: the same loss at every step (relative 1e-5); also for FSDP2 over the one rank
+    of ``torchrun --nproc_per_node 1`` (as on a one-GPU machine)."""
     one, two = losses(runs["one"]), losses(runs[name])
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
         for key in ("loss", "denoiser_loss"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
     assert one[STEPS]["loss"] < one[1]["loss"] - 0.05  # it learns
+    mode = {"fsdp": "(FSDP2)", "fsdp_t5": "(FSDP2)", "ddp_accum": "(DDP)", "fsdp_one_rank": "1 process(es) (FSDP2)"}
+    assert mode[name] in (runs[name] / "stdout.txt").read_text()
+    assert "(unsharded: fsdp 1 shards under torchrun)" in (runs["one"] / "stdout.txt").read_text()  # no torchrun
 
 
 def test_sharded_bf16_run_follows_the_float32_losses(runs) -> None:

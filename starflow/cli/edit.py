@@ -112,7 +112,7 @@ def _start(args: argparse.Namespace):
     if getattr(args, "sample_batch_size", 1) < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     dist = init_distributed(args.device)
-    if dist.distributed:
+    if dist.world_size > 1:
         raise ValueError(f"{args.command} runs on one process; start it without torchrun")
     pipe, cfg, checkpoint = load_pipeline(args, dist)
     if cfg.is_video:

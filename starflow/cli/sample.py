@@ -167,7 +167,7 @@ def load_pipeline(args: argparse.Namespace, dist):
                                 "file; the official weights: starflow download t2i|t2v)")
     config = model_config_path(args)
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
-    shard = bool(cfg.fsdp) and dist.distributed
+    shard = bool(cfg.fsdp) and dist.world_size > 1  # one rank would shard nothing: it samples unsharded
     if dist.is_main and shard:
         print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,

@@ -48,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
         size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
             else f"shards in {cfg.data}"
         precision = "bf16" if trainer.compute_dtype == torch.bfloat16 else "fp32"
-        print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es) on {dist.device} in {precision}; "
-              f"logdir {cfg.logdir}")
+        parallel = ("FSDP2" if trainer.sharded else "DDP" if dist.distributed else
+                    "unsharded: fsdp 1 shards under torchrun" if cfg.fsdp else "")
+        parallel = f" ({parallel})" if parallel else ""
+        print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es){parallel} on {dist.device} in "
+              f"{precision}; logdir {cfg.logdir}")
     resumed = not args.dry_run and args.resume and trainer.resume()
     if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
         # runs loaded their base weights when they were built
