@@ -15,6 +15,8 @@
 #              sequential decoding on the CPU), and the moving-digits demo (text-to-video)
 #   train      the digits demo for 200 steps: --precision auto (bf16 on CUDA), fp32, and --compile 1; then
 #              FSDP2 over NCCL (torchrun, one process per GPU; on one GPU a one-rank group) for 20 steps
+#   paths      device placement beyond the demo: tiny WAN2.2 and SD VAEs encode/decode, inpaint and edit,
+#              cache-latents then training from the cache, eval-nll
 #   step       benchmarks/train_step.py: the demo layout (fp32 and bf16; eager, compile, checkpoint) and the
 #              3B layout at batch 4 (bf16, eager)
 #   sampling   benchmarks/sampling.py: the shipped demo at batch 1, 8, 64 (fp32 and bf16), and the 3B layout
@@ -25,7 +27,7 @@
 # the 3B layout is left out there), and TRAIN_STEPS shortens the training runs.
 set -u
 OUT=${1:-outputs/cuda_check}
-STEPS=${STEPS:-env fixtures sample train step sampling}
+STEPS=${STEPS:-env fixtures sample train paths step sampling}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
@@ -117,6 +119,28 @@ for run in ("run_auto", "run_fp32", "run_compile", "run_fsdp2"):
     print(f"{run}: step {rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}, "
           f"median {speed:.0f} samples/s")
 EOF
+fi
+
+if wants paths; then  # the device-placement paths of the applications, the VAEs, the latent cache and eval-nll
+    rm -rf "$OUT"/cache "$OUT"/run_cache
+    [ -d data/digits/train ] || $PY scripts/prepare_digits.py --out data/digits >"$OUT/prepare_digits.log" 2>&1
+    check vaes 120 $PY -c "
+import torch
+from starflow.adapters import build_tiny_wan_vae
+from starflow.adapters.vae import build_tiny_sd_vae
+for vae, x in ((build_tiny_wan_vae(device='$DEVICE'), torch.rand(1, 5, 3, 32, 32)),
+               (build_tiny_sd_vae(device='$DEVICE'), torch.rand(1, 3, 16, 16))):
+    z = vae.encode(x.to('$DEVICE') * 2 - 1, sample=False)
+    print(type(vae).__name__, tuple(z.shape), z.device, tuple(vae.decode(z).shape))"
+    check inpaint 120 starflow inpaint --device $DEVICE --input_image docs/real_digit_4.png --mask_box 0,4,8,8 \
+        --caption "a handwritten digit 9" --num_samples 2 --output_dir "$OUT/inpaint"
+    check edit 120 starflow edit --device $DEVICE --input_image docs/real_digit_3.png --caption_file docs/edits_3.txt \
+        --output_dir "$OUT/edit"
+    check cache_latents 120 starflow cache-latents --config configs/demo_digits.yaml --data data/digits/train \
+        --out "$OUT/cache" --device $DEVICE
+    check train_from_cache 200 starflow train --config configs/demo_digits.yaml --data "$OUT/cache" --no_flip 1 \
+        --device $DEVICE --steps 20 --log_freq 5 --save_freq 20 --sample_freq 0 --logdir "$OUT/run_cache"
+    check eval_nll 120 starflow eval-nll --device $DEVICE --data data/digits/test --num_samples 256
 fi
 
 if wants step; then
