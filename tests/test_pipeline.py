@@ -151,3 +151,19 @@ def test_jacobi_settings_reject_values_that_would_never_finish(bad: dict) -> Non
 
     with pytest.raises(ValueError, match="block_size >= 1"):
         JacobiSettings(enabled=True, **bad)
+
+
+def test_truncation_warnings_are_bounded(make_pipeline, recwarn) -> None:
+    """An encoder remembers only the prompts it reported (not every prompt it saw), and stops checking after
+    ``TRUNCATION_WARNINGS`` warnings, saying so: a run over millions of captions keeps no per-caption state."""
+    from starflow.adapters.text import TRUNCATION_WARNINGS
+
+    encoder = make_pipeline().text_encoder
+    fitting = [f"digit {i}" for i in range(50)]
+    encoder.encode_templated(fitting, [f"{c} with a long template tail past txt_size" for c in fitting])
+    assert not encoder._warned and not recwarn
+    for i in range(TRUNCATION_WARNINGS + 5):
+        encoder([f"prompt {i} written out at a length well past the twenty-four tokens"])
+    messages = [str(w.message) for w in recwarn if "truncated" in str(w.message)]
+    assert len(messages) == TRUNCATION_WARNINGS == len(encoder._warned)
+    assert messages[-1].endswith("further truncated prompts are not reported")

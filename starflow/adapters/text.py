@@ -20,6 +20,9 @@ from starflow.adapters.hub import check_local_folder, missing_model_error, resol
 T5_DEFAULT = "google/flan-t5-xl"
 """Hub id of the text encoder of the released checkpoints (encoder only, hidden size 2048)."""
 
+TRUNCATION_WARNINGS = 20
+"""Warnings about prompts longer than ``txt_size`` one encoder gives before it stops checking (it says so)."""
+
 TINY_T5: dict[str, int] = dict(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 """``T5Config`` arguments of the debug encoder; vocab 384 matches ``ByT5Tokenizer`` (bytes + specials)."""
 
@@ -46,7 +49,8 @@ class TextEncoder(nn.Module):
         self.encoder = encoder.eval().requires_grad_(False)
         self.max_length = max_length
         self.name = name
-        self._warned: set[str] = set()  # prompts already reported as truncated
+        self._warned: set[str] = set()  # prompts reported as truncated (at most TRUNCATION_WARNINGS batches' worth)
+        self._warnings = 0
 
     @classmethod
     def from_pretrained(
@@ -113,12 +117,6 @@ class TextEncoder(nn.Module):
         """Tokens of each prompt before padding and truncation (the end-of-sequence token included)."""
         return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
 
-    def expect_truncation(self, prompts: list[str]) -> None:
-        """Do not warn when these prompts are truncated: e.g. templates whose tags run past ``max_length`` after
-        a caption that fits, truncated exactly as in training (:meth:`Pipeline.encode_prompts` checks the
-        captions themselves)."""
-        self._warned.update(prompts)
-
     def encode_templated(self, captions: list[str], prompts: list[str]) -> torch.Tensor:
         """Encode ``prompts``, the ``captions`` with their template tags (SPEC section 12), warning only about a caption
         that is itself longer than ``max_length`` tokens: tags that run past it after a caption that fits are cut
@@ -130,25 +128,26 @@ class TextEncoder(nn.Module):
         Returns:
             ``(B, L, D_txt)`` as :meth:`forward`.
         """
-        counts = self.token_counts(captions)
-        self.expect_truncation([p for p, n in zip(prompts, counts) if n <= self.max_length])
-        return self(prompts)
+        self._warn_truncated(list(captions))
+        return self._encode(list(prompts))
 
-    def _warn_truncated(self, prompts: list[str]) -> None:
-        """One warning naming the prompts with more than ``max_length`` tokens (counted before truncation) that this
-        encoder has not reported before (a training run or a benchmark repeats its prompts)."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._warned]
-        if not new:
+    def _warn_truncated(self, texts: list[str]) -> None:
+        """One warning naming the texts with more than ``max_length`` tokens (counted before truncation) not reported
+        before. Only reported texts are remembered, and after :data:`TRUNCATION_WARNINGS` warnings the check stops
+        (saying so), so a training run over millions of captions neither keeps them nor warns without end."""
+        if self._warnings >= TRUNCATION_WARNINGS:
             return
-        lengths = self.token_counts(new)
-        long = [(p, n) for p, n in zip(new, lengths) if n > self.max_length]
+        new = [p for p in dict.fromkeys(texts) if p not in self._warned]
+        long = [(p, n) for p, n in zip(new, self.token_counts(new)) if n > self.max_length] if new else []
         if not long:
             return
         self._warned.update(p for p, _ in long)
+        self._warnings += 1
         shown = ", ".join(f"{p[:50] + ('...' if len(p) > 50 else '')!r} ({n} tokens)" for p, n in long[:3])
         more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+        last = ("; further truncated prompts are not reported" if self._warnings == TRUNCATION_WARNINGS else "")
         warnings.warn(f"{len(long)} prompt(s) have more than txt_size={self.max_length} tokens and are truncated to "
-                      f"{self.max_length} tokens: {shown}{more}", stacklevel=3)
+                      f"{self.max_length} tokens: {shown}{more}{last}", stacklevel=3)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
@@ -163,6 +162,10 @@ class TextEncoder(nn.Module):
         """
         prompts = list(prompts)
         self._warn_truncated(prompts)
+        return self._encode(prompts)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                                truncation=True, return_tensors="pt")
         input_ids = batch["input_ids"].to(self.device)  # (B, L)
