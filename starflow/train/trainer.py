@@ -120,7 +120,8 @@ class Trainer:
         self.sharded = is_sharded(model)
         if meta and self.sharded:
             model.to_empty(device=dist.device)  # each rank allocates only its shards
-        if cfg.fsdp_text_encoder and dist.distributed and isinstance(text_encoder, TextEncoder):
+        self.text_sharded = bool(cfg.fsdp_text_encoder and dist.distributed and isinstance(text_encoder, TextEncoder))
+        if self.text_sharded:
             shard_text_encoder(text_encoder.encoder, dist, self.compute_dtype)
         self.lora = cfg.lora_rank > 0
         self.denoiser = None if self.lora else model.learnable_self_denoiser  # LoRA: only the adapters train
@@ -508,9 +509,10 @@ class Trainer:
     def sample_grid(self, per_prompt: int = 4) -> Path | None:
         """Sample ``per_prompt`` images for a fixed set of training captions into ``samples/step_X.png``.
 
-        Under FSDP2 every rank samples (the sharded layers need all ranks) and rank 0 writes the grid.
+        With the flow or the T5 sharded (FSDP2) every rank samples (the sharded layers need all ranks; with DDP and
+        ``fsdp_text_encoder: 1`` too) and rank 0 writes the grid.
         """
-        if not self.sample_prompts or not (self.dist.is_main or self.sharded):
+        if not self.sample_prompts or not (self.dist.is_main or self.sharded or self.text_sharded):
             return None
         was_training = self.model.training
         pipe = Pipeline(self.model, self.text_encoder, self.vae, self.cfg)
