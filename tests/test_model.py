@@ -395,3 +395,16 @@ def test_vae_geometry_by_name(name: str | None, down: int, temporal: int) -> Non
     g = vae_geometry(name)
     assert (g.downsample, g.temporal_downsample) == (down, temporal)
     assert g.latent_frames(81) == (81 - 1) // temporal + 1
+
+
+def test_batch_stopping_rule_is_refused_for_sharded_weights() -> None:
+    """With ``rank_sync`` (sharded weights) every rank must iterate equally often: only the per-sample rule, which
+    reduces its flag over the ranks, keeps them in step; the batch rule would decide per rank (a hang under FSDP2)."""
+    model = tiny()
+    x, y, _ = inputs(model)
+    calls = []
+    sync = lambda flag: calls.append(1) or flag  # noqa: E731 - one rank: the reduction is the flag itself
+    with pytest.raises(ValueError, match="jacobi_stop 'batch'.*use jacobi_stop 'sample'"):
+        model.reverse(x, y, jacobi=True, jacobi_stop="batch", rank_sync=sync)
+    out = model.reverse(x, y, jacobi=True, jacobi_stop="sample", rank_sync=sync)
+    assert calls and torch.isfinite(out).all()

@@ -243,3 +243,18 @@ def test_cache_latents_command_on_shards(all_digits: Path, tmp_path: Path, confi
     assert batch["latents"].shape == (6, 1, 8, 8) and batch["text_emb"].shape == (6, 24, 32)
     assert "text_emb_extend" not in batch
     check_cache_settings(tmp_path / "cache", load_config(config))
+
+
+def test_pack_and_cache_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Under torchrun every process would write the same shards into one folder: both commands refuse, writing
+    nothing."""
+    from starflow.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pack", str(all_digits), str(tmp_path / "shards")]) == 2
+    assert "2 were started (torchrun): run it without torchrun" in capsys.readouterr().err
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_digits.yaml"
+    assert main(["cache-latents", "--config", str(config), "--data", str(all_digits),
+                 "--out", str(tmp_path / "cache")]) == 2
+    assert "run it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "cache").exists()

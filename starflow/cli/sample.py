@@ -168,6 +168,9 @@ def load_pipeline(args: argparse.Namespace, dist):
     config = model_config_path(args)
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     shard = bool(cfg.fsdp) and dist.world_size > 1  # one rank would shard nothing: it samples unsharded
+    if shard and getattr(args, "jacobi_stop", "sample") == "batch":
+        raise ValueError("--jacobi_stop batch stops each rank on its own batch, but the sharded flow (fsdp: 1) needs "
+                         "every rank to iterate as often as the others: use --jacobi_stop sample, or --fsdp 0")
     if dist.is_main and shard:
         print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,

@@ -453,6 +453,9 @@ class STARFlow(nn.Module):
         if jacobi_auto_batch is not None and jacobi_auto_batch < 1:
             raise ValueError(f"jacobi_auto_batch {jacobi_auto_batch}: the batch the auto block size is chosen for "
                              "must be >= 1")
+        if jacobi and jacobi_stop == "batch" and rank_sync is not None:
+            raise ValueError("jacobi_stop 'batch' stops each rank on its own batch, but sharded weights need every rank "
+                             "to iterate as often as the others: use jacobi_stop 'sample' (--jacobi_stop sample)")
         settings = JacobiSettings(jacobi, jacobi_block_size, jacobi_th, jacobi_max_iter, jacobi_stop, rank_sync,
                                   auto_scale=1.0 if jacobi_auto_batch is None else jacobi_auto_batch / b)
         y = self._guidance_rows(y, b, guidance)
