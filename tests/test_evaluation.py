@@ -198,3 +198,28 @@ def test_eval_nll_on_two_processes_matches_one(digits, tmp_path) -> None:
 
     one = run(1)
     assert "±" in one and one == run(2)
+
+
+def test_features_of_a_set_of_several_image_sizes(tmp_path) -> None:
+    """A reference set or aspect-ratio samples mix sizes: each image is featurised at its own size (Inception
+    resizes it to 299 itself), in its file order, and its feature does not depend on its batch mates."""
+    from PIL import Image
+
+    from starflow.evaluation.features import extract_features
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h) in enumerate([(32, 32), (48, 24), (32, 32), (24, 48), (48, 24)]):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    shapes = []
+
+    def model(batch):  # a stand-in extractor: the mean colour and the image side, per image
+        shapes.append(tuple(batch.shape))
+        return torch.cat([batch.float().mean((2, 3)), torch.full((len(batch), 1), float(batch.shape[-1]))], 1)
+
+    feats = extract_features(files, "inception", batch_size=4, extractor=(model, "RGB", None))
+    pixels = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in files]
+    want = np.stack([np.r_[p.mean((0, 1)), p.shape[1]] for p in pixels])
+    np.testing.assert_allclose(feats, want, rtol=1e-6)
+    assert len(shapes) == 4  # batch 1: three sizes; batch 2: one image

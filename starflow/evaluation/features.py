@@ -77,24 +77,25 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_images(files: list[Path], mode: str, size: int | None = None) -> torch.Tensor:
-    """``(B, C, H, W)`` uint8 of PIL ``mode`` ("RGB" or "L"), resized to ``size x size`` (box filter) if given.
+def load_images(files: list[Path], mode: str, size: int | None = None) -> list[torch.Tensor]:
+    """Each image as ``(C, H, W)`` uint8 of PIL ``mode`` ("RGB" or "L"), resized to ``size x size`` (box filter)
+    if given, else at its own size (a set may mix sizes, e.g. aspect-ratio samples or a real reference set).
 
     Raises:
         OSError: an unreadable image (named).
     """
-    arrays = []
+    images = []
     for f in files:
         try:
             with Image.open(f) as img:
                 img = img.convert(mode)
                 if size is not None and img.size != (size, size):
                     img = img.resize((size, size), Image.Resampling.BOX)
-                a = np.asarray(img)
+                a = np.array(img)  # a writable copy
         except OSError as err:
             raise OSError(f"cannot read image {f}: {err}") from err
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
+        images.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
+    return images
 
 
 def build_extractor(name: str, device: torch.device | str = "cpu"):
@@ -132,9 +133,15 @@ def extract_features(files: list[Path], name: str, batch_size: int = 256, device
     model, mode, size = extractor or build_extractor(name, device)
     out = []
     for i in range(0, len(files), batch_size):
-        images = load_images(files[i : i + batch_size], mode, size).to(device)
-        if name == "digits":
-            out.append(model.features(images.float() / 255.0))
-        else:
-            out.append(model(images).reshape(len(images), -1))
+        images = load_images(files[i : i + batch_size], mode, size)
+        rows: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for j, image in enumerate(images):  # images of one size at a time: Inception resizes each to 299 itself,
+            by_size.setdefault(tuple(image.shape), []).append(j)  # so a feature does not depend on its batch
+        for index in by_size.values():
+            batch = torch.stack([images[j] for j in index]).to(device)
+            feats = model.features(batch.float() / 255.0) if name == "digits" else model(batch).reshape(len(index), -1)
+            for j, row in zip(index, feats):
+                rows[j] = row
+        out.append(torch.stack(rows))
     return torch.cat(out).double().cpu().numpy()
