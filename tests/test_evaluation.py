@@ -223,3 +223,16 @@ def test_features_of_a_set_of_several_image_sizes(tmp_path) -> None:
     want = np.stack([np.r_[p.mean((0, 1)), p.shape[1]] for p in pixels])
     np.testing.assert_allclose(feats, want, rtol=1e-6)
     assert len(shapes) == 4  # batch 1: three sizes; batch 2: one image
+
+
+def test_precision_recall_in_row_blocks_is_the_whole_matrix_result() -> None:
+    """Distances taken a few rows at a time (bounded memory at 50K samples) give the whole-matrix answer, here
+    on overlapping sets where precision and recall are strictly between 0 and 1, and against a brute-force count."""
+    real, fake = gaussian_features(300, 8, 0.0, 0), gaussian_features(250, 8, 0.7, 1)
+    whole = precision_recall(real, fake, block=10**6)
+    assert 0.0 < whole[0] < 1.0 and 0.0 < whole[1] < 1.0
+    assert precision_recall(real, fake, block=7) == whole == precision_recall(real, fake)
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=-1)
+    radii = np.sort(d_rr, axis=1)[:, 3]  # the 3rd neighbour besides the point itself
+    d_fr = np.linalg.norm(fake[:, None] - real[None], axis=-1)
+    assert whole[0] == pytest.approx((d_fr <= radii[None]).any(1).mean())
