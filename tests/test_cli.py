@@ -85,6 +85,19 @@ def test_sample_writes_images_grid_and_settings(model_dir: Path, tmp_path: Path,
     assert not np.array_equal(pngs[EXPECTED_PNGS[0]], pngs[EXPECTED_PNGS[1]])  # one seed per image
 
 
+def test_the_grid_shows_at_most_grid_max_samples(model_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A caption file of 50K prompts writes 50K images but no 50K-tile grid: the grid shows the first GRID_MAX."""
+    import starflow.sampling.io as io
+
+    monkeypatch.setattr(io, "GRID_MAX", 2)
+    out = tmp_path / "out"
+    assert sample(model_dir, out) == 0
+    assert "wrote 4 images, grid.png (the first 2) and settings.json" in capsys.readouterr().out
+    assert len(EXPECTED_PNGS) == 4 and all((out / name).is_file() for name in EXPECTED_PNGS)
+    with Image.open(out / "grid.png") as grid:  # one row of 2 tiles (2 per prompt) of 8 + 1 px padding, 8 times
+        assert grid.size == ((2 * 9 + 1) * 8, (1 * 9 + 1) * 8)
+
+
 def test_sample_is_reproducible_and_seeded(model_dir: Path, tmp_path: Path) -> None:
     for name, extra in (("a", ()), ("b", ()), ("seed1", ("--seed", "1"))):
         assert sample(model_dir, tmp_path / name, "--sample_batch_size", "3", *extra) == 0

@@ -466,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
-    from starflow.sampling.io import note_earlier_files, sample_stem, save_poster_grid, write_settings
+    from starflow.sampling.io import GRID_MAX, note_earlier_files, sample_stem, save_poster_grid, write_settings
     from starflow.sampling.pipeline import Profile
 
     demo = args.checkpoint_path is None
@@ -514,7 +514,8 @@ def run(args: argparse.Namespace) -> int:
         write_settings(out, record)
         kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
         kind += " (MP4 + poster PNG)" if cfg.is_video else ""
-        print(f"wrote {len(captions)} {kind}, grid.png and settings.json to {out}")
+        shown = f" (the first {GRID_MAX})" if len(captions) > GRID_MAX else ""
+        print(f"wrote {len(captions)} {kind}, grid.png{shown} and settings.json to {out}")
         note_earlier_files(out, before, ours=[f.stem for f in files])  # (other ranks' files are this run's too)
         if args.profile:
             print(profile.table())

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files"]
+           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -97,13 +97,17 @@ def save_sample(sample: torch.Tensor, stem: Path, fps: float | None = None, gif:
         write_gif(stem.with_suffix(".gif"), sample, fps, scale=max(1, 128 // sample.shape[-1]))
 
 
+GRID_MAX = 256
+"""Samples a ``grid.png`` shows at most (the first ones): a caption file of 50K prompts makes no 50K-image grid."""
+
+
 def save_poster_grid(files: Sequence[Path], path: Path, size: tuple[int, int], channels: int,
                      nrow: int | None = None, scale: int = 1) -> None:
-    """Read the PNGs ``files`` (images or video posters, all ``size = (h, w)`` pixels) back and save them as one
-    grid (``nrow`` per row, nearest upscaling by ``scale``)."""
+    """Read the PNGs ``files`` (images or video posters, all ``size = (h, w)`` pixels) back and save the first
+    :data:`GRID_MAX` as one grid (``nrow`` per row, nearest upscaling by ``scale``)."""
     from starflow.data.images import load_image
 
-    save_grid(torch.stack([load_image(f, size, channels) for f in files]), path, nrow=nrow, scale=scale)
+    save_grid(torch.stack([load_image(f, size, channels) for f in files[:GRID_MAX]]), path, nrow=nrow, scale=scale)
 
 
 def write_settings(folder: Path, record: dict[str, Any]) -> Path:
@@ -138,9 +142,12 @@ def note_earlier_files(folder: Path, before: dict[str, int], ours: Sequence[str]
     """Print a note naming the files of ``folder`` that an earlier run wrote and this one left as they were
     (``before``: :func:`folder_state` taken before this run; names starting with one of ``ours``, this run's sample
     stems, are this run's), so that the outputs of two runs are not taken for one; nothing if there are none."""
-    now = folder_state(folder)
-    kept = sorted(name for name, t in before.items()
-                  if now.get(name) == t and not name.startswith((".", *ours)))
+    now, ours = folder_state(folder), set(ours)
+
+    def this_runs(name: str) -> bool:  # a prefix in the set: linear in the file count, not in count x stems
+        return name.startswith(".") or any(name[:k] in ours for k in range(1, len(name) + 1))
+
+    kept = sorted(name for name, t in before.items() if now.get(name) == t and not this_runs(name))
     if kept:
         shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
         print(f"note: {folder} also holds {len(kept)} file(s) of an earlier run, left as they were: {shown}")
