@@ -57,7 +57,7 @@ def _generate(out: Path, n: int, nproc: int = 1, tmp: Path | None = None) -> lis
             "--sample_batch_size", "2", "--device", "cpu", "--fsdp", "0"]
 
 
-def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path) -> None:
+def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path, capsys) -> None:
     n = 8
     out = tmp_path / "set"
     proc = subprocess.Popen(_generate(out, n), env=run_env(tmp_path), start_new_session=True,
@@ -69,6 +69,11 @@ def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path
     proc.wait(timeout=60)
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert 3 <= len(first) < n, "the run was not interrupted part way"
+    # the unfinished set is not scored as if it were the whole one
+    assert main(["evaluate", "--samples", str(out), "--reference", str(out), "--metrics", "fid", "--features",
+                 "digits", "--device", "cpu"]) == 2
+    assert f"holds {len(first)} of the {n} images of its sample set" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists()
     (out / f".{n - 1:06d}.png.999999.tmp").write_bytes(b"half a PNG")  # as a kill during a write leaves it
     r = subprocess.run(_generate(out, n), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

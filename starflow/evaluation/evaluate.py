@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from starflow.evaluation.features import build_extractor, extract_features, list_images
-from starflow.evaluation.generate import read_set_captions
+from starflow.evaluation.generate import SET_FILE, read_set_captions
 from starflow.evaluation.metrics import (clip_score, fid_from_features, kid_from_features, load_stats,
                                          precision_recall, save_stats)
 
@@ -51,13 +51,20 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         The record written: ``{"metrics": {...}, "samples": n, "reference": ..., "features": ..., ...}``.
 
     Raises:
-        ValueError: unknown metric, or a reference needed but missing; FileNotFoundError: missing folders, models
+        ValueError: unknown metric, a reference needed but missing, or an unfinished ``generate-set`` folder
+            (fewer images than its ``set.json`` says); FileNotFoundError: missing folders, models
             or weights (checked before anything is computed or written).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"--metrics {','.join(metrics)}: choose from {','.join(METRICS)}")
     files = list_images(samples)
+    made = Path(samples) / SET_FILE
+    if made.is_file():  # a generate-set folder: all of it, or a killed run scored as if it were the whole set
+        wanted = json.loads(made.read_text())["num_samples"]
+        if len(files) < wanted:
+            raise ValueError(f"{samples} holds {len(files)} of the {wanted} images of its sample set ({SET_FILE}): "
+                             "rerun its `starflow generate-set` command to finish it (it resumes), then evaluate")
     distribution = [m for m in metrics if m != "clip"]
     if distribution and reference is None:
         raise ValueError(f"{', '.join(distribution)} compare with real images: pass --reference FOLDER_OR_STATS.npz")
