@@ -147,6 +147,21 @@ def test_epoch_covers_every_sample_once_over_ranks_and_workers(all_digits: Path,
     assert sorted(seen) == sorted(f"sample {i}" for i in range(N))
 
 
+def test_a_short_last_shard_dealt_alone_to_a_slot_moves_it_to_the_next_epoch(all_digits: Path, tmp_path: Path) -> None:
+    """Shards of 4, 4, 4, 4, 1 samples over 5 ranks, batches of 2: in each epoch one rank gets the 1-sample shard
+    and forms no batch; it goes on to its next epoch instead of failing mid-run. A slot that can never fill a
+    batch is still an error, after EMPTY_EPOCHS epochs in a row."""
+    from starflow.data.stream import EMPTY_EPOCHS
+
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=17, unique=True), tmp_path / "shards", shard_size=4)
+    for rank in range(5):
+        stream = ShardStream(tmp_path / "shards", 2, img_size=8, channels=1, seed=3, rank=rank, world_size=5)
+        batches = _batches(stream, 12, workers=0)
+        assert len(batches) == 12 and all(len(b["text"]) == 2 for b in batches)
+    with pytest.raises(ValueError, match=f"formed no batch of 5 in {EMPTY_EPOCHS} epochs in a row"):
+        _batches(ShardStream(tmp_path / "shards", 5, img_size=8, channels=1, seed=3, rank=0, world_size=5), 1, 0)
+
+
 def test_resume_continues_the_uninterrupted_stream(tmp_path: Path) -> None:
     pack_folder(_aspect_folder(tmp_path / "images"), tmp_path / "shards", shard_size=7)
     settings = dict(img_size=8, channels=1, multiple=2, mix_aspect=True, seed=1, shuffle_buffer=8)

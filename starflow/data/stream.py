@@ -17,7 +17,11 @@ from starflow.data.images import collate
 from starflow.data.seeding import sample_seed
 from starflow.data.shards import SampleDecoder, read_index, read_shards
 
-__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any"]
+__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any", "EMPTY_EPOCHS"]
+
+EMPTY_EPOCHS = 16
+"""Epochs in a row in which one DataLoader worker of one rank may form no batch before the stream fails (a short
+shard dealt alone to a worker only moves it on to its next epoch)."""
 
 
 class BatchPosition(NamedTuple):
@@ -124,11 +128,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                              "resume with the same num_workers")
         worker = (physical + self.next_worker) % workers
         epoch, start = self.positions.get(worker, (0, 0))
+        empty = 0  # epochs in a row in which this slot formed no batch
         while True:
             formed = yield from self._epoch(epoch, worker, workers, start)
-            if formed == 0:
-                raise ValueError(f"{self.root}: worker {worker} of rank {self.rank} forms no batch of "
-                                 f"{self.batch_size} in an epoch; use fewer ranks, workers or a smaller batch")
+            # an epoch may deal this slot too few samples (a short last shard on its own): it goes on to the next;
+            # only a slot that never gets a batch's worth is an error
+            empty = empty + 1 if formed == 0 else 0
+            if empty == EMPTY_EPOCHS:
+                raise ValueError(f"{self.root}: worker {worker} of rank {self.rank} formed no batch of "
+                                 f"{self.batch_size} in {EMPTY_EPOCHS} epochs in a row; use fewer ranks, workers "
+                                 "or a smaller batch (or more shards)")
             epoch, start = epoch + 1, 0
 
     def _epoch(self, epoch: int, worker: int, workers: int, skip: int) -> Iterator[dict]:
