@@ -111,7 +111,7 @@ def test_bf16_training_on_a_cpu(tiny_config, digits, config_file, tmp_path: Path
     weights stay float32. ``auto`` on a CPU is the float32 run."""
     from starflow.adapters.text import TextEncoder
 
-    encode = TextEncoder.forward
+    encode = TextEncoder._encode  # the T5 call of forward and encode_templated
 
     def encode_unlogged(self, prompts):
         DtypeLog.paused = True
@@ -120,7 +120,7 @@ def test_bf16_training_on_a_cpu(tiny_config, digits, config_file, tmp_path: Path
         finally:
             DtypeLog.paused = False
 
-    monkeypatch.setattr(TextEncoder, "forward", encode_unlogged)
+    monkeypatch.setattr(TextEncoder, "_encode", encode_unlogged)
     config = config_file(dict(tiny_config, steps=5))
     losses, logs = {}, {}
     for precision in ("auto", "fp32", "bf16"):
