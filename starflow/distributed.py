@@ -85,8 +85,8 @@ def pick_device(requested: str | None = None, local_rank: int = 0, world_size: i
 def init_distributed(device: str | None = None) -> DistInfo:
     """Initialise the default process group (NCCL on CUDA, gloo on a CPU) when launched by torchrun, also for
     ``--nproc_per_node 1`` (so ``fsdp: 1`` shards over one GPU as over eight); a no-op for a plain process."""
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank, world)
