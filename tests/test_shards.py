@@ -22,6 +22,7 @@ from starflow.data import (
     aspect_to_size,
     cache_latents,
     check_cache_settings,
+    continue_positions,
     load_uncond,
     pack_folder,
     write_digits,
@@ -182,6 +183,27 @@ def test_resume_continues_the_uninterrupted_stream(tmp_path: Path) -> None:
     for a, b in zip(full[7:], rest, strict=True):
         assert a["position"] == b["position"] and a["text"] == b["text"]
         assert torch.equal(a["pixels"], b["pixels"])
+
+
+def test_continue_positions_counts_the_samples_consumed() -> None:
+    """Another layout continues at the fraction of epochs the old slots consumed, its share of the rest skipped."""
+    def saved(*slots: tuple[int, int], workers: int = 2, micro: int = 2) -> dict:
+        return {"stream": {"positions": {str(w): list(p) for w, p in enumerate(slots)}, "next_worker": 0},
+                "num_workers": workers, "micro_batch": micro}
+
+    # 2 ranks x 2 workers of 40 samples: 10 per slot and epoch; each slot 3 batches of 2 in: 24 of 40 consumed
+    four_slots = [saved((0, 3), (0, 3)), saved((0, 3), (0, 3))]
+    assert continue_positions(four_slots, num_samples=40, world_size=1, num_workers=0, batch_size=4) == \
+        {"positions": {"0": [0, 6]}, "next_worker": 0}  # 0.6 epochs: 6 of 10 batches of 4
+    # across an epoch boundary: 2 x (10 + 2) + 2 x 10 = 44 samples, 1.1 epochs; the 4 new slots skip 1 batch each
+    boundary = [saved((1, 1), (0, 5)), saved((1, 1), (0, 5))]
+    assert continue_positions(boundary, num_samples=40, world_size=2, num_workers=2, batch_size=1) == \
+        {"positions": {"0": [1, 1], "1": [1, 1]}, "next_worker": 0}
+    # a worker that never handed out a batch has no entry: it is at (0, 0)
+    assert continue_positions([saved((0, 4), workers=2)], num_samples=16, world_size=1, num_workers=1,
+                              batch_size=2) == {"positions": {"0": [0, 4]}, "next_worker": 0}
+    with pytest.raises(ValueError, match="at least one rank"):
+        continue_positions([], num_samples=40, world_size=1, num_workers=1, batch_size=1)
 
 
 def test_resume_skips_without_decoding(tmp_path: Path, monkeypatch) -> None:

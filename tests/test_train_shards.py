@@ -55,6 +55,28 @@ def test_shard_training_resumes_exactly_with_workers(shard_runs) -> None:
     assert (tmp / "split" / "model" / "model.safetensors").is_file()
 
 
+def test_shard_training_resumes_on_another_layout(shard_runs, capsys) -> None:
+    """The step-6 checkpoint of 1 rank x 2 workers (both at epoch 1, batch 1: 48 of 32 samples per epoch, 1.5
+    epochs) resumed with one worker: epoch 1 with 2 of its 4 batches skipped, so steps 7-10 are epoch 1's last
+    two batches and epoch 2's first two."""
+    import shutil
+
+    from starflow.train.state import CheckpointManager
+
+    tmp = shard_runs["tmp"]
+    logdir = tmp / "relayout"
+    shutil.copytree(tmp / "straight", logdir)
+    shutil.rmtree(logdir / "checkpoints" / "step_00000008")
+    assert main(["train", "--config", str(shard_runs["config"]), "--device", "cpu", "--data", str(tmp / "shards"),
+                 "--logdir", str(logdir), "--num_workers", "0", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "saved by 1 rank(s) x 2 worker(s) with micro-batches of 8, this run has 1 x 1 and 8" in out
+    assert "at epoch 1 with 2 batch(es) of each worker skipped" in out
+    data = CheckpointManager.load_local(logdir / "checkpoints" / "step_00000010", 0)["data"]
+    assert data["stream"]["positions"] == {"0": [2, 2]} and data["micro_batch"] == 8
+    assert max(metrics(logdir)) == 10
+
+
 def test_cached_latents_train_like_their_shards(shard_runs) -> None:
     tmp = shard_runs["tmp"]
     straight, cached = metrics(tmp / "straight"), metrics(tmp / "cached")

@@ -8,7 +8,7 @@ from starflow.data.images import CorruptImageError, ImageFolder, collate, load_i
 from starflow.data.latent_cache import cache_latents, cache_settings, check_cache_settings, load_uncond
 from starflow.data.seeding import sample_seed
 from starflow.data.shards import pack_folder, read_index
-from starflow.data.stream import BatchPosition, PositionTracker, ShardStream
+from starflow.data.stream import BatchPosition, PositionTracker, ShardStream, continue_positions
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -26,6 +26,7 @@ __all__ = [
     "cache_settings",
     "check_cache_settings",
     "collate",
+    "continue_positions",
     "load_digit_split",
     "load_image",
     "load_uncond",

@@ -6,6 +6,7 @@ grouped by aspect bucket before anything is decoded, so a resumed stream skips t
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from starflow.data.images import collate
 from starflow.data.seeding import sample_seed
 from starflow.data.shards import SampleDecoder, read_index, read_shards
 
-__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any", "EMPTY_EPOCHS"]
+__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any", "continue_positions", "EMPTY_EPOCHS"]
 
 EMPTY_EPOCHS = 16
 """Epochs in a row in which one DataLoader worker of one rank may form no batch before the stream fails (a short
@@ -103,6 +104,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                      mix_aspect=mix_aspect, aspect_ratio=aspect_ratio, frames=frames, fps=fps,
                                      size=size, paired=paired)
         self.shards = [str(self.root / s["name"]) for s in self.index["shards"] if s["samples"] > 0]
+        self.num_samples = sum(s["samples"] for s in self.index["shards"])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.positions: dict[int, tuple[int, int]] = {}
@@ -208,3 +210,43 @@ class PositionTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.positions = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
         self.next_worker = int(state["next_worker"])
+
+
+def continue_positions(saved: Sequence[Mapping[str, Any]], *, num_samples: int, world_size: int, num_workers: int,
+                       batch_size: int) -> dict:
+    """Stream positions that continue a run saved on another number of ranks, workers or micro-batch size.
+
+    The old positions belong to the old split of each epoch into slots, so they cannot be continued exactly.
+    Instead the samples the old run consumed are counted, ``sum over old slots of epoch * num_samples / slots +
+    next batch * micro-batch``, as a fraction ``g`` of epochs, and every new slot starts at epoch ``floor(g)``
+    having skipped its share of the rest, ``frac(g) * num_samples / (world_size * num_workers * batch_size)``
+    batches. The amount of data seen and the epoch count carry over; which samples of the current epoch are
+    still to come does not (some may repeat, some be skipped until the next epoch). Later epochs are exact.
+
+    Args:
+        saved: Every old rank's data position, in rank order: ``{"stream": PositionTracker.state_dict(),
+            "num_workers": W, "micro_batch": B}``.
+        num_samples: Samples in the shard folder (one epoch).
+        world_size, num_workers, batch_size: The new run's ranks, DataLoader workers (0 counts as 1) and
+            micro-batch per rank.
+
+    Returns:
+        The state, identical for every new rank, for ``PositionTracker.load_state_dict`` and
+        ``ShardStream.set_position(**state)``.
+
+    Raises:
+        ValueError: ``saved`` is empty or ``num_samples < 1``.
+    """
+    if not saved or num_samples < 1:
+        raise ValueError(f"need the positions of at least one rank and a non-empty folder, got {len(saved)} "
+                         f"position(s) and {num_samples} samples")
+    slots = len(saved) * max(1, int(saved[0]["num_workers"]))
+    consumed = 0.0
+    for position in saved:
+        for epoch, index in position["stream"]["positions"].values():
+            consumed += epoch * num_samples / slots + index * int(position["micro_batch"])
+    epochs = consumed / num_samples
+    epoch = math.floor(epochs)
+    workers = max(1, num_workers)
+    skip = round((epochs - epoch) * num_samples / (world_size * workers * batch_size))
+    return {"positions": {str(w): [epoch, skip] for w in range(workers)}, "next_worker": 0}

@@ -35,7 +35,7 @@ from starflow.assets import TINY_TEXT_ENCODER
 from starflow.checkpoint import save_weights
 from starflow.config import Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
-                           collate, load_uncond, sample_seed)
+                           collate, continue_positions, load_uncond, sample_seed)
 from starflow.distributed import DistInfo, is_sharded
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
@@ -212,7 +212,7 @@ class Trainer:
             local = self.checkpoints.load_local(path, 0)
         else:
             set_rng_state(local["rng"], self.dist.device)
-        self._set_data_position(local["data"])
+        self._set_data_position(local["data"], path, meta)
 
     def initialise_from(self, path: str | Path) -> InitReport:
         """Fine-tune: load weights (``--init_from``, see :mod:`starflow.train.init_from`) into the model, the EMA
@@ -398,25 +398,44 @@ class Trainer:
 
     def _data_position(self) -> dict[str, Any]:
         if self.stream is not None:
-            out = {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers}
+            out = {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers, "micro_batch": self.micro}
         else:
             out = {"epoch": self.batches.epoch, "skip": self.batches.skip}
         if self.secondary_batches is not None:
             out["secondary"] = {"epoch": self.secondary_batches.epoch, "skip": self.secondary_batches.skip}
         return out
 
-    def _set_data_position(self, position: dict[str, Any]) -> None:
+    def _set_data_position(self, position: dict[str, Any], path: Path, meta: dict[str, Any]) -> None:
         if self.secondary_batches is not None and "secondary" in position:
             self.secondary_batches.epoch = position["secondary"]["epoch"]
             self.secondary_batches.skip = position["secondary"]["skip"]
-        if self.stream is None:
+        if self.stream is None:  # global batches: exact on any number of ranks
             self.batches.epoch, self.batches.skip = position["epoch"], position["skip"]
             return
-        if position.get("num_workers") != self.cfg.num_workers:
-            raise ValueError(f"the checkpoint's shard positions are for num_workers {position.get('num_workers')}; "
-                             f"resume with --num_workers {position.get('num_workers')}")
-        self.tracker.load_state_dict(position["stream"])
-        self.stream.set_position(**position["stream"])
+        state = position["stream"]
+        old = self._stream_layout(position, meta)
+        new = (self.dist.world_size, max(1, self.cfg.num_workers), self.micro)
+        if old != new:  # the old split of each epoch into slots no longer applies: continue by samples consumed
+            saved = [dict(self.checkpoints.load_local(path, r)["data"], micro_batch=old[2])
+                     for r in range(meta["world_size"])]
+            state = continue_positions(saved, num_samples=self.stream.num_samples, world_size=new[0],
+                                       num_workers=new[1], batch_size=new[2])
+            epoch, skip = state["positions"]["0"]
+            self._log(f"{path}: the shard stream was saved by {old[0]} rank(s) x {old[1]} worker(s) with "
+                      f"micro-batches of {old[2]}, this run has {new[0]} x {new[1]} and {new[2]}; it continues "
+                      f"by the samples consumed, at epoch {epoch} with {skip} batch(es) of each worker skipped. Until "
+                      f"epoch {epoch + 1} some samples may repeat and others wait (resume with the old layout for "
+                      "the exact stream)")
+        self.tracker.load_state_dict(state)
+        self.stream.set_position(**state)
+
+    @staticmethod
+    def _stream_layout(position: dict[str, Any], meta: dict[str, Any]) -> tuple[int, int, int]:
+        """``(ranks, DataLoader workers (0 counts as 1), micro-batch)`` that wrote a checkpoint's shard positions."""
+        saved = meta["config"]
+        micro = position.get("micro_batch",  # older checkpoints: from their config
+                             saved["batch_size"] // (meta["world_size"] * saved.get("grad_accum", 1)))
+        return meta["world_size"], max(1, int(position["num_workers"])), int(micro)
 
     def _log(self, message: str) -> None:
         if self.dist.is_main:
