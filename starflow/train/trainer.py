@@ -308,11 +308,15 @@ class Trainer:
                 that holds the last good weights).
         """
         self.train_model.train()
-        metrics: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            out = self.micro_step(batch, 1.0 / len(batches), sync=i == len(batches) - 1, micro_index=i)
-            for k, v in out.items():
-                metrics[k] = metrics.get(k, 0.0) + v.item() / len(batches)
+        outs = [self.micro_step(batch, 1.0 / len(batches), sync=i == len(batches) - 1, micro_index=i)
+                for i, batch in enumerate(batches)]
+        # one device-to-host copy per step, after every micro-batch is queued (not a sync per value)
+        keys = list(outs[0])
+        values = torch.stack([torch.stack([o[k].detach().float() for k in keys]) for o in outs]).cpu().tolist()
+        metrics = {k: 0.0 for k in keys}
+        for row in values:  # averaged in float64, micro-batch by micro-batch
+            for k, v in zip(keys, row):
+                metrics[k] += v / len(batches)
         metrics = self._mean_over_ranks(metrics)
         denoiser_norm = self._denoiser_step() if self.denoiser is not None else None
         params = [p for p in self.model.parameters() if p.grad is not None]
