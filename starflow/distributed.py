@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "shard_model", "any_rank",
-           "is_sharded", "load_sharded", "prepare_sharded_inference"]
+           "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference"]
 
 
 @dataclass
@@ -170,11 +170,17 @@ def prepare_sharded_inference(model: nn.Module, txt_len: int, txt_dim: int | Non
     model(torch.zeros(shape, device=device), y)
 
 
+LOAD_GROUP_BYTES = 1 << 28
+"""Checkpoint bytes :func:`load_sharded` scatters and loads at a time (256 MiB)."""
+
+
 def load_sharded(model: nn.Module, weights, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
     """Shard a meta-device STARFlow with FSDP2 and load official-layout weights into the shards.
 
-    Every rank memory-maps the checkpoint and keeps only its own ``1/N`` slice of each parameter, so no
-    rank ever holds a full copy of the model.
+    Every rank memory-maps the checkpoint (``.safetensors`` and zip ``torch.save`` files) and keeps only its
+    own ``1/N`` slice of each parameter, converted to ``dtype`` as it is copied in, so no rank ever holds a
+    full copy of the model: beyond its shards, a rank holds at most about :data:`LOAD_GROUP_BYTES` ``/ N`` of
+    scattered slices (and one full tensor at a time on the device).
 
     Args:
         model: a :class:`~starflow.models.STARFlow` built on the meta device.
@@ -189,18 +195,38 @@ def load_sharded(model: nn.Module, weights, device: torch.device, dtype: torch.d
         FileNotFoundError, CheckpointError: unreadable file; LayoutError: names or shapes differ (all
         listed). Checked before any parameter is allocated.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     from starflow.checkpoint import LayoutError, compare_layout, drop_deprecated, read_state_dict
 
     state_dict = drop_deprecated(read_state_dict(weights))
     report = compare_layout(model, state_dict)
     if not report.ok:
         raise LayoutError(report, str(weights))
-    if dtype is not None:
+    if dtype is not None:  # the shards convert as they are filled: no rank makes a converted copy of the model
         model.to(dtype)
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     shard_model(model)
     model.to_empty(device=device)
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
-    return model
+    load_full_state_dict(model, state_dict, sharded=True)
+    return model  # every name was loaded: compare_layout checked that the two sets of names are equal
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sharded: bool) -> None:
+    """Load complete (unsharded) tensors into a model, FSDP2-sharded or not, in groups of about
+    :data:`LOAD_GROUP_BYTES`: the scattered slices of a group are held until it is loaded, so one call for
+    everything would hold a ``1/N`` copy of the model in the checkpoint's dtype on every rank. Names the
+    model lacks are an error of ``load_state_dict``; names it has and ``state_dict`` lacks are left as they
+    are (check the names first). Every rank must call it with the same names under FSDP2.
+
+    Args:
+        model: the model, FSDP2-sharded (``sharded``: each rank keeps its slices) or not.
+        state_dict: ``{name: full tensor}``, e.g. memory-mapped from a checkpoint; values are converted to
+            the parameters' dtypes as they are copied in.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=sharded, strict=False)
+    group: dict[str, torch.Tensor] = {}
+    for i, (name, value) in enumerate(state_dict.items()):
+        group[name] = value
+        if sum(v.nbytes for v in group.values()) >= LOAD_GROUP_BYTES or i == len(state_dict) - 1:
+            set_model_state_dict(model, group, options=options)
+            group = {}

@@ -224,3 +224,33 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(1), "step": 3}, tmp_path / "state.pth")
     with pytest.raises(CheckpointError, match="not a state dict"):
         read_state_dict(tmp_path / "state.pth")
+
+
+@pytest.mark.parametrize("group_bytes", [1, 1 << 28], ids=["a-tensor-a-group", "one-group"])
+def test_sharded_load_in_groups_converts_every_slice(tmp_path: Path, monkeypatch, group_bytes: int) -> None:
+    """``load_sharded`` (on one rank of a gloo group here) fills the FSDP2 shards group by group from the
+    memory-mapped file, converting to bf16 as it copies: every parameter is the file's value in bf16."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint.state_dict as state_dict_api
+
+    from starflow import distributed
+
+    source = build(0)
+    path = save_weights(official_state_dict(source), tmp_path / "weights.safetensors")
+    monkeypatch.setattr(distributed, "LOAD_GROUP_BYTES", group_bytes)
+    loads = []
+    set_state = state_dict_api.set_model_state_dict
+    monkeypatch.setattr(state_dict_api, "set_model_state_dict",
+                        lambda model, sd, **kw: loads.append(len(sd)) or set_state(model, sd, **kw))
+    with torch.device("meta"):
+        model = build(None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed.load_sharded(model, path, torch.device("cpu"), torch.bfloat16)
+        got = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+    want = source.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].bfloat16()) for k in want)
+    assert sum(loads) == len(want) and len(loads) == (len(want) if group_bytes == 1 else 1)

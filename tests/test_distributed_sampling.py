@@ -58,6 +58,20 @@ def test_two_processes_give_the_same_images_in_caption_order(one_process: Path, 
     assert (out / "grid.png").is_file()
 
 
+def test_sharded_bf16_weights_give_the_one_process_bf16_images(tmp_path: Path) -> None:
+    """The shards are converted to bf16 as they are filled (no rank converts the whole model first): the
+    same images as one process with bf16 weights."""
+    (tmp_path / "captions.txt").write_text("a handwritten digit 3\na handwritten digit 5\n")
+    assert main(run_sample(tmp_path / "one", "--bf16")) == 0
+    r = torchrun(run_sample(tmp_path / "two", "--bf16", "--fsdp", "1"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sharded over 2 ranks" in r.stdout
+    single, double = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert len(single) == 2 and list(single) == list(double)
+    for name in single:
+        np.testing.assert_array_equal(single[name], double[name], err_msg=name)
+
+
 def test_per_sample_stopping_is_what_makes_ranks_agree(one_process: Path, tmp_path: Path) -> None:
     """The official whole-batch stopping rule depends on which samples share a batch: a smaller batch
     changes the images (this is why per-sample stopping is the default). With a fixed block size (the default

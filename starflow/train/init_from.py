@@ -25,6 +25,7 @@ from torch import nn
 
 from starflow.assets import find_weights
 from starflow.checkpoint import CheckpointError, LayoutReport, drop_deprecated, is_deprecated, read_state_dict
+from starflow.distributed import load_full_state_dict
 
 __all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source",
            "covers_every_parameter"]
@@ -196,7 +197,7 @@ def init_from(model: nn.Module, path: str | Path, *, sharded: bool) -> InitRepor
         return report
     state = drop_deprecated(read_state_dict(find_weights(path) if path.is_dir() else path))
     state = {k: v for k, v in state.items() if k in report.loaded}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=sharded, strict=False))
+    load_full_state_dict(model, state, sharded=sharded)  # in groups: bounded memory per rank
     return report
 
 
