@@ -2,6 +2,7 @@
 videos longer than trained, and the video sampling command."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from starflow.adapters import build_latent_adapter, build_tiny_wan_vae
 from starflow.cli import main
 from starflow.config import load_config
 from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, recentre, render_clip
-from starflow.data.video import CorruptVideoError, VideoFolder, clip_indices, read_video, write_video
+from starflow.data.video import CorruptVideoError, VideoFolder, clip_indices, read_clip, read_video, write_video
 from starflow.models import STARFlow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +84,40 @@ def test_lossless_video_round_trip(tmp_path: Path) -> None:
     frames, fps = read_video(tmp_path / "c.mp4")
     assert fps == 8 and frames.shape == (6, 12, 12, 3)
     assert np.abs(frames[..., 0].astype(int) - clip).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+def test_read_clip_decodes_only_up_to_the_clip(tmp_path: Path, monkeypatch, fmt: str) -> None:
+    """The clip equals the full decode's frames at the chosen indices (repeats and the paired halves too); only
+    the chosen frames become RGB arrays and decoding stops at the last one. A file that decodes to fewer frames
+    than its count is decoded whole and the clip chosen again from its true length."""
+    import av
+
+    from starflow.data import video
+    from starflow.data.video import write_gif
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    path = write_video(tmp_path / "c.mp4", src, 8, lossless=True) if fmt == "mp4" else \
+        write_gif(tmp_path / "c.gif", src, 8)
+    full, fps = read_video(path)
+    converted = []
+    to_ndarray = av.VideoFrame.to_ndarray
+    monkeypatch.setattr(av.VideoFrame, "to_ndarray", lambda self, **kw: converted.append(1) or to_ndarray(self, **kw))
+    for pick in ([3, 4, 4, 5, 7], [2, 5, 12, 15], list(range(20))):
+        converted.clear()
+        got, got_fps = read_clip(path, lambda n, rate: pick)
+        assert got_fps == fps and np.array_equal(got, full[pick])
+        assert len(converted) == len(set(pick))
+    gen = torch.Generator().manual_seed(1)  # a random start, as the data loaders draw it
+    got, _ = read_clip(io.BytesIO(path.read_bytes()), lambda n, rate: clip_indices(n, rate, 4, rate / 2, generator=gen))
+    want = clip_indices(20, fps, 4, fps / 2, generator=torch.Generator().manual_seed(1))
+    assert np.array_equal(got, full[want])
+
+    counts = []
+    monkeypatch.setattr(video, "_frame_count", lambda p: 25)  # a header that claims more frames than decode
+    got, _ = read_clip(path, lambda n, rate: counts.append(n) or [n - 3, n - 1])
+    assert counts == [25, 20] and np.array_equal(got, full[[17, 19]])
 
 
 def _clip_folder(root: Path, n: int = 8, frames: int = 6) -> Path:

@@ -24,7 +24,8 @@ from PIL import Image
 
 from starflow.data.aspect import aspect_to_size
 from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata
-from starflow.data.video import CorruptVideoError, _resize_frames, clip_indices, draw_rate, read_video, video_aspect
+from starflow.data.video import (CorruptVideoError, _resize_frames, clip_indices, draw_rate, read_clip, read_video,
+                                 video_aspect)
 
 __all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "write_shards"]
 
@@ -278,13 +279,13 @@ class SampleDecoder:
                 size = aspect_to_size(bucket, self.img_size, self.multiple)
                 out["pixels"] = load_image(io.BytesIO(_media(sample)), size, self.channels)
             else:
-                frames, fps = read_video(io.BytesIO(_media(sample)))
                 gen = torch.Generator().manual_seed(seed)
                 rate = draw_rate(self.rates, gen)
-                pick = clip_indices(len(frames), meta.get("fps") or fps or rate, self.frames, rate,
-                                    random_start=self.random_start, generator=gen, paired=self.paired)
+                frames, _ = read_clip(io.BytesIO(_media(sample)), lambda n, fps: clip_indices(
+                    n, meta.get("fps") or fps or rate, self.frames, rate, random_start=self.random_start,
+                    generator=gen, paired=self.paired))
                 size = aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size
-                out["pixels"] = _resize_frames(frames[pick], size, self.channels)
+                out["pixels"] = _resize_frames(frames, size, self.channels)
                 out["fps"] = rate
             return out
         except (CorruptImageError, CorruptVideoError, *_BAD_SAMPLE) as err:

@@ -15,6 +15,7 @@ with :func:`write_gif`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +26,7 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
-__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_video", "load_video", "video_aspect", "write_video", "write_gif",
+__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_aspect", "write_video", "write_gif",
            "to_uint8_frames", "draw_rate"]
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
     import av
 
     try:
-        with av.open(path if hasattr(path, "read") else str(path)) as container:
+        with _open_video(path) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
@@ -58,6 +59,71 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
     if not frames:
         raise CorruptVideoError(f"video {path} has no frames")
     return np.stack(frames), fps
+
+
+def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequence[int]]) -> tuple[np.ndarray, float]:
+    """Decode only the frames of one clip: up to the last one it needs, converting only those to RGB.
+
+    Memory is that of the clip, not of the file (a minute of 1080p video is ~11 GB as RGB frames).
+
+    Args:
+        path: any file (or binary stream) ``av`` decodes.
+        choose: ``choose(n_source, fps) -> source frame indices`` (e.g. :func:`clip_indices`), given the
+            stream's frame count (from its header, else by counting packets, no decoding) and its frame rate.
+            If the file then decodes to fewer frames than the clip needs, or ``choose`` finds the count too
+            short, the file is decoded whole and ``choose`` called again with the true count.
+
+    Returns:
+        ``(frames (len(indices), H, W, 3) uint8 RGB, fps)``.
+
+    Raises:
+        CorruptVideoError: the file is missing or cannot be decoded; what ``choose`` raises.
+    """
+    import av
+
+    try:
+        count = _frame_count(path)
+        with _open_video(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+            try:
+                pick = list(choose(count, fps)) if count else []
+            except CorruptVideoError:  # too short by the count: the full decode below confirms it
+                pick = []
+            wanted, kept = set(pick), {}
+            for i, frame in enumerate(container.decode(stream) if pick else ()):
+                if i in wanted:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+                if i >= max(pick):
+                    return np.stack([kept[i] for i in pick]), fps
+    except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
+        raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+    frames, fps = read_video(path)  # no count, or fewer frames than counted: the whole file, its true length
+    return frames[list(choose(len(frames), fps))], fps
+
+
+def _frame_count(path: str | Path | BinaryIO) -> int:
+    """Frames of the first video stream: from its header, else (e.g. WebM) by counting packets, not decoding."""
+    with _open_video(path) as container:
+        count = container.streams.video[0].frames
+    if not count:
+        with _open_video(path) as container:
+            count = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+    return count
+
+
+def _rewound(path: str | Path | BinaryIO) -> str | Path | BinaryIO:
+    """``path``, or a binary stream seeked back to its start."""
+    if hasattr(path, "seek"):
+        path.seek(0)
+    return path
+
+
+def _open_video(path: str | Path | BinaryIO):
+    """``av.open`` of a file name or of a binary stream from its start."""
+    import av
+
+    return av.open(_rewound(path) if hasattr(path, "read") else str(path))
 
 
 def load_video(path: str | Path | BinaryIO, size: tuple[int, int], channels: int,
@@ -76,8 +142,11 @@ def load_video(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     Raises:
         CorruptVideoError: the file is missing or cannot be decoded.
     """
-    frames, _ = read_video(path)
-    return _resize_frames(frames[:max_frames], size, channels)
+    if max_frames is None:
+        frames, _ = read_video(path)
+    else:
+        frames, _ = read_clip(path, lambda n, fps: range(min(n, max_frames)))
+    return _resize_frames(frames, size, channels)
 
 
 def video_aspect(path: str | Path | BinaryIO) -> str:
@@ -89,7 +158,7 @@ def video_aspect(path: str | Path | BinaryIO) -> str:
     import av
 
     try:
-        with av.open(path if hasattr(path, "read") else str(path)) as container:
+        with _open_video(path) as container:
             ctx = container.streams.video[0].codec_context
             return nearest_aspect(ctx.width, ctx.height)
     except (OSError, ValueError, IndexError, ZeroDivisionError, av.error.FFmpegError) as err:
@@ -293,16 +362,15 @@ class VideoFolder(torch.utils.data.Dataset):
             if str(path) in self.skipped or self.buckets[j] != bucket:
                 continue
             try:
-                frames, fps = read_video(path)
-                fps = self.source_fps[j] or fps or rate
-                pick = clip_indices(len(frames), fps, self.frames, rate, random_start=self.random_start, generator=gen,
-                                    paired=self.paired)
+                frames, _ = read_clip(path, lambda n, fps: clip_indices(
+                    n, self.source_fps[j] or fps or rate, self.frames, rate, random_start=self.random_start,
+                    generator=gen, paired=self.paired))
             except CorruptVideoError as err:
                 self.skipped[str(path)] = str(err)
                 newly.append(str(path))
                 logger.warning("skipping video (%s)", err)
                 continue
-            return {"pixels": _resize_frames(frames[pick], self.clip_size(bucket), self.channels),
+            return {"pixels": _resize_frames(frames, self.clip_size(bucket), self.channels),
                     "text": self.texts[j], "aspect_ratio": bucket, "fps": rate, "skipped": newly}
         raise RuntimeError(f"no usable video in {self.root}: {self.report()}")
 
