@@ -163,6 +163,46 @@ def test_a_short_last_shard_dealt_alone_to_a_slot_moves_it_to_the_next_epoch(all
         _batches(ShardStream(tmp_path / "shards", 5, img_size=8, channels=1, seed=3, rank=0, world_size=5), 1, 0)
 
 
+def test_shuffle_buffer_holds_at_most_its_bytes() -> None:
+    """Raw samples of 10 to 400 bytes through a 1,000-byte buffer: every one comes out once, the buffer never
+    holds more than its bytes when it asks for the next sample, and under the bound the order is that of the
+    count-only shuffle."""
+    import random
+
+    from starflow.data.stream import _shuffled
+
+    sizes = random.Random(0).choices([10, 50, 400], k=300)
+    held, peak = [0], [0]
+
+    def samples():
+        for i, n in enumerate(sizes):
+            peak[0] = max(peak[0], held[0])
+            held[0] += n
+            yield {"__key__": str(i), "png": bytes(n)}
+
+    out = []
+    for sample in _shuffled(samples(), 100, random.Random(1), max_bytes=1000):
+        held[0] -= len(sample["png"])
+        out.append(int(sample["__key__"]))
+    assert sorted(out) == list(range(300)) and out != sorted(out)
+    assert 600 < peak[0] <= 1000
+
+    def count_only(items, size, rng):  # the shuffle without a byte bound
+        buf = []
+        for item in items:
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            j = rng.randrange(size)
+            yield buf[j]
+            buf[j] = item
+        rng.shuffle(buf)
+        yield from buf
+
+    under = [s["__key__"] for s in _shuffled(samples(), 100, random.Random(1), max_bytes=1 << 30)]
+    assert under == [s["__key__"] for s in count_only(samples(), 100, random.Random(1))]
+
+
 def test_resume_continues_the_uninterrupted_stream(tmp_path: Path) -> None:
     pack_folder(_aspect_folder(tmp_path / "images"), tmp_path / "shards", shard_size=7)
     settings = dict(img_size=8, channels=1, multiple=2, mix_aspect=True, seed=1, shuffle_buffer=8)

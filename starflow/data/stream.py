@@ -42,19 +42,36 @@ def collate_any(samples: Sequence[dict]) -> dict:
             for k, v in samples[0].items()}
 
 
-def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Buffer shuffle: keeps ``size`` samples and emits a random one for each new one."""
+SHUFFLE_BYTES = 1 << 30
+"""Default bound on the raw bytes one DataLoader worker holds for shuffling (1 GiB: a few hundred video clips)."""
+
+
+def _raw_bytes(sample: dict) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
+
+
+def _shuffled(samples: Iterable[dict], size: int, rng: random.Random, max_bytes: int = SHUFFLE_BYTES) -> Iterator[dict]:
+    """Buffer shuffle: keeps up to ``size`` samples and ``max_bytes`` of their raw bytes (one sample at least)
+    and emits a random one for each new one that does not fit."""
     if size < 2:
         yield from samples
         return
     buf: list[dict] = []
+    held = 0
     for sample in samples:
-        if len(buf) < size:
+        n = _raw_bytes(sample)
+        if not buf or (len(buf) < size and held + n <= max_bytes):
             buf.append(sample)
+            held += n
             continue
-        j = rng.randrange(size)
+        j = rng.randrange(len(buf))
         yield buf[j]
+        held += n - _raw_bytes(buf[j])
         buf[j] = sample
+        while held > max_bytes and len(buf) > 1:  # a larger sample came in: hold fewer
+            out = buf.pop(rng.randrange(len(buf)))
+            held -= _raw_bytes(out)
+            yield out
     rng.shuffle(buf)
     yield from buf
 
@@ -84,6 +101,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank: This process's rank in ``[0, world_size)``.
         world_size: Number of data-parallel ranks.
         shuffle_buffer: Raw samples held for shuffling (< 2: no shuffling).
+        shuffle_bytes: Bound on their raw bytes per DataLoader worker (video samples are large).
 
     Raises:
         FileNotFoundError: No ``index.json``.
@@ -93,7 +111,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, root: str | Path, batch_size: int, *, img_size: int | None = None, channels: int = 3,
                  multiple: int = 1, mix_aspect: bool = False, aspect_ratio: str = "1:1", frames: int | None = None,
                  fps: float | tuple[float, ...] | None = None, size: tuple[int, int] | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 1000, paired: bool = False) -> None:
+                 world_size: int = 1, shuffle_buffer: int = 1000, shuffle_bytes: int = SHUFFLE_BYTES,
+                 paired: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,7 +125,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards = [str(self.root / s["name"]) for s in self.index["shards"] if s["samples"] > 0]
         self.num_samples = sum(s["samples"] for s in self.index["shards"])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.shuffle_bytes = shuffle_buffer, shuffle_bytes
         self.positions: dict[int, tuple[int, int]] = {}
         self.next_worker = 0
 
@@ -151,7 +170,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             raw: Iterable[dict] = read_shards(shards[slot::slots])
         else:
             raw = (s for i, s in enumerate(read_shards(shards)) if i % slots == slot)
-        raw = _shuffled(raw, self.shuffle_buffer, random.Random(sample_seed(self.seed, epoch, slot)))
+        rng = random.Random(sample_seed(self.seed, epoch, slot))
+        raw = _shuffled(raw, self.shuffle_buffer, rng, self.shuffle_bytes)
         buffers: dict[str, list[dict]] = {}
         formed = 0
         skipped: list[str] = []  # corrupt samples met since the last batch, reported with the next one

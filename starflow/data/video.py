@@ -26,8 +26,8 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
-__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_aspect", "write_video", "write_gif",
-           "to_uint8_frames", "draw_rate"]
+__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_aspect",
+           "write_video", "write_gif", "to_uint8_frames", "draw_rate"]
 
 logger = logging.getLogger(__name__)
 _FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object per line, e.g. "
