@@ -148,6 +148,27 @@ def test_epoch_covers_every_sample_once_over_ranks_and_workers(all_digits: Path,
     assert sorted(seen) == sorted(f"sample {i}" for i in range(N))
 
 
+def test_fewer_shards_than_slots_each_slot_reads_one_shard(all_digits: Path, tmp_path: Path, monkeypatch) -> None:
+    """3 shards over 5 ranks: each rank opens one shard (ranks 0 and 3 share one, 1 and 4 another), and the
+    epoch still holds every sample once."""
+    from starflow.data import stream as stream_module
+
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=30, unique=True), tmp_path / "shards", shard_size=10)
+    opened: list[list[str]] = []
+    read = stream_module.read_shards
+    monkeypatch.setattr(stream_module, "read_shards", lambda paths: opened.append(list(paths)) or read(paths))
+    seen = []
+    for rank in range(5):
+        opened.clear()
+        stream = ShardStream(tmp_path / "shards", 1, img_size=8, channels=1, seed=3, rank=rank, world_size=5,
+                             shuffle_buffer=0)
+        for batch in itertools.islice(stream, 12):
+            if batch["position"].epoch == 0:
+                seen += batch["text"]
+        assert all(len(paths) == 1 for paths in opened) and len(opened) >= 2  # one shard per epoch
+    assert sorted(seen) == sorted(f"sample {i}" for i in range(30))
+
+
 def test_a_short_last_shard_dealt_alone_to_a_slot_moves_it_to_the_next_epoch(all_digits: Path, tmp_path: Path) -> None:
     """Shards of 4, 4, 4, 4, 1 samples over 5 ranks, batches of 2: in each epoch one rank gets the 1-sample shard
     and forms no batch; it goes on to its next epoch instead of failing mid-run. A slot that can never fill a

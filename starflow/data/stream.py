@@ -1,8 +1,9 @@
 """An endless, resumable stream of micro-batches from a shard folder, split over ranks and DataLoader workers.
 
 Each DataLoader worker of each rank (a *slot*) reads its own share of every epoch: whole shards when there
-are at least as many shards as slots, else every ``slots``-th sample. Raw samples are buffer-shuffled and
-grouped by aspect bucket before anything is decoded, so a resumed stream skips to its position cheaply.
+are at least as many shards as slots, else its share of the samples of one shard. Raw samples are
+buffer-shuffled and grouped by aspect bucket before anything is decoded, so a resumed stream skips to its
+position cheaply.
 """
 from __future__ import annotations
 
@@ -81,8 +82,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Use with ``DataLoader(stream, batch_size=None, num_workers=W)``. Each worker runs epochs 0, 1, ... on its
     own. In epoch ``e`` the shard list is shuffled with ``seed + e``; slot ``rank * W + worker`` of
-    ``S = world_size * W`` takes shards ``[slot::S]`` if there are at least ``S`` shards, else reads all
-    and keeps sample ``i`` iff ``i % S == slot``; so no sample is read twice in an epoch. Raw samples
+    ``S = world_size * W`` takes shards ``[slot::S]`` if there are at least ``S`` shards; with ``K < S``
+    shards it reads only shard ``slot % K`` and keeps every ``c``-th sample of it, from the
+    ``(slot // K)``-th, where ``c`` slots share that shard; so no sample is read twice in an epoch, and no
+    shard by more slots than share it. Raw samples
     are buffer-shuffled (RNG seeded by seed, epoch, slot), grouped by aspect bucket, and decoded only when
     their batch is due. A worker drops its incomplete batches at the end of each epoch. Corrupt samples
     are logged and skipped.
@@ -168,8 +171,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         random.Random(self.seed + epoch).shuffle(shards)
         if len(shards) >= slots:
             raw: Iterable[dict] = read_shards(shards[slot::slots])
-        else:
-            raw = (s for i, s in enumerate(read_shards(shards)) if i % slots == slot)
+        else:  # fewer shards than slots: slots k, k + K, k + 2K ... share shard k and deal out its samples
+            shard, turn = slot % len(shards), slot // len(shards)
+            sharing = len(range(shard, slots, len(shards)))
+            raw = (s for i, s in enumerate(read_shards([shards[shard]])) if i % sharing == turn)
         rng = random.Random(sample_seed(self.seed, epoch, slot))
         raw = _shuffled(raw, self.shuffle_buffer, rng, self.shuffle_bytes)
         buffers: dict[str, list[dict]] = {}
