@@ -18,15 +18,20 @@ per-sample stopping rule with ``rank_sync=any_rank``).
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "shard_model", "any_rank",
-           "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference"]
+           "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference", "from_rank0"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -168,6 +173,38 @@ def prepare_sharded_inference(model: nn.Module, txt_len: int, txt_dim: int | Non
     shape = (1, 1, c, side, side) if model.config.is_video else (1, c, side, side)
     y = torch.zeros(1, txt_len, txt_dim, device=device) if txt_dim else None
     model(torch.zeros(shape, device=device), y)
+
+
+def from_rank0(make: Callable[[], T]) -> T:
+    """``make()`` run on rank 0 only and sent (pickled) to the other ranks: for work every rank would otherwise
+    repeat on the same files, e.g. indexing a dataset folder (a stat and an image header per file, on NFS).
+
+    Without a process group, or on one rank: ``make()``.
+
+    Raises:
+        What ``make`` raises on rank 0, on every rank (as a ``RuntimeError`` with its message where the
+        exception cannot be pickled), so no rank waits for the others.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return make()
+    payload: list[Any] = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = make()
+        except Exception as err:  # noqa: BLE001 - sent to the other ranks, re-raised here below
+            error = err
+            try:
+                pickle.dumps(err)
+                payload[0] = err
+            except Exception:  # noqa: BLE001
+                payload[0] = RuntimeError(f"{type(err).__name__}: {err}")
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if isinstance(payload[0], BaseException):
+        raise payload[0]
+    return payload[0]
 
 
 LOAD_GROUP_BYTES = 1 << 28

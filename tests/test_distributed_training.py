@@ -150,6 +150,43 @@ def test_killed_runs_resume_onto_the_uninterrupted_curve(runs) -> None:
     assert not any(p.name.endswith(".partial") for p in (logdir / "checkpoints").iterdir())
 
 
+FROM_RANK0 = """
+import sys, torch.distributed as dist
+from pathlib import Path
+from starflow.distributed import from_rank0
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), Path(sys.argv[1])
+
+def index():
+    (out / f"made_on_{rank}").touch()
+    return {"paths": ["a.png", "b.png"], "by": rank}
+
+def broken():
+    raise ValueError("metadata.jsonl:3: needs a string 'text'")
+
+print(rank, from_rank0(index))
+try:
+    from_rank0(broken)
+except ValueError as err:
+    print(rank, "raised", err)
+dist.destroy_process_group()
+"""
+
+
+def test_a_folder_is_indexed_on_rank_0_only(tmp_path: Path) -> None:
+    """``from_rank0`` (the training folder's index, its file checks and headers): made once, on rank 0, the same
+    object on every rank; an error there is raised on every rank instead of leaving them waiting."""
+    (tmp_path / "script.py").write_text(FROM_RANK0)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "script.py"), str(tmp_path)], env=run_env(tmp_path), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("made_on_*")) == ["made_on_0"]
+    lines = sorted(r.stdout.splitlines())
+    assert lines == ["0 raised metadata.jsonl:3: needs a string 'text'", "0 {'paths': ['a.png', 'b.png'], 'by': 0}",
+                     "1 raised metadata.jsonl:3: needs a string 'text'", "1 {'paths': ['a.png', 'b.png'], 'by': 0}"]
+
+
 def test_each_process_takes_its_own_gpu(monkeypatch) -> None:
     """``--device cuda`` under torchrun: rank ``r`` takes ``cuda:{LOCAL_RANK % GPUs}`` (``torch.cuda.set_device``
     needs an index); ``cuda:N`` for several processes would put every rank on one GPU, which NCCL refuses."""

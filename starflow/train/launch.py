@@ -10,7 +10,7 @@ from starflow.adapters import LabelEncoder, build_text_encoder, build_vae
 from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
 from starflow.data.build import check_data_folder
-from starflow.distributed import DistInfo
+from starflow.distributed import DistInfo, from_rank0
 from starflow.models import STARFlow
 from starflow.train.init_from import covers_every_parameter, init_from
 from starflow.models.lora import apply_lora
@@ -47,8 +47,11 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     torch.manual_seed(cfg.seed + dist.rank)
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
-    dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
-    secondary = build_secondary_dataset(cfg, downsample=vae.downsample)
+    if (Path(cfg.data) / "index.json").is_file():  # shards: each rank streams its own share
+        dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
+    else:  # a folder: indexed once, on rank 0 (a stat and, for aspect buckets, a header read per file)
+        dataset = from_rank0(lambda: _indexed(build_dataset(cfg, downsample=vae.downsample)))
+    secondary = from_rank0(lambda: _indexed(build_secondary_dataset(cfg, downsample=vae.downsample)))
     if isinstance(text_encoder, LabelEncoder) and hasattr(dataset, "texts"):
         text_encoder.ids(list(dataset.texts))  # every caption must be a class name (raises, naming the others)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -71,3 +74,10 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
                        f"parameters ({100 * trainable / total:.2f}%)")
     torch.manual_seed(cfg.seed + dist.rank)
     return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir), secondary=secondary)
+
+
+def _indexed(dataset):
+    """A folder dataset with its aspect buckets read (so they travel with it from rank 0); None stays None."""
+    if dataset is not None:
+        dataset.buckets  # noqa: B018 - read from the files' headers on first use
+    return dataset
