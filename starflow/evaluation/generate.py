@@ -16,9 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from starflow.distributed import DistInfo
+from starflow.distributed import DistInfo, from_rank0
 from starflow.sampling.batch import write_samples
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 
@@ -138,9 +136,8 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    missing = [i for i in range(len(captions)) if not sample_path(out, i).is_file()]
-    if dist.distributed:  # every rank decides from the same listing, before anyone writes
-        torch.distributed.barrier()
+    # one listing, by rank 0, sent to every rank before anyone writes: the ranks cannot disagree (NFS caches)
+    missing = from_rank0(lambda: [i for i in range(len(captions)) if not sample_path(out, i).is_file()])
     start = time.perf_counter()
     write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
                   stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set")
