@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -175,49 +176,63 @@ def prepare_sharded_inference(model: nn.Module, txt_len: int, txt_dim: int | Non
     model(torch.zeros(shape, device=device), y)
 
 
+FROM_RANK0_TIMEOUT = timedelta(hours=12)
+"""How long the other ranks wait for :func:`from_rank0` (indexing a large folder on NFS can take an hour)."""
+
+
 def from_rank0(make: Callable[[], T]) -> T:
     """``make()`` run on rank 0 only and sent (pickled) to the other ranks: for work every rank would otherwise
     repeat on the same files, e.g. indexing a dataset folder (a stat and an image header per file, on NFS).
 
-    Without a process group, or on one rank: ``make()``.
+    The others wait in a broadcast on a gloo group of its own with :data:`FROM_RANK0_TIMEOUT`, not the default
+    group's timeout (ten minutes under NCCL). Without a process group, or on one rank: ``make()``.
 
     Raises:
-        What ``make`` raises on rank 0, on every rank (as a ``RuntimeError`` with its message where the
-        exception cannot be pickled), so no rank waits for the others.
+        What ``make`` raises on rank 0, on every rank (as a ``RuntimeError`` with its type and message where
+        the exception does not survive pickling, or the result cannot be pickled), so no rank waits for ever.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return make()
-    payload: list[Any] = [None]
-    error: BaseException | None = None
-    if dist.get_rank() == 0:
-        try:
-            payload[0] = make()
-        except Exception as err:  # noqa: BLE001 - sent to the other ranks, re-raised here below
-            error = err
+    group = dist.new_group(backend="gloo", timeout=FROM_RANK0_TIMEOUT)
+    try:
+        payload: list[Any] = [None]
+        result, error = None, None
+        if dist.get_rank() == 0:
             try:
-                pickle.dumps(err)
-                payload[0] = err
-            except Exception:  # noqa: BLE001
-                payload[0] = RuntimeError(f"{type(err).__name__}: {err}")
-    dist.broadcast_object_list(payload, src=0)
-    if error is not None:
-        raise error
-    if isinstance(payload[0], BaseException):
-        raise payload[0]
-    return payload[0]
+                result = make()
+                payload[0] = pickle.dumps(("result", result))
+            except Exception as err:  # noqa: BLE001 - sent to the other ranks, re-raised here below
+                error = err
+                payload[0] = pickle.dumps(("error", _portable(err)))
+        dist.broadcast_object_list(payload, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if dist.get_rank() == 0:
+        if error is not None:
+            raise error
+        return result
+    kind, value = pickle.loads(payload[0])
+    if kind == "error":
+        raise value
+    return value
 
 
-LOAD_GROUP_BYTES = 1 << 28
-"""Checkpoint bytes :func:`load_sharded` scatters and loads at a time (256 MiB)."""
+def _portable(err: BaseException) -> BaseException:
+    """``err`` if it survives a pickle round trip, else a ``RuntimeError`` with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any failure to pickle or rebuild
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def load_sharded(model: nn.Module, weights, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
     """Shard a meta-device STARFlow with FSDP2 and load official-layout weights into the shards.
 
-    Every rank memory-maps the checkpoint (``.safetensors`` and zip ``torch.save`` files) and keeps only its
-    own ``1/N`` slice of each parameter, converted to ``dtype`` as it is copied in, so no rank ever holds a
-    full copy of the model: beyond its shards, a rank holds at most about :data:`LOAD_GROUP_BYTES` ``/ N`` of
-    scattered slices (and one full tensor at a time on the device).
+    Every rank memory-maps the checkpoint (``.safetensors`` and zip ``torch.save`` files) and copies only its
+    own ``1/N`` slice of each parameter into its shards, converted to ``dtype`` as it is copied
+    (:func:`load_full_state_dict`), so no rank ever holds a full copy of the model, or any copy beyond its
+    shards.
 
     Args:
         model: a :class:`~starflow.models.STARFlow` built on the meta device.
@@ -242,28 +257,58 @@ def load_sharded(model: nn.Module, weights, device: torch.device, dtype: torch.d
         model.to(dtype)
     shard_model(model)
     model.to_empty(device=device)
-    load_full_state_dict(model, state_dict, sharded=True)
+    load_full_state_dict(model, state_dict)
     return model  # every name was loaded: compare_layout checked that the two sets of names are equal
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sharded: bool) -> None:
-    """Load complete (unsharded) tensors into a model, FSDP2-sharded or not, in groups of about
-    :data:`LOAD_GROUP_BYTES`: the scattered slices of a group are held until it is loaded, so one call for
-    everything would hold a ``1/N`` copy of the model in the checkpoint's dtype on every rank. Names the
-    model lacks are an error of ``load_state_dict``; names it has and ``state_dict`` lacks are left as they
-    are (check the names first). Every rank must call it with the same names under FSDP2.
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy complete (unsharded) tensors into a model's parameters and buffers, FSDP2-sharded or not.
+
+    Each rank copies only its own slice of each tensor (``torch.chunk`` along the sharded dimension, as FSDP2
+    splits), converting to the parameter's dtype and device as it copies: from a memory-mapped checkpoint it
+    reads only its slices' pages, and beyond its shards it holds nothing (no collective is run, no full copy is
+    made). Names the model has and ``state_dict`` lacks are left as they are (check the names first).
 
     Args:
-        model: the model, FSDP2-sharded (``sharded``: each rank keeps its slices) or not.
-        state_dict: ``{name: full tensor}``, e.g. memory-mapped from a checkpoint; values are converted to
-            the parameters' dtypes as they are copied in.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        model: the model (its names as ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` gives
+            them: wrapper prefixes removed).
+        state_dict: ``{name: full tensor}``.
 
-    options = StateDictOptions(full_state_dict=sharded, strict=False)
-    group: dict[str, torch.Tensor] = {}
-    for i, (name, value) in enumerate(state_dict.items()):
-        group[name] = value
-        if sum(v.nbytes for v in group.values()) >= LOAD_GROUP_BYTES or i == len(state_dict) - 1:
-            set_model_state_dict(model, group, options=options)
-            group = {}
+    Raises:
+        KeyError: names the model does not have (listed).
+        ValueError: a tensor whose shape does not fit the model's (named).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    targets = get_model_state_dict(model)  # the model's own (sharded) tensors: copying into them loads it
+    unknown = sorted(set(state_dict) - set(targets))
+    if unknown:
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise KeyError(f"the model has no {', '.join(unknown[:5])}{more}")
+    for name, full in state_dict.items():
+        target = targets[name]
+        if tuple(full.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: {tuple(full.shape)} in the checkpoint, {tuple(target.shape)} in the model")
+        if isinstance(target, DTensor):
+            local, piece = target.to_local(), _local_slice(full, target)
+        else:
+            local, piece = target, full
+        local.copy_(piece)
+
+
+def _local_slice(full: torch.Tensor, target) -> torch.Tensor:
+    """This rank's part of ``full`` for the DTensor ``target`` (``Shard`` placements split like ``torch.chunk``;
+    trailing ranks of a short dimension get an empty slice)."""
+    piece, coordinate = full, target.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(target.placements):
+        if placement.is_shard():
+            chunks = torch.chunk(piece, target.device_mesh.size(mesh_dim), dim=placement.dim)
+            index = coordinate[mesh_dim]
+            piece = chunks[index] if index < len(chunks) else piece.narrow(placement.dim, 0, 0)
+    shard = tuple(target.to_local().shape)
+    if tuple(piece.shape) != shard:
+        raise RuntimeError(f"cannot place a slice of {tuple(full.shape)} on a shard of {shard}: the sharding "
+                           f"{target.placements} is not one this loader splits")
+    return piece

@@ -226,31 +226,20 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
         read_state_dict(tmp_path / "state.pth")
 
 
-@pytest.mark.parametrize("group_bytes", [1, 1 << 28], ids=["a-tensor-a-group", "one-group"])
-def test_sharded_load_in_groups_converts_every_slice(tmp_path: Path, monkeypatch, group_bytes: int) -> None:
-    """``load_sharded`` (on one rank of a gloo group here) fills the FSDP2 shards group by group from the
-    memory-mapped file, converting to bf16 as it copies: every parameter is the file's value in bf16."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint.state_dict as state_dict_api
+def test_full_state_dict_loads_by_name_and_refuses_what_does_not_fit() -> None:
+    """``load_full_state_dict`` (the loader of sharded sampling and ``--init_from``) on an unsharded model:
+    values copied in the model's dtype, other names untouched, unknown names and wrong shapes refused."""
+    from starflow.distributed import load_full_state_dict
 
-    from starflow import distributed
-
-    source = build(0)
-    path = save_weights(official_state_dict(source), tmp_path / "weights.safetensors")
-    monkeypatch.setattr(distributed, "LOAD_GROUP_BYTES", group_bytes)
-    loads = []
-    set_state = state_dict_api.set_model_state_dict
-    monkeypatch.setattr(state_dict_api, "set_model_state_dict",
-                        lambda model, sd, **kw: loads.append(len(sd)) or set_state(model, sd, **kw))
-    with torch.device("meta"):
-        model = build(None)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        distributed.load_sharded(model, path, torch.device("cpu"), torch.bfloat16)
-        got = {k: v.full_tensor() for k, v in model.state_dict().items()}
-    finally:
-        dist.destroy_process_group()
-    want = source.state_dict()
-    assert got.keys() == want.keys()
-    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].bfloat16()) for k in want)
-    assert sum(loads) == len(want) and len(loads) == (len(want) if group_bytes == 1 else 1)
+    source, target = build(0), build(1).to(torch.bfloat16)
+    untouched = target.blocks[1].proj_in.weight.clone()
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.1.")}
+    load_full_state_dict(target, weights)
+    got = target.state_dict()
+    assert all(torch.equal(got[k], v.bfloat16()) for k, v in weights.items() if v.is_floating_point())
+    assert torch.equal(target.blocks[1].proj_in.weight, untouched)
+    with pytest.raises(KeyError, match="the model has no blocks.9.x"):
+        load_full_state_dict(target, {"blocks.9.x": torch.zeros(1)})
+    name = "blocks.0.proj_in.weight"
+    with pytest.raises(ValueError, match=f"{name}: \\(1, 2\\) in the checkpoint"):
+        load_full_state_dict(target, {name: torch.zeros(1, 2)})

@@ -72,6 +72,45 @@ def test_sharded_bf16_weights_give_the_one_process_bf16_images(tmp_path: Path) -
         np.testing.assert_array_equal(single[name], double[name], err_msg=name)
 
 
+LOAD_SHARDED = """
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from safetensors.torch import load_file
+from starflow.assets import DEMO_DIR
+from starflow.config import load_config
+from starflow.distributed import load_sharded
+from starflow.models import STARFlow
+dist.init_process_group("gloo")
+cfg = load_config(DEMO_DIR / "config.yaml", {"channels": 64})  # 64 rows over 3 ranks: 22, 22, 20
+torch.manual_seed(0)
+if dist.get_rank() == 0:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in STARFlow.from_config(cfg, txt_dim=32).state_dict().items()}, sys.argv[1])
+dist.barrier()
+with torch.device("meta"):
+    model = STARFlow.from_config(cfg, txt_dim=32)
+load_sharded(model, sys.argv[1], torch.device("cpu"), torch.bfloat16)
+want = load_file(sys.argv[1])
+got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+uneven = sum(v.to_local().shape != v.shape and v.shape[0] % 3 != 0 for v in model.state_dict().values() if hasattr(v, "to_local"))
+same = all(torch.equal(got[k], w.to(got[k].dtype)) and got[k].dtype == (torch.bfloat16 if w.is_floating_point() else w.dtype) for k, w in want.items())
+(Path(sys.argv[1]).parent / f"rank_{dist.get_rank()}.txt").write_text(f"{same} {uneven > 0}")
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_loading_copies_each_ranks_slices(tmp_path: Path) -> None:
+    """``load_sharded`` on 3 ranks (uneven shards): each rank copies its own slices of the file, converted to
+    bf16, and the gathered parameters are the file's values."""
+    (tmp_path / "script.py").write_text(LOAD_SHARDED)
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+                        str(tmp_path / "script.py"), str(tmp_path / "w.safetensors")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(tmp_path / f"rank_{rank}.txt").read_text() for rank in range(3)] == ["True True"] * 3
+
+
 def test_per_sample_stopping_is_what_makes_ranks_agree(one_process: Path, tmp_path: Path) -> None:
     """The official whole-batch stopping rule depends on which samples share a batch: a smaller batch
     changes the images (this is why per-sample stopping is the default). With a fixed block size (the default

@@ -150,7 +150,7 @@ def test_killed_runs_resume_onto_the_uninterrupted_curve(runs) -> None:
     assert not any(p.name.endswith(".partial") for p in (logdir / "checkpoints").iterdir())
 
 
-FROM_RANK0 = """
+FROM_RANK0 = r"""
 import sys, torch.distributed as dist
 from pathlib import Path
 from starflow.distributed import from_rank0
@@ -164,11 +164,12 @@ def index():
 def broken():
     raise ValueError("metadata.jsonl:3: needs a string 'text'")
 
-print(rank, from_rank0(index))
+lines = [f"{rank} {from_rank0(index)}"]
 try:
     from_rank0(broken)
 except ValueError as err:
-    print(rank, "raised", err)
+    lines.append(f"{rank} raised {err}")
+(out / f"rank_{rank}.txt").write_text("\n".join(lines) + "\n")  # a file each: the ranks' stdout interleaves
 dist.destroy_process_group()
 """
 
@@ -182,7 +183,7 @@ def test_a_folder_is_indexed_on_rank_0_only(tmp_path: Path) -> None:
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("made_on_*")) == ["made_on_0"]
-    lines = sorted(r.stdout.splitlines())
+    lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"rank_{rank}.txt").read_text().splitlines())
     assert lines == ["0 raised metadata.jsonl:3: needs a string 'text'", "0 {'paths': ['a.png', 'b.png'], 'by': 0}",
                      "1 raised metadata.jsonl:3: needs a string 'text'", "1 {'paths': ['a.png', 'b.png'], 'by': 0}"]
 

@@ -106,7 +106,7 @@ def test_init_from_a_training_checkpoint_folder(config, weights, tmp_path) -> No
                  str(weights)]) == 0
     step = logdir / "checkpoints" / f"step_{STEPS:08d}"
     trainer = launch.build_trainer(load_config(config, {"logdir": str(tmp_path / "b")}), init_distributed("cpu"))
-    report = init_from(trainer.model, step, sharded=False)
+    report = init_from(trainer.model, step)
     assert not report.new and "step 3" in report.source
     final = load_file(logdir / "model" / "model.safetensors")
     for k, v in trainer.model.state_dict().items():
@@ -115,5 +115,5 @@ def test_init_from_a_training_checkpoint_folder(config, weights, tmp_path) -> No
     other = launch.build_trainer(wide, init_distributed("cpu"))
     before = {k: v.clone() for k, v in other.model.state_dict().items()}
     with pytest.raises(CheckpointError, match="mismatched"):
-        init_from(other.model, weights, sharded=False)
+        init_from(other.model, weights)
     assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())

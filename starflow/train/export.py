@@ -61,7 +61,7 @@ def _merged_lora_model(cfg: Config, path: Path) -> STARFlow:
     if not cfg.init_from:
         raise ValueError(f"{path} holds LoRA adapters but its config has no 'init_from' (the base weights)")
     model = STARFlow.from_config(cfg, txt_dim=text_width(cfg), vae_downsample=vae_geometry(cfg.vae).downsample)
-    init_from(model, cfg.init_from, sharded=False)
+    init_from(model, cfg.init_from)
     apply_lora(model, cfg)
     state = {"model": {k: v for k, v in model.state_dict().items() if LORA_MARK in k}}
     _dcp_load(state, path)

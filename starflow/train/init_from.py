@@ -165,14 +165,14 @@ def covers_every_parameter(model: nn.Module, path: str | Path) -> bool:
     return not report.new
 
 
-def init_from(model: nn.Module, path: str | Path, *, sharded: bool) -> InitReport:
+def init_from(model: nn.Module, path: str | Path) -> InitReport:
     """Load the weights at ``path`` into ``model`` (checked by :func:`plan_init`); new parameters keep their
     fresh initialisation.
 
     Args:
-        model: the model to train, after ``fully_shard`` when ``sharded`` (every rank must call this then).
+        model: the model to train, FSDP2-sharded (every rank must call this then; each copies only its own
+            slices) or not.
         path: a ``.pth``/``.safetensors`` file, a model folder or a DCP step folder.
-        sharded: the model is FSDP2-sharded: each rank keeps only its slices.
 
     Returns:
         The :class:`InitReport` (print :meth:`InitReport.table`).
@@ -197,7 +197,7 @@ def init_from(model: nn.Module, path: str | Path, *, sharded: bool) -> InitRepor
         return report
     state = drop_deprecated(read_state_dict(find_weights(path) if path.is_dir() else path))
     state = {k: v for k, v in state.items() if k in report.loaded}
-    load_full_state_dict(model, state, sharded=sharded)  # in groups: bounded memory per rank
+    load_full_state_dict(model, state)
     return report
 
 

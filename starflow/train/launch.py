@@ -64,7 +64,7 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
         tqdm.write(f"the model is built on the meta device; its weights come from {cfg.init_from}")
     if cfg.lora_rank:  # LoRA: base weights first (checkpoints hold only the adapters), then the adapters
         if cfg.init_from:
-            report = init_from(model, cfg.init_from, sharded=False)
+            report = init_from(model, cfg.init_from)
             if dist.is_main:
                 tqdm.write(report.table())
         trainable = apply_lora(model, cfg)

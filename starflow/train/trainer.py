@@ -217,7 +217,7 @@ class Trainer:
     def initialise_from(self, path: str | Path) -> InitReport:
         """Fine-tune: load weights (``--init_from``, see :mod:`starflow.train.init_from`) into the model, the EMA
         starting from them; logs the table of loaded / new / dropped parameters."""
-        report = init_from(self.model, path, sharded=self.sharded)
+        report = init_from(self.model, path)
         if self.ema is not None:
             self.ema.reset()
         self._log(report.table())
