@@ -148,25 +148,32 @@ def test_epoch_covers_every_sample_once_over_ranks_and_workers(all_digits: Path,
     assert sorted(seen) == sorted(f"sample {i}" for i in range(N))
 
 
-def test_fewer_shards_than_slots_each_slot_reads_one_shard(all_digits: Path, tmp_path: Path, monkeypatch) -> None:
-    """3 shards over 5 ranks: each rank opens one shard (ranks 0 and 3 share one, 1 and 4 another), and the
-    epoch still holds every sample once."""
+def test_fewer_shards_than_slots_split_the_epoch_evenly(all_digits: Path, tmp_path: Path, monkeypatch) -> None:
+    """2 shards of 10 over 3 ranks: each rank gets 6 or 7 samples of the epoch (a batch of 6 for every rank),
+    opens only the shards its run touches, and the epoch holds every sample once."""
     from starflow.data import stream as stream_module
 
-    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=30, unique=True), tmp_path / "shards", shard_size=10)
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=20, unique=True), tmp_path / "shards", shard_size=10)
     opened: list[list[str]] = []
     read = stream_module.read_shards
     monkeypatch.setattr(stream_module, "read_shards", lambda paths: opened.append(list(paths)) or read(paths))
-    seen = []
-    for rank in range(5):
-        opened.clear()
-        stream = ShardStream(tmp_path / "shards", 1, img_size=8, channels=1, seed=3, rank=rank, world_size=5,
+    seen, shares = [], []
+    for rank in range(3):
+        stream = ShardStream(tmp_path / "shards", 1, img_size=8, channels=1, seed=3, rank=rank, world_size=3,
                              shuffle_buffer=0)
-        for batch in itertools.islice(stream, 12):
-            if batch["position"].epoch == 0:
-                seen += batch["text"]
-        assert all(len(paths) == 1 for paths in opened) and len(opened) >= 2  # one shard per epoch
-    assert sorted(seen) == sorted(f"sample {i}" for i in range(30))
+        epoch0 = [t for batch in itertools.islice(stream, 8) if batch["position"].epoch == 0 for t in batch["text"]]
+        seen += epoch0
+        shares.append(len(epoch0))
+        first = ShardStream(tmp_path / "shards", 6, img_size=8, channels=1, seed=3, rank=rank, world_size=3)
+        assert next(iter(first))["position"].epoch == 0  # a batch of 6 in the first epoch, on every rank
+    assert sorted(shares) == [6, 7, 7] and sorted(seen) == sorted(f"sample {i}" for i in range(20))
+    assert all(len(paths) == 1 for paths in opened)  # one shard at a time, only those of the run
+
+
+def test_a_folder_without_samples_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "index.json").write_text(json.dumps({"kind": "image", "shards": [{"name": "a.tar", "samples": 0}]}))
+    with pytest.raises(ValueError, match="index.json lists no samples"):
+        ShardStream(tmp_path, 2, img_size=8, channels=1)
 
 
 def test_a_short_last_shard_dealt_alone_to_a_slot_moves_it_to_the_next_epoch(all_digits: Path, tmp_path: Path) -> None:

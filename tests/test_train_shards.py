@@ -77,6 +77,19 @@ def test_shard_training_resumes_on_another_layout(shard_runs, capsys) -> None:
     assert max(metrics(logdir)) == 10
 
 
+def test_a_run_moved_from_its_folder_to_shards_resumes(shard_runs, digits, capsys) -> None:
+    """A run started on the image folder and continued on its packed shards: model, optimizer and step resume,
+    the shards start from their beginning, and the log says so."""
+    tmp = shard_runs["tmp"]
+    base = ["train", "--config", str(shard_runs["config"]), "--device", "cpu", "--logdir", str(tmp / "moved"),
+            "--num_workers", "0"]
+    assert main([*base, "--data", str(digits["train"]), "--steps", "3"]) == 0
+    assert main([*base, "--data", str(tmp / "shards"), "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "its data position is for a folder, this run reads shards; the data starts from its beginning" in out
+    assert "resumed from" in out and sorted(metrics(tmp / "moved")) == [1, 2, 3, 4, 5]
+
+
 def test_cached_latents_train_like_their_shards(shard_runs) -> None:
     tmp = shard_runs["tmp"]
     straight, cached = metrics(tmp / "straight"), metrics(tmp / "cached")

@@ -1,12 +1,13 @@
 """An endless, resumable stream of micro-batches from a shard folder, split over ranks and DataLoader workers.
 
 Each DataLoader worker of each rank (a *slot*) reads its own share of every epoch: whole shards when there
-are at least as many shards as slots, else its share of the samples of one shard. Raw samples are
+are at least as many shards as slots, else an equal run of the epoch's samples. Raw samples are
 buffer-shuffled and grouped by aspect bucket before anything is decoded, so a resumed stream skips to its
 position cheaply.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -82,10 +83,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Use with ``DataLoader(stream, batch_size=None, num_workers=W)``. Each worker runs epochs 0, 1, ... on its
     own. In epoch ``e`` the shard list is shuffled with ``seed + e``; slot ``rank * W + worker`` of
-    ``S = world_size * W`` takes shards ``[slot::S]`` if there are at least ``S`` shards; with ``K < S``
-    shards it reads only shard ``slot % K`` and keeps every ``c``-th sample of it, from the
-    ``(slot // K)``-th, where ``c`` slots share that shard; so no sample is read twice in an epoch, and no
-    shard by more slots than share it. Raw samples
+    ``S = world_size * W`` takes shards ``[slot::S]`` if there are at least ``S`` shards; with fewer, the
+    epoch's ``N`` samples (in shuffled shard order) are cut into ``S`` runs of ``N // S`` or one more and a slot
+    reads only the shards its run touches; so no sample is read twice in an epoch, and every slot gets an
+    equal share. Raw samples
     are buffer-shuffled (RNG seeded by seed, epoch, slot), grouped by aspect bucket, and decoded only when
     their batch is due. A worker drops its incomplete batches at the end of each epoch. Corrupt samples
     are logged and skipped.
@@ -108,7 +109,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Raises:
         FileNotFoundError: No ``index.json``.
-        ValueError: Bad ``batch_size``/``rank``, or a decoding setting the kind needs is missing.
+        ValueError: Bad ``batch_size``/``rank``, a decoding setting the kind needs is missing, or no samples.
     """
 
     def __init__(self, root: str | Path, batch_size: int, *, img_size: int | None = None, channels: int = 3,
@@ -125,8 +126,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.decoder = SampleDecoder(self.index["kind"], img_size=img_size, channels=channels, multiple=multiple,
                                      mix_aspect=mix_aspect, aspect_ratio=aspect_ratio, frames=frames, fps=fps,
                                      size=size, paired=paired)
-        self.shards = [str(self.root / s["name"]) for s in self.index["shards"] if s["samples"] > 0]
-        self.num_samples = sum(s["samples"] for s in self.index["shards"])
+        self.sizes = {str(self.root / s["name"]): int(s["samples"]) for s in self.index["shards"] if s["samples"] > 0}
+        self.shards = list(self.sizes)
+        self.num_samples = sum(self.sizes.values())
+        if not self.shards:
+            raise ValueError(f"{self.root}: index.json lists no samples; pack a folder that has some "
+                             "(`starflow pack SRC OUT`)")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer, self.shuffle_bytes = shuffle_buffer, shuffle_bytes
         self.positions: dict[int, tuple[int, int]] = {}
@@ -164,6 +169,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                                  "or a smaller batch (or more shards)")
             epoch, start = epoch + 1, 0
 
+    def _run_of_samples(self, shards: Sequence[str], slot: int, slots: int) -> Iterator[dict]:
+        """Samples ``[slot * N // S, (slot + 1) * N // S)`` of the shards in this order (N samples in all, sizes from
+        ``index.json``), reading only the shards that hold them."""
+        total = sum(self.sizes[path] for path in shards)
+        first, end = slot * total // slots, (slot + 1) * total // slots
+        offset = 0
+        for path in shards:
+            size = self.sizes[path]
+            if offset < end and offset + size > first:
+                yield from itertools.islice(read_shards([path]), max(first - offset, 0), min(end - offset, size))
+            offset += size
+
     def _epoch(self, epoch: int, worker: int, workers: int, skip: int) -> Iterator[dict]:
         """One epoch of this slot's batches from batch ``skip`` on; returns the number of batches formed."""
         slots, slot = self.world_size * workers, self.rank * workers + worker
@@ -171,10 +188,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         random.Random(self.seed + epoch).shuffle(shards)
         if len(shards) >= slots:
             raw: Iterable[dict] = read_shards(shards[slot::slots])
-        else:  # fewer shards than slots: slots k, k + K, k + 2K ... share shard k and deal out its samples
-            shard, turn = slot % len(shards), slot // len(shards)
-            sharing = len(range(shard, slots, len(shards)))
-            raw = (s for i, s in enumerate(read_shards([shards[shard]])) if i % sharing == turn)
+        else:  # fewer shards than slots: the epoch's samples in S equal runs, each slot opens the shards of its own
+            raw = self._run_of_samples(shards, slot, slots)
         rng = random.Random(sample_seed(self.seed, epoch, slot))
         raw = _shuffled(raw, self.shuffle_buffer, rng, self.shuffle_bytes)
         buffers: dict[str, list[dict]] = {}

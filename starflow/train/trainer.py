@@ -413,6 +413,11 @@ class Trainer:
         if self.secondary_batches is not None and "secondary" in position:
             self.secondary_batches.epoch = position["secondary"]["epoch"]
             self.secondary_batches.skip = position["secondary"]["skip"]
+        if ("stream" in position) != (self.stream is not None):  # the data changed kind (e.g. a folder packed)
+            self._log(f"{path}: its data position is for {'shards' if 'stream' in position else 'a folder'}, this run "
+                      f"reads {'shards' if self.stream is not None else 'a folder'}; the data starts from its "
+                      "beginning (model, optimizer and step resume)")
+            return
         if self.stream is None:  # global batches: exact on any number of ranks
             self.batches.epoch, self.batches.skip = position["epoch"], position["skip"]
             return
