@@ -120,6 +120,31 @@ def test_read_clip_decodes_only_up_to_the_clip(tmp_path: Path, monkeypatch, fmt:
     assert counts == [25, 20] and np.array_equal(got, full[[17, 19]])
 
 
+def test_read_clip_counts_the_frames_that_decode_not_the_header(tmp_path: Path) -> None:
+    """An MP4 whose first 4 frames an edit list trims (as ``ffmpeg -ss ... -c copy`` writes): its header counts
+    20 frames, 16 decode; clips are cut from the 16, as a full decode would cut them."""
+    import av
+
+    src = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    write_video(tmp_path / "c.mp4", src, 8, lossless=True)
+    with av.open(str(tmp_path / "c.mp4")) as inp, av.open(str(tmp_path / "trimmed.mp4"), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        shift = 4 * int(1 / (inp.streams.video[0].average_rate * inp.streams.video[0].time_base))
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+                out.mux(packet)
+    full, fps = read_video(tmp_path / "trimmed.mp4")
+    with av.open(str(tmp_path / "trimmed.mp4")) as c:
+        assert c.streams.video[0].frames == 20 and len(full) == 16
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        got, _ = read_clip(tmp_path / "trimmed.mp4", lambda n, rate: clip_indices(n, rate, 6, rate, generator=gen,
+                                                                                    paired=True))
+        want = clip_indices(16, fps, 6, fps, generator=torch.Generator().manual_seed(seed), paired=True)
+        assert np.array_equal(got, full[want])
+
+
 def _clip_folder(root: Path, n: int = 8, frames: int = 6) -> Path:
     from starflow.data.digits import load_digit_split
 

@@ -69,7 +69,7 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
     Args:
         path: any file (or binary stream) ``av`` decodes.
         choose: ``choose(n_source, fps) -> source frame indices`` (e.g. :func:`clip_indices`), given the
-            stream's frame count (from its header, else by counting packets, no decoding) and its frame rate.
+            stream's frame count (its packets counted, not decoded) and its frame rate.
             If the file then decodes to fewer frames than the clip needs, or ``choose`` finds the count too
             short, the file is decoded whole and ``choose`` called again with the true count.
 
@@ -103,13 +103,11 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
 
 
 def _frame_count(path: str | Path | BinaryIO) -> int:
-    """Frames of the first video stream: from its header, else (e.g. WebM) by counting packets, not decoding."""
+    """Frames the first video stream decodes to, counted from its packets (read, not decoded): the header's
+    count is not used, as it includes the frames an edit list trims (``ffmpeg -ss ... -c copy``) and WebM has
+    none."""
     with _open_video(path) as container:
-        count = container.streams.video[0].frames
-    if not count:
-        with _open_video(path) as container:
-            count = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
-    return count
+        return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size and not packet.is_discard)
 
 
 def _rewound(path: str | Path | BinaryIO) -> str | Path | BinaryIO:
