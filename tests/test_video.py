@@ -115,7 +115,7 @@ def test_read_clip_decodes_only_up_to_the_clip(tmp_path: Path, monkeypatch, fmt:
     assert np.array_equal(got, full[want])
 
     counts = []
-    monkeypatch.setattr(video, "_frame_count", lambda p: 25)  # a header that claims more frames than decode
+    monkeypatch.setattr(video, "_count_and_rate", lambda p: (25, fps))  # more frames than decode
     got, _ = read_clip(path, lambda n, rate: counts.append(n) or [n - 3, n - 1])
     assert counts == [25, 20] and np.array_equal(got, full[[17, 19]])
 

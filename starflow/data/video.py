@@ -81,33 +81,38 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
     """
     import av
 
+    errors = (OSError, ValueError, IndexError, av.error.FFmpegError)
     try:
-        count = _frame_count(path)
-        with _open_video(path) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
-            try:
-                pick = list(choose(count, fps)) if count else []
-            except CorruptVideoError:  # too short by the count: the full decode below confirms it
-                pick = []
-            wanted, kept = set(pick), {}
-            for i, frame in enumerate(container.decode(stream) if pick else ()):
-                if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= max(pick):
-                    return np.stack([kept[i] for i in pick]), fps
-    except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
+        count, fps = _count_and_rate(path)
+    except errors as err:
         raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+    try:
+        pick = list(choose(count, fps)) if count else []
+    except CorruptVideoError:  # too short by the count: the full decode below confirms it
+        pick = []
+    if pick:
+        wanted, last, kept = set(pick), max(pick), {}
+        try:
+            with _open_video(path) as container:
+                for i, frame in enumerate(container.decode(container.streams.video[0])):
+                    if i in wanted:
+                        kept[i] = frame.to_ndarray(format="rgb24")
+                    if i == last:
+                        return np.stack([kept[i] for i in pick]), fps
+        except errors as err:
+            raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
     frames, fps = read_video(path)  # no count, or fewer frames than counted: the whole file, its true length
     return frames[list(choose(len(frames), fps))], fps
 
 
-def _frame_count(path: str | Path | BinaryIO) -> int:
-    """Frames the first video stream decodes to, counted from its packets (read, not decoded): the header's
-    count is not used, as it includes the frames an edit list trims (``ffmpeg -ss ... -c copy``) and WebM has
-    none."""
+def _count_and_rate(path: str | Path | BinaryIO) -> tuple[int, float]:
+    """``(frames, fps)`` of the first video stream, the frames counted from its packets (read, not decoded): the
+    header's count is not used, as it includes the frames an edit list trims (``ffmpeg -ss ... -c copy``) and
+    WebM has none."""
     with _open_video(path) as container:
-        return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size and not packet.is_discard)
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+        return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard), fps
 
 
 def _rewound(path: str | Path | BinaryIO) -> str | Path | BinaryIO:

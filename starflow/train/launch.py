@@ -47,7 +47,7 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     torch.manual_seed(cfg.seed + dist.rank)
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
-    if (Path(cfg.data) / "index.json").is_file():  # shards: each rank streams its own share
+    if from_rank0(lambda: (Path(cfg.data) / "index.json").is_file()):  # shards (rank 0 decides for all)
         dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
     else:  # a folder: indexed once, on rank 0 (a stat and, for aspect buckets, a header read per file)
         dataset = from_rank0(lambda: _indexed(build_dataset(cfg, downsample=vae.downsample)))
