@@ -90,6 +90,25 @@ def test_a_run_moved_from_its_folder_to_shards_resumes(shard_runs, digits, capsy
     assert "resumed from" in out and sorted(metrics(tmp / "moved")) == [1, 2, 3, 4, 5]
 
 
+def test_a_checkpoint_of_the_earlier_split_continues_by_samples(shard_runs, digits, capsys) -> None:
+    """One shard, 2 workers: a checkpoint without the stream version (written when fewer shards than slots were
+    dealt every S-th sample) is continued by the samples consumed, and says so."""
+    tmp = shard_runs["tmp"]
+    assert main(["pack", str(digits["train"]), str(tmp / "one_shard"), "--shard_size", "64"]) == 0
+    base = ["train", "--config", str(shard_runs["config"]), "--device", "cpu", "--logdir", str(tmp / "legacy"),
+            "--data", str(tmp / "one_shard")]
+    assert main([*base, "--steps", "3"]) == 0
+    rank_file = tmp / "legacy" / "checkpoints" / "step_00000003" / "rank_0.pt"
+    local = torch.load(rank_file, weights_only=False)
+    del local["data"]["stream_version"]
+    torch.save(local, rank_file)
+    capsys.readouterr()
+    assert main([*base, "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "saved by 1 rank(s) x 2 worker(s) with an earlier split of its shards, micro-batches of 8" in out
+    assert "resume with the old layout" not in out
+
+
 def test_cached_latents_train_like_their_shards(shard_runs) -> None:
     tmp = shard_runs["tmp"]
     straight, cached = metrics(tmp / "straight"), metrics(tmp / "cached")

@@ -20,7 +20,12 @@ from starflow.data.images import collate
 from starflow.data.seeding import sample_seed
 from starflow.data.shards import SampleDecoder, read_index, read_shards
 
-__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any", "continue_positions", "EMPTY_EPOCHS"]
+__all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any", "continue_positions", "EMPTY_EPOCHS",
+           "STREAM_VERSION"]
+
+STREAM_VERSION = 2
+"""Version of the rules that split an epoch into slots, saved with the positions (2: equal runs of samples when
+there are fewer shards than slots; 1 dealt each slot every S-th sample)."""
 
 EMPTY_EPOCHS = 16
 """Epochs in a row in which one DataLoader worker of one rank may form no batch before the stream fails (a short

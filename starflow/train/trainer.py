@@ -36,6 +36,7 @@ from starflow.checkpoint import save_weights
 from starflow.config import Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            collate, continue_positions, load_uncond, sample_seed)
+from starflow.data.stream import STREAM_VERSION
 from starflow.distributed import DistInfo, is_sharded
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
@@ -402,7 +403,8 @@ class Trainer:
 
     def _data_position(self) -> dict[str, Any]:
         if self.stream is not None:
-            out = {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers, "micro_batch": self.micro}
+            out = {"stream": self.tracker.state_dict(), "num_workers": self.cfg.num_workers, "micro_batch": self.micro,
+                   "stream_version": STREAM_VERSION}
         else:
             out = {"epoch": self.batches.epoch, "skip": self.batches.skip}
         if self.secondary_batches is not None:
@@ -424,17 +426,20 @@ class Trainer:
         state = position["stream"]
         old = self._stream_layout(position, meta)
         new = (self.dist.world_size, max(1, self.cfg.num_workers), self.micro)
-        if old != new:  # the old split of each epoch into slots no longer applies: continue by samples consumed
+        # written before the split of the current stream version (fewer shards than slots were dealt otherwise)
+        legacy = position.get("stream_version", 1) < STREAM_VERSION and len(self.stream.shards) < new[0] * new[1]
+        if old != new or legacy:  # the old split of each epoch into slots no longer applies: continue by samples
             saved = [dict(self.checkpoints.load_local(path, r)["data"], micro_batch=old[2])
                      for r in range(meta["world_size"])]
             state = continue_positions(saved, num_samples=self.stream.num_samples, world_size=new[0],
                                        num_workers=new[1], batch_size=new[2])
             epoch, skip = state["positions"]["0"]
-            self._log(f"{path}: the shard stream was saved by {old[0]} rank(s) x {old[1]} worker(s) with "
+            split = "an earlier split of its shards, " if legacy else ""
+            self._log(f"{path}: the shard stream was saved by {old[0]} rank(s) x {old[1]} worker(s) with {split}"
                       f"micro-batches of {old[2]}, this run has {new[0]} x {new[1]} and {new[2]}; it continues "
                       f"by the samples consumed, at epoch {epoch} with {skip} batch(es) of each worker skipped. Until "
-                      f"epoch {epoch + 1} some samples may repeat and others wait (resume with the old layout for "
-                      "the exact stream)")
+                      f"epoch {epoch + 1} some samples may repeat and others wait"
+                      + (" (resume with the old layout for the exact stream)" if old != new else ""))
         self.tracker.load_state_dict(state)
         self.stream.set_position(**state)
 
