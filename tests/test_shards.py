@@ -170,6 +170,18 @@ def test_fewer_shards_than_slots_split_the_epoch_evenly(all_digits: Path, tmp_pa
     assert all(len(paths) == 1 for paths in opened)  # one shard at a time, only those of the run
 
 
+def test_a_truncated_shard_shared_by_slots_is_named(all_digits: Path, tmp_path: Path, caplog) -> None:
+    """One shard of 20 over 4 ranks, cut to 60% of its bytes: the rank whose run lies in the lost tail gets no
+    samples; the warning names the shard and the rank's error says to repack it."""
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=20, unique=True), tmp_path / "shards", shard_size=20)
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: int(0.6 * shard.stat().st_size)])
+    with caplog.at_level(logging.WARNING, logger="starflow.data.stream"), \
+            pytest.raises(ValueError, match="or repack a damaged shard"):
+        next(iter(ShardStream(tmp_path / "shards", 1, img_size=8, channels=1, rank=3, world_size=4)))
+    assert "shard-000000.tar holds fewer samples than the 20 index.json lists" in caplog.text
+
+
 def test_a_folder_without_samples_is_refused(tmp_path: Path) -> None:
     (tmp_path / "index.json").write_text(json.dumps({"kind": "image", "shards": [{"name": "a.tar", "samples": 0}]}))
     with pytest.raises(ValueError, match="index.json lists no samples"):

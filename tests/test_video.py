@@ -145,6 +145,36 @@ def test_read_clip_counts_the_frames_that_decode_not_the_header(tmp_path: Path) 
         assert np.array_equal(got, full[want])
 
 
+def test_read_clip_counts_from_the_first_keyframe(tmp_path: Path) -> None:
+    """A Matroska file cut mid-GOP (packets from the 3rd on, no edit list): the decoder drops the frames before
+    the first keyframe; paired clips are cut from the frames that decode, as a full decode would cut them."""
+    import av
+
+    frames = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    with av.open(str(tmp_path / "gop.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=8, options={"g": "12", "keyint_min": "12", "sc_threshold": "0",
+                                                             "crf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    with av.open(str(tmp_path / "gop.mp4")) as inp, av.open(str(tmp_path / "cut.mkv"), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        packets = sorted((p for p in inp.demux(inp.streams.video[0]) if p.dts is not None), key=lambda p: p.dts)
+        for packet in packets[2:]:
+            packet.stream = stream
+            out.mux(packet)
+    full, fps = read_video(tmp_path / "cut.mkv")
+    assert len(full) < 38  # the cut GOP's other frames do not decode
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        got, _ = read_clip(tmp_path / "cut.mkv", lambda n, rate: clip_indices(n, rate, 6, rate, generator=gen,
+                                                                                paired=len(full) % 2 == 0))
+        want = clip_indices(len(full), fps, 6, fps, generator=torch.Generator().manual_seed(seed),
+                            paired=len(full) % 2 == 0)
+        assert np.array_equal(got, full[want])
+
+
 def _clip_folder(root: Path, n: int = 8, frames: int = 6) -> Path:
     from starflow.data.digits import load_digit_split
 

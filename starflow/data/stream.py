@@ -8,6 +8,7 @@ position cheaply.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,6 +27,8 @@ __all__ = ["BatchPosition", "PositionTracker", "ShardStream", "collate_any", "co
 STREAM_VERSION = 2
 """Version of the rules that split an epoch into slots, saved with the positions (2: equal runs of samples when
 there are fewer shards than slots; 1 dealt each slot every S-th sample)."""
+
+logger = logging.getLogger(__name__)
 
 EMPTY_EPOCHS = 16
 """Epochs in a row in which one DataLoader worker of one rank may form no batch before the stream fails (a short
@@ -171,7 +174,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if empty == EMPTY_EPOCHS:
                 raise ValueError(f"{self.root}: worker {worker} of rank {self.rank} formed no batch of "
                                  f"{self.batch_size} in {EMPTY_EPOCHS} epochs in a row; use fewer ranks, workers "
-                                 "or a smaller batch (or more shards)")
+                                 "or a smaller batch (or more shards), or repack a damaged shard (warnings above "
+                                 "name it)")
             epoch, start = epoch + 1, 0
 
     def _run_of_samples(self, shards: Sequence[str], slot: int, slots: int) -> Iterator[dict]:
@@ -183,7 +187,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         for path in shards:
             size = self.sizes[path]
             if offset < end and offset + size > first:
-                yield from itertools.islice(read_shards([path]), max(first - offset, 0), min(end - offset, size))
+                lo, hi = max(first - offset, 0), min(end - offset, size)
+                got = 0
+                for sample in itertools.islice(read_shards([path]), lo, hi):
+                    got += 1
+                    yield sample
+                if got < hi - lo:  # a damaged tar ends early: this slot's run is short every epoch it covers
+                    logger.warning("%s holds fewer samples than the %d index.json lists (it ended before sample %d; "
+                                   "damaged?): repack it with `starflow pack`", path, size, lo + got + 1)
             offset += size
 
     def _epoch(self, epoch: int, worker: int, workers: int, skip: int) -> Iterator[dict]:

@@ -106,13 +106,18 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
 
 
 def _count_and_rate(path: str | Path | BinaryIO) -> tuple[int, float]:
-    """``(frames, fps)`` of the first video stream, the frames counted from its packets (read, not decoded): the
-    header's count is not used, as it includes the frames an edit list trims (``ffmpeg -ss ... -c copy``) and
-    WebM has none."""
+    """``(frames, fps)`` of the first video stream, the frames counted from its packets (read, not decoded), from
+    the first keyframe on: the header's count is not used, as it includes the frames an edit list trims
+    (``ffmpeg -ss ... -c copy``) and WebM has none, and the decoder drops what precedes the first keyframe (a
+    file cut mid-GOP)."""
     with _open_video(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
-        return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard), fps
+        count, keyed = 0, False
+        for packet in container.demux(stream):
+            keyed = keyed or packet.is_keyframe
+            count += bool(keyed and packet.size and not packet.is_discard)
+        return count, fps
 
 
 def _rewound(path: str | Path | BinaryIO) -> str | Path | BinaryIO:

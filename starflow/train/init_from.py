@@ -9,8 +9,8 @@ fresh; a restarted run resumes from its own checkpoints instead (:meth:`Trainer.
 
 Sources: a ``.pth``/``.safetensors`` file, a model folder (``starflow export`` / ``logdir/model``) or a DCP
 step folder of a training run (``checkpoints/step_XXXXXXXX``). Under FSDP2 each rank keeps only its shards:
-a DCP folder is read shard by shard; a ``.pth`` is memory-mapped, so a rank reads only the pages of its slices;
-a ``.safetensors`` file is read whole by each rank, then all but its slices are freed.
+a DCP folder is read shard by shard; ``.pth`` and ``.safetensors`` files are memory-mapped and each rank copies
+only its own slices (:func:`starflow.distributed.load_full_state_dict`), reading only their pages.
 """
 from __future__ import annotations
 
