@@ -193,7 +193,11 @@ def from_rank0(make: Callable[[], T]) -> T:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return make()
-    group = dist.new_group(backend="gloo", timeout=FROM_RANK0_TIMEOUT)
+    try:
+        group = dist.new_group(backend="gloo", timeout=FROM_RANK0_TIMEOUT)
+    except RuntimeError as err:
+        raise RuntimeError(f"cannot connect the ranks over gloo ({err}); if they reach each other on another network "
+                           "interface than the default, name it with GLOO_SOCKET_IFNAME") from err
     try:
         payload: list[Any] = [None]
         result, error = None, None
