@@ -8,10 +8,11 @@ from starflow.data.images import CorruptImageError, ImageFolder, collate, load_i
 from starflow.data.latent_cache import cache_latents, cache_settings, check_cache_settings, load_uncond
 from starflow.data.seeding import sample_seed
 from starflow.data.shards import pack_folder, read_index
-from starflow.data.stream import BatchPosition, PositionTracker, ShardStream, continue_positions
+from starflow.data.stream import STREAM_VERSION, BatchPosition, PositionTracker, ShardStream, continue_positions
 
 __all__ = [
     "ASPECT_RATIOS",
+    "STREAM_VERSION",
     "AspectBucketBatchSampler",
     "BatchPosition",
     "CorruptImageError",

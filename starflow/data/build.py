@@ -1,7 +1,9 @@
 """The training data a config names: a captioned folder (images or videos) or a folder of shards."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -12,6 +14,14 @@ from starflow.data.shards import read_index
 from starflow.data.stream import ShardStream
 
 __all__ = ["build_dataset", "build_secondary_dataset", "check_data_folder", "clip_frames"]
+
+Once = Callable[[Callable[[], Any]], Any]
+"""How work done once for all ranks is run: ``once(make) -> make()``'s result on every rank (the trainer passes
+:func:`starflow.distributed.from_rank0`: made on rank 0, sent to the others)."""
+
+
+def _here(make: Callable[[], Any]) -> Any:
+    return make()
 
 
 def check_data_folder(data: str | Path) -> Path:
@@ -33,16 +43,20 @@ def clip_frames(cfg: Config) -> int:
     return cfg.vid_size[0] * (2 if cfg.video_to_video else 1)
 
 
-def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: int = 1):
+def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: int = 1, once: Once = _here):
     """The training data named by ``cfg.data``: a folder with ``metadata.jsonl`` (images or videos), or a folder
     of webdataset shards with ``index.json`` (``starflow pack``; or cached latents, ``starflow cache-latents``).
 
-    With ``wds: 1`` and a plain folder the folder is read directly, with a note on how to pack it.
+    With ``wds: 1`` and a plain folder the folder is read directly, with a note on how to pack it. The kind of
+    data is decided, and a folder indexed (a stat and, for aspect buckets, a header read per file), through
+    ``once``: under a process group the trainer passes :func:`starflow.distributed.from_rank0`, so rank 0 does
+    it for all (every rank must then call this).
 
     Args:
         cfg: the training config (``data``, sizes, ``batch_size``, ``grad_accum``, ``mix_aspect``, ``seed``).
         downsample: the VAE's spatial factor (1 for pixels): sizes are multiples of ``downsample * patch_size``.
         rank, world_size: this process's place among the training processes (shard streams split by rank).
+        once: how work done once for all ranks runs (:data:`Once`; default: here).
 
     Returns:
         An :class:`ImageFolder`, a :class:`~starflow.data.video.VideoFolder` or a :class:`ShardStream`.
@@ -53,7 +67,7 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
     """
     root = check_data_folder(cfg.data)
     pixel_channels = cfg.channel_size if downsample == 1 else 3
-    if (root / "index.json").is_file():
+    if once(lambda: (root / "index.json").is_file()):  # shards: each rank streams its own share
         kind = read_index(root)[1]["kind"]
         if kind == "latent":
             check_cache_settings(root, cfg)
@@ -63,7 +77,12 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         return ShardStream(root, micro, img_size=cfg.img_size, channels=pixel_channels,
                            multiple=downsample * cfg.patch_size, mix_aspect=cfg.mix_aspect, seed=cfg.seed,
                            rank=rank, world_size=world_size, **video)
-    if cfg.wds and rank == 0:
+    return once(lambda: _indexed(_folder_dataset(cfg, root, pixel_channels, downsample)))
+
+
+def _folder_dataset(cfg: Config, root: Path, pixel_channels: int, downsample: int):
+    """The image or video folder ``root`` as a dataset (see :func:`build_dataset`)."""
+    if cfg.wds:
         tqdm.write(f"note: config key 'wds' is 1 but {root} is a plain folder (no index.json); reading it directly. "
                    f"For sharded reading at scale run `starflow pack {root} SHARDS_DIR` and pass --data SHARDS_DIR")
     if cfg.is_video:
@@ -100,9 +119,10 @@ def _check_not_videos(root: Path) -> None:
                          "a video config on it, or pass an image folder")
 
 
-def build_secondary_dataset(cfg: Config, *, downsample: int) -> ImageFolder | None:
+def build_secondary_dataset(cfg: Config, *, downsample: int, once: Once = _here) -> ImageFolder | None:
     """The secondary image data of a video config (``secondary_data`` at ``secondary_img_size``, aspect buckets
-    with ``mix_aspect``), trained as one-frame videos; None without ``secondary_data``.
+    with ``mix_aspect``), trained as one-frame videos; None without ``secondary_data``. Indexed through
+    ``once``, as in :func:`build_dataset`.
 
     Raises:
         FileNotFoundError: no ``metadata.jsonl`` in the folder.
@@ -110,5 +130,12 @@ def build_secondary_dataset(cfg: Config, *, downsample: int) -> ImageFolder | No
     if cfg.secondary_data is None:
         return None
     channels = cfg.channel_size if downsample == 1 else 3
-    return ImageFolder(Path(cfg.secondary_data), cfg.secondary_img_size or cfg.img_size, channels,
-                       mix_aspect=cfg.mix_aspect, multiple=downsample * cfg.patch_size)
+    size, multiple = cfg.secondary_img_size or cfg.img_size, downsample * cfg.patch_size
+    return once(lambda: _indexed(ImageFolder(Path(cfg.secondary_data), size, channels, mix_aspect=cfg.mix_aspect,
+                                             multiple=multiple)))
+
+
+def _indexed(dataset):
+    """A folder dataset with its aspect buckets read (so they travel with it from rank 0)."""
+    dataset.buckets  # noqa: B018 - read from the files' headers on first use
+    return dataset

@@ -47,11 +47,10 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     torch.manual_seed(cfg.seed + dist.rank)
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
-    if from_rank0(lambda: (Path(cfg.data) / "index.json").is_file()):  # shards (rank 0 decides for all)
-        dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size)
-    else:  # a folder: indexed once, on rank 0 (a stat and, for aspect buckets, a header read per file)
-        dataset = from_rank0(lambda: _indexed(build_dataset(cfg, downsample=vae.downsample)))
-    secondary = from_rank0(lambda: _indexed(build_secondary_dataset(cfg, downsample=vae.downsample)))
+    # rank 0 decides the kind of data and indexes a folder for all ranks
+    dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size,
+                            once=from_rank0)
+    secondary = build_secondary_dataset(cfg, downsample=vae.downsample, once=from_rank0)
     if isinstance(text_encoder, LabelEncoder) and hasattr(dataset, "texts"):
         text_encoder.ids(list(dataset.texts))  # every caption must be a class name (raises, naming the others)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -75,9 +74,3 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     torch.manual_seed(cfg.seed + dist.rank)
     return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir), secondary=secondary)
 
-
-def _indexed(dataset):
-    """A folder dataset with its aspect buckets read (so they travel with it from rank 0); None stays None."""
-    if dataset is not None:
-        dataset.buckets  # noqa: B018 - read from the files' headers on first use
-    return dataset

@@ -35,8 +35,7 @@ from starflow.assets import TINY_TEXT_ENCODER
 from starflow.checkpoint import save_weights
 from starflow.config import Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
-                           collate, continue_positions, load_uncond, sample_seed)
-from starflow.data.stream import STREAM_VERSION
+                           STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
 from starflow.distributed import DistInfo, is_sharded
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
