@@ -17,7 +17,10 @@ as ``starflow train`` runs it (the official recipe; attention runs in float32 on
 FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.utils.flop_counter``.
 
     python benchmarks/train_step.py [--layout CONFIG] [--batch 8] [--steps 10] [--device cpu|cuda]
-                                    [--precision auto|fp32|bf16|fp32,bf16] [--rounds 1]
+                                    [--precision auto|fp32|bf16|fp32,bf16] [--rounds 1] [--profile N]
+
+``--profile N`` instead runs ``N`` eager steps (of the first ``--precision``) under ``torch.profiler`` after the
+warm-up and prints where a step's time goes: the operators by self time, per step.
 
 With ``--rounds R`` every variant (mode x precision) runs R times, in interleaved rounds, each in a fresh process.
 """
@@ -38,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from starflow.adapters.geometry import vae_geometry  # noqa: E402
 from starflow.config import PRECISIONS, load_config  # noqa: E402
 from starflow.models import STARFlow  # noqa: E402
 from starflow.models.starflow import patchify  # noqa: E402
@@ -56,7 +60,8 @@ def build(args: argparse.Namespace):
         overrides["img_size"] = args.img_size
     cfg = load_config(args.layout or ROOT / "configs" / "demo_digits.yaml", overrides)
     txt_dim = text_width(cfg, Path(args.layout).parent if args.layout else ROOT / "configs")
-    down = 1 if not cfg.vae else (16 if cfg.is_video else 8)
+    geometry = vae_geometry(cfg.vae)  # the latent the flow sees: no VAE, SD-VAE or WAN2.2
+    down = geometry.downsample
     device = torch.device(args.device)
     torch.manual_seed(0)
     with torch.device(device):
@@ -65,7 +70,7 @@ def build(args: argparse.Namespace):
     side = cfg.img_size // down
     shape = (args.batch, cfg.channel_size, side, side)
     if cfg.is_video:
-        frames = (cfg.vid_size[0] - 1) // 4 + 1
+        frames = geometry.latent_frames(cfg.vid_size[0])
         shape = (args.batch, frames, cfg.channel_size, side, side)
     x = torch.randn(shape, device=device)
     y = torch.randn(args.batch, cfg.txt_size, txt_dim, device=device) if txt_dim else None
@@ -85,8 +90,13 @@ def step_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None, attenti
 
     A multiply-add is 2 FLOPs; causal attention is counted over the full ``S x S`` square, as
     ``torch.utils.flop_counter`` counts SDPA. Norms, RoPE, softmax and the affine update are not counted.
-    The backward pass costs twice the forward (gradients of inputs and weights). ``attention=False``: the
-    matmuls alone (what ``torch.utils.flop_counter`` counts on CPU, where SDPA has no FLOP rule).
+    The backward pass costs twice the forward (gradients of inputs and weights), except in ``proj_txt``, whose
+    input (the frozen text encoder's output) needs no gradient: ``2 L T W`` once. So
+
+        step = sum over blocks of B (3 forward - 2 L T W)
+
+    ``attention=False``: the matmuls alone (what ``torch.utils.flop_counter`` counts on CPU, where SDPA has no
+    FLOP rule; the two agree exactly, tested).
     """
     total, b = 0, x.shape[0]
     grid = patchify(x, model.patch_size)  # (B, [T,] h, w, D)
@@ -103,8 +113,8 @@ def step_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None, attenti
             rows, n = b * frames, n_all // frames
         s = l + n
         fwd = 2 * n * d * w + 2 * l * t * w + k * (24 * s * w * w + (4 * s * s * w if attention else 0)) + 4 * n * w * d
-        total += rows * fwd
-    return 3 * total
+        total += rows * (3 * fwd - 2 * l * t * w)
+    return total
 
 
 def counted_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None) -> int:
@@ -179,6 +189,9 @@ def main() -> None:
                              "slows all variants alike [default: 1]")
     parser.add_argument("--no_check_flops", dest="check_flops", action="store_false",
                         help="skip the torch.utils.flop_counter check of the analytic count")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N eager steps with torch.profiler and print the operators by self time "
+                             "instead of the timing table [default: 0, off]")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
     args = parser.parse_args()
     precisions = args.precision.split(",")
@@ -186,6 +199,12 @@ def main() -> None:
         parser.error(f"--precision {args.precision}: {', '.join(bad)} is not one of {', '.join(PRECISIONS)}")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be >= 1")
+    if args.profile < 0:
+        parser.error(f"--profile {args.profile}: must be >= 0")
+    if args.profile:
+        args.precision = precisions[0]
+        profile(args)
+        return
     if args.mode is not None:
         print(json.dumps(run_one(args)))
         return
@@ -202,7 +221,7 @@ def main() -> None:
         row["label"] = f"{variant[0]}, {describe(variant[1], args.device)}"
         rows.append(row)
     first = next((x for run in runs.values() for x in run if "counted_flops" in x), rows[0])
-    print(f"layout: {args.layout or 'demo scaled (img_size 16, channels 192)'}; {first['params']:,} parameters, "
+    print(f"layout: {layout_name(args)}; {first['params']:,} parameters, "
           f"{first['tokens']} tokens, batch {args.batch} on {args.device} ({args.threads} threads); "
           f"{args.rounds} round(s) of {args.steps} timed steps per variant")
     if "counted_flops" in first:
@@ -216,6 +235,49 @@ def main() -> None:
         print(f"{row['label']:<26}{row['best'] * 1e3:>10.1f}{row['seconds'] * 1e3:>11.1f}"
               f"{row['best'] / rows[0]['best']:>10.2f}{row['peak_gib']:>10.2f}{row['tflops_per_s']:>10.3f}"
               f"{row['loss']:>12.6f}")
+
+
+def profile(args: argparse.Namespace, rows: int = 20) -> None:
+    """Print the ``rows`` operators with the most self time per eager step (``torch.profiler``), and their share."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    torch.set_num_threads(args.threads)
+    cfg, model, x, y = build(args)
+    bf16 = training_dtype(args.precision, x.device) == torch.bfloat16
+    cuda = x.device.type == "cuda"
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(x, y)["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profiler(activities=activities) as prof:
+        for _ in range(args.profile):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    device_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(events, key=lambda e: getattr(e, device_time), reverse=True)
+    total = sum(getattr(e, device_time) for e in events)
+    print(f"layout: {layout_name(args)}, batch {args.batch}, "
+          f"{describe(args.precision, args.device)}, {args.threads} threads: {args.profile} profiled eager step(s), "
+          f"{total / 1e3 / args.profile:.1f} ms of {'device' if cuda else 'CPU'} self time per step")
+    print(f"{'operator':<44}{'ms/step':>10}{'share':>8}{'calls/step':>12}")
+    for e in events[:rows]:
+        ms = getattr(e, device_time) / 1e3 / args.profile
+        print(f"{e.key[:43]:<44}{ms:>10.1f}{ms * 1e3 * args.profile / total:>8.1%}{e.count / args.profile:>12.0f}")
+
+
+def layout_name(args: argparse.Namespace) -> str:
+    """The timed layout in words: the config file, or the scaled demo, with an ``--img_size`` override."""
+    if args.layout:
+        return args.layout + (f" at img_size {args.img_size}" if args.img_size else "")
+    return f"demo scaled (img_size {args.img_size or DEMO_SCALED['img_size']}, channels {DEMO_SCALED['channels']})"
 
 
 def describe(precision: str, device: str) -> str:

@@ -1,0 +1,42 @@
+"""``benchmarks/train_step.py``: its analytic FLOP count equals ``torch.utils.flop_counter``'s, on image and video
+layouts, and ``--profile`` prints where a step's time goes."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_step  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("layout, img_size", [
+    (None, 4),  # the scaled demo: text in the top block only, one latent frame
+    ("configs/demo_moving_digits.yaml", None),  # pixel-space video: 4 frames (no VAE), frame-local blocks
+])
+def test_analytic_flops_equal_the_flop_counter(layout: str | None, img_size: int | None) -> None:
+    args = argparse.Namespace(layout=str(ROOT / layout) if layout else None, img_size=img_size, batch=2,
+                              device="cpu")
+    cfg, model, x, y = train_step.build(args)
+    if cfg.is_video:
+        assert x.shape[1] == cfg.vid_size[0]  # no VAE: every pixel frame is a latent frame
+    assert train_step.step_flops(model, x, y, attention=False) == train_step.counted_flops(model, x, y)
+    assert train_step.step_flops(model, x, y) > train_step.step_flops(model, x, y, attention=False)
+
+
+def test_profile_prints_the_operators() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--img_size", "4", "--batch", "2",
+                        "--profile", "1", "--warmup", "1", "--threads", "1"], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "demo scaled (img_size 4, channels 192)" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("aten::")]
+    assert rows and {"aten::mm", "aten::addmm"} <= {row[0] for row in rows}
+    assert all(float(row[1]) >= 0 and row[2].endswith("%") for row in rows)
