@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _args import at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -62,13 +63,14 @@ def batched(fn, n: int, batch: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=200, help="real test digits for (a) and (b) [default: 200]")
+    parser.add_argument("--n", type=at_least(1), default=200,
+                        help="real test digits for (a) and (b), at most the 359 of the test split [default: 200]")
     parser.add_argument("--cfg", type=float, default=None, help="guidance [default: each demo's config]")
-    parser.add_argument("--rounds", type=int, default=1, help="inpainting rounds [default: 1]")
-    parser.add_argument("--clips", type=int, default=200,
+    parser.add_argument("--rounds", type=at_least(1), default=1, help="inpainting rounds [default: 1]")
+    parser.add_argument("--clips", type=at_least(1), default=200,
                         help="real clips to continue in (c) and to redraw in (d) [default: 200]")
-    parser.add_argument("--continue_frames", type=int, default=8, help="frames added to each clip [default: 8]")
-    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--continue_frames", type=at_least(1), default=8, help="frames added to each clip [default: 8]")
+    parser.add_argument("--batch_size", type=at_least(1), default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -78,6 +80,8 @@ def main() -> None:
     cfg = pipe.config.cfg if args.cfg is None else args.cfg
     settings = SampleSettings(cfg=cfg, jacobi=True, temperature=pipe.config.temperature)
     images, labels = load_digit_split("test")
+    if args.n > len(images):
+        parser.error(f"--n {args.n}: the test split has {len(images)} digits")
     pick = rng.choice(len(images), args.n, replace=False)
     x = torch.from_numpy(images[pick]).float()[:, None] / 127.5 - 1
     truth = labels[pick]
@@ -125,8 +129,9 @@ def main() -> None:
                                          settings, seeds=seeds[s]), args.n, args.batch_size)
     print(f"    labelled as the target digit: {(classify(clf, edited) == other).mean():.3f}")
     threes = torch.from_numpy(images[labels == 3]).float()[:, None] / 127.5 - 1
-    eights = pipe.edit([caption(3)] * len(threes), [caption(8)] * len(threes), threes, settings,
-                       seeds=list(range(len(threes))))
+    eights = batched(lambda s: pipe.edit([caption(3)] * len(threes[s]), [caption(8)] * len(threes[s]), threes[s],
+                                         settings, seeds=list(range(args.seed + s.start, args.seed + s.stop))),
+                     len(threes), args.batch_size)
     print(f"    real 3 -> 8 ({len(threes)} test digits): labelled 8 {(classify(clf, eights) == 8).mean():.3f}")
 
     video = Pipeline.from_pretrained(MOVING)
@@ -145,7 +150,8 @@ def main() -> None:
           f"(guidance {vcfg:g}, temperature {vsettings.temperature:g})")
     start = time.perf_counter()
     cont = batched(lambda s: video([moving_caption(labels[i], d) for i, d in zip(pick[s], dirs[s])], vsettings,
-                                   seeds=list(range(s.start, s.stop)), input_video=clip_px[s]),
+                                   seeds=list(range(args.seed + s.start, args.seed + s.stop)),
+                                   input_video=clip_px[s]),
                    args.clips, args.batch_size)
     seconds = time.perf_counter() - start
     new = to_uint8(cont[:, frames:].flatten(0, 1))[..., 0].reshape(args.clips, -1, canvas, canvas)
@@ -153,6 +159,9 @@ def main() -> None:
     print(f"    {'direction':<12}{'digit':>8}{'direction':>11}")
     for name in names:
         sel = np.array([d == name for d in dirs])
+        if not sel.any():
+            print(f"    {name:<12}{'-':>8}{'-':>11}   (no clip drew this direction)")
+            continue
         print(f"    {name:<12}{digit_ok[sel].mean():>8.3f}{dir_ok[sel].mean():>11.3f}")
     print(f"    {'all':<12}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}   ({seconds:.1f} s)")
 
@@ -192,7 +201,8 @@ def video_to_video(args, rng, images, labels, vclf) -> None:
     start = time.perf_counter()
     src_px = torch.from_numpy(source).float()[:, :, None] / 127.5 - 1
     out = batched(lambda s: pipe.video_to_video([moving_caption(k, d) for k, d in zip(target[s], dirs[s])],
-                                                src_px[s], settings, seeds=list(range(s.start, s.stop))),
+                                                src_px[s], settings,
+                                                seeds=list(range(args.seed + s.start, args.seed + s.stop))),
                   args.clips, args.batch_size)
     seconds = time.perf_counter() - start
     result = to_uint8(out.flatten(0, 1))[..., 0].reshape(args.clips, frames, canvas, canvas)
@@ -200,9 +210,9 @@ def video_to_video(args, rng, images, labels, vclf) -> None:
     err = path_error(result, source)
     ref_digit, _ = score(real, list(target), dirs, vclf)
     ref_err = path_error(real, source)
-    print(f"    {'case':<46}{'digit':>8}{'direction':>11}{'path error (px)':>17}")
-    print(f"    {'redrawn by the model':<46}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}{np.median(err):>17.2f}")
-    print(f"    {'reference: a real digit of that class, same path':<46}{ref_digit.mean():>8.3f}{'':>11}"
+    print(f"    {'case':<50}{'digit':>8}{'direction':>11}{'path error (px)':>17}")
+    print(f"    {'redrawn by the model':<50}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}{np.median(err):>17.2f}")
+    print(f"    {'reference: a real digit of that class, same path':<50}{ref_digit.mean():>8.3f}{'':>11}"
           f"{np.median(ref_err):>17.2f}")
     print(f"    path error: median over clips of the mean centre-of-mass distance to the source; "
           f"within 1.5 px: {(err <= 1.5).mean():.3f} (reference {(ref_err <= 1.5).mean():.3f}); {seconds:.1f} s")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
+from _args import at_least, positive_float
 from sklearn.preprocessing import StandardScaler
 
 from starflow.assets import DEMO_DIR
@@ -40,16 +41,20 @@ def fit_classifier():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", default=str(DEMO_DIR))
-    parser.add_argument("--per_digit", type=int, default=100)
+    parser.add_argument("--per_digit", type=at_least(1), default=100, help="samples per digit [default: 100]")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight [default: the config's cfg]")
-    parser.add_argument("--temperature", type=float, default=None,
+    parser.add_argument("--temperature", type=positive_float, default=None,
                         help="sampling temperature [default: the config's temperature]")
-    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--batch_size", type=at_least(1), default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     clf, real_acc = fit_classifier()
     pipe = Pipeline.from_pretrained(args.checkpoint_path)
+    if (pipe.config.img_size, pipe.config.channel_size, pipe.config.is_video) != (8, 1, False):
+        parser.error(f"--checkpoint_path {args.checkpoint_path}: a model of 8x8 greyscale digit images is needed (the "
+                     f"classifier's input), this one makes {pipe.config.img_size}x{pipe.config.img_size}x"
+                     f"{pipe.config.channel_size}{' videos' if pipe.config.is_video else ''}")
     cfg_w = pipe.config.cfg if args.cfg is None else args.cfg
     temperature = pipe.config.temperature if args.temperature is None else args.temperature
     settings = SampleSettings(cfg=cfg_w, jacobi=True, temperature=temperature)
@@ -67,9 +72,9 @@ def main() -> None:
     hits = pred == np.array(labels)
     with tempfile.TemporaryDirectory() as tmp:
         write_digits(tmp, captions="name" if classes else "sentence")
-        nll = evaluate_nll(pipe, f"{tmp}/test", progress=False)
+        nll = evaluate_nll(pipe, f"{tmp}/test", progress=False, seed=args.seed)
 
-    print(f"model: {args.checkpoint_path}   guidance cfg = {cfg_w}   samples: {len(prompts)} in {seconds:.1f} s")
+    print(f"model: {args.checkpoint_path}   guidance cfg = {cfg_w}   temperature {temperature:g}   samples: {len(prompts)} in {seconds:.1f} s")
     print(f"classifier: logistic regression on the real train split, real test accuracy {real_acc:.3f}")
     print()
     print(f"{'digit':>5} | {'agreement':>9}")

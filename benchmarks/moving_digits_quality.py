@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
+from _args import at_least, positive_float
 from sklearn.preprocessing import StandardScaler
 
 from starflow.data import load_digit_split
@@ -70,13 +71,14 @@ def score(videos: np.ndarray, digits: list[int], directions: list[str], clf) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", default=str(DEMO))
-    parser.add_argument("--per_prompt", type=int, default=20)
-    parser.add_argument("--long", type=int, default=3, help="length factor of the long videos [default: 3]")
-    parser.add_argument("--batch_size", type=int, default=80)
+    parser.add_argument("--per_prompt", type=at_least(1), default=20, help="videos per prompt [default: 20]")
+    parser.add_argument("--long", type=at_least(2), default=3,
+                        help="length factor of the long videos, >= 2 [default: 3]")
+    parser.add_argument("--batch_size", type=at_least(1), default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=None,
                         help="guidance weight [default: the model's config cfg]")
-    parser.add_argument("--temperature", type=float, default=None,
+    parser.add_argument("--temperature", type=positive_float, default=None,
                         help="sampling temperature [default: the model's config temperature]")
     args = parser.parse_args()
 
@@ -89,7 +91,7 @@ def main() -> None:
     temperature = pipe.config.temperature if args.temperature is None else args.temperature
     print(f"{len(prompts)} videos per length ({args.per_prompt} per prompt), guidance {cfg}, "
           f"temperature {temperature}, model {args.checkpoint_path}")
-    print(f"{'length':<18}{'frames':>7}{'digit':>8}{'direction':>11}{'seconds':>9}")
+    print(f"{'length':<20}{'frames':>7}{'digit':>8}{'direction':>11}{'seconds':>9}")
     for factor in (1, args.long):
         settings = SampleSettings(cfg=cfg, jacobi=True, target_length=frames * factor, temperature=temperature)
         start, videos = time.perf_counter(), []
@@ -101,10 +103,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         digit_ok, dir_ok = score(np.concatenate(videos), [d for d, _ in prompts], [n for _, n in prompts], clf)
         label = "trained length" if factor == 1 else f"{factor}x (sliding window)"
-        print(f"{label:<18}{frames * factor:>7}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}{seconds:>9.1f}")
+        print(f"{label:<20}{frames * factor:>7}{digit_ok.mean():>8.3f}{dir_ok.mean():>11.3f}{seconds:>9.1f}")
         for name in DIRECTIONS:
             sel = np.array([n == name for _, n in prompts])
-            print(f"  {name:<16}{'':>7}{digit_ok[sel].mean():>8.3f}{dir_ok[sel].mean():>11.3f}")
+            print(f"  {name:<18}{'':>7}{digit_ok[sel].mean():>8.3f}{dir_ok[sel].mean():>11.3f}")
         per_digit = [digit_ok[np.array([d == k for d, _ in prompts])].mean() for k in range(10)]
         print("  digit agreement per digit 0-9: " + " ".join(f"{a:.2f}" for a in per_digit))
 

@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _args import at_least
 
 from starflow.models.jacobi import DecodeStats
 
 DEMO = Path(__file__).resolve().parents[1] / "ckpts" / "demo_digits"
 PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+T5_XL_WIDTH = 2048  # text width of the released models' encoder (--layout's random text rows)
 
 
 @dataclass
@@ -90,10 +92,13 @@ def load(args: argparse.Namespace, device: torch.device):
         cfg = load_config(args.layout)
         if args.img_size:
             cfg.img_size = args.img_size
+        geometry = vae_geometry(cfg.vae)
         with torch.device(device):
-            model = STARFlow.from_config(cfg, txt_dim=args.txt_dim if cfg.txt_size > 0 else None,
-                                         vae_downsample=vae_geometry(cfg.vae).downsample).eval()
+            model = STARFlow.from_config(cfg, txt_dim=(args.txt_dim or T5_XL_WIDTH) if cfg.txt_size > 0 else None,
+                                         vae_downsample=geometry.downsample).eval()
         shape = (cfg.channel_size, model.latent_side, model.latent_side)
+        if cfg.is_video:  # (T', C, h, w): every latent frame of the config's clips, as Pipeline.latent_shape
+            shape = (geometry.latent_frames(cfg.vid_size[0]), *shape)
         source = f"{args.layout} (random weights)"
 
         def text(batch: int) -> torch.Tensor | None:
@@ -165,23 +170,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", default=str(DEMO), help="model folder [default: the shipped demo]")
     parser.add_argument("--layout", default=None, help="a config to benchmark with random weights instead")
-    parser.add_argument("--img_size", type=int, default=None, help="with --layout: override img_size")
-    parser.add_argument("--txt_dim", type=int, default=2048, help="with --layout: text width [default: 2048, T5-XL]")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+    parser.add_argument("--img_size", type=at_least(1), default=None, help="with --layout: override img_size")
+    parser.add_argument("--txt_dim", type=at_least(1), default=None,
+                        help=f"with --layout: text width [default: {T5_XL_WIDTH}, T5-XL]")
+    parser.add_argument("--batch", type=at_least(1), nargs="+", default=[1, 8],
                         help="samples per batch, one table block each [default: 1 8]")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight [default: the config's cfg]")
-    parser.add_argument("--block_sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--block_sizes", type=at_least(1), nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
-    parser.add_argument("--max_iter", type=int, default=32, help="Jacobi iteration cap per chunk [default: 32]")
+    parser.add_argument("--max_iter", type=at_least(1), default=32, help="Jacobi iteration cap per chunk [default: 32]")
     parser.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
                         help="Jacobi stopping rule (see starflow sample --help) [default: sample]")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per strategy [default: 3]")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed runs per strategy [default: 3]")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
                         help="also time every strategy with compiled flow layers (STARFlow.compile_layers)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads [default: torch's]")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="CPU threads [default: torch's]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not args.layout and (args.img_size or args.txt_dim):
+        parser.error("--img_size and --txt_dim describe a --layout's random model; a checkpoint has its own")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,5 +1,5 @@
 """Memory and time of loading a checkpoint into an FSDP2-sharded STARFlow (``starflow.distributed.load_sharded``,
-what ``starflow sample`` does with ``fsdp: 1`` under torchrun), per rank, for 1..N ranks.
+what ``starflow sample`` does with ``fsdp: 1`` under torchrun), per rank, for each rank count of ``--ranks``.
 
 A random model of the given width and layout is saved once as ``.safetensors`` (``--channels 1536``,
 ``--layers "2 2 8"``: 340M parameters, 1.36 GB); then for each rank count ``torchrun`` loads it onto the meta
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _args import at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,13 +54,22 @@ dist.destroy_process_group()
 """
 
 
+def rank_counts(text: str) -> list[int]:
+    """``--ranks``: comma-separated integers >= 1."""
+    return [at_least(1)(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="2,4", help="comma-separated rank counts")
-    parser.add_argument("--channels", type=int, default=1536, help="transformer width")
+    parser.add_argument("--ranks", type=rank_counts, default="2,4",
+                        help="comma-separated rank counts, each >= 1 [default: 2,4]")
+    parser.add_argument("--channels", type=at_least(64), default=1536,
+                        help="transformer width, a multiple of the head width 64 [default: 1536]")
     parser.add_argument("--layers", default="2 2 8", help="layers per flow block")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = parser.parse_args()
+    if args.channels % 64:
+        parser.error(f"--channels {args.channels}: must be a multiple of the head width 64")
     sys.path.insert(0, str(ROOT))
     import yaml
     from safetensors.torch import save_file
@@ -78,10 +89,10 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(tmp) / "weights.safetensors"))
         del model
         (Path(tmp) / "child.py").write_text(CHILD)
-        print(f"{count / 1e6:.0f}M parameters, {args.dtype} shards, CPU (gloo)")
+        print(f"{count / 1e6:.1f}M parameters, {args.dtype} shards, CPU (gloo)")
         print(f"{'ranks':>5}  {'extra private GiB per rank (max)':>32}  {'load s (max over ranks)':>24}")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        for n in (int(r) for r in args.ranks.split(",")):
+        for n in args.ranks:
             r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                 str(n), str(Path(tmp) / "child.py"), str(config), str(Path(tmp) / "weights.safetensors"),
                                 dtype], env=env, capture_output=True, text=True, timeout=1200)

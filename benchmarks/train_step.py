@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -173,23 +174,23 @@ def run_one(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", default=None, help="a YAML config [default: the demo layout, 256 tokens, width 192]")
-    parser.add_argument("--img_size", type=int, default=None, help="override the layout's img_size")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--img_size", type=at_least(1), default=None, help="override the layout's img_size")
+    parser.add_argument("--batch", type=at_least(1), default=8)
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto",
                         help="the training config key, or several comma-separated (e.g. fp32,bf16): bf16 autocast or "
                              "fp32 (auto: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="CPU threads")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=at_least(1), default=1,
                         help="run every variant this many times, interleaved (every other round in reverse order), "
                              "and report its fastest step and the median of its medians: a drifting machine then "
                              "slows all variants alike [default: 1]")
     parser.add_argument("--no_check_flops", dest="check_flops", action="store_false",
                         help="skip the torch.utils.flop_counter check of the analytic count")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                         help="profile N eager steps with torch.profiler and print the operators by self time "
                              "instead of the timing table [default: 0, off]")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
@@ -197,10 +198,6 @@ def main() -> None:
     precisions = args.precision.split(",")
     if bad := [p for p in precisions if p not in PRECISIONS]:
         parser.error(f"--precision {args.precision}: {', '.join(bad)} is not one of {', '.join(PRECISIONS)}")
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: must be >= 1")
-    if args.profile < 0:
-        parser.error(f"--profile {args.profile}: must be >= 0")
     if args.profile:
         args.precision = precisions[0]
         profile(args)

@@ -4,8 +4,8 @@ checkpointing, from images or from cached latents.
 A small text-to-image config (64x64 RGB real digits through a tiny 4x AutoencoderKL, a tiny T5, a
 ~1M-parameter flow) is trained for ``--steps`` steps per variant with ``starflow train`` (under
 ``torchrun --nproc_per_node N`` for N > 1, FSDP2). samples/s is measured between the ``--warmup``-th and the
-last step (global batch / wall time per step); memory is the peak per process (CUDA: allocated; CPU: resident
-set). Latent caching encodes VAE latents and T5 embeddings once (``starflow cache-latents``); its one-off
+last step (global batch / wall time per step); memory is rank 0's peak (CUDA: allocated; CPU: the resident set of
+the whole process, start-up, T5 and VAE included). Latent caching encodes VAE latents and T5 embeddings once (``starflow cache-latents``); its one-off
 time is printed too. On CPU the processes share the cores: every variant uses ``--threads`` in total.
 
     python benchmarks/train_throughput.py [--steps 30] [--nproc 2] [--device cpu|cuda] [--precision auto|fp32|bf16]
@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 
 import yaml
+from _args import at_least
 
 CONFIG = dict(img_size=64, channel_size=4, patch_size=1, channels=96, layers_per_block="2 2 4", head_dim=32,
               rope=1, sos=1, seq_order="L2R", use_softplus=1, cond_top_only=1, use_final_norm=1, soft_clip=4.0,
               txt_size=32, noise_std=0.1, drop_label=0.1, lr=1e-4, min_lr=1e-6, warmup_steps=0, batch_size=32,
-              grad_clip=1.0, num_workers=0, log_freq=1, sample_freq=0, seed=0, fsdp=1)
+              grad_clip=1.0, num_workers=0, log_freq=1, sample_freq=0, seed=0, fsdp=1,
+              no_flip=1)  # no flip augmentation: a latent cache holds the unflipped latents
 
 
 def prepare(root: Path) -> dict[str, Path]:
@@ -61,14 +63,17 @@ def throughput(logdir: Path, warmup: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="training steps per variant [default: 30]")
-    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing [default: 5]")
-    parser.add_argument("--nproc", type=int, default=2, help="processes of the multi-process variants [default: 2]")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in total per variant")
+    parser.add_argument("--steps", type=at_least(2), default=30, help="training steps per variant [default: 30]")
+    parser.add_argument("--warmup", type=at_least(1), default=5,
+                        help="steps excluded from the timing, fewer than --steps [default: 5]")
+    parser.add_argument("--nproc", type=at_least(1), default=2, help="processes of the multi-process variants [default: 2]")
+    parser.add_argument("--threads", type=at_least(1), default=os.cpu_count(), help="CPU threads in total per variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda [default: cpu]")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="the training config key (auto: bf16 on CUDA, fp32 on CPU) [default: auto]")
     args = parser.parse_args()
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup}: must be below --steps {args.steps} (the timing starts after it)")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -83,7 +88,7 @@ def main() -> None:
         total = json.loads((root / "cache" / "index.json").read_text())["total"]
         print(f"latent cache: {total} images encoded once in {t:.1f} s (VAE + T5), including start-up")
         rows = []
-        for nproc in (1, args.nproc):
+        for nproc in sorted({1, args.nproc}):
             for ckpt in (0, 1):
                 for name, folder in data.items():
                     logdir = root / f"run_{nproc}_{ckpt}_{name.replace(' ', '_')}"
@@ -98,7 +103,7 @@ def main() -> None:
     print(f"\nstarflow train, {args.device}, precision {args.precision}, global batch {CONFIG['batch_size']}, "
           f"{args.steps} steps "
           f"(timed after step {args.warmup}), FSDP2 when processes > 1")
-    print(f"{'processes':>9}  {'act. ckpt':<9}  {'data':<15}  {'samples/s':>9}  {'peak GiB/process':>16}")
+    print(f"{'processes':>9}  {'act. ckpt':<9}  {'data':<15}  {'samples/s':>9}  {'peak GiB, rank 0':>16}")
     for nproc, ckpt, name, sps, mem in rows:
         print(f"{nproc:>9}  {ckpt:<9}  {name:<15}  {sps:>9.1f}  {mem:>16.3f}")
 
