@@ -85,8 +85,8 @@ def main() -> None:
     print(f"{'set':<34}{'FID':>9}{'KID':>10}{'KID std':>9}{'precision':>11}{'recall':>8}{'x floor':>9}")
     floor = rows["real test vs real train (floor)"]["fid"]
     for name, m in rows.items():
-        print(f"{name:<34}{m['fid']:>9.3f}{m['kid_mean']:>10.4f}{m['kid_std']:>9.4f}{m['precision']:>11.3f}{m['recall']:>8.3f}"
-              f"{m['fid'] / floor:>9.2f}")
+        print(f"{name:<34}{m['fid']:>9.3f}{m['kid_mean']:>10.4f}{m['kid_std']:>9.4f}{m['precision']:>11.3f}"
+              f"{m['recall']:>8.3f}{m['fid'] / floor:>9.2f}")
     print("generation: " + ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items()))
 
 

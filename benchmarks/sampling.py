@@ -87,18 +87,16 @@ def load(args: argparse.Namespace, device: torch.device):
     from starflow.config import load_config
     from starflow.models import STARFlow
     from starflow.sampling.pipeline import Pipeline
+    from starflow.sizing import latent_shape
 
     if args.layout:
         cfg = load_config(args.layout)
         if args.img_size:
             cfg.img_size = args.img_size
-        geometry = vae_geometry(cfg.vae)
         with torch.device(device):
             model = STARFlow.from_config(cfg, txt_dim=(args.txt_dim or T5_XL_WIDTH) if cfg.txt_size > 0 else None,
-                                         vae_downsample=geometry.downsample).eval()
-        shape = (cfg.channel_size, model.latent_side, model.latent_side)
-        if cfg.is_video:  # (T', C, h, w): every latent frame of the config's clips, as Pipeline.latent_shape
-            shape = (geometry.latent_frames(cfg.vid_size[0]), *shape)
+                                         vae_downsample=vae_geometry(cfg.vae).downsample).eval()
+        shape = latent_shape(cfg)  # (C, h, w), or (T', C, h, w): every latent frame of a video config's clips
         source = f"{args.layout} (random weights)"
 
         def text(batch: int) -> torch.Tensor | None:

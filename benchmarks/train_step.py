@@ -19,7 +19,7 @@ FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.
     python benchmarks/train_step.py [--layout CONFIG] [--batch 8] [--steps 10] [--device cpu|cuda]
                                     [--precision auto|fp32|bf16|fp32,bf16] [--rounds 1] [--profile N]
 
-``--profile N`` instead runs ``N`` eager steps (of the first ``--precision``) under ``torch.profiler`` after the
+``--profile N`` instead runs ``N`` eager steps (of one ``--precision``) under ``torch.profiler`` after the
 warm-up and prints where a step's time goes: the operators by self time, per step.
 
 With ``--rounds R`` every variant (mode x precision) runs R times, in interleaved rounds, each in a fresh process.
@@ -47,7 +47,7 @@ from starflow.config import PRECISIONS, load_config  # noqa: E402
 from starflow.models import STARFlow  # noqa: E402
 from starflow.models.starflow import patchify  # noqa: E402
 from starflow.models.tarflow_block import FlowBlock  # noqa: E402
-from starflow.sizing import text_width  # noqa: E402
+from starflow.sizing import latent_shape, text_width  # noqa: E402
 from starflow.train.parallelize import training_dtype  # noqa: E402
 
 MODES = ("eager", "compile", "checkpoint")
@@ -61,19 +61,13 @@ def build(args: argparse.Namespace):
         overrides["img_size"] = args.img_size
     cfg = load_config(args.layout or ROOT / "configs" / "demo_digits.yaml", overrides)
     txt_dim = text_width(cfg, Path(args.layout).parent if args.layout else ROOT / "configs")
-    geometry = vae_geometry(cfg.vae)  # the latent the flow sees: no VAE, SD-VAE or WAN2.2
-    down = geometry.downsample
+    down = vae_geometry(cfg.vae).downsample  # the latent the flow sees: no VAE, SD-VAE or WAN2.2
     device = torch.device(args.device)
     torch.manual_seed(0)
     with torch.device(device):
         model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=down)
     model.train()
-    side = cfg.img_size // down
-    shape = (args.batch, cfg.channel_size, side, side)
-    if cfg.is_video:
-        frames = geometry.latent_frames(cfg.vid_size[0])
-        shape = (args.batch, frames, cfg.channel_size, side, side)
-    x = torch.randn(shape, device=device)
+    x = torch.randn(args.batch, *latent_shape(cfg), device=device)
     y = torch.randn(args.batch, cfg.txt_size, txt_dim, device=device) if txt_dim else None
     return cfg, model, x, y
 
@@ -128,6 +122,21 @@ def counted_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None) -> i
     return counter.get_total_flops()
 
 
+def step_function(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None, precision: str):
+    """One training step (forward, loss, backward; gradients dropped) under ``precision``, as
+    ``Trainer.micro_step`` runs it; the returned callable gives the loss as a float."""
+    bf16 = training_dtype(precision, x.device) == torch.bfloat16
+
+    def step() -> float:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(x, y)["loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """Time ``args.mode`` in this process; returns the row as a dict."""
     torch.set_num_threads(args.threads)
@@ -137,14 +146,7 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.mode == "compile":
         model.compile_training()
     cuda = x.device.type == "cuda"
-    bf16 = training_dtype(args.precision, x.device) == torch.bfloat16
-
-    def step() -> float:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):  # as Trainer.micro_step
-            loss = model.loss(x, y)["loss"]
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return float(loss)
+    step = step_function(model, x, y, args.precision)
 
     for _ in range(args.warmup):
         step()
@@ -199,7 +201,8 @@ def main() -> None:
     if bad := [p for p in precisions if p not in PRECISIONS]:
         parser.error(f"--precision {args.precision}: {', '.join(bad)} is not one of {', '.join(PRECISIONS)}")
     if args.profile:
-        args.precision = precisions[0]
+        if len(precisions) > 1:
+            parser.error(f"--profile profiles one precision; --precision {args.precision} names {len(precisions)}")
         profile(args)
         return
     if args.mode is not None:
@@ -240,14 +243,8 @@ def profile(args: argparse.Namespace, rows: int = 20) -> None:
 
     torch.set_num_threads(args.threads)
     cfg, model, x, y = build(args)
-    bf16 = training_dtype(args.precision, x.device) == torch.bfloat16
     cuda = x.device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model.loss(x, y)["loss"]
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    step = step_function(model, x, y, args.precision)
 
     for _ in range(args.warmup):
         step()

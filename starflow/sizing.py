@@ -36,6 +36,7 @@ from starflow.models.tarflow_block import FlowBlock
 from starflow.models.lora import lora_parameter_count
 
 __all__ = ["BlockCount", "TokenLayout", "MemoryEstimate", "SizeReport", "size_report", "text_width", "build_meta_model",
+           "latent_shape",
            "KNOWN_TEXT_WIDTHS", "ACTIVATION_VALUES_PER_WIDTH"]
 
 KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/t5-v1_1-xl": 2048, "google/flan-t5-xxl": 4096,
@@ -145,6 +146,20 @@ def token_layouts(cfg: Config, vae_downsample: int) -> list[TokenLayout]:
         out.append(TokenLayout(ratio, (frames, h, w), (latent_frames, cfg.channel_size, h // vae_downsample,
                                                         w // vae_downsample), per_frame, per_frame * latent_frames))
     return out
+
+
+def latent_shape(cfg: Config, aspect_ratio: str = "1:1") -> tuple[int, ...]:
+    """The latent one sample of ``cfg`` is, from the config alone (the VAE named by ``cfg.vae``, not loaded):
+    ``(C, h, w)`` for an image model, ``(T', C, h, w)`` for a video model (``T'`` latent frames of ``vid_size``).
+
+    Raises:
+        ValueError: an aspect ratio the config has no bucket for.
+    """
+    layouts = {layout.aspect_ratio: layout for layout in token_layouts(cfg, vae_geometry(cfg.vae).downsample)}
+    if aspect_ratio not in layouts:
+        raise ValueError(f"aspect ratio {aspect_ratio} is not one of this config's: {', '.join(layouts)}")
+    latent = layouts[aspect_ratio].latent
+    return latent if cfg.is_video else latent[1:]
 
 
 def build_meta_model(cfg: Config, txt_dim: int | None) -> STARFlow:

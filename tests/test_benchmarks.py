@@ -40,3 +40,23 @@ def test_profile_prints_the_operators() -> None:
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("aten::")]
     assert rows and {"aten::mm", "aten::addmm"} <= {row[0] for row in rows}
     assert all(float(row[1]) >= 0 and row[2].endswith("%") for row in rows)
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("configs/starflow_3B_t2i_256x256.yaml", (4, 32, 32)),  # SD-VAE: 8x down, 4 channels
+    ("configs/starflow-v_7B_t2v_caus_480p.yaml", (21, 48, 40, 40)),  # WAN2.2: 81 frames -> 21, 16x down
+    ("configs/demo_moving_digits.yaml", (4, 1, 12, 12)),  # no VAE: every frame
+])
+def test_latent_shape_of_a_config(layout: str, expected: tuple[int, ...]) -> None:
+    from starflow.config import load_config
+    from starflow.sizing import latent_shape
+
+    assert latent_shape(load_config(ROOT / layout)) == expected
+
+
+def test_latent_shape_refuses_an_aspect_ratio_without_a_bucket() -> None:
+    from starflow.config import load_config
+    from starflow.sizing import latent_shape
+
+    with pytest.raises(ValueError, match="16:9 is not one of this config's: 1:1"):
+        latent_shape(load_config(ROOT / "configs" / "demo_digits.yaml"), "16:9")
