@@ -78,11 +78,13 @@ class FlowBlock(nn.Module):
             cache.commit(start + h.shape[1])
         return h
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden ``(B, n, W)`` -> raw output ``o (B, n, 2D)`` (final norm, proj_out, soft clip)."""
+    def _head(self, h: torch.Tensor, direct: bool = False) -> torch.Tensor:
+        """Hidden ``(B, n, W)`` -> raw output ``o (B, n, 2D)`` (final norm, proj_out, soft clip); ``direct``: call the
+        sub-modules' forward, not ``nn.Module.__call__`` (KV-cached decoding, see
+        :meth:`starflow.models.layers.Attention.forward`)."""
         if self.final_norm is not None:
-            h = self.final_norm(h)
-        o = self.proj_out(h)
+            h = self.final_norm.forward(h) if direct else self.final_norm(h)
+        o = self.proj_out.forward(h) if direct else self.proj_out(h)
         if self.soft_clip > 0:
             o = self.soft_clip * torch.tanh(o / self.soft_clip)
         return o
@@ -164,7 +166,7 @@ class FlowBlock(nn.Module):
             o = lead
         else:
             rope = None if rope_table is None else rope_table[pos : pos + inp.shape[1]]
-            o = self._head(self._trunk(self.proj_in(inp), rope, None, cache, pos))
+            o = self._head(self._trunk(self.proj_in.forward(inp), rope, None, cache, pos), direct=True)
             o = o if lead is None else torch.cat([lead, o.float()], dim=1)
         a, b, _ = self.scale_shift(o, log=False)
         return a, b
