@@ -17,6 +17,7 @@ per-sample stopping rule with ``rank_sync=any_rank``).
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import warnings
@@ -104,8 +105,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the process group if one was initialised."""
+    """Destroy the process group if one was initialised, after a barrier and after collecting unreachable objects
+    (a sharded model's parameters, hooks and device mesh hold the group in reference cycles): its worker threads are
+    then stopped while the interpreter is fully alive, not in its shutdown."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -209,6 +213,7 @@ def from_rank0(make: Callable[[], T]) -> T:
                 error = err
                 payload[0] = pickle.dumps(("error", _portable(err)))
         dist.broadcast_object_list(payload, src=0, group=group)
+        dist.barrier(group=group)  # every rank has its payload before any rank tears the group down
     finally:
         dist.destroy_process_group(group)
     if dist.get_rank() == 0:

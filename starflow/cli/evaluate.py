@@ -156,6 +156,7 @@ def generate_set(args: argparse.Namespace) -> int:
         print(f"{args.out}: {summary.total} images ({summary.existing} already there, {summary.written} written in "
               f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s on {dist.world_size} process(es)); "
               f"captions in captions.jsonl")
+    del pipe  # a sharded model goes before its process group (cleanup_distributed)
     cleanup_distributed()
     return 0
 

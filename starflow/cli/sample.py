@@ -519,5 +519,6 @@ def run(args: argparse.Namespace) -> int:
         note_earlier_files(out, before, ours=[f.stem for f in files])  # (other ranks' files are this run's too)
         if args.profile:
             print(profile.table())
+    del pipe  # a sharded model goes before its process group (cleanup_distributed)
     cleanup_distributed()
     return 0

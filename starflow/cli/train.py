@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
+        del trainer  # the sharded model goes before its process group (cleanup_distributed)
         cleanup_distributed()
         return 3
     if args.dry_run:
@@ -73,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
         folder = trainer.export(Path(cfg.logdir) / "model")
         if folder is not None:
             print(f"model folder written to {folder} (sample with: starflow sample --checkpoint_path {folder})")
+    del trainer
     cleanup_distributed()
     return 0
