@@ -124,6 +124,7 @@ def _start(args: argparse.Namespace):
 def run_inpaint(args: argparse.Namespace) -> int:
     """Inpaint ``--input_image`` inside the mask; write the result, input, overlay and side-by-side PNGs."""
     from starflow.cli.sample import sample_settings
+    from starflow.distributed import cleanup_distributed
     from starflow.sampling.io import note_earlier_files, overlay_mask, save_image, save_panels, write_settings
 
     if args.num_samples < 1 or args.rounds < 1:
@@ -150,6 +151,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
                          "rounds": args.rounds, "seed": cfg.seed, "settings": vars(settings), "config": cfg.to_dict()})
     print(f"wrote {', '.join(names)}, input.png, mask.png, side_by_side.png and settings.json to {out}")
     note_earlier_files(out, before)
+    del pipe  # the model goes before the process group torchrun --nproc_per_node 1 created (cleanup_distributed)
+    cleanup_distributed()
     return 0
 
 
@@ -182,6 +185,7 @@ def read_edits(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run_edit(args: argparse.Namespace) -> int:
     """Edit ``--input_image`` from its source caption to each target caption; write one PNG per edit."""
     from starflow.cli.sample import sample_settings
+    from starflow.distributed import cleanup_distributed
     from starflow.sampling.io import note_earlier_files, overlay_mask, save_image, save_panels, write_settings
 
     pairs = read_edits(args)
@@ -213,4 +217,6 @@ def run_edit(args: argparse.Namespace) -> int:
     print(f"wrote {len(edits)} edit(s), input.png, {'mask.png, ' if mask is not None else ''}side_by_side.png and "
           f"settings.json to {out}")
     note_earlier_files(out, before)
+    del pipe  # the model goes before the process group torchrun --nproc_per_node 1 created (cleanup_distributed)
+    cleanup_distributed()
     return 0

@@ -57,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
     if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
         # runs loaded their base weights when they were built
         trainer.initialise_from(cfg.init_from)
+    diverged = False
     try:
         history = trainer.fit(dry_run=args.dry_run)
     except TrainingDiverged as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
+        diverged = True  # the teardown follows outside the handler: its traceback holds the trainer
+    if diverged:
         del trainer  # the sharded model goes before its process group (cleanup_distributed)
         cleanup_distributed()
         return 3
