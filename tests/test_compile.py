@@ -33,6 +33,7 @@ def test_compiled_training_matches_eager(tiny_config, digits, tmp_path: Path) ->
         if flag == 0:
             assert counters["stats"]["unique_graphs"] == 0
     assert counters["stats"]["unique_graphs"] > 0  # the layers were compiled
+    assert not counters["graph_break"], f"a compiled layer was split: {dict(counters['graph_break'])}"
     assert len(losses[1]) == 5
     np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
     torch._dynamo.reset()

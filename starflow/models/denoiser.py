@@ -81,7 +81,7 @@ class Denoiser(nn.Module):
         Args:
             x: ``(B, T*F, D)`` noisy tokens in raster order (frame, row, column).
             y: ``(B, L, txt_dim)`` text embeddings (used if conditional).
-            rope: RoPE rotation table ``(L + T*F, head_dim / 2)`` (text rows first when conditional) or None.
+            rope: RoPE rotation table ``(L + T*F, head_dim / 2, 2)`` (text rows first when conditional) or None.
             frames: T.
 
         Returns:

@@ -170,7 +170,7 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         block: a :class:`~starflow.models.tarflow_block.FlowBlock`.
         z: ``(R, N, D)`` block-order noise; with guidance ``R = 2B`` and rows ``[:B]`` equal rows ``[B:]``.
         y: ``(R, L, txt_dim)`` text (``[cond; uncond]`` with guidance) or None.
-        rope_table: RoPE rotation table ``(L + N, head_dim / 2)`` or None.
+        rope_table: RoPE rotation table ``(L + N, head_dim / 2, 2)`` or None.
         guidance: weight w; > 0 combines the halves (SPEC section 8).
         jacobi: sequential or Jacobi settings.
         anneal_guidance: use ``w (t + 1) / N`` at token t.

@@ -22,7 +22,7 @@ __all__ = ["RMSNorm", "attend", "Attention", "MLP", "AttentionBlock", "Rope", "s
 LAYER_NORM_EPS = 1e-5
 RMS_NORM_EPS = 1e-6
 
-Rope = torch.Tensor  # cos + i sin, (S, head_dim / 2) complex64 for the positions in use (rope.rope_rotation)
+Rope = torch.Tensor  # (cos, sin), (S, head_dim / 2, 2) float32 for the positions in use (rope.rope_rotation)
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +88,7 @@ class Attention(nn.Module):
 
         Args:
             x: ``(B, n, W)`` hidden states of positions ``[start, start + n)``.
-            rope: rotation table ``(n, head_dim / 2)`` for those positions (:func:`~starflow.models.rope.rope_rotation`), or None.
+            rope: rotation table ``(n, head_dim / 2, 2)`` for those positions (:func:`~starflow.models.rope.rope_rotation`), or None.
             mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal. With a cache,
                 ``S = start + n`` (the positions written so far, this chunk's included); None for one query.
             cache: this layer's KV cache, receiving the chunk's keys/values; attention then runs over positions
@@ -117,7 +117,7 @@ class Attention(nn.Module):
             if cache.query_scale is not None:  # per-row attention temperature (sampling only)
                 q = q * cache.query_scale.to(q.dtype)
         if cache is None:
-            out = attend(q, k, v, mask, is_causal=mask is None and n > 1)
+            out = attend(q, k, v, mask, is_causal=mask is None)  # (one query: causal = unmasked)
         else:  # decoding: attention in the cache's dtype (a float32 copy of the whole cache per call costs more)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, n, -1)

@@ -55,30 +55,40 @@ def rope_angles(head_dim: int, grid: tuple[int, int, int], pos_scale: float, txt
 
 
 def rope_rotation(angles: torch.Tensor) -> torch.Tensor:
-    """The rotation table of :func:`apply_rope`: ``cos + i sin`` of each distinct angle, ``(S, head_dim / 2)``
-    complex64, from :func:`rope_angles` ``(S, head_dim)`` (each angle repeated twice in place)."""
+    """The rotation table of :func:`apply_rope`: ``(cos, sin)`` of each distinct angle, ``(S, head_dim / 2, 2)``
+    float32 (the layout of ``torch.view_as_real`` of ``cos + i sin``), from :func:`rope_angles` ``(S, head_dim)``
+    (each angle repeated twice in place). Real, so that compiled layers take it as an ordinary input."""
     a = angles[..., ::2].float()
-    return torch.complex(a.cos(), a.sin())
+    return torch.stack([a.cos(), a.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent feature pairs: ``x*cos + rot(x)*sin``, ``rot(x)[2k] = -x[2k+1]``, ``rot(x)[2k+1] = x[2k]``.
 
     Computed as one complex multiplication per pair, ``(x[2k] + i x[2k+1]) * (cos + i sin)`` (the same products
-    and sums, so the same float32 result as the real form, in one kernel forward and backward).
+    and sums, so the same float32 result as the real form, in one kernel forward and backward). Under
+    ``torch.compile`` the same products and sums are written out in real arithmetic: inductor generates no code for
+    complex operators, and the stride checks of the complex view would split the compiled graph.
 
     Args:
         x: ``(..., S, head_dim)`` queries and/or keys, e.g. ``(B, heads, S, head_dim)`` or both at once as
             ``(2, B, heads, S, head_dim)``; a strided view (a slice of the fused ``qkv`` projection) is read in
             place, without a copy, when its feature pairs are adjacent.
-        rotation: ``(S, head_dim / 2)`` complex64 from :func:`rope_rotation`, at the positions of ``x``.
+        rotation: ``(S, head_dim / 2, 2)`` float32 ``(cos, sin)`` from :func:`rope_rotation`, at the positions of
+            ``x``.
 
     Returns:
         The rotated features, contiguous, in ``x``'s shape and dtype.
     """
     x32 = x if x.dtype == torch.float32 else x.float()
-    if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
-        x32 = x32.contiguous()  # complex views need adjacent (real, imaginary) pairs
-    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
-    out = torch.view_as_real(pairs * rotation).flatten(-2)
+    if torch.compiler.is_compiling():
+        pairs = x32.unflatten(-1, (-1, 2))
+        re, im = pairs[..., 0], pairs[..., 1]
+        cos, sin = rotation[..., 0], rotation[..., 1]
+        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+    else:
+        if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
+            x32 = x32.contiguous()  # complex views need adjacent (real, imaginary) pairs
+        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+        out = torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2)
     return out if x.dtype == torch.float32 else out.to(x.dtype)

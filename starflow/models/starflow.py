@@ -259,7 +259,7 @@ class STARFlow(nn.Module):
         return seq.reshape(like.shape[:-1] + seq.shape[-1:])
 
     def block_rope(self, i: int, grid_shape: tuple[int, ...], txt_len: int) -> Rope | None:
-        """RoPE rotation table ``(L + N, head_dim / 2)`` for block ``i`` on a grid ``(B, [T,] h, w, D)``, or None."""
+        """RoPE rotation table ``(L + N, head_dim / 2, 2)`` for block ``i`` on a grid ``(B, [T,] h, w, D)``, or None."""
         if not self.config.rope:
             return None
         video = len(grid_shape) == 5

@@ -107,7 +107,7 @@ class FlowBlock(nn.Module):
         Args:
             x: ``(B, N, D)`` tokens, already in this block's order.
             y: ``(B, L, txt_dim)`` text embeddings if text-conditioned, else ignored.
-            rope: RoPE rotation table ``(L + N, head_dim / 2)`` or None.
+            rope: RoPE rotation table ``(L + N, head_dim / 2, 2)`` or None.
             mask: optional boolean ``(L + N, L + N)`` attention mask (None = causal).
 
         Returns:
@@ -148,7 +148,7 @@ class FlowBlock(nn.Module):
                 entry is ignored (the block uses its SOS token or, without SOS, unit scale and zero shift).
             start: first token position (excluding the text prefix).
             txt_len: text tokens in the cache (0 if not text-conditioned).
-            rope_table: RoPE rotation table ``(L + N, head_dim / 2)`` of the whole sequence, or None.
+            rope_table: RoPE rotation table ``(L + N, head_dim / 2, 2)`` of the whole sequence, or None.
             cache: this block's KV cache, holding positions ``[0, txt_len + start)`` (minus one without SOS).
 
         Returns:
