@@ -37,6 +37,12 @@ def test_merged_weights_equal_the_adapted_model(make_pipeline) -> None:
     adapted, folded = model(x, y), plain(x, y)
     assert torch.allclose(adapted.z, folded.z, atol=1e-5)
     assert not torch.allclose(folded.z, STARFlow.from_config(cfg, txt_dim=32, vae_downsample=1).eval()(x, y).z)
+    # sampling (the KV-cached decoding path) applies the adapters too: the adapted model samples as the merged one
+    model.eval()
+    noise, rows = torch.randn(3, 1, 8, 8), torch.cat([y, torch.zeros_like(y)])
+    for jacobi in (False, True):
+        kw = dict(guidance=1.5, jacobi=jacobi, jacobi_block_size=16)
+        assert torch.allclose(model.reverse(noise, rows, **kw), plain.eval().reverse(noise, rows, **kw), atol=1e-4)
 
 
 def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_config, digits, config_file,
