@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from starflow.models.kv_cache import LayerCache
 from starflow.models.rope import apply_rope
 
-__all__ = ["RMSNorm", "attend", "Attention", "MLP", "AttentionBlock", "Rope", "set_activation_checkpointing"]
+__all__ = ["RMSNorm", "call_module", "attend", "Attention", "MLP", "AttentionBlock", "Rope",
+           "set_activation_checkpointing"]
 
 LAYER_NORM_EPS = 1e-5
 RMS_NORM_EPS = 1e-6
@@ -42,6 +43,14 @@ class RMSNorm(nn.Module):
         weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS) * (1 + weight)
         return out if f32 else out.to(x.dtype)
+
+
+def call_module(module: nn.Module, x: torch.Tensor, direct: bool) -> torch.Tensor:
+    """``module(x)``, or with ``direct`` its ``forward(x)``: KV-cached decoding calls the sub-modules of a layer this
+    way, as ``nn.Module.__call__`` costs ~3 us a call on a CPU, a sixth of a one-token step of a small layer. No hook
+    is skipped that matters: FSDP2 and ``torch.compile`` wrap whole layers and flow blocks, which are still called,
+    and peft's LoRA layers apply their adapters in their ``forward``."""
+    return module.forward(x) if direct else module(x)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -88,7 +97,8 @@ class Attention(nn.Module):
 
         Args:
             x: ``(B, n, W)`` hidden states of positions ``[start, start + n)``.
-            rope: rotation table ``(n, head_dim / 2, 2)`` for those positions (:func:`~starflow.models.rope.rope_rotation`), or None.
+            rope: rotation table ``(n, head_dim / 2, 2)`` for those positions
+                (:func:`~starflow.models.rope.rope_rotation`), or None.
             mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal. With a cache,
                 ``S = start + n`` (the positions written so far, this chunk's included); None for one query.
             cache: this layer's KV cache, receiving the chunk's keys/values; attention then runs over positions
@@ -99,11 +109,8 @@ class Attention(nn.Module):
             ``(B, n, W)`` attention output (before the residual).
         """
         b, n, _ = x.shape
-        # KV-cached decoding runs the sub-modules' forward directly: nn.Module.__call__ costs ~3 us a call on a
-        # CPU, a sixth of a one-token step of a small layer (nothing hooks these sub-modules while sampling)
-        norm, qkv_proj, proj = (self.norm, self.qkv, self.proj) if cache is None else \
-            (self.norm.forward, self.qkv.forward, self.proj.forward)
-        qkv = qkv_proj(norm(x))
+        direct = cache is not None  # decoding: the sub-modules without nn.Module.__call__ (see call_module)
+        qkv = call_module(self.qkv, call_module(self.norm, x, direct), direct)
         if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and cache is None:
             qkv = qkv.float()  # attend() computes in float32 on a CPU: cast once, before RoPE
         qkv = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -121,7 +128,7 @@ class Attention(nn.Module):
         else:  # decoding: attention in the cache's dtype (a float32 copy of the whole cache per call costs more)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, n, -1)
-        return proj(out if out.dtype == x.dtype else out.to(x.dtype))
+        return call_module(self.proj, out if out.dtype == x.dtype else out.to(x.dtype), direct)
 
 
 class MLP(nn.Module):
@@ -133,13 +140,11 @@ class MLP(nn.Module):
         self.main = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor, direct: bool = False) -> torch.Tensor:
-        """``(B, n, W) -> (B, n, W)``; ``direct``: call the sub-modules' forward, not ``nn.Module.__call__`` (KV-cached
-        decoding, see :meth:`Attention.forward`)."""
-        if not direct:
-            return self.main(self.norm(x))
-        h = self.norm.forward(x)
-        for module in self.main._modules.values():
-            h = module.forward(h)
+        """``(B, n, W) -> (B, n, W)``; ``direct``: the sub-modules without ``nn.Module.__call__``
+        (see :func:`call_module`)."""
+        h = call_module(self.norm, x, direct)
+        for module in self.main:
+            h = call_module(module, h, direct)
         return h
 
 
@@ -165,14 +170,13 @@ class AttentionBlock(nn.Module):
         recompute = self.training and torch.is_grad_enabled() and cache is None
         if recompute and self.checkpoint_attention:
             x = x + checkpoint(self.attention, x, rope, mask, use_reentrant=False)
-        elif cache is not None:  # KV-cached decoding: no nn.Module.__call__ (see Attention.forward)
+        elif cache is not None:  # KV-cached decoding: no nn.Module.__call__ (see call_module)
             x = x + self.attention.forward(x, rope, mask, cache=cache, start=start)
-            return x + self.mlp.forward(x, direct=True)
         else:
             x = x + self.attention(x, rope, mask)
         if recompute and self.checkpoint_mlp:
             return x + checkpoint(self.mlp, x, use_reentrant=False)
-        return x + self.mlp(x)
+        return x + (self.mlp(x) if cache is None else self.mlp.forward(x, direct=True))
 
 
 def set_activation_checkpointing(layers: Iterable[AttentionBlock], attention_every: int, mlp_every: int) -> None:

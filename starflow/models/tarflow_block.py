@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starflow.models.kv_cache import KVCache
-from starflow.models.layers import AttentionBlock, RMSNorm, Rope
+from starflow.models.layers import AttentionBlock, RMSNorm, Rope, call_module
 
 __all__ = ["FlowBlock", "IdentityBlock", "SOFTPLUS_ONE", "gathered"]
 
@@ -79,12 +79,12 @@ class FlowBlock(nn.Module):
         return h
 
     def _head(self, h: torch.Tensor, direct: bool = False) -> torch.Tensor:
-        """Hidden ``(B, n, W)`` -> raw output ``o (B, n, 2D)`` (final norm, proj_out, soft clip); ``direct``: call the
-        sub-modules' forward, not ``nn.Module.__call__`` (KV-cached decoding, see
-        :meth:`starflow.models.layers.Attention.forward`)."""
+        """Hidden ``(B, n, W)`` -> raw output ``o (B, n, 2D)`` (final norm, proj_out, soft clip); ``direct``: the
+        sub-modules without ``nn.Module.__call__`` (KV-cached decoding, see
+        :func:`starflow.models.layers.call_module`)."""
         if self.final_norm is not None:
-            h = self.final_norm.forward(h) if direct else self.final_norm(h)
-        o = self.proj_out.forward(h) if direct else self.proj_out(h)
+            h = call_module(self.final_norm, h, direct)
+        o = call_module(self.proj_out, h, direct)
         if self.soft_clip > 0:
             o = self.soft_clip * torch.tanh(o / self.soft_clip)
         return o
@@ -166,7 +166,7 @@ class FlowBlock(nn.Module):
             o = lead
         else:
             rope = None if rope_table is None else rope_table[pos : pos + inp.shape[1]]
-            o = self._head(self._trunk(self.proj_in.forward(inp), rope, None, cache, pos), direct=True)
+            o = self._head(self._trunk(call_module(self.proj_in, inp, True), rope, None, cache, pos), direct=True)
             o = o if lead is None else torch.cat([lead, o.float()], dim=1)
         a, b, _ = self.scale_shift(o, log=False)
         return a, b
