@@ -20,6 +20,7 @@ from starflow.models import STARFlow, patchify, unpatchify
 from starflow.models.rope import rope_angles, rope_rotation
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
 from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
+from starflow.models.layers import MLP, gelu_without_onednn
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("STARFLOW_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
@@ -198,6 +199,24 @@ def test_cached_chunk_params_equal_uncached_forward(sos: int, chunk: int) -> Non
             params.append(block.chunk_params(torch.cat([first, seq[:, s:e - 1]], 1), s, TXT_LEN, rope, cache))
     torch.testing.assert_close(torch.cat([a for a, _ in params], 1), a_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([b for _, b in params], 1), b_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_decoding_steps_take_atens_gelu_and_leave_onednn_on() -> None:
+    """KV-cached one-token steps on a CPU run ATen's GELU kernel (oneDNN's costs ~25 us a call at that size); chunks
+    and whole sequences keep PyTorch's default; the oneDNN switch is restored, also after an error."""
+    torch.manual_seed(0)
+    mlp = MLP(32).eval()
+    step, chunk = torch.randn(8, 1, 32), torch.randn(8, 4, 32)
+    with torch.no_grad():
+        with torch.backends.mkldnn.flags(enabled=False):
+            aten = mlp(step)
+        assert not torch.equal(aten, mlp(step))  # the kernels round differently here, so the next check can fail
+        assert torch.equal(mlp(step, direct=True), aten)
+        assert torch.equal(mlp(chunk, direct=True), mlp(chunk))
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):
+        gelu_without_onednn(torch.ones(3, dtype=torch.int64))
+    assert torch.backends.mkldnn.enabled
 
 
 @pytest.mark.parametrize("w", [0.0, 2.0])
