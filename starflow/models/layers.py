@@ -158,14 +158,16 @@ def gelu_without_onednn(x: torch.Tensor) -> torch.Tensor:
     GELU of a one-token decoding step (a 2 x 384 input: 27 us, ATen's kernel 6 us; 16 x 384: 28 us and 19 us). On
     chunks and whole sequences oneDNN is the faster one (16 x 16 x 384: 93 us against 128 us), so KV-cached decoding
     uses this for one-token steps only, a rule that does not depend on the batch. Both compute the exact erf GELU;
-    they differ by float rounding (up to 2 ulp).
+    they differ by float rounding (up to 2 ulp). The switch (``torch.backends.mkldnn.enabled``) is process-wide for
+    the duration of the call, so a GELU another thread runs in that window takes ATen's kernel too (the same values up
+    to rounding); it is restored afterwards, also after an error.
     """
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         return F.gelu(x)
     finally:
-        torch._C._set_mkldnn_enabled(enabled)
+        torch.backends.mkldnn.enabled = enabled
 
 
 class AttentionBlock(nn.Module):
