@@ -3,7 +3,11 @@ usage error before any work starts."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -27,3 +31,10 @@ def positive_float(text: str) -> float:
 
 
 positive_float.__name__ = "number > 0"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a benchmark's child process: this one's, with the repository first on ``PYTHONPATH``
+    (the packages an existing ``PYTHONPATH`` names stay importable) and ``extra`` set."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)

@@ -45,7 +45,7 @@ check() {  # check NAME LIMIT_S COMMAND...: run one step, log it, print one line
         "$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-110)"
 }
 
-starflow() { $PY -m starflow.cli "$@"; }
+starflow=($PY -m starflow.cli)  # an array, not a function: `timeout` runs programs only
 
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -73,10 +73,10 @@ fi
 
 if wants sample; then
     common=(--caption "a handwritten digit 3" --caption "a handwritten digit 7" --num_samples 2)
-    check sample_cpu 300 starflow sample "${common[@]}" --device cpu --jacobi 0 --output_dir "$OUT/sample_cpu"
-    check sample_cuda 300 starflow sample "${common[@]}" --device $DEVICE --output_dir "$OUT/sample_cuda"
-    check sample_cuda_seq 300 starflow sample "${common[@]}" --device $DEVICE --jacobi 0 --output_dir "$OUT/sample_cuda_seq"
-    check sample_cuda_bf16 300 starflow sample "${common[@]}" --device $DEVICE --bf16 --output_dir "$OUT/sample_cuda_bf16"
+    check sample_cpu 300 "${starflow[@]}" sample "${common[@]}" --device cpu --jacobi 0 --output_dir "$OUT/sample_cpu"
+    check sample_cuda 300 "${starflow[@]}" sample "${common[@]}" --device $DEVICE --output_dir "$OUT/sample_cuda"
+    check sample_cuda_seq 300 "${starflow[@]}" sample "${common[@]}" --device $DEVICE --jacobi 0 --output_dir "$OUT/sample_cuda_seq"
+    check sample_cuda_bf16 300 "${starflow[@]}" sample "${common[@]}" --device $DEVICE --bf16 --output_dir "$OUT/sample_cuda_bf16"
     check sample_compare 60 $PY - "$OUT" <<'EOF'
 import sys
 from pathlib import Path
@@ -92,7 +92,7 @@ for name in ("sample_cuda", "sample_cuda_seq", "sample_cuda_bf16"):
     print(f"{name}: {len(other)} images, mean |cuda - cpu| {np.abs(other - cpu).mean():.3f} (0..255), "
           f"max {np.abs(other - cpu).max():.0f}")
 EOF
-    check sample_video 300 starflow sample --checkpoint_path ckpts/demo_moving_digits --device $DEVICE --num_samples 1 \
+    check sample_video 300 "${starflow[@]}" sample --checkpoint_path ckpts/demo_moving_digits --device $DEVICE --num_samples 1 \
         --caption "a handwritten digit 5 moving right" --gif --output_dir "$OUT/sample_video"
 fi
 
@@ -101,9 +101,9 @@ if wants train; then
     [ -d data/digits/train ] || $PY scripts/prepare_digits.py --out data/digits >"$OUT/prepare_digits.log" 2>&1
     base=(train --config configs/demo_digits.yaml --data data/digits/train --device $DEVICE --steps "$TRAIN_STEPS"
           --log_freq 10 --save_freq "$TRAIN_STEPS" --sample_freq 0)
-    check train_auto 300 starflow "${base[@]}" --logdir "$OUT/run_auto"
-    check train_fp32 300 starflow "${base[@]}" --precision fp32 --logdir "$OUT/run_fp32"
-    check train_compile 400 starflow "${base[@]}" --compile 1 --logdir "$OUT/run_compile"
+    check train_auto 300 "${starflow[@]}" "${base[@]}" --logdir "$OUT/run_auto"
+    check train_fp32 300 "${starflow[@]}" "${base[@]}" --precision fp32 --logdir "$OUT/run_fp32"
+    check train_compile 400 "${starflow[@]}" "${base[@]}" --compile 1 --logdir "$OUT/run_compile"
     check train_fsdp2_nccl 300 $PY -m torch.distributed.run --standalone --nproc_per_node "$PROCS" -m starflow.cli \
         train --config configs/demo_digits.yaml --data data/digits/train --steps 20 --log_freq 5 --save_freq 20 \
         --sample_freq 0 --fsdp 1 --logdir "$OUT/run_fsdp2"
@@ -132,15 +132,15 @@ for vae, x in ((build_tiny_wan_vae(device='$DEVICE'), torch.rand(1, 5, 3, 32, 32
                (build_tiny_sd_vae(device='$DEVICE'), torch.rand(1, 3, 16, 16))):
     z = vae.encode(x.to('$DEVICE') * 2 - 1, sample=False)
     print(type(vae).__name__, tuple(z.shape), z.device, tuple(vae.decode(z).shape))"
-    check inpaint 120 starflow inpaint --device $DEVICE --input_image docs/real_digit_4.png --mask_box 0,4,8,8 \
+    check inpaint 120 "${starflow[@]}" inpaint --device $DEVICE --input_image docs/real_digit_4.png --mask_box 0,4,8,8 \
         --caption "a handwritten digit 9" --num_samples 2 --output_dir "$OUT/inpaint"
-    check edit 120 starflow edit --device $DEVICE --input_image docs/real_digit_3.png --caption_file docs/edits_3.txt \
+    check edit 120 "${starflow[@]}" edit --device $DEVICE --input_image docs/real_digit_3.png --caption_file docs/edits_3.txt \
         --output_dir "$OUT/edit"
-    check cache_latents 120 starflow cache-latents --config configs/demo_digits.yaml --data data/digits/train \
+    check cache_latents 120 "${starflow[@]}" cache-latents --config configs/demo_digits.yaml --data data/digits/train \
         --out "$OUT/cache" --device $DEVICE
-    check train_from_cache 200 starflow train --config configs/demo_digits.yaml --data "$OUT/cache" --no_flip 1 \
+    check train_from_cache 200 "${starflow[@]}" train --config configs/demo_digits.yaml --data "$OUT/cache" --no_flip 1 \
         --device $DEVICE --steps 20 --log_freq 5 --save_freq 20 --sample_freq 0 --logdir "$OUT/run_cache"
-    check eval_nll 120 starflow eval-nll --device $DEVICE --data data/digits/test --num_samples 256
+    check eval_nll 120 "${starflow[@]}" eval-nll --device $DEVICE --data data/digits/test --num_samples 256
 fi
 
 if wants step; then

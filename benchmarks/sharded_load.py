@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _args import at_least
+from _args import at_least, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +90,7 @@ def main() -> None:
         (Path(tmp) / "child.py").write_text(CHILD)
         print(f"{count / 1e6:.1f}M parameters, {args.dtype} shards, CPU (gloo)")
         print(f"{'ranks':>5}  {'extra private GiB per rank (max)':>32}  {'load s (max over ranks)':>24}")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        env = child_env(OMP_NUM_THREADS="1")
         for n in args.ranks:
             r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                 str(n), str(Path(tmp) / "child.py"), str(config), str(Path(tmp) / "weights.safetensors"),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _args import at_least
+from _args import at_least, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -288,7 +287,7 @@ def run_child(args: argparse.Namespace, mode: str, precision: str, check_flops: 
                                                                  if args.img_size else [])
     cmd += [] if check_flops else ["--no_check_flops"]
     # compile in this process (no worker pool left competing for the cores while the steps are timed)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_COMPILE_THREADS="1")
+    env = child_env(TORCHINDUCTOR_COMPILE_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"{mode} ({precision}) failed:\n{r.stderr[-3000:]}")

@@ -1,5 +1,6 @@
 """``benchmarks/train_step.py``: its analytic FLOP count equals ``torch.utils.flop_counter``'s, on image and video
-layouts, and ``--profile`` prints where a step's time goes."""
+layouts, and ``--profile`` prints where a step's time goes; the benchmarks' child processes and
+``benchmarks/cuda_check.sh`` run on a machine where ``starflow`` is not installed."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import train_step  # noqa: E402
+from _args import child_env  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,3 +62,29 @@ def test_latent_shape_refuses_an_aspect_ratio_without_a_bucket() -> None:
 
     with pytest.raises(ValueError, match="16:9 is not one of this config's: 1:1"):
         latent_shape(load_config(ROOT / "configs" / "demo_digits.yaml"), "16:9")
+
+
+def test_child_env_puts_the_repository_first_and_keeps_the_callers_path(monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-packages")
+    env = child_env(TORCHINDUCTOR_COMPILE_THREADS="1")
+    assert env["PYTHONPATH"].split(":") == [str(ROOT), "/opt/site-packages"]
+    assert env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert child_env()["PYTHONPATH"] == str(ROOT)
+
+
+def test_cuda_check_runs_the_cli_through_python_without_an_installed_starflow(tmp_path) -> None:
+    """Every step runs ``$PYTHON -m starflow.cli ...`` (no ``starflow`` console script on the PATH): a stand-in
+    Python records its arguments, so the script's plumbing is checked without running the steps."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_check.sh"), str(tmp_path / "out")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "DEVICE": "cpu", "STEPS": "sample paths"})
+    lines = [line for line in r.stdout.splitlines() if " rc " in line]
+    assert len(lines) == 12, r.stdout + r.stderr  # 6 sampling steps; the VAEs and 5 application and data paths
+    assert all(line.split()[2] == "0" for line in lines), r.stdout
+    cli = [line.split()[2] for line in calls.read_text().splitlines() if line.startswith("-m starflow.cli ")]
+    assert cli.count("sample") == 5 and {"inpaint", "edit", "cache-latents", "train", "eval-nll"} <= set(cli)
