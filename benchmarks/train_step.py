@@ -23,6 +23,10 @@ FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.
 warm-up and prints where a step's time goes: the operators by self time, per step.
 
 With ``--rounds R`` every variant (mode x precision) runs R times, in interleaved rounds, each in a fresh process.
+
+``faults/step`` counts the minor page faults of the process per timed step (fresh memory the kernel maps and
+zeroes). On a CPU each process keeps freed memory as ``starflow train`` does (config key ``malloc_retain``,
+:mod:`starflow.train.memory`); ``--malloc_retain 0`` measures glibc's defaults instead.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from starflow.models import STARFlow  # noqa: E402
 from starflow.models.starflow import patchify  # noqa: E402
 from starflow.models.tarflow_block import FlowBlock  # noqa: E402
 from starflow.sizing import latent_shape, text_width  # noqa: E402
+from starflow.train.memory import retain_freed_memory  # noqa: E402
 from starflow.train.parallelize import training_dtype  # noqa: E402
 
 MODES = ("eager", "compile", "checkpoint")
@@ -136,9 +141,16 @@ def step_function(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None, prec
     return step
 
 
+def setup_process(args: argparse.Namespace) -> None:
+    """Threads, and on a CPU the allocator setting ``starflow train`` applies (config key ``malloc_retain``)."""
+    torch.set_num_threads(args.threads)
+    if args.device == "cpu" and args.malloc_retain:
+        retain_freed_memory()
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """Time ``args.mode`` in this process; returns the row as a dict."""
-    torch.set_num_threads(args.threads)
+    setup_process(args)
     cfg, model, x, y = build(args)
     if args.mode == "checkpoint":
         model.set_activation_checkpointing(1, 1)
@@ -153,18 +165,20 @@ def run_one(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = step()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     times.sort()
     median, best = times[len(times) // 2], times[0]
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     flops = step_flops(model, x, y)
     row = {"mode": args.mode, "seconds": median, "best": best, "peak_gib": peak / 2**30, "flops": flops,
-           "tflops_per_s": flops / best / 1e12, "loss": loss,
+           "tflops_per_s": flops / best / 1e12, "loss": loss, "faults": faults,
            "params": sum(p.numel() for p in model.parameters()), "tokens": int(x[0].numel() // cfg.channel_size)}
     if args.mode == "eager" and args.check_flops:
         row["counted_flops"] = counted_flops(model, x, y)
@@ -194,6 +208,9 @@ def main() -> None:
     parser.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                         help="profile N eager steps with torch.profiler and print the operators by self time "
                              "instead of the timing table [default: 0, off]")
+    parser.add_argument("--malloc_retain", type=int, choices=(0, 1), default=1,
+                        help="on a CPU, keep freed memory in the process as `starflow train` does (its config key "
+                             "malloc_retain; 0 = glibc's defaults, the page faults of every step) [default: 1]")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one variant, in a child process
     args = parser.parse_args()
     precisions = args.precision.split(",")
@@ -229,18 +246,18 @@ def main() -> None:
               f"{attention / 1e9:.3f} G; torch.utils.flop_counter: {first['counted_flops'] / 1e9:.3f} G "
               f"(it counts the matmuls; SDPA only where it has a rule: CUDA, not the CPU kernels)")
     print(f"{'variant':<26}{'best ms':>10}{'median ms':>11}{'vs first':>10}{'peak GiB':>10}{'TFLOP/s':>10}"
-          f"{'loss':>12}")
+          f"{'loss':>12}{'faults/step':>13}")
     for row in rows:
         print(f"{row['label']:<26}{row['best'] * 1e3:>10.1f}{row['seconds'] * 1e3:>11.1f}"
               f"{row['best'] / rows[0]['best']:>10.2f}{row['peak_gib']:>10.2f}{row['tflops_per_s']:>10.3f}"
-              f"{row['loss']:>12.6f}")
+              f"{row['loss']:>12.6f}{row['faults']:>13.0f}")
 
 
 def profile(args: argparse.Namespace, rows: int = 20) -> None:
     """Print the ``rows`` operators with the most self time per eager step (``torch.profiler``), and their share."""
     from torch.profiler import ProfilerActivity, profile as profiler
 
-    torch.set_num_threads(args.threads)
+    setup_process(args)
     cfg, model, x, y = build(args)
     cuda = x.device.type == "cuda"
     step = step_function(model, x, y, args.precision)
@@ -282,7 +299,7 @@ def run_child(args: argparse.Namespace, mode: str, precision: str, check_flops: 
     """Time one variant in a fresh process (its own peak memory); returns its row."""
     cmd = [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device, "--precision", precision,
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--malloc_retain", str(args.malloc_retain)]
     cmd += (["--layout", args.layout] if args.layout else []) + (["--img_size", str(args.img_size)]
                                                                  if args.img_size else [])
     cmd += [] if check_flops else ["--no_check_flops"]

@@ -122,6 +122,10 @@ class Config:
                                 "bf16 too), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU with native bf16 "
                                 "(AVX512-BF16 or AMX) bf16 is the faster one (benchmarks/train_step.py --precision "
                                 "fp32,bf16); the flow's scale, shift and log-determinant stay float32", training=True)
+    malloc_retain: bool = _f(True, "training on a CPU: glibc keeps freed memory in the process (blocks under 1 GiB from "
+                                   "its heap, no trimming), so a step reuses the last step's pages instead of "
+                                   "page-faulting fresh ones; the resident set stays at its peak. 0 = glibc's defaults "
+                                   "(starflow.train.memory)", training=True)
     compile: bool = _f(False, "training: torch.compile every transformer layer (the first steps of each shape pay "
                               "the compilation; sampling has its own --compile switch)")
     wds: bool = _f(False, "read training data from webdataset shards", training=True)

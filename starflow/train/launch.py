@@ -13,6 +13,7 @@ from starflow.data.build import check_data_folder
 from starflow.distributed import DistInfo, from_rank0
 from starflow.models import STARFlow
 from starflow.train.init_from import covers_every_parameter, init_from
+from starflow.train.memory import retain_freed_memory
 from starflow.models.lora import apply_lora
 from starflow.train.trainer import Trainer
 
@@ -45,6 +46,8 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
         raise ValueError(NO_DATA)
     check_data_folder(cfg.data)  # before the text encoder and VAE load (minutes for the released ones)
     torch.manual_seed(cfg.seed + dist.rank)
+    if dist.device.type == "cpu" and cfg.malloc_retain:
+        retain_freed_memory()
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
     # rank 0 decides the kind of data and indexes a folder for all ranks
