@@ -57,8 +57,7 @@ def throughput(logdir: Path, warmup: int) -> tuple[float, float]:
     m = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     a, b = m[warmup - 1], m[-1]
     batch = CONFIG["batch_size"]
-    t_a, t_b = a["step"] * batch / a["samples_per_s"], b["step"] * batch / b["samples_per_s"]
-    return (b["step"] - a["step"]) * batch / (t_b - t_a), b["peak_mem_gib"]
+    return (b["step"] - a["step"]) * batch / (b["elapsed_s"] - a["elapsed_s"]), b["peak_mem_gib"]
 
 
 def main() -> None:

@@ -184,6 +184,18 @@ def test_resume_restores_model_optimizer_schedule_step_and_data(resume_runs) -> 
     assert [m["loss"] for m in r["history"][:3]] == [m["loss"] for m in r["reference"][:3]]
 
 
+def test_samples_per_s_covers_the_steps_since_the_last_log_and_leaves_checkpointing_out(resume_runs) -> None:
+    rows, batch = resume_runs["reference"], 8  # log_freq 1, a checkpoint after every even step
+    elapsed = [m["elapsed_s"] for m in rows]
+    assert all(b > a for a, b in zip(elapsed, elapsed[1:]))
+    for prev, m in zip(rows, rows[1:]):
+        samples_in_wall_time = m["samples_per_s"] * (m["elapsed_s"] - prev["elapsed_s"])
+        if prev["step"] % 2 == 0:  # the wall time since the last row includes saving a checkpoint
+            assert samples_in_wall_time > batch
+        else:
+            assert batch <= samples_in_wall_time < 1.5 * batch
+
+
 def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:
     r = resume_runs
     got = read_metrics(r["split"])

@@ -471,7 +471,10 @@ class Trainer:
         data = self._batches()
         secondary = self._folder_batches(self.secondary, self.secondary_batches, 1) if self.secondary else None
         bar = tqdm(total=end, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
-        t0, seen = time.perf_counter(), 0
+        # samples_per_s: over the steps since the last logged one (checkpointing and sample grids left out);
+        # elapsed_s: wall time since this fit started, everything included
+        t0 = window_start = time.perf_counter()
+        window_seen = 0
         try:
             while self.step < end:
                 on_secondary = self._secondary_step(self.step)
@@ -479,8 +482,9 @@ class Trainer:
                 m = self.train_step([next(source) for _ in range(cfg.grad_accum)])
                 if self.secondary is not None:
                     m["secondary"] = float(on_secondary)
-                seen += (cfg.secondary_batch_size or cfg.batch_size) if on_secondary else cfg.batch_size
-                m.update(step=self.step, samples_per_s=seen / (time.perf_counter() - t0))
+                window_seen += (cfg.secondary_batch_size or cfg.batch_size) if on_secondary else cfg.batch_size
+                now = time.perf_counter()
+                m.update(step=self.step, samples_per_s=window_seen / (now - window_start), elapsed_s=now - t0)
                 history.append(m)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", bpd=f"{m['bits_per_dim']:.3f}", lr=f"{m['lr']:.2e}",
@@ -495,6 +499,8 @@ class Trainer:
                     self.sample_grid()
                 if self.step % cfg.save_freq == 0 or self.step == end:
                     self.save()
+                if self.step % cfg.log_freq == 0:
+                    window_start, window_seen = time.perf_counter(), 0
         except BaseException:
             if created and not history:  # refused before its first step (e.g. unreadable data): leave no logdir
                 logger.close()
