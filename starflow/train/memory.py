@@ -4,7 +4,7 @@ PyTorch's CPU allocator takes every tensor from the C library's ``malloc``. glib
 (a threshold it raises as blocks are freed, to at most 32 MiB) with a fresh ``mmap`` and gives it back on
 ``free``, and it trims the top of its heap once that much is free: the next step's activations then touch pages
 the kernel must fault in and zero again. In ``benchmarks/train_step.py``'s default layout an untuned process
-takes thousands to tens of thousands of such page faults per step, about 1.7 us each on the 2-core machine of the README's tables.
+takes thousands to tens of thousands of such page faults per step, about 1.7 us each on a 2-core test machine.
 :func:`retain_freed_memory` sets both thresholds (``mallopt``) so that blocks up to 1 GiB come from the heap and
 freed memory is kept for reuse: after the first step a step takes no page faults. The resident set then stays
 at its peak, which a training process reaches every step anyway. ``malloc_retain: 0`` keeps glibc's defaults.
