@@ -18,7 +18,7 @@
 #   paths      device placement beyond the demo: tiny WAN2.2 and SD VAEs encode/decode, inpaint and edit,
 #              cache-latents then training from the cache, eval-nll
 #   step       benchmarks/train_step.py: the demo layout (fp32 and bf16; eager, compile, checkpoint) and the
-#              3B layout at batch 4 (bf16, eager)
+#              3B layout at batch 4 (bf16, eager); then --profile 5 of the demo step (auto precision: bf16 on CUDA)
 #   sampling   benchmarks/sampling.py: the shipped demo at batch 1, 8, 64 (fp32 and bf16), and the 3B layout
 #              at batch 8 with random weights
 #
@@ -147,6 +147,9 @@ if wants step; then
     check step_demo 400 $PY benchmarks/train_step.py --device $DEVICE --precision fp32,bf16 --steps 10 --warmup 3
     [ "$DEVICE" = cpu ] || check step_3b 400 $PY benchmarks/train_step.py --device $DEVICE --layout configs/starflow_3B_t2i_256x256.yaml \
         --batch 4 --precision bf16 --modes eager --steps 5 --warmup 2
+    # where a step's time goes (operators by device self time; their sum against the step's wall time above shows
+    # whether the GPU or the host bounds it)
+    check step_profile 200 $PY benchmarks/train_step.py --device $DEVICE --precision auto --profile 5
 fi
 
 if wants sampling; then
@@ -156,6 +159,6 @@ if wants sampling; then
         --batch 8 --block_sizes 16 64 --thresholds 1e-3 --repeats 1
 fi
 
-for log in step_demo step_3b sampling_demo sampling_3b train_losses sample_compare; do
+for log in step_demo step_3b step_profile sampling_demo sampling_3b train_losses sample_compare; do
     [ -f "$OUT/$log.log" ] && { echo "== $log"; grep -v "^Loading\|it/s\]" "$OUT/$log.log" | tail -n 30; }
 done

@@ -136,7 +136,7 @@ def step_function(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None, prec
             loss = model.loss(x, y)["loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
