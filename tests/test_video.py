@@ -115,9 +115,53 @@ def test_read_clip_decodes_only_up_to_the_clip(tmp_path: Path, monkeypatch, fmt:
     assert np.array_equal(got, full[want])
 
     counts = []
-    monkeypatch.setattr(video, "_count_and_rate", lambda p: (25, fps))  # more frames than decode
+    monkeypatch.setattr(video, "_scan_stream", lambda p: video._StreamScan(25, fps, None, []))  # more than decode
     got, _ = read_clip(path, lambda n, rate: counts.append(n) or [n - 3, n - 1])
     assert counts == [25, 20] and np.array_equal(got, full[[17, 19]])
+
+
+SEEK_CASES = {  # container: (codec, options), keyframes every 8 frames
+    "mp4": ("libx264", {"g": "8", "keyint_min": "8", "sc_threshold": "0", "crf": "0", "bf": "2"}),
+    "mkv": ("libx264", {"g": "8", "keyint_min": "8", "sc_threshold": "0", "crf": "10", "bf": "3",
+                        "x264-params": "open_gop=1"}),
+    "webm": ("libvpx-vp9", {"g": "8", "lossless": "1"}),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(SEEK_CASES))
+def test_read_clip_seeks_to_the_keyframe_before_the_clip(tmp_path: Path, monkeypatch, fmt: str) -> None:
+    """A clip after the first keyframe is decoded from the last keyframe before it (B-frames, an open GOP, VP9),
+    and its frames are the full decode's; a seek that does not deliver them falls back to decoding from the start."""
+    import av
+
+    from starflow.data import video
+
+    codec, options = SEEK_CASES[fmt]
+    src = np.random.default_rng(0).integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / f"c.{fmt}"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=8, options=options)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for frame in src:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    full, fps = read_video(path)
+    assert len(full) == 48
+    numbered = []
+    ranked = video._ranked
+    monkeypatch.setattr(video, "_ranked", lambda frames, pts, first: (numbered.append(i) or (i, f)
+                                                                      for i, f in ranked(frames, pts, first)))
+    for pick in ([30, 31, 33], [8, 9], [47], [5, 20, 40], list(range(17, 48, 3)), [44, 41, 41]):
+        numbered.clear()
+        got, got_fps = read_clip(path, lambda n, rate: pick)
+        assert got_fps == fps and np.array_equal(got, full[pick])
+        key = min(pick) // 8 * 8  # decoding after the seek starts at that keyframe and stops at the clip's end
+        assert numbered == (list(range(key, max(pick) + 1)) if key else [])
+    got, _ = read_clip(io.BytesIO(path.read_bytes()), lambda n, rate: [33, 35])
+    assert np.array_equal(got, full[[33, 35]])
+    monkeypatch.setattr(video, "_ranked", lambda frames, pts, first: iter(()))  # a seek that finds nothing
+    got, _ = read_clip(path, lambda n, rate: [33, 35])
+    assert np.array_equal(got, full[[33, 35]])
 
 
 def test_read_clip_counts_the_frames_that_decode_not_the_header(tmp_path: Path) -> None:

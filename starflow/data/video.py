@@ -14,8 +14,10 @@ with :func:`write_gif`.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -62,9 +64,14 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
 
 
 def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequence[int]]) -> tuple[np.ndarray, float]:
-    """Decode only the frames of one clip: up to the last one it needs, converting only those to RGB.
+    """Decode only the frames of one clip: from the last keyframe at or before its first frame up to its last frame,
+    converting only the clip's frames to RGB.
 
-    Memory is that of the clip, not of the file (a minute of 1080p video is ~11 GB as RGB frames).
+    Memory is that of the clip, not of the file (a minute of 1080p video is ~11 GB as RGB frames), and so is most of
+    the decoding: a clip near the end of a long file starts at the keyframe before it (a seek), not at the file's
+    start. Frames are identified by their presentation time, so the frames are those a decode from the start gives;
+    if the seek does not deliver them (a file without presentation times, a demuxer that lands after the clip), the
+    file is decoded from its start instead.
 
     Args:
         path: any file (or binary stream) ``av`` decodes.
@@ -83,41 +90,111 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
 
     errors = (OSError, ValueError, IndexError, av.error.FFmpegError)
     try:
-        count, fps = _count_and_rate(path)
+        scan = _scan_stream(path)
     except errors as err:
         raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
     try:
-        pick = list(choose(count, fps)) if count else []
+        pick = list(choose(scan.count, scan.fps)) if scan.count else []
     except CorruptVideoError:  # too short by the count: the full decode below confirms it
         pick = []
     if pick:
-        wanted, last, kept = set(pick), max(pick), {}
-        try:
-            with _open_video(path) as container:
-                for i, frame in enumerate(container.decode(container.streams.video[0])):
-                    if i in wanted:
-                        kept[i] = frame.to_ndarray(format="rgb24")
-                    if i == last:
-                        return np.stack([kept[i] for i in pick]), fps
-        except errors as err:
-            raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+        seek = scan.keyframe_before(min(pick))
+        for start in ([seek] if seek else []) + [None]:  # a seek, then (if it missed frames) from the file's start
+            try:
+                clip = _decode_frames(path, sorted(set(pick)), scan.pts if start else None, start)
+            except errors as err:
+                raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+            if clip is not None:
+                return np.stack([clip[i] for i in pick]), scan.fps
     frames, fps = read_video(path)  # no count, or fewer frames than counted: the whole file, its true length
     return frames[list(choose(len(frames), fps))], fps
 
 
-def _count_and_rate(path: str | Path | BinaryIO) -> tuple[int, float]:
-    """``(frames, fps)`` of the first video stream, the frames counted from its packets (read, not decoded), from
-    the first keyframe on: the header's count is not used, as it includes the frames an edit list trims
+def _decode_frames(path: str | Path | BinaryIO, wanted: list[int], pts: list[int] | None,
+                   start: tuple[int, int] | None) -> dict[int, np.ndarray] | None:
+    """The RGB arrays of frames ``wanted`` (ascending indices), or None if the decode ends before it gives them all.
+
+    Without ``start`` the frames are numbered in decoding output order from the file's start. With ``start = (index,
+    pts)`` of a keyframe the container first seeks to it, and each frame is numbered by the rank of its presentation
+    time in ``pts`` (the counted frames' times, ascending); frames before the keyframe's index are skipped (the
+    leading pictures of an open GOP, which need the frames before the seek point)."""
+    todo, kept = set(wanted), {}
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        if start is None:
+            numbered = enumerate(container.decode(stream))
+        else:
+            container.seek(start[1], stream=stream, backward=True, any_frame=False)
+            numbered = _ranked(container.decode(stream), pts, start[0])
+        for i, frame in numbered:
+            if i in todo:
+                kept[i] = frame.to_ndarray(format="rgb24")
+                todo.discard(i)
+            if i >= wanted[-1]:
+                break
+    return None if todo else kept
+
+
+def _ranked(frames, pts: list[int], first: int):
+    """``(index, frame)`` for decoded frames whose presentation time is the ``index``-th of ``pts``, from ``first`` on;
+    stops at a frame without a time (the caller then decodes from the start)."""
+    for frame in frames:
+        if frame.pts is None:
+            return
+        i = bisect.bisect_left(pts, frame.pts)
+        if i >= first and i < len(pts) and pts[i] == frame.pts:
+            yield i, frame
+
+
+@dataclass(frozen=True)
+class _StreamScan:
+    """What :func:`_scan_stream` reads from the packets of a video stream.
+
+    Attributes:
+        count: frames (packets counted from the first keyframe on, see :func:`_scan_stream`).
+        fps: frame rate (0 when the container gives none).
+        pts: presentation times of those frames, ascending; None when a packet has none or two share one.
+        keyframes: ``(index, pts)`` of the keyframes among them, by index (empty without ``pts``).
+    """
+
+    count: int
+    fps: float
+    pts: list[int] | None
+    keyframes: list[tuple[int, int]]
+
+    def keyframe_before(self, index: int) -> tuple[int, int] | None:
+        """The last keyframe at or before frame ``index`` after the first keyframe (seeking to the first would not
+        skip anything), or None."""
+        before = [key for key in self.keyframes[1:] if key[0] <= index]
+        return before[-1] if before else None
+
+
+def _scan_stream(path: str | Path | BinaryIO) -> _StreamScan:
+    """Frame count, rate and presentation times of the first video stream, from its packets (read, not decoded),
+    from the first keyframe on: the header's count is not used, as it includes the frames an edit list trims
     (``ffmpeg -ss ... -c copy``) and WebM has none, and the decoder drops what precedes the first keyframe (a
     file cut mid-GOP)."""
     with _open_video(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
-        count, keyed = 0, False
+        count, keyed, pts, key_pts = 0, False, [], []
         for packet in container.demux(stream):
             keyed = keyed or packet.is_keyframe
-            count += bool(keyed and packet.size and not packet.is_discard)
-        return count, fps
+            if not (keyed and packet.size and not packet.is_discard):
+                continue
+            count += 1
+            if pts is not None and packet.pts is None:
+                pts = None
+            elif pts is not None:
+                pts.append(packet.pts)
+                if packet.is_keyframe:
+                    key_pts.append(packet.pts)
+    if pts is not None:
+        pts.sort()
+        if len(set(pts)) != len(pts):
+            pts = None
+    keyframes = sorted((bisect.bisect_left(pts, t), t) for t in key_pts) if pts else []
+    return _StreamScan(count, fps, pts, keyframes)
 
 
 def _rewound(path: str | Path | BinaryIO) -> str | Path | BinaryIO:
