@@ -49,6 +49,27 @@ CASES = [
     ("sample --caption x --model_config_path {demo}/config.yaml", 2,
      "pass the weights of that config with --checkpoint_path"),
     ("sample --captoin x", 2, "error: starflow sample: unrecognized arguments: --captoin x"),
+    ("sample --caption x --gif", 2, "error: --gif is for video configs"),
+    ("sample --caption x --target_length 8 --dry_run", 2, "error: --target_length is for video configs"),
+    ("sample --caption x --caption_file {one_txt}", 2, "error: --caption_file and --caption both give the prompts"),
+    ("sample --caption x --jacobi 0 --jacobi_th 0.1 --dry_run", 2, "error: --jacobi_th sets Jacobi decoding, which "
+     "--jacobi 0 turns off"),
+    ("sample --caption x --jacobi 2", 2, "argument --jacobi: invalid choice: 2"),
+    ("sample --caption x --jacobi_th nan", 2, "error: --jacobi_th nan: the stopping threshold must be >= 0"),
+    ("sample --caption x --guide_top 99", 2, "error: --guide_top 99: the number of guided blocks must be in 0..4"),
+    ("sample --caption x --seed 99999999999999999999", 2, "must fit in 64 bits"),
+    ("sample --caption x --cfg 0 --negative_prompt y --dry_run", 2, "they need --cfg > 0"),
+    # ---- video flags, checked from the config (so --dry_run refuses them too)
+    ("sample --checkpoint_path {moving} --caption x --context_length 2 --dry_run", 2,
+     "error: --context_length 2: 4 latent frames fit in one window of 4, so no context is carried over"),
+    ("sample --checkpoint_path {moving} --caption x --context_length 9 --target_length 12 --dry_run", 2,
+     "error: --context_length 9: must be below the window of 4 latent frames"),
+    ("sample --checkpoint_path {moving} --caption x --input_image {digit_png} --input_video {clip} --dry_run", 2,
+     "error: --input_video (continuation, video-to-video) cannot be combined with --input_image"),
+    ("sample --checkpoint_path {moving} --caption x --input_image {digit_png} --aspect_ratio random", 2,
+     "error: --aspect_ratio random draws a ratio per sample, but --input_image fixes the samples' shape"),
+    ("sample --checkpoint_path {v2v} --caption x --input_video {clip} --target_length 8 --dry_run", 2,
+     "error: --target_length: a video_to_video model redraws the clip's first 4 frames"),
     # ---- weights: missing, truncated, corrupt, of another model
     ("sample --checkpoint_path {tmp}/nope.safetensors --model_config_path {demo}/config.yaml --caption x", 2,
      "checkpoint not found"),
@@ -104,6 +125,12 @@ CASES = [
     ("inpaint --input_image {corrupt_png} --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp4", 2,
      "error: --input_image {corrupt_png}: cannot"),
     ("edit --input_image {digit_png} --caption x --output_dir {tmp}/ed1", 2, "edit needs --source_caption and --caption"),
+    ("inpaint --input_image {wide_png} --mask_box 0,0,16,32 --caption x --output_dir {tmp}/inp7", 2,
+     "the input is resized and centre-cropped to it, keeping x 16..48 and y 0..32 of its pixels"),
+    ("inpaint --input_image {digit_png} --mask {wide_png} --caption x --output_dir {tmp}/inp8", 2,
+     "error: --mask {wide_png}: 64x32 pixels, but the input image is 8x8"),
+    ("inpaint --input_image {exif_png} --mask_box 0,8,8,16 --caption x --output_dir {tmp}/inp9", 0,
+     "wrote result.png"),  # the box is in the image's displayed (EXIF-rotated) pixels
     ("inpaint --input_image {digit_png} --mask_box 0,4,8,8 --caption x --steps 3 --output_dir {tmp}/inp5", 2,
      "--steps 3: a training key"),
     ("inpaint --input_image {digit_png} --mask {black_png} --caption x --output_dir {tmp}/inp6", 2,
@@ -138,6 +165,17 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     f["empty_txt"] = str(tmp / "empty.txt")
     first = json.loads((digits["train"] / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
     f["digit_png"] = str(digits["train"] / first)
+    for name, folder in (("moving", "demo_moving_digits"), ("v2v", "demo_moving_digits_v2v")):
+        f[name] = str(DEMO_DIR.parent / folder)
+    f["clip"] = str(DEMO_DIR.parents[1] / "docs" / "real_clip_5_right.mp4")
+    (tmp / "one.txt").write_text("a handwritten digit 1\n")
+    f["one_txt"] = str(tmp / "one.txt")
+    Image.new("L", (64, 32), 255).save(tmp / "wide.png")
+    f["wide_png"] = str(tmp / "wide.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 16 wide x 8 high, displayed rotated: 8 wide x 16 high
+    Image.new("L", (16, 8), 128).save(tmp / "exif.png", exif=exif)
+    f["exif_png"] = str(tmp / "exif.png")
     Image.new("L", (8, 8), 0).save(tmp / "black.png")
     f["black_png"] = str(tmp / "black.png")
     (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")

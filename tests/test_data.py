@@ -85,6 +85,36 @@ def test_load_image_resizes_shorter_side_and_centre_crops(tmp_path):
         load_image(tmp_path / "junk.png", (8, 8), channels=1)
 
 
+def test_load_image_reads_16_bit_float_and_transparent_images(tmp_path, caplog):
+    """16-bit and float greyscale are scaled to 8 bits (not clipped), transparency is composited onto white (with a
+    warning), and a float image outside [0, 1] is refused."""
+    from starflow.data import images
+
+    grey = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    want = load_image(tmp_path / "grey.png", (8, 8), channels=1)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "grey.tiff")
+    for name in ("grey16.png", "grey.tiff"):
+        assert torch.equal(load_image(tmp_path / name, (8, 8), channels=1), want), name
+    Image.fromarray(grey.astype(np.float32) * 2).save(tmp_path / "bright.tiff")
+    with pytest.raises(CorruptImageError, match=r"float image with values in \[\d+, \d+\]: floats are read as 0..1"):
+        load_image(tmp_path / "bright.tiff", (8, 8), channels=1)
+    rgba = np.zeros((8, 8, 4), np.uint8)  # black ink whose alpha is the digit, fully transparent elsewhere
+    rgba[..., 3] = grey
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ink.png")
+    images._warned_transparency = False
+    with caplog.at_level(logging.WARNING, logger="starflow.data.images"):
+        got = load_image(tmp_path / "ink.png", (8, 8), channels=1)
+    torch.testing.assert_close(got, 1 - (want + 1), atol=1 / 127.5, rtol=0)  # 255 - alpha: dark ink on white
+    assert "composited onto white" in caplog.text
+    opaque = rgba.copy()
+    opaque[..., :3], opaque[..., 3] = grey[..., None], 255
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    assert torch.equal(load_image(tmp_path / "opaque.png", (8, 8), channels=1), want)
+
+
 def test_digits_folder_round_trip(digits_dir):
     out, counts = digits_dir
     assert counts == {"train": 1438, "test": 359}

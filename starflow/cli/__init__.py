@@ -31,6 +31,9 @@ def build_parser() -> OneLineErrors:
     return parser
 
 
+RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; bad input ends as ``error: ...`` on stderr with exit code 2
     (``STARFLOW_DEBUG=1`` re-raises instead)."""
@@ -53,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (training from its last checkpoint, generate-set "
-              "from the samples already written)", file=sys.stderr)
+        resume = RESUMES.get(args.command)
+        print("interrupted" + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
         if os.environ.get("STARFLOW_DEBUG"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -110,6 +111,11 @@ def output_folder(value: str, flag: str = "output_dir") -> tuple[Path, dict[str,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"--{flag} {out}: cannot create it ({e.strerror}); pass a writable folder") from None
+    try:  # a file written now, not after the work (access() says yes to root, whatever the file system says)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OSError(f"--{flag} {out}: cannot write in it ({e.strerror}); pass a writable folder") from None
     return out, before
 
 

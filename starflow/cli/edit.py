@@ -68,7 +68,7 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
 def _load_inputs(args: argparse.Namespace, pipe, cfg):
     """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size."""
     import torch
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from starflow.data import load_image
 
@@ -77,8 +77,16 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
     size = (h * down, w * down)
     with about_flag("input_image", args.input_image):
         image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
+    with Image.open(args.input_image) as img:  # (load_image read it already) its shape as sampled: EXIF rotation applied
+        width, height = ImageOps.exif_transpose(img).size
     if args.mask:
         with about_flag("mask", args.mask):
+            with Image.open(args.mask) as img:
+                mask_w, mask_h = ImageOps.exif_transpose(img).size
+            if abs(mask_w * height - mask_h * width) > max(width, height, mask_w, mask_h):
+                raise ValueError(f"--mask {args.mask}: {mask_w}x{mask_h} pixels, but the input image is {width}x{height}: "
+                                 "each is resized and centre-cropped on its own, so masks of another shape would not "
+                                 "line up; make the mask the image's size (or its shape)")
             mask = load_image(args.mask, size, 1)[None] > 0
         if not mask.any():
             raise ValueError(f"--mask {args.mask}: no white pixel at the sampling size {size}, so nothing would change "
@@ -90,8 +98,6 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
         x0, y0, x1, y1 = (int(v) for v in args.mask_box.split(","))
     except ValueError:
         raise ValueError(f"--mask_box {args.mask_box}: expected four integers x0,y0,x1,y1") from None
-    with Image.open(args.input_image) as img:
-        width, height = img.size
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(f"--mask_box {args.mask_box}: needs 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} "
                          "(the input image's pixels)")
@@ -101,7 +107,12 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
         box.save(Path(tmp) / "mask_box.png")
         mask = load_image(Path(tmp) / "mask_box.png", size, 1)[None] > 0
     if not mask.any():
-        raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: enlarge it")
+        scale = max(size[0] / height, size[1] / width)  # load_image: cover the sampling size, then centre-crop
+        keep_w, keep_h = size[1] / scale, size[0] / scale
+        left, top = (width - keep_w) / 2, (height - keep_h) / 2
+        raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: the input is resized "
+                         f"and centre-cropped to it, keeping x {left:.0f}..{left + keep_w:.0f} and y "
+                         f"{top:.0f}..{top + keep_h:.0f} of its pixels; put the box inside that region or enlarge it")
     return image, torch.as_tensor(mask)
 
 

@@ -90,7 +90,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     """Jacobi decoding, size, batch and denoising flags (names as the official ``sample.py``)."""
-    p.add_argument("--jacobi", type=int, default=1, help="1: block-wise Jacobi iteration, 0: sequential [default: 1]")
+    p.add_argument("--jacobi", type=int, choices=(0, 1), default=1,
+                   help="1: block-wise Jacobi iteration, 0: sequential (then the other --jacobi_* flags are refused) "
+                        "[default: 1]")
     p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
                    help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
                         "the official scripts use 1e-3]")
@@ -228,10 +230,17 @@ def sample_settings(args: argparse.Namespace, cfg):
             raise ValueError(f"--{flag} {value}: must be >= 1")
     if cfg.cfg < 0:
         raise ValueError(f"--cfg {cfg.cfg:g}: the guidance weight must be >= 0 (0 = no guidance)")
-    if args.jacobi_th < 0:
+    if not args.jacobi_th >= 0:
         raise ValueError(f"--jacobi_th {args.jacobi_th:g}: the stopping threshold must be >= 0")
-    if args.guide_top is not None and args.guide_top < 0:
-        raise ValueError(f"--guide_top {args.guide_top}: the number of guided blocks must be >= 0")
+    if not args.jacobi:
+        given = [flag for flag, default in JACOBI_DEFAULTS.items() if getattr(args, flag) != default]
+        if given:
+            raise ValueError(f"--{given[0]} sets Jacobi decoding, which --jacobi 0 turns off (sequential): drop one")
+    if args.guide_top is not None and not 0 <= args.guide_top <= cfg.blocks:
+        raise ValueError(f"--guide_top {args.guide_top}: the number of guided blocks must be in 0..{cfg.blocks} "
+                         f"(this model has {cfg.blocks} flow blocks)")
+    if not -2**63 <= cfg.seed < 2**63:
+        raise ValueError(f"--seed {cfg.seed}: must fit in 64 bits (|seed| < 2^63)")
     if not args.attn_temp > 0:
         raise ValueError(f"--attn_temp {args.attn_temp:g}: the attention temperature must be > 0 (1 = plain guidance)")
     guidance_only = {"attn_temp": args.attn_temp != 1.0, "guide_top": args.guide_top is not None,
@@ -266,6 +275,12 @@ def sample_settings(args: argparse.Namespace, cfg):
         if not cfg.mix_aspect:
             raise ValueError("--aspect_ratio random draws from the nine trained ratios of a mix_aspect model; this "
                              "one was trained on one shape (mix_aspect 0): give a ratio such as 1:1")
+        inputs = [flag for flag in ("input_image", "input_video", "last_image", "mask", "mask_box")
+                  if getattr(args, flag, None)]
+        if inputs or getattr(args, "command", None) in ("inpaint", "edit"):
+            what = f"--{inputs[0]}" if inputs else "an input image"
+            raise ValueError(f"--aspect_ratio random draws a ratio per sample, but {what} fixes the samples' shape: "
+                             "give the ratio to sample at (e.g. the input's, such as 4:3)")
     else:
         check_aspect_ratio(args.aspect_ratio, cfg)
     return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
@@ -284,6 +299,61 @@ def sample_settings(args: argparse.Namespace, cfg):
                           context_length=getattr(args, "context_length", None))
 
 
+JACOBI_DEFAULTS = {"jacobi_th": JACOBI_THRESHOLD, "jacobi_block_size": AUTO, "jacobi_max_iter": JACOBI_MAX_ITER,
+                   "jacobi_stop": "sample"}  # the Jacobi flags and their defaults (refused with --jacobi 0)
+
+
+def check_video_flags(args: argparse.Namespace, cfg) -> None:
+    """Refuse the video flags of ``starflow sample`` that would not act on this config, from the config alone (so
+    ``--dry_run`` refuses what sampling would).
+
+    Raises:
+        ValueError: a video flag with an image model; ``--last_image`` without ``last_frame_cond``; ``--input_video``
+            with ``--input_image``/``--last_image``; ``--target_length``, ``--context_length`` or ``--return_sequence``
+            with video-to-video; ``--context_length`` where no window is carried over, or not below the window.
+    """
+    from starflow.adapters.geometry import vae_geometry
+
+    flags = {flag: getattr(args, flag, None) for flag in ("input_image", "input_video", "last_image", "target_length",
+                                                          "context_length", "gif")}
+    given = [flag for flag, value in flags.items() if value]
+    if not cfg.is_video:
+        if given:
+            raise ValueError(f"--{given[0]} is for video configs (image-to-video, continuation, video-to-video, end "
+                             "frame, longer videos); this config has no vid_size")
+        return
+    if flags["last_image"] and not cfg.last_frame_cond:
+        raise ValueError("--last_image needs a model trained with last_frame_cond (its config says 0): the end frame "
+                         "conditions only such models")
+    if flags["input_video"] and (flags["input_image"] or flags["last_image"]):
+        raise ValueError("--input_video (continuation, video-to-video) cannot be combined with --input_image or "
+                         "--last_image: the clip gives the frames")
+    context = flags["context_length"]
+    if flags["input_video"] and cfg.video_to_video:
+        redraw = [flag for flag in ("target_length", "context_length") if flags[flag]]
+        redraw += ["return_sequence"] if getattr(args, "return_sequence", False) else []
+        if redraw:
+            raise ValueError(f"--{redraw[0]}: a video_to_video model redraws the clip's first {cfg.vid_size[0]} frames "
+                             "(vid_size), in one window: drop the flag")
+        return
+    geometry = vae_geometry(cfg.vae)
+    window = geometry.latent_frames(cfg.vid_size[0])
+    if context is None:
+        return
+    if flags["input_video"]:  # continuation: the clip's last latent frames are the context
+        if context >= window:
+            raise ValueError(f"--context_length {context}: continuation needs 1 <= context_length < {window} (the "
+                             "trained clip's latent frames)")
+        return
+    trained = window + (1 if cfg.last_frame_cond else 0)
+    sampled = geometry.latent_frames(flags["target_length"] or cfg.vid_size[0]) + (1 if flags["last_image"] else 0)
+    if sampled <= trained:
+        raise ValueError(f"--context_length {context}: {sampled} latent frames fit in one window of {trained}, so no "
+                         "context is carried over; it acts with a longer --target_length or with --input_video")
+    if context >= trained:
+        raise ValueError(f"--context_length {context}: must be below the window of {trained} latent frames")
+
+
 def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | None = None,
                   world_size: int = 1) -> list[str]:
     """The prompts of ``--caption_file``, ``--caption`` or ``--class_id`` (the demo prompts for the demo), each
@@ -295,6 +365,9 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     """
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples}: must be >= 1 (images per prompt)")
+    sources = [flag for flag in ("class_id", "caption_file", "caption") if getattr(args, flag)]
+    if len(sources) > 1:
+        raise ValueError(f"--{sources[0]} and --{sources[1]} both give the prompts: pass one of them")
     if args.class_id:
         if classes is None:
             raise ValueError("--class_id is for class-conditional models (config 'text' a .vocab file); pass --caption")
@@ -332,15 +405,10 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     Raises:
         ValueError: a video input with an image model, or a clip whose frame count the VAE does not accept.
     """
+    check_video_flags(args, cfg)
     given = {flag: getattr(args, flag) for flag in ("input_image", "input_video", "last_image") if getattr(args, flag)}
-    if given and not cfg.is_video:
-        raise ValueError(f"--{next(iter(given))} is for video configs (image-to-video, continuation, video-to-video, "
-                         "end frame); this config has no vid_size")
     if not given:
         return {}
-    if "last_image" in given and not cfg.last_frame_cond:
-        raise ValueError("--last_image needs a model trained with last_frame_cond (its config says 0): the end frame "
-                         "conditions only such models")
     from starflow.data import load_image
     from starflow.data.video import load_video
 
@@ -365,6 +433,17 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
                              f"(temporal factor {t}): trim the clip to {keep} frames")
         inputs[flag] = clip[None]
     return inputs
+
+
+def check_negatives(negatives: list[str], settings) -> None:
+    """Refuse negative prompts (``--negative_prompt`` or caption-file ones) without guidance, which they act through.
+
+    Raises:
+        ValueError: a non-empty negative prompt with ``cfg`` 0.
+    """
+    if any(negatives) and not settings.cfg > 0:
+        raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
+                         f"(got {settings.cfg:g})")
 
 
 def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], list[str]]:
@@ -425,8 +504,10 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     settings = sample_settings(args, cfg)
+    check_video_flags(args, cfg)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
+    check_negatives(split_negatives(captions, args.negative_prompt)[1], settings)
     geometry = vae_geometry(cfg.vae)
     ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))
     frames = settings.target_length or (cfg.vid_size[0] if cfg.is_video else 1)
@@ -486,9 +567,7 @@ def run(args: argparse.Namespace) -> int:
     per_prompt = len(captions) // len(set(captions)) if captions else 1
     captions, negatives = split_negatives(captions, args.negative_prompt)
     settings = sample_settings(args, cfg)
-    if any(negatives) and not settings.cfg > 0:
-        raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
-                         f"(got {settings.cfg:g})")
+    check_negatives(negatives, settings)
     inputs = read_video_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     profile = Profile()

@@ -65,7 +65,7 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     with _open(path) as img:
         try:
             img.load()  # decode now so a truncated file fails here
-            img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+            img = to_8bit(ImageOps.exif_transpose(img), path).convert("L" if channels == 1 else "RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise CorruptImageError(f"cannot decode image {path}: {err}") from err
     scale = max(h / img.height, w / img.width)  # cover the target, then crop the excess
@@ -76,6 +76,49 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     img = img.crop((left, top, left + w, top + h))
     arr = np.asarray(img, dtype=np.float32).reshape(h, w, channels)  # (H, W, C) in 0..255
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W) in [-1, 1]
+
+
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_warned_transparency = False
+
+
+def to_8bit(img: Image.Image, path: object = "") -> Image.Image:
+    """An 8-bit image with the same content, ready for ``convert("L" | "RGB")`` (which would clip or drop instead).
+
+    16-bit greyscale (PIL modes ``I;16*``, and ``I`` with values above 255) is scaled to 0..255 (``/ 257``); ``I`` with
+    values within 0..255 is 8-bit data. A float image (``F``) in ``[0, 1]`` is scaled by 255. An image with
+    transparency (an alpha channel or a palette's transparent index, any pixel not opaque) is composited onto white,
+    with a warning the first time (``convert`` would expose whatever colour the transparent pixels store).
+
+    Raises:
+        ValueError: a float image outside ``[0, 1]``, or an ``I`` image outside 0..65535 (no known scale).
+    """
+    global _warned_transparency
+
+    if img.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max(initial=0)
+        if arr.min(initial=0) < 0 or top > 65535:
+            raise ValueError(f"{img.mode} image with values in [{arr.min():g}, {top:g}]: save it as 8- or 16-bit")
+        scale = 1.0 if img.mode == "I" and top <= 255 else 1 / 257
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and not (arr.min() >= 0 and arr.max() <= 1):
+            raise ValueError(f"float image with values in [{arr.min():g}, {arr.max():g}]: floats are read as 0..1; "
+                             "save it as an 8- or 16-bit image")
+        return Image.fromarray(np.rint(arr * 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "La"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa"):
+        alpha = img.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            if not _warned_transparency:
+                _warned_transparency = True
+                logger.warning("%s has transparent pixels: images with transparency are composited onto white", path)
+            base = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(base, img.convert("RGBA")).convert("RGB" if img.mode != "LA" else "L")
+    return img
 
 
 def image_aspect(path: str | Path | BinaryIO) -> str:

@@ -130,6 +130,7 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
     from transformers import CLIPModel, CLIPProcessor
 
     from starflow.adapters.hub import hub_offline
+    from starflow.data.images import to_8bit
 
     try:
         model = CLIPModel.from_pretrained(model_name_or_path, local_files_only=hub_offline()).to(device).eval()
@@ -144,7 +145,7 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
         images = []
         for f in files[i : i + batch_size]:
             with Image.open(f) as img:
-                images.append(img.convert("RGB"))
+                images.append(to_8bit(img, f).convert("RGB"))
         inputs = processor(text=captions[i : i + batch_size], images=images, return_tensors="pt", padding=True,
                            truncation=True).to(device)
         out = model(**inputs)
