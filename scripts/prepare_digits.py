@@ -30,8 +30,11 @@ def main() -> None:
                         help="'sentence': \"a handwritten digit 7\"; 'name': \"seven\", the class names of "
                              "configs/digits.vocab for the class-conditional demo (default: %(default)s)")
     args = parser.parse_args()
-    counts = write_digits(args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
-                          captions=args.captions)
+    try:
+        counts = write_digits(args.out, size=args.size, test_fraction=args.test_fraction, seed=args.seed,
+                              captions=args.captions)
+    except (ValueError, OSError) as e:  # a bad --size / --test_fraction, an --out that is a file: one line, no traceback
+        parser.error(str(e))
     for split, n in counts.items():
         print(f"{args.out}/{split}: {n} images")
 

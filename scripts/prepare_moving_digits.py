@@ -12,7 +12,7 @@ writes source/target pairs for a video_to_video fine-tune (configs/demo_moving_d
 import argparse
 import time
 
-from starflow.data.moving_digits import write_moving_digits
+from starflow.data.moving_digits import DIRECTIONS, write_moving_digits
 
 
 def main() -> None:
@@ -28,8 +28,18 @@ def main() -> None:
                         "configs/demo_moving_digits_v2v.yaml; longer pairs are cut at the same times in both halves)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    for flag, least in (("frames", 1), ("canvas", 8), ("fps", 1), ("clips_per_digit", 1)):
+        if getattr(a, flag) < least:
+            p.error(f"--{flag} {getattr(a, flag)}: must be >= {least}" + (" (the digits are 8x8 pixels)" if flag == "canvas"
+                                                                             else ""))
+    if a.clips_per_digit > len(DIRECTIONS):
+        p.error(f"--clips_per_digit {a.clips_per_digit}: each clip of a digit moves in its own direction; there are "
+                f"{len(DIRECTIONS)}")
     t = time.perf_counter()
-    counts = write_moving_digits(a.out, a.frames, a.canvas, a.fps, a.clips_per_digit, a.seed, a.video_to_video)
+    try:
+        counts = write_moving_digits(a.out, a.frames, a.canvas, a.fps, a.clips_per_digit, a.seed, a.video_to_video)
+    except (ValueError, OSError) as e:  # e.g. an --out that is a file: one line, no traceback
+        p.error(str(e))
     print(f"wrote {counts} clips to {a.out} in {time.perf_counter() - t:.1f} s")
 
 

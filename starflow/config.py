@@ -206,6 +206,9 @@ class Config:
 CONFIG_FIELDS = {f.name: f for f in fields(Config)}
 """Every config key (the official YAML names) -> its dataclass field (default, ``metadata["doc"]``)."""
 
+CONFIG_DEFAULTS = {name: f.default for name, f in CONFIG_FIELDS.items() if f.default is not dataclasses.MISSING}
+"""Config key -> its default (the official parser's), for keys with a plain default."""
+
 TRAINING_KEYS = frozenset(name for name, f in CONFIG_FIELDS.items() if f.metadata["training"])
 """Config keys only training reads (the fields declared with ``training=True``): the sampling commands reject them
 as flags, with a message saying so, rather than accept and ignore them."""
@@ -303,9 +306,16 @@ def _type_name(tp: Any) -> str:
     return name + (" or none" if optional else "")
 
 
+_KEY_ALIASES = {"learning_rate": "lr", "max_lr": "lr", "lr_min": "min_lr", "num_steps": "steps", "max_steps": "steps",
+                "train_steps": "steps", "warmup": "warmup_steps", "batch": "batch_size", "global_batch_size": "batch_size",
+                "seed_value": "seed", "gradient_accumulation_steps": "grad_accum", "log_dir": "logdir",
+                "output_dir": "logdir", "data_dir": "data"}  # other codebases' names of config keys
+
+
 def _check_key(key: str) -> None:
     if key not in CONFIG_FIELDS:
-        near = difflib.get_close_matches(key, list(CONFIG_FIELDS), n=1, cutoff=0.5)
+        near = [_KEY_ALIASES[key]] if key in _KEY_ALIASES else difflib.get_close_matches(key, list(CONFIG_FIELDS), n=1,
+                                                                                         cutoff=0.5)
         hint = f"; did you mean '{near[0]}'?" if near else "; see `starflow train --help` for the keys"
         raise ValueError(f"unknown config key '{key}'{hint}")
 
@@ -332,6 +342,13 @@ def validate(cfg: Config) -> Config:
     """Check cross-field constraints; raise ValueError naming the offending key."""
     if cfg.seq_order not in ("L2R", "R2L"):
         raise ValueError(f"config key 'seq_order' must be 'L2R' or 'R2L', got {cfg.seq_order!r}")
+    for key in ("img_size", "patch_size", "channel_size", "head_dim", "batch_size", "steps", "grad_accum", "log_freq",
+                "save_freq", "keep_last"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    for key in ("sample_freq", "max_nonfinite", "ema_start"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key '{key}' must be >= 0 (0 = off), got {getattr(cfg, key)}")
     if any(n < 0 for n in cfg.layers_per_block) or cfg.block_layers[-1] < 1:
         raise ValueError("config key 'layers_per_block': counts must be >= 0 and the deep (last) block needs >= 1")
     for key in ("channels", "deep_channels"):
@@ -349,9 +366,6 @@ def validate(cfg: Config) -> Config:
     for key in ("drop_label", "drop_image", "secondary_ratio"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"config key '{key}' is a probability, got {getattr(cfg, key)}")
-    for key in ("img_size", "patch_size", "channel_size", "head_dim", "batch_size", "steps", "grad_accum"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     if not cfg.temperature > 0:
         raise ValueError(f"config key 'temperature' scales the sampling noise and must be > 0 (1 = the official "
                          f"sampling), got {cfg.temperature}")
@@ -395,6 +409,12 @@ def validate(cfg: Config) -> Config:
     for key in ("video_to_video", "last_frame_cond", "secondary_data"):
         if getattr(cfg, key) and not cfg.is_video:
             raise ValueError(f"config key '{key}' is for video configs (set 'vid_size')")
+    unused = {"lora_alpha": (cfg.lora_rank == 0, "lora_rank > 0"), "lora_targets": (cfg.lora_rank == 0, "lora_rank > 0"),
+              "ema_start": (cfg.ema == 0, "ema > 0"), "denoiser_lr": (not cfg.learnable_self_denoiser,
+                                                                   "learnable_self_denoiser: 1")}
+    for key, (off, needs) in unused.items():
+        if off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
+            raise ValueError(f"config key '{key}' ({getattr(cfg, key)}) acts only with {needs}: set that, or drop the key")
     if cfg.drop_image > 0 and (cfg.video_to_video or cfg.last_frame_cond):
         raise ValueError("config key 'drop_image' is not combined with 'video_to_video' / 'last_frame_cond' here: set "
                          "--drop_image 0")

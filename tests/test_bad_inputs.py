@@ -145,6 +145,18 @@ CASES = [
     # ---- interrupted runs: a half-written checkpoint is skipped, a corrupt one named; sample sets resume
     ("train --config {cfg} --data {digits} --logdir {run_partial} --steps 3", 0, "resumed from"),
     ("train --config {cfg} --data {digits} --logdir {run_corrupt} --steps 3", 2, "is corrupt or incomplete"),
+    ("train --config {cfg} --data {digits} --logdir {run} --steps 3 --channels 48", 2,
+     "holds a model of another shape (Size mismatch between saved torch.Size([32, 4]) and current: torch.Size([48, 4])"),
+    ("train --config {cfg} --data {digits} --logdir {run} --steps 3 --no-resume", 2,
+     "error: --no-resume: {run} holds the checkpoints of another run (latest step_00000002)"),
+    ("train --config {cfg} --data {digits} --logdir {run} --steps 1", 2,
+     "error: the run in {run} is at step 2, past --steps 1: raise --steps"),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_log0 --log_freq 0", 2, "config key 'log_freq' must be >= 1"),
+    ("validate {cfg} --max_nonfinite -1", 2, "config key 'max_nonfinite' must be >= 0 (0 = off)"),
+    ("validate {cfg} --ema_start 100", 2, "config key 'ema_start' (100) acts only with ema > 0"),
+    ("validate {cfg} --lora_alpha 3", 2, "config key 'lora_alpha' (3.0) acts only with lora_rank > 0"),
+    ("validate {cfg} --checkpoint {tmp}", 2, "error: --checkpoint {tmp}: no weights in this folder"),
+    ("validate {cfg} --checkpoint {run}", 0, "every name and shape matches"),  # a run's logdir: its latest checkpoint
     ("generate-set --checkpoint_path {demo} --caption x --num_samples 4 --out {set_half}", 0, "2 already there"),
     ("generate-set --checkpoint_path {demo} --caption y --num_samples 4 --out {set_half}", 2, "error: "),
 ]
@@ -223,7 +235,7 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     latest = sorted((damaged / "checkpoints").iterdir())[-1]
     for tensor_file in latest.glob("*.distcp"):
         tensor_file.write_bytes(tensor_file.read_bytes()[:64])
-    f["run_partial"], f["run_corrupt"] = str(partial), str(damaged)
+    f["run_partial"], f["run_corrupt"], f["run"] = str(partial), str(damaged), str(run)
     # a sample set killed half way: 2 of its 4 images exist
     half_set = tmp / "set_half"
     assert main(["generate-set", "--checkpoint_path", f["demo"], "--caption", "x", "--num_samples", "4",

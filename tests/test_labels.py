@@ -47,8 +47,11 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
     assert (folder / "digits.vocab").is_file() and load_config(folder / "config.yaml").text == "digits.vocab"
     out = tmp_path / "samples"
     assert main(["sample", "--checkpoint_path", str(folder), "--class_id", "3", "--caption", "seven",
+                 "--num_samples", "1", "--output_dir", str(out), "--device", "cpu"]) == 2  # two prompt sources
+    assert "--class_id and --caption both give the prompts" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint_path", str(folder), "--class_id", "3",
                  "--num_samples", "1", "--output_dir", str(out), "--device", "cpu"]) == 0
-    assert json.loads((out / "settings.json").read_text())["captions"] == ["three"]  # --class_id wins
+    assert json.loads((out / "settings.json").read_text())["captions"] == ["three"]
     assert (out / "00000_three.png").is_file()
     assert main(["sample", "--checkpoint_path", str(folder), "--caption", "seven", "--output_dir", str(out),
                  "--num_samples", "1", "--device", "cpu"]) == 0

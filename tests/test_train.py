@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -222,6 +223,25 @@ def test_sampling_during_training_leaves_the_run_unchanged(resume_runs, tmp_path
     keys = ("step", "loss", "loss_z", "loss_logdet", "grad_norm", "lr")
     assert ([[m[k] for k in keys] for m in read_metrics(tmp_path / "run")]
             == [[m[k] for k in keys] for m in resume_runs["reference"]])
+
+def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metrics(resume_runs, tmp_path) -> None:
+    """A run stopped after its step-6 line but resumed from step 4 with a lower lr and more steps: from step 5 on it
+    follows the new schedule (the same rates as a run started with it), and metrics.jsonl holds each step once."""
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["straight"], run)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # killed after logging step 6, before saving it
+    config = yaml.safe_load((resume_runs["straight"].parent / "config.yaml").read_text())
+    changed = dict(config, lr=config["lr"] / 10, steps=8)
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    with torch.random.fork_rng(devices=[]):
+        assert main(train_args(tmp_path / "changed.yaml", Path(config["data"]), run)) == 0
+        assert main(train_args(tmp_path / "changed.yaml", Path(config["data"]), tmp_path / "fresh")) == 0
+    got, fresh = read_metrics(run), read_metrics(tmp_path / "fresh")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    assert [m["lr"] for m in got[:4]] == [m["lr"] for m in resume_runs["reference"][:4]]
+    assert [m["lr"] for m in got[4:]] == [m["lr"] for m in fresh[4:]]
+    assert got[4]["lr"] != resume_runs["reference"][4]["lr"]  # (the new schedule, not the checkpoint's)
+
 
 def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:
     for run in ("straight", "split"):

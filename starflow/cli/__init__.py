@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
 from starflow.cli._flags import OneLineErrors
@@ -31,6 +33,18 @@ def build_parser() -> OneLineErrors:
     return parser
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+_python_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """The package's own warnings as one plain line, ``warning: ...`` (they speak to the user: a truncated prompt, a
+    slow setting); those of other libraries as Python shows them (file and line, for their authors)."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        return f"warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
 
 
@@ -39,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     (``STARFLOW_DEBUG=1`` re-raises instead)."""
     from starflow.checkpoint import CheckpointError
 
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command

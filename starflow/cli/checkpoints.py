@@ -60,22 +60,22 @@ def validate(args: argparse.Namespace) -> int:
     """Print the size report (:mod:`starflow.sizing`); with ``--checkpoint``, compare its layout."""
     import torch
 
-    from starflow.checkpoint import compare_layout, read_shapes
+    from starflow.checkpoint import compare_layout
     from starflow.sizing import build_meta_model, format_report, size_report, text_width
 
     for flag in ("batch", "gpus"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     cfg = load_config(args.config, config_overrides(args))
+    shapes = None if args.checkpoint is None else _checkpoint_shapes(Path(args.checkpoint))  # (before any report)
     txt_dim = args.txt_dim or text_width(cfg, Path(args.config).parent)
     report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)
     rates = "/".join(str(f) for f in cfg.fps_choices)
     kind = f"video {cfg.vid_size[0]} frames at {rates} fps" if cfg.is_video else "images"
     print(f"config {args.config}: OK ({kind}, {cfg.num_blocks} flow blocks, img_size {cfg.img_size})")
     print(format_report(report, cfg))
-    if args.checkpoint is None:
+    if shapes is None:
         return 0
-    shapes = read_shapes(args.checkpoint)
     model = build_meta_model(cfg, txt_dim)
     layout = compare_layout(model, shapes)
     print("")
@@ -86,6 +86,31 @@ def validate(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint {args.checkpoint} does NOT match the config: {layout.describe(limit=10 ** 9)}")
     return 1
+
+
+def _checkpoint_shapes(path: Path) -> dict:
+    """``{name: shape}`` of the weights ``validate --checkpoint`` names: a weights file, a model folder, a training
+    checkpoint step folder, or a run's logdir (its latest checkpoint); no tensor is read.
+
+    Raises:
+        FileNotFoundError: nothing there, or no weights in the folder.
+        CheckpointError: an unreadable file.
+    """
+    from starflow.checkpoint import read_shapes
+    from starflow.train.export import find_checkpoint
+    from starflow.train.init_from import read_init_shapes
+
+    if not path.is_dir():
+        return read_shapes(path)
+    try:
+        return read_init_shapes(path)  # a model folder or a step folder
+    except FileNotFoundError:
+        try:
+            return read_init_shapes(find_checkpoint(path))  # a logdir or its checkpoints/
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--checkpoint {path}: no weights in this folder; pass a weights file, a model "
+                                    "folder (model.safetensors), a training checkpoint step folder or a run's "
+                                    "logdir") from None
 
 
 def download(args: argparse.Namespace) -> int:

@@ -410,6 +410,7 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     if not given:
         return {}
     from starflow.data import load_image
+    from starflow.data.build import VIDEO_SUFFIXES
     from starflow.data.video import load_video
 
     _, c, h, w = pipe.latent_shape(args.aspect_ratio)
@@ -418,6 +419,9 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     inputs = {}
     for flag, path in given.items():
         if flag != "input_video":
+            if str(path).lower().endswith(VIDEO_SUFFIXES):
+                raise ValueError(f"--{flag} {path}: a video file, where an image is expected; pass a clip as "
+                                 "--input_video (continuation, video-to-video)")
             with about_flag(flag, path):
                 inputs[flag] = load_image(path, size, channels)[None]
             continue

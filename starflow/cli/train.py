@@ -20,11 +20,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in logdir [default: on]")
-    p.add_argument("--resume_path", dest="init_from", default=None, metavar="PATH",
+    p.add_argument("--resume_path", default=None, metavar="PATH",
                    help="official name of --init_from: start from these weights (optimizer and step fresh)")
     add_device_flag(p)
     add_config_flags(p)
     p.set_defaults(func=run)
+
+
+def check_logdir_run(cfg, resume: bool) -> None:
+    """Refuse, before anything is built or written, a start that would mix with or ignore the run already in
+    ``logdir``: ``--no-resume`` where checkpoints exist (the new run's would be pruned among the old, and a later
+    restart would resume the old run), and a resume whose checkpoint is already past ``steps``.
+
+    Raises:
+        ValueError: either case, with the fix.
+    """
+    import json
+
+    from starflow.train.state import META_FILE, CheckpointManager
+
+    if not cfg.logdir:
+        return
+    latest = CheckpointManager(Path(cfg.logdir) / "checkpoints", cfg.keep_last).latest()
+    if latest is None:
+        return
+    step = json.loads((latest / META_FILE).read_text()).get("step", 0)
+    if not resume:
+        raise ValueError(f"--no-resume: {cfg.logdir} holds the checkpoints of another run (latest {latest.name}): "
+                         "a new run there would be pruned among them and a restart would resume the old one; pass a "
+                         f"new --logdir, or delete {latest.parent} first")
+    if step > cfg.steps:
+        raise ValueError(f"the run in {cfg.logdir} is at step {step}, past --steps {cfg.steps}: raise --steps to train "
+                         "it further, or pass a new --logdir for a shorter run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,11 +62,17 @@ def run(args: argparse.Namespace) -> int:
     from starflow.train.launch import NO_DATA, build_trainer
     from starflow.train.trainer import TrainingDiverged
 
+    if args.resume_path is not None:
+        if args.init_from is not None:
+            raise ValueError("--resume_path is the official name of --init_from: pass one of them")
+        args.init_from = args.resume_path
     cfg = load_config(args.config, config_overrides(args))
     if cfg.data is None:
         raise SystemExit(NO_DATA)
     if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
         raise ValueError(f"--logdir {cfg.logdir}: is a file; pass a folder for the run (checkpoints, metrics, model)")
+    if not args.dry_run:  # (a dry run writes nothing)
+        check_logdir_run(cfg, args.resume)
     dist = init_distributed(args.device)
     trainer = build_trainer(cfg, dist, Path(args.config).parent)
     if dist.is_main:

@@ -27,6 +27,25 @@ WANDB_DEFAULT_PROJECT = "starflow"
 _warned_missing_wandb = False  # the missing-wandb warning is shown once per process
 
 
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Remove the lines of ``path`` (JSON lines with a ``step``) for steps after ``step``; atomic, untouched if none."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def later(line: str) -> bool:
+        try:
+            return int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            return False  # not ours to judge: kept
+
+    kept = [line for line in lines if not later(line)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Write scalar training metrics to every available back-end.
 
@@ -35,6 +54,9 @@ class MetricsLogger:
             event files, if ``tensorboard`` is installed), ``wandb_id.txt`` (if W&B is used).
         config: the resolved run configuration (e.g. ``Config.to_dict()``), stored with the W&B run.
         enabled: False (every rank but the main one) makes every method a no-op that touches no file.
+        start_step: the step training continues from: lines of ``metrics.jsonl`` for later steps (logged by a run
+            killed after its last checkpoint, whose steps are trained again) are removed, so the file holds each
+            step once. None keeps the file as it is.
 
     Warns:
         UserWarning: once per process, when ``WANDB_API_KEY`` is set but ``wandb`` is not installed.
@@ -45,7 +67,8 @@ class MetricsLogger:
             metrics.log(step, {"loss": 0.71, "lr": 1e-4})
     """
 
-    def __init__(self, logdir: Path, config: Mapping[str, Any], enabled: bool = True) -> None:
+    def __init__(self, logdir: Path, config: Mapping[str, Any], enabled: bool = True,
+                 start_step: int | None = None) -> None:
         self.logdir = Path(logdir)
         self.enabled = enabled
         self._tensorboard = None
@@ -53,6 +76,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            _drop_lines_after(self.logdir / METRICS_FILE, start_step)
         self._tensorboard = _tensorboard_writer(self.logdir / TENSORBOARD_DIR)
         if os.environ.get("WANDB_API_KEY"):
             self._wandb_run = _wandb_run(self.logdir, dict(config))

@@ -12,7 +12,7 @@ from torch import nn
 
 from starflow.config import Config
 
-__all__ = ["build_optimizer", "build_schedule", "build_cosine_schedule", "lr_at", "ADAM_BETAS"]
+__all__ = ["build_optimizer", "build_schedule", "build_cosine_schedule", "rebase_schedule", "lr_at", "ADAM_BETAS"]
 
 ADAM_BETAS = (0.9, 0.95)
 WARMUP_START_LR = 1e-6
@@ -38,6 +38,21 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim
     """A LambdaLR following :func:`lr_at` (its state_dict restores the step on resume)."""
     base = cfg.lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / base)
+
+
+def rebase_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, base_lrs: list[float]) -> None:
+    """After ``schedule.load_state_dict`` on resume: the peak rates of the current config (``load_state_dict`` restores
+    the saved ones, which the current factors would then scale), and the param groups' rates at the restored step.
+
+    Args:
+        schedule: a LambdaLR of :func:`build_schedule` or :func:`build_cosine_schedule`, its state just loaded.
+        base_lrs: its ``base_lrs`` as built from the current config (before loading).
+    """
+    schedule.base_lrs = list(base_lrs)
+    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
 
 def build_cosine_schedule(optimizer: torch.optim.Optimizer, peak: float, final: float,

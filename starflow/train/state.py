@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "KILL_DURING_SAVE_ENV"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "rng_state", "set_rng_state", "KILL_DURING_SAVE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,23 @@ def _check_sizes(path: Path) -> None:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+_SHAPE_MISMATCH = re.compile(  # DCP's words for a tensor of another shape, or one the checkpoint lacks
+    r"Size mismatch between saved torch\.Size\(\[[^\]]*\]\) and current: torch\.Size\(\[[^\]]*\]\) for [\w.]*\w"
+    r"|Missing key in checkpoint state_dict: [A-Za-z_][\w.]*\w")
+
+
+class CheckpointMismatchError(ValueError):
+    """A complete checkpoint whose tensors do not fit the model being trained (it was saved with another config).
+
+    Attributes:
+        meta: the checkpoint's ``trainer.json`` (its ``config`` is the one it was saved with).
+    """
+
+    def __init__(self, message: str, meta: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.meta = meta
 
 
 class CheckpointManager:
@@ -155,6 +172,7 @@ class CheckpointManager:
 
         Raises:
             RuntimeError: the checkpoint is corrupt or incomplete (the message names the folder).
+            CheckpointMismatchError: a tensor of another shape, or one missing (the model changed since).
         """
         import torch.distributed.checkpoint as dcp
 
@@ -167,9 +185,15 @@ class CheckpointManager:
                 dcp.load(tensors, checkpoint_id=str(path))
             local_file = path / f"rank_{self.rank}.pt"
             local = torch.load(local_file, map_location="cpu", weights_only=False) if local_file.is_file() else None
-        except Exception as e:  # DCP raises a variety of errors on damaged files
-            raise RuntimeError(f"training checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); "
-                               "delete the folder to resume from the previous one") from e
+        except (Exception, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
+            mismatch = _SHAPE_MISMATCH.search(str(e))
+            if mismatch:
+                raise CheckpointMismatchError(f"training checkpoint {path} holds a model of another shape "
+                                              f"({mismatch.group(0)})", meta) from e
+            inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(e), re.MULTILINE)  # DCP quotes tracebacks
+            raise RuntimeError(f"training checkpoint {path} is corrupt or incomplete (reading it failed: "
+                               f"{(inner or [type(e).__name__])[-1]}); delete the folder to resume from the previous "
+                               "one") from e
         return meta, local
 
     @staticmethod

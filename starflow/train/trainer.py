@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from starflow.adapters import LatentAdapter, TextEncoder, build_text_encoder
 from starflow.assets import TINY_TEXT_ENCODER
 from starflow.checkpoint import save_weights
-from starflow.config import Config, save_config
+from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
 from starflow.distributed import DistInfo, is_sharded
@@ -44,11 +44,11 @@ from starflow.train.ema import EMA, EMA_WEIGHTS
 from starflow.train.init_from import InitReport, init_from
 from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
 from starflow.train.logging import MetricsLogger
-from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule
+from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule, rebase_schedule
 from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
                                         native_bf16, shard_text_encoder, training_dtype)
-from starflow.train.state import CheckpointManager, rng_state, set_rng_state
+from starflow.train.state import CheckpointManager, CheckpointMismatchError, rng_state, set_rng_state
 
 __all__ = ["Trainer", "TrainingDiverged", "GRAD_SKIP_AFTER"]
 
@@ -152,7 +152,8 @@ class Trainer:
                 dataset.buckets, self.micro, shuffle=True, seed=cfg.seed, drop_last=True, rank=dist.rank,
                 world_size=dist.world_size, grad_accum=cfg.grad_accum))
             if len(self.batches.sampler) == 0:
-                raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch of {cfg.batch_size}")
+                raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch of "
+                                 f"{cfg.batch_size}: lower --batch_size or add data")
         self.secondary, self.secondary_batches = secondary, None
         if secondary is not None:  # images as one-frame videos on a secondary_ratio share of the steps
             micro = (cfg.secondary_batch_size or cfg.batch_size) // (dist.world_size * cfg.grad_accum)
@@ -196,14 +197,27 @@ class Trainer:
                                                              set_optimizer_state_dict)
 
         tensors = self._tensor_state()
-        meta, local = self.checkpoints.load(path, tensors)
+        fresh_lrs = (list(self.schedule.base_lrs),
+                     None if self.denoiser_schedule is None else list(self.denoiser_schedule.base_lrs))
+        try:
+            meta, local = self.checkpoints.load(path, tensors)
+        except CheckpointMismatchError as e:
+            saved, now = e.meta.get("config", {}), self.cfg.to_dict()
+            changed = [f"{k} {saved[k]} -> {now[k]}" for k in sorted(now) if k in saved and saved[k] != now[k]
+                       and k not in TRAINING_KEYS]  # the model's keys (training-only ones left out)
+            raise CheckpointMismatchError(
+                f"{e}: it was saved with another config ({', '.join(changed) or 'see its trainer.json'}); resume with "
+                f"the config it was saved with, or train the new model in a new --logdir (--init_from {path} starts "
+                "it from these weights where the shapes allow)", e.meta) from None
         set_model_state_dict(self.model, tensors["model"], options=StateDictOptions(strict=not self.lora))
         set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
         if self.denoiser_optimizer is not None:
             set_optimizer_state_dict(self.model, self.denoiser_optimizer, tensors["denoiser_optimizer"])
         self.schedule.load_state_dict(meta["schedule"])
+        rebase_schedule(self.schedule, fresh_lrs[0])  # a changed lr, min_lr, warmup_steps or steps applies from here
         if self.denoiser_schedule is not None and "denoiser_schedule" in meta:
             self.denoiser_schedule.load_state_dict(meta["denoiser_schedule"])
+            rebase_schedule(self.denoiser_schedule, fresh_lrs[1])
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
         if local is None:  # written by fewer ranks: the global batches are the same, only RNG states differ
@@ -467,7 +481,8 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.logdir / "config.yaml")
         history: list[dict[str, float]] = []
-        logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run)
+        logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run,
+                               start_step=self.step)
         data = self._batches()
         secondary = self._folder_batches(self.secondary, self.secondary_batches, 1) if self.secondary else None
         bar = tqdm(total=end, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
