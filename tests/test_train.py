@@ -351,6 +351,19 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_config, digits, t
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_a_run_diverging_at_its_first_step_keeps_the_checkpoint_it_names(tiny_config, digits, tmp_path,
+                                                                         monkeypatch) -> None:
+    config = dict(tiny_config, data=str(digits["train"]), steps=20, save_freq=100, drop_label=0.0, max_nonfinite=1)
+    trainer = build_trainer(config, tmp_path / "diverged")
+    good = collate([trainer.dataset[i] for i in range(trainer.cfg.batch_size)])
+    bad = dict(good, pixels=torch.full_like(good["pixels"], float("inf")))
+    monkeypatch.setattr(trainer, "_batches", lambda: iter([bad, good]))
+    with pytest.raises(TrainingDiverged) as diverged:
+        trainer.fit()
+    latest = trainer.checkpoints.latest()
+    assert latest is not None and latest.is_dir() and str(latest) in str(diverged.value)
+
+
 # ---------------------------------------------------------------------- errors
 def test_typo_in_yaml_names_the_nearest_key(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     config = dict(tiny_config)

@@ -517,7 +517,8 @@ class Trainer:
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
         except BaseException:
-            if created and not history:  # refused before its first step (e.g. unreadable data): leave no logdir
+            if created and not history and self.checkpoints.latest() is None:  # refused before its first step
+                # (e.g. unreadable data): leave no logdir; one with a checkpoint (a diverged run's) stays
                 logger.close()
                 shutil.rmtree(self.logdir, ignore_errors=True)
             raise
