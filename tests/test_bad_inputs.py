@@ -88,6 +88,8 @@ CASES = [
     ("validate {demo}/config.yaml --gpus 0", 2, "error: --gpus 0: must be >= 1"),
     ("eval-nll --checkpoint_path {demo} --data {digits} --batch_size 0", 2, "error: --batch_size 0: must be >= 1"),
     ("train --config {cfg} --data {digits} --logdir {afile}", 2, "error: --logdir {afile}: is a file"),
+    ("train --config {cfg} --data {digits} --logdir {afile}/run", 2,
+     "error: --logdir {afile}/run: {afile} is a file, so the folder cannot be made"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_lr --lr -1", 2, "config key 'lr' (the peak learning rate)"),
     # ---- config keys: unknown, ill-typed, out of range, cross-field
     ("train --config {unknown_key_cfg} --data {digits} --logdir {tmp}/r_unknown", 2,
@@ -123,7 +125,7 @@ CASES = [
     ("inpaint --input_image {digit_png} --mask_box a,b --caption x --output_dir {tmp}/inp3", 2,
      "error: --mask_box a,b: expected four integers"),
     ("inpaint --input_image {corrupt_png} --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp4", 2,
-     "error: --input_image {corrupt_png}: cannot"),
+     "error: --input_image: cannot read image {corrupt_png}: "),  # the flag, and the path once
     ("edit --input_image {digit_png} --caption x --output_dir {tmp}/ed1", 2, "edit needs --source_caption and --caption"),
     ("inpaint --input_image {wide_png} --mask_box 0,0,16,32 --caption x --output_dir {tmp}/inp7", 2,
      "the input is resized and centre-cropped to it, keeping x 16..48 and y 0..32 of its pixels"),

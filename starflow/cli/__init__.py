@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.code}", file=sys.stderr)
             return 2
         raise
+    except BrokenPipeError:  # the reader of stdout went away (`starflow validate ... | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error when Python flushes)
+        return 141
     except (ValueError, OSError, CheckpointError, RuntimeError, KeyError, ImportError) as e:  # (a missing package)
         if os.environ.get("STARFLOW_DEBUG"):
             raise

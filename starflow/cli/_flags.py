@@ -129,8 +129,9 @@ def about_flag(flag: str, value) -> Iterator[None]:
         message = str(e)
         if message.startswith(f"--{flag}"):
             raise
+        prefix = f"--{flag}" if str(value) in message else f"--{flag} {value}"  # (the path once, not twice)
         try:
-            wrapped = type(e)(f"--{flag} {value}: {message}")
+            wrapped = type(e)(f"{prefix}: {message}")
         except TypeError:  # an exception type with another constructor
-            wrapped = ValueError(f"--{flag} {value}: {message}")
+            wrapped = ValueError(f"{prefix}: {message}")
         raise wrapped from None

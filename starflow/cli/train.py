@@ -71,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(NO_DATA)
     if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
         raise ValueError(f"--logdir {cfg.logdir}: is a file; pass a folder for the run (checkpoints, metrics, model)")
+    if cfg.logdir:  # a folder under a file cannot be made: said now, before the data and the model are loaded
+        above = next(p for p in Path(cfg.logdir).parents if p.exists())
+        if not above.is_dir():
+            raise ValueError(f"--logdir {cfg.logdir}: {above} is a file, so the folder cannot be made; pass another "
+                             "folder for the run")
     if not args.dry_run:  # (a dry run writes nothing)
         check_logdir_run(cfg, args.resume)
     dist = init_distributed(args.device)
@@ -87,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es){parallel} on {dist.device} in "
               f"{precision}; logdir {cfg.logdir}")
     resumed = not args.dry_run and args.resume and trainer.resume()
+    if resumed and trainer.step >= cfg.steps and dist.is_main:
+        print(f"the run in {cfg.logdir} is at step {trainer.step} of --steps {cfg.steps}: nothing to train (raise "
+              "--steps to go on); its model folder is written again")
     if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
         # runs loaded their base weights when they were built
         trainer.initialise_from(cfg.init_from)
