@@ -439,6 +439,23 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     return inputs
 
 
+def check_input_headers(args: argparse.Namespace) -> None:
+    """Read the headers of ``--input_image``, ``--last_image`` and ``--input_video`` (no pixel decoded), so that
+    ``--dry_run`` refuses an unreadable input as sampling would.
+
+    Raises:
+        OSError: an input that is not a readable image or video (named by its flag).
+    """
+    from starflow.data.images import image_aspect
+    from starflow.data.video import video_aspect
+
+    for flag, read in (("input_image", image_aspect), ("last_image", image_aspect), ("input_video", video_aspect)):
+        path = getattr(args, flag, None)
+        if path:
+            with about_flag(flag, path):
+                read(path)
+
+
 def check_negatives(negatives: list[str], settings) -> None:
     """Refuse negative prompts (``--negative_prompt`` or caption-file ones) without guidance, which they act through.
 
@@ -509,6 +526,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     settings = sample_settings(args, cfg)
     check_video_flags(args, cfg)
+    check_input_headers(args)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
     check_negatives(split_negatives(captions, args.negative_prompt)[1], settings)
