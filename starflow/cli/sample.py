@@ -236,9 +236,9 @@ def sample_settings(args: argparse.Namespace, cfg):
         given = [flag for flag, default in JACOBI_DEFAULTS.items() if getattr(args, flag) != default]
         if given:
             raise ValueError(f"--{given[0]} sets Jacobi decoding, which --jacobi 0 turns off (sequential): drop one")
-    if args.guide_top is not None and not 0 <= args.guide_top <= cfg.blocks:
-        raise ValueError(f"--guide_top {args.guide_top}: the number of guided blocks must be in 0..{cfg.blocks} "
-                         f"(this model has {cfg.blocks} flow blocks)")
+    if args.guide_top is not None and not 0 <= args.guide_top <= cfg.num_blocks:
+        raise ValueError(f"--guide_top {args.guide_top}: the number of guided blocks must be in 0..{cfg.num_blocks} "
+                         f"(this model has {cfg.num_blocks} flow blocks)")
     if not -2**63 <= cfg.seed < 2**63:
         raise ValueError(f"--seed {cfg.seed}: must fit in 64 bits (|seed| < 2^63)")
     if not args.attn_temp > 0:

@@ -108,9 +108,9 @@ def to_8bit(img: Image.Image, path: object = "") -> Image.Image:
             raise ValueError(f"float image with values in [{arr.min():g}, {arr.max():g}]: floats are read as 0..1; "
                              "save it as an 8- or 16-bit image")
         return Image.fromarray(np.rint(arr * 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "La"):
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "La", "RGBa"):
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "RGBa"):
+    if img.mode in ("RGBA", "LA"):
         alpha = img.getchannel("A")
         if alpha.getextrema()[0] < 255:
             if not _warned_transparency:
