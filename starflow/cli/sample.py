@@ -88,22 +88,28 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the flow layers (dynamic shapes; the first batch pays the compilation)")
 
 
+JACOBI_DEFAULTS = {"jacobi_th": JACOBI_THRESHOLD, "jacobi_block_size": AUTO, "jacobi_max_iter": JACOBI_MAX_ITER,
+                   "jacobi_stop": "sample"}
+"""The Jacobi flags and their defaults, declared once: ``--jacobi 0`` refuses any of them set to another value."""
+
+
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     """Jacobi decoding, size, batch and denoising flags (names as the official ``sample.py``)."""
     p.add_argument("--jacobi", type=int, choices=(0, 1), default=1,
                    help="1: block-wise Jacobi iteration, 0: sequential (then the other --jacobi_* flags are refused) "
                         "[default: 1]")
-    p.add_argument("--jacobi_th", type=float, default=JACOBI_THRESHOLD,
+    p.add_argument("--jacobi_th", type=float, default=JACOBI_DEFAULTS["jacobi_th"],
                    help="Jacobi stopping threshold on the relative squared change of a chunk [default: 1e-4; "
                         "the official scripts use 1e-3]")
-    p.add_argument("--jacobi_block_size", type=_block_size, default=AUTO, metavar="K|auto",
+    p.add_argument("--jacobi_block_size", type=_block_size, default=JACOBI_DEFAULTS["jacobi_block_size"],
+                   metavar="K|auto",
                    help="tokens per Jacobi chunk (4x after the first frame of a video); 'auto': chosen per flow block "
                         "from its rows at --sample_batch_size and the device (GPU 64; CPU: the largest of 64/32 with "
                         "rows x K <= 256, else sequential decoding, which is faster on a CPU for large batches); "
                         "every batch of a job, a smaller last one included, decodes with the chunks chosen for "
                         f"--sample_batch_size. A fixed K (e.g. {JACOBI_BLOCK_SIZE}) gives the same images at any "
                         "--sample_batch_size [default: auto; the official scripts use 16 for images, 32 for video]")
-    p.add_argument("--jacobi_stop", choices=("sample", "batch"), default="sample",
+    p.add_argument("--jacobi_stop", choices=("sample", "batch"), default=JACOBI_DEFAULTS["jacobi_stop"],
                    help="Jacobi stopping rule: 'sample' stops and freezes each sample on its own change, so an "
                         "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
                         "(change over the whole batch) [default: sample]")
@@ -113,7 +119,7 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample_batch_size", type=int, default=16,
                    help="images per forward batch on each process; also the images per process of a single prompt in "
                         "starflow sample without --num_samples (the official sample.py) [default: 16]")
-    p.add_argument("--jacobi_max_iter", type=int, default=JACOBI_MAX_ITER,
+    p.add_argument("--jacobi_max_iter", type=int, default=JACOBI_DEFAULTS["jacobi_max_iter"],
                    help="at most this many model evaluations per Jacobi chunk [default: 32, as the official]")
     p.add_argument("--guide_top", type=int, default=None,
                    help="guidance only in the first K flow blocks in sampling order (the deep block is the first); "
@@ -299,10 +305,6 @@ def sample_settings(args: argparse.Namespace, cfg):
                           context_length=getattr(args, "context_length", None))
 
 
-JACOBI_DEFAULTS = {"jacobi_th": JACOBI_THRESHOLD, "jacobi_block_size": AUTO, "jacobi_max_iter": JACOBI_MAX_ITER,
-                   "jacobi_stop": "sample"}  # the Jacobi flags and their defaults (refused with --jacobi 0)
-
-
 def check_video_flags(args: argparse.Namespace, cfg) -> None:
     """Refuse the video flags of ``starflow sample`` that would not act on this config, from the config alone (so
     ``--dry_run`` refuses what sampling would).
@@ -402,10 +404,11 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
 def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
     """``--input_image``, ``--input_video`` and ``--last_image`` as pixels at the sampling size, each ``(1, ...)``.
 
+    The flags themselves are checked before (:func:`checked_settings`).
+
     Raises:
-        ValueError: a video input with an image model, or a clip whose frame count the VAE does not accept.
+        ValueError: a video file where an image is expected, or a clip whose frame count the VAE does not accept.
     """
-    check_video_flags(args, cfg)
     given = {flag: getattr(args, flag) for flag in ("input_image", "input_video", "last_image") if getattr(args, flag)}
     if not given:
         return {}
@@ -456,15 +459,20 @@ def check_input_headers(args: argparse.Namespace) -> None:
                 read(path)
 
 
-def check_negatives(negatives: list[str], settings) -> None:
-    """Refuse negative prompts (``--negative_prompt`` or caption-file ones) without guidance, which they act through.
+def checked_settings(args: argparse.Namespace, cfg, negatives: list[str]):
+    """The :func:`sample_settings` of ``starflow sample`` with its own checks: the video flags
+    (:func:`check_video_flags`) and the negative prompts (``--negative_prompt`` or caption-file ones), which act through
+    guidance. Sampling and ``--dry_run`` both come here, so they refuse the same commands.
 
     Raises:
-        ValueError: a non-empty negative prompt with ``cfg`` 0.
+        ValueError: as :func:`sample_settings` and :func:`check_video_flags`; a negative prompt with ``cfg`` 0.
     """
+    settings = sample_settings(args, cfg)
+    check_video_flags(args, cfg)
     if any(negatives) and not settings.cfg > 0:
         raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
                          f"(got {settings.cfg:g})")
+    return settings
 
 
 def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], list[str]]:
@@ -524,12 +532,10 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
-    settings = sample_settings(args, cfg)
-    check_video_flags(args, cfg)
-    check_input_headers(args)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
-    check_negatives(split_negatives(captions, args.negative_prompt)[1], settings)
+    settings = checked_settings(args, cfg, split_negatives(captions, args.negative_prompt)[1])
+    check_input_headers(args)  # (sampling reads the files themselves)
     geometry = vae_geometry(cfg.vae)
     ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))
     frames = settings.target_length or (cfg.vid_size[0] if cfg.is_video else 1)
@@ -588,8 +594,7 @@ def run(args: argparse.Namespace) -> int:
     captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size)
     per_prompt = len(captions) // len(set(captions)) if captions else 1
     captions, negatives = split_negatives(captions, args.negative_prompt)
-    settings = sample_settings(args, cfg)
-    check_negatives(negatives, settings)
+    settings = checked_settings(args, cfg, negatives)
     inputs = read_video_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     profile = Profile()
