@@ -1,6 +1,8 @@
 """Text -> pixels on a tiny random pipeline: shapes, Jacobi = sequential, guidance 0 = conditional, truncation."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -167,3 +169,20 @@ def test_truncation_warnings_are_bounded(make_pipeline, recwarn) -> None:
     messages = [str(w.message) for w in recwarn if "truncated" in str(w.message)]
     assert len(messages) == TRUNCATION_WARNINGS == len(encoder._warned)
     assert messages[-1].endswith("further truncated prompts are not reported")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p, img, m: p.inpaint(PROMPTS[:2], img, m, SampleSettings()), "3 item(s) for 2 prompt(s)"),
+    (lambda p, img, m: p.inpaint(PROMPTS, img, m, SampleSettings(), seeds=SEEDS[:2]), "2 seed(s) for 3 sample(s)"),
+    (lambda p, img, m: p(PROMPTS[:2], SampleSettings(), seeds=SEEDS), "3 seed(s) for 2 sample(s)"),
+    (lambda p, img, m: p.inpaint(PROMPTS, img * 127.5 + 127.5, m, SampleSettings()), "pixels must be in [-1, 1]"),
+    (lambda p, img, m: p.edit(PROMPTS, PROMPTS, img.expand(3, 3, 8, 8), SampleSettings()),
+     "has 3 channel(s) (dimension -3); this model samples grayscale images"),
+])
+def test_api_inputs_that_do_not_fit_the_prompts_or_the_model_are_refused(pipe: Pipeline, call, message) -> None:
+    img = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8).repeat(3, 1, 1, 1)
+    mask = torch.zeros(8, 8)
+    mask[4:] = 1
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(pipe, img, mask)
+    assert pipe.inpaint(PROMPTS, img, mask, SampleSettings(), seeds=SEEDS).shape == img.shape  # the fitting call runs

@@ -34,12 +34,14 @@ class LatentAdapter(nn.Module, abc.ABC):
         name: Where the autoencoder came from (``"none"`` without one).
         downsample: Spatial downsampling factor: latent side = pixel side // downsample.
         latent_channels: Channels C of the latents.
+        pixel_channels: Channels of the images it encodes (3, RGB, but for ``vae: none``).
         temporal_downsample: Latent frames ``T' = (T - 1) // temporal_downsample + 1`` (1 but for WAN2.2).
     """
 
     name: str
     downsample: int
     latent_channels: int
+    pixel_channels: int = 3
     temporal_downsample: int = 1
 
     @property
@@ -74,7 +76,7 @@ class IdentityAdapter(LatentAdapter):
         super().__init__()
         self.name = "none"
         self.downsample = 1
-        self.latent_channels = channels
+        self.latent_channels = self.pixel_channels = channels
 
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
                generator: torch.Generator | None = None) -> torch.Tensor:

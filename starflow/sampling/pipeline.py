@@ -32,6 +32,7 @@ DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a l
 PREFIX_SEED_OFFSET = 1_000_003  # the noise of a known input (prefix, inpainted image): the sample's seed plus this
 LAST_SEED_OFFSET = 2_000_003  # the end frame's noise (last_frame_cond)
 ROUND_SEED_OFFSET = 3_000_017  # inpainting: resampling round r draws its noise with seed + r * this
+PIXEL_SLACK = 1e-3  # float error allowed beyond [-1, 1] in input pixels
 
 
 @dataclass
@@ -236,8 +237,14 @@ class Pipeline:
 
     def _noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
                generator: torch.Generator | None, offset: int = 0) -> torch.Tensor:
-        """Standard normal ``(n, *shape)``: row ``i`` from its own CPU generator seeded ``seeds[i] + offset``."""
+        """Standard normal ``(n, *shape)``: row ``i`` from its own CPU generator seeded ``seeds[i] + offset``.
+
+        Raises:
+            ValueError: ``seeds`` is not one seed per sample.
+        """
         if seeds is not None:
+            if len(seeds) != n:
+                raise ValueError(f"{len(seeds)} seed(s) for {n} sample(s): give one seed per prompt")
             return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
         device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its GPU
         return torch.randn(n, *shape, generator=generator, device=device)
@@ -304,9 +311,26 @@ class Pipeline:
             pixels = self.vae.decode(latents.to(self.device))
         return pixels.float().clamp(-1, 1)
 
-    def _encode_pixels(self, pixels: torch.Tensor, what: str, shape: tuple[int, ...], profile: Profile) -> torch.Tensor:
+    def _encode_pixels(self, pixels: torch.Tensor, what: str, shape: tuple[int, ...], profile: Profile,
+                       batch: int) -> torch.Tensor:
         """Clean latents of pixels ``(B, C, H, W)`` or ``(B, T, C, H, W)`` in ``[-1, 1]`` (a video keeps ``T``), checked
-        against the sampling size ``shape[-3:]``."""
+        against the prompts (``batch`` = B), the VAE's image channels, the pixel range and the sampling size
+        ``shape[-3:]``.
+
+        Raises:
+            ValueError: another batch size, channel count or size, or values outside ``[-1, 1]``.
+        """
+        if pixels.shape[0] != batch:
+            raise ValueError(f"{what} holds {pixels.shape[0]} item(s) for {batch} prompt(s): give one per prompt")
+        channels = self.vae.pixel_channels
+        if pixels.shape[-3] != channels:
+            kind = "grayscale" if channels == 1 else "RGB" if channels == 3 else f"{channels}-channel"
+            raise ValueError(f"{what} {tuple(pixels.shape)} has {pixels.shape[-3]} channel(s) (dimension -3); this "
+                             f"model samples {kind} images: convert it to {channels} channel(s)")
+        lo, hi = pixels.aminmax()
+        if lo < -1 - PIXEL_SLACK or hi > 1 + PIXEL_SLACK:
+            raise ValueError(f"{what} values span [{lo.item():g}, {hi.item():g}]; pixels must be in [-1, 1]: map "
+                             "8-bit values v to v / 127.5 - 1")
         with profile.stage("VAE encoding", self.device):
             latent = self.vae.encode(pixels.to(self.device).float(), sample=False).float()
         if tuple(latent.shape[-3:]) != tuple(shape[-3:]):
@@ -362,8 +386,9 @@ class Pipeline:
 
         Raises:
             ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
-                not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size
-                or frame count; ``sequence`` with ``input_video``.
+                not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size,
+                frame count, channel count or pixel range, or not one per prompt; seeds not one per prompt;
+                ``sequence`` with ``input_video``.
         """
         profile = profile or Profile()
         c = self.config
@@ -392,10 +417,10 @@ class Pipeline:
                     y_extend = torch.cat([y_extend, y_all[len(prompts):]])
         prefix = []  # (clean latents, noised latents, keep in the result)
         if last_image is not None:
-            end = self._encode_pixels(last_image[:, None], "last_image", shape, profile)
+            end = self._encode_pixels(last_image[:, None], "last_image", shape, profile, len(prompts))
             prefix.append((end, self._noised(end, seeds, generator, LAST_SEED_OFFSET, settings), False))
         if input_image is not None:
-            first = self._encode_pixels(input_image[:, None], "input_image", shape, profile)
+            first = self._encode_pixels(input_image[:, None], "input_image", shape, profile, len(prompts))
             prefix.append((first, self._noised(first, seeds, generator, PREFIX_SEED_OFFSET, settings), True))
         drop = sum(1 for *_, keep in prefix if not keep)
         noise = self._latent_noise((shape[0] + drop, *shape[1:]) if c.is_video else shape, len(prompts), seeds,
@@ -438,7 +463,7 @@ class Pipeline:
             raise ValueError(f"continuation adds target_length = {new_frames} pixel frames; it must be a positive "
                              f"multiple of {t} (each latent frame after the first covers {t} frames)")
         shape = self.latent_shape(settings.aspect_ratio)
-        clip = self._encode_pixels(video, "input_video", shape, profile)  # (B, Tc, C, h, w)
+        clip = self._encode_pixels(video, "input_video", shape, profile, len(prompts))  # (B, Tc, C, h, w)
         window = self.window
         ctx = min(clip.shape[1], settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1))
         if not 1 <= ctx < window:
@@ -477,7 +502,8 @@ class Pipeline:
             ``(B, T, C, H, W)`` target pixels in ``[-1, 1]``.
 
         Raises:
-            ValueError: the model was not trained with ``video_to_video``, or the clip has another size or length.
+            ValueError: the model was not trained with ``video_to_video``, the clip has another size, length,
+                channel count or pixel range, or the clips or seeds are not one per prompt.
         """
         profile, c = profile or Profile(), self.config
         if not c.video_to_video:
@@ -487,7 +513,7 @@ class Pipeline:
             raise ValueError(f"source clip {tuple(source.shape)}: the model was trained on (B, {c.vid_size[0]}, C, H, W) "
                              f"clips (vid_size {c.vid_size[0]} frames): cut or resample it to that length")
         shape = self.latent_shape(settings.aspect_ratio)
-        src = self._encode_pixels(source, "source clip", shape, profile)
+        src = self._encode_pixels(source, "source clip", shape, profile, len(prompts))
         with profile.stage("text encoding", self.device):
             y, y_all, guided = self._encode_text(prompts, settings, V2V_PREFIX)
         stats = stats if stats is not None else DecodeStats()
@@ -499,14 +525,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ images: inpainting and editing
     def _image_inputs(self, image: torch.Tensor, mask: torch.Tensor | None, settings: SampleSettings,
-                      what: str, profile: Profile):
+                      what: str, profile: Profile, batch: int):
         """Clean latents of ``image``, the sample's latent shape, and the pixel and token masks (or None)."""
         if self.config.is_video:
             raise ValueError(f"{what} works on image models; this config is a video model (vid_size)")
         shape = self.latent_shape(settings.aspect_ratio)
         if image.dim() != 4:
             raise ValueError(f"{what}: the input image must be (B, C, H, W) pixels in [-1, 1], got {tuple(image.shape)}")
-        latent = self._encode_pixels(image, "input image", shape, profile)
+        latent = self._encode_pixels(image, "input image", shape, profile, batch)
         if mask is None:
             return latent, shape, None, None
         pixel_mask = pixel_mask_like(mask, image).to(self.device)  # the decoded pixels are on the model's device
@@ -539,12 +565,14 @@ class Pipeline:
             ``(B, C, H, W)`` pixels in ``[-1, 1]``, equal to ``image`` wherever the mask is 0.
 
         Raises:
-            ValueError: a video model, a mask or image of another size, ``rounds < 1``.
+            ValueError: a video model, a mask or image of another size, an image batch, channel count or pixel
+                range that does not fit the prompts and the model, seeds that are not one per prompt, ``rounds < 1``.
         """
         if rounds < 1:
             raise ValueError(f"inpainting needs rounds >= 1, got {rounds}")
         profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
-        latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "inpainting", profile)
+        latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "inpainting", profile,
+                                                                 len(prompts))
         x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET, settings)
         with profile.stage("text encoding", self.device):
             y, y_all, guided = self._encode_text(prompts, settings)
@@ -583,8 +611,8 @@ class Pipeline:
             ``(B, C, H, W)`` edited pixels in ``[-1, 1]``.
 
         Raises:
-            ValueError: a video model, caption counts that differ from the batch, inputs of another size, or a
-                sampling temperature other than 1 (the noise is the image's own, not drawn).
+            ValueError: a video model, caption counts that differ from the batch, inputs of another size, channel
+                count or pixel range, seeds that are not one per prompt, or a sampling temperature other than 1 (the noise is the image's own, not drawn).
         """
         if settings.temperature != 1.0:
             raise ValueError(f"editing decodes the image's own inverted noise, which temperature "
@@ -593,7 +621,7 @@ class Pipeline:
             raise ValueError(f"editing needs one source and one target caption per image: got {len(source_prompts)}, "
                              f"{len(prompts)} and {image.shape[0]} images")
         profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
-        latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "editing", profile)
+        latent, shape, pixel_mask, tokens = self._image_inputs(image, mask, settings, "editing", profile, len(prompts))
         x_known = self._noised(latent, seeds, generator, PREFIX_SEED_OFFSET, settings)
         with profile.stage("text encoding", self.device):
             y_source = self._prompts(source_prompts, settings)
