@@ -186,3 +186,18 @@ def test_api_inputs_that_do_not_fit_the_prompts_or_the_model_are_refused(pipe: P
     with pytest.raises(ValueError, match=re.escape(message)):
         call(pipe, img, mask)
     assert pipe.inpaint(PROMPTS, img, mask, SampleSettings(), seeds=SEEDS).shape == img.shape  # the fitting call runs
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p: p("a handwritten digit 1", SampleSettings()), TypeError, "wrap a single caption in a list"),
+    (lambda p: p([], SampleSettings()), ValueError, "no prompts"),
+    (lambda p: p(PROMPTS, SampleSettings(aspect_ratio="16:9")), ValueError, "trained on square 8x8 samples only"),
+    (lambda p: SampleSettings(cfg=-1.0), ValueError, "cfg -1: the guidance weight must be >= 0"),
+    (lambda p: SampleSettings(temperature=float("nan")), ValueError, "temperature nan"),
+    (lambda p: SampleSettings(jacobi_th=float("nan")), ValueError, "jacobi_th nan"),
+    (lambda p: SampleSettings(jacobi_stop="never"), ValueError, "jacobi_stop never: must be sample or batch"),
+    (lambda p: SampleSettings(denoising_batch_size=0), ValueError, "denoising_batch_size 0: must be >= 1"),
+])
+def test_api_prompts_and_settings_that_no_sampler_could_use_are_refused(pipe: Pipeline, call, error, message) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        call(pipe)

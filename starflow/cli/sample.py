@@ -227,17 +227,26 @@ def sample_settings(args: argparse.Namespace, cfg):
     from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.pipeline import SampleSettings
 
-    positive = {"sample_batch_size": args.sample_batch_size, "jacobi_max_iter": args.jacobi_max_iter,
-                "target_length": getattr(args, "target_length", None),
-                "context_length": getattr(args, "context_length", None),
-                "denoising_batch_size": args.denoising_batch_size, "out_fps": getattr(args, "out_fps", None)}
-    for flag, value in positive.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} {value}: must be >= 1")
-    if cfg.cfg < 0:
-        raise ValueError(f"--cfg {cfg.cfg:g}: the guidance weight must be >= 0 (0 = no guidance)")
-    if not args.jacobi_th >= 0:
-        raise ValueError(f"--jacobi_th {args.jacobi_th:g}: the stopping threshold must be >= 0")
+    if args.sample_batch_size is not None and args.sample_batch_size < 1:
+        raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
+    try:  # the ranges of the flags that are fields of SampleSettings (same names, but --out_fps), first
+        settings = SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
+                                  jacobi_block_size=args.jacobi_block_size, jacobi_max_iter=args.jacobi_max_iter,
+                                  # the batch "auto" chooses for; a fixed block size does not depend on it
+                                  jacobi_auto_batch=getattr(args, "sample_batch_size", None)
+                                  if args.jacobi_block_size == AUTO else None,
+                                  aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise,
+                                  jacobi_stop=args.jacobi_stop, anneal_guidance=args.annealed_guidance,
+                                  guide_top=args.guide_top, attn_temp=args.attn_temp, temperature=cfg.temperature,
+                                  fps=getattr(args, "out_fps", None), target_noise_std=args.target_noise_std,
+                                  self_denoising_lr=args.self_denoising_lr,
+                                  learnable_denoiser=not args.disable_learnable_denoiser,
+                                  denoising_batch_size=args.denoising_batch_size,
+                                  target_length=getattr(args, "target_length", None),
+                                  context_length=getattr(args, "context_length", None))
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(f"--out_{message}" if message.startswith("fps ") else f"--{message}") from None
     if not args.jacobi:
         given = [flag for flag, default in JACOBI_DEFAULTS.items() if getattr(args, flag) != default]
         if given:
@@ -247,17 +256,11 @@ def sample_settings(args: argparse.Namespace, cfg):
                          f"(this model has {cfg.num_blocks} flow blocks)")
     if not -2**63 <= cfg.seed < 2**63:
         raise ValueError(f"--seed {cfg.seed}: must fit in 64 bits (|seed| < 2^63)")
-    if not args.attn_temp > 0:
-        raise ValueError(f"--attn_temp {args.attn_temp:g}: the attention temperature must be > 0 (1 = plain guidance)")
     guidance_only = {"attn_temp": args.attn_temp != 1.0, "guide_top": args.guide_top is not None,
                      "annealed_guidance": args.annealed_guidance}
     for flag, given in guidance_only.items():
         if given and not cfg.cfg > 0:
             raise ValueError(f"--{flag} shapes classifier-free guidance, which is off (--cfg {cfg.cfg:g}): pass --cfg > 0")
-    if args.target_noise_std is not None and not args.target_noise_std >= 0:
-        raise ValueError(f"--target_noise_std {args.target_noise_std:g}: a noise level must be >= 0")
-    if args.self_denoising_lr is not None and not args.self_denoising_lr >= 0:
-        raise ValueError(f"--self_denoising_lr {args.self_denoising_lr:g}: the denoising step must be >= 0")
     if not args.self_denoise:
         for flag in ("self_denoising_lr", "denoising_batch_size"):
             if getattr(args, flag) is not None:
@@ -289,20 +292,7 @@ def sample_settings(args: argparse.Namespace, cfg):
                              "give the ratio to sample at (e.g. the input's, such as 4:3)")
     else:
         check_aspect_ratio(args.aspect_ratio, cfg)
-    return SampleSettings(cfg=cfg.cfg, jacobi=bool(args.jacobi), jacobi_th=args.jacobi_th,
-                          jacobi_block_size=args.jacobi_block_size, jacobi_max_iter=args.jacobi_max_iter,
-                          # the batch "auto" chooses for; a fixed block size does not depend on it
-                          jacobi_auto_batch=getattr(args, "sample_batch_size", None) if args.jacobi_block_size == AUTO
-                          else None,
-                          aspect_ratio=args.aspect_ratio, self_denoise=args.self_denoise, jacobi_stop=args.jacobi_stop,
-                          anneal_guidance=args.annealed_guidance, guide_top=args.guide_top, attn_temp=args.attn_temp,
-                          temperature=cfg.temperature,
-                          fps=getattr(args, "out_fps", None), target_noise_std=args.target_noise_std,
-                          self_denoising_lr=args.self_denoising_lr,
-                          learnable_denoiser=not args.disable_learnable_denoiser,
-                          denoising_batch_size=args.denoising_batch_size,
-                          target_length=getattr(args, "target_length", None),
-                          context_length=getattr(args, "context_length", None))
+    return settings
 
 
 def check_video_flags(args: argparse.Namespace, cfg) -> None:

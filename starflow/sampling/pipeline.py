@@ -19,7 +19,7 @@ from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_te
 from starflow.assets import TINY_TEXT_ENCODER, find_weights
 from starflow.checkpoint import load_weights, save_weights
 from starflow.config import Config, load_config, save_config
-from starflow.data.aspect import aspect_to_size
+from starflow.data.aspect import aspect_to_size, parse_aspect
 from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sharded_inference
 from starflow.models import STARFlow
 from starflow.models.jacobi import AUTO, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
@@ -59,6 +59,31 @@ class SampleSettings:
     self_denoising_lr: float | None = None  # denoising step: Tweedie factor (default 1), learned denoiser (0.3)
     learnable_denoiser: bool = True  # False: a video model with a learnable denoiser takes the Tweedie step
     denoising_batch_size: int | None = None  # samples per denoising pass (default: the whole batch)
+
+    def __post_init__(self) -> None:
+        """Refuse values no sampler could use (model-independent; :meth:`Pipeline.__call__` checks the rest).
+
+        Raises:
+            ValueError: named after the field, as the ``starflow sample`` flag of the same name.
+        """
+        rules = [("cfg", self.cfg >= 0, "the guidance weight must be >= 0 (0 = no guidance)"),
+                 ("jacobi_th", self.jacobi_th >= 0, "the stopping threshold must be >= 0"),
+                 ("attn_temp", self.attn_temp > 0, "the attention temperature must be > 0 (1 = plain guidance)"),
+                 ("temperature", 0 < self.temperature < float("inf"),
+                  "the noise temperature must be > 0 and finite (1 = the official sampling)"),
+                 ("target_noise_std", self.target_noise_std is None or self.target_noise_std >= 0,
+                  "a noise level must be >= 0"),
+                 ("self_denoising_lr", self.self_denoising_lr is None or self.self_denoising_lr >= 0,
+                  "the denoising step must be >= 0"),
+                 ("jacobi_stop", self.jacobi_stop in ("sample", "batch"), "must be sample or batch"),
+                 ("guide_top", self.guide_top is None or self.guide_top >= 0, "must be >= 0")]
+        rules += [(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be >= 1")
+                  for name in ("jacobi_max_iter", "target_length", "context_length", "fps", "denoising_batch_size",
+                               "jacobi_auto_batch")]
+        for name, ok, why in rules:
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"{name} {value:g}: {why}" if isinstance(value, float) else f"{name} {value}: {why}")
 
     @property
     def noise_std(self) -> float | None:
@@ -204,8 +229,15 @@ class Pipeline:
 
     def latent_shape(self, aspect_ratio: str = "1:1", frames: int | None = None) -> tuple[int, ...]:
         """``(C, H, W)`` of image latents, or ``(T', C, H, W)`` for a video of ``frames`` pixel frames
-        (default: the config's ``vid_size``), for the config's ``img_size`` and an aspect ratio."""
+        (default: the config's ``vid_size``), for the config's ``img_size`` and an aspect ratio.
+
+        Raises:
+            ValueError: a malformed ratio, or a ratio other than 1:1 for a model trained without ``mix_aspect``.
+        """
         c, down = self.config, self.vae.downsample
+        if not c.mix_aspect and parse_aspect(aspect_ratio) != 1.0:
+            raise ValueError(f"aspect_ratio {aspect_ratio}: this model was trained on square {c.img_size}x{c.img_size} "
+                             "samples only (mix_aspect 0): sample 1:1, or use a model trained with mix_aspect 1")
         h, w = aspect_to_size(aspect_ratio, c.img_size, down * c.patch_size)
         if not c.is_video:
             return c.channel_size, h // down, w // down
@@ -255,6 +287,21 @@ class Pipeline:
         the noise of known inputs, :meth:`_noised`, is never scaled)."""
         noise = self._noise(shape, n, seeds, generator, offset)
         return noise if settings.temperature == 1.0 else noise * settings.temperature
+
+    @staticmethod
+    def _check_prompts(*prompt_lists: list[str]) -> None:
+        """Refuse a bare string or an empty list where a list of captions is expected.
+
+        Raises:
+            TypeError: a ``str`` (it would be read as one caption per character) or items that are not strings.
+            ValueError: no prompts.
+        """
+        for prompts in prompt_lists:
+            if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"prompts must be a list of strings, one per sample, got {prompts!r:.80}: wrap a "
+                                "single caption in a list")
+            if not prompts:
+                raise ValueError("no prompts: give at least one caption (one sample per caption)")
 
     def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = "",
                      negatives: list[str] | None = None):
@@ -390,6 +437,7 @@ class Pipeline:
                 frame count, channel count or pixel range, or not one per prompt; seeds not one per prompt;
                 ``sequence`` with ``input_video``.
         """
+        self._check_prompts(prompts)
         profile = profile or Profile()
         c = self.config
         if (input_image is not None or input_video is not None or last_image is not None) and not c.is_video:
@@ -505,6 +553,7 @@ class Pipeline:
             ValueError: the model was not trained with ``video_to_video``, the clip has another size, length,
                 channel count or pixel range, or the clips or seeds are not one per prompt.
         """
+        self._check_prompts(prompts)
         profile, c = profile or Profile(), self.config
         if not c.video_to_video:
             raise ValueError("video_to_video needs a model trained with video_to_video (its config says 0); to "
@@ -568,6 +617,7 @@ class Pipeline:
             ValueError: a video model, a mask or image of another size, an image batch, channel count or pixel
                 range that does not fit the prompts and the model, seeds that are not one per prompt, ``rounds < 1``.
         """
+        self._check_prompts(prompts)
         if rounds < 1:
             raise ValueError(f"inpainting needs rounds >= 1, got {rounds}")
         profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
@@ -614,6 +664,7 @@ class Pipeline:
             ValueError: a video model, caption counts that differ from the batch, inputs of another size, channel
                 count or pixel range, seeds that are not one per prompt, or a sampling temperature other than 1 (the noise is the image's own, not drawn).
         """
+        self._check_prompts(source_prompts, prompts)
         if settings.temperature != 1.0:
             raise ValueError(f"editing decodes the image's own inverted noise, which temperature "
                              f"{settings.temperature:g} would not scale: pass --temperature 1 (or temperature=1.0)")
