@@ -427,3 +427,20 @@ def test_batch_stopping_rule_is_refused_for_sharded_weights() -> None:
         model.reverse(x, y, jacobi=True, jacobi_stop="batch", rank_sync=sync)
     out = model.reverse(x, y, jacobi=True, jacobi_stop="sample", rank_sync=sync)
     assert calls and torch.isfinite(out).all()
+
+
+def test_latents_of_another_layout_are_refused_with_the_model_s_own(tiny_config) -> None:
+    """Wrong channels or batch rows get a ValueError naming the expected layout, not a shape error deep in a block."""
+    from starflow.config import load_config
+    from starflow.models import STARFlow
+
+    cfg = load_config(dict(tiny_config))
+    model = STARFlow.from_config(cfg, txt_dim=32, vae_downsample=1)
+    y = torch.randn(2, cfg.txt_size, 32)
+    with pytest.raises(ValueError, match=f"C = {cfg.channel_size} channels"):
+        model(torch.randn(2, cfg.channel_size + 2, 8, 8), y)
+    with pytest.raises(ValueError, match="C = .* channels"):
+        model.reverse(torch.randn(2, cfg.channel_size + 2, 8, 8), y)
+    with pytest.raises(ValueError, match="y has 1 rows for a batch of 2"):
+        model(torch.randn(2, cfg.channel_size, 8, 8), y[:1])
+    assert model(torch.randn(2, cfg.channel_size, 8, 8), y).z.shape == (2, cfg.channel_size, 8, 8)

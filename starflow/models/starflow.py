@@ -278,6 +278,14 @@ class STARFlow(nn.Module):
                 self._rope_tables[key] = rope_rotation(angles).to(device)
         return self._rope_tables[key]
 
+    def _check_latents(self, x: torch.Tensor, what: str) -> None:
+        """Refuse latents that are not ``(B, C, H, W)``/``(B, [T,] C, H, W)`` with this model's channels and sides
+        divisible by the patch size (a clear error instead of one deep in the first block)."""
+        c, p = self.config.channel_size, self.patch_size
+        if x.dim() not in (4, 5) or x.shape[-3] != c or x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"{what} {tuple(x.shape)}: this model takes (B, C, H, W) image or (B, T, C, H, W) video "
+                             f"latents with C = {c} channels and H, W multiples of the patch size {p}")
+
     def _block_text(self, i: int, y: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
         if not self.blocks[i].text_conditioned:
             return None
@@ -297,7 +305,14 @@ class STARFlow(nn.Module):
 
         Returns:
             :class:`FlowOutput` with ``z`` in the layout of ``x``.
+
+        Raises:
+            ValueError: ``x`` of another layout, channel count or a side not divisible by the patch size; ``y``
+                rows that differ from the batch; a text-conditioned model without ``y``.
         """
+        self._check_latents(x, "x")
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise ValueError(f"y has {y.shape[0]} rows for a batch of {x.shape[0]}: give one text embedding per sample")
         grid = patchify(x, self.patch_size)
         outputs, logdets = [grid], []
         txt_len = 0 if y is None else y.shape[1]
@@ -442,9 +457,11 @@ class STARFlow(nn.Module):
             samples and ``intermediates`` are ordinary tensors (see :func:`_inference`).
 
         Raises:
-            ValueError: text rows do not match the batch; ``known`` without ``mask`` or of another shape, or
+            ValueError: noise of another layout or channel count, or a side not divisible by the patch size; text
+                rows do not match the batch; ``known`` without ``mask`` or of another shape, or
                 combined with a video ``context`` or windowed sampling; ``guide_top < 0`` or ``attn_temp <= 0``.
         """
+        self._check_latents(noise, "noise")
         if guide_top is not None and guide_top < 0:
             raise ValueError(f"guide_top {guide_top}: the number of guided blocks must be >= 0")
         if not attn_temp > 0:
