@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -185,16 +186,39 @@ def test_resume_restores_model_optimizer_schedule_step_and_data(resume_runs) -> 
     assert [m["loss"] for m in r["history"][:3]] == [m["loss"] for m in r["reference"][:3]]
 
 
-def test_samples_per_s_covers_the_steps_since_the_last_log_and_leaves_checkpointing_out(resume_runs) -> None:
-    rows, batch = resume_runs["reference"], 8  # log_freq 1, a checkpoint after every even step
-    elapsed = [m["elapsed_s"] for m in rows]
-    assert all(b > a for a, b in zip(elapsed, elapsed[1:]))
+def test_samples_per_s_covers_the_steps_since_the_last_log_and_leaves_checkpointing_out(
+        tiny_config, digits, tmp_path, monkeypatch) -> None:
+    """The trainer's clock jumps by 100 s in every checkpoint save: ``elapsed_s`` (wall time) counts the jump,
+    ``samples_per_s`` (the steps since the last logged one) does not; deterministic whatever the machine's load."""
+    import types
+
+    import starflow.train.trainer as trainer_module
+
+    jump = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jump[0])
+    monkeypatch.setattr(trainer_module, "time", clock)
+    save = Trainer.save
+
+    def slow_save(self, *args, **kwargs):
+        out = save(self, *args, **kwargs)
+        jump[0] += 100.0
+        return out
+
+    monkeypatch.setattr(Trainer, "save", slow_save)
+    config = dict(tiny_config, data=str(digits["train"]), steps=5, save_freq=2, log_freq=1)
+    with torch.random.fork_rng(devices=[]):
+        rows = build_trainer(config, tmp_path / "run").fit()
+    batch = 8
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
     for prev, m in zip(rows, rows[1:]):
-        samples_in_wall_time = m["samples_per_s"] * (m["elapsed_s"] - prev["elapsed_s"])
-        if prev["step"] % 2 == 0:  # the wall time since the last row includes saving a checkpoint
-            assert samples_in_wall_time > batch
+        wall = m["elapsed_s"] - prev["elapsed_s"]
+        counted = batch / m["samples_per_s"]  # the time samples_per_s covers: the one step since the last row
+        assert 0 < counted <= wall
+        if prev["step"] % 2 == 0:  # a checkpoint was saved between the rows: in the wall time only
+            assert wall - counted >= 100.0
         else:
-            assert batch <= samples_in_wall_time < 1.5 * batch
+            assert wall - counted < 50.0
+    assert rows[0]["elapsed_s"] == pytest.approx(batch / rows[0]["samples_per_s"])  # the first row: one step
 
 
 def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:
