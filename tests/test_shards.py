@@ -99,6 +99,31 @@ def test_pack_round_trips_image_folder(all_digits: Path, tmp_path: Path, capsys)
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_an_output_is_replaced_only_by_a_complete_one_and_never_the_source(all_digits: Path, tmp_path: Path,
+                                                                         tiny_config) -> None:
+    """--overwrite keeps the old shards when the new run fails; OUT = SRC is refused before anything is touched."""
+    from starflow.adapters import build_latent_adapter, build_text_encoder
+    from starflow.config import load_config
+    from starflow.data.latent_cache import cache_latents
+
+    src, out = _digits_folder(all_digits, tmp_path / "src", n=10), tmp_path / "shards"
+    pack_folder(src, out, shard_size=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match=f"no usable sample to write to {out}"):
+        pack_folder(empty, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+    with pytest.raises(ValueError, match="is the source folder"):
+        pack_folder(src, src / ".", overwrite=True)
+    cfg = load_config(dict(tiny_config))
+    with pytest.raises(ValueError, match="is the source folder"):
+        cache_latents(out, out, cfg, build_latent_adapter(None, channels=1), build_text_encoder(cfg), overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (src / "index.json").exists()
+
+
 def test_pack_skips_corrupt_and_missing_files(all_digits: Path, tmp_path: Path) -> None:
     src = _digits_folder(all_digits, tmp_path / "src", n=10)
     (src / "bad.png").write_bytes(b"not a png at all")

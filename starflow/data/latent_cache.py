@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from starflow.data.shards import (
     INDEX_FILE,
     SampleDecoder,
     folder_samples,
-    prepare_output,
+    replaced_output,
     read_index,
     read_shards,
     write_shards,
@@ -163,7 +163,7 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
         batch_size: Samples per encoder batch.
         dtype: Storage dtype of latents and embeddings (read back as float32).
         shard_size: Samples per shard.
-        overwrite: Replace a cache already in ``out``.
+        overwrite: Replace a cache already in ``out`` (once the new one is complete: a failed run keeps it).
 
     Returns:
         The index written to ``out/index.json``.
@@ -171,7 +171,7 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     Raises:
         FileNotFoundError: ``src`` has neither ``metadata.jsonl`` nor ``index.json``.
         FileExistsError: ``out`` holds shards and ``overwrite`` is off.
-        ValueError: ``src`` is a latent cache, or no sample is usable.
+        ValueError: ``src`` is a latent cache or ``out`` itself, or no sample is usable.
     """
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
@@ -187,30 +187,32 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
                             fps=cfg.fps or None, size=(cfg.img_size, cfg.img_size),
                             random_start=False)
     encoder = _Encoder(cfg, vae, text_encoder, dtype)
-    prepare_output(out, overwrite)
-    if text_encoder is not None:
-        aspects = ASPECT_RATIOS if cfg.mix_aspect else ("1:1",)
-        table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype).cpu()  # as the samples are: loadable anywhere
-        torch.save({a: table[i].clone() for i, a in enumerate(aspects)}, out / UNCOND_FILE)
+    with replaced_output(out, overwrite, src) as staging, torch.no_grad():
+        if text_encoder is not None:
+            aspects = ASPECT_RATIOS if cfg.mix_aspect else ("1:1",)
+            table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype).cpu()  # as the samples: loadable anywhere
+            torch.save({a: table[i].clone() for i, a in enumerate(aspects)}, staging / UNCOND_FILE)
+        return write_shards(staging, _encoded(samples, decoder, encoder, batch_size, skipped, src), shard_size,
+                            {"kind": "latent", "settings": cache_settings(cfg), "source": str(src), "skipped": skipped},
+                            shown=out)
 
-    def encoded() -> Iterator[dict]:
-        buffers: dict[str, list[tuple[dict, dict]]] = {}
-        for raw in samples:
-            bucket = decoder.bucket(raw)
-            item = decoder.decode(raw, bucket) if bucket is not None else None
-            if item is None:
-                skipped.append({"file_name": f"sample {raw.get('__key__')} of {raw.get('__url__', src)}",
-                                "reason": "corrupt sample"})
-                continue
-            buf = buffers.setdefault(bucket, [])
-            buf.append((raw, item))
-            if len(buf) == batch_size:
-                yield from encoder.batch(buf)
-                buf.clear()
-        for buf in buffers.values():  # the short batches too: every sample is cached
-            if buf:
-                yield from encoder.batch(buf)
 
-    with torch.no_grad():
-        return write_shards(out, encoded(), shard_size, {"kind": "latent", "settings": cache_settings(cfg),
-                                                         "source": str(src), "skipped": skipped})
+def _encoded(samples: Iterable[dict], decoder: SampleDecoder, encoder: _Encoder, batch_size: int,
+             skipped: list[dict], src: Path) -> Iterator[dict]:
+    """Cache samples of ``samples``, encoded in batches of one aspect bucket; undecodable ones go to ``skipped``."""
+    buffers: dict[str, list[tuple[dict, dict]]] = {}
+    for raw in samples:
+        bucket = decoder.bucket(raw)
+        item = decoder.decode(raw, bucket) if bucket is not None else None
+        if item is None:
+            skipped.append({"file_name": f"sample {raw.get('__key__')} of {raw.get('__url__', src)}",
+                            "reason": "corrupt sample"})
+            continue
+        buf = buffers.setdefault(bucket, [])
+        buf.append((raw, item))
+        if len(buf) == batch_size:
+            yield from encoder.batch(buf)
+            buf.clear()
+    for buf in buffers.values():  # the short batches too: every sample is cached
+        if buf:
+            yield from encoder.batch(buf)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +130,9 @@ def read_shards(paths: Sequence[str | Path]) -> Iterator[dict]:
     return webdataset.tarfile_samples([{"url": str(p)} for p in paths], handler=log_and_continue)
 
 
-def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict) -> dict:
+def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict, shown: Path | None = None) -> dict:
     """Writes ``samples`` into ``out/shard-*.tar`` (``shard_size`` each) and ``out/index.json`` (``index``
-    plus ``shards`` and ``total``); returns the index.
+    plus ``shards`` and ``total``); returns the index. ``shown``: the folder named in errors (default ``out``).
 
     Raises:
         ValueError: No sample was written.
@@ -147,24 +150,42 @@ def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dic
         writer.close()
     if not counts:
         (out / (SHARD_PATTERN % 0)).unlink(missing_ok=True)
-        raise ValueError(f"no usable sample to write to {out}; skipped: {index.get('skipped', [])[:3]}")
+        raise ValueError(f"no usable sample to write to {shown or out}; skipped: {index.get('skipped', [])[:3]}")
     index = dict(index, shards=[{"name": n, "samples": c} for n, c in counts.items()], total=sum(counts.values()))
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Creates ``out``; removes its shards and index with ``overwrite``.
+def _output_files(folder: Path) -> list[Path]:
+    """The files a shard or latent-cache folder is made of: shards, the index (last: it marks completeness) and
+    the cache's unconditional embedding."""
+    return sorted(folder.glob("shard-*.tar")) + [p for p in (folder / "uncond.pt", folder / INDEX_FILE) if p.exists()]
+
+
+@contextmanager
+def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
+    """A staging folder inside ``out`` to write new shards into; when the block succeeds its files replace the
+    shards, index and cache files already in ``out``, which stay untouched if it fails (or is interrupted).
 
     Raises:
+        ValueError: ``out`` is the source folder ``src`` (its files would be replaced by what is read from them).
         FileExistsError: ``out`` holds shards or an index and ``overwrite`` is off.
     """
-    old = sorted(out.glob("shard-*.tar")) + [p for p in (out / INDEX_FILE, out / "uncond.pt") if p.exists()]
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the output folder {out} is the source folder: write the shards to another folder")
+    old = _output_files(out) if out.is_dir() else []
     if old and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
-    for path in old:
-        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield staging
+        for path in old:
+            path.unlink()
+        for path in _output_files(staging):  # the index last
+            path.replace(out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False) -> dict:
@@ -177,7 +198,7 @@ def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwr
         src: Folder with ``metadata.jsonl`` (``file_name``, ``text``, optional ``fps``).
         out: Output folder for ``shard-*.tar`` and ``index.json``.
         shard_size: Samples per shard.
-        overwrite: Replace shards already in ``out``.
+        overwrite: Replace shards already in ``out`` (once the new ones are complete: a failed run keeps them).
 
     Returns:
         The index: ``{"kind", "shards": [{"name", "samples"}], "total", "skipped": [{"file_name", "reason"}]}``.
@@ -185,15 +206,15 @@ def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwr
     Raises:
         FileNotFoundError: ``src`` has no ``metadata.jsonl``.
         FileExistsError: ``out`` holds shards and ``overwrite`` is off.
-        ValueError: Malformed metadata, images and videos mixed, or no usable file.
+        ValueError: Malformed metadata, images and videos mixed, no usable file, or ``out`` is ``src``.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
     kind, samples = folder_samples(src, skipped)
-    prepare_output(out, overwrite)
-    return write_shards(out, samples, shard_size, {"kind": kind, "skipped": skipped})
+    with replaced_output(out, overwrite, src) as staging:
+        return write_shards(staging, samples, shard_size, {"kind": kind, "skipped": skipped}, shown=out)
 
 
 def _media(sample: dict) -> bytes:
