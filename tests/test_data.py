@@ -190,6 +190,13 @@ def test_missing_or_bad_metadata_raises_helpfully(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
     with pytest.raises(ValueError, match="text"):
         ImageFolder(tmp_path, img_size=8)
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", '
+                                              b'"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:2: not UTF-8 .*save the file as UTF-8"):
+        ImageFolder(tmp_path, img_size=8)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "half \\ud800 a pair"}\n')
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:1: .*lone surrogate"):
+        ImageFolder(tmp_path, img_size=8)
 
 
 # ---------------------------------------------------------------- aspect buckets

@@ -143,14 +143,20 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
 
     Raises:
         FileNotFoundError: If the file is absent (the message explains the format).
-        ValueError: On a malformed line (file and line number named) or an empty file.
+        ValueError: On a malformed line (file and line number named: bad JSON, bytes that are not UTF-8, a lone
+            surrogate escape, a missing key) or an empty file.
     """
     meta = root / METADATA_FILE
     if not meta.is_file():
         raise FileNotFoundError(f"no {meta}: {format_help}")
     records = []
-    with meta.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with meta.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{meta}:{line_no}: not UTF-8 ({err.reason} at byte {err.start}): save the file as "
+                                 "UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -161,6 +167,11 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
                 raise ValueError(f"{meta}:{line_no}: needs a string 'file_name'; {format_help}")
             if not isinstance(obj.get("text"), str):
                 raise ValueError(f"{meta}:{line_no}: needs a string 'text' caption; {format_help}")
+            try:
+                (obj["file_name"] + obj["text"]).encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate escape such as "\ud800"
+                raise ValueError(f"{meta}:{line_no}: the caption or file name holds {err.object[err.start:err.end]!r}, "
+                                 "half of a UTF-16 pair (a lone surrogate escape): fix or drop the character") from None
             records.append(obj)
     if not records:
         raise ValueError(f"{meta} lists no files; {format_help}")
