@@ -124,6 +124,19 @@ def test_an_output_is_replaced_only_by_a_complete_one_and_never_the_source(all_d
     assert not (src / "index.json").exists()
 
 
+@pytest.mark.parametrize("damage, message", [(lambda text: text[:50], "is not valid JSON"),
+                                             (lambda text: '{"kind": "image"}', "lacks the kind")])
+def test_a_damaged_index_is_named_with_the_fix(all_digits: Path, tmp_path: Path, damage, message) -> None:
+    from starflow.data.shards import read_index
+
+    out = tmp_path / "shards"
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=4), out)
+    assert read_index(out)[1]["total"] == 4
+    (out / "index.json").write_text(damage((out / "index.json").read_text()))
+    with pytest.raises(ValueError, match=f"index.json {message}.*make the folder again with `starflow pack`"):
+        read_index(out)
+
+
 def test_pack_skips_corrupt_and_missing_files(all_digits: Path, tmp_path: Path) -> None:
     src = _digits_folder(all_digits, tmp_path / "src", n=10)
     (src / "bad.png").write_bytes(b"not a png at all")

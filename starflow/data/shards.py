@@ -46,13 +46,25 @@ def read_index(root: str | Path) -> tuple[Path, dict]:
 
     Raises:
         FileNotFoundError: No ``index.json`` (the message says how to make one).
+        ValueError: An index that is not JSON or lacks its kind or shard list.
     """
     root = Path(root)
     path = root if root.name == INDEX_FILE else root / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: not a shard folder; make one with `starflow pack SRC OUT` "
                                 "(or `starflow cache-latents` for latents)")
-    return path.parent, json.loads(path.read_text(encoding="utf-8"))
+    remake = "it is damaged: make the folder again with `starflow pack` (or `starflow cache-latents`)"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {remake}") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if (not isinstance(shards, list) or index.get("kind") not in ("image", "video", "latent")
+            or not all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("samples"), int)
+                       for s in shards)):
+        raise ValueError(f"{path} lacks the kind (image, video or latent) or the list of shards (names, sample counts); "
+                         f"{remake}")
+    return path.parent, index
 
 
 def _extension(file_name: str) -> str:
