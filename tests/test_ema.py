@@ -75,3 +75,30 @@ def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path) -> 
         (no_ema / name).write_bytes((folder / name).read_bytes())
     assert main(["sample", "--checkpoint_path", str(no_ema), "--caption", "x", "--ema", "--output_dir",
                  str(tmp_path / "x"), "--device", "cpu"]) == 2  # no ema.safetensors: a clear error
+
+
+def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny_config, digits, config_file,
+                                                                            tmp_path, capsys) -> None:
+    config = config_file(dict(tiny_config, data=str(digits["train"]), ema=DECAY, steps=2, save_freq=1, keep_last=2))
+    logdir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--logdir", str(logdir), "--device", "cpu"]) == 0
+    folder, step1 = logdir / "model", logdir / "checkpoints" / "step_00000001"
+    assert (folder / "ema.safetensors").is_file()
+    plain = config_file(dict(tiny_config, data=str(digits["train"]), steps=1), name="plain.yaml")
+    assert main(["train", "--config", str(plain), "--logdir", str(tmp_path / "plain"), "--device", "cpu"]) == 0
+    # a run without EMA exported over the EMA run's model folder: its ema.safetensors must not survive
+    assert main(["export", str(tmp_path / "plain"), str(folder), "--overwrite"]) == 0
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    for odd in ("w.bin", "w.safetensor", "w.PTH"):
+        assert main(["export", str(step1), str(tmp_path / odd)]) == 2
+        assert "weights files end in .pth, .pt, .safetensors" in capsys.readouterr().err
+        assert not (tmp_path / odd).exists()
+    shard = next(step1.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    for command in (["export", str(step1), str(tmp_path / "w.pth")],
+                    ["train", "--config", str(plain), "--logdir", str(tmp_path / "again"), "--init_from", str(step1),
+                     "--device", "cpu", "--dry_run"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"training checkpoint {step1} is corrupt or incomplete (reading it failed: EOFError)" in err
+        assert "Traceback" not in err

@@ -16,13 +16,14 @@ from typing import Mapping
 import torch
 
 from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_text_encoder, build_vae
-from starflow.assets import TINY_TEXT_ENCODER, find_weights
+from starflow.assets import EMA_WEIGHT_NAMES, TINY_TEXT_ENCODER, WEIGHT_NAMES, find_weights
 from starflow.checkpoint import load_weights, save_weights
 from starflow.config import Config, load_config, save_config
 from starflow.data.aspect import aspect_to_size, parse_aspect
 from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sharded_inference
 from starflow.models import STARFlow
 from starflow.models.jacobi import AUTO, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
+from starflow.models.lora import ADAPTER_WEIGHTS
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 
@@ -198,9 +199,13 @@ class Pipeline:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
         preset text encoder, ``text_encoder/`` (the config then points at it; a class vocabulary is copied
         beside the weights). ``weights`` replaces the
-        model's own state dict (e.g. the gathered weights of a sharded model)."""
+        model's own state dict (e.g. the gathered weights of a sharded model). Weights an earlier export left in
+        the folder (``model.*``, ``ema.safetensors``, ``lora.safetensors``) are removed first: a folder never mixes
+        the weights of two runs or steps."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        for name in (*WEIGHT_NAMES, *EMA_WEIGHT_NAMES, ADAPTER_WEIGHTS):
+            (folder / name).unlink(missing_ok=True)
         cfg = self.config
         local_text = self.text_encoder is not None and Path(self.text_encoder.name).is_dir()
         if isinstance(self.text_encoder, LabelEncoder):  # the class vocabulary travels with the weights

@@ -8,7 +8,6 @@ group (DCP reshards on load), and writes them in the official layout (the names 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,9 +21,13 @@ from starflow.sampling.pipeline import Pipeline
 from starflow.sizing import text_width
 from starflow.train.init_from import init_from
 from starflow.models.lora import LORA_MARK, apply_lora, merge_lora_state
-from starflow.train.state import META_FILE, CheckpointManager
+from starflow.train.state import META_FILE, CheckpointManager, dcp_metadata, read_dcp
 
-__all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
+__all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")  # a weights file; any other name is a model folder
+_FILE_LIKE = frozenset({".bin", ".ckpt", ".safetensor", ".pkl", ".pt", ".pth", ".safetensors", ".tar", ".gguf",
+                        ".onnx", ".h5", ".npz", ".st"})  # names meant as a file, refused when not one we write
 
 
 def find_checkpoint(src: str | Path) -> Path:
@@ -45,17 +48,6 @@ def find_checkpoint(src: str | Path) -> Path:
                             f"a step_XXXXXXXX folder with {META_FILE} (written by starflow train)")
 
 
-def _dcp_load(state: dict, path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
-        raise RuntimeError(f"cannot read the model from {path} ({type(e).__name__}: {e})") from e
-
-
 def _merged_lora_model(cfg: Config, path: Path) -> STARFlow:
     """The base weights (``init_from``) with the checkpoint's LoRA adapters folded in, as a plain STARFlow."""
     if not cfg.init_from:
@@ -64,7 +56,7 @@ def _merged_lora_model(cfg: Config, path: Path) -> STARFlow:
     init_from(model, cfg.init_from)
     apply_lora(model, cfg)
     state = {"model": {k: v for k, v in model.state_dict().items() if LORA_MARK in k}}
-    _dcp_load(state, path)
+    read_dcp(state, path)
     model.load_state_dict(state["model"], strict=False)
     plain = STARFlow.from_config(cfg, txt_dim=text_width(cfg), vae_downsample=vae_geometry(cfg.vae).downsample)
     plain.load_state_dict(merge_lora_state(model.state_dict(), cfg))
@@ -87,7 +79,6 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
         FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA, a LoRA
         checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
     """
-    from torch.distributed.checkpoint import FileSystemReader
 
     path = find_checkpoint(path)
     cfg = load_config(json.loads((path / META_FILE).read_text())["config"])
@@ -96,7 +87,7 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
                          if cfg.lora_rank else f"{path} is not a LoRA run (lora_rank 0): drop --merge_lora")
     if merge_lora:
         return cfg, _merged_lora_model(cfg, path).eval()
-    shapes = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    shapes = dcp_metadata(path)
     txt = [m.size for k, m in shapes.items() if k.startswith("model.") and k.endswith("proj_txt.weight")]
     with torch.device("meta"):
         model = STARFlow.from_config(cfg, txt_dim=txt[0][1] if txt else None,
@@ -105,7 +96,7 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
     if ema and not any(k.startswith("ema.") for k in shapes):
         raise ValueError(f"{path} holds no EMA weights (train with config key 'ema', e.g. --ema 0.9999)")
     state = {"ema": {k: p.detach() for k, p in model.named_parameters()}} if ema else {"model": model.state_dict()}
-    _dcp_load(state, path)
+    read_dcp(state, path)
     if not ema:  # the EMA entries were loaded into the parameters in place
         model.load_state_dict(state["model"])
     return cfg, model.eval()
@@ -125,12 +116,18 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
 
     Returns:
         ``dst``.
+
+    Raises:
+        ValueError: ``dst`` has the suffix of another kind of weights file (``.bin``, ``.ckpt``, ``.PTH``, ...).
     """
+    dst = Path(dst)
+    if dst.suffix.lower() in _FILE_LIKE and dst.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"{dst}: weights files end in {', '.join(WEIGHT_SUFFIXES)}, and a model folder is written for "
+                         f"a name without a suffix: rename it (e.g. {dst.with_suffix('.safetensors')})")
     cfg, model = load_checkpoint_model(src, ema=ema, merge_lora=merge_lora)
     if dtype is not None:
         model.to(dtype)
-    dst = Path(dst)
-    if dst.suffix in (".pth", ".pt", ".safetensors"):
+    if dst.suffix in WEIGHT_SUFFIXES:
         dst.parent.mkdir(parents=True, exist_ok=True)
         return save_weights(model, dst)
     text_encoder = build_text_encoder(cfg, device="cpu") if cfg.text == TINY_TEXT_ENCODER else None

@@ -15,7 +15,6 @@ only its own slices (:func:`starflow.distributed.load_full_state_dict`), reading
 from __future__ import annotations
 
 import json
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,9 +140,9 @@ def read_init_shapes(path: str | Path) -> dict[str, Shape]:
 
     path = Path(path)
     if _is_dcp(path):
-        from torch.distributed.checkpoint import FileSystemReader
+        from starflow.train.state import dcp_metadata
 
-        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        meta = dcp_metadata(path)
         return {k[len("model."):]: tuple(m.size) for k, m in meta.items()
                 if k.startswith("model.") and hasattr(m, "size")}
     if path.is_dir():
@@ -187,12 +186,10 @@ def init_from(model: nn.Module, path: str | Path) -> InitReport:
     current = get_model_state_dict(model)
     report = plan_init({k: tuple(v.shape) for k, v in current.items()}, read_init_shapes(path), describe_source(path))
     if _is_dcp(path):
-        import torch.distributed.checkpoint as dcp
+        from starflow.train.state import read_dcp
 
         wanted = {k: v for k, v in current.items() if k in report.loaded}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": wanted}, checkpoint_id=str(path))
+        read_dcp({"model": wanted}, path)
         set_model_state_dict(model, wanted, options=StateDictOptions(strict=False))
         return report
     state = drop_deprecated(read_state_dict(find_weights(path) if path.is_dir() else path))

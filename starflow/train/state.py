@@ -31,7 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "rng_state", "set_rng_state", "KILL_DURING_SAVE_ENV"]
+from starflow.checkpoint import CheckpointError
+
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "dcp_metadata", "read_dcp", "rng_state", "set_rng_state",
+           "KILL_DURING_SAVE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,51 @@ class CheckpointMismatchError(ValueError):
     def __init__(self, message: str, meta: dict[str, Any]) -> None:
         super().__init__(message)
         self.meta = meta
+
+
+def _corrupt(path: Path, error: BaseException) -> CheckpointError:
+    inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(error), re.MULTILINE)  # DCP quotes tracebacks
+    return CheckpointError(f"training checkpoint {path} is corrupt or incomplete (reading it failed: "
+                        f"{(inner or [type(error).__name__])[-1]}): use an earlier step folder (a training run resumes from the "
+                           "previous one once this folder is deleted)")
+
+
+def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | None = None) -> None:
+    """``torch.distributed.checkpoint.load`` of ``tensors`` (in place) from the checkpoint folder ``path``, with its
+    errors (a ``BaseException`` quoting tracebacks) turned into one-line ones.
+
+    Raises:
+        CheckpointMismatchError: a tensor of another shape, or one missing (``meta``: the checkpoint's metadata).
+        CheckpointError: (a RuntimeError) the checkpoint is corrupt or incomplete (the message names the folder and
+            the inner error).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # one process without a process group is the intended use
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, checkpoint_id=str(path))
+    except (Exception, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
+        mismatch = _SHAPE_MISMATCH.search(str(e))
+        if mismatch:
+            raise CheckpointMismatchError(f"training checkpoint {path} holds a model of another shape "
+                                          f"({mismatch.group(0)})", meta or {}) from e
+        raise _corrupt(path, e) from e
+
+
+def dcp_metadata(path: str | Path) -> dict[str, Any]:
+    """The tensor metadata (``state_dict_metadata``: names -> sizes) of the checkpoint folder ``path``, no tensor read.
+
+    Raises:
+        CheckpointError: (a RuntimeError) an unreadable ``.metadata`` file (the message names the folder and the inner error).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise _corrupt(Path(path), e) from e
 
 
 class CheckpointManager:
@@ -174,26 +222,18 @@ class CheckpointManager:
             RuntimeError: the checkpoint is corrupt or incomplete (the message names the folder).
             CheckpointMismatchError: a tensor of another shape, or one missing (the model changed since).
         """
-        import torch.distributed.checkpoint as dcp
-
         path = Path(path)
         try:
             meta = json.loads((path / META_FILE).read_text())
             _check_sizes(path)
-            with warnings.catch_warnings():  # one process without a process group is the intended use
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(tensors, checkpoint_id=str(path))
-            local_file = path / f"rank_{self.rank}.pt"
+        except Exception as e:
+            raise _corrupt(path, e) from e
+        read_dcp(tensors, path, meta)
+        local_file = path / f"rank_{self.rank}.pt"
+        try:
             local = torch.load(local_file, map_location="cpu", weights_only=False) if local_file.is_file() else None
-        except (Exception, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
-            mismatch = _SHAPE_MISMATCH.search(str(e))
-            if mismatch:
-                raise CheckpointMismatchError(f"training checkpoint {path} holds a model of another shape "
-                                              f"({mismatch.group(0)})", meta) from e
-            inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(e), re.MULTILINE)  # DCP quotes tracebacks
-            raise RuntimeError(f"training checkpoint {path} is corrupt or incomplete (reading it failed: "
-                               f"{(inner or [type(e).__name__])[-1]}); delete the folder to resume from the previous "
-                               "one") from e
+        except Exception as e:
+            raise _corrupt(path, e) from e
         return meta, local
 
     @staticmethod
