@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Union
@@ -100,16 +101,31 @@ def drop_deprecated(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
     """Find the state dict inside a loaded object and strip ``module.`` / ``_orig_mod.`` prefixes."""
     if isinstance(obj, Mapping):  # a training checkpoint {'model': sd, ...}
-        tensor_dicts = [v for k in _WRAPPER_KEYS if isinstance(v := obj.get(k), Mapping) and v
+        tensor_dicts = [(k, v) for k in _WRAPPER_KEYS if isinstance(v := obj.get(k), Mapping) and v
                         and all(isinstance(t, torch.Tensor) for t in v.values())]
-        obj = tensor_dicts[0] if tensor_dicts else obj
+        if tensor_dicts:
+            key, inner = tensor_dicts[0]
+            others = [k for k in obj if k != key]
+            if others:
+                warnings.warn(f"{source}: reading the weights under '{key}'; its other entries ({', '.join(others[:4])}"
+                              f"{', ...' if len(others) > 4 else ''}) are not model weights and are left out",
+                              stacklevel=3)
+            obj = inner
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a state dict (names to tensors), got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: not a state dict, entries {bad[:5]} are not tensors "
                               f"(a training state? pass its model weights instead)")
-    return {_PREFIX_RE.sub("", k): v for k, v in obj.items()}
+    out: dict[str, torch.Tensor] = {}
+    raw: dict[str, str] = {}
+    for k, v in obj.items():
+        name = _PREFIX_RE.sub("", k)
+        if name in out:
+            raise CheckpointError(f"{source}: '{raw[name]}' and '{k}' are both '{name}' once the DDP / torch.compile "
+                                  "prefixes (module., _orig_mod.) are removed: keep one of them")
+        out[name], raw[name] = v, k
+    return out
 
 
 def _torch_load(path: Path, mmap: bool) -> object:
@@ -301,7 +317,9 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Convert between ``.pth`` and ``.safetensors`` (either direction), keeping every name.
+    """Convert between ``.pth`` and ``.safetensors`` (either direction), keeping every name as
+    :func:`read_state_dict` reads it (a ``{'model': sd}`` wrapper unwrapped, with a warning naming the entries left
+    out; ``module.``/``_orig_mod.`` prefixes removed).
 
     Args:
         src: checkpoint to read (see :func:`read_state_dict`).

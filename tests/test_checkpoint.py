@@ -156,9 +156,15 @@ def test_wrapped_and_prefixed_checkpoints(tmp_path: Path) -> None:
     source = build(0)
     sd = official_state_dict(source)
     torch.save({"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}, "step": 10}, tmp_path / "train.pt")
-    assert read_state_dict(tmp_path / "train.pt").keys() == sd.keys()
+    with pytest.warns(UserWarning, match=r"weights under 'model'; its other entries \(step\) are not model weights"):
+        assert read_state_dict(tmp_path / "train.pt").keys() == sd.keys()
+    name = next(iter(sd))
+    torch.save({f"module.{name}": sd[name], name: sd[name]}, tmp_path / "both.pth")  # two entries, one name
+    with pytest.raises(CheckpointError, match=f"'module.{name}' and '{name}' are both '{name}'"):
+        read_state_dict(tmp_path / "both.pth")
     torch.save({"state_dict": sd, "optimizer": {}}, tmp_path / "lightning.pth")
-    model = load_weights(build(1), tmp_path / "lightning.pth")
+    with pytest.warns(UserWarning, match=r"other entries \(optimizer\)"):
+        model = load_weights(build(1), tmp_path / "lightning.pth")
     assert_same_weights(model.state_dict(), source.state_dict())
 
 
