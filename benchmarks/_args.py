@@ -5,21 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Callable
+
+from starflow.cli._flags import at_least  # noqa: F401  (the benchmarks' counts are parsed as the CLI's)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= low`` (else the usage error ``must be >= low``)."""
-    def parse(text: str) -> int:
-        value = int(text)  # not an integer: argparse reports "invalid integer >= low value"
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
 
 
 def positive_float(text: str) -> float:

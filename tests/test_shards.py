@@ -400,6 +400,28 @@ def test_cache_latents_command_on_shards(all_digits: Path, tmp_path: Path, confi
     check_cache_settings(tmp_path / "cache", load_config(config))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg", "5"], "--cfg 5: `starflow cache-latents` does not use this key"),
+    (["--lr", "1e-3"], "--lr 1e-3: `starflow cache-latents` does not use this key"),
+    (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["--shard_size", "-1"], "argument --shard_size: must be >= 1, got -1"),
+    (["--vid_size", "4:8"], "holds images, and the config is for videos (vid_size)"),
+])
+def test_cache_latents_refuses_flags_it_would_ignore_and_data_of_another_kind(
+        all_digits: Path, tmp_path: Path, config_file, tiny_config, capsys, flags, message) -> None:
+    from starflow.cli import main
+
+    src = _digits_folder(all_digits, tmp_path / "src", n=2)
+    args = ["cache-latents", "--config", str(config_file(dict(tiny_config))), "--data", str(src),
+            "--out", str(tmp_path / "cache"), *flags]
+    try:
+        code = main(args)
+    except SystemExit as e:  # a usage error
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_pack_and_cache_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Under torchrun every process would write the same shards into one folder: both commands refuse, writing
     nothing."""

@@ -37,10 +37,27 @@ class _Rejected(argparse.Action):
     """A flag the command does not use: a usage error that says why (instead of an unknown-flag error)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} {values}: a training key, which `{parser.prog}` does not use; set it for "
-                     "`starflow train` (or in the training config)")
+        from starflow.config import TRAINING_KEYS
+
+        if self.dest in TRAINING_KEYS and not parser.prog.endswith("cache-latents"):
+            parser.error(f"{option_string} {values}: a training key, which `{parser.prog}` does not use; set it for "
+                         "`starflow train` (or in the training config)")
+        parser.error(f"{option_string} {values}: `{parser.prog}` does not use this key (only those the encoded data "
+                     "depends on: sizes, VAE, text encoder, prompt conditioning); drop it")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def at_least(low: int):
+    """An argparse ``type``: an integer ``>= low`` (else the usage error ``--flag: must be >= low``)."""
+    def parse(text: str) -> int:
+        value = int(text)  # not an integer: argparse reports "invalid integer >= low value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),

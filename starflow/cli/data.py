@@ -5,8 +5,9 @@ import argparse
 import os
 from pathlib import Path
 
-from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
-from starflow.config import TRAINING_KEYS
+from starflow.cli._flags import add_config_flags, add_device_flag, at_least, config_overrides
+from starflow.config import CONFIG_FIELDS
+from starflow.data.latent_cache import CACHE_KEYS
 
 __all__ = ["register"]
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Missing or undecodable files are skipped and listed in the index.")
     p.add_argument("src", help="image or video folder with metadata.jsonl")
     p.add_argument("out", help="output folder")
-    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
+    p.add_argument("--shard_size", type=at_least(1), default=1000, help="samples per shard [default: 1000]")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=pack)
 
@@ -31,13 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="training config (YAML)")
     p.add_argument("--data", required=True, help="image/video folder with metadata.jsonl, or a shard folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch", type=int, default=16, help="samples per encoder batch [default: 16]")
-    p.add_argument("--shard_size", type=int, default=1000, help="samples per shard [default: 1000]")
+    p.add_argument("--batch", type=at_least(1), default=16, help="samples per encoder batch [default: 16]")
+    p.add_argument("--shard_size", type=at_least(1), default=1000, help="samples per shard [default: 1000]")
     p.add_argument("--dtype", choices=_STORAGE_DTYPES, default="float32",
                    help="storage dtype of latents and embeddings [default: float32]")
     p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip={"data"}, reject=TRAINING_KEYS - {"data", "drop_image"})  # drop_image: the (extend) text
+    add_config_flags(p, skip={"data"}, reject=set(CONFIG_FIELDS) - CACHE_KEYS - {"data"})
     p.set_defaults(func=cache)
 
 

@@ -33,11 +33,14 @@ if TYPE_CHECKING:  # the adapters pull in transformers and diffusers: imported w
     from starflow.adapters import LatentAdapter, TextEncoder
     from starflow.config import Config
 
-__all__ = ["UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "load_uncond"]
+__all__ = ["CACHE_KEYS", "UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "load_uncond"]
 
 UNCOND_FILE = "uncond.pt"
 _SETTING_KEYS = ("img_size", "vid_size", "vae", "text", "txt_size", "channel_size", "fps_cond",
                  "cond_noise_level", "noise_std", "mix_aspect")
+CACHE_KEYS = frozenset(_SETTING_KEYS) | {"drop_image", "patch_size", "fps", "seed"}
+"""The config keys a cache is made with (``seed``: the tiny preset text encoder's weights); ``cache-latents`` refuses
+the others as flags."""
 
 
 def cache_settings(cfg: Config) -> dict[str, Any]:
@@ -171,13 +174,17 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     Raises:
         FileNotFoundError: ``src`` has neither ``metadata.jsonl`` nor ``index.json``.
         FileExistsError: ``out`` holds shards and ``overwrite`` is off.
-        ValueError: ``src`` is a latent cache or ``out`` itself, or no sample is usable.
+        ValueError: ``src`` is a latent cache or ``out`` itself, holds videos for an image config (or the reverse),
+            or no sample is usable.
     """
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
     kind, samples = _source(src, skipped)
     if kind == "latent":
         raise ValueError(f"{src} is already a latent cache; pass the image or video data")
+    if (kind == "video") != cfg.is_video:
+        raise ValueError(f"{src} holds {kind}s, and the config is for {'videos (vid_size)' if cfg.is_video else 'images'}"
+                         f": cache {'videos' if cfg.is_video else 'images'} with it, or use a config for {kind}s")
     if len(cfg.fps_choices) > 1:
         raise ValueError(f"vid_size {cfg.to_dict()['vid_size']!r} draws a clip rate per step; a latent cache holds one "
                          "clip per video: train on the videos (or their shards) instead")
