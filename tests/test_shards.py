@@ -402,7 +402,7 @@ def test_cache_latents_command_on_shards(all_digits: Path, tmp_path: Path, confi
 
 @pytest.mark.parametrize("flags, message", [
     (["--cfg", "5"], "--cfg 5: `starflow cache-latents` does not use this key"),
-    (["--lr", "1e-3"], "--lr 1e-3: `starflow cache-latents` does not use this key"),
+    (["--lr", "1e-3"], "--lr 1e-3: a training key, which `starflow cache-latents` does not use"),
     (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
     (["--shard_size", "-1"], "argument --shard_size: must be >= 1, got -1"),
     (["--vid_size", "4:8"], "holds images, and the config is for videos (vid_size)"),

@@ -39,7 +39,7 @@ class _Rejected(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from starflow.config import TRAINING_KEYS
 
-        if self.dest in TRAINING_KEYS and not parser.prog.endswith("cache-latents"):
+        if self.dest in TRAINING_KEYS:
             parser.error(f"{option_string} {values}: a training key, which `{parser.prog}` does not use; set it for "
                          "`starflow train` (or in the training config)")
         parser.error(f"{option_string} {values}: `{parser.prog}` does not use this key (only those the encoded data "
