@@ -288,6 +288,7 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
 
     Raises:
         ValueError: unknown suffix, or tensors on the meta device (nothing to save).
+        OSError: the file cannot be written (the message names it).
     """
     path = Path(path)
     is_st = _is_safetensors(path)
@@ -307,13 +308,23 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         if is_st:
-            safetensors.torch.save_file(out, str(tmp), metadata={"format": "pt"})
+            try:
+                safetensors.torch.save_file(out, str(tmp), metadata={"format": "pt"})
+            except safetensors.SafetensorError as e:  # its I/O errors are not OSErrors
+                raise OSError(f"cannot write {path} ({e}): check that its folder is writable") from e
+            os.chmod(tmp, 0o666 & ~_umask())  # its writer creates files for the owner only (0600)
         else:
             torch.save(out, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -249,3 +249,19 @@ def test_full_state_dict_loads_by_name_and_refuses_what_does_not_fit() -> None:
     name = "blocks.0.proj_in.weight"
     with pytest.raises(ValueError, match=f"{name}: \\(1, 2\\) in the checkpoint"):
         load_full_state_dict(target, {name: torch.zeros(1, 2)})
+
+
+def test_saved_weights_files_follow_the_umask(tmp_path: Path) -> None:
+    """safetensors' writer creates owner-only files; exported weights are readable as any other file the user writes."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        for name in ("w.safetensors", "w.pth"):
+            path = save_weights({"w": torch.zeros(2)}, tmp_path / name)
+            assert path.stat().st_mode & 0o777 == 0o644, name
+    finally:
+        os.umask(old)
+    if Path("/proc/self").is_dir():  # a folder no one can create files in (Linux)
+        with pytest.raises(OSError, match="cannot write /proc/x.safetensors"):
+            save_weights({"w": torch.zeros(2)}, "/proc/x.safetensors")
