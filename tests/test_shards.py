@@ -422,6 +422,22 @@ def test_cache_latents_refuses_flags_it_would_ignore_and_data_of_another_kind(
     assert not (tmp_path / "cache").exists()
 
 
+def test_cache_latents_counts_the_samples_of_a_missing_shard(all_digits: Path, tmp_path: Path, tiny_config,
+                                                            caplog) -> None:
+    from starflow.adapters import build_latent_adapter, build_text_encoder
+    from starflow.data.latent_cache import cache_latents
+
+    shards = tmp_path / "shards"
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=10), shards, shard_size=4)
+    (shards / "shard-000001.tar").unlink()
+    cfg = load_config(dict(tiny_config))
+    index = cache_latents(shards, tmp_path / "cache", cfg, build_latent_adapter(None, channels=1),
+                          build_text_encoder(cfg))
+    assert index["total"] == 6
+    assert index["skipped"] == [{"file_name": "4 of the 10 samples listed in the shard index",
+                                 "reason": "missing or damaged shard", "count": 4}]
+
+
 def test_pack_and_cache_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Under torchrun every process would write the same shards into one folder: both commands refuse, writing
     nothing."""

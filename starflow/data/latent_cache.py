@@ -139,11 +139,23 @@ def _with_aspect(meta: bytes | None, aspect_ratio: str) -> bytes:
 
 
 def _source(src: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]]:
-    """``(kind, raw samples)`` of a shard folder (read in order) or a captioned folder."""
+    """``(kind, raw samples)`` of a shard folder (read in order) or a captioned folder. The samples of a shard
+    folder that never arrive (a missing or truncated shard) are counted into ``skipped`` once it is read."""
     if (src / INDEX_FILE).is_file():
         root, index = read_index(src)
-        return index["kind"], read_shards([root / s["name"] for s in index["shards"]])
+        return index["kind"], _counted(read_shards([root / s["name"] for s in index["shards"]]), index, skipped)
     return folder_samples(src, skipped)
+
+
+def _counted(samples: Iterator[dict], index: Mapping[str, Any], skipped: list[dict]) -> Iterator[dict]:
+    seen = 0
+    for sample in samples:
+        seen += 1
+        yield sample
+    expected = sum(s["samples"] for s in index["shards"])
+    if seen < expected:
+        skipped.append({"file_name": f"{expected - seen} of the {expected} samples listed in the shard index",
+                        "reason": "missing or damaged shard", "count": expected - seen})
 
 
 def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdapter, text_encoder: TextEncoder | None,
