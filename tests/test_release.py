@@ -139,13 +139,19 @@ def test_download_offline_lists_files_and_destinations(release: str, tmp_path: P
     assert len(release_assets("all")) == 5  # the T5 is shared
 
 
-def test_download_offline_with_files_in_place(tmp_path: Path) -> None:
-    for asset in RELEASES["t2i"]:
+def test_download_offline_with_files_in_place(tmp_path: Path, capsys) -> None:
+    for asset in RELEASES["t2v"]:
         root = asset.target(tmp_path)
         for p in asset.patterns:
             (root / p.replace("*", "model")).parent.mkdir(parents=True, exist_ok=True)
             (root / p.replace("*", "model")).write_bytes(b"x")
-    assert len(download("t2i", tmp_path)) == 3
+    assert len(download("t2v", tmp_path)) == 3
+    assert main(["download", "t2v", "--local-dir", str(tmp_path)]) == 0
+    hint = capsys.readouterr().out.splitlines()[-1]  # the video script, pointed at the downloaded checkpoint
+    assert hint == (f"sample with e.g.: CKPT={tmp_path / 'starflow-v_7B_t2v_caus_480p_v3.pth'} bash "
+                    'scripts/sample_video.sh "a corgi running on the beach"')
+    assert main(["download", "t2i", "--local-dir", str(tmp_path / "starflow-v_7B_t2v_caus_480p_v3.pth")]) == 2
+    assert "is a file; pass a folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown release"):
         release_assets("t2x")
 

@@ -118,9 +118,19 @@ def download(args: argparse.Namespace) -> int:
     """:func:`starflow.download.download` into ``--local-dir``."""
     from starflow.download import download as fetch
 
+    from starflow.assets import PACKAGE_CKPTS
+    from starflow.download import RELEASES
+
+    if Path(args.local_dir).exists() and not Path(args.local_dir).is_dir():
+        raise ValueError(f"--local-dir {args.local_dir}: is a file; pass a folder for the weights")
     for path in fetch(args.release, args.local_dir):
         print(f"ready: {path}")
-    print(f"sample with e.g.: bash scripts/sample_image.sh \"a cat\"  (checkpoints are looked up in {args.local_dir})")
+    scripts = {"t2i": 'scripts/sample_image.sh "a red fox in the snow"',
+               "t2v": 'scripts/sample_video.sh "a corgi running on the beach"'}
+    for release in RELEASES if args.release == "all" else (args.release,):
+        ckpt = Path(args.local_dir) / RELEASES[release][0].patterns[0]
+        where = "" if Path(args.local_dir).resolve() == PACKAGE_CKPTS.resolve() else f"CKPT={ckpt} "
+        print(f"sample with e.g.: {where}bash {scripts[release]}")
     return 0
 
 
