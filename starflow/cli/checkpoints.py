@@ -5,7 +5,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from starflow.cli._flags import DTYPES, add_config_flags, add_weights_io_flags, config_overrides
+from starflow.cli._flags import DTYPES, add_config_flags, add_weights_io_flags, at_least, config_overrides
 from starflow.config import load_config
 
 __all__ = ["register"]
@@ -21,9 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "1 on a layout mismatch, 2 on a bad config or unreadable file.")
     p.add_argument("config", help="YAML config (official format or plain mapping)")
     p.add_argument("--checkpoint", default=None, help="weights file (.pth or .safetensors) to compare")
-    p.add_argument("--batch", type=int, default=1, help="samples per device for the memory estimates [default: 1]")
-    p.add_argument("--gpus", type=int, default=1, help="devices the weights and optimizer are sharded over [default: 1]")
-    p.add_argument("--txt_dim", type=int, default=None,
+    p.add_argument("--batch", type=at_least(1), default=1,
+                   help="samples per device for the memory estimates [default: 1]")
+    p.add_argument("--gpus", type=at_least(1), default=1,
+                   help="devices the weights and optimizer are sharded over [default: 1]")
+    p.add_argument("--txt_dim", type=at_least(1), default=None,
                    help="text encoder width (default: from the encoder's config; 2048 for flan-t5-xl)")
     add_config_flags(p, skip={"data"})
     p.set_defaults(func=validate)
@@ -64,12 +66,9 @@ def validate(args: argparse.Namespace) -> int:
     from starflow.checkpoint import compare_layout
     from starflow.sizing import build_meta_model, format_report, size_report, text_width
 
-    for flag in ("batch", "gpus"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     cfg = load_config(args.config, config_overrides(args))
     shapes = None if args.checkpoint is None else _checkpoint_shapes(Path(args.checkpoint))  # (before any report)
-    txt_dim = args.txt_dim or text_width(cfg, Path(args.config).parent)
+    txt_dim = args.txt_dim if args.txt_dim is not None else text_width(cfg, Path(args.config).parent)
     report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)
     rates = "/".join(str(f) for f in cfg.fps_choices)
     kind = f"video {cfg.vid_size[0]} frames at {rates} fps" if cfg.is_video else "images"
