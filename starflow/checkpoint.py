@@ -156,6 +156,10 @@ def read_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
         CheckpointError: the file is truncated, corrupt, holds non-tensor objects, or is not a state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))][:3]
+        raise FileNotFoundError(f"{path} is a folder, not a weights file: pass the file"
+                                + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; {HOW_TO_GET}")
     try:

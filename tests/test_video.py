@@ -237,17 +237,20 @@ def test_video_folder_clips_fps_and_bad_files(tmp_path: Path) -> None:
     (root / "broken.mp4").write_bytes(b"not a video")
     write_video(root / "short.mp4", np.zeros((2, 8, 8), np.uint8), 8, lossless=True)
     meta = (root / "metadata.jsonl").read_text()
+    (root / "a_folder.mp4").mkdir()
     extra = [{"file_name": "broken.mp4", "text": "x"}, {"file_name": "short.mp4", "text": "y"},
-             {"file_name": "gone.mp4", "text": "z"}]
+             {"file_name": "gone.mp4", "text": "z"}, {"file_name": "a_folder.mp4", "text": "w"}]
     (root / "metadata.jsonl").write_text(meta + "\n".join(json.dumps(e) for e in extra) + "\n")
     ds = VideoFolder(root, frames=3, fps=4, size=(8, 8), channels=1, random_start=False)
-    assert len(ds) == 5 and "gone.mp4" in ds.report()
+    assert len(ds) == 5 and "gone.mp4" in ds.report() and "5 usable of 7 listed" in ds.report()
+    assert ds.skipped[str(root / "a_folder.mp4")] == "a folder, not a file"
     assert clip_indices(6, 8.0, 3, 4, random_start=False) == [0, 2, 4]  # 8 fps source at 4 fps: every other frame
     with pytest.raises(CorruptVideoError, match="shorter than a clip"):
         clip_indices(4, 8.0, 3, 4, random_start=False)
     items = [ds[i] for i in range(len(ds))]
     assert all(item["pixels"].shape == (3, 1, 8, 8) for item in items)
-    assert len(ds.skipped) == 3 and "3 skipped" in ds.report()  # missing, undecodable, too short
+    assert len(ds.skipped) == 4 and "3 usable of 7 listed, 4 skipped" in ds.report()  # missing, folder, undecodable,
+    # too short
     frames, _ = read_video(root / "0.mp4")
     expected = torch.from_numpy(frames[[0, 2, 4], ..., 0].astype(np.float32))[:, None] / 127.5 - 1
     torch.testing.assert_close(items[0]["pixels"], expected)

@@ -87,7 +87,7 @@ def folder_kind(file_names: Iterable[str]) -> str:
 def _check_file(path: Path, kind: str) -> str | None:
     """Why ``path`` cannot be used (missing, undecodable), or None if it can."""
     if not path.is_file():
-        return "missing"
+        return "a folder, not a file" if path.is_dir() else "missing"
     try:
         if kind == "video":
             read_video(path)

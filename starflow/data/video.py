@@ -396,10 +396,12 @@ class VideoFolder(torch.utils.data.Dataset):
         self.source_fps: list[float | None] = []
         self.buckets: list[str] = []
         self.skipped: dict[str, str] = {}
-        for obj in read_metadata(self.root, _FORMAT_HELP):
+        records = read_metadata(self.root, _FORMAT_HELP)
+        self.listed = len(records)
+        for obj in records:
             path = self.root / obj["file_name"]
             if not path.is_file():
-                self.skipped[str(path)] = "missing"
+                self.skipped[str(path)] = "a folder, not a file" if path.is_dir() else "missing"
                 continue
             bucket = "1:1"
             if mix_aspect:
@@ -462,5 +464,6 @@ class VideoFolder(torch.utils.data.Dataset):
     def report(self) -> str:
         """One line: clips listed and files skipped, with reasons for a few."""
         few = list(self.skipped.items())[:3]
-        return f"{self.root}: {len(self.paths)} usable of {len(self.paths) + sum(v == 'missing' for v in self.skipped.values())} listed, " \
-               f"{len(self.skipped)} skipped" + (f", e.g. {few}" if few else "")
+        usable = sum(str(p) not in self.skipped for p in self.paths)
+        return (f"{self.root}: {usable} usable of {self.listed} listed, {len(self.skipped)} skipped"
+                + (f", e.g. {few}" if few else ""))
