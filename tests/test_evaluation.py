@@ -100,9 +100,11 @@ def test_a_set_made_before_a_setting_existed_resumes_at_its_default(tmp_path, ca
     capsys.readouterr()
     assert main(args) == 0 and "2 already there" in capsys.readouterr().out
     assert main([*args, "--temperature", "0.5"]) == 2
-    assert "made with other settings" in capsys.readouterr().err
-
-
+    assert "settings.temperature (1.0 -> 0.5)" in capsys.readouterr().err
+    for key in ("precision", "config", "weights"):  # not recorded before they were: the set still resumes
+        del record[key]
+    (out / "set.json").write_text(json.dumps(record))
+    assert main(args) == 0 and "2 already there" in capsys.readouterr().out
 
 def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsys) -> None:
     out = tmp_path / "set"
@@ -116,7 +118,24 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     capsys.readouterr()
     other = [str(unloadable) if a == str(DEMO_DIR) else a for a in args]
     assert main(other) == 2
-    assert "holds a sample set made with other checkpoint" in capsys.readouterr().err
+    assert "holds a sample set made otherwise: checkpoint (" in capsys.readouterr().err
+    for changed, what in ((["--bf16"], "precision ('fp32' -> 'bf16')"), (["--noise_std", "0.3"], "config.noise_std")):
+        assert main([*args, *changed]) == 2
+        assert what in capsys.readouterr().err
+    model = tmp_path / "demo"  # the same path, its weights rewritten in place
+    shutil.copytree(DEMO_DIR, model)
+    in_place = [str(model) if a == str(DEMO_DIR) else a for a in args]
+    assert main([*in_place[:-8], "--out", str(tmp_path / "set2"), *in_place[-6:]]) == 0
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    capsys.readouterr()
+    assert main([*in_place[:-8], "--out", str(tmp_path / "set2"), *in_place[-6:]]) == 2
+    assert "made otherwise: weights (" in capsys.readouterr().err
+    stray = tmp_path / "stray"  # images without a set.json are not taken for a finished set
+    stray.mkdir()
+    shutil.copy(out / "000000.png", stray / "000000.png")
+    assert main([*args[:-8], "--out", str(stray), *args[-6:]]) == 2
+    assert "holds sample images (000000.png, ...) but no set.json" in capsys.readouterr().err
+
 
 def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, capsys) -> None:
     stats = tmp_path / "ref.npz"

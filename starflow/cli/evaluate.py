@@ -126,6 +126,20 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
     return [pool[i % len(pool)] for i in range(args.num_samples)]
 
 
+def weights_fingerprint(checkpoint: Path, ema: bool) -> list[str]:
+    """``name:bytes:mtime_ns`` of the weights files a checkpoint (a file or a model folder) samples with: a set
+    resumed after they were rewritten in place is refused (hashing a 7B file would cost minutes)."""
+    from starflow.assets import EMA_WEIGHT_NAMES, find_weights
+
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
+                                "file; the official weights: starflow download t2i|t2v)")
+    files = [find_weights(checkpoint) if checkpoint.is_dir() else checkpoint]
+    if ema and checkpoint.is_dir():
+        files += [checkpoint / n for n in EMA_WEIGHT_NAMES if (checkpoint / n).is_file()]
+    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+
+
 def generate_set(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
     from starflow.config import load_config
@@ -133,8 +147,12 @@ def generate_set(args: argparse.Namespace) -> int:
     from starflow.evaluation.generate import check_set, set_record
     from starflow.evaluation.generate import generate_set as make_set
 
+    from starflow.assets import DEMO_DIR
+
     if args.checkpoint_path is None:
-        raise SystemExit("generate-set needs --checkpoint_path (a model folder or weights file)")
+        args.checkpoint_path = str(DEMO_DIR)
+        print(f"no --checkpoint_path given: sampling from the shipped demo model ({DEMO_DIR})")
+    weights = weights_fingerprint(Path(args.checkpoint_path), args.ema)  # (checks the path first)
     check_input_files(args, "caption_file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: is a file; pass the folder of the sample set")
@@ -146,7 +164,9 @@ def generate_set(args: argparse.Namespace) -> int:
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     classes = config_classes(cfg, config)
     captions = set_captions(args, classes)
-    record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema}
+    record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema,
+              "weights": weights,
+              "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict()}
     check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record))
     dist = init_distributed(args.device)
     pipe, cfg, checkpoint = load_pipeline(args, dist)

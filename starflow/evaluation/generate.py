@@ -25,6 +25,7 @@ __all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set
 
 CAPTIONS_FILE = "captions.jsonl"
 SET_FILE = "set.json"
+LATER_KEYS = ("precision", "config", "weights")  # set.json keys that sets made by earlier versions lack
 
 
 def sample_path(out: Path, index: int) -> Path:
@@ -78,17 +79,32 @@ def check_set(out: str | Path, record: dict[str, Any]) -> bool:
         record: :func:`set_record` of the set to make.
 
     Raises:
-        ValueError: ``out`` holds a set made with other captions, count, seed, model or settings.
+        ValueError: ``out`` holds a set made with other captions, count, seed, model or settings (each difference
+            named), or sample images without a ``set.json``.
     """
     path = Path(out) / SET_FILE
     if not path.is_file():
+        found = next(Path(out).glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"), None) if Path(out).is_dir() else None
+        if found is not None:
+            raise ValueError(f"{out} holds sample images ({found.name}, ...) but no {SET_FILE}: they were not made by "
+                             "generate-set for this set; pass an empty or new --out")
         return False
     old = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
         old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
-    diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+    for key in LATER_KEYS:  # not recorded by the versions that made older sets
+        if key not in old:
+            old[key] = record.get(key)
+    diff = []
+    for k in sorted(set(old) | set(record)):
+        a, b = old.get(k), record.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{k}.{sub} ({a.get(sub)!r} -> {b.get(sub)!r})" for sub in sorted(set(a) | set(b))
+                     if a.get(sub) != b.get(sub)]
+        elif a != b:
+            diff.append(f"{k} ({a!r} -> {b!r})" if k != "captions_sha" else "captions")
     if diff:
-        raise ValueError(f"{out} holds a sample set made with other {', '.join(diff)} ({SET_FILE}); pass another "
+        raise ValueError(f"{out} holds a sample set made otherwise: {'; '.join(diff[:4])} ({SET_FILE}); pass another "
                          "--out, or the same settings to continue it")
     return True
 
