@@ -112,6 +112,8 @@ CASES = [
     ("train --config {cfg} --data {tmp}/nowhere --logdir {tmp}/r_nodata", 2, "error: --data {tmp}/nowhere: no such folder"),
     ("train --config {cfg} --data {video_meta} --logdir {tmp}/r_videos", 2, "holds videos (clip_0.mp4), but this is an image"),
     ("eval-nll --checkpoint_path {demo} --data {empty}", 2, "metadata.jsonl"),
+    ("eval-nll --checkpoint_path {demo} --data {one_corrupt}", 2, "b.png is unreadable (the data loader would put"),
+    ("eval-nll --checkpoint_path {demo} --data {bad_meta_missing}", 2, "file(s) listed in"),
     ("eval-nll --checkpoint_path {demo} --data {digits} --num_samples 0", 2, "error: --num_samples 0: must be >= 1"),
     ("pack {empty} {tmp}/shards", 2, "metadata.jsonl"),
     ("pack {digits} {afile}", 2, "error: OUT {afile}: is a file"),
@@ -214,6 +216,17 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     bad.mkdir()
     (bad / "metadata.jsonl").write_text(json.dumps({"file_name": first, "text": "x"}) + "\n{not json\n")
     f["bad_meta"] = str(bad)
+    gone = tmp / "missing_file"
+    gone.mkdir()
+    shutil.copy(Path(f["digits"]) / first, gone / "a.png")
+    (gone / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": n, "text": "x"}) for n in ("a.png", "b.png")))
+    f["bad_meta_missing"] = str(gone)
+    one = tmp / "one_corrupt"
+    one.mkdir()
+    shutil.copy(Path(f["digits"]) / first, one / "a.png")
+    (one / "b.png").write_bytes(b"garbage")
+    (one / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": n, "text": "x"}) for n in ("a.png", "b.png")))
+    f["one_corrupt"] = str(one)
     corrupt = tmp / "all_corrupt"
     corrupt.mkdir()
     lines = []

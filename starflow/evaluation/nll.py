@@ -62,19 +62,25 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         rank, world_size: this process's share of the images.
 
     Raises:
-        ValueError: ``num_samples`` or ``noise_samples`` below 1.
+        ValueError: ``num_samples`` or ``noise_samples`` below 1, or a listed image missing or unreadable.
     """
     if (num_samples is not None and num_samples < 1) or noise_samples < 1:
         raise ValueError(f"--num_samples and --noise_samples must be >= 1, got {num_samples} and {noise_samples}")
     cfg = pipe.config
     pixel_channels = cfg.channel_size if pipe.vae.downsample == 1 else 3
     data = ImageFolder(folder, cfg.img_size, pixel_channels, multiple=pipe.vae.downsample * cfg.patch_size)
+    if data.skipped:  # (training replaces such files; a likelihood of the folder must not)
+        raise ValueError(f"{len(data.skipped)} file(s) listed in {folder}/metadata.jsonl are missing, e.g. "
+                         f"{sorted(data.skipped)[0]}: the NLL is over every listed image; restore them or drop their lines")
     n = len(data) if num_samples is None else min(num_samples, len(data))
     mine = list(range(rank, n, world_size))
     sums = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count of per-image nats/dim
     start = 0
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, collate_fn=collate)
     for batch in tqdm(loader, desc="eval-nll", disable=not progress or rank != 0):
+        if batch["skipped"]:
+            raise ValueError(f"{batch['skipped'][0]} is unreadable (the data loader would put the next image in its "
+                             "place): the NLL is over every listed image; fix the file or drop its line")
         index = mine[start : start + len(batch["text"])]
         start += len(index)
         latents = pipe.vae.encode(batch["pixels"].to(pipe.device), sample=False).float()
