@@ -149,6 +149,19 @@ CASES = [
      "--caption_file {tmp}/none.txt: no such file"),
     ("evaluate --samples {tmp}/no_samples --metrics fid --reference {tmp}/no_ref", 2, "error: "),
     ("evaluate --samples {digits} --metrics fid --reference {digits}", 2, "torch-fidelity"),  # an optional package
+    ("evaluate --samples {digits} --metrics clip --reference {digits}", 2, "--metrics clip uses no real images"),
+    ("evaluate --samples {digits} --reference {digits} --features digits --clip_model x", 2,
+     "--clip_model is for the clip metric"),
+    ("evaluate --samples {digits} --metrics clip --features digits", 2, "--features is for fid, kid"),
+    ("evaluate --samples {digits} --reference {digits} --features digits --out {tmp}/nodir/m.json", 2,
+     "its folder {tmp}/nodir does not exist"),
+    ("evaluate --samples {digits} --reference {digits} --features digits --save_stats {tmp}/refstats", 2,
+     "name the file FILE.npz"),
+    ("evaluate --samples {digits} --reference {digits} --features digits --batch_size 0", 2,
+     "argument --batch_size: must be >= 1, got 0"),
+    ("evaluate --samples {three} --reference {digits} --features digits --metrics precision_recall", 2,
+     "precision_recall needs more than 3 images per set (k-NN balls of k = 3); the samples hold 3"),
+    ("evaluate --samples {video_set} --reference {digits} --features digits", 2, "holds videos (a.mp4, ...)"),
     # ---- interrupted runs: a half-written checkpoint is skipped, a corrupt one named; sample sets resume
     ("train --config {cfg} --data {digits} --logdir {run_partial} --steps 3", 0, "resumed from"),
     ("train --config {cfg} --data {digits} --logdir {run_corrupt} --steps 3", 2, "is corrupt or incomplete"),
@@ -227,6 +240,16 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     (one / "b.png").write_bytes(b"garbage")
     (one / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": n, "text": "x"}) for n in ("a.png", "b.png")))
     f["one_corrupt"] = str(one)
+    three = tmp / "three"
+    three.mkdir()
+    for k in range(3):
+        shutil.copy(Path(f["digits"]) / first, three / f"{k}.png")
+    f["three"] = str(three)
+    video_set = tmp / "video_set"
+    video_set.mkdir()
+    shutil.copy(Path(f["digits"]) / first, video_set / "a.png")
+    (video_set / "a.mp4").write_bytes(b"a video")
+    f["video_set"] = str(video_set)
     corrupt = tmp / "all_corrupt"
     corrupt.mkdir()
     lines = []

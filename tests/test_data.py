@@ -146,6 +146,11 @@ def test_digit_split_is_fixed_and_disjoint(digits_dir):
     assert images.shape == (1438, 8, 8) and images.dtype == np.uint8 and set(labels.tolist()) == set(range(10))
 
 
+def test_a_test_fraction_of_zero_writes_no_empty_test_folder(tmp_path):
+    assert write_digits(tmp_path, test_fraction=0.0) == {"train": 1797}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
 def test_corrupt_and_missing_files_are_skipped(tmp_path, digits_dir, caplog):
     out, _ = digits_dir
     root = tmp_path / "folder"

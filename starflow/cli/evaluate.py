@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_SKIP, add_config_flags, add_device_flag,
+from starflow.cli._flags import (SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
                                  check_input_files, config_overrides)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, config_classes, load_pipeline,
                                  model_config_path, sample_settings)
@@ -60,14 +60,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", required=True, help="folder of sample images (a generate-set folder)")
     p.add_argument("--reference", default=None, help="folder of real images, or reference statistics (.npz)")
     p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,precision_recall,clip [default: fid]")
-    p.add_argument("--features", default="inception", choices=("inception", "digits"),
-                   help="feature extractor: 'inception' (InceptionV3 pool, standard FID; needs torch-fidelity) or "
-                        "'digits' (the shipped digit classifier, for the digit demos) [default: inception]")
+    p.add_argument("--features", default=None, choices=("inception", "digits"),
+                   help="feature extractor of fid, kid and precision_recall: 'inception' (InceptionV3 pool, standard "
+                        "FID; needs torch-fidelity) or 'digits' (the shipped digit classifier, for the digit demos) "
+                        "[default: inception]")
     p.add_argument("--save_stats", default=None, metavar="FILE.npz",
                    help="write the reference folder's statistics, to pass as --reference next time")
-    p.add_argument("--clip_model", default="openai/clip-vit-large-patch14",
-                   help="transformers CLIP id or folder [default: openai/clip-vit-large-patch14]")
-    p.add_argument("--batch_size", type=int, default=256, help="images per feature batch [default: 256]")
+    p.add_argument("--clip_model", default=None,
+                   help="transformers CLIP id or folder of the clip metric [default: openai/clip-vit-large-patch14]")
+    p.add_argument("--batch_size", type=at_least(1), default=256,
+                   help="images per feature (and CLIP) batch [default: 256]")
     p.add_argument("--out", default=None, help="metrics file [default: SAMPLES/metrics.json]")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     p.set_defaults(func=evaluate)
@@ -186,8 +188,17 @@ def evaluate(args: argparse.Namespace) -> int:
     from starflow.distributed import pick_device
     from starflow.evaluation.evaluate import evaluate_samples, format_results
 
-    record = evaluate_samples(args.samples, args.reference, [m.strip() for m in args.metrics.split(",") if m.strip()],
-                              features=args.features, clip_model=args.clip_model, save_stats_to=args.save_stats,
+    from starflow.evaluation.evaluate import CLIP_DEFAULT
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.clip_model is not None and "clip" not in metrics:
+        raise ValueError(f"--clip_model is for the clip metric, which --metrics {args.metrics} leaves out: drop it or "
+                         "add clip")
+    if args.features is not None and not [m for m in metrics if m != "clip"]:
+        raise ValueError(f"--features is for fid, kid and precision_recall, which --metrics {args.metrics} leaves out: "
+                         "drop it")
+    record = evaluate_samples(args.samples, args.reference, metrics, features=args.features or "inception",
+                              clip_model=args.clip_model or CLIP_DEFAULT, save_stats_to=args.save_stats,
                               batch_size=args.batch_size, device=pick_device(args.device), out=args.out)
     print(format_results(record))
     return 0

@@ -97,7 +97,8 @@ def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2,
             ``configs/digits.vocab`` for class-conditional models).
 
     Returns:
-        Number of images written per split, `{"train": ..., "test": ...}`.
+        Number of images written per split, `{"train": ..., "test": ...}`; a split of no image (``test_fraction``
+        0) is neither written nor listed.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
@@ -106,6 +107,8 @@ def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2,
     pixels, labels = _digits()
     counts = {}
     for split, idx in split_indices(test_fraction, seed).items():
+        if not len(idx):  # test_fraction 0 (or small enough to round to none): no empty folder
+            continue
         folder = Path(out_dir) / split
         folder.mkdir(parents=True, exist_ok=True)
         lines = []

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starflow.data.shards import VIDEO_EXTENSIONS
 from starflow.evaluation.features import build_extractor, extract_features, list_images
 from starflow.evaluation.generate import SET_FILE, read_set_captions
-from starflow.evaluation.metrics import (clip_score, fid_from_features, kid_from_features, load_stats,
-                                         precision_recall, save_stats)
+from starflow.evaluation.metrics import (PR_NEIGHBOURS, clip_score, fid_from_features, kid_from_features, load_clip,
+                                         load_stats, precision_recall, save_stats)
 
 __all__ = ["METRICS", "evaluate_samples", "format_results"]
 
@@ -51,9 +52,11 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         The record written: ``{"metrics": {...}, "samples": n, "reference": ..., "features": ..., ...}``.
 
     Raises:
-        ValueError: unknown metric, a reference needed but missing, or an unfinished ``generate-set`` folder
-            (fewer images than its ``set.json`` says); FileNotFoundError: missing folders, models
-            or weights (checked before anything is computed or written).
+        ValueError: unknown metric, a reference needed but missing (or given where no metric uses it), an
+            unfinished ``generate-set`` folder (fewer images than its ``set.json`` says), a folder of videos, too few
+            images for precision/recall, ``batch_size < 1``, or an output path whose folder is missing;
+            FileNotFoundError: missing folders, models or weights. All checked before anything is computed or
+            written.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -65,9 +68,33 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         if len(files) < wanted:
             raise ValueError(f"{samples} holds {len(files)} of the {wanted} images of its sample set ({SET_FILE}): "
                              "rerun its `starflow generate-set` command to finish it (it resumes), then evaluate")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size {batch_size}: must be >= 1")
+    videos = [p.name for p in Path(samples).rglob("*") if p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS]
+    if videos:
+        raise ValueError(f"{samples} holds videos ({videos[0]}, ...): evaluate scores images (its PNGs would be the "
+                         "videos' poster strips); pass a folder of images")
     distribution = [m for m in metrics if m != "clip"]
     if distribution and reference is None:
         raise ValueError(f"{', '.join(distribution)} compare with real images: pass --reference FOLDER_OR_STATS.npz")
+    if not distribution and (reference is not None or save_stats_to):
+        raise ValueError(f"--metrics {','.join(metrics)} uses no real images: drop --reference and --save_stats, or "
+                         "add fid, kid or precision_recall")
+    if save_stats_to is not None and not str(save_stats_to).endswith(".npz"):
+        raise ValueError(f"--save_stats {save_stats_to}: name the file FILE.npz (--reference reads statistics from a "
+                         ".npz)")
+    path = Path(out) if out else Path(samples) / "metrics.json"
+    for flag, target in (("--out", path), ("--save_stats", save_stats_to)):
+        if target is not None and (Path(target).is_dir() or not Path(target).parent.is_dir()):
+            raise ValueError(f"{flag} {target}: " + ("is a folder; give a file name" if Path(target).is_dir() else
+                                                     f"its folder {Path(target).parent} does not exist"))
+    if "precision_recall" in metrics:
+        sets = [("samples", len(files))] + ([] if str(reference).endswith(".npz") else
+                                            [("reference", len(list_images(reference)))])
+        few = [(name, n) for name, n in sets if n <= PR_NEIGHBOURS]
+        if few:
+            raise ValueError(f"precision_recall needs more than {PR_NEIGHBOURS} images per set (k-NN balls of k = "
+                             f"{PR_NEIGHBOURS}); the {few[0][0]} hold {few[0][1]}")
     captions = None
     if "clip" in metrics:
         table = read_set_captions(samples)
@@ -77,6 +104,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
                              f"{missing[:3]} (make the set with `starflow generate-set`)")
         captions = [table[f.name] for f in files]
     extractor = build_extractor(features, device) if distribution else None  # fails before any work
+    clip = load_clip(clip_model, device) if captions is not None else None
     ref_is_stats = reference is not None and str(reference).endswith(".npz")
     if ref_is_stats and save_stats_to:
         raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
@@ -87,6 +115,9 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
             extract_features(list_images(reference), features, batch_size, device, extractor)
         if save_stats_to:
             save_stats(save_stats_to, real)
+        if "precision_recall" in metrics and len(real) <= PR_NEIGHBOURS:
+            raise ValueError(f"precision_recall needs more than {PR_NEIGHBOURS} reference images; {reference} holds "
+                             f"the statistics of {len(real)}")
         fake = extract_features(files, features, batch_size, device, extractor)
         if "fid" in metrics:
             results["fid"] = fid_from_features(real, fake)
@@ -95,12 +126,12 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         if "precision_recall" in metrics:
             results["precision"], results["recall"] = precision_recall(real, fake)
     if captions is not None:
-        results["clip_score"] = clip_score(files, captions, clip_model, device=device)
+        results["clip_score"] = clip_score(files, captions, clip_model, batch_size=batch_size, device=device,
+                                           loaded=clip)
     record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
               "reference": None if reference is None else str(reference), "features": features if distribution else None,
               "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
               "versions": _versions()}
-    path = Path(out) if out else Path(samples) / "metrics.json"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["FeatureInput", "fid_from_features", "kid_from_features", "precision_recall", "save_stats", "load_stats",
-           "clip_score"]
+           "clip_score", "load_clip", "PR_NEIGHBOURS"]
 
 
 class FeatureInput(nn.Module):
@@ -103,7 +103,10 @@ def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, bl
                       for i in range(0, len(points), block)])
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int = PR_BLOCK) -> tuple[float, float]:
+PR_NEIGHBOURS = 3  # k of the k-NN balls (Kynkaanniemi et al.): each set needs more than k images
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS, block: int = PR_BLOCK) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): the share of samples inside the real
     manifold (union of k-NN balls) and the share of real points inside the samples' manifold.
 
@@ -117,20 +120,15 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int 
     return float(precision), float(recall)
 
 
-@torch.no_grad()
-def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, batch_size: int = 64,
-               device: torch.device | str = "cpu") -> float:
-    """Mean CLIP score ``100 * max(cos(image, caption), 0)`` of images and their captions (a ``transformers``
-    ``CLIPModel`` and ``CLIPProcessor``: the projected, normalised image and text embeddings).
+def load_clip(model_name_or_path: str, device: torch.device | str = "cpu"):
+    """``(CLIPModel, CLIPProcessor)`` of a ``transformers`` CLIP id or folder, in eval mode on ``device``.
 
     Raises:
         FileNotFoundError: the CLIP model is not available (offline: the files and where to put them).
     """
-    from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
     from starflow.adapters.hub import hub_offline
-    from starflow.data.images import to_8bit
 
     try:
         model = CLIPModel.from_pretrained(model_name_or_path, local_files_only=hub_offline()).to(device).eval()
@@ -140,6 +138,24 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
             f"CLIP model {model_name_or_path!r} not found: it needs config.json, the weights (model.safetensors) and "
             "the processor files (preprocessor_config.json, vocab.json, merges.txt, tokenizer_config.json); "
             f"download them with `huggingface-cli download {model_name_or_path}` or pass --clip_model FOLDER") from err
+    return model, processor
+
+
+@torch.no_grad()
+def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, batch_size: int = 64,
+               device: torch.device | str = "cpu", loaded=None) -> float:
+    """Mean CLIP score ``100 * max(cos(image, caption), 0)`` of images and their captions (a ``transformers``
+    ``CLIPModel`` and ``CLIPProcessor``: the projected, normalised image and text embeddings), ``batch_size`` images
+    at a time; ``loaded``: the :func:`load_clip` pair, if already loaded.
+
+    Raises:
+        FileNotFoundError: the CLIP model is not available (offline: the files and where to put them).
+    """
+    from PIL import Image
+
+    from starflow.data.images import to_8bit
+
+    model, processor = loaded if loaded is not None else load_clip(model_name_or_path, device)
     total = 0.0
     for i in range(0, len(files), batch_size):
         images = []
