@@ -15,7 +15,11 @@ SAMPLING_SKIP = frozenset({"ema", "compile"})
 """Config keys the sampling commands do not take as flags because a switch of their own has the name (``--ema``:
 sample the EMA weights; ``--compile``: compile the flow layers)."""
 
-__all__ = ["SAMPLING_SKIP", "OneLineErrors", "add_config_flags", "config_overrides",
+LORA_KEYS = frozenset({"lora_rank", "lora_alpha", "lora_targets"})
+"""Config keys of a LoRA fine-tune: its model folder records them, but its weights have the adapters merged in, so
+sampling never reads them."""
+
+__all__ = ["SAMPLING_SKIP", "LORA_KEYS", "OneLineErrors", "add_config_flags", "config_overrides",
            "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder"]
 
 
@@ -42,8 +46,10 @@ class _Rejected(argparse.Action):
         if self.dest in TRAINING_KEYS:
             parser.error(f"{option_string} {values}: a training key, which `{parser.prog}` does not use; set it for "
                          "`starflow train` (or in the training config)")
-        parser.error(f"{option_string} {values}: `{parser.prog}` does not use this key (only those the encoded data "
-                     "depends on: sizes, VAE, text encoder, prompt conditioning); drop it")
+        why = ("it reads only the keys the encoded data depends on: sizes, VAE, text encoder, prompt conditioning"
+               if parser.prog.endswith("cache-latents") else  # the sampling commands: LORA_KEYS
+               "the weights it samples have any LoRA adapters merged in")
+        parser.error(f"{option_string} {values}: `{parser.prog}` does not use this key ({why}); drop it")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

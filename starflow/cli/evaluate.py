@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
+from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
                                  check_input_files, config_overrides)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, config_classes, load_pipeline,
                                  model_config_path, sample_settings)
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the set's folder")
     add_decoding_flags(p)
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS)
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS | LORA_KEYS)
     p.set_defaults(func=generate_set)
 
     p = sub.add_parser("evaluate", help="FID, KID, precision/recall and CLIP score of a sample set",

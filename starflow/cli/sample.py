@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
+from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, config_overrides, output_folder)
 from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, load_config
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS)  # --ema and --compile are switches here
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS | LORA_KEYS)  # --ema and --compile are switches here
     p.set_defaults(func=run)
 
 
@@ -265,6 +265,10 @@ def sample_settings(args: argparse.Namespace, cfg):
         for flag in ("self_denoising_lr", "denoising_batch_size"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} sets the denoising step, which --no-self_denoise turns off: drop one")
+        known_input = cfg.is_video or getattr(args, "command", None) in ("inpaint", "edit")  # noised known latents
+        if args.target_noise_std is not None and not (known_input or cfg.cond_noise_level):
+            raise ValueError("--target_noise_std sets the noise level of the denoising step, which --no-self_denoise "
+                             "turns off, and this model's prompt does not state it (cond_noise_level 0): drop one")
     target = getattr(args, "target_length", None)
     if target is not None and cfg.is_video and not getattr(args, "input_video", None):
         from starflow.adapters.geometry import vae_geometry
