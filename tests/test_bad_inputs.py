@@ -27,6 +27,7 @@ CASES = [
     ("sample --caption x --target_noise_std 0.2 --no-self_denoise", 2, "which --no-self_denoise turns off, and this"),
     ("sample --caption x --lora_rank 4", 2, "`starflow sample` does not use this key (the weights it samples have any"),
     ("generate-set --caption x --num_samples 2 --out {tmp}/gs --lora_alpha 8", 2, "does not use this key"),
+    ("generate-set --caption x --num_samples 2 --out {afile}/sub", 2, "is a file; pass the folder of the sample set"),
     ("sample --caption x --sample_batch_size 0", 2, "error: --sample_batch_size 0: must be >= 1"),
     ("sample --caption x --aspect_ratio 7:3", 2, "error: --aspect_ratio 7:3: this model was trained on square"),
     ("sample --caption x --aspect_ratio wide", 2, "error: --aspect_ratio wide: aspect ratio must look like 'w:h'"),

@@ -260,3 +260,17 @@ def test_precision_recall_in_row_blocks_is_the_whole_matrix_result() -> None:
     radii = np.sort(d_rr, axis=1)[:, 3]  # the 3rd neighbour besides the point itself
     d_fr = np.linalg.norm(fake[:, None] - real[None], axis=-1)
     assert whole[0] == pytest.approx((d_fr <= radii[None]).any(1).mean())
+
+
+def test_reference_statistics_record_their_extractor(tmp_path) -> None:
+    from starflow.evaluation.metrics import load_stats, save_stats
+
+    features = np.random.default_rng(0).normal(size=(20, 4))
+    path = save_stats(tmp_path / "ref.npz", features, "digits")
+    assert np.array_equal(load_stats(path, "digits")["features"], features)
+    with pytest.raises(ValueError, match="statistics of 'digits' features, and these are 'inception' features"):
+        load_stats(path, "inception")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    (tmp_path / "objects.npz").write_bytes((tmp_path / "objects.npy").read_bytes())
+    with pytest.raises(ValueError, match="not a reference statistics file written by --save_stats"):
+        load_stats(tmp_path / "objects.npz")

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
+from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, at_least,
                                  check_input_files, config_overrides)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, config_classes, load_pipeline,
                                  model_config_path, sample_settings)
@@ -120,7 +120,9 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
         path = Path(args.caption_file)
         if not path.is_file():
             raise FileNotFoundError(f"--caption_file {path}: no such file")
-        pool = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with about_flag("caption_file", path):
+            text = path.read_text(encoding="utf-8")
+        pool = [line.strip() for line in text.splitlines() if line.strip()]
         if not pool:
             raise ValueError(f"--caption_file {path} holds no caption")
     else:
@@ -156,8 +158,10 @@ def generate_set(args: argparse.Namespace) -> int:
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({DEMO_DIR})")
     weights = weights_fingerprint(Path(args.checkpoint_path), args.ema)  # (checks the path first)
     check_input_files(args, "caption_file")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: is a file; pass the folder of the sample set")
+    existing = next(p for p in (Path(args.out), *Path(args.out).parents) if p.exists() or p == Path("."))
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"--out {args.out}: {'it' if existing == Path(args.out) else existing} is a file; pass the "
+                         "folder of the sample set")
     if args.num_samples < 1 or args.sample_batch_size < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
                          "be >= 1")

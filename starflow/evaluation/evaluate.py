@@ -111,14 +111,17 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     start = time.perf_counter()
     results: dict[str, float] = {}
     if distribution:
-        real = load_stats(reference)["features"] if ref_is_stats else \
+        real = load_stats(reference, features)["features"] if ref_is_stats else \
             extract_features(list_images(reference), features, batch_size, device, extractor)
         if save_stats_to:
-            save_stats(save_stats_to, real)
+            save_stats(save_stats_to, real, features)
         if "precision_recall" in metrics and len(real) <= PR_NEIGHBOURS:
             raise ValueError(f"precision_recall needs more than {PR_NEIGHBOURS} reference images; {reference} holds "
                              f"the statistics of {len(real)}")
         fake = extract_features(files, features, batch_size, device, extractor)
+        if real.shape[1] != fake.shape[1]:  # statistics saved before the extractor was recorded
+            raise ValueError(f"{reference} holds {real.shape[1]}-dimensional features and '{features}' gives "
+                             f"{fake.shape[1]}: they come from another extractor; pass the matching --features")
         if "fid" in metrics:
             results["fid"] = fid_from_features(real, fake)
         if "kid" in metrics:
@@ -131,6 +134,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
               "reference": None if reference is None else str(reference), "features": features if distribution else None,
               "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
+              "saved_stats": None if save_stats_to is None else str(save_stats_to),
               "versions": _versions()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -146,5 +150,6 @@ def format_results(record: dict[str, Any]) -> str:
     lines.append(f"{'metric':<16}{'value':>14}")
     for name, value in record["metrics"].items():
         lines.append(f"{name:<16}{value:>14.5g}")
-    lines.append(f"written to {record['path']}")
+    lines.append(f"written to {record['path']}" + (f"; reference statistics in {record['saved_stats']}"
+                                                    if record.get("saved_stats") else ""))
     return "\n".join(lines)

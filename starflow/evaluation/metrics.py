@@ -35,28 +35,43 @@ class FeatureInput(nn.Module):
         return x
 
 
-def save_stats(path: str | Path, features: np.ndarray) -> Path:
-    """Write ``mu``, ``sigma``, ``n`` and the features of a reference set to ``path`` (``.npz``)."""
+def save_stats(path: str | Path, features: np.ndarray, extractor: str | None = None) -> Path:
+    """Write ``mu``, ``sigma``, ``n``, the features of a reference set and the name of their ``extractor`` (checked
+    when they are read back) to ``path`` (``.npz``)."""
     features = np.asarray(features, dtype=np.float64)
     path = Path(path)
-    np.savez(path, mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features), features=features)
+    extra = {} if extractor is None else {"extractor": np.array(extractor)}
+    np.savez(path, mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features), features=features,
+             **extra)
     return path
 
 
-def load_stats(path: str | Path) -> dict[str, np.ndarray]:
-    """``{"mu", "sigma", "n", "features"}`` of a ``.npz`` written by :func:`save_stats`.
+def load_stats(path: str | Path, extractor: str | None = None) -> dict[str, np.ndarray]:
+    """``{"mu", "sigma", "n", "features"[, "extractor"]}`` of a ``.npz`` written by :func:`save_stats`.
+
+    Args:
+        path: the ``.npz``.
+        extractor: the features the caller compares with: refused if the file records another extractor.
 
     Raises:
-        FileNotFoundError: no such file; ValueError: not a stats file.
+        FileNotFoundError: no such file; ValueError: not a stats file, or the statistics of another extractor.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found (write them with --save_stats)")
-    with np.load(path) as data:
-        missing = {"mu", "sigma", "n", "features"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} is not a reference statistics file (missing {sorted(missing)})")
-        return {k: data[k] for k in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stats = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a reference statistics file written by --save_stats ({err})") from None
+    missing = {"mu", "sigma", "n", "features"} - set(stats)
+    if missing:
+        raise ValueError(f"{path} is not a reference statistics file (missing {sorted(missing)})")
+    made_with = str(stats["extractor"]) if "extractor" in stats else None
+    if extractor is not None and made_with is not None and made_with != extractor:
+        raise ValueError(f"{path} holds statistics of '{made_with}' features, and these are '{extractor}' features: "
+                         f"pass --features {made_with}, or statistics made with --features {extractor}")
+    return stats
 
 
 def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
