@@ -160,8 +160,8 @@ def generate_set(args: argparse.Namespace) -> int:
     check_input_files(args, "caption_file")
     existing = next(p for p in (Path(args.out), *Path(args.out).parents) if p.exists() or p == Path("."))
     if existing.exists() and not existing.is_dir():
-        raise ValueError(f"--out {args.out}: {'it' if existing == Path(args.out) else existing} is a file; pass the "
-                         "folder of the sample set")
+        raise ValueError(f"--out {args.out}: " + ("" if existing == Path(args.out) else f"{existing} ")
+                         + "is a file; pass the folder of the sample set")
     if args.num_samples < 1 or args.sample_batch_size < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
                          "be >= 1")
