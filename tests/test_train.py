@@ -442,3 +442,21 @@ def test_template_tags_past_txt_size_are_cut_silently_in_training(tiny_config, d
     config = config_file(dict(tiny_config, mix_aspect=1, steps=2, save_freq=2))
     assert main(train_args(config, digits["train"], tmp_path / "run")) == 0
     assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_plot_metrics_reads_a_run_being_written(resume_runs, tmp_path) -> None:
+    """scripts/plot_metrics.py takes a logdir or its metrics.jsonl, skips the line a running training is writing,
+    and names a missing file in one line."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_metrics.py"
+    partial = tmp_path / "metrics.jsonl"
+    partial.write_text((resume_runs["straight"] / "metrics.jsonl").read_text() + '{"step": 7, "lo')
+    for source in (resume_runs["straight"], partial):
+        r = subprocess.run([sys.executable, str(script), str(source), "--out", str(tmp_path / "curve.png")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "(6 points)" in r.stdout, r.stderr[-500:]
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "none.jsonl")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
