@@ -85,6 +85,9 @@ def cache(args: argparse.Namespace) -> int:
     text_encoder = build_text_encoder(cfg, base, device=device)
     index = cache_latents(args.data, args.out, cfg, vae, text_encoder, batch_size=args.batch,
                           dtype=getattr(torch, args.dtype), shard_size=args.shard_size, overwrite=args.overwrite)
+    if cfg.is_video:
+        print(f"note: each video is cached as its first {cfg.vid_size[0]}-frame clip; training from the videos "
+              "themselves draws a clip at a random start each epoch")
     lost = sum(s.get("count", 1) for s in index["skipped"])
     few = ", ".join(f"{s['file_name']} ({s['reason']})" for s in index["skipped"][:3])
     print(f"cached {index['total']} latents into {len(index['shards'])} shards in {args.out}; "
