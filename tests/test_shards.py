@@ -142,12 +142,13 @@ def test_pack_skips_corrupt_and_missing_files(all_digits: Path, tmp_path: Path) 
     (src / "bad.png").write_bytes(b"not a png at all")
     good = (src / json.loads((src / "metadata.jsonl").read_text().splitlines()[0])["file_name"]).read_bytes()
     (src / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.fromarray(np.full((8, 8), 3.0, np.float32), mode="F").save(src / "float.tif")  # training would refuse it
     with (src / "metadata.jsonl").open("a") as f:
-        for name in ("bad.png", "gone.png", "truncated.png"):
+        for name in ("bad.png", "gone.png", "truncated.png", "float.tif"):
             f.write(json.dumps({"file_name": name, "text": "broken"}) + "\n")
     index = pack_folder(src, tmp_path / "shards", shard_size=4)
     assert index["total"] == 10
-    assert sorted(s["file_name"] for s in index["skipped"]) == ["bad.png", "gone.png", "truncated.png"]
+    assert sorted(s["file_name"] for s in index["skipped"]) == ["bad.png", "float.tif", "gone.png", "truncated.png"]
     assert {s["file_name"]: s["reason"] for s in index["skipped"]}["gone.png"] == "missing"
     with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
         pack_folder(tmp_path / "nothing", tmp_path / "out")

@@ -45,7 +45,8 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     """Loads an image, resizes its shorter side to cover `size` and centre-crops to it.
 
     Args:
-        path: Image file or binary stream (any format PIL reads). EXIF orientation is applied.
+        path: Image file or binary stream (any format PIL reads; messages name a stream by its ``name`` attribute
+            if it has one). EXIF orientation is applied.
         size: Target `(h, w)` in pixels.
         channels: 1 for greyscale (PIL mode "L"), 3 for RGB.
 
@@ -62,12 +63,13 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     if h <= 0 or w <= 0:
         raise ValueError(f"size must be positive (h, w), got {size}")
     path = path if hasattr(path, "read") else Path(path)
+    shown = getattr(path, "name", path)  # a stream: the name its reader gave it (e.g. a shard's sample key)
     with _open(path) as img:
         try:
             img.load()  # decode now so a truncated file fails here
-            img = to_8bit(ImageOps.exif_transpose(img), path).convert("L" if channels == 1 else "RGB")
+            img = to_8bit(ImageOps.exif_transpose(img), shown).convert("L" if channels == 1 else "RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+            raise CorruptImageError(f"cannot decode image {shown}: {err}") from err
     scale = max(h / img.height, w / img.width)  # cover the target, then crop the excess
     new_w, new_h = max(w, round(img.width * scale)), max(h, round(img.height * scale))
     if (new_w, new_h) != img.size:

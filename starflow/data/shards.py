@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from starflow.data.aspect import aspect_to_size
-from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata
+from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata, to_8bit
 from starflow.data.video import (CorruptVideoError, _resize_frames, clip_indices, draw_rate, read_clip, read_video,
                                  video_aspect)
 
@@ -96,6 +96,7 @@ def _check_file(path: Path, kind: str) -> str | None:
                 img.verify()  # structure and checksums
             with Image.open(path) as img:
                 img.load()  # every pixel: catches truncation
+                to_8bit(img, path)  # a float image outside [0, 1], which training would refuse
     except (CorruptVideoError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
     return None
@@ -310,7 +311,9 @@ class SampleDecoder:
                         out[name] = _load_tensor(sample[key])
             elif self.kind == "image":
                 size = aspect_to_size(bucket, self.img_size, self.multiple)
-                out["pixels"] = load_image(io.BytesIO(_media(sample)), size, self.channels)
+                media = io.BytesIO(_media(sample))
+                media.name = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+                out["pixels"] = load_image(media, size, self.channels)
             else:
                 gen = torch.Generator().manual_seed(seed)
                 rate = draw_rate(self.rates, gen)
