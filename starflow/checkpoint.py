@@ -318,7 +318,10 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
                 raise OSError(f"cannot write {path} ({e}): check that its folder is writable") from e
             os.chmod(tmp, 0o666 & ~_umask())  # its writer creates files for the owner only (0600)
         else:
-            torch.save(out, tmp)
+            try:
+                torch.save(out, tmp)
+            except RuntimeError as e:  # its file errors ("open file failed") are not OSErrors
+                raise OSError(f"cannot write {path} ({str(e).splitlines()[0]}): check that its folder is writable") from e
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -146,6 +146,8 @@ def convert(args: argparse.Namespace) -> int:
     from starflow.checkpoint import convert_checkpoint, read_shapes
 
     src, (dst, dtype) = Path(args.src), _output(args)
+    if dst.is_dir():
+        raise IsADirectoryError(f"{dst} is a folder: DST names the weights file to write (e.g. {dst}/model.safetensors)")
     convert_checkpoint(src, dst, dtype=dtype)
     with warnings.catch_warnings():  # what reading src warns about was said once already
         warnings.simplefilter("ignore")

@@ -189,8 +189,11 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     old = _output_files(out) if out.is_dir() else []
     if old and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    except OSError as e:
+        raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
     try:
         yield staging
         for path in old:
