@@ -49,7 +49,8 @@ class LayoutError(CheckpointError, ValueError):
     """The state dict's names or shapes differ from the model's; ``report`` holds every difference."""
 
     def __init__(self, report: "LayoutReport", source: str = "state dict") -> None:
-        super().__init__(f"{source} does not match the model: {report.describe()}")
+        super().__init__(f"{source} does not match the model: {report.summary()}; it was saved for another config "
+                         "(`starflow validate CONFIG --checkpoint WEIGHTS` lists every difference)")
         self.report = report
 
 
@@ -70,6 +71,15 @@ class LayoutReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        """One line: the counts, with the first name of each kind of difference."""
+        first = [f"missing {self.missing[0]}" if self.missing else "",
+                 f"unexpected {self.unexpected[0]}" if self.unexpected else "",
+                 "{}: model {}, checkpoint {}".format(self.mismatched[0][0], *map(list, self.mismatched[0][1:]))
+                 if self.mismatched else ""]
+        return (f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} mismatched "
+                f"shapes (e.g. {'; '.join(f for f in first if f)})")
 
     def describe(self, limit: int = _LIST_LIMIT) -> str:
         """Human-readable summary with counts, listing at most ``limit`` names per category."""

@@ -69,7 +69,7 @@ def test_load_with_deprecated_buffers() -> None:
     torch.testing.assert_close(outputs(target), outputs(source), rtol=0, atol=0)
 
 
-def test_every_layout_difference_in_one_error() -> None:
+def test_every_layout_difference_in_one_error_report() -> None:
     model = build(0)
     before = snapshot(model)
     sd = official_state_dict(build(1))
@@ -78,11 +78,13 @@ def test_every_layout_difference_in_one_error() -> None:
     sd["blocks.1.proj_out.weight"] = torch.zeros(5, 32)
     with pytest.raises(LayoutError) as info:
         load_weights(model, sd)
-    message = str(info.value)
+    message, report = str(info.value), info.value.report.describe()
+    assert "\n" not in message and "2 missing, 1 unexpected, 1 mismatched" in message  # one line, the first of each
+    assert "e.g. missing blocks.0.proj_in.bias; unexpected blocks.0.extra.weight; blocks.1.proj_out.weight" in message
     for name in ("blocks.0.proj_in.bias", "blocks.1.attn_blocks.1.mlp.norm.weight", "blocks.0.extra.weight",
                  "blocks.1.proj_out.weight: model [4, 32], checkpoint [5, 32]",
                  "2 missing, 1 unexpected, 1 mismatched"):
-        assert name in message
+        assert name in report  # every difference
     assert "var" not in info.value.report.unexpected  # deprecated buffers are never reported
     assert isinstance(info.value, CheckpointError) and isinstance(info.value, ValueError)
     assert_same_weights(model.state_dict(), before)  # untouched

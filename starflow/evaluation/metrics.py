@@ -152,7 +152,7 @@ def load_clip(model_name_or_path: str, device: torch.device | str = "cpu"):
         raise FileNotFoundError(
             f"CLIP model {model_name_or_path!r} not found: it needs config.json, the weights (model.safetensors) and "
             "the processor files (preprocessor_config.json, vocab.json, merges.txt, tokenizer_config.json); "
-            f"download them with `huggingface-cli download {model_name_or_path}` or pass --clip_model FOLDER") from err
+            f"download them with `hf download {model_name_or_path}` or pass --clip_model FOLDER") from err
     return model, processor
 
 
