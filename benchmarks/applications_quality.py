@@ -16,7 +16,7 @@
     as a random digit: digit and direction agreement, and how closely the result follows the source's path (mean
     centre-of-mass distance per frame), beside a real digit of the prompted class on the same path.
 
-    python benchmarks/applications_quality.py [--n 200] [--cfg 2.0] [--rounds 1] [--clips 200]
+    python benchmarks/applications_quality.py [--n 200] [--cfg 2.0] [--rounds 1] [--clips 200] [--video_temperature T]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _args import at_least
+from _args import at_least, positive_float
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--clips", type=at_least(1), default=200,
                         help="real clips to continue in (c) and to redraw in (d) [default: 200]")
     parser.add_argument("--continue_frames", type=at_least(1), default=8, help="frames added to each clip [default: 8]")
+    parser.add_argument("--video_temperature", type=positive_float, default=None,
+                        help="sampling temperature of (c) and (d) [default: each video demo's config, 0.6; 1 = the "
+                             "official sampling]")
     parser.add_argument("--batch_size", type=at_least(1), default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -145,7 +148,7 @@ def main() -> None:
                       for i, d in zip(pick, dirs)])
     clip_px = torch.from_numpy(clips).float()[:, :, None] / 127.5 - 1
     vsettings = SampleSettings(cfg=vcfg, jacobi=True, target_length=args.continue_frames,
-                               temperature=video.config.temperature)
+                               temperature=args.video_temperature or video.config.temperature)
     print(f"\n(c) continuing {args.clips} real moving-digit clips ({frames} frames) by {args.continue_frames} frames "
           f"(guidance {vcfg:g}, temperature {vsettings.temperature:g})")
     start = time.perf_counter()
@@ -186,7 +189,7 @@ def video_to_video(args, rng, images, labels, vclf) -> None:
     pipe = Pipeline.from_pretrained(V2V)
     frames, canvas = pipe.config.vid_size[0], pipe.config.img_size
     cfg = pipe.config.cfg if args.cfg is None else args.cfg
-    settings = SampleSettings(cfg=cfg, jacobi=True, temperature=pipe.config.temperature)
+    settings = SampleSettings(cfg=cfg, jacobi=True, temperature=args.video_temperature or pipe.config.temperature)
     names = list(DIRECTIONS)
     pick = rng.choice(len(images), args.clips, replace=args.clips > len(images))
     dirs = [names[k] for k in rng.integers(0, 4, args.clips)]
