@@ -231,7 +231,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if missing:
             self._missing = len(missing)
             self.skipped.update(missing)
-            logger.warning("%s: skipping %d missing files, e.g. %s", self.root, len(missing), missing[:3])
+            logger.warning("%s: skipping %d listed paths that are not files (missing, or folders), e.g. %s", self.root,
+                           len(missing), missing[:3])
         if not self.paths:
             raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
         self._buckets: list[str] | None = None
