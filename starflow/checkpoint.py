@@ -289,7 +289,7 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: PathLike) -> Path:
-    """Write weights to ``.safetensors`` (no pickle) or ``.pth``/``.pt`` (``torch.save``), atomically.
+    """Write weights to ``.safetensors`` (no pickle) or ``.pth``/``.pt``/``.bin`` (``torch.save``), atomically.
 
     The file is written under a temporary name beside ``path`` and renamed once complete (no truncated files).
 

@@ -89,9 +89,9 @@ def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny
     # a run without EMA exported over the EMA run's model folder: its ema.safetensors must not survive
     assert main(["export", str(tmp_path / "plain"), str(folder), "--overwrite"]) == 0
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
-    for odd in ("w.bin", "w.safetensor", "w.PTH"):
+    for odd in ("w.ckpt", "w.safetensor", "w.PTH"):
         assert main(["export", str(step1), str(tmp_path / odd)]) == 2
-        assert "weights files end in .pth, .pt, .safetensors" in capsys.readouterr().err
+        assert "weights files end in .pth, .pt, .bin, .safetensors" in capsys.readouterr().err
         assert not (tmp_path / odd).exists()
     shard = next(step1.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])

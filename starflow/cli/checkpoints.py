@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "in the official layout: a .pth or .safetensors file, or a model folder for "
                                    "starflow sample.")
     add_weights_io_flags(p, "a run's logdir (latest checkpoint), its checkpoints/ folder, or a step_XXXXXXXX folder",
-                         "output: model.pth, model.safetensors, or a folder")
+                         "output: a weights file (.safetensors, .pth, .pt or .bin) or a model folder (a name without "
+                         "a suffix)")
     p.add_argument("--ema", action="store_true", help="export the moving average of the weights (config 'ema')")
     p.add_argument("--merge_lora", action="store_true",
                    help="a LoRA run: fold its adapters into the base weights (config 'init_from') and write plain "

@@ -25,7 +25,7 @@ from starflow.train.state import META_FILE, CheckpointManager, dcp_metadata, rea
 
 __all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint", "WEIGHT_SUFFIXES"]
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")  # a weights file; any other name is a model folder
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # a weights file (as save_weights writes); else a folder
 _FILE_LIKE = frozenset({".bin", ".ckpt", ".safetensor", ".pkl", ".pt", ".pth", ".safetensors", ".tar", ".gguf",
                         ".onnx", ".h5", ".npz", ".st"})  # names meant as a file, refused when not one we write
 
@@ -108,7 +108,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
 
     Args:
         src: logdir, ``checkpoints/`` folder or step folder (see :func:`find_checkpoint`).
-        dst: ``*.pth`` / ``*.safetensors`` file (weights only), or a folder (``config.yaml``,
+        dst: ``*.pth`` / ``*.pt`` / ``*.bin`` / ``*.safetensors`` file (weights only), or a folder (``config.yaml``,
             ``model.safetensors`` and, for the built-in tiny text encoder, ``text_encoder/``).
         dtype: optional floating-point dtype of the written tensors (e.g. ``torch.bfloat16``).
         ema: write the moving average of the weights (config ``ema``) instead of the weights.
@@ -118,7 +118,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
         ``dst``.
 
     Raises:
-        ValueError: ``dst`` has the suffix of another kind of weights file (``.bin``, ``.ckpt``, ``.PTH``, ...).
+        ValueError: ``dst`` has the suffix of another kind of weights file (``.ckpt``, ``.PTH``, ...).
     """
     dst = Path(dst)
     if dst.suffix.lower() in _FILE_LIKE and dst.suffix not in WEIGHT_SUFFIXES:
