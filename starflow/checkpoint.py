@@ -26,8 +26,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-__all__ = ["DEPRECATED_BUFFERS", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated", "is_deprecated",
-           "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights", "convert_checkpoint"]
+__all__ = ["DEPRECATED_BUFFERS", "WEIGHT_SUFFIXES", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated",
+           "is_deprecated", "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights",
+           "convert_checkpoint"]
 
 DEPRECATED_BUFFERS: tuple[str, ...] = ("var", "blocks.{i}.attn_mask", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
 """Names of the official checkpoints' buffers that have no effect (``{i}`` is a block index)."""
@@ -36,6 +37,7 @@ _DEPRECATED_RE = re.compile("|".join(re.escape(p).replace(re.escape("{i}"), r"\d
 _WRAPPER_KEYS = ("state_dict", "model")  # {'model': sd} / {'state_dict': sd} training checkpoints
 _PREFIX_RE = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP / torch.compile wrappers
 _LIST_LIMIT = 20  # names shown per category in a layout error
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # the weights files save_weights writes and reads
 HOW_TO_GET = "get the official weights from Hugging Face repo apple/starflow with `starflow download t2i` (or t2v; offline it lists the files to copy by hand)"
 PathLike = Union[str, os.PathLike]
 Shape = tuple[int, ...]
@@ -283,7 +285,7 @@ def load_weights(model: nn.Module, path_or_state_dict: PathLike | Mapping[str, t
 
 
 def _is_safetensors(path: Path) -> bool:
-    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+    if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint format; use a .safetensors, .pth, .pt or .bin file name")
     return path.suffix == ".safetensors"
 

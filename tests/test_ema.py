@@ -91,7 +91,7 @@ def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
     for odd in ("w.ckpt", "w.safetensor", "w.PTH"):
         assert main(["export", str(step1), str(tmp_path / odd)]) == 2
-        assert "weights files end in .pth, .pt, .bin, .safetensors" in capsys.readouterr().err
+        assert "weights files end in .safetensors, .pth, .pt, .bin" in capsys.readouterr().err
         assert not (tmp_path / odd).exists()
     shard = next(step1.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])

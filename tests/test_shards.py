@@ -109,12 +109,14 @@ def test_an_output_is_replaced_only_by_a_complete_one_and_never_the_source(all_d
     src, out = _digits_folder(all_digits, tmp_path / "src", n=10), tmp_path / "shards"
     pack_folder(src, out, shard_size=4)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / ".staging-killed").mkdir()  # what a run killed mid-write leaves: the next run removes it
+    (out / ".staging-killed" / "shard-000000.tar").write_bytes(b"half a shard")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match=f"no usable sample to write to {out}"):
         pack_folder(empty, out, overwrite=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left, the stale one gone
     with pytest.raises(ValueError, match="is the source folder"):
         pack_folder(src, src / ".", overwrite=True)
     cfg = load_config(dict(tiny_config))

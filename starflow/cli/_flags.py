@@ -5,21 +5,23 @@ import argparse
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
-from starflow.config import CONFIG_FIELDS, config_field_help
+from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, config_field_help
 
 SAMPLING_SKIP = frozenset({"ema", "compile"})
 """Config keys the sampling commands do not take as flags because a switch of their own has the name (``--ema``:
 sample the EMA weights; ``--compile``: compile the flow layers)."""
 
 LORA_KEYS = frozenset({"lora_rank", "lora_alpha", "lora_targets"})
-"""Config keys of a LoRA fine-tune: its model folder records them, but its weights have the adapters merged in, so
-sampling never reads them."""
+SAMPLING_REJECT = {**dict.fromkeys(TRAINING_KEYS),
+                   **dict.fromkeys(LORA_KEYS, "the weights it samples have any LoRA adapters merged in")}
+"""The config keys the sampling commands refuse as flags, with why: training keys, and those of a LoRA fine-tune (its
+model folder records them, but its weights have the adapters merged in)."""
 
-__all__ = ["SAMPLING_SKIP", "LORA_KEYS", "OneLineErrors", "add_config_flags", "config_overrides",
+__all__ = ["SAMPLING_SKIP", "SAMPLING_REJECT", "OneLineErrors", "add_config_flags", "config_overrides",
            "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder"]
 
 
@@ -41,15 +43,10 @@ class _Rejected(argparse.Action):
     """A flag the command does not use: a usage error that says why (instead of an unknown-flag error)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from starflow.config import TRAINING_KEYS
-
-        if self.dest in TRAINING_KEYS:
+        if self.const is None:  # a training key
             parser.error(f"{option_string} {values}: a training key, which `{parser.prog}` does not use; set it for "
                          "`starflow train` (or in the training config)")
-        why = ("it reads only the keys the encoded data depends on: sizes, VAE, text encoder, prompt conditioning"
-               if parser.prog.endswith("cache-latents") else  # the sampling commands: LORA_KEYS
-               "the weights it samples have any LoRA adapters merged in")
-        parser.error(f"{option_string} {values}: `{parser.prog}` does not use this key ({why}); drop it")
+        parser.error(f"{option_string} {values}: `{parser.prog}` does not use this key ({self.const}); drop it")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,12 +64,13 @@ def at_least(low: int):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
-                     reject: set[str] = frozenset()) -> None:
+                     reject: Mapping[str, str | None] | None = None) -> None:
     """One ``--KEY V`` flag per config key (but ``skip``), documented with the key's help and default.
 
-    Keys in ``reject`` (e.g. :data:`~starflow.config.TRAINING_KEYS` for the sampling commands) are hidden flags that
-    end the parse with a usage error naming the key as one the command does not use.
+    Keys in ``reject`` (e.g. :data:`SAMPLING_REJECT`) are hidden flags that end the parse with a usage error naming
+    the key as one the command does not use, and why (None: a training key).
     """
+    reject = reject or {}
     title = ("config overrides (the YAML config's keys this command uses; CLI > YAML > defaults; the defaults shown "
              "are the package's: a config, e.g. a model folder's config.yaml, sets its own, such as cfg)"
              if reject else "config overrides (any key of the YAML config; CLI > YAML > defaults)")
@@ -81,7 +79,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
         if name in skip:
             continue
         if name in reject:
-            group.add_argument(f"--{name}", action=_Rejected, default=None, help=argparse.SUPPRESS)
+            group.add_argument(f"--{name}", action=_Rejected, const=reject[name], default=None, help=argparse.SUPPRESS)
             continue
         group.add_argument(f"--{name}", default=None, metavar="V",
                            help=f"{config_field_help(name)} [default: {f.default}]")

@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "memory-mapped, no tensor loaded) and list all mismatches. Exit 0 when valid, "
                                    "1 on a layout mismatch, 2 on a bad config or unreadable file.")
     p.add_argument("config", help="YAML config (official format or plain mapping)")
-    p.add_argument("--checkpoint", default=None, help="weights file (.pth or .safetensors) to compare")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights to compare: a .pth/.safetensors file, a model folder, a training checkpoint step "
+                        "folder or a run's logdir")
     p.add_argument("--batch", type=at_least(1), default=1,
                    help="samples per device for the memory estimates [default: 1]")
     p.add_argument("--gpus", type=at_least(1), default=1,
@@ -116,10 +118,9 @@ def _checkpoint_shapes(path: Path) -> dict:
 
 def download(args: argparse.Namespace) -> int:
     """:func:`starflow.download.download` into ``--local-dir``."""
-    from starflow.download import download as fetch
-
     from starflow.assets import PACKAGE_CKPTS
     from starflow.download import RELEASES
+    from starflow.download import download as fetch
 
     if Path(args.local_dir).exists() and not Path(args.local_dir).is_dir():
         raise ValueError(f"--local-dir {args.local_dir}: is a file; pass a folder for the weights")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from starflow.cli._flags import add_config_flags, add_device_flag, at_least, config_overrides
-from starflow.config import CONFIG_FIELDS
+from starflow.config import CONFIG_FIELDS, TRAINING_KEYS
 from starflow.data.latent_cache import CACHE_KEYS
 
 __all__ = ["register"]
@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="storage dtype of latents and embeddings [default: float32]")
     p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip={"data"}, reject=set(CONFIG_FIELDS) - CACHE_KEYS - {"data"})
+    add_config_flags(p, skip={"data"}, reject={k: None if k in TRAINING_KEYS else
+                                               "it reads only the keys the encoded data depends on: sizes, VAE, text "
+                                               "encoder, prompt conditioning"
+                                               for k in set(CONFIG_FIELDS) - CACHE_KEYS - {"data"}})
     p.set_defaults(func=cache)
 
 

@@ -6,10 +6,9 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
+from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, output_folder)
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
-from starflow.config import TRAINING_KEYS
 
 __all__ = ["register", "EDIT_SEPARATOR"]
 
@@ -62,7 +61,7 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
     p.add_argument("--output_dir", default=f"outputs/{p.prog.split()[-1]}",
                    help=f"folder for the PNGs and settings.json [default: outputs/{p.prog.split()[-1]}]")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=skip, reject=TRAINING_KEYS | LORA_KEYS)
+    add_config_flags(p, skip=skip, reject=SAMPLING_REJECT)
 
 
 def _load_inputs(args: argparse.Namespace, pipe, cfg):

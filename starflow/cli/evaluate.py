@@ -7,11 +7,10 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, at_least,
+from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, at_least,
                                  check_input_files, config_overrides)
-from starflow.cli.sample import (add_decoding_flags, add_model_flags, config_classes, load_pipeline,
-                                 model_config_path, sample_settings)
-from starflow.config import TRAINING_KEYS
+from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, config_classes,
+                                 load_pipeline, model_config_path, sample_settings)
 
 __all__ = ["register"]
 
@@ -49,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the set's folder")
     add_decoding_flags(p)
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS | LORA_KEYS)
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=SAMPLING_REJECT)
     p.set_defaults(func=generate_set)
 
     p = sub.add_parser("evaluate", help="FID, KID, precision/recall and CLIP score of a sample set",
@@ -135,9 +134,7 @@ def weights_fingerprint(checkpoint: Path, ema: bool) -> list[str]:
     resumed after they were rewritten in place is refused (hashing a 7B file would cost minutes)."""
     from starflow.assets import EMA_WEIGHT_NAMES, find_weights
 
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
-                                "file; the official weights: starflow download t2i|t2v)")
+    check_checkpoint_path(checkpoint)
     files = [find_weights(checkpoint) if checkpoint.is_dir() else checkpoint]
     if ema and checkpoint.is_dir():
         files += [checkpoint / n for n in EMA_WEIGHT_NAMES if (checkpoint / n).is_file()]
@@ -151,17 +148,16 @@ def generate_set(args: argparse.Namespace) -> int:
     from starflow.evaluation.generate import check_set, set_record
     from starflow.evaluation.generate import generate_set as make_set
 
-    from starflow.assets import DEMO_DIR
-
     if args.checkpoint_path is None:
-        args.checkpoint_path = str(DEMO_DIR)
-        print(f"no --checkpoint_path given: sampling from the shipped demo model ({DEMO_DIR})")
+        args.checkpoint_path = str(assets.DEMO_DIR)
+        print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     weights = weights_fingerprint(Path(args.checkpoint_path), args.ema)  # (checks the path first)
     check_input_files(args, "caption_file")
-    existing = next(p for p in (Path(args.out), *Path(args.out).parents) if p.exists() or p == Path("."))
-    if existing.exists() and not existing.is_dir():
-        raise ValueError(f"--out {args.out}: " + ("" if existing == Path(args.out) else f"{existing} ")
-                         + "is a file; pass the folder of the sample set")
+    out = Path(args.out)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # the first part of the path that exists
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"--out {out}: " + ("" if blocker == out else f"{blocker} ") + "is a file; pass the folder of "
+                         "the sample set")
     if args.num_samples < 1 or args.sample_batch_size < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
                          "be >= 1")
@@ -190,9 +186,7 @@ def generate_set(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.evaluate.evaluate_samples`, printed as a table."""
     from starflow.distributed import pick_device
-    from starflow.evaluation.evaluate import evaluate_samples, format_results
-
-    from starflow.evaluation.evaluate import CLIP_DEFAULT
+    from starflow.evaluation.evaluate import CLIP_DEFAULT, evaluate_samples, format_results
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.clip_model is not None and "clip" not in metrics:

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from starflow import assets
-from starflow.cli._flags import (LORA_KEYS, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
+from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, config_overrides, output_folder)
-from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, load_config
+from starflow.config import CONFIG_FIELDS, load_config
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
 __all__ = ["register"]
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
-    add_config_flags(p, skip=SAMPLING_SKIP, reject=TRAINING_KEYS | LORA_KEYS)  # --ema and --compile are switches here
+    add_config_flags(p, skip=SAMPLING_SKIP, reject=SAMPLING_REJECT)  # --ema and --compile are switches here
     p.set_defaults(func=run)
 
 
@@ -158,6 +158,17 @@ def _block_size(value: str) -> int | str:
     return k
 
 
+def check_checkpoint_path(checkpoint: str | Path) -> None:
+    """Refuse a ``--checkpoint_path`` where nothing exists, before any work.
+
+    Raises:
+        FileNotFoundError: the message says where the official weights come from.
+    """
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
+                                "file; the official weights: starflow download t2i|t2v)")
+
+
 def load_pipeline(args: argparse.Namespace, dist):
     """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, with a note),
     with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``.
@@ -170,9 +181,7 @@ def load_pipeline(args: argparse.Namespace, dist):
     checkpoint = args.checkpoint_path or assets.DEMO_DIR
     if args.checkpoint_path is None and dist.is_main:
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
-    if not Path(checkpoint).exists():
-        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
-                                "file; the official weights: starflow download t2i|t2v)")
+    check_checkpoint_path(checkpoint)
     config = model_config_path(args)
     cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
     shard = bool(cfg.fsdp) and dist.world_size > 1  # one rank would shard nothing: it samples unsharded

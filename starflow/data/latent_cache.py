@@ -21,6 +21,7 @@ from starflow.data.aspect import ASPECT_RATIOS
 from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.data.shards import (
     INDEX_FILE,
+    UNCOND_FILE,
     SampleDecoder,
     folder_samples,
     replaced_output,
@@ -35,7 +36,6 @@ if TYPE_CHECKING:  # the adapters pull in transformers and diffusers: imported w
 
 __all__ = ["CACHE_KEYS", "UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "load_uncond"]
 
-UNCOND_FILE = "uncond.pt"
 _SETTING_KEYS = ("img_size", "vid_size", "vae", "text", "txt_size", "channel_size", "fps_cond",
                  "cond_noise_level", "noise_std", "mix_aspect")
 CACHE_KEYS = frozenset(_SETTING_KEYS) | {"drop_image", "patch_size", "fps", "seed"}

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-%06d.tar"
 INDEX_FILE = "index.json"
+UNCOND_FILE = "uncond.pt"  # a latent cache's unconditional text embedding
+STAGING_PREFIX = ".staging-"  # the folder inside OUT that new shards are written to
 VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "avi", "mkv", "webm", "m4v"})
 _NOT_MEDIA = frozenset({"txt", "json", "latent.pth", "txt.pth", "txt_extend.pth"})
 _BAD_SAMPLE = (OSError, ValueError, KeyError, RuntimeError, EOFError)  # what a corrupt sample can raise
@@ -172,13 +174,14 @@ def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dic
 def _output_files(folder: Path) -> list[Path]:
     """The files a shard or latent-cache folder is made of: shards, the index (last: it marks completeness) and
     the cache's unconditional embedding."""
-    return sorted(folder.glob("shard-*.tar")) + [p for p in (folder / "uncond.pt", folder / INDEX_FILE) if p.exists()]
+    return sorted(folder.glob("shard-*.tar")) + [p for p in (folder / UNCOND_FILE, folder / INDEX_FILE) if p.exists()]
 
 
 @contextmanager
 def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     """A staging folder inside ``out`` to write new shards into; when the block succeeds its files replace the
-    shards, index and cache files already in ``out``, which stay untouched if it fails (or is interrupted).
+    shards, index and cache files already in ``out``, which stay untouched if it fails (or is interrupted; the staging
+    folder of a killed run is removed by the next one).
 
     Raises:
         ValueError: ``out`` is the source folder ``src`` (its files would be replaced by what is read from them).
@@ -191,7 +194,9 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        for stale in out.glob(STAGING_PREFIX + "*"):  # what a killed run left (one process writes a folder)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     except OSError as e:
         raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
     try:

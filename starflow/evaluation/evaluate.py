@@ -88,10 +88,13 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         if target is not None and (Path(target).is_dir() or not Path(target).parent.is_dir()):
             raise ValueError(f"{flag} {target}: " + ("is a folder; give a file name" if Path(target).is_dir() else
                                                      f"its folder {Path(target).parent} does not exist"))
+    ref_is_stats = reference is not None and str(reference).endswith(".npz")
+    if ref_is_stats and save_stats_to:
+        raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
+    stats = load_stats(reference, features) if ref_is_stats and distribution else None  # (small: read up front)
     if "precision_recall" in metrics:
-        sets = [("samples", len(files))] + ([] if str(reference).endswith(".npz") else
-                                            [("reference", len(list_images(reference)))])
-        few = [(name, n) for name, n in sets if n <= PR_NEIGHBOURS]
+        n_ref = len(stats["features"]) if stats is not None else len(list_images(reference))
+        few = [(name, n) for name, n in (("samples", len(files)), ("reference", n_ref)) if n <= PR_NEIGHBOURS]
         if few:
             raise ValueError(f"precision_recall needs more than {PR_NEIGHBOURS} images per set (k-NN balls of k = "
                              f"{PR_NEIGHBOURS}); the {few[0][0]} hold {few[0][1]}")
@@ -105,19 +108,13 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         captions = [table[f.name] for f in files]
     extractor = build_extractor(features, device) if distribution else None  # fails before any work
     clip = load_clip(clip_model, device) if captions is not None else None
-    ref_is_stats = reference is not None and str(reference).endswith(".npz")
-    if ref_is_stats and save_stats_to:
-        raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
     start = time.perf_counter()
     results: dict[str, float] = {}
     if distribution:
-        real = load_stats(reference, features)["features"] if ref_is_stats else \
+        real = stats["features"] if stats is not None else \
             extract_features(list_images(reference), features, batch_size, device, extractor)
         if save_stats_to:
             save_stats(save_stats_to, real, features)
-        if "precision_recall" in metrics and len(real) <= PR_NEIGHBOURS:
-            raise ValueError(f"precision_recall needs more than {PR_NEIGHBOURS} reference images; {reference} holds "
-                             f"the statistics of {len(real)}")
         fake = extract_features(files, features, batch_size, device, extractor)
         if real.shape[1] != fake.shape[1]:  # statistics saved before the extractor was recorded
             raise ValueError(f"{reference} holds {real.shape[1]}-dimensional features and '{features}' gives "

@@ -14,7 +14,7 @@ import torch
 
 from starflow.adapters import build_text_encoder, vae_geometry
 from starflow.assets import TINY_TEXT_ENCODER
-from starflow.checkpoint import save_weights
+from starflow.checkpoint import WEIGHT_SUFFIXES, save_weights
 from starflow.config import Config, load_config
 from starflow.models import STARFlow
 from starflow.sampling.pipeline import Pipeline
@@ -23,9 +23,8 @@ from starflow.train.init_from import init_from
 from starflow.models.lora import LORA_MARK, apply_lora, merge_lora_state
 from starflow.train.state import META_FILE, CheckpointManager, dcp_metadata, read_dcp
 
-__all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint", "WEIGHT_SUFFIXES"]
+__all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # a weights file (as save_weights writes); else a folder
 _FILE_LIKE = frozenset({".bin", ".ckpt", ".safetensor", ".pkl", ".pt", ".pth", ".safetensors", ".tar", ".gguf",
                         ".onnx", ".h5", ".npz", ".st"})  # names meant as a file, refused when not one we write
 
@@ -79,7 +78,6 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
         FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA, a LoRA
         checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
     """
-
     path = find_checkpoint(path)
     cfg = load_config(json.loads((path / META_FILE).read_text())["config"])
     if bool(cfg.lora_rank) != merge_lora:
