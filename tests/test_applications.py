@@ -242,12 +242,52 @@ def test_inpaint_command(tmp_path: Path) -> None:
     (["--mask_box", "0,4,9,8"], "--mask_box 0,4,9,8: needs 0 <= x0 < x1 <= 8"),
     (["--mask_box", "a,b"], "four integers"),
     (["--mask_box", "0,4,8,8", "--rounds", "0"], "--rounds 0"),
+    (["--mask_box", "0,4,8,8", "--aspect_ratio", "random"], "--aspect_ratio random draws from the nine trained"),
+    (["--mask", "HUGE"], "--mask: cannot read image HUGE"),  # PIL's decompression-bomb limit, one line
 ])
-def test_inpaint_command_rejects_bad_input(tmp_path: Path, capsys, argv, message) -> None:
+def test_inpaint_command_rejects_bad_input(tmp_path: Path, capsys, monkeypatch, argv, message) -> None:
     image = _digit_png(tmp_path, 4)
+    if "HUGE" in argv:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # (the 8x8 input passes, a 16x16 mask is "too large")
+        Image.new("L", (16, 16), 255).save(tmp_path / "HUGE", format="PNG")
+        monkeypatch.chdir(tmp_path)
     assert main(["inpaint", "--input_image", str(image), "--caption", "x", "--output_dir", str(tmp_path / "o"),
                  "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_inpaint_names_a_box_too_small_to_cover_a_pixel(tmp_path: Path, capsys) -> None:
+    image = tmp_path / "big.png"
+    Image.new("L", (64, 64)).save(image)
+    assert main(["inpaint", "--input_image", str(image), "--caption", "x", "--mask_box", "0,0,3,3", "--device", "cpu",
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "each sampled pixel spans 8 x 8 input pixels" in err and "centre-cropped" not in err  # (the box is inside)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a handwritten digit 3 [edit] \n", "line 1: the instruction (after [edit]) is empty"),
+    ("\n[edit] a handwritten digit 8\n", "line 2: the caption (before [edit]) is empty"),
+    (b"a handwritten digit 3 [edit] a handwritten digit \xff8\n", "not UTF-8 text (byte 0xff on line 1)"),
+])
+def test_edit_refuses_bad_caption_files(tmp_path: Path, capsys, text, message) -> None:
+    edits = tmp_path / "edits.txt"
+    edits.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main(["edit", "--input_image", str(_digit_png(tmp_path, 3)), "--caption_file", str(edits),
+                 "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_caption_files_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from starflow.cli.edit import read_edits
+
+    edits = tmp_path / "edits.txt"
+    edits.write_bytes("a handwritten digit 2 [edit] a handwritten digit 7\r\n".encode("utf-8-sig"))
+    assert read_edits(Namespace(caption_file=str(edits), caption=None, source_caption=None)) == [
+        ("a handwritten digit 2", "a handwritten digit 7")]
 
 
 def test_edit_command_reads_official_edit_lines(tmp_path: Path, capsys) -> None:
@@ -294,3 +334,67 @@ def test_sample_continues_a_real_moving_digit_clip(tmp_path: Path) -> None:
     assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a", "--last_image",
                  str(tmp_path / "any.png"), "--output_dir", str(tmp_path / "last"), "--device", "cpu"]) == 2
     assert not (tmp_path / "last").exists()  # refused before anything is written
+
+
+def _audio_only_mp4(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--return_sequence"], "--return_sequence shows a sample drawn from noise"),
+    (["--last_frame_cond", "1"], "--last_frame_cond 1: this model was trained without last_frame_cond"),
+    (["--video_to_video", "true"], "--video_to_video true: this model was trained without video_to_video"),
+    (["--vae", "Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6", "--channel_size", "48", "--img_size", "64", "--vid_size", "5:8",
+      "--target_length", "3"], "--target_length 3: a continuation adds whole latent frames of 4 pixel frames each"),
+    (["AUDIO"], "has no video stream"),
+])
+def test_sample_refuses_a_continuation_before_the_weights_load(tmp_path: Path, capsys, monkeypatch, flags,
+                                                               message) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the flags were checked")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    clip = write_video(tmp_path / "clip.mp4", np.zeros((5, 12, 12, 3), np.uint8), 8, lossless=True)
+    if flags == ["AUDIO"]:
+        clip, flags = _audio_only_mp4(tmp_path / "audio.mp4"), []
+    out = tmp_path / "out"
+    for dry in ([], ["--dry_run"]):  # the dry run refuses what sampling refuses
+        assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a handwritten digit 2 moving right",
+                     "--input_video", str(clip), *flags, "--output_dir", str(out), "--device", "cpu", *dry]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sample_dry_run_counts_the_input_clip(tmp_path: Path, capsys) -> None:
+    clip = write_video(tmp_path / "clip.mp4", np.zeros((9, 12, 12, 3), np.uint8), 32, lossless=True)
+    base = ["sample", "--caption", "a handwritten digit 2 moving right", "--input_video", str(clip), "--dry_run"]
+    assert main([*base, "--checkpoint_path", str(MOVING_DEMO), "--target_length", "3"]) == 0
+    plan = capsys.readouterr().out
+    assert "(12, 12, 12)" in plan and "(9 frames) continued by 3 frames" in plan  # the clip, then the new frames
+    assert "is 32 fps and its frames are sampled as 8 fps frames" in plan
+    assert main([*base, "--checkpoint_path", str(ROOT / "ckpts" / "demo_moving_digits_v2v")]) == 0
+    assert "its first 4 frames are redrawn" in capsys.readouterr().out
+    short = write_video(tmp_path / "short.mp4", np.zeros((2, 12, 12, 3), np.uint8), 8, lossless=True)
+    assert main([*base[:-3], "--input_video", str(short), "--dry_run", "--checkpoint_path",
+                 str(ROOT / "ckpts" / "demo_moving_digits_v2v")]) == 2
+    assert "2 frames; this video_to_video model needs 4" in capsys.readouterr().err
+
+
+def test_the_tag_the_sampler_adds_is_not_doubled(capsys) -> None:
+    from argparse import Namespace
+
+    from starflow.cli.sample import without_sampler_tag
+
+    cfg = load_config(ROOT / "ckpts" / "demo_moving_digits_v2v" / "config.yaml")
+    args = Namespace(input_video="clip.mp4", last_image=None)
+    assert without_sampler_tag(["(v2v) a 3", "a 4"], args, cfg) == ["a 3", "a 4"]
+    assert "'(v2v)' itself" in capsys.readouterr().out
+    assert without_sampler_tag(["(v2v) a 3"], Namespace(input_video=None, last_image=None), cfg) == ["(v2v) a 3"]

@@ -22,7 +22,8 @@ SAMPLING_REJECT = {**dict.fromkeys(TRAINING_KEYS),
 model folder records them, but its weights have the adapters merged in)."""
 
 __all__ = ["SAMPLING_SKIP", "SAMPLING_REJECT", "OneLineErrors", "add_config_flags", "config_overrides",
-           "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder"]
+           "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder",
+           "read_text_lines"]
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -114,6 +115,28 @@ def check_input_files(args: argparse.Namespace, *flags: str) -> None:
         if value and not Path(value).is_file():
             what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
             raise FileNotFoundError(f"--{flag} {value}: {what}; pass the path of an existing file")
+
+
+def read_text_lines(flag: str, path: str | Path) -> list[str]:
+    """The lines of the text file a ``--FLAG PATH`` names (prompts, edits): UTF-8, a leading byte-order mark dropped
+    (Windows editors write one), any line ending.
+
+    Raises:
+        FileNotFoundError: ``--FLAG PATH`` is missing or a folder.
+        ValueError: the file is not UTF-8 text (the byte and its line are named).
+        OSError: the file cannot be read (named by its flag).
+    """
+    check_input_files(argparse.Namespace(**{flag: str(path)}), flag)
+    with about_flag(flag, path):
+        data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:bad].count(b"\n") + 1
+        raise ValueError(f"--{flag} {path}: not UTF-8 text (byte 0x{data[bad]:02x} on line {line}); save the file "
+                         "as UTF-8") from None
+    return text.splitlines()
 
 
 def output_folder(value: str, flag: str = "output_dir") -> tuple[Path, dict[str, int]]:

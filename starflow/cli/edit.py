@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files, output_folder)
+                                 check_input_files, output_folder, read_text_lines)
 from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Training-free inpainting (STARFlow): the known pixels are run through the flow and teacher-forced "
                     "at every flow block while the masked tokens are sampled under the caption. Writes result.png "
                     "(result_NNN.png with --num_samples), input.png, mask.png (the overlay: red = generated) and "
-                    "side_by_side.png; the known pixels of the result are exactly the input's.")
+                    "side_by_side.png and settings.json; the known pixels of the result are exactly the input's. "
+                    "Images are written at the sampling size, enlarged (nearest neighbour) to at least 64 pixels wide.")
     _add_common(p)
     p.add_argument("--caption", required=True, help="caption of the completed image")
     p.add_argument("--rounds", type=int, default=1,
@@ -38,7 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "decoded under --caption with guidance --cfg. With --mask only the masked region changes. "
                     "--caption_file takes the official 'caption [edit] instruction' lines: the caption is the source "
                     "caption and the instruction the target caption, one edit per line. Writes edit_NNN.png, "
-                    "input.png and side_by_side.png (input, then every edit).")
+                    "input.png, mask.png with a mask (the overlay: red = allowed to change), side_by_side.png (input, "
+                    "the mask overlay, then every edit) and settings.json, at the sampling size enlarged (nearest "
+                    "neighbour) to at least 64 pixels wide. With --cfg > 0 (the config's cfg by default) an edit to "
+                    "the source caption itself still changes the image: guidance pulls it toward the caption; --cfg 0 "
+                    "gives the input back, up to the noise the model was trained with and the denoising step.")
     _add_common(p, mask_required=False, skip=SAMPLING_SKIP | {"temperature"})  # no sampling noise is drawn
     p.add_argument("--source_caption", default=None, help="caption describing the input image")
     p.add_argument("--caption", default=None, help="target caption")
@@ -54,7 +59,9 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
     region = "region to generate" if mask_required else "region allowed to change [default: the whole image]"
     masks = p.add_mutually_exclusive_group(required=mask_required)
     masks.add_argument("--mask", default=None,
-                       help=f"mask image, white = {region}; resized and cropped like the input image")
+                       help=f"mask image, white = {region}: a pixel counts as white when its grey level, after the "
+                            "resizing and cropping the input image gets, is above 127 (transparent pixels are "
+                            "composited onto white, so they count as white too)")
     masks.add_argument("--mask_box", default=None, metavar="x0,y0,x1,y1",
                        help=f"rectangle in the input image's pixels (x1, y1 exclusive): the {region}")
     add_decoding_flags(p)
@@ -67,21 +74,20 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
 def _load_inputs(args: argparse.Namespace, pipe, cfg):
     """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size."""
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from starflow.data import load_image
+    from starflow.data.images import image_size
 
     _, h, w = pipe.latent_shape(args.aspect_ratio)
     down = pipe.vae.downsample
     size = (h * down, w * down)
     with about_flag("input_image", args.input_image):
         image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
-    with Image.open(args.input_image) as img:  # (load_image read it already) its shape as sampled: EXIF rotation applied
-        width, height = ImageOps.exif_transpose(img).size
+        width, height = image_size(args.input_image)  # its shape as sampled: EXIF rotation applied
     if args.mask:
         with about_flag("mask", args.mask):
-            with Image.open(args.mask) as img:
-                mask_w, mask_h = ImageOps.exif_transpose(img).size
+            mask_w, mask_h = image_size(args.mask)
             if abs(mask_w * height - mask_h * width) > max(width, height, mask_w, mask_h):
                 raise ValueError(f"--mask {args.mask}: {mask_w}x{mask_h} pixels, but the input image is {width}x{height}: "
                                  "each is resized and centre-cropped on its own, so masks of another shape would not "
@@ -109,9 +115,12 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
         scale = max(size[0] / height, size[1] / width)  # load_image: cover the sampling size, then centre-crop
         keep_w, keep_h = size[1] / scale, size[0] / scale
         left, top = (width - keep_w) / 2, (height - keep_h) / 2
-        raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: the input is resized "
-                         f"and centre-cropped to it, keeping x {left:.0f}..{left + keep_w:.0f} and y "
-                         f"{top:.0f}..{top + keep_h:.0f} of its pixels; put the box inside that region or enlarge it")
+        inside = x0 >= left - 0.5 and y0 >= top - 0.5 and x1 <= left + keep_w + 0.5 and y1 <= top + keep_h + 0.5
+        why = (f"each sampled pixel spans {1 / scale:.3g} x {1 / scale:.3g} input pixels and is masked when the box "
+               "covers about half of it: enlarge the box" if inside else
+               f"the input is resized and centre-cropped to it, keeping x {left:.0f}..{left + keep_w:.0f} and y "
+               f"{top:.0f}..{top + keep_h:.0f} of its pixels: put the box inside that region")
+        raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: {why}")
     return image, torch.as_tensor(mask)
 
 
@@ -140,8 +149,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.rounds < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --rounds {args.rounds}: both must be >= 1")
     pipe, cfg, checkpoint = _start(args)
-    image, mask = _load_inputs(args, pipe, cfg)
     settings = sample_settings(args, cfg)
+    image, mask = _load_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     results = []
     for start in range(0, args.num_samples, args.sample_batch_size):
@@ -173,15 +182,17 @@ def read_edits(args: argparse.Namespace) -> list[tuple[str, str]]:
         if args.caption or args.source_caption:
             raise ValueError("--caption_file holds the captions: drop --caption/--source_caption")
         pairs = []
-        with about_flag("caption_file", args.caption_file):
-            lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
-        for k, line in enumerate(lines, 1):
+        for k, line in enumerate(read_text_lines("caption_file", args.caption_file), 1):
             if not line.strip():
                 continue
             if line.count(EDIT_SEPARATOR) != 1:
-                raise ValueError(f"{args.caption_file} line {k}: expected 'caption {EDIT_SEPARATOR} instruction', "
-                                 f"got {line!r}")
+                raise ValueError(f"{args.caption_file} line {k}: expected 'caption {EDIT_SEPARATOR} instruction' (the "
+                                 f"separator in lower case), got {line!r}")
             source, target = (part.strip() for part in line.split(EDIT_SEPARATOR))
+            if not source or not target:
+                empty = "caption (before" if not source else "instruction (after"
+                raise ValueError(f"{args.caption_file} line {k}: the {empty} {EDIT_SEPARATOR}) is empty; write "
+                                 "'caption [edit] instruction'")
             pairs.append((source, target))
         if not pairs:
             raise ValueError(f"{args.caption_file} holds no edit")
@@ -200,9 +211,9 @@ def run_edit(args: argparse.Namespace) -> int:
 
     pairs = read_edits(args)
     pipe, cfg, checkpoint = _start(args)
-    image, mask = _load_inputs(args, pipe, cfg)
     # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
     settings = dataclasses.replace(sample_settings(args, cfg), temperature=1.0)
+    image, mask = _load_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     edits = []
     for start in range(0, len(pairs), args.sample_batch_size):

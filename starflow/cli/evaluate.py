@@ -7,10 +7,10 @@ import argparse
 from pathlib import Path
 
 from starflow import assets
-from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag, at_least,
-                                 check_input_files, config_overrides)
+from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
+                                 check_input_files, read_text_lines)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, config_classes,
-                                 load_pipeline, model_config_path, sample_settings)
+                                 load_pipeline, model_config_path, sample_settings, sampling_config)
 
 __all__ = ["register"]
 
@@ -116,14 +116,9 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
             raise ValueError("--class_names is for class-conditional models (config 'text' a .vocab file)")
         pool = list(classes)
     elif args.caption_file:
-        path = Path(args.caption_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--caption_file {path}: no such file")
-        with about_flag("caption_file", path):
-            text = path.read_text(encoding="utf-8")
-        pool = [line.strip() for line in text.splitlines() if line.strip()]
+        pool = [line.strip() for line in read_text_lines("caption_file", args.caption_file) if line.strip()]
         if not pool:
-            raise ValueError(f"--caption_file {path} holds no caption")
+            raise ValueError(f"--caption_file {args.caption_file} holds no caption")
     else:
         pool = list(args.caption)
     return [pool[i % len(pool)] for i in range(args.num_samples)]
@@ -143,7 +138,6 @@ def weights_fingerprint(checkpoint: Path, ema: bool) -> list[str]:
 
 def generate_set(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
-    from starflow.config import load_config
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation.generate import check_set, set_record
     from starflow.evaluation.generate import generate_set as make_set
@@ -163,7 +157,7 @@ def generate_set(args: argparse.Namespace) -> int:
                          "be >= 1")
     # an existing set made otherwise is refused before the weights load (minutes for the released models)
     config = model_config_path(args)
-    cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
+    cfg = sampling_config(config, args)
     classes = config_classes(cfg, config)
     captions = set_captions(args, classes)
     record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema,

@@ -8,7 +8,7 @@ import torch
 
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files, config_overrides, output_folder)
+                                 check_input_files, config_overrides, output_folder, read_text_lines)
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
 
@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[default: outputs/samples]")
     p.add_argument("--return_sequence", action="store_true",
                    help="also write NAME_sequence.png (.mp4 for videos) per sample: the noise, the latents after each "
-                        "flow block (deep block first, before denoising) and the result, each decoded, side by side")
+                        "flow block (deep block first, before denoising) and the result, each decoded, side by side "
+                        "(sampling from noise and image-to-video; not with --input_video)")
     p.add_argument("--out_fps", type=int, default=None,
                    help="video configs: the frame rate in the prompt (fps_cond models) and of the written files "
                         "[default: the config's vid_size fps]")
@@ -58,13 +59,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "frames are used); any other model continues it: the clip's last --context_length latent "
                         "frames are the context, then --target_length new frames follow (the output is the clip and "
                         "its continuation; a still image is a one-frame clip: the image then --target_length frames, which "
-                        "begin as --input_image's clip does). WAN2.2 latents need 4k+1 input frames")
+                        "begin as --input_image's clip does). WAN2.2 latents need 4k+1 input frames. The clip's frames "
+                        "are taken as they are, at the model's frame rate (a note says when the file's rate differs: "
+                        "resample it for the trained motion speed)")
     p.add_argument("--last_image", default=None,
                    help="video configs trained with last_frame_cond: the end frame (the '(last) ' prompt); with "
                         "--input_image as well, the clip runs from one to the other")
     p.add_argument("--target_length", type=int, default=None,
-                   help="video configs: frames to generate [default: the config's vid_size]; longer than trained "
-                        "samples window by window; with --input_video (continuation): frames added after the clip")
+                   help="video configs: frames of the sampled video, --input_image's frame included (the VAE decodes "
+                        "tk+1 frames, t its temporal factor: 4 for WAN2.2, 1 without a VAE) [default: the config's "
+                        "vid_size]; longer than trained samples window by window; with --input_video (continuation): "
+                        "the frames added after the clip, a multiple of t [default: vid_size - 1 rounded down to one]")
     p.add_argument("--context_length", type=int, default=None,
                    help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
     p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
@@ -169,6 +174,27 @@ def check_checkpoint_path(checkpoint: str | Path) -> None:
                                 "file; the official weights: starflow download t2i|t2v)")
 
 
+TRAINED_MODES = ("video_to_video", "last_frame_cond")
+"""Config keys of how a video model was trained to be conditioned: sampling may turn one off, not on."""
+
+
+def sampling_config(config: str | Path, args: argparse.Namespace):
+    """The model's config with the sampling flags' config overrides (``--KEY V``).
+
+    Raises:
+        ValueError: an override that turns on a conditioning mode the model was not trained with (:data:`TRAINED_MODES`),
+            or what :func:`~starflow.config.load_config` raises.
+    """
+    overrides = config_overrides(args, skip=SAMPLING_SKIP)
+    trained = load_config(config)
+    for key in TRAINED_MODES:
+        value = overrides.get(key)
+        if str(value).strip().lower() in ("1", "true", "yes", "on") and not getattr(trained, key):
+            raise ValueError(f"--{key} {value}: this model was trained without {key} (its config says 0) and sampling "
+                             "cannot add it: drop the flag, or use a model fine-tuned with it")
+    return load_config(config, overrides)
+
+
 def load_pipeline(args: argparse.Namespace, dist):
     """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, with a note),
     with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``.
@@ -183,7 +209,7 @@ def load_pipeline(args: argparse.Namespace, dist):
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     check_checkpoint_path(checkpoint)
     config = model_config_path(args)
-    cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
+    cfg = sampling_config(config, args)
     shard = bool(cfg.fsdp) and dist.world_size > 1  # one rank would shard nothing: it samples unsharded
     if shard and getattr(args, "jacobi_stop", "sample") == "batch":
         raise ValueError("--jacobi_stop batch stops each rank on its own batch, but the sharded flow (fsdp: 1) needs "
@@ -279,14 +305,18 @@ def sample_settings(args: argparse.Namespace, cfg):
             raise ValueError("--target_noise_std sets the noise level of the denoising step, which --no-self_denoise "
                              "turns off, and this model's prompt does not state it (cond_noise_level 0): drop one")
     target = getattr(args, "target_length", None)
-    if target is not None and cfg.is_video and not getattr(args, "input_video", None):
+    if target is not None and cfg.is_video:
         from starflow.adapters.geometry import vae_geometry
 
         t = vae_geometry(cfg.vae).temporal_downsample
-        if (target - 1) % t:
+        if not getattr(args, "input_video", None) and (target - 1) % t:
             lower = 1 + (target - 1) // t * t
             raise ValueError(f"--target_length {target}: the VAE decodes {t}k+1 frames (temporal factor {t}); use "
                              f"{lower} or {lower + t}")
+        if getattr(args, "input_video", None) and not cfg.video_to_video and target % t:
+            lower = target // t * t
+            raise ValueError(f"--target_length {target}: a continuation adds whole latent frames of {t} pixel frames "
+                             f"each (the VAE's temporal factor): use {lower or t}" + (f" or {lower + t}" if lower else ""))
     if getattr(args, "out_fps", None) is not None and not cfg.is_video:
         raise ValueError("--out_fps is for video configs (fps of the prompt and the written video); this config "
                          "has no vid_size")
@@ -314,8 +344,9 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
 
     Raises:
         ValueError: a video flag with an image model; ``--last_image`` without ``last_frame_cond``; ``--input_video``
-            with ``--input_image``/``--last_image``; ``--target_length``, ``--context_length`` or ``--return_sequence``
-            with video-to-video; ``--context_length`` where no window is carried over, or not below the window.
+            with ``--input_image``/``--last_image``; ``--return_sequence`` with ``--input_video``;
+            ``--target_length`` or ``--context_length`` with video-to-video; ``--context_length`` where no window is
+            carried over, or not below the window.
     """
     from starflow.adapters.geometry import vae_geometry
 
@@ -333,10 +364,12 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
     if flags["input_video"] and (flags["input_image"] or flags["last_image"]):
         raise ValueError("--input_video (continuation, video-to-video) cannot be combined with --input_image or "
                          "--last_image: the clip gives the frames")
+    if flags["input_video"] and getattr(args, "return_sequence", False):
+        raise ValueError("--return_sequence shows a sample drawn from noise, block by block; with --input_video the "
+                         "clip's frames are given, not drawn: drop one of them")
     context = flags["context_length"]
     if flags["input_video"] and cfg.video_to_video:
         redraw = [flag for flag in ("target_length", "context_length") if flags[flag]]
-        redraw += ["return_sequence"] if getattr(args, "return_sequence", False) else []
         if redraw:
             raise ValueError(f"--{redraw[0]}: a video_to_video model redraws the clip's first {cfg.vid_size[0]} frames "
                              "(vid_size), in one window: drop the flag")
@@ -381,8 +414,7 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
             raise ValueError(f"--class_id {bad[0]}: the model has classes 0..{len(classes) - 1} ({classes})")
         captions = [classes[k] for k in args.class_id]
     elif args.caption_file:
-        with about_flag("caption_file", args.caption_file):
-            lines = Path(args.caption_file).read_text(encoding="utf-8").splitlines()
+        lines = read_text_lines("caption_file", args.caption_file)
         captions = [line.strip() for line in lines if line.strip()]
         if not captions:
             raise ValueError(f"--caption_file {args.caption_file}: no caption in it (one per line)")
@@ -404,8 +436,9 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     return [c for c in captions for _ in range(repeat)]
 
 
-def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
-    """``--input_image``, ``--input_video`` and ``--last_image`` as pixels at the sampling size, each ``(1, ...)``.
+def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True) -> dict:
+    """``--input_image``, ``--input_video`` and ``--last_image`` as pixels at the sampling size, each ``(1, ...)``;
+    ``is_main``: print the clip's frame-rate note (:func:`check_input_clip`) here.
 
     The flags themselves are checked before (:func:`checked_settings`).
 
@@ -417,7 +450,7 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
         return {}
     from starflow.data import load_image
     from starflow.data.build import VIDEO_SUFFIXES
-    from starflow.data.video import load_video
+    from starflow.data.video import load_video, video_length
 
     _, c, h, w = pipe.latent_shape(args.aspect_ratio)
     down = pipe.vae.downsample
@@ -433,16 +466,44 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg) -> dict:
             continue
         with about_flag(flag, path):
             clip = load_video(path, size, channels, max_frames=cfg.vid_size[0] if cfg.video_to_video else None)
-        t = pipe.vae.temporal_downsample
-        if cfg.video_to_video and clip.shape[0] < cfg.vid_size[0]:
-            raise ValueError(f"--input_video {path}: {clip.shape[0]} frames; this video_to_video model needs "
-                             f"{cfg.vid_size[0]} (vid_size)")
-        if (clip.shape[0] - 1) % t:
-            keep = 1 + (clip.shape[0] - 1) // t * t
-            raise ValueError(f"--input_video {path}: {clip.shape[0]} frames; the VAE encodes {t}k+1 frames "
-                             f"(temporal factor {t}): trim the clip to {keep} frames")
+            _, fps = video_length(path)
+        note = check_input_clip(path, clip.shape[0], fps, cfg, getattr(args, "out_fps", None))
+        if note and is_main:
+            print(note)
         inputs[flag] = clip[None]
     return inputs
+
+
+def check_input_clip(path: str, frames: int, fps: float, cfg, out_fps: int | None = None) -> str | None:
+    """Refuse an ``--input_video`` clip whose frame count the model or the VAE does not take (sampling and
+    ``--dry_run`` alike); returns a note when the file's frame rate is not the one its frames are sampled at.
+
+    Args:
+        path: the clip (for the messages).
+        frames: its frame count (a ``video_to_video`` model's clip: those kept, at most ``vid_size``).
+        fps: the file's frame rate (0 when it states none).
+        cfg: the model's config.
+        out_fps: ``--out_fps`` [default: the config's fps].
+
+    Raises:
+        ValueError: a ``video_to_video`` clip shorter than ``vid_size``, or a frame count the VAE does not encode.
+    """
+    from starflow.adapters.geometry import vae_geometry
+
+    t = vae_geometry(cfg.vae).temporal_downsample
+    if cfg.video_to_video and frames < cfg.vid_size[0]:
+        raise ValueError(f"--input_video {path}: {frames} frames; this video_to_video model needs {cfg.vid_size[0]} "
+                         "(vid_size)")
+    frames = min(frames, cfg.vid_size[0]) if cfg.video_to_video else frames
+    if (frames - 1) % t:
+        raise ValueError(f"--input_video {path}: {frames} frames; the VAE encodes {t}k+1 frames (temporal factor {t}): "
+                         f"trim the clip to {1 + (frames - 1) // t * t} frames")
+    rate = out_fps or cfg.fps
+    if frames > 1 and fps > 0 and rate and abs(fps - rate) > 0.01 * rate:
+        return (f"note: --input_video {path} is {fps:g} fps and its frames are sampled as {rate:g} fps frames, as they "
+                f"are (its motion plays {rate / fps:.3g}x as fast as in the file); resample it to {rate:g} fps to keep "
+                "its speed")
+    return None
 
 
 def check_input_headers(args: argparse.Namespace) -> None:
@@ -476,6 +537,23 @@ def checked_settings(args: argparse.Namespace, cfg, negatives: list[str]):
         raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
                          f"(got {settings.cfg:g})")
     return settings
+
+
+def without_sampler_tag(captions: list[str], args: argparse.Namespace, cfg, is_main: bool = True) -> list[str]:
+    """The captions without the caption tag the sampler adds itself (``"(v2v) "`` for video-to-video, ``"(last) "``
+    with ``--last_image``), which a prompt typed with it would get twice; ``is_main``: print a note when one is removed."""
+    from starflow.prompts import LAST_FRAME_PREFIX, V2V_PREFIX
+
+    if cfg.is_video and cfg.video_to_video and getattr(args, "input_video", None):
+        tag = V2V_PREFIX.strip()
+    elif cfg.is_video and getattr(args, "last_image", None):
+        tag = LAST_FRAME_PREFIX.strip()
+    else:
+        return captions
+    stripped = [c[len(tag):].lstrip() if c.startswith(tag) else c for c in captions]
+    if stripped != captions and is_main:
+        print(f"note: the sampler adds the caption tag {tag!r} itself: removed it from the prompt(s) that began with it")
+    return stripped
 
 
 def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], list[str]]:
@@ -524,17 +602,20 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
 
     from starflow.adapters.geometry import vae_geometry
     from starflow.data.aspect import aspect_to_size
+    from starflow.data.video import video_length
     from starflow.sampling.batch import sample_aspect_ratios
+    from starflow.sampling.pipeline import DEFAULT_CONTEXT_FRAMES, continuation_frames
     from starflow.sizing import GIB, size_report, text_width
 
     checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
+    check_checkpoint_path(checkpoint)
     weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
     config = model_config_path(args)
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
-    cfg = load_config(config, config_overrides(args, skip=SAMPLING_SKIP))
+    cfg = sampling_config(config, args)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
     settings = checked_settings(args, cfg, split_negatives(captions, args.negative_prompt)[1])
@@ -542,6 +623,22 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     geometry = vae_geometry(cfg.vae)
     ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))
     frames = settings.target_length or (cfg.vid_size[0] if cfg.is_video else 1)
+    clip_line = note = None
+    if cfg.is_video and args.input_video:
+        with about_flag("input_video", args.input_video):
+            clip, clip_fps = video_length(args.input_video)
+        note = check_input_clip(args.input_video, clip, clip_fps, cfg, args.out_fps)
+        if cfg.video_to_video:
+            frames = cfg.vid_size[0]
+            clip_line = (f"input: {args.input_video} ({clip} frames): its first {frames} frames are redrawn; the flow "
+                         "runs over the source's tokens, then the target's")
+        else:
+            added = continuation_frames(cfg, geometry.temporal_downsample, settings.target_length)
+            window = geometry.latent_frames(cfg.vid_size[0])
+            context = min(geometry.latent_frames(clip), settings.context_length or min(DEFAULT_CONTEXT_FRAMES, window - 1))
+            clip_line = (f"input: {args.input_video} ({clip} frames) continued by {added} frames, its last {context} "
+                         "latent frame(s) the context; the output is the clip and its continuation")
+            frames = clip + added
     latent_frames = geometry.latent_frames(frames) if cfg.is_video else 1
     multiple = geometry.downsample * cfg.patch_size
     batch = args.sample_batch_size
@@ -566,8 +663,10 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     lines.append(f"memory per process ({mem.dtype} weights, batch {report.batch}, largest trained bucket): weights "
                  f"{mem.weights / GIB:.3f} GiB, KV cache {mem.kv_cache / GIB:.3f} GiB, "
                  f"{report.total_parameters:,} flow parameters")
-    lines.append(f"output: {args.output_dir} ({len(captions)} {'MP4 + poster PNG' if cfg.is_video else 'PNG'} files, "
-                 "grid.png, settings.json)")
+    lines += [clip_line] if clip_line else []
+    kind = ("MP4 + poster PNG" + (" + GIF" if args.gif else "")) if cfg.is_video else "PNG"
+    lines.append(f"output: {args.output_dir} ({len(captions)} {kind} files, grid.png, settings.json)")
+    lines += [note] if note else []
     return "\n".join(lines)
 
 
@@ -593,12 +692,14 @@ def run(args: argparse.Namespace) -> int:
         print(sample_plan(args, int(os.environ.get("WORLD_SIZE", 1))))
         return 0
     dist = init_distributed(args.device)
+    sample_plan(args, dist.world_size)  # the checks that need no weights, before they load (minutes for 3B / 7B)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
     captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size)
     per_prompt = len(captions) // len(set(captions)) if captions else 1
     captions, negatives = split_negatives(captions, args.negative_prompt)
+    captions = without_sampler_tag(captions, args, cfg, dist.is_main)
     settings = checked_settings(args, cfg, negatives)
-    inputs = read_video_inputs(args, pipe, cfg)
+    inputs = read_video_inputs(args, pipe, cfg, dist.is_main)
     out, before = output_folder(args.output_dir)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
@@ -622,7 +723,7 @@ def run(args: argparse.Namespace) -> int:
             record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
         write_settings(out, record)
         kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
-        kind += " (MP4 + poster PNG)" if cfg.is_video else ""
+        kind += (" (MP4 + poster PNG" + (" + GIF" if args.gif else "") + ")") if cfg.is_video else ""
         shown = f" (the first {GRID_MAX})" if len(captions) > GRID_MAX else ""
         print(f"wrote {len(captions)} {kind}, grid.png{shown} and settings.json to {out}")
         note_earlier_files(out, before, ours=[f.stem for f in files])  # (other ranks' files are this run's too)

@@ -123,20 +123,29 @@ def to_8bit(img: Image.Image, path: object = "") -> Image.Image:
     return img
 
 
+def image_size(path: str | Path | BinaryIO) -> tuple[int, int]:
+    """``(width, height)`` of an image as it is loaded (EXIF rotation applied), read from its header.
+
+    Raises:
+        CorruptImageError: If the header cannot be read (or the image is too large for PIL's decompression-bomb limit).
+    """
+    with _open(path if hasattr(path, "read") else Path(path)) as img:
+        try:
+            width, height = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotates by 90 degrees
+                return height, width
+            return width, height
+        except (OSError, SyntaxError, ValueError) as err:
+            raise CorruptImageError(f"cannot read the header of image {path}: {err}") from err
+
+
 def image_aspect(path: str | Path | BinaryIO) -> str:
     """The nearest bucket of `ASPECT_RATIOS` for an image, read from its header (EXIF rotation applied).
 
     Raises:
         CorruptImageError: If the header cannot be read.
     """
-    with _open(path if hasattr(path, "read") else Path(path)) as img:
-        try:
-            width, height = img.size
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotates by 90 degrees
-                width, height = height, width
-            return nearest_aspect(width, height)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise CorruptImageError(f"cannot read the header of image {path}: {err}") from err
+    return nearest_aspect(*image_size(path))
 
 
 def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:

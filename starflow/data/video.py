@@ -28,8 +28,8 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
-__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_aspect",
-           "write_video", "write_gif", "to_uint8_frames", "draw_rate"]
+__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_length",
+           "video_aspect", "write_video", "write_gif", "to_uint8_frames", "draw_rate"]
 
 logger = logging.getLogger(__name__)
 _FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object per line, e.g. "
@@ -38,6 +38,16 @@ _FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object pe
 
 class CorruptVideoError(OSError):
     """A video file that is missing, cannot be decoded, or is too short for one clip."""
+
+
+def _video_stream(container, path):
+    """The first video stream of an open container.
+
+    Raises:
+        CorruptVideoError: the file has none (e.g. an audio-only MP4)."""
+    if not container.streams.video:
+        raise CorruptVideoError(f"{path} has no video stream (audio or data only): pass a video file")
+    return container.streams.video[0]
 
 
 def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
@@ -53,9 +63,11 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
 
     try:
         with _open_video(path) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container, path)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except CorruptVideoError:
+        raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
         raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
     if not frames:
@@ -91,6 +103,8 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
     errors = (OSError, ValueError, IndexError, av.error.FFmpegError)
     try:
         scan = _scan_stream(path)
+    except CorruptVideoError:
+        raise
     except errors as err:
         raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
     try:
@@ -175,7 +189,7 @@ def _scan_stream(path: str | Path | BinaryIO) -> _StreamScan:
     (``ffmpeg -ss ... -c copy``) and WebM has none, and the decoder drops what precedes the first keyframe (a
     file cut mid-GOP)."""
     with _open_video(path) as container:
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
         count, keyed, pts, key_pts = 0, False, [], []
         for packet in container.demux(stream):
@@ -234,6 +248,30 @@ def load_video(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     return _resize_frames(frames, size, channels)
 
 
+def video_length(path: str | Path | BinaryIO) -> tuple[int, float]:
+    """Frame count and frame rate of a video file, counted from its packets (read, not decoded; a file whose packets
+    give no count is decoded).
+
+    Returns:
+        ``(frames, fps)``; fps 0.0 when the container states none (a still image).
+
+    Raises:
+        CorruptVideoError: the file is missing, has no video stream or cannot be read.
+    """
+    import av
+
+    try:
+        scan = _scan_stream(path)
+    except CorruptVideoError:
+        raise
+    except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
+        raise CorruptVideoError(f"cannot read video {path}: {err}") from err
+    if scan.count:
+        return scan.count, scan.fps
+    frames, fps = read_video(path)
+    return len(frames), fps
+
+
 def video_aspect(path: str | Path | BinaryIO) -> str:
     """The nearest aspect bucket of a video, read from its stream header (no frame decoded).
 
@@ -244,8 +282,10 @@ def video_aspect(path: str | Path | BinaryIO) -> str:
 
     try:
         with _open_video(path) as container:
-            ctx = container.streams.video[0].codec_context
+            ctx = _video_stream(container, path).codec_context
             return nearest_aspect(ctx.width, ctx.height)
+    except CorruptVideoError:
+        raise
     except (OSError, ValueError, IndexError, ZeroDivisionError, av.error.FFmpegError) as err:
         raise CorruptVideoError(f"cannot read the video header of {path}: {err}") from err
 

@@ -27,7 +27,7 @@ from starflow.models.lora import ADAPTER_WEIGHTS
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 
-__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask"]
+__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask", "continuation_frames"]
 
 DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a long video (SPEC section 11)
 PREFIX_SEED_OFFSET = 1_000_003  # the noise of a known input (prefix, inpainted image): the sample's seed plus this
@@ -126,6 +126,16 @@ class Profile:
             lines.append(f"{name:<24}{sec:>10.3f}{sec / total:>8.1%}{evals:>8}".rstrip())
         lines.append(f"{'total':<24}{sum(self.seconds.values()):>10.3f}")
         return "\n".join(lines)
+
+
+def continuation_frames(cfg, temporal_downsample: int, target_length: int | None = None) -> int:
+    """Pixel frames a continuation adds after an input clip: ``target_length``, else the trained clip's frames after
+    its first (``vid_size - 1`` rounded down to a multiple of the VAE's temporal factor ``t``; at least ``t``), or the
+    whole ``vid_size`` when ``t`` is 1."""
+    if target_length:
+        return target_length
+    t, frames = temporal_downsample, cfg.vid_size[0]
+    return max(t, (frames - 1) // t * t) if t > 1 else frames
 
 
 class Pipeline:
@@ -511,7 +521,7 @@ class Pipeline:
         if video.dim() != 5 or (video.shape[1] - 1) % t:
             raise ValueError(f"input_video {tuple(video.shape)}: needs (B, T, C, H, W) with T - 1 a multiple of {t} "
                              f"(the VAE's temporal factor): trim it to {1 + (video.shape[1] - 1) // t * t} frames")
-        new_frames = settings.target_length or max(t, (c.vid_size[0] - 1) // t * t if t > 1 else c.vid_size[0])
+        new_frames = continuation_frames(c, t, settings.target_length)
         if new_frames < 1 or new_frames % t:
             raise ValueError(f"continuation adds target_length = {new_frames} pixel frames; it must be a positive "
                              f"multiple of {t} (each latent frame after the first covers {t} frames)")
