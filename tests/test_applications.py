@@ -398,3 +398,16 @@ def test_the_tag_the_sampler_adds_is_not_doubled(capsys) -> None:
     assert without_sampler_tag(["(v2v) a 3", "a 4"], args, cfg) == ["a 3", "a 4"]
     assert "'(v2v)' itself" in capsys.readouterr().out
     assert without_sampler_tag(["(v2v) a 3"], Namespace(input_video=None, last_image=None), cfg) == ["(v2v) a 3"]
+
+
+def test_an_animated_input_image_gives_a_note(tmp_path: Path, capsys) -> None:
+    frames = [Image.new("L", (12, 12), v) for v in (0, 128, 255)]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a handwritten digit 2 moving right",
+                 "--input_image", str(gif), "--num_samples", "1", "--target_length", "2", "--jacobi", "0",
+                 "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert "has 3 frames; only its first is used, as the first frame" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a", "--input_image", str(gif),
+                 "--target_length", "1", "--dry_run"]) == 2  # the image alone: nothing to sample
+    assert "--target_length 1: --input_image is the first of these frames" in capsys.readouterr().err

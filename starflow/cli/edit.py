@@ -127,7 +127,13 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
 def _start(args: argparse.Namespace):
     from starflow.distributed import init_distributed
 
+    from starflow.data.images import image_size
+
     check_input_files(args, "input_image", "mask", "caption_file")
+    for flag in ("input_image", "mask"):  # their headers before the weights load (the pixels are read after)
+        if getattr(args, flag, None):
+            with about_flag(flag, getattr(args, flag)):
+                image_size(getattr(args, flag))
     if getattr(args, "sample_batch_size", 1) < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     dist = init_distributed(args.device)

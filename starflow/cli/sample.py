@@ -345,8 +345,9 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
     Raises:
         ValueError: a video flag with an image model; ``--last_image`` without ``last_frame_cond``; ``--input_video``
             with ``--input_image``/``--last_image``; ``--return_sequence`` with ``--input_video``;
-            ``--target_length`` or ``--context_length`` with video-to-video; ``--context_length`` where no window is
-            carried over, or not below the window.
+            ``--target_length`` or ``--context_length`` with video-to-video; a ``--target_length`` that leaves
+            ``--input_image`` nothing to sample; ``--context_length`` where no window is carried over, or not below the
+            window.
     """
     from starflow.adapters.geometry import vae_geometry
 
@@ -376,6 +377,9 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
         return
     geometry = vae_geometry(cfg.vae)
     window = geometry.latent_frames(cfg.vid_size[0])
+    if flags["input_image"] and flags["target_length"] and geometry.latent_frames(flags["target_length"]) < 2:
+        raise ValueError(f"--target_length {flags['target_length']}: --input_image is the first of these frames, so "
+                         f"none would be sampled; use {1 + geometry.temporal_downsample} or more")
     if context is None:
         return
     if flags["input_video"]:  # continuation: the clip's last latent frames are the context
@@ -450,6 +454,7 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
         return {}
     from starflow.data import load_image
     from starflow.data.build import VIDEO_SUFFIXES
+    from starflow.data.images import image_frames
     from starflow.data.video import load_video, video_length
 
     _, c, h, w = pipe.latent_shape(args.aspect_ratio)
@@ -463,6 +468,10 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
                                  "--input_video (continuation, video-to-video)")
             with about_flag(flag, path):
                 inputs[flag] = load_image(path, size, channels)[None]
+                if is_main and image_frames(path) > 1:
+                    role = "first" if flag == "input_image" else "end"
+                    print(f"note: --{flag} {path} has {image_frames(path)} frames; only its first is used, as the "
+                          f"{role} frame (a clip to continue goes to --input_video)")
             continue
         with about_flag(flag, path):
             clip = load_video(path, size, channels, max_frames=cfg.vid_size[0] if cfg.video_to_video else None)

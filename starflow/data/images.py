@@ -139,6 +139,16 @@ def image_size(path: str | Path | BinaryIO) -> tuple[int, int]:
             raise CorruptImageError(f"cannot read the header of image {path}: {err}") from err
 
 
+def image_frames(path: str | Path | BinaryIO) -> int:
+    """Frames of an image file (an animated GIF, PNG or WebP has several; any other image one), from its header.
+
+    Raises:
+        CorruptImageError: If the header cannot be read.
+    """
+    with _open(path if hasattr(path, "read") else Path(path)) as img:
+        return getattr(img, "n_frames", 1)
+
+
 def image_aspect(path: str | Path | BinaryIO) -> str:
     """The nearest bucket of `ASPECT_RATIOS` for an image, read from its header (EXIF rotation applied).
 

@@ -450,7 +450,7 @@ class Pipeline:
             ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
                 not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size,
                 frame count, channel count or pixel range, or not one per prompt; seeds not one per prompt;
-                ``sequence`` with ``input_video``.
+                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame.
         """
         self._check_prompts(prompts)
         profile = profile or Profile()
@@ -469,6 +469,9 @@ class Pipeline:
             raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
                              "frame conditions only such models")
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
+        if input_image is not None and shape[0] < 2:
+            raise ValueError(f"target_length {settings.target_length}: input_image is the first of these frames, so "
+                             f"none would be sampled; use {1 + self.vae.temporal_downsample} or more")
         stats = stats if stats is not None else DecodeStats()
         with profile.stage("text encoding", self.device):
             tag = LAST_FRAME_PREFIX if last_image is not None else ""
