@@ -395,6 +395,9 @@ def validate(cfg: Config) -> Config:
     if cfg.finetuned_vae is not None:
         raise ValueError(f"config key 'finetuned_vae' ({cfg.finetuned_vae!r}) is not supported yet: the VAE's own "
                          "decoder is used; set it to none")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"config key 'min_lr' ({cfg.min_lr:g}) is above 'lr' ({cfg.lr:g}): the cosine schedule decays "
+                         "from lr to min_lr; set min_lr <= lr")
     if cfg.lora_rank < 0:
         raise ValueError(f"config key 'lora_rank' must be >= 0 (0 = no LoRA), got {cfg.lora_rank}")
     if cfg.lora_rank and cfg.ema > 0:

@@ -101,6 +101,12 @@ CASES = [
     ("train --config {cfg} --data {digits} --logdir {afile}/run", 2,
      "error: --logdir {afile}/run: {afile} is a file, so the folder cannot be made"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_lr --lr -1", 2, "config key 'lr' (the peak learning rate)"),
+    ("train --config {repo}/configs/demo_moving_digits.yaml --data {digits} --logdir {tmp}/r_kind", 2,
+     "--data {digits}: holds images ("),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_minlr --lr 1e-3 --min_lr 0.5", 2,
+     "config key 'min_lr' (0.5) is above 'lr' (0.001)"),
+    ("train --config {cfg} --data {digits} --logdir {tmp}/r_lora --lora_rank 4", 2,
+     "--lora_rank 4 trains low-rank adapters over base weights: pass them with --init_from"),
     # ---- config keys: unknown, ill-typed, out of range, cross-field
     ("train --config {unknown_key_cfg} --data {digits} --logdir {tmp}/r_unknown", 2,
      "unknown config key 'nosie_std'; did you mean 'noise_std'?"),
@@ -117,6 +123,8 @@ CASES = [
     ("train --config {cfg} --data {bad_meta} --logdir {tmp}/r_meta", 2, "metadata.jsonl:2"),
     ("train --config {cfg} --data {all_corrupt} --logdir {tmp}/r_corrupt", 2, "is unreadable"),
     ("train --config {cfg} --data {tmp}/nowhere --logdir {tmp}/r_nodata", 2, "error: --data {tmp}/nowhere: no such folder"),
+    ("train --config {cfg} --data {digits}/metadata.jsonl --logdir {tmp}/r_datafile", 2,
+     "--data {digits}/metadata.jsonl: a file, not a folder (pass {digits})"),
     ("train --config {cfg} --data {video_meta} --logdir {tmp}/r_videos", 2, "holds videos (clip_0.mp4), but this is an image"),
     ("eval-nll --checkpoint_path {demo} --data {empty}", 2, "metadata.jsonl"),
     ("eval-nll --checkpoint_path {demo} --data {one_corrupt}", 2, "b.png is unreadable (the data loader would put"),
@@ -193,7 +201,8 @@ CASES = [
 def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str]:
     """Every file and folder the table's placeholders name."""
     tmp = tmp_path_factory.mktemp("bad_inputs")
-    f: dict[str, str] = {"tmp": str(tmp), "demo": str(DEMO_DIR), "digits": str(digits["train"])}
+    f: dict[str, str] = {"tmp": str(tmp), "demo": str(DEMO_DIR), "digits": str(digits["train"]),
+                         "repo": str(DEMO_DIR.parents[1])}
     (tmp / "afile").write_text("a file, not a folder")
     f["afile"] = str(tmp / "afile")
     (tmp / "empty").mkdir()

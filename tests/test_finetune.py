@@ -95,7 +95,8 @@ def test_one_and_two_process_finetunes_start_from_the_weights(config, weights, t
     r = subprocess.run(train_cmd(longer, tmp_path / "two", 2, "--resume_path", str(weights)), env=run_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout + r.stderr and "init_from" not in r.stdout
+    assert "resumed from" in r.stdout + r.stderr and "\ninit_from" not in r.stdout  # (no init_from table)
+    assert "is not loaded: the run resumes from its own checkpoint" in r.stdout
     assert sorted(losses(tmp_path / "two")) == list(range(1, STEPS + 3))
 
 

@@ -70,6 +70,13 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
     assert all(torch.allclose(merged[k], final[k], atol=1e-6) for k in final)
     assert main(["export", str(logdir), str(tmp_path / "x.safetensors")]) == 2
     assert "--merge_lora" in capsys.readouterr().err
+    assert main(["validate", str(config), "--checkpoint", str(logdir)]) == 1  # adapters only: said so, with the fix
+    assert "holds a LoRA run's adapters" in capsys.readouterr().out
+    plain = config_file(dict(tiny_config, init_from=str(logdir / "checkpoints" / "step_00000004"), steps=1),
+                        name="plain.yaml")
+    assert main(["train", "--config", str(plain), "--data", str(digits["train"]), "--logdir", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 2
+    assert "merge them into their base first (starflow export --merge_lora" in capsys.readouterr().err
     assert main(["sample", "--checkpoint_path", str(logdir / "model"), "--caption", "a handwritten digit 1",
                  "--num_samples", "1", "--output_dir", str(tmp_path / "s"), "--device", "cpu"]) == 0
     # a restart resumes the adapters on top of the base weights loaded again from init_from

@@ -248,9 +248,11 @@ def test_sampling_during_training_leaves_the_run_unchanged(resume_runs, tmp_path
     assert ([[m[k] for k in keys] for m in read_metrics(tmp_path / "run")]
             == [[m[k] for k in keys] for m in resume_runs["reference"]])
 
-def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metrics(resume_runs, tmp_path) -> None:
+def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metrics(resume_runs, tmp_path,
+                                                                                    capsys) -> None:
     """A run stopped after its step-6 line but resumed from step 4 with a lower lr and more steps: from step 5 on it
-    follows the new schedule (the same rates as a run started with it), and metrics.jsonl holds each step once."""
+    follows the new schedule (the same rates as a run started with it), and metrics.jsonl holds each step once; the
+    changed keys are named."""
     run = tmp_path / "run"
     shutil.copytree(resume_runs["straight"], run)
     shutil.rmtree(run / "checkpoints" / "step_00000006")  # killed after logging step 6, before saving it
@@ -258,7 +260,14 @@ def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metri
     changed = dict(config, lr=config["lr"] / 10, steps=8)
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
     with torch.random.fork_rng(devices=[]):
+        metrics = (run / "metrics.jsonl").read_text()
+        assert main(train_args(tmp_path / "changed.yaml", Path(config["data"]), run, "--dry_run")) == 0
+        assert "resumed from" in capsys.readouterr().out  # the dry run resumes as the run will, and writes nothing
+        assert (run / "metrics.jsonl").read_text() == metrics
         assert main(train_args(tmp_path / "changed.yaml", Path(config["data"]), run)) == 0
+        out = capsys.readouterr().out
+        assert (f"resuming with changed config keys, which apply from step 4 on: lr {config['lr']} -> "
+                f"{config['lr'] / 10}, steps {config['steps']} -> 8 (") in out
         assert main(train_args(tmp_path / "changed.yaml", Path(config["data"]), tmp_path / "fresh")) == 0
     got, fresh = read_metrics(run), read_metrics(tmp_path / "fresh")
     assert [m["step"] for m in got] == list(range(1, 9))
@@ -460,3 +469,36 @@ def test_plot_metrics_reads_a_run_being_written(resume_runs, tmp_path) -> None:
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "none.jsonl")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_resumes(tiny_config, digits, config_file,
+                                                                             tmp_path) -> None:
+    """A scheduler's SIGTERM (preemption, a time limit) ends the step in progress, writes its checkpoint and exits
+    143; the same command resumes from that step, so nothing trained is lost."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    config = config_file(dict(tiny_config, steps=100_000, save_freq=100_000, log_freq=1, sample_freq=0))
+    logdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "starflow.cli", *train_args(config, digits["train"], logdir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (logdir / "metrics.jsonl").is_file() or len((logdir / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+), after writing its checkpoint: rerun the same command", err)[1])
+    assert step >= 3 and (logdir / "checkpoints" / f"step_{step:08d}").is_dir()
+    done = subprocess.run(argv[:-2] + ["--steps", str(step + 1), "--device", "cpu"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"at step {step}" in done.stdout and [m["step"] for m in read_metrics(logdir)] == list(range(1, step + 2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -73,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         resume = RESUMES.get(args.command)
-        print("interrupted" + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
-        return 130
+        what = str(e) or "interrupted"  # (training stopped on a signal says at which step, checkpoint written)
+        print(what + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
         if os.environ.get("STARFLOW_DEBUG"):
             raise

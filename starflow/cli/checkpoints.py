@@ -67,6 +67,7 @@ def validate(args: argparse.Namespace) -> int:
     import torch
 
     from starflow.checkpoint import compare_layout
+    from starflow.models.lora import LORA_MARK
     from starflow.sizing import build_meta_model, format_report, size_report, text_width
 
     cfg = load_config(args.config, config_overrides(args))
@@ -79,6 +80,11 @@ def validate(args: argparse.Namespace) -> int:
     print(format_report(report, cfg))
     if shapes is None:
         return 0
+    if any(LORA_MARK in k for k in shapes):
+        print(f"\ncheckpoint {args.checkpoint} holds a LoRA run's adapters ({len(shapes)} tensors), not a whole model: "
+              "the base weights come from the run's init_from; validate the merged weights instead (starflow export "
+              "--merge_lora RUN OUT, then --checkpoint OUT)")
+        return 1
     model = build_meta_model(cfg, txt_dim)
     layout = compare_layout(model, shapes)
     print("")

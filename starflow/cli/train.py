@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train on an image or video folder with metadata.jsonl, webdataset shards (wds 1) or a "
                                    "latent cache. Resumes from the latest checkpoint in --logdir unless --no-resume.")
     p.add_argument("--config", required=True, help="YAML config (official format or plain mapping)")
-    p.add_argument("--dry_run", action="store_true", help="build everything, run one step, exit")
+    p.add_argument("--dry_run", action="store_true",
+                   help="build everything, resume from the logdir's latest checkpoint as a real run would, run one "
+                        "step, write nothing, exit")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in logdir [default: on]")
     p.add_argument("--resume_path", default=None, metavar="PATH",
@@ -76,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
         if not above.is_dir():
             raise ValueError(f"--logdir {cfg.logdir}: {above} is a file, so the folder cannot be made; pass another "
                              "folder for the run")
+    if cfg.lora_rank and not cfg.init_from:
+        raise ValueError(f"--lora_rank {cfg.lora_rank} trains low-rank adapters over base weights: pass them with "
+                         "--init_from (a model folder or weights file); without them there is nothing to adapt")
     if not args.dry_run:  # (a dry run writes nothing)
         check_logdir_run(cfg, args.resume)
     dist = init_distributed(args.device)
@@ -91,10 +96,16 @@ def run(args: argparse.Namespace) -> int:
         parallel = f" ({parallel})" if parallel else ""
         print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es){parallel} on {dist.device} in "
               f"{precision}; logdir {cfg.logdir}")
-    resumed = not args.dry_run and args.resume and trainer.resume()
-    if resumed and trainer.step >= cfg.steps and dist.is_main:
+    if dist.is_main and cfg.warmup_steps >= cfg.steps:
+        print(f"note: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches lr "
+              f"{cfg.lr:g}")
+    resumed = args.resume and trainer.resume()  # (a dry run too: it checks the checkpoint a real run resumes from)
+    if resumed and trainer.step >= cfg.steps and dist.is_main and not args.dry_run:
         print(f"the run in {cfg.logdir} is at step {trainer.step} of --steps {cfg.steps}: nothing to train (raise "
               "--steps to go on); its model folder is written again")
+    if resumed and cfg.init_from and not trainer.lora and dist.is_main:
+        print(f"note: init_from {cfg.init_from} is not loaded: the run resumes from its own checkpoint, which holds "
+              "the weights trained since")
     if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
         # runs loaded their base weights when they were built
         trainer.initialise_from(cfg.init_from)

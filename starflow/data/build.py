@@ -8,7 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from starflow.config import Config
-from starflow.data.images import ImageFolder
+from starflow.data.images import IMAGE_SUFFIXES, ImageFolder
 from starflow.data.latent_cache import check_cache_settings
 from starflow.data.shards import read_index
 from starflow.data.stream import ShardStream
@@ -28,12 +28,13 @@ def check_data_folder(data: str | Path) -> Path:
     """``data`` as a folder (cheap, so a run can check it before loading its text encoder and VAE).
 
     Raises:
-        FileNotFoundError: no such folder.
+        FileNotFoundError: no such folder (or a file).
     """
     root = Path(data)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such folder (an image or video folder with metadata.jsonl, or "
-                                "a folder of shards from starflow pack / cache-latents)")
+        what = f"a file, not a folder (pass {root.parent})" if root.is_file() else "no such folder"
+        raise FileNotFoundError(f"--data {root}: {what}; --data is an image or video folder with metadata.jsonl, or "
+                                "a folder of shards from starflow pack / cache-latents")
     return root
 
 
@@ -88,10 +89,11 @@ def _folder_dataset(cfg: Config, root: Path, pixel_channels: int, downsample: in
     if cfg.is_video:
         from starflow.data.video import VideoFolder
 
+        _check_data_kind(root, video=True)
         return VideoFolder(root, frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size),
                            channels=pixel_channels, mix_aspect=cfg.mix_aspect, img_size=cfg.img_size,
                            multiple=downsample * cfg.patch_size, seed=cfg.seed, paired=bool(cfg.video_to_video))
-    _check_not_videos(root)
+    _check_data_kind(root, video=False)
     return ImageFolder(root, cfg.img_size, pixel_channels, mix_aspect=cfg.mix_aspect,
                        multiple=downsample * cfg.patch_size)
 
@@ -99,12 +101,12 @@ def _folder_dataset(cfg: Config, root: Path, pixel_channels: int, downsample: in
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 
 
-def _check_not_videos(root: Path) -> None:
-    """An image config pointed at a video folder: say so at once (from the first ``metadata.jsonl`` entry) instead
-    of skipping every file as an unreadable image.
+def _check_data_kind(root: Path, video: bool) -> None:
+    """A config pointed at a folder of the other kind (an image config at videos, a video config at images): say so at
+    once, from the first ``metadata.jsonl`` entry, instead of skipping every file as unreadable.
 
     Raises:
-        ValueError: the folder's first file is a video.
+        ValueError: the folder's first file is of the other kind.
     """
     import json
 
@@ -112,11 +114,15 @@ def _check_not_videos(root: Path) -> None:
         with open(root / "metadata.jsonl", encoding="utf-8") as f:
             first = json.loads(next((line for line in f if line.strip()), "{}"))
     except (OSError, ValueError):
-        return  # ImageFolder reports a missing or corrupt metadata.jsonl with its line
+        return  # the dataset reports a missing or corrupt metadata.jsonl with its line
     name = str(first.get("file_name", "")) if isinstance(first, dict) else ""
-    if name.lower().endswith(VIDEO_SUFFIXES):
+    if not video and name.lower().endswith(VIDEO_SUFFIXES):
         raise ValueError(f"--data {root}: holds videos ({name}), but this is an image config (no vid_size): train "
                          "a video config on it, or pass an image folder")
+    if video and name.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"--data {root}: holds images ({name}), but this is a video config (vid_size): train an "
+                         "image config on it, pass a video folder, or give images to a video model as "
+                         "secondary_data")
 
 
 def build_secondary_dataset(cfg: Config, *, downsample: int, once: Once = _here) -> ImageFolder | None:

@@ -23,6 +23,9 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+"""File suffixes taken for images where a folder is listed without metadata (sample sets) or a file's kind is told
+from its name."""
 _FORMAT_HELP = (
     f"an image folder needs a '{METADATA_FILE}' file in its root with one JSON object per line, "
     'e.g. {"file_name": "images/0001.png", "text": "a red bicycle"}; file_name is relative to the root'

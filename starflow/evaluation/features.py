@@ -17,13 +17,12 @@ from PIL import Image
 from torch import nn
 
 from starflow.assets import PACKAGE_CKPTS
-from starflow.data.images import to_8bit
+from starflow.data.images import IMAGE_SUFFIXES, to_8bit
 
 __all__ = ["DigitClassifier", "DIGIT_FEATURES_DIR", "IMAGE_SUFFIXES", "list_images", "load_images", "build_extractor",
            "extract_features"]
 
 DIGIT_FEATURES_DIR = PACKAGE_CKPTS / "digit_features"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DIGIT_SIDE = 8
 
 
@@ -71,7 +70,7 @@ def list_images(folder: str | Path) -> list[Path]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder of images")
+        raise FileNotFoundError(f"{folder}: {'a file, not a folder' if folder.is_file() else 'no such folder'} of images")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"{folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")

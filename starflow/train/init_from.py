@@ -25,6 +25,7 @@ from torch import nn
 from starflow.assets import find_weights
 from starflow.checkpoint import CheckpointError, LayoutReport, drop_deprecated, is_deprecated, read_state_dict
 from starflow.distributed import load_full_state_dict
+from starflow.models.lora import LORA_MARK
 
 __all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source",
            "covers_every_parameter"]
@@ -98,6 +99,9 @@ def plan_init(model_shapes: dict[str, Shape], file_shapes: dict[str, Shape], sou
             file parameter the model lacks, outside :data:`OPTIONAL_PREFIXES`, or any shape mismatch; every
             offending name is listed.
     """
+    if any(LORA_MARK in k for k in file_shapes) and not any(LORA_MARK in k for k in model_shapes):
+        raise CheckpointError(f"--init_from {source} holds a LoRA run's adapters, not the weights they adapt: merge "
+                              "them into their base first (starflow export --merge_lora RUN OUT) and pass OUT")
     report = InitReport(source)
     problems = LayoutReport()
     for name, shape in model_shapes.items():

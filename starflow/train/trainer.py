@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +38,7 @@ from starflow.checkpoint import save_weights
 from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
-from starflow.distributed import DistInfo, is_sharded
+from starflow.distributed import DistInfo, any_rank, is_sharded
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
@@ -50,7 +52,7 @@ from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_s
                                         native_bf16, shard_text_encoder, training_dtype)
 from starflow.train.state import CheckpointManager, CheckpointMismatchError, rng_state, set_rng_state
 
-__all__ = ["Trainer", "TrainingDiverged", "GRAD_SKIP_AFTER"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "StopSignals", "GRAD_SKIP_AFTER"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
@@ -69,6 +71,57 @@ def peak_memory_gib(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+class StopSignals:
+    """Once installed (in the main thread), SIGTERM and SIGINT ask the training loop to stop at the end
+    of the step it is in, after writing a checkpoint, instead of killing it mid-step: a job scheduler's SIGTERM
+    (preemption, a time limit) and Ctrl-C then lose no step. A second signal stops at once (KeyboardInterrupt).
+
+    Attributes:
+        received: the first signal's number, or 0.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (signal again to stop "
+                   "at once)")
+
+    def install(self) -> None:
+        """Take over the signals (in the main thread only; elsewhere they keep their handlers)."""
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def restore(self) -> None:
+        """Give the signals back their previous handlers."""
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on a signal (:class:`StopSignals`) after writing a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, after writing its checkpoint")
+        self.signum = signum
+
+
+def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
+    """``"key old -> new"`` for each config key whose value differs between a checkpoint's config and the run's, but
+    ``logdir`` (a copied run's folder) (``model_only``: leave out the training-only keys as well)."""
+    return [f"{k} {saved[k]} -> {now[k]}" for k in sorted(now) if k in saved and saved[k] != now[k]
+            and k != "logdir" and not (model_only and k in TRAINING_KEYS)]
 
 
 class Trainer:
@@ -202,9 +255,7 @@ class Trainer:
         try:
             meta, local = self.checkpoints.load(path, tensors)
         except CheckpointMismatchError as e:
-            saved, now = e.meta.get("config", {}), self.cfg.to_dict()
-            changed = [f"{k} {saved[k]} -> {now[k]}" for k in sorted(now) if k in saved and saved[k] != now[k]
-                       and k not in TRAINING_KEYS]  # the model's keys (training-only ones left out)
+            changed = changed_keys(e.meta.get("config", {}), self.cfg.to_dict(), model_only=True)
             raise CheckpointMismatchError(
                 f"{e}: it was saved with another config ({', '.join(changed) or 'see its trainer.json'}); resume with "
                 f"the config it was saved with, or train the new model in a new --logdir (--init_from {path} starts "
@@ -220,6 +271,10 @@ class Trainer:
             rebase_schedule(self.denoiser_schedule, fresh_lrs[1])
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
+        changed = changed_keys(meta.get("config", {}), self.cfg.to_dict())
+        if changed:
+            self._log(f"note: resuming with changed config keys, which apply from step {self.step} on: "
+                      f"{', '.join(changed)} (the model folder records the new values)")
         if local is None:  # written by fewer ranks: the global batches are the same, only RNG states differ
             self._log(f"{path} was written by {meta['world_size']} process(es); rank {self.dist.rank} continues "
                       "the data order of rank 0 with fresh RNG states")
@@ -490,6 +545,9 @@ class Trainer:
         # elapsed_s: wall time since this fit started, everything included
         t0 = window_start = time.perf_counter()
         window_seen = 0
+        stop = StopSignals()
+        if not dry_run:
+            stop.install()
         try:
             while self.step < end:
                 on_secondary = self._secondary_step(self.step)
@@ -512,10 +570,16 @@ class Trainer:
                     logger.log(self.step, m)
                 if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
                     self.sample_grid()
-                if self.step % cfg.save_freq == 0 or self.step == end:
+                saved = self.step % cfg.save_freq == 0 or self.step == end
+                if saved:
                     self.save()
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
+                signum = self._agreed_stop(stop.received)
+                if signum:
+                    if not saved:
+                        self.save()
+                    raise TrainingStopped(signum, self.step)
         except BaseException:
             if created and not history and self.checkpoints.latest() is None:  # refused before its first step
                 # (e.g. unreadable data): leave no logdir; one with a checkpoint (a diverged run's) stays
@@ -523,6 +587,7 @@ class Trainer:
                 shutil.rmtree(self.logdir, ignore_errors=True)
             raise
         finally:
+            stop.restore()
             bar.close()
             logger.close()
         if self.skipped_updates:
@@ -533,6 +598,14 @@ class Trainer:
             self._log(f"{skipped} data file(s) skipped (missing or unreadable; logged as skipped_images in "
                       f"metrics.jsonl), e.g. {few}")
         return history
+
+    def _agreed_stop(self, signum: int) -> int:
+        """The stop signal, agreed by every rank (the largest signal number any rank received; 0 = go on): the ranks
+        must stop after the same step to write one checkpoint together. One small all-reduce per step when
+        distributed."""
+        if not self.dist.distributed:
+            return signum
+        return int(any_rank(torch.tensor([signum], dtype=torch.int32, device=self.dist.device)).item())
 
     def export(self, folder: str | Path) -> Path | None:
         """Write a model folder (``config.yaml``, ``model.safetensors`` in the official layout, and with
