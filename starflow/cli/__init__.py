@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         resume = RESUMES.get(args.command)
         what = str(e) or "interrupted"  # (training stopped on a signal says at which step, checkpoint written)
-        print(what + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank stops: one says so)
+            print(what + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
         if os.environ.get("STARFLOW_DEBUG"):

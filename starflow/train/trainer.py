@@ -84,16 +84,18 @@ class StopSignals:
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
-    def __init__(self) -> None:
+    def __init__(self, verbose: bool = True) -> None:
         self.received = 0
+        self.verbose = verbose  # (rank 0 says it; every rank stops)
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame) -> None:
         if self.received:
             raise KeyboardInterrupt
         self.received = signum
-        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (signal again to stop "
-                   "at once)")
+        if self.verbose:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (signal again to "
+                       "stop at once)")
 
     def install(self) -> None:
         """Take over the signals (in the main thread only; elsewhere they keep their handlers)."""
@@ -545,7 +547,7 @@ class Trainer:
         # elapsed_s: wall time since this fit started, everything included
         t0 = window_start = time.perf_counter()
         window_seen = 0
-        stop = StopSignals()
+        stop = StopSignals(verbose=self.dist.is_main)
         if not dry_run:
             stop.install()
         try:
