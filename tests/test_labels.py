@@ -64,6 +64,11 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: --caption a handwritten digit 7: ['a handwritten digit 7'] are not classes")
     assert not (tmp_path / "refused").exists()  # refused before any output
+    for dry in ([], ["--dry_run"]):
+        assert main(["sample", "--checkpoint_path", str(folder), "--class_id", "3", "--negative_prompt", "8",
+                     "--output_dir", str(tmp_path / "refused"), "--device", "cpu", *dry]) == 2
+        assert "--negative_prompt 8: ['8'] are not classes of this model" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
     # training data whose captions are not class names is refused before the first step
     write_digits(tmp_path / "sentences")
     assert main(["train", "--config", str(config), "--data", str(tmp_path / "sentences" / "train"), "--logdir",

@@ -197,7 +197,40 @@ def test_api_inputs_that_do_not_fit_the_prompts_or_the_model_are_refused(pipe: P
     (lambda p: SampleSettings(jacobi_th=float("nan")), ValueError, "jacobi_th nan"),
     (lambda p: SampleSettings(jacobi_stop="never"), ValueError, "jacobi_stop never: must be sample or batch"),
     (lambda p: SampleSettings(denoising_batch_size=0), ValueError, "denoising_batch_size 0: must be >= 1"),
+    (lambda p: SampleSettings(cfg=float("inf")), ValueError, "cfg inf: the guidance weight must be >= 0 and finite"),
+    (lambda p: SampleSettings(cfg="2"), TypeError, "cfg '2': must be a number"),
+    (lambda p: p(PROMPTS, {"cfg": 2}), TypeError, "settings must be a SampleSettings, got dict"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(), seeds=["5"]), TypeError, "seeds must be a list of integers"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(), seeds=5), TypeError, "seeds must be a list of integers"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(), seeds=[2**64]), ValueError, "seeds must fit in 64 bits"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(cfg=2.0, guide_top=99)), ValueError, "guide_top 99: this model has"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(attn_temp=2.0)), ValueError, "attn_temp shapes classifier-free guidance"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(), negative_prompts=["x"]), ValueError, "negative prompts shapes"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(cfg=2.0), negative_prompts="x"), TypeError,
+     "negative_prompts must be a list of strings"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(fps=8)), ValueError, "fps is a video setting"),
+    (lambda p: p.encode_prompts("abc"), TypeError, "wrap a single caption in a list"),
 ])
 def test_api_prompts_and_settings_that_no_sampler_could_use_are_refused(pipe: Pipeline, call, error, message) -> None:
     with pytest.raises(error, match=re.escape(message)):
         call(pipe)
+
+
+def test_default_settings_reproduce_the_cli(tmp_path) -> None:
+    """The demo's CLI samples (seed + i per file, the config's cfg, "auto" chunks for --sample_batch_size) are the
+    API's with :meth:`Pipeline.default_settings`."""
+    import numpy as np
+    from PIL import Image
+
+    from starflow.assets import DEMO_DIR
+    from starflow.cli import main
+    from starflow.sampling.io import to_uint8
+
+    assert main(["sample", "--caption", "a handwritten digit 3", "--num_samples", "2", "--seed", "5",
+                 "--output_dir", str(tmp_path), "--device", "cpu"]) == 0
+    files = sorted(tmp_path.glob("0000*.png"))
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    assert pipe.default_settings().cfg == pipe.config.cfg > 0
+    images = to_uint8(pipe(["a handwritten digit 3"] * 2, pipe.default_settings(), seeds=[5, 6]))
+    for f, image in zip(files, images):
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), image[..., 0])

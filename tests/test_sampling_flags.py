@@ -65,10 +65,10 @@ def test_attn_temp_acts_on_the_unconditional_rows_only(make_pipeline) -> None:
     assert torch.equal(pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 1.0}), seeds=[0, 1]), plain)
     hot = pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 4.0}), seeds=[0, 1])
     assert (hot - plain).abs().max() > 1e-3
-    # without guidance there are no unconditional rows: the temperature has nothing to act on
+    # without guidance there are no unconditional rows: the temperature has nothing to act on, and is refused
     unguided = SampleSettings(cfg=0.0, jacobi=False, self_denoise=False)
-    assert torch.equal(pipe(PROMPTS, SampleSettings(**{**vars(unguided), "attn_temp": 4.0}), seeds=[0, 1]),
-                       pipe(PROMPTS, unguided, seeds=[0, 1]))
+    with pytest.raises(ValueError, match="attn_temp shapes classifier-free guidance, which is off"):
+        pipe(PROMPTS, SampleSettings(**{**vars(unguided), "attn_temp": 4.0}), seeds=[0, 1])
     jacobi = pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 4.0, "jacobi": True, "jacobi_th": 0.0,
                                              "jacobi_block_size": 8, "jacobi_max_iter": 8}), seeds=[0, 1])
     torch.testing.assert_close(jacobi, hot, atol=1e-4, rtol=1e-4)  # its fixed point is the sequential result

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import starflow
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, config_overrides, output_folder, read_text_lines)
@@ -22,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "image-to-video, continuation, video-to-video). Without --checkpoint_path, samples "
                                    "the shipped demo.")
     add_model_flags(p)
-    p.add_argument("--caption", action="append", help="prompt (repeat for several)")
+    p.add_argument("--caption", action="append",
+                   help="prompt (repeat for several); as in --caption_file, 'prompt<TAB>negative prompt' gives it its "
+                        "own negative prompt. Sample i of a run gets the seed seed + i")
     p.add_argument("--caption_file", default=None,
                    help="text file, one prompt per line; 'prompt<TAB>negative prompt' gives that line its own "
                         "negative prompt")
@@ -627,7 +630,13 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     cfg = sampling_config(config, args)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
-    settings = checked_settings(args, cfg, split_negatives(captions, args.negative_prompt)[1])
+    negatives = split_negatives(captions, args.negative_prompt)[1]
+    unknown = sorted({n for n in negatives if n} - set(classes or [])) if classes is not None else []
+    if unknown:
+        flag = "--caption_file negatives" if args.caption_file and args.negative_prompt in ("", None) else \
+            f"--negative_prompt {args.negative_prompt}"
+        raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}")
+    settings = checked_settings(args, cfg, negatives)
     check_input_headers(args)  # (sampling reads the files themselves)
     geometry = vae_geometry(cfg.vae)
     ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))
@@ -710,12 +719,23 @@ def run(args: argparse.Namespace) -> int:
     settings = checked_settings(args, cfg, negatives)
     inputs = read_video_inputs(args, pipe, cfg, dist.is_main)
     out, before = output_folder(args.output_dir)
+    random_ratio = settings.aspect_ratio == RANDOM_ASPECT
+    if dist.is_main:  # written first: samples of an interrupted run are described too
+        flags = {k: v for k, v in vars(args).items() if k != "func" and not (k in CONFIG_FIELDS and v is None)}
+        record = {"captions": captions, "seeds": f"seed + i for the i-th caption (seed {cfg.seed})",
+                  "checkpoint": str(checkpoint), "settings": vars(settings), "seed": cfg.seed,
+                  "world_size": dist.world_size, "device": str(dist.device), "torch": torch.__version__,
+                  "starflow": starflow.__version__, "config": cfg.to_dict(),
+                  "input_image": args.input_image, "input_video": args.input_video,
+                  "last_image": args.last_image, "negative_prompts": negatives, "ema": args.ema, "flags": flags}
+        if random_ratio:
+            record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
+        write_settings(out, record)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
                           gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats(),
                           negatives=negatives, return_sequence=args.return_sequence)
     if dist.is_main:
-        random_ratio = settings.aspect_ratio == RANDOM_ASPECT
         h, w = pipe.latent_shape("1:1")[-2:] if random_ratio else shape[-2:]
         if random_ratio:  # the grid shows centre crops at the square size
             h, w = h * pipe.vae.downsample, w * pipe.vae.downsample
@@ -723,14 +743,6 @@ def run(args: argparse.Namespace) -> int:
         files = [sample_stem(out, i, c).with_suffix(".png") for i, c in enumerate(captions)]
         save_poster_grid(files, out / "grid.png", (h, w * frames), shape[-3],
                          nrow=per_prompt if 1 < per_prompt <= 16 else None, scale=max(1, 64 // w))
-        flags = {k: v for k, v in vars(args).items() if k != "func" and not (k in CONFIG_FIELDS and v is None)}
-        record = {"captions": captions, "checkpoint": str(checkpoint), "settings": vars(settings),
-                  "seed": cfg.seed, "world_size": dist.world_size, "config": cfg.to_dict(),
-                  "input_image": args.input_image, "input_video": args.input_video,
-                  "last_image": args.last_image, "negative_prompts": negatives, "ema": args.ema, "flags": flags}
-        if random_ratio:
-            record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
-        write_settings(out, record)
         kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
         kind += (" (MP4 + poster PNG" + (" + GIF" if args.gif else "") + ")") if cfg.is_video else ""
         shown = f" (the first {GRID_MAX})" if len(captions) > GRID_MAX else ""

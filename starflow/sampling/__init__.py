@@ -6,5 +6,7 @@ Guidance and sequential / Jacobi decoding are part of the flow's inverse and liv
 from starflow.models.guidance import guide
 from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
 from starflow.sampling.denoise import learned_denoise, self_denoise
+from starflow.sampling.pipeline import Pipeline, SampleSettings
 
-__all__ = ["self_denoise", "learned_denoise", "guide", "decode_block", "JacobiSettings", "DecodeStats"]
+__all__ = ["Pipeline", "SampleSettings", "self_denoise", "learned_denoise", "guide", "decode_block", "JacobiSettings",
+           "DecodeStats"]

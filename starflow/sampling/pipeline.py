@@ -6,12 +6,13 @@ the config's ``text`` and ``vae`` keys are resolved against the config's folder 
 """
 from __future__ import annotations
 
+import numbers
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -65,9 +66,16 @@ class SampleSettings:
         """Refuse values no sampler could use (model-independent; :meth:`Pipeline.__call__` checks the rest).
 
         Raises:
+            TypeError: a number field holding something else (e.g. a string).
             ValueError: named after the field, as the ``starflow sample`` flag of the same name.
         """
-        rules = [("cfg", self.cfg >= 0, "the guidance weight must be >= 0 (0 = no guidance)"),
+        for name in ("cfg", "jacobi_th", "attn_temp", "temperature", "target_noise_std", "self_denoising_lr",
+                     "jacobi_max_iter", "target_length", "context_length", "fps", "denoising_batch_size",
+                     "jacobi_auto_batch", "guide_top"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{name} {value!r}: must be a number")
+        rules = [("cfg", 0 <= self.cfg < float("inf"), "the guidance weight must be >= 0 and finite (0 = no guidance)"),
                  ("jacobi_th", self.jacobi_th >= 0, "the stopping threshold must be >= 0"),
                  ("attn_temp", self.attn_temp > 0, "the attention temperature must be > 0 (1 = plain guidance)"),
                  ("temperature", 0 < self.temperature < float("inf"),
@@ -226,6 +234,18 @@ class Pipeline:
         save_weights(self.model if weights is None else weights, folder / "model.safetensors")
         save_config(cfg, folder / "config.yaml")
 
+    def default_settings(self, batch_size: int = 16, **changes) -> SampleSettings:
+        """The :class:`SampleSettings` ``starflow sample`` uses for this model without flags: the config's guidance
+        ``cfg`` and ``temperature``, and ``"auto"`` Jacobi chunks chosen for ``batch_size`` (``--sample_batch_size``),
+        with ``changes`` applied (field names). With them and ``seeds=[seed + i, ...]`` this pipeline gives the CLI's
+        samples exactly.
+
+        Raises:
+            TypeError, ValueError: a change to an unknown field or to a value :class:`SampleSettings` refuses.
+        """
+        base = dict(cfg=self.config.cfg, temperature=self.config.temperature, jacobi_auto_batch=batch_size)
+        return SampleSettings(**{**base, **changes})
+
     def encode_prompts(self, prompts: list[str], aspect_ratio: str = "1:1", fps: int | None = None,
                        noise_std: float | None = None) -> torch.Tensor | None:
         """Prompt template (SPEC section 12) + text encoder: ``(B, L, txt_dim)``, or None without text.
@@ -233,6 +253,7 @@ class Pipeline:
         ``fps`` and ``noise_std`` replace the config's in the template (``fps_cond``, ``cond_noise_level``).
         A caption longer than ``txt_size`` tokens is truncated with a warning; a caption that fits but whose
         template tags run past ``txt_size`` is truncated silently, exactly as the model's training prompts were."""
+        self._check_prompts(prompts)
         if self.text_encoder is None:
             return None
         texts = [prompt_from_config(p, self.config, aspect_ratio, fps=fps, noise_std=noise_std) for p in prompts]
@@ -290,8 +311,13 @@ class Pipeline:
             ValueError: ``seeds`` is not one seed per sample.
         """
         if seeds is not None:
+            if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not all(
+                    isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
+                raise TypeError(f"seeds must be a list of integers, one per prompt, got {seeds!r:.80}")
             if len(seeds) != n:
                 raise ValueError(f"{len(seeds)} seed(s) for {n} sample(s): give one seed per prompt")
+            if not all(-2**63 <= s + offset < 2**63 for s in seeds):
+                raise ValueError("seeds must fit in 64 bits (|seed| < 2^63)")
             return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
         device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its GPU
         return torch.randn(n, *shape, generator=generator, device=device)
@@ -317,6 +343,34 @@ class Pipeline:
                                 "single caption in a list")
             if not prompts:
                 raise ValueError("no prompts: give at least one caption (one sample per caption)")
+
+    def _check_settings(self, settings: SampleSettings, negatives: list[str] | None = None) -> None:
+        """Refuse settings that would not act on this model (as ``starflow sample`` refuses their flags).
+
+        Raises:
+            TypeError: ``settings`` is not a :class:`SampleSettings`, or ``negatives`` not a list of strings.
+            ValueError: ``guide_top`` above the number of flow blocks; ``attn_temp``, ``guide_top``,
+                ``anneal_guidance`` or negative prompts without guidance (``cfg`` 0); video settings (``fps``,
+                ``target_length``, ``context_length``) for an image model.
+        """
+        if not isinstance(settings, SampleSettings):
+            raise TypeError(f"settings must be a SampleSettings, got {type(settings).__name__}")
+        c = self.config
+        if settings.guide_top is not None and settings.guide_top > c.num_blocks:
+            raise ValueError(f"guide_top {settings.guide_top}: this model has {c.num_blocks} flow blocks")
+        if not settings.cfg > 0:
+            shaping = [name for name, on in (("attn_temp", settings.attn_temp != 1.0),
+                                             ("guide_top", settings.guide_top is not None),
+                                             ("anneal_guidance", settings.anneal_guidance),
+                                             ("negative prompts", any(negatives or []))) if on]
+            if shaping:
+                raise ValueError(f"{shaping[0]} shapes classifier-free guidance, which is off (cfg 0): set cfg > 0")
+        if negatives is not None and (isinstance(negatives, str) or not all(isinstance(n, str) for n in negatives)):
+            raise TypeError(f"negative_prompts must be a list of strings, one per prompt, got {negatives!r:.80}")
+        if not c.is_video:
+            video = [name for name in ("fps", "target_length", "context_length") if getattr(settings, name) is not None]
+            if video:
+                raise ValueError(f"{video[0]} is a video setting; this config has no vid_size")
 
     def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = "",
                      negatives: list[str] | None = None):
@@ -420,8 +474,11 @@ class Pipeline:
         Args:
             prompts: B captions.
             settings: guidance, Jacobi, denoising and video-length options.
-            seeds: one seed per prompt: each sample's noise comes from its own CPU generator, so a
-                sample does not depend on the batch it is in, the device, or the number of ranks.
+            seeds: one seed per prompt: each sample's noise comes from its own CPU generator, so a sample does
+                not depend on the batch it is in, the device, or the number of ranks, as long as the decoding does not
+                either: a fixed ``jacobi_block_size``, or ``"auto"`` with ``jacobi_auto_batch`` set (the CLI sets it to
+                ``--sample_batch_size``; without it "auto" picks the chunk from each call's batch). ``starflow sample``
+                gives sample ``i`` the seed ``seed + i``; :meth:`default_settings` gives its settings.
             generator: RNG for the initial noise when ``seeds`` is None (a CPU or a CUDA generator).
             profile: optional per-stage timer.
             stats: optional counter of sequential model evaluations.
@@ -450,9 +507,12 @@ class Pipeline:
             ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
                 not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size,
                 frame count, channel count or pixel range, or not one per prompt; seeds not one per prompt;
-                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame.
+                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame;
+                settings that would not act on this model (:meth:`_check_settings`).
+            TypeError: prompts, seeds, negative prompts or settings of the wrong type.
         """
         self._check_prompts(prompts)
+        self._check_settings(settings, negative_prompts)
         profile = profile or Profile()
         c = self.config
         if (input_image is not None or input_video is not None or last_image is not None) and not c.is_video:
@@ -572,6 +632,7 @@ class Pipeline:
                 channel count or pixel range, or the clips or seeds are not one per prompt.
         """
         self._check_prompts(prompts)
+        self._check_settings(settings)
         profile, c = profile or Profile(), self.config
         if not c.video_to_video:
             raise ValueError("video_to_video needs a model trained with video_to_video (its config says 0); to "
@@ -636,6 +697,7 @@ class Pipeline:
                 range that does not fit the prompts and the model, seeds that are not one per prompt, ``rounds < 1``.
         """
         self._check_prompts(prompts)
+        self._check_settings(settings)
         if rounds < 1:
             raise ValueError(f"inpainting needs rounds >= 1, got {rounds}")
         profile, stats = profile or Profile(), stats if stats is not None else DecodeStats()
@@ -683,6 +745,7 @@ class Pipeline:
                 count or pixel range, seeds that are not one per prompt, or a sampling temperature other than 1 (the noise is the image's own, not drawn).
         """
         self._check_prompts(source_prompts, prompts)
+        self._check_settings(settings)
         if settings.temperature != 1.0:
             raise ValueError(f"editing decodes the image's own inverted noise, which temperature "
                              f"{settings.temperature:g} would not scale: pass --temperature 1 (or temperature=1.0)")
