@@ -75,8 +75,10 @@ def test_sample_writes_images_grid_and_settings(model_dir: Path, tmp_path: Path,
     with Image.open(out / "grid.png") as grid:  # 2 x 2 tiles of 8 + 1 px padding, upscaled 64 // 8 = 8 times
         assert grid.size == ((2 * 9 + 1) * 8, (2 * 9 + 1) * 8)
     record = json.loads((out / "settings.json").read_text())
-    assert set(record) == {"captions", "checkpoint", "settings", "seed", "world_size", "config", "input_image",
-                           "input_video", "last_image", "negative_prompts", "ema", "flags"}
+    assert set(record) == {"captions", "seeds", "checkpoint", "settings", "seed", "world_size", "device", "torch",
+                           "starflow", "config", "input_image", "input_video", "last_image", "negative_prompts", "ema",
+                           "flags"}
+    assert record["device"] == "cpu" and record["seeds"] == "seed + i for the i-th caption (seed 0)"
     assert record["captions"] == [CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2
     assert record["checkpoint"] == str(model_dir) and record["seed"] == 0 and record["world_size"] == 1
     assert record["settings"]["cfg"] == 1.5 and record["settings"]["jacobi"] is True
