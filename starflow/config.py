@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -481,7 +482,13 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
                 f"{name}: config key 'blocks' ({values['blocks']}) contradicts 'layers_per_block' "
                 f"({len(values['layers_per_block'])} entries); drop 'blocks' or make them agree"
             )
-    return validate(Config(**values))
+    try:
+        return validate(Config(**values))
+    except ValueError as e:  # a contradiction a command-line value made: named by its flag, as the user typed it
+        given = [key for key in re.findall(r"config keys? '(\w+)'", str(e)) if key in overrides]
+        if given and not str(e).startswith("--"):
+            raise ValueError(f"--{given[0]} {overrides[given[0]]}: {e}") from None
+        raise
 
 
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

@@ -104,7 +104,8 @@ CASES = [
     ("train --config {repo}/configs/demo_moving_digits.yaml --data {digits} --logdir {tmp}/r_kind", 2,
      "--data {digits}: holds images ("),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_minlr --lr 1e-3 --min_lr 0.5", 2,
-     "config key 'min_lr' (0.5) is above 'lr' (0.001)"),
+     "error: --min_lr 0.5: config key 'min_lr' (0.5) is above 'lr' (0.001)"),  # (the flag that made it, named)
+    ("sample --temperature 0 --dry_run", 2, "error: --temperature 0: config key 'temperature' scales the sampling"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_lora --lora_rank 4", 2,
      "--lora_rank 4 trains low-rank adapters over base weights: pass them with --init_from"),
     # ---- config keys: unknown, ill-typed, out of range, cross-field
