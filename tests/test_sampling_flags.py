@@ -287,6 +287,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys) -> N
     text = capsys.readouterr().out
     assert "samples: 3 (1 distinct prompt(s)) over 1 process(es), 3 per process in 1 batch(es)" in text
     assert "(1, 8, 8)" in text and "KV cache" in text and "guidance 2" in text
+    assert "block auto: 32 for 6 rows on cpu" in text  # what "auto" picks (batch 3 x 2 guidance rows, on a CPU)
     assert not out.exists()
     assert run_cli("--dry_run", "--checkpoint_path", str(tmp_path / "missing"), "--caption", "x") == 2
     assert "--checkpoint_path" in capsys.readouterr().err

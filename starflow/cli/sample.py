@@ -672,8 +672,16 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
         latent = (latent_frames, cfg.channel_size, h // geometry.downsample, w // geometry.downsample)
         tokens = latent_frames * (h // multiple) * (w // multiple)
         lines.append(f"{ratio:<8}{str((frames, h, w)):<20}{str(latent):<24}{tokens:>8,}{cfg.txt_size:>13}")
-    mode = (f"Jacobi (block {settings.jacobi_block_size}, th {settings.jacobi_th:g}, max {settings.jacobi_max_iter} "
-            f"iterations)" if settings.jacobi else "sequential")
+    block = settings.jacobi_block_size
+    if block == AUTO and not cfg.is_video:  # what "auto" picks for this batch and device (video: per flow block)
+        from starflow.distributed import pick_device
+        from starflow.models.jacobi import auto_block_size
+
+        rows = batch * (2 if settings.cfg > 0 else 1)  # (chosen for --sample_batch_size, as sampling does)
+        chosen = auto_block_size(rows, pick_device(args.device))
+        block = f"auto: {chosen if chosen > 1 else 'token by token'} for {rows} rows on {pick_device(args.device)}"
+    mode = (f"Jacobi (block {block}, th {settings.jacobi_th:g}, max {settings.jacobi_max_iter} iterations)"
+            if settings.jacobi else "sequential")
     lines.append(f"decoding: {mode}; guidance {settings.cfg:g}"
                  + (f" (uncond rows doubled, attn_temp {settings.attn_temp:g})" if settings.cfg > 0 else "")
                  + f"; denoising {'on' if settings.self_denoise else 'off'}")
