@@ -44,8 +44,9 @@ CASES = [
     ("sample --caption x --input_image {digit_png}", 2, "error: --input_image is for video configs"),
     ("sample --caption x --out_fps 8", 2, "error: --out_fps is for video configs"),
     ("sample --class_id 3", 2, "error: --class_id is for class-conditional models"),
-    ("sample --caption x --cfg 0 --attn_temp 2", 2, "error: --attn_temp shapes classifier-free guidance"),
-    ("sample --caption x --cfg 0 --negative_prompt y", 2, "they need --cfg > 0"),
+    ("sample --caption x --cfg 0 --attn_temp 2", 2, "error: --attn_temp acts through classifier-free guidance"),
+    ("sample --caption x --cfg 0 --negative_prompt y", 2,
+     "--negative_prompt / caption-file negatives act through classifier-free guidance, which is off (cfg 0)"),
     ("sample --caption x --no-self_denoise --self_denoising_lr 0.5", 2, "which --no-self_denoise turns off"),
     ("sample --caption x --bogus_flag 1", 2, "unrecognized arguments: --bogus_flag"),
     ("sample --caption x --num_samples two", 2, "argument --num_samples: invalid int value"),
@@ -60,9 +61,11 @@ CASES = [
      "--jacobi 0 turns off"),
     ("sample --caption x --jacobi 2", 2, "argument --jacobi: invalid choice: 2"),
     ("sample --caption x --jacobi_th nan", 2, "error: --jacobi_th nan: the stopping threshold must be >= 0"),
+    ("sample --temperature 0 --dry_run", 2, "error: --temperature 0: config key 'temperature' scales the sampling"),
     ("sample --caption x --guide_top 99", 2, "error: --guide_top 99: the number of guided blocks must be in 0..4"),
     ("sample --caption x --seed 99999999999999999999", 2, "must fit in 64 bits"),
-    ("sample --caption x --cfg 0 --negative_prompt y --dry_run", 2, "they need --cfg > 0"),
+    ("sample --caption x --cfg 0 --negative_prompt y --dry_run", 2,
+     "--negative_prompt / caption-file negatives act through classifier-free guidance, which is off (cfg 0)"),
     # ---- video flags, checked from the config (so --dry_run refuses them too)
     ("sample --checkpoint_path {moving} --caption x --context_length 2 --dry_run", 2,
      "error: --context_length 2: 4 latent frames fit in one window of 4, so no context is carried over"),
@@ -105,7 +108,6 @@ CASES = [
      "--data {digits}: holds images ("),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_minlr --lr 1e-3 --min_lr 0.5", 2,
      "error: --min_lr 0.5: config key 'min_lr' (0.5) is above 'lr' (0.001)"),  # (the flag that made it, named)
-    ("sample --temperature 0 --dry_run", 2, "error: --temperature 0: config key 'temperature' scales the sampling"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_lora --lora_rank 4", 2,
      "--lora_rank 4 trains low-rank adapters over base weights: pass them with --init_from"),
     # ---- config keys: unknown, ill-typed, out of range, cross-field

@@ -318,4 +318,4 @@ def test_negative_prompts_replace_the_unconditional_rows(tmp_path: Path, capsys)
     capsys.readouterr()
     assert main(base[:3] + ["--cfg", "0", "--caption", "x", "--negative_prompt", "y", "--output_dir",
                             str(tmp_path / "z"), "--device", "cpu"]) == 2
-    assert "need --cfg > 0" in capsys.readouterr().err
+    assert "act through classifier-free guidance, which is off" in capsys.readouterr().err

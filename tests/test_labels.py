@@ -69,6 +69,8 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
                      "--output_dir", str(tmp_path / "refused"), "--device", "cpu", *dry]) == 2
         assert "--negative_prompt 8: ['8'] are not classes of this model" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+    assert main(["sample", "--checkpoint_path", str(folder), "--caption", "three\teight", "--dry_run"]) == 0  # a class
+    # and, after a TAB, the class guidance steers away from
     # training data whose captions are not class names is refused before the first step
     write_digits(tmp_path / "sentences")
     assert main(["train", "--config", str(config), "--data", str(tmp_path / "sentences" / "train"), "--logdir",

@@ -203,12 +203,12 @@ def test_api_inputs_that_do_not_fit_the_prompts_or_the_model_are_refused(pipe: P
     (lambda p: p(PROMPTS[:1], SampleSettings(), seeds=["5"]), TypeError, "seeds must be a list of integers"),
     (lambda p: p(PROMPTS[:1], SampleSettings(), seeds=5), TypeError, "seeds must be a list of integers"),
     (lambda p: p(PROMPTS[:1], SampleSettings(), seeds=[2**64]), ValueError, "seeds must fit in 64 bits"),
-    (lambda p: p(PROMPTS[:1], SampleSettings(cfg=2.0, guide_top=99)), ValueError, "guide_top 99: this model has"),
-    (lambda p: p(PROMPTS[:1], SampleSettings(attn_temp=2.0)), ValueError, "attn_temp shapes classifier-free guidance"),
-    (lambda p: p(PROMPTS[:1], SampleSettings(), negative_prompts=["x"]), ValueError, "negative prompts shapes"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(cfg=2.0, guide_top=99)), ValueError, "guide_top 99: the number of guided blocks must be in 0..3"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(attn_temp=2.0)), ValueError, "attn_temp acts through classifier-free guidance"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(), negative_prompts=["x"]), ValueError, "negative prompts act through classifier-free guidance"),
     (lambda p: p(PROMPTS[:1], SampleSettings(cfg=2.0), negative_prompts="x"), TypeError,
      "negative_prompts must be a list of strings"),
-    (lambda p: p(PROMPTS[:1], SampleSettings(fps=8)), ValueError, "fps is a video setting"),
+    (lambda p: p(PROMPTS[:1], SampleSettings(fps=8)), ValueError, "fps is for video configs"),
     (lambda p: p.encode_prompts("abc"), TypeError, "wrap a single caption in a list"),
 ])
 def test_api_prompts_and_settings_that_no_sampler_could_use_are_refused(pipe: Pipeline, call, error, message) -> None:

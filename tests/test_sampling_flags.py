@@ -67,7 +67,7 @@ def test_attn_temp_acts_on_the_unconditional_rows_only(make_pipeline) -> None:
     assert (hot - plain).abs().max() > 1e-3
     # without guidance there are no unconditional rows: the temperature has nothing to act on, and is refused
     unguided = SampleSettings(cfg=0.0, jacobi=False, self_denoise=False)
-    with pytest.raises(ValueError, match="attn_temp shapes classifier-free guidance, which is off"):
+    with pytest.raises(ValueError, match="attn_temp acts through classifier-free guidance, which is off"):
         pipe(PROMPTS, SampleSettings(**{**vars(unguided), "attn_temp": 4.0}), seeds=[0, 1])
     jacobi = pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 4.0, "jacobi": True, "jacobi_th": 0.0,
                                              "jacobi_block_size": 8, "jacobi_max_iter": 8}), seeds=[0, 1])
@@ -164,9 +164,9 @@ def test_temperature_from_the_flag(tmp_path: Path, capsys) -> None:
 
 
 def test_guidance_flags_need_guidance_and_range(tmp_path: Path, capsys) -> None:
-    for flags, phrase in [(["--attn_temp", "2"], "--attn_temp shapes classifier-free guidance"),
-                          (["--guide_top", "1"], "--guide_top shapes"),
-                          (["--annealed_guidance"], "--annealed_guidance shapes"),
+    for flags, phrase in [(["--attn_temp", "2"], "--attn_temp acts through classifier-free guidance"),
+                          (["--guide_top", "1"], "--guide_top acts through"),
+                          (["--annealed_guidance"], "--annealed_guidance acts through"),
                           (["--cfg", "-3"], "--cfg -3: the guidance weight must be >= 0"),
                           (["--cfg", "1", "--attn_temp", "0"], "--attn_temp 0: the attention temperature must be > 0"),
                           (["--jacobi_max_iter", "0"], "--jacobi_max_iter 0: must be >= 1"),

@@ -255,6 +255,18 @@ def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
               f"sampling {w}x{h} pixels", file=sys.stderr)
 
 
+SETTING_FLAGS = {"fps": "out_fps", "anneal_guidance": "annealed_guidance",
+                 "negative prompts": "negative_prompt / caption-file negatives"}
+"""The :class:`~starflow.sampling.pipeline.SampleSettings` fields whose ``starflow sample`` flag has another name."""
+
+
+def as_flags(message: str) -> str:
+    """A settings error as the command line says it: its leading field name (``attn_temp 2: ...``) becomes the flag
+    (``--attn_temp 2: ...``; ``fps`` is ``--out_fps``)."""
+    field = next((f for f in SETTING_FLAGS if message.startswith(f + " ")), message.split(" ", 1)[0])
+    return f"--{SETTING_FLAGS.get(field, field)}{message[len(field):]}"
+
+
 def sample_settings(args: argparse.Namespace, cfg):
     """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present),
     checked against the config.
@@ -263,7 +275,7 @@ def sample_settings(args: argparse.Namespace, cfg):
         ValueError: a flag out of range or one that would not act on this model, named with the fix.
     """
     from starflow.sampling.batch import RANDOM_ASPECT
-    from starflow.sampling.pipeline import SampleSettings
+    from starflow.sampling.pipeline import SampleSettings, check_settings
 
     if args.sample_batch_size is not None and args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
@@ -283,22 +295,17 @@ def sample_settings(args: argparse.Namespace, cfg):
                                   target_length=getattr(args, "target_length", None),
                                   context_length=getattr(args, "context_length", None))
     except ValueError as e:
-        message = str(e)
-        raise ValueError(f"--out_{message}" if message.startswith("fps ") else f"--{message}") from None
+        raise ValueError(as_flags(str(e))) from None
+    try:  # the rules that depend on the model, shared with the Python API
+        check_settings(settings, cfg)
+    except ValueError as e:
+        raise ValueError(as_flags(str(e))) from None
     if not args.jacobi:
         given = [flag for flag, default in JACOBI_DEFAULTS.items() if getattr(args, flag) != default]
         if given:
             raise ValueError(f"--{given[0]} sets Jacobi decoding, which --jacobi 0 turns off (sequential): drop one")
-    if args.guide_top is not None and not 0 <= args.guide_top <= cfg.num_blocks:
-        raise ValueError(f"--guide_top {args.guide_top}: the number of guided blocks must be in 0..{cfg.num_blocks} "
-                         f"(this model has {cfg.num_blocks} flow blocks)")
     if not -2**63 <= cfg.seed < 2**63:
         raise ValueError(f"--seed {cfg.seed}: must fit in 64 bits (|seed| < 2^63)")
-    guidance_only = {"attn_temp": args.attn_temp != 1.0, "guide_top": args.guide_top is not None,
-                     "annealed_guidance": args.annealed_guidance}
-    for flag, given in guidance_only.items():
-        if given and not cfg.cfg > 0:
-            raise ValueError(f"--{flag} shapes classifier-free guidance, which is off (--cfg {cfg.cfg:g}): pass --cfg > 0")
     if not args.self_denoise:
         for flag in ("self_denoising_lr", "denoising_batch_size"):
             if getattr(args, flag) is not None:
@@ -320,9 +327,6 @@ def sample_settings(args: argparse.Namespace, cfg):
             lower = target // t * t
             raise ValueError(f"--target_length {target}: a continuation adds whole latent frames of {t} pixel frames "
                              f"each (the VAE's temporal factor): use {lower or t}" + (f" or {lower + t}" if lower else ""))
-    if getattr(args, "out_fps", None) is not None and not cfg.is_video:
-        raise ValueError("--out_fps is for video configs (fps of the prompt and the written video); this config "
-                         "has no vid_size")
     if args.disable_learnable_denoiser and not cfg.learnable_self_denoiser:
         raise ValueError("--disable_learnable_denoiser: this model has no learnable denoiser (learnable_self_denoiser "
                          "0); it already denoises with the Tweedie step")
@@ -406,7 +410,8 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     ``sample_batch_size x world_size`` times (the official ``sample.py``) and several prompts once each.
 
     Raises:
-        ValueError: ``--num_samples`` below 1, an unknown class, or a caption file without a caption.
+        ValueError: ``--num_samples`` below 1, an unknown class (prompt or negative prompt), or a caption file without
+            a caption.
     """
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples}: must be >= 1 (images per prompt)")
@@ -432,10 +437,15 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     else:
         raise SystemExit("no prompt: pass --caption TEXT (repeatable) or --caption_file FILE")
     if classes is not None:  # a class-conditional model takes class names: check them before any work
-        unknown = sorted({c for c in captions if c.strip() and c.strip() not in classes})
+        prompts, negatives = split_negatives(captions, args.negative_prompt or "")
+        unknown = sorted({c for c in prompts if c and c not in classes})
         if unknown:
             flag = "--caption_file " + args.caption_file if args.caption_file else "--caption " + unknown[0]
             raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}, or --class_id K")
+        unknown = sorted({n for n in negatives if n and n not in classes})
+        if unknown:
+            flag = f"--negative_prompt {args.negative_prompt}" if args.negative_prompt else "negative prompts"
+            raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}")
     repeat = args.num_samples
     if repeat is None:
         single = not args.caption_file and len(captions) == 1 and (args.caption or args.class_id)
@@ -543,11 +553,14 @@ def checked_settings(args: argparse.Namespace, cfg, negatives: list[str]):
     Raises:
         ValueError: as :func:`sample_settings` and :func:`check_video_flags`; a negative prompt with ``cfg`` 0.
     """
+    from starflow.sampling.pipeline import check_settings
+
     settings = sample_settings(args, cfg)
     check_video_flags(args, cfg)
-    if any(negatives) and not settings.cfg > 0:
-        raise ValueError(f"--negative_prompt / caption-file negatives act through guidance: they need --cfg > 0 "
-                         f"(got {settings.cfg:g})")
+    try:
+        check_settings(settings, cfg, negatives)
+    except ValueError as e:
+        raise ValueError(as_flags(str(e))) from None
     return settings
 
 
@@ -630,13 +643,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     cfg = sampling_config(config, args)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
-    negatives = split_negatives(captions, args.negative_prompt)[1]
-    unknown = sorted({n for n in negatives if n} - set(classes or [])) if classes is not None else []
-    if unknown:
-        flag = "--caption_file negatives" if args.caption_file and args.negative_prompt in ("", None) else \
-            f"--negative_prompt {args.negative_prompt}"
-        raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}")
-    settings = checked_settings(args, cfg, negatives)
+    settings = checked_settings(args, cfg, split_negatives(captions, args.negative_prompt)[1])
     check_input_headers(args)  # (sampling reads the files themselves)
     geometry = vae_geometry(cfg.vae)
     ratios = sorted(set(sample_aspect_ratios(settings.aspect_ratio, cfg.seed, len(captions))))

@@ -28,7 +28,8 @@ from starflow.models.lora import ADAPTER_WEIGHTS
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 
-__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask", "continuation_frames"]
+__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask", "continuation_frames",
+           "check_settings"]
 
 DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a long video (SPEC section 11)
 PREFIX_SEED_OFFSET = 1_000_003  # the noise of a known input (prefix, inpainted image): the sample's seed plus this
@@ -134,6 +135,34 @@ class Profile:
             lines.append(f"{name:<24}{sec:>10.3f}{sec / total:>8.1%}{evals:>8}".rstrip())
         lines.append(f"{'total':<24}{sum(self.seconds.values()):>10.3f}")
         return "\n".join(lines)
+
+
+def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] | None = None) -> None:
+    """Refuse settings that would not act on a model of config ``cfg`` (the model-dependent rules; the rest are in
+    :meth:`SampleSettings.__post_init__`). Each message starts with the field's name, which ``starflow sample`` turns
+    into its flag's.
+
+    Raises:
+        ValueError: ``guide_top`` above the number of flow blocks; ``attn_temp``, ``guide_top``, ``anneal_guidance``
+            or negative prompts without guidance (``cfg`` 0); video settings (``fps``, ``target_length``,
+            ``context_length``) for an image model.
+    """
+    if settings.guide_top is not None and settings.guide_top > cfg.num_blocks:
+        raise ValueError(f"guide_top {settings.guide_top}: the number of guided blocks must be in 0..{cfg.num_blocks} "
+                         f"(this model has {cfg.num_blocks} flow blocks)")
+    if not settings.cfg > 0:
+        shaping = [name for name, on in (("attn_temp", settings.attn_temp != 1.0),
+                                         ("guide_top", settings.guide_top is not None),
+                                         ("anneal_guidance", settings.anneal_guidance),
+                                         ("negative prompts", any(negatives or []))) if on]
+        if shaping:
+            verb = "act" if shaping[0] == "negative prompts" else "acts"
+            raise ValueError(f"{shaping[0]} {verb} through classifier-free guidance, which is off (cfg "
+                             f"{settings.cfg:g}): give a guidance weight cfg > 0")
+    if not cfg.is_video:
+        video = [name for name in ("fps", "target_length", "context_length") if getattr(settings, name) is not None]
+        if video:
+            raise ValueError(f"{video[0]} is for video configs; this config has no vid_size")
 
 
 def continuation_frames(cfg, temporal_downsample: int, target_length: int | None = None) -> int:
@@ -345,32 +374,17 @@ class Pipeline:
                 raise ValueError("no prompts: give at least one caption (one sample per caption)")
 
     def _check_settings(self, settings: SampleSettings, negatives: list[str] | None = None) -> None:
-        """Refuse settings that would not act on this model (as ``starflow sample`` refuses their flags).
+        """:func:`check_settings` against this model, after checking the types.
 
         Raises:
             TypeError: ``settings`` is not a :class:`SampleSettings`, or ``negatives`` not a list of strings.
-            ValueError: ``guide_top`` above the number of flow blocks; ``attn_temp``, ``guide_top``,
-                ``anneal_guidance`` or negative prompts without guidance (``cfg`` 0); video settings (``fps``,
-                ``target_length``, ``context_length``) for an image model.
+            ValueError: see :func:`check_settings`.
         """
         if not isinstance(settings, SampleSettings):
             raise TypeError(f"settings must be a SampleSettings, got {type(settings).__name__}")
-        c = self.config
-        if settings.guide_top is not None and settings.guide_top > c.num_blocks:
-            raise ValueError(f"guide_top {settings.guide_top}: this model has {c.num_blocks} flow blocks")
-        if not settings.cfg > 0:
-            shaping = [name for name, on in (("attn_temp", settings.attn_temp != 1.0),
-                                             ("guide_top", settings.guide_top is not None),
-                                             ("anneal_guidance", settings.anneal_guidance),
-                                             ("negative prompts", any(negatives or []))) if on]
-            if shaping:
-                raise ValueError(f"{shaping[0]} shapes classifier-free guidance, which is off (cfg 0): set cfg > 0")
         if negatives is not None and (isinstance(negatives, str) or not all(isinstance(n, str) for n in negatives)):
             raise TypeError(f"negative_prompts must be a list of strings, one per prompt, got {negatives!r:.80}")
-        if not c.is_video:
-            video = [name for name in ("fps", "target_length", "context_length") if getattr(settings, name) is not None]
-            if video:
-                raise ValueError(f"{video[0]} is a video setting; this config has no vid_size")
+        check_settings(settings, self.config, negatives)
 
     def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = "",
                      negatives: list[str] | None = None):
