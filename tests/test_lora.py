@@ -2,8 +2,6 @@
 plain official-layout model equal to the adapted one, resume reloads the base weights."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
