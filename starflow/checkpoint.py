@@ -72,6 +72,7 @@ class LayoutReport:
 
     @property
     def ok(self) -> bool:
+        """Whether the weights match the layout exactly: nothing missing, unexpected or of another shape."""
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self) -> str:

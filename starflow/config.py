@@ -180,6 +180,7 @@ class Config:
 
     @property
     def is_video(self) -> bool:
+        """Whether this is a video config (``vid_size`` set)."""
         return self.vid_size is not None
 
     @property

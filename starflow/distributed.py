@@ -49,6 +49,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the process that prints and writes shared files)."""
         return self.rank == 0
 
     @property
@@ -157,8 +158,9 @@ def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_fo
 
 
 def any_rank(flag: torch.Tensor) -> torch.Tensor:
-    """The maximum of an int32 flag over all ranks (the Jacobi ``rank_sync`` of sharded sampling); the flag
-    itself when ``torch.distributed`` is not initialised."""
+    """The maximum of an int32 scalar flag (shape ``()``) over all ranks (the Jacobi ``rank_sync`` of sharded
+    sampling), as a scalar tensor on the flag's device; the flag itself when ``torch.distributed`` is not
+    initialised."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag

@@ -42,6 +42,7 @@ class Asset:
     folder: str
 
     def target(self, local_dir: Path) -> Path:
+        """Where this asset goes under ``local_dir``."""
         return local_dir / self.folder if self.folder else local_dir
 
     def present(self, local_dir: Path) -> bool:

@@ -187,6 +187,16 @@ def test_continuation_checks_the_wan_frame_rules() -> None:
         pipe(["a"], SampleSettings(target_length=3), input_video=torch.zeros(1, 5, 3, 32, 32))
 
 
+def test_latent_frames_rules() -> None:
+    pipe = _video_pipeline()
+    assert pipe.latent_frames() == pipe.latent_frames(pipe.config.vid_size[0])
+    with pytest.raises(ValueError, match="at least one frame, got 0"):  # 0 is not the config's default
+        pipe.latent_frames(0)
+    image = Pipeline(pipe.model, pipe.text_encoder, pipe.vae, load_config(dict(TINY_VIDEO, vid_size=None)))
+    with pytest.raises(ValueError, match="image model"):
+        image.latent_frames(5)
+
+
 def test_video_to_video_and_end_frame_models() -> None:
     v2v = _video_pipeline(video_to_video=1, drop_image=0)
     assert v2v.trained_latent_frames == 6

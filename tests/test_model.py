@@ -151,6 +151,13 @@ def brute_force_logdet(f, x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.slogdet(jac.double()).logabsdet, jac
 
 
+def test_rope_text_positions_need_the_third_axis() -> None:
+    angles = rope_angles(16, (1, 2, 2), 2.0, txt_len=3, three_axis=True)
+    assert angles.shape == (3 + 4, 16)
+    with pytest.raises(ValueError, match="three_axis"):
+        rope_angles(16, (1, 2, 2), 2.0, txt_len=3)
+
+
 def test_block_logdet_matches_jacobian() -> None:
     torch.manual_seed(0)
     block = FlowBlock(2, 16, 1, 8, None, sos=True, use_softplus=True, use_final_norm=True, soft_clip=4.0)

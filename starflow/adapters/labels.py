@@ -82,8 +82,9 @@ class LabelEncoder(nn.Module):
         return eye[self.ids(prompts)][:, None]
 
     def encode_templated(self, captions: list[str], prompts: list[str]) -> torch.Tensor:
-        """:meth:`forward` of ``prompts`` (the interface of :meth:`TextEncoder.encode_templated`; class names are
-        looked up whole, never truncated, so ``captions`` is not needed)."""
+        """:meth:`forward` of ``prompts``: ``(B, 1, K + 1)`` float32 one-hot rows (the interface of
+        :meth:`TextEncoder.encode_templated`; class names are looked up whole, never truncated, so ``captions`` is not
+        needed)."""
         return self(prompts)
 
     def save_pretrained(self, folder: str | Path) -> Path:

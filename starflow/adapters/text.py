@@ -99,7 +99,8 @@ class TextEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """Width of the token features (config ``txt_dim``; 2048 for flan-t5-xl)."""
+        """Width of the token features: the ``txt_dim`` the flow is built with (:meth:`STARFlow.from_config`); 2048
+        for flan-t5-xl."""
         return int(self.encoder.config.d_model)
 
     @property

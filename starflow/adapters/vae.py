@@ -80,11 +80,12 @@ class IdentityAdapter(LatentAdapter):
 
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return ``pixels`` unchanged (``sample`` and ``generator`` are ignored)."""
+        """Return ``pixels`` ``(B, C, H, W)`` in ``[-1, 1]`` unchanged: a pixel model's latents are its pixels
+        (``sample`` and ``generator`` have nothing to act on)."""
         return pixels
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Return ``latents`` unchanged."""
+        """Return ``latents`` ``(B, C, H, W)`` unchanged (they are pixels in ``[-1, 1]``)."""
         return latents
 
 
@@ -254,6 +255,7 @@ class WanVAEAdapter(LatentAdapter):
         self.vae.save_pretrained(folder)
 
     def train(self, mode: bool = True) -> "WanVAEAdapter":
+        """``nn.Module.train``, except that the frozen VAE always stays in eval mode."""
         super().train(mode)
         self.vae.eval()
         return self

@@ -37,6 +37,9 @@ def split_indices(test_fraction: float = 0.2, seed: int = 0) -> dict[str, np.nda
 
     Returns:
         `{"train": (N_train,) int64, "test": (N_test,) int64}`: sorted dataset indices, disjoint.
+
+    Raises:
+        ValueError: ``test_fraction`` outside ``[0, 1)``.
     """
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -68,6 +71,9 @@ def load_digit_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> t
     Returns:
         `(images, labels)`: `(N, 8, 8)` uint8 greyscale in 0..255 (raw value * 255 / 16, rounded;
         0 is background, 255 is ink) and `(N,)` int64 labels in 0..9.
+
+    Raises:
+        ValueError: ``split`` is not ``"train"`` or ``"test"``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -99,6 +105,9 @@ def write_digits(out_dir: str | Path, size: int = 8, test_fraction: float = 0.2,
     Returns:
         Number of images written per split, `{"train": ..., "test": ...}`; a split of no image (``test_fraction``
         0) is neither written nor listed.
+
+    Raises:
+        ValueError: ``size < 1`` or ``captions`` not ``"sentence"`` / ``"name"``.
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")

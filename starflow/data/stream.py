@@ -264,6 +264,7 @@ class PositionTracker:
         return {"positions": {str(w): list(p) for w, p in self.positions.items()}, "next_worker": self.next_worker}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the positions saved by :meth:`state_dict` (resuming a run)."""
         self.positions = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
         self.next_worker = int(state["next_worker"])
 

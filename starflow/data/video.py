@@ -338,7 +338,15 @@ def to_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def write_gif(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, scale: int = 1) -> Path:
-    """An animated GIF preview (looping), each pixel enlarged ``scale`` times."""
+    """An animated GIF preview (looping), each pixel enlarged ``scale`` times.
+
+    Args:
+        path: output file (``.gif``).
+        frames: as :func:`write_video`: ``(T, H, W, 3)`` or ``(T, H, W)`` uint8, or a float tensor ``(T, C, H, W)``
+            in ``[-1, 1]``.
+        fps: frames per second.
+        scale: integer enlargement (nearest neighbour), for small demo frames.
+    """
     from PIL import Image
 
     frames = to_uint8_frames(frames)

@@ -53,6 +53,7 @@ class SetSummary:
 
     @property
     def images_per_s(self) -> float:
+        """Images written per second of this run (0 when none were written)."""
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 

@@ -32,6 +32,7 @@ class FeatureInput(nn.Module):
         self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The identity: ``(N, D)`` features are passed through unchanged."""
         return x
 
 

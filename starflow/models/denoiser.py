@@ -86,6 +86,9 @@ class Denoiser(nn.Module):
 
         Returns:
             ``(B, T*F, D)`` prediction of ``noise_std * dNLL/dx``.
+
+        Raises:
+            ValueError: a conditional denoiser without ``y``.
         """
         h = self.proj_in(x.to(self.proj_in.weight.dtype))  # sampling passes float32 latents to bf16 weights
         txt_len = 0

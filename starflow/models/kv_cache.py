@@ -45,6 +45,7 @@ class KVCache:
 
     @property
     def query_scale(self) -> torch.Tensor | None:
+        """``(B, 1, 1, 1)`` per-row query factors of every layer, or None (see the class docstring)."""
         return self._query_scale
 
     @query_scale.setter
@@ -55,6 +56,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """Positions the cache holds at most."""
         return self.k.shape[3]
 
     def check(self, start: int, n: int) -> None:
@@ -77,12 +79,17 @@ class KVCache:
         self.length = end
 
     def rewind(self, length: int) -> None:
-        """Forget positions ``[length, ...)``; later writes overwrite them in place."""
+        """Forget positions ``[length, ...)``; later writes overwrite them in place.
+
+        Raises:
+            ValueError: ``length`` outside ``[0, self.length]``.
+        """
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind KV cache of length {self.length} to {length}")
         self.length = length
 
     def reset(self) -> None:
+        """Forget every position (the buffers are kept and overwritten by later writes)."""
         self.length = 0
 
 

@@ -38,6 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``(..., W)`` over its last axis; returns the same shape and dtype."""
         f32 = x.dtype == torch.float32  # (no cast calls in float32: each is a dispatch in the decoding loop)
         xf = x if f32 else x.float()
         weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
@@ -107,6 +108,9 @@ class Attention(nn.Module):
 
         Returns:
             ``(B, n, W)`` attention output (before the residual).
+
+        Raises:
+            ValueError: several queries over a cache without ``mask``.
         """
         b, n, _ = x.shape
         direct = cache is not None  # decoding: the sub-modules without nn.Module.__call__ (see call_module)

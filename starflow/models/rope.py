@@ -26,13 +26,20 @@ def rope_angles(head_dim: int, grid: tuple[int, int, int], pos_scale: float, txt
         head_dim: attention head width (multiple of 4).
         grid: ``(T, h, w)`` frames and token rows/columns; images have ``T = 1``.
         pos_scale: ``P = pt_seq_len``; a row index ``i`` maps to ``i / sqrt(h*w) * P``.
-        txt_len: text tokens ``L`` placed first, at ``(0, 0, k / L * P)``.
+        txt_len: text tokens ``L`` placed first, at ``(0, 0, k / L * P)`` (needs ``three_axis``: text positions
+            live on the third axis).
         three_axis: use the 3-axis form (model with text, or video). Token third coordinates are
             the frame index (0 for images).
 
     Returns:
         ``(L + T*h*w, head_dim)`` float32 angles in radians, each repeated twice in place.
+
+    Raises:
+        ValueError: ``txt_len > 0`` without ``three_axis``.
     """
+    if txt_len and not three_axis:
+        raise ValueError(f"rope_angles: {txt_len} text tokens need the 3-axis form (three_axis=True), where text "
+                         "positions lie on the third axis")
     half = head_dim // 2
     t, h, w = grid
     d_s = half - THIRD_AXIS_DIMS if three_axis else half

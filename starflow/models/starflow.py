@@ -173,6 +173,7 @@ class STARFlow(nn.Module):
     # ------------------------------------------------------------------ token layout
     @property
     def num_blocks(self) -> int:
+        """Flow blocks, the deep block included."""
         return len(self.blocks)
 
     def compile_layers(self, mode: str | None = None) -> None:
@@ -356,7 +357,8 @@ class STARFlow(nn.Module):
         return self.loss_from_output(self(x, y), weights)
 
     def loss_from_output(self, out: FlowOutput, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The :meth:`loss` dict from a :class:`FlowOutput` (e.g. one computed through a DDP wrapper)."""
+        """The :meth:`loss` dict from a :class:`FlowOutput` (e.g. one computed through a DDP wrapper);
+        ``weights``: optional ``(B,)`` per-sample weights, normalised to mean 1, as in :meth:`loss`."""
         loss_z, loss_logdet = self._nll_terms(out)
         nll = loss_z + loss_logdet
         w = torch.ones_like(nll) if weights is None else weights / weights.mean()
@@ -379,6 +381,7 @@ class STARFlow(nn.Module):
 
         Raises:
             RuntimeError: the config has no ``learnable_self_denoiser``.
+            ValueError: a conditional denoiser (``conditional_denoiser``) called without ``y``.
         """
         if self.learnable_self_denoiser is None:
             raise RuntimeError("this model has no learnable denoiser (config learnable_self_denoiser: 0)")
@@ -458,8 +461,11 @@ class STARFlow(nn.Module):
 
         Raises:
             ValueError: noise of another layout or channel count, or a side not divisible by the patch size; text
-                rows do not match the batch; ``known`` without ``mask`` or of another shape, or
-                combined with a video ``context`` or windowed sampling; ``guide_top < 0`` or ``attn_temp <= 0``.
+                rows do not match the batch, or a text-conditioned model without ``y``; ``known`` without ``mask`` or
+                of another shape, or combined with a video ``context`` or windowed sampling; ``guide_top < 0``,
+                ``attn_temp <= 0`` or ``jacobi_auto_batch < 1``; ``jacobi_stop="batch"`` with a ``rank_sync``;
+                windowed sampling without ``1 <= context_frames < window``; a video prefix through a flipped block
+                of a model without ``temporal_causal``.
         """
         self._check_latents(noise, "noise")
         if guide_top is not None and guide_top < 0:
@@ -567,6 +573,10 @@ class STARFlow(nn.Module):
         ``known``: ``(values, mask)``, the block's known input grid and the token mask ``(B, [T,] h, w, 1)``
         (True = generate) for teacher-forced inpainting (see :meth:`reverse`). ``attn_temp``: attention temperature of
         the unconditional guidance rows.
+
+        Raises:
+            ValueError: windowed sampling without ``1 <= context_frames < window``, and the checks of :meth:`reverse`
+                that concern one block.
         """
         block = self.blocks[i]
         n_prefix = 0 if prefix is None else prefix.shape[1]

@@ -53,10 +53,12 @@ class FlowBlock(nn.Module):
 
     @property
     def text_conditioned(self) -> bool:
+        """Whether the block attends to text (it has ``proj_txt``)."""
         return self.proj_txt is not None
 
     @property
     def heads(self) -> int:
+        """Attention heads: width / head_dim."""
         return self.width // self.head_dim
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
@@ -113,6 +115,9 @@ class FlowBlock(nn.Module):
         Returns:
             ``z (B, N, D)`` in x's dtype promoted to float32, ``logdet (B, N, D)`` float32 (nats, ``-log a``),
             and the raw block output ``o (B, N, 2D)``.
+
+        Raises:
+            ValueError: a text-conditioned block without ``y``.
         """
         inp = torch.cat([self.sos_embed.expand(x.shape[0], -1, -1).to(x.dtype), x[:, :-1]], 1) if self.sos else x
         h = self.proj_in(inp.to(self.proj_in.weight.dtype))  # (B, N, W)
@@ -179,6 +184,7 @@ class IdentityBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None, rope: Rope | None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, N, D)`` -> ``(x, zeros, zeros)``: ``z`` float32, log-determinant float32 and raw output."""
         return x.float(), torch.zeros_like(x, dtype=torch.float32), torch.zeros_like(x)
 
 

@@ -67,6 +67,10 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
 
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
+
+    Raises:
+        ValueError: ``negatives`` or ``return_sequence`` with an ``input_video`` for a ``video_to_video`` model, and
+            the errors of the :class:`Pipeline` call.
     """
     fps = settings.fps or pipe.config.fps or None
     todo = list(range(len(captions))) if indices is None else list(indices)

@@ -190,6 +190,7 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
+        """The device of the flow's weights (where sampling runs)."""
         return next(self.model.parameters()).device
 
     @classmethod
@@ -309,12 +310,15 @@ class Pipeline:
         return self.latent_frames(frames), c.channel_size, h // down, w // down
 
     def latent_frames(self, frames: int | None = None) -> int:
-        """Latent frames ``T' = (T - 1) // t + 1`` of ``T`` pixel frames (``t`` the VAE's temporal downsampling).
+        """Latent frames ``T' = (T - 1) // t + 1`` of ``T`` pixel frames (``t`` the VAE's temporal downsampling);
+        ``frames`` None: the config's clip length (``vid_size``).
 
         Raises:
-            ValueError: ``frames < 1``.
+            ValueError: ``frames < 1``, or an image model.
         """
-        return self.vae.geometry.latent_frames(frames or self.config.vid_size[0])
+        if not self.config.is_video:
+            raise ValueError("latent_frames: this is an image model (no vid_size); frames are for video models")
+        return self.vae.geometry.latent_frames(self.config.vid_size[0] if frames is None else frames)
 
     @property
     def window(self) -> int | None:
@@ -503,7 +507,8 @@ class Pipeline:
                 frames the VAE accepts, ``(T - 1) % temporal_downsample == 0``). Its last ``context_length`` latent
                 frames (default ``min(16, W - 1)``) are the prefix (with the ``"(extend) "`` caption when the clip
                 is cut), then ``target_length`` new pixel frames (a multiple of the VAE's temporal factor; default
-                the config's clip length) follow, window by window; the result is the whole clip followed by them.
+                the config's clip length after its first frame, rounded down to that multiple: 80 for
+                ``vid_size 81`` and factor 4, see :func:`continuation_frames`) follow, window by window; the result is the whole clip followed by them.
                 For a ``video_to_video`` model use :meth:`video_to_video`.
             last_image: ``last_frame_cond`` video models: ``(B, C, H, W)`` the end frame, encoded as a one-frame
                 prefix with the ``"(last) "`` caption (before the first frame when ``input_image`` is also given);
@@ -740,7 +745,8 @@ class Pipeline:
         ``z = f(x~, y_source)``, then ``x' = f^-1(z, [y_target; y_uncond], w)``: the image's own noise, decoded
         under the new caption. With ``mask`` only the masked region changes (inpainting with ``z`` as the masked
         noise; known = outside the mask, pasted back in pixels). With ``prompts == source_prompts`` and guidance 0
-        the sampled latents reproduce ``x~`` (up to float error).
+        the sampled latents reproduce ``x~``: up to float error with sequential decoding (``jacobi=False``), to the
+        Jacobi tolerance otherwise (``jacobi_th``; ~1e-2 at the default 1e-4 on a random-weight model).
 
         Args:
             source_prompts: B captions describing the input image.

@@ -170,6 +170,7 @@ class CheckpointManager:
         return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name) and (p / META_FILE).is_file())
 
     def latest(self) -> Path | None:
+        """The newest checkpoint folder of the run, or None."""
         found = self.checkpoints()
         return found[-1] if found else None
 

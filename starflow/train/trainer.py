@@ -132,11 +132,17 @@ class Trainer:
     Args:
         cfg: resolved config (``batch_size`` is global; each rank gets ``batch_size // world_size``).
         dist: this process's rank and device.
-        model: the flow (possibly wrapped for data parallelism by the caller via :attr:`train_model`).
+        model: the flow, unwrapped: the trainer wraps it itself for data parallelism, FSDP2 and ``compile``
+            (:func:`starflow.train.parallelize.parallelize`) into :attr:`train_model`.
         text_encoder: frozen text encoder or None.
         vae: latent adapter.
         dataset: training data (:func:`starflow.data.build_dataset`): an image or video folder, or a :class:`ShardStream`.
         logdir: output folder (checkpoints, samples, ``metrics.jsonl``, ``config.yaml``).
+        secondary: the secondary image set of the video recipe (``secondary_ratio``, SPEC section 16), or None.
+
+    Raises:
+        ValueError: ``batch_size`` or ``secondary_batch_size`` not divisible by world size x ``grad_accum``, and the
+            other config checks of the constructor (each message names the key).
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, model: STARFlow, text_encoder: TextEncoder | None,
@@ -247,7 +253,12 @@ class Trainer:
         return self.checkpoints.save(self.step, self._tensor_state(), meta, local)
 
     def load(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save` (on any number of ranks)."""
+        """Restore a checkpoint written by :meth:`save` (on any number of ranks).
+
+        Raises:
+            CheckpointMismatchError: the checkpoint's tensors do not fit this run's model or optimizer (saved with
+                another config); the message names the changed config keys.
+        """
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
@@ -530,6 +541,11 @@ class Trainer:
 
         With ``dry_run`` one step runs and nothing is written. A run that fails before its first step in a logdir
         it created (unreadable data, say) removes that logdir again.
+
+        Raises:
+            TrainingStopped: SIGTERM or SIGINT arrived; the step in progress finished and a checkpoint was written
+                (the CLI exits with ``128 + signal``).
+            TrainingDiverged: the loss stayed non-finite (see :meth:`train_step`).
         """
         cfg = self.cfg
         end = self.step + 1 if dry_run else min(cfg.steps, self.step + (max_steps or cfg.steps))
