@@ -147,6 +147,8 @@ CASES = [
      "error: --mask_box 0,0,40,4: needs 0 <= x0 < x1 <= 8"),
     ("inpaint --input_image {digit_png} --mask_box a,b --caption x --output_dir {tmp}/inp3", 2,
      "error: --mask_box a,b: expected four integers"),
+    ("inpaint --input_image {digit_png} --mask_box -1,0,4,4 --caption x --output_dir {tmp}/inp5", 2,
+     "expected one argument; a value that starts with '-' goes after '=': --mask_box=VALUE"),
     ("inpaint --input_image {corrupt_png} --mask_box 0,0,4,4 --caption x --output_dir {tmp}/inp4", 2,
      "error: --input_image: cannot read image {corrupt_png}: "),  # the flag, and the path once
     ("edit --input_image {digit_png} --caption x --output_dir {tmp}/ed1", 2, "edit needs --source_caption and --caption"),

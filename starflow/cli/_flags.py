@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,9 @@ class OneLineErrors(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        missing = re.fullmatch(r"argument (--\w+)(?:/\S+)?: expected one argument", message)
+        if missing:  # argparse reads a value such as -1,4,8,8 as a flag
+            message += f"; a value that starts with '-' goes after '=': {missing.group(1)}=VALUE"
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
