@@ -20,7 +20,7 @@ if [ ! -f "$official_ckpt" ]; then
   echo "  Get the STARFlow 3B weights, T5 and SD-VAE with: starflow download t2i --local-dir $here/ckpts" >&2
   echo "  (offline, the same command lists the files to copy by hand; CKPT=path overrides the checkpoint;" >&2
   echo "  the shipped demo model needs no script: starflow sample --caption \"a handwritten digit 3\")" >&2
-  exit 1
+  exit 2
 fi
 args=(--checkpoint_path "$official_ckpt" --model_config_path "$official_cfg" --cfg 3.6 --jacobi 1 --jacobi_th 0.001
       --jacobi_block_size 16)

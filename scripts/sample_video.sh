@@ -21,7 +21,7 @@ if [ ! -f "$ckpt" ]; then
   echo "error: $ckpt not found." >&2
   echo "  Get the STARFlow-V weights, T5 and WAN2.2 VAE with: starflow download t2v --local-dir $here/ckpts" >&2
   echo "  (offline, the same command lists the files to copy by hand; CKPT=path overrides the checkpoint)" >&2
-  exit 1
+  exit 2
 fi
 args=(--checkpoint_path "$ckpt" --model_config_path "$cfg" --cfg 3.5 --jacobi 1 --jacobi_th 0.001
       --jacobi_block_size 32 --aspect_ratio 16:9 --output_dir "${OUTPUT_DIR:-outputs/video}")

@@ -262,4 +262,4 @@ def test_sample_scripts_say_how_to_get_the_weights(script: str, command: str, tm
     env = dict(os.environ, CKPT=str(tmp_path / "missing.pth"))
     r = subprocess.run(["bash", str(ROOT / "scripts" / script), "a corgi", "--output_dir", str(tmp_path / "out")],
                        env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and command in r.stderr and not (tmp_path / "out").exists()
+    assert r.returncode == 2 and command in r.stderr and not (tmp_path / "out").exists()
