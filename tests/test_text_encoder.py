@@ -133,3 +133,30 @@ def test_missing_model_fails_fast_with_help(kind: str, tmp_path, monkeypatch: py
     assert name in message and "T5 text encoder" in message
     if kind == "hub_id":
         assert "hf download starflow-tests/no-such-model" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_unreachable_hub_is_named_in_the_error() -> None:
+    import socket
+
+    from starflow.adapters.hub import missing_model_error, network_failure
+
+    class ConnectError(Exception):  # the HTTP client's class name (httpx), not a ConnectionError subclass
+        pass
+
+    def loader_error(inner: BaseException) -> OSError:  # the chain transformers/diffusers raise when offline
+        try:
+            try:
+                raise ConnectError("[Errno -2] Name or service not known") from inner
+            except ConnectError as e:
+                raise OSError("org/model does not appear to have a file named config.json.") from e
+        except OSError as e:
+            return e
+
+    cause = loader_error(socket.gaierror(-2, "Name or service not known"))
+    assert type(network_failure(cause)).__name__ == "ConnectError"
+    message = str(missing_model_error("org/model", "SD-VAE", cause=cause))
+    assert "could not be reached (ConnectError: [Errno -2] Name or service not known)" in message
+    assert "HF_HUB_OFFLINE=1 to skip" in message
+    plain = OSError("org/model does not appear to have a file named config.json.")
+    assert network_failure(plain) is None
+    assert "could not be reached" not in str(missing_model_error("org/model", "SD-VAE", cause=plain))

@@ -9,6 +9,7 @@ model is missing.
 from __future__ import annotations
 
 import os
+import socket
 
 import huggingface_hub.constants
 
@@ -87,7 +88,35 @@ def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None =
     message = f"Could not load the {what} {where!r}. {how}"
     if cause is not None:
         message += f"\nUnderlying error: {type(cause).__name__}: {cause}"
+        network = network_failure(cause)
+        if network is not None:
+            message += (f"\nThe Hugging Face Hub could not be reached ({type(network).__name__}: {network}): the "
+                        "model is not in the local cache and there is no network. Set HF_HUB_OFFLINE=1 to skip the "
+                        "connection attempts.")
     return FileNotFoundError(message)
+
+
+def network_failure(error: BaseException) -> BaseException | None:
+    """The connection error behind a loader error, if a failed connection caused it.
+
+    ``transformers``/``diffusers`` report an unreachable Hub as a missing file ("does not appear to have a file
+    named config.json"); the cause is further down the exception chain (``__cause__``/``__context__``).
+
+    Args:
+        error: the loader's exception.
+
+    Returns:
+        The first connection error in the chain (a ``ConnectionError``, ``socket.gaierror``, or an HTTP client's
+        ``ConnectError``/``ConnectTimeout``), or None.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        name = type(error).__name__
+        if isinstance(error, (ConnectionError, socket.gaierror)) or name in ("ConnectError", "ConnectTimeout"):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def check_local_folder(name_or_path: str, what: str, *, subfolder: str | None = None) -> None:

@@ -144,16 +144,19 @@ def load_clip(model_name_or_path: str, device: torch.device | str = "cpu"):
     """
     from transformers import CLIPModel, CLIPProcessor
 
-    from starflow.adapters.hub import hub_offline
+    from starflow.adapters.hub import hub_offline, network_failure
 
     try:
         model = CLIPModel.from_pretrained(model_name_or_path, local_files_only=hub_offline()).to(device).eval()
         processor = CLIPProcessor.from_pretrained(model_name_or_path, local_files_only=hub_offline())
     except OSError as err:
+        network = network_failure(err)
         raise FileNotFoundError(
             f"CLIP model {model_name_or_path!r} not found: it needs config.json, the weights (model.safetensors) and "
             "the processor files (preprocessor_config.json, vocab.json, merges.txt, tokenizer_config.json); "
-            f"download them with `hf download {model_name_or_path}` or pass --clip_model FOLDER") from err
+            f"download them with `hf download {model_name_or_path}` or pass --clip_model FOLDER"
+            + ("" if network is None else f" (the Hugging Face Hub could not be reached: {network}; set "
+               "HF_HUB_OFFLINE=1 to skip the connection attempts)")) from err
     return model, processor
 
 
