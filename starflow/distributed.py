@@ -20,6 +20,8 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import signal
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "shard_model", "any_rank",
-           "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference", "from_rank0"]
+           "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference", "from_rank0",
+           "stop_with_launcher"]
 
 T = TypeVar("T")
 
@@ -98,11 +101,45 @@ def init_distributed(device: str | None = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank, world)
+    if launched:
+        stop_with_launcher()
     if launched and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, dev, group=dist.is_available() and dist.is_initialized())
+
+
+def stop_with_launcher(signum: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send this process ``signum`` when its parent (the torchrun launcher) dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``).
+
+    torchrun starts its workers in their own session, so a launcher killed outright (``kill -9``, a node agent's
+    OOM kill) leaves them running on, writing the run's folder beside the rerun. With this a worker gets SIGTERM
+    instead: training stops after its step with a checkpoint (:class:`~starflow.train.trainer.StopSignals`), other
+    commands end.
+
+    Returns:
+        Whether it was set (False off Linux, or when the parent had already gone: then ``signum`` is sent at once).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request: nobody will send it now
+        os.kill(os.getpid(), signum)
+        return False
+    return True
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def cleanup_distributed() -> None:

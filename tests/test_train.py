@@ -502,3 +502,22 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_resumes(ti
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"at step {step}" in done.stdout and [m["step"] for m in read_metrics(logdir)] == list(range(1, step + 2))
+
+
+def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once() -> None:
+    import os
+    import signal
+
+    from starflow.train.trainer import StopSignals
+
+    stop = StopSignals(verbose=False)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # (a scheduler's, and torchrun's passed on)
+        assert stop.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle

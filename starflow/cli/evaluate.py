@@ -141,6 +141,7 @@ def generate_set(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation.generate import check_set, set_record
     from starflow.evaluation.generate import generate_set as make_set
+    from starflow.folder_lock import FolderLock
 
     if args.checkpoint_path is None:
         args.checkpoint_path = str(assets.DEMO_DIR)
@@ -165,9 +166,15 @@ def generate_set(args: argparse.Namespace) -> int:
               "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict()}
     check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record))
     dist = init_distributed(args.device)
-    pipe, cfg, checkpoint = load_pipeline(args, dist)
-    summary = make_set(pipe, captions, Path(args.out), sample_settings(args, cfg), seed=cfg.seed,
-                       batch_size=args.sample_batch_size, dist=dist, record=record)
+    lock = FolderLock(out, "sample set", " (or pass another --out)")
+    if dist.is_main and out.is_dir():  # said before the weights load; generate_set holds it as well
+        lock.acquire()
+    try:
+        pipe, cfg, checkpoint = load_pipeline(args, dist)
+        summary = make_set(pipe, captions, Path(args.out), sample_settings(args, cfg), seed=cfg.seed,
+                           batch_size=args.sample_batch_size, dist=dist, record=record)
+    finally:
+        lock.release()
     if dist.is_main:
         print(f"{args.out}: {summary.total} images ({summary.existing} already there, {summary.written} written in "
               f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s on {dist.world_size} process(es)); "

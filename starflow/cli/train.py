@@ -58,11 +58,9 @@ def check_logdir_run(cfg, resume: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the run (:func:`starflow.train.launch.build_trainer`), resume, fit, export ``logdir/model``."""
-    import torch
-
-    from starflow.distributed import cleanup_distributed, init_distributed
-    from starflow.train.launch import NO_DATA, build_trainer
-    from starflow.train.trainer import TrainingDiverged
+    from starflow.distributed import init_distributed
+    from starflow.folder_lock import FolderLock
+    from starflow.train.launch import NO_DATA
 
     if args.resume_path is not None:
         if args.init_from is not None:
@@ -84,6 +82,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:  # (a dry run writes nothing)
         check_logdir_run(cfg, args.resume)
     dist = init_distributed(args.device)
+    lock = None
+    if cfg.logdir and dist.is_main and not args.dry_run and Path(cfg.logdir).is_dir():
+        # one run per logdir, said before the data and the model load; held until the model folder is written
+        lock = FolderLock(cfg.logdir, "training logdir", " (or pass another --logdir)").acquire()
+    try:
+        return _train(args, cfg, dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, cfg, dist) -> int:
+    """Everything of :func:`run` after the checks: build, resume, fit, export."""
+    import torch
+
+    from starflow.distributed import cleanup_distributed
+    from starflow.train.launch import build_trainer
+    from starflow.train.trainer import TrainingDiverged
+
     trainer = build_trainer(cfg, dist, Path(args.config).parent)
     if dist.is_main:
         n = sum(p.numel() for p in trainer.model.parameters())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from starflow.distributed import DistInfo, from_rank0
+from starflow.folder_lock import FolderLock
 from starflow.sampling.batch import write_samples
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 
@@ -146,18 +147,25 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
 
     Raises:
         ValueError: ``out`` holds a different set.
+        FolderBusyError: another process is writing this set (:class:`starflow.folder_lock.FolderLock`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_or_write_record(out, captions, set_record(captions, settings, seed, record), dist)
-    if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
-        for stale in out.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    # one listing, by rank 0, sent to every rank before anyone writes: the ranks cannot disagree (NFS caches)
-    missing = from_rank0(lambda: [i for i in range(len(captions)) if not sample_path(out, i).is_file()])
-    start = time.perf_counter()
-    write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
-                  stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set")
+    lock = FolderLock(out, "sample set", " (or pass another --out)")
+    if dist.is_main:  # one writer per set (the other ranks stop when torchrun sees this one fail)
+        lock.acquire()
+    try:
+        _check_or_write_record(out, captions, set_record(captions, settings, seed, record), dist)
+        if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
+            for stale in out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        # one listing, by rank 0, sent to every rank before anyone writes: the ranks cannot disagree (NFS caches)
+        missing = from_rank0(lambda: [i for i in range(len(captions)) if not sample_path(out, i).is_file()])
+        start = time.perf_counter()
+        write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
+                      stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set")
+    finally:
+        lock.release()
     return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)
 
 

@@ -39,6 +39,7 @@ from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
 from starflow.distributed import DistInfo, any_rank, is_sharded
+from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
@@ -76,7 +77,9 @@ def peak_memory_gib(device: torch.device) -> float:
 class StopSignals:
     """Once installed (in the main thread), SIGTERM and SIGINT ask the training loop to stop at the end
     of the step it is in, after writing a checkpoint, instead of killing it mid-step: a job scheduler's SIGTERM
-    (preemption, a time limit) and Ctrl-C then lose no step. A second signal stops at once (KeyboardInterrupt).
+    (preemption, a time limit) and Ctrl-C then lose no step. A second SIGINT (Ctrl-C again) stops at once
+    (KeyboardInterrupt); further SIGTERMs are the same request and change nothing (a scheduler signals the launcher
+    and the workers alike, and torchrun passes its own SIGTERM on to them).
 
     Attributes:
         received: the first signal's number, or 0.
@@ -91,11 +94,13 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if self.received:
+            if signum == signal.SIGTERM:
+                return
             raise KeyboardInterrupt
         self.received = signum
         if self.verbose:
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (signal again to "
-                       "stop at once)")
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C to stop "
+                       "at once)")
 
     def install(self) -> None:
         """Take over the signals (in the main thread only; elsewhere they keep their handlers)."""
@@ -550,8 +555,10 @@ class Trainer:
         cfg = self.cfg
         end = self.step + 1 if dry_run else min(cfg.steps, self.step + (max_steps or cfg.steps))
         created = self.dist.is_main and not dry_run and not self.logdir.exists()
+        lock = FolderLock(self.logdir, "training logdir", " (or pass another --logdir)")
         if self.dist.is_main and not dry_run:
             self.logdir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # one run per logdir (the other ranks stop when torchrun sees this one fail)
             save_config(cfg, self.logdir / "config.yaml")
         history: list[dict[str, float]] = []
         logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run,
@@ -608,6 +615,7 @@ class Trainer:
             stop.restore()
             bar.close()
             logger.close()
+            lock.release()
         if self.skipped_updates:
             self._log(f"{self.skipped_updates} updates skipped (non-finite or above grad_clip)")
         skipped = self.skipped_images()

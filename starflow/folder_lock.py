@@ -1,0 +1,86 @@
+"""One writer per run folder: an advisory lock on a training logdir or a sample set while a process writes it.
+
+Two processes writing the same folder (a rerun started while the first run still runs, or workers left running
+after their launcher was killed) would resume from each other's checkpoints, log the same steps twice and delete
+each other's temporary files. The lock is ``fcntl.flock`` on ``FOLDER/.lock``: the kernel releases it when its
+holder exits, however it exits (a killed run leaves no stale lock to clean up). The file stays behind, holding the
+last holder's pid and host, which the refusal names. Where ``fcntl`` does not exist (Windows) nothing is locked.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
+__all__ = ["LOCK_FILE", "FolderLock", "FolderBusyError"]
+
+LOCK_FILE = ".lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on ``folder`` (``with FolderLock(folder, "logdir"): ...``, or
+    :meth:`acquire` / :meth:`release`).
+
+    Args:
+        folder: an existing folder.
+        what: what the folder is, for the message (``"training logdir"``, ``"sample set"``).
+        hint: how to get past the refusal, appended to the message.
+
+    Raises:
+        FolderBusyError: (from :meth:`acquire`) another process holds the lock; the message names its pid and host.
+    """
+
+    _held: dict[str, list[int]] = {}  # folder -> [fd, holders]: this process's locks (nested holders share one)
+
+    def __init__(self, folder: str | Path, what: str, hint: str = "") -> None:
+        self.folder, self.what, self.hint = Path(folder), what, hint
+        self._key = os.path.realpath(self.folder)
+        self._holding = False
+
+    def acquire(self) -> "FolderLock":
+        """Take the lock, or raise :class:`FolderBusyError` at once (no waiting). Reentrant within a process: a
+        folder this process already locks (the CLI around :meth:`~starflow.train.trainer.Trainer.fit`) is shared."""
+        if fcntl is None or self._holding:
+            return self
+        held = self._held.get(self._key)
+        if held is None:
+            fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise FolderBusyError(f"{self.folder}: {holder} is writing to this {self.what} now; wait for it to "
+                                      f"end or stop it{self.hint}") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+            held = self._held[self._key] = [fd, 0]
+        held[1] += 1
+        self._holding = True
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (the last holder in the process closes the file, which releases it); the file stays."""
+        if not self._holding:
+            return
+        self._holding = False
+        held = self._held[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            os.close(held[0])
+            del self._held[self._key]
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

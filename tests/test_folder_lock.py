@@ -1,0 +1,94 @@
+"""One writer per run folder: a training logdir or a sample set another live process writes is refused."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from starflow.assets import DEMO_DIR
+from starflow.cli import main
+from starflow.folder_lock import LOCK_FILE, FolderBusyError, FolderLock
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = ("import sys, time\nfrom starflow.folder_lock import FolderLock\nFolderLock(sys.argv[1], 'x').acquire()\n"
+        "print('locked', flush=True)\ntime.sleep(600)\n")
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process that locks ``folder`` and keeps it (until killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_live_holder_is_refused_and_a_killed_one_frees_the_folder(tmp_path) -> None:
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(FolderBusyError, match=rf"process {holder.pid} on .* is writing to this sample set now"):
+            FolderLock(tmp_path, "sample set").acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with FolderLock(tmp_path, "sample set"):  # the kernel dropped the dead holder's lock: no stale lock to clean
+        assert (tmp_path / LOCK_FILE).is_file()
+
+
+def test_nested_holders_in_one_process_share_the_lock(tmp_path) -> None:
+    outer = FolderLock(tmp_path, "logdir").acquire()
+    inner = FolderLock(tmp_path / ".", "logdir").acquire()  # the same folder, spelled otherwise
+    inner.release()
+    probe = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(600)", "pass"), str(tmp_path)],
+                           capture_output=True, text=True)
+    assert probe.returncode == 1 and "FolderBusyError" in probe.stderr  # the outer holder still has it
+    outer.release()
+    assert not FolderLock._held
+
+
+def test_generate_set_and_train_refuse_a_folder_another_run_writes(tmp_path, digits, capsys) -> None:
+    out, logdir = tmp_path / "set", tmp_path / "run"
+    out.mkdir()
+    logdir.mkdir()
+    holders = [_holder(out), _holder(logdir)]
+    try:
+        assert main(["generate-set", "--checkpoint_path", str(DEMO_DIR), "--caption", "a handwritten digit 4",
+                     "--num_samples", "2", "--out", str(out), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"process {holders[0].pid}" in err and "is writing to this sample set now" in err and "--out" in err
+        assert not list(out.glob("*.png"))
+        assert main(["train", "--config", str(ROOT / "configs" / "demo_digits.yaml"), "--data", str(digits["train"]),
+                     "--logdir", str(logdir), "--device", "cpu", "--steps", "2", "--sample_freq", "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"process {holders[1].pid}" in err and "is writing to this training logdir now" in err
+        assert not (logdir / "config.yaml").exists() and not (logdir / "checkpoints").exists()
+    finally:
+        for h in holders:
+            h.send_signal(signal.SIGKILL)
+            h.wait()
+    assert main(["generate-set", "--checkpoint_path", str(DEMO_DIR), "--caption", "a handwritten digit 4",
+                 "--num_samples", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert len(list(out.glob("*.png"))) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_is_stopped_when_its_launcher_is_killed(tmp_path) -> None:
+    """torchrun starts workers in their own session; ``stop_with_launcher`` (called by ``init_distributed`` under
+    torchrun) turns the launcher's death into a SIGTERM for them."""
+    flag = tmp_path / "stopped"
+    worker = ("import signal, sys, time\nfrom starflow.distributed import stop_with_launcher\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w').write('TERM'), sys.exit(0)))\n"
+              "print(stop_with_launcher(), flush=True)\ntime.sleep(120)\n")
+    launcher = ("import subprocess, sys, time\n"
+                f"w = subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]], start_new_session=True, "
+                "stdout=subprocess.PIPE, text=True)\nprint(w.stdout.readline().strip(), flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(flag)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "True"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.read_text() == "TERM"
