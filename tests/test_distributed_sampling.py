@@ -152,3 +152,34 @@ def test_a_single_caption_counts_as_the_official_script(tmp_path: Path) -> None:
     assert main(files + ["--num_samples", "2", "--output_dir", str(tmp_path / "file2")]) == 0
     assert len(pngs(tmp_path / "file2")) == 4
     assert main(base + ["--num_samples", "0", "--output_dir", str(tmp_path / "zero")]) == 2
+
+
+def test_rank_zero_progress_counts_every_rank(tmp_path, monkeypatch) -> None:
+    """The bar of rank 0 of 2 counts the samples both ranks make (5 here, 3 of them rank 0's)."""
+    import torch
+
+    import starflow.sampling.batch as batch_module
+    from starflow.distributed import DistInfo
+    from starflow.sampling.pipeline import Pipeline, SampleSettings
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.count = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.count += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(batch_module, "tqdm", Bar)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)  # (no process group in this one process)
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    captions = [f"a handwritten digit {d}" for d in range(5)]
+    batch_module.write_samples(pipe, captions, SampleSettings(), tmp_path, seed=0, batch_size=2,
+                               dist=DistInfo(0, 2, 0, torch.device("cpu")))
+    assert len(list(tmp_path.glob("*.png"))) == 3  # this rank's share: samples 0, 2 and 4
+    assert [(b.total, b.count) for b in bars] == [(5, 5)]

@@ -60,7 +60,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         profile, stats: optional per-stage timer and evaluation counter.
         indices: the samples to make (e.g. those a resumed run still lacks).
         stem: the output path of sample ``i`` without suffix.
-        progress: the progress bar's label (rank 0 shows it, counting this rank's samples).
+        progress: the progress bar's label (rank 0 shows it, counting the samples of every rank).
         negatives: one negative prompt per caption (the unconditional guidance rows), or None (all ``""``).
         return_sequence: also write ``stem_sequence.png`` (``.mp4`` for videos): the noise, each flow block's
             output and the result, decoded side by side (see ``sequence`` in :meth:`Pipeline.__call__`).
@@ -78,17 +78,19 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
     groups: dict[str, list[int]] = {}
     for i in todo:
         groups.setdefault(ratios[i], []).append(i)
-    schedule = []  # (aspect ratio, this rank's indices, None = padding, the group's first index)
+    schedule = []  # (aspect ratio, this rank's indices, None = padding, the group's first index, the group's size)
     for ratio, group in groups.items():
         per_rank = -(-len(group) // dist.world_size)
         mine: list[int | None] = group[dist.rank :: dist.world_size]
-        schedule.append((ratio, mine + [None] * (per_rank - len(mine)), group[0]))
+        schedule.append((ratio, mine + [None] * (per_rank - len(mine)), group[0], len(group)))
     shape: tuple[int, ...] = ()
-    bar = tqdm(total=sum(len(m) for _, m, _ in schedule), disable=not dist.is_main, desc=progress, unit="img",
-               dynamic_ncols=True)
-    batches = [(ratio, mine[s : s + batch_size], pad) for ratio, mine, pad in schedule
-               for s in range(0, len(mine), batch_size)]
-    for ratio, idx, pad in batches:
+    # rank 0's bar counts the samples of every rank: the ranks run the same batches in step, and batch [s, s + b) of
+    # each rank's share holds positions [s W, (s + b) W) of its group (W ranks)
+    world = dist.world_size
+    bar = tqdm(total=len(todo), disable=not dist.is_main, desc=progress, unit="img", dynamic_ncols=True)
+    batches = [(ratio, mine[s : s + batch_size], pad, min(n, (s + batch_size) * world) - min(n, s * world))
+               for ratio, mine, pad, n in schedule for s in range(0, len(mine), batch_size)]
+    for ratio, idx, pad, made in batches:
         settings_b = replace(settings, aspect_ratio=ratio)
         real = [pad if i is None else i for i in idx]  # padding repeats a sample of the group (its file is not written)
         batch = {k: v.expand(len(real), *v.shape[1:]) for k, v in (inputs or {}).items()}
@@ -113,7 +115,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
                     panels = torch.cat([stage[r] for stage in sequence], dim=-1)  # side by side
                     path = stem(out, i, captions[i])
                     save_sample(panels, path.with_name(path.name + "_sequence"), fps)
-        bar.update(len(idx))
+        bar.update(made)
     bar.close()
     if dist.distributed:
         torch.distributed.barrier()
