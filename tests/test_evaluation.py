@@ -274,3 +274,17 @@ def test_reference_statistics_record_their_extractor(tmp_path) -> None:
     (tmp_path / "objects.npz").write_bytes((tmp_path / "objects.npy").read_bytes())
     with pytest.raises(ValueError, match="not a reference statistics file written by --save_stats"):
         load_stats(tmp_path / "objects.npz")
+
+
+def test_generate_set_stopped_by_sigterm_says_how_to_resume(tmp_path) -> None:
+    out = tmp_path / "set"
+    proc = subprocess.Popen(_generate(out, 400), env=run_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.png"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM: rerun the same command to resume (from the samples already written)" in err
+    assert 2 <= len(list(out.glob("*.png"))) < 400
