@@ -4,12 +4,14 @@ Two processes writing the same folder (a rerun started while the first run still
 after their launcher was killed) would resume from each other's checkpoints, log the same steps twice and delete
 each other's temporary files. The lock is ``fcntl.flock`` on ``FOLDER/.lock``: the kernel releases it when its
 holder exits, however it exits (a killed run leaves no stale lock to clean up). The file stays behind, holding the
-last holder's pid and host, which the refusal names. Where ``fcntl`` does not exist (Windows) nothing is locked.
+last holder's pid and host, which the refusal names. Where ``fcntl`` does not exist (Windows), or the file system
+refuses locks (Lustre mounted ``noflock``), nothing is locked (the latter with a warning).
 """
 from __future__ import annotations
 
 import os
 import socket
+import warnings
 from pathlib import Path
 
 try:
@@ -53,7 +55,10 @@ class FolderLock:
             return self
         held = self._held.get(self._key)
         if held is None:
-            fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # (a read-only folder: the writes that follow say so)
+                return self._unlocked(e)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -61,11 +66,19 @@ class FolderLock:
                 os.close(fd)
                 raise FolderBusyError(f"{self.folder}: {holder} is writing to this {self.what} now; wait for it to "
                                       f"end or stop it{self.hint}") from None
+            except OSError as e:  # a file system without flock (e.g. Lustre mounted with noflock)
+                os.close(fd)
+                return self._unlocked(e)
             os.ftruncate(fd, 0)
             os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
             held = self._held[self._key] = [fd, 0]
         held[1] += 1
         self._holding = True
+        return self
+
+    def _unlocked(self, error: OSError) -> "FolderLock":
+        warnings.warn(f"{self.folder}: cannot lock this {self.what} ({error}); going on unlocked: make sure no other "
+                      "process writes it", stacklevel=3)
         return self
 
     def release(self) -> None:

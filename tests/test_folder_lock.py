@@ -92,3 +92,18 @@ def test_a_worker_is_stopped_when_its_launcher_is_killed(tmp_path) -> None:
     while not flag.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert flag.read_text() == "TERM"
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import starflow.folder_lock as folder_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(folder_lock.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="cannot lock this training logdir .*Function not implemented.*going on"):
+        lock = FolderLock(tmp_path, "training logdir").acquire()
+    lock.release()
+    assert not FolderLock._held
