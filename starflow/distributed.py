@@ -116,8 +116,8 @@ def stop_with_launcher(signum: int = signal.SIGTERM) -> bool:
 
     torchrun starts its workers in their own session, so a launcher killed outright (``kill -9``, a node agent's
     OOM kill) leaves them running on, writing the run's folder beside the rerun. With this a worker gets SIGTERM
-    instead: training stops after its step with a checkpoint (:class:`~starflow.train.trainer.StopSignals`), other
-    commands end.
+    instead: training stops after its step with a checkpoint, ``generate-set`` after its batch
+    (:class:`~starflow.signals.StopSignals`), other commands end.
 
     Returns:
         Whether it was set (False off Linux, or when the parent had already gone: then ``signum`` is sent at once).

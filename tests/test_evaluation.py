@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -286,5 +287,9 @@ def test_generate_set_stopped_by_sigterm_says_how_to_resume(tmp_path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "stopped by SIGTERM: rerun the same command to resume (from the samples already written)" in err
-    assert 2 <= len(list(out.glob("*.png"))) < 400
+    stopped = re.search(r"stopped by SIGTERM after (\d+) of the 400 samples of this run: rerun the same command to "
+                        r"resume \(from the samples already written\)", err)
+    assert stopped, err[-2000:]
+    # the batch in progress was finished: every sample the message counts is a complete file, and no temporary one
+    assert len(list(out.glob("*.png"))) == int(stopped.group(1)) < 400
+    assert not list(out.glob(".*.tmp"))

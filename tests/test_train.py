@@ -508,7 +508,7 @@ def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once()
     import os
     import signal
 
-    from starflow.train.trainer import StopSignals
+    from starflow.signals import StopSignals
 
     stop = StopSignals(verbose=False)
     stop.install()

@@ -4,7 +4,6 @@ precision/recall, CLIP score of a set)."""
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 
 from starflow import assets
@@ -137,14 +136,6 @@ def weights_fingerprint(checkpoint: Path, ema: bool) -> list[str]:
     return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
 
 
-def _stopped(signum: int, frame) -> None:
-    """SIGTERM handler of ``generate-set``: a KeyboardInterrupt that names the signal (``starflow.cli.main`` says
-    how to resume and exits ``128 + signum``); the images written so far are complete files."""
-    stop = KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-    stop.signum = signum
-    raise stop
-
-
 def generate_set(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
     from starflow.distributed import cleanup_distributed, init_distributed
@@ -175,7 +166,6 @@ def generate_set(args: argparse.Namespace) -> int:
               "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict()}
     check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record))
     dist = init_distributed(args.device)
-    previous = signal.signal(signal.SIGTERM, _stopped)  # a scheduler's stop: said like Ctrl-C, with how to resume
     lock = FolderLock(out, "sample set", " (or pass another --out)")
     if dist.is_main and out.is_dir():  # said before the weights load; generate_set holds it as well
         lock.acquire()
@@ -185,7 +175,6 @@ def generate_set(args: argparse.Namespace) -> int:
                            batch_size=args.sample_batch_size, dist=dist, record=record)
     finally:
         lock.release()
-        signal.signal(signal.SIGTERM, previous)
     if dist.is_main:
         print(f"{args.out}: {summary.total} images ({summary.existing} already there, {summary.written} written in "
               f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s on {dist.world_size} process(es)); "

@@ -20,6 +20,7 @@ from starflow.distributed import DistInfo, from_rank0
 from starflow.folder_lock import FolderLock
 from starflow.sampling.batch import write_samples
 from starflow.sampling.pipeline import Pipeline, SampleSettings
+from starflow.signals import StopSignals
 
 __all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set", "set_record", "sample_path",
            "read_set_captions"]
@@ -148,6 +149,7 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     Raises:
         ValueError: ``out`` holds a different set.
         FolderBusyError: another process is writing this set (:class:`starflow.folder_lock.FolderLock`).
+        Stopped: SIGTERM or SIGINT arrived; the batch in progress was written first (rerun to resume).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,8 +164,10 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
         # one listing, by rank 0, sent to every rank before anyone writes: the ranks cannot disagree (NFS caches)
         missing = from_rank0(lambda: [i for i in range(len(captions)) if not sample_path(out, i).is_file()])
         start = time.perf_counter()
-        write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
-                      stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set")
+        with StopSignals(verbose=dist.is_main, at="after this batch, its images written") as stop:
+            write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
+                          stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set",
+                          stop=stop)
     finally:
         lock.release()
     return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)

@@ -14,6 +14,7 @@ from starflow.distributed import DistInfo
 from starflow.models.jacobi import DecodeStats
 from starflow.sampling.io import sample_stem, save_sample
 from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
+from starflow.signals import StopSignals, Stopped, agreed_stop
 
 __all__ = ["write_samples", "sample_aspect_ratios", "RANDOM_ASPECT"]
 
@@ -35,7 +36,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
                   profile: Profile | None = None, stats: DecodeStats | None = None,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
                   progress: str = "sample", negatives: Sequence[str] | None = None,
-                  return_sequence: bool = False) -> tuple[int, ...]:
+                  return_sequence: bool = False, stop: StopSignals | None = None) -> tuple[int, ...]:
     """Sample caption ``i`` with seed ``seed + i`` into ``stem(out, i, captions[i])`` (see
     :func:`starflow.sampling.io.save_sample`), for every ``i`` of ``indices`` (default: all captions).
 
@@ -64,6 +65,8 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         negatives: one negative prompt per caption (the unconditional guidance rows), or None (all ``""``).
         return_sequence: also write ``stem_sequence.png`` (``.mp4`` for videos): the noise, each flow block's
             output and the result, decoded side by side (see ``sequence`` in :meth:`Pipeline.__call__`).
+        stop: installed :class:`~starflow.signals.StopSignals`: after each batch (its files written) a signal any
+            rank received stops every rank.
 
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
@@ -71,6 +74,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
     Raises:
         ValueError: ``negatives`` or ``return_sequence`` with an ``input_video`` for a ``video_to_video`` model, and
             the errors of the :class:`Pipeline` call.
+        Stopped: ``stop`` received a signal; the batches before it are written.
     """
     fps = settings.fps or pipe.config.fps or None
     todo = list(range(len(captions))) if indices is None else list(indices)
@@ -90,6 +94,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
     bar = tqdm(total=len(todo), disable=not dist.is_main, desc=progress, unit="img", dynamic_ncols=True)
     batches = [(ratio, mine[s : s + batch_size], pad, min(n, (s + batch_size) * world) - min(n, s * world))
                for ratio, mine, pad, n in schedule for s in range(0, len(mine), batch_size)]
+    done = 0
     for ratio, idx, pad, made in batches:
         settings_b = replace(settings, aspect_ratio=ratio)
         real = [pad if i is None else i for i in idx]  # padding repeats a sample of the group (its file is not written)
@@ -116,6 +121,11 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
                     path = stem(out, i, captions[i])
                     save_sample(panels, path.with_name(path.name + "_sequence"), fps)
         bar.update(made)
+        done += made
+        signum = agreed_stop(stop, pipe.device) if stop is not None else 0
+        if signum:
+            bar.close()
+            raise Stopped(signum, f"after {done} of the {len(todo)} samples of this run")
     bar.close()
     if dist.distributed:
         torch.distributed.barrier()

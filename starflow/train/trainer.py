@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,11 +36,12 @@ from starflow.checkpoint import save_weights
 from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
-from starflow.distributed import DistInfo, any_rank, is_sharded
+from starflow.distributed import DistInfo, is_sharded
 from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid
 from starflow.sampling.pipeline import Pipeline, SampleSettings
+from starflow.signals import StopSignals, Stopped, agreed_stop
 from starflow.train.ema import EMA, EMA_WEIGHTS
 from starflow.train.init_from import InitReport, init_from
 from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
@@ -53,7 +52,7 @@ from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_s
                                         native_bf16, shard_text_encoder, training_dtype)
 from starflow.train.state import CheckpointManager, CheckpointMismatchError, rng_state, set_rng_state
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "StopSignals", "GRAD_SKIP_AFTER"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
@@ -74,54 +73,12 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-class StopSignals:
-    """Once installed (in the main thread), SIGTERM and SIGINT ask the training loop to stop at the end
-    of the step it is in, after writing a checkpoint, instead of killing it mid-step: a job scheduler's SIGTERM
-    (preemption, a time limit) and Ctrl-C then lose no step. A second SIGINT (Ctrl-C again) stops at once
-    (KeyboardInterrupt); further SIGTERMs are the same request and change nothing (a scheduler signals the launcher
-    and the workers alike, and torchrun passes its own SIGTERM on to them).
-
-    Attributes:
-        received: the first signal's number, or 0.
-    """
-
-    SIGNALS = ("SIGTERM", "SIGINT")
-
-    def __init__(self, verbose: bool = True) -> None:
-        self.received = 0
-        self.verbose = verbose  # (rank 0 says it; every rank stops)
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received:
-            if signum == signal.SIGTERM:
-                return
-            raise KeyboardInterrupt
-        self.received = signum
-        if self.verbose:
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C to stop "
-                       "at once)")
-
-    def install(self) -> None:
-        """Take over the signals (in the main thread only; elsewhere they keep their handlers)."""
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
-
-    def restore(self) -> None:
-        """Give the signals back their previous handlers."""
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous.clear()
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """Training stopped on a signal (:class:`StopSignals`) after writing a checkpoint; ``signum`` is the signal."""
+class TrainingStopped(Stopped):
+    """Training stopped on a signal (:class:`starflow.signals.StopSignals`) after writing a checkpoint; ``signum`` is
+    the signal."""
 
     def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, after writing its checkpoint")
-        self.signum = signum
+        super().__init__(signum, f"at step {step}, after writing its checkpoint")
 
 
 def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
@@ -570,7 +527,7 @@ class Trainer:
         # elapsed_s: wall time since this fit started, everything included
         t0 = window_start = time.perf_counter()
         window_seen = 0
-        stop = StopSignals(verbose=self.dist.is_main)
+        stop = StopSignals(verbose=self.dist.is_main, at="after this step, with a checkpoint")
         if not dry_run:
             stop.install()
         try:
@@ -600,7 +557,7 @@ class Trainer:
                     self.save()
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
-                signum = self._agreed_stop(stop.received)
+                signum = agreed_stop(stop, self.dist.device)
                 if signum:
                     if not saved:
                         self.save()
@@ -624,14 +581,6 @@ class Trainer:
             self._log(f"{skipped} data file(s) skipped (missing or unreadable; logged as skipped_images in "
                       f"metrics.jsonl), e.g. {few}")
         return history
-
-    def _agreed_stop(self, signum: int) -> int:
-        """The stop signal, agreed by every rank (the largest signal number any rank received; 0 = go on): the ranks
-        must stop after the same step to write one checkpoint together. One small all-reduce per step when
-        distributed."""
-        if not self.dist.distributed:
-            return signum
-        return int(any_rank(torch.tensor([signum], dtype=torch.int32, device=self.dist.device)).item())
 
     def export(self, folder: str | Path) -> Path | None:
         """Write a model folder (``config.yaml``, ``model.safetensors`` in the official layout, and with

@@ -1,0 +1,89 @@
+"""Stopping long work on a signal at a safe point: SIGTERM (a scheduler's preemption or time limit) and Ctrl-C.
+
+Training stops after the step in progress, with a checkpoint; ``generate-set`` after the batch in progress, its images
+written. :class:`StopSignals` records the signal, the loop asks :func:`agreed_stop` at its safe point (every rank
+stops after the same step or batch) and raises :class:`Stopped`; ``starflow.cli.main`` says how to resume and exits
+``128 + signal``.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+__all__ = ["StopSignals", "Stopped", "agreed_stop"]
+
+
+class Stopped(KeyboardInterrupt):
+    """Work stopped on a signal at a safe point; ``signum`` is the signal (the exit status is ``128 + signum``)."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum = signum
+
+
+class StopSignals:
+    """While installed (``with StopSignals(...) as stop``, in the main thread), SIGTERM and SIGINT ask the loop to
+    stop at its next safe point instead of killing it mid-step. A second SIGINT (Ctrl-C again) stops at once
+    (KeyboardInterrupt); further SIGTERMs are the same request and change nothing (a scheduler signals the launcher
+    and the workers alike, and torchrun passes its own SIGTERM on to them).
+
+    Args:
+        verbose: say so when the first signal arrives (rank 0 says it; every rank stops).
+        at: the safe point, for that message (``"after this step, with a checkpoint"``).
+
+    Attributes:
+        received: the first signal's number, or 0.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self, verbose: bool = True, at: str = "after this step") -> None:
+        self.received = 0
+        self.verbose, self.at = verbose, at
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received:
+            if signum == signal.SIGTERM:
+                return
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.verbose:
+            tqdm.write(f"{signal.Signals(signum).name}: stopping {self.at} (Ctrl-C to stop at once)")
+
+    def install(self) -> "StopSignals":
+        """Take over the signals (in the main thread only; elsewhere they keep their handlers)."""
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Give the signals back their previous handlers."""
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def agreed_stop(stop: StopSignals | None, device: torch.device | str = "cpu") -> int:
+    """The stop signal every rank agrees on at a safe point: the largest signal number any rank received, 0 = go on.
+    The ranks must stop after the same step or batch (a checkpoint is written together; sharded sampling needs every
+    rank in every batch). One small all-reduce of an int32 scalar on ``device`` when ``torch.distributed`` is
+    initialised; every rank must call it equally often."""
+    signum = stop.received if stop is not None else 0
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return signum
+    flag = torch.tensor(signum, dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
