@@ -120,7 +120,8 @@ def stop_with_launcher(signum: int = signal.SIGTERM) -> bool:
     (:class:`~starflow.signals.StopSignals`), other commands end.
 
     Returns:
-        Whether it was set (False off Linux, or when the parent had already gone: then ``signum`` is sent at once).
+        Whether it was set (False off Linux, or when the parent died while it was being set: then ``signum`` is
+        sent at once, as the kernel would not send it any more).
     """
     if not sys.platform.startswith("linux"):
         return False
