@@ -219,6 +219,12 @@ def test_samples_per_s_covers_the_steps_since_the_last_log_and_leaves_checkpoint
         else:
             assert wall - counted < 50.0
     assert rows[0]["elapsed_s"] == pytest.approx(batch / rows[0]["samples_per_s"])  # the first row: one step
+    # a resumed run continues the clock of the run it resumes (the wall time between the runs is not counted)
+    resumed = build_trainer(dict(config, steps=7), tmp_path / "run")
+    assert resumed.resume() and resumed.step == 5
+    more = resumed.fit()
+    assert [m["step"] for m in more] == [6, 7]
+    assert 0 < more[0]["elapsed_s"] - rows[-1]["elapsed_s"] < 50.0
 
 
 def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:

@@ -163,6 +163,7 @@ class Trainer:
         self.ema = EMA(model, cfg.ema, cfg.ema_start) if cfg.ema > 0 else None
         self.step = 0
         self.skipped_updates = 0
+        self.elapsed_s = 0.0  # wall time of the run so far, over all its resumes (seconds; saved in checkpoints)
         self.skipped_files: set[str] = set()  # unreadable or missing data files met by this rank
         for data in (dataset, secondary):
             self._note_skipped(getattr(data, "skipped", ()))  # found while listing the folder
@@ -206,7 +207,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of everything needed to resume (every rank must call it)."""
-        meta = {"step": self.step, "skipped_updates": self.skipped_updates,
+        meta = {"step": self.step, "skipped_updates": self.skipped_updates, "elapsed_s": self.elapsed_s,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "schedule": self.schedule.state_dict(),
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
         if self.denoiser_schedule is not None:
@@ -246,6 +247,7 @@ class Trainer:
             rebase_schedule(self.denoiser_schedule, fresh_lrs[1])
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
+        self.elapsed_s = float(meta.get("elapsed_s", 0.0))  # older checkpoints: counted from this resume
         changed = changed_keys(meta.get("config", {}), self.cfg.to_dict())
         if changed:
             self._log(f"note: resuming with changed config keys, which apply from step {self.step} on: "
@@ -524,8 +526,9 @@ class Trainer:
         secondary = self._folder_batches(self.secondary, self.secondary_batches, 1) if self.secondary else None
         bar = tqdm(total=end, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
         # samples_per_s: over the steps since the last logged one (checkpointing and sample grids left out);
-        # elapsed_s: wall time since this fit started, everything included
+        # elapsed_s: wall time of the whole run, everything included, continued across resumes
         t0 = window_start = time.perf_counter()
+        elapsed_before = self.elapsed_s
         window_seen = 0
         stop = StopSignals(verbose=self.dist.is_main, at="after this step, with a checkpoint")
         if not dry_run:
@@ -539,7 +542,8 @@ class Trainer:
                     m["secondary"] = float(on_secondary)
                 window_seen += (cfg.secondary_batch_size or cfg.batch_size) if on_secondary else cfg.batch_size
                 now = time.perf_counter()
-                m.update(step=self.step, samples_per_s=window_seen / (now - window_start), elapsed_s=now - t0)
+                self.elapsed_s = elapsed_before + now - t0
+                m.update(step=self.step, samples_per_s=window_seen / (now - window_start), elapsed_s=self.elapsed_s)
                 history.append(m)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", bpd=f"{m['bits_per_dim']:.3f}", lr=f"{m['lr']:.2e}",
