@@ -275,7 +275,7 @@ def sample_settings(args: argparse.Namespace, cfg):
         ValueError: a flag out of range or one that would not act on this model, named with the fix.
     """
     from starflow.sampling.batch import RANDOM_ASPECT
-    from starflow.sampling.pipeline import SampleSettings, check_settings
+    from starflow.sampling.settings import SampleSettings, check_settings
 
     if args.sample_batch_size is not None and args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
@@ -553,7 +553,7 @@ def checked_settings(args: argparse.Namespace, cfg, negatives: list[str]):
     Raises:
         ValueError: as :func:`sample_settings` and :func:`check_video_flags`; a negative prompt with ``cfg`` 0.
     """
-    from starflow.sampling.pipeline import check_settings
+    from starflow.sampling.settings import check_settings
 
     settings = sample_settings(args, cfg)
     check_video_flags(args, cfg)
@@ -711,7 +711,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
     from starflow.sampling.io import GRID_MAX, note_earlier_files, sample_stem, save_poster_grid, write_settings
-    from starflow.sampling.pipeline import Profile
+    from starflow.sampling.settings import Profile
 
     demo = args.checkpoint_path is None
     if demo and not Path(assets.DEMO_DIR).is_dir():
