@@ -239,6 +239,44 @@ def test_exact_jacobi_equals_sequential(name: str, w: float) -> None:
     torch.testing.assert_close(jacobi, sequential, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("stop", ["batch", "sample"])
+@pytest.mark.parametrize("layout", [VIDEO, dict(temporal_causal=2)], ids=["frame_local", "video_global"])
+def test_a_one_token_video_chunk_reads_the_decoded_inputs(layout: dict, stop: str) -> None:
+    """3 frames of 3x3 tokens with block size 2: the last chunk after the first frame is one token long, so it is
+    evaluated once; that evaluation must read the decoded previous token, not the one-frame-back first guess."""
+    model = tiny(**layout)
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 3, 2, 3, 3, generator=gen)  # (B, T, C, H, W): F = 9 tokens per frame, N = 27
+    y = torch.randn(2, TXT_LEN, TXT_DIM, generator=gen)
+    sequential = model.reverse(noise, y)
+    jacobi = model.reverse(noise, y, jacobi=True, jacobi_block_size=2, jacobi_th=0.0, jacobi_max_iter=1000,
+                           jacobi_stop=stop)
+    torch.testing.assert_close(jacobi, sequential, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("start", [16, 17])
+def test_a_known_video_run_after_the_first_frame_is_cached_from_its_real_inputs(start: int) -> None:
+    """Teacher forcing (inpainting) on 3 frames of 16 tokens: a known run [start, 32) is evaluated once, only to fill
+    the KV cache; starting after the first frame it must still be fed its decoded inputs, or every generated token
+    after it attends to wrong keys and values."""
+    model = tiny(temporal_causal=2)
+    block = model.blocks[-1]
+    frame, frames = 16, 3
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(2, TXT_LEN, TXT_DIM, generator=gen)
+    z = torch.randn(2, frames * frame, block.in_dim, generator=gen)
+    known = torch.randn(2, frames * frame, block.in_dim, generator=gen)
+    known_mask = torch.zeros(2, frames * frame, 1, dtype=torch.bool)
+    known_mask[:, start:32] = True
+    rope = model.block_rope(model.num_blocks - 1, (2, frames, 4, 4, block.in_dim), TXT_LEN)
+    kw = dict(guidance=0.0, frame_tokens=frame, known=known, known_mask=known_mask)
+    with torch.inference_mode():
+        sequential = decode_block(block, z, y, rope, jacobi=JacobiSettings(), **kw)
+        for size in (4, 8):
+            jacobi = decode_block(block, z, y, rope, jacobi=JacobiSettings(True, size, 0.0, 1000), **kw)
+            torch.testing.assert_close(jacobi, sequential, atol=1e-4, rtol=0)
+
+
 def test_batch_rule_skips_the_final_prefix_and_keeps_the_fixed_point() -> None:
     model = tiny()
     block = model.blocks[0]

@@ -177,7 +177,8 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         cache: a KV cache to continue (e.g. filled with an image-to-video prefix); None = a new one.
         stats: optional counters, incremented with the number of block evaluations.
         frame_tokens: tokens per frame F when the sequence spans several video frames: Jacobi chunks after
-            the first frame are 4x longer and their first iteration reads the window one frame back.
+            the first frame are 4x longer and their first iteration reads the window one frame back (not a chunk
+            evaluated once: a one-token chunk or a known one reads its decoded inputs).
         prefix: ``(R, P, D)`` known first tokens (image-to-video or a sliding-window context, in block
             order): written to the KV cache in one pass, copied to the output, and decoding starts at ``P``.
         known: ``(R, N, D)`` known inputs of this block (inpainting, SPEC section 17), in block order, used where
@@ -239,11 +240,13 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
     per_sample = jacobi.stop == "sample"
     for s, e in bounds:
         x_chunk = x[:, s:e]  # initial guess: the noise (the exact value at known tokens)
-        frame_back = enabled and frame_tokens is not None and s > frame_tokens
         base = cache.length
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
         fully_known = forced and all(all_known[s:e])
         max_iter = jacobi.max_iter if e - s > 1 and not fully_known else 1
+        # one evaluation (a one-token chunk, or a known one) must read the decoded inputs: a frame-back guess
+        # would stay in the output and in the KV cache with nothing to correct it
+        frame_back = enabled and frame_tokens is not None and s > frame_tokens and max_iter > 1
         active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device) if max_iter > 1 else None
         frozen_prev = None  # per-sample rule: the inputs at which each stopped sample converged
         done_to = 0  # tokens [s, s + done_to) are final: their inputs no longer change, so they are not re-evaluated
