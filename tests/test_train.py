@@ -219,6 +219,8 @@ def test_samples_per_s_covers_the_steps_since_the_last_log_and_leaves_checkpoint
         else:
             assert wall - counted < 50.0
     assert rows[0]["elapsed_s"] == pytest.approx(batch / rows[0]["samples_per_s"])  # the first row: one step
+    cfg = load_config(config)
+    assert [m["lr"] for m in rows] == [pytest.approx(lr_at(s, cfg), rel=1e-12) for s in range(5)]  # the applied rate
     # a resumed run continues the clock of the run it resumes (the wall time between the runs is not counted)
     resumed = build_trainer(dict(config, steps=7), tmp_path / "run")
     assert resumed.resume() and resumed.step == 5

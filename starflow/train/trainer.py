@@ -377,11 +377,12 @@ class Trainer:
             self.optimizer.step()
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
         self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applied (logged), before the schedule moves on
         self.schedule.step()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
-        metrics.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], skipped=float(skip),
+        metrics.update(grad_norm=grad_norm, lr=lr, skipped=float(skip),
                        skipped_total=float(self.skipped_updates))
         if denoiser_norm is not None:
             metrics["denoiser_grad_norm"] = denoiser_norm
