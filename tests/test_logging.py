@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -86,6 +87,25 @@ def test_tensorboard_scalars(tmp_path: Path) -> None:
     assert [e.step for e in loss] == [10, 20, 30]
     assert [e.value for e in loss] == pytest.approx([0.1, 0.05, 1 / 30])
     assert [e.value for e in events.Scalars("bits_per_dim")] == pytest.approx([12.0, 22.0, 32.0])
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_of_the_killed_one(tmp_path: Path) -> None:
+    """A run killed after logging steps 1-5 whose last checkpoint is step 2 trains steps 3-5 again: TensorBoard shows
+    each step once, with the new values."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, CONFIG) as logger:
+        for step in range(1, 6):
+            logger.log(step, {"loss": float(step)})
+    time.sleep(1.1)  # a rerun opens its event file in a later second (files are read in the order of their names)
+    with MetricsLogger(tmp_path, CONFIG, start_step=2) as logger:
+        for step in range(3, 5):
+            logger.log(step, {"loss": 10.0 * step})
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [(e.step, e.value) for e in loss] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 def test_wandb_run_is_created_and_resumed(tmp_path: Path, fake_wandb, monkeypatch: pytest.MonkeyPatch,

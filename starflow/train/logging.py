@@ -56,7 +56,7 @@ class MetricsLogger:
         enabled: False (every rank but the main one) makes every method a no-op that touches no file.
         start_step: the step training continues from: lines of ``metrics.jsonl`` for later steps (logged by a run
             killed after its last checkpoint, whose steps are trained again) are removed, so the file holds each
-            step once. None keeps the file as it is.
+            step once, and TensorBoard is told to drop that run's events for them too. None keeps everything.
 
     Warns:
         UserWarning: once per process, when ``WANDB_API_KEY`` is set but ``wandb`` is not installed.
@@ -78,7 +78,7 @@ class MetricsLogger:
         self.logdir.mkdir(parents=True, exist_ok=True)
         if start_step is not None:
             _drop_lines_after(self.logdir / METRICS_FILE, start_step)
-        self._tensorboard = _tensorboard_writer(self.logdir / TENSORBOARD_DIR)
+        self._tensorboard = _tensorboard_writer(self.logdir / TENSORBOARD_DIR, start_step)
         if os.environ.get("WANDB_API_KEY"):
             self._wandb_run = _wandb_run(self.logdir, dict(config))
 
@@ -123,13 +123,15 @@ class MetricsLogger:
         self.close()
 
 
-def _tensorboard_writer(path: Path) -> Any:
-    """A ``SummaryWriter`` on ``path``, or None when ``tensorboard`` is not installed."""
+def _tensorboard_writer(path: Path, start_step: int | None = None) -> Any:
+    """A ``SummaryWriter`` on ``path``, or None when ``tensorboard`` is not installed; with ``start_step``, TensorBoard
+    drops the events an earlier writer logged for later steps (``purge_step``), as :func:`_drop_lines_after` does for
+    ``metrics.jsonl``."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(path))
+    return SummaryWriter(log_dir=str(path), purge_step=None if start_step is None else start_step + 1)
 
 
 def _wandb_run(logdir: Path, config: dict[str, Any]) -> Any:
