@@ -127,10 +127,20 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     shutil.copytree(DEMO_DIR, model)
     in_place = [str(model) if a == str(DEMO_DIR) else a for a in args]
     assert main([*in_place[:-8], "--out", str(tmp_path / "set2"), *in_place[-6:]]) == 0
-    os.utime(model / "model.safetensors", ns=(1, 1))
+    again = [*in_place[:-8], "--out", str(tmp_path / "set2"), *in_place[-6:]]
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(1, 1))  # rewritten with the same bytes (a finished training run run again): continues
     capsys.readouterr()
-    assert main([*in_place[:-8], "--out", str(tmp_path / "set2"), *in_place[-6:]]) == 2
+    assert main(again) == 0 and "2 already there" in capsys.readouterr().out
+    assert json.loads((tmp_path / "set2" / "set.json").read_text())["weights"][0].endswith(":1")  # the new time
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size, other bytes
+    weights.write_bytes(bytes(data))
+    assert main(again) == 2
     assert "made otherwise: weights (" in capsys.readouterr().err
+    assert main([*args[:-8], "--num_samples", "3", "--out", str(out), *args[-6:]]) == 2
+    err = capsys.readouterr().err  # the captions are cycled to the count, so only the count is named
+    assert "made otherwise: num_samples (2 -> 3) (set.json)" in err and "captions" not in err
     stray = tmp_path / "stray"  # images without a set.json are not taken for a finished set
     stray.mkdir()
     shutil.copy(out / "000000.png", stray / "000000.png")

@@ -4,6 +4,7 @@ precision/recall, CLIP score of a set)."""
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from starflow import assets
@@ -124,16 +125,38 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
     return [pool[i % len(pool)] for i in range(args.num_samples)]
 
 
-def weights_fingerprint(checkpoint: Path, ema: bool) -> list[str]:
-    """``name:bytes:mtime_ns`` of the weights files a checkpoint (a file or a model folder) samples with: a set
-    resumed after they were rewritten in place is refused (hashing a 7B file would cost minutes)."""
+def weights_files(checkpoint: Path, ema: bool) -> list[Path]:
+    """The weights files a checkpoint (a file or a model folder) samples with (the EMA weights too with ``ema``)."""
     from starflow.assets import EMA_WEIGHT_NAMES, find_weights
 
     check_checkpoint_path(checkpoint)
     files = [find_weights(checkpoint) if checkpoint.is_dir() else checkpoint]
     if ema and checkpoint.is_dir():
         files += [checkpoint / n for n in EMA_WEIGHT_NAMES if (checkpoint / n).is_file()]
+    return files
+
+
+def weights_fingerprint(files: list[Path]) -> list[str]:
+    """``name:bytes:mtime_ns`` of weights files: a set resumed after they were rewritten in place is checked by their
+    content (:func:`weights_sha256`), which is hashed only then and when a set is made."""
     return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+
+
+def weights_sha256(files: list[Path]) -> str:
+    """SHA-256 (hex) of the files' bytes, in order; a progress bar above 1 GiB (a 7B model takes a minute or so)."""
+    import hashlib
+
+    from tqdm import tqdm
+
+    digest, chunk = hashlib.sha256(), 16 << 20
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing the weights", disable=total < 1 << 30) as bar:
+        for f in files:
+            with open(f, "rb") as stream:
+                while block := stream.read(chunk):
+                    digest.update(block)
+                    bar.update(len(block))
+    return digest.hexdigest()
 
 
 def generate_set(args: argparse.Namespace) -> int:
@@ -146,7 +169,9 @@ def generate_set(args: argparse.Namespace) -> int:
     if args.checkpoint_path is None:
         args.checkpoint_path = str(assets.DEMO_DIR)
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
-    weights = weights_fingerprint(Path(args.checkpoint_path), args.ema)  # (checks the path first)
+    files = weights_files(Path(args.checkpoint_path), args.ema)  # (checks the path first)
+    weights = weights_fingerprint(files)
+    digest = functools.cache(lambda: weights_sha256(files))  # hashed at most once, and only when needed
     check_input_files(args, "caption_file")
     out = Path(args.out)
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # the first part of the path that exists
@@ -164,7 +189,7 @@ def generate_set(args: argparse.Namespace) -> int:
     record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema,
               "weights": weights,
               "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict()}
-    check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record))
+    check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record), digest)
     dist = init_distributed(args.device)
     lock = FolderLock(out, "sample set", " (or pass another --out)")
     if dist.is_main and out.is_dir():  # said before the weights load; generate_set holds it as well
@@ -172,7 +197,7 @@ def generate_set(args: argparse.Namespace) -> int:
     try:
         pipe, cfg, checkpoint = load_pipeline(args, dist)
         summary = make_set(pipe, captions, Path(args.out), sample_settings(args, cfg), seed=cfg.seed,
-                           batch_size=args.sample_batch_size, dist=dist, record=record)
+                           batch_size=args.sample_batch_size, dist=dist, record=record, weights_digest=digest)
     finally:
         lock.release()
     if dist.is_main:

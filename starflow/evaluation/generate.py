@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from starflow.distributed import DistInfo, from_rank0
 from starflow.folder_lock import FolderLock
@@ -28,6 +28,7 @@ __all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set
 CAPTIONS_FILE = "captions.jsonl"
 SET_FILE = "set.json"
 LATER_KEYS = ("precision", "config", "weights")  # set.json keys that sets made by earlier versions lack
+WEIGHTS_SHA = "weights_sha"  # set.json: SHA-256 of the weights files, checked when their times changed
 
 
 def sample_path(out: Path, index: int) -> Path:
@@ -74,12 +75,15 @@ def set_record(captions: list[str], settings: SampleSettings, seed: int,
     return json.loads(json.dumps(full))  # as read back from the file (tuples -> lists)
 
 
-def check_set(out: str | Path, record: dict[str, Any]) -> bool:
+def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[[], str] | None = None) -> bool:
     """Whether ``out`` already holds this sample set (False: no set there yet); callable before any weights load.
 
     Args:
         out: the set's folder.
         record: :func:`set_record` of the set to make.
+        weights_digest: the SHA-256 of the weights files (hex), called only when their sizes and times (``record``'s
+            ``weights``) differ from the set's while their names and sizes match: weights rewritten in place with the
+            same bytes (a finished training run run again exports its model folder again) still continue the set.
 
     Raises:
         ValueError: ``out`` holds a set made with other captions, count, seed, model or settings (each difference
@@ -98,30 +102,53 @@ def check_set(out: str | Path, record: dict[str, Any]) -> bool:
     for key in LATER_KEYS:  # not recorded by the versions that made older sets
         if key not in old:
             old[key] = record.get(key)
-    diff = []
-    for k in sorted(set(old) | set(record)):
+    diff = {}
+    for k in sorted((set(old) | set(record)) - {WEIGHTS_SHA}):
         a, b = old.get(k), record.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"{k}.{sub} ({a.get(sub)!r} -> {b.get(sub)!r})" for sub in sorted(set(a) | set(b))
-                     if a.get(sub) != b.get(sub)]
+            diff.update({f"{k}.{sub}": f"{k}.{sub} ({a.get(sub)!r} -> {b.get(sub)!r})" for sub in sorted(set(a) | set(b))
+                         if a.get(sub) != b.get(sub)})
         elif a != b:
-            diff.append(f"{k} ({a!r} -> {b!r})" if k != "captions_sha" else "captions")
+            diff[k] = f"{k} ({a!r} -> {b!r})" if k != "captions_sha" else "captions"
+    if "num_samples" in diff:  # the captions are cycled to the count: their digest changes with it
+        diff.pop("captions_sha", None)
+    if list(diff) == ["weights"] and _same_bytes(old, record, weights_digest):
+        return True
     if diff:
-        raise ValueError(f"{out} holds a sample set made otherwise: {'; '.join(diff[:4])} ({SET_FILE}); pass another "
-                         "--out, or the same settings to continue it")
+        raise ValueError(f"{out} holds a sample set made otherwise: {'; '.join(list(diff.values())[:4])} ({SET_FILE}); "
+                         "pass another --out, or the same settings to continue it")
     return True
 
 
-def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any], dist: DistInfo) -> None:
-    """Rank 0 writes ``captions.jsonl`` and ``set.json`` for a new set; an existing set must be the same one.
+def _same_bytes(old: dict[str, Any], record: dict[str, Any], weights_digest: Callable[[], str] | None) -> bool:
+    """Whether weights files of the same names and sizes as a set's, with other times, hold the set's bytes."""
+    def names_and_sizes(fingerprint: list[str]) -> list[str]:
+        return [entry.rsplit(":", 1)[0] for entry in fingerprint]
+
+    return (weights_digest is not None and bool(old.get(WEIGHTS_SHA))
+            and names_and_sizes(old["weights"]) == names_and_sizes(record["weights"])
+            and weights_digest() == old[WEIGHTS_SHA])
+
+
+def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any], dist: DistInfo,
+                           weights_digest: Callable[[], str] | None = None) -> None:
+    """Rank 0 writes ``captions.jsonl`` and ``set.json`` (with ``weights_sha``, the weights' SHA-256, when
+    ``weights_digest`` is given) for a new set; an existing set must be the same one (its ``weights`` times are
+    updated when the files were rewritten with the same bytes).
 
     Raises:
         ValueError: ``out`` holds a set made with other captions, count, seed, model or settings.
     """
-    if check_set(out, record):
-        return
     path = out / SET_FILE
+    if check_set(out, record, weights_digest):
+        if dist.is_main:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if "weights" in record and old.get("weights") != record["weights"]:  # the next check needs no hashing
+                _write_atomic(path, json.dumps({**old, "weights": record["weights"]}, indent=1))
+        return
     if dist.is_main:
+        if weights_digest is not None:
+            record = {**record, WEIGHTS_SHA: weights_digest()}
         out.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c})
                  for i, c in enumerate(captions)]
@@ -130,7 +157,8 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
 
 
 def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings: SampleSettings, *, seed: int,
-                 batch_size: int, dist: DistInfo, record: dict[str, Any] | None = None) -> SetSummary:
+                 batch_size: int, dist: DistInfo, record: dict[str, Any] | None = None,
+                 weights_digest: Callable[[], str] | None = None) -> SetSummary:
     """Make the missing images of a sample set (see the module docstring).
 
     Args:
@@ -142,6 +170,7 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
         batch_size: images per forward batch on each rank.
         dist: this process's rank and world size (every rank must call this).
         record: what else identifies the set (checkpoint, ...), stored in ``set.json`` and checked on resume.
+        weights_digest: the SHA-256 of the weights files, stored with a new set (see :func:`check_set`).
 
     Returns:
         A :class:`SetSummary` (every rank gets the same numbers).
@@ -157,7 +186,7 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     if dist.is_main:  # one writer per set (the other ranks stop when torchrun sees this one fail)
         lock.acquire()
     try:
-        _check_or_write_record(out, captions, set_record(captions, settings, seed, record), dist)
+        _check_or_write_record(out, captions, set_record(captions, settings, seed, record), dist, weights_digest)
         if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
             for stale in out.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
