@@ -2,6 +2,7 @@
 multi-process equality, CLIP score through a tiny random CLIP, digit features, clear errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,9 @@ from scipy import linalg
 
 from starflow.assets import DEMO_DIR
 from starflow.cli import main
+from starflow.evaluation.generate import set_record
 from starflow.evaluation.metrics import fid_from_features, kid_from_features, precision_recall
+from starflow.sampling.settings import SampleSettings
 from test_distributed_training import run_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,8 +49,18 @@ def test_kid_and_precision_recall_on_identical_and_disjoint_sets() -> None:
     assert abs(same) < 2 * spread  # zero within the spread of the subset estimates (unbiased estimator)
     shifted = kid_from_features(a, a + 1.0, subset_size=100)[0]
     assert shifted > 10 * spread and kid_from_features(a, far, subset_size=100)[0] > 1000 * shifted
+    whole = kid_from_features(a, a + 1e-3, subset_size=300)  # every subset is the whole set: no spread at all
+    assert whole[1] < 1e-12  # (float32 left ~1e-7 of rounding noise, as large as a near-zero KID)
     assert precision_recall(a, a) == (1.0, 1.0)
     assert precision_recall(a, far) == (0.0, 0.0)
+
+
+def test_caption_digests_tell_where_the_newlines_are() -> None:
+    settings = SampleSettings()
+    one, other = set_record(["a red\ncar", "dog"], settings, 0), set_record(["a red", "car\ndog"], settings, 0)
+    assert one["captions_sha"] != other["captions_sha"]
+    legacy = hashlib.sha256("a red\ncar".encode()).hexdigest()[:16]  # what sets made before hold: still the same
+    assert set_record(["a red", "car"], settings, 0)["captions_sha"] == legacy
 
 
 def _generate(out: Path, n: int, nproc: int = 1, tmp: Path | None = None) -> list[str]:

@@ -203,6 +203,9 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
 
 
 def _digest(captions: list[str]) -> str:
+    """A digest of the caption list: of the captions joined by newlines (unambiguous, and what existing sets hold,
+    when no caption has a newline), else of their JSON list, so ``["a\\nb", "c"]`` and ``["a", "b\\nc"]`` differ."""
     import hashlib
 
-    return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()[:16]
+    text = json.dumps(captions) if any("\n" in c for c in captions) else "\n".join(captions)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
