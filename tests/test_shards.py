@@ -349,7 +349,7 @@ def test_video_folder_packs_and_streams_clips(tmp_path: Path) -> None:
     lines = []
     for i in range(4):
         write_video(src / f"{i}.mp4", rng.integers(0, 256, (5, 8, 8), dtype=np.uint8), 8, lossless=True)
-        lines.append(json.dumps({"file_name": f"{i}.mp4", "text": f"clip {i}", "fps": 8}))
+        lines.append(json.dumps({"file_name": f"{i}.mp4", "text": f"clip {i}", "fps": "8" if i % 2 else 8}))
     (src / "broken.mp4").write_bytes(b"\x00" * 64)
     lines.append(json.dumps({"file_name": "broken.mp4", "text": "broken"}))
     (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")

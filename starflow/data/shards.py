@@ -326,7 +326,7 @@ class SampleDecoder:
                 gen = torch.Generator().manual_seed(seed)
                 rate = draw_rate(self.rates, gen)
                 frames, _ = read_clip(io.BytesIO(_media(sample)), lambda n, fps: clip_indices(
-                    n, meta.get("fps") or fps or rate, self.frames, rate, random_start=self.random_start,
+                    n, float(meta.get("fps") or 0) or fps or rate, self.frames, rate, random_start=self.random_start,
                     generator=gen, paired=self.paired))
                 size = aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size
                 out["pixels"] = _resize_frames(frames, size, self.channels)
