@@ -131,6 +131,22 @@ def test_video_to_video_and_last_frame_modes(clips) -> None:
         load_config(dict(TINY_VIDEO, video_to_video=1, last_frame_cond=1, drop_image=0))
 
 
+def test_drop_image_drops_the_first_latent_frame(clips) -> None:
+    """As a latent cache does (SPEC section 16): the whole clip is encoded, which the WAN2.2 VAE needs (4k + 1
+    frames), and its first latent frame is dropped."""
+    from starflow.adapters import build_latent_adapter, build_tiny_wan_vae
+
+    pixels = VideoFolder(clips, frames=5, fps=8, size=(8, 8), channels=1, random_start=False)[0]["pixels"][None]
+    batch = {"pixels": pixels, "text": ["a digit"], "aspect_ratio": ["1:1"]}
+    cfg = load_config(dict(TINY_VIDEO, vid_size="5:8", drop_image=1.0, no_flip=1))
+    out = Recipe(cfg, build_latent_adapter(None, channels=1), torch.device("cpu")).prepare(batch, 0, 0)
+    assert torch.equal(out.latents, pixels[:, 1:]) and out.captions == ["(extend) a digit"]
+    wan = build_tiny_wan_vae()
+    rgb = {**batch, "pixels": pixels.expand(-1, -1, 3, -1, -1).repeat(1, 1, 1, 2, 2)}  # 16 x 16 RGB for the VAE
+    out = Recipe(cfg, wan, torch.device("cpu")).prepare(rgb, 0, 0)
+    assert out.latents.shape == wan.encode(rgb["pixels"], sample=False)[:, 1:].shape  # 5 frames -> 2 latent, 1 kept
+
+
 def test_loss_scaling_is_rejected_when_training(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     official = load_config(Path(__file__).resolve().parents[1] / "configs" / "starflow-v_7B_t2v_caus_480p.yaml")
     assert official.loss_scaling  # the official config loads unchanged

@@ -100,8 +100,9 @@ class Recipe:
                     end = pixels[:, pixels.shape[1] - LAST_FRAME_OFFSET][:, None]  # (B, 1, C, H, W)
                     latents = torch.cat([self.vae.encode(end), self.vae.encode(pixels)], 1)
                     return Prepared(latents.float(), [LAST_FRAME_PREFIX + c for c in captions], fps)
-                if drop_image:  # continue a video: no first frame, and the caption says so
-                    pixels, captions = pixels[:, 1:], [EXTEND_PREFIX + c for c in captions]
+                if drop_image:  # continue a video: no first latent frame (SPEC section 16), and the caption says so
+                    latents = self.vae.encode(pixels)[:, 1:]  # (the VAE takes the whole 4k + 1 frames)
+                    return Prepared(latents.float(), [EXTEND_PREFIX + c for c in captions], fps)
             return Prepared(self.vae.encode(pixels).float(), captions, fps)
 
     def noised(self, latents: torch.Tensor, step: int, first: int) -> tuple[torch.Tensor, list[bool]]:
