@@ -196,6 +196,26 @@ def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> N
     assert more.images == 24 and abs(more.bits_per_dim - r.bits_per_dim) < 0.1  # more draws, same estimate
 
 
+def test_evaluate_nll_of_a_uniform_dequantisation_model(model_dir: Path, digits) -> None:
+    """``noise_type: uniform``: the likelihood is of the 8-bit pixels dequantised as in training, ``((x + 1) 127.5 +
+    u) / 256 * 2 - 1`` with ``u ~ U[0, 1)``, and the 8-bit figure adds log2(128) = 7."""
+    import dataclasses
+
+    pipe = Pipeline.from_pretrained(model_dir)
+    pipe.config = dataclasses.replace(pipe.config, noise_type="uniform", vae=None)
+    r = evaluate_nll(pipe, str(digits["test"]), batch_size=64, seed=3, progress=False)
+    data = ImageFolder(digits["test"], pipe.config.img_size, pipe.config.channel_size, multiple=pipe.config.patch_size)
+    batch = collate([data[i] for i in range(len(data))])
+    u = torch.stack([torch.rand(batch["pixels"].shape[1:], generator=torch.Generator().manual_seed(
+        sample_seed(3, i, 0))) for i in range(len(data))])
+    x = ((batch["pixels"] + 1) * 127.5 + u) / 256 * 2 - 1
+    assert (x - batch["pixels"]).abs().max() <= 1 / 128  # within its 8-bit bin
+    with torch.no_grad():
+        nll = pipe.model.nll(x, pipe.encode_prompts(batch["text"])).double()
+    assert r.nats_per_dim == pytest.approx(nll.mean().item() + HALF_LOG_2PI, rel=1e-5)
+    assert r.pixel_bits_per_dim == pytest.approx(r.bits_per_dim + 7.0, rel=1e-12)
+
+
 # ---------------------------------------------------------------------- model folders
 def test_save_pretrained_round_trip(make_pipeline, tmp_path: Path) -> None:
     pipe = make_pipeline(cfg=1.5)

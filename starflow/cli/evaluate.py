@@ -97,10 +97,16 @@ def eval_nll(args: argparse.Namespace) -> int:
     print(f"images: {r.images} x {args.noise_samples} noise draws from {args.data} ({dist.world_size} process(es))")
     print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} "
           f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; data in [-1, 1])")
+    uniform = pipe.config.noise_type == "uniform"
     if r.pixel_bits_per_dim is not None:
-        print(f"bits/dim on the 8-bit pixel scale: {r.pixel_bits_per_dim:.4f} (adds log2(127.5) for [-1, 1] -> [0, 255])")
-    print(f"Noise: the flow models x + {pipe.config.noise_std} * N(0, I) (the training noise_std); this is the exact "
-          "density of that noised data, averaged over the noise draws, not a bound on the clean data.")
+        scale = "7 = log2(128) for [-1, 1] -> [0, 256)" if uniform else "log2(127.5) for [-1, 1] -> [0, 255]"
+        print(f"bits/dim on the 8-bit pixel scale: {r.pixel_bits_per_dim:.4f} (adds {scale})")
+    if uniform:
+        print("Noise: the flow models 8-bit pixels dequantised with U[0, 1) noise (noise_type uniform, as in "
+              "training); the 8-bit figure is the usual upper bound on the discrete NLL, averaged over the noise draws.")
+    else:
+        print(f"Noise: the flow models x + {pipe.config.noise_std} * N(0, I) (the training noise_std); this is the "
+              "exact density of that noised data, averaged over the noise draws, not a bound on the clean data.")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Exact likelihood of a model on an image folder (bits/dim), shared by ``starflow eval-nll`` and benchmarks.
 
 A normalizing flow gives the exact density of its training data, which is the VAE latent (or pixel)
-plus Gaussian noise of std ``noise_std`` (STARFlow, arXiv 2506.06276, Sec. 3.1). The number reported is
+plus Gaussian noise of std ``noise_std`` (STARFlow, arXiv 2506.06276, Sec. 3.1), or for ``noise_type: uniform``
+the 8-bit pixels dequantised with uniform noise. The number reported is
 that density, averaged over noise draws: a statement about the noised data, not a bound on the clean data.
 """
 from __future__ import annotations
@@ -14,11 +15,18 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from starflow.data import ImageFolder, collate, sample_seed
-from starflow.models.starflow import HALF_LOG_2PI
+from starflow.models.starflow import DEQUANTISED_BITS, HALF_LOG_2PI, noised_data
 
-__all__ = ["NLLResult", "evaluate_nll", "PIXEL_SCALE_BITS"]
+__all__ = ["NLLResult", "evaluate_nll", "PIXEL_SCALE_BITS", "pixel_scale_bits"]
 
 PIXEL_SCALE_BITS = math.log2(127.5)  # [-1, 1] -> [0, 255]: log-Jacobian per dimension, in bits
+
+
+def pixel_scale_bits(config) -> float:
+    """Bits/dim to add for the 8-bit pixel scale: ``log2(127.5)`` ([-1, 1] -> [0, 255]) for Gaussian noise, 7 for
+    ``noise_type: uniform``, whose dequantised data ``(k + u) / 128 - 1`` has bins of width 1/128 (then the number is
+    the usual bound on the discrete 8-bit NLL)."""
+    return DEQUANTISED_BITS if config.noise_type == "uniform" else PIXEL_SCALE_BITS
 
 
 @dataclass
@@ -29,7 +37,7 @@ class NLLResult:
         images: images evaluated.
         nats_per_dim: full Gaussian NLL of the noised data per dimension (nats), data in ``[-1, 1]`` units.
         bits_per_dim: the same in bits.
-        pixel_bits_per_dim: on the 8-bit pixel scale (pixel-space models only; adds ``log2(127.5)``).
+        pixel_bits_per_dim: on the 8-bit pixel scale (pixel-space models only; adds :func:`pixel_scale_bits`).
         bits_per_dim_ci95: half-width of the 95% interval of ``bits_per_dim`` over images
             (``1.96 * std / sqrt(images)`` of the per-image values; 0 for one image).
     """
@@ -55,7 +63,7 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         pipe: a :class:`~starflow.sampling.pipeline.Pipeline`.
         folder: image folder with ``metadata.jsonl``.
         batch_size: images per batch.
-        noise_samples: Gaussian noise draws per image.
+        noise_samples: noise draws per image (the training noise: Gaussian, or uniform dequantisation).
         seed: seed of the noise draws.
         progress: show a progress bar (rank 0).
         num_samples: evaluate only the first ``num_samples`` images (default: all).
@@ -67,6 +75,7 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
     if (num_samples is not None and num_samples < 1) or noise_samples < 1:
         raise ValueError(f"--num_samples and --noise_samples must be >= 1, got {num_samples} and {noise_samples}")
     cfg = pipe.config
+    draw = torch.rand if cfg.noise_type == "uniform" else torch.randn
     pixel_channels = cfg.channel_size if pipe.vae.downsample == 1 else 3
     data = ImageFolder(folder, cfg.img_size, pixel_channels, multiple=pipe.vae.downsample * cfg.patch_size)
     if data.skipped:  # (training replaces such files; a likelihood of the folder must not)
@@ -86,10 +95,10 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         latents = pipe.vae.encode(batch["pixels"].to(pipe.device), sample=False).float()
         y = pipe.encode_prompts(batch["text"])
         per_image = torch.zeros(len(index), dtype=torch.float64)
-        for k in range(noise_samples):
-            noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+        for k in range(noise_samples):  # the training noise (noise_type): Gaussian, or 8-bit dequantisation
+            noise = torch.stack([draw(latents.shape[1:], generator=torch.Generator().manual_seed(
                 sample_seed(seed, i, k))) for i in index]).to(latents.device)
-            per_image += pipe.model.nll(latents + cfg.noise_std * noise, y).double().cpu() / noise_samples
+            per_image += pipe.model.nll(noised_data(latents, noise, cfg), y).double().cpu() / noise_samples
         sums += torch.stack([per_image.sum(), per_image.square().sum(), torch.tensor(float(len(index)))])
     if world_size > 1:  # reduced on the model's device: NCCL has no CPU tensors
         sums = sums.to(pipe.device)
@@ -100,5 +109,5 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
     var = max(0.0, (squares - count * mean * mean) / (count - 1)) if count > 1 else 0.0
     nats = mean + HALF_LOG_2PI
     bpd = nats / math.log(2)
-    pixel = bpd + PIXEL_SCALE_BITS if pipe.vae.downsample == 1 else None
+    pixel = bpd + pixel_scale_bits(cfg) if pipe.vae.downsample == 1 else None
     return NLLResult(int(count), nats, bpd, pixel, 1.96 * math.sqrt(var / count) / math.log(2))

@@ -24,9 +24,20 @@ from starflow.models.layers import Rope, set_activation_checkpointing
 from starflow.models.rope import rope_angles, rope_rotation
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock, gathered
 
-__all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI"]
+__all__ = ["STARFlow", "FlowOutput", "patchify", "unpatchify", "HALF_LOG_2PI", "noised_data", "DEQUANTISED_BITS"]
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+DEQUANTISED_BITS = math.log2(128)  # noise_type uniform: [-1, 1] -> [0, 256), log-Jacobian per dimension in bits
+
+
+def noised_data(latents: torch.Tensor, unit_noise: torch.Tensor, config: Config) -> torch.Tensor:
+    """The data the flow models (STARFlow Sec. 3.1; SPEC section 16): ``latents + noise_std * unit_noise`` with
+    ``unit_noise ~ N(0, I)``, or for ``noise_type: uniform`` the 8-bit dequantisation
+    ``((latents + 1) 127.5 + unit_noise) / 256 * 2 - 1`` with ``unit_noise ~ U[0, 1)``; draw it with
+    ``torch.rand if config.noise_type == "uniform" else torch.randn``. Shapes: any, the same for both."""
+    if config.noise_type == "uniform":
+        return ((latents + 1) * 127.5 + unit_noise) / 256 * 2 - 1
+    return latents + config.noise_std * unit_noise
 
 
 def _inference(sample: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -29,6 +29,7 @@ import torch
 from starflow.adapters import LatentAdapter
 from starflow.config import Config
 from starflow.data import sample_seed
+from starflow.models.starflow import noised_data
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 
 __all__ = ["Recipe", "Prepared", "NOISE_LEVEL_REFERENCE", "LAST_FRAME_OFFSET"]
@@ -115,10 +116,7 @@ class Recipe:
             drop.append(bool(torch.rand((), generator=gen, device=dev) < cfg.drop_label))
             draw = torch.rand if cfg.noise_type == "uniform" else torch.randn
             noise.append(draw(latents.shape[1:], generator=gen, device=dev))
-        noise = torch.stack(noise)
-        if cfg.noise_type == "uniform":
-            return ((latents + 1) * 127.5 + noise) / 256 * 2 - 1, drop
-        return latents + cfg.noise_std * noise, drop
+        return noised_data(latents, torch.stack(noise), cfg), drop
 
     def prompts(self, captions: list[str], aspects: list[str], fps: list[float], drop: list[bool]) -> list[str]:
         """The templated prompts (``""`` for dropped captions; SPEC section 12)."""
