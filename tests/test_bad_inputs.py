@@ -191,6 +191,13 @@ CASES = [
      "error: --no-resume: {run} holds the checkpoints of another run (latest step_00000002)"),
     ("train --config {cfg} --data {digits} --logdir {run} --steps 1", 2,
      "error: the run in {run} is at step 2, past --steps 1: raise --steps"),
+    ("train --config {cfg} --data {digits} --logdir {run} --steps 3 --no-resume --dry_run", 2,  # as the run would
+     "error: --no-resume: {run} holds the checkpoints of another run (latest step_00000002)"),
+    ("train --config {cfg} --data {digits} --logdir {run} --steps 1 --dry_run", 2,
+     "error: the run in {run} is at step 2, past --steps 1: raise --steps"),
+    ("train --config {cfg} --data {digits} --logdir {run} --steps 2 --dry_run", 0,
+     "is at step 2 of --steps 2: nothing to train (raise --steps to go on); its model folder is written again (the "
+     "dry run still checks one step)"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_log0 --log_freq 0", 2, "config key 'log_freq' must be >= 1"),
     ("validate {cfg} --max_nonfinite -1", 2, "config key 'max_nonfinite' must be >= 0 (0 = off)"),
     ("validate {cfg} --ema_start 100", 2, "config key 'ema_start' (100) acts only with ema > 0"),

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "latent cache. Resumes from the latest checkpoint in --logdir unless --no-resume.")
     p.add_argument("--config", required=True, help="YAML config (official format or plain mapping)")
     p.add_argument("--dry_run", action="store_true",
-                   help="build everything, resume from the logdir's latest checkpoint as a real run would, run one "
-                        "step, write nothing, exit")
+                   help="build everything, resume from the logdir's latest checkpoint as a real run would (and "
+                        "refuse what it would refuse), run one step, write nothing, exit")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the latest checkpoint in logdir [default: on]")
     p.add_argument("--resume_path", default=None, metavar="PATH",
@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.lora_rank and not cfg.init_from:
         raise ValueError(f"--lora_rank {cfg.lora_rank} trains low-rank adapters over base weights: pass them with "
                          "--init_from (a model folder or weights file); without them there is nothing to adapt")
-    if not args.dry_run:  # (a dry run writes nothing)
-        check_logdir_run(cfg, args.resume)
+    check_logdir_run(cfg, args.resume)  # (a dry run refuses what the run would)
     dist = init_distributed(args.device)
     lock = None
     if cfg.logdir and dist.is_main and not args.dry_run and Path(cfg.logdir).is_dir():
@@ -117,9 +116,10 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
         print(f"note: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches lr "
               f"{cfg.lr:g}")
     resumed = args.resume and trainer.resume()  # (a dry run too: it checks the checkpoint a real run resumes from)
-    if resumed and trainer.step >= cfg.steps and dist.is_main and not args.dry_run:
+    if resumed and trainer.step >= cfg.steps and dist.is_main:
         print(f"the run in {cfg.logdir} is at step {trainer.step} of --steps {cfg.steps}: nothing to train (raise "
-              "--steps to go on); its model folder is written again")
+              "--steps to go on); its model folder is written again"
+              + (" (the dry run still checks one step)" if args.dry_run else ""))
     if resumed and cfg.init_from and not trainer.lora and dist.is_main:
         print(f"note: init_from {cfg.init_from} is not loaded: the run resumes from its own checkpoint, which holds "
               "the weights trained since")
