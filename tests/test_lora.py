@@ -81,5 +81,15 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
     longer = config_file(dict(load_config(config).to_dict(), steps=6), name="longer.yaml")
     assert main([*train[:2], str(longer), *train[3:]]) == 0
     assert "resumed from" in capsys.readouterr().out
+    # the run resumed without its LoRA flags, and a full run resumed with them: each is named, with the fix
+    full = config_file(dict(tiny_config, steps=8), name="full.yaml")
+    assert main([*train[:2], str(full), *train[3:]]) == 2
+    assert (f"is a checkpoint of a LoRA run (the adapters alone, over the base weights of its init_from), and this "
+            f"run has no LoRA: resume it with its flags, --lora_rank 4 --lora_alpha 8.0 --init_from {base}") \
+        in capsys.readouterr().err
+    assert main([*train[:2], str(full), *train[3:6], str(tmp_path / "full"), *train[7:], "--steps", "2"]) == 0
+    assert main([*train[:2], str(longer), *train[3:6], str(tmp_path / "full"), *train[7:]]) == 2
+    assert "is a checkpoint of a run that trains every weight, and this run trains LoRA adapters (lora_rank 4)" \
+        in capsys.readouterr().err
     with pytest.raises(ValueError, match="lora_rank' and 'ema'"):
         load_config(config, {"ema": 0.9})

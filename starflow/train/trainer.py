@@ -88,6 +88,19 @@ def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
             and k != "logdir" and not (model_only and k in TRAINING_KEYS)]
 
 
+def _lora_mismatch(path: str | Path, saved: dict[str, Any], cfg: Config) -> str:
+    """The message for a checkpoint of a LoRA run resumed as a full one, or the other way round."""
+    if saved.get("lora_rank"):
+        flags = " ".join(f"--{k} {saved[k]}" for k in ("lora_rank", "lora_alpha", "init_from") if saved.get(k))
+        targets = saved.get("lora_targets")
+        flags += f" --lora_targets {targets}" if targets and targets != cfg.lora_targets else ""
+        return (f"{path} is a checkpoint of a LoRA run (the adapters alone, over the base weights of its init_from), "
+                f"and this run has no LoRA: resume it with its flags, {flags}, or pass a new --logdir")
+    return (f"{path} is a checkpoint of a run that trains every weight, and this run trains LoRA adapters "
+            f"(lora_rank {cfg.lora_rank}): resume it without the LoRA flags, or train the adapters in a new --logdir "
+            f"(--init_from {path} adapts its weights)")
+
+
 class Trainer:
     """Trains a :class:`STARFlow` on a captioned image folder.
 
@@ -231,7 +244,10 @@ class Trainer:
         try:
             meta, local = self.checkpoints.load(path, tensors)
         except CheckpointMismatchError as e:
-            changed = changed_keys(e.meta.get("config", {}), self.cfg.to_dict(), model_only=True)
+            saved = e.meta.get("config", {})
+            if bool(saved.get("lora_rank")) != self.lora:  # the adapters alone, or full weights: neither loads
+                raise CheckpointMismatchError(_lora_mismatch(path, saved, self.cfg), e.meta) from None
+            changed = changed_keys(saved, self.cfg.to_dict(), model_only=True)
             raise CheckpointMismatchError(
                 f"{e}: it was saved with another config ({', '.join(changed) or 'see its trainer.json'}); resume with "
                 f"the config it was saved with, or train the new model in a new --logdir (--init_from {path} starts "
