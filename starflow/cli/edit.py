@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "at every flow block while the masked tokens are sampled under the caption. Writes result.png "
                     "(result_NNN.png with --num_samples), input.png, mask.png (the overlay: red = generated) and "
                     "side_by_side.png and settings.json; the known pixels of the result are exactly the input's. "
-                    "Images are written at the sampling size, enlarged (nearest neighbour) to at least 64 pixels wide.")
+                    "Images are written at the sampling size (as sample writes its images); side_by_side.png is "
+                    "enlarged (nearest neighbour) to panels at least 64 pixels wide.")
     _add_common(p)
     p.add_argument("--caption", required=True, help="caption of the completed image")
     p.add_argument("--rounds", type=int, default=1,
@@ -40,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--caption_file takes the official 'caption [edit] instruction' lines: the caption is the source "
                     "caption and the instruction the target caption, one edit per line. Writes edit_NNN.png, "
                     "input.png, mask.png with a mask (the overlay: red = allowed to change), side_by_side.png (input, "
-                    "the mask overlay, then every edit) and settings.json, at the sampling size enlarged (nearest "
-                    "neighbour) to at least 64 pixels wide. With --cfg > 0 (the config's cfg by default) an edit to "
+                    "the mask overlay, then every edit; panels enlarged (nearest neighbour) to at least 64 pixels "
+                    "wide) and settings.json, the images at the sampling size. With --cfg > 0 (the config's cfg by default) an edit to "
                     "the source caption itself still changes the image: guidance pulls it toward the caption; --cfg 0 "
                     "gives the input back, up to the noise the model was trained with and the denoising step.")
     _add_common(p, mask_required=False, skip=SAMPLING_SKIP | {"temperature"})  # no sampling noise is drawn
@@ -150,7 +151,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     """Inpaint ``--input_image`` inside the mask; write the result, input, overlay and side-by-side PNGs."""
     from starflow.cli.sample import sample_settings
     from starflow.distributed import cleanup_distributed
-    from starflow.sampling.io import note_earlier_files, overlay_mask, save_image, save_panels, write_settings
+    from starflow.sampling.io import (note_earlier_files, overlay_mask, save_image, save_panels, view_scale,
+                                      write_settings)
 
     if args.num_samples < 1 or args.rounds < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --rounds {args.rounds}: both must be >= 1")
@@ -163,14 +165,13 @@ def run_inpaint(args: argparse.Namespace) -> int:
         n = min(args.sample_batch_size, args.num_samples - start)
         results += list(pipe.inpaint([args.caption] * n, image.expand(n, -1, -1, -1), mask, settings,
                                      seeds=[cfg.seed + start + k for k in range(n)], rounds=args.rounds))
-    scale = max(1, 64 // image.shape[-1])
     names = ["result.png"] if len(results) == 1 else [f"result_{k:03d}.png" for k in range(len(results))]
-    for name, r in zip(names, results):
-        save_image(r, out / name, scale)
-    save_image(image[0], out / "input.png", scale)
+    for name, r in zip(names, results):  # at the sampled size (as sample writes its images)
+        save_image(r, out / name)
+    save_image(image[0], out / "input.png")
     overlay = overlay_mask(image[0], mask[0])
-    save_image(overlay, out / "mask.png", scale)
-    save_panels([image[0], overlay, *results], out / "side_by_side.png", scale)
+    save_image(overlay, out / "mask.png")
+    save_panels([image[0], overlay, *results], out / "side_by_side.png", view_scale(image.shape[-1]))
     write_settings(out, {"command": "inpaint", "caption": args.caption, "checkpoint": str(checkpoint),
                          "input_image": args.input_image, "mask": args.mask, "mask_box": args.mask_box,
                          "rounds": args.rounds, "seed": cfg.seed, "settings": vars(settings), "config": cfg.to_dict()})
@@ -213,7 +214,8 @@ def run_edit(args: argparse.Namespace) -> int:
     """Edit ``--input_image`` from its source caption to each target caption; write one PNG per edit."""
     from starflow.cli.sample import sample_settings
     from starflow.distributed import cleanup_distributed
-    from starflow.sampling.io import note_earlier_files, overlay_mask, save_image, save_panels, write_settings
+    from starflow.sampling.io import (note_earlier_files, overlay_mask, save_image, save_panels, view_scale,
+                                      write_settings)
 
     pairs = read_edits(args)
     pipe, cfg, checkpoint = _start(args)
@@ -226,16 +228,15 @@ def run_edit(args: argparse.Namespace) -> int:
         chunk = pairs[start : start + args.sample_batch_size]
         edits += list(pipe.edit([s for s, _ in chunk], [t for _, t in chunk], image.expand(len(chunk), -1, -1, -1),
                                 settings, mask=mask, seeds=[cfg.seed] * len(chunk)))
-    scale = max(1, 64 // image.shape[-1])
     names = [f"edit_{k:03d}.png" for k in range(len(edits))]
-    for name, e in zip(names, edits):
-        save_image(e, out / name, scale)
-    save_image(image[0], out / "input.png", scale)
+    for name, e in zip(names, edits):  # at the sampled size (as sample writes its images)
+        save_image(e, out / name)
+    save_image(image[0], out / "input.png")
     panels = [image[0], *edits]
     if mask is not None:  # the region allowed to change, over the input (as inpaint writes it)
         panels.insert(1, overlay_mask(image[0], mask[0]))
-        save_image(panels[1], out / "mask.png", scale)
-    save_panels(panels, out / "side_by_side.png", scale)
+        save_image(panels[1], out / "mask.png")
+    save_panels(panels, out / "side_by_side.png", view_scale(image.shape[-1]))
     write_settings(out, {"command": "edit", "edits": [{"file": n, "source_caption": s, "caption": t}
                                                       for n, (s, t) in zip(names, pairs)],
                          "checkpoint": str(checkpoint), "input_image": args.input_image, "mask": args.mask,

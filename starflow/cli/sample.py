@@ -545,7 +545,8 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
-    from starflow.sampling.io import GRID_MAX, note_earlier_files, sample_stem, save_poster_grid, write_settings
+    from starflow.sampling.io import (GRID_MAX, note_earlier_files, sample_stem, save_poster_grid, view_scale,
+                                      write_settings)
     from starflow.sampling.settings import Profile
 
     demo = args.checkpoint_path is None
@@ -592,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
         frames = shape[1] if len(shape) == 5 else 1
         files = [sample_stem(out, i, c).with_suffix(".png") for i, c in enumerate(captions)]
         save_poster_grid(files, out / "grid.png", (h, w * frames), shape[-3],
-                         nrow=per_prompt if 1 < per_prompt <= 16 else None, scale=max(1, 64 // w))
+                         nrow=per_prompt if 1 < per_prompt <= 16 else None, scale=view_scale(w))
         kind = ("video" if cfg.is_video else "image") + ("s" if len(captions) != 1 else "")
         kind += (" (MP4 + poster PNG" + (" + GIF" if args.gif else "") + ")") if cfg.is_video else ""
         shown = f" (the first {GRID_MAX})" if len(captions) > GRID_MAX else ""

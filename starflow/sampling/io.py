@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX"]
+           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX", "view_scale"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -60,6 +60,12 @@ def make_grid(pixels: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
     return grid
+
+
+def view_scale(width: int) -> int:
+    """Nearest-neighbour upscaling of the grids and panels made for viewing (the images themselves are written at
+    their sampled size): tiny samples (the 8 x 8 digits) are shown at least 64 pixels wide."""
+    return max(1, 64 // width)
 
 
 def save_grid(pixels: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> None:

@@ -39,7 +39,7 @@ from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracke
 from starflow.distributed import DistInfo, is_sharded
 from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
-from starflow.sampling.io import save_grid
+from starflow.sampling.io import save_grid, view_scale
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.signals import StopSignals, Stopped, agreed_stop
 from starflow.train.ema import EMA, EMA_WEIGHTS
@@ -650,5 +650,5 @@ class Trainer:
             return None
         path = self.logdir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(pixels, path, nrow=per_prompt, scale=max(1, 64 // pixels.shape[-1]))
+        save_grid(pixels, path, nrow=per_prompt, scale=view_scale(pixels.shape[-1]))
         return path
