@@ -112,6 +112,12 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
             diff[k] = f"{k} ({a!r} -> {b!r})" if k != "captions_sha" else "captions"
     if "num_samples" in diff:  # the captions are cycled to the count: their digest changes with it
         diff.pop("captions_sha", None)
+    if "settings.jacobi_auto_batch" in diff:
+        before, now = old["settings"].get("jacobi_auto_batch"), record["settings"].get("jacobi_auto_batch")
+        diff["settings.jacobi_auto_batch"] = (
+            f"settings.jacobi_auto_batch ({before!r} -> {now!r}: the batch size, --sample_batch_size, for which "
+            "jacobi_block_size auto picks the Jacobi chunks; the set continues with its own, "
+            f"{'a fixed --jacobi_block_size' if before is None else f'--sample_batch_size {before}'})")
     if list(diff) == ["weights"] and _same_bytes(old, record, weights_digest):
         return True
     if diff:
