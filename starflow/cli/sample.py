@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample images or videos from prompts",
                        description="Sample images (image models) or videos (video models: text-to-video, "
                                    "image-to-video, continuation, video-to-video). Without --checkpoint_path, samples "
-                                   "the shipped demo.")
+                                   "the shipped demo. A rerun draws every sample again: for large sets that a rerun "
+                                   "continues where a killed run stopped (e.g. for metrics), use starflow generate-set.")
     add_model_flags(p)
     p.add_argument("--caption", action="append",
                    help="prompt (repeat for several); as in --caption_file, 'prompt<TAB>negative prompt' gives it its "
