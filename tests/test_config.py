@@ -127,8 +127,9 @@ def _attributes_read(paths: list[Path]) -> set[str]:
 def test_training_keys_are_read_by_training_and_not_by_sampling() -> None:
     """The ``training=True`` marking decides which flags the sampling commands refuse: a marked key must be one the
     training code reads (else `starflow train` would accept and ignore it), and one sampling never reads (else the
-    refused flag would be a knob that works). ``drop_image`` is the one exception: sampling reads a video model's
-    own value from its config, to know whether it learned the '(extend)' prompt."""
+    refused flag would be a knob that works). Two exceptions read a model's own value from its config: ``drop_image``
+    (sampling: whether a video model learned the '(extend)' prompt) and ``noise_type`` (eval-nll: the noise of the
+    data whose likelihood the flow gives)."""
     from starflow.config import TRAINING_KEYS
 
     pkg = Path(__file__).resolve().parents[1] / "starflow"
@@ -139,4 +140,4 @@ def test_training_keys_are_read_by_training_and_not_by_sampling() -> None:
     assert {"lr", "steps", "logdir", "precision", "data"} <= TRAINING_KEYS
     assert not TRAINING_KEYS & {"cfg", "temperature", "txt_size", "img_size", "seed", "ema", "vae", "text"}
     assert sorted(TRAINING_KEYS - training) == []
-    assert sorted(TRAINING_KEYS & sampling) == ["drop_image"]
+    assert sorted(TRAINING_KEYS & sampling) == ["drop_image", "noise_type"]
