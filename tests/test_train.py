@@ -284,6 +284,22 @@ def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metri
     assert got[4]["lr"] != resume_runs["reference"][4]["lr"]  # (the new schedule, not the checkpoint's)
 
 
+def test_resume_with_another_grad_accum_continues_the_data_order(resume_runs, tmp_path) -> None:
+    """The global batches do not depend on grad_accum, so a run resumed with another one (to keep the batch size on
+    fewer ranks) trains on the batches the uninterrupted run did."""
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["straight"], run)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # resume from step 4
+    config = yaml.safe_load((resume_runs["straight"].parent / "config.yaml").read_text())
+    with torch.random.fork_rng(devices=[]):
+        trainer = build_trainer(dict(config, grad_accum=2), run)
+        assert trainer.resume() and trainer.step == 4
+        rows = trainer.fit()
+    reference = {m["step"]: m["loss"] for m in resume_runs["reference"]}
+    assert [m["step"] for m in rows] == [5, 6]
+    assert [m["loss"] for m in rows] == [pytest.approx(reference[s], rel=1e-5) for s in (5, 6)]
+
+
 def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:
     for run in ("straight", "split"):
         names = sorted(p.name for p in (resume_runs[run] / "checkpoints").iterdir())

@@ -474,16 +474,23 @@ class Trainer:
         return out
 
     def _set_data_position(self, position: dict[str, Any], path: Path, meta: dict[str, Any]) -> None:
+        # a folder's position counts this rank's micro-batches, grad_accum per optimizer step: the steps taken in the
+        # epoch are what carries over to another grad_accum (the global batches do not depend on it)
+        saved_accum = max(1, int(meta.get("config", {}).get("grad_accum", 1)))
+
+        def micro_batches(skip: int) -> int:
+            return skip // saved_accum * self.cfg.grad_accum
+
         if self.secondary_batches is not None and "secondary" in position:
             self.secondary_batches.epoch = position["secondary"]["epoch"]
-            self.secondary_batches.skip = position["secondary"]["skip"]
+            self.secondary_batches.skip = micro_batches(position["secondary"]["skip"])
         if ("stream" in position) != (self.stream is not None):  # the data changed kind (e.g. a folder packed)
             self._log(f"{path}: its data position is for {'shards' if 'stream' in position else 'a folder'}, this run "
                       f"reads {'shards' if self.stream is not None else 'a folder'}; the data starts from its "
                       "beginning (model, optimizer and step resume)")
             return
-        if self.stream is None:  # global batches: exact on any number of ranks
-            self.batches.epoch, self.batches.skip = position["epoch"], position["skip"]
+        if self.stream is None:  # global batches: exact on any number of ranks and any grad_accum
+            self.batches.epoch, self.batches.skip = position["epoch"], micro_batches(position["skip"])
             return
         state = position["stream"]
         old = self._stream_layout(position, meta)
