@@ -133,3 +133,28 @@ def test_wds_with_a_plain_folder_reads_it_and_names_the_packer(tiny_config, digi
     out = capsys.readouterr()
     assert "starflow pack" in out.out + out.err
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_sharded_sample_grids_from_shards_use_rank_0s_prompts(tiny_config, digits, config_file, tmp_path) -> None:
+    """FSDP2 on 2 ranks from shards whose first batches hold different captions on each rank (1 and 2 of them): every
+    rank samples rank 0's prompts, so the sharded layers see the same calls on every rank (they used to disagree
+    and abort the run)."""
+    import shutil
+
+    src = tmp_path / "img"
+    src.mkdir()
+    lines = [json.loads(line) for line in (digits["train"] / "metadata.jsonl").read_text().splitlines()][:16]
+    for i, line in enumerate(lines):  # shards of 4: one caption in the first, two alternating in the second
+        shutil.copy(digits["train"] / line["file_name"], src / line["file_name"])
+        line["text"] = "alpha" if (i // 4) % 2 == 0 else ("beta" if i % 2 else "gamma")
+    (src / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["pack", str(src), str(tmp_path / "shards"), "--shard_size", "4"]) == 0
+    config = config_file(dict(tiny_config, img_size=16, patch_size=2, steps=1, batch_size=4, num_workers=0,
+                              sample_freq=1, fsdp=1))  # 64 tokens: the auto Jacobi chunks depend on the rows
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "starflow.cli", "train", "--config", str(config), "--data", str(tmp_path / "shards"),
+                        "--logdir", str(tmp_path / "run"), "--device", "cpu"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "samples" / "step_00000001.png").is_file()

@@ -36,7 +36,7 @@ from starflow.checkpoint import save_weights
 from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
-from starflow.distributed import DistInfo, is_sharded
+from starflow.distributed import DistInfo, from_rank0, is_sharded
 from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
 from starflow.sampling.io import save_grid, view_scale
@@ -642,11 +642,17 @@ class Trainer:
         With the flow or the T5 sharded (FSDP2) every rank samples (the sharded layers need all ranks; with DDP and
         ``fsdp_text_encoder: 1`` too) and rank 0 writes the grid.
         """
-        if not self.sample_prompts or not (self.dist.is_main or self.sharded or self.text_sharded):
+        every_rank = self.sharded or self.text_sharded
+        if not (self.dist.is_main or every_rank):
+            return None
+        # rank 0's prompts on every rank: from shards each rank took them from its own first batch, and ranks that
+        # sampled different prompts (or batch sizes) would call the sharded layers a different number of times
+        captions = from_rank0(lambda: list(self.sample_prompts)) if every_rank else self.sample_prompts
+        if not captions:
             return None
         was_training = self.model.training
         pipe = Pipeline(self.model, self.text_encoder, self.vae, self.cfg)
-        prompts = [p for p in self.sample_prompts for _ in range(per_prompt)]
+        prompts = [p for p in captions for _ in range(per_prompt)]
         gen = torch.Generator().manual_seed(self.cfg.seed)
         rng = torch.get_rng_state()
         settings = SampleSettings(cfg=self.cfg.cfg, jacobi=True, temperature=self.cfg.temperature)
