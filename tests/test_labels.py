@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,15 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
                  "--num_samples", "1", "--output_dir", str(out), "--device", "cpu"]) == 0
     assert json.loads((out / "settings.json").read_text())["captions"] == ["three"]
     assert (out / "00000_three.png").is_file()
+    # starflow export of the run writes a folder as complete as the run's own: the classes travel with it (found in
+    # the run's folder, where training copied them, even without its model folder)
+    shutil.rmtree(folder)
+    assert (logdir / "digits.vocab").is_file()
+    assert main(["export", str(logdir), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "digits.vocab").is_file()
+    assert main(["sample", "--checkpoint_path", str(tmp_path / "exported"), "--class_id", "3",
+                 "--num_samples", "1", "--output_dir", str(tmp_path / "from_export"), "--device", "cpu"]) == 0
+    assert main(["export", str(logdir), str(folder)]) == 0  # (the model folder again, for what follows)
     assert main(["sample", "--checkpoint_path", str(folder), "--caption", "seven", "--output_dir", str(out),
                  "--num_samples", "1", "--device", "cpu"]) == 0
     capsys.readouterr()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from starflow.adapters import build_text_encoder, vae_geometry
-from starflow.assets import TINY_TEXT_ENCODER
+from starflow.adapters import TextEncoder, build_text_encoder, vae_geometry
+from starflow.adapters.labels import is_vocab
+from starflow.assets import TINY_TEXT_ENCODER, resolve_asset
 from starflow.checkpoint import WEIGHT_SUFFIXES, save_weights
 from starflow.config import Config, load_config
 from starflow.models import STARFlow
@@ -128,6 +129,21 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     if dst.suffix in WEIGHT_SUFFIXES:
         dst.parent.mkdir(parents=True, exist_ok=True)
         return save_weights(model, dst)
-    text_encoder = build_text_encoder(cfg, device="cpu") if cfg.text == TINY_TEXT_ENCODER else None
-    Pipeline(model, text_encoder, None, cfg).save_pretrained(dst)
+    Pipeline(model, run_text_encoder(cfg, find_checkpoint(src).parent.parent), None, cfg).save_pretrained(dst)
     return dst
+
+
+def run_text_encoder(cfg: Config, logdir: Path):
+    """The text encoder a model folder of a run must carry (``Pipeline.save_pretrained`` copies it in): the built-in
+    tiny T5, a class vocabulary or a local T5 folder, looked up beside the run (``logdir/model``, ``logdir``) first;
+    None for a Hub id (the folder's config names it).
+
+    Raises:
+        FileNotFoundError: a class vocabulary found nowhere (the message says where it was looked for).
+    """
+    if cfg.text == TINY_TEXT_ENCODER or is_vocab(cfg.text or ""):
+        return build_text_encoder(cfg, logdir / "model", logdir, device="cpu")
+    local = resolve_asset(cfg.text, logdir / "model", logdir)
+    if local is not None and Path(local).is_dir():
+        return TextEncoder.from_pretrained(local, max_length=cfg.txt_size)
+    return None

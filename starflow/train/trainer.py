@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from starflow.adapters import LatentAdapter, TextEncoder, build_text_encoder
+from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_text_encoder
 from starflow.assets import TINY_TEXT_ENCODER
 from starflow.checkpoint import save_weights
 from starflow.config import TRAINING_KEYS, Config, save_config
@@ -543,6 +543,8 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             lock.acquire()  # one run per logdir (the other ranks stop when torchrun sees this one fail)
             save_config(cfg, self.logdir / "config.yaml")
+            if isinstance(self.text_encoder, LabelEncoder):  # the run's folder holds its classes (starflow export)
+                self.text_encoder.save_pretrained(self.logdir)
         history: list[dict[str, float]] = []
         logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run,
                                start_step=self.step)
