@@ -158,6 +158,26 @@ def _video_pipeline(**overrides) -> Pipeline:
     return Pipeline(model, build_text_encoder(cfg), build_latent_adapter("none", channels=1), cfg)
 
 
+def test_one_frame_of_a_video_model_is_prompted_as_an_image(monkeypatch) -> None:
+    """One-frame samples were trained as images ("An image:", fps 0; SPEC sections 12 and 16), and a target_length
+    the VAE cannot decode is refused, not rounded down."""
+    from starflow.adapters import build_tiny_wan_vae
+    from starflow.adapters.text import TextEncoder
+
+    seen = []
+    encode = TextEncoder._encode
+    monkeypatch.setattr(TextEncoder, "_encode", lambda self, texts: (seen.extend(texts), encode(self, texts))[1])
+    pipe = _video_pipeline(fps_cond=1)
+    out = pipe(["cat"], SampleSettings(cfg=1.0, jacobi=False, target_length=1, self_denoise=False), seeds=[0])
+    assert out.shape[1] == 1 and seen == ["An image:\ncat\n", "An image:\n\n"]
+    seen.clear()
+    pipe(["cat"], SampleSettings(jacobi=False, target_length=2, self_denoise=False), seeds=[0])
+    assert seen == [f"A video with {pipe.config.fps} fps:\ncat\n"]
+    wan = Pipeline(pipe.model, pipe.text_encoder, build_tiny_wan_vae(), pipe.config)
+    with pytest.raises(ValueError, match="target_length 6: the VAE decodes 4k\\+1 frames .* use 5 or 9"):
+        wan(["cat"], SampleSettings(target_length=6), seeds=[0])
+
+
 def test_continuation_keeps_the_clip_and_follows_it() -> None:
     pipe = _video_pipeline()
     clip = torch.rand(1, 5, 1, 8, 8) * 2 - 1

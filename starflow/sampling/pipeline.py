@@ -159,9 +159,10 @@ class Pipeline:
         texts = [prompt_from_config(p, self.config, aspect_ratio, fps=fps, noise_std=noise_std) for p in prompts]
         return self.text_encoder.encode_templated(prompts, texts).to(self.device)
 
-    def _prompts(self, prompts: list[str], settings: SampleSettings) -> torch.Tensor | None:
-        """:meth:`encode_prompts` with the settings' aspect ratio, fps and noise level."""
-        return self.encode_prompts(prompts, settings.aspect_ratio, settings.fps, settings.noise_std)
+    def _prompts(self, prompts: list[str], settings: SampleSettings, fps: int | None = None) -> torch.Tensor | None:
+        """:meth:`encode_prompts` with the settings' aspect ratio, fps (unless ``fps`` is given) and noise level."""
+        return self.encode_prompts(prompts, settings.aspect_ratio, settings.fps if fps is None else fps,
+                                   settings.noise_std)
 
     def latent_shape(self, aspect_ratio: str = "1:1", frames: int | None = None) -> tuple[int, ...]:
         """``(C, H, W)`` of image latents, or ``(T', C, H, W)`` for a video of ``frames`` pixel frames
@@ -261,15 +262,16 @@ class Pipeline:
         check_settings(settings, self.config, negatives)
 
     def _encode_text(self, prompts: list[str], settings: SampleSettings, tag: str = "",
-                     negatives: list[str] | None = None):
+                     negatives: list[str] | None = None, fps: int | None = None):
         """``(y, y_all, guided)``: conditional rows of ``tag + prompt``, the guidance rows ``[cond; uncond]`` (the
-        unconditional rows encode the negative prompts, ``""`` by default)."""
-        y = self._prompts([tag + p for p in prompts], settings)
+        unconditional rows encode the negative prompts, ``""`` by default); ``fps`` replaces the settings' (0: the
+        image prompt of a one-frame sample)."""
+        y = self._prompts([tag + p for p in prompts], settings, fps)
         guided = settings.cfg > 0 and y is not None
         if negatives is not None and len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
         uncond = negatives if negatives is not None else [""] * len(prompts)
-        y_all = torch.cat([y, self._prompts(uncond, settings)]) if guided else y
+        y_all = torch.cat([y, self._prompts(uncond, settings, fps)]) if guided else y
         return y, y_all, guided
 
     def _reverse(self, noise: torch.Tensor, y_all, guided: bool, settings: SampleSettings, profile: Profile,
@@ -390,14 +392,17 @@ class Pipeline:
                 decoded by the VAE, then the result; each ``(B, [T,] C, H, W)`` in ``[-1, 1]``.
 
         Returns:
-            ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video pixels, float32 in ``[-1, 1]``.
+            ``(B, C, H, W)`` image or ``(B, T, C, H, W)`` video pixels, float32 in ``[-1, 1]``. A video model's
+            one-frame sample (``target_length`` 1) is prompted as an image (``"An image:"`` with ``fps_cond``), as
+            one-frame training samples are.
 
         Raises:
             ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
                 not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size,
                 frame count, channel count or pixel range, or not one per prompt; seeds not one per prompt;
-                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame;
-                settings that would not act on this model (:meth:`_check_settings`).
+                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame; a
+                ``target_length`` the VAE cannot decode (not ``tk + 1``, ``t`` its temporal factor); settings that
+                would not act on this model (:meth:`_check_settings`).
             TypeError: prompts, seeds, negative prompts or settings of the wrong type.
         """
         self._check_prompts(prompts)
@@ -417,6 +422,11 @@ class Pipeline:
         if last_image is not None and not c.last_frame_cond:
             raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
                              "frame conditions only such models")
+        t = self.vae.temporal_downsample
+        if c.is_video and settings.target_length and (settings.target_length - 1) % t:
+            lower = 1 + (settings.target_length - 1) // t * t
+            raise ValueError(f"target_length {settings.target_length}: the VAE decodes {t}k+1 frames (temporal factor "
+                             f"{t}); use {lower} or {lower + t}")
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
         if input_image is not None and shape[0] < 2:
             raise ValueError(f"target_length {settings.target_length}: input_image is the first of these frames, so "
@@ -424,7 +434,9 @@ class Pipeline:
         stats = stats if stats is not None else DecodeStats()
         with profile.stage("text encoding", self.device):
             tag = LAST_FRAME_PREFIX if last_image is not None else ""
-            y, y_all, guided = self._encode_text(prompts, settings, tag, negative_prompts)
+            # one frame from a video model is an image: trained as one ("An image:", fps 0; SPEC sections 12, 16)
+            still = c.is_video and shape[0] == 1 and last_image is None
+            y, y_all, guided = self._encode_text(prompts, settings, tag, negative_prompts, fps=0 if still else None)
             y_extend = None
             if c.is_video and c.drop_image > 0 and y is not None and shape[0] > (self.window or shape[0]):
                 y_extend = self._prompts([EXTEND_PREFIX + p for p in prompts], settings)
