@@ -131,6 +131,24 @@ def test_video_to_video_and_last_frame_modes(clips) -> None:
         load_config(dict(TINY_VIDEO, video_to_video=1, last_frame_cond=1, drop_image=0))
 
 
+def test_the_vae_posterior_draw_is_seeded_per_sample() -> None:
+    """Sample i of step s draws the same latent whatever the global RNG (each rank seeds it with seed + rank) and
+    whichever samples share its batch."""
+    from starflow.adapters import build_tiny_sd_vae
+
+    cfg = load_config(dict(img_size=16, channel_size=4, patch_size=2, channels=32, head_dim=16,
+                           layers_per_block="1 1", vae="tiny-sd", noise_std=0.3, no_flip=1))
+    recipe = Recipe(cfg, build_tiny_sd_vae(), torch.device("cpu"))
+    pixels = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = {"text": ["a"] * 4, "pixels": pixels, "aspect_ratio": ["1:1"] * 4}
+    torch.manual_seed(0)
+    whole = recipe.prepare(batch, step=5, first=0).latents
+    torch.manual_seed(1)  # rank 1 of two: the last two samples
+    half = recipe.prepare({k: v[2:] for k, v in batch.items()}, step=5, first=2).latents
+    torch.testing.assert_close(whole[2:], half, rtol=0, atol=1e-6)
+    assert not torch.allclose(recipe.prepare(batch, step=6, first=0).latents, whole)  # a new draw each step
+
+
 def test_drop_image_drops_the_first_latent_frame(clips) -> None:
     """As a latent cache does (SPEC section 16): the whole clip is encoded, which the WAN2.2 VAE needs (4k + 1
     frames), and its first latent frame is dropped."""

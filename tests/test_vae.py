@@ -67,6 +67,28 @@ def test_sample_uses_generator(adapter: SDVAEAdapter) -> None:
     assert not torch.equal(a, adapter.encode(x, sample=False))
 
 
+@pytest.mark.parametrize("kind", ["sd_video", "wan"])
+def test_per_sample_generators_make_a_latent_independent_of_its_batch(adapter: SDVAEAdapter, kind: str) -> None:
+    """With one generator per sample, sample i's posterior draw is the same in any batch (training seeds it by
+    (seed, step, index), so it is the same on any number of ranks)."""
+    from starflow.adapters import build_tiny_wan_vae
+
+    if kind == "sd_video":
+        vae, x = adapter, pixels(3, 2, 3, 16, 16)  # (B, T, C, H, W): frames folded into the batch
+    else:
+        vae, x = build_tiny_wan_vae(), pixels(3, 5, 3, 32, 32)
+
+    def gens(indices: range) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(100 + i) for i in indices]
+
+    whole = vae.encode(x, generator=gens(range(3)))
+    parts = torch.cat([vae.encode(x[:1], generator=gens(range(1))), vae.encode(x[1:], generator=gens(range(1, 3)))])
+    torch.testing.assert_close(whole, parts, rtol=0, atol=1e-5)
+    assert not torch.allclose(whole, vae.encode(x, sample=False))  # a draw, not the mean
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        vae.encode(x, generator=gens(range(2)))
+
+
 def test_video_frames_encoded_independently(adapter: SDVAEAdapter) -> None:
     video = pixels(2, 3, 3, 16, 16)  # (B, T, C, H, W)
     z = adapter.encode(video, sample=False)

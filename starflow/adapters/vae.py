@@ -14,7 +14,9 @@ from __future__ import annotations
 import abc
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Union
 
 import torch
 from diffusers import AutoencoderKL
@@ -25,6 +27,36 @@ from starflow.adapters.hub import check_local_folder, looks_like_local_path, mis
 
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 """Hub id of the SD-VAE used by the released text-to-image checkpoint."""
+
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""RNG of a posterior draw: one generator for the batch, one per sample (``B`` of them), or None (the global RNG)."""
+
+
+def posterior_draw(dist, sample: bool, generator: Generators, batch: int) -> torch.Tensor:
+    """The mode of a diffusers ``DiagonalGaussianDistribution`` (``sample`` False), or a draw ``mean + std * eps``.
+
+    Args:
+        dist: the posterior, ``mean`` of shape ``(B * F, ...)`` (``F`` frames folded into the batch, or 1).
+        sample: draw (True) or take the mode (False).
+        generator: one generator for the whole batch (as diffusers draws), or ``B`` generators: each sample's ``eps``
+            comes from its own, so its latent does not depend on the batch or rank it is encoded in.
+        batch: ``B``, the samples the ``mean`` rows belong to.
+
+    Raises:
+        ValueError: a sequence of generators that is not one per sample.
+    """
+    if not sample:
+        return dist.mode()
+    if generator is None or isinstance(generator, torch.Generator):
+        return dist.sample(generator=generator)
+    generators = list(generator)
+    if len(generators) != batch:
+        raise ValueError(f"{len(generators)} generators for a batch of {batch}: give one per sample")
+    mean = dist.mean
+    rows = (mean.shape[0] // batch, *mean.shape[1:])  # one sample's rows (its frames, for a folded video)
+    eps = torch.cat([torch.randn(rows, generator=g, device=g.device) for g in generators])
+    return mean + dist.std * eps.to(device=mean.device, dtype=mean.dtype)
 
 
 class LatentAdapter(nn.Module, abc.ABC):
@@ -51,13 +83,13 @@ class LatentAdapter(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: Generators = None) -> torch.Tensor:
         """Pixels ``(B, 3, H, W)`` in [-1, 1] -> latents ``(B, C, H/downsample, W/downsample)``.
 
         Args:
             pixels: Images (or ``(B, T, 3, H, W)`` videos where supported).
             sample: Draw from the posterior (True) or take its mean (False); ignored if deterministic.
-            generator: RNG of the posterior sample.
+            generator: RNG of the posterior sample: one for the batch, or one per sample (:func:`posterior_draw`).
         """
 
     @abc.abstractmethod
@@ -79,7 +111,7 @@ class IdentityAdapter(LatentAdapter):
         self.latent_channels = self.pixel_channels = channels
 
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: Generators = None) -> torch.Tensor:
         """Return ``pixels`` ``(B, C, H, W)`` in ``[-1, 1]`` unchanged: a pixel model's latents are its pixels
         (``sample`` and ``generator`` have nothing to act on)."""
         return pixels
@@ -164,13 +196,13 @@ class SDVAEAdapter(LatentAdapter):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: Generators = None) -> torch.Tensor:
         """Pixels ``(B, 3, H, W)`` or ``(B, T, 3, H, W)`` in [-1, 1] -> scaled latents.
 
         Args:
             pixels: Images or videos, H and W multiples of ``downsample``.
             sample: Draw from the posterior (True, as in training) or return its mean (False).
-            generator: RNG of the posterior sample.
+            generator: RNG of the posterior sample: one for the batch, or one per sample (:func:`posterior_draw`).
 
         Returns:
             Latents ``(B, C, H/downsample, W/downsample)`` (``T`` kept for videos), dtype of ``pixels``.
@@ -178,7 +210,7 @@ class SDVAEAdapter(LatentAdapter):
         x, frames = _fold_frames(pixels)  # (B*T, 3, H, W)
         vae_param = next(self.vae.parameters())
         posterior = self.vae.encode(x.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
-        z = posterior.sample(generator=generator) if sample else posterior.mode()  # (B*T, C, h, w)
+        z = posterior_draw(posterior, sample, generator, pixels.shape[0])  # (B*T, C, h, w)
         return _unfold_frames(z * self.scaling_factor, frames).to(pixels.dtype)
 
     @torch.no_grad()
@@ -267,7 +299,7 @@ class WanVAEAdapter(LatentAdapter):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, *, sample: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: Generators = None) -> torch.Tensor:
         """Pixels ``(B, T, 3, H, W)`` (or an image ``(B, 3, H, W)``) in [-1, 1] -> normalised latents
         ``(B, T', 48, H/16, W/16)`` (an image: ``(B, 48, h, w)``).
 
@@ -282,7 +314,7 @@ class WanVAEAdapter(LatentAdapter):
                              f"{self.downsample}")
         p = next(self.vae.parameters())
         dist = self.vae.encode(x.permute(0, 2, 1, 3, 4).to(device=p.device, dtype=p.dtype)).latent_dist
-        z = (dist.sample(generator=generator) if sample else dist.mode()).permute(0, 2, 1, 3, 4).float()
+        z = posterior_draw(dist, sample, generator, x.shape[0]).permute(0, 2, 1, 3, 4).float()
         z = (z - self.mean) / self.std * self._frame_scales(z.shape[1], z.device)
         z = z.to(pixels.dtype)
         return z[:, 0] if image else z

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache-latents", help="encode a dataset once with the config's VAE and text encoder",
                        description="Write VAE latents and T5 embeddings of every sample of --data (a folder with "
                                    "metadata.jsonl or a shard folder) to --out as shards, with the settings they "
-                                   "depend on; training checks them against its config.")
+                                   "depend on; training checks them against its config. A VAE's latents are its "
+                                   "posterior mean (training from the images draws from the posterior, seeded per "
+                                   "sample).")
     p.add_argument("--config", required=True, help="training config (YAML)")
     p.add_argument("--data", required=True, help="image/video folder with metadata.jsonl, or a shard folder")
     p.add_argument("--out", required=True, help="output folder")

@@ -91,20 +91,26 @@ class Recipe:
             flips = [bool(torch.rand((), generator=torch.Generator().manual_seed(
                 sample_seed(cfg.seed, step, first + i, "flip"))) < 0.5) for i in range(n)]
             pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flips)])
+        # the VAE's posterior draw of sample i: seeded by (seed, step, index) as its noise, on any number of ranks
+        generators = [torch.Generator().manual_seed(sample_seed(cfg.seed, step, first + i, "vae")) for i in range(n)]
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return self.vae.encode(x, generator=generators)
+
         with torch.no_grad():
             if pixels.dim() == 5 and pixels.shape[1] > 1:
                 if cfg.video_to_video:
                     half = pixels.shape[1] // 2  # stored target then source: train [source; target]
-                    latents = torch.cat([self.vae.encode(pixels[:, half:]), self.vae.encode(pixels[:, :half])], 1)
+                    latents = torch.cat([encode(pixels[:, half:]), encode(pixels[:, :half])], 1)
                     return Prepared(latents.float(), [V2V_PREFIX + c for c in captions], fps)
                 if cfg.last_frame_cond:
                     end = pixels[:, pixels.shape[1] - LAST_FRAME_OFFSET][:, None]  # (B, 1, C, H, W)
-                    latents = torch.cat([self.vae.encode(end), self.vae.encode(pixels)], 1)
+                    latents = torch.cat([encode(end), encode(pixels)], 1)
                     return Prepared(latents.float(), [LAST_FRAME_PREFIX + c for c in captions], fps)
                 if drop_image:  # continue a video: no first latent frame (SPEC section 16), and the caption says so
-                    latents = self.vae.encode(pixels)[:, 1:]  # (the VAE takes the whole 4k + 1 frames)
+                    latents = encode(pixels)[:, 1:]  # (the VAE takes the whole 4k + 1 frames)
                     return Prepared(latents.float(), [EXTEND_PREFIX + c for c in captions], fps)
-            return Prepared(self.vae.encode(pixels).float(), captions, fps)
+            return Prepared(encode(pixels).float(), captions, fps)
 
     def noised(self, latents: torch.Tensor, step: int, first: int) -> tuple[torch.Tensor, list[bool]]:
         """``(x, dropped captions)``: ``x = latents + noise_std * N(0, I)`` (``noise_type: uniform``: 8-bit
