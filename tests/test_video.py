@@ -365,6 +365,23 @@ def test_windowed_learned_denoiser_matches_whole_windows() -> None:
     assert windowed.shape == x.shape and not torch.equal(windowed, x)
 
 
+def test_a_denoiser_without_window_sees_a_full_window_of_past_frames() -> None:
+    """Without ``denoiser_window`` the denoiser attended to the whole clip in training: each later window carries
+    all its other frames (one new frame per pass), so no frame is denoised without past context."""
+    from starflow.sampling import learned_denoise
+
+    torch.manual_seed(0)
+    model = STARFlow.from_config(load_config(dict(TINY_VIDEO, denoiser_window=None)), txt_dim=32).eval()
+    with torch.no_grad():  # its zero-initialised output layers get weights: a denoiser that reads its context
+        for p in (model.learnable_self_denoiser.proj_out.weight, model.learnable_self_denoiser.final_norm.weight):
+            p.add_(0.5 * torch.randn_like(p))
+    x, y = torch.randn(1, 5, 1, 8, 8), torch.randn(1, 48, 32)
+    out = learned_denoise(model, x, y, window=3)
+    for frame in (3, 4):  # each the last frame of the window that ends with it
+        d = model.denoiser(x[:, frame - 2 : frame + 1], y)[:, -1]
+        torch.testing.assert_close(out[:, frame], x[:, frame] - 0.3 * d)
+
+
 def test_sample_video_command(video_run: Path, tmp_path: Path) -> None:
     image = tmp_path / "digit.png"
     Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(image)

@@ -41,8 +41,9 @@ def learned_denoise(model, x: torch.Tensor, y: torch.Tensor | None, window: int 
     """Remove the training noise with the learnable denoiser (STARFlow-V Sec. 3.3; SPEC section 10).
 
     ``x - step * D(x, y)``; D predicts ``noise_std * dNLL/dx``. Videos longer than ``window`` latent frames are
-    denoised window by window, each window after the first starting ``denoiser_window`` frames back so that
-    every frame sees as many past frames as in training; only the new frames of a window are kept.
+    denoised window by window, each window after the first starting ``denoiser_window`` frames back (``window - 1``
+    without a ``denoiser_window``: the denoiser then saw the whole clip in training) so that every frame sees as many
+    past frames as in training; only the new frames of a window are kept.
 
     Args:
         model: a :class:`~starflow.models.STARFlow` with ``learnable_self_denoiser``.
@@ -57,7 +58,10 @@ def learned_denoise(model, x: torch.Tensor, y: torch.Tensor | None, window: int 
     frames = x.shape[1]
     if window is None or frames <= window:
         return (x - step * model.denoiser(x, y).float()).float()
-    overlap = min(model.config.denoiser_window or 0, window - 1)
+    # past frames each window carries: denoiser_window (G), or without one (attention over the whole clip in
+    # training) all the window's other frames
+    g = model.config.denoiser_window
+    overlap = window - 1 if g is None else min(g, window - 1)
     out, start = x.clone().float(), 0
     while True:
         end = min(start + window, frames)
