@@ -394,6 +394,11 @@ def validate(cfg: Config) -> Config:
         if cfg.fps_cond or cfg.cond_noise_level or cfg.mix_aspect:
             raise ValueError("class labels (a .vocab 'text') are looked up as given: 'fps_cond', 'cond_noise_level' "
                              "and 'mix_aspect' would rewrite them; set them to 0")
+        tagged = [k for k in ("drop_image", "video_to_video", "last_frame_cond") if getattr(cfg, k)]
+        if tagged:
+            raise ValueError(f"class labels (a .vocab 'text') are looked up as given: '{tagged[0]}' prefixes the "
+                             "caption with a tag ('(extend) ', '(v2v) ' or '(last) ') that is no class; set it to 0, "
+                             "or condition on text (a T5 'text')")
     if cfg.finetuned_vae is not None:
         raise ValueError(f"config key 'finetuned_vae' ({cfg.finetuned_vae!r}) is not supported yet: the VAE's own "
                          "decoder is used; set it to none")

@@ -91,3 +91,13 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
 def test_validate_sizes_a_class_model(capsys) -> None:
     assert main(["validate", str(REPO / "configs" / "demo_digits_class.yaml")]) == 0
     assert "text: 1 tokens x 11" in capsys.readouterr().out  # 10 classes + the unconditional row
+
+
+@pytest.mark.parametrize("key", ["drop_image", "video_to_video", "last_frame_cond"])
+def test_class_labels_refuse_the_caption_tags_of_video_modes(key: str) -> None:
+    """'(extend) seven' is no class: a class-label video config with a mode that tags its captions is refused when
+    loaded, not at the first step that tags one."""
+    video = dict(img_size=8, vid_size="5:8", channel_size=1, patch_size=2, text="digits.vocab", txt_size=1)
+    assert load_config(video).text == "digits.vocab"
+    with pytest.raises(ValueError, match=f"'{key}' prefixes the caption with a tag"):
+        load_config(dict(video, **{key: 0.5 if key == "drop_image" else 1}))
