@@ -19,8 +19,8 @@ DECAY, START = 0.8, 2
 
 
 def trainer_for(tiny_config, digits, logdir: Path, **extra):
-    config = dict(tiny_config, data=str(digits["train"]), ema=DECAY, ema_start=START, steps=6, save_freq=3,
-                  lr=1e-2, **extra)
+    config = dict(dict(tiny_config, data=str(digits["train"]), ema=DECAY, ema_start=START, steps=6, save_freq=3,
+                       lr=1e-2), **extra)
     return launch.build_trainer(load_config(config, {"logdir": str(logdir)}), init_distributed("cpu"))
 
 
@@ -51,6 +51,21 @@ def test_resumed_ema_is_bit_identical(tiny_config, digits, tmp_path) -> None:
     resumed.fit()
     for k, e in straight.ema.shadow.items():
         assert torch.equal(resumed.ema.shadow[k], e), k
+
+
+def test_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(tiny_config, digits, tmp_path, capsys) -> None:
+    first = trainer_for(tiny_config, digits, tmp_path, ema=0.0, ema_start=0)
+    first.fit(max_steps=3)
+    resumed = trainer_for(tiny_config, digits, tmp_path)  # ema DECAY from here on
+    assert resumed.resume() and resumed.step == 3
+    assert "note: ema 0.8 is new at this resume: the average starts from the weights of step 3" in capsys.readouterr().out
+    for k, p in resumed.model.named_parameters():
+        assert torch.equal(resumed.ema.shadow[k], p.detach()), k
+    resumed.fit()
+    assert resumed.step == 6 and any(not torch.equal(resumed.ema.shadow[k], p.detach())
+                                     for k, p in resumed.model.named_parameters())
+    without = trainer_for(tiny_config, digits, tmp_path, ema=0.0, ema_start=0, steps=7)  # and switched off again
+    assert without.resume() and without.step == 6 and without.ema is None
 
 
 def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path) -> None:

@@ -20,6 +20,7 @@ latents require grad), so it costs one denoiser forward/backward and no second f
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import time
@@ -50,7 +51,7 @@ from starflow.train.optim import build_cosine_schedule, build_optimizer, build_s
 from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
                                         native_bf16, shard_text_encoder, training_dtype)
-from starflow.train.state import CheckpointManager, CheckpointMismatchError, rng_state, set_rng_state
+from starflow.train.state import META_FILE, CheckpointManager, CheckpointMismatchError, rng_state, set_rng_state
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER"]
 
@@ -86,6 +87,14 @@ def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
     ``logdir`` (a copied run's folder) (``model_only``: leave out the training-only keys as well)."""
     return [f"{k} {saved[k]} -> {now[k]}" for k in sorted(now) if k in saved and saved[k] != now[k]
             and k != "logdir" and not (model_only and k in TRAINING_KEYS)]
+
+
+def _saved_config(path: str | Path) -> dict[str, Any]:
+    """The config a checkpoint was saved with (empty when its meta file cannot be read: loading it says why)."""
+    try:
+        return json.loads((Path(path) / META_FILE).read_text()).get("config", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _lora_mismatch(path: str | Path, saved: dict[str, Any], cfg: Config) -> str:
@@ -239,6 +248,9 @@ class Trainer:
                                                              set_optimizer_state_dict)
 
         tensors = self._tensor_state()
+        ema_added = self.ema is not None and not _saved_config(path).get("ema", 1)  # switched on at this resume
+        if ema_added:
+            del tensors["ema"]
         fresh_lrs = (list(self.schedule.base_lrs),
                      None if self.denoiser_schedule is None else list(self.denoiser_schedule.base_lrs))
         try:
@@ -253,6 +265,10 @@ class Trainer:
                 f"the config it was saved with, or train the new model in a new --logdir (--init_from {path} starts "
                 "it from these weights where the shapes allow)", e.meta) from None
         set_model_state_dict(self.model, tensors["model"], options=StateDictOptions(strict=not self.lora))
+        if ema_added:
+            self.ema.reset()
+            self._log(f"note: ema {self.cfg.ema:g} is new at this resume: the average starts from the weights of "
+                      f"step {meta['step']}")
         set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
         if self.denoiser_optimizer is not None:
             set_optimizer_state_dict(self.model, self.denoiser_optimizer, tensors["denoiser_optimizer"])
