@@ -44,11 +44,12 @@ def test_merged_weights_equal_the_adapted_model(make_pipeline) -> None:
 
 
 def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_config, digits, config_file,
-                                                          tmp_path, capsys) -> None:
+                                                          tmp_path, capsys, monkeypatch) -> None:
     base = tmp_path / "base.safetensors"
     save_weights(make_pipeline(std=0.3, seed=2).model, base)
-    config = config_file(dict(tiny_config, init_from=str(base), lora_rank=4, lora_alpha=8.0, steps=4, save_freq=2,
-                              lr=1e-2))
+    monkeypatch.chdir(tmp_path)  # the base named relative to the working folder, as a user types it
+    config = config_file(dict(tiny_config, init_from="base.safetensors", lora_rank=4, lora_alpha=8.0, steps=4,
+                              save_freq=2, lr=1e-2))
     logdir = tmp_path / "run"
     train = ["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(logdir),
              "--device", "cpu"]
@@ -63,6 +64,7 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
     assert final.keys() == start.keys() and adapters and all("lora_" in k for k in adapters)
     changed = [k for k in start if not torch.equal(final[k], start[k])]
     assert changed and all(".attn_blocks." in k and k.startswith("blocks.2.") for k in changed)  # the deep block
+    assert load_config(logdir / "config.yaml").init_from == str(base)  # absolute: the run works from anywhere
     assert main(["export", "--merge_lora", str(logdir), str(tmp_path / "merged.safetensors")]) == 0
     merged = load_file(tmp_path / "merged.safetensors")
     assert all(torch.allclose(merged[k], final[k], atol=1e-6) for k in final)

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--resume_path is the official name of --init_from: pass one of them")
         args.init_from = args.resume_path
     cfg = load_config(args.config, config_overrides(args))
+    if cfg.init_from and Path(cfg.init_from).exists() and not Path(cfg.init_from).is_absolute():
+        # recorded absolute: resumes, LoRA runs (which reload their base) and export --merge_lora run from anywhere
+        cfg = load_config(cfg, {"init_from": str(Path(cfg.init_from).resolve())})
     if cfg.data is None:
         raise SystemExit(NO_DATA)
     if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
