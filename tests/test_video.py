@@ -263,7 +263,7 @@ def video_run(tmp_path_factory, one_thread) -> Path:
     tmp = tmp_path_factory.mktemp("video_train")
     data = _clip_folder(tmp / "clips")
     config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump(TINY_VIDEO))
+    config.write_text(yaml.safe_dump(dict(TINY_VIDEO, sample_freq=3)))  # a sample grid at the last step
     with torch.random.fork_rng(devices=[]):
         assert main(["train", "--config", str(config), "--data", str(data), "--logdir", str(tmp / "run"),
                      "--device", "cpu"]) == 0
@@ -271,6 +271,8 @@ def video_run(tmp_path_factory, one_thread) -> Path:
 
 
 def test_video_training_updates_flow_and_denoiser(video_run: Path) -> None:
+    grid = Image.open(video_run / "samples" / "step_00000003.png")  # 4 filmstrips of 3 frames a row, shown 8x
+    assert grid.width == (4 * (3 * 8 + 1) + 1) * 8
     metrics = [json.loads(line) for line in (video_run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(np.isfinite(m["denoiser_loss"]) for m in metrics)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX", "view_scale"]
+           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX", "view_scale",
+           "filmstrips"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -60,6 +61,15 @@ def make_grid(pixels: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
     return grid
+
+
+def filmstrips(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """``(B, T, C, H, W)`` videos -> ``(B, C, H, k W)`` images: ``k = min(frames, T)`` evenly spaced frames (the first
+    and the last among them) side by side, for the grids of video samples."""
+    t = videos.shape[1]
+    k = min(frames, t)
+    index = [round(i * (t - 1) / (k - 1)) for i in range(k)] if k > 1 else [0]
+    return torch.cat(list(videos[:, index].unbind(1)), dim=-1)
 
 
 def view_scale(width: int) -> int:

@@ -40,7 +40,7 @@ from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracke
 from starflow.distributed import DistInfo, from_rank0, is_sharded
 from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
-from starflow.sampling.io import save_grid, view_scale
+from starflow.sampling.io import filmstrips, save_grid, view_scale
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.signals import StopSignals, Stopped, agreed_stop
 from starflow.train.ema import EMA, EMA_WEIGHTS
@@ -596,11 +596,11 @@ class Trainer:
                     m["peak_mem_gib"] = peak_memory_gib(self.dist.device)
                     m["skipped_images"] = float(self.skipped_images())
                     logger.log(self.step, m)
+                saved = self.step % cfg.save_freq == 0 or self.step == end
+                if saved:  # (before the sample grid: what is trained is kept first)
+                    self.save()
                 if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
                     self.sample_grid()
-                saved = self.step % cfg.save_freq == 0 or self.step == end
-                if saved:
-                    self.save()
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
                 signum = agreed_stop(stop, self.dist.device)
@@ -655,7 +655,8 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, per_prompt: int = 4) -> Path | None:
-        """Sample ``per_prompt`` images for a fixed set of training captions into ``samples/step_X.png``.
+        """Sample ``per_prompt`` images (videos: a filmstrip of 4 frames each) for a fixed set of training captions into
+        ``samples/step_X.png``.
 
         With the flow or the T5 sharded (FSDP2) every rank samples (the sharded layers need all ranks; with DDP and
         ``fsdp_text_encoder: 1`` too) and rank 0 writes the grid.
@@ -681,5 +682,8 @@ class Trainer:
             return None
         path = self.logdir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(pixels, path, nrow=per_prompt, scale=view_scale(pixels.shape[-1]))
+        width = pixels.shape[-1]
+        if pixels.dim() == 5:  # videos: a filmstrip of frames per sample
+            pixels = filmstrips(pixels)
+        save_grid(pixels, path, nrow=per_prompt, scale=view_scale(width))
         return path
