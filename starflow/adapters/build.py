@@ -20,7 +20,7 @@ def build_text_encoder(cfg: Config, *dirs: Path | str | None, device: str | torc
     ``*.vocab`` file the class-label encoder (:mod:`starflow.adapters.labels`).
 
     Args:
-        cfg: the config (``text``, ``txt_size``).
+        cfg: the config (``text``, ``txt_size``, ``seed``).
         dirs: folders searched first for the config's ``text`` entry (the config's, the weights'), then
             :func:`starflow.assets.asset_search_dirs`, then the Hugging Face cache and the Hub.
         device, dtype: where and in which precision the encoder runs.
@@ -31,8 +31,8 @@ def build_text_encoder(cfg: Config, *dirs: Path | str | None, device: str | torc
     """
     if cfg.txt_size == 0:
         return None
-    if cfg.text == TINY_TEXT_ENCODER:  # the same weights whatever the run's seed (a fine-tune keeps its base's)
-        return build_tiny_text_encoder(cfg.txt_size).to(device)
+    if cfg.text == TINY_TEXT_ENCODER:
+        return build_tiny_text_encoder(cfg.txt_size, seed=cfg.seed).to(device)
     if cfg.text is None:
         raise ValueError("config key 'text' is empty but txt_size > 0: name a T5 (e.g. google/flan-t5-xl)")
     if is_vocab(cfg.text):
