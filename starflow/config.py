@@ -394,7 +394,7 @@ def validate(cfg: Config) -> Config:
         if cfg.fps_cond or cfg.cond_noise_level or cfg.mix_aspect:
             raise ValueError("class labels (a .vocab 'text') are looked up as given: 'fps_cond', 'cond_noise_level' "
                              "and 'mix_aspect' would rewrite them; set them to 0")
-        tagged = [k for k in ("drop_image", "video_to_video", "last_frame_cond") if getattr(cfg, k)]
+        tagged = [k for k in ("drop_image", "video_to_video", "last_frame_cond") if getattr(cfg, k) and cfg.vid_size]
         if tagged:
             raise ValueError(f"class labels (a .vocab 'text') are looked up as given: '{tagged[0]}' prefixes the "
                              "caption with a tag ('(extend) ', '(v2v) ' or '(last) ') that is no class; set it to 0, "

@@ -196,8 +196,8 @@ CASES = [
     ("train --config {cfg} --data {digits} --logdir {run} --steps 1 --dry_run", 2,
      "error: the run in {run} is at step 2, past --steps 1: raise --steps"),
     ("train --config {cfg} --data {digits} --logdir {run} --steps 2 --dry_run", 0,
-     "is at step 2 of --steps 2: nothing to train (raise --steps to go on); its model folder is written again (the "
-     "dry run still checks one step)"),
+     "is at step 2 of --steps 2: nothing to train (raise --steps to go on); the run would write its model folder "
+     "again; this dry run checks one step"),
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_log0 --log_freq 0", 2, "config key 'log_freq' must be >= 1"),
     ("validate {cfg} --max_nonfinite -1", 2, "config key 'max_nonfinite' must be >= 0 (0 = off)"),
     ("validate {cfg} --ema_start 100", 2, "config key 'ema_start' (100) acts only with ema > 0"),

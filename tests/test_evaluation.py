@@ -20,7 +20,7 @@ from scipy import linalg
 
 from starflow.assets import DEMO_DIR
 from starflow.cli import main
-from starflow.evaluation.generate import set_record
+from starflow.evaluation.generate import check_set, set_record
 from starflow.evaluation.metrics import fid_from_features, kid_from_features, precision_recall
 from starflow.sampling.settings import SampleSettings
 from test_distributed_training import run_env
@@ -55,12 +55,16 @@ def test_kid_and_precision_recall_on_identical_and_disjoint_sets() -> None:
     assert precision_recall(a, far) == (0.0, 0.0)
 
 
-def test_caption_digests_tell_where_the_newlines_are() -> None:
+def test_caption_digests_tell_where_the_newlines_are(tmp_path) -> None:
     settings = SampleSettings()
     one, other = set_record(["a red\ncar", "dog"], settings, 0), set_record(["a red", "car\ndog"], settings, 0)
     assert one["captions_sha"] != other["captions_sha"]
     legacy = hashlib.sha256("a red\ncar".encode()).hexdigest()[:16]  # what sets made before hold: still the same
     assert set_record(["a red", "car"], settings, 0)["captions_sha"] == legacy
+    made_before = {k: v for k, v in one.items() if k != "captions_sha_legacy"}  # a caption with a newline, before
+    made_before["captions_sha"] = hashlib.sha256("a red\ncar\ndog".encode()).hexdigest()[:16]
+    (tmp_path / "set.json").write_text(json.dumps(made_before))
+    assert check_set(tmp_path, one)  # still continues
 
 
 def _generate(out: Path, n: int, nproc: int = 1, tmp: Path | None = None) -> list[str]:

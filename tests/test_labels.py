@@ -39,8 +39,9 @@ def test_one_hot_rows_and_the_unconditional_label(tmp_path) -> None:
 
 def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, capsys) -> None:
     write_digits(tmp_path / "data", captions="name")
-    (tmp_path / "digits.vocab").write_text((REPO / "configs" / "digits.vocab").read_text())
-    config = config_file(dict(tiny_config, text="digits.vocab", txt_size=1, steps=4, batch_size=8, cfg=2.0))
+    (tmp_path / "sub").mkdir()  # named with a folder, beside the config
+    (tmp_path / "sub" / "digits.vocab").write_text((REPO / "configs" / "digits.vocab").read_text())
+    config = config_file(dict(tiny_config, text="sub/digits.vocab", txt_size=1, steps=4, batch_size=8, cfg=2.0))
     logdir = tmp_path / "run"
     assert main(["train", "--config", str(config), "--data", str(tmp_path / "data" / "train"), "--logdir",
                  str(logdir), "--device", "cpu"]) == 0
@@ -99,5 +100,7 @@ def test_class_labels_refuse_the_caption_tags_of_video_modes(key: str) -> None:
     loaded, not at the first step that tags one."""
     video = dict(img_size=8, vid_size="5:8", channel_size=1, patch_size=2, text="digits.vocab", txt_size=1)
     assert load_config(video).text == "digits.vocab"
+    image = {k: v for k, v in video.items() if k != "vid_size"}  # drop_image never tags an image's caption
+    assert load_config(dict(image, drop_image=0.25)).drop_image == 0.25
     with pytest.raises(ValueError, match=f"'{key}' prefixes the caption with a tag"):
         load_config(dict(video, **{key: 0.5 if key == "drop_image" else 1}))

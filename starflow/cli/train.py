@@ -121,8 +121,8 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
     resumed = args.resume and trainer.resume()  # (a dry run too: it checks the checkpoint a real run resumes from)
     if resumed and trainer.step >= cfg.steps and dist.is_main:
         print(f"the run in {cfg.logdir} is at step {trainer.step} of --steps {cfg.steps}: nothing to train (raise "
-              "--steps to go on); its model folder is written again"
-              + (" (the dry run still checks one step)" if args.dry_run else ""))
+              "--steps to go on); " + ("the run would write its model folder again; this dry run checks one step"
+                                       if args.dry_run else "its model folder is written again"))
     if resumed and cfg.init_from and not trainer.lora and dist.is_main:
         print(f"note: init_from {cfg.init_from} is not loaded: the run resumes from its own checkpoint, which holds "
               "the weights trained since")

@@ -29,6 +29,7 @@ CAPTIONS_FILE = "captions.jsonl"
 SET_FILE = "set.json"
 LATER_KEYS = ("precision", "config", "weights")  # set.json keys that sets made by earlier versions lack
 WEIGHTS_SHA = "weights_sha"  # set.json: SHA-256 of the weights files, checked when their times changed
+LEGACY_CAPTIONS_SHA = "captions_sha_legacy"  # a record's digest as sets made before computed it (captions with newlines)
 
 
 def sample_path(out: Path, index: int) -> Path:
@@ -72,6 +73,8 @@ def set_record(captions: list[str], settings: SampleSettings, seed: int,
     ``record`` (the checkpoint, ...)."""
     full = {"num_samples": len(captions), "seed": seed, "settings": asdict(settings), "captions_sha": _digest(captions),
             **(record or {})}
+    if any("\n" in c for c in captions):  # what sets made before held for them (checked, never written)
+        full[LEGACY_CAPTIONS_SHA] = _digest(captions, legacy=True)
     return json.loads(json.dumps(full))  # as read back from the file (tuples -> lists)
 
 
@@ -103,7 +106,9 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
         if key not in old:
             old[key] = record.get(key)
     diff = {}
-    for k in sorted((set(old) | set(record)) - {WEIGHTS_SHA}):
+    if old.get("captions_sha") == record.get(LEGACY_CAPTIONS_SHA):  # a set made before, captions with newlines
+        old["captions_sha"] = record["captions_sha"]
+    for k in sorted((set(old) | set(record)) - {WEIGHTS_SHA, LEGACY_CAPTIONS_SHA}):
         a, b = old.get(k), record.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diff.update({f"{k}.{sub}": f"{k}.{sub} ({a.get(sub)!r} -> {b.get(sub)!r})" for sub in sorted(set(a) | set(b))
@@ -153,6 +158,7 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
                 _write_atomic(path, json.dumps({**old, "weights": record["weights"]}, indent=1))
         return
     if dist.is_main:
+        record = {k: v for k, v in record.items() if k != LEGACY_CAPTIONS_SHA}
         if weights_digest is not None:
             record = {**record, WEIGHTS_SHA: weights_digest()}
         out.mkdir(parents=True, exist_ok=True)
@@ -208,10 +214,11 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)
 
 
-def _digest(captions: list[str]) -> str:
+def _digest(captions: list[str], legacy: bool = False) -> str:
     """A digest of the caption list: of the captions joined by newlines (unambiguous, and what existing sets hold,
-    when no caption has a newline), else of their JSON list, so ``["a\\nb", "c"]`` and ``["a", "b\\nc"]`` differ."""
+    when no caption has a newline), else of their JSON list, so ``["a\\nb", "c"]`` and ``["a", "b\\nc"]`` differ;
+    ``legacy``: always joined by newlines (the digest of sets made before)."""
     import hashlib
 
-    text = json.dumps(captions) if any("\n" in c for c in captions) else "\n".join(captions)
+    text = json.dumps(captions) if any("\n" in c for c in captions) and not legacy else "\n".join(captions)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

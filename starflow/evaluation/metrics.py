@@ -93,8 +93,8 @@ def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, su
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # it keeps every feature: these are ours, already in memory
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
-        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=subsets,
-                                         subset_size=size).double()  # in float64, as the FID
+        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=subsets, subset_size=size)
+    # float64 features: the kernel sums run in float64, as the FID's (float32 left ~1e-7 of rounding noise)
     metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
     metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)), real=False)
     with torch.random.fork_rng(devices=[]):

@@ -243,10 +243,11 @@ def decode_block(block, z: torch.Tensor, y: torch.Tensor | None, rope_table, *, 
         base = cache.length
         w = guidance_weights(guidance, s, e, n, anneal_guidance, z.device) if guided else 0.0
         fully_known = forced and all(all_known[s:e])
-        max_iter = jacobi.max_iter if e - s > 1 and not fully_known else 1
-        # one evaluation (a one-token chunk, or a known one) must read the decoded inputs: a frame-back guess
-        # would stay in the output and in the KV cache with nothing to correct it
-        frame_back = enabled and frame_tokens is not None and s > frame_tokens and max_iter > 1
+        once = e - s == 1 or fully_known
+        max_iter = 1 if once else jacobi.max_iter
+        # a chunk evaluated once by its nature (one token, or known) must read the decoded inputs: a frame-back
+        # guess would stay in the output and in the KV cache with nothing to correct it
+        frame_back = enabled and frame_tokens is not None and s > frame_tokens and not once
         active = torch.ones(rows, 1, 1, dtype=torch.bool, device=z.device) if max_iter > 1 else None
         frozen_prev = None  # per-sample rule: the inputs at which each stopped sample converged
         done_to = 0  # tokens [s, s + done_to) are final: their inputs no longer change, so they are not re-evaluated

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from starflow.adapters import TextEncoder, build_text_encoder, vae_geometry
+from starflow.adapters import LabelEncoder, TextEncoder, build_text_encoder, vae_geometry
 from starflow.adapters.labels import is_vocab
 from starflow.assets import TINY_TEXT_ENCODER, resolve_asset
 from starflow.checkpoint import WEIGHT_SUFFIXES, save_weights
@@ -141,7 +141,12 @@ def run_text_encoder(cfg: Config, logdir: Path):
     Raises:
         FileNotFoundError: a class vocabulary found nowhere (the message says where it was looked for).
     """
-    if cfg.text == TINY_TEXT_ENCODER or is_vocab(cfg.text or ""):
+    if is_vocab(cfg.text or ""):  # as named, or the copy the run keeps in its folder (under its file name)
+        for candidate in (resolve_asset(cfg.text, logdir / "model", logdir), logdir / "model" / Path(cfg.text).name,
+                          logdir / Path(cfg.text).name):
+            if Path(candidate).is_file():
+                return LabelEncoder.from_file(candidate)
+    if cfg.text == TINY_TEXT_ENCODER or is_vocab(cfg.text or ""):  # (a vocabulary found nowhere: the error says so)
         return build_text_encoder(cfg, logdir / "model", logdir, device="cpu")
     local = resolve_asset(cfg.text, logdir / "model", logdir)
     if local is not None and Path(local).is_dir():
