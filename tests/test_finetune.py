@@ -118,3 +118,19 @@ def test_init_from_a_training_checkpoint_folder(config, weights, tmp_path) -> No
     with pytest.raises(CheckpointError, match="mismatched"):
         init_from(other.model, weights)
     assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+
+
+def test_a_finetune_refuses_a_tiny_t5_other_than_its_bases(digits, tmp_path, capsys) -> None:
+    """The built-in tiny T5 is drawn from the run's seed: a fine-tune of the shipped digits model with another seed
+    would train its flow on other text features. It is refused, with the flag that uses the base's encoder."""
+    from starflow.assets import DEMO_DIR
+
+    repo = Path(__file__).resolve().parents[1]
+    train = ["train", "--config", str(repo / "configs" / "demo_digits.yaml"), "--data", str(digits["train"]),
+             "--init_from", str(DEMO_DIR), "--logdir", str(tmp_path / "run"), "--device", "cpu", "--dry_run",
+             "--batch_size", "8"]
+    assert main([*train, "--seed", "3"]) == 2
+    assert (f"this run's built-in tiny T5 (drawn from seed 3) is another one: pass --text {DEMO_DIR / 'text_encoder'}"
+            in capsys.readouterr().err)
+    assert main([*train, "--seed", "3", "--text", str(DEMO_DIR / "text_encoder")]) == 0
+    assert main(train) == 0  # the seed the base was trained with: the same encoder

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from starflow.adapters import LabelEncoder, build_text_encoder, build_vae
+from starflow.adapters import LabelEncoder, TextEncoder, build_text_encoder, build_vae
+from starflow.assets import TINY_TEXT_ENCODER
 from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
 from starflow.data.build import check_data_folder
@@ -50,6 +51,7 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
         retain_freed_memory()
     vae = build_vae(cfg, config_dir, device=dist.device)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
+    check_base_text_encoder(cfg, text_encoder)
     # rank 0 decides the kind of data and indexes a folder for all ranks
     dataset = build_dataset(cfg, downsample=vae.downsample, rank=dist.rank, world_size=dist.world_size,
                             once=from_rank0)
@@ -77,3 +79,26 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     torch.manual_seed(cfg.seed + dist.rank)
     return Trainer(cfg, dist, model, text_encoder, vae, dataset, Path(cfg.logdir), secondary=secondary)
 
+
+def check_base_text_encoder(cfg: Config, text_encoder) -> None:
+    """Refuse a fine-tune whose built-in tiny T5 (drawn from the run's ``seed``) is not the text encoder its
+    ``init_from`` model folder was trained with (``text_encoder/`` beside its weights): the flow would be trained
+    on other text features than it learned.
+
+    Raises:
+        ValueError: the two encoders differ (the message gives the flag that uses the base's).
+    """
+    if cfg.text != TINY_TEXT_ENCODER or not cfg.init_from:
+        return
+    base = Path(cfg.init_from)
+    folder = (base if base.is_dir() else base.parent) / "text_encoder"
+    if not folder.is_dir():
+        return
+    probe = ["a handwritten digit 3", ""]
+    with torch.no_grad():
+        theirs = TextEncoder.from_pretrained(str(folder), max_length=cfg.txt_size)(probe)
+        ours = text_encoder(probe).to(theirs.device)
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours):
+        raise ValueError(f"init_from {cfg.init_from} was trained with the text encoder in {folder}, and this run's "
+                         f"built-in tiny T5 (drawn from seed {cfg.seed}) is another one: pass --text {folder} to "
+                         "fine-tune with it (or the seed its run used)")
