@@ -178,6 +178,16 @@ def test_one_frame_of_a_video_model_is_prompted_as_an_image(monkeypatch) -> None
         wan(["cat"], SampleSettings(target_length=6), seeds=[0])
 
 
+def test_sample_notes_that_one_frame_is_prompted_as_an_image(tmp_path, capsys) -> None:
+    folder = tmp_path / "model"
+    _video_pipeline(fps_cond=1).save_pretrained(folder)
+    args = ["sample", "--checkpoint_path", str(folder), "--caption", "cat", "--num_samples", "1", "--device", "cpu",
+            "--target_length", "1", "--output_dir", str(tmp_path / "out")]
+    assert main([*args, "--out_fps", "4"]) == 0
+    assert "note: a one-frame sample is prompted as an image ('An image:')" in capsys.readouterr().out
+    assert main(args) == 0 and "prompted as an image" not in capsys.readouterr().out
+
+
 def test_continuation_keeps_the_clip_and_follows_it() -> None:
     pipe = _video_pipeline()
     clip = torch.rand(1, 5, 1, 8, 8) * 2 - 1

@@ -569,6 +569,10 @@ def run(args: argparse.Namespace) -> int:
     captions, negatives = split_negatives(captions, args.negative_prompt)
     captions = without_sampler_tag(captions, args, cfg, dist.is_main)
     settings = checked_settings(args, cfg, negatives)
+    still = cfg.is_video and not args.last_image and pipe.latent_shape("1:1", settings.target_length)[0] == 1
+    if dist.is_main and still and cfg.fps_cond and settings.fps:
+        print(f"note: a one-frame sample is prompted as an image ('An image:'), as such samples were trained; "
+              f"--out_fps {settings.fps} sets only the written file's rate")
     inputs = read_video_inputs(args, pipe, cfg, dist.is_main)
     out, before = output_folder(args.output_dir)
     random_ratio = settings.aspect_ratio == RANDOM_ASPECT
