@@ -11,9 +11,15 @@
 # aspect 16:9. Extra flags after the positional ones go to `starflow sample`.
 set -euo pipefail
 caption=${1:-}
-input_image=${2:-none}
-target_length=${3:-}
-shift $(( $# > 3 ? 3 : $# ))
+[ $# -gt 0 ] && shift
+input_image=none
+target_length=
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then  # INPUT_IMAGE and TARGET_LENGTH are optional: flags may follow directly
+  input_image=$1; shift
+  if [ $# -gt 0 ] && [[ $1 != -* ]]; then
+    target_length=$1; shift
+  fi
+fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 ckpt=${CKPT:-$here/ckpts/starflow-v_7B_t2v_caus_480p_v3.pth}
 cfg=$here/configs/starflow-v_7B_t2v_caus_480p.yaml

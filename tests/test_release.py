@@ -263,3 +263,15 @@ def test_sample_scripts_say_how_to_get_the_weights(script: str, command: str, tm
     r = subprocess.run(["bash", str(ROOT / "scripts" / script), "a corgi", "--output_dir", str(tmp_path / "out")],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and command in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_sample_video_script_passes_flags_that_follow_the_caption(tmp_path: Path) -> None:
+    """INPUT_IMAGE and TARGET_LENGTH are optional positionals: a flag right after the caption (or the image) goes to
+    starflow sample, not into them."""
+    env = dict(os.environ, CKPT=str(ROOT / "ckpts" / "demo_moving_digits" / "model.safetensors"), HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    script = ["bash", str(ROOT / "scripts" / "sample_video.sh")]
+    for extra in (["a digit", "--dry_run"], ["a digit", "none", "--dry_run"], ["a digit", "none", "9", "--dry_run"]):
+        r = subprocess.run([*script, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (extra, r.stderr[-2000:])
+        assert "output: outputs/video" in r.stdout
