@@ -36,7 +36,7 @@ from starflow.models.tarflow_block import FlowBlock
 from starflow.models.lora import lora_parameter_count
 
 __all__ = ["BlockCount", "TokenLayout", "MemoryEstimate", "SizeReport", "size_report", "text_width", "build_meta_model",
-           "latent_shape",
+           "latent_shape", "trained_latent_frames",
            "KNOWN_TEXT_WIDTHS", "ACTIVATION_VALUES_PER_WIDTH"]
 
 KNOWN_TEXT_WIDTHS = {"google/flan-t5-xl": 2048, "google/t5-v1_1-xl": 2048, "google/flan-t5-xxl": 4096,
@@ -127,12 +127,21 @@ class SizeReport:
     trainable_parameters: int = 0
 
 
+def trained_latent_frames(cfg: Config, clip_latent_frames: int) -> int:
+    """Latent frames of one training sample whose clip has ``clip_latent_frames``: plus the source clip trained before
+    it (``video_to_video``) or the end frame (``last_frame_cond``)."""
+    if cfg.video_to_video:
+        return 2 * clip_latent_frames
+    return clip_latent_frames + 1 if cfg.last_frame_cond else clip_latent_frames
+
+
 def _frames(cfg: Config) -> tuple[int, int]:
-    """(pixel frames, latent frames); images are one frame."""
+    """(pixel frames, latent frames) of one training sample; images are one frame."""
     if not cfg.is_video:
         return 1, 1
     frames = cfg.vid_size[0]
-    return frames, vae_geometry(cfg.vae).latent_frames(frames)
+    latent = vae_geometry(cfg.vae).latent_frames(frames)
+    return trained_latent_frames(cfg, frames), trained_latent_frames(cfg, latent)
 
 
 def token_layouts(cfg: Config, vae_downsample: int) -> list[TokenLayout]:
@@ -150,7 +159,8 @@ def token_layouts(cfg: Config, vae_downsample: int) -> list[TokenLayout]:
 
 def latent_shape(cfg: Config, aspect_ratio: str = "1:1") -> tuple[int, ...]:
     """The latent one sample of ``cfg`` is, from the config alone (the VAE named by ``cfg.vae``, not loaded):
-    ``(C, h, w)`` for an image model, ``(T', C, h, w)`` for a video model (``T'`` latent frames of ``vid_size``).
+    ``(C, h, w)`` for an image model, ``(T', C, h, w)`` for a video model (``T'`` latent frames of a training sample:
+    ``vid_size``'s, doubled for ``video_to_video``, one more for ``last_frame_cond``).
 
     Raises:
         ValueError: an aspect ratio the config has no bucket for.

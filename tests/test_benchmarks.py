@@ -48,6 +48,7 @@ def test_profile_prints_the_operators() -> None:
     ("configs/starflow_3B_t2i_256x256.yaml", (4, 32, 32)),  # SD-VAE: 8x down, 4 channels
     ("configs/starflow-v_7B_t2v_caus_480p.yaml", (21, 48, 40, 40)),  # WAN2.2: 81 frames -> 21, 16x down
     ("configs/demo_moving_digits.yaml", (4, 1, 12, 12)),  # no VAE: every frame
+    ("configs/demo_moving_digits_v2v.yaml", (8, 1, 12, 12)),  # a training sample: source clip, then target clip
 ])
 def test_latent_shape_of_a_config(layout: str, expected: tuple[int, ...]) -> None:
     from starflow.config import load_config

@@ -24,6 +24,7 @@ from starflow.models.lora import ADAPTER_WEIGHTS
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 from starflow.sampling.settings import Profile, SampleSettings, check_settings
+from starflow.sizing import trained_latent_frames
 
 __all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask", "continuation_frames",
            "check_settings"]
@@ -200,12 +201,7 @@ class Pipeline:
     def trained_latent_frames(self) -> int | None:
         """Latent frames of one training sample: the clip, plus the source clip (``video_to_video``) or the end
         frame (``last_frame_cond``) trained before it; None for images."""
-        if not self.config.is_video:
-            return None
-        frames = self.latent_frames()
-        if self.config.video_to_video:
-            return 2 * frames
-        return frames + 1 if self.config.last_frame_cond else frames
+        return trained_latent_frames(self.config, self.latent_frames()) if self.config.is_video else None
 
     def _noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
                generator: torch.Generator | None, offset: int = 0) -> torch.Tensor:
