@@ -232,7 +232,8 @@ def size_report(cfg: Config, txt_dim: int | None, batch: int = 1, gpus: int = 1)
         cfg: the config.
         txt_dim: text encoder width (see :func:`text_width`), None for ``txt_size == 0``.
         batch: samples per device for the KV cache (sampling) and activation (training) estimates.
-        gpus: ranks the weights, gradients and optimizer state are sharded over (FSDP).
+        gpus: ranks the weights, gradients and optimizer state are sharded over (with ``fsdp``; with ``fsdp: 0``
+            every rank holds them whole, as DDP does).
 
     Returns:
         A :class:`SizeReport`; memory estimated for the largest aspect-ratio bucket (most tokens).
@@ -247,12 +248,13 @@ def size_report(cfg: Config, txt_dim: int | None, batch: int = 1, gpus: int = 1)
     act, act_ckpt = _activation_elements(cfg, counts, worst, batch)
     trainable = lora_parameter_count(model, cfg) if cfg.lora_rank else total
     report.trainable_parameters = trainable
+    shards = gpus if cfg.fsdp else 1
     for name, nbytes in DTYPE_BYTES.items():
         state = trainable * nbytes + trainable * 8  # gradients (param dtype) + fp32 Adam moments
         weights = (total + (trainable if cfg.lora_rank else 0)) * nbytes  # LoRA adds its adapters
         ema = trainable * 4 if cfg.ema > 0 else 0  # an fp32 copy of the trained weights
-        report.memory.append(MemoryEstimate(name, weights // gpus, kv * nbytes, act * nbytes,
-                                            act_ckpt * nbytes, state // gpus, ema // gpus))
+        report.memory.append(MemoryEstimate(name, weights // shards, kv * nbytes, act * nbytes,
+                                            act_ckpt * nbytes, state // shards, ema // shards))
     return report
 
 
@@ -277,7 +279,9 @@ def format_report(report: SizeReport, cfg: Config) -> str:
     for t in report.layouts:
         lines.append(f"{t.aspect_ratio:<8}{str(t.pixels):<22}{str(t.latent):<24}{t.tokens_per_frame:>13,}{t.tokens:>9,}")
     lines.append("")
-    lines.append(f"estimated memory per device in GiB (batch {report.batch} per device, {report.gpus} device(s), "
+    sharding = "" if report.gpus == 1 else (" sharded (FSDP)" if cfg.fsdp else " replicated (fsdp 0)")
+    lines.append(f"estimated memory per device in GiB (batch {report.batch} per device, {report.gpus} device(s)"
+                 f"{sharding}, "
                  f"largest bucket, guidance rows {'on' if cfg.cfg > 0 else 'off'}):")
     lines.append(f"{'':<44}" + "".join(f"{m.dtype:>10}" for m in report.memory))
     rows = [("weights", "weights"), ("KV cache, sampling (largest block)", "kv_cache"),

@@ -115,6 +115,16 @@ def test_kv_cache_estimate_equals_what_sampling_allocates(tiny_config) -> None:
     assert report.total_parameters == sum(p.numel() for p in model.parameters())
 
 
+def test_training_state_is_divided_over_the_ranks_only_when_sharded(tiny_config) -> None:
+    from starflow.sizing import size_report
+
+    one, fsdp, ddp = (size_report(load_config(dict(tiny_config, fsdp=f)), txt_dim=32, gpus=g)
+                      for f, g in ((1, 1), (1, 4), (0, 4)))
+    a, f, d = one.memory[0], fsdp.memory[0], ddp.memory[0]
+    assert f.weights == a.weights // 4 and f.training_state == a.training_state // 4
+    assert d.weights == a.weights and d.training_state == a.training_state  # DDP: every rank holds them whole
+
+
 def test_validate_rejects_a_wrong_config_key(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("arguments:\n- img_sise: 256\n")
