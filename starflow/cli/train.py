@@ -37,16 +37,14 @@ def check_logdir_run(cfg, resume: bool) -> None:
     Raises:
         ValueError: either case, with the fix.
     """
-    import json
-
-    from starflow.train.state import META_FILE, CheckpointManager
+    from starflow.train.state import CheckpointManager, read_meta
 
     if not cfg.logdir:
         return
     latest = CheckpointManager(Path(cfg.logdir) / "checkpoints", cfg.keep_last).latest()
     if latest is None:
         return
-    step = json.loads((latest / META_FILE).read_text()).get("step", 0)
+    step = read_meta(latest).get("step", 0)
     if not resume:
         raise ValueError(f"--no-resume: {cfg.logdir} holds the checkpoints of another run (latest {latest.name}): "
                          "a new run there would be pruned among them and a restart would resume the old one; pass a "

@@ -7,7 +7,6 @@ group (DCP reshards on load), and writes them in the official layout (the names 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from starflow.sampling.pipeline import Pipeline
 from starflow.sizing import text_width
 from starflow.train.init_from import init_from
 from starflow.models.lora import LORA_MARK, apply_lora, merge_lora_state
-from starflow.train.state import META_FILE, CheckpointManager, dcp_metadata, read_dcp
+from starflow.train.state import META_FILE, CheckpointManager, dcp_metadata, read_dcp, read_meta
 
 __all__ = ["find_checkpoint", "load_checkpoint_model", "export_checkpoint"]
 
@@ -80,7 +79,7 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
         checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
     """
     path = find_checkpoint(path)
-    cfg = load_config(json.loads((path / META_FILE).read_text())["config"])
+    cfg = load_config(read_meta(path)["config"])
     if bool(cfg.lora_rank) != merge_lora:
         raise ValueError(f"{path} holds LoRA adapters: pass --merge_lora to fold them into the base weights"
                          if cfg.lora_rank else f"{path} is not a LoRA run (lora_rank 0): drop --merge_lora")

@@ -14,7 +14,6 @@ only its own slices (:func:`starflow.distributed.load_full_state_dict`), reading
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +205,7 @@ def describe_source(path: str | Path) -> str:
     """``path`` and, for a DCP step folder, the step it holds (for the run's log)."""
     path = Path(path)
     if _is_dcp(path):
-        from starflow.train.state import META_FILE
+        from starflow.train.state import read_meta
 
-        return f"{path} (training checkpoint at step {json.loads((path / META_FILE).read_text())['step']})"
+        return f"{path} (training checkpoint at step {read_meta(path)['step']})"
     return str(path)

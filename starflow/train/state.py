@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from starflow.checkpoint import CheckpointError
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "dcp_metadata", "read_dcp", "rng_state", "set_rng_state",
-           "KILL_DURING_SAVE_ENV"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "dcp_metadata", "read_dcp", "read_meta", "rng_state",
+           "set_rng_state", "KILL_DURING_SAVE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,15 @@ def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     return CheckpointError(f"training checkpoint {path} is corrupt or incomplete (reading it failed: "
                         f"{(inner or [type(error).__name__])[-1]}): use an earlier step folder (a training run resumes from the "
                            "previous one once this folder is deleted)")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``trainer.json`` of a checkpoint step folder: ``step``, ``config``, ``world_size``, schedule state, ...
+
+    Raises:
+        OSError: no readable meta file; ValueError: not JSON.
+    """
+    return json.loads((Path(path) / META_FILE).read_text())
 
 
 def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -225,7 +234,7 @@ class CheckpointManager:
         """
         path = Path(path)
         try:
-            meta = json.loads((path / META_FILE).read_text())
+            meta = read_meta(path)
             _check_sizes(path)
         except Exception as e:
             raise _corrupt(path, e) from e

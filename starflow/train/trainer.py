@@ -20,7 +20,6 @@ latents require grad), so it costs one denoiser forward/backward and no second f
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -51,7 +50,7 @@ from starflow.train.optim import build_cosine_schedule, build_optimizer, build_s
 from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
                                         native_bf16, shard_text_encoder, training_dtype)
-from starflow.train.state import META_FILE, CheckpointManager, CheckpointMismatchError, rng_state, set_rng_state
+from starflow.train.state import CheckpointManager, CheckpointMismatchError, read_meta, rng_state, set_rng_state
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER"]
 
@@ -92,7 +91,7 @@ def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
 def _saved_config(path: str | Path) -> dict[str, Any]:
     """The config a checkpoint was saved with (empty when its meta file cannot be read: loading it says why)."""
     try:
-        return json.loads((Path(path) / META_FILE).read_text()).get("config", {})
+        return read_meta(path).get("config", {})
     except (OSError, ValueError):
         return {}
 
