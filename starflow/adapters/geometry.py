@@ -37,6 +37,18 @@ class VAEGeometry:
             raise ValueError(f"a video needs at least one frame, got {frames}")
         return (frames - 1) // self.temporal_downsample + 1
 
+    def check_decodable(self, frames: int, name: str = "target_length") -> None:
+        """Refuse a pixel frame count the VAE does not decode (``tk + 1``, ``t`` = ``temporal_downsample``).
+
+        Raises:
+            ValueError: named ``name`` (a field or a flag), with the two nearest counts it takes.
+        """
+        t = self.temporal_downsample
+        if (frames - 1) % t:
+            lower = 1 + (frames - 1) // t * t
+            raise ValueError(f"{name} {frames}: the VAE decodes {t}k+1 frames (temporal factor {t}); use {lower} or "
+                             f"{lower + t}")
+
 
 def no_vae(name: str | None) -> bool:
     """Whether config ``vae`` means pixels (None, ``""`` or ``"none"``)."""

@@ -322,10 +322,8 @@ def sample_settings(args: argparse.Namespace, cfg):
         from starflow.adapters.geometry import vae_geometry
 
         t = vae_geometry(cfg.vae).temporal_downsample
-        if not getattr(args, "input_video", None) and (target - 1) % t:
-            lower = 1 + (target - 1) // t * t
-            raise ValueError(f"--target_length {target}: the VAE decodes {t}k+1 frames (temporal factor {t}); use "
-                             f"{lower} or {lower + t}")
+        if not getattr(args, "input_video", None):
+            vae_geometry(cfg.vae).check_decodable(target, "--target_length")
         if getattr(args, "input_video", None) and not cfg.video_to_video and target % t:
             lower = target // t * t
             raise ValueError(f"--target_length {target}: a continuation adds whole latent frames of {t} pixel frames "

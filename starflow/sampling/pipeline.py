@@ -418,11 +418,8 @@ class Pipeline:
         if last_image is not None and not c.last_frame_cond:
             raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
                              "frame conditions only such models")
-        t = self.vae.temporal_downsample
-        if c.is_video and settings.target_length and (settings.target_length - 1) % t:
-            lower = 1 + (settings.target_length - 1) // t * t
-            raise ValueError(f"target_length {settings.target_length}: the VAE decodes {t}k+1 frames (temporal factor "
-                             f"{t}); use {lower} or {lower + t}")
+        if c.is_video and settings.target_length:
+            self.vae.geometry.check_decodable(settings.target_length)
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
         if input_image is not None and shape[0] < 2:
             raise ValueError(f"target_length {settings.target_length}: input_image is the first of these frames, so "
