@@ -143,6 +143,29 @@ def test_edit_with_the_source_caption_reproduces_the_input(digits, real_digits) 
     assert torch.equal(masked[:, :, :4], x[:, :, :4])
 
 
+def test_a_uniform_dequantisation_model_gets_its_own_known_input_and_no_tweedie_step(real_digits) -> None:
+    """``noise_type: uniform``: the known input ``x~`` is the 8-bit dequantisation training saw (within one 8-bit
+    bin above the pixels), not Gaussian ``noise_std`` noise, and samples get no Gaussian Tweedie step."""
+    import dataclasses
+
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    pipe.config = dataclasses.replace(pipe.config, noise_type="uniform")
+    x, labels = real_digits
+    captions = [f"a handwritten digit {d}" for d in labels]
+    for run in (lambda lat: pipe.inpaint(captions, x, LOWER_HALF, SampleSettings(cfg=2.0), seeds=list(range(len(x))),
+                                         latents=lat),
+                lambda lat: pipe.edit(captions, captions, x, SampleSettings(cfg=0.0), seeds=list(range(len(x))),
+                                      latents=lat)):
+        latents: dict = {}
+        run(latents)
+        u = (latents["input"] + 1) * 128 - (x + 1) * 127.5  # x~ = ((x + 1) 127.5 + u) / 256 * 2 - 1
+        assert u.min() > -1e-4 and u.max() < 1 + 1e-4 and 0.2 < u.std() < 0.4  # u ~ U[0, 1): std 0.289
+    denoised, raw = (pipe(captions[:2], SampleSettings(cfg=2.0, self_denoise=flag), seeds=[0, 1]) for flag in (True, False))
+    assert torch.equal(denoised, raw)
+    with pytest.raises(ValueError, match="^target_noise_std .*noise_type: uniform"):
+        pipe(captions[:1], SampleSettings(target_noise_std=0.1))
+
+
 # ---------------------------------------------------------------------- video: continuation, v2v, end frame
 def _video_pipeline(**overrides) -> Pipeline:
     """The tiny video config (with ``overrides``) as a pipeline, output layers perturbed: a non-trivial flow."""

@@ -6,6 +6,7 @@ the config's ``text`` and ``vae`` keys are resolved against the config's folder 
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sha
 from starflow.models import STARFlow
 from starflow.models.jacobi import DecodeStats
 from starflow.models.lora import ADAPTER_WEIGHTS
+from starflow.models.starflow import noised_data
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 from starflow.sampling.denoise import LEARNED_DENOISER_STEP, learned_denoise, self_denoise
 from starflow.sampling.settings import Profile, SampleSettings, check_settings
@@ -204,12 +206,14 @@ class Pipeline:
         return trained_latent_frames(self.config, self.latent_frames()) if self.config.is_video else None
 
     def _noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
-               generator: torch.Generator | None, offset: int = 0) -> torch.Tensor:
-        """Standard normal ``(n, *shape)``: row ``i`` from its own CPU generator seeded ``seeds[i] + offset``.
+               generator: torch.Generator | None, offset: int = 0, uniform: bool = False) -> torch.Tensor:
+        """Standard normal ``(n, *shape)`` (``uniform``: ``U[0, 1)``): row ``i`` from its own CPU generator seeded
+        ``seeds[i] + offset``.
 
         Raises:
             ValueError: ``seeds`` is not one seed per sample.
         """
+        draw = torch.rand if uniform else torch.randn
         if seeds is not None:
             if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not all(
                     isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
@@ -218,9 +222,9 @@ class Pipeline:
                 raise ValueError(f"{len(seeds)} seed(s) for {n} sample(s): give one seed per prompt")
             if not all(-2**63 <= s + offset < 2**63 for s in seeds):
                 raise ValueError("seeds must fit in 64 bits (|seed| < 2^63)")
-            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
+            return torch.stack([draw(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
         device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on its GPU
-        return torch.randn(n, *shape, generator=generator, device=device)
+        return draw(n, *shape, generator=generator, device=device)
 
     def _latent_noise(self, shape: tuple[int, ...], n: int, seeds: list[int] | None,
                       generator: torch.Generator | None, settings: SampleSettings, offset: int = 0) -> torch.Tensor:
@@ -285,9 +289,13 @@ class Pipeline:
     def _denoise(self, x: torch.Tensor, y, settings: SampleSettings, profile: Profile,
                  clean: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Remove the training noise from sampled latents (SPEC section 10); ``clean = (P, latents)`` puts back the
-        first ``P`` frames as they were encoded (a video prefix)."""
+        first ``P`` frames as they were encoded (a video prefix). A ``noise_type: uniform`` model's samples carry
+        dequantisation noise below one 8-bit level, not Gaussian noise: they get no Tweedie step (quantising the
+        pixels to 8 bits removes it)."""
         dev, c = self.device, self.config
         std = c.noise_std if settings.noise_std is None else settings.noise_std
+        if c.noise_type == "uniform":  # dequantisation noise, below one 8-bit level: quantising removes it
+            std = 0.0
         if settings.self_denoise and std > 0:
             learned = self.model.learnable_self_denoiser is not None and x.dim() == 5 and settings.learnable_denoiser
             lr = settings.self_denoising_lr
@@ -343,11 +351,13 @@ class Pipeline:
         return latent
 
     def _noised(self, latent: torch.Tensor, seeds, generator, offset: int, settings: SampleSettings) -> torch.Tensor:
-        """``latent + noise_std * eps`` (the settings' ``target_noise_std`` if given), ``eps`` seeded per sample
-        (``seed + offset``) like the noise."""
-        eps = self._noise(tuple(latent.shape[1:]), latent.shape[0], seeds, generator, offset)
+        """A known input as training noised it (:func:`~starflow.models.starflow.noised_data`): ``latent + noise_std *
+        eps`` (the settings' ``target_noise_std`` if given), or a ``noise_type: uniform`` model's 8-bit
+        dequantisation; ``eps`` seeded per sample (``seed + offset``) like the noise."""
+        uniform = self.config.noise_type == "uniform"
+        eps = self._noise(tuple(latent.shape[1:]), latent.shape[0], seeds, generator, offset, uniform=uniform)
         std = self.config.noise_std if settings.noise_std is None else settings.noise_std
-        return latent + std * eps.to(latent.device)
+        return noised_data(latent, eps.to(latent.device), dataclasses.replace(self.config, noise_std=std))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SampleSettings, seeds: list[int] | None = None,

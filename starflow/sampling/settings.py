@@ -124,8 +124,9 @@ def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] |
 
     Raises:
         ValueError: ``guide_top`` above the number of flow blocks; ``attn_temp``, ``guide_top``, ``anneal_guidance``
-            or negative prompts without guidance (``cfg`` 0); video settings (``fps``, ``target_length``,
-            ``context_length``) for an image model.
+            or negative prompts without guidance (``cfg`` 0); ``target_noise_std`` or ``self_denoising_lr`` for a
+            ``noise_type: uniform`` model; video settings (``fps``, ``target_length``, ``context_length``) for an
+            image model.
     """
     if settings.guide_top is not None and settings.guide_top > cfg.num_blocks:
         raise ValueError(f"guide_top {settings.guide_top}: the number of guided blocks must be in 0..{cfg.num_blocks} "
@@ -139,6 +140,12 @@ def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] |
             verb = "act" if shaping[0] == "negative prompts" else "acts"
             raise ValueError(f"{shaping[0]} {verb} through classifier-free guidance, which is off (cfg "
                              f"{settings.cfg:g}): give a guidance weight cfg > 0")
+    if cfg.noise_type == "uniform":
+        tweedie = [name for name in ("target_noise_std", "self_denoising_lr") if getattr(settings, name) is not None]
+        if tweedie:
+            raise ValueError(f"{tweedie[0]} sets the Gaussian noise level and its Tweedie step; this model was trained "
+                             "on 8-bit pixels with uniform dequantisation (noise_type: uniform), whose samples need no "
+                             "denoising step: drop it")
     if not cfg.is_video:
         video = [name for name in ("fps", "target_length", "context_length") if getattr(settings, name) is not None]
         if video:
