@@ -3,6 +3,7 @@ inversion, video continuation, video-to-video and the end frame; their commands.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,14 @@ def test_video_to_video_and_end_frame_models() -> None:
         _video_pipeline().video_to_video(["a"], source[:1], settings)
     with pytest.raises(ValueError, match="vid_size 3 frames"):
         v2v.video_to_video(["a"], source[:, :2], settings)
+    # negative prompts are the unconditional rows: "" is the default, another one changes the sample
+    torch.testing.assert_close(v2v.video_to_video(["a", "b"], source, settings, seeds=[0, 1],
+                                                  negative_prompts=["", ""]), out)
+    assert not torch.allclose(v2v.video_to_video(["a", "b"], source, settings, seeds=[0, 1],
+                                                 negative_prompts=["b", "a"]), out)
+    for name in ("target_length", "context_length"):  # the source's length is the target's: refused, not ignored
+        with pytest.raises(ValueError, match=f"^{name}: video_to_video redraws"):
+            v2v.video_to_video(["a"], source[:1], replace(settings, **{name: 5}))
 
     last = _video_pipeline(last_frame_cond=1, drop_image=0)
     end, first = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 1, 8, 8) * 2 - 1
@@ -271,6 +280,9 @@ def test_video_to_video_and_end_frame_models() -> None:
     assert last(["a"], settings, seeds=[0], last_image=end).shape == (1, 3, 1, 8, 8)
     with pytest.raises(ValueError, match="last_frame_cond"):
         v2v(["a"], settings, last_image=end)
+    for name in ("input_image", "last_image"):  # a one-frame clip is not an image
+        with pytest.raises(ValueError, match=rf"^{name} \(1, 1, 1, 8, 8\): one image per prompt, \(B, C, H, W\)"):
+            last(["a"], settings, **{name: end[:, None]})
 
 
 # ---------------------------------------------------------------------- commands
@@ -318,6 +330,23 @@ def test_inpaint_command_rejects_bad_input(tmp_path: Path, capsys, monkeypatch, 
         monkeypatch.chdir(tmp_path)
     assert main(["inpaint", "--input_image", str(image), "--caption", "x", "--output_dir", str(tmp_path / "o"),
                  "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("inpaint", ["--jacobi", "0", "--jacobi_th", "1e-3"], "--jacobi_th"),
+    ("edit", ["--attn_temp", "2", "--cfg", "0"], "--attn_temp acts through classifier-free guidance"),
+    ("inpaint", ["--checkpoint_path", str(MOVING_DEMO)], "inpaint works on image models"),
+])
+def test_inpaint_and_edit_refuse_flags_before_the_weights_load(tmp_path: Path, capsys, monkeypatch, command, argv,
+                                                               message) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the flags were checked")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", no_loading)
+    captions = ["--caption", "x"] if command == "inpaint" else ["--source_caption", "x", "--caption", "y"]
+    assert main([command, "--input_image", str(_digit_png(tmp_path, 4)), "--mask_box", "0,4,8,8", *captions,
+                 "--output_dir", str(tmp_path / "o"), "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
 
 

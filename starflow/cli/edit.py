@@ -125,7 +125,9 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
     return image, torch.as_tensor(mask)
 
 
-def _start(args: argparse.Namespace):
+def _start(args: argparse.Namespace, settings_of):
+    """``(pipeline, config, checkpoint, settings)``: the input files, the image headers and the flags
+    (``settings_of(config)``, the :class:`SampleSettings`) are checked before the weights load."""
     from starflow.distributed import init_distributed
 
     from starflow.data.images import image_size
@@ -140,11 +142,16 @@ def _start(args: argparse.Namespace):
     dist = init_distributed(args.device)
     if dist.world_size > 1:
         raise ValueError(f"{args.command} runs on one process; start it without torchrun")
-    pipe, cfg, checkpoint = load_pipeline(args, dist)
-    if cfg.is_video:
-        raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
-                         "--input_video for continuation and video-to-video)")
-    return pipe, cfg, checkpoint
+    settings = []
+
+    def check(cfg, checkpoint: Path) -> None:
+        if cfg.is_video:
+            raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
+                             "--input_video for continuation and video-to-video)")
+        settings.append(settings_of(cfg))
+
+    pipe, cfg, checkpoint = load_pipeline(args, dist, check)
+    return pipe, cfg, checkpoint, settings[0]
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
@@ -156,8 +163,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1 or args.rounds < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --rounds {args.rounds}: both must be >= 1")
-    pipe, cfg, checkpoint = _start(args)
-    settings = sample_settings(args, cfg)
+    pipe, cfg, checkpoint, settings = _start(args, lambda cfg: sample_settings(args, cfg))
     image, mask = _load_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     results = []
@@ -218,9 +224,9 @@ def run_edit(args: argparse.Namespace) -> int:
                                       write_settings)
 
     pairs = read_edits(args)
-    pipe, cfg, checkpoint = _start(args)
     # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
-    settings = dataclasses.replace(sample_settings(args, cfg), temperature=1.0)
+    pipe, cfg, checkpoint, settings = _start(
+        args, lambda cfg: dataclasses.replace(sample_settings(args, cfg), temperature=1.0))
     image, mask = _load_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     edits = []

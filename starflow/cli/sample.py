@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -201,12 +202,14 @@ def sampling_config(config: str | Path, args: argparse.Namespace):
     return load_config(config, overrides)
 
 
-def load_pipeline(args: argparse.Namespace, dist):
+def load_pipeline(args: argparse.Namespace, dist, check: Callable[[Any, Path], None] | None = None):
     """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, with a note),
-    with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``.
+    with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``. ``check(config,
+    checkpoint)`` runs before the weights load (minutes for 3B / 7B), to refuse flags from the config alone.
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
+        ValueError: what ``check`` raises.
     """
     from starflow.sampling.pipeline import Pipeline
 
@@ -216,6 +219,8 @@ def load_pipeline(args: argparse.Namespace, dist):
     check_checkpoint_path(checkpoint)
     config = model_config_path(args)
     cfg = sampling_config(config, args)
+    if check is not None:
+        check(cfg, Path(checkpoint))
     shard = bool(cfg.fsdp) and dist.world_size > 1  # one rank would shard nothing: it samples unsharded
     if shard and getattr(args, "jacobi_stop", "sample") == "batch":
         raise ValueError("--jacobi_stop batch stops each rank on its own batch, but the sharded flow (fsdp: 1) needs "

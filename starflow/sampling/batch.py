@@ -103,12 +103,10 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         if negatives is not None and any(negatives):
             batch["negative_prompts"] = [negatives[i] for i in real]
         if "input_video" in batch and pipe.config.video_to_video:
-            if "negative_prompts" in batch:
-                raise ValueError("negative prompts are not supported for video-to-video")
             if return_sequence:
                 raise ValueError("return_sequence is not supported for video-to-video")
             pixels = pipe.video_to_video(prompts, batch["input_video"], settings_b, seeds=seeds, profile=profile,
-                                         stats=stats)
+                                         stats=stats, negative_prompts=batch.get("negative_prompts"))
         else:
             sequence = [] if return_sequence else None
             pixels = pipe(prompts, settings_b, seeds=seeds, profile=profile, stats=stats, sequence=sequence, **batch)

@@ -428,6 +428,10 @@ class Pipeline:
         if last_image is not None and not c.last_frame_cond:
             raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
                              "frame conditions only such models")
+        for name, image in (("input_image", input_image), ("last_image", last_image)):
+            if image is not None and image.dim() != 4:
+                raise ValueError(f"{name} {tuple(image.shape)}: one image per prompt, (B, C, H, W) pixels in [-1, 1]"
+                                 + (" (a clip to continue is input_video)" if image.dim() == 5 else ""))
         if c.is_video and settings.target_length:
             self.vae.geometry.check_decodable(settings.target_length)
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
@@ -515,7 +519,8 @@ class Pipeline:
     @torch.no_grad()
     def video_to_video(self, prompts: list[str], source: torch.Tensor, settings: SampleSettings,
                        seeds: list[int] | None = None, generator: torch.Generator | None = None,
-                       profile: Profile | None = None, stats: DecodeStats | None = None) -> torch.Tensor:
+                       profile: Profile | None = None, stats: DecodeStats | None = None,
+                       negative_prompts: list[str] | None = None) -> torch.Tensor:
         """Video-to-video with a ``video_to_video``-trained model (STARFlow-V; SPEC sections 16, 17).
 
         The source clip is encoded, noised with ``noise_std`` and run through the flow as a prefix (as
@@ -526,28 +531,34 @@ class Pipeline:
             prompts: B captions of the target clips.
             source: ``(B, T, C, H, W)`` source pixels in ``[-1, 1]`` at the sampling size, ``T`` the config's clip
                 length (``vid_size`` frames).
-            settings, seeds, generator, profile, stats: as :meth:`__call__`.
+            settings, seeds, generator, profile, stats, negative_prompts: as :meth:`__call__` (the negative prompts
+                are the guidance's unconditional rows, untagged like the default ``""``).
 
         Returns:
             ``(B, T, C, H, W)`` target pixels in ``[-1, 1]``.
 
         Raises:
             ValueError: the model was not trained with ``video_to_video``, the clip has another size, length,
-                channel count or pixel range, or the clips or seeds are not one per prompt.
+                channel count or pixel range, the clips, seeds or negative prompts are not one per prompt, or
+                ``settings`` sets ``target_length`` or ``context_length`` (the source's length is the target's).
         """
         self._check_prompts(prompts)
-        self._check_settings(settings)
+        self._check_settings(settings, negative_prompts)
         profile, c = profile or Profile(), self.config
         if not c.video_to_video:
             raise ValueError("video_to_video needs a model trained with video_to_video (its config says 0); to "
                              "continue a clip with this model pass it as input_video")
+        redraw = [name for name in ("target_length", "context_length") if getattr(settings, name) is not None]
+        if redraw:
+            raise ValueError(f"{redraw[0]}: video_to_video redraws the source clip's {c.vid_size[0]} frames (vid_size), "
+                             "in one window: leave it None")
         if source.dim() != 5 or source.shape[1] != c.vid_size[0]:
             raise ValueError(f"source clip {tuple(source.shape)}: the model was trained on (B, {c.vid_size[0]}, C, H, W) "
                              f"clips (vid_size {c.vid_size[0]} frames): cut or resample it to that length")
         shape = self.latent_shape(settings.aspect_ratio)
         src = self._encode_pixels(source, "source clip", shape, profile, len(prompts))
         with profile.stage("text encoding", self.device):
-            y, y_all, guided = self._encode_text(prompts, settings, V2V_PREFIX)
+            y, y_all, guided = self._encode_text(prompts, settings, V2V_PREFIX, negative_prompts)
         stats = stats if stats is not None else DecodeStats()
         frames = src.shape[1]
         noise = self._latent_noise((2 * frames, *shape[1:]), len(prompts), seeds, generator, settings).to(self.device)
