@@ -96,7 +96,8 @@ class Config:
     batch_size: int = _f(64, "global batch size (split across ranks)", training=True)
     grad_accum: int = _f(1, "gradient accumulation micro-steps per optimizer step", training=True)
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)", training=True)
-    grad_skip: bool = _f(False, "skip updates whose gradient norm exceeds grad_clip after step 100", training=True)
+    grad_skip: bool = _f(False, "skip updates whose gradient norm (the flow's or the learned denoiser's) exceeds "
+                         "grad_clip after step 100", training=True)
     max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never "
                                 "stops", training=True)
     latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty", training=True)

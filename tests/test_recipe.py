@@ -39,7 +39,7 @@ def clips(tmp_path_factory) -> Path:
 
 def test_cond_noise_level_weights_the_loss_and_the_denoiser_target(tiny_config, digits, tmp_path) -> None:
     config = dict(tiny_config, data=str(digits["train"]), cond_noise_level=1, noise_std=0.15, txt_size=48,
-                  learnable_self_denoiser=1, conditional_denoiser=1)
+                  learnable_self_denoiser=1, conditional_denoiser=1, latent_norm_regularization=0.5)
     trainer = trainer_for(config, tmp_path)
     batch = next(trainer._batches())
     out = trainer.micro_step(batch, 1.0, sync=True)
@@ -49,14 +49,43 @@ def test_cond_noise_level_weights_the_loss_and_the_denoiser_target(tiny_config, 
     assert all(p.startswith("Noise Level 150:") for p in prompts)
     y = trainer.text_encoder(prompts)
     x.requires_grad_(True)
-    plain = trainer.model.loss(x, y)["loss"]
-    weighted = plain * 0.15 / 0.3
+    flow = trainer.model(x, y)
+    regulariser = 0.5 * sum(o.square().mean() for o in flow.outputs[1:-1])
+    assert regulariser.item() > 1e-3
+    plain = trainer.model.loss_from_output(flow)["loss"] - regulariser
+    weighted = plain * 0.15 / 0.3 + regulariser  # the sample's likelihood is weighted, not the regulariser
     assert out["loss"].item() == pytest.approx(weighted.item(), rel=1e-6)
     (grad,) = torch.autograd.grad(weighted, x)
     target = 0.15 * x.numel() * grad  # x - 0.3 D(x) = x + noise_std^2 grad log p for any noise_std
     with torch.no_grad():
         expected = torch.nn.functional.mse_loss(trainer.model.denoiser(x.detach(), y), target)
     assert out["denoiser_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("too_large", ["flow", "denoiser"])
+def test_grad_skip_skips_the_flow_and_the_denoiser_together(tiny_config, digits, tmp_path, too_large) -> None:
+    """``grad_skip``: from step GRAD_SKIP_AFTER on, a step whose flow or denoiser gradient norm exceeds
+    ``grad_clip`` changes neither (before it, both are clipped and applied). The denoiser has its own AdamW with
+    AdamW's default betas (SPEC section 10 sets its lr and weight decay only)."""
+    from starflow.train.trainer import GRAD_SKIP_AFTER
+
+    config = dict(tiny_config, data=str(digits["train"]), learnable_self_denoiser=1, grad_clip=1e-6, grad_skip=1)
+    trainer = trainer_for(config, tmp_path)
+    assert trainer.denoiser_optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    flow = [p for n, p in trainer.model.named_parameters() if "denoiser" not in n]
+    batches = trainer._batches()
+    if too_large == "denoiser":  # only the denoiser's norm is above the threshold
+        trainer._denoiser_grad_norm = lambda: 1e9
+        trainer.cfg = trainer.cfg.__class__(**{**vars(trainer.cfg), "grad_clip": 1e6})
+    for step, applied in ((GRAD_SKIP_AFTER - 1, True), (GRAD_SKIP_AFTER, False)):
+        trainer.step = step
+        before = [p.detach().clone() for p in (*flow, *trainer.denoiser.parameters())]
+        metrics = trainer.train_step([next(batches)])
+        after = list((*flow, *trainer.denoiser.parameters()))
+        moved_flow = any(not torch.equal(a, b) for a, b in zip(before[:len(flow)], after[:len(flow)]))
+        moved_denoiser = any(not torch.equal(a, b) for a, b in zip(before[len(flow):], after[len(flow):]))
+        assert metrics["skipped"] == float(not applied) and (moved_flow, moved_denoiser) == (applied, applied), step
 
 
 def test_denoiser_follows_its_own_cosine(tiny_config, digits, tmp_path) -> None:

@@ -367,13 +367,18 @@ class STARFlow(nn.Module):
         """
         return self.loss_from_output(self(x, y), weights)
 
-    def loss_from_output(self, out: FlowOutput, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def loss_from_output(self, out: FlowOutput, weights: torch.Tensor | None = None,
+                         nll_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """The :meth:`loss` dict from a :class:`FlowOutput` (e.g. one computed through a DDP wrapper);
-        ``weights``: optional ``(B,)`` per-sample weights, normalised to mean 1, as in :meth:`loss`."""
+        ``weights``: optional ``(B,)`` per-sample weights, normalised to mean 1, as in :meth:`loss`; ``nll_weight``:
+        a factor of the likelihood term of ``loss`` alone, not of the regulariser (``cond_noise_level``'s
+        ``noise_std / 0.3``, SPEC section 16; ``loss_z`` and ``loss_logdet`` stay unweighted)."""
         loss_z, loss_logdet = self._nll_terms(out)
         nll = loss_z + loss_logdet
         w = torch.ones_like(nll) if weights is None else weights / weights.mean()
         total = (nll * w).mean()
+        if nll_weight != 1.0:
+            total = total * nll_weight
         lam = self.config.latent_norm_regularization
         if lam > 0:
             total = total + lam * sum(o.float().square().mean() for o in out.outputs[1:-1])

@@ -18,9 +18,11 @@ ADAM_BETAS = (0.9, 0.95)
 WARMUP_START_LR = 1e-6
 
 
-def build_optimizer(params, cfg: Config, lr: float | None = None, weight_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW over ``params`` with the recipe's betas; ``lr``/``weight_decay`` default to the config's."""
-    return torch.optim.AdamW(list(params), lr=cfg.lr if lr is None else lr, betas=ADAM_BETAS,
+def build_optimizer(params, cfg: Config, lr: float | None = None, weight_decay: float | None = None,
+                    betas: tuple[float, float] = ADAM_BETAS) -> torch.optim.AdamW:
+    """AdamW over ``params`` with the recipe's betas (SPEC section 14; ``betas`` for another optimizer, as the learned
+    denoiser's); ``lr``/``weight_decay`` default to the config's."""
+    return torch.optim.AdamW(list(params), lr=cfg.lr if lr is None else lr, betas=betas,
                              weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
 
 

@@ -56,6 +56,7 @@ __all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
+DENOISER_BETAS = (0.9, 0.999)  # its own AdamW, of which SPEC section 10 sets only lr and weight decay: AdamW's defaults
 DENOISER_FINAL_LR = 1e-6  # the denoiser's cosine ends here (SPEC section 16)
 SAMPLE_PROMPTS = 10  # captions in the periodic sample grid
 
@@ -174,7 +175,7 @@ class Trainer:
         self.denoiser_optimizer = None
         if self.denoiser is not None:
             self.denoiser_optimizer = build_optimizer(self.denoiser.parameters(), cfg, lr=cfg.denoiser_lr,
-                                                      weight_decay=DENOISER_WEIGHT_DECAY)
+                                                      weight_decay=DENOISER_WEIGHT_DECAY, betas=DENOISER_BETAS)
         self.schedule = build_schedule(self.optimizer, cfg)
         self.denoiser_schedule = None
         if self.denoiser is not None:  # its own cosine, denoiser_lr -> 1e-6 over the run (SPEC section 16)
@@ -341,9 +342,9 @@ class Trainer:
             x.requires_grad_(True)  # dL/dx is the denoiser's training target
         with gradient_sync(self.train_model, sync):
             with self._autocast():
-                losses = self.model.loss_from_output(self.train_model(x, y))  # the wrapper's forward (DDP hooks)
-            if self.recipe.loss_weight != 1.0:  # cond_noise_level: the denoiser's target follows (SPEC 16)
-                losses["loss"] = losses["loss"] * self.recipe.loss_weight
+                # the wrapper's forward (DDP hooks); cond_noise_level weights the likelihood, and the denoiser's
+                # target follows it (SPEC 16)
+                losses = self.model.loss_from_output(self.train_model(x, y), nll_weight=self.recipe.loss_weight)
             (losses["loss"] * scale).backward()
             out = {k: v.detach() for k, v in losses.items() if v.dim() == 0}
             if self.denoiser is not None:
@@ -355,18 +356,20 @@ class Trainer:
                 out["denoiser_loss"] = denoiser_loss.detach()
         return out
 
-    def _denoiser_step(self) -> float:
-        """Average the denoiser's gradients over ranks (FSDP2 already did), clip, step its optimizer;
-        returns the gradient norm."""
+    def _denoiser_grad_norm(self) -> float:
+        """Average the denoiser's gradients over ranks (FSDP2 already did) and clip them; returns their norm."""
         params = [p for p in self.denoiser.parameters() if p.grad is not None]
         if not self.sharded:
             all_reduce_grads(params, self.dist.world_size)
-        norm = clip_grad_norm(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
-        if math.isfinite(norm):
+        return clip_grad_norm(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+
+    def _denoiser_step(self, apply: bool) -> None:
+        """Step the denoiser's optimizer (``apply``: the step was not skipped and its gradients are finite), drop its
+        gradients and move its schedule on."""
+        if apply:
             self.denoiser_optimizer.step()
         self.denoiser_optimizer.zero_grad(set_to_none=True)
         self.denoiser_schedule.step()
-        return norm
 
     def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         if not self.dist.distributed:
@@ -378,7 +381,8 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; non-finite or (with grad_skip) too large
-        gradients are skipped and counted, never applied.
+        gradients are skipped and counted, never applied. A skipped step changes neither the flow nor the learned
+        denoiser (grad_skip looks at both gradient norms); a denoiser with non-finite gradients is not stepped.
 
         Raises:
             TrainingDiverged: ``max_nonfinite`` consecutive steps were non-finite (after saving a checkpoint
@@ -395,17 +399,20 @@ class Trainer:
             for k, v in zip(keys, row):
                 metrics[k] += v / len(batches)
         metrics = self._mean_over_ranks(metrics)
-        denoiser_norm = self._denoiser_step() if self.denoiser is not None else None
+        denoiser_norm = self._denoiser_grad_norm() if self.denoiser is not None else None
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = clip_grad_norm(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         nonfinite = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
         skip = nonfinite
         if self.cfg.grad_skip and self.cfg.grad_clip > 0 and self.step >= GRAD_SKIP_AFTER:
-            skip = skip or grad_norm > self.cfg.grad_clip
+            # a skipped step is skipped for the flow and the denoiser alike, whichever gradient was too large
+            skip = skip or grad_norm > self.cfg.grad_clip or (denoiser_norm or 0.0) > self.cfg.grad_clip
         if skip:
             self.skipped_updates += 1
         else:
             self.optimizer.step()
+        if self.denoiser is not None:
+            self._denoiser_step(apply=not skip and math.isfinite(denoiser_norm))
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applied (logged), before the schedule moves on
