@@ -312,7 +312,8 @@ def _type_name(tp: Any) -> str:
 _KEY_ALIASES = {"learning_rate": "lr", "max_lr": "lr", "lr_min": "min_lr", "num_steps": "steps", "max_steps": "steps",
                 "train_steps": "steps", "warmup": "warmup_steps", "batch": "batch_size", "global_batch_size": "batch_size",
                 "seed_value": "seed", "gradient_accumulation_steps": "grad_accum", "log_dir": "logdir",
-                "output_dir": "logdir", "data_dir": "data"}  # other codebases' names of config keys
+                "output_dir": "logdir", "data_dir": "data", "resume_path": "init_from",
+                "acc": "grad_accum"}  # other codebases' names of config keys (the official scripts' flags among them)
 
 
 def _check_key(key: str) -> None:

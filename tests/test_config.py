@@ -141,3 +141,11 @@ def test_training_keys_are_read_by_training_and_not_by_sampling() -> None:
     assert not TRAINING_KEYS & {"cfg", "temperature", "txt_size", "img_size", "seed", "ema", "vae", "text"}
     assert sorted(TRAINING_KEYS - training) == []
     assert sorted(TRAINING_KEYS & sampling) == ["drop_image", "noise_type"]
+
+
+@pytest.mark.parametrize("key, meant", [("learning_rate", "lr"), ("resume_path", "init_from"), ("acc", "grad_accum"),
+                                        ("nosie_std", "noise_std")])
+def test_an_unknown_key_names_the_key_meant(key: str, meant: str) -> None:
+    """Other codebases' names (the official scripts' flags written as YAML keys among them) and typos get a hint."""
+    with pytest.raises(ValueError, match=f"unknown config key '{key}'; did you mean '{meant}'"):
+        load_config({key: 1})

@@ -194,13 +194,23 @@ def test_drop_image_drops_the_first_latent_frame(clips) -> None:
     assert out.latents.shape == wan.encode(rgb["pixels"], sample=False)[:, 1:].shape  # 5 frames -> 2 latent, 1 kept
 
 
-def test_loss_scaling_is_rejected_when_training(tiny_config, digits, config_file, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("keys, message", [
+    (dict(loss_scaling=1), "'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported"),
+    (dict(secondary_ratio=0.5), "pass them with --secondary_data FOLDER"),
+    (dict(drop_image=0.25), "'drop_image' (0.25) drops the first frame of video clips; this config has no vid_size"),
+    (dict(grad_skip=1, grad_clip=0.0), "'grad_skip' skips updates whose gradient norm exceeds grad_clip, which is 0"),
+    (dict(drop_label=0.1, txt_size=0, text=None, cfg=0.0), "'drop_label' (0.1) drops captions, and this model has none"),
+])
+def test_training_keys_that_would_not_act_are_refused_before_anything_loads(tiny_config, digits, config_file, tmp_path,
+                                                                            capsys, monkeypatch, keys, message) -> None:
     official = load_config(Path(__file__).resolve().parents[1] / "configs" / "starflow-v_7B_t2v_caus_480p.yaml")
     assert official.loss_scaling  # the official config loads unchanged
-    config = config_file(dict(tiny_config, loss_scaling=1))
-    assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(tmp_path / "r"),
-                 "--device", "cpu"]) == 2
-    assert "loss_scaling" in capsys.readouterr().err
+    monkeypatch.setattr(launch, "build_trainer", lambda *a, **k: pytest.fail("built before the config was checked"))
+    config = config_file(dict(tiny_config, **keys))
+    for dry_run in ([], ["--dry_run"]):
+        assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir", str(tmp_path / "r"),
+                     "--device", "cpu", *dry_run]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_full_video_recipe_on_two_processes_matches_one(clips, digits, tmp_path) -> None:

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import init_distributed
     from starflow.folder_lock import FolderLock
     from starflow.train.launch import NO_DATA
+    from starflow.train.trainer import check_training
 
     if args.resume_path is not None:
         if args.init_from is not None:
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.init_from and Path(cfg.init_from).exists() and not Path(cfg.init_from).is_absolute():
         # recorded absolute: resumes, LoRA runs (which reload their base) and export --merge_lora run from anywhere
         cfg = load_config(cfg, {"init_from": str(Path(cfg.init_from).resolve())})
+    check_training(cfg)
     if cfg.data is None:
         raise SystemExit(NO_DATA)
     if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():

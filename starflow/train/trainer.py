@@ -52,7 +52,7 @@ from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_s
                                         native_bf16, shard_text_encoder, training_dtype)
 from starflow.train.state import CheckpointManager, CheckpointMismatchError, read_meta, rng_state, set_rng_state
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER", "check_training"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
@@ -110,6 +110,31 @@ def _lora_mismatch(path: str | Path, saved: dict[str, Any], cfg: Config) -> str:
             f"(--init_from {path} adapts its weights)")
 
 
+def check_training(cfg: Config) -> None:
+    """Refuse training keys that this run could not honour or that would do nothing, from the config alone (the
+    ``train`` command calls it before anything loads; :class:`Trainer` again).
+
+    Raises:
+        ValueError: ``loss_scaling: 1``; ``secondary_ratio`` > 0 without ``secondary_data``; ``drop_image`` > 0 on an
+            image config; ``grad_skip`` without ``grad_clip``; ``drop_label`` > 0 on an unconditional model.
+    """
+    if cfg.loss_scaling:
+        raise ValueError("config key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported: training runs "
+                         "in float32 or bf16 autocast, which need no loss scaling; set --loss_scaling 0")
+    if cfg.secondary_ratio > 0 and not cfg.secondary_data:
+        raise ValueError("config key 'secondary_ratio' > 0 trains some steps on secondary images: pass them with "
+                         "--secondary_data FOLDER (an image folder with metadata.jsonl), or set --secondary_ratio 0")
+    if cfg.drop_image > 0 and not cfg.is_video:
+        raise ValueError(f"config key 'drop_image' ({cfg.drop_image:g}) drops the first frame of video clips; this "
+                         "config has no vid_size: set --drop_image 0")
+    if cfg.grad_skip and not cfg.grad_clip > 0:
+        raise ValueError("config key 'grad_skip' skips updates whose gradient norm exceeds grad_clip, which is 0 (off): "
+                         "set --grad_clip (e.g. 1), or --grad_skip 0")
+    if cfg.drop_label > 0 and cfg.txt_size == 0:
+        raise ValueError(f"config key 'drop_label' ({cfg.drop_label:g}) drops captions, and this model has none "
+                         "(txt_size 0, unconditional): set --drop_label 0")
+
+
 class Trainer:
     """Trains a :class:`STARFlow` on a captioned image folder.
 
@@ -137,9 +162,7 @@ class Trainer:
             if value % (dist.world_size * cfg.grad_accum):
                 raise ValueError(f"config key '{key}' ({value}) must be divisible by world size x grad_accum "
                                  f"({dist.world_size} x {cfg.grad_accum})")
-        if cfg.loss_scaling:
-            raise ValueError("config key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported: training runs "
-                             "in float32 or bf16 autocast, which need no loss scaling; set --loss_scaling 0")
+        check_training(cfg)
         if cfg.secondary_ratio > 0 and secondary is None:
             raise ValueError("config key 'secondary_ratio' > 0 trains some steps on secondary images: pass them with "
                              "--secondary_data FOLDER (an image folder with metadata.jsonl), or set --secondary_ratio 0")
