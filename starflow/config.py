@@ -141,7 +141,9 @@ class Config:
     logdir: str = _f("runs/starflow", "output folder for checkpoints, samples and metrics", training=True)
     log_freq: int = _f(10, "steps between metric log lines", training=True)
     save_freq: int = _f(1000, "steps between checkpoints", training=True)
-    sample_freq: int = _f(1000, "steps between sample grids", training=True)
+    sample_freq: int = _f(10, "epochs between sample grids, as the official flag counts them (an epoch: one pass "
+                              "over the training data, its samples / batch_size steps), and one at the last step; "
+                              "0 = none", training=True)
     keep_last: int = _f(3, "checkpoints kept on disk", training=True)
     # --- official keys accepted for compatibility --------------------------------------------
     no_flip: bool = _f(False, "no random horizontal flip of training images and clips (0 = flip half of them)",

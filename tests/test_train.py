@@ -248,9 +248,10 @@ def test_sampling_during_training_leaves_the_run_unchanged(resume_runs, tmp_path
     """``sample_freq``: sample grids mid-run (in inference mode, eval mode), then training goes on bit-exactly."""
     straight = resume_runs["straight"]
     config = yaml.safe_load((straight.parent / "config.yaml").read_text())
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(config, sample_freq=3)))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(config, sample_freq=1)))
     assert main(train_args(tmp_path / "config.yaml", Path(config["data"]), tmp_path / "run")) == 0
-    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step_00000003.png",
+    # sample_freq counts epochs: 32 images in batches of 8 are 4 steps; and the last step
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step_00000004.png",
                                                                                 "step_00000006.png"]
     keys = ("step", "loss", "loss_z", "loss_logdet", "grad_norm", "lr")
     assert ([[m[k] for k in keys] for m in read_metrics(tmp_path / "run")]

@@ -158,3 +158,4 @@ def test_sharded_sample_grids_from_shards_use_rank_0s_prompts(tiny_config, digit
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "step_00000001.png").is_file()
+    assert "sample grids every 1 epoch(s) of 4 steps" in r.stdout + r.stderr  # 16 samples in batches of 4

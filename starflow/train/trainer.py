@@ -234,6 +234,12 @@ class Trainer:
                                  f"{cfg.secondary_batch_size or cfg.batch_size}")
         self.checkpoints = CheckpointManager(self.logdir / "checkpoints", cfg.keep_last, rank=dist.rank)
         self.sample_prompts = sorted(set(getattr(dataset, "texts", [])))[:SAMPLE_PROMPTS]
+        # an epoch in optimizer steps: the global batches of one pass over the training data (sample_freq counts
+        # epochs, as the official flag does)
+        if self.stream is None:
+            self.steps_per_epoch = max(1, len(self.batches.sampler) // cfg.grad_accum)
+        else:
+            self.steps_per_epoch = max(1, self.stream.num_samples // cfg.batch_size)
 
     # ------------------------------------------------------------------ state
     def _tensor_state(self) -> dict[str, Any]:
@@ -591,6 +597,9 @@ class Trainer:
             if isinstance(self.text_encoder, LabelEncoder):  # the run's folder holds its classes (starflow export)
                 self.text_encoder.save_pretrained(self.logdir)
         history: list[dict[str, float]] = []
+        if cfg.sample_freq and not dry_run:
+            self._log(f"sample grids every {cfg.sample_freq} epoch(s) of {self.steps_per_epoch} steps (sample_freq), "
+                      "and at the last step")
         logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run,
                                start_step=self.step)
         data = self._batches()
@@ -628,7 +637,7 @@ class Trainer:
                 saved = self.step % cfg.save_freq == 0 or self.step == end
                 if saved:  # (before the sample grid: what is trained is kept first)
                     self.save()
-                if cfg.sample_freq and (self.step % cfg.sample_freq == 0 or self.step == end):
+                if cfg.sample_freq and (self.step % (cfg.sample_freq * self.steps_per_epoch) == 0 or self.step == end):
                     self.sample_grid()
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
