@@ -117,8 +117,9 @@ class Config:
     fsdp_text_encoder: bool = _f(False, "shard the frozen text encoder with FSDP2 too", training=True)
     gradient_checkpoint: int = _f(0, "activation checkpointing of attention in every k-th transformer layer "
                                      "(0 = off, 1 = every layer)", training=True)
-    gradient_checkpoint_mlp: int = _f(0, "activation checkpointing of the MLP in every k-th transformer layer "
-                                         "(0 = off, 1 = every layer)", training=True)
+    gradient_checkpoint_mlp: int | None = _f(None, "activation checkpointing of the MLP in every k-th transformer "
+                                                  "layer (0 = off, 1 = every layer; none = as gradient_checkpoint, "
+                                                  "the official default)", training=True)
     precision: str = _f("auto", "training arithmetic: bf16 (autocast, the official recipe; FSDP2 computes with bf16 "
                                 "copies of its float32 parameters and reduces gradients in fp32; a sharded T5 runs in "
                                 "bf16 too), fp32, or auto = bf16 on CUDA and fp32 on CPU. On a CPU with native bf16 "
@@ -367,7 +368,7 @@ def validate(cfg: Config) -> Config:
     if cfg.rope and cfg.txt_size > 0 and cfg.head_dim // 2 < 8:
         raise ValueError("config key 'head_dim' must be >= 16 with rope and text (8 dims go to the third axis)")
     for key in sorted(_INT_ONCE_BOOL):
-        if getattr(cfg, key) < 0:
+        if (getattr(cfg, key) or 0) < 0:
             raise ValueError(f"config key '{key}' is a layer period k >= 0 (0 = off), got {getattr(cfg, key)}")
     for key in ("drop_label", "drop_image", "secondary_ratio"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:

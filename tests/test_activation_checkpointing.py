@@ -146,6 +146,15 @@ def test_config_accepts_official_and_bool_values(value, expected: int) -> None:
     assert type(cfg.gradient_checkpoint) is int
 
 
+def test_the_mlp_follows_gradient_checkpoint_unless_set() -> None:
+    for mlp, expected in ((None, [True, True, True]), (0, [False, False, False]), (2, [True, False, True])):
+        keys = {} if mlp is None else {"gradient_checkpoint_mlp": mlp}
+        model = STARFlow.from_config(dict(TINY, gradient_checkpoint=1, **keys), txt_dim=TXT_DIM)
+        layers = model.blocks[-1].attn_blocks
+        assert [layer.checkpoint_attention for layer in layers] == [True] * 3
+        assert [layer.checkpoint_mlp for layer in layers] == expected, mlp
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, "yes please"])
 def test_config_rejects_bad_periods(value) -> None:
     with pytest.raises(ValueError, match="gradient_checkpoint_mlp"):

@@ -137,7 +137,9 @@ class STARFlow(nn.Module):
                 self.token_dim, config.channels, config.head_dim,
                 self.txt_dim if config.conditional_denoiser else None, config.temporal_causal,
                 config.denoiser_window)
-        self.set_activation_checkpointing(config.gradient_checkpoint, config.gradient_checkpoint_mlp)
+        mlp_every = config.gradient_checkpoint_mlp
+        self.set_activation_checkpointing(config.gradient_checkpoint,
+                                          config.gradient_checkpoint if mlp_every is None else mlp_every)
         self.reset_parameters()
 
     @classmethod
@@ -160,7 +162,8 @@ class STARFlow(nn.Module):
     def set_activation_checkpointing(self, attention_every: int, mlp_every: int) -> None:
         """Checkpoint attention (resp. MLP) activations in every k-th layer of each flow block and the denoiser.
 
-        Called at construction with the config's ``gradient_checkpoint`` and ``gradient_checkpoint_mlp``;
+        Called at construction with the config's ``gradient_checkpoint`` and ``gradient_checkpoint_mlp`` (None: the
+        same as ``gradient_checkpoint``);
         layer ``j`` of each stack is checkpointed when ``j % k == 0`` (``k = 0``: off). Only training
         forward passes with gradients are affected; values and gradients are unchanged.
 
