@@ -68,6 +68,20 @@ def test_known_tokens_are_the_known_activations_in_every_block(digits, real_digi
         assert torch.equal(grid[:, ~mask], reference[i][:, ~mask]), model.block_name(i)
         assert not torch.allclose(grid[:, mask], reference[i][:, mask])
     assert torch.equal(out[:, :, ~mask], known[:, :, ~mask])
+    # the generated tokens invert their block: its forward pass maps the decoded input back to the noise it was given
+    # (unguided, so the forward pass is the exact inverse; KV caches holding wrong known tokens would break it)
+    y_plain, noise = y[: len(x)], torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    steps.clear()
+    model.reverse(noise, y_plain, jacobi=jacobi, jacobi_block_size=8, jacobi_th=0.0, jacobi_max_iter=64, known=known,
+                  mask=mask, intermediates=steps)
+    for k, (i, block_input) in enumerate(zip(reversed(range(model.num_blocks)), steps)):
+        given = noise if k == 0 else steps[k - 1]
+        grid = patchify(block_input, model.patch_size)
+        z, _, _ = model.blocks[i](model._to_sequence(grid, i), model._block_text(i, y_plain, grid),
+                                  model.block_rope(i, grid.shape, y_plain.shape[1]))
+        z = model._from_sequence(z, grid, i)
+        torch.testing.assert_close(z[:, mask], patchify(given, model.patch_size)[:, mask], atol=1e-4, rtol=0,
+                                   msg=model.block_name(i))
 
 
 def test_everything_known_gives_the_input_back_in_one_evaluation_per_run(digits, real_digits) -> None:
@@ -108,12 +122,24 @@ def test_inpainting_rejects_bad_masks(digits, real_digits) -> None:
 
 
 # ---------------------------------------------------------------------- the pipeline: inpainting and editing
-def test_inpaint_keeps_the_known_pixels_exactly(digits, real_digits) -> None:
+def test_inpaint_keeps_the_known_pixels_exactly(digits, real_digits, monkeypatch) -> None:
     x, _ = real_digits
     settings = SampleSettings(cfg=2.0, jacobi=False)
     latents: dict = {}
+    calls, reverse = [], digits.model.reverse
+
+    def spy(noise, y, **kwargs):
+        out = reverse(noise, y, **kwargs)
+        calls.append((kwargs["known"].clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(digits.model, "reverse", spy)
     out = digits.inpaint(["a handwritten digit 9"] * len(x), x, LOWER_HALF, settings, seeds=list(range(len(x))),
                          rounds=2, latents=latents)
+    monkeypatch.undo()
+    # round 1 is forced to the noised input; round 2 re-encodes round 1's result (SPEC section 17)
+    assert len(calls) == 2 and torch.equal(calls[0][0], latents["input"]) and torch.equal(calls[1][0], calls[0][1])
+    assert torch.equal(calls[1][1], latents["sampled"])
     assert out.shape == x.shape
     assert torch.equal(out[:, :, :4], x[:, :, :4])
     assert not torch.allclose(out[:, :, 4:], x[:, :, 4:], atol=0.05)

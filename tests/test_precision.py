@@ -168,7 +168,7 @@ def test_bf16_weights_sample_on_a_cpu_with_the_learnable_denoiser(make_pipeline,
     pipe.model.to(torch.bfloat16)
     got = pipe(prompts, settings, seeds=[0, 1])
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
-    assert 0 < ((got - want).norm() / want.norm()).item() < 5e-2
+    assert 0 < ((got - want).norm() / want.norm()).item() < 2e-2
 
 
 def test_sharded_bf16_passes_float32_activations_between_flow_blocks(tiny_config, tmp_path: Path, monkeypatch) -> None:

@@ -63,8 +63,28 @@ def test_attn_temp_acts_on_the_unconditional_rows_only(make_pipeline) -> None:
     base = SampleSettings(cfg=2.0, jacobi=False, self_denoise=False)
     plain = pipe(PROMPTS, base, seeds=[0, 1])
     assert torch.equal(pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 1.0}), seeds=[0, 1]), plain)
-    hot = pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 4.0}), seeds=[0, 1])
+    import starflow.models.jacobi as jacobi_module
+
+    first_guided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a, b) [cond; uncond] of each run's first guidance
+    guide, calls = jacobi_module.guide, []
+
+    def spy(a, b, w):
+        if not calls:
+            first_guided.append((a.clone(), b.clone()))
+        calls.append(1)
+        return guide(a, b, w)
+
+    jacobi_module.guide = spy
+    try:
+        pipe(PROMPTS, base, seeds=[0, 1])
+        calls.clear()
+        hot = pipe(PROMPTS, SampleSettings(**{**vars(base), "attn_temp": 4.0}), seeds=[0, 1])
+    finally:
+        jacobi_module.guide = guide
     assert (hot - plain).abs().max() > 1e-3
+    (a_plain, b_plain), (a_hot, b_hot) = first_guided  # the same inputs: only the unconditional rows differ
+    assert torch.equal(a_plain[:2], a_hot[:2]) and torch.equal(b_plain[:2], b_hot[:2])
+    assert (a_plain[2:] - a_hot[2:]).abs().max() + (b_plain[2:] - b_hot[2:]).abs().max() > 1e-4
     # without guidance there are no unconditional rows: the temperature has nothing to act on, and is refused
     unguided = SampleSettings(cfg=0.0, jacobi=False, self_denoise=False)
     with pytest.raises(ValueError, match="attn_temp acts through classifier-free guidance, which is off"):
@@ -122,7 +142,7 @@ def test_temperature_scales_the_noise_the_flow_inverts(make_pipeline, monkeypatc
     vs = SampleSettings(cfg=1.0, jacobi=False, self_denoise=False, target_length=4)
     runs = [lambda s: video(["a"], s, seeds=[0], input_image=frame),
             lambda s: video(["a"], s, seeds=[0], input_video=clip),
-            lambda s: v2v.video_to_video(["a"], clip[:, :3], s, seeds=[0])]
+            lambda s: v2v.video_to_video(["a"], clip[:, :3], dataclasses.replace(s, target_length=None), seeds=[0])]
     for run in runs:
         for p in (video, v2v):
             p.model.calls.clear()

@@ -327,6 +327,35 @@ def test_long_video_first_window_is_the_short_video() -> None:
         model.reverse(noise, y, window=3, context_frames=3)
 
 
+def test_each_window_continues_from_the_last_frames_decoded_under_the_extend_caption() -> None:
+    """Sliding windows (SPEC section 11): every window after the first decodes after the last ``context_frames``
+    frames decoded so far, as its prefix, with the continuation text (``y_extend``, the ``(extend) `` caption)."""
+    model = _random_video_model()
+    torch.manual_seed(1)
+    noise, y, y_extend = torch.randn(2, 9, 1, 8, 8), torch.randn(2, 48, 32), torch.randn(2, 48, 32)
+    calls, original = [], model._reverse_sequence
+
+    def spy(i, grid, y_i, *args, **kwargs):
+        out = original(i, grid, y_i, *args, **kwargs)
+        prefix = kwargs.get("prefix", args[6] if len(args) > 6 else None)
+        calls.append((i, y_i, None if prefix is None else prefix.clone(), out.clone()))
+        return out
+
+    model._reverse_sequence = spy
+    model.reverse(noise, y, window=3, context_frames=2, y_extend=y_extend)
+    deep = [c for c in calls if c[2] is not None]  # the windows after the first (the frame-local blocks have none)
+    i = deep[0][0]
+    windows = [c for c in calls if c[0] == i]
+    assert len(windows) == 7 and all(c[0] == i for c in deep)  # 3 frames, then 6 windows of 2 context + 1 new
+    first_y, _, decoded = windows[0][1:]
+    assert torch.equal(first_y, y)
+    for _, y_i, prefix, out in windows[1:]:
+        assert torch.equal(y_i, y_extend)
+        assert torch.equal(prefix, decoded[:, -2:])  # the last 2 frames decoded so far
+        assert torch.equal(out[:, :2], prefix)
+        decoded = torch.cat([decoded, out[:, 2:]], 1)
+
+
 def test_video_jacobi_chunks_longer_than_a_frame_read_only_defined_inputs(monkeypatch) -> None:
     """A 4 x 8 token chunk after the first frame (16 tokens a frame) starts from the window one frame back,
     which reaches past the chunk's start: those inputs must be the current guess, never unset memory."""
@@ -365,6 +394,10 @@ def test_windowed_learned_denoiser_matches_whole_windows() -> None:
     windowed = learned_denoise(model, x, y, window=3)
     torch.testing.assert_close(windowed[:, :3], x[:, :3] - 0.3 * model.denoiser(x[:, :3], y))
     assert windowed.shape == x.shape and not torch.equal(windowed, x)
+    assert model.config.denoiser_window == 1  # each later window starts one frame back and keeps its 2 new frames
+    for start in (2, 4):
+        later = x[:, start + 1 : start + 3] - 0.3 * model.denoiser(x[:, start : start + 3], y)[:, 1:]
+        torch.testing.assert_close(windowed[:, start + 1 : start + 3], later)
 
 
 def test_a_denoiser_without_window_sees_a_full_window_of_past_frames() -> None:
