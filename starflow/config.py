@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from starflow.files import write_text_atomic
+
 __all__ = ["Config", "CONFIG_FIELDS", "TRAINING_KEYS", "load_config", "save_config", "apply_overrides", "config_field_help"]
 
 
@@ -508,11 +510,12 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML in the official ``arguments:`` format (loadable by :func:`load_config`)."""
+    """Write ``cfg`` as YAML in the official ``arguments:`` format (loadable by :func:`load_config`), atomically: a
+    killed write leaves no truncated config that would load as another one."""
     items = [{k: v} for k, v in cfg.to_dict().items()]
     for item in items:
         (k, v), = item.items()
         if isinstance(v, list):
             item[k] = " ".join(str(i) for i in v)
-    Path(path).write_text(yaml.safe_dump({"arguments": items}, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump({"arguments": items}, sort_keys=False))
 

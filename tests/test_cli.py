@@ -238,6 +238,31 @@ def test_save_pretrained_round_trip(make_pipeline, tmp_path: Path) -> None:
     assert torch.equal(a, b)
 
 
+def test_a_killed_save_leaves_no_folder_that_loads_another_runs_config(make_pipeline, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """An export over an earlier one that dies after its weights (here: while writing the config) leaves a folder
+    that refuses to load, not the new weights under the old config; a config is never half-written."""
+    import starflow.files
+    import starflow.sampling.pipeline as pipeline_module
+
+    folder = tmp_path / "model"
+    make_pipeline(cfg=1.5).save_pretrained(folder)
+    replace = starflow.files.os.replace
+
+    def killed(src, dst):
+        if Path(dst).name == "config.yaml":
+            raise KeyboardInterrupt  # the process dies here
+        replace(src, dst)
+
+    monkeypatch.setattr(starflow.files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make_pipeline(cfg=3.0, seed=1).save_pretrained(folder)
+    monkeypatch.undo()
+    assert not (folder / "config.yaml").exists() and not list(folder.glob(".*.tmp"))
+    with pytest.raises(FileNotFoundError):
+        pipeline_module.Pipeline.from_pretrained(folder)
+
+
 def test_loaded_model_folder_can_be_saved_again(model_dir: Path, tmp_path: Path) -> None:
     pipe = Pipeline.from_pretrained(model_dir)
     pipe.save_pretrained(tmp_path / "copy")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from starflow.evaluation.features import build_extractor, extract_features, list
 from starflow.evaluation.generate import SET_FILE, read_set_captions
 from starflow.evaluation.metrics import (PR_NEIGHBOURS, clip_score, fid_from_features, kid_from_features, load_clip,
                                          load_stats, precision_recall, save_stats)
+from starflow.files import write_text_atomic
 
 __all__ = ["METRICS", "evaluate_samples", "format_results"]
 
@@ -133,9 +133,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
               "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
               "saved_stats": None if save_stats_to is None else str(save_stats_to),
               "versions": _versions()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=1))
     record["path"] = str(path)
     return record
 

@@ -10,13 +10,13 @@ temporary file of an image a killed run was writing is removed when the set is r
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from starflow.distributed import DistInfo, from_rank0
+from starflow.files import write_text_atomic
 from starflow.folder_lock import FolderLock
 from starflow.sampling.batch import write_samples
 from starflow.sampling.pipeline import Pipeline, SampleSettings
@@ -61,10 +61,6 @@ class SetSummary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def set_record(captions: list[str], settings: SampleSettings, seed: int,
@@ -155,7 +151,7 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
         if dist.is_main:
             old = json.loads(path.read_text(encoding="utf-8"))
             if "weights" in record and old.get("weights") != record["weights"]:  # the next check needs no hashing
-                _write_atomic(path, json.dumps({**old, "weights": record["weights"]}, indent=1))
+                write_text_atomic(path, json.dumps({**old, "weights": record["weights"]}, indent=1))
         return
     if dist.is_main:
         record = {k: v for k, v in record.items() if k != LEGACY_CAPTIONS_SHA}
@@ -164,8 +160,8 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
         out.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c})
                  for i, c in enumerate(captions)]
-        _write_atomic(out / CAPTIONS_FILE, "\n".join(lines) + "\n")
-        _write_atomic(path, json.dumps(record, indent=1))
+        write_text_atomic(out / CAPTIONS_FILE, "\n".join(lines) + "\n")
+        write_text_atomic(path, json.dumps(record, indent=1))
 
 
 def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings: SampleSettings, *, seed: int,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from starflow.files import atomic_path
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
            "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX", "view_scale",
@@ -44,10 +45,8 @@ def _save_png(img: Image.Image, path: str | Path, scale: int = 1) -> None:
     """Write ``img`` (nearest upscaling by ``scale``) under a temporary name and rename it to ``path``."""
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def make_grid(pixels: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:

@@ -120,12 +120,13 @@ class Pipeline:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
         preset text encoder, ``text_encoder/`` (the config then points at it; a class vocabulary is copied
         beside the weights). ``weights`` replaces the
-        model's own state dict (e.g. the gathered weights of a sharded model). Weights an earlier export left in
-        the folder (``model.*``, ``ema.safetensors``, ``lora.safetensors``) are removed first: a folder never mixes
-        the weights of two runs or steps."""
+        model's own state dict (e.g. the gathered weights of a sharded model). Weights and the config an earlier
+        export left in the folder (``model.*``, ``ema.safetensors``, ``lora.safetensors``, ``config.yaml``) are removed
+        first, and the config is written last (atomically): a folder never mixes the weights and config of two runs or
+        steps, and one whose writing was killed has no config, so it does not load."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in (*WEIGHT_NAMES, *EMA_WEIGHT_NAMES, ADAPTER_WEIGHTS):
+        for name in ("config.yaml", *WEIGHT_NAMES, *EMA_WEIGHT_NAMES, ADAPTER_WEIGHTS):
             (folder / name).unlink(missing_ok=True)
         cfg = self.config
         local_text = self.text_encoder is not None and Path(self.text_encoder.name).is_dir()

@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from starflow.files import write_text_atomic
+
 __all__ = ["MetricsLogger", "METRICS_FILE", "TENSORBOARD_DIR", "WANDB_ID_FILE", "WANDB_DEFAULT_PROJECT"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -41,9 +43,7 @@ def _drop_lines_after(path: Path, step: int) -> None:
 
     kept = [line for line in lines if not later(line)]
     if len(kept) < len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
 
 
 class MetricsLogger:
