@@ -3,12 +3,15 @@ it (``os.replace``, atomic on POSIX and Windows), so a killed process leaves the
 of one that a later run would read as valid."""
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-__all__ = ["atomic_path", "write_text_atomic"]
+from tqdm import tqdm
+
+__all__ = ["atomic_path", "write_text_atomic", "weights_fingerprint", "weights_sha256", "same_weights"]
 
 
 @contextmanager
@@ -28,3 +31,36 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see the module docstring)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def weights_fingerprint(files: list[Path]) -> list[str]:
+    """``name:bytes:mtime_ns`` of weights files, cheap to compare: where it differs from a recorded one (files rewritten
+    in place), their content (:func:`weights_sha256`) decides (:func:`same_weights`)."""
+    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+
+
+def weights_sha256(files: list[Path]) -> str:
+    """SHA-256 (hex) of the files' bytes, in order; a progress bar above 1 GiB (a 7B model takes a minute or so)."""
+    digest, chunk = hashlib.sha256(), 16 << 20
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing the weights", disable=total < 1 << 30) as bar:
+        for f in files:
+            with open(f, "rb") as stream:
+                while block := stream.read(chunk):
+                    digest.update(block)
+                    bar.update(len(block))
+    return digest.hexdigest()
+
+
+def same_weights(recorded: dict, fingerprint: list[str], digest: Callable[[], str]) -> bool:
+    """Whether weights files of ``fingerprint`` (:func:`weights_fingerprint`, now) hold the weights ``recorded``
+    (``{"files": fingerprint, "sha256": weights_sha256}`` of them at some earlier time): the names and sizes must
+    match, and then the times or, where those differ (rewritten in place), the bytes (``digest()``, their
+    :func:`weights_sha256`, called only then)."""
+    if fingerprint == recorded["files"]:
+        return True
+
+    def names_and_sizes(entries: list[str]) -> list[str]:
+        return [entry.rsplit(":", 1)[0] for entry in entries]
+
+    return names_and_sizes(fingerprint) == names_and_sizes(recorded["files"]) and digest() == recorded["sha256"]

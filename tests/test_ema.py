@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from starflow.cli import main
 from starflow.config import load_config
 from starflow.distributed import init_distributed
+from starflow.sampling.pipeline import Pipeline
 from starflow.train import launch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +69,7 @@ def test_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(tiny_config
     assert without.resume() and without.step == 6 and without.ema is None
 
 
-def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path) -> None:
+def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     config = config_file(dict(tiny_config, data=str(digits["train"]), ema=DECAY, steps=4, save_freq=4, lr=1e-2))
     logdir = tmp_path / "run"
     assert main(["train", "--config", str(config), "--logdir", str(logdir), "--device", "cpu"]) == 0
@@ -90,6 +91,14 @@ def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path) -> 
         (no_ema / name).write_bytes((folder / name).read_bytes())
     assert main(["sample", "--checkpoint_path", str(no_ema), "--caption", "x", "--ema", "--output_dir",
                  str(tmp_path / "x"), "--device", "cpu"]) == 2  # no ema.safetensors: a clear error
+    capsys.readouterr()
+    for command in ("sample", "generate-set"):  # --ema with a weights file would read the plain weights: refused
+        assert main([command, "--checkpoint_path", str(folder / "model.safetensors"), "--caption", "x", "--ema",
+                     *(["--output_dir"] if command == "sample" else ["--num_samples", "2", "--out"]), str(tmp_path / "y"),
+                     "--device", "cpu"]) == 2
+        assert "--ema reads a model folder's ema.safetensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ema: .* is a weights file"):
+        Pipeline.from_pretrained(folder / "model.safetensors", ema=True)
 
 
 def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny_config, digits, config_file,

@@ -11,6 +11,7 @@ from starflow.cli import main
 from starflow.config import load_config
 from starflow.models import STARFlow
 from starflow.models.lora import apply_lora, merge_lora_state
+from starflow.train.state import read_meta
 from test_train import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +98,16 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
         in capsys.readouterr().err
     with pytest.raises(ValueError, match="lora_rank' and 'ema'"):
         load_config(config, {"ema": 0.9})
+    assert main(["export", "--merge_lora", "--ema", str(logdir), str(tmp_path / "e.safetensors")]) == 2
+    assert "is a LoRA run, which keeps no EMA weights: drop --ema" in capsys.readouterr().err
+    # the adapters belong to the base they were trained over: the same bytes rewritten pass, other weights do not
+    assert read_meta(logdir / "checkpoints" / "step_00000006")["lora_base"]["files"][0].startswith("base.safetensors:")
+    base.write_bytes(base.read_bytes())
+    assert main(["export", "--merge_lora", str(logdir), str(tmp_path / "again.safetensors")]) == 0
+    save_weights(make_pipeline(std=0.3, seed=3).model, base)
+    evens = config_file(dict(load_config(config).to_dict(), steps=8), name="evens.yaml")
+    for command in (["export", "--merge_lora", str(logdir), str(tmp_path / "other.safetensors")],
+                    [*train[:2], str(evens), *train[3:]]):
+        assert main(command) == 2
+        assert f"the base weights {base} (init_from) are not the ones its LoRA adapters were trained over" \
+            in capsys.readouterr().err

@@ -135,34 +135,11 @@ def weights_files(checkpoint: Path, ema: bool) -> list[Path]:
     """The weights files a checkpoint (a file or a model folder) samples with (the EMA weights too with ``ema``)."""
     from starflow.assets import EMA_WEIGHT_NAMES, find_weights
 
-    check_checkpoint_path(checkpoint)
+    check_checkpoint_path(checkpoint, ema)
     files = [find_weights(checkpoint) if checkpoint.is_dir() else checkpoint]
     if ema and checkpoint.is_dir():
         files += [checkpoint / n for n in EMA_WEIGHT_NAMES if (checkpoint / n).is_file()]
     return files
-
-
-def weights_fingerprint(files: list[Path]) -> list[str]:
-    """``name:bytes:mtime_ns`` of weights files: a set resumed after they were rewritten in place is checked by their
-    content (:func:`weights_sha256`), which is hashed only then and when a set is made."""
-    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-
-
-def weights_sha256(files: list[Path]) -> str:
-    """SHA-256 (hex) of the files' bytes, in order; a progress bar above 1 GiB (a 7B model takes a minute or so)."""
-    import hashlib
-
-    from tqdm import tqdm
-
-    digest, chunk = hashlib.sha256(), 16 << 20
-    total = sum(f.stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing the weights", disable=total < 1 << 30) as bar:
-        for f in files:
-            with open(f, "rb") as stream:
-                while block := stream.read(chunk):
-                    digest.update(block)
-                    bar.update(len(block))
-    return digest.hexdigest()
 
 
 def generate_set(args: argparse.Namespace) -> int:
@@ -170,6 +147,7 @@ def generate_set(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation.generate import check_set, set_record
     from starflow.evaluation.generate import generate_set as make_set
+    from starflow.files import weights_fingerprint, weights_sha256
     from starflow.folder_lock import FolderLock
 
     if args.checkpoint_path is None:

@@ -170,15 +170,19 @@ def _block_size(value: str) -> int | str:
     return k
 
 
-def check_checkpoint_path(checkpoint: str | Path) -> None:
-    """Refuse a ``--checkpoint_path`` where nothing exists, before any work.
+def check_checkpoint_path(checkpoint: str | Path, ema: bool = False) -> None:
+    """Refuse a ``--checkpoint_path`` where nothing exists, or a weights file with ``--ema``, before any work.
 
     Raises:
         FileNotFoundError: the message says where the official weights come from.
+        ValueError: ``ema`` with a weights file (the EMA weights are a model folder's ``ema.safetensors``).
     """
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
                                 "file; the official weights: starflow download t2i|t2v)")
+    if ema and Path(checkpoint).is_file():
+        raise ValueError(f"--ema reads a model folder's ema.safetensors, and --checkpoint_path {checkpoint} is a weights "
+                         "file: pass the folder, or drop --ema (an EMA weights file is passed as it is)")
 
 
 TRAINED_MODES = ("video_to_video", "last_frame_cond")
@@ -216,7 +220,7 @@ def load_pipeline(args: argparse.Namespace, dist, check: Callable[[Any, Path], N
     checkpoint = args.checkpoint_path or assets.DEMO_DIR
     if args.checkpoint_path is None and dist.is_main:
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
-    check_checkpoint_path(checkpoint)
+    check_checkpoint_path(checkpoint, args.ema)
     config = model_config_path(args)
     cfg = sampling_config(config, args)
     if check is not None:
@@ -472,7 +476,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     from starflow.sizing import GIB, size_report, text_width
 
     checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
-    check_checkpoint_path(checkpoint)
+    check_checkpoint_path(checkpoint, args.ema)
     weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")

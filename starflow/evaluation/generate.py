@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from starflow.distributed import DistInfo, from_rank0
-from starflow.files import write_text_atomic
+from starflow.files import same_weights, write_text_atomic
 from starflow.folder_lock import FolderLock
 from starflow.sampling.batch import write_samples
 from starflow.sampling.pipeline import Pipeline, SampleSettings
@@ -129,12 +129,8 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
 
 def _same_bytes(old: dict[str, Any], record: dict[str, Any], weights_digest: Callable[[], str] | None) -> bool:
     """Whether weights files of the same names and sizes as a set's, with other times, hold the set's bytes."""
-    def names_and_sizes(fingerprint: list[str]) -> list[str]:
-        return [entry.rsplit(":", 1)[0] for entry in fingerprint]
-
     return (weights_digest is not None and bool(old.get(WEIGHTS_SHA))
-            and names_and_sizes(old["weights"]) == names_and_sizes(record["weights"])
-            and weights_digest() == old[WEIGHTS_SHA])
+            and same_weights({"files": old["weights"], "sha256": old[WEIGHTS_SHA]}, record["weights"], weights_digest))
 
 
 def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any], dist: DistInfo,

@@ -84,10 +84,14 @@ class Pipeline:
 
         Raises:
             FileNotFoundError: weights, config, text encoder or VAE not found (with how to get them).
+            ValueError: ``ema`` with a weights file.
             CheckpointError: the weights file is corrupt or truncated, or its names/shapes differ from the
                 config's model (every difference listed); nothing is half-loaded.
         """
         path = Path(folder_or_weights)
+        if ema and path.is_file():
+            raise ValueError(f"ema: {path} is a weights file; the moving-average weights are read from a model folder "
+                             "(its ema.safetensors): pass the folder, or the EMA weights file itself without ema")
         weights = find_weights(path, ema=ema) if path.is_dir() else path
         if not weights.is_file():
             raise FileNotFoundError(f"checkpoint not found: {weights} (official weights: Hugging Face repo apple/starflow)")

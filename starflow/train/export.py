@@ -19,7 +19,7 @@ from starflow.config import Config, load_config
 from starflow.models import STARFlow
 from starflow.sampling.pipeline import Pipeline
 from starflow.sizing import text_width
-from starflow.train.init_from import init_from
+from starflow.train.init_from import check_base, init_from
 from starflow.models.lora import LORA_MARK, apply_lora, merge_lora_state
 from starflow.train.state import META_FILE, CheckpointManager, dcp_metadata, read_dcp, read_meta
 
@@ -48,9 +48,14 @@ def find_checkpoint(src: str | Path) -> Path:
 
 
 def _merged_lora_model(cfg: Config, path: Path) -> STARFlow:
-    """The base weights (``init_from``) with the checkpoint's LoRA adapters folded in, as a plain STARFlow."""
+    """The base weights (``init_from``) with the checkpoint's LoRA adapters folded in, as a plain STARFlow.
+
+    Raises:
+        ValueError: no ``init_from``, or base weights other than those the adapters were trained over.
+    """
     if not cfg.init_from:
         raise ValueError(f"{path} holds LoRA adapters but its config has no 'init_from' (the base weights)")
+    check_base(read_meta(path).get("lora_base"), cfg.init_from, f"merging {path}")
     model = STARFlow.from_config(cfg, txt_dim=text_width(cfg), vae_downsample=vae_geometry(cfg.vae).downsample)
     init_from(model, cfg.init_from)
     apply_lora(model, cfg)
@@ -75,8 +80,8 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
         ``(config, model)``: a plain STARFlow in the official layout.
 
     Raises:
-        FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA, a LoRA
-        checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
+        FileNotFoundError: see :func:`find_checkpoint`; ValueError: ``ema`` for a run without an EMA (a LoRA run
+        among them), a LoRA checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
     """
     path = find_checkpoint(path)
     cfg = load_config(read_meta(path)["config"])
@@ -84,6 +89,8 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
         raise ValueError(f"{path} holds LoRA adapters: pass --merge_lora to fold them into the base weights"
                          if cfg.lora_rank else f"{path} is not a LoRA run (lora_rank 0): drop --merge_lora")
     if merge_lora:
+        if ema:
+            raise ValueError(f"{path} is a LoRA run, which keeps no EMA weights: drop --ema")
         return cfg, _merged_lora_model(cfg, path).eval()
     shapes = dcp_metadata(path)
     txt = [m.size for k, m in shapes.items() if k.startswith("model.") and k.endswith("proj_txt.weight")]

@@ -24,6 +24,7 @@ from torch import nn
 from starflow.assets import find_weights
 from starflow.checkpoint import CheckpointError, LayoutReport, drop_deprecated, is_deprecated, read_state_dict
 from starflow.distributed import load_full_state_dict
+from starflow.files import same_weights, weights_fingerprint, weights_sha256
 from starflow.models.lora import LORA_MARK
 
 __all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source",
@@ -199,6 +200,38 @@ def init_from(model: nn.Module, path: str | Path) -> InitReport:
     state = {k: v for k, v in state.items() if k in report.loaded}
     load_full_state_dict(model, state)
     return report
+
+
+def source_files(path: str | Path) -> list[Path]:
+    """The files that hold the weights at ``path`` (a weights file; a model folder's weights file; a DCP step
+    folder's ``.metadata`` and shards), in a fixed order."""
+    path = Path(path)
+    if _is_dcp(path):
+        return sorted(p for p in path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")
+    return [find_weights(path) if path.is_dir() else path]
+
+
+def base_identity(path: str | Path) -> dict:
+    """What identifies the base weights of a LoRA run (recorded in its checkpoints, :func:`check_base`):
+    ``{"path", "files": weights_fingerprint, "sha256"}`` of :func:`source_files`."""
+    files = source_files(path)
+    return {"path": str(path), "files": weights_fingerprint(files), "sha256": weights_sha256(files)}
+
+
+def check_base(recorded: dict | None, path: str | Path, what: str) -> None:
+    """Refuse LoRA adapters over base weights other than those they were trained on (``recorded``:
+    :func:`base_identity` at the run's start; None for runs that did not record it, which are not checked).
+
+    Raises:
+        ValueError: the files at ``path`` differ from the recorded ones in names, sizes or bytes.
+    """
+    if recorded is None:
+        return
+    files = source_files(path)
+    if not same_weights(recorded, weights_fingerprint(files), lambda: weights_sha256(files)):
+        raise ValueError(f"{what}: the base weights {path} (init_from) are not the ones its LoRA adapters were trained "
+                         f"over ({', '.join(recorded['files'])}, SHA-256 {recorded['sha256'][:12]}...): they changed "
+                         "since the run started; put the original weights back, or train new adapters in a new --logdir")
 
 
 def describe_source(path: str | Path) -> str:

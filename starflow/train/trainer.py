@@ -43,7 +43,7 @@ from starflow.sampling.io import filmstrips, save_grid, view_scale
 from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.signals import StopSignals, Stopped, agreed_stop
 from starflow.train.ema import EMA, EMA_WEIGHTS
-from starflow.train.init_from import InitReport, init_from
+from starflow.train.init_from import InitReport, base_identity, check_base, init_from
 from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
 from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule, rebase_schedule
@@ -192,6 +192,7 @@ class Trainer:
         if self.text_sharded:
             shard_text_encoder(text_encoder.encoder, dist, self.compute_dtype)
         self.lora = cfg.lora_rank > 0
+        self.lora_base: dict | None = None  # init_from.base_identity of a LoRA run's base, saved in its checkpoints
         self.denoiser = None if self.lora else model.learnable_self_denoiser  # LoRA: only the adapters train
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
         self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad and id(p) not in den_ids), cfg)
@@ -263,6 +264,10 @@ class Trainer:
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
         if self.denoiser_schedule is not None:
             meta["denoiser_schedule"] = self.denoiser_schedule.state_dict()
+        if self.lora and self.cfg.init_from and self.dist.is_main:  # (meta is rank 0's)
+            if self.lora_base is None:  # hashed once per run, at its first checkpoint
+                self.lora_base = base_identity(self.cfg.init_from)
+            meta["lora_base"] = self.lora_base
         local = {"data": self._data_position(), "rng": rng_state(self.dist.device)}
         return self.checkpoints.save(self.step, self._tensor_state(), meta, local)
 
@@ -306,6 +311,9 @@ class Trainer:
         if self.denoiser_schedule is not None and "denoiser_schedule" in meta:
             self.denoiser_schedule.load_state_dict(meta["denoiser_schedule"])
             rebase_schedule(self.denoiser_schedule, fresh_lrs[1])
+        if self.lora and self.cfg.init_from:  # the adapters apply to the base they were trained over
+            check_base(meta.get("lora_base"), self.cfg.init_from, f"resuming {path}")
+            self.lora_base = meta.get("lora_base")
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
         self.elapsed_s = float(meta.get("elapsed_s", 0.0))  # older checkpoints: counted from this resume
