@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 __all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "EMA_WEIGHT_NAMES", "asset_search_dirs",
-           "resolve_asset", "find_weights"]
+           "resolve_asset", "find_weights", "absolute_local_asset"]
 
 PACKAGE_CKPTS = Path(__file__).resolve().parents[1] / "ckpts"
 """The repository's ``ckpts/`` folder (the shipped demos; released weights go here too)."""
@@ -50,6 +50,22 @@ def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
         candidate = d / bare
         if candidate.exists():
             return str(candidate) + suffix
+    return name
+
+
+def absolute_local_asset(name: str | None, folder: Path | str) -> str | None:
+    """A config's ``text``/``vae`` entry as an absolute path when it names a local file or folder beside the config
+    (``folder``) or relative to the working folder; other entries (Hub ids, ``none``, ``tiny-t5``, absolute
+    paths) unchanged. A run records it so, as it records ``init_from``: its resumes and exports then find the
+    asset from any working folder. A trailing ``:scale`` is kept."""
+    if name is None or name.lower() == "none" or Path(name).is_absolute():
+        return name
+    match = _SCALE_SUFFIX.search(name)
+    suffix = match.group(1) if match else ""
+    bare = name[: len(name) - len(suffix)]
+    for candidate in (Path(folder) / bare, Path(bare)):
+        if candidate.exists():
+            return str(candidate.resolve()) + suffix
     return name
 
 

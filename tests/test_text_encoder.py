@@ -160,3 +160,27 @@ def test_unreachable_hub_is_named_in_the_error() -> None:
     plain = OSError("org/model does not appear to have a file named config.json.")
     assert network_failure(plain) is None
     assert "could not be reached" not in str(missing_model_error("org/model", "SD-VAE", cause=plain))
+
+
+def test_a_run_records_a_local_t5_beside_its_config_so_export_finds_it(tiny_config, digits, tmp_path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``text: my_t5`` (a T5 folder beside the config): the run records its absolute path, so ``starflow export`` of a
+    checkpoint from another working folder writes a model folder that carries the encoder and samples."""
+    import yaml
+
+    from starflow.cli import main
+    from starflow.config import load_config
+
+    configs = tmp_path / "configs"
+    build_tiny_text_encoder(tiny_config["txt_size"], seed=5).save_pretrained(configs / "my_t5")
+    (configs / "config.yaml").write_text(yaml.safe_dump(dict(tiny_config, text="my_t5", steps=2, save_freq=1)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--config", str(configs / "config.yaml"), "--data", str(digits["train"]), "--logdir",
+                 str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert load_config(tmp_path / "run" / "config.yaml").text == str((configs / "my_t5").resolve())
+    assert main(["export", str(tmp_path / "run" / "checkpoints" / "step_00000001"), str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "text_encoder" / "config.json").is_file()
+    assert main(["sample", "--checkpoint_path", str(tmp_path / "exported"), "--caption", "a handwritten digit 2",
+                 "--num_samples", "1", "--output_dir", str(tmp_path / "s"), "--device", "cpu"]) == 0

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import init_distributed
     from starflow.folder_lock import FolderLock
     from starflow.train.launch import NO_DATA
+    from starflow.assets import absolute_local_asset
     from starflow.train.trainer import check_training
 
     if args.resume_path is not None:
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.init_from and Path(cfg.init_from).exists() and not Path(cfg.init_from).is_absolute():
         # recorded absolute: resumes, LoRA runs (which reload their base) and export --merge_lora run from anywhere
         cfg = load_config(cfg, {"init_from": str(Path(cfg.init_from).resolve())})
+    local = {key: absolute_local_asset(getattr(cfg, key), Path(args.config).parent) for key in ("text", "vae")}
+    if any(value != getattr(cfg, key) for key, value in local.items()):  # a local T5, vocabulary or VAE: the same
+        cfg = load_config(cfg, local)
     check_training(cfg)
     if cfg.data is None:
         raise SystemExit(NO_DATA)
