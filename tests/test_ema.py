@@ -124,5 +124,15 @@ def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny
                      "--device", "cpu", "--dry_run"]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert f"training checkpoint {step1} is corrupt or incomplete (reading it failed: EOFError)" in err
+        assert (f"training checkpoint {step1} is corrupt or incomplete (truncated: {shard.name} has 1000 bytes, the "
+                "checkpoint's metadata needs") in err
         assert "Traceback" not in err
+    # found before any tensor is read: a model given such a step folder to start from is left as it was
+    from starflow.train.init_from import init_from
+    from starflow.train.state import CheckpointError
+
+    model = Pipeline.from_pretrained(folder).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="truncated"):
+        init_from(model, step1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -69,6 +69,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
         torch.cuda.set_rng_state(cuda, device)
 
 
+class _Truncated(OSError):
+    """A DCP data file shorter than its checkpoint's metadata says."""
+
+
 def _check_sizes(path: Path) -> None:
     """Raise if a DCP data file is shorter than the metadata says (a truncated copy)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -79,7 +83,7 @@ def _check_sizes(path: Path) -> None:
     for name, size in needed.items():
         have = (path / name).stat().st_size
         if have < size:
-            raise OSError(f"{name} has {have} bytes, the checkpoint's metadata needs {size}")
+            raise _Truncated(f"{name} has {have} bytes, the checkpoint's metadata needs {size}")
 
 
 def _barrier() -> None:
@@ -106,9 +110,9 @@ class CheckpointMismatchError(ValueError):
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(error), re.MULTILINE)  # DCP quotes tracebacks
-    return CheckpointError(f"training checkpoint {path} is corrupt or incomplete (reading it failed: "
-                        f"{(inner or [type(error).__name__])[-1]}): use an earlier step folder (a training run resumes from the "
-                           "previous one once this folder is deleted)")
+    why = f"truncated: {error}" if isinstance(error, _Truncated) else f"reading it failed: {(inner or [type(error).__name__])[-1]}"
+    return CheckpointError(f"training checkpoint {path} is corrupt or incomplete ({why}): use an earlier step folder (a "
+                           "training run resumes from the previous one once this folder is deleted)")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -122,7 +126,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | None = None) -> None:
     """``torch.distributed.checkpoint.load`` of ``tensors`` (in place) from the checkpoint folder ``path``, with its
-    errors (a ``BaseException`` quoting tracebacks) turned into one-line ones.
+    errors (a ``BaseException`` quoting tracebacks) turned into one-line ones. Data files shorter than the metadata
+    says (a truncated copy) are refused before anything is read, so ``tensors`` are then left as they were.
 
     Raises:
         CheckpointMismatchError: a tensor of another shape, or one missing (``meta``: the checkpoint's metadata).
@@ -133,6 +138,7 @@ def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | N
 
     path = Path(path)
     try:
+        _check_sizes(path)  # a truncated data file is found before any tensor is written into
         with warnings.catch_warnings():  # one process without a process group is the intended use
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(tensors, checkpoint_id=str(path))
@@ -235,7 +241,6 @@ class CheckpointManager:
         path = Path(path)
         try:
             meta = read_meta(path)
-            _check_sizes(path)
         except Exception as e:
             raise _corrupt(path, e) from e
         read_dcp(tensors, path, meta)
