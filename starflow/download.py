@@ -122,6 +122,23 @@ def _check_sizes(infos, root: Path, asset: Asset) -> None:
                             "to resume, or delete the file to start over")
 
 
+def _refused_access(error: BaseException) -> bool:
+    """Whether ``error`` or an error it wraps (``huggingface_hub`` wraps the dry run's in a ``DryRunError``) is the
+    Hub refusing access: a gated repository, or HTTP 401/403."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, GatedRepoError):
+            return True
+        response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
+        if getattr(response, "status_code", None) in (401, 403):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str | None = None) -> list[Path]:
     """Download a release's checkpoint, T5 and VAE into ``local_dir``, resuming partial files.
 
@@ -156,11 +173,13 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
         try:  # plan first: file list and sizes, without downloading
             infos = huggingface_hub.snapshot_download(asset.repo, allow_patterns=list(asset.patterns), local_dir=root,
                                                       token=token, dry_run=True)
-        except DryRunError as e:
-            raise _offline_error(assets, local_dir, e) from e
-        except huggingface_hub.errors.GatedRepoError as e:
-            raise DownloadError(f"{asset.repo} is gated: accept its licence on {HUB}/{asset.repo} and log in "
-                                "(`hf auth login`) or set HF_TOKEN") from e
+        except (DryRunError, huggingface_hub.errors.HfHubHTTPError) as e:
+            if _refused_access(e):  # (the Hub answered: it is reachable, it said no)
+                raise DownloadError(f"{asset.repo} is gated or needs a login: accept its licence on {HUB}/{asset.repo} "
+                                    "and log in (`hf auth login`) or set HF_TOKEN") from e
+            if isinstance(e, DryRunError):
+                raise _offline_error(assets, local_dir, e) from e
+            raise
         if not infos:
             raise DownloadError(f"{asset.repo} has no files matching {asset.patterns}; the release layout changed?")
         todo = sum(i.file_size or 0 for i in infos if i.will_download)

@@ -285,3 +285,31 @@ def test_sample_video_script_passes_flags_that_follow_the_caption(tmp_path: Path
         r = subprocess.run([*script, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (extra, r.stderr[-2000:])
         assert "output: outputs/video" in r.stdout
+
+
+@pytest.mark.parametrize("refused", [True, False])
+def test_download_tells_a_gated_repo_from_an_unreachable_hub(refused: bool, tmp_path: Path, monkeypatch) -> None:
+    """``huggingface_hub`` wraps the dry run's errors in a ``DryRunError``: a refused access (gated, 401/403) found
+    under it says how to get access; anything else is the offline message."""
+    import huggingface_hub
+    from huggingface_hub.errors import DryRunError, GatedRepoError
+
+    import starflow.adapters.hub
+
+    gated = GatedRepoError.__new__(GatedRepoError)
+    Exception.__init__(gated, "403 Client Error: access to this model is restricted")
+
+    def dry_run(*args, **kwargs):
+        try:
+            raise gated if refused else ConnectionError("no route to host")
+        except Exception as inner:
+            raise DryRunError("the dry run failed") from inner
+
+    monkeypatch.setattr(starflow.adapters.hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", dry_run)
+    with pytest.raises(DownloadError) as info:
+        download("t2i", tmp_path)
+    if refused:
+        assert "apple/starflow is gated or needs a login: accept its licence" in str(info.value)
+    else:
+        assert "is gated" not in str(info.value) and "cannot download" in str(info.value)
