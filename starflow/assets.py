@@ -38,7 +38,8 @@ def asset_search_dirs(*dirs: Path | str | None) -> list[Path]:
 def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
     """A config path-or-hub-id, replaced by the first existing ``dir/name`` of :func:`asset_search_dirs`.
 
-    A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. Names found nowhere are
+    A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. An absolute path that does not exist
+    (recorded on another machine) is looked for by its last part in the same folders. Names found nowhere are
     returned unchanged: loaders then try the Hugging Face cache, then the Hub.
     """
     if name is None or name.lower() == "none":
@@ -46,10 +47,15 @@ def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
     match = _SCALE_SUFFIX.search(name)
     suffix = match.group(1) if match else ""
     bare = name[: len(name) - len(suffix)]
+    if Path(bare).is_absolute() and Path(bare).exists():
+        return name
+    # an absolute path recorded on another machine (a model folder moved): the same name in the search folders
+    names = (bare, Path(bare).name) if Path(bare).is_absolute() else (bare,)
     for d in asset_search_dirs(*dirs):
-        candidate = d / bare
-        if candidate.exists():
-            return str(candidate) + suffix
+        for entry in names:
+            candidate = d / entry
+            if candidate.exists():
+                return str(candidate) + suffix
     return name
 
 

@@ -111,3 +111,6 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
         assert main(command) == 2
         assert f"the base weights {base} (init_from) are not the ones its LoRA adapters were trained over" \
             in capsys.readouterr().err
+    base.unlink()
+    assert main(["export", "--merge_lora", str(logdir), str(tmp_path / "gone.safetensors")]) == 2
+    assert f"the base weights {base} (init_from) its LoRA adapters were trained over are gone" in capsys.readouterr().err

@@ -88,6 +88,33 @@ def test_grad_skip_skips_the_flow_and_the_denoiser_together(tiny_config, digits,
         assert metrics["skipped"] == float(not applied) and (moved_flow, moved_denoiser) == (applied, applied), step
 
 
+def test_the_flow_and_the_denoiser_are_clipped_and_judged_apart(tiny_config, digits, tmp_path, monkeypatch) -> None:
+    """The flow's gradient norm (logged, clipped, tested by grad_skip) is its own, without the denoiser's; a non-finite
+    denoiser gradient stops the denoiser's update only."""
+    import starflow.train.trainer as trainer_module
+
+    config = dict(tiny_config, data=str(digits["train"]), learnable_self_denoiser=1, grad_clip=1.0)
+    trainer = trainer_for(config, tmp_path)
+    denoiser = list(trainer.denoiser.parameters())
+    flow = [p for p in trainer.model.parameters() if all(p is not d for d in denoiser)]
+    calls, clip = [], trainer_module.clip_grad_norm
+
+    def spy(params, max_norm):
+        calls.append({id(p) for p in params})
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(trainer_module, "clip_grad_norm", spy)
+    batches = trainer._batches()
+    trainer.train_step([next(batches)])
+    assert calls == [{id(p) for p in denoiser}, {id(p) for p in flow}]
+    denoiser[0].register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in (*flow, *denoiser)]
+    metrics = trainer.train_step([next(batches)])
+    assert metrics["skipped"] == 0.0 and math.isfinite(metrics["grad_norm"])
+    assert not all(torch.equal(a, b) for a, b in zip(before[:len(flow)], flow))  # the flow stepped
+    assert all(torch.equal(a, b) for a, b in zip(before[len(flow):], denoiser))  # the denoiser did not
+
+
 def test_denoiser_follows_its_own_cosine(tiny_config, digits, tmp_path) -> None:
     config = dict(tiny_config, data=str(digits["train"]), learnable_self_denoiser=1, denoiser_lr=1e-3, steps=8,
                   lr=1e-3, warmup_steps=0)
@@ -200,6 +227,7 @@ def test_drop_image_drops_the_first_latent_frame(clips) -> None:
     (dict(drop_image=0.25), "'drop_image' (0.25) drops the first frame of video clips; this config has no vid_size"),
     (dict(grad_skip=1, grad_clip=0.0), "'grad_skip' skips updates whose gradient norm exceeds grad_clip, which is 0"),
     (dict(drop_label=0.1, txt_size=0, text=None, cfg=0.0), "'drop_label' (0.1) drops captions, and this model has none"),
+    (dict(noise_type="uniform", learnable_self_denoiser=1), "'learnable_self_denoiser' learns to remove the Gaussian"),
 ])
 def test_training_keys_that_would_not_act_are_refused_before_anything_loads(tiny_config, digits, config_file, tmp_path,
                                                                             capsys, monkeypatch, keys, message) -> None:

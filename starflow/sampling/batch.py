@@ -72,8 +72,8 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
 
     Raises:
-        ValueError: ``negatives`` or ``return_sequence`` with an ``input_video`` for a ``video_to_video`` model, and
-            the errors of the :class:`Pipeline` call.
+        ValueError: ``return_sequence`` with an ``input_video`` for a ``video_to_video`` model, and the errors of the
+            :class:`Pipeline` call.
         Stopped: ``stop`` received a signal; the batches before it are written.
     """
     fps = settings.fps or pipe.config.fps or None

@@ -223,10 +223,14 @@ def check_base(recorded: dict | None, path: str | Path, what: str) -> None:
     :func:`base_identity` at the run's start; None for runs that did not record it, which are not checked).
 
     Raises:
+        FileNotFoundError: nothing at ``path``.
         ValueError: the files at ``path`` differ from the recorded ones in names, sizes or bytes.
     """
     if recorded is None:
         return
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what}: the base weights {path} (init_from) its LoRA adapters were trained over are "
+                                "gone: put them back, or pass their new place with --init_from")
     files = source_files(path)
     if not same_weights(recorded, weights_fingerprint(files), lambda: weights_sha256(files)):
         raise ValueError(f"{what}: the base weights {path} (init_from) are not the ones its LoRA adapters were trained "

@@ -35,7 +35,8 @@ from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, promp
 __all__ = ["Recipe", "Prepared", "NOISE_LEVEL_REFERENCE", "LAST_FRAME_OFFSET"]
 
 NOISE_LEVEL_REFERENCE = 0.3
-"""With ``cond_noise_level`` every sample's loss is weighted by ``noise_std / 0.3`` (SPEC section 16)."""
+"""With ``cond_noise_level`` every sample's likelihood term is weighted by ``noise_std / 0.3`` (SPEC section 16; the
+``latent_norm_regularization`` term is not)."""
 LAST_FRAME_OFFSET = 4
 """``last_frame_cond`` encodes pixel frame ``F - 4``, the first frame of the last latent frame's group."""
 
@@ -65,7 +66,7 @@ class Recipe:
 
     @property
     def loss_weight(self) -> float:
-        """The factor of every sample's loss: ``noise_std / 0.3`` with ``cond_noise_level``, else 1."""
+        """The factor of every sample's likelihood term: ``noise_std / 0.3`` with ``cond_noise_level``, else 1."""
         return self.cfg.noise_std / NOISE_LEVEL_REFERENCE if self.cfg.cond_noise_level else 1.0
 
     def drop_image(self, step: int) -> bool:

@@ -110,18 +110,24 @@ def _lora_mismatch(path: str | Path, saved: dict[str, Any], cfg: Config) -> str:
             f"(--init_from {path} adapts its weights)")
 
 
-def check_training(cfg: Config) -> None:
+def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     """Refuse training keys that this run could not honour or that would do nothing, from the config alone (the
-    ``train`` command calls it before anything loads; :class:`Trainer` again).
+    ``train`` command calls it before anything loads; :class:`Trainer` again). ``has_secondary``: whether secondary
+    images are given (default: the config's ``secondary_data``).
 
     Raises:
-        ValueError: ``loss_scaling: 1``; ``secondary_ratio`` > 0 without ``secondary_data``; ``drop_image`` > 0 on an
-            image config; ``grad_skip`` without ``grad_clip``; ``drop_label`` > 0 on an unconditional model.
+        ValueError: ``loss_scaling: 1``; ``secondary_ratio`` > 0 without secondary images; ``drop_image`` > 0 on an
+            image config; ``grad_skip`` without ``grad_clip``; ``drop_label`` > 0 on an unconditional model; a
+            ``learnable_self_denoiser`` with ``noise_type: uniform``.
     """
     if cfg.loss_scaling:
         raise ValueError("config key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported: training runs "
                          "in float32 or bf16 autocast, which need no loss scaling; set --loss_scaling 0")
-    if cfg.secondary_ratio > 0 and not cfg.secondary_data:
+    if cfg.learnable_self_denoiser and cfg.noise_type == "uniform":
+        raise ValueError("config key 'learnable_self_denoiser' learns to remove the Gaussian noise_std noise; with "
+                         "'noise_type: uniform' there is none (dequantisation), and sampling would never use it: set "
+                         "--learnable_self_denoiser 0")
+    if cfg.secondary_ratio > 0 and not (bool(cfg.secondary_data) if has_secondary is None else has_secondary):
         raise ValueError("config key 'secondary_ratio' > 0 trains some steps on secondary images: pass them with "
                          "--secondary_data FOLDER (an image folder with metadata.jsonl), or set --secondary_ratio 0")
     if cfg.drop_image > 0 and not cfg.is_video:
@@ -162,10 +168,7 @@ class Trainer:
             if value % (dist.world_size * cfg.grad_accum):
                 raise ValueError(f"config key '{key}' ({value}) must be divisible by world size x grad_accum "
                                  f"({dist.world_size} x {cfg.grad_accum})")
-        check_training(cfg)
-        if cfg.secondary_ratio > 0 and secondary is None:
-            raise ValueError("config key 'secondary_ratio' > 0 trains some steps on secondary images: pass them with "
-                             "--secondary_data FOLDER (an image folder with metadata.jsonl), or set --secondary_ratio 0")
+        check_training(cfg, has_secondary=secondary is not None)
         latent_cache = isinstance(dataset, ShardStream) and dataset.decoder.kind == "latent"
         if latent_cache and not cfg.no_flip:
             raise ValueError("flipping (no_flip: 0) needs pixels, and a latent cache holds the unflipped latents: set "
@@ -195,7 +198,8 @@ class Trainer:
         self.lora_base: dict | None = None  # init_from.base_identity of a LoRA run's base, saved in its checkpoints
         self.denoiser = None if self.lora else model.learnable_self_denoiser  # LoRA: only the adapters train
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
-        self.optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad and id(p) not in den_ids), cfg)
+        self.flow_params = [p for p in model.parameters() if id(p) not in den_ids]  # (clipped apart from the denoiser)
+        self.optimizer = build_optimizer((p for p in self.flow_params if p.requires_grad), cfg)
         self.denoiser_optimizer = None
         if self.denoiser is not None:
             self.denoiser_optimizer = build_optimizer(self.denoiser.parameters(), cfg, lr=cfg.denoiser_lr,
@@ -437,7 +441,7 @@ class Trainer:
                 metrics[k] += v / len(batches)
         metrics = self._mean_over_ranks(metrics)
         denoiser_norm = self._denoiser_grad_norm() if self.denoiser is not None else None
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.flow_params if p.grad is not None]  # the flow's own norm (the denoiser has its own)
         grad_norm = clip_grad_norm(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         nonfinite = not math.isfinite(grad_norm) or not math.isfinite(metrics["loss"])
         skip = nonfinite
