@@ -320,3 +320,13 @@ def test_generate_set_stopped_by_sigterm_says_how_to_resume(tmp_path) -> None:
     # the batch in progress was finished: every sample the message counts is a complete file, and no temporary one
     assert len(list(out.glob("*.png"))) == int(stopped.group(1)) < 400
     assert not list(out.glob(".*.tmp"))
+
+
+def test_generate_set_refuses_a_caption_file_with_sample_negative_prompts(tmp_path, capsys) -> None:
+    """``prompt<TAB>negative`` lines are ``sample``'s; a set would have taken the whole line as the caption."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a handwritten digit 3\na handwritten digit 3\ta handwritten digit 8\n")
+    assert main(["generate-set", "--caption_file", str(captions), "--num_samples", "2", "--out", str(tmp_path / "set"),
+                 "--device", "cpu"]) == 2
+    assert f"--caption_file {captions} line 2 holds a tab" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()

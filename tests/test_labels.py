@@ -82,6 +82,13 @@ def test_train_and_sample_a_class_model(tiny_config, config_file, tmp_path, caps
     assert not (tmp_path / "refused").exists()
     assert main(["sample", "--checkpoint_path", str(folder), "--caption", "three\teight", "--dry_run"]) == 0  # a class
     # and, after a TAB, the class guidance steers away from
+    # a sample set: a caption that is no class is refused before the set is written, so the right one can follow
+    set_args = ["generate-set", "--checkpoint_path", str(folder), "--num_samples", "2", "--out", str(tmp_path / "set"),
+                "--device", "cpu"]
+    assert main([*set_args, "--caption", "foo"]) == 2
+    assert "--caption foo: ['foo'] are not classes of this model" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()
+    assert main([*set_args, "--caption", "seven"]) == 0
     # training data whose captions are not class names is refused before the first step
     write_digits(tmp_path / "sentences")
     assert main(["train", "--config", str(config), "--data", str(tmp_path / "sentences" / "train"), "--logdir",

@@ -10,8 +10,8 @@ from pathlib import Path
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
                                  check_input_files, read_text_lines)
-from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, config_classes,
-                                 load_pipeline, model_config_path, sample_settings, sampling_config)
+from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, check_class_names,
+                                 config_classes, load_pipeline, model_config_path, sample_settings, sampling_config)
 
 __all__ = ["register"]
 
@@ -114,7 +114,9 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
     """Caption of each of the ``--num_samples`` images: the given captions (or classes), cycled.
 
     Raises:
-        ValueError: ``--num_samples < 1``, an empty caption file, or ``--class_names`` for a text model.
+        ValueError: ``--num_samples < 1``, an empty caption file, a caption-file line with a tab (``sample``'s
+            ``prompt<TAB>negative``, which a set does not take), ``--class_names`` for a text model, or a caption
+            that is no class of a class-conditional model.
     """
     if args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples}: a set needs at least one image")
@@ -123,11 +125,19 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
             raise ValueError("--class_names is for class-conditional models (config 'text' a .vocab file)")
         pool = list(classes)
     elif args.caption_file:
-        pool = [line.strip() for line in read_text_lines("caption_file", args.caption_file) if line.strip()]
+        lines = read_text_lines("caption_file", args.caption_file)
+        tabbed = next((k for k, line in enumerate(lines, 1) if "\t" in line.strip()), None)
+        if tabbed is not None:
+            raise ValueError(f"--caption_file {args.caption_file} line {tabbed} holds a tab: a sample set takes one "
+                             "caption per line, without sample's 'prompt<TAB>negative prompt' (remove the tab and what "
+                             "follows it)")
+        pool = [line.strip() for line in lines if line.strip()]
         if not pool:
             raise ValueError(f"--caption_file {args.caption_file} holds no caption")
     else:
         pool = list(args.caption)
+    if classes is not None:  # checked before the set is written or the weights load
+        check_class_names(pool, classes, args, "or --class_names for all of them")
     return [pool[i % len(pool)] for i in range(args.num_samples)]
 
 

@@ -135,7 +135,8 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                    help="at most this many model evaluations per Jacobi chunk [default: 32, as the official]")
     p.add_argument("--guide_top", type=int, default=None,
                    help="guidance only in the first K flow blocks in sampling order (the deep block is the first); "
-                        "the rest run unguided [default: every text-conditioned block]")
+                        "the rest run unguided; for cond_top_only 0 models (a cond_top_only model reads the text in "
+                        "its deep block alone) [default: every text-conditioned block]")
     p.add_argument("--attn_temp", type=float, default=1.0,
                    help="attention temperature of the unconditional guidance rows: their attention logits are divided "
                         "by it in every layer (TARFlow's guidance); needs --cfg > 0 [default: 1 = plain guidance]")
@@ -390,10 +391,7 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
         raise SystemExit("no prompt: pass --caption TEXT (repeatable) or --caption_file FILE")
     if classes is not None:  # a class-conditional model takes class names: check them before any work
         prompts, negatives = split_negatives(captions, args.negative_prompt or "")
-        unknown = sorted({c for c in prompts if c and c not in classes})
-        if unknown:
-            flag = "--caption_file " + args.caption_file if args.caption_file else "--caption " + unknown[0]
-            raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}, or --class_id K")
+        check_class_names(prompts, classes, args, "or --class_id K")
         unknown = sorted({n for n in negatives if n and n not in classes})
         if unknown:
             flag = f"--negative_prompt {args.negative_prompt}" if args.negative_prompt else "negative prompts"
@@ -403,6 +401,19 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
         single = not args.caption_file and len(captions) == 1 and (args.caption or args.class_id)
         repeat = args.sample_batch_size * world_size if single else 1
     return [c for c in captions for _ in range(repeat)]
+
+
+def check_class_names(prompts: list[str], classes: list[str], args: argparse.Namespace, alternative: str) -> None:
+    """Refuse prompts of a class-conditional model that are no class name (``""`` is the unconditional label), naming
+    the flag that gave them.
+
+    Raises:
+        ValueError: every unknown name listed, with the classes and ``alternative`` (another flag to use).
+    """
+    unknown = sorted({c for c in prompts if c and c not in classes})
+    if unknown:
+        flag = "--caption_file " + args.caption_file if args.caption_file else "--caption " + unknown[0]
+        raise ValueError(f"{flag}: {unknown} are not classes of this model: use one of {classes}, {alternative}")
 
 
 def checked_settings(args: argparse.Namespace, cfg, negatives: list[str]):

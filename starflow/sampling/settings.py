@@ -4,6 +4,7 @@ The option names are the official ``sample.py`` flags; :mod:`starflow.sampling.p
 """
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections import defaultdict
@@ -74,6 +75,10 @@ class SampleSettings:
             if not ok:
                 value = getattr(self, name)
                 raise ValueError(f"{name} {value:g}: {why}" if isinstance(value, float) else f"{name} {value}: {why}")
+        for name in ("jacobi_th", "attn_temp", "target_noise_std", "self_denoising_lr"):  # (inf saturates the pixels)
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} {value}: must be a finite number")
 
     @property
     def noise_std(self) -> float | None:
@@ -123,7 +128,8 @@ def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] |
     into its flag's.
 
     Raises:
-        ValueError: ``guide_top`` above the number of flow blocks; ``attn_temp``, ``guide_top``, ``anneal_guidance``
+        ValueError: ``guide_top`` above the number of flow blocks, or >= 1 for a ``cond_top_only`` model (where it
+            would change nothing); ``attn_temp``, ``guide_top``, ``anneal_guidance``
             or negative prompts without guidance (``cfg`` 0); ``target_noise_std`` or ``self_denoising_lr`` for a
             ``noise_type: uniform`` model; video settings (``fps``, ``target_length``, ``context_length``) for an
             image model.
@@ -146,6 +152,10 @@ def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] |
             raise ValueError(f"{tweedie[0]} sets the Gaussian noise level and its Tweedie step; this model was trained "
                              "on 8-bit pixels with uniform dequantisation (noise_type: uniform), whose samples need no "
                              "denoising step: drop it")
+    if settings.guide_top and cfg.cond_top_only:
+        raise ValueError(f"guide_top {settings.guide_top}: this model (cond_top_only) reads the text in its deep block "
+                         "alone, the first in sampling order, so guiding the first blocks is what it does without the "
+                         "flag: drop it (guide_top acts on cond_top_only 0 models)")
     if not cfg.is_video:
         video = [name for name in ("fps", "target_length", "context_length") if getattr(settings, name) is not None]
         if video:
