@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def eval_nll(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.evaluate_nll` of a model folder on ``--data``."""
+    from starflow.data.build import check_data_folder
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation import evaluate_nll
     from starflow.sampling.pipeline import Pipeline
@@ -85,6 +86,10 @@ def eval_nll(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} {value}: must be >= 1")
+    root = check_data_folder(args.data)  # before the weights load
+    if not (root / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"--data {root}: no metadata.jsonl in it; eval-nll reads an image folder with "
+                                "metadata.jsonl (python scripts/prepare_digits.py writes two)")
     dist = init_distributed(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint_path or assets.DEMO_DIR, config=args.model_config_path,
                                     device=dist.device)

@@ -186,6 +186,9 @@ def check_checkpoint_path(checkpoint: str | Path, ema: bool = False) -> None:
                          "file: pass the folder, or drop --ema (an EMA weights file is passed as it is)")
 
 
+VIDEO_LAYOUT_KEYS = ("temporal_causal", "shallow_block_local", "denoiser_window")
+"""Model keys that act on videos alone (frames): sampling an image model refuses them."""
+
 TRAINED_MODES = ("video_to_video", "last_frame_cond")
 """Config keys of how a video model was trained to be conditioned: sampling may turn one off, not on."""
 
@@ -195,10 +198,15 @@ def sampling_config(config: str | Path, args: argparse.Namespace):
 
     Raises:
         ValueError: an override that turns on a conditioning mode the model was not trained with (:data:`TRAINED_MODES`),
-            or what :func:`~starflow.config.load_config` raises.
+            a video layout key (:data:`VIDEO_LAYOUT_KEYS`) for an image model, or what
+            :func:`~starflow.config.load_config` raises.
     """
     overrides = config_overrides(args, skip=SAMPLING_SKIP)
     trained = load_config(config)
+    video_only = [key for key in VIDEO_LAYOUT_KEYS if key in overrides]
+    if video_only and not (trained.is_video or overrides.get("vid_size")):
+        raise ValueError(f"--{video_only[0]} sets how a video model attends across frames; this config has no vid_size "
+                         "(an image model): drop it")
     for key in TRAINED_MODES:
         value = overrides.get(key)
         if str(value).strip().lower() in ("1", "true", "yes", "on") and not getattr(trained, key):
