@@ -8,7 +8,9 @@
 #
 # Positional: CAPTION (text or a file with one caption per line), INPUT_IMAGE (a path, or "none"),
 # TARGET_LENGTH (frames; default: the config's 81). Defaults: cfg 3.5, Jacobi threshold 0.001, block 32,
-# aspect 16:9. Extra flags after the positional ones go to `starflow sample`.
+# aspect 16:9, and one video per caption and process (--sample_batch_size 1: a batch of 16 7B videos would need
+# ~800 GiB of KV cache; `starflow sample --dry_run` prints the estimate). Extra flags after the positional ones go
+# to `starflow sample` (e.g. --sample_batch_size 4 --num_samples 4).
 set -euo pipefail
 caption=${1:-}
 [ $# -gt 0 ] && shift
@@ -30,7 +32,7 @@ if [ ! -f "$ckpt" ]; then
   exit 2
 fi
 args=(--checkpoint_path "$ckpt" --model_config_path "$cfg" --cfg 3.5 --jacobi 1 --jacobi_th 0.001
-      --jacobi_block_size 32 --aspect_ratio 16:9 --output_dir "${OUTPUT_DIR:-outputs/video}")
+      --jacobi_block_size 32 --aspect_ratio 16:9 --sample_batch_size 1 --output_dir "${OUTPUT_DIR:-outputs/video}")
 if [ "$input_image" != "none" ] && [ -n "$input_image" ]; then
   args+=(--input_image "$input_image")
 fi

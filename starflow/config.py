@@ -23,8 +23,6 @@ from typing import Any, Mapping
 
 import yaml
 
-from starflow.files import write_text_atomic
-
 __all__ = ["Config", "CONFIG_FIELDS", "TRAINING_KEYS", "load_config", "save_config", "apply_overrides", "config_field_help"]
 
 
@@ -517,5 +515,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
         (k, v), = item.items()
         if isinstance(v, list):
             item[k] = " ".join(str(i) for i in v)
+    from starflow.files import write_text_atomic  # (I/O: not loaded with the config by `import starflow.models`)
+
     write_text_atomic(path, yaml.safe_dump({"arguments": items}, sort_keys=False))
 

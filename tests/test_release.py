@@ -285,6 +285,9 @@ def test_sample_video_script_passes_flags_that_follow_the_caption(tmp_path: Path
         r = subprocess.run([*script, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (extra, r.stderr[-2000:])
         assert "output: outputs/video" in r.stdout
+        # one 7B video per caption and process, not sample.py's batch of 16 (~800 GiB of KV cache)
+        assert "samples: 1 (1 distinct prompt(s)) over 1 process(es), 1 per process in 1 batch(es) of up to 1" \
+            in r.stdout
 
 
 @pytest.mark.parametrize("refused", [True, False])
