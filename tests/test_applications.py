@@ -363,6 +363,8 @@ def test_inpaint_command_rejects_bad_input(tmp_path: Path, capsys, monkeypatch, 
     ("inpaint", ["--jacobi", "0", "--jacobi_th", "1e-3"], "--jacobi_th"),
     ("edit", ["--attn_temp", "2", "--cfg", "0"], "--attn_temp acts through classifier-free guidance"),
     ("inpaint", ["--checkpoint_path", str(MOVING_DEMO)], "inpaint works on image models"),
+    ("inpaint", ["--mask_box", "abc"], "--mask_box abc: expected four integers"),
+    ("edit", ["--mask_box", "0,0,99,99"], "--mask_box 0,0,99,99: needs 0 <= x0 < x1 <= 8"),
 ])
 def test_inpaint_and_edit_refuse_flags_before_the_weights_load(tmp_path: Path, capsys, monkeypatch, command, argv,
                                                                message) -> None:

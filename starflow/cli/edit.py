@@ -72,17 +72,19 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
     add_config_flags(p, skip=skip, reject=SAMPLING_REJECT)
 
 
-def _load_inputs(args: argparse.Namespace, pipe, cfg):
-    """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size."""
+def _load_inputs(args: argparse.Namespace, cfg):
+    """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size, from the config alone (so
+    before the weights load)."""
     import torch
     from PIL import Image
 
+    from starflow.adapters.geometry import vae_geometry
     from starflow.data import load_image
+    from starflow.data.aspect import aspect_to_size
     from starflow.data.images import image_size
 
-    _, h, w = pipe.latent_shape(args.aspect_ratio)
-    down = pipe.vae.downsample
-    size = (h * down, w * down)
+    down = vae_geometry(cfg.vae).downsample
+    size = aspect_to_size(args.aspect_ratio, cfg.img_size, down * cfg.patch_size)  # (H, W) pixels
     with about_flag("input_image", args.input_image):
         image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
         width, height = image_size(args.input_image)  # its shape as sampled: EXIF rotation applied
@@ -126,8 +128,8 @@ def _load_inputs(args: argparse.Namespace, pipe, cfg):
 
 
 def _start(args: argparse.Namespace, settings_of):
-    """``(pipeline, config, checkpoint, settings)``: the input files, the image headers and the flags
-    (``settings_of(config)``, the :class:`SampleSettings`) are checked before the weights load."""
+    """``(pipeline, config, checkpoint, settings, image, mask)``: the input files, the flags (``settings_of(config)``,
+    the :class:`SampleSettings`) and the image and mask (:func:`_load_inputs`) are checked before the weights load."""
     from starflow.distributed import init_distributed
 
     from starflow.data.images import image_size
@@ -142,16 +144,17 @@ def _start(args: argparse.Namespace, settings_of):
     dist = init_distributed(args.device)
     if dist.world_size > 1:
         raise ValueError(f"{args.command} runs on one process; start it without torchrun")
-    settings = []
+    checked = []
 
     def check(cfg, checkpoint: Path) -> None:
         if cfg.is_video:
             raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
                              "--input_video for continuation and video-to-video)")
-        settings.append(settings_of(cfg))
+        checked.append(settings_of(cfg))
+        checked.extend(_load_inputs(args, cfg))
 
     pipe, cfg, checkpoint = load_pipeline(args, dist, check)
-    return pipe, cfg, checkpoint, settings[0]
+    return (pipe, cfg, checkpoint, *checked)
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
@@ -163,8 +166,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1 or args.rounds < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --rounds {args.rounds}: both must be >= 1")
-    pipe, cfg, checkpoint, settings = _start(args, lambda cfg: sample_settings(args, cfg))
-    image, mask = _load_inputs(args, pipe, cfg)
+    pipe, cfg, checkpoint, settings, image, mask = _start(args, lambda cfg: sample_settings(args, cfg))
     out, before = output_folder(args.output_dir)
     results = []
     for start in range(0, args.num_samples, args.sample_batch_size):
@@ -225,9 +227,8 @@ def run_edit(args: argparse.Namespace) -> int:
 
     pairs = read_edits(args)
     # the model's sampling temperature does not apply: editing decodes the image's own inverted noise
-    pipe, cfg, checkpoint, settings = _start(
+    pipe, cfg, checkpoint, settings, image, mask = _start(
         args, lambda cfg: dataclasses.replace(sample_settings(args, cfg), temperature=1.0))
-    image, mask = _load_inputs(args, pipe, cfg)
     out, before = output_folder(args.output_dir)
     edits = []
     for start in range(0, len(pairs), args.sample_batch_size):
