@@ -311,3 +311,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys) -> N
     assert not out.exists()
     assert run_cli("--dry_run", "--checkpoint_path", str(tmp_path / "missing"), "--caption", "x") == 2
     assert "--checkpoint_path" in capsys.readouterr().err
+
+
+def test_a_dry_run_under_torchrun_refuses_what_the_sharded_run_would(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (as torchrun --nproc_per_node 2 sets it)
+    assert run_cli("--dry_run", "--caption", "x", "--fsdp", "1", "--jacobi_stop", "batch", "--jacobi_block_size",
+                   "16") == 2
+    assert "--jacobi_stop batch stops each rank on its own batch, but the sharded flow" in capsys.readouterr().err

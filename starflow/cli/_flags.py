@@ -143,6 +143,20 @@ def read_text_lines(flag: str, path: str | Path) -> list[str]:
     return text.splitlines()
 
 
+def check_output_path(value: str, flag: str = "output_dir") -> Path:
+    """Refuse an output folder that could not be created because it, or a folder above it, is a file (checked
+    without creating anything, as a ``--dry_run`` does).
+
+    Raises:
+        ValueError: ``--FLAG VALUE: ... is a file``.
+    """
+    out = Path(value)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # the first part of the path that exists
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"--{flag} {out}: " + ("" if blocker == out else f"{blocker} ") + "is a file; pass a folder")
+    return out
+
+
 def output_folder(value: str, flag: str = "output_dir") -> tuple[Path, dict[str, int]]:
     """Create the folder a command writes (called once every input has been read and checked, so a refused command
     writes nothing); returns it with its :func:`~starflow.sampling.io.folder_state` from before, for

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
-                                 check_input_files, read_text_lines)
+                                 check_input_files, check_output_path, read_text_lines)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, check_class_names,
                                  config_classes, load_pipeline, model_config_path, sample_settings, sampling_config)
 
@@ -172,11 +172,7 @@ def generate_set(args: argparse.Namespace) -> int:
     weights = weights_fingerprint(files)
     digest = functools.cache(lambda: weights_sha256(files))  # hashed at most once, and only when needed
     check_input_files(args, "caption_file")
-    out = Path(args.out)
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # the first part of the path that exists
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"--out {out}: " + ("" if blocker == out else f"{blocker} ") + "is a file; pass the folder of "
-                         "the sample set")
+    out = check_output_path(args.out, "out")
     if args.num_samples < 1 or args.sample_batch_size < 1:
         raise ValueError(f"--num_samples {args.num_samples} / --sample_batch_size {args.sample_batch_size}: both must "
                          "be >= 1")

@@ -10,7 +10,8 @@ import torch
 import starflow
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files, config_overrides, output_folder, read_text_lines)
+                                 check_input_files, check_output_path, config_overrides, output_folder,
+                                 read_text_lines)
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.cli._video_inputs import (check_input_clip, check_input_headers, check_video_flags, read_video_inputs,
                                         without_sampler_tag)
@@ -215,6 +216,20 @@ def sampling_config(config: str | Path, args: argparse.Namespace):
     return load_config(config, overrides)
 
 
+def check_sharding(args: argparse.Namespace, cfg, world_size: int) -> bool:
+    """Whether the flow is sharded (``fsdp`` over more than one rank: one rank would shard nothing), refusing the
+    flags a sharded flow cannot honour.
+
+    Raises:
+        ValueError: ``--jacobi_stop batch`` with a sharded flow.
+    """
+    shard = bool(cfg.fsdp) and world_size > 1
+    if shard and getattr(args, "jacobi_stop", "sample") == "batch":
+        raise ValueError("--jacobi_stop batch stops each rank on its own batch, but the sharded flow (fsdp: 1) needs "
+                         "every rank to iterate as often as the others: use --jacobi_stop sample, or --fsdp 0")
+    return shard
+
+
 def load_pipeline(args: argparse.Namespace, dist, check: Callable[[Any, Path], None] | None = None):
     """``(pipeline, config, checkpoint)`` of ``--checkpoint_path`` (the shipped demo without one, with a note),
     with the config's keys overridden by their flags, sharded over the ranks with ``fsdp``. ``check(config,
@@ -234,10 +249,7 @@ def load_pipeline(args: argparse.Namespace, dist, check: Callable[[Any, Path], N
     cfg = sampling_config(config, args)
     if check is not None:
         check(cfg, Path(checkpoint))
-    shard = bool(cfg.fsdp) and dist.world_size > 1  # one rank would shard nothing: it samples unsharded
-    if shard and getattr(args, "jacobi_stop", "sample") == "batch":
-        raise ValueError("--jacobi_stop batch stops each rank on its own batch, but the sharded flow (fsdp: 1) needs "
-                         "every rank to iterate as often as the others: use --jacobi_stop sample, or --fsdp 0")
+    shard = check_sharding(args, cfg, dist.world_size)
     if dist.is_main and shard:
         print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
     pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
@@ -503,6 +515,8 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
     cfg = sampling_config(config, args)
+    check_sharding(args, cfg, world_size)
+    check_output_path(args.output_dir)  # (sampling creates it once every input has been read)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
     settings = checked_settings(args, cfg, split_negatives(captions, args.negative_prompt)[1])
