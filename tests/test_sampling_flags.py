@@ -238,7 +238,7 @@ def test_return_sequence_writes_every_block_side_by_side(tmp_path: Path, demo: P
     assert record["flags"]["return_sequence"] and record["flags"]["output_dir"] == str(out)
 
 
-def test_random_aspect_ratio_draws_per_sample(make_pipeline, tmp_path: Path) -> None:
+def test_random_aspect_ratio_draws_per_sample(make_pipeline, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "mixed"
     make_pipeline(mix_aspect=1, img_size=16, txt_size=48).save_pretrained(folder)
     common = ["--checkpoint_path", str(folder), "--caption", "a", "--num_samples", "5", "--jacobi", "0"]
@@ -255,6 +255,9 @@ def test_random_aspect_ratio_draws_per_sample(make_pipeline, tmp_path: Path) -> 
     assert run_cli(*common, "--aspect_ratio", ratios[3], "--output_dir", str(tmp_path / "f")) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r" / "00003_a.png")),
                                   np.asarray(Image.open(tmp_path / "f" / "00003_a.png")))
+    capsys.readouterr()  # a ratio outside the nine trained buckets is sampled, with a note said once
+    assert run_cli(*common, "--num_samples", "1", "--aspect_ratio", "2:1", "--output_dir", str(tmp_path / "w")) == 0
+    assert capsys.readouterr().err.count("note: --aspect_ratio 2:1 is outside the trained buckets") == 1
 
 
 def test_out_fps_sets_the_prompt_and_the_file(tmp_path: Path) -> None:

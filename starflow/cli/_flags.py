@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,6 +143,22 @@ def read_text_lines(flag: str, path: str | Path) -> list[str]:
         raise ValueError(f"--{flag} {path}: not UTF-8 text (byte 0x{data[bad]:02x} on line {line}); save the file "
                          "as UTF-8") from None
     return text.splitlines()
+
+
+_NOTED: set[str] = set()
+
+
+def is_rank0() -> bool:
+    """Whether this process is rank 0 of a torchrun launch (or not launched by torchrun): the one that prints notes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def note_once(message: str) -> None:
+    """Print ``message`` on stderr once per process, on rank 0 only (the checks that make notes run again before the
+    work, and on every rank)."""
+    if message not in _NOTED and is_rank0():
+        _NOTED.add(message)
+        print(message, file=sys.stderr)
 
 
 def check_output_path(value: str, flag: str = "output_dir") -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
-                                 check_input_files, check_output_path, read_text_lines)
+                                 check_input_files, check_output_path, note_once, read_text_lines)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, check_class_names,
                                  config_classes, load_pipeline, model_config_path, sample_settings, sampling_config)
 
@@ -167,7 +167,7 @@ def generate_set(args: argparse.Namespace) -> int:
 
     if args.checkpoint_path is None:
         args.checkpoint_path = str(assets.DEMO_DIR)
-        print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
+        note_once(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     files = weights_files(Path(args.checkpoint_path), args.ema)  # (checks the path first)
     weights = weights_fingerprint(files)
     digest = functools.cache(lambda: weights_sha256(files))  # hashed at most once, and only when needed

@@ -10,8 +10,8 @@ import torch
 import starflow
 from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files, check_output_path, config_overrides, output_folder,
-                                 read_text_lines)
+                                 check_input_files, check_output_path, config_overrides, is_rank0, note_once,
+                                 output_folder, read_text_lines)
 from starflow.config import CONFIG_FIELDS, load_config
 from starflow.cli._video_inputs import (check_input_clip, check_input_headers, check_video_flags, read_video_inputs,
                                         without_sampler_tag)
@@ -267,8 +267,6 @@ def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
     Raises:
         ValueError: a malformed ratio, or another shape than the one a ``mix_aspect 0`` model was trained on.
     """
-    import sys
-
     from starflow.data.aspect import ASPECT_RATIOS, aspect_to_size, parse_aspect
     from starflow.adapters.geometry import vae_geometry
 
@@ -284,8 +282,8 @@ def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
         return
     if aspect_ratio not in ASPECT_RATIOS:
         h, w = aspect_to_size(aspect_ratio, cfg.img_size, vae_geometry(cfg.vae).downsample * cfg.patch_size)
-        print(f"note: --aspect_ratio {aspect_ratio} is outside the trained buckets ({' '.join(ASPECT_RATIOS)}); "
-              f"sampling {w}x{h} pixels", file=sys.stderr)
+        note_once(f"note: --aspect_ratio {aspect_ratio} is outside the trained buckets ({' '.join(ASPECT_RATIOS)}); "
+                  f"sampling {w}x{h} pixels")
 
 
 SETTING_FLAGS = {"fps": "out_fps", "anneal_guidance": "annealed_guidance",
@@ -599,7 +597,9 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     if args.dry_run:
-        print(sample_plan(args, int(os.environ.get("WORLD_SIZE", 1))))
+        plan = sample_plan(args, int(os.environ.get("WORLD_SIZE", 1)))
+        if is_rank0():  # (under torchrun every rank plans; one prints)
+            print(plan)
         return 0
     dist = init_distributed(args.device)
     sample_plan(args, dist.world_size)  # the checks that need no weights, before they load (minutes for 3B / 7B)
