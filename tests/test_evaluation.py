@@ -140,6 +140,14 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     for changed, what in ((["--bf16"], "precision ('fp32' -> 'bf16')"), (["--noise_std", "0.3"], "config.noise_std")):
         assert main([*args, *changed]) == 2
         assert what in capsys.readouterr().err
+    # "auto" Jacobi chunks depend on the device type: a set begun on a GPU is not continued on a CPU
+    record = json.loads((out / "set.json").read_text())
+    assert record["auto_device"] == "cpu"
+    (out / "set.json").write_text(json.dumps({**record, "auto_device": "cuda"}))
+    assert main(args) == 2
+    assert "auto_device ('cuda' -> 'cpu': jacobi_block_size auto picks the Jacobi chunks by the device type too" \
+        in capsys.readouterr().err
+    (out / "set.json").write_text(json.dumps(record))
     model = tmp_path / "demo"  # the same path, its weights rewritten in place
     shutil.copytree(DEMO_DIR, model)
     in_place = [str(model) if a == str(DEMO_DIR) else a for a in args]

@@ -159,8 +159,9 @@ def weights_files(checkpoint: Path, ema: bool) -> list[Path]:
 
 def generate_set(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.generate.generate_set` of the model's pipeline."""
-    from starflow.distributed import cleanup_distributed, init_distributed
+    from starflow.distributed import cleanup_distributed, init_distributed, pick_device
     from starflow.evaluation.generate import check_set, set_record
+    from starflow.models.jacobi import AUTO
     from starflow.evaluation.generate import generate_set as make_set
     from starflow.files import weights_fingerprint, weights_sha256
     from starflow.folder_lock import FolderLock
@@ -181,10 +182,14 @@ def generate_set(args: argparse.Namespace) -> int:
     cfg = sampling_config(config, args)
     classes = config_classes(cfg, config)
     captions = set_captions(args, classes)
+    settings = sample_settings(args, cfg)
+    # "auto" Jacobi chunks follow the device type as well as the batch (auto_block_size): a set continues on its own
+    auto = settings.jacobi and settings.jacobi_block_size == AUTO
     record = {"checkpoint": str(Path(args.checkpoint_path).resolve()), "ema": args.ema,
               "weights": weights,
-              "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict()}
-    check_set(args.out, set_record(captions, sample_settings(args, cfg), cfg.seed, record), digest)
+              "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict(),
+              "auto_device": pick_device(args.device).type if auto else None}
+    check_set(args.out, set_record(captions, settings, cfg.seed, record), digest)
     dist = init_distributed(args.device)
     lock = FolderLock(out, "sample set", " (or pass another --out)")
     if dist.is_main and out.is_dir():  # said before the weights load; generate_set holds it as well

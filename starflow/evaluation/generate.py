@@ -27,7 +27,7 @@ __all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set
 
 CAPTIONS_FILE = "captions.jsonl"
 SET_FILE = "set.json"
-LATER_KEYS = ("precision", "config", "weights")  # set.json keys that sets made by earlier versions lack
+LATER_KEYS = ("precision", "config", "weights", "auto_device")  # set.json keys that sets made by earlier versions lack
 WEIGHTS_SHA = "weights_sha"  # set.json: SHA-256 of the weights files, checked when their times changed
 LEGACY_CAPTIONS_SHA = "captions_sha_legacy"  # a record's digest as sets made before computed it (captions with newlines)
 
@@ -119,6 +119,10 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
             f"settings.jacobi_auto_batch ({before!r} -> {now!r}: the batch size, --sample_batch_size, for which "
             "jacobi_block_size auto picks the Jacobi chunks; the set continues with its own, "
             f"{'a fixed --jacobi_block_size' if before is None else f'--sample_batch_size {before}'})")
+    if "auto_device" in diff:
+        diff["auto_device"] = (f"auto_device ({old['auto_device']!r} -> {record['auto_device']!r}: jacobi_block_size "
+                               "auto picks the Jacobi chunks by the device type too; continue the set on a "
+                               f"{old['auto_device']} device, --device {old['auto_device']})")
     if list(diff) == ["weights"] and _same_bytes(old, record, weights_digest):
         return True
     if diff:
