@@ -327,6 +327,13 @@ def test_sample_from_the_shipped_demo(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert f"note: {out} also holds 10 file(s) of an earlier run, left as they were: 00000_a_handwritten_digit_0.png" \
         in printed
+    # a sample's extra files from an earlier run (its block-by-block sequence) are named too, though its stem is reused
+    assert main(["sample", "--output_dir", str(out), "--device", "cpu", "--caption", "a handwritten digit 5",
+                 "--num_samples", "1", "--return_sequence"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--output_dir", str(out), "--device", "cpu", "--caption", "a handwritten digit 5",
+                 "--num_samples", "1", "--seed", "3"]) == 0
+    assert "00000_a_handwritten_digit_5_sequence.png" in capsys.readouterr().out
 
 
 def test_weights_file_elsewhere_resolves_assets_beside_config(model_dir: Path, tmp_path: Path) -> None:

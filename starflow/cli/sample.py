@@ -584,8 +584,8 @@ def run(args: argparse.Namespace) -> int:
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.models.jacobi import DecodeStats
     from starflow.sampling.batch import RANDOM_ASPECT, sample_aspect_ratios, write_samples
-    from starflow.sampling.io import (GRID_MAX, note_earlier_files, sample_stem, save_poster_grid, view_scale,
-                                      write_settings)
+    from starflow.sampling.io import (GRID_MAX, note_earlier_files, sample_file_names, sample_stem, save_poster_grid,
+                                      view_scale, write_settings)
     from starflow.sampling.settings import Profile
 
     demo = args.checkpoint_path is None
@@ -643,7 +643,8 @@ def run(args: argparse.Namespace) -> int:
         kind += (" (MP4 + poster PNG" + (" + GIF" if args.gif else "") + ")") if cfg.is_video else ""
         shown = f" (the first {GRID_MAX})" if len(captions) > GRID_MAX else ""
         print(f"wrote {len(captions)} {kind}, grid.png{shown} and settings.json to {out}")
-        note_earlier_files(out, before, ours=[f.stem for f in files])  # (other ranks' files are this run's too)
+        ours = [name for f in files for name in sample_file_names(f.stem, cfg.is_video, args.gif, args.return_sequence)]
+        note_earlier_files(out, before, ours=ours)  # (other ranks' files are this run's too)
         if args.profile:
             print(profile.table())
     del pipe  # a sharded model goes before its process group (cleanup_distributed)

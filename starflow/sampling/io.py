@@ -19,8 +19,8 @@ from PIL import Image
 from starflow.files import atomic_path
 
 __all__ = ["to_uint8", "save_image", "make_grid", "save_grid", "slug", "sample_stem", "save_sample", "save_poster_grid",
-           "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files", "GRID_MAX", "view_scale",
-           "filmstrips"]
+           "sample_file_names", "write_settings", "overlay_mask", "save_panels", "folder_state", "note_earlier_files",
+           "GRID_MAX", "view_scale", "filmstrips"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -112,6 +112,13 @@ def save_sample(sample: torch.Tensor, stem: Path, fps: float | None = None, gif:
         write_gif(stem.with_suffix(".gif"), sample, fps, scale=max(1, 128 // sample.shape[-1]))
 
 
+def sample_file_names(stem: str, video: bool, gif: bool = False, sequence: bool = False) -> list[str]:
+    """The names :func:`save_sample` writes for ``stem`` (``gif`` for videos), and with ``sequence`` those of the
+    ``stem_sequence`` panels (``return_sequence``, written without a GIF)."""
+    names = [f"{stem}.mp4", f"{stem}.png"] + ([f"{stem}.gif"] if gif else []) if video else [f"{stem}.png"]
+    return names + (sample_file_names(f"{stem}_sequence", video) if sequence else [])
+
+
 GRID_MAX = 256
 """Samples a ``grid.png`` shows at most (the first ones): a caption file of 50K prompts makes no 50K-image grid."""
 
@@ -155,14 +162,12 @@ def folder_state(folder: Path) -> dict[str, int]:
 
 def note_earlier_files(folder: Path, before: dict[str, int], ours: Sequence[str] = ()) -> None:
     """Print a note naming the files of ``folder`` that an earlier run wrote and this one left as they were
-    (``before``: :func:`folder_state` taken before this run; names starting with one of ``ours``, this run's sample
-    stems, are this run's), so that the outputs of two runs are not taken for one; nothing if there are none."""
+    (``before``: :func:`folder_state` taken before this run; ``ours``: the names this run wrote, e.g. other ranks'
+    samples, whose times a coarse file system may not tell apart), so that the outputs of two runs are not taken for
+    one; nothing if there are none."""
     now, ours = folder_state(folder), set(ours)
-
-    def this_runs(name: str) -> bool:  # a prefix in the set: linear in the file count, not in count x stems
-        return name.startswith(".") or any(name[:k] in ours for k in range(1, len(name) + 1))
-
-    kept = sorted(name for name, t in before.items() if now.get(name) == t and not this_runs(name))
+    kept = sorted(name for name, t in before.items()
+                  if now.get(name) == t and name not in ours and not name.startswith("."))
     if kept:
         shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
         print(f"note: {folder} also holds {len(kept)} file(s) of an earlier run, left as they were: {shown}")
