@@ -42,6 +42,8 @@ CASES = [
     ("sample --caption_file {tmp}/missing.txt", 2, "error: --caption_file {tmp}/missing.txt: no such file"),
     ("sample --caption_file {empty_txt}", 2, "error: --caption_file {empty_txt}: no caption in it"),
     ("sample --caption_file {tmp}", 2, "is a folder, not a file"),
+    ("sample --caption_file /dev/null --dry_run", 2,
+     "error: --caption_file /dev/null: is not a regular file (a pipe or a device, which can be read only once)"),
     ("sample --caption x --input_image {tmp}/missing.png", 2, "error: --input_image {tmp}/missing.png: no such file"),
     ("sample --caption x --input_image {digit_png}", 2, "error: --input_image is for video configs"),
     ("sample --caption x --out_fps 8", 2, "error: --out_fps is for video configs"),

@@ -114,12 +114,17 @@ def check_input_files(args: argparse.Namespace, *flags: str) -> None:
     """Before any work: every given ``--FLAG PATH`` of ``flags`` names an existing file.
 
     Raises:
-        FileNotFoundError: ``--FLAG PATH: no such file`` (a folder or a missing path).
+        FileNotFoundError: ``--FLAG PATH: no such file`` (a folder, a pipe or a missing path).
     """
     for flag in flags:
         value = getattr(args, flag, None)
         if value and not Path(value).is_file():
-            what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
+            if Path(value).is_dir():
+                what = "is a folder, not a file"
+            elif Path(value).exists():  # a pipe (<(...), /dev/stdin) or a device: read once, and commands read twice
+                what = "is not a regular file (a pipe or a device, which can be read only once)"
+            else:
+                what = "no such file"
             raise FileNotFoundError(f"--{flag} {value}: {what}; pass the path of an existing file")
 
 
