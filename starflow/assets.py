@@ -7,6 +7,7 @@ puts models, in subfolders named like their Hub ids), then the loaders' own Hugg
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 __all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "EMA_WEIGHT_NAMES", "asset_search_dirs",
@@ -39,23 +40,32 @@ def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
     """A config path-or-hub-id, replaced by the first existing ``dir/name`` of :func:`asset_search_dirs`.
 
     A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. An absolute path that does not exist
-    (recorded on another machine) is looked for by its last part in the same folders. Names found nowhere are
-    returned unchanged: loaders then try the Hugging Face cache, then the Hub.
+    (recorded on another machine) is looked for by its trailing parts in the same folders, the longest first
+    (``.../ckpts/stabilityai/sd-vae-ft-ema`` as ``stabilityai/sd-vae-ft-ema``, then ``sd-vae-ft-ema``), with a note
+    naming the substitute. Names found nowhere are returned unchanged: loaders then try the Hugging Face cache, then
+    the Hub.
     """
     if name is None or name.lower() == "none":
         return name
     match = _SCALE_SUFFIX.search(name)
     suffix = match.group(1) if match else ""
     bare = name[: len(name) - len(suffix)]
-    if Path(bare).is_absolute() and Path(bare).exists():
+    if Path(bare).is_absolute():
+        if Path(bare).exists():
+            return name
+        # recorded on another machine (a model folder moved): its trailing parts in the search folders, longest first
+        parts = Path(bare).parts[1:]
+        for k in range(len(parts)):
+            for d in asset_search_dirs(*dirs):
+                candidate = d.joinpath(*parts[k:])
+                if candidate.exists():
+                    print(f"note: {bare} is not on this machine; using {candidate}", file=sys.stderr)
+                    return str(candidate) + suffix
         return name
-    # an absolute path recorded on another machine (a model folder moved): the same name in the search folders
-    names = (bare, Path(bare).name) if Path(bare).is_absolute() else (bare,)
     for d in asset_search_dirs(*dirs):
-        for entry in names:
-            candidate = d / entry
-            if candidate.exists():
-                return str(candidate) + suffix
+        candidate = d / bare
+        if candidate.exists():
+            return str(candidate) + suffix
     return name
 
 

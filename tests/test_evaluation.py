@@ -158,6 +158,10 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     capsys.readouterr()
     assert main(again) == 0 and "2 already there" in capsys.readouterr().out
     assert json.loads((tmp_path / "set2" / "set.json").read_text())["weights"][0].endswith(":1")  # the new time
+    config = (model / "config.yaml").read_text()  # a training key of the folder's config changes no sample
+    (model / "config.yaml").write_text(config.replace("- sample_freq: 45", "- sample_freq: 7"))
+    assert "- sample_freq: 7" in (model / "config.yaml").read_text()
+    assert main(again) == 0 and "2 already there" in capsys.readouterr().out
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # the same size, other bytes
     weights.write_bytes(bytes(data))
@@ -336,5 +340,9 @@ def test_generate_set_refuses_a_caption_file_with_sample_negative_prompts(tmp_pa
     captions.write_text("a handwritten digit 3\na handwritten digit 3\ta handwritten digit 8\n")
     assert main(["generate-set", "--caption_file", str(captions), "--num_samples", "2", "--out", str(tmp_path / "set"),
                  "--device", "cpu"]) == 2
-    assert f"--caption_file {captions} line 2 holds a tab" in capsys.readouterr().err
+    assert f"--caption_file {captions}: the caption 'a handwritten digit 3\\ta handwritten digit 8' holds a tab" \
+        in capsys.readouterr().err
     assert not (tmp_path / "set").exists()
+    assert main(["generate-set", "--caption", "a\tb", "--num_samples", "1", "--out", str(tmp_path / "set"),
+                 "--device", "cpu"]) == 2
+    assert "--caption: the caption 'a\\tb' holds a tab" in capsys.readouterr().err

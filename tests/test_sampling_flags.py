@@ -258,6 +258,8 @@ def test_random_aspect_ratio_draws_per_sample(make_pipeline, tmp_path: Path, cap
     capsys.readouterr()  # a ratio outside the nine trained buckets is sampled, with a note said once
     assert run_cli(*common, "--num_samples", "1", "--aspect_ratio", "2:1", "--output_dir", str(tmp_path / "w")) == 0
     assert capsys.readouterr().err.count("note: --aspect_ratio 2:1 is outside the trained buckets") == 1
+    assert run_cli(*common, "--num_samples", "1", "--aspect_ratio", "2:1", "--output_dir", str(tmp_path / "w")) == 0
+    assert capsys.readouterr().err.count("note: --aspect_ratio 2:1 is outside the trained buckets") == 1  # each run
 
 
 def test_out_fps_sets_the_prompt_and_the_file(tmp_path: Path) -> None:

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; bad input ends as ``error: ...`` on stderr with exit code 2
     (``STARFLOW_DEBUG=1`` re-raises instead)."""
     from starflow.checkpoint import CheckpointError
+    from starflow.cli._flags import forget_notes
 
+    forget_notes()  # each command says its notes once (several may run in one process, e.g. from Python)
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)

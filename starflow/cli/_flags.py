@@ -26,7 +26,7 @@ model folder records them, but its weights have the adapters merged in)."""
 
 __all__ = ["SAMPLING_SKIP", "SAMPLING_REJECT", "OneLineErrors", "add_config_flags", "config_overrides",
            "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder",
-           "read_text_lines"]
+           "read_text_lines", "check_output_path", "is_rank0", "note_once", "forget_notes"]
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -159,11 +159,16 @@ def is_rank0() -> bool:
 
 
 def note_once(message: str) -> None:
-    """Print ``message`` on stderr once per process, on rank 0 only (the checks that make notes run again before the
-    work, and on every rank)."""
+    """Print ``message`` on stderr once per command (:func:`forget_notes`), on rank 0 only (the checks that make notes
+    run again before the work, and on every rank)."""
     if message not in _NOTED and is_rank0():
         _NOTED.add(message)
         print(message, file=sys.stderr)
+
+
+def forget_notes() -> None:
+    """Let :func:`note_once` say its notes again (a new command begins)."""
+    _NOTED.clear()
 
 
 def check_output_path(value: str, flag: str = "output_dir") -> Path:

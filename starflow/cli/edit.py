@@ -72,18 +72,16 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
     add_config_flags(p, skip=skip, reject=SAMPLING_REJECT)
 
 
-def _load_inputs(args: argparse.Namespace, cfg):
-    """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size, from the config alone (so
-    before the weights load)."""
+def _load_inputs(args: argparse.Namespace, cfg, down: int):
+    """``(image (1, C, H, W), pixel mask (1, 1, H, W) bool or None)`` at the sampling size of a VAE that downsamples
+    ``down`` times (before the weights load: the factor the config's ``vae`` name implies)."""
     import torch
     from PIL import Image
 
-    from starflow.adapters.geometry import vae_geometry
     from starflow.data import load_image
     from starflow.data.aspect import aspect_to_size
     from starflow.data.images import image_size
 
-    down = vae_geometry(cfg.vae).downsample
     size = aspect_to_size(args.aspect_ratio, cfg.img_size, down * cfg.patch_size)  # (H, W) pixels
     with about_flag("input_image", args.input_image):
         image = load_image(args.input_image, size, cfg.channel_size if down == 1 else 3)[None]
@@ -130,6 +128,7 @@ def _load_inputs(args: argparse.Namespace, cfg):
 def _start(args: argparse.Namespace, settings_of):
     """``(pipeline, config, checkpoint, settings, image, mask)``: the input files, the flags (``settings_of(config)``,
     the :class:`SampleSettings`) and the image and mask (:func:`_load_inputs`) are checked before the weights load."""
+    from starflow.adapters.geometry import vae_geometry
     from starflow.distributed import init_distributed
 
     from starflow.data.images import image_size
@@ -151,9 +150,11 @@ def _start(args: argparse.Namespace, settings_of):
             raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
                              "--input_video for continuation and video-to-video)")
         checked.append(settings_of(cfg))
-        checked.extend(_load_inputs(args, cfg))
+        checked.extend(_load_inputs(args, cfg, vae_geometry(cfg.vae).downsample))
 
     pipe, cfg, checkpoint = load_pipeline(args, dist, check)
+    if pipe.vae.downsample != vae_geometry(cfg.vae).downsample:  # a local VAE of another factor than its name implies
+        checked[1:] = _load_inputs(args, cfg, pipe.vae.downsample)
     return (pipe, cfg, checkpoint, *checked)
 
 

@@ -77,7 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def eval_nll(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.evaluate_nll` of a model folder on ``--data``."""
-    from starflow.data.build import check_data_folder
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation import evaluate_nll
     from starflow.sampling.pipeline import Pipeline
@@ -86,10 +85,11 @@ def eval_nll(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} {value}: must be >= 1")
-    root = check_data_folder(args.data)  # before the weights load
+    root = Path(args.data)  # checked before the weights load
     if not (root / "metadata.jsonl").is_file():
-        raise FileNotFoundError(f"--data {root}: no metadata.jsonl in it; eval-nll reads an image folder with "
-                                "metadata.jsonl (python scripts/prepare_digits.py writes two)")
+        what = "no metadata.jsonl in it" if root.is_dir() else "a file, not a folder" if root.exists() else "no such folder"
+        raise FileNotFoundError(f"--data {root}: {what}; eval-nll reads an image folder with metadata.jsonl (python "
+                                "scripts/prepare_digits.py writes two)")
     dist = init_distributed(args.device)
     pipe = Pipeline.from_pretrained(args.checkpoint_path or assets.DEMO_DIR, config=args.model_config_path,
                                     device=dist.device)
@@ -119,8 +119,7 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
     """Caption of each of the ``--num_samples`` images: the given captions (or classes), cycled.
 
     Raises:
-        ValueError: ``--num_samples < 1``, an empty caption file, a caption-file line with a tab (``sample``'s
-            ``prompt<TAB>negative``, which a set does not take), ``--class_names`` for a text model, or a caption
+        ValueError: ``--num_samples < 1``, an empty caption file, ``--class_names`` for a text model, or a caption
             that is no class of a class-conditional model.
     """
     if args.num_samples < 1:
@@ -130,13 +129,7 @@ def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[st
             raise ValueError("--class_names is for class-conditional models (config 'text' a .vocab file)")
         pool = list(classes)
     elif args.caption_file:
-        lines = read_text_lines("caption_file", args.caption_file)
-        tabbed = next((k for k, line in enumerate(lines, 1) if "\t" in line.strip()), None)
-        if tabbed is not None:
-            raise ValueError(f"--caption_file {args.caption_file} line {tabbed} holds a tab: a sample set takes one "
-                             "caption per line, without sample's 'prompt<TAB>negative prompt' (remove the tab and what "
-                             "follows it)")
-        pool = [line.strip() for line in lines if line.strip()]
+        pool = [line.strip() for line in read_text_lines("caption_file", args.caption_file) if line.strip()]
         if not pool:
             raise ValueError(f"--caption_file {args.caption_file} holds no caption")
     else:
@@ -189,7 +182,12 @@ def generate_set(args: argparse.Namespace) -> int:
               "weights": weights,
               "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict(),
               "auto_device": pick_device(args.device).type if auto else None}
-    check_set(args.out, set_record(captions, settings, cfg.seed, record), digest)
+    if not check_set(args.out, set_record(captions, settings, cfg.seed, record), digest):
+        tabbed = next((c for c in captions if "\t" in c), None)  # (a set made before this rule continues)
+        if tabbed is not None:
+            flag = f"--caption_file {args.caption_file}" if args.caption_file else "--caption"
+            raise ValueError(f"{flag}: the caption {tabbed!r} holds a tab: a sample set takes one caption per sample, "
+                             "without sample's 'prompt<TAB>negative prompt' (remove the tab and what follows it)")
     dist = init_distributed(args.device)
     lock = FolderLock(out, "sample set", " (or pass another --out)")
     if dist.is_main and out.is_dir():  # said before the weights load; generate_set holds it as well

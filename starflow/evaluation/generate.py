@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from starflow.config import TRAINING_KEYS
 from starflow.distributed import DistInfo, from_rank0
 from starflow.files import same_weights, write_text_atomic
 from starflow.folder_lock import FolderLock
@@ -101,6 +102,10 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
     for key in LATER_KEYS:  # not recorded by the versions that made older sets
         if key not in old:
             old[key] = record.get(key)
+    record = dict(record)
+    for r in (old, record):  # training keys do not change samples (a model folder's own copy may be edited)
+        if isinstance(r.get("config"), dict):
+            r["config"] = {k: v for k, v in r["config"].items() if k not in TRAINING_KEYS}
     diff = {}
     if old.get("captions_sha") == record.get(LEGACY_CAPTIONS_SHA):  # a set made before, captions with newlines
         old["captions_sha"] = record["captions_sha"]
@@ -120,9 +125,10 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
             "jacobi_block_size auto picks the Jacobi chunks; the set continues with its own, "
             f"{'a fixed --jacobi_block_size' if before is None else f'--sample_batch_size {before}'})")
     if "auto_device" in diff:
-        diff["auto_device"] = (f"auto_device ({old['auto_device']!r} -> {record['auto_device']!r}: jacobi_block_size "
-                               "auto picks the Jacobi chunks by the device type too; continue the set on a "
-                               f"{old['auto_device']} device, --device {old['auto_device']})")
+        before = old.get("auto_device")
+        diff["auto_device"] = (f"auto_device ({before!r} -> {record.get('auto_device')!r}: jacobi_block_size auto "
+                               "picks the Jacobi chunks by the device type too" +
+                               (f"; continue the set on a {before} device, --device {before})" if before else ")"))
     if list(diff) == ["weights"] and _same_bytes(old, record, weights_digest):
         return True
     if diff:
