@@ -533,3 +533,22 @@ def test_an_animated_input_image_gives_a_note(tmp_path: Path, capsys) -> None:
     assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a", "--input_image", str(gif),
                  "--target_length", "1", "--dry_run"]) == 2  # the image alone: nothing to sample
     assert "--target_length 1: --input_image is the first of these frames" in capsys.readouterr().err
+
+
+def test_inpaint_sizes_its_input_by_the_loaded_vaes_factor(tiny_config, tmp_path: Path) -> None:
+    """A local VAE whose downsampling differs from what its name implies (a tiny SD-style VAE, 2x; the name alone
+    says 8x): the input is resized to the size the loaded VAE samples, not to the name's."""
+    from starflow.adapters.vae import build_tiny_sd_vae
+
+    vae = build_tiny_sd_vae()
+    assert vae.downsample == 2
+    vae.vae.save_pretrained(tmp_path / "myvae")
+    cfg = load_config(dict(tiny_config, img_size=12, channel_size=4, vae=str(tmp_path / "myvae")))
+    text = build_text_encoder(cfg, device="cpu")
+    model = STARFlow.from_config(cfg, txt_dim=text.hidden_size, vae_downsample=vae.downsample)
+    Pipeline(model, text, vae, cfg).save_pretrained(tmp_path / "model")
+    Image.new("RGB", (12, 12), (128, 0, 0)).save(tmp_path / "in.png")
+    assert main(["inpaint", "--checkpoint_path", str(tmp_path / "model"), "--input_image", str(tmp_path / "in.png"),
+                 "--mask_box", "0,0,8,8", "--caption", "a", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
+                 "--jacobi", "0"]) == 0
+    assert Image.open(tmp_path / "out" / "result.png").size == (12, 12)
