@@ -316,6 +316,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys) -> N
     assert not out.exists()
     assert run_cli("--dry_run", "--checkpoint_path", str(tmp_path / "missing"), "--caption", "x") == 2
     assert "--checkpoint_path" in capsys.readouterr().err
+    # "auto" decodes a large CPU batch token by token: Jacobi flags given then act on nothing, and a note says so
+    assert run_cli("--dry_run", "--caption", "x", "--sample_batch_size", "16", "--cfg", "2", "--jacobi_th", "0.01",
+                   "--jacobi_stop", "batch") == 0
+    assert ("note: --jacobi_block_size auto decodes 32 rows on cpu token by token (faster there than Jacobi), so "
+            "--jacobi_th, --jacobi_stop act on nothing") in capsys.readouterr().err
 
 
 def test_a_dry_run_under_torchrun_refuses_what_the_sharded_run_would(monkeypatch, capsys) -> None:
