@@ -7,7 +7,7 @@ puts models, in subfolders named like their Hub ids), then the loaders' own Hugg
 from __future__ import annotations
 
 import re
-import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "EMA_WEIGHT_NAMES", "asset_search_dirs",
@@ -41,7 +41,7 @@ def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
 
     A trailing ``:scale`` (the WAN2.2 temporal scale) is kept on the result. An absolute path that does not exist
     (recorded on another machine) is looked for by its trailing parts in the same folders, the longest first
-    (``.../ckpts/stabilityai/sd-vae-ft-ema`` as ``stabilityai/sd-vae-ft-ema``, then ``sd-vae-ft-ema``), with a note
+    (``.../ckpts/stabilityai/sd-vae-ft-ema`` as ``stabilityai/sd-vae-ft-ema``, then ``sd-vae-ft-ema``), with a warning
     naming the substitute. Names found nowhere are returned unchanged: loaders then try the Hugging Face cache, then
     the Hub.
     """
@@ -59,7 +59,7 @@ def resolve_asset(name: str | None, *dirs: Path | str | None) -> str | None:
             for d in asset_search_dirs(*dirs):
                 candidate = d.joinpath(*parts[k:])
                 if candidate.exists():
-                    print(f"note: {bare} is not on this machine; using {candidate}", file=sys.stderr)
+                    warnings.warn(f"{bare} is not on this machine; using {candidate}", stacklevel=2)
                     return str(candidate) + suffix
         return name
     for d in asset_search_dirs(*dirs):

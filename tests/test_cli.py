@@ -263,19 +263,19 @@ def test_a_killed_save_leaves_no_folder_that_loads_another_runs_config(make_pipe
         pipeline_module.Pipeline.from_pretrained(folder)
 
 
-def test_an_absolute_asset_path_from_another_machine_is_found_by_its_name_beside_the_folder(tmp_path: Path,
-                                                                                          capsys) -> None:
+def test_an_absolute_asset_path_from_another_machine_is_found_by_its_name_beside_the_folder(tmp_path: Path) -> None:
     from starflow.assets import resolve_asset
 
     (tmp_path / "model" / "my_vae").mkdir(parents=True)
-    assert resolve_asset("/elsewhere/configs/my_vae:0.6", tmp_path / "model") == f"{tmp_path / 'model' / 'my_vae'}:0.6"
-    assert f"note: /elsewhere/configs/my_vae is not on this machine; using {tmp_path / 'model' / 'my_vae'}" \
-        in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=f"/elsewhere/configs/my_vae is not on this machine; using {tmp_path}"):
+        assert resolve_asset("/elsewhere/configs/my_vae:0.6", tmp_path / "model") == \
+            f"{tmp_path / 'model' / 'my_vae'}:0.6"
     assert resolve_asset(str(tmp_path / "model" / "my_vae"), tmp_path) == str(tmp_path / "model" / "my_vae")
     assert resolve_asset("/elsewhere/configs/other_vae", tmp_path / "model") == "/elsewhere/configs/other_vae"
     (tmp_path / "model" / "stabilityai" / "sd-vae-ft-ema").mkdir(parents=True)  # as starflow download lays it out
-    assert resolve_asset("/home/alice/repo/ckpts/stabilityai/sd-vae-ft-ema", tmp_path / "model") == \
-        str(tmp_path / "model" / "stabilityai" / "sd-vae-ft-ema")
+    with pytest.warns(UserWarning, match="stabilityai/sd-vae-ft-ema is not on this machine"):
+        assert resolve_asset("/home/alice/repo/ckpts/stabilityai/sd-vae-ft-ema", tmp_path / "model") == \
+            str(tmp_path / "model" / "stabilityai" / "sd-vae-ft-ema")
 
 
 def test_loaded_model_folder_can_be_saved_again(model_dir: Path, tmp_path: Path) -> None:

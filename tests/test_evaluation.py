@@ -137,7 +137,10 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     other = [str(unloadable) if a == str(DEMO_DIR) else a for a in args]
     assert main(other) == 2
     assert "holds a sample set made otherwise: checkpoint (" in capsys.readouterr().err
-    for changed, what in ((["--bf16"], "precision ('fp32' -> 'bf16')"), (["--noise_std", "0.3"], "config.noise_std")):
+    for changed, what in ((["--bf16"], "precision ('fp32' -> 'bf16')"), (["--noise_std", "0.3"], "config.noise_std"),
+                          (["--sample_batch_size", "3"], "settings.jacobi_auto_batch (2 -> 3: the batch size, "
+                           "--sample_batch_size, for which jacobi_block_size auto picks the Jacobi chunks; the set "
+                           "continues with its own, --sample_batch_size 2)")):
         assert main([*args, *changed]) == 2
         assert what in capsys.readouterr().err
     # "auto" Jacobi chunks depend on the device type: a set begun on a GPU is not continued on a CPU

@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "caption and the instruction the target caption, one edit per line. Writes edit_NNN.png, "
                     "input.png, mask.png with a mask (the overlay: red = allowed to change), side_by_side.png (input, "
                     "the mask overlay, then every edit; panels enlarged (nearest neighbour) to at least 64 pixels "
-                    "wide) and settings.json, the images at the sampling size. With --cfg > 0 (the config's cfg by default) an edit to "
-                    "the source caption itself still changes the image: guidance pulls it toward the caption; --cfg 0 "
+                    "wide) and settings.json, the images at the sampling size. With --cfg > 0 (the config's cfg by "
+                    "default) an edit to the source caption itself still changes the image: guidance pulls it toward the caption; --cfg 0 "
                     "gives the input back, up to the noise the model was trained with and the denoising step.")
     _add_common(p, mask_required=False, skip=SAMPLING_SKIP | {"temperature"})  # no sampling noise is drawn
     p.add_argument("--source_caption", default=None, help="caption describing the input image")
@@ -131,31 +131,25 @@ def _start(args: argparse.Namespace, settings_of):
     from starflow.adapters.geometry import vae_geometry
     from starflow.distributed import init_distributed
 
-    from starflow.data.images import image_size
-
     check_input_files(args, "input_image", "mask", "caption_file")
-    for flag in ("input_image", "mask"):  # their headers before the weights load (the pixels are read after)
-        if getattr(args, flag, None):
-            with about_flag(flag, getattr(args, flag)):
-                image_size(getattr(args, flag))
     if getattr(args, "sample_batch_size", 1) < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     dist = init_distributed(args.device)
     if dist.world_size > 1:
         raise ValueError(f"{args.command} runs on one process; start it without torchrun")
-    checked = []
+    checked = {}
 
-    def check(cfg, checkpoint: Path) -> None:
+    def check(cfg, checkpoint: Path) -> None:  # from the config alone, before the weights load
         if cfg.is_video:
             raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
                              "--input_video for continuation and video-to-video)")
-        checked.append(settings_of(cfg))
-        checked.extend(_load_inputs(args, cfg, vae_geometry(cfg.vae).downsample))
+        checked["settings"] = settings_of(cfg)
+        checked["inputs"] = _load_inputs(args, cfg, vae_geometry(cfg.vae).downsample)
 
     pipe, cfg, checkpoint = load_pipeline(args, dist, check)
     if pipe.vae.downsample != vae_geometry(cfg.vae).downsample:  # a local VAE of another factor than its name implies
-        checked[1:] = _load_inputs(args, cfg, pipe.vae.downsample)
-    return (pipe, cfg, checkpoint, *checked)
+        checked["inputs"] = _load_inputs(args, cfg, pipe.vae.downsample)
+    return (pipe, cfg, checkpoint, checked["settings"], *checked["inputs"])
 
 
 def run_inpaint(args: argparse.Namespace) -> int:

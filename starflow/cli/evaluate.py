@@ -87,7 +87,8 @@ def eval_nll(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} {value}: must be >= 1")
     root = Path(args.data)  # checked before the weights load
     if not (root / "metadata.jsonl").is_file():
-        what = "no metadata.jsonl in it" if root.is_dir() else "a file, not a folder" if root.exists() else "no such folder"
+        what = ("no metadata.jsonl in it" if root.is_dir() else "a file, not a folder" if root.exists()
+                else "no such folder")
         raise FileNotFoundError(f"--data {root}: {what}; eval-nll reads an image folder with metadata.jsonl (python "
                                 "scripts/prepare_digits.py writes two)")
     dist = init_distributed(args.device)

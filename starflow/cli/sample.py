@@ -561,11 +561,13 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
         rows = batch * (2 if settings.cfg > 0 else 1)  # (chosen for --sample_batch_size, as sampling does)
         chosen = auto_block_size(rows, pick_device(args.device))
         block = f"auto: {chosen if chosen > 1 else 'token by token'} for {rows} rows on {pick_device(args.device)}"
-        given = [f"--{k}" for k in ("jacobi_th", "jacobi_max_iter", "jacobi_stop") if getattr(args, k) != JACOBI_DEFAULTS[k]]
+        given = [f"--{k}" for k in ("jacobi_th", "jacobi_max_iter", "jacobi_stop")
+                 if getattr(args, k) != JACOBI_DEFAULTS[k]]
         if chosen == 1 and given and settings.jacobi:
+            verb = "acts" if len(given) == 1 else "act"
             note_once(f"note: --jacobi_block_size auto decodes {rows} rows on {pick_device(args.device).type} token by "
-                      f"token (faster there than Jacobi), so {', '.join(given)} {'acts' if len(given) == 1 else 'act'} on "
-                      "nothing; pass --jacobi_block_size K to iterate in chunks")
+                      f"token (faster there than Jacobi), so {', '.join(given)} {verb} on nothing; pass "
+                      "--jacobi_block_size K to iterate in chunks")
     mode = (f"Jacobi (block {block}, th {settings.jacobi_th:g}, max {settings.jacobi_max_iter} iterations)"
             if settings.jacobi else "sequential")
     lines.append(f"decoding: {mode}; guidance {settings.cfg:g}"

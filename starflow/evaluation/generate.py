@@ -96,45 +96,66 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
             raise ValueError(f"{out} holds sample images ({found.name}, ...) but no {SET_FILE}: they were not made by "
                              "generate-set for this set; pass an empty or new --out")
         return False
-    old = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
-        old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
-    for key in LATER_KEYS:  # not recorded by the versions that made older sets
-        if key not in old:
-            old[key] = record.get(key)
-    record = dict(record)
-    for r in (old, record):  # training keys do not change samples (a model folder's own copy may be edited)
-        if isinstance(r.get("config"), dict):
-            r["config"] = {k: v for k, v in r["config"].items() if k not in TRAINING_KEYS}
-    diff = {}
-    if old.get("captions_sha") == record.get(LEGACY_CAPTIONS_SHA):  # a set made before, captions with newlines
-        old["captions_sha"] = record["captions_sha"]
-    for k in sorted((set(old) | set(record)) - {WEIGHTS_SHA, LEGACY_CAPTIONS_SHA}):
-        a, b = old.get(k), record.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff.update({f"{k}.{sub}": f"{k}.{sub} ({a.get(sub)!r} -> {b.get(sub)!r})" for sub in sorted(set(a) | set(b))
-                         if a.get(sub) != b.get(sub)})
-        elif a != b:
-            diff[k] = f"{k} ({a!r} -> {b!r})" if k != "captions_sha" else "captions"
-    if "num_samples" in diff:  # the captions are cycled to the count: their digest changes with it
-        diff.pop("captions_sha", None)
-    if "settings.jacobi_auto_batch" in diff:
-        before, now = old["settings"].get("jacobi_auto_batch"), record["settings"].get("jacobi_auto_batch")
-        diff["settings.jacobi_auto_batch"] = (
-            f"settings.jacobi_auto_batch ({before!r} -> {now!r}: the batch size, --sample_batch_size, for which "
-            "jacobi_block_size auto picks the Jacobi chunks; the set continues with its own, "
-            f"{'a fixed --jacobi_block_size' if before is None else f'--sample_batch_size {before}'})")
-    if "auto_device" in diff:
-        before = old.get("auto_device")
-        diff["auto_device"] = (f"auto_device ({before!r} -> {record.get('auto_device')!r}: jacobi_block_size auto "
-                               "picks the Jacobi chunks by the device type too" +
-                               (f"; continue the set on a {before} device, --device {before})" if before else ")"))
+    old, record = _comparable(json.loads(path.read_text(encoding="utf-8")), record)
+    diff = _differences(old, record)
     if list(diff) == ["weights"] and _same_bytes(old, record, weights_digest):
         return True
     if diff:
         raise ValueError(f"{out} holds a sample set made otherwise: {'; '.join(list(diff.values())[:4])} ({SET_FILE}); "
                          "pass another --out, or the same settings to continue it")
     return True
+
+
+def _comparable(old: dict[str, Any], record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A set's ``set.json`` and a new record, as they compare: what older versions did not record takes the value
+    it had then (a setting's default, the new record's), training keys are left out of the configs (they change no
+    sample), and a legacy caption digest that matches stands for the new one."""
+    old, record = dict(old), dict(record)
+    if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
+        old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
+    for key in LATER_KEYS:  # not recorded by the versions that made older sets
+        if key not in old:
+            old[key] = record.get(key)
+    for r in (old, record):  # training keys do not change samples (a model folder's own copy may be edited)
+        if isinstance(r.get("config"), dict):
+            r["config"] = {k: v for k, v in r["config"].items() if k not in TRAINING_KEYS}
+    if old.get("captions_sha") == record.get(LEGACY_CAPTIONS_SHA):  # a set made before, captions with newlines
+        old["captions_sha"] = record["captions_sha"]
+    return old, record
+
+
+def _auto_batch_hint(before: Any, now: Any) -> str:
+    return ("the batch size, --sample_batch_size, for which jacobi_block_size auto picks the Jacobi chunks; the set "
+            f"continues with its own, {'a fixed --jacobi_block_size' if before is None else f'--sample_batch_size {before}'}")
+
+
+def _auto_device_hint(before: Any, now: Any) -> str:
+    return ("jacobi_block_size auto picks the Jacobi chunks by the device type too"
+            + (f"; continue the set on a {before} device, --device {before}" if before else ""))
+
+
+_HINTS = {"settings.jacobi_auto_batch": _auto_batch_hint, "auto_device": _auto_device_hint}
+"""How to continue a set whose recorded value of a key differs: ``hint(before, now)``."""
+
+
+def _differences(old: dict[str, Any], record: dict[str, Any]) -> dict[str, str]:
+    """``{key: "key (before -> now[: hint])"}`` of what differs (dict values key by key, as ``key.sub``); a caption
+    digest changed only by another ``num_samples`` (captions are cycled to the count) is not counted."""
+    pairs = {}
+    for k in sorted((set(old) | set(record)) - {WEIGHTS_SHA, LEGACY_CAPTIONS_SHA}):
+        a, b = old.get(k), record.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            pairs.update({f"{k}.{sub}": (a.get(sub), b.get(sub)) for sub in sorted(set(a) | set(b))})
+        else:
+            pairs[k] = (a, b)
+    diff = {}
+    for k, (a, b) in pairs.items():
+        if a != b:
+            hint = _HINTS[k](a, b) if k in _HINTS else ""
+            diff[k] = "captions" if k == "captions_sha" else f"{k} ({a!r} -> {b!r}{': ' + hint if hint else ''})"
+    if "num_samples" in diff:  # the captions are cycled to the count: their digest changes with it
+        diff.pop("captions_sha", None)
+    return diff
 
 
 def _same_bytes(old: dict[str, Any], record: dict[str, Any], weights_digest: Callable[[], str] | None) -> bool:

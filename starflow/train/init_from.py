@@ -230,7 +230,8 @@ def check_base(recorded: dict | None, path: str | Path, what: str) -> None:
         return
     if not Path(path).exists():
         raise FileNotFoundError(f"{what}: the base weights {path} (init_from) its LoRA adapters were trained over are "
-                                "gone: put them back where they were (a resumed run may also name their new place with --init_from)")
+                                "gone: put them back where they were (a resumed run may also name their new place "
+                                "with --init_from)")
     files = source_files(path)
     if not same_weights(recorded, weights_fingerprint(files), lambda: weights_sha256(files)):
         raise ValueError(f"{what}: the base weights {path} (init_from) are not the ones its LoRA adapters were trained "

@@ -110,7 +110,8 @@ class CheckpointMismatchError(ValueError):
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(error), re.MULTILINE)  # DCP quotes tracebacks
-    why = f"truncated: {error}" if isinstance(error, _Truncated) else f"reading it failed: {(inner or [type(error).__name__])[-1]}"
+    why = (f"truncated: {error}" if isinstance(error, _Truncated)
+           else f"reading it failed: {(inner or [type(error).__name__])[-1]}")
     return CheckpointError(f"training checkpoint {path} is corrupt or incomplete ({why}): use an earlier step folder (a "
                            "training run resumes from the previous one once this folder is deleted)")
 
