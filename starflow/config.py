@@ -52,7 +52,8 @@ class Config:
     rope: bool = _f(False, "rotary position embedding on queries and keys")
     pt_seq_len: int | None = _f(None, "RoPE position scale P (None = latent side // patch_size)")
     sos: bool = _f(False, "prepend a learned start-of-sequence token in every block")
-    seq_order: str = _f("R2L", "token order of the first block: 'R2L' or 'L2R' (orders then alternate)")
+    seq_order: str = _f("R2L", "official order switch: 'R2L' = block 0 reads tokens in raster order, 'L2R' = block 0 "
+                                 "reads them flipped; the blocks then alternate (SPEC section 5)")
     use_softplus: bool = _f(False, "scale a = softplus(o + 0.5413) instead of exp(o)")
     cond_top_only: bool = _f(False, "condition only the deep block on text")
     use_final_norm: bool = _f(False, "RMSNorm (float32, 1 + weight) before proj_out")

@@ -306,7 +306,18 @@ def test_help_documents_config_keys(command: str, capsys) -> None:
     assert "--noise_std V std of the Gaussian noise added to training latents (normalised-latent units) " \
            "[default: 0.3]" in out
     assert "--layers_per_block" in out and "CLI > YAML > defaults" in out
+    assert "(last = deep block) [default: 8]" in out  # the value Config fills in, not the field's None
+    assert "'R2L' = block 0 reads tokens in raster order" in out
     assert ("--data V" in out) == (command == "train")  # sampling takes no training data
+
+
+@pytest.mark.parametrize("command", ["sample", "inpaint", "edit", "generate-set"])
+def test_decoding_help_is_the_commands_own(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = normalised(capsys.readouterr().out)
+    assert ("'random': each sample draws" in out) == (command in ("sample", "generate-set"))  # inpaint/edit refuse it
+    assert ("images per process of a single prompt" in out) == (command == "sample")
 
 
 # ---------------------------------------------------------------------- the shipped demo

@@ -444,6 +444,11 @@ def test_patchify_round_trip(shape: tuple[int, ...], p: int) -> None:
     assert torch.equal(unpatchify(t, p), x)
 
 
+def test_patchify_names_sides_that_do_not_split_into_patches() -> None:
+    with pytest.raises(ValueError, match="6x8 input does not split into 4x4 patches"):
+        patchify(torch.zeros(1, 3, 6, 8), 4)
+
+
 # ------------------------------------------------------------------ official model layouts
 OFFICIAL = [
     ("starflow_3B_t2i_256x256.yaml", "keys_starflow_3B_t2i_256x256.json", 3_858_281_544, 0),

@@ -12,7 +12,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, config_field_help
+from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, Config, config_field_help
 
 SAMPLING_SKIP = frozenset({"ema", "compile"})
 """Config keys the sampling commands do not take as flags because a switch of their own has the name (``--ema``:
@@ -82,14 +82,20 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
              "are the package's: a config, e.g. a model folder's config.yaml, sets its own, such as cfg)"
              if reject else "config overrides (any key of the YAML config; CLI > YAML > defaults)")
     group = parser.add_argument_group(title)
-    for name, f in CONFIG_FIELDS.items():
+    defaults = Config()  # the values a key takes when no config sets it (after Config's own fill-ins)
+    for name in CONFIG_FIELDS:
         if name in skip:
             continue
         if name in reject:
             group.add_argument(f"--{name}", action=_Rejected, const=reject[name], default=None, help=argparse.SUPPRESS)
             continue
         group.add_argument(f"--{name}", default=None, metavar="V",
-                           help=f"{config_field_help(name)} [default: {f.default}]")
+                           help=f"{config_field_help(name)} [default: {_shown(getattr(defaults, name))}]")
+
+
+def _shown(value: object) -> str:
+    """A default as the command line would write it: lists space-separated (``layers_per_block 8``)."""
+    return " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
 def config_overrides(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict:

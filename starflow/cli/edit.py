@@ -65,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser, mask_required: bool = True, skip: fr
                             "composited onto white, so they count as white too)")
     masks.add_argument("--mask_box", default=None, metavar="x0,y0,x1,y1",
                        help=f"rectangle in the input image's pixels (x1, y1 exclusive): the {region}")
-    add_decoding_flags(p)
+    add_decoding_flags(p, p.prog.split()[-1])
     p.add_argument("--output_dir", default=f"outputs/{p.prog.split()[-1]}",
                    help=f"folder for the PNGs and settings.json [default: outputs/{p.prog.split()[-1]}]")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")

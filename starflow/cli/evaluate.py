@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder",
                        description="The model's exact negative log-likelihood, in bits per dimension, of the images of a "
                                    "folder with metadata.jsonl (VAE latents or pixels) plus the training noise "
-                                   "(Gaussian, std noise_std), averaged over --noise_samples noise draws per image: "
+                                   "(Gaussian with std noise_std, or U[0, 1) dequantisation of 8-bit pixels for "
+                                   "noise_type uniform), averaged over --noise_samples noise draws per image: "
                                    "a statement about the noised data, not a bound on the clean data.")
     p.add_argument("--checkpoint_path", default=None, help="model folder or weights [default: shipped demo]")
     p.add_argument("--model_config_path", default=None, help="YAML config [default: config.yaml beside the weights]")
@@ -36,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate-set", help="sample a resumable set of N images for metrics (FID, CLIP score)",
                        description="Sample --num_samples images into --out as {index:06d}.png with captions.jsonl "
                                    "and set.json; image i uses caption i (the captions cycle) and seed seed + i, so "
-                                   "the set does not depend on batch size or process count. Under torchrun the "
+                                   "the set does not depend on the process count, nor on the batch size with a fixed "
+                                   "--jacobi_block_size (with auto, --sample_batch_size picks the Jacobi chunks, and "
+                                   "a set continues only with its own). Under torchrun the "
                                    "indices are split over the ranks. Re-running the same command skips the "
                                    "images already there (a killed run resumes).")
     add_model_flags(p)
@@ -47,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="class-conditional models: cycle through the classes of the vocabulary")
     p.add_argument("--num_samples", type=int, required=True, help="images in the set, N")
     p.add_argument("--out", required=True, help="the set's folder")
-    add_decoding_flags(p)
+    add_decoding_flags(p, "generate-set")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     add_config_flags(p, skip=SAMPLING_SKIP, reject=SAMPLING_REJECT)
     p.set_defaults(func=generate_set)
@@ -102,7 +105,8 @@ def eval_nll(args: argparse.Namespace) -> int:
     space = "latents" if pipe.vae.downsample > 1 else "pixels"
     print(f"images: {r.images} x {args.noise_samples} noise draws from {args.data} ({dist.world_size} process(es))")
     print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} "
-          f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; data in [-1, 1])")
+          f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; "
+          f"{'normalised latent' if space == 'latents' else 'pixels in [-1, 1]'} units)")
     uniform = pipe.config.noise_type == "uniform"
     if r.pixel_bits_per_dim is not None:
         scale = "7 = log2(128) for [-1, 1] -> [0, 256)" if uniform else "log2(127.5) for [-1, 1] -> [0, 255]"

@@ -106,8 +106,10 @@ JACOBI_DEFAULTS = {"jacobi_th": JACOBI_THRESHOLD, "jacobi_block_size": AUTO, "ja
 """The Jacobi flags and their defaults, declared once: ``--jacobi 0`` refuses any of them set to another value."""
 
 
-def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    """Jacobi decoding, size, batch and denoising flags (names as the official ``sample.py``)."""
+def add_decoding_flags(p: argparse.ArgumentParser, command: str = "sample") -> None:
+    """Jacobi decoding, size, batch and denoising flags (names as the official ``sample.py``), with the help texts of
+    ``command``: ``sample``, ``generate-set``, or ``inpaint``/``edit`` (an input image fixes the shape)."""
+    image_input = command in ("inpaint", "edit")
     p.add_argument("--jacobi", type=int, choices=(0, 1), default=1,
                    help="1: block-wise Jacobi iteration, 0: sequential (then the other --jacobi_* flags are refused) "
                         "[default: 1]")
@@ -127,11 +129,14 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
                         "image does not depend on its batch or the number of ranks; 'batch' is the official rule "
                         "(change over the whole batch) [default: sample]")
     p.add_argument("--aspect_ratio", default="1:1",
-                   help="w:h, e.g. 16:9; 'random': each sample draws one of the nine trained ratios from its seed "
-                        "(models trained with mix_aspect) [default: 1:1]")
+                   help=("w:h of the samples, e.g. 16:9; the input image (and mask) are resized and centre-cropped "
+                         "to it" if image_input else
+                         "w:h, e.g. 16:9; 'random': each sample draws one of the nine trained ratios from its seed "
+                         "(models trained with mix_aspect)") + " [default: 1:1]")
     p.add_argument("--sample_batch_size", type=int, default=16,
-                   help="images per forward batch on each process; also the images per process of a single prompt in "
-                        "starflow sample without --num_samples (the official sample.py) [default: 16]")
+                   help="images per forward batch on each process" + (
+                       "; also the images per process of a single prompt without --num_samples (the official "
+                       "sample.py)" if command == "sample" else "") + " [default: 16]")
     p.add_argument("--jacobi_max_iter", type=int, default=JACOBI_DEFAULTS["jacobi_max_iter"],
                    help="at most this many model evaluations per Jacobi chunk [default: 32, as the official]")
     p.add_argument("--guide_top", type=int, default=None,

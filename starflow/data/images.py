@@ -334,7 +334,8 @@ def collate(batch: Sequence[dict[str, torch.Tensor | str]]) -> dict[str, torch.T
 
     Returns:
         `{"pixels": (B, C, H, W) float32, "text": list[str], "aspect_ratio": list[str], "skipped": list[str]}`
-        (the files found unreadable while loading the batch), plus `"fps": list[float]` for video clips.
+        (the files found unreadable while loading the batch); video clips give `"pixels"` as `(B, T, C, H, W)`
+        and add `"fps": list[float]`.
 
     Raises:
         ValueError: If the samples' sizes differ (batch with `AspectBucketBatchSampler`).

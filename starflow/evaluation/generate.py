@@ -1,7 +1,9 @@
 """Sample sets for metrics (``starflow generate-set``): ``N`` images, resumable, split over ranks.
 
 Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i]`` with seed ``seed + i``, so a
-set is the same whatever the batch size and number of processes. ``captions.jsonl`` (one
+set is the same whatever the number of processes, and whatever the batch size when ``jacobi_block_size`` is fixed
+(with ``auto`` the batch size picks the Jacobi chunks, so a set is continued only with the batch size it was started
+with). ``captions.jsonl`` (one
 ``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
 a re-run of the same command skips every image already there, so a killed 50K run continues where it
 stopped. Images are written under a temporary name and renamed, so no truncated PNG is ever left; the

@@ -35,7 +35,8 @@ class NLLResult:
 
     Attributes:
         images: images evaluated.
-        nats_per_dim: full Gaussian NLL of the noised data per dimension (nats), data in ``[-1, 1]`` units.
+        nats_per_dim: full NLL of the noised data per dimension (nats), in the units the flow models: pixels in
+            ``[-1, 1]`` for pixel-space models, normalised (scaled and shifted) VAE latents otherwise.
         bits_per_dim: the same in bits.
         pixel_bits_per_dim: on the 8-bit pixel scale (pixel-space models only; adds :func:`pixel_scale_bits`).
         bits_per_dim_ci95: half-width of the 95% interval of ``bits_per_dim`` over images

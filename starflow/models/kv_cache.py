@@ -50,6 +50,7 @@ class KVCache:
 
     @query_scale.setter
     def query_scale(self, scale: torch.Tensor | None) -> None:
+        """Set the factors (or None) for every layer's cache view at once."""
         self._query_scale = scale
         for layer in self._layers:
             layer.query_scale = scale

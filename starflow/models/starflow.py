@@ -62,8 +62,15 @@ def _inference(sample: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """``(B, [T,] C, H, W) -> (B, [T,] H/p, W/p, p*p*C)`` with the last axis ordered ``(p1, p2, c)``."""
+    """``(B, [T,] C, H, W) -> (B, [T,] H/p, W/p, p*p*C)`` with the last axis ordered ``(p1, p2, c)`` (SPEC section 2).
+
+    Raises:
+        ValueError: ``H`` or ``W`` is not a multiple of ``p``.
+    """
     *lead, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"patchify: a {h}x{w} input does not split into {p}x{p} patches; its sides must be "
+                         f"multiples of patch_size {p}")
     x = x.reshape(*lead, c, h // p, p, w // p, p)
     n = len(lead)
     perm = list(range(n)) + [n + 1, n + 3, n + 2, n + 4, n]  # (..., h/p, w/p, p1, p2, c)
@@ -559,6 +566,9 @@ class STARFlow(nn.Module):
             A :class:`VideoContext` for :meth:`reverse` (``context=``): every flow block's input for the
             prefix frames. ``reverse`` then fills each block's KV cache with them (guidance rows duplicated),
             samples the remaining frames, and returns the prefix unchanged as the first frames.
+
+        Raises:
+            ValueError: ``y`` is None for a text-conditioned model.
         """
         if x_prefix.dim() == 4:
             x_prefix = x_prefix[:, None]

@@ -22,6 +22,9 @@ def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: floa
 
     Returns:
         Denoised latents, same shape, float32.
+
+    Raises:
+        ValueError: ``y`` is None for a text-conditioned model (from :meth:`STARFlow.nll`).
     """
     with torch.enable_grad():
         xg = x.detach().float().requires_grad_(True)
@@ -54,6 +57,9 @@ def learned_denoise(model, x: torch.Tensor, y: torch.Tensor | None, window: int 
 
     Returns:
         Denoised latents, float32, same shape.
+
+    Raises:
+        RuntimeError: the model has no learnable denoiser (``learnable_self_denoiser`` 0).
     """
     frames = x.shape[1]
     if window is None or frames <= window:

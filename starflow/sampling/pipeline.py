@@ -160,7 +160,12 @@ class Pipeline:
 
         ``fps`` and ``noise_std`` replace the config's in the template (``fps_cond``, ``cond_noise_level``).
         A caption longer than ``txt_size`` tokens is truncated with a warning; a caption that fits but whose
-        template tags run past ``txt_size`` is truncated silently, exactly as the model's training prompts were."""
+        template tags run past ``txt_size`` is truncated silently, exactly as the model's training prompts were.
+
+        Raises:
+            TypeError: ``prompts`` is not a list of strings.
+            ValueError: ``prompts`` is empty.
+        """
         self._check_prompts(prompts)
         if self.text_encoder is None:
             return None

@@ -30,7 +30,7 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype a training step computes its matmuls in (config key ``precision``).
 
     ``bf16`` -> ``torch.bfloat16`` (autocast, or FSDP2 bf16 parameters), ``fp32`` -> ``torch.float32``,
-    ``auto`` -> bf16 on CUDA (the official recipe, SPEC section 16) and float32 elsewhere.
+    ``auto`` -> bf16 on CUDA (the official recipe, SPEC section 14) and float32 elsewhere.
 
     Raises:
         ValueError: ``precision`` is none of ``auto``, ``bf16``, ``fp32``.
