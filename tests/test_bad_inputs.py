@@ -83,6 +83,8 @@ CASES = [
      "error: --input_video (continuation, video-to-video) cannot be combined with --input_image"),
     ("sample --checkpoint_path {moving} --caption x --input_image {digit_png} --aspect_ratio random", 2,
      "error: --aspect_ratio random draws a ratio per sample, but --input_image fixes the samples' shape"),
+    ("sample --checkpoint_path {moving} --caption x --input_image {clip} --dry_run", 2,
+     "error: --input_image {clip}: a video file, where an image is expected; pass a clip as --input_video"),
     ("sample --checkpoint_path {moving} --caption x --input_video {corrupt_png} --dry_run", 2,
      "error: --input_video: cannot read the video header of {corrupt_png}"),
     ("sample --checkpoint_path {v2v} --caption x --input_video {clip} --target_length 8 --dry_run", 2,

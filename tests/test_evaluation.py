@@ -292,6 +292,26 @@ def test_features_of_a_set_of_several_image_sizes(tmp_path) -> None:
     assert len(shapes) == 4  # batch 1: three sizes; batch 2: one image
 
 
+def test_evaluation_reads_images_as_shown_and_lists_gifs(tmp_path) -> None:
+    """A reference photo stored sideways with an EXIF orientation tag is scored upright (as training reads it), and
+    a GIF in a reference folder is one of its images, not silently left out."""
+    from PIL import Image
+
+    from starflow.evaluation.features import list_images, load_images
+
+    upright = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    Image.fromarray(upright).save(tmp_path / "a.png")
+    sideways = Image.fromarray(np.ascontiguousarray(np.rot90(upright)))  # stored turned a quarter counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn a quarter clockwise to show
+    sideways.save(tmp_path / "b.png", exif=exif)
+    Image.fromarray(upright[..., 0]).save(tmp_path / "c.gif")
+    assert [f.name for f in list_images(tmp_path)] == ["a.png", "b.png", "c.gif"]
+    a, b, c = load_images(list_images(tmp_path), "RGB")
+    assert torch.equal(a, torch.from_numpy(upright).permute(2, 0, 1)) and torch.equal(b, a)
+    assert torch.equal(c[0], a[0])
+
+
 def test_precision_recall_in_row_blocks_is_the_whole_matrix_result() -> None:
     """Distances taken a few rows at a time (bounded memory at 50K samples) give the whole-matrix answer, here
     on overlapping sets where precision and recall are strictly between 0 and 1, and against a brute-force count."""

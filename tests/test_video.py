@@ -16,7 +16,8 @@ from starflow.adapters import build_latent_adapter, build_tiny_wan_vae
 from starflow.cli import main
 from starflow.config import load_config
 from starflow.data.moving_digits import DIRECTIONS, circular_centre, moving_caption, recentre, render_clip
-from starflow.data.video import CorruptVideoError, VideoFolder, clip_indices, read_clip, read_video, write_video
+from starflow.data.video import (CorruptVideoError, VideoFolder, clip_indices, read_clip, read_video, video_aspect,
+                                 write_video)
 from starflow.models import STARFlow
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +85,28 @@ def test_lossless_video_round_trip(tmp_path: Path) -> None:
     frames, fps = read_video(tmp_path / "c.mp4")
     assert fps == 8 and frames.shape == (6, 12, 12, 3)
     assert np.abs(frames[..., 0].astype(int) - clip).max() <= 1
+
+
+def test_a_rotated_video_is_read_as_players_show_it(tmp_path: Path) -> None:
+    """A phone's portrait video: landscape frames stored with a 90 degree display rotation."""
+    av = pytest.importorskip("av")
+    stored = np.zeros((5, 8, 16, 3), np.uint8)  # (T, H, W, 3): 16 wide, 8 high as stored
+    for t in range(5):
+        stored[t, :, : 2 + 2 * t] = 255  # a bar growing to the right, so each frame and the turn are told apart
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 16, 8, "yuv444p", {"qp": "0"}
+        stream.set_display_rotation(90)  # counter-clockwise, as players apply it
+        for frame in stored:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    shown = np.rot90(stored, 1, axes=(1, 2))  # (T, 16, 8, 3): 8 wide, 16 high
+    frames, _ = read_video(path)
+    assert frames.shape == shown.shape and np.abs(frames.astype(int) - shown).max() <= 2
+    clip, _ = read_clip(path, lambda n, fps: [3, 4])
+    assert np.abs(clip.astype(int) - shown[3:]).max() <= 2
+    assert video_aspect(path) == "9:16"  # portrait (the nearest trained ratio): the stored 2:1 turned
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "gif"])

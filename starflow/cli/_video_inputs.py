@@ -81,7 +81,6 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
     if not given:
         return {}
     from starflow.data import load_image
-    from starflow.data.build import VIDEO_SUFFIXES
     from starflow.data.images import image_frames
     from starflow.data.video import load_video, video_length
 
@@ -91,9 +90,7 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
     inputs = {}
     for flag, path in given.items():
         if flag != "input_video":
-            if str(path).lower().endswith(VIDEO_SUFFIXES):
-                raise ValueError(f"--{flag} {path}: a video file, where an image is expected; pass a clip as "
-                                 "--input_video (continuation, video-to-video)")
+            _refuse_a_video(flag, path)
             with about_flag(flag, path):
                 inputs[flag] = load_image(path, size, channels)[None]
                 if is_main and image_frames(path) > 1:
@@ -143,12 +140,22 @@ def check_input_clip(path: str, frames: int, fps: float, cfg, out_fps: int | Non
     return None
 
 
+def _refuse_a_video(flag: str, path: str) -> None:
+    """Raises ``ValueError`` for a video file (by its suffix) given to an image flag."""
+    from starflow.data.video import VIDEO_SUFFIXES
+
+    if str(path).lower().endswith(VIDEO_SUFFIXES):
+        raise ValueError(f"--{flag} {path}: a video file, where an image is expected; pass a clip as --input_video "
+                         "(continuation, video-to-video)")
+
+
 def check_input_headers(args: argparse.Namespace) -> None:
     """Read the headers of ``--input_image``, ``--last_image`` and ``--input_video`` (no pixel decoded), so that
     ``--dry_run`` refuses an unreadable input as sampling would.
 
     Raises:
         OSError: an input that is not a readable image or video (named by its flag).
+        ValueError: a video file given as an image.
     """
     from starflow.data.images import image_aspect
     from starflow.data.video import video_aspect
@@ -156,6 +163,8 @@ def check_input_headers(args: argparse.Namespace) -> None:
     for flag, read in (("input_image", image_aspect), ("last_image", image_aspect), ("input_video", video_aspect)):
         path = getattr(args, flag, None)
         if path:
+            if flag != "input_video":
+                _refuse_a_video(flag, path)
             with about_flag(flag, path):
                 read(path)
 

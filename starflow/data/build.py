@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from starflow.config import Config
 from starflow.data.images import IMAGE_SUFFIXES, ImageFolder
+from starflow.data.video import CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from starflow.data.latent_cache import check_cache_settings
 from starflow.data.shards import read_index
 from starflow.data.stream import ShardStream
@@ -98,9 +99,6 @@ def _folder_dataset(cfg: Config, root: Path, pixel_channels: int, downsample: in
                        multiple=downsample * cfg.patch_size)
 
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
-
-
 def _check_data_kind(root: Path, video: bool) -> None:
     """A config pointed at a folder of the other kind (an image config at videos, a video config at images): say so at
     once, from the first ``metadata.jsonl`` entry, instead of skipping every file as unreadable.
@@ -119,7 +117,7 @@ def _check_data_kind(root: Path, video: bool) -> None:
     if not video and name.lower().endswith(VIDEO_SUFFIXES):
         raise ValueError(f"--data {root}: holds videos ({name}), but this is an image config (no vid_size): train "
                          "a video config on it, or pass an image folder")
-    if video and name.lower().endswith(IMAGE_SUFFIXES):
+    if video and name.lower().endswith(IMAGE_SUFFIXES) and not name.lower().endswith(CLIP_OR_IMAGE_SUFFIXES):
         raise ValueError(f"--data {root}: holds images ({name}), but this is a video config (vid_size): train an "
                          "image config on it, pass a video folder, or give images to a video model as "
                          "secondary_data")

@@ -23,9 +23,9 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 """File suffixes taken for images where a folder is listed without metadata (sample sets) or a file's kind is told
-from its name."""
+from its name (a GIF is read as its first frame; in a video folder it is a clip)."""
 _FORMAT_HELP = (
     f"an image folder needs a '{METADATA_FILE}' file in its root with one JSON object per line, "
     'e.g. {"file_name": "images/0001.png", "text": "a red bicycle"}; file_name is relative to the root'
@@ -70,7 +70,7 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     with _open(path) as img:
         try:
             img.load()  # decode now so a truncated file fails here
-            img = to_8bit(ImageOps.exif_transpose(img), shown).convert("L" if channels == 1 else "RGB")
+            img = as_shown_8bit(img, shown).convert("L" if channels == 1 else "RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise CorruptImageError(f"cannot decode image {shown}: {err}") from err
     scale = max(h / img.height, w / img.width)  # cover the target, then crop the excess
@@ -85,6 +85,17 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
 
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _warned_transparency = False
+
+
+def as_shown_8bit(img: Image.Image, path: object = "") -> Image.Image:
+    """The image as viewers show it, 8-bit, ready for ``convert("L" | "RGB")``: its EXIF orientation applied (a
+    phone's portrait photo is stored sideways with an orientation tag), then :func:`to_8bit`. Every reader of image
+    files (training, sampling inputs, evaluation) goes through it.
+
+    Raises:
+        ValueError: see :func:`to_8bit`.
+    """
+    return to_8bit(ImageOps.exif_transpose(img), path)
 
 
 def to_8bit(img: Image.Image, path: object = "") -> Image.Image:

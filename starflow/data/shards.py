@@ -27,8 +27,8 @@ from PIL import Image
 
 from starflow.data.aspect import aspect_to_size
 from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata, to_8bit
-from starflow.data.video import (CorruptVideoError, _resize_frames, clip_indices, draw_rate, read_clip, read_video,
-                                 video_aspect)
+from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, CorruptVideoError, _resize_frames,
+                                 clip_indices, draw_rate, read_clip, read_video, video_aspect)
 
 __all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "write_shards"]
 
@@ -38,7 +38,6 @@ SHARD_PATTERN = "shard-%06d.tar"
 INDEX_FILE = "index.json"
 UNCOND_FILE = "uncond.pt"  # a latent cache's unconditional text embedding
 STAGING_PREFIX = ".staging-"  # the folder inside OUT that new shards are written to
-VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "avi", "mkv", "webm", "m4v"})
 _NOT_MEDIA = frozenset({"txt", "json", "latent.pth", "txt.pth", "txt_extend.pth"})
 _BAD_SAMPLE = (OSError, ValueError, KeyError, RuntimeError, EOFError)  # what a corrupt sample can raise
 
@@ -74,14 +73,15 @@ def _extension(file_name: str) -> str:
 
 
 def folder_kind(file_names: Iterable[str]) -> str:
-    """``"video"`` if every file has a video extension, ``"image"`` if none has.
+    """``"video"`` if the files are videos, ``"image"`` if none is; GIFs, either, go with the rest (a folder of
+    GIFs alone is images).
 
     Raises:
         ValueError: The folder mixes videos and images.
     """
-    video = [_extension(f) in VIDEO_EXTENSIONS for f in file_names]
+    video = [f.lower().endswith(VIDEO_SUFFIXES) for f in file_names if not f.lower().endswith(CLIP_OR_IMAGE_SUFFIXES)]
     if any(video) and not all(video):
-        raise ValueError(f"the folder mixes videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) and images; "
+        raise ValueError(f"the folder mixes videos ({', '.join(s.lstrip('.') for s in VIDEO_SUFFIXES)}) and images; "
                          "pack them into separate folders")
     return "video" if video and all(video) else "image"
 

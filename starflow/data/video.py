@@ -28,10 +28,15 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
-__all__ = ["VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_length",
+__all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_length",
            "video_aspect", "write_video", "write_gif", "to_uint8_frames", "draw_rate"]
 
 logger = logging.getLogger(__name__)
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+"""File suffixes that are videos wherever a file's kind is told from its name."""
+CLIP_OR_IMAGE_SUFFIXES = (".gif",)
+"""Suffixes of files that are either (an animated GIF): a clip in a video folder, a still image (its first frame)
+in an image folder; they never decide a folder's kind."""
 _FORMAT_HELP = (f"a video folder needs '{METADATA_FILE}' with one JSON object per line, e.g. "
                 '{"file_name": "clips/0001.mp4", "text": "a dog running", "fps": 24}; fps is optional')
 
@@ -50,6 +55,19 @@ def _video_stream(container, path):
     return container.streams.video[0]
 
 
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show a decoded frame upright: its display matrix (a phone's portrait
+    video is stored as a landscape frame plus a 90 degree rotation), rounded to the nearest quarter turn."""
+    return round(getattr(frame, "rotation", 0) / 90) % 4
+
+
+def _upright_rgb(frame) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a decoded frame as players show it (its display rotation applied)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
     """Decode every frame of a video file (or binary stream).
 
@@ -65,7 +83,7 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
         with _open_video(path) as container:
             stream = _video_stream(container, path)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            frames = [_upright_rgb(f) for f in container.decode(stream)]
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
@@ -142,7 +160,7 @@ def _decode_frames(path: str | Path | BinaryIO, wanted: list[int], pts: list[int
             numbered = _ranked(container.decode(stream), pts, start[0])
         for i, frame in numbered:
             if i in todo:
-                kept[i] = frame.to_ndarray(format="rgb24")
+                kept[i] = _upright_rgb(frame)
                 todo.discard(i)
             if i >= wanted[-1]:
                 break
@@ -273,7 +291,8 @@ def video_length(path: str | Path | BinaryIO) -> tuple[int, float]:
 
 
 def video_aspect(path: str | Path | BinaryIO) -> str:
-    """The nearest aspect bucket of a video, read from its stream header (no frame decoded).
+    """The nearest aspect bucket of a video as players show it: the stream header's size, its sides swapped when the
+    first frame's display rotation is a quarter turn (only that frame is decoded).
 
     Raises:
         CorruptVideoError: the header cannot be read.
@@ -282,8 +301,12 @@ def video_aspect(path: str | Path | BinaryIO) -> str:
 
     try:
         with _open_video(path) as container:
-            ctx = _video_stream(container, path).codec_context
-            return nearest_aspect(ctx.width, ctx.height)
+            stream = _video_stream(container, path)
+            w, h = stream.codec_context.width, stream.codec_context.height
+            first = next(container.decode(stream), None)
+            if first is not None and _quarter_turns(first) % 2:
+                w, h = h, w
+            return nearest_aspect(w, h)
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, ZeroDivisionError, av.error.FFmpegError) as err:

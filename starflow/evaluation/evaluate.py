@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from starflow.data.shards import VIDEO_EXTENSIONS
+from starflow.data.video import VIDEO_SUFFIXES
 from starflow.evaluation.features import build_extractor, extract_features, list_images
 from starflow.evaluation.generate import SET_FILE, read_set_captions
 from starflow.evaluation.metrics import (PR_NEIGHBOURS, clip_score, fid_from_features, kid_from_features, load_clip,
@@ -70,7 +70,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
                              "rerun its `starflow generate-set` command to finish it (it resumes), then evaluate")
     if batch_size < 1:
         raise ValueError(f"--batch_size {batch_size}: must be >= 1")
-    videos = [p.name for p in Path(samples).rglob("*") if p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS]
+    videos = [p.name for p in Path(samples).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES]
     if videos:
         raise ValueError(f"{samples} holds videos ({videos[0]}, ...): evaluate scores images (its PNGs would be the "
                          "videos' poster strips); pass a folder of images")

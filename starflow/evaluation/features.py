@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from starflow.assets import PACKAGE_CKPTS
-from starflow.data.images import IMAGE_SUFFIXES, to_8bit
+from starflow.data.images import IMAGE_SUFFIXES, as_shown_8bit
 
 __all__ = ["DigitClassifier", "DIGIT_FEATURES_DIR", "IMAGE_SUFFIXES", "list_images", "load_images", "build_extractor",
            "extract_features"]
@@ -88,7 +88,7 @@ def load_images(files: list[Path], mode: str, size: int | None = None) -> list[t
     for f in files:
         try:
             with Image.open(f) as img:
-                img = to_8bit(img, f).convert(mode)
+                img = as_shown_8bit(img, f).convert(mode)
                 if size is not None and img.size != (size, size):
                     img = img.resize((size, size), Image.Resampling.BOX)
                 a = np.array(img)  # a writable copy

@@ -173,7 +173,7 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
     """
     from PIL import Image
 
-    from starflow.data.images import to_8bit
+    from starflow.data.images import as_shown_8bit
 
     model, processor = loaded if loaded is not None else load_clip(model_name_or_path, device)
     total = 0.0
@@ -181,7 +181,7 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
         images = []
         for f in files[i : i + batch_size]:
             with Image.open(f) as img:
-                images.append(to_8bit(img, f).convert("RGB"))
+                images.append(as_shown_8bit(img, f).convert("RGB"))
         inputs = processor(text=captions[i : i + batch_size], images=images, return_tensors="pt", padding=True,
                            truncation=True).to(device)
         out = model(**inputs)
