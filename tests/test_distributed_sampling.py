@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from starflow.assets import DEMO_DIR
@@ -183,3 +184,38 @@ def test_rank_zero_progress_counts_every_rank(tmp_path, monkeypatch) -> None:
                                dist=DistInfo(0, 2, 0, torch.device("cpu")))
     assert len(list(tmp_path.glob("*.png"))) == 3  # this rank's share: samples 0, 2 and 4
     assert [(b.total, b.count) for b in bars] == [(5, 5)]
+
+
+def test_generate_set_decodes_a_sample_alike_in_any_batch(monkeypatch, tmp_path) -> None:
+    """generate-set pads every batch to its full size (repeats, not written): sample 8 of a set then decodes
+    identically as the lone sample of a short last batch and inside a full batch, so a set does not depend on the
+    number of ranks or on what a resumed run still lacks. (Matrix products round by their row count: on this CPU,
+    without the padding the two differ by ~1e-5.)"""
+    import starflow.sampling.batch as batch_module
+    from starflow.distributed import DistInfo
+    from starflow.sampling.pipeline import Pipeline
+
+    rows, kept = [], {}
+    decode = Pipeline.__call__
+
+    def spy(self, prompts, *args, **kwargs):
+        rows.append(len(prompts))
+        return decode(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    out = tmp_path / "set"
+    assert main(["generate-set", "--caption", "a handwritten digit 8", "--num_samples", "9", "--out", str(out),
+                 "--sample_batch_size", "8", "--device", "cpu"]) == 0
+    assert rows == [8, 8] and len(list(out.glob("*.png"))) == 9  # the last batch: sample 8 and 7 repeats
+
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    captions = [f"a handwritten digit {d % 10}" for d in range(9)]
+    settings = pipe.default_settings(batch_size=8)  # jacobi_block_size auto: token by token here
+    monkeypatch.setattr(batch_module, "save_sample", lambda sample, stem, *a: kept.setdefault(stem.name, []).append(
+        sample.clone()))
+    for indices in (range(9), range(1, 9)):  # sample 8: alone in the last batch, then in a batch of 8
+        batch_module.write_samples(pipe, captions, settings, tmp_path, seed=0, batch_size=8,
+                                   dist=DistInfo(0, 1, 0, torch.device("cpu")), indices=list(indices),
+                                   full_batches=True)
+    alone, inside = kept["00008_a_handwritten_digit_8"]
+    assert torch.equal(alone, inside)

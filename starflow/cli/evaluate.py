@@ -36,10 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate-set", help="sample a resumable set of N images for metrics (FID, CLIP score)",
                        description="Sample --num_samples images into --out as {index:06d}.png with captions.jsonl "
-                                   "and set.json; image i uses caption i (the captions cycle) and seed seed + i, so "
-                                   "the set does not depend on the process count, nor on the batch size with a fixed "
-                                   "--jacobi_block_size (with auto, --sample_batch_size picks the Jacobi chunks, and "
-                                   "a set continues only with its own). Under torchrun the "
+                                   "and set.json; image i uses caption i (the captions cycle) and seed seed + i, and "
+                                   "every batch is padded to --sample_batch_size, so the set does not depend on the "
+                                   "process count or on resuming (with --jacobi_block_size auto, the default, "
+                                   "--sample_batch_size picks the Jacobi chunks, and a set continues only with its "
+                                   "own). Under torchrun the "
                                    "indices are split over the ranks. Re-running the same command skips the "
                                    "images already there (a killed run resumes).")
     add_model_flags(p)

@@ -1,9 +1,10 @@
 """Sample sets for metrics (``starflow generate-set``): ``N`` images, resumable, split over ranks.
 
-Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i]`` with seed ``seed + i``, so a
-set is the same whatever the number of processes, and whatever the batch size when ``jacobi_block_size`` is fixed
-(with ``auto`` the batch size picks the Jacobi chunks, so a set is continued only with the batch size it was started
-with). ``captions.jsonl`` (one
+Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i]`` with seed ``seed + i``, and every
+batch is padded to its full size (see ``full_batches`` in :func:`~starflow.sampling.batch.write_samples`), so at one
+``--sample_batch_size`` a set is exactly the same whatever the number of processes and however often it was resumed.
+Another batch size gives the same images up to float rounding with a fixed ``jacobi_block_size``; with ``auto`` it
+picks other Jacobi chunks, so a set is continued only with the batch size it was started with. ``captions.jsonl`` (one
 ``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
 a re-run of the same command skips every image already there, so a killed 50K run continues where it
 stopped. Images are written under a temporary name and renamed, so no truncated PNG is ever left; the
@@ -233,7 +234,7 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
         with StopSignals(verbose=dist.is_main, at="after this batch, its images written") as stop:
             write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
                           stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set",
-                          stop=stop)
+                          stop=stop, full_batches=True)
     finally:
         lock.release()
     return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)

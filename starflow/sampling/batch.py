@@ -36,13 +36,15 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
                   profile: Profile | None = None, stats: DecodeStats | None = None,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
                   progress: str = "sample", negatives: Sequence[str] | None = None,
-                  return_sequence: bool = False, stop: StopSignals | None = None) -> tuple[int, ...]:
+                  return_sequence: bool = False, stop: StopSignals | None = None,
+                  full_batches: bool = False) -> tuple[int, ...]:
     """Sample caption ``i`` with seed ``seed + i`` into ``stem(out, i, captions[i])`` (see
     :func:`starflow.sampling.io.save_sample`), for every ``i`` of ``indices`` (default: all captions).
 
     The indices are split across ranks round-robin; every rank runs the same number of batches (the last ones
     padded with a repeat whose sample is dropped), as sharded weights need all ranks in every step. Each
-    sample's noise comes from its own seed, so the files do not depend on ``batch_size`` or the ranks. With
+    sample's noise comes from its own seed, so the files do not depend on ``batch_size`` or the ranks (up to float
+    rounding; exactly with ``full_batches``). With
     ``settings.aspect_ratio == "random"`` the samples are grouped by their ratio (:func:`sample_aspect_ratios`)
     and each group is batched on its own.
 
@@ -67,6 +69,11 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
             output and the result, decoded side by side (see ``sequence`` in :meth:`Pipeline.__call__`).
         stop: installed :class:`~starflow.signals.StopSignals`: after each batch (its files written) a signal any
             rank received stops every rank.
+        full_batches: pad every batch to ``batch_size`` samples (repeats, not written), so that every sample is
+            decoded at the same row count whichever batch it falls in. Matrix products round by their row count
+            (CPU and GPU kernels are chosen by it), so without this a rank's short last batch, which depends on the
+            number of ranks and on what a resumed run still lacks, can move a sample by ~1e-5 (now and then one
+            8-bit level of a pixel). ``generate-set`` sets it; one-off sampling does not pay for the padding.
 
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
@@ -98,6 +105,8 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
     for ratio, idx, pad, made in batches:
         settings_b = replace(settings, aspect_ratio=ratio)
         real = [pad if i is None else i for i in idx]  # padding repeats a sample of the group (its file is not written)
+        if full_batches:
+            real += [real[-1]] * (batch_size - len(real))
         batch = {k: v.expand(len(real), *v.shape[1:]) for k, v in (inputs or {}).items()}
         prompts, seeds = [captions[i] for i in real], [seed + i for i in real]
         if negatives is not None and any(negatives):

@@ -383,7 +383,8 @@ class Pipeline:
             seeds: one seed per prompt: each sample's noise comes from its own CPU generator, so a sample does
                 not depend on the batch it is in, the device, or the number of ranks, as long as the decoding does not
                 either: a fixed ``jacobi_block_size``, or ``"auto"`` with ``jacobi_auto_batch`` set (the CLI sets it to
-                ``--sample_batch_size``; without it "auto" picks the chunk from each call's batch). ``starflow sample``
+                ``--sample_batch_size``; without it "auto" picks the chunk from each call's batch), up to float rounding
+                (matrix products round by their row count, ~1e-5). ``starflow sample``
                 gives sample ``i`` the seed ``seed + i``; :meth:`default_settings` gives its settings.
             generator: RNG for the initial noise when ``seeds`` is None (a CPU or a CUDA generator).
             profile: optional per-stage timer.
