@@ -66,7 +66,7 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     if h <= 0 or w <= 0:
         raise ValueError(f"size must be positive (h, w), got {size}")
     path = path if hasattr(path, "read") else Path(path)
-    shown = getattr(path, "name", path)  # a stream: the name its reader gave it (e.g. a shard's sample key)
+    shown = path if isinstance(path, Path) else getattr(path, "name", path)  # a stream: the name its reader gave it
     with _open(path) as img:
         try:
             img.load()  # decode now so a truncated file fails here

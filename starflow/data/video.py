@@ -526,7 +526,7 @@ class VideoFolder(torch.utils.data.Dataset):
             except CorruptVideoError as err:
                 self.skipped[str(path)] = str(err)
                 newly.append(str(path))
-                logger.warning("skipping video (%s)", err)
+                logger.warning("skipping video %s (%s)", path, err)
                 continue
             return {"pixels": _resize_frames(frames, self.clip_size(bucket), self.channels),
                     "text": self.texts[j], "aspect_ratio": bucket, "fps": rate, "skipped": newly}
