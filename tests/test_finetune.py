@@ -100,6 +100,22 @@ def test_one_and_two_process_finetunes_start_from_the_weights(config, weights, t
     assert sorted(losses(tmp_path / "two")) == list(range(1, STEPS + 3))
 
 
+def test_fit_loads_init_from_for_a_trainer_built_in_python(config, weights, tmp_path) -> None:
+    """build_trainer + fit, as a notebook would, with every weight from init_from (the meta-device build): fit
+    loads the weights itself, as the CLI run does; unloaded, the run would train on uninitialised memory."""
+    no_denoiser = {"learnable_self_denoiser": 0}
+    ref = launch.build_trainer(load_config(config, {"logdir": str(tmp_path / "ref"), **no_denoiser}),
+                               init_distributed("cpu"))
+    load_weights(ref.model, weights)
+    first = ref.train_step([next(ref._batches())])["loss"]
+    cfg = load_config(config, {"logdir": str(tmp_path / "py"), "init_from": str(weights), "steps": 1, **no_denoiser})
+    trainer = launch.build_trainer(cfg, init_distributed("cpu"))
+    assert trainer.init_pending
+    trainer.fit()
+    assert not trainer.init_pending
+    assert losses(tmp_path / "py")[1]["loss"] == pytest.approx(first, rel=1e-5)
+
+
 def test_init_from_a_training_checkpoint_folder(config, weights, tmp_path) -> None:
     """A DCP step folder is a source too; a mismatched config is an error and leaves the model untouched."""
     logdir = tmp_path / "run"

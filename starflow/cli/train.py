@@ -130,9 +130,6 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
     if resumed and cfg.init_from and not trainer.lora and dist.is_main:
         print(f"note: init_from {cfg.init_from} is not loaded: the run resumes from its own checkpoint, which holds "
               "the weights trained since")
-    if cfg.init_from and not resumed and not trainer.lora:  # a restart continues from its own checkpoints; LoRA
-        # runs loaded their base weights when they were built
-        trainer.initialise_from(cfg.init_from)
     diverged = False
     try:
         history = trainer.fit(dry_run=args.dry_run)

@@ -195,6 +195,9 @@ class Trainer:
         if self.text_sharded:
             shard_text_encoder(text_encoder.encoder, dist, self.compute_dtype)
         self.lora = cfg.lora_rank > 0
+        # init_from weights still to load (LoRA runs loaded their base when built): a resume or initialise_from
+        # loads them, and fit does itself if neither ran, so the key is honoured from Python as from the CLI
+        self.init_pending = bool(cfg.init_from) and not self.lora
         self.lora_base: dict | None = None  # init_from.base_identity of a LoRA run's base, saved in its checkpoints
         self.denoiser = None if self.lora else model.learnable_self_denoiser  # LoRA: only the adapters train
         den_ids = {id(p) for p in self.denoiser.parameters()} if self.denoiser is not None else set()
@@ -319,6 +322,7 @@ class Trainer:
             check_base(meta.get("lora_base"), self.cfg.init_from, f"resuming {path}")
             self.lora_base = meta.get("lora_base")
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
+        self.init_pending = False  # the checkpoint holds the weights trained since init_from
         self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
         self.elapsed_s = float(meta.get("elapsed_s", 0.0))  # older checkpoints: counted from this resume
         changed = changed_keys(meta.get("config", {}), self.cfg.to_dict())
@@ -337,6 +341,7 @@ class Trainer:
         """Fine-tune: load weights (``--init_from``, see :mod:`starflow.train.init_from`) into the model, the EMA
         starting from them; logs the table of loaded / new / dropped parameters."""
         report = init_from(self.model, path)
+        self.init_pending = False
         if self.ema is not None:
             self.ema.reset()
         self._log(report.table())
@@ -591,7 +596,8 @@ class Trainer:
         """Train until ``cfg.steps`` (or ``max_steps`` more steps); returns the logged metrics.
 
         With ``dry_run`` one step runs and nothing is written. A run that fails before its first step in a logdir
-        it created (unreadable data, say) removes that logdir again.
+        it created (unreadable data, say) removes that logdir again. The config's ``init_from`` weights are loaded
+        first (:meth:`initialise_from`) unless a :meth:`resume` / :meth:`load` or ``initialise_from`` already ran.
 
         Raises:
             TrainingStopped: SIGTERM or SIGINT arrived; the step in progress finished and a checkpoint was written
@@ -599,6 +605,8 @@ class Trainer:
             TrainingDiverged: the loss stayed non-finite (see :meth:`train_step`).
         """
         cfg = self.cfg
+        if self.init_pending:
+            self.initialise_from(cfg.init_from)
         end = self.step + 1 if dry_run else min(cfg.steps, self.step + (max_steps or cfg.steps))
         created = self.dist.is_main and not dry_run and not self.logdir.exists()
         lock = FolderLock(self.logdir, "training logdir", " (or pass another --logdir)")
