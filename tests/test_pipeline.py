@@ -178,12 +178,18 @@ def test_truncation_warnings_are_bounded(make_pipeline, recwarn) -> None:
     (lambda p, img, m: p.inpaint(PROMPTS, img * 127.5 + 127.5, m, SampleSettings()), "pixels must be in [-1, 1]"),
     (lambda p, img, m: p.edit(PROMPTS, PROMPTS, img.expand(3, 3, 8, 8), SampleSettings()),
      "has 3 channel(s) (dimension -3); this model samples grayscale images"),
+    (lambda p, img, m: p.inpaint(PROMPTS, img.where(img.isnan(), torch.nan), m, SampleSettings()),
+     "input image holds 192 NaN or infinite value(s)"),
+    (lambda p, img, m: p.inpaint(PROMPTS, (img > 0).to(torch.uint8), m, SampleSettings()),
+     "input image is a torch.uint8 tensor; pixels must be floats in [-1, 1]"),  # 0/1 values would pass the range
+    (lambda p, img, m: p.edit(PROMPTS, PROMPTS, img > 0, SampleSettings()), "is a torch.bool tensor"),
+    (lambda p, img, m: p.model(img.to(torch.uint8)), "x is a torch.uint8 tensor: the flow takes float latents"),
 ])
 def test_api_inputs_that_do_not_fit_the_prompts_or_the_model_are_refused(pipe: Pipeline, call, message) -> None:
     img = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8).repeat(3, 1, 1, 1)
     mask = torch.zeros(8, 8)
     mask[4:] = 1
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         call(pipe, img, mask)
     assert pipe.inpaint(PROMPTS, img, mask, SampleSettings(), seeds=SEEDS).shape == img.shape  # the fitting call runs
 
@@ -214,10 +220,33 @@ def test_api_inputs_that_do_not_fit_the_prompts_or_the_model_are_refused(pipe: P
      "negative_prompts must be a list of strings"),
     (lambda p: p(PROMPTS[:1], SampleSettings(fps=8)), ValueError, "fps is for video configs"),
     (lambda p: p.encode_prompts("abc"), TypeError, "wrap a single caption in a list"),
+    (lambda p: p(iter(PROMPTS), SampleSettings()), TypeError, "(and make a generator a list)"),
 ])
 def test_api_prompts_and_settings_that_no_sampler_could_use_are_refused(pipe: Pipeline, call, error, message) -> None:
     with pytest.raises(error, match=re.escape(message)):
         call(pipe)
+
+
+def test_sampling_inside_inference_mode_matches_sampling_outside(pipe: Pipeline) -> None:
+    """The Tweedie step needs a gradient: it leaves a caller's inference_mode for it."""
+    want = pipe(PROMPTS, SampleSettings(cfg=2.0), seeds=SEEDS)
+    with torch.inference_mode():
+        assert torch.equal(pipe(PROMPTS, SampleSettings(cfg=2.0), seeds=SEEDS), want)
+
+
+def test_numpy_seeds_are_seeds(pipe: Pipeline) -> None:
+    np = pytest.importorskip("numpy")
+    ints = pipe(PROMPTS[:2], SampleSettings(), seeds=SEEDS[:2])
+    assert torch.equal(pipe(PROMPTS[:2], SampleSettings(), seeds=list(np.array(SEEDS[:2]))), ints)
+
+
+def test_from_pretrained_names_a_config_given_as_weights_and_a_dtype_string() -> None:
+    from starflow.assets import DEMO_DIR
+
+    with pytest.raises(ValueError, match="config.yaml is a config, not weights: pass the model folder"):
+        Pipeline.from_pretrained(DEMO_DIR / "config.yaml")
+    with pytest.raises(TypeError, match=re.escape("dtype 'bfloat16': pass a torch.dtype, e.g. torch.bfloat16")):
+        Pipeline.from_pretrained(DEMO_DIR, dtype="bfloat16")
 
 
 def test_default_settings_reproduce_the_cli(tmp_path) -> None:

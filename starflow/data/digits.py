@@ -65,8 +65,6 @@ def load_digit_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> t
         split: `"train"` or `"test"`.
         test_fraction: As in `split_indices`.
         seed: As in `split_indices`.
-        captions: ``"sentence"`` ("a handwritten digit 7") or ``"name"`` ("seven", the class names of
-            ``configs/digits.vocab`` for class-conditional models).
 
     Returns:
         `(images, labels)`: `(N, 8, 8)` uint8 greyscale in 0..255 (raw value * 255 / 16, rounded;

@@ -301,12 +301,15 @@ class STARFlow(nn.Module):
         return self._rope_tables[key]
 
     def _check_latents(self, x: torch.Tensor, what: str) -> None:
-        """Refuse latents that are not ``(B, C, H, W)``/``(B, [T,] C, H, W)`` with this model's channels and sides
-        divisible by the patch size (a clear error instead of one deep in the first block)."""
+        """Refuse latents that are not float ``(B, C, H, W)``/``(B, [T,] C, H, W)`` with this model's channels and sides
+        divisible by the patch size (a clear error instead of one deep in the first block, or a silent one)."""
         c, p = self.config.channel_size, self.patch_size
         if x.dim() not in (4, 5) or x.shape[-3] != c or x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"{what} {tuple(x.shape)}: this model takes (B, C, H, W) image or (B, T, C, H, W) video "
                              f"latents with C = {c} channels and H, W multiples of the patch size {p}")
+        if not x.is_floating_point():
+            raise TypeError(f"{what} is a {x.dtype} tensor: the flow takes float latents (pixel-space models: pixels "
+                            "in [-1, 1], 8-bit values v as v / 127.5 - 1)")
 
     def _block_text(self, i: int, y: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor | None:
         if not self.blocks[i].text_conditioned:
@@ -331,6 +334,7 @@ class STARFlow(nn.Module):
         Raises:
             ValueError: ``x`` of another layout, channel count or a side not divisible by the patch size; ``y``
                 rows that differ from the batch; a text-conditioned model without ``y``.
+            TypeError: ``x`` is not a float tensor.
         """
         self._check_latents(x, "x")
         if y is not None and y.shape[0] != x.shape[0]:

@@ -26,9 +26,9 @@ def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: floa
     Raises:
         ValueError: ``y`` is None for a text-conditioned model (from :meth:`STARFlow.nll`).
     """
-    with torch.enable_grad():
-        xg = x.detach().float().requires_grad_(True)
-        per_dim = model.nll(xg, y)  # (B,) nats per dim
+    with torch.inference_mode(False), torch.enable_grad():  # (also when called under inference_mode)
+        xg = x.detach().float().clone().requires_grad_(True)  # clones: normal tensors, even of inference ones
+        per_dim = model.nll(xg, None if y is None else y.clone())  # (B,) nats per dim
         total = (per_dim * xg[0].numel()).sum()
         (grad,) = torch.autograd.grad(total, xg)
     return (xg - step * noise_std ** 2 * grad).detach()

@@ -84,11 +84,17 @@ class Pipeline:
 
         Raises:
             FileNotFoundError: weights, config, text encoder or VAE not found (with how to get them).
-            ValueError: ``ema`` with a weights file.
+            ValueError: ``ema`` with a weights file; a config file given as the weights.
+            TypeError: ``dtype`` is not a ``torch.dtype``.
             CheckpointError: the weights file is corrupt or truncated, or its names/shapes differ from the
                 config's model (every difference listed); nothing is half-loaded.
         """
         path = Path(folder_or_weights)
+        if path.suffix.lower() in (".yaml", ".yml", ".json") and path.is_file():
+            raise ValueError(f"{path} is a config, not weights: pass the model folder (config.yaml beside the "
+                             "weights), or the weights file with config=")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype {dtype!r}: pass a torch.dtype, e.g. torch.bfloat16")
         if ema and path.is_file():
             raise ValueError(f"ema: {path} is a weights file; the moving-average weights are read from a model folder "
                              "(its ema.safetensors): pass the folder, or the EMA weights file itself without ema")
@@ -230,6 +236,7 @@ class Pipeline:
                 raise TypeError(f"seeds must be a list of integers, one per prompt, got {seeds!r:.80}")
             if len(seeds) != n:
                 raise ValueError(f"{len(seeds)} seed(s) for {n} sample(s): give one seed per prompt")
+            seeds = [int(s) for s in seeds]  # numpy integers too
             if not all(-2**63 <= s + offset < 2**63 for s in seeds):
                 raise ValueError("seeds must fit in 64 bits (|seed| < 2^63)")
             return torch.stack([draw(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
@@ -252,9 +259,10 @@ class Pipeline:
             ValueError: no prompts.
         """
         for prompts in prompt_lists:
-            if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not all(isinstance(p, str)
+                                                                                       for p in prompts):
                 raise TypeError(f"prompts must be a list of strings, one per sample, got {prompts!r:.80}: wrap a "
-                                "single caption in a list")
+                                "single caption in a list (and make a generator a list)")
             if not prompts:
                 raise ValueError("no prompts: give at least one caption (one sample per caption)")
 
@@ -338,7 +346,8 @@ class Pipeline:
         ``shape[-3:]``.
 
         Raises:
-            ValueError: another batch size, channel count or size, or values outside ``[-1, 1]``.
+            TypeError: an integer or bool tensor.
+            ValueError: another batch size, channel count or size, or values outside ``[-1, 1]`` or not finite.
         """
         if pixels.shape[0] != batch:
             raise ValueError(f"{what} holds {pixels.shape[0]} item(s) for {batch} prompt(s): give one per prompt")
@@ -347,6 +356,12 @@ class Pipeline:
             kind = "grayscale" if channels == 1 else "RGB" if channels == 3 else f"{channels}-channel"
             raise ValueError(f"{what} {tuple(pixels.shape)} has {pixels.shape[-3]} channel(s) (dimension -3); this "
                              f"model samples {kind} images: convert it to {channels} channel(s)")
+        if not pixels.is_floating_point():
+            raise TypeError(f"{what} is a {pixels.dtype} tensor; pixels must be floats in [-1, 1]: map 8-bit values "
+                            "v to v / 127.5 - 1 (a 0/1 or bool image to x * 2.0 - 1)")
+        if not torch.isfinite(pixels).all():
+            raise ValueError(f"{what} holds {int((~torch.isfinite(pixels)).sum())} NaN or infinite value(s); pixels "
+                             "must be finite, in [-1, 1]")
         lo, hi = pixels.aminmax()
         if lo < -1 - PIXEL_SLACK or hi > 1 + PIXEL_SLACK:
             raise ValueError(f"{what} values span [{lo.item():g}, {hi.item():g}]; pixels must be in [-1, 1]: map "
@@ -500,7 +515,10 @@ class Pipeline:
         """Continue clips ``(B, T, C, H, W)``: see ``input_video`` in :meth:`__call__`."""
         c, geo = self.config, self.vae.geometry
         t = geo.temporal_downsample
-        if video.dim() != 5 or (video.shape[1] - 1) % t:
+        if video.dim() != 5:
+            raise ValueError(f"input_video {tuple(video.shape)}: needs (B, T, C, H, W), a batch of clips (one clip: "
+                             "clip[None])")
+        if (video.shape[1] - 1) % t:
             raise ValueError(f"input_video {tuple(video.shape)}: needs (B, T, C, H, W) with T - 1 a multiple of {t} "
                              f"(the VAE's temporal factor): trim it to {1 + (video.shape[1] - 1) // t * t} frames")
         new_frames = continuation_frames(c, t, settings.target_length)
@@ -563,7 +581,10 @@ class Pipeline:
         if redraw:
             raise ValueError(f"{redraw[0]}: video_to_video redraws the source clip's {c.vid_size[0]} frames (vid_size), "
                              "in one window: leave it None")
-        if source.dim() != 5 or source.shape[1] != c.vid_size[0]:
+        if source.dim() != 5:
+            raise ValueError(f"source clip {tuple(source.shape)}: needs (B, T, C, H, W), a batch of clips (one clip: "
+                             "clip[None])")
+        if source.shape[1] != c.vid_size[0]:
             raise ValueError(f"source clip {tuple(source.shape)}: the model was trained on (B, {c.vid_size[0]}, C, H, W) "
                              f"clips (vid_size {c.vid_size[0]} frames): cut or resample it to that length")
         shape = self.latent_shape(settings.aspect_ratio)
