@@ -20,8 +20,6 @@ from __future__ import annotations
 import gc
 import os
 import pickle
-import signal
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +29,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from starflow.worker import stop_with_launcher
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "shard_model", "any_rank",
            "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference", "from_rank0",
@@ -108,39 +108,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, dev, group=dist.is_available() and dist.is_initialized())
-
-
-def stop_with_launcher(signum: int = signal.SIGTERM) -> bool:
-    """Ask the kernel to send this process ``signum`` when its parent (the torchrun launcher) dies (Linux
-    ``prctl(PR_SET_PDEATHSIG)``).
-
-    torchrun starts its workers in their own session, so a launcher killed outright (``kill -9``, a node agent's
-    OOM kill) leaves them running on, writing the run's folder beside the rerun. With this a worker gets SIGTERM
-    instead: training stops after its step with a checkpoint, ``generate-set`` after its batch
-    (:class:`~starflow.signals.StopSignals`), other commands end.
-
-    Returns:
-        Whether it was set (False off Linux, or when the parent died while it was being set: then ``signum`` is
-        sent at once, as the kernel would not send it any more).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    if os.getppid() != parent:  # the launcher died before the request: nobody will send it now
-        os.kill(os.getpid(), signum)
-        return False
-    return True
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def cleanup_distributed() -> None:

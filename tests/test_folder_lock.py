@@ -1,6 +1,7 @@
 """One writer per run folder: a training logdir or a sample set another live process writes is refused."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -92,6 +93,28 @@ def test_a_worker_is_stopped_when_its_launcher_is_killed(tmp_path) -> None:
     while not flag.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert flag.read_text() == "TERM"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_whose_launcher_is_already_gone_stops_at_once(tmp_path) -> None:
+    """Handed to PID 1 before it could ask (its launcher killed while it started), a worker stops itself."""
+    worker = ("import os, signal, sys\nimport starflow.worker as w\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('TERM', flush=True), sys.exit(0)))\n"
+              "w.os.getppid = lambda: 1\nprint(w.stop_with_launcher(), flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["TERM"]  # the signal arrives inside the call
+
+
+def test_the_command_ties_a_torchrun_worker_to_its_launcher_before_importing_torch() -> None:
+    probe = ("import os, sys\nimport starflow.worker as w\ncalls = []\n"
+             "w.stop_with_launcher = lambda *a: calls.append('torch' in sys.modules)\n"
+             "import starflow.cli\nprint(calls, 'torch' in sys.modules)\n")
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="probe")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert r.stdout.strip() == "[False] True", r.stderr[-2000:]
+    env.pop("TORCHELASTIC_RUN_ID")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert r.stdout.strip() == "[] True"  # a plain process keeps its default
 
 
 def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch) -> None:

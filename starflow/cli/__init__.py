@@ -14,6 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from starflow.worker import launched_by_torchrun, stop_with_launcher
+
+if launched_by_torchrun():  # first thing, before the imports below take seconds: a killed launcher stops its workers
+    stop_with_launcher()
+
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
 from starflow.cli._flags import OneLineErrors
 
