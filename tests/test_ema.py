@@ -69,6 +69,20 @@ def test_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(tiny_config
     assert without.resume() and without.step == 6 and without.ema is None
 
 
+def test_an_export_writes_its_config_after_every_weights_file(tiny_config, digits, tmp_path, monkeypatch) -> None:
+    """A folder whose export was killed has no config, so it never loads without its EMA weights."""
+    import starflow.sampling.pipeline as pipeline_module
+
+    trainer = trainer_for(tiny_config, digits, tmp_path / "run", steps=1)
+    trainer.fit()
+    present = []
+    write_config = pipeline_module.save_config
+    monkeypatch.setattr(pipeline_module, "save_config", lambda cfg, path: (
+        present.append(sorted(p.name for p in Path(path).parent.glob("*.safetensors"))), write_config(cfg, path)))
+    trainer.export(tmp_path / "model")
+    assert present == [["ema.safetensors", "model.safetensors"]]
+
+
 def test_ema_export_and_sampling(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     config = config_file(dict(tiny_config, data=str(digits["train"]), ema=DECAY, steps=4, save_freq=4, lr=1e-2))
     logdir = tmp_path / "run"

@@ -126,14 +126,16 @@ class Pipeline:
         load_weights(model, str(weights), assign=True, dtype=dtype)
         return cls(model.to(device).requires_grad_(False), text_encoder, vae, cfg)
 
-    def save_pretrained(self, folder: str | Path, weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, folder: str | Path, weights: Mapping[str, torch.Tensor] | None = None,
+                        extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         """Write a model folder: ``config.yaml``, ``model.safetensors`` (official layout) and, for the tiny
         preset text encoder, ``text_encoder/`` (the config then points at it; a class vocabulary is copied
         beside the weights). ``weights`` replaces the
-        model's own state dict (e.g. the gathered weights of a sharded model). Weights and the config an earlier
+        model's own state dict (e.g. the gathered weights of a sharded model); ``extra`` maps more weight files of the
+        folder to their tensors (``ema.safetensors``, ``lora.safetensors``). Weights and the config an earlier
         export left in the folder (``model.*``, ``ema.safetensors``, ``lora.safetensors``, ``config.yaml``) are removed
-        first, and the config is written last (atomically): a folder never mixes the weights and config of two runs or
-        steps, and one whose writing was killed has no config, so it does not load."""
+        first, and the config is written last (atomically), after every weights file: a folder never mixes the weights
+        and config of two runs or steps, and one whose writing was killed has no config, so it does not load."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("config.yaml", *WEIGHT_NAMES, *EMA_WEIGHT_NAMES, ADAPTER_WEIGHTS):
@@ -146,6 +148,8 @@ class Pipeline:
             self.text_encoder.save_pretrained(folder / "text_encoder")
             cfg = load_config(cfg, {"text": "text_encoder"})
         save_weights(self.model if weights is None else weights, folder / "model.safetensors")
+        for name, tensors in (extra or {}).items():
+            save_weights(tensors, folder / name)
         save_config(cfg, folder / "config.yaml")
 
     def default_settings(self, batch_size: int = 16, **changes) -> SampleSettings:

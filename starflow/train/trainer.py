@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_text_encoder
 from starflow.assets import TINY_TEXT_ENCODER
-from starflow.checkpoint import save_weights
 from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
@@ -704,11 +703,9 @@ class Trainer:
                 text_encoder = build_text_encoder(self.cfg, device="cpu")
             elif Path(text_encoder.name).is_dir():  # copied into the model folder
                 text_encoder = TextEncoder.from_pretrained(text_encoder.name, max_length=self.cfg.txt_size)
-        Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights)
-        if ema is not None:
-            save_weights(ema, Path(folder) / EMA_WEIGHTS)
-        if adapters is not None:
-            save_weights(adapters, Path(folder) / ADAPTER_WEIGHTS)
+        extra = {name: tensors for name, tensors in ((EMA_WEIGHTS, ema), (ADAPTER_WEIGHTS, adapters))
+                 if tensors is not None}
+        Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights, extra=extra)
         return Path(folder)
 
     @torch.no_grad()
