@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -294,7 +296,9 @@ def _is_safetensors(path: Path) -> bool:
 def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: PathLike) -> Path:
     """Write weights to ``.safetensors`` (no pickle) or ``.pth``/``.pt``/``.bin`` (``torch.save``), atomically.
 
-    The file is written under a temporary name beside ``path`` and renamed once complete (no truncated files).
+    The file is written in a temporary folder beside ``path`` (``.NAME.tmpPID/``, which also holds the safetensors
+    writer's own temporary file) and moved into place once complete: no truncated file, and what a killed write
+    leaves is removed by the next write of the same file.
 
     Args:
         model_or_state_dict: a module (its ``state_dict()`` is saved) or ``{name: tensor}``.
@@ -322,8 +326,14 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
             seen.add(ptr)
         out[name] = tensor
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove_killed_writes(path)
+    scratch = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = scratch / path.name
     try:
+        try:
+            scratch.mkdir(exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot write {path} ({e.strerror or e}): check that its folder is writable") from e
         if is_st:
             try:
                 safetensors.torch.save_file(out, str(tmp), metadata={"format": "pt"})
@@ -337,8 +347,31 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
                 raise OSError(f"cannot write {path} ({str(e).splitlines()[0]}): check that its folder is writable") from e
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+def _remove_killed_writes(path: Path) -> None:
+    """Remove the temporary folders (or files, of older versions) that killed writes of ``path`` left beside it:
+    those of processes no longer running (a write in progress elsewhere is left alone)."""
+    for left in path.parent.glob(f".{glob_escape(path.name)}.tmp*"):
+        pid = left.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _umask() -> int:

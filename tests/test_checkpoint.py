@@ -200,6 +200,24 @@ def test_save_overwrites_atomically_and_handles_shared_tensors(tmp_path: Path) -
         save_weights(sd, tmp_path / "weights.npz")
 
 
+def test_a_save_removes_what_killed_saves_of_the_file_left(tmp_path: Path) -> None:
+    """A killed write leaves its temporary folder (with the safetensors writer's own ``.tmpXXXXXX`` in it: gigabytes
+    for a 3B model); the next save of that file removes it, but not the write in progress of a running process."""
+    import os
+
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    killed = tmp_path / f".model.safetensors.tmp{dead}"
+    killed.mkdir()
+    (killed / ".tmpAbC123").write_bytes(b"x" * 1000)
+    (tmp_path / f".model.safetensors.tmp{dead + 1}").write_bytes(b"half")  # an older version's temporary file
+    running = tmp_path / f".model.safetensors.tmp{os.getppid()}"
+    running.mkdir()
+    other = tmp_path / f".ema.safetensors.tmp{dead}"
+    other.mkdir()
+    save_weights({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "model.safetensors"])
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_truncated_file_raises_and_leaves_the_model_unchanged(tmp_path: Path, suffix: str) -> None:
     path = save_weights(official_state_dict(build(0)), tmp_path / f"weights{suffix}")
