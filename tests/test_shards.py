@@ -126,6 +126,30 @@ def test_an_output_is_replaced_only_by_a_complete_one_and_never_the_source(all_d
     assert not (src / "index.json").exists()
 
 
+def test_a_set_killed_while_it_replaced_the_old_one_is_incomplete_and_replaced_by_the_rerun(
+        all_digits: Path, tmp_path: Path, monkeypatch) -> None:
+    src, out = _digits_folder(all_digits, tmp_path / "src", n=10), tmp_path / "shards"
+    pack_folder(src, out, shard_size=4)  # 3 shards
+    moves = []
+    real_replace = Path.replace
+
+    def killed_on_the_third(self, target):
+        moves.append(self.name)
+        if len(moves) == 3:
+            raise KeyboardInterrupt  # as a kill in the middle of moving the new set in
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        pack_folder(src, out, shard_size=2, overwrite=True)  # 5 shards
+    monkeypatch.setattr(Path, "replace", real_replace)
+    assert not (out / "index.json").exists()  # incomplete: no reader takes it
+    with pytest.warns(UserWarning, match="incomplete set .* a killed run"):
+        index = pack_folder(src, out, shard_size=2)  # no --overwrite needed to replace leftovers
+    assert index["total"] == 10 and sorted(p.name for p in out.iterdir()) == [
+        "index.json", *(f"shard-{i:06d}.tar" for i in range(5))]
+
+
 @pytest.mark.parametrize("damage, message", [(lambda text: text[:50], "is not valid JSON"),
                                              (lambda text: '{"kind": "image"}', "lacks the kind")])
 def test_a_damaged_index_is_named_with_the_fix(all_digits: Path, tmp_path: Path, damage, message) -> None:

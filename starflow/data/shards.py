@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,17 +182,22 @@ def _output_files(folder: Path) -> list[Path]:
 def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     """A staging folder inside ``out`` to write new shards into; when the block succeeds its files replace the
     shards, index and cache files already in ``out``, which stay untouched if it fails (or is interrupted; the staging
-    folder of a killed run is removed by the next one).
+    folder of a killed run is removed by the next one). The replacement removes the old index first and moves the new
+    one in last, so a kill during it leaves a folder without an index: an incomplete set, which no reader takes and
+    the next run replaces without ``overwrite``.
 
     Raises:
         ValueError: ``out`` is the source folder ``src`` (its files would be replaced by what is read from them).
-        FileExistsError: ``out`` holds shards or an index and ``overwrite`` is off.
+        FileExistsError: ``out`` holds a complete set (shards with their index) and ``overwrite`` is off.
     """
     if out.resolve() == src.resolve():
         raise ValueError(f"the output folder {out} is the source folder: write the shards to another folder")
     old = _output_files(out) if out.is_dir() else []
     if old and not overwrite:
-        raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
+        if (out / INDEX_FILE).exists():
+            raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
+        warnings.warn(f"{out} holds {len(old)} file(s) of an incomplete set (no {INDEX_FILE}: a killed run); "
+                      "replacing them", stacklevel=2)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(STAGING_PREFIX + "*"):  # what a killed run left (one process writes a folder)
@@ -201,9 +207,12 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
     try:
         yield staging
+        (out / INDEX_FILE).unlink(missing_ok=True)  # from here until the new index is in, the set is incomplete
+        new = _output_files(staging)
         for path in old:
-            path.unlink()
-        for path in _output_files(staging):  # the index last
+            if path.name not in {p.name for p in new}:
+                path.unlink(missing_ok=True)
+        for path in new:  # the index last
             path.replace(out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
