@@ -337,6 +337,22 @@ def test_reference_statistics_record_their_extractor(tmp_path) -> None:
     (tmp_path / "objects.npz").write_bytes((tmp_path / "objects.npy").read_bytes())
     with pytest.raises(ValueError, match="not a reference statistics file written by --save_stats"):
         load_stats(tmp_path / "objects.npz")
+    import starflow.evaluation.metrics as metrics
+
+    def killed(f, **arrays):  # half the file written, then the process dies
+        f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    real_savez = np.savez
+    np.savez = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            metrics.save_stats(tmp_path / "ref.npz", features[:5], "digits")
+    finally:
+        np.savez = real_savez
+    assert np.array_equal(load_stats(path, "digits")["features"], features)  # the old file, untouched
+    assert sorted(p.name for p in tmp_path.glob("*ref*")) == ["ref.npz"]
+    assert save_stats(tmp_path / "plain", features).name == "plain.npz"  # np.savez's naming
 
 
 def test_generate_set_stopped_by_sigterm_says_how_to_resume(tmp_path) -> None:

@@ -38,12 +38,18 @@ class FeatureInput(nn.Module):
 
 def save_stats(path: str | Path, features: np.ndarray, extractor: str | None = None) -> Path:
     """Write ``mu``, ``sigma``, ``n``, the features of a reference set and the name of their ``extractor`` (checked
-    when they are read back) to ``path`` (``.npz``)."""
+    when they are read back) to ``path`` (``.npz``, added if missing), atomically: a killed write leaves no truncated
+    file under that name. Returns the path written."""
+    from starflow.files import atomic_path
+
     features = np.asarray(features, dtype=np.float64)
     path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")  # (as np.savez names it)
     extra = {} if extractor is None else {"extractor": np.array(extractor)}
-    np.savez(path, mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features), features=features,
-             **extra)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features), features=features,
+                 **extra)
     return path
 
 
