@@ -256,6 +256,12 @@ def test_sampling_during_training_leaves_the_run_unchanged(resume_runs, tmp_path
     keys = ("step", "loss", "loss_z", "loss_logdet", "grad_norm", "lr")
     assert ([[m[k] for k in keys] for m in read_metrics(tmp_path / "run")]
             == [[m[k] for k in keys] for m in resume_runs["reference"]])
+    # killed after its last checkpoint, before its grid: the rerun draws the grid of the step it resumes at
+    grid = tmp_path / "run" / "samples" / "step_00000006.png"
+    drawn = grid.read_bytes()
+    grid.unlink()
+    assert main(train_args(tmp_path / "config.yaml", Path(config["data"]), tmp_path / "run")) == 0
+    assert grid.read_bytes() == drawn
 
 def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metrics(resume_runs, tmp_path,
                                                                                     capsys) -> None:

@@ -619,6 +619,10 @@ class Trainer:
         if cfg.sample_freq and not dry_run:
             self._log(f"sample grids every {cfg.sample_freq} epoch(s) of {self.steps_per_epoch} steps (sample_freq), "
                       "and at the last step")
+            # a run killed between its checkpoint and its grid: the grid of the step it resumes at (rank 0's folder
+            # decides for every rank, as every rank samples with sharded layers)
+            if self._grid_due(self.step, cfg.steps) and from_rank0(lambda: not self._grid_path().exists()):
+                self.sample_grid()
         logger = MetricsLogger(self.logdir, cfg.to_dict(), enabled=self.dist.is_main and not dry_run,
                                start_step=self.step)
         data = self._batches()
@@ -656,7 +660,7 @@ class Trainer:
                 saved = self.step % cfg.save_freq == 0 or self.step == end
                 if saved:  # (before the sample grid: what is trained is kept first)
                     self.save()
-                if cfg.sample_freq and (self.step % (cfg.sample_freq * self.steps_per_epoch) == 0 or self.step == end):
+                if self._grid_due(self.step, end):
                     self.sample_grid()
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
@@ -708,6 +712,14 @@ class Trainer:
         Pipeline(self.model, text_encoder, self.vae, self.cfg).save_pretrained(folder, weights=weights, extra=extra)
         return Path(folder)
 
+    def _grid_due(self, step: int, end: int) -> bool:
+        """Whether step ``step`` of a run ending at ``end`` draws a sample grid (config key ``sample_freq``, in epochs)."""
+        every = self.cfg.sample_freq * self.steps_per_epoch
+        return bool(self.cfg.sample_freq) and step > 0 and (step % every == 0 or step == end)
+
+    def _grid_path(self) -> Path:
+        return self.logdir / "samples" / f"step_{self.step:08d}.png"
+
     @torch.no_grad()
     def sample_grid(self, per_prompt: int = 4) -> Path | None:
         """Sample ``per_prompt`` images (videos: a filmstrip of 4 frames each) for a fixed set of training captions into
@@ -735,7 +747,7 @@ class Trainer:
         self.model.train(was_training)
         if not self.dist.is_main:
             return None
-        path = self.logdir / "samples" / f"step_{self.step:08d}.png"
+        path = self._grid_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         width = pixels.shape[-1]
         if pixels.dim() == 5:  # videos: a filmstrip of frames per sample
