@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
@@ -296,7 +297,7 @@ def _is_safetensors(path: Path) -> bool:
 def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: PathLike) -> Path:
     """Write weights to ``.safetensors`` (no pickle) or ``.pth``/``.pt``/``.bin`` (``torch.save``), atomically.
 
-    The file is written in a temporary folder beside ``path`` (``.NAME.tmpPID/``, which also holds the safetensors
+    The file is written in a temporary folder beside ``path`` (``.NAME.tmpPID@HOST/``, which also holds the safetensors
     writer's own temporary file) and moved into place once complete: no truncated file, and what a killed write
     leaves is removed by the next write of the same file.
 
@@ -327,7 +328,7 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
         out[name] = tensor
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_writes(path)
-    scratch = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    scratch = path.with_name(f".{path.name}.tmp{os.getpid()}@{_HOST}")
     tmp = scratch / path.name
     try:
         try:
@@ -351,12 +352,16 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
     return path
 
 
+_HOST = socket.gethostname().replace("/", "_")
+
+
 def _remove_killed_writes(path: Path) -> None:
-    """Remove the temporary folders (or files, of older versions) that killed writes of ``path`` left beside it:
-    those of processes no longer running (a write in progress elsewhere is left alone)."""
+    """Remove the temporary folders (or files, of older versions) that killed writes of ``path`` on this machine left
+    beside it: those of processes no longer running. A write in progress, or one of another machine sharing the
+    folder (whose processes cannot be seen from here), is left alone."""
     for left in path.parent.glob(f".{glob_escape(path.name)}.tmp*"):
-        pid = left.name.rsplit(".tmp", 1)[-1]
-        if not pid.isdigit() or _running(int(pid)):
+        pid, _, host = left.name.rsplit(".tmp", 1)[-1].partition("@")
+        if not pid.isdigit() or host not in ("", _HOST) or _running(int(pid)):
             continue
         if left.is_dir():
             shutil.rmtree(left, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 torchrun starts its workers in their own session, so a launcher killed outright (``kill -9``, a node agent's OOM kill)
 would leave them running on: training beside the rerun, or waiting minutes for a rendezvous that will not come. The
-``starflow`` command calls :func:`stop_with_launcher` first thing under torchrun (and :func:`starflow.distributed.
+``starflow`` command calls :func:`stop_with_launcher` first thing under torchrun, before torch loads (seconds in
+which a killed launcher would otherwise go unnoticed) (and :func:`starflow.distributed.
 init_distributed` again, for runs started from Python), so a worker whose launcher dies gets SIGTERM instead.
 """
 from __future__ import annotations
@@ -26,11 +27,12 @@ def stop_with_launcher(signum: int = signal.SIGTERM) -> bool:
     ``prctl(PR_SET_PDEATHSIG)``): training then stops after its step with a checkpoint, ``generate-set`` after its
     batch (:class:`~starflow.signals.StopSignals`), other commands end.
 
-    A launcher that died before the request (this process already handed to PID 1) is treated the same: ``signum``
-    is sent at once, as the kernel would never send it.
+    A launcher that died while the request was made is treated the same: ``signum`` is sent at once, as the kernel
+    would never send it. (A parent that is PID 1 is not taken for a dead launcher: in a container torchrun is often
+    PID 1 itself.)
 
     Returns:
-        Whether it was set (False off Linux, or when the launcher was already gone).
+        Whether it was set (False off Linux, or when the launcher died meanwhile).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -43,7 +45,7 @@ def stop_with_launcher(signum: int = signal.SIGTERM) -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if parent == 1 or os.getppid() != parent:  # the launcher died before (or while) asking: nobody will send it
+    if os.getppid() != parent:  # the launcher died while this asked: nobody will send it
         os.kill(os.getpid(), signum)
         return False
     return True

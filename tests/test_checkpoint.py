@@ -206,16 +206,21 @@ def test_a_save_removes_what_killed_saves_of_the_file_left(tmp_path: Path) -> No
     import os
 
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
-    killed = tmp_path / f".model.safetensors.tmp{dead}"
+    import socket
+
+    killed = tmp_path / f".model.safetensors.tmp{dead}@{socket.gethostname()}"
     killed.mkdir()
     (killed / ".tmpAbC123").write_bytes(b"x" * 1000)
     (tmp_path / f".model.safetensors.tmp{dead + 1}").write_bytes(b"half")  # an older version's temporary file
-    running = tmp_path / f".model.safetensors.tmp{os.getppid()}"
+    running = tmp_path / f".model.safetensors.tmp{os.getppid()}@{socket.gethostname()}"
     running.mkdir()
+    elsewhere = tmp_path / f".model.safetensors.tmp{dead}@another-host"  # its processes cannot be seen from here
+    elsewhere.mkdir()
     other = tmp_path / f".ema.safetensors.tmp{dead}"
     other.mkdir()
     save_weights({"a": torch.ones(2)}, tmp_path / "model.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "model.safetensors"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, elsewhere.name, other.name,
+                                                                 "model.safetensors"])
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -96,13 +96,13 @@ def test_a_worker_is_stopped_when_its_launcher_is_killed(tmp_path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_worker_whose_launcher_is_already_gone_stops_at_once(tmp_path) -> None:
-    """Handed to PID 1 before it could ask (its launcher killed while it started), a worker stops itself."""
-    worker = ("import os, signal, sys\nimport starflow.worker as w\n"
+def test_a_worker_of_a_launcher_that_is_pid_1_runs(tmp_path) -> None:
+    """In a container torchrun is often PID 1: its workers are tied to it, not stopped."""
+    worker = ("import signal, sys\nimport starflow.worker as w\n"
               "signal.signal(signal.SIGTERM, lambda *a: (print('TERM', flush=True), sys.exit(0)))\n"
               "w.os.getppid = lambda: 1\nprint(w.stop_with_launcher(), flush=True)\n")
     r = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=60)
-    assert r.stdout.split() == ["TERM"]  # the signal arrives inside the call
+    assert r.stdout.split() == ["True"]
 
 
 def test_the_command_ties_a_torchrun_worker_to_its_launcher_before_importing_torch() -> None:

@@ -232,6 +232,17 @@ def test_sampling_inside_inference_mode_matches_sampling_outside(pipe: Pipeline)
     want = pipe(PROMPTS, SampleSettings(cfg=2.0), seeds=SEEDS)
     with torch.inference_mode():
         assert torch.equal(pipe(PROMPTS, SampleSettings(cfg=2.0), seeds=SEEDS), want)
+    from starflow.assets import DEMO_DIR
+
+    with torch.inference_mode():  # loaded inside it too
+        demo = Pipeline.from_pretrained(DEMO_DIR)
+        assert not next(demo.model.parameters()).is_inference()
+        sample = demo(PROMPTS[:1], demo.default_settings(), seeds=SEEDS[:1])
+    assert torch.equal(sample, Pipeline.from_pretrained(DEMO_DIR)(PROMPTS[:1], demo.default_settings(), seeds=SEEDS[:1]))
+    with torch.inference_mode():  # a model made inside it has no gradient to give: said, not a deep autograd error
+        made = type(pipe.model).from_config(pipe.config, txt_dim=pipe.model.txt_dim)
+    with pytest.raises(RuntimeError, match="parameters were made under torch.inference_mode"):
+        self_denoise(made, torch.zeros(1, 1, 8, 8), torch.zeros(1, pipe.config.txt_size, pipe.model.txt_dim), 0.1)
 
 
 def test_numpy_seeds_are_seeds(pipe: Pipeline) -> None:

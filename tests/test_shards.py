@@ -30,6 +30,8 @@ from starflow.data import (
 from starflow.data.video import VideoFolder, write_video
 from starflow.prompts import EXTEND_PREFIX, apply_prompt_template
 
+REPO = Path(__file__).resolve().parents[1]
+
 N = 40  # samples in the small folders
 
 
@@ -144,10 +146,16 @@ def test_a_set_killed_while_it_replaced_the_old_one_is_incomplete_and_replaced_b
         pack_folder(src, out, shard_size=2, overwrite=True)  # 5 shards
     monkeypatch.setattr(Path, "replace", real_replace)
     assert not (out / "index.json").exists()  # incomplete: no reader takes it
-    with pytest.warns(UserWarning, match="incomplete set .* a killed run"):
+    with pytest.warns(UserWarning, match=r"incomplete set \(a run killed while it replaced the set\)"):
         index = pack_folder(src, out, shard_size=2)  # no --overwrite needed to replace leftovers
     assert index["total"] == 10 and sorted(p.name for p in out.iterdir()) == [
         "index.json", *(f"shard-{i:06d}.tar" for i in range(5))]
+    made_elsewhere = tmp_path / "hand_made"  # webdataset shards of another tool: no index, and not ours to replace
+    made_elsewhere.mkdir()
+    (made_elsewhere / "shard-000000.tar").write_bytes(b"a user's shard")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        pack_folder(src, made_elsewhere)
+    assert [p.name for p in made_elsewhere.iterdir()] == ["shard-000000.tar"]
 
 
 @pytest.mark.parametrize("damage, message", [(lambda text: text[:50], "is not valid JSON"),
@@ -385,6 +393,28 @@ def test_video_folder_packs_and_streams_clips(tmp_path: Path) -> None:
     expected = [folder[i] for i in range(4)]
     assert _as_set(batch["pixels"], batch["text"]) == _as_set(torch.stack([s["pixels"] for s in expected]),
                                                             [s["text"] for s in expected])
+
+
+def test_gifs_pack_as_clips_when_animated_and_shards_of_the_other_kind_are_refused(tmp_path: Path) -> None:
+    from starflow.data.build import build_dataset
+
+    rng = np.random.default_rng(0)
+    for name, frames in (("animated", 5), ("still", 1)):
+        src = tmp_path / name
+        src.mkdir()
+        lines = []
+        for i in range(3):
+            images = [Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)) for _ in range(frames)]
+            images[0].save(src / f"{i}.gif", save_all=frames > 1, append_images=images[1:], duration=125, loop=0)
+            lines.append(json.dumps({"file_name": f"{i}.gif", "text": f"a handwritten digit {i}"}))
+        (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        assert pack_folder(src, tmp_path / f"{name}_shards")["kind"] == ("video" if frames > 1 else "image")
+    video_cfg = load_config(str(REPO / "configs" / "demo_moving_digits.yaml"), {"data": str(tmp_path / "still_shards")})
+    with pytest.raises(ValueError, match="shards of images .* but this is a video config"):
+        build_dataset(video_cfg, downsample=1)
+    image_cfg = load_config(str(REPO / "configs" / "demo_digits.yaml"), {"data": str(tmp_path / "animated_shards")})
+    with pytest.raises(ValueError, match="shards of videos .* but this is an image config"):
+        build_dataset(image_cfg, downsample=1)
 
 
 def test_cache_latents_stores_vae_and_text_outputs(all_digits: Path, tmp_path: Path, tiny_config) -> None:

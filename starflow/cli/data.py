@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="image or video folder with metadata.jsonl")
     p.add_argument("out", help="output folder")
     p.add_argument("--shard_size", type=at_least(1), default=1000, help="samples per shard [default: 1000]")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete set of shards already in OUT (a failed run keeps it; an "
-                        "incomplete one, without index.json, left by a killed run, is replaced anyway)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards already in OUT (a run that fails keeps them; a set that a killed run left "
+                        "half-replaced is replaced anyway)")
     p.set_defaults(func=pack)
 
     p = sub.add_parser("cache-latents", help="encode a dataset once with the config's VAE and text encoder",
@@ -39,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard_size", type=at_least(1), default=1000, help="samples per shard [default: 1000]")
     p.add_argument("--dtype", choices=_STORAGE_DTYPES, default="float32",
                    help="storage dtype of latents and embeddings [default: float32]")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete cache already in --out (a failed run keeps it; an incomplete "
-                        "one, without index.json, left by a killed run, is replaced anyway)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a cache already in --out (a run that fails keeps it; a cache that a killed run left "
+                        "half-replaced is replaced anyway)")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     add_config_flags(p, skip={"data"}, reject={k: None if k in TRAINING_KEYS else
                                                "it reads only the keys the encoded data depends on: sizes, VAE, text "

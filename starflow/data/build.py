@@ -64,7 +64,8 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         An :class:`ImageFolder`, a :class:`~starflow.data.video.VideoFolder` or a :class:`ShardStream`.
 
     Raises:
-        ValueError: a latent cache made with other settings (the message names the keys).
+        ValueError: a latent cache made with other settings (the message names the keys); shards of images for a
+            video config or of videos for an image config.
         FileNotFoundError: no ``metadata.jsonl`` / ``index.json`` in the folder.
     """
     root = check_data_folder(cfg.data)
@@ -73,6 +74,10 @@ def build_dataset(cfg: Config, *, downsample: int, rank: int = 0, world_size: in
         kind = read_index(root)[1]["kind"]
         if kind == "latent":
             check_cache_settings(root, cfg)
+        elif (kind == "video") != cfg.is_video:
+            want = "video" if cfg.is_video else "image"
+            raise ValueError(f"--data {root}: shards of {kind}s (its index.json), but this is {'a' if cfg.is_video else 'an'}"
+                             f" {want} config: pack a folder of {want}s (GIFs alone are packed as videos when animated)")
         micro = cfg.batch_size // (world_size * cfg.grad_accum)
         video = dict(frames=clip_frames(cfg), fps=cfg.fps_choices, size=(cfg.img_size, cfg.img_size),
                      paired=bool(cfg.video_to_video)) if cfg.is_video else {}

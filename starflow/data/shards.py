@@ -39,6 +39,7 @@ SHARD_PATTERN = "shard-%06d.tar"
 INDEX_FILE = "index.json"
 UNCOND_FILE = "uncond.pt"  # a latent cache's unconditional text embedding
 STAGING_PREFIX = ".staging-"  # the folder inside OUT that new shards are written to
+REPLACING_FILE = ".replacing"  # in OUT while a finished run moves its set in (its presence: an incomplete set)
 _NOT_MEDIA = frozenset({"txt", "json", "latent.pth", "txt.pth", "txt_extend.pth"})
 _BAD_SAMPLE = (OSError, ValueError, KeyError, RuntimeError, EOFError)  # what a corrupt sample can raise
 
@@ -73,14 +74,22 @@ def _extension(file_name: str) -> str:
     return Path(file_name).suffix.lower().lstrip(".")
 
 
-def folder_kind(file_names: Iterable[str]) -> str:
-    """``"video"`` if the files are videos, ``"image"`` if none is; GIFs, either, go with the rest (a folder of
-    GIFs alone is images).
+def folder_kind(file_names: Iterable[str], root: Path | None = None) -> str:
+    """``"video"`` if the files are videos, ``"image"`` if none is; GIFs, either, go with the rest. A folder of GIFs
+    alone is videos when its first GIF (under ``root``) is animated, images otherwise.
 
     Raises:
         ValueError: The folder mixes videos and images.
     """
+    file_names = list(file_names)
     video = [f.lower().endswith(VIDEO_SUFFIXES) for f in file_names if not f.lower().endswith(CLIP_OR_IMAGE_SUFFIXES)]
+    if file_names and not video and root is not None:  # GIFs alone
+        from starflow.data.images import image_frames
+
+        try:
+            return "video" if image_frames(root / file_names[0]) > 1 else "image"
+        except OSError:
+            return "image"
     if any(video) and not all(video):
         raise ValueError(f"the folder mixes videos ({', '.join(s.lstrip('.') for s in VIDEO_SUFFIXES)}) and images; "
                          "pack them into separate folders")
@@ -115,7 +124,7 @@ def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]
         ValueError: Malformed metadata, or images and videos mixed.
     """
     records = read_metadata(root)
-    kind = folder_kind(r["file_name"] for r in records)
+    kind = folder_kind([r["file_name"] for r in records], root)
 
     def samples() -> Iterator[dict]:
         written = 0
@@ -184,20 +193,23 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     shards, index and cache files already in ``out``, which stay untouched if it fails (or is interrupted; the staging
     folder of a killed run is removed by the next one). The replacement removes the old index first and moves the new
     one in last, so a kill during it leaves a folder without an index: an incomplete set, which no reader takes and
-    the next run replaces without ``overwrite``.
+    the next run replaces without ``overwrite`` (a ``.replacing`` file marks it; shards without an index and without
+    that mark, made by another tool, are left alone).
 
     Raises:
         ValueError: ``out`` is the source folder ``src`` (its files would be replaced by what is read from them).
-        FileExistsError: ``out`` holds a complete set (shards with their index) and ``overwrite`` is off.
+        FileExistsError: ``out`` holds shards, an index or cache files (but not an interrupted replacement) and
+            ``overwrite`` is off.
     """
     if out.resolve() == src.resolve():
         raise ValueError(f"the output folder {out} is the source folder: write the shards to another folder")
     old = _output_files(out) if out.is_dir() else []
+    marker = out / REPLACING_FILE
     if old and not overwrite:
-        if (out / INDEX_FILE).exists():
+        if not marker.exists():
             raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
-        warnings.warn(f"{out} holds {len(old)} file(s) of an incomplete set (no {INDEX_FILE}: a killed run); "
-                      "replacing them", stacklevel=2)
+        warnings.warn(f"{out} holds {len(old)} file(s) of an incomplete set (a run killed while it replaced the "
+                      "set); replacing them", stacklevel=2)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(STAGING_PREFIX + "*"):  # what a killed run left (one process writes a folder)
@@ -207,13 +219,15 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
     try:
         yield staging
-        (out / INDEX_FILE).unlink(missing_ok=True)  # from here until the new index is in, the set is incomplete
+        marker.touch()  # from here until the new index is in, the set is incomplete (and the next run may replace it)
+        (out / INDEX_FILE).unlink(missing_ok=True)
         new = _output_files(staging)
         for path in old:
             if path.name not in {p.name for p in new}:
                 path.unlink(missing_ok=True)
         for path in new:  # the index last
             path.replace(out / path.name)
+        marker.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

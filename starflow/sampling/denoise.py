@@ -25,7 +25,12 @@ def self_denoise(model, x: torch.Tensor, y: torch.Tensor | None, noise_std: floa
 
     Raises:
         ValueError: ``y`` is None for a text-conditioned model (from :meth:`STARFlow.nll`).
+        RuntimeError: the model's parameters were made under ``torch.inference_mode`` (no gradient through them).
     """
+    if next(model.parameters()).is_inference():
+        raise RuntimeError("self_denoise needs the gradient of the model, whose parameters were made under "
+                           "torch.inference_mode: build or load the model outside it (Pipeline.from_pretrained does), "
+                           "or sample without the denoising step (self_denoise=False)")
     with torch.inference_mode(False), torch.enable_grad():  # (also when called under inference_mode)
         xg = x.detach().float().clone().requires_grad_(True)  # clones: normal tensors, even of inference ones
         per_dim = model.nll(xg, None if y is None else y.clone())  # (B,) nats per dim

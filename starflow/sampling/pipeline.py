@@ -67,6 +67,7 @@ class Pipeline:
         return next(self.model.parameters()).device
 
     @classmethod
+    @torch.inference_mode(False)  # loaded inside a caller's inference_mode too, the weights stay ordinary tensors
     def from_pretrained(cls, folder_or_weights: str | Path, config: str | Path | Config | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         asset_dir: str | Path | None = None, shard: bool = False, ema: bool = False) -> "Pipeline":
