@@ -2,9 +2,9 @@
 
 torchrun starts its workers in their own session, so a launcher killed outright (``kill -9``, a node agent's OOM kill)
 would leave them running on: training beside the rerun, or waiting minutes for a rendezvous that will not come. The
-``starflow`` command calls :func:`stop_with_launcher` first thing under torchrun, before torch loads (seconds in
-which a killed launcher would otherwise go unnoticed) (and :func:`starflow.distributed.
-init_distributed` again, for runs started from Python), so a worker whose launcher dies gets SIGTERM instead.
+``starflow`` command calls :func:`stop_with_launcher` first thing under torchrun, before torch loads (seconds in which
+a killed launcher would go unnoticed), and :func:`starflow.distributed.init_distributed` calls it again for runs
+started from Python; a worker whose launcher dies then gets SIGTERM.
 """
 from __future__ import annotations
 

@@ -28,8 +28,9 @@ from starflow.data.aspect import aspect_to_size, nearest_aspect
 from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
-__all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip", "read_video", "load_video", "video_length",
-           "video_aspect", "write_video", "write_gif", "to_uint8_frames", "draw_rate"]
+__all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip",
+           "read_video", "load_video", "video_length", "video_aspect", "write_video", "write_gif", "to_uint8_frames",
+           "draw_rate"]
 
 logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
