@@ -17,17 +17,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
-import socket
 import warnings
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Mapping, Union
 
 import safetensors.torch
 import torch
 from torch import nn
+
+from starflow.files import atomic_scratch_path
 
 __all__ = ["DEPRECATED_BUFFERS", "WEIGHT_SUFFIXES", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated",
            "is_deprecated", "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights",
@@ -297,9 +296,9 @@ def _is_safetensors(path: Path) -> bool:
 def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: PathLike) -> Path:
     """Write weights to ``.safetensors`` (no pickle) or ``.pth``/``.pt``/``.bin`` (``torch.save``), atomically.
 
-    The file is written in a temporary folder beside ``path`` (``.NAME.tmpPID@HOST/``, which also holds the safetensors
-    writer's own temporary file) and moved into place once complete: no truncated file, and what a killed write
-    leaves is removed by the next write of the same file.
+    The file is written in a temporary folder beside ``path`` (:func:`starflow.files.atomic_scratch_path`, which also
+    holds the safetensors writer's own temporary file) and moved into place once complete: no truncated file, and
+    what a killed write leaves is removed by the next write of the same file.
 
     Args:
         model_or_state_dict: a module (its ``state_dict()`` is saved) or ``{name: tensor}``.
@@ -327,14 +326,7 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
             seen.add(ptr)
         out[name] = tensor
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_killed_writes(path)
-    scratch = path.with_name(f".{path.name}.tmp{os.getpid()}@{_HOST}")
-    tmp = scratch / path.name
-    try:
-        try:
-            scratch.mkdir(exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot write {path} ({e.strerror or e}): check that its folder is writable") from e
+    with atomic_scratch_path(path) as tmp:
         if is_st:
             try:
                 safetensors.torch.save_file(out, str(tmp), metadata={"format": "pt"})
@@ -346,37 +338,7 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
                 torch.save(out, tmp)
             except RuntimeError as e:  # its file errors ("open file failed") are not OSErrors
                 raise OSError(f"cannot write {path} ({str(e).splitlines()[0]}): check that its folder is writable") from e
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return path
-
-
-_HOST = socket.gethostname().replace("/", "_")
-
-
-def _remove_killed_writes(path: Path) -> None:
-    """Remove the temporary folders (or files, of older versions) that killed writes of ``path`` on this machine left
-    beside it: those of processes no longer running. A write in progress, or one of another machine sharing the
-    folder (whose processes cannot be seen from here), is left alone."""
-    for left in path.parent.glob(f".{glob_escape(path.name)}.tmp*"):
-        pid, _, host = left.name.rsplit(".tmp", 1)[-1].partition("@")
-        if not pid.isdigit() or host not in ("", _HOST) or _running(int(pid)):
-            continue
-        if left.is_dir():
-            shutil.rmtree(left, ignore_errors=True)
-        else:
-            left.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
 
 
 def _umask() -> int:

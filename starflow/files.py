@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import socket
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-__all__ = ["atomic_path", "write_text_atomic", "weights_fingerprint", "weights_sha256", "same_weights"]
+__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "weights_fingerprint", "weights_sha256", "same_weights"]
 
 
 @contextmanager
@@ -25,6 +28,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+@contextmanager
+def atomic_scratch_path(path: str | Path) -> Iterator[Path]:
+    """:func:`atomic_path` for writers that make temporary files of their own beside their target (safetensors'
+    ``.tmpXXXXXX``, gigabytes for a 3B model): the yielded path lies in a folder of its own, ``.NAME.tmpPID@HOST/``,
+    removed whole afterwards. What killed writes of ``path`` on this machine left (processes no longer running) is
+    removed first; a write in progress, or one of another machine sharing the folder, is left alone.
+
+    Raises:
+        OSError: the folder of ``path`` is not writable (the message names ``path``).
+    """
+    path = Path(path)
+    for left in path.parent.glob(f".{glob_escape(path.name)}.tmp*"):
+        pid, _, host = left.name.rsplit(".tmp", 1)[-1].partition("@")
+        if pid.isdigit() and host in ("", _HOST) and not _running(int(pid)):  # ("": older versions' files)
+            if left.is_dir():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
+    scratch = path.with_name(f".{path.name}.tmp{os.getpid()}@{_HOST}")
+    try:
+        try:
+            scratch.mkdir(exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot write {path} ({e.strerror or e}): check that its folder is writable") from e
+        yield scratch / path.name
+        os.replace(scratch / path.name, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -307,7 +307,8 @@ def test_video_to_video_and_end_frame_models() -> None:
     with pytest.raises(ValueError, match="last_frame_cond"):
         v2v(["a"], settings, last_image=end)
     for name in ("input_image", "last_image"):  # a one-frame clip is not an image
-        with pytest.raises(ValueError, match=rf"^{name} \(1, 1, 1, 8, 8\): one image per prompt, \(B, C, H, W\)"):
+        with pytest.raises(ValueError, match=rf"^{name} \(1, 1, 1, 8, 8\): needs \(B, C, H, W\) pixels .* \(a clip "
+                                             r"to continue is input_video\)"):
             last(["a"], settings, **{name: end[:, None]})
 
 

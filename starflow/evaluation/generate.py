@@ -65,8 +65,6 @@ class SetSummary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-
-
 def set_record(captions: list[str], settings: SampleSettings, seed: int,
                record: dict[str, Any] | None = None) -> dict[str, Any]:
     """What identifies a sample set, as ``set.json`` stores it: count, seed, settings, a digest of the captions, and

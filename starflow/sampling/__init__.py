@@ -8,5 +8,5 @@ from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
 from starflow.sampling.denoise import learned_denoise, self_denoise
 from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings, pixel_mask_like
 
-__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "self_denoise", "learned_denoise", "guide", "decode_block", "JacobiSettings",
-           "DecodeStats"]
+__all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "self_denoise", "learned_denoise", "guide",
+           "decode_block", "JacobiSettings", "DecodeStats"]

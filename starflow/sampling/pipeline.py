@@ -48,6 +48,21 @@ def continuation_frames(cfg, temporal_downsample: int, target_length: int | None
     return max(t, (frames - 1) // t * t) if t > 1 else frames
 
 
+def _require_dims(pixels: torch.Tensor, what: str, dims: int) -> None:
+    """Refuse pixels without the batch layout of their argument: 4 dims ``(B, C, H, W)``, one image per prompt, or
+    5 dims ``(B, T, C, H, W)``, one clip per prompt.
+
+    Raises:
+        ValueError: another number of dims (the message says how to add the batch axis or which argument takes clips).
+    """
+    if pixels.dim() == dims:
+        return
+    layout = "(B, C, H, W) pixels in [-1, 1], one image per prompt" if dims == 4 else \
+        "(B, T, C, H, W) pixels in [-1, 1], one clip per prompt (one clip: clip[None])"
+    hint = " (a clip to continue is input_video)" if dims == 4 and pixels.dim() == 5 else ""
+    raise ValueError(f"{what} {tuple(pixels.shape)}: needs {layout}{hint}")
+
+
 class Pipeline:
     """Flow + text encoder + latent adapter, sampling images from prompts.
 
@@ -460,9 +475,8 @@ class Pipeline:
             raise ValueError("last_image needs a model trained with last_frame_cond (its config says 0): the end "
                              "frame conditions only such models")
         for name, image in (("input_image", input_image), ("last_image", last_image)):
-            if image is not None and image.dim() != 4:
-                raise ValueError(f"{name} {tuple(image.shape)}: one image per prompt, (B, C, H, W) pixels in [-1, 1]"
-                                 + (" (a clip to continue is input_video)" if image.dim() == 5 else ""))
+            if image is not None:
+                _require_dims(image, name, 4)
         if c.is_video and settings.target_length:
             self.vae.geometry.check_decodable(settings.target_length)
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
@@ -520,9 +534,7 @@ class Pipeline:
         """Continue clips ``(B, T, C, H, W)``: see ``input_video`` in :meth:`__call__`."""
         c, geo = self.config, self.vae.geometry
         t = geo.temporal_downsample
-        if video.dim() != 5:
-            raise ValueError(f"input_video {tuple(video.shape)}: needs (B, T, C, H, W), a batch of clips (one clip: "
-                             "clip[None])")
+        _require_dims(video, "input_video", 5)
         if (video.shape[1] - 1) % t:
             raise ValueError(f"input_video {tuple(video.shape)}: needs (B, T, C, H, W) with T - 1 a multiple of {t} "
                              f"(the VAE's temporal factor): trim it to {1 + (video.shape[1] - 1) // t * t} frames")
@@ -586,9 +598,7 @@ class Pipeline:
         if redraw:
             raise ValueError(f"{redraw[0]}: video_to_video redraws the source clip's {c.vid_size[0]} frames (vid_size), "
                              "in one window: leave it None")
-        if source.dim() != 5:
-            raise ValueError(f"source clip {tuple(source.shape)}: needs (B, T, C, H, W), a batch of clips (one clip: "
-                             "clip[None])")
+        _require_dims(source, "source clip", 5)
         if source.shape[1] != c.vid_size[0]:
             raise ValueError(f"source clip {tuple(source.shape)}: the model was trained on (B, {c.vid_size[0]}, C, H, W) "
                              f"clips (vid_size {c.vid_size[0]} frames): cut or resample it to that length")
