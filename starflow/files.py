@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "weights_fingerprint", "weights_sha256", "same_weights"]
+__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "check_file_target", "weights_fingerprint",
+           "weights_sha256", "same_weights"]
 
 
 @contextmanager
@@ -77,6 +78,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see the module docstring)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def check_file_target(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output file path that is a folder or whose folder does not exist.
+
+    Raises:
+        ValueError: ``FLAG PATH: is a folder; ...`` or ``FLAG PATH: its folder ... does not exist``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: its folder {path.parent} does not exist")
+    return path
 
 
 def weights_fingerprint(files: list[Path]) -> list[str]:

@@ -228,6 +228,26 @@ def test_one_frame_of_a_video_model_is_prompted_as_an_image(monkeypatch) -> None
         wan(["cat"], SampleSettings(target_length=6), seeds=[0])
 
 
+def test_eval_nll_prompts_a_video_model_with_images_as_images(tmp_path, monkeypatch) -> None:
+    """eval-nll scores images: a video model trained with fps_cond saw them as "An image:" (fps 0), so they are
+    scored under that prompt, not under the video one of the config's frame rate."""
+    from starflow.adapters.text import TextEncoder
+    from starflow.evaluation import evaluate_nll
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "cat"}) + "\n"
+                                                   for i in range(2)))
+    seen = []
+    encode = TextEncoder._encode
+    monkeypatch.setattr(TextEncoder, "_encode", lambda self, texts: (seen.extend(texts), encode(self, texts))[1])
+    evaluate_nll(_video_pipeline(fps_cond=1), str(folder), progress=False)
+    assert seen == ["An image:\ncat\n"] * 2
+
+
 def test_sample_notes_that_one_frame_is_prompted_as_an_image(tmp_path, capsys) -> None:
     folder = tmp_path / "model"
     _video_pipeline(fps_cond=1).save_pretrained(folder)

@@ -168,6 +168,14 @@ def test_eval_nll_command(model_dir: Path, digits, capsys) -> None:
     pipe = Pipeline.from_pretrained(model_dir)
     r = evaluate_nll(pipe, str(digits["test"]), batch_size=16, progress=False)
     assert f"= {r.bits_per_dim:.4f} ± {r.bits_per_dim_ci95:.4f} bits/dim" in out  # evaluate_nll's numbers
+    assert f"checkpoint: {model_dir}" in out and "(seed 0)" in out
+    out_file = model_dir.parent / "nll.json"  # --out: the same numbers, and what they were measured with
+    assert main(["eval-nll", "--checkpoint_path", str(model_dir), "--data", str(digits["test"]), "--batch_size", "16",
+                 "--device", "cpu", "--seed", "3", "--out", str(out_file)]) == 0
+    record = json.loads(out_file.read_text())
+    again = evaluate_nll(pipe, str(digits["test"]), batch_size=16, seed=3, progress=False)
+    assert record["bits_per_dim"] == again.bits_per_dim and record["pixel_bits_per_dim"] == again.pixel_bits_per_dim
+    assert record["seed"] == 3 and record["images"] == 24 and record["checkpoint"] == str(model_dir.resolve())
 
 
 def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> None:

@@ -188,6 +188,9 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
     first = json.loads((tmp_path / "m.json").read_text())
     assert set(first["metrics"]) == {"fid", "kid_mean", "kid_std", "precision", "recall"}
     assert first["samples"] == 24 and "torchmetrics" in first["versions"] and first["features"] == "digits"
+    n_ref = len(list(Path(digits["train"]).glob("*.png")))
+    assert first["reference_images"] == n_ref and first["kid_subset_size"] == min(24, n_ref)
+    assert first["sample_set"] is None  # a plain folder of images
     assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(stats), "--features", "digits",
                  "--out", str(tmp_path / "m2.json")]) == 0
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"])
@@ -234,8 +237,12 @@ def test_clip_score_through_a_tiny_clip(tmp_path, capsys) -> None:
     r = subprocess.run(_generate(out, 4), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(clip)]) == 0
-    score = json.loads((out / "metrics.json").read_text())["metrics"]["clip_score"]
+    record = json.loads((out / "metrics.json").read_text())
+    score = record["metrics"]["clip_score"]
     assert 0.0 <= score <= 100.0
+    made = json.loads((out / "set.json").read_text())  # metrics.json names what made the set
+    assert record["sample_set"]["checkpoint"] == made["checkpoint"] and record["sample_set"]["seed"] == made["seed"]
+    assert record["sample_set"]["weights_sha"] == made["weights_sha"] and record["reference_images"] is None
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 

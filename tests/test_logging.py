@@ -70,6 +70,12 @@ def test_jsonl_lines(tmp_path: Path, no_tensorboard: None) -> None:
     with MetricsLogger(logdir, CONFIG) as logger:  # a resumed run appends
         logger.log(3, {"loss": 0.125})
     assert [line["step"] for line in read_lines(logdir / "metrics.jsonl")] == [1, 2, 3]
+    path = logdir / "metrics.jsonl"  # a run killed in the middle of writing step 4's line, resumed at step 3
+    path.write_text(path.read_text() + '{"step": 4, "loss": 0.06')
+    with MetricsLogger(logdir, CONFIG, start_step=3) as logger:
+        logger.log(4, {"loss": 0.0625})
+    assert read_lines(path) == [{"step": 1, "loss": 0.5, "lr": pytest.approx(1e-4)}, {"step": 2, "loss": 0.25},
+                                {"step": 3, "loss": 0.125}, {"step": 4, "loss": 0.0625}]
 
 
 def test_tensorboard_scalars(tmp_path: Path) -> None:

@@ -227,6 +227,14 @@ def test_samples_per_s_covers_the_steps_since_the_last_log_and_leaves_checkpoint
     more = resumed.fit()
     assert [m["step"] for m in more] == [6, 7]
     assert 0 < more[0]["elapsed_s"] - rows[-1]["elapsed_s"] < 50.0
+    # a checkpoint between logged steps is left out too: log_freq 3, save_freq 2 (saves at 2 and 4, rows at 3 and 5)
+    config = dict(config, log_freq=3, save_freq=2)
+    with torch.random.fork_rng(devices=[]):
+        rows = build_trainer(config, tmp_path / "run2").fit()
+    logged = {m["step"]: m for m in read_metrics(tmp_path / "run2")}
+    assert sorted(logged) == [3, 5]
+    assert logged[3]["elapsed_s"] >= 100.0 and 3 * batch / logged[3]["samples_per_s"] < 50.0
+    assert logged[5]["elapsed_s"] - logged[3]["elapsed_s"] >= 100.0 and 2 * batch / logged[5]["samples_per_s"] < 50.0
 
 
 def test_resumed_run_matches_the_uninterrupted_run(resume_runs) -> None:

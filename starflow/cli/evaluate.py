@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise_samples", type=int, default=1, help="noise draws per image [default: 1]")
     p.add_argument("--num_samples", type=int, default=None, help="evaluate the first N images [default: all]")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws [default: 0]")
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="also write the result, with the checkpoint, data, seed and noise it was measured with, as "
+                        "JSON [default: printed only]")
     add_device_flag(p, "cpu, cuda ... [default: cuda if available]")
     p.set_defaults(func=eval_nll)
 
@@ -81,6 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def eval_nll(args: argparse.Namespace) -> int:
     """:func:`starflow.evaluation.evaluate_nll` of a model folder on ``--data``."""
+    import json
+    from dataclasses import asdict
+
+    from starflow.data.images import read_metadata
+    from starflow.data.video import VIDEO_SUFFIXES
+    from starflow.files import check_file_target, write_text_atomic
     from starflow.distributed import cleanup_distributed, init_distributed
     from starflow.evaluation import evaluate_nll
     from starflow.sampling.pipeline import Pipeline
@@ -95,16 +104,22 @@ def eval_nll(args: argparse.Namespace) -> int:
                 else "no such folder")
         raise FileNotFoundError(f"--data {root}: {what}; eval-nll reads an image folder with metadata.jsonl (python "
                                 "scripts/prepare_digits.py writes two)")
+    videos = [r["file_name"] for r in read_metadata(root) if Path(r["file_name"]).suffix.lower() in VIDEO_SUFFIXES]
+    if videos:
+        raise ValueError(f"--data {root} lists videos ({videos[0]}, ...): eval-nll scores the images of a folder (a "
+                         "video model scores them as one-frame clips), not clips; pass an image folder")
+    out = check_file_target(args.out, "--out") if args.out else None
+    checkpoint = args.checkpoint_path or str(assets.DEMO_DIR)
     dist = init_distributed(args.device)
-    pipe = Pipeline.from_pretrained(args.checkpoint_path or assets.DEMO_DIR, config=args.model_config_path,
-                                    device=dist.device)
+    pipe = Pipeline.from_pretrained(checkpoint, config=args.model_config_path, device=dist.device)
     r = evaluate_nll(pipe, args.data, args.batch_size, args.noise_samples, args.seed, num_samples=args.num_samples,
                      rank=dist.rank, world_size=dist.world_size)
     cleanup_distributed()
     if not dist.is_main:
         return 0
     space = "latents" if pipe.vae.downsample > 1 else "pixels"
-    print(f"images: {r.images} x {args.noise_samples} noise draws from {args.data} ({dist.world_size} process(es))")
+    print(f"checkpoint: {checkpoint}; images: {r.images} x {args.noise_samples} noise draws (seed {args.seed}) from "
+          f"{args.data} ({dist.world_size} process(es))")
     print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} "
           f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; "
           f"{'normalised latent' if space == 'latents' else 'pixels in [-1, 1]'} units)")
@@ -118,6 +133,13 @@ def eval_nll(args: argparse.Namespace) -> int:
     else:
         print(f"Noise: the flow models x + {pipe.config.noise_std} * N(0, I) (the training noise_std); this is the "
               "exact density of that noised data, averaged over the noise draws, not a bound on the clean data.")
+    if out is not None:
+        record = {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(args.data).resolve()),
+                  "images": r.images, "noise_samples": args.noise_samples, "seed": args.seed,
+                  "processes": dist.world_size, "space": space, "noise_type": pipe.config.noise_type,
+                  "noise_std": pipe.config.noise_std, **asdict(r)}
+        write_text_atomic(out, json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from starflow.data.video import VIDEO_SUFFIXES
 from starflow.evaluation.features import build_extractor, extract_features, list_images
-from starflow.evaluation.generate import SET_FILE, read_set_captions
-from starflow.evaluation.metrics import (PR_NEIGHBOURS, clip_score, fid_from_features, kid_from_features, load_clip,
-                                         load_stats, precision_recall, save_stats)
-from starflow.files import write_text_atomic
+from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions
+from starflow.evaluation.metrics import (KID_SUBSET_SIZE, PR_NEIGHBOURS, clip_score, fid_from_features,
+                                         kid_from_features, load_clip, load_stats, precision_recall, save_stats)
+from starflow.files import check_file_target, write_text_atomic
 
 __all__ = ["METRICS", "evaluate_samples", "format_results"]
 
@@ -29,6 +29,15 @@ def _versions() -> dict[str, str]:
 
     return {"starflow": starflow.__version__, "torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
             "transformers": transformers.__version__, "numpy": numpy.__version__}
+
+
+def _set_origin(path: Path) -> dict[str, Any] | None:
+    """What made a ``generate-set`` folder, from its ``set.json`` (checkpoint, weights' SHA-256, seed, settings);
+    None for a plain folder of images."""
+    if not path.is_file():
+        return None
+    made = json.loads(path.read_text(encoding="utf-8"))
+    return {k: made[k] for k in ("checkpoint", "ema", WEIGHTS_SHA, "seed", "settings", "num_samples") if k in made}
 
 
 def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics: list[str], *,
@@ -49,7 +58,9 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         out: where ``metrics.json`` goes.
 
     Returns:
-        The record written: ``{"metrics": {...}, "samples": n, "reference": ..., "features": ..., ...}``.
+        The record written: ``{"metrics": {...}, "samples": n, "sample_set": ..., "reference": ...,
+        "reference_images": m, "kid_subset_size": ..., "features": ..., ...}``; ``sample_set`` is what made a
+        ``generate-set`` folder (checkpoint, weights' SHA-256, seed, settings; None for a plain folder).
 
     Raises:
         ValueError: unknown metric, a reference needed but missing (or given where no metric uses it), an
@@ -85,9 +96,8 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
                          ".npz)")
     path = Path(out) if out else Path(samples) / "metrics.json"
     for flag, target in (("--out", path), ("--save_stats", save_stats_to)):
-        if target is not None and (Path(target).is_dir() or not Path(target).parent.is_dir()):
-            raise ValueError(f"{flag} {target}: " + ("is a folder; give a file name" if Path(target).is_dir() else
-                                                     f"its folder {Path(target).parent} does not exist"))
+        if target is not None:
+            check_file_target(target, flag)
     ref_is_stats = reference is not None and str(reference).endswith(".npz")
     if ref_is_stats and save_stats_to:
         raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
@@ -129,7 +139,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         results["clip_score"] = clip_score(files, captions, clip_model, batch_size=batch_size, device=device,
                                            loaded=clip)
     record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
+              "sample_set": _set_origin(made),
               "reference": None if reference is None else str(reference), "features": features if distribution else None,
+              "reference_images": len(real) if distribution else None,
+              "kid_subset_size": min(KID_SUBSET_SIZE, len(real), len(fake)) if "kid" in metrics else None,
               "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
               "saved_stats": None if save_stats_to is None else str(save_stats_to),
               "versions": _versions()}

@@ -91,9 +91,13 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     return float(metric.compute())
 
 
-def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+KID_SUBSET_SIZE = 1000  # images per KID subset (the usual choice); fewer when a set is smaller
+
+
+def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = KID_SUBSET_SIZE,
                       seed: int = 0) -> tuple[float, float]:
-    """``(mean, std)`` of the kernel inception distance over random subsets (torchmetrics, cubic kernel)."""
+    """``(mean, std)`` of the kernel inception distance over ``subsets`` random subsets of
+    ``min(subset_size, len(real), len(fake))`` images each (torchmetrics, cubic kernel)."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, len(real), len(fake))

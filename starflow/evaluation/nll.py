@@ -94,7 +94,7 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         index = mine[start : start + len(batch["text"])]
         start += len(index)
         latents = pipe.vae.encode(batch["pixels"].to(pipe.device), sample=False).float()
-        y = pipe.encode_prompts(batch["text"])
+        y = pipe.encode_prompts(batch["text"], fps=0)  # images: a video model's image prompt, as training gives it
         per_image = torch.zeros(len(index), dtype=torch.float64)
         for k in range(noise_samples):  # the training noise (noise_type): Gaussian, or 8-bit dequantisation
             noise = torch.stack([draw(latents.shape[1:], generator=torch.Generator().manual_seed(

@@ -30,10 +30,14 @@ _warned_missing_wandb = False  # the missing-wandb warning is shown once per pro
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
-    """Remove the lines of ``path`` (JSON lines with a ``step``) for steps after ``step``; atomic, untouched if none."""
+    """Remove the lines of ``path`` (JSON lines with a ``step``) for steps after ``step``, and an unterminated last
+    line (a write cut short); atomic, untouched if there are none."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    torn = bool(lines) and not lines[-1].endswith("\n")  # a write cut short (crash, full disk): dropped, or the
+    if torn:  # next line would be appended to it
+        lines.pop()
 
     def later(line: str) -> bool:
         try:
@@ -42,7 +46,7 @@ def _drop_lines_after(path: Path, step: int) -> None:
             return False  # not ours to judge: kept
 
     kept = [line for line in lines if not later(line)]
-    if len(kept) < len(lines):
+    if torn or len(kept) < len(lines):
         write_text_atomic(path, "".join(kept))
 
 

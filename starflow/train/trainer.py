@@ -629,7 +629,7 @@ class Trainer:
         secondary = self._folder_batches(self.secondary, self.secondary_batches, 1) if self.secondary else None
         bar = tqdm(total=end, initial=self.step, disable=not self.dist.is_main, desc="train", dynamic_ncols=True)
         # samples_per_s: over the steps since the last logged one (checkpointing and sample grids left out);
-        # elapsed_s: wall time of the whole run, everything included, continued across resumes
+        # elapsed_s: wall time of the training loop (steps, checkpoints, grids), continued across resumes
         t0 = window_start = time.perf_counter()
         elapsed_before = self.elapsed_s
         window_seen = 0
@@ -658,12 +658,15 @@ class Trainer:
                     m["skipped_images"] = float(self.skipped_images())
                     logger.log(self.step, m)
                 saved = self.step % cfg.save_freq == 0 or self.step == end
+                paused = time.perf_counter()
                 if saved:  # (before the sample grid: what is trained is kept first)
                     self.save()
                 if self._grid_due(self.step, end):
                     self.sample_grid()
                 if self.step % cfg.log_freq == 0:
                     window_start, window_seen = time.perf_counter(), 0
+                else:  # a checkpoint or grid between logged steps is not training time either
+                    window_start += time.perf_counter() - paused
                 signum = agreed_stop(stop, self.dist.device)
                 if signum:
                     if not saved:
