@@ -52,6 +52,8 @@ CASES = [
     ("sample --caption x --cfg 0 --negative_prompt y", 2,
      "--negative_prompt / caption-file negatives act through classifier-free guidance, which is off (cfg 0)"),
     ("sample --caption x --no-self_denoise --self_denoising_lr 0.5", 2, "which --no-self_denoise turns off"),
+    ("sample --caption x --no-self_denoise --disable_learnable_denoiser", 2,
+     "--disable_learnable_denoiser sets the denoising step, which --no-self_denoise turns off"),
     ("sample --caption x --bogus_flag 1", 2, "unrecognized arguments: --bogus_flag"),
     ("sample --caption x --num_samples two", 2, "argument --num_samples: invalid int value"),
     ("sample --caption x --lr 5", 2, "error: starflow sample: --lr 5: a training key, which `starflow sample` does not"),

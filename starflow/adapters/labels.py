@@ -71,8 +71,7 @@ class LabelEncoder(nn.Module):
         """
         unknown = sorted({p for p in prompts if p.strip() and p.strip() not in self.index})
         if unknown:
-            raise ValueError(f"{unknown} are not classes of {self.name or 'the vocabulary'}: use one of {self.names} "
-                             "(or --class_id 0..K-1)")
+            raise ValueError(f"{unknown} are not classes of {self.name or 'the vocabulary'}: use one of {self.names}")
         return [self.index[p.strip()] if p.strip() else len(self.names) for p in prompts]
 
     @torch.no_grad()

@@ -343,8 +343,8 @@ def sample_settings(args: argparse.Namespace, cfg):
     if not -2**63 <= cfg.seed < 2**63:
         raise ValueError(f"--seed {cfg.seed}: must fit in 64 bits (|seed| < 2^63)")
     if not args.self_denoise:
-        for flag in ("self_denoising_lr", "denoising_batch_size"):
-            if getattr(args, flag) is not None:
+        for flag in ("self_denoising_lr", "denoising_batch_size", "disable_learnable_denoiser"):
+            if getattr(args, flag) not in (None, False):
                 raise ValueError(f"--{flag} sets the denoising step, which --no-self_denoise turns off: drop one")
         known_input = cfg.is_video or getattr(args, "command", None) in ("inpaint", "edit")  # noised known latents
         if args.target_noise_std is not None and not (known_input or cfg.cond_noise_level):
