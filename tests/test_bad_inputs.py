@@ -52,6 +52,8 @@ CASES = [
     ("sample --caption x --cfg 0 --negative_prompt y", 2,
      "--negative_prompt / caption-file negatives act through classifier-free guidance, which is off (cfg 0)"),
     ("sample --caption x --no-self_denoise --self_denoising_lr 0.5", 2, "which --no-self_denoise turns off"),
+    ("sample --caption x --num_samples 1 --soft_clip 2", 0,
+     "note: --soft_clip 2 overrides the model's soft_clip (4.0), which its weights were trained with"),
     ("sample --caption x --no-self_denoise --disable_learnable_denoiser", 2,
      "--disable_learnable_denoiser sets the denoising step, which --no-self_denoise turns off"),
     ("sample --caption x --bogus_flag 1", 2, "unrecognized arguments: --bogus_flag"),

@@ -198,9 +198,17 @@ VIDEO_LAYOUT_KEYS = ("temporal_causal", "shallow_block_local", "denoiser_window"
 TRAINED_MODES = ("video_to_video", "last_frame_cond")
 """Config keys of how a video model was trained to be conditioned: sampling may turn one off, not on."""
 
+WEIGHTS_BOUND_KEYS = ("head_dim", "rope", "pt_seq_len", "seq_order", "use_softplus", "cond_top_only", "soft_clip",
+                      "temporal_causal", "shallow_block_local", "denoiser_window", "local_attn_window", "noise_std",
+                      "cond_noise_level", "fps_cond", "mix_aspect")
+"""Model keys whose value the weights were trained with but whose change no weight's shape reveals: a sampling flag
+that changes one is honoured (command line > YAML) with a note that the flow now computes something else."""
+
 
 def sampling_config(config: str | Path, args: argparse.Namespace):
     """The model's config with the sampling flags' config overrides (``--KEY V``).
+
+    A key of :data:`WEIGHTS_BOUND_KEYS` set to another value than the model's gets a note on stderr.
 
     Raises:
         ValueError: an override that turns on a conditioning mode the model was not trained with (:data:`TRAINED_MODES`),
@@ -218,7 +226,12 @@ def sampling_config(config: str | Path, args: argparse.Namespace):
         if str(value).strip().lower() in ("1", "true", "yes", "on") and not getattr(trained, key):
             raise ValueError(f"--{key} {value}: this model was trained without {key} (its config says 0) and sampling "
                              "cannot add it: drop the flag, or use a model fine-tuned with it")
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    for key in WEIGHTS_BOUND_KEYS:
+        if key in overrides and getattr(cfg, key) != getattr(trained, key):
+            note_once(f"note: --{key} {overrides[key]} overrides the model's {key} ({getattr(trained, key)}), which its "
+                      "weights were trained with: they compute another flow now")
+    return cfg
 
 
 def check_sharding(args: argparse.Namespace, cfg, world_size: int) -> bool:
