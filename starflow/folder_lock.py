@@ -55,8 +55,14 @@ class FolderLock:
             return self
         held = self._held.get(self._key)
         if held is None:
-            try:
-                fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            path = self.folder / LOCK_FILE
+            try:  # (0o666: the umask decides, so a group sharing the folder shares its lock)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file: flock works on a descriptor opened for reading
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    return self._unlocked(e)
             except OSError as e:  # (a read-only folder: the writes that follow say so)
                 return self._unlocked(e)
             try:
@@ -69,8 +75,11 @@ class FolderLock:
             except OSError as e:  # a file system without flock (e.g. Lustre mounted with noflock)
                 os.close(fd)
                 return self._unlocked(e)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+            try:  # who holds it, for the refusal of the next one (not on a lock file opened for reading)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+            except OSError:
+                pass
             held = self._held[self._key] = [fd, 0]
         held[1] += 1
         self._holding = True

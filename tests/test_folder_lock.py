@@ -130,3 +130,52 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch) ->
         lock = FolderLock(tmp_path, "training logdir").acquire()
     lock.release()
     assert not FolderLock._held
+
+
+def test_another_users_lock_file_still_locks_and_new_ones_follow_the_umask(tmp_path, monkeypatch) -> None:
+    """A group sharing a folder shares its lock: the file is made with the umask's permissions, and a lock file this
+    user cannot write (another user's) is locked through a descriptor opened for reading."""
+    import starflow.folder_lock as folder_lock
+
+    old = os.umask(0o002)
+    try:
+        FolderLock(tmp_path, "sample set").acquire().release()
+    finally:
+        os.umask(old)
+    assert (tmp_path / LOCK_FILE).stat().st_mode & 0o777 == 0o664
+    holder = _holder(tmp_path)
+    real_open = os.open
+
+    def not_writable(path, flags, *args):  # (root writes any file: the refusal another user gets, simulated)
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(folder_lock.os, "open", not_writable)
+    try:
+        with pytest.raises(FolderBusyError, match=rf"process {holder.pid} on .* is writing to this sample set now"):
+            FolderLock(tmp_path, "sample set").acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = FolderLock(tmp_path, "sample set").acquire()  # free again: taken read-only, no warning
+    assert FolderLock._held
+    lock.release()
+
+
+def test_pack_refuses_a_shard_folder_another_process_writes(tmp_path, digits, capsys) -> None:
+    """Two packs (or latent caches) into one folder: the second is refused, and the first one's staging folder, which
+    the second would have taken for a killed run's, stays."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    staging = out / ".staging-live"  # the running pack's work in progress
+    staging.mkdir()
+    holder = _holder(out)
+    try:
+        assert main(["pack", str(digits["train"]), str(out)]) == 2
+        assert f"process {holder.pid}" in capsys.readouterr().err and staging.is_dir()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(["pack", str(digits["train"]), str(out)]) == 0 and not staging.exists()  # a dead run's: cleared
+    assert (out / "index.json").is_file()

@@ -355,6 +355,34 @@ def test_checkpoint_manager_ignores_partial_folders(tmp_path) -> None:
     assert not leftover.exists()  # the next save clears what a killed save left
 
 
+def test_a_checkpoint_that_cannot_be_written_keeps_the_earlier_ones(tmp_path) -> None:
+    """A save that fails part way (here a file-size limit, as a full disk or a quota) says so in one line and removes
+    its half-written folder; the earlier checkpoint stays."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, torch
+from starflow.train.state import CheckpointManager
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+manager = CheckpointManager({str(tmp_path / "ckpt")!r}, keep_last=2)
+manager.save(1, {{"w": torch.ones(16)}}, {{"step": 1}}, {{}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+try:
+    manager.save(2, {{"w": torch.ones(2**20)}}, {{"step": 2}}, {{}})
+except OSError as e:
+    print("ERROR", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR cannot write the checkpoint" in r.stdout and "MiB free on its disk" in r.stdout, r.stdout
+    assert "the earlier checkpoints are kept" in r.stdout and "Traceback" not in r.stdout
+    manager = CheckpointManager(tmp_path / "ckpt")
+    assert [p.name for p in manager.folder.iterdir()] == ["step_00000001"]
+    tensors = {"w": torch.zeros(16)}
+    assert manager.load(manager.latest(), tensors)[0] == {"step": 1} and torch.equal(tensors["w"], torch.ones(16))
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_checkpoint_raises_a_clear_error(tmp_path, damage: str) -> None:
     manager = CheckpointManager(tmp_path, keep_last=1)

@@ -30,6 +30,7 @@ from starflow.data.aspect import aspect_to_size
 from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata, to_8bit
 from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, CorruptVideoError, _resize_frames,
                                  clip_indices, draw_rate, read_clip, read_video, video_aspect)
+from starflow.folder_lock import FolderLock
 
 __all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "write_shards"]
 
@@ -197,6 +198,7 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     that mark, made by another tool, are left alone).
 
     Raises:
+        FolderBusyError: another process writes ``out`` now (a lock on ``out/.lock`` while the block runs).
         ValueError: ``out`` is the source folder ``src`` (its files would be replaced by what is read from them).
         FileExistsError: ``out`` holds shards, an index or cache files (but not an interrupted replacement) and
             ``overwrite`` is off.
@@ -212,10 +214,15 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
                       "set); replacing them", stacklevel=2)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(STAGING_PREFIX + "*"):  # what a killed run left (one process writes a folder)
+    except OSError as e:
+        raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
+    lock = FolderLock(out, "shard folder", " (or pass another output folder)").acquire()  # one writer at a time
+    try:
+        for stale in out.glob(STAGING_PREFIX + "*"):  # what a killed run left (the lock: no live writer's)
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     except OSError as e:
+        lock.release()
         raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
     try:
         yield staging
@@ -230,6 +237,7 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         marker.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
 
 
 def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False) -> dict:

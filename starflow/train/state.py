@@ -201,6 +201,10 @@ class CheckpointManager:
 
         Returns:
             The checkpoint folder.
+
+        Raises:
+            OSError: the checkpoint could not be written (e.g. a full disk; the message says how much is free): its
+                half-written folder is removed, the earlier checkpoints are kept.
         """
         import torch.distributed.checkpoint as dcp
 
@@ -213,20 +217,39 @@ class CheckpointManager:
             if final.exists():  # the same step saved again (e.g. the last step after a periodic save)
                 shutil.rmtree(final)
         _barrier()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, checkpoint_id=str(partial))
-        torch.save(local, partial / f"rank_{self.rank}.pt")
-        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        _barrier()
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(tensors, checkpoint_id=str(partial))
+            torch.save(local, partial / f"rank_{self.rank}.pt")
+            if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            _barrier()
+            if self.rank == 0:
+                (partial / META_FILE).write_text(json.dumps(meta, indent=1))
+        except (Exception, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
+            raise self._unwritten(final, partial, e) from None
         if self.rank == 0:
-            (partial / META_FILE).write_text(json.dumps(meta, indent=1))
             os.replace(partial, final)
             for old in self.checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final
+
+    def _unwritten(self, final: Path, partial: Path, error: BaseException) -> OSError:
+        """The one-line error of a save that failed (a full disk, a quota, a lost mount): the half-written folder is
+        removed (rank 0), the earlier checkpoints stay."""
+        failures = getattr(error, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+        inner = next(iter(failures.values()))[0] if failures else error
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            free = f"; {shutil.disk_usage(self.folder).free / 2**20:.0f} MiB free on its disk"
+        except OSError:
+            free = ""
+        return OSError(f"cannot write the checkpoint {final} ({type(inner).__name__}: {str(inner).strip()[:300]}{free}): "
+                       "the earlier checkpoints are kept; make room (or fix the folder) and rerun the same command to "
+                       "resume from the last one")
 
     def load(self, path: str | Path, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load a checkpoint written by :meth:`save`; ``tensors`` is filled in place (DCP reshards as needed).
