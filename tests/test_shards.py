@@ -149,7 +149,7 @@ def test_a_set_killed_while_it_replaced_the_old_one_is_incomplete_and_replaced_b
     with pytest.warns(UserWarning, match=r"incomplete set \(a run killed while it replaced the set\)"):
         index = pack_folder(src, out, shard_size=2)  # no --overwrite needed to replace leftovers
     assert index["total"] == 10 and sorted(p.name for p in out.iterdir()) == [
-        "index.json", *(f"shard-{i:06d}.tar" for i in range(5))]
+        ".lock", "index.json", *(f"shard-{i:06d}.tar" for i in range(5))]  # (.lock: one writer at a time)
     made_elsewhere = tmp_path / "hand_made"  # webdataset shards of another tool: no index, and not ours to replace
     made_elsewhere.mkdir()
     (made_elsewhere / "shard-000000.tar").write_bytes(b"a user's shard")
