@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from starflow.files import atomic_scratch_path
+from starflow.files import atomic_scratch_path, follow_umask
 
 __all__ = ["DEPRECATED_BUFFERS", "WEIGHT_SUFFIXES", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated",
            "is_deprecated", "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights",
@@ -331,20 +331,15 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pa
             try:
                 safetensors.torch.save_file(out, str(tmp), metadata={"format": "pt"})
             except safetensors.SafetensorError as e:  # its I/O errors are not OSErrors
-                raise OSError(f"cannot write {path} ({e}): check that its folder is writable") from e
-            os.chmod(tmp, 0o666 & ~_umask())  # its writer creates files for the owner only (0600)
+                raise OSError(f"cannot write {path} ({e}): check that its folder is writable and has room") from e
+            follow_umask(tmp)  # its writer creates files for the owner only (0600)
         else:
             try:
                 torch.save(out, tmp)
             except RuntimeError as e:  # its file errors ("open file failed") are not OSErrors
-                raise OSError(f"cannot write {path} ({str(e).splitlines()[0]}): check that its folder is writable") from e
+                raise OSError(f"cannot write {path} ({str(e).splitlines()[0]}): check that its folder is writable and "
+                              "has room") from e
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, dtype: torch.dtype | None = None) -> Path:

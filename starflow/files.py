@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "check_file_target", "weights_fingerprint",
-           "weights_sha256", "same_weights"]
+__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "check_file_target", "follow_umask",
+           "weights_fingerprint", "weights_sha256", "same_weights"]
 
 
 @contextmanager
@@ -78,6 +78,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see the module docstring)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and all it holds) the permissions the umask gives new files and folders:
+    for writers that make their files for the owner alone (0600: safetensors, ``tempfile``), whose model folders a
+    group could not read."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def check_file_target(path: str | Path, flag: str) -> Path:

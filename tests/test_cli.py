@@ -248,27 +248,35 @@ def test_save_pretrained_round_trip(make_pipeline, tmp_path: Path) -> None:
 
 def test_a_killed_save_leaves_no_folder_that_loads_another_runs_config(make_pipeline, tmp_path: Path,
                                                                         monkeypatch) -> None:
-    """An export over an earlier one that dies after its weights (here: while writing the config) leaves a folder
-    that refuses to load, not the new weights under the old config; a config is never half-written."""
+    """An export over an earlier one that dies while it writes (here: its config, in its scratch folder) leaves the
+    earlier export as it was; one that dies while it moves its files in (here: the config, last) leaves a folder that
+    refuses to load, not the new weights under the old config; a config is never half-written."""
     import starflow.files
     import starflow.sampling.pipeline as pipeline_module
 
     folder = tmp_path / "model"
     make_pipeline(cfg=1.5).save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     replace = starflow.files.os.replace
+    for dying_at, earlier_kept in ((folder / "config.yaml", False), (None, True)):
+        def killed(src, dst):
+            if Path(dst).name == "config.yaml" and (dying_at is None or Path(dst) == dying_at):
+                raise KeyboardInterrupt  # the process dies here
+            replace(src, dst)
 
-    def killed(src, dst):
-        if Path(dst).name == "config.yaml":
-            raise KeyboardInterrupt  # the process dies here
-        replace(src, dst)
-
-    monkeypatch.setattr(starflow.files.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        make_pipeline(cfg=3.0, seed=1).save_pretrained(folder)
-    monkeypatch.undo()
-    assert not (folder / "config.yaml").exists() and not list(folder.glob(".*.tmp"))
-    with pytest.raises(FileNotFoundError):
-        pipeline_module.Pipeline.from_pretrained(folder)
+        monkeypatch.setattr(starflow.files.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            make_pipeline(cfg=3.0, seed=1).save_pretrained(folder)
+        monkeypatch.undo()
+        assert not list(folder.glob(".*.tmp*"))
+        if earlier_kept:
+            assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+            assert pipeline_module.Pipeline.from_pretrained(folder).config.cfg == 1.5
+        else:
+            assert not (folder / "config.yaml").exists()
+            with pytest.raises(FileNotFoundError):
+                pipeline_module.Pipeline.from_pretrained(folder)
+            make_pipeline(cfg=1.5).save_pretrained(folder)  # the earlier export again, for the next case
 
 
 def test_an_absolute_asset_path_from_another_machine_is_found_by_its_name_beside_the_folder(tmp_path: Path) -> None:

@@ -150,3 +150,41 @@ def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny
     with pytest.raises(CheckpointError, match="truncated"):
         init_from(model, step1)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_export_that_fails_leaves_the_earlier_one_and_files_follow_the_umask(tmp_path) -> None:
+    """A model folder exported again over an earlier export: a write that fails part way (a file-size limit here, as
+    a full disk or a quota) leaves the earlier export as it was; the files a group shares get the umask's
+    permissions, the text encoder's weights too."""
+    import os
+    import subprocess
+    import sys
+
+    from starflow.assets import DEMO_DIR
+
+    folder = tmp_path / "model"
+    old = os.umask(0o002)
+    try:
+        Pipeline.from_pretrained(DEMO_DIR).save_pretrained(folder)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*")}
+    assert modes["text_encoder/model.safetensors"] == modes["model.safetensors"] == 0o664
+    assert set(modes.values()) <= {0o664, 0o775}, modes
+    before = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    script = f"""
+import resource, signal, torch
+from starflow.sampling.pipeline import Pipeline
+pipe = Pipeline.from_pretrained({str(DEMO_DIR)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
+try:
+    pipe.save_pretrained({str(folder)!r}, extra={{"ema.safetensors": {{"w": torch.ones(8 * 2**20)}}}})
+except OSError as e:
+    print("ERROR", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERROR cannot write" in r.stdout and "ema.safetensors" in r.stdout, (r.stdout, r.stderr[-2000:])
+    after = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # nothing of the failed export, no scratch folder left
+    assert Pipeline.from_pretrained(folder).config == Pipeline.from_pretrained(DEMO_DIR).config

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from starflow.checkpoint import load_weights, save_weights
 from starflow.config import Config, load_config, save_config
 from starflow.data.aspect import aspect_to_size, parse_aspect
 from starflow.distributed import any_rank, is_sharded, load_sharded, prepare_sharded_inference
+from starflow.files import atomic_scratch_path, follow_umask
 from starflow.models import STARFlow
 from starflow.models.jacobi import DecodeStats
 from starflow.models.lora import ADAPTER_WEIGHTS
@@ -148,25 +151,41 @@ class Pipeline:
         preset text encoder, ``text_encoder/`` (the config then points at it; a class vocabulary is copied
         beside the weights). ``weights`` replaces the
         model's own state dict (e.g. the gathered weights of a sharded model); ``extra`` maps more weight files of the
-        folder to their tensors (``ema.safetensors``, ``lora.safetensors``). Weights and the config an earlier
-        export left in the folder (``model.*``, ``ema.safetensors``, ``lora.safetensors``, ``config.yaml``) are removed
-        first, and the config is written last (atomically), after every weights file: a folder never mixes the weights
-        and config of two runs or steps, and one whose writing was killed has no config, so it does not load."""
+        folder to their tensors (``ema.safetensors``, ``lora.safetensors``).
+
+        Everything is written into a scratch folder inside ``folder`` first, so a write that fails (a full disk) leaves
+        an earlier export there as it was. Then the earlier export's config goes, its weights (``model.*``,
+        ``ema.safetensors``, ``lora.safetensors``) are replaced, and the new config comes last: a folder never mixes
+        the weights and config of two runs or steps, and one whose replacement was killed has no config, so it does
+        not load. Files get the umask's permissions (a group can read the folder).
+
+        Raises:
+            OSError: a file cannot be written (the message names it); ``folder`` is then left as it was.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", *WEIGHT_NAMES, *EMA_WEIGHT_NAMES, ADAPTER_WEIGHTS):
-            (folder / name).unlink(missing_ok=True)
-        cfg = self.config
-        local_text = self.text_encoder is not None and Path(self.text_encoder.name).is_dir()
-        if isinstance(self.text_encoder, LabelEncoder):  # the class vocabulary travels with the weights
-            cfg = load_config(cfg, {"text": self.text_encoder.save_pretrained(folder).name})
-        elif self.text_encoder is not None and (cfg.text == TINY_TEXT_ENCODER or local_text):
-            self.text_encoder.save_pretrained(folder / "text_encoder")
-            cfg = load_config(cfg, {"text": "text_encoder"})
-        save_weights(self.model if weights is None else weights, folder / "model.safetensors")
-        for name, tensors in (extra or {}).items():
-            save_weights(tensors, folder / name)
-        save_config(cfg, folder / "config.yaml")
+        with atomic_scratch_path(folder / "config.yaml") as config_path:  # moved in last, once the rest is in place
+            staging = config_path.parent
+            cfg = self.config
+            local_text = self.text_encoder is not None and Path(self.text_encoder.name).is_dir()
+            if isinstance(self.text_encoder, LabelEncoder):  # the class vocabulary travels with the weights
+                cfg = load_config(cfg, {"text": self.text_encoder.save_pretrained(staging).name})
+            elif self.text_encoder is not None and (cfg.text == TINY_TEXT_ENCODER or local_text):
+                self.text_encoder.save_pretrained(staging / "text_encoder")
+                follow_umask(staging / "text_encoder")  # (its weights are written for the owner alone)
+                cfg = load_config(cfg, {"text": "text_encoder"})
+            save_weights(self.model if weights is None else weights, staging / "model.safetensors")
+            for name, tensors in (extra or {}).items():
+                save_weights(tensors, staging / name)
+            save_config(cfg, config_path)
+            (folder / "config.yaml").unlink(missing_ok=True)  # from here until the new config is in, it does not load
+            for name in (*WEIGHT_NAMES, *EMA_WEIGHT_NAMES, ADAPTER_WEIGHTS):
+                (folder / name).unlink(missing_ok=True)
+            for made in staging.iterdir():
+                if made != config_path:
+                    if made.is_dir() and (folder / made.name).is_dir():
+                        shutil.rmtree(folder / made.name)
+                    os.replace(made, folder / made.name)
 
     def default_settings(self, batch_size: int = 16, **changes) -> SampleSettings:
         """The :class:`SampleSettings` ``starflow sample`` uses for this model without flags: the config's guidance
