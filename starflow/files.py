@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from glob import escape as glob_escape
 from pathlib import Path
@@ -92,16 +93,24 @@ def follow_umask(path: str | Path) -> None:
 
 
 def check_file_target(path: str | Path, flag: str) -> Path:
-    """Refuse, before any work, an output file path that is a folder or whose folder does not exist.
+    """Refuse, before any work, an output file path that is a folder, whose folder does not exist, or in whose folder
+    this process cannot create a file (tried with a temporary file, removed at once).
 
     Raises:
         ValueError: ``FLAG PATH: is a folder; ...`` or ``FLAG PATH: its folder ... does not exist``.
+        OSError: ``FLAG PATH: cannot write in its folder ...``.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: its folder {path.parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write in its folder {path.parent} ({e.strerror or e}); pass a writable "
+                      "place") from None
     return path
 
 

@@ -151,6 +151,13 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     assert "auto_device ('cuda' -> 'cpu': jacobi_block_size auto picks the Jacobi chunks by the device type too" \
         in capsys.readouterr().err
     (out / "set.json").write_text(json.dumps(record))
+    staged = tmp_path / "staged"  # the same weights copied elsewhere (a requeued job staging its model): continues
+    shutil.copytree(DEMO_DIR, staged)
+    capsys.readouterr()
+    assert main([str(staged) if a == str(DEMO_DIR) else a for a in args]) == 0
+    assert "2 already there" in capsys.readouterr().out
+    assert json.loads((out / "set.json").read_text())["checkpoint"] == str(staged.resolve())  # where it is now
+    (out / "set.json").write_text(json.dumps(record))
     model = tmp_path / "demo"  # the same path, its weights rewritten in place
     shutil.copytree(DEMO_DIR, model)
     in_place = [str(model) if a == str(DEMO_DIR) else a for a in args]
@@ -199,6 +206,24 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
     assert "--reference" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
     assert main(["evaluate", "--samples", str(digits["test"]), "--metrics", "clip", "--out", str(tmp_path / "x.json")]) == 2
     assert "captions.jsonl" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    # a sample folder inside the reference folder (both are listed with their subfolders): refused
+    assert main([*args[:-2], "--reference", str(Path(digits["test"]).parent), "--out", str(tmp_path / "x.json")]) == 2
+    assert "is inside --reference" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_evaluate_refuses_an_output_it_cannot_write_before_any_work(digits, tmp_path, capsys, monkeypatch) -> None:
+    import starflow.evaluation.evaluate as evaluate_module
+    import starflow.files
+
+    def refused(*args, **kwargs):  # (root writes anywhere: the refusal another user gets, simulated)
+        raise PermissionError(13, "Permission denied")
+
+    featurised = []
+    monkeypatch.setattr(starflow.files.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(evaluate_module, "extract_features", lambda *a, **k: featurised.append(a))
+    assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(digits["train"]), "--features",
+                 "digits", "--out", str(tmp_path / "m.json")]) == 2
+    assert f"--out {tmp_path / 'm.json'}: cannot write in its folder" in capsys.readouterr().err and not featurised
 
 
 def _tiny_clip(folder: Path) -> None:
@@ -258,6 +283,12 @@ def test_clip_score_through_a_tiny_clip(tmp_path, capsys) -> None:
     assert score == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-4)
     assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+    (out / "more").mkdir()  # images in the set's folder that are not its samples are left out, with a warning
+    shutil.copy(out / "000000.png", out / "more" / "copy.png")
+    with pytest.warns(UserWarning, match="1 image.* not part of its sample set"):
+        assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(clip)]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["samples"] == 4 and again["metrics"]["clip_score"] == score
 
 
 def test_eval_nll_on_two_processes_matches_one(digits, tmp_path) -> None:

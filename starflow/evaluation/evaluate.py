@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from starflow.data.video import VIDEO_SUFFIXES
 from starflow.evaluation.features import build_extractor, extract_features, list_images
-from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions
+from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions, sample_path
 from starflow.evaluation.metrics import (KID_SUBSET_SIZE, PR_NEIGHBOURS, clip_score, fid_from_features,
                                          kid_from_features, load_clip, load_stats, precision_recall, save_stats)
 from starflow.files import check_file_target, write_text_atomic
@@ -76,9 +77,24 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     made = Path(samples) / SET_FILE
     if made.is_file():  # a generate-set folder: all of it, or a killed run scored as if it were the whole set
         wanted = json.loads(made.read_text())["num_samples"]
+        ours = {sample_path(samples, i) for i in range(wanted)}
+        others = [f for f in files if f not in ours]
+        files = [f for f in files if f in ours]
         if len(files) < wanted:
             raise ValueError(f"{samples} holds {len(files)} of the {wanted} images of its sample set ({SET_FILE}): "
                              "rerun its `starflow generate-set` command to finish it (it resumes), then evaluate")
+        if others:  # (another set made inside it, copies, ...): not samples of this set
+            warnings.warn(f"{samples}: {len(others)} image(s) that are not part of its sample set ({others[0]}, ...) "
+                          "are left out", stacklevel=2)
+    if reference is not None and not str(reference).endswith(".npz"):
+        a, b = Path(samples).resolve(), Path(reference).resolve()
+        if a == b or a in b.parents or b in a.parents:  # (folders are listed with their subfolders)
+            inner, outer = ("samples", "reference") if b in a.parents else ("reference", "samples")
+            if a == b:
+                inner, outer = "samples", "reference"
+            raise ValueError(f"--{inner} {a if inner == 'samples' else b} is inside --{outer} "
+                             f"{b if outer == 'reference' else a}: its images would be counted on both sides; keep "
+                             "the two folders apart")
     if batch_size < 1:
         raise ValueError(f"--batch_size {batch_size}: must be >= 1")
     videos = [p.name for p in Path(samples).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES]

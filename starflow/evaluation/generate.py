@@ -84,7 +84,8 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
         record: :func:`set_record` of the set to make.
         weights_digest: the SHA-256 of the weights files (hex), called only when their sizes and times (``record``'s
             ``weights``) differ from the set's while their names and sizes match: weights rewritten in place with the
-            same bytes (a finished training run run again exports its model folder again) still continue the set.
+            same bytes (a finished training run run again exports its model folder again), or copied to another
+            path, still continue the set.
 
     Raises:
         ValueError: ``out`` holds a set made with other captions, count, seed, model or settings (each difference
@@ -99,8 +100,8 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
         return False
     old, record = _comparable(json.loads(path.read_text(encoding="utf-8")), record)
     diff = _differences(old, record)
-    if list(diff) == ["weights"] and _same_bytes(old, record, weights_digest):
-        return True
+    if diff and set(diff) <= {"weights", "checkpoint"} and _same_bytes(old, record, weights_digest):
+        return True  # the same weights, rewritten in place or copied elsewhere (a job staging its model to local disk)
     if diff:
         raise ValueError(f"{out} holds a sample set made otherwise: {'; '.join(list(diff.values())[:4])} ({SET_FILE}); "
                          "pass another --out, or the same settings to continue it")
@@ -178,8 +179,9 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
     if check_set(out, record, weights_digest):
         if dist.is_main:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if "weights" in record and old.get("weights") != record["weights"]:  # the next check needs no hashing
-                write_text_atomic(path, json.dumps({**old, "weights": record["weights"]}, indent=1))
+            now = {k: record[k] for k in ("weights", "checkpoint") if k in record and old.get(k) != record[k]}
+            if now:  # where the weights are now, and their times: the next check needs no hashing
+                write_text_atomic(path, json.dumps({**old, **now}, indent=1))
         return
     if dist.is_main:
         record = {k: v for k, v in record.items() if k != LEGACY_CAPTIONS_SHA}
