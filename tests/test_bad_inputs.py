@@ -404,3 +404,14 @@ def test_video_frame_counts_the_vae_cannot_make_are_refused() -> None:
     assert sample_settings(build_parser().parse_args(["sample", "--caption", "x", "--target_length", "9"]), wan)
     pixels = load_config(dict(TINY_VIDEO))  # no VAE: any frame count
     assert sample_settings(args, pixels).target_length == 6
+
+
+def test_non_finite_samples_are_an_error_not_black_images(tmp_path, capsys) -> None:
+    """Guidance far beyond what the model takes gives NaN samples (cfg is finite, so it passes the input checks):
+    the command stops with one error line instead of writing black images that a metric would then score."""
+    for command in (["sample", "--output_dir", str(tmp_path / "a")], ["generate-set", "--out", str(tmp_path / "b")]):
+        assert main([*command, "--caption", "a handwritten digit 3", "--num_samples", "2", "--cfg", "1e10",
+                     "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "samples came out non-finite (NaN or inf), which would be written as black images" in err
+        assert "Traceback" not in err and not list(tmp_path.rglob("*.png"))

@@ -51,6 +51,21 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return _python_formatwarning(message, category, filename, lineno, line)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings printed above a running progress bar (``tqdm.write``), not glued to the end of its line."""
+    from tqdm import tqdm
+
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=file or sys.stderr)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars a failed command left open, so that its error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
 
 
@@ -62,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     forget_notes()  # each command says its notes once (several may run in one process, e.g. from Python)
     warnings.formatwarning = _format_warning
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command
@@ -69,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status
+        _end_progress_bars()
         if isinstance(e.code, str):
             print(f"error: {e.code}", file=sys.stderr)
             return 2
@@ -79,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, CheckpointError, RuntimeError, KeyError, ImportError) as e:  # (a missing package)
         if os.environ.get("STARFLOW_DEBUG"):
             raise
+        _end_progress_bars()
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        _end_progress_bars()
         resume = RESUMES.get(args.command)
         what = str(e) or "interrupted"  # (training stopped on a signal says at which step, checkpoint written)
         if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank stops: one says so)
@@ -90,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
         if os.environ.get("STARFLOW_DEBUG"):
             raise
+        _end_progress_bars()
         print(f"error: unexpected {type(e).__name__}: {e} (a bug: rerun with STARFLOW_DEBUG=1 for the traceback and "
               "report it)", file=sys.stderr)
         return 1

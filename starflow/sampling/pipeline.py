@@ -373,10 +373,20 @@ class Pipeline:
         return x
 
     def _decode(self, latents: torch.Tensor, profile: Profile) -> torch.Tensor:
-        """VAE decoding to pixels clamped to ``[-1, 1]``."""
+        """VAE decoding to pixels clamped to ``[-1, 1]``.
+
+        Raises:
+            ValueError: a sample is not finite (NaN or inf: guidance or temperature too large for the model), which
+                would otherwise be written as a black image.
+        """
         with profile.stage("VAE decoding", self.device):
-            pixels = self.vae.decode(latents.to(self.device))
-        return pixels.float().clamp(-1, 1)
+            pixels = self.vae.decode(latents.to(self.device)).float()
+        bad = ~torch.isfinite(pixels.flatten(1)).all(1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} of {len(bad)} samples came out non-finite (NaN or inf), which would be "
+                             "written as black images: the guidance (cfg) or temperature is too large for this model; "
+                             "lower it")
+        return pixels.clamp(-1, 1)
 
     def _encode_pixels(self, pixels: torch.Tensor, what: str, shape: tuple[int, ...], profile: Profile,
                        batch: int) -> torch.Tensor:
