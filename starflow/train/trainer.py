@@ -23,6 +23,7 @@ import contextlib
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,7 +62,12 @@ SAMPLE_PROMPTS = 10  # captions in the periodic sample grid
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient (``max_nonfinite``)."""
+    """Too many consecutive steps had a non-finite loss or gradient (``max_nonfinite``); ``metrics`` are those of the
+    last one."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics or {}
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -219,7 +225,7 @@ class Trainer:
         self.skipped_files: set[str] = set()  # unreadable or missing data files met by this rank
         for data in (dataset, secondary):
             self._note_skipped(getattr(data, "skipped", ()))  # found while listing the folder
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row, self.first_nonfinite_step = 0, 0
         self.micro = cfg.batch_size // (dist.world_size * cfg.grad_accum)
         self.stream = dataset if isinstance(dataset, ShardStream) else None
         self.batches, self.tracker, self._uncond_cache = None, PositionTracker(cfg.num_workers), {}
@@ -322,7 +328,7 @@ class Trainer:
             self.lora_base = meta.get("lora_base")
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
         self.init_pending = False  # the checkpoint holds the weights trained since init_from
-        self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
+        self.nonfinite_in_a_row = 0  # a resume is a new attempt (often with a lower lr): its streak starts afresh
         self.elapsed_s = float(meta.get("elapsed_s", 0.0))  # older checkpoints: counted from this resume
         changed = changed_keys(meta.get("config", {}), self.cfg.to_dict())
         if changed:
@@ -430,8 +436,10 @@ class Trainer:
         denoiser (grad_skip looks at both gradient norms); a denoiser with non-finite gradients is not stepped.
 
         Raises:
-            TrainingDiverged: ``max_nonfinite`` consecutive steps were non-finite (after saving a checkpoint
-                that holds the last good weights).
+            TrainingDiverged: ``max_nonfinite`` consecutive steps were non-finite. No checkpoint is written (the
+                weights may be wrecked by the update before them, and a new checkpoint would push older ones out of
+                ``keep_last``): the message names the latest one, which is from before the first of those steps (the
+                loop writes none while they last).
         """
         self.train_model.train()
         outs = [self.micro_step(batch, 1.0 / len(batches), sync=i == len(batches) - 1, micro_index=i)
@@ -458,10 +466,14 @@ class Trainer:
             self.optimizer.step()
         if self.denoiser is not None:
             self._denoiser_step(apply=not skip and math.isfinite(denoiser_norm))
+        if nonfinite and not self.nonfinite_in_a_row:
+            self.first_nonfinite_step = self.step + 1  # (the step being taken)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if nonfinite else 0
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applied (logged), before the schedule moves on
-        self.schedule.step()
+        with warnings.catch_warnings():  # a skipped first step moves the schedule on all the same (on purpose)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.schedule.step()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
@@ -470,12 +482,15 @@ class Trainer:
         if denoiser_norm is not None:
             metrics["denoiser_grad_norm"] = denoiser_norm
         if self.cfg.max_nonfinite and self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
-            path = self.save()
+            latest = self.checkpoints.latest()
+            start = (f"resumes from {latest}, from before them" if latest is not None else
+                     f"starts again from {'init_from' if self.cfg.init_from else 'the initial weights'}: no checkpoint "
+                     "was written before them")
             raise TrainingDiverged(
-                f"{self.nonfinite_in_a_row} consecutive steps (up to step {self.step}) had a non-finite loss or "
-                f"gradient and were skipped; stopping. {path} holds the last good weights: lower 'lr', set "
-                "'grad_clip', or check the data, then run the same command again to resume (config key "
-                "'max_nonfinite' sets the limit, 0 never stops)")
+                f"{self.nonfinite_in_a_row} consecutive steps (steps {self.first_nonfinite_step} to {self.step}) had a "
+                "non-finite loss or gradient and were skipped; stopping without a checkpoint (the update before them "
+                "may have wrecked the weights). Lower 'lr', set 'grad_clip', or check the data, then run the same "
+                f"command again: it {start} (config key 'max_nonfinite' sets the limit, 0 never stops)", metrics)
         return metrics
 
     # ------------------------------------------------------------------ loop
@@ -640,7 +655,12 @@ class Trainer:
             while self.step < end:
                 on_secondary = self._secondary_step(self.step)
                 source = secondary if on_secondary else data
-                m = self.train_step([next(source) for _ in range(cfg.grad_accum)])
+                try:
+                    m = self.train_step([next(source) for _ in range(cfg.grad_accum)])
+                except TrainingDiverged as e:  # its last step is logged (and the logdir kept, with its metrics)
+                    history.append(dict(e.metrics, step=self.step))
+                    logger.log(self.step, history[-1])
+                    raise
                 if self.secondary is not None:
                     m["secondary"] = float(on_secondary)
                 window_seen += (cfg.secondary_batch_size or cfg.batch_size) if on_secondary else cfg.batch_size
@@ -657,7 +677,8 @@ class Trainer:
                     m["peak_mem_gib"] = peak_memory_gib(self.dist.device)
                     m["skipped_images"] = float(self.skipped_images())
                     logger.log(self.step, m)
-                saved = self.step % cfg.save_freq == 0 or self.step == end
+                # (none while non-finite steps last: a checkpoint from before them stays the latest one)
+                saved = (self.step % cfg.save_freq == 0 and not self.nonfinite_in_a_row) or self.step == end
                 paused = time.perf_counter()
                 if saved:  # (before the sample grid: what is trained is kept first)
                     self.save()
