@@ -75,7 +75,9 @@ CASES = [
      "error: --data {tmp}/nowhere: no such folder"),
     ("sample --caption x --denoiser_window 3 --dry_run", 2,
      "error: --denoiser_window sets how a video model attends across frames; this config has no vid_size"),
-    ("sample --caption x --seed 99999999999999999999", 2, "must fit in 64 bits"),
+    ("sample --caption x --seed 99999999999999999999", 2, "must be below 2^62 in size"),
+    ("generate-set --caption x --num_samples 3 --seed 9223372036854775806 --out {tmp}/seed_set", 2,
+     "--seed 9223372036854775806: must be below 2^62 in size"),
     ("sample --caption x --cfg 0 --negative_prompt y --dry_run", 2,
      "--negative_prompt / caption-file negatives act through classifier-free guidance, which is off (cfg 0)"),
     # ---- video flags, checked from the config (so --dry_run refuses them too)

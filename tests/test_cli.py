@@ -169,6 +169,9 @@ def test_eval_nll_command(model_dir: Path, digits, capsys) -> None:
     r = evaluate_nll(pipe, str(digits["test"]), batch_size=16, progress=False)
     assert f"= {r.bits_per_dim:.4f} ± {r.bits_per_dim_ci95:.4f} bits/dim" in out  # evaluate_nll's numbers
     assert f"checkpoint: {model_dir}" in out and "(seed 0)" in out
+    assert main(["eval-nll", "--checkpoint_path", str(model_dir), "--data", str(digits["test"]), "--num_samples", "1",
+                 "--device", "cpu"]) == 0
+    assert "bits/dim (one image: no interval over images;" in capsys.readouterr().out
     out_file = model_dir.parent / "nll.json"  # --out: the same numbers, and what they were measured with
     assert main(["eval-nll", "--checkpoint_path", str(model_dir), "--data", str(digits["test"]), "--batch_size", "16",
                  "--device", "cpu", "--seed", "3", "--out", str(out_file)]) == 0

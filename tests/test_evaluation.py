@@ -151,6 +151,9 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     assert "auto_device ('cuda' -> 'cpu': jacobi_block_size auto picks the Jacobi chunks by the device type too" \
         in capsys.readouterr().err
     (out / "set.json").write_text(json.dumps(record))
+    assert main([*args, "--jacobi_block_size", "32"]) == 2  # a fixed block size for a set made with auto
+    assert "auto_device ('cpu' -> None: the set was made with --jacobi_block_size auto: continue it with auto)" \
+        in capsys.readouterr().err
     staged = tmp_path / "staged"  # the same weights copied elsewhere (a requeued job staging its model): continues
     shutil.copytree(DEMO_DIR, staged)
     capsys.readouterr()

@@ -120,8 +120,9 @@ def eval_nll(args: argparse.Namespace) -> int:
     space = "latents" if pipe.vae.downsample > 1 else "pixels"
     print(f"checkpoint: {checkpoint}; images: {r.images} x {args.noise_samples} noise draws (seed {args.seed}) from "
           f"{args.data} ({dist.world_size} process(es))")
-    print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} "
-          f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; "
+    spread = (f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; " if r.images > 1 else
+              "bits/dim (one image: no interval over images; ")
+    print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} {spread}"
           f"{'normalised latent' if space == 'latents' else 'pixels in [-1, 1]'} units)")
     uniform = pipe.config.noise_type == "uniform"
     if r.pixel_bits_per_dim is not None:

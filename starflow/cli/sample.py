@@ -198,11 +198,12 @@ VIDEO_LAYOUT_KEYS = ("temporal_causal", "shallow_block_local", "denoiser_window"
 TRAINED_MODES = ("video_to_video", "last_frame_cond")
 """Config keys of how a video model was trained to be conditioned: sampling may turn one off, not on."""
 
-WEIGHTS_BOUND_KEYS = ("head_dim", "rope", "pt_seq_len", "seq_order", "use_softplus", "cond_top_only", "soft_clip",
-                      "temporal_causal", "shallow_block_local", "denoiser_window", "local_attn_window", "noise_std",
-                      "cond_noise_level", "fps_cond", "mix_aspect")
-"""Model keys whose value the weights were trained with but whose change no weight's shape reveals: a sampling flag
-that changes one is honoured (command line > YAML) with a note that the flow now computes something else."""
+WEIGHTS_BOUND_KEYS = ("img_size", "txt_size", "head_dim", "rope", "pt_seq_len", "seq_order", "use_softplus",
+                      "cond_top_only", "soft_clip", "temporal_causal", "shallow_block_local", "denoiser_window",
+                      "local_attn_window", "noise_std", "cond_noise_level", "fps_cond", "mix_aspect")
+"""Model keys whose value the weights were trained with but whose change no weight's shape reveals (the sample size,
+the prompt length, what the flow computes): a sampling flag that changes one is honoured (command line > YAML) with a
+note naming the trained value."""
 
 
 def sampling_config(config: str | Path, args: argparse.Namespace):
@@ -230,7 +231,7 @@ def sampling_config(config: str | Path, args: argparse.Namespace):
     for key in WEIGHTS_BOUND_KEYS:
         if key in overrides and getattr(cfg, key) != getattr(trained, key):
             note_once(f"note: --{key} {overrides[key]} overrides the model's {key} ({getattr(trained, key)}), which its "
-                      "weights were trained with: they compute another flow now")
+                      "weights were trained with")
     return cfg
 
 
@@ -353,8 +354,10 @@ def sample_settings(args: argparse.Namespace, cfg):
         given = [flag for flag, default in JACOBI_DEFAULTS.items() if getattr(args, flag) != default]
         if given:
             raise ValueError(f"--{given[0]} sets Jacobi decoding, which --jacobi 0 turns off (sequential): drop one")
-    if not -2**63 <= cfg.seed < 2**63:
-        raise ValueError(f"--seed {cfg.seed}: must fit in 64 bits (|seed| < 2^63)")
+    # sample i draws with seed + i, its inputs' noise with seed + i + an offset: all of them fit in 64 bits
+    if not -2**62 < cfg.seed < 2**62:
+        raise ValueError(f"--seed {cfg.seed}: must be below 2^62 in size (sample i uses seed + i, plus offsets, in a "
+                         "64-bit generator)")
     if not args.self_denoise:
         for flag in ("self_denoising_lr", "denoising_batch_size", "disable_learnable_denoiser"):
             if getattr(args, flag) not in (None, False):

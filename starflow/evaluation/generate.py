@@ -132,6 +132,10 @@ def _auto_batch_hint(before: Any, now: Any) -> str:
 
 
 def _auto_device_hint(before: Any, now: Any) -> str:
+    if before and now is None:  # auto then, a fixed block size now
+        return "the set was made with --jacobi_block_size auto: continue it with auto"
+    if now and before is None:
+        return "the set was made with a fixed --jacobi_block_size: continue it with that one"
     return ("jacobi_block_size auto picks the Jacobi chunks by the device type too"
             + (f"; continue the set on a {before} device, --device {before}" if before else ""))
 
