@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "check_file_target", "follow_umask",
+__all__ = ["atomic_path", "atomic_scratch_path", "write_text_atomic", "check_file_target", "check_writable", "follow_umask",
            "weights_fingerprint", "weights_sha256", "same_weights"]
 
 
@@ -92,25 +92,39 @@ def follow_umask(path: str | Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, a place this process cannot write in: ``path`` (a folder, or a file or folder to be
+    made) is probed in its nearest existing folder, with a file created there and removed at once (``access()`` says
+    yes to root, whatever the file system says).
+
+    Raises:
+        OSError: ``FLAG PATH: cannot write in FOLDER (why); pass a writable place``.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if existing is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e}); pass a writable place") from None
+
+
 def check_file_target(path: str | Path, flag: str) -> Path:
     """Refuse, before any work, an output file path that is a folder, whose folder does not exist, or in whose folder
-    this process cannot create a file (tried with a temporary file, removed at once).
+    this process cannot create a file (:func:`check_writable`).
 
     Raises:
         ValueError: ``FLAG PATH: is a folder; ...`` or ``FLAG PATH: its folder ... does not exist``.
-        OSError: ``FLAG PATH: cannot write in its folder ...``.
+        OSError: ``FLAG PATH: cannot write in ...``.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: its folder {path.parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise OSError(f"{flag} {path}: cannot write in its folder {path.parent} ({e.strerror or e}); pass a writable "
-                      "place") from None
+    check_writable(path, flag)
     return path
 
 

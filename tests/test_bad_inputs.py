@@ -417,3 +417,34 @@ def test_non_finite_samples_are_an_error_not_black_images(tmp_path, capsys) -> N
         err = capsys.readouterr().err
         assert "samples came out non-finite (NaN or inf), which would be written as black images" in err
         assert "Traceback" not in err and not list(tmp_path.rglob("*.png"))
+
+
+def test_a_home_folder_after_equals_is_the_home_folder(tmp_path, monkeypatch, capsys) -> None:
+    """``--output_dir=~/x``: the shell leaves the ~ (it follows '='); the command expands it, as the user meant."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--caption", "a handwritten digit 1", "--num_samples", "1", "--device", "cpu",
+                 "--output_dir=~/samples"]) == 0
+    assert (tmp_path / "home" / "samples" / "grid.png").is_file() and not (tmp_path / "~").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(files, tmp_path, monkeypatch,
+                                                                          capsys) -> None:
+    import starflow.files
+    from starflow.sampling.pipeline import Pipeline
+
+    def refused(*args, **kwargs):  # (root writes anywhere: the refusal another user gets, simulated)
+        raise PermissionError(13, "Permission denied")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the output folder was checked")
+
+    monkeypatch.setattr(starflow.files.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(Pipeline, "from_pretrained", loaded)
+    for command, flag, target in (
+            (["train", "--config", files["cfg"], "--data", files["digits"], "--logdir"], "--logdir", tmp_path / "r" / "x"),
+            (["generate-set", "--caption", "x", "--num_samples", "2", "--out"], "--out", tmp_path / "set"),
+            (["sample", "--caption", "x", "--output_dir"], "--output_dir", tmp_path / "samples")):
+        assert main([*command, str(target), "--device", "cpu"]) == 2
+        assert f"{flag} {target}: cannot write in {tmp_path} (Permission denied)" in capsys.readouterr().err
+        assert not target.exists()

@@ -394,6 +394,16 @@ def test_corrupt_checkpoint_raises_a_clear_error(tmp_path, damage: str) -> None:
         manager.load(path, {"w": torch.zeros(64, 64)})
 
 
+
+def test_an_emptied_checkpoint_meta_file_is_named(tmp_path) -> None:
+    from starflow.train.state import read_meta
+
+    path = CheckpointManager(tmp_path, keep_last=1).save(1, {"w": torch.ones(2)}, {"step": 1}, {})
+    (path / "trainer.json").write_text("")  # (a copy to a full disk)
+    with pytest.raises(ValueError, match=r"step_00000001 is corrupt or incomplete \(trainer.json is not JSON.*earlier"):
+        read_meta(path)
+
+
 # ---------------------------------------------------------------------- dry run
 def test_dry_run_runs_one_step_and_writes_nothing(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     logdir = tmp_path / "dry"

@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    for key, value in vars(args).items():  # --out=~/x: the shell expands no ~ after '='
+        if isinstance(value, str) and value.startswith("~/") and "caption" not in key and "prompt" not in key:
+            setattr(args, key, os.path.expanduser(value))
     try:
         return args.func(args)
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status

@@ -5,7 +5,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -13,6 +12,7 @@ from typing import Iterator, Mapping
 import torch
 
 from starflow.config import CONFIG_FIELDS, TRAINING_KEYS, Config, config_field_help
+from starflow.files import check_writable
 
 SAMPLING_SKIP = frozenset({"ema", "compile"})
 """Config keys the sampling commands do not take as flags because a switch of their own has the name (``--ema``:
@@ -188,6 +188,7 @@ def check_output_path(value: str, flag: str = "output_dir") -> Path:
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)  # the first part of the path that exists
     if blocker is not None and not blocker.is_dir():
         raise ValueError(f"--{flag} {out}: " + ("" if blocker == out else f"{blocker} ") + "is a file; pass a folder")
+    check_writable(out, f"--{flag}")
     return out
 
 
@@ -207,11 +208,7 @@ def output_folder(value: str, flag: str = "output_dir") -> tuple[Path, dict[str,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"--{flag} {out}: cannot create it ({e.strerror}); pass a writable folder") from None
-    try:  # a file written now, not after the work (access() says yes to root, whatever the file system says)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise OSError(f"--{flag} {out}: cannot write in it ({e.strerror}); pass a writable folder") from None
+    check_writable(out, f"--{flag}")  # a file written now, not after the work
     return out, before
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
 from starflow.config import load_config
+from starflow.files import check_writable
 
 __all__ = ["register"]
 
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if not above.is_dir():
             raise ValueError(f"--logdir {cfg.logdir}: {above} is a file, so the folder cannot be made; pass another "
                              "folder for the run")
+        check_writable(cfg.logdir, "--logdir")
     if cfg.lora_rank and not cfg.init_from:
         raise ValueError(f"--lora_rank {cfg.lora_rank} trains low-rank adapters over base weights: pass them with "
                          "--init_from (a model folder or weights file); without them there is nothing to adapt")

@@ -88,10 +88,8 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
                           "are left out", stacklevel=2)
     if reference is not None and not str(reference).endswith(".npz"):
         a, b = Path(samples).resolve(), Path(reference).resolve()
-        if a == b or a in b.parents or b in a.parents:  # (folders are listed with their subfolders)
+        if a in b.parents or b in a.parents:  # (folders are listed with their subfolders; the same one is a choice)
             inner, outer = ("samples", "reference") if b in a.parents else ("reference", "samples")
-            if a == b:
-                inner, outer = "samples", "reference"
             raise ValueError(f"--{inner} {a if inner == 'samples' else b} is inside --{outer} "
                              f"{b if outer == 'reference' else a}: its images would be counted on both sides; keep "
                              "the two folders apart")

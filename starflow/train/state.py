@@ -120,9 +120,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The ``trainer.json`` of a checkpoint step folder: ``step``, ``config``, ``world_size``, schedule state, ...
 
     Raises:
-        OSError: no readable meta file; ValueError: not JSON.
+        OSError: no readable meta file; ValueError: not JSON (e.g. emptied by a full disk; the message names the file
+            and the way out).
     """
-    return json.loads((Path(path) / META_FILE).read_text())
+    file = Path(path) / META_FILE
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"training checkpoint {path} is corrupt or incomplete ({file.name} is not JSON: {e}): use an "
+                         "earlier step folder (a training run resumes from the previous one once this folder is "
+                         "deleted)") from None
 
 
 def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | None = None) -> None:
