@@ -124,6 +124,32 @@ def test_a_set_made_before_a_setting_existed_resumes_at_its_default(tmp_path, ca
     (out / "set.json").write_text(json.dumps(record))
     assert main(args) == 0 and "2 already there" in capsys.readouterr().out
 
+def test_a_finished_set_grows_to_the_set_made_at_once(tmp_path, capsys) -> None:
+    """A larger --num_samples continues a set whose captions are the first of the new ones: its images are kept, and
+    the grown set is the one a single run makes; other first captions are refused."""
+    small, grown, once = (_generate(tmp_path / name, n)[3:] for name, n in (("set", 3), ("set", 5), ("once", 5)))
+    assert main(small) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "set").glob("*.png")}
+    capsys.readouterr()
+    assert main(grown) == 0 and "3 already there" in capsys.readouterr().out
+    assert main(once) == 0
+    names = [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == names
+    assert all((tmp_path / "set" / n).stat().st_mtime_ns == first[n] for n in first)  # kept, not redrawn
+    assert all((tmp_path / "set" / n).read_bytes() == (tmp_path / "once" / n).read_bytes() for n in names)
+    for name in ("set.json", "captions.jsonl"):
+        made, at_once = (json.loads((tmp_path / d / name).read_text()) if name == "set.json" else
+                         (tmp_path / d / name).read_text().replace(d, "") for d in ("set", "once"))
+        if name == "set.json":
+            assert made["num_samples"] == 5 and made["captions_sha"] == at_once["captions_sha"]
+        else:
+            assert made == at_once
+    other = [a.replace("a handwritten digit 4", "a handwritten digit 7") for a in _generate(tmp_path / "set", 7)[3:]]
+    assert main(other) == 2
+    assert "made otherwise: num_samples (5 -> 7: a larger set grows this one only if its first captions are this " \
+           "one's, captions.jsonl)" in capsys.readouterr().err
+
+
 def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsys) -> None:
     out = tmp_path / "set"
     args = _generate(out, 2)[3:]  # the CLI arguments after "python -m starflow.cli"
@@ -180,9 +206,9 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     weights.write_bytes(bytes(data))
     assert main(again) == 2
     assert "made otherwise: weights (" in capsys.readouterr().err
-    assert main([*args[:-8], "--num_samples", "3", "--out", str(out), *args[-6:]]) == 2
+    assert main([*args[:-8], "--num_samples", "1", "--out", str(out), *args[-6:]]) == 2  # (fewer: not this set)
     err = capsys.readouterr().err  # the captions are cycled to the count, so only the count is named
-    assert "made otherwise: num_samples (2 -> 3) (set.json)" in err and "captions" not in err
+    assert "made otherwise: num_samples (2 -> 1) (set.json)" in err and "captions" not in err
     stray = tmp_path / "stray"  # images without a set.json are not taken for a finished set
     stray.mkdir()
     shutil.copy(out / "000000.png", stray / "000000.png")

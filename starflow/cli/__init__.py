@@ -46,16 +46,11 @@ _python_formatwarning = warnings.formatwarning
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """The package's own warnings as one plain line, ``warning: ...`` (they speak to the user: a truncated prompt, a
     slow setting); those of other libraries as Python shows them (file and line, for their authors)."""
+    bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)  # a warning during a progress bar starts a new line
+    start = "\n" if bars is not None and any(not bar.disable for bar in list(getattr(bars, "_instances", ()))) else ""
     if Path(filename).resolve().is_relative_to(_PACKAGE):
-        return f"warning: {message}\n"
-    return _python_formatwarning(message, category, filename, lineno, line)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings printed above a running progress bar (``tqdm.write``), not glued to the end of its line."""
-    from tqdm import tqdm
-
-    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=file or sys.stderr)
+        return f"{start}warning: {message}\n"
+    return start + _python_formatwarning(message, category, filename, lineno, line)
 
 
 def _end_progress_bars() -> None:
@@ -77,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
     forget_notes()  # each command says its notes once (several may run in one process, e.g. from Python)
     warnings.formatwarning = _format_warning
-    warnings.showwarning = _show_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command

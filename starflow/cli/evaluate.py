@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--sample_batch_size picks the Jacobi chunks, and a set continues only with its "
                                    "own). Under torchrun the "
                                    "indices are split over the ranks. Re-running the same command skips the "
-                                   "images already there (a killed run resumes).")
+                                   "images already there (a killed run resumes); with a larger --num_samples (the "
+                                   "same captions, cycled) it grows the set, its images kept.")
     add_model_flags(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--caption_file", default=None, help="text file, one caption per line (cycled to N)")
@@ -211,7 +212,7 @@ def generate_set(args: argparse.Namespace) -> int:
               "weights": weights,
               "precision": "bf16" if args.bf16 else "fp32", "config": cfg.to_dict(),
               "auto_device": pick_device(args.device).type if auto else None}
-    if not check_set(args.out, set_record(captions, settings, cfg.seed, record), digest):
+    if not check_set(args.out, set_record(captions, settings, cfg.seed, record), digest, captions):
         tabbed = next((c for c in captions if "\t" in c), None)  # (a set made before this rule continues)
         if tabbed is not None:
             flag = f"--caption_file {args.caption_file}" if args.caption_file else "--caption"

@@ -7,7 +7,7 @@ Another batch size gives the same images up to float rounding with a fixed ``jac
 picks other Jacobi chunks, so a set is continued only with the batch size it was started with. ``captions.jsonl`` (one
 ``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
 a re-run of the same command skips every image already there, so a killed 50K run continues where it
-stopped. Images are written under a temporary name and renamed, so no truncated PNG is ever left; the
+stopped, and one with a larger ``--num_samples`` (the same captions, cycled) grows a finished set. Images are written under a temporary name and renamed, so no truncated PNG is ever left; the
 temporary file of an image a killed run was writing is removed when the set is resumed.
 """
 from __future__ import annotations
@@ -76,8 +76,10 @@ def set_record(captions: list[str], settings: SampleSettings, seed: int,
     return json.loads(json.dumps(full))  # as read back from the file (tuples -> lists)
 
 
-def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[[], str] | None = None) -> bool:
-    """Whether ``out`` already holds this sample set (False: no set there yet); callable before any weights load.
+def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[[], str] | None = None,
+              captions: list[str] | None = None) -> bool:
+    """Whether ``out`` already holds this sample set, or its first images (False: no set there yet); callable before
+    any weights load.
 
     Args:
         out: the set's folder.
@@ -86,6 +88,8 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
             ``weights``) differ from the set's while their names and sizes match: weights rewritten in place with the
             same bytes (a finished training run run again exports its model folder again), or copied to another
             path, still continue the set.
+        captions: the captions of ``record`` (one per sample): with them a set made with fewer samples, whose
+            captions are the first of these, continues as the start of this larger one (a 10K set grown to 50K).
 
     Raises:
         ValueError: ``out`` holds a set made with other captions, count, seed, model or settings (each difference
@@ -100,12 +104,27 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
         return False
     old, record = _comparable(json.loads(path.read_text(encoding="utf-8")), record)
     diff = _differences(old, record)
+    if "num_samples" in diff and captions is not None:
+        if _grows(Path(out), old, record, captions):
+            del diff["num_samples"]
+        elif isinstance(old.get("num_samples"), int) and record["num_samples"] > old["num_samples"]:
+            diff["num_samples"] = (f"num_samples ({old['num_samples']} -> {record['num_samples']}: a larger set grows "
+                                   f"this one only if its first captions are this one's, {CAPTIONS_FILE})")
     if diff and set(diff) <= {"weights", "checkpoint"} and _same_bytes(old, record, weights_digest):
         return True  # the same weights, rewritten in place or copied elsewhere (a job staging its model to local disk)
     if diff:
         raise ValueError(f"{out} holds a sample set made otherwise: {'; '.join(list(diff.values())[:4])} ({SET_FILE}); "
                          "pass another --out, or the same settings to continue it")
     return True
+
+
+def _grows(out: Path, old: dict[str, Any], record: dict[str, Any], captions: list[str]) -> bool:
+    """Whether ``record`` (with ``captions``) is ``old``'s set with more samples: its first captions are the set's."""
+    n = old.get("num_samples")
+    if not isinstance(n, int) or record["num_samples"] <= n:
+        return False
+    made = read_set_captions(out)
+    return len(made) == n and [made.get(sample_path(out, i).name) for i in range(n)] == captions[:n]
 
 
 def _comparable(old: dict[str, Any], record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -180,10 +199,14 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
         ValueError: ``out`` holds a set made with other captions, count, seed, model or settings.
     """
     path = out / SET_FILE
-    if check_set(out, record, weights_digest):
+    if check_set(out, record, weights_digest, captions):
         if dist.is_main:
             old = json.loads(path.read_text(encoding="utf-8"))
             now = {k: record[k] for k in ("weights", "checkpoint") if k in record and old.get(k) != record[k]}
+            if old["num_samples"] != record["num_samples"]:  # grown: its captions first, then the count
+                now.update(num_samples=record["num_samples"], captions_sha=record["captions_sha"])
+                old.pop(LEGACY_CAPTIONS_SHA, None)
+                _write_captions(out, captions)
             if now:  # where the weights are now, and their times: the next check needs no hashing
                 write_text_atomic(path, json.dumps({**old, **now}, indent=1))
         return
@@ -192,10 +215,13 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
         if weights_digest is not None:
             record = {**record, WEIGHTS_SHA: weights_digest()}
         out.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c})
-                 for i, c in enumerate(captions)]
-        write_text_atomic(out / CAPTIONS_FILE, "\n".join(lines) + "\n")
+        _write_captions(out, captions)
         write_text_atomic(path, json.dumps(record, indent=1))
+
+
+def _write_captions(out: Path, captions: list[str]) -> None:
+    lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c}) for i, c in enumerate(captions)]
+    write_text_atomic(out / CAPTIONS_FILE, "\n".join(lines) + "\n")
 
 
 def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings: SampleSettings, *, seed: int,
