@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval-nll`` to the subcommands."""
     p = sub.add_parser("eval-nll", help="exact bits/dim of a model on an image folder",
                        description="The model's exact negative log-likelihood, in bits per dimension, of the images of a "
-                                   "folder with metadata.jsonl (VAE latents or pixels) plus the training noise "
+                                   "folder with metadata.jsonl (pixels, or VAE latents: the posterior mean) plus the training noise "
                                    "(Gaussian with std noise_std, or U[0, 1) dequantisation of 8-bit pixels for "
                                    "noise_type uniform), averaged over --noise_samples noise draws per image: "
                                    "a statement about the noised data, not a bound on the clean data.")
