@@ -10,7 +10,7 @@ import re
 import warnings
 from pathlib import Path
 
-__all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "EMA_WEIGHT_NAMES", "asset_search_dirs",
+__all__ = ["PACKAGE_CKPTS", "DEMO_DIR", "DEMO_PROMPTS", "shipped", "TINY_TEXT_ENCODER", "WEIGHT_NAMES", "EMA_WEIGHT_NAMES", "asset_search_dirs",
            "resolve_asset", "find_weights", "absolute_local_asset"]
 
 PACKAGE_CKPTS = Path(__file__).resolve().parents[1] / "ckpts"
@@ -18,6 +18,20 @@ PACKAGE_CKPTS = Path(__file__).resolve().parents[1] / "ckpts"
 DEMO_DIR = PACKAGE_CKPTS / "demo_digits"
 """The shipped text-to-image demo that ``starflow sample`` uses without ``--checkpoint_path``."""
 DEMO_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+
+
+def shipped(folder: Path, what: str = "shipped demo") -> Path:
+    """``folder`` of ``ckpts/`` (:data:`DEMO_DIR`, the digit classifier, ...), checked to be there.
+
+    Raises:
+        FileNotFoundError: it is missing: the shipped checkpoints come with a source checkout (``git clone``, then
+            ``pip install -e .``), not with a wheel installed from elsewhere.
+    """
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"the {what} ({folder}) is not there: the shipped checkpoints come with a source "
+                                "checkout of starflow (git clone, then pip install -e .), not with a wheel installed "
+                                "from elsewhere; or pass a model with --checkpoint_path")
+    return Path(folder)
 TINY_TEXT_ENCODER = "tiny-t5"
 """Config ``text`` preset: a seeded random tiny T5 with the ByT5 byte tokenizer (no download)."""
 WEIGHT_NAMES = ("model.safetensors", "model.pth")

@@ -448,3 +448,23 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(file
         assert main([*command, str(target), "--device", "cpu"]) == 2
         assert f"{flag} {target}: cannot write in {tmp_path} (Permission denied)" in capsys.readouterr().err
         assert not target.exists()
+
+
+def test_an_install_without_the_shipped_checkpoints_says_where_they_come_from(digits, tmp_path, monkeypatch,
+                                                                              capsys) -> None:
+    """A wheel installed elsewhere has no ckpts/: the demo-defaulting commands say so, and so does the digit
+    classifier, naming where its weights must go."""
+    import starflow.assets as assets
+    from starflow.evaluation.features import DigitClassifier
+
+    monkeypatch.setattr(assets, "DEMO_DIR", tmp_path / "site-packages" / "ckpts" / "demo_digits")
+    for command in (["sample", "--caption", "x", "--output_dir", str(tmp_path / "o")],
+                    ["sample", "--caption", "x", "--dry_run"],
+                    ["generate-set", "--caption", "x", "--num_samples", "1", "--out", str(tmp_path / "s")],
+                    ["eval-nll", "--data", str(digits["test"])]):
+        assert main([*command, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"the shipped demo ({assets.DEMO_DIR}) is not there: the shipped checkpoints come with a source " \
+               "checkout" in err, (command, err)
+    with pytest.raises(FileNotFoundError, match=f"--out {tmp_path / 'features'}"):
+        DigitClassifier.load(tmp_path / "features")

@@ -110,7 +110,7 @@ def eval_nll(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {root} lists videos ({videos[0]}, ...): eval-nll scores the images of a folder (a "
                          "video model scores them as one-frame clips), not clips; pass an image folder")
     out = check_file_target(args.out, "--out") if args.out else None
-    checkpoint = args.checkpoint_path or str(assets.DEMO_DIR)
+    checkpoint = args.checkpoint_path or str(assets.shipped(assets.DEMO_DIR))
     dist = init_distributed(args.device)
     pipe = Pipeline.from_pretrained(checkpoint, config=args.model_config_path, device=dist.device)
     r = evaluate_nll(pipe, args.data, args.batch_size, args.noise_samples, args.seed, num_samples=args.num_samples,
@@ -190,7 +190,7 @@ def generate_set(args: argparse.Namespace) -> int:
     from starflow.folder_lock import FolderLock
 
     if args.checkpoint_path is None:
-        args.checkpoint_path = str(assets.DEMO_DIR)
+        args.checkpoint_path = str(assets.shipped(assets.DEMO_DIR))
         note_once(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     files = weights_files(Path(args.checkpoint_path), args.ema)  # (checks the path first)
     weights = weights_fingerprint(files)

@@ -260,7 +260,7 @@ def load_pipeline(args: argparse.Namespace, dist, check: Callable[[Any, Path], N
     """
     from starflow.sampling.pipeline import Pipeline
 
-    checkpoint = args.checkpoint_path or assets.DEMO_DIR
+    checkpoint = args.checkpoint_path or assets.shipped(assets.DEMO_DIR)
     if args.checkpoint_path is None and dist.is_main:
         print(f"no --checkpoint_path given: sampling from the shipped demo model ({assets.DEMO_DIR})")
     check_checkpoint_path(checkpoint, args.ema)
@@ -504,7 +504,7 @@ def model_config_path(args: argparse.Namespace) -> Path:
                              "--checkpoint_path (without it the shipped demo is sampled, whose weights fit only its "
                              "own config)")
         return Path(args.model_config_path)
-    checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
+    checkpoint = Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR))
     return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
 
 
@@ -525,14 +525,17 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     from starflow.sampling.pipeline import DEFAULT_CONTEXT_FRAMES, continuation_frames
     from starflow.sizing import GIB, size_report, text_width
 
-    checkpoint = Path(args.checkpoint_path or assets.DEMO_DIR)
+    checkpoint = Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR))
     check_checkpoint_path(checkpoint, args.ema)
     weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
     config = model_config_path(args)
     if not config.is_file():
-        raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)")
+        raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)"
+                                if args.model_config_path else
+                                f"no {config.name} beside the weights ({config}): pass their YAML with "
+                                "--model_config_path (the official models' are in configs/ of the repository)")
     cfg = sampling_config(config, args)
     check_sharding(args, cfg, world_size)
     check_output_path(args.output_dir)  # (sampling creates it once every input has been read)
@@ -617,8 +620,8 @@ def run(args: argparse.Namespace) -> int:
     from starflow.sampling.settings import Profile
 
     demo = args.checkpoint_path is None
-    if demo and not Path(assets.DEMO_DIR).is_dir():
-        raise SystemExit(f"the shipped demo is missing ({assets.DEMO_DIR}); pass --checkpoint_path")
+    if demo:
+        assets.shipped(assets.DEMO_DIR)
     check_input_files(args, "caption_file", "input_image", "input_video", "last_image")
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples}: must be >= 1 (images per prompt)")

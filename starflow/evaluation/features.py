@@ -55,8 +55,9 @@ class DigitClassifier(nn.Module):
 
         path = Path(folder) / "model.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"digit feature weights {path} not found: make them with "
-                                    "`python scripts/train_digit_features.py --out ckpts/digit_features`")
+            raise FileNotFoundError(f"digit feature weights {path} not found (they ship in ckpts/ of a source "
+                                    "checkout of starflow): make them with `python scripts/train_digit_features.py "
+                                    f"--out {Path(folder).resolve()}`")
         model = cls()
         model.load_state_dict(load_file(path))
         return model.eval()
