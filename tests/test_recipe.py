@@ -179,10 +179,14 @@ def test_video_to_video_and_last_frame_modes(clips) -> None:
                  torch.device("cpu")).prepare(batch, 0, 0)
     assert torch.equal(v2v.latents, torch.cat([pixels[:, 4:], pixels[:, :4]], 1))  # [source; target]
     assert v2v.captions == ["(v2v) a digit"]
-    last = Recipe(load_config(dict(TINY_VIDEO, vid_size="8:8", last_frame_cond=1, drop_image=0, no_flip=1)), identity,
-                  torch.device("cpu")).prepare(batch, 0, 0)
-    assert torch.equal(last.latents, torch.cat([pixels[:, 4:5], pixels], 1))  # pixel frame F - 4 first
+    last_cfg = load_config(dict(TINY_VIDEO, vid_size="8:8", last_frame_cond=1, drop_image=0, no_flip=1))
+    last = Recipe(last_cfg, identity, torch.device("cpu")).prepare(batch, 0, 0)
+    assert torch.equal(last.latents, torch.cat([pixels[:, 7:8], pixels], 1))  # a pixel model: the last frame first
     assert last.captions == ["(last) a digit"]
+    wan_like = build_latent_adapter(None, channels=1)  # a VAE of temporal factor 4 (WAN2.2): pixel frame F - 4
+    wan_like.temporal_downsample = 4
+    last = Recipe(last_cfg, wan_like, torch.device("cpu")).prepare(batch, 0, 0)
+    assert torch.equal(last.latents, torch.cat([pixels[:, 4:5], pixels], 1))
     with pytest.raises(ValueError, match="two data modes"):
         load_config(dict(TINY_VIDEO, video_to_video=1, last_frame_cond=1, drop_image=0))
 

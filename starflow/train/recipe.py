@@ -13,8 +13,8 @@ Data modes of video configs (caption tag prepended before templating):
 * ``drop_image`` (probability per step): the first frame is dropped, ``"(extend) "``;
 * ``video_to_video``: clips hold ``2F`` frames, target then source; each half is encoded on its own and the
   latents are ``[source; target]`` along time, ``"(v2v) "``;
-* ``last_frame_cond``: pixel frame ``F - 4`` is encoded as one latent frame and put before the clip's
-  latents, ``"(last) "``.
+* ``last_frame_cond``: pixel frame ``F - t`` (:func:`end_frame_index`: ``F - 4`` for WAN2.2, the last frame for a
+  VAE without a temporal factor) is encoded as one latent frame and put before the clip's latents, ``"(last) "``.
 
 A batch of images in a video config (the secondary image data) trains as one-frame videos with ``fps 0``
 (``"An image:"`` with ``fps_cond``).
@@ -32,13 +32,18 @@ from starflow.data import sample_seed
 from starflow.models.starflow import noised_data
 from starflow.prompts import EXTEND_PREFIX, LAST_FRAME_PREFIX, V2V_PREFIX, prompt_from_config
 
-__all__ = ["Recipe", "Prepared", "NOISE_LEVEL_REFERENCE", "LAST_FRAME_OFFSET"]
+__all__ = ["Recipe", "Prepared", "NOISE_LEVEL_REFERENCE", "end_frame_index"]
 
 NOISE_LEVEL_REFERENCE = 0.3
 """With ``cond_noise_level`` every sample's likelihood term is weighted by ``noise_std / 0.3`` (SPEC section 16; the
 ``latent_norm_regularization`` term is not)."""
-LAST_FRAME_OFFSET = 4
-"""``last_frame_cond`` encodes pixel frame ``F - 4``, the first frame of the last latent frame's group."""
+
+
+def end_frame_index(frames: int, temporal_downsample: int) -> int:
+    """The pixel frame a ``last_frame_cond`` clip of ``frames`` frames is conditioned on: the first frame of the last
+    latent frame's group, ``F - t`` for a VAE of temporal factor ``t`` (SPEC section 16: ``F - 4`` for WAN2.2; the
+    last frame, ``F - 1``, for pixel and image-VAE models)."""
+    return frames - temporal_downsample
 
 
 @dataclass
@@ -105,7 +110,7 @@ class Recipe:
                     latents = torch.cat([encode(pixels[:, half:]), encode(pixels[:, :half])], 1)
                     return Prepared(latents.float(), [V2V_PREFIX + c for c in captions], fps)
                 if cfg.last_frame_cond:
-                    end = pixels[:, pixels.shape[1] - LAST_FRAME_OFFSET][:, None]  # (B, 1, C, H, W)
+                    end = pixels[:, end_frame_index(pixels.shape[1], self.vae.temporal_downsample)][:, None]
                     latents = torch.cat([encode(end), encode(pixels)], 1)
                     return Prepared(latents.float(), [LAST_FRAME_PREFIX + c for c in captions], fps)
                 if drop_image:  # continue a video: no first latent frame (SPEC section 16), and the caption says so
