@@ -529,6 +529,11 @@ def test_sample_dry_run_counts_the_input_clip(tmp_path: Path, capsys) -> None:
     assert main([*base[:-3], "--input_video", str(short), "--dry_run", "--checkpoint_path",
                  str(ROOT / "ckpts" / "demo_moving_digits_v2v")]) == 2
     assert "2 frames; this video_to_video model needs 4" in capsys.readouterr().err
+    out = tmp_path / "v2v"  # sampling says it too: a 9-frame source of a 4-frame model loses 5 frames
+    assert main([*base[:-1], "--checkpoint_path", str(ROOT / "ckpts" / "demo_moving_digits_v2v"), "--num_samples", "1",
+                 "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert "has 9 frames; the model redraws clips of 4 (vid_size), so its first 4 are redrawn and the rest are left " \
+           "out" in capsys.readouterr().out
 
 
 def test_the_tag_the_sampler_adds_is_not_doubled(capsys) -> None:

@@ -157,6 +157,8 @@ CASES = [
     ("cache-latents --config {cfg} --data {digits} --out {afile}", 2, "error: --out {afile}: is a file"),
     ("sample --checkpoint_path {tmp}/no_model --caption x", 2, "error: --checkpoint_path {tmp}/no_model: checkpoint not found"),
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
+    ("cache-latents --config {v2v_cfg} --data {video_meta} --out {tmp}/cache_v2v", 2,
+     "video_to_video / last_frame_cond encode parts of each clip, which a latent cache of whole clips does not hold"),
     ("cache-latents --config {cfg} --data {digits} --out {tmp}/cache_lr --lr 3", 2,
      "--lr 3: a training key, which `starflow cache-latents` does not use"),
     # ---- applications and sample sets
@@ -247,6 +249,7 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     for name, folder in (("moving", "demo_moving_digits"), ("v2v", "demo_moving_digits_v2v")):
         f[name] = str(DEMO_DIR.parent / folder)
     f["clip"] = str(DEMO_DIR.parents[1] / "docs" / "real_clip_5_right.mp4")
+    f["v2v_cfg"] = str(DEMO_DIR.parents[1] / "configs" / "demo_moving_digits_v2v.yaml")
     (tmp / "one.txt").write_text("a handwritten digit 1\n")
     f["one_txt"] = str(tmp / "one.txt")
     Image.new("L", (64, 32), 255).save(tmp / "wide.png")

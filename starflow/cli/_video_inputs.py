@@ -100,10 +100,13 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
             continue
         with about_flag(flag, path):
             clip = load_video(path, size, channels, max_frames=cfg.vid_size[0] if cfg.video_to_video else None)
-            _, fps = video_length(path)
+            length, fps = video_length(path)
         note = check_input_clip(path, clip.shape[0], fps, cfg, getattr(args, "out_fps", None))
         if note and is_main:
             print(note)
+        if cfg.video_to_video and length > clip.shape[0] and is_main:
+            print(f"note: --input_video {path} has {length} frames; the model redraws clips of {clip.shape[0]} "
+                  f"(vid_size), so its first {clip.shape[0]} are redrawn and the rest are left out")
         inputs[flag] = clip[None]
     return inputs
 

@@ -5,7 +5,8 @@ from starflow.data.aspect import (ASPECT_RATIOS, AspectBucketBatchSampler, Resum
 from starflow.data.build import build_dataset, build_secondary_dataset
 from starflow.data.digits import load_digit_split, split_indices, write_digits
 from starflow.data.images import CorruptImageError, ImageFolder, collate, load_image
-from starflow.data.latent_cache import cache_latents, cache_settings, check_cache_settings, load_uncond
+from starflow.data.latent_cache import (cache_latents, cache_settings, check_cache_settings, check_cacheable,
+                                        load_uncond)
 from starflow.data.seeding import sample_seed
 from starflow.data.shards import pack_folder, read_index
 from starflow.data.stream import STREAM_VERSION, BatchPosition, PositionTracker, ShardStream, continue_positions
@@ -26,6 +27,7 @@ __all__ = [
     "cache_latents",
     "cache_settings",
     "check_cache_settings",
+    "check_cacheable",
     "collate",
     "continue_positions",
     "load_digit_split",

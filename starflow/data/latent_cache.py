@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # the adapters pull in transformers and diffusers: imported w
     from starflow.adapters import LatentAdapter, TextEncoder
     from starflow.config import Config
 
-__all__ = ["CACHE_KEYS", "UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "load_uncond"]
+__all__ = ["CACHE_KEYS", "UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "check_cacheable",
+           "load_uncond"]
 
 _SETTING_KEYS = ("img_size", "vid_size", "vae", "text", "txt_size", "channel_size", "fps_cond",
                  "cond_noise_level", "noise_std", "mix_aspect")
@@ -158,6 +159,18 @@ def _counted(samples: Iterator[dict], index: Mapping[str, Any], skipped: list[di
                         "reason": "missing or damaged shard", "count": expected - seen})
 
 
+def check_cacheable(cfg: Config) -> None:
+    """Refuse a config whose training a latent cache cannot feed.
+
+    Raises:
+        ValueError: ``video_to_video`` or ``last_frame_cond``: each clip is encoded in parts (SPEC section 16), which a
+            cache of whole-clip latents does not hold.
+    """
+    if cfg.video_to_video or cfg.last_frame_cond:
+        raise ValueError("video_to_video / last_frame_cond encode parts of each clip, which a latent cache of whole "
+                         "clips does not hold: train on the videos (or their shards)")
+
+
 def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdapter, text_encoder: TextEncoder | None,
                   batch_size: int = 16, dtype: torch.dtype = torch.float32, shard_size: int = 1000,
                   overwrite: bool = False) -> dict:
@@ -187,8 +200,9 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
         FileNotFoundError: ``src`` has neither ``metadata.jsonl`` nor ``index.json``.
         FileExistsError: ``out`` holds shards and ``overwrite`` is off.
         ValueError: ``src`` is a latent cache or ``out`` itself, holds videos for an image config (or the reverse),
-            or no sample is usable.
+            or no sample is usable; a config :func:`check_cacheable` refuses.
     """
+    check_cacheable(cfg)
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
     kind, samples = _source(src, skipped)

@@ -35,7 +35,7 @@ from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_te
 from starflow.assets import TINY_TEXT_ENCODER
 from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
-                           STREAM_VERSION, collate, continue_positions, load_uncond, sample_seed)
+                           STREAM_VERSION, check_cacheable, collate, continue_positions, load_uncond, sample_seed)
 from starflow.distributed import DistInfo, from_rank0, is_sharded
 from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
@@ -178,9 +178,8 @@ class Trainer:
         if latent_cache and not cfg.no_flip:
             raise ValueError("flipping (no_flip: 0) needs pixels, and a latent cache holds the unflipped latents: set "
                              "--no_flip 1, or train on the images/videos (or their shards)")
-        if latent_cache and (cfg.video_to_video or cfg.last_frame_cond):
-            raise ValueError("video_to_video / last_frame_cond encode parts of each clip: train on the videos, not on "
-                             "a latent cache")
+        if latent_cache:
+            check_cacheable(cfg)
         self.cfg, self.dist, self.logdir = cfg, dist, Path(logdir)
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
         meta = any(p.is_meta for p in model.parameters())  # built for init_from: allocated here, loaded later
