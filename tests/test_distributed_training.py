@@ -204,3 +204,16 @@ def test_each_process_takes_its_own_gpu(monkeypatch) -> None:
         pick_device("cuda:1", local_rank=0, world_size=8)
     with pytest.raises(ValueError, match="there are 4 GPU"):
         pick_device("cuda:4")
+
+
+def test_an_error_under_torchrun_is_one_line_and_the_launcher_names_it(tmp_path: Path) -> None:
+    """Every rank meets the same bad flag: rank 0 prints it once, and each rank records it in torchrun's error file,
+    so the launcher's failure summary names the error (of whichever rank failed first)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*launch, "-m", "starflow.cli", "sample", "--caption", "x", "--cfg", "-1", "--device", "cpu",
+                        "--output_dir", str(tmp_path / "out")], env=run_env(tmp_path), capture_output=True, text=True,
+                       timeout=300)
+    line = "error: --cfg -1: the guidance weight must be >= 0 and finite"
+    assert r.returncode != 0 and r.stderr.count("\n" + line) + r.stderr.startswith(line) == 1, r.stderr[-3000:]
+    assert r.stderr.count(f"traceback : {line}") == 2  # torchrun's summary: rank 0's and rank 1's record
+    assert not (tmp_path / "out").exists()

@@ -495,16 +495,26 @@ def test_cache_latents_counts_the_samples_of_a_missing_shard(all_digits: Path, t
                                  "reason": "missing or damaged shard", "count": 4}]
 
 
-def test_pack_and_cache_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    """Under torchrun every process would write the same shards into one folder: both commands refuse, writing
-    nothing."""
+def test_single_process_commands_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch,
+                                                          capsys) -> None:
+    """Under torchrun every process would do the whole job and write the same files: the one-process commands refuse
+    before any work, in one line (rank 0's), writing nothing."""
     from starflow.cli import main
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["pack", str(all_digits), str(tmp_path / "shards")]) == 2
-    assert "2 were started (torchrun): run it without torchrun" in capsys.readouterr().err
     config = Path(__file__).resolve().parents[1] / "configs" / "demo_digits.yaml"
-    assert main(["cache-latents", "--config", str(config), "--data", str(all_digits),
-                 "--out", str(tmp_path / "cache")]) == 2
-    assert "run it without torchrun" in capsys.readouterr().err
-    assert not (tmp_path / "shards").exists() and not (tmp_path / "cache").exists()
+    commands = [["pack", str(all_digits), str(tmp_path / "shards")],
+                ["cache-latents", "--config", str(config), "--data", str(all_digits), "--out", str(tmp_path / "cache")],
+                ["export", str(tmp_path / "run"), str(tmp_path / "model")],
+                ["convert", str(tmp_path / "w.pth"), str(tmp_path / "w.safetensors")],
+                ["evaluate", "--samples", str(all_digits), "--reference", str(all_digits), "--features", "digits"],
+                ["validate", str(config)],
+                ["inpaint", "--input_image", str(tmp_path / "x.png"), "--mask_box", "0,0,4,4", "--caption", "x"]]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shown in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in commands:
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert (f"error: starflow {argv[0]} runs on one process, and 2 were started (torchrun): start it without "
+                    "torchrun" in err) == shown and (shown or not err), err
+    assert not [p for p in tmp_path.iterdir()]

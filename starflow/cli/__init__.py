@@ -8,9 +8,11 @@ documents each flag with its default and unit.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -61,6 +63,30 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+SINGLE_PROCESS = ("validate", "download", "convert", "export", "evaluate", "pack", "cache-latents", "inpaint", "edit")
+"""Commands that run on one process: under torchrun (several processes) they are refused before any work, as every
+process would do the whole job and write the same files."""
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say_error(line: str) -> None:
+    """Print a command's error line, once: under torchrun rank 0 prints it, and every rank records its own in the error
+    file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure summary names the first rank that
+    failed and why, also when only another rank met the error."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        try:
+            Path(path).write_text(json.dumps(record))
+        except OSError:
+            path = None
+    if _rank() == 0 or not path:
+        print(line, file=sys.stderr)
+
+
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
 
 
@@ -76,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.command in SINGLE_PROCESS and world > 1:
+        if _rank() == 0:
+            print(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start it "
+                  "without torchrun", file=sys.stderr)
+        return 2
     for key, value in vars(args).items():  # --out=~/x: the shell expands no ~ after '='
         if isinstance(value, str) and value.startswith("~/") and "caption" not in key and "prompt" not in key:
             setattr(args, key, os.path.expanduser(value))
@@ -84,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status
         _end_progress_bars()
         if isinstance(e.code, str):
-            print(f"error: {e.code}", file=sys.stderr)
+            _say_error(f"error: {e.code}")
             return 2
         raise
     except BrokenPipeError:  # the reader of stdout went away (`starflow validate ... | head`): nothing to say
@@ -94,19 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         _end_progress_bars()
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        _say_error(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
         return 2
     except KeyboardInterrupt as e:
         _end_progress_bars()
         resume = RESUMES.get(args.command)
         what = str(e) or "interrupted"  # (training stopped on a signal says at which step, checkpoint written)
-        if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank stops: one says so)
+        if _rank() == 0:  # (under torchrun every rank stops: one says so)
             print(what + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         _end_progress_bars()
-        print(f"error: unexpected {type(e).__name__}: {e} (a bug: rerun with STARFLOW_DEBUG=1 for the traceback and "
-              "report it)", file=sys.stderr)
+        _say_error(f"error: unexpected {type(e).__name__}: {e} (a bug: rerun with STARFLOW_DEBUG=1 for the traceback "
+                   "and report it)")
         return 1

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from starflow.cli._flags import add_config_flags, add_device_flag, at_least, config_overrides
@@ -52,17 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_out_folder(flag: str, path: str) -> None:
-    """The shard folder a command writes must not be a file, and one process writes it.
+    """The shard folder a command writes must not be a file (one process writes it: ``SINGLE_PROCESS`` in
+    :mod:`starflow.cli`).
 
     Raises:
-        ValueError: ``path`` is an existing file, or several processes were started (torchrun).
+        ValueError: ``path`` is an existing file.
     """
     if Path(path).is_file():
         raise ValueError(f"{flag} {path}: is a file; pass a folder for the shards")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # every process would write the same shards into one folder
-        raise ValueError(f"{flag} {path}: this command writes its shards from one process, and {world} were started "
-                         "(torchrun): run it without torchrun")
 
 
 def pack(args: argparse.Namespace) -> int:

@@ -255,8 +255,9 @@ class CheckpointManager:
         except OSError:
             free = ""
         return OSError(f"cannot write the checkpoint {final} ({type(inner).__name__}: {str(inner).strip()[:300]}{free}): "
-                       "the earlier checkpoints are kept; make room (or fix the folder) and rerun the same command to "
-                       "resume from the last one")
+                       "the earlier checkpoints are kept; once the cause is fixed (a full disk, a folder that cannot be "
+                       "written, another process of the run that stopped) rerun the same command to resume from the "
+                       "last one")
 
     def load(self, path: str | Path, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load a checkpoint written by :meth:`save`; ``tensors`` is filled in place (DCP reshards as needed).
