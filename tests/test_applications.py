@@ -536,6 +536,16 @@ def test_sample_dry_run_counts_the_input_clip(tmp_path: Path, capsys) -> None:
            "out" in capsys.readouterr().out
 
 
+def test_an_input_of_another_size_is_noted_as_resized(tmp_path: Path, capsys) -> None:
+    image = tmp_path / "first.png"
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(image)
+    assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a handwritten digit 2 moving right",
+                 "--input_image", str(image), "--num_samples", "1", "--output_dir", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    assert f"note: --input_image {image} is 20x16; it is resized and centre-cropped to the samples' 12x12" \
+        in capsys.readouterr().out
+
+
 def test_the_tag_the_sampler_adds_is_not_doubled(capsys) -> None:
     from argparse import Namespace
 

@@ -81,8 +81,8 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
     if not given:
         return {}
     from starflow.data import load_image
-    from starflow.data.images import image_frames
-    from starflow.data.video import load_video, video_length
+    from starflow.data.images import image_frames, image_size
+    from starflow.data.video import load_video, video_length, video_size
 
     _, c, h, w = pipe.latent_shape(args.aspect_ratio)
     down = pipe.vae.downsample
@@ -91,6 +91,12 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
     for flag, path in given.items():
         if flag != "input_video":
             _refuse_a_video(flag, path)
+        with about_flag(flag, path):
+            source = image_size(path) if flag != "input_video" else video_size(path)
+        if is_main and source != size[::-1]:
+            print(f"note: --{flag} {path} is {source[0]}x{source[1]}; it is resized and centre-cropped to the samples' "
+                  f"{size[1]}x{size[0]}")
+        if flag != "input_video":
             with about_flag(flag, path):
                 inputs[flag] = load_image(path, size, channels)[None]
                 if is_main and image_frames(path) > 1:

@@ -29,7 +29,7 @@ from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.data.seeding import sample_seed
 
 __all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip",
-           "read_video", "load_video", "video_length", "video_aspect", "write_video", "write_gif", "to_uint8_frames",
+           "read_video", "load_video", "video_length", "video_size", "video_aspect", "write_video", "write_gif", "to_uint8_frames",
            "draw_rate"]
 
 logger = logging.getLogger(__name__)
@@ -291,9 +291,9 @@ def video_length(path: str | Path | BinaryIO) -> tuple[int, float]:
     return len(frames), fps
 
 
-def video_aspect(path: str | Path | BinaryIO) -> str:
-    """The nearest aspect bucket of a video as players show it: the stream header's size, its sides swapped when the
-    first frame's display rotation is a quarter turn (only that frame is decoded).
+def video_size(path: str | Path | BinaryIO) -> tuple[int, int]:
+    """``(width, height)`` of a video as players show it: the stream header's size, its sides swapped when the first
+    frame's display rotation is a quarter turn (only that frame is decoded).
 
     Raises:
         CorruptVideoError: the header cannot be read.
@@ -307,10 +307,22 @@ def video_aspect(path: str | Path | BinaryIO) -> str:
             first = next(container.decode(stream), None)
             if first is not None and _quarter_turns(first) % 2:
                 w, h = h, w
-            return nearest_aspect(w, h)
+            return w, h
     except CorruptVideoError:
         raise
-    except (OSError, ValueError, IndexError, ZeroDivisionError, av.error.FFmpegError) as err:
+    except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
+        raise CorruptVideoError(f"cannot read the video header of {path}: {err}") from err
+
+
+def video_aspect(path: str | Path | BinaryIO) -> str:
+    """The nearest aspect bucket of a video as players show it (:func:`video_size`).
+
+    Raises:
+        CorruptVideoError: the header cannot be read, or gives no size.
+    """
+    try:
+        return nearest_aspect(*video_size(path))
+    except ZeroDivisionError as err:
         raise CorruptVideoError(f"cannot read the video header of {path}: {err}") from err
 
 
