@@ -546,6 +546,19 @@ def test_an_input_of_another_size_is_noted_as_resized(tmp_path: Path, capsys) ->
         in capsys.readouterr().out
 
 
+def test_lossless_mp4s_hold_the_poster_frames_exactly(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a handwritten digit 2 moving right",
+                 "--num_samples", "1", "--lossless_mp4", "--output_dir", str(out), "--device", "cpu"]) == 0
+    mp4 = next(out.glob("*.mp4"))
+    frames, _ = read_video(mp4)
+    poster = np.asarray(Image.open(mp4.with_suffix(".png")).convert("RGB"))
+    assert np.array_equal(np.concatenate(list(frames), axis=1), poster)  # frames side by side
+    assert main(["sample", "--caption", "x", "--lossless_mp4", "--output_dir", str(tmp_path / "img"),
+                 "--device", "cpu"]) == 2
+    assert "--lossless_mp4 is for video configs" in capsys.readouterr().err
+
+
 def test_the_tag_the_sampler_adds_is_not_doubled(capsys) -> None:
     from argparse import Namespace
 

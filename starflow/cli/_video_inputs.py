@@ -24,7 +24,7 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
     from starflow.adapters.geometry import vae_geometry
 
     flags = {flag: getattr(args, flag, None) for flag in ("input_image", "input_video", "last_image", "target_length",
-                                                          "context_length", "gif")}
+                                                          "context_length", "gif", "lossless_mp4")}
     given = [flag for flag, value in flags.items() if value]
     if not cfg.is_video:
         if given:

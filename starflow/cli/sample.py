@@ -81,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context_length", type=int, default=None,
                    help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
     p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
+    p.add_argument("--lossless_mp4", action="store_true",
+                   help="video configs: write the MP4s losslessly (H.264 yuv444p at QP 0: the exact frames, e.g. for "
+                        "video metrics; fewer players take it) [default: yuv420p at the encoder's default quality, for "
+                        "viewing; the poster PNG is exact either way]")
     p.add_argument("--profile", action="store_true",
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")
@@ -660,7 +664,8 @@ def run(args: argparse.Namespace) -> int:
         write_settings(out, record)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
-                          gif=args.gif, inputs=inputs, profile=profile, stats=DecodeStats(),
+                          gif=args.gif, lossless=args.lossless_mp4, inputs=inputs, profile=profile,
+                          stats=DecodeStats(),
                           negatives=negatives, return_sequence=args.return_sequence)
     if dist.is_main:
         h, w = pipe.latent_shape("1:1")[-2:] if random_ratio else shape[-2:]

@@ -332,13 +332,14 @@ def draw_rate(rates: tuple[float, ...], generator: torch.Generator) -> float:
 
 
 def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, lossless: bool = False) -> Path:
-    """Write frames as an H.264 MP4 (yuv420p, playable everywhere; ``lossless``: yuv444p, constant QP 0).
+    """Write frames as an H.264 MP4 (yuv420p, playable everywhere; ``lossless``: RGB H.264, ``libx264rgb`` at QP 0,
+    which keeps every pixel exactly, as YUV, even 4:4:4 at QP 0, does not: its conversion rounds by a level).
 
     Args:
         path: output file (``.mp4``).
         frames: ``(T, H, W, 3)`` or ``(T, H, W)`` uint8, or a float tensor ``(T, C, H, W)`` in ``[-1, 1]``.
         fps: frames per second.
-        lossless: keep every pixel (for datasets); otherwise the default quality (for viewing).
+        lossless: keep every pixel (for datasets and metrics); otherwise the default quality (for viewing).
     """
     import av
 
@@ -347,9 +348,9 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float,
     path.parent.mkdir(parents=True, exist_ok=True)
     t, h, w, _ = frames.shape
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=round(fps))
         stream.width, stream.height = w + w % 2, h + h % 2  # yuv420p needs even sides
-        stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
         if lossless:
             stream.width, stream.height = w, h
             stream.options = {"qp": "0"}

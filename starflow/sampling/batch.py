@@ -32,7 +32,8 @@ def sample_aspect_ratios(aspect_ratio: str, seed: int, n: int) -> list[str]:
 
 
 def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings, out: Path, *, seed: int,
-                  batch_size: int, dist: DistInfo, gif: bool = False, inputs: Mapping[str, torch.Tensor] | None = None,
+                  batch_size: int, dist: DistInfo, gif: bool = False, lossless: bool = False,
+                  inputs: Mapping[str, torch.Tensor] | None = None,
                   profile: Profile | None = None, stats: DecodeStats | None = None,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
                   progress: str = "sample", negatives: Sequence[str] | None = None,
@@ -57,6 +58,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         batch_size: samples per forward batch on each rank.
         dist: this process's rank and world size.
         gif: videos: also write an animated GIF.
+        lossless: videos: write the MP4 losslessly (see :func:`~starflow.data.video.write_video`).
         inputs: video models: conditioning pixels shared by every sample, by :class:`Pipeline` argument name
             (``input_image``, ``input_video``, ``last_image``), each with a leading batch axis of 1;
             ``input_video`` of a ``video_to_video`` model goes to :meth:`Pipeline.video_to_video`.
@@ -122,7 +124,7 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         shape = tuple(pixels.shape)
         for r, (i, sample) in enumerate(zip(idx, pixels)):
             if i is not None:
-                save_sample(sample, stem(out, i, captions[i]), fps, gif)
+                save_sample(sample, stem(out, i, captions[i]), fps, gif, lossless)
                 if return_sequence:
                     panels = torch.cat([stage[r] for stage in sequence], dim=-1)  # side by side
                     path = stem(out, i, captions[i])

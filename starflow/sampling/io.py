@@ -92,9 +92,10 @@ def sample_stem(folder: Path, index: int, caption: str) -> Path:
     return folder / f"{index:05d}_{slug(caption)}"
 
 
-def save_sample(sample: torch.Tensor, stem: Path, fps: float | None = None, gif: bool = False) -> None:
-    """An image ``(C, H, W)`` as ``stem.png``; a video ``(T, C, H, W)`` as ``stem.mp4`` (H.264 at ``fps``) plus a
-    poster ``stem.png`` (the frames side by side) and, with ``gif``, an animated ``stem.gif``.
+def save_sample(sample: torch.Tensor, stem: Path, fps: float | None = None, gif: bool = False,
+                lossless: bool = False) -> None:
+    """An image ``(C, H, W)`` as ``stem.png``; a video ``(T, C, H, W)`` as ``stem.mp4`` (H.264 at ``fps``; ``lossless``:
+    the exact frames) plus a poster ``stem.png`` (the frames side by side) and, with ``gif``, an animated ``stem.gif``.
 
     Raises:
         ValueError: a video without ``fps``.
@@ -106,7 +107,7 @@ def save_sample(sample: torch.Tensor, stem: Path, fps: float | None = None, gif:
 
     if not fps:
         raise ValueError("writing a video needs its fps")
-    write_video(stem.with_suffix(".mp4"), sample, fps)
+    write_video(stem.with_suffix(".mp4"), sample, fps, lossless=lossless)
     save_image(torch.cat(list(sample), dim=-1), stem.with_suffix(".png"))
     if gif:
         write_gif(stem.with_suffix(".gif"), sample, fps, scale=max(1, 128 // sample.shape[-1]))
