@@ -220,15 +220,17 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
     stats = tmp_path / "ref.npz"
     args = ["evaluate", "--samples", str(digits["test"]), "--reference", str(digits["train"]), "--features", "digits",
             "--metrics", "fid,kid,precision_recall", "--out", str(tmp_path / "m.json")]
-    assert main([*args, "--save_stats", str(stats)]) == 0
+    with pytest.warns(UserWarning, match="FID from 24 images per side, fewer than the .* feature dimensions"):
+        assert main([*args, "--save_stats", str(stats)]) == 0  # (a small set: its FID comes with a warning)
     first = json.loads((tmp_path / "m.json").read_text())
     assert set(first["metrics"]) == {"fid", "kid_mean", "kid_std", "precision", "recall"}
     assert first["samples"] == 24 and "torchmetrics" in first["versions"] and first["features"] == "digits"
     n_ref = len(list(Path(digits["train"]).glob("*.png")))
     assert first["reference_images"] == n_ref and first["kid_subset_size"] == min(24, n_ref)
     assert first["sample_set"] is None  # a plain folder of images
-    assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(stats), "--features", "digits",
-                 "--out", str(tmp_path / "m2.json")]) == 0
+    with pytest.warns(UserWarning, match="FID from 24 images"):
+        assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(stats), "--features", "digits",
+                     "--out", str(tmp_path / "m2.json")]) == 0
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"])
     capsys.readouterr()
     assert main(["evaluate", "--samples", str(digits["test"]), "--metrics", "fid", "--out", str(tmp_path / "x.json")]) == 2

@@ -144,6 +144,11 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
             raise ValueError(f"{reference} holds {real.shape[1]}-dimensional features and '{features}' gives "
                              f"{fake.shape[1]}: they come from another extractor; pass the matching --features")
         if "fid" in metrics:
+            few = min(len(real), len(fake))
+            if few < real.shape[1]:  # (the usual sets: 10K or 50K samples against 2,048 Inception features)
+                warnings.warn(f"FID from {few} images per side, fewer than the {real.shape[1]} feature dimensions: "
+                              "their covariance is singular and the FID strongly biased upwards; compare only with "
+                              "FIDs of as many images", stacklevel=2)
             results["fid"] = fid_from_features(real, fake)
         if "kid" in metrics:
             results["kid_mean"], results["kid_std"] = kid_from_features(real, fake)
