@@ -429,6 +429,12 @@ def test_a_home_folder_after_equals_is_the_home_folder(tmp_path, monkeypatch, ca
     assert main(["sample", "--caption", "a handwritten digit 1", "--num_samples", "1", "--device", "cpu",
                  "--output_dir=~/samples"]) == 0
     assert (tmp_path / "home" / "samples" / "grid.png").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "home" / "captions.txt").write_text("a handwritten digit 2\n")
+    assert main(["sample", "--caption_file=~/captions.txt", "--device", "cpu", "--output_dir=~/more"]) == 0
+    assert len(list((tmp_path / "home" / "more").glob("*digit_2.png"))) == 1
+    assert main(["sample", "--caption", "~/not a path", "--num_samples", "1", "--device", "cpu",
+                 "--output_dir=~/text"]) == 0  # a caption stays as it is
+    assert "~/not a path" in (tmp_path / "home" / "text" / "settings.json").read_text()
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(files, tmp_path, monkeypatch,

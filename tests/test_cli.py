@@ -343,7 +343,7 @@ def test_decoding_help_is_the_commands_own(command: str, capsys) -> None:
 def test_sample_without_checkpoint_needs_the_demo(monkeypatch, tmp_path: Path, capsys) -> None:
     monkeypatch.setattr(assets, "DEMO_DIR", tmp_path / "no_demo")
     assert main(["sample", "--output_dir", str(tmp_path / "o"), "--device", "cpu"]) == 2
-    assert "shipped demo is missing" in capsys.readouterr().err
+    assert f"the shipped demo ({tmp_path / 'no_demo'}) is not there" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (DEMO_DIR / "config.yaml").is_file(),

@@ -144,9 +144,15 @@ def test_a_finished_set_grows_to_the_set_made_at_once(tmp_path, capsys) -> None:
             assert made["num_samples"] == 5 and made["captions_sha"] == at_once["captions_sha"]
         else:
             assert made == at_once
+    captions = tmp_path / "set" / "captions.jsonl"  # a grow killed after its captions, before its set.json
+    grown_captions = captions.read_text()
+    captions.write_text(grown_captions + grown_captions.splitlines()[0].replace('"index": 0', '"index": 5')
+                        .replace("000000.png", "000005.png") + "\n")
+    assert main(grown) == 0 and "5 already there" in capsys.readouterr().out  # still the 5-image set
+    assert main(_generate(tmp_path / "set", 6)[3:]) == 0 and "5 already there" in capsys.readouterr().out
     other = [a.replace("a handwritten digit 4", "a handwritten digit 7") for a in _generate(tmp_path / "set", 7)[3:]]
     assert main(other) == 2
-    assert "made otherwise: num_samples (5 -> 7: a larger set grows this one only if its first captions are this " \
+    assert "made otherwise: num_samples (6 -> 7: a larger set grows this one only if its first captions are this " \
            "one's, captions.jsonl)" in capsys.readouterr().err
 
 

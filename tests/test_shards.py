@@ -510,11 +510,15 @@ def test_single_process_commands_refuse_several_processes(all_digits: Path, tmp_
                 ["validate", str(config)],
                 ["inpaint", "--input_image", str(tmp_path / "x.png"), "--mask_box", "0,0,4,4", "--caption", "x"]]
     monkeypatch.setenv("WORLD_SIZE", "2")
+    record = tmp_path / "error.json"  # torchrun's error file of this rank
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(record))
     for rank, shown in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         for argv in commands:
             assert main(argv) == 2
             err = capsys.readouterr().err
-            assert (f"error: starflow {argv[0]} runs on one process, and 2 were started (torchrun): start it without "
-                    "torchrun" in err) == shown and (shown or not err), err
-    assert not [p for p in tmp_path.iterdir()]
+            line = f"error: starflow {argv[0]} runs on one process, and 2 were started (torchrun): start it without " \
+                   "torchrun"
+            assert (line in err) == shown and (shown or not err), err
+            assert json.loads(record.read_text())["message"]["message"] == line  # for torchrun's failure summary
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]

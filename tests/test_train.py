@@ -465,6 +465,10 @@ def test_too_many_non_finite_steps_stop_without_pushing_out_the_checkpoint_from_
     assert [m["step"] for m in read_metrics(tmp_path / "diverged")] == [1, 2, 3, 4, 5, 6]
     resumed = build_trainer(config, tmp_path / "diverged")
     assert resumed.resume() and resumed.step == 3 and resumed.nonfinite_in_a_row == 0
+    ended = build_trainer(dict(config, steps=6, max_nonfinite=5), tmp_path / "ended")  # the run ends in bad steps
+    monkeypatch.setattr(ended, "_batches", lambda: iter([good, good, good, bad, bad, bad]))
+    ended.fit()
+    assert [p.name for p in ended.checkpoints.checkpoints()] == ["step_00000003"]  # not pushed out at the last step
 
 
 def test_a_run_diverging_at_its_first_step_keeps_its_logdir_and_starts_again(tiny_config, digits, tmp_path,

@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command in SINGLE_PROCESS and world > 1:
-        if _rank() == 0:
-            print(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start it "
-                  "without torchrun", file=sys.stderr)
+        _say_error(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start "
+                   "it without torchrun")
         return 2
     for key, value in vars(args).items():  # --out=~/x: the shell expands no ~ after '='
-        if isinstance(value, str) and value.startswith("~/") and "caption" not in key and "prompt" not in key:
+        if isinstance(value, str) and value.startswith("~/") and key not in ("caption", "source_caption",
+                                                                              "negative_prompt"):
             setattr(args, key, os.path.expanduser(value))
     try:
         return args.func(args)

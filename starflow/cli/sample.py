@@ -82,9 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
     p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
     p.add_argument("--lossless_mp4", action="store_true",
-                   help="video configs: write the MP4s losslessly (H.264 yuv444p at QP 0: the exact frames, e.g. for "
-                        "video metrics; fewer players take it) [default: yuv420p at the encoder's default quality, for "
-                        "viewing; the poster PNG is exact either way]")
+                   help="video configs: write the MP4s losslessly (RGB H.264, libx264rgb at QP 0: the exact frames, "
+                        "e.g. for video metrics; fewer players take it) [default: yuv420p at the encoder's default "
+                        "quality, for viewing; the poster PNG is exact either way]")
     p.add_argument("--profile", action="store_true",
                    help="print the seconds and sequential flow evaluations per stage: text encoding, each flow "
                         "block, denoising, VAE decoding")

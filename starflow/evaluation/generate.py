@@ -123,8 +123,8 @@ def _grows(out: Path, old: dict[str, Any], record: dict[str, Any], captions: lis
     n = old.get("num_samples")
     if not isinstance(n, int) or record["num_samples"] <= n:
         return False
-    made = read_set_captions(out)
-    return len(made) == n and [made.get(sample_path(out, i).name) for i in range(n)] == captions[:n]
+    made = read_set_captions(out)  # (more lines than n: a grow killed before its set.json, or one in progress)
+    return len(made) >= n and [made.get(sample_path(out, i).name) for i in range(n)] == captions[:n]
 
 
 def _comparable(old: dict[str, Any], record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -234,7 +234,7 @@ class CheckpointManager:
             _barrier()
             if self.rank == 0:
                 (partial / META_FILE).write_text(json.dumps(meta, indent=1))
-        except (Exception, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
+        except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
             raise self._unwritten(final, partial, e) from None
         if self.rank == 0:
             os.replace(partial, final)

@@ -80,11 +80,13 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class TrainingStopped(Stopped):
-    """Training stopped on a signal (:class:`starflow.signals.StopSignals`) after writing a checkpoint; ``signum`` is
-    the signal."""
+    """Training stopped on a signal (:class:`starflow.signals.StopSignals`) after writing a checkpoint (none while
+    non-finite steps last: the latest one is from before them); ``signum`` is the signal."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(signum, f"at step {step}, after writing its checkpoint")
+    def __init__(self, signum: int, step: int, saved: bool = True) -> None:
+        super().__init__(signum, f"at step {step}, " + ("after writing its checkpoint" if saved else
+                                                        "without a checkpoint (its last steps were non-finite: it "
+                                                        "resumes from the latest one, from before them)"))
 
 
 def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
@@ -676,8 +678,12 @@ class Trainer:
                     m["peak_mem_gib"] = peak_memory_gib(self.dist.device)
                     m["skipped_images"] = float(self.skipped_images())
                     logger.log(self.step, m)
-                # (none while non-finite steps last: a checkpoint from before them stays the latest one)
-                saved = (self.step % cfg.save_freq == 0 and not self.nonfinite_in_a_row) or self.step == end
+                # (none while non-finite steps last, the last step's neither: one from before them stays the latest)
+                bad = bool(self.nonfinite_in_a_row)
+                saved = not bad and (self.step % cfg.save_freq == 0 or self.step == end)
+                if bad and self.step == end:
+                    self._log(f"no checkpoint at the last step: its last {self.nonfinite_in_a_row} step(s) were "
+                              "non-finite (the model folder holds the weights from before them)")
                 paused = time.perf_counter()
                 if saved:  # (before the sample grid: what is trained is kept first)
                     self.save()
@@ -689,9 +695,9 @@ class Trainer:
                     window_start += time.perf_counter() - paused
                 signum = agreed_stop(stop, self.dist.device)
                 if signum:
-                    if not saved:
+                    if not saved and not bad:
                         self.save()
-                    raise TrainingStopped(signum, self.step)
+                    raise TrainingStopped(signum, self.step, saved=not bad)
         except BaseException:
             if created and not history and self.checkpoints.latest() is None:  # refused before its first step
                 # (e.g. unreadable data): leave no logdir; one with a checkpoint (a diverged run's) stays
