@@ -26,14 +26,19 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_live_holder_is_refused_and_a_killed_one_frees_the_folder(tmp_path) -> None:
-    holder = _holder(tmp_path)
+def _refused_while_held(folder: Path) -> None:
+    """Another process holds ``folder``'s lock: this one is refused, naming it; then the holder is killed."""
+    holder = _holder(folder)
     try:
         with pytest.raises(FolderBusyError, match=rf"process {holder.pid} on .* is writing to this sample set now"):
-            FolderLock(tmp_path, "sample set").acquire()
+            FolderLock(folder, "sample set").acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_a_live_holder_is_refused_and_a_killed_one_frees_the_folder(tmp_path) -> None:
+    _refused_while_held(tmp_path)
     with FolderLock(tmp_path, "sample set"):  # the kernel dropped the dead holder's lock: no stale lock to clean
         assert (tmp_path / LOCK_FILE).is_file()
 
@@ -143,7 +148,6 @@ def test_another_users_lock_file_still_locks_and_new_ones_follow_the_umask(tmp_p
     finally:
         os.umask(old)
     assert (tmp_path / LOCK_FILE).stat().st_mode & 0o777 == 0o664
-    holder = _holder(tmp_path)
     real_open = os.open
 
     def not_writable(path, flags, *args):  # (root writes any file: the refusal another user gets, simulated)
@@ -152,12 +156,7 @@ def test_another_users_lock_file_still_locks_and_new_ones_follow_the_umask(tmp_p
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(folder_lock.os, "open", not_writable)
-    try:
-        with pytest.raises(FolderBusyError, match=rf"process {holder.pid} on .* is writing to this sample set now"):
-            FolderLock(tmp_path, "sample set").acquire()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    _refused_while_held(tmp_path)
     lock = FolderLock(tmp_path, "sample set").acquire()  # free again: taken read-only, no warning
     assert FolderLock._held
     lock.release()
