@@ -95,7 +95,8 @@ def pick_device(requested: str | None = None, local_rank: int = 0, world_size: i
 
 def init_distributed(device: str | None = None) -> DistInfo:
     """Initialise the default process group (NCCL on CUDA, gloo on a CPU) when launched by torchrun, also for
-    ``--nproc_per_node 1`` (so ``fsdp: 1`` shards over one GPU as over eight); a no-op for a plain process."""
+    ``--nproc_per_node 1`` (so ``fsdp: 1`` shards over one GPU as over eight); a no-op for a plain process. Ranks
+    other than 0 turn ``transformers``' progress bars off (rank 0 shows them)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1
     rank = int(os.environ.get("RANK", "0"))
@@ -107,6 +108,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    if rank != 0:  # the libraries' own progress bars (loading the text encoder, ...): rank 0's are shown alone
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     return DistInfo(rank, world, local_rank, dev, group=dist.is_available() and dist.is_initialized())
 
 
