@@ -99,8 +99,8 @@ class Config:
     grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)", training=True)
     grad_skip: bool = _f(False, "skip updates whose gradient norm (the flow's or the learned denoiser's) exceeds "
                          "grad_clip after step 100", training=True)
-    max_nonfinite: int = _f(20, "stop (with a checkpoint) after this many consecutive non-finite steps; 0 never "
-                                "stops", training=True)
+    max_nonfinite: int = _f(20, "stop after this many consecutive non-finite steps (no checkpoint is written while "
+                                "they last: a rerun resumes from the one before them); 0 never stops", training=True)
     latent_norm_regularization: float = _f(0.0, "lambda of the intermediate latent norm penalty", training=True)
     lora_rank: int = _f(0, "LoRA rank r: train only low-rank adapters of the lora_targets layers (0 = all weights)")
     lora_alpha: float = _f(16.0, "LoRA scale alpha: the adapters add (alpha / r) B A x")

@@ -700,7 +700,8 @@ class Trainer:
                     raise TrainingStopped(signum, self.step, saved=not bad)
         except BaseException:
             if created and not history and self.checkpoints.latest() is None:  # refused before its first step
-                # (e.g. unreadable data): leave no logdir; one with a checkpoint (a diverged run's) stays
+                # (e.g. unreadable data): leave no logdir; one with a checkpoint or a logged step (a diverged run's)
+                # stays
                 logger.close()
                 shutil.rmtree(self.logdir, ignore_errors=True)
             raise
