@@ -22,6 +22,17 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "number > 0"
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a float ``>= 0``."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+non_negative_float.__name__ = "number >= 0"
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a benchmark's child process: this one's, with the repository first on ``PYTHONPATH``
     (the packages an existing ``PYTHONPATH`` names stay importable) and ``extra`` set."""

@@ -4,7 +4,9 @@ activation checkpointing side by side.
 A step is the forward pass and the loss (``STARFlow.loss``: every flow block, the log-determinants) and the
 backward pass, on random latents and text embeddings, as ``starflow train`` runs it (the optimizer update is
 left out: it is the same for every variant). Each variant runs in its own process, so its peak memory is its
-own (CUDA: ``max_memory_allocated``; CPU: the peak resident set, which includes the interpreter, ~0.3 GiB).
+own (CUDA: ``max_memory_allocated`` of the timed steps; CPU: the process's peak resident set, which includes the
+interpreter, ~0.3 GiB, the model build and what warm-up and compilation left resident: compare it across CPU variants
+only roughly, and never with the CUDA figure).
 
 Default layout: the shipped digits demo (``configs/demo_digits.yaml``: 4 flow blocks of 2 2 2 4 layers, head
 width 32, a 24-token text prefix) scaled to 256 tokens (``img_size 16``) and width 192, batch 8.
@@ -174,7 +176,7 @@ def run_one(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     times.sort()
-    median, best = times[len(times) // 2], times[0]
+    median, best = statistics.median(times), times[0]
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     flops = step_flops(model, x, y)
     row = {"mode": args.mode, "seconds": median, "best": best, "peak_gib": peak / 2**30, "flops": flops,
@@ -216,6 +218,14 @@ def main() -> None:
     precisions = args.precision.split(",")
     if bad := [p for p in precisions if p not in PRECISIONS]:
         parser.error(f"--precision {args.precision}: {', '.join(bad)} is not one of {', '.join(PRECISIONS)}")
+    if bad := [m for m in args.modes.split(",") if m not in MODES]:
+        parser.error(f"--modes {args.modes}: {', '.join(bad)} is not one of {', '.join(MODES)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU")
     if args.profile:
         if len(precisions) > 1:
             parser.error(f"--profile profiles one precision; --precision {args.precision} names {len(precisions)}")

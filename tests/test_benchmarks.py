@@ -89,3 +89,15 @@ def test_cuda_check_runs_the_cli_through_python_without_an_installed_starflow(tm
     assert all(line.split()[2] == "0" for line in lines), r.stdout
     cli = [line.split()[2] for line in calls.read_text().splitlines() if line.startswith("-m starflow.cli ")]
     assert cli.count("sample") == 5 and {"inpaint", "edit", "cache-latents", "train", "eval-nll"} <= set(cli)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train_step.py", ["--modes", "eager,chekpoint"], "--modes eager,chekpoint: chekpoint is not one of"),
+    ("train_step.py", ["--device", "nowhere"], "--device nowhere: not a torch device"),
+    ("sampling.py", ["--thresholds", "-1"], "argument --thresholds: must be >= 0, got -1"),
+])
+def test_benchmark_flags_are_checked_before_any_work(script: str, flags: list[str], message: str) -> None:
+    """A mistyped variant was timed as eager under its typo's name; now such flags are usage errors."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *flags], capture_output=True, text=True,
+                       timeout=300, env=child_env(OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
