@@ -89,10 +89,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     if reference is not None and not str(reference).endswith(".npz"):
         a, b = Path(samples).resolve(), Path(reference).resolve()
         if a in b.parents or b in a.parents:  # (folders are listed with their subfolders; the same one is a choice)
-            inner, outer = ("samples", "reference") if b in a.parents else ("reference", "samples")
-            raise ValueError(f"--{inner} {a if inner == 'samples' else b} is inside --{outer} "
-                             f"{b if outer == 'reference' else a}: its images would be counted on both sides; keep "
-                             "the two folders apart")
+            inner, outer = (f"--samples {a}", f"--reference {b}") if b in a.parents else \
+                (f"--reference {b}", f"--samples {a}")
+            raise ValueError(f"{inner} is inside {outer}: its images would be counted on both sides; keep the two "
+                             "folders apart")
     if batch_size < 1:
         raise ValueError(f"--batch_size {batch_size}: must be >= 1")
     videos = [p.name for p in Path(samples).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES]

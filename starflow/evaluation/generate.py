@@ -7,8 +7,9 @@ Another batch size gives the same images up to float rounding with a fixed ``jac
 picks other Jacobi chunks, so a set is continued only with the batch size it was started with. ``captions.jsonl`` (one
 ``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
 a re-run of the same command skips every image already there, so a killed 50K run continues where it
-stopped, and one with a larger ``--num_samples`` (the same captions, cycled) grows a finished set. Images are written under a temporary name and renamed, so no truncated PNG is ever left; the
-temporary file of an image a killed run was writing is removed when the set is resumed.
+stopped, and one with a larger ``--num_samples`` (the same captions, cycled) grows a finished set. Images are
+written under a temporary name and renamed, so no truncated PNG is ever left; the temporary file of an image a killed
+run was writing is removed when the set is resumed.
 """
 from __future__ import annotations
 
@@ -220,7 +221,9 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
 
 
 def _write_captions(out: Path, captions: list[str]) -> None:
-    lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c}) for i, c in enumerate(captions)]
+    """``captions.jsonl``: one ``{"index", "file_name", "caption"}`` per sample."""
+    lines = [json.dumps({"index": i, "file_name": sample_path(out, i).name, "caption": c})
+             for i, c in enumerate(captions)]
     write_text_atomic(out / CAPTIONS_FILE, "\n".join(lines) + "\n")
 
 

@@ -108,12 +108,17 @@ class CheckpointMismatchError(ValueError):
         self.meta = meta
 
 
+def _damaged(path: Path, why: str) -> str:
+    """The message of a damaged checkpoint folder, ``why`` being what is wrong with it."""
+    return (f"training checkpoint {path} is corrupt or incomplete ({why}): use an earlier step folder (a training run "
+            "resumes from the previous one once this folder is deleted)")
+
+
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(error), re.MULTILINE)  # DCP quotes tracebacks
     why = (f"truncated: {error}" if isinstance(error, _Truncated)
            else f"reading it failed: {(inner or [type(error).__name__])[-1]}")
-    return CheckpointError(f"training checkpoint {path} is corrupt or incomplete ({why}): use an earlier step folder (a "
-                           "training run resumes from the previous one once this folder is deleted)")
+    return CheckpointError(_damaged(path, why))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -127,9 +132,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(file.read_text())
     except ValueError as e:
-        raise ValueError(f"training checkpoint {path} is corrupt or incomplete ({file.name} is not JSON: {e}): use an "
-                         "earlier step folder (a training run resumes from the previous one once this folder is "
-                         "deleted)") from None
+        raise ValueError(_damaged(path, f"{file.name} is not JSON: {e}")) from None
 
 
 def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -254,8 +257,8 @@ class CheckpointManager:
             free = f"; {shutil.disk_usage(self.folder).free / 2**20:.0f} MiB free on its disk"
         except OSError:
             free = ""
-        return OSError(f"cannot write the checkpoint {final} ({type(inner).__name__}: {str(inner).strip()[:300]}{free}): "
-                       "the earlier checkpoints are kept; once the cause is fixed (a full disk, a folder that cannot be "
+        what = f"{type(inner).__name__}: {str(inner).strip()[:300]}{free}"
+        return OSError(f"cannot write the checkpoint {final} ({what}): the earlier checkpoints are kept; once the cause is fixed (a full disk, a folder that cannot be "
                        "written, another process of the run that stopped) rerun the same command to resume from the "
                        "last one")
 

@@ -273,7 +273,7 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint of everything needed to resume (every rank must call it)."""
         meta = {"step": self.step, "skipped_updates": self.skipped_updates, "elapsed_s": self.elapsed_s,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "schedule": self.schedule.state_dict(),
+                "schedule": self.schedule.state_dict(),
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
         if self.denoiser_schedule is not None:
             meta["denoiser_schedule"] = self.denoiser_schedule.state_dict()
