@@ -89,14 +89,15 @@ def read_video_inputs(args: argparse.Namespace, pipe, cfg, is_main: bool = True)
     size, channels = (h * down, w * down), cfg.channel_size if down == 1 else 3
     inputs = {}
     for flag, path in given.items():
-        if flag != "input_video":
+        image = flag != "input_video"
+        if image:
             _refuse_a_video(flag, path)
         with about_flag(flag, path):
-            source = image_size(path) if flag != "input_video" else video_size(path)
+            source = image_size(path) if image else video_size(path)
         if is_main and source != size[::-1]:
             print(f"note: --{flag} {path} is {source[0]}x{source[1]}; it is resized and centre-cropped to the samples' "
                   f"{size[1]}x{size[0]}")
-        if flag != "input_video":
+        if image:
             with about_flag(flag, path):
                 inputs[flag] = load_image(path, size, channels)[None]
                 if is_main and image_frames(path) > 1:
