@@ -201,7 +201,9 @@ CASES = [
     ("evaluate --samples {digits} --reference {digits} --features digits --batch_size 0", 2,
      "argument --batch_size: must be >= 1, got 0"),
     ("evaluate --samples {three} --reference {digits} --features digits --metrics precision_recall", 2,
-     "precision_recall needs more than 3 images per set (k-NN balls of k = 3); the samples hold 3"),
+     "precision_recall needs at least 4 images per set (k-NN balls of k = 3); the samples hold 3"),
+    ("evaluate --samples {single} --reference {digits} --features digits --metrics fid,kid", 2,  # (KID was NaN)
+     "fid needs at least 2 images per set (a covariance); the samples hold 1"),
     ("evaluate --samples {video_set} --reference {digits} --features digits", 2, "holds videos (a.mp4, ...)"),
     # ---- interrupted runs: a half-written checkpoint is skipped, a corrupt one named; sample sets resume
     ("train --config {cfg} --data {digits} --logdir {run_partial} --steps 3", 0, "resumed from"),
@@ -295,6 +297,10 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     for k in range(3):
         shutil.copy(Path(f["digits"]) / first, three / f"{k}.png")
     f["three"] = str(three)
+    single = tmp / "single"
+    single.mkdir()
+    shutil.copy(Path(f["digits"]) / first, single / "a.png")
+    f["single"] = str(single)
     video_set = tmp / "video_set"
     video_set.mkdir()
     shutil.copy(Path(f["digits"]) / first, video_set / "a.png")

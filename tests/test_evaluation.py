@@ -226,7 +226,7 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
     stats = tmp_path / "ref.npz"
     args = ["evaluate", "--samples", str(digits["test"]), "--reference", str(digits["train"]), "--features", "digits",
             "--metrics", "fid,kid,precision_recall", "--out", str(tmp_path / "m.json")]
-    with pytest.warns(UserWarning, match="FID from 24 images per side, fewer than the .* feature dimensions"):
+    with pytest.warns(UserWarning, match="FID from 24 samples and 32 reference images, fewer than the 64 feature dimensions"):
         assert main([*args, "--save_stats", str(stats)]) == 0  # (a small set: its FID comes with a warning)
     first = json.loads((tmp_path / "m.json").read_text())
     assert set(first["metrics"]) == {"fid", "kid_mean", "kid_std", "precision", "recall"}
@@ -234,7 +234,7 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
     n_ref = len(list(Path(digits["train"]).glob("*.png")))
     assert first["reference_images"] == n_ref and first["kid_subset_size"] == min(24, n_ref)
     assert first["sample_set"] is None  # a plain folder of images
-    with pytest.warns(UserWarning, match="FID from 24 images"):
+    with pytest.warns(UserWarning, match="FID from 24 samples"):
         assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(stats), "--features", "digits",
                      "--out", str(tmp_path / "m2.json")]) == 0
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"])
@@ -318,6 +318,15 @@ def test_clip_score_through_a_tiny_clip(tmp_path, capsys) -> None:
         txt = model.text_projection(model.text_model(**tokens).pooler_output)
     cos = torch.nn.functional.cosine_similarity(img, txt)
     assert score == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-4)
+    from starflow.evaluation.metrics import clip_score
+
+    long = ["a handwritten digit 4 " * 8] * 4  # 136 tokens; this tokenizer, unlike CLIP's own, sets no limit
+    with torch.no_grad():
+        tokens = processor(text=long, return_tensors="pt", padding=True, truncation=True, max_length=77)
+        txt = model.text_projection(model.text_model(**tokens).pooler_output)
+    assert tokens.input_ids.shape[1] == 77  # cut to the text model's context, not refused by it
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    assert clip_score(files, long, str(clip)) == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4)
     assert main(["evaluate", "--samples", str(out), "--metrics", "clip", "--clip_model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
     (out / "more").mkdir()  # images in the set's folder that are not its samples are left out, with a warning
@@ -428,6 +437,37 @@ def test_reference_statistics_record_their_extractor(tmp_path) -> None:
     assert np.array_equal(load_stats(path, "digits")["features"], features)  # the old file, untouched
     assert sorted(p.name for p in tmp_path.glob("*ref*")) == ["ref.npz"]
     assert save_stats(tmp_path / "plain", features).name == "plain.npz"  # np.savez's naming
+
+
+def test_inception_features_use_the_original_fid_resize(tmp_path, monkeypatch) -> None:
+    """FID's Inception sees images resized to 299 as TensorFlow 1 did (TTUR, torch-fidelity, the papers), not with
+    torchmetrics' default antialiased resize; Inception statistics record that and older ones are refused."""
+    import torchmetrics.image.fid as tm_fid
+    import torchmetrics.utilities.imports as tm_imports
+
+    from starflow.evaluation.features import INCEPTION_RESIZE, build_extractor
+    from starflow.evaluation.metrics import load_stats, save_stats
+
+    made = {}
+
+    class Inception(torch.nn.Module):  # records how the extractor is built (torch-fidelity is not installed here)
+        def __init__(self, **kwargs) -> None:
+            super().__init__()
+            made.update(kwargs)
+
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", Inception)
+    monkeypatch.setattr(tm_imports, "_TORCH_FIDELITY_AVAILABLE", True)
+    model, mode, size = build_extractor("inception")
+    assert isinstance(model, Inception) and (mode, size) == ("RGB", None)
+    assert made == {"name": "inception-v3-compat", "features_list": ["2048"], "antialias": False}
+    features = np.random.default_rng(0).normal(size=(20, 4))
+    path = save_stats(tmp_path / "ref.npz", features, "inception")
+    assert str(load_stats(path, "inception")["resize"]) == INCEPTION_RESIZE == "tf1-bilinear"
+    with np.load(path) as data:
+        older = {k: data[k] for k in data.files if k != "resize"}
+    np.savez(tmp_path / "older.npz", **older)
+    with pytest.raises(ValueError, match="resized to 299 another way .* remake them with --save_stats"):
+        load_stats(tmp_path / "older.npz", "inception")
 
 
 def test_generate_set_stopped_by_sigterm_says_how_to_resume(tmp_path) -> None:

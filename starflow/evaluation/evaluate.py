@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from starflow.data.video import VIDEO_SUFFIXES
-from starflow.evaluation.features import build_extractor, extract_features, list_images
+from starflow.evaluation.features import INCEPTION_RESIZE, build_extractor, extract_features, list_images
 from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions, sample_path
 from starflow.evaluation.metrics import (KID_SUBSET_SIZE, PR_NEIGHBOURS, clip_score, fid_from_features,
                                          kid_from_features, load_clip, load_stats, precision_recall, save_stats)
@@ -116,12 +116,15 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     if ref_is_stats and save_stats_to:
         raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
     stats = load_stats(reference, features) if ref_is_stats and distribution else None  # (small: read up front)
-    if "precision_recall" in metrics:
+    if distribution:  # the fewest images per set each metric is defined for
+        need = {"fid": (2, "a covariance"), "kid": (2, "pairs of images"),
+                "precision_recall": (PR_NEIGHBOURS + 1, f"k-NN balls of k = {PR_NEIGHBOURS}")}
+        metric = max(distribution, key=lambda m: need[m][0])
         n_ref = len(stats["features"]) if stats is not None else len(list_images(reference))
-        few = [(name, n) for name, n in (("samples", len(files)), ("reference", n_ref)) if n <= PR_NEIGHBOURS]
+        few = [(name, n) for name, n in (("samples", len(files)), ("reference", n_ref)) if n < need[metric][0]]
         if few:
-            raise ValueError(f"precision_recall needs more than {PR_NEIGHBOURS} images per set (k-NN balls of k = "
-                             f"{PR_NEIGHBOURS}); the {few[0][0]} hold {few[0][1]}")
+            raise ValueError(f"{metric} needs at least {need[metric][0]} images per set ({need[metric][1]}); the "
+                             f"{few[0][0]} hold {few[0][1]}")
     captions = None
     if "clip" in metrics:
         table = read_set_captions(samples)
@@ -144,9 +147,9 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
             raise ValueError(f"{reference} holds {real.shape[1]}-dimensional features and '{features}' gives "
                              f"{fake.shape[1]}: they come from another extractor; pass the matching --features")
         if "fid" in metrics:
-            few = min(len(real), len(fake))
-            if few < real.shape[1]:  # (the usual sets: 10K or 50K samples against 2,048 Inception features)
-                warnings.warn(f"FID from {few} images per side, fewer than the {real.shape[1]} feature dimensions: "
+            if min(len(real), len(fake)) < real.shape[1]:  # (usual sets: 10K or 50K against 2,048 dimensions)
+                warnings.warn(f"FID from {len(fake)} samples and {len(real)} reference images, fewer than the "
+                              f"{real.shape[1]} feature dimensions on at least one side: "
                               "their covariance is singular and the FID strongly biased upwards; compare only with "
                               "FIDs of as many images", stacklevel=2)
             results["fid"] = fid_from_features(real, fake)
@@ -160,6 +163,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
               "sample_set": _set_origin(made),
               "reference": None if reference is None else str(reference), "features": features if distribution else None,
+              "inception_resize": INCEPTION_RESIZE if distribution and features == "inception" else None,
               "reference_images": len(real) if distribution else None,
               "kid_subset_size": min(KID_SUBSET_SIZE, len(real), len(fake)) if "kid" in metrics else None,
               "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,

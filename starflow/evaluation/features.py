@@ -2,7 +2,9 @@
 
 * ``inception``: the standard InceptionV3 pool features (2048-d) of FID, through ``torchmetrics``
   (``NoTrainInceptionV3``, which needs ``torch-fidelity`` and the ``pt_inception-2015-12-05`` weights); images
-  are handed over as uint8 and resized to 299 by the library.
+  are handed over as uint8 and resized to 299 by the library with the bilinear resize of TensorFlow 1
+  (:data:`INCEPTION_RESIZE`), as the original FID code (TTUR) and torch-fidelity do: torchmetrics' default
+  antialiased resize moves the Inception input by up to 80 of 255 at 512 px, so its FIDs are not the papers'.
 * ``digits``: a small classifier of the real 8x8 handwritten digits (``ckpts/digit_features``, trained on the
   train split by ``scripts/train_digit_features.py``); its 64-d penultimate activations give an honest
   "FID in digit space" for the digit demos.
@@ -19,11 +21,13 @@ from torch import nn
 from starflow.assets import PACKAGE_CKPTS
 from starflow.data.images import IMAGE_SUFFIXES, as_shown_8bit
 
-__all__ = ["DigitClassifier", "DIGIT_FEATURES_DIR", "IMAGE_SUFFIXES", "list_images", "load_images", "build_extractor",
+__all__ = ["DigitClassifier", "DIGIT_FEATURES_DIR", "INCEPTION_RESIZE", "IMAGE_SUFFIXES", "list_images", "load_images", "build_extractor",
            "extract_features"]
 
 DIGIT_FEATURES_DIR = PACKAGE_CKPTS / "digit_features"
 DIGIT_SIDE = 8
+INCEPTION_RESIZE = "tf1-bilinear"
+"""How images reach Inception's 299 x 299 input (recorded in reference statistics and ``metrics.json``)."""
 
 
 class DigitClassifier(nn.Module):
@@ -118,7 +122,9 @@ def build_extractor(name: str, device: torch.device | str = "cpu"):
                                       "'starflow[eval]' or pip install torch-fidelity (it needs a torchvision build "
                                       "that works with your torch); --features digits works without it")
         try:
-            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device), "RGB", None
+            inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                           antialias=False)  # False: the TF1 resize (INCEPTION_RESIZE)
+            return inception.to(device), "RGB", None
         except Exception as err:  # noqa: BLE001 - torch-fidelity raises several types for missing weights
             raise FileNotFoundError(
                 "the InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth) could not be loaded: torch-fidelity "

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from starflow.evaluation.features import INCEPTION_RESIZE
+
 __all__ = ["FeatureInput", "fid_from_features", "kid_from_features", "precision_recall", "save_stats", "load_stats",
            "clip_score", "load_clip", "PR_NEIGHBOURS"]
 
@@ -37,8 +39,8 @@ class FeatureInput(nn.Module):
 
 
 def save_stats(path: str | Path, features: np.ndarray, extractor: str | None = None) -> Path:
-    """Write ``mu``, ``sigma``, ``n``, the features of a reference set and the name of their ``extractor`` (checked
-    when they are read back) to ``path`` (``.npz``, added if missing), atomically: a killed write leaves no truncated
+    """Write ``mu``, ``sigma``, ``n``, the features of a reference set and the name of their ``extractor`` (with
+    Inception's resize, :data:`~starflow.evaluation.features.INCEPTION_RESIZE`; checked when they are read back) to ``path`` (``.npz``, added if missing), atomically: a killed write leaves no truncated
     file under that name. Returns the path written."""
     from starflow.files import atomic_path
 
@@ -47,6 +49,8 @@ def save_stats(path: str | Path, features: np.ndarray, extractor: str | None = N
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")  # (as np.savez names it)
     extra = {} if extractor is None else {"extractor": np.array(extractor)}
+    if extractor == "inception":
+        extra["resize"] = np.array(INCEPTION_RESIZE)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features), features=features,
                  **extra)
@@ -61,7 +65,8 @@ def load_stats(path: str | Path, extractor: str | None = None) -> dict[str, np.n
         extractor: the features the caller compares with: refused if the file records another extractor.
 
     Raises:
-        FileNotFoundError: no such file; ValueError: not a stats file, or the statistics of another extractor.
+        FileNotFoundError: no such file; ValueError: not a stats file, the statistics of another extractor, or
+            Inception statistics of another resize.
     """
     path = Path(path)
     if not path.is_file():
@@ -78,6 +83,10 @@ def load_stats(path: str | Path, extractor: str | None = None) -> dict[str, np.n
     if extractor is not None and made_with is not None and made_with != extractor:
         raise ValueError(f"{path} holds statistics of '{made_with}' features, and these are '{extractor}' features: "
                          f"pass --features {made_with}, or statistics made with --features {extractor}")
+    if made_with == "inception" and str(stats.get("resize")) != INCEPTION_RESIZE:
+        raise ValueError(f"{path} holds Inception statistics of images resized to 299 another way (starflow "
+                         f"versions before the TensorFlow-1 resize of the original FID); they give other FIDs: "
+                         "remake them with --save_stats")
     return stats
 
 
@@ -176,7 +185,8 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
                device: torch.device | str = "cpu", loaded=None) -> float:
     """Mean CLIP score ``100 * max(cos(image, caption), 0)`` of images and their captions (a ``transformers``
     ``CLIPModel`` and ``CLIPProcessor``: the projected, normalised image and text embeddings), ``batch_size`` images
-    at a time; ``loaded``: the :func:`load_clip` pair, if already loaded.
+    at a time; captions are cut to the text model's context (77 tokens); ``loaded``: the :func:`load_clip` pair,
+    if already loaded.
 
     Raises:
         FileNotFoundError: the CLIP model is not available (offline: the files and where to put them).
@@ -186,6 +196,7 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
     from starflow.data.images import as_shown_8bit
 
     model, processor = loaded if loaded is not None else load_clip(model_name_or_path, device)
+    context = model.config.text_config.max_position_embeddings  # (77; also where a tokenizer sets no limit)
     total = 0.0
     for i in range(0, len(files), batch_size):
         images = []
@@ -193,7 +204,7 @@ def clip_score(files: list[Path], captions: list[str], model_name_or_path: str, 
             with Image.open(f) as img:
                 images.append(as_shown_8bit(img, f).convert("RGB"))
         inputs = processor(text=captions[i : i + batch_size], images=images, return_tensors="pt", padding=True,
-                           truncation=True).to(device)
+                           truncation=True, max_length=context).to(device)
         out = model(**inputs)
         cos = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalised by CLIPModel
         total += float((100 * cos.clamp(min=0)).sum())
