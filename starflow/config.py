@@ -328,6 +328,20 @@ def _check_key(key: str) -> None:
         raise ValueError(f"unknown config key '{key}'{hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"config key '{key}' is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _flatten_official(raw: Any, source: str) -> dict[str, Any]:
     """Accept ``{'arguments': [{'k': v}, ...]}`` (official) or a plain mapping."""
     if raw is None:
@@ -341,7 +355,10 @@ def _flatten_official(raw: Any, source: str) -> dict[str, Any]:
         for item in raw["arguments"]:
             if not isinstance(item, Mapping) or len(item) != 1:
                 raise ValueError(f"{source}: each entry under 'arguments:' must be a one-key map, got {item!r}")
-            out.update(item)
+            (key, value), = item.items()
+            if key in out:
+                raise ValueError(f"{source}: config key '{key}' is given twice ({out[key]!r} and {value!r}); keep one")
+            out[key] = value
         return out
     return dict(raw)
 
@@ -408,6 +425,9 @@ def validate(cfg: Config) -> Config:
     if cfg.finetuned_vae is not None:
         raise ValueError(f"config key 'finetuned_vae' ({cfg.finetuned_vae!r}) is not supported yet: the VAE's own "
                          "decoder is used; set it to none")
+    if cfg.logdir.strip().lower() in ("", "none", "null"):
+        raise ValueError(f"config key 'logdir' ({cfg.logdir!r}) names no folder: pass the folder for the run's "
+                         "checkpoints, metrics and model")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"config key 'min_lr' ({cfg.min_lr:g}) is above 'lr' ({cfg.lr:g}): the cosine schedule decays "
                          "from lr to min_lr; set min_lr <= lr")
@@ -425,10 +445,16 @@ def validate(cfg: Config) -> Config:
     for key in ("video_to_video", "last_frame_cond", "secondary_data"):
         if getattr(cfg, key) and not cfg.is_video:
             raise ValueError(f"config key '{key}' is for video configs (set 'vid_size')")
-    unused = {"lora_alpha": (cfg.lora_rank == 0, "lora_rank > 0"), "lora_targets": (cfg.lora_rank == 0, "lora_rank > 0"),
-              "ema_start": (cfg.ema == 0, "ema > 0"), "denoiser_lr": (not cfg.learnable_self_denoiser,
-                                                                   "learnable_self_denoiser: 1")}
-    for key, (off, needs) in unused.items():
+    text, denoiser = "text conditioning (txt_size > 0)", "learnable_self_denoiser: 1"
+    unused = [("lora_alpha", cfg.lora_rank == 0, "lora_rank > 0"), ("lora_targets", cfg.lora_rank == 0, "lora_rank > 0"),
+              ("ema_start", cfg.ema == 0, "ema > 0"), ("denoiser_lr", not cfg.learnable_self_denoiser, denoiser),
+              ("denoiser_lr", cfg.lora_rank > 0, "lora_rank 0 (a LoRA run keeps the denoiser frozen)"),
+              ("pt_seq_len", not cfg.rope, "rope: 1"),
+              ("denoiser_window", not cfg.learnable_self_denoiser, denoiser),
+              ("denoiser_window", not cfg.temporal_causal, "temporal_causal > 0 (the window is over causal frames)"),
+              ("text", cfg.txt_size == 0, text), ("cond_top_only", cfg.txt_size == 0, text),
+              ("fps_cond", cfg.txt_size == 0, text), ("conditional_denoiser", cfg.txt_size == 0, text)]
+    for key, off, needs in unused:
         if off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
             raise ValueError(f"config key '{key}' ({getattr(cfg, key)}) acts only with {needs}: set that, or drop the key")
     if cfg.drop_image > 0 and (cfg.video_to_video or cfg.last_frame_cond):
@@ -469,7 +495,7 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path} (the official configs are in configs/)")
         try:
-            text = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             where = getattr(e, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""
@@ -479,7 +505,12 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
         name = str(path)
     overrides = dict(overrides or {})
     if "layers_per_block" in overrides and "blocks" not in overrides:
-        raw = {k: v for k, v in raw.items() if k != "blocks"}  # the new layer list decides the block count
+        try:  # a new list of layers decides the block count; one number keeps the file's 'blocks'
+            several = len(_coerce("layers_per_block", overrides["layers_per_block"])) > 1
+        except ValueError:
+            several = False  # (refused with the flag's name below)
+        if several:
+            raw = {k: v for k, v in raw.items() if k != "blocks"}
     values: dict[str, Any] = {}
     for src, where in ((raw, None), (overrides, "override")):
         for key, value in src.items():

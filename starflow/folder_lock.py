@@ -95,7 +95,9 @@ class FolderLock:
         if not self._holding:
             return
         self._holding = False
-        held = self._held[self._key]
+        held = self._held.get(self._key)
+        if held is None:  # (a forked child: it never held the lock)
+            return
         held[1] -= 1
         if held[1] == 0:
             os.close(held[0])
@@ -106,3 +108,18 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _close_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors. ``flock`` belongs to the open
+    file, so a child's copy would keep the folder locked after its parent was killed, until the orphan exits."""
+    for fd, _ in FolderLock._held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    FolderLock._held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)

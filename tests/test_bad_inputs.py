@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [
     # ---- sample: counts, ratios, guidance, paths
     ("sample --caption x --num_samples 0", 2, "error: --num_samples 0: must be >= 1"),
+    ("sample --caption x --fsdp 1 --dry_run", 0, "note: --fsdp 1 shards the flow over the processes of torchrun; one "
+     "process samples it whole"),
     ("sample --caption x --target_noise_std 0.2 --no-self_denoise", 2, "which --no-self_denoise turns off, and this"),
     ("sample --caption x --lora_rank 4", 2, "`starflow sample` does not use this key (the weights it samples have any"),
     ("generate-set --caption x --num_samples 2 --out {tmp}/gs --lora_alpha 8", 2, "does not use this key"),
@@ -181,6 +183,9 @@ CASES = [
      "wrote result.png"),  # the box is in the image's displayed (EXIF-rotated) pixels
     ("inpaint --input_image {digit_png} --mask_box 0,4,8,8 --caption x --steps 3 --output_dir {tmp}/inp5", 2,
      "--steps 3: a training key"),
+    ("inpaint --input_image {digit_png} --mask_box 0,4,8,8 --caption x --jacobi_max_iter 1 --output_dir {tmp}/inp11",
+     0, "note: --jacobi_block_size auto decodes 32 rows on cpu token by token (faster there than Jacobi), so "
+        "--jacobi_max_iter acts on nothing"),  # (as sample says it: every command)
     ("inpaint --input_image {digit_png} --mask {black_png} --caption x --output_dir {tmp}/inp6", 2,
      "error: --mask {black_png}: no white pixel"),
     ("inpaint --input_image {digit_png} --mask_box 0,4,8,8 --caption x --output_dir {afile}/sub", 2,
@@ -224,6 +229,10 @@ CASES = [
     ("train --config {cfg} --data {digits} --logdir {tmp}/r_log0 --log_freq 0", 2, "config key 'log_freq' must be >= 1"),
     ("validate {cfg} --max_nonfinite -1", 2, "config key 'max_nonfinite' must be >= 0 (0 = off)"),
     ("validate {cfg} --ema_start 100", 2, "config key 'ema_start' (100) acts only with ema > 0"),
+    ("validate {cfg} --loss_scaling 1", 0, "note: train would refuse this config as it is (sampling takes it): config "
+     "key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported"),
+    ("validate {cfg} --drop_image 0.5", 0, "drops the first frame of video clips; this config has no vid_size"),
+    ("validate {cfg} --logdir none", 2, "config key 'logdir' ('none') names no folder"),
     ("validate {cfg} --lora_alpha 3", 2, "config key 'lora_alpha' (3.0) acts only with lora_rank > 0"),
     ("validate {cfg} --checkpoint {tmp}", 2, "error: --checkpoint {tmp}: no weights in this folder"),
     ("validate {cfg} --checkpoint {run}", 0, "every name and shape matches"),  # a run's logdir: its latest checkpoint

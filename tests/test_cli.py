@@ -148,6 +148,43 @@ def test_sample_without_prompt_is_a_clear_error(model_dir: Path, tmp_path: Path,
     assert "error: no prompt: pass --caption" in capsys.readouterr().err
 
 
+def test_unconditional_models_sample_without_a_prompt_and_refuse_one(tiny_config, tmp_path: Path, capsys) -> None:
+    """A ``txt_size 0`` model takes no prompt: ``sample`` and ``generate-set`` make ``--num_samples`` samples, and a
+    caption (which it could only ignore) is refused."""
+    from starflow.adapters import build_latent_adapter
+    from starflow.models import STARFlow
+
+    cfg = load_config(dict(tiny_config, txt_size=0, text=None, cond_top_only=0, drop_label=0.0))
+    torch.manual_seed(0)
+    model = STARFlow.from_config(cfg, txt_dim=None, vae_downsample=1)
+    Pipeline(model, None, build_latent_adapter(None, channels=cfg.channel_size), cfg).save_pretrained(tmp_path / "m")
+    common = ["--checkpoint_path", str(tmp_path / "m"), "--jacobi", "0"]
+    assert main(["sample", *common, "--num_samples", "3", "--output_dir", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s").glob("0000*.png"))) == 3
+    assert main(["generate-set", *common, "--num_samples", "2", "--out", str(tmp_path / "set")]) == 0
+    assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == ["000000.png", "000001.png"]
+    capsys.readouterr()
+    assert main(["sample", *common, "--caption", "a cat", "--output_dir", str(tmp_path / "s2")]) == 2
+    assert "--caption: this model is unconditional (txt_size 0) and takes no prompt" in capsys.readouterr().err
+    assert main(["generate-set", *common, "--caption", "a", "--num_samples", "2", "--out", str(tmp_path / "set2")]) == 2
+    assert "--caption: this model is unconditional (txt_size 0)" in capsys.readouterr().err
+    assert main(["generate-set", "--checkpoint_path", str(DEMO_DIR), "--num_samples", "2",
+                 "--out", str(tmp_path / "set3")]) == 2  # a text model without captions
+    assert "no captions: pass --caption TEXT" in capsys.readouterr().err
+    image = tmp_path / "in.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(image)
+    inpaint = ["inpaint", "--input_image", str(image), "--mask_box", "0,4,8,8"]
+    assert main([*inpaint, *common, "--output_dir", str(tmp_path / "inp")]) == 0
+    assert (tmp_path / "inp" / "result.png").is_file()
+    capsys.readouterr()
+    assert main([*inpaint, *common, "--caption", "x", "--output_dir", str(tmp_path / "inp2")]) == 2
+    assert "--caption: this model is unconditional" in capsys.readouterr().err
+    assert main(["edit", "--input_image", str(image), "--source_caption", "a", "--caption", "b", *common]) == 2
+    assert "is unconditional (txt_size 0): use inpaint" in capsys.readouterr().err
+    assert main([*inpaint, "--checkpoint_path", str(DEMO_DIR), "--output_dir", str(tmp_path / "inp3")]) == 2
+    assert "inpaint needs --caption" in capsys.readouterr().err
+
+
 def test_sample_missing_checkpoint_returns_2(tmp_path: Path, capsys) -> None:
     code = main(["sample", "--checkpoint_path", str(tmp_path / "nope.safetensors"), "--caption", "x",
                  "--model_config_path", str(tmp_path / "nope.yaml"), "--output_dir", str(tmp_path / "o")])

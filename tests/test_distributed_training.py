@@ -79,7 +79,7 @@ def test_two_processes_match_one_process(runs, name: str) -> None:
         assert sorted(p.name for p in (runs[name] / "samples").iterdir()) == ["step_00000016.png", "step_00000030.png"]
     mode = {"fsdp": "(FSDP2)", "fsdp_t5": "(FSDP2)", "ddp_accum": "(DDP)", "fsdp_one_rank": "1 process(es) (FSDP2)"}
     assert mode[name] in (runs[name] / "stdout.txt").read_text()
-    assert "(unsharded: fsdp 1 shards under torchrun)" in (runs["one"] / "stdout.txt").read_text()  # no torchrun
+    assert "(unsharded: fsdp 1 shard under torchrun)" in (runs["one"] / "stdout.txt").read_text()  # no torchrun
 
 
 def test_sharded_bf16_run_follows_the_float32_losses(runs) -> None:

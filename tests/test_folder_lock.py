@@ -178,3 +178,30 @@ def test_pack_refuses_a_shard_folder_another_process_writes(tmp_path, digits, ca
         holder.wait()
     assert main(["pack", str(digits["train"]), str(out)]) == 0 and not staging.exists()  # a dead run's: cleared
     assert (out / "index.json").is_file()
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path) -> None:
+    """A DataLoader worker forked while the lock is held must not hold it on: after its parent lets go (or is killed),
+    the folder can be locked again at once, while the orphaned worker still lives."""
+    import fcntl
+
+    lock = FolderLock(tmp_path, "training logdir").acquire()
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: started (its fork handlers have run), then alive for a while doing nothing
+        os.write(started, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"1"
+        lock.release()
+        fd = os.open(tmp_path / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child's copy held it
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(started)

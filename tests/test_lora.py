@@ -114,3 +114,22 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
     base.unlink()
     assert main(["export", "--merge_lora", str(logdir), str(tmp_path / "gone.safetensors")]) == 2
     assert f"the base weights {base} (init_from) its LoRA adapters were trained over are gone" in capsys.readouterr().err
+
+
+def test_lora_targets_only_the_flow_never_the_frozen_denoiser() -> None:
+    """A LoRA run trains the flow's adapters; the learnable denoiser stays as loaded, so a pattern that also matches
+    its layers adapts only the flow's, one that matches only its layers is refused, and so is its denoiser_lr."""
+    from test_video import TINY_VIDEO
+
+    base = {k: v for k, v in TINY_VIDEO.items() if k != "denoiser_lr"}
+    cfg = load_config(dict(base, lora_rank=2, lora_targets=r".*qkv"))
+    model = STARFlow.from_config(cfg, txt_dim=32, vae_downsample=1)
+    assert any(n.startswith("learnable_self_denoiser.") and n.endswith("qkv") for n, _ in model.named_modules())
+    apply_lora(model, cfg)
+    adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted and all(n.endswith("qkv") and not n.startswith("learnable_self_denoiser.") for n in adapted)
+    only = load_config(dict(base, lora_rank=2, lora_targets=r"learnable_self_denoiser\..*qkv"))
+    with pytest.raises(ValueError, match="matches only layers of the learnable denoiser, which a LoRA run does not"):
+        apply_lora(STARFlow.from_config(only, txt_dim=32, vae_downsample=1), only)
+    with pytest.raises(ValueError, match="'denoiser_lr' .* acts only with lora_rank 0"):
+        load_config(dict(TINY_VIDEO, lora_rank=2))

@@ -37,7 +37,7 @@ VARIANTS = {
     "identity_shallow": dict(layers_per_block=[0, 1, 2]),
     "no_rope": dict(rope=0),
     "text_everywhere": dict(cond_top_only=0),
-    "unconditional": dict(txt_size=0),
+    "unconditional": dict(txt_size=0, cond_top_only=0),
     "four_blocks": dict(layers_per_block=[1, 1, 1, 1]),
     "video": VIDEO,
     "video_global_shallow": dict(temporal_causal=2),
@@ -114,7 +114,7 @@ def test_identity_shallow_block_has_no_parameters() -> None:
 @pytest.mark.parametrize("order, flips", [("L2R", [True, False, True, False, True, False]),
                                           ("R2L", [False, True, False, True, False, True])])
 def test_token_orders_alternate(order: str, flips: list[bool]) -> None:
-    model = tiny(seq_order=order, layers_per_block=[1] * 6, txt_size=0)
+    model = tiny(seq_order=order, layers_per_block=[1] * 6, txt_size=0, cond_top_only=0)
     assert [model.block_flips(i) for i in range(6)] == flips  # SPEC section 5, K = 6
 
 

@@ -230,7 +230,12 @@ def test_drop_image_drops_the_first_latent_frame(clips) -> None:
     (dict(secondary_ratio=0.5), "pass them with --secondary_data FOLDER"),
     (dict(drop_image=0.25), "'drop_image' (0.25) drops the first frame of video clips; this config has no vid_size"),
     (dict(grad_skip=1, grad_clip=0.0), "'grad_skip' skips updates whose gradient norm exceeds grad_clip, which is 0"),
-    (dict(drop_label=0.1, txt_size=0, text=None, cfg=0.0), "'drop_label' (0.1) drops captions, and this model has none"),
+    (dict(drop_label=0.1, txt_size=0, text=None, cfg=0.0, cond_top_only=0),
+     "'drop_label' (0.1) drops captions, and this model has none"),
+    (dict(temporal_causal=1), "'temporal_causal' (1) acts on video clips, and this config trains on images"),
+    (dict(TINY_VIDEO, secondary_data="x", secondary_ratio=0.0), "'secondary_data' (x) is used on a secondary_ratio share of the"),
+    (dict(txt_size=0, text=None, cfg=0.0, drop_label=0.0), "'cond_top_only' (True) acts only with text conditioning"),
+    (dict(pt_seq_len=4, rope=0), "'pt_seq_len' (4) acts only with rope: 1"),
     (dict(noise_type="uniform", learnable_self_denoiser=1), "'learnable_self_denoiser' learns to remove the Gaussian"),
 ])
 def test_training_keys_that_would_not_act_are_refused_before_anything_loads(tiny_config, digits, config_file, tmp_path,

@@ -316,6 +316,22 @@ def test_resume_with_another_grad_accum_continues_the_data_order(resume_runs, tm
         assert [m[key] for m in rows] == [pytest.approx(reference[s][key], rel=1e-5) for s in (5, 6)], key
 
 
+def test_resume_applies_a_changed_weight_decay_and_skips_by_samples_for_another_batch_size(resume_runs, tmp_path,
+                                                                                            capsys) -> None:
+    """A resume takes the config's optimizer settings (the checkpoint's param groups held the old weight_decay), and
+    a new batch_size in mid-epoch skips the samples already consumed, not that many steps of the new batches."""
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["straight"], run)  # step 6: epoch 1 (4 steps of 8 of 32 images each), 2 steps in
+    config = yaml.safe_load((resume_runs["straight"].parent / "config.yaml").read_text())
+    with torch.random.fork_rng(devices=[]):
+        trainer = build_trainer(dict(config, weight_decay=0.5, batch_size=16, steps=8), run)
+        assert trainer.resume() and trainer.step == 6
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.5]
+    assert (trainer.batches.epoch, trainer.batches.skip) == (1, 1)  # 2 x 8 samples = 1 batch of 16
+    assert ("batch_size 8 -> 16 in mid-epoch: this epoch's batches are formed anew, and the run skips the first 1 of "
+            "them (the 16 samples consumed)") in capsys.readouterr().out
+
+
 def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:
     for run in ("straight", "split"):
         names = sorted(p.name for p in (resume_runs[run] / "checkpoints").iterdir())
@@ -558,27 +574,34 @@ def test_plot_metrics_reads_a_run_being_written(resume_runs, tmp_path) -> None:
     assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("workers, group", [(0, False), (2, True)], ids=["process", "group_with_workers"])
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_resumes(tiny_config, digits, config_file,
-                                                                             tmp_path) -> None:
+                                                                             tmp_path, workers, group) -> None:
     """A scheduler's SIGTERM (preemption, a time limit) ends the step in progress, writes its checkpoint and exits
-    143; the same command resumes from that step, so nothing trained is lost."""
+    143; the same command resumes from that step, so nothing trained is lost. Sent to the whole process group (as
+    Slurm and torchrun do), it reaches the DataLoader workers too, which leave it to the training process."""
     import os
     import re
     import signal
     import subprocess
     import sys
 
-    config = config_file(dict(tiny_config, steps=100_000, save_freq=100_000, log_freq=1, sample_freq=0))
+    config = config_file(dict(tiny_config, steps=100_000, save_freq=100_000, log_freq=1, sample_freq=0,
+                              num_workers=workers))
     logdir = tmp_path / "run"
     argv = [sys.executable, "-m", "starflow.cli", *train_args(config, digits["train"], logdir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=group)
     try:
         deadline = time.monotonic() + 120
         while not (logdir / "metrics.jsonl").is_file() or len((logdir / "metrics.jsonl").read_text().splitlines()) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

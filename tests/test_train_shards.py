@@ -53,6 +53,10 @@ def test_shard_training_resumes_exactly_with_workers(shard_runs) -> None:
     for step in straight:
         assert split[step]["loss"] == straight[step]["loss"], step
     assert (tmp / "split" / "model" / "model.safetensors").is_file()
+    from starflow.train.state import read_meta
+
+    prompts = [read_meta(tmp / run / "checkpoints" / "step_00000006")["sample_prompts"] for run in ("straight", "split")]
+    assert prompts[0] == prompts[1] and len(prompts[0]) > 1  # the grids' prompts: the stream's first, not the resume's
 
 
 def test_shard_training_resumes_on_another_layout(shard_runs, capsys) -> None:

@@ -69,8 +69,14 @@ def validate(args: argparse.Namespace) -> int:
     from starflow.checkpoint import compare_layout
     from starflow.models.lora import LORA_MARK
     from starflow.sizing import build_meta_model, format_report, size_report, text_width
+    from starflow.train.trainer import check_training
 
     cfg = load_config(args.config, config_overrides(args))
+    try:  # what train would refuse from the config alone (the data comes with train); the model itself is fine
+        check_training(cfg, has_secondary=True)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
     shapes = None if args.checkpoint is None else _checkpoint_shapes(Path(args.checkpoint))  # (before any report)
     txt_dim = args.txt_dim if args.txt_dim is not None else text_width(cfg, Path(args.config).parent)
     report = size_report(cfg, txt_dim, batch=args.batch, gpus=args.gpus)
@@ -78,6 +84,8 @@ def validate(args: argparse.Namespace) -> int:
     kind = f"video {cfg.vid_size[0]} frames at {rates} fps" if cfg.is_video else "images"
     print(f"config {args.config}: OK ({kind}, {cfg.num_blocks} flow blocks, img_size {cfg.img_size})")
     print(format_report(report, cfg))
+    if refused:
+        print(f"\nnote: train would refuse this config as it is (sampling takes it): {refused}")
     if shapes is None:
         return 0
     if any(LORA_MARK in k for k in shapes):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, output_folder, read_text_lines)
-from starflow.cli.sample import add_decoding_flags, add_model_flags, load_pipeline
+from starflow.cli.sample import add_decoding_flags, add_model_flags, check_no_prompt, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
 
@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Images are written at the sampling size (as sample writes its images); side_by_side.png is "
                     "enlarged (nearest neighbour) to panels at least 64 pixels wide.")
     _add_common(p)
-    p.add_argument("--caption", required=True, help="caption of the completed image")
+    p.add_argument("--caption", default=None,
+                   help="caption of the completed image (required, but for unconditional models, which take none)")
     p.add_argument("--rounds", type=int, default=1,
                    help="sampling rounds K: each round after the first re-encodes the result and samples the masked "
                         "tokens again [default: 1]")
@@ -141,6 +142,13 @@ def _start(args: argparse.Namespace, settings_of):
         if cfg.is_video:
             raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
                              "--input_video for continuation and video-to-video)")
+        if cfg.txt_size == 0 and args.command == "edit":
+            raise ValueError(f"edit turns an image from one caption to another, and {checkpoint} is unconditional "
+                             "(txt_size 0): use inpaint to redraw a region")
+        if cfg.txt_size == 0:
+            check_no_prompt(args, ["caption"])
+        elif args.command == "inpaint" and args.caption is None:
+            raise ValueError("inpaint needs --caption: the caption of the completed image")
         checked["settings"] = settings_of(cfg)
         checked["inputs"] = _load_inputs(args, cfg, vae_geometry(cfg.vae).downsample)
 
@@ -164,7 +172,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     results = []
     for start in range(0, args.num_samples, args.sample_batch_size):
         n = min(args.sample_batch_size, args.num_samples - start)
-        results += list(pipe.inpaint([args.caption] * n, image.expand(n, -1, -1, -1), mask, settings,
+        results += list(pipe.inpaint([args.caption or ""] * n, image.expand(n, -1, -1, -1), mask, settings,
                                      seeds=[cfg.seed + start + k for k in range(n)], rounds=args.rounds))
     names = ["result.png"] if len(results) == 1 else [f"result_{k:03d}.png" for k in range(len(results))]
     for name, r in zip(names, results):  # at the sampled size (as sample writes its images)

@@ -11,7 +11,8 @@ from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, add_config_flags, add_device_flag, at_least,
                                  check_input_files, check_output_path, note_once, read_text_lines)
 from starflow.cli.sample import (add_decoding_flags, add_model_flags, check_checkpoint_path, check_class_names,
-                                 config_classes, load_pipeline, model_config_path, sample_settings, sampling_config)
+                                 check_no_prompt, config_classes, load_pipeline, model_config_path, sample_settings,
+                                 sampling_config)
 
 __all__ = ["register"]
 
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "images already there (a killed run resumes); with a larger --num_samples (the "
                                    "same captions, cycled) it grows the set, its images kept.")
     add_model_flags(p)
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_mutually_exclusive_group()  # (one of them, unless the model is unconditional: set_captions)
     what.add_argument("--caption_file", default=None, help="text file, one caption per line (cycled to N)")
     what.add_argument("--caption", action="append", help="caption (repeatable; cycled to N)")
     what.add_argument("--class_names", action="store_true",
@@ -145,15 +146,22 @@ def eval_nll(args: argparse.Namespace) -> int:
     return 0
 
 
-def set_captions(args: argparse.Namespace, classes: list[str] | None) -> list[str]:
-    """Caption of each of the ``--num_samples`` images: the given captions (or classes), cycled.
+def set_captions(args: argparse.Namespace, classes: list[str] | None, unconditional: bool = False) -> list[str]:
+    """Caption of each of the ``--num_samples`` images: the given captions (or classes), cycled; ``""`` for an
+    ``unconditional`` model (``txt_size`` 0).
 
     Raises:
-        ValueError: ``--num_samples < 1``, an empty caption file, ``--class_names`` for a text model, or a caption
-            that is no class of a class-conditional model.
+        ValueError: ``--num_samples < 1``, no caption flag (a conditional model) or one (an unconditional model), an
+            empty caption file, ``--class_names`` for a text model, or a caption that is no class of a
+            class-conditional model.
     """
     if args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples}: a set needs at least one image")
+    if unconditional:
+        check_no_prompt(args, ["caption", "caption_file", "class_names", "negative_prompt"])
+        return [""] * args.num_samples
+    if not (args.caption or args.caption_file or args.class_names):
+        raise ValueError("no captions: pass --caption TEXT (repeatable), --caption_file FILE or --class_names")
     if args.class_names:
         if classes is None:
             raise ValueError("--class_names is for class-conditional models (config 'text' a .vocab file)")
@@ -204,7 +212,7 @@ def generate_set(args: argparse.Namespace) -> int:
     config = model_config_path(args)
     cfg = sampling_config(config, args)
     classes = config_classes(cfg, config)
-    captions = set_captions(args, classes)
+    captions = set_captions(args, classes, cfg.txt_size == 0)
     settings = sample_settings(args, cfg)
     # "auto" Jacobi chunks follow the device type as well as the batch (auto_block_size): a set continues on its own
     auto = settings.jacobi and settings.jacobi_block_size == AUTO

@@ -247,6 +247,8 @@ def check_sharding(args: argparse.Namespace, cfg, world_size: int) -> bool:
         ValueError: ``--jacobi_stop batch`` with a sharded flow.
     """
     shard = bool(cfg.fsdp) and world_size > 1
+    if world_size == 1 and cfg.fsdp and getattr(args, "fsdp", None) is not None:  # (given as a flag: not the config's)
+        note_once("note: --fsdp 1 shards the flow over the processes of torchrun; one process samples it whole")
     if shard and getattr(args, "jacobi_stop", "sample") == "batch":
         raise ValueError("--jacobi_stop batch stops each rank on its own batch, but the sharded flow (fsdp: 1) needs "
                          "every rank to iterate as often as the others: use --jacobi_stop sample, or --fsdp 0")
@@ -321,6 +323,22 @@ def as_flags(message: str) -> str:
     return f"--{SETTING_FLAGS.get(field, field)}{message[len(field):]}"
 
 
+def note_idle_jacobi_flags(args: argparse.Namespace, rows: int) -> None:
+    """Note that ``--jacobi_th`` / ``--jacobi_max_iter`` / ``--jacobi_stop`` act on nothing where ``--jacobi_block_size
+    auto`` decodes ``rows`` rows (batch x 2 with guidance) token by token on this device: in every flow block then,
+    since video blocks that decode frames apart have more rows still."""
+    from starflow.distributed import pick_device
+    from starflow.models.jacobi import auto_block_size
+
+    given = [f"--{k}" for k in ("jacobi_th", "jacobi_max_iter", "jacobi_stop") if getattr(args, k) != JACOBI_DEFAULTS[k]]
+    device = pick_device(getattr(args, "device", None))
+    if given and auto_block_size(rows, device) == 1:
+        verb = "acts" if len(given) == 1 else "act"
+        note_once(f"note: --jacobi_block_size auto decodes {rows} rows on {device.type} token by token (faster there "
+                  f"than Jacobi), so {', '.join(given)} {verb} on nothing; pass --jacobi_block_size K to iterate in "
+                  "chunks")
+
+
 def sample_settings(args: argparse.Namespace, cfg):
     """The :class:`~starflow.sampling.pipeline.SampleSettings` of the decoding flags (video flags if present),
     checked against the config.
@@ -358,6 +376,8 @@ def sample_settings(args: argparse.Namespace, cfg):
         given = [flag for flag, default in JACOBI_DEFAULTS.items() if getattr(args, flag) != default]
         if given:
             raise ValueError(f"--{given[0]} sets Jacobi decoding, which --jacobi 0 turns off (sequential): drop one")
+    elif args.jacobi_block_size == AUTO and args.sample_batch_size is not None:
+        note_idle_jacobi_flags(args, args.sample_batch_size * (2 if settings.cfg > 0 else 1))
     # sample i draws with seed + i, its inputs' noise with seed + i + an offset: all of them fit in 64 bits
     if not -2**62 < cfg.seed < 2**62:
         raise ValueError(f"--seed {cfg.seed}: must be below 2^62 in size (sample i uses seed + i, plus offsets, in a "
@@ -400,7 +420,7 @@ def sample_settings(args: argparse.Namespace, cfg):
 
 
 def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | None = None,
-                  world_size: int = 1) -> list[str]:
+                  world_size: int = 1, unconditional: bool = False) -> list[str]:
     """The prompts of ``--caption_file``, ``--caption`` or ``--class_id`` (the demo prompts for the demo), each
     repeated ``--num_samples`` times; without ``--num_samples``, a single ``--caption``/``--class_id`` is repeated
     ``sample_batch_size x world_size`` times (the official ``sample.py``) and several prompts once each.
@@ -412,6 +432,9 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num_samples {args.num_samples}: must be >= 1 (images per prompt)")
     sources = [flag for flag in ("class_id", "caption_file", "caption") if getattr(args, flag)]
+    if unconditional:  # (txt_size 0): the empty prompt, --num_samples times
+        check_no_prompt(args, [*sources, "negative_prompt"])
+        return [""] * (args.num_samples or args.sample_batch_size * world_size)
     if len(sources) > 1:
         raise ValueError(f"--{sources[0]} and --{sources[1]} both give the prompts: pass one of them")
     if args.class_id:
@@ -444,6 +467,18 @@ def read_captions(args: argparse.Namespace, demo: bool, classes: list[str] | Non
         single = not args.caption_file and len(captions) == 1 and (args.caption or args.class_id)
         repeat = args.sample_batch_size * world_size if single else 1
     return [c for c in captions for _ in range(repeat)]
+
+
+def check_no_prompt(args: argparse.Namespace, flags: list[str]) -> None:
+    """Refuse the prompt flags among ``flags`` that are given for an unconditional model (``txt_size`` 0).
+
+    Raises:
+        ValueError: naming the first such flag.
+    """
+    given = [flag for flag in flags if getattr(args, flag, None)]
+    if given:
+        raise ValueError(f"--{given[0]}: this model is unconditional (txt_size 0) and takes no prompt: drop it "
+                         "(--num_samples N sets how many samples)")
 
 
 def check_class_names(prompts: list[str], classes: list[str], args: argparse.Namespace, alternative: str) -> None:
@@ -544,7 +579,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     check_sharding(args, cfg, world_size)
     check_output_path(args.output_dir)  # (sampling creates it once every input has been read)
     classes = config_classes(cfg, config)
-    captions = read_captions(args, args.checkpoint_path is None, classes, world_size)
+    captions = read_captions(args, args.checkpoint_path is None, classes, world_size, cfg.txt_size == 0)
     settings = checked_settings(args, cfg, split_negatives(captions, args.negative_prompt)[1])
     check_input_headers(args)  # (sampling reads the files themselves)
     geometry = vae_geometry(cfg.vae)
@@ -589,13 +624,6 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
         rows = batch * (2 if settings.cfg > 0 else 1)  # (chosen for --sample_batch_size, as sampling does)
         chosen = auto_block_size(rows, pick_device(args.device))
         block = f"auto: {chosen if chosen > 1 else 'token by token'} for {rows} rows on {pick_device(args.device)}"
-        given = [f"--{k}" for k in ("jacobi_th", "jacobi_max_iter", "jacobi_stop")
-                 if getattr(args, k) != JACOBI_DEFAULTS[k]]
-        if chosen == 1 and given and settings.jacobi:
-            verb = "acts" if len(given) == 1 else "act"
-            note_once(f"note: --jacobi_block_size auto decodes {rows} rows on {pick_device(args.device).type} token by "
-                      f"token (faster there than Jacobi), so {', '.join(given)} {verb} on nothing; pass "
-                      "--jacobi_block_size K to iterate in chunks")
     mode = (f"Jacobi (block {block}, th {settings.jacobi_th:g}, max {settings.jacobi_max_iter} iterations)"
             if settings.jacobi else "sequential")
     lines.append(f"decoding: {mode}; guidance {settings.cfg:g}"
@@ -639,7 +667,7 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed(args.device)
     sample_plan(args, dist.world_size)  # the checks that need no weights, before they load (minutes for 3B / 7B)
     pipe, cfg, checkpoint = load_pipeline(args, dist)
-    captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size)
+    captions = read_captions(args, demo, getattr(pipe.text_encoder, "names", None), dist.world_size, cfg.txt_size == 0)
     per_prompt = len(captions) // len(set(captions)) if captions else 1
     captions, negatives = split_negatives(captions, args.negative_prompt)
     captions = without_sampler_tag(captions, args, cfg, dist.is_main)

@@ -116,11 +116,15 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
         size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
             else f"shards in {cfg.data}"
         precision = "bf16" if trainer.compute_dtype == torch.bfloat16 else "fp32"
+        sharding = [k for k in ("fsdp", "fsdp_text_encoder") if getattr(cfg, k)]
         parallel = ("FSDP2" if trainer.sharded else "DDP" if dist.distributed else
-                    "unsharded: fsdp 1 shards under torchrun" if cfg.fsdp else "")
+                    f"unsharded: {' and '.join(f'{k} 1' for k in sharding)} shard under torchrun" if sharding else "")
         parallel = f" ({parallel})" if parallel else ""
         print(f"STARFlow: {n:,} parameters, {size}, {dist.world_size} process(es){parallel} on {dist.device} in "
               f"{precision}; logdir {cfg.logdir}")
+    unused = [k for k in ("secondary_img_size", "secondary_batch_size") if getattr(cfg, k) is not None]
+    if dist.is_main and unused and cfg.secondary_ratio == 0:
+        print(f"note: {' and '.join(unused)} unused: secondary_ratio is 0 (no secondary image steps)")
     if dist.is_main and cfg.warmup_steps >= cfg.steps:
         print(f"note: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches lr "
               f"{cfg.lr:g}")

@@ -26,6 +26,7 @@ LORA_MARK = "lora_"
 ADAPTER_WEIGHTS = "lora.safetensors"
 """File name of the adapters in a LoRA run's final model folder (beside the merged ``model.safetensors``)."""
 _PROJECTIONS = r"(attention\.(qkv|proj)|mlp\.main\.(0|2))"
+DENOISER_PREFIX = "learnable_self_denoiser."
 
 
 def default_targets(cfg: Config) -> str:
@@ -38,13 +39,19 @@ def _targets(cfg: Config) -> str:
 
 
 def target_linears(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
-    """``{name: layer}`` of the ``nn.Linear`` layers the config's LoRA targets.
+    """``{name: layer}`` of the ``nn.Linear`` layers the config's LoRA targets: the flow's own, never the learnable
+    denoiser's (a LoRA run trains the flow's adapters only; the denoiser stays as loaded).
 
     Raises:
-        ValueError: the pattern matches no linear layer.
+        ValueError: the pattern matches no linear layer, or only the denoiser's.
     """
     pattern = re.compile(_targets(cfg))
     found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)}
+    if found and all(n.startswith(DENOISER_PREFIX) for n in found):
+        raise ValueError(f"config key 'lora_targets' {_targets(cfg)!r} matches only layers of the learnable denoiser, "
+                         "which a LoRA run does not train (its loss trains the flow's adapters): target the flow's "
+                         "layers (module names look like 'blocks.5.attn_blocks.0.attention.qkv')")
+    found = {n: m for n, m in found.items() if not n.startswith(DENOISER_PREFIX)}
     if not found:
         raise ValueError(f"config key 'lora_targets' {_targets(cfg)!r} matches no linear layer (module names look like "
                          "'blocks.5.attn_blocks.0.attention.qkv')")
@@ -64,8 +71,8 @@ def apply_lora(model: nn.Module, cfg: Config) -> int:
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    target_linears(model, cfg)  # a clear error before peft's
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=_targets(cfg), lora_dropout=0.0,
+    targets = sorted(target_linears(model, cfg))  # (a clear error before peft's; exact names, the denoiser's left out)
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
                         bias="none")
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():

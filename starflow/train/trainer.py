@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -117,13 +118,23 @@ def _lora_mismatch(path: str | Path, saved: dict[str, Any], cfg: Config) -> str:
             f"(--init_from {path} adapts its weights)")
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: a signal sent to the whole process group (``kill -TERM -PGID``,
+    Ctrl-C, a scheduler, torchrun forwarding its own) is the training process's to act on, which stops after the step
+    with a checkpoint (torch's worker handler would die on it, and the loader with it). A worker still exits when the
+    training process does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     """Refuse training keys that this run could not honour or that would do nothing, from the config alone (the
     ``train`` command calls it before anything loads; :class:`Trainer` again). ``has_secondary``: whether secondary
     images are given (default: the config's ``secondary_data``).
 
     Raises:
-        ValueError: ``loss_scaling: 1``; ``secondary_ratio`` > 0 without secondary images; ``drop_image`` > 0 on an
+        ValueError: ``loss_scaling: 1``; ``secondary_ratio`` > 0 without secondary images, or secondary images with
+            ``secondary_ratio`` 0; video keys or ``drop_image`` > 0 on an
             image config; ``grad_skip`` without ``grad_clip``; ``drop_label`` > 0 on an unconditional model; a
             ``learnable_self_denoiser`` with ``noise_type: uniform``.
     """
@@ -137,6 +148,13 @@ def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     if cfg.secondary_ratio > 0 and not (bool(cfg.secondary_data) if has_secondary is None else has_secondary):
         raise ValueError("config key 'secondary_ratio' > 0 trains some steps on secondary images: pass them with "
                          "--secondary_data FOLDER (an image folder with metadata.jsonl), or set --secondary_ratio 0")
+    if cfg.secondary_data and cfg.secondary_ratio == 0:
+        raise ValueError(f"config key 'secondary_data' ({cfg.secondary_data}) is used on a secondary_ratio share of "
+                         "the steps, which is 0: set --secondary_ratio (e.g. 0.2), or drop --secondary_data")
+    video = [k for k in ("temporal_causal", "shallow_block_local", "denoiser_window") if getattr(cfg, k)]
+    if video and not cfg.is_video:  # (the flow takes them for clips; an image run has none)
+        raise ValueError(f"config key '{video[0]}' ({getattr(cfg, video[0])}) acts on video clips, and this config "
+                         "trains on images (no vid_size): set vid_size, or drop the key")
     if cfg.drop_image > 0 and not cfg.is_video:
         raise ValueError(f"config key 'drop_image' ({cfg.drop_image:g}) drops the first frame of video clips; this "
                          "config has no vid_size: set --drop_image 0")
@@ -277,6 +295,8 @@ class Trainer:
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
         if self.denoiser_schedule is not None:
             meta["denoiser_schedule"] = self.denoiser_schedule.state_dict()
+        if self.stream is not None and self.sample_prompts:  # (a stream's: its first batch's, kept for the grids)
+            meta["sample_prompts"] = list(self.sample_prompts)
         if self.lora and self.cfg.init_from and self.dist.is_main:  # (meta is rank 0's)
             if self.lora_base is None:  # hashed once per run, at its first checkpoint
                 self.lora_base = base_identity(self.cfg.init_from)
@@ -300,6 +320,9 @@ class Trainer:
             del tensors["ema"]
         fresh_lrs = (list(self.schedule.base_lrs),
                      None if self.denoiser_schedule is None else list(self.denoiser_schedule.base_lrs))
+        optimizers = [o for o in (self.optimizer, self.denoiser_optimizer) if o is not None]
+        fresh_groups = [[{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                         for g in o.param_groups] for o in optimizers]
         try:
             meta, local = self.checkpoints.load(path, tensors)
         except CheckpointMismatchError as e:
@@ -319,6 +342,9 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
         if self.denoiser_optimizer is not None:
             set_optimizer_state_dict(self.model, self.denoiser_optimizer, tensors["denoiser_optimizer"])
+        for optimizer, groups in zip(optimizers, fresh_groups):  # the config's weight_decay, betas, ...: as lr, the
+            for group, fresh in zip(optimizer.param_groups, groups):  # values of this run, not the saved ones
+                group.update(fresh)
         self.schedule.load_state_dict(meta["schedule"])
         rebase_schedule(self.schedule, fresh_lrs[0])  # a changed lr, min_lr, warmup_steps or steps applies from here
         if self.denoiser_schedule is not None and "denoiser_schedule" in meta:
@@ -328,6 +354,8 @@ class Trainer:
             check_base(meta.get("lora_base"), self.cfg.init_from, f"resuming {path}")
             self.lora_base = meta.get("lora_base")
         self.step, self.skipped_updates = meta["step"], meta["skipped_updates"]
+        if self.stream is not None and meta.get("sample_prompts"):  # the grids' prompts, not the next batch's
+            self.sample_prompts = list(meta["sample_prompts"])
         self.init_pending = False  # the checkpoint holds the weights trained since init_from
         self.nonfinite_in_a_row = 0  # a resume is a new attempt (often with a lower lr): its streak starts afresh
         self.elapsed_s = float(meta.get("elapsed_s", 0.0))  # older checkpoints: counted from this resume
@@ -335,9 +363,12 @@ class Trainer:
         if changed:
             self._log(f"note: resuming with changed config keys, which apply from step {self.step} on: "
                       f"{', '.join(changed)} (the model folder records the new values)")
+        if meta["world_size"] < self.dist.world_size:  # (said by rank 0, which has its own state)
+            first, last = meta["world_size"], self.dist.world_size - 1
+            ranks = f"rank {last} continues" if first == last else f"ranks {first} to {last} continue"
+            self._log(f"{path} was written by {first} process(es); {ranks} the data order of rank 0 with fresh RNG "
+                      "states")
         if local is None:  # written by fewer ranks: the global batches are the same, only RNG states differ
-            self._log(f"{path} was written by {meta['world_size']} process(es); rank {self.dist.rank} continues "
-                      "the data order of rank 0 with fresh RNG states")
             local = self.checkpoints.load_local(path, 0)
         else:
             set_rng_state(local["rng"], self.dist.device)
@@ -501,7 +532,7 @@ class Trainer:
         if hasattr(dataset, "set_epoch"):  # per-epoch clip draws (start, rate) of a video folder
             dataset.set_epoch(sampler.epoch)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
-                          persistent_workers=False, generator=gen)
+                          persistent_workers=False, generator=gen, worker_init_fn=_leave_signals_to_the_trainer)
 
     def _note_skipped(self, files) -> None:
         """Record data files found unreadable or missing (a batch's ``"skipped"``, a dataset's ``skipped``)."""
@@ -530,7 +561,8 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, Any]]:
         """The endless micro-batches of the training data (``cfg.data``)."""
         if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
-            for batch in DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers):
+            for batch in DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                    worker_init_fn=_leave_signals_to_the_trainer):
                 self.tracker.update(batch.pop("position"))
                 self._note_skipped(batch.pop("skipped", ()))
                 if not self.sample_prompts:
@@ -559,14 +591,24 @@ class Trainer:
     def _set_data_position(self, position: dict[str, Any], path: Path, meta: dict[str, Any]) -> None:
         # a folder's position counts this rank's micro-batches, grad_accum per optimizer step: the steps taken in the
         # epoch are what carries over to another grad_accum (the global batches do not depend on it)
-        saved_accum = max(1, int(meta.get("config", {}).get("grad_accum", 1)))
+        saved = meta.get("config", {})
+        saved_accum = max(1, int(saved.get("grad_accum", 1)))
 
-        def micro_batches(skip: int) -> int:
-            return skip // saved_accum * self.cfg.grad_accum
+        def micro_batches(skip: int, key: str = "batch_size") -> int:
+            steps = skip // saved_accum
+            before = saved.get(key) or saved.get("batch_size") or self.cfg.batch_size
+            now = getattr(self.cfg, key) or self.cfg.batch_size
+            if before != now and steps:  # another global batch forms this epoch's batches anew: skip by samples
+                self._log(f"{path}: {key} {before} -> {now} in mid-epoch: this epoch's batches are formed anew, and "
+                          f"the run skips the first {steps * before // now} of them (the {steps * before} samples "
+                          "consumed), so until the next epoch some samples repeat and others wait (resume with "
+                          f"{key} {before} for the exact order)")
+                steps = steps * before // now
+            return steps * self.cfg.grad_accum
 
         if self.secondary_batches is not None and "secondary" in position:
             self.secondary_batches.epoch = position["secondary"]["epoch"]
-            self.secondary_batches.skip = micro_batches(position["secondary"]["skip"])
+            self.secondary_batches.skip = micro_batches(position["secondary"]["skip"], "secondary_batch_size")
         if ("stream" in position) != (self.stream is not None):  # the data changed kind (e.g. a folder packed)
             self._log(f"{path}: its data position is for {'shards' if 'stream' in position else 'a folder'}, this run "
                       f"reads {'shards' if self.stream is not None else 'a folder'}; the data starts from its "
