@@ -86,6 +86,18 @@ def test_blocks_contradict_layers_per_block() -> None:
     with pytest.raises(ValueError, match="'blocks'.*'layers_per_block'"):
         load_config({"blocks": 4, "layers_per_block": "2 2 24"})
     assert load_config({"blocks": 3, "layers_per_block": "2 2 24"}).num_blocks == 3
+    # an override of the layers: a new list decides the block count, one number keeps the file's 'blocks'
+    assert load_config({"blocks": 6, "layers_per_block": 2}, {"layers_per_block": "3"}).block_layers == [3] * 6
+    assert load_config({"blocks": 6, "layers_per_block": 2}, {"layers_per_block": "3 3"}).block_layers == [3, 3]
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain.yaml").write_text("lr: 0.1\nlr: 0.05\n")  # (PyYAML would keep the last one silently)
+    (tmp_path / "official.yaml").write_text("arguments:\n  - lr: 0.1\n  - lr: 0.05\n")
+    with pytest.raises(ValueError, match="config key 'lr' is given twice"):
+        load_config(tmp_path / "plain.yaml")
+    with pytest.raises(ValueError, match=r"config key 'lr' is given twice \(0.1 and 0.05\); keep one"):
+        load_config(tmp_path / "official.yaml")
     assert load_config({"blocks": 5, "layers_per_block": "2"}).block_layers == [2] * 5
 
 
