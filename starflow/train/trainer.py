@@ -135,8 +135,9 @@ def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     Raises:
         ValueError: ``loss_scaling: 1``; ``secondary_ratio`` > 0 without secondary images, or secondary images with
             ``secondary_ratio`` 0; video keys or ``drop_image`` > 0 on an
-            image config; ``grad_skip`` without ``grad_clip``; ``drop_label`` > 0 on an unconditional model; a
-            ``learnable_self_denoiser`` with ``noise_type: uniform``.
+            image config; ``grad_skip`` without ``grad_clip``; ``drop_label`` > 0 or ``fsdp_text_encoder`` on a
+            model without text (``fsdp_text_encoder`` with class labels too); a ``learnable_self_denoiser`` with
+            ``noise_type: uniform``.
     """
     if cfg.loss_scaling:
         raise ValueError("config key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported: training runs "
@@ -161,6 +162,9 @@ def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     if cfg.grad_skip and not cfg.grad_clip > 0:
         raise ValueError("config key 'grad_skip' skips updates whose gradient norm exceeds grad_clip, which is 0 (off): "
                          "set --grad_clip (e.g. 1), or --grad_skip 0")
+    if cfg.fsdp_text_encoder and (cfg.txt_size == 0 or str(cfg.text).endswith(".vocab")):
+        raise ValueError("config key 'fsdp_text_encoder' shards the T5 text encoder, and this model has none (class "
+                         "labels, or txt_size 0): set --fsdp_text_encoder 0")
     if cfg.drop_label > 0 and cfg.txt_size == 0:
         raise ValueError(f"config key 'drop_label' ({cfg.drop_label:g}) drops captions, and this model has none "
                          "(txt_size 0, unconditional): set --drop_label 0")
