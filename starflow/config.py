@@ -19,11 +19,12 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
-__all__ = ["Config", "CONFIG_FIELDS", "TRAINING_KEYS", "load_config", "save_config", "apply_overrides", "config_field_help"]
+__all__ = ["Config", "CONFIG_FIELDS", "TRAINING_KEYS", "load_config", "save_config", "apply_overrides", "config_field_help",
+           "inactive_keys", "check_inactive"]
 
 
 def _f(default: Any, doc: str, training: bool = False) -> Any:
@@ -335,7 +336,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if repeated:
                 raise yaml.constructor.ConstructorError(None, None, f"config key '{key}' is given twice; keep one",
                                                         key_node.start_mark)
             seen.add(key)
@@ -445,16 +450,10 @@ def validate(cfg: Config) -> Config:
     for key in ("video_to_video", "last_frame_cond", "secondary_data"):
         if getattr(cfg, key) and not cfg.is_video:
             raise ValueError(f"config key '{key}' is for video configs (set 'vid_size')")
-    text, denoiser = "text conditioning (txt_size > 0)", "learnable_self_denoiser: 1"
-    unused = [("lora_alpha", cfg.lora_rank == 0, "lora_rank > 0"), ("lora_targets", cfg.lora_rank == 0, "lora_rank > 0"),
-              ("ema_start", cfg.ema == 0, "ema > 0"), ("denoiser_lr", not cfg.learnable_self_denoiser, denoiser),
-              ("denoiser_lr", cfg.lora_rank > 0, "lora_rank 0 (a LoRA run keeps the denoiser frozen)"),
-              ("pt_seq_len", not cfg.rope, "rope: 1"),
-              ("denoiser_window", not cfg.learnable_self_denoiser, denoiser),
-              ("denoiser_window", not cfg.temporal_causal, "temporal_causal > 0 (the window is over causal frames)"),
-              ("text", cfg.txt_size == 0, text), ("cond_top_only", cfg.txt_size == 0, text),
-              ("fps_cond", cfg.txt_size == 0, text), ("conditional_denoiser", cfg.txt_size == 0, text)]
-    for key, off, needs in unused:
+    unused = {"lora_alpha": (cfg.lora_rank == 0, "lora_rank > 0"), "lora_targets": (cfg.lora_rank == 0, "lora_rank > 0"),
+              "ema_start": (cfg.ema == 0, "ema > 0"), "denoiser_lr": (not cfg.learnable_self_denoiser,
+                                                                   "learnable_self_denoiser: 1")}
+    for key, (off, needs) in unused.items():
         if off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
             raise ValueError(f"config key '{key}' ({getattr(cfg, key)}) acts only with {needs}: set that, or drop the key")
     if cfg.drop_image > 0 and (cfg.video_to_video or cfg.last_frame_cond):
@@ -466,6 +465,41 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     return cfg
+
+
+def inactive_keys(cfg: Config) -> dict[str, str]:
+    """``{key: what it needs}`` of the keys set (to other than their default) that cannot act with the config's other
+    keys: ``pt_seq_len`` without ``rope``, ``denoiser_window`` without a learned denoiser or ``temporal_causal``,
+    ``text`` / ``cond_top_only`` / ``fps_cond`` / ``conditional_denoiser`` without text, ``denoiser_lr`` in a LoRA run
+    (its denoiser stays frozen). Saved models may carry them (a model trained unconditional from a text config): the
+    commands refuse them as flags and note them in a config."""
+    text = "text conditioning (txt_size > 0)"
+    rules = [("pt_seq_len", not cfg.rope, "rope: 1"),
+             ("denoiser_window", not cfg.learnable_self_denoiser, "learnable_self_denoiser: 1"),
+             ("denoiser_window", not cfg.temporal_causal, "temporal_causal > 0 (the window is over causal frames)"),
+             ("text", cfg.txt_size == 0, text), ("cond_top_only", cfg.txt_size == 0, text),
+             ("fps_cond", cfg.txt_size == 0, text), ("conditional_denoiser", cfg.txt_size == 0, text),
+             ("denoiser_lr", cfg.lora_rank > 0, "lora_rank 0 (a LoRA run keeps the learnable denoiser frozen)")]
+    out: dict[str, str] = {}
+    for key, off, needs in rules:
+        if off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
+            out.setdefault(key, needs)
+    return out
+
+
+def check_inactive(cfg: Config, flags: Mapping[str, Any], note: Callable[[str], None]) -> None:
+    """Refuse the keys of :func:`inactive_keys` given as command-line ``flags`` (``{key: raw value}``); ``note`` the
+    ones the config file set.
+
+    Raises:
+        ValueError: ``--KEY V acts only with ...``, naming the first such flag.
+    """
+    inactive = inactive_keys(cfg)
+    for key, needs in inactive.items():
+        if key in flags:
+            raise ValueError(f"--{key} {flags[key]} acts only with {needs}, which this config does not set: drop it")
+    for key, needs in inactive.items():
+        note(f"note: config key '{key}' ({getattr(cfg, key)}) is unused: it acts only with {needs}")
 
 
 def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapping[str, Any] | None = None) -> Config:

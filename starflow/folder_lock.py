@@ -82,7 +82,7 @@ class FolderLock:
                 pass
             held = self._held[self._key] = [fd, 0]
         held[1] += 1
-        self._holding = True
+        self._holding, self._fd = True, held[0]
         return self
 
     def _unlocked(self, error: OSError) -> "FolderLock":
@@ -96,7 +96,7 @@ class FolderLock:
             return
         self._holding = False
         held = self._held.get(self._key)
-        if held is None:  # (a forked child: it never held the lock)
+        if held is None or held[0] != self._fd:  # (a forked child: this object's lock was never the child's)
             return
         held[1] -= 1
         if held[1] == 0:

@@ -233,6 +233,10 @@ CASES = [
      "key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported"),
     ("validate {cfg} --drop_image 0.5", 0, "drops the first frame of video clips; this config has no vid_size"),
     ("validate {cfg} --logdir none", 2, "config key 'logdir' ('none') names no folder"),
+    ("validate {cfg} --rope 0 --pt_seq_len 4", 2, "error: --pt_seq_len 4 acts only with rope: 1, which this config does "
+     "not set: drop it"),  # a flag that could not act: refused; the same key set by a file: a note
+    ("validate {cfg} --txt_size 0 --text none --cfg 0 --drop_label 0", 0, "note: config key 'cond_top_only' (True) is "
+     "unused: it acts only with text conditioning (txt_size > 0)"),
     ("validate {cfg} --lora_alpha 3", 2, "config key 'lora_alpha' (3.0) acts only with lora_rank > 0"),
     ("validate {cfg} --checkpoint {tmp}", 2, "error: --checkpoint {tmp}: no weights in this folder"),
     ("validate {cfg} --checkpoint {run}", 0, "every name and shape matches"),  # a run's logdir: its latest checkpoint

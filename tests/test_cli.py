@@ -154,7 +154,7 @@ def test_unconditional_models_sample_without_a_prompt_and_refuse_one(tiny_config
     from starflow.adapters import build_latent_adapter
     from starflow.models import STARFlow
 
-    cfg = load_config(dict(tiny_config, txt_size=0, text=None, cond_top_only=0, drop_label=0.0))
+    cfg = load_config(dict(tiny_config, txt_size=0, text=None, drop_label=0.0))  # (cond_top_only 1 left: unused)
     torch.manual_seed(0)
     model = STARFlow.from_config(cfg, txt_dim=None, vae_downsample=1)
     Pipeline(model, None, build_latent_adapter(None, channels=cfg.channel_size), cfg).save_pretrained(tmp_path / "m")
@@ -163,6 +163,9 @@ def test_unconditional_models_sample_without_a_prompt_and_refuse_one(tiny_config
     assert len(list((tmp_path / "s").glob("0000*.png"))) == 3
     assert main(["generate-set", *common, "--num_samples", "2", "--out", str(tmp_path / "set")]) == 0
     assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == ["000000.png", "000001.png"]
+    capsys.readouterr()
+    assert main(["evaluate", "--samples", str(tmp_path / "set"), "--metrics", "clip", "--clip_model", "x"]) == 2
+    assert "clip compares images with their captions, and the samples in" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["sample", *common, "--caption", "a cat", "--output_dir", str(tmp_path / "s2")]) == 2
     assert "--caption: this model is unconditional (txt_size 0) and takes no prompt" in capsys.readouterr().err

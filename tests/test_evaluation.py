@@ -451,12 +451,18 @@ def test_inception_features_use_the_original_fid_resize(tmp_path, monkeypatch) -
     made = {}
 
     class Inception(torch.nn.Module):  # records how the extractor is built (torch-fidelity is not installed here)
-        def __init__(self, **kwargs) -> None:
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, antialias=True) -> None:
             super().__init__()
-            made.update(kwargs)
+            made.update(name=name, features_list=features_list, antialias=antialias)
 
-    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", Inception)
+    class Before18(torch.nn.Module):  # torchmetrics < 1.8: no antialias flag, and the TF1 resize always
+        def __init__(self, name, features_list, feature_extractor_weights_path=None) -> None:
+            super().__init__()
+
     monkeypatch.setattr(tm_imports, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", Before18)
+    assert isinstance(build_extractor("inception")[0], Before18)
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", Inception)
     model, mode, size = build_extractor("inception")
     assert isinstance(model, Inception) and (mode, size) == ("RGB", None)
     assert made == {"name": "inception-v3-compat", "features_list": ["2048"], "antialias": False}
@@ -468,6 +474,9 @@ def test_inception_features_use_the_original_fid_resize(tmp_path, monkeypatch) -
     np.savez(tmp_path / "older.npz", **older)
     with pytest.raises(ValueError, match="resized to 299 another way .* remake them with --save_stats"):
         load_stats(tmp_path / "older.npz", "inception")
+    np.savez(tmp_path / "oldest.npz", **{k: v for k, v in older.items() if k != "extractor"})  # (no extractor either)
+    with pytest.raises(ValueError, match="resized to 299 another way"):
+        load_stats(tmp_path / "oldest.npz", "inception")
 
 
 def test_generate_set_stopped_by_sigterm_says_how_to_resume(tmp_path) -> None:

@@ -234,8 +234,6 @@ def test_drop_image_drops_the_first_latent_frame(clips) -> None:
      "'drop_label' (0.1) drops captions, and this model has none"),
     (dict(temporal_causal=1), "'temporal_causal' (1) acts on video clips, and this config trains on images"),
     (dict(TINY_VIDEO, secondary_data="x", secondary_ratio=0.0), "'secondary_data' (x) is used on a secondary_ratio share of the"),
-    (dict(txt_size=0, text=None, cfg=0.0, drop_label=0.0), "'cond_top_only' (True) acts only with text conditioning"),
-    (dict(pt_seq_len=4, rope=0), "'pt_seq_len' (4) acts only with rope: 1"),
     (dict(txt_size=0, text=None, cfg=0.0, drop_label=0.0, cond_top_only=0, fsdp_text_encoder=1),
      "'fsdp_text_encoder' shards the T5 text encoder, and this model has none"),
     (dict(noise_type="uniform", learnable_self_denoiser=1), "'learnable_self_denoiser' learns to remove the Gaussian"),

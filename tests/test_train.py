@@ -328,8 +328,8 @@ def test_resume_applies_a_changed_weight_decay_and_skips_by_samples_for_another_
         assert trainer.resume() and trainer.step == 6
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.5]
     assert (trainer.batches.epoch, trainer.batches.skip) == (1, 1)  # 2 x 8 samples = 1 batch of 16
-    assert ("batch_size 8 -> 16 in mid-epoch: this epoch's batches are formed anew, and the run skips the first 1 of "
-            "them (the 16 samples consumed)") in capsys.readouterr().out
+    assert ("batch_size 8 -> 16 in mid-epoch: this epoch's batches are formed anew, and the run skips 1 of them, as "
+            "many samples as the 16 consumed") in capsys.readouterr().out
 
 
 def test_resume_keeps_the_last_checkpoints(resume_runs) -> None:

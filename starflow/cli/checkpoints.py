@@ -5,8 +5,8 @@ import argparse
 import warnings
 from pathlib import Path
 
-from starflow.cli._flags import DTYPES, add_config_flags, add_weights_io_flags, at_least, config_overrides
-from starflow.config import load_config
+from starflow.cli._flags import DTYPES, add_config_flags, add_weights_io_flags, at_least, config_overrides, note_once
+from starflow.config import check_inactive, load_config
 
 __all__ = ["register"]
 
@@ -72,6 +72,7 @@ def validate(args: argparse.Namespace) -> int:
     from starflow.train.trainer import check_training
 
     cfg = load_config(args.config, config_overrides(args))
+    check_inactive(cfg, config_overrides(args), note_once)
     try:  # what train would refuse from the config alone (the data comes with train); the model itself is fine
         check_training(cfg, has_secondary=True)
         refused = None

@@ -12,7 +12,7 @@ from starflow import assets
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
                                  check_input_files, check_output_path, config_overrides, is_rank0, note_once,
                                  output_folder, read_text_lines)
-from starflow.config import CONFIG_FIELDS, load_config
+from starflow.config import CONFIG_FIELDS, check_inactive, load_config
 from starflow.cli._video_inputs import (check_input_clip, check_input_headers, check_video_flags, read_video_inputs,
                                         without_sampler_tag)
 from starflow.models.jacobi import AUTO, JACOBI_BLOCK_SIZE, JACOBI_MAX_ITER, JACOBI_THRESHOLD
@@ -232,6 +232,7 @@ def sampling_config(config: str | Path, args: argparse.Namespace):
             raise ValueError(f"--{key} {value}: this model was trained without {key} (its config says 0) and sampling "
                              "cannot add it: drop the flag, or use a model fine-tuned with it")
     cfg = load_config(config, overrides)
+    check_inactive(cfg, overrides, lambda message: None)  # (a saved model's own unused keys are its business)
     for key in WEIGHTS_BOUND_KEYS:
         if key in overrides and getattr(cfg, key) != getattr(trained, key):
             note_once(f"note: --{key} {overrides[key]} overrides the model's {key} ({getattr(trained, key)}), which its "

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides
-from starflow.config import load_config
+from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides, note_once
+from starflow.config import check_inactive, load_config
 from starflow.files import check_writable
 
 __all__ = ["register"]
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if any(value != getattr(cfg, key) for key, value in local.items()):  # a local T5, vocabulary or VAE: the same
         cfg = load_config(cfg, local)
     check_training(cfg)
+    check_inactive(cfg, config_overrides(args), note_once)  # (flags refused; the file's noted)
     if cfg.data is None:
         raise SystemExit(NO_DATA)
     if cfg.logdir and Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():

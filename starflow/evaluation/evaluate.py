@@ -133,6 +133,9 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
             raise ValueError(f"clip needs each sample's caption: {Path(samples) / 'captions.jsonl'} lacks "
                              f"{missing[:3]} (make the set with `starflow generate-set`)")
         captions = [table[f.name] for f in files]
+        if not any(c.strip() for c in captions):
+            raise ValueError(f"clip compares images with their captions, and the samples in {samples} have none (an "
+                             "unconditional model's set): drop clip from --metrics")
     extractor = build_extractor(features, device) if distribution else None  # fails before any work
     clip = load_clip(clip_model, device) if captions is not None else None
     start = time.perf_counter()

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +123,9 @@ def build_extractor(name: str, device: torch.device | str = "cpu"):
                                       "'starflow[eval]' or pip install torch-fidelity (it needs a torchvision build "
                                       "that works with your torch); --features digits works without it")
         try:
-            inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                           antialias=False)  # False: the TF1 resize (INCEPTION_RESIZE)
+            # antialias=False: the TF1 resize (INCEPTION_RESIZE); torchmetrics before 1.8 has no flag and uses it
+            tf1 = {"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3).parameters else {}
+            inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], **tf1)
             return inception.to(device), "RGB", None
         except Exception as err:  # noqa: BLE001 - torch-fidelity raises several types for missing weights
             raise FileNotFoundError(

@@ -83,7 +83,7 @@ def load_stats(path: str | Path, extractor: str | None = None) -> dict[str, np.n
     if extractor is not None and made_with is not None and made_with != extractor:
         raise ValueError(f"{path} holds statistics of '{made_with}' features, and these are '{extractor}' features: "
                          f"pass --features {made_with}, or statistics made with --features {extractor}")
-    if made_with == "inception" and str(stats.get("resize")) != INCEPTION_RESIZE:
+    if (made_with or extractor) == "inception" and str(stats.get("resize")) != INCEPTION_RESIZE:
         raise ValueError(f"{path} holds Inception statistics of images resized to 299 another way (starflow "
                          f"versions before the TensorFlow-1 resize of the original FID); they give other FIDs: "
                          "remake them with --save_stats")

@@ -122,7 +122,7 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and SIGINT: a signal sent to the whole process group (``kill -TERM -PGID``,
     Ctrl-C, a scheduler, torchrun forwarding its own) is the training process's to act on, which stops after the step
     with a checkpoint (torch's worker handler would die on it, and the loader with it). A worker still exits when the
-    training process does."""
+    loader shuts down or the training process dies, after the item it is loading."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -603,10 +603,11 @@ class Trainer:
             before = saved.get(key) or saved.get("batch_size") or self.cfg.batch_size
             now = getattr(self.cfg, key) or self.cfg.batch_size
             if before != now and steps:  # another global batch forms this epoch's batches anew: skip by samples
-                self._log(f"{path}: {key} {before} -> {now} in mid-epoch: this epoch's batches are formed anew, and "
-                          f"the run skips the first {steps * before // now} of them (the {steps * before} samples "
-                          "consumed), so until the next epoch some samples repeat and others wait (resume with "
-                          f"{key} {before} for the exact order)")
+                name = key if saved.get(key) or getattr(self.cfg, key) else "batch_size"
+                self._log(f"{path}: {name} {before} -> {now} in mid-epoch: this epoch's batches are formed anew, and "
+                          f"the run skips {steps * before // now} of them, as many samples as the {steps * before} "
+                          "consumed (other ones), so until the next epoch some samples repeat and others wait (resume "
+                          f"with {name} {before} for the exact order)")
                 steps = steps * before // now
             return steps * self.cfg.grad_accum
 
