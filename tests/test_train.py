@@ -614,6 +614,27 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_resumes(ti
     assert f"at step {step}" in done.stdout and [m["step"] for m in read_metrics(logdir)] == list(range(1, step + 2))
 
 
+def test_a_data_error_in_a_worker_ends_the_run_with_one_line(tiny_config, config_file, tmp_path) -> None:
+    """An error raised in a DataLoader worker (here: every image unreadable) ends the command with exit 2 and the
+    error's own line, not torch's worker traceback, and the workers (which leave SIGTERM to the trainer) do not hold
+    the exit."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "bad"
+    data.mkdir()
+    for i in range(8):
+        (data / f"{i}.png").write_text("not an image")
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) for i in range(8)))
+    config = config_file(dict(tiny_config, num_workers=2))
+    argv = [sys.executable, "-m", "starflow.cli", *train_args(config, data, tmp_path / "run")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.rstrip().splitlines()[-1].startswith(f"error: every image in {data} is unreadable: ")
+    assert "Original Traceback" not in r.stderr
+
+
 def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once() -> None:
     import os
     import signal

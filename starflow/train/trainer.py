@@ -127,6 +127,33 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _stopping_workers(loader: DataLoader) -> Iterator[Iterator]:
+    """Iterate ``loader``, and on leaving (an epoch's end, an error, a stop) shut its worker processes down at once:
+    they ignore SIGTERM (:func:`_leave_signals_to_the_trainer`), so Python's exit, which stops workers left running
+    with SIGTERM and waits for them, would wait for ever; one still alive after torch's shutdown is killed."""
+    batches = iter(loader)
+    try:
+        yield batches
+    except Exception as err:  # a worker's error comes wrapped in torch's "Caught ... Original Traceback" text: its own
+        lines = str(err).rstrip().splitlines()  # last line ("RuntimeError: every image ... is unreadable") is the news
+        name, _, text = lines[-1].partition(": ") if lines else ("", "", "")
+        if len(lines) > 1 and lines[0].startswith("Caught ") and name == type(err).__name__ and text:
+            try:
+                plain = type(err)(text)
+            except Exception:  # noqa: BLE001 - an exception type that takes other arguments: keep torch's
+                raise err from None
+            raise plain from None
+        raise
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # (worker processes only: num_workers > 0)
+        if shutdown is not None:
+            shutdown()
+            for worker in getattr(batches, "_workers", ()):
+                if worker.is_alive():
+                    worker.kill()
+
+
 def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     """Refuse training keys that this run could not honour or that would do nothing, from the config alone (the
     ``train`` command calls it before anything loads; :class:`Trainer` again). ``has_secondary``: whether secondary
@@ -555,23 +582,25 @@ class Trainer:
 
     def _folder_batches(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> Iterator[dict[str, Any]]:
         while True:
-            for batch in self._loader(dataset, sampler, stream):
-                sampler.skip += 1
-                self._note_skipped(batch.pop("skipped", ()))
-                yield batch
+            with _stopping_workers(self._loader(dataset, sampler, stream)) as batches:
+                for batch in batches:
+                    sampler.skip += 1
+                    self._note_skipped(batch.pop("skipped", ()))
+                    yield batch
             sampler.epoch += 1
             sampler.skip = 0
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """The endless micro-batches of the training data (``cfg.data``)."""
         if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
-            for batch in DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                    worker_init_fn=_leave_signals_to_the_trainer):
-                self.tracker.update(batch.pop("position"))
-                self._note_skipped(batch.pop("skipped", ()))
-                if not self.sample_prompts:
-                    self.sample_prompts = sorted(set(batch["text"]))[:SAMPLE_PROMPTS]
-                yield batch
+            with _stopping_workers(DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                              worker_init_fn=_leave_signals_to_the_trainer)) as batches:
+                for batch in batches:
+                    self.tracker.update(batch.pop("position"))
+                    self._note_skipped(batch.pop("skipped", ()))
+                    if not self.sample_prompts:
+                        self.sample_prompts = sorted(set(batch["text"]))[:SAMPLE_PROMPTS]
+                    yield batch
         yield from self._folder_batches(self.dataset, self.batches)
 
     def _secondary_step(self, step: int) -> bool:
