@@ -522,3 +522,31 @@ def test_single_process_commands_refuse_several_processes(all_digits: Path, tmp_
             assert (line in err) == shown and (shown or not err), err
             assert json.loads(record.read_text())["message"]["message"] == line  # for torchrun's failure summary
     assert [p.name for p in tmp_path.iterdir()] == ["error.json"]
+
+
+def test_listings_that_repeat_or_leave_out_files_are_named_and_odd_names_pack(all_digits: Path, tmp_path: Path,
+                                                                              caplog) -> None:
+    """metadata.jsonl decides what trains: a file listed twice is two samples (said), files it does not list are
+    left out (said, with a metadata.jsonl of a subfolder, which is not read), and an image named like a caption or
+    metadata file (.txt, .json) packs as an image, not overwritten by the caption."""
+    src = _digits_folder(all_digits, tmp_path / "src", n=6)
+    lines = (src / "metadata.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    shutil.copy(src / first["file_name"], src / "odd.txt")
+    (src / "more").mkdir()
+    shutil.copy(src / first["file_name"], src / "more" / "extra.png")
+    (src / "more" / "metadata.jsonl").write_text(json.dumps({"file_name": "extra.png", "text": "x"}))
+    lines += [json.dumps(dict(first, file_name="./" + first["file_name"], text="another caption")),
+              json.dumps({"file_name": "odd.txt", "text": "an image named .txt"})]
+    (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="starflow.data.images"):
+        folder = ImageFolder(src, 8, channels=1)
+    assert len(folder) == 8
+    assert f"1 file(s) listed more than once in metadata.jsonl (e.g. {src / first['file_name']}, 2 times)" in caplog.text
+    assert (f"1 image file(s) under it not listed in its metadata.jsonl, so not trained on (e.g. "
+            f"{src / 'more' / 'extra.png'}); {src / 'more' / 'metadata.jsonl'} is not read") in caplog.text
+    index = pack_folder(src, tmp_path / "shards", shard_size=16)
+    assert index["total"] == 8 and index["skipped"] == []
+    batch = next(iter(ShardStream(tmp_path / "shards", 8, img_size=8, channels=1)))
+    odd = batch["text"].index("an image named .txt")
+    assert torch.equal(batch["pixels"][odd], folder[0]["pixels"])  # (odd.txt is a copy of the first image)

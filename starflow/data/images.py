@@ -8,8 +8,10 @@ goes to its nearest `"w:h"` bucket, and `starflow.data.aspect.AspectBucketBatchS
 batch in one bucket.
 """
 
+import collections
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -213,6 +215,27 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
     return records
 
 
+def note_listing(root: Path, paths: Sequence[Path], suffixes: Sequence[str], kind: str) -> None:
+    """Warn about what ``metadata.jsonl`` leaves ambiguous: files listed more than once (each listing is a sample:
+    several captions of one file, or a duplicate to remove) and ``kind`` files under ``root`` it does not list (they
+    are not trained on; a ``metadata.jsonl`` in a subfolder is not read)."""
+    listed = [os.path.normpath(p) for p in paths]
+    counts = collections.Counter(listed)
+    repeated = {p: n for p, n in counts.items() if n > 1}
+    if repeated:
+        first = next(iter(repeated))
+        logger.warning("%s: %d file(s) listed more than once in %s (e.g. %s, %d times): each listing is a training "
+                       "sample of its own (several captions of one %s; remove the lines of a duplicate)", root,
+                       len(repeated), METADATA_FILE, first, repeated[first], kind)
+    unlisted = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in suffixes and os.path.normpath(p) not in counts
+                      and p.is_file())
+    if unlisted:
+        nested = next((p for p in root.rglob(METADATA_FILE) if p.parent != root), None)
+        logger.warning("%s: %d %s file(s) under it not listed in its %s, so not trained on (e.g. %s)%s",
+                       root, len(unlisted), kind, METADATA_FILE, unlisted[0],
+                       f"; {nested} is not read (one {METADATA_FILE} lists the whole folder)" if nested else "")
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Captioned images from a folder with `metadata.jsonl`; never crashes on a bad file.
 
@@ -253,7 +276,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.paths: list[Path] = []
         self.texts: list[str] = []
         missing = []
-        for record in read_metadata(self.root):
+        records = read_metadata(self.root)
+        for record in records:
             file_name, text = record["file_name"], record["text"]
             path = self.root / file_name
             if path.is_file():
@@ -268,6 +292,7 @@ class ImageFolder(torch.utils.data.Dataset):
                            len(missing), missing[:3])
         if not self.paths:
             raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
+        note_listing(self.root, [self.root / r["file_name"] for r in records], IMAGE_SUFFIXES, "image")
         self._buckets: list[str] | None = None
 
     def __len__(self) -> int:

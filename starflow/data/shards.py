@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from starflow.data.aspect import aspect_to_size
-from starflow.data.images import CorruptImageError, image_aspect, load_image, read_metadata, to_8bit
+from starflow.data.images import (IMAGE_SUFFIXES, CorruptImageError, image_aspect, load_image, note_listing,
+                                  read_metadata, to_8bit)
 from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, CorruptVideoError, _resize_frames,
                                  clip_indices, draw_rate, read_clip, read_video, video_aspect)
 from starflow.folder_lock import FolderLock
@@ -126,6 +127,8 @@ def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]
     """
     records = read_metadata(root)
     kind = folder_kind([r["file_name"] for r in records], root)
+    note_listing(root, [root / r["file_name"] for r in records], VIDEO_SUFFIXES if kind == "video" else IMAGE_SUFFIXES,
+                 kind)
 
     def samples() -> Iterator[dict]:
         written = 0
@@ -137,7 +140,8 @@ def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]
                 logger.warning("skipping %s (%s)", path, reason)
                 continue
             meta = {k: v for k, v in record.items() if k != "text"}
-            yield {"__key__": f"{written:09d}", _extension(path.name) or "bin": path.read_bytes(),
+            ext = _extension(path.name)  # (a name ending .txt or .json would take the caption's or metadata's key)
+            yield {"__key__": f"{written:09d}", "bin" if not ext or ext in _NOT_MEDIA else ext: path.read_bytes(),
                    "txt": record["text"].encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
             written += 1
 

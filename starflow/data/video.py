@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from starflow.data.aspect import aspect_to_size, nearest_aspect
-from starflow.data.images import METADATA_FILE, read_metadata
+from starflow.data.images import METADATA_FILE, note_listing, read_metadata
 from starflow.data.seeding import sample_seed
 
 __all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip",
@@ -503,6 +503,7 @@ class VideoFolder(torch.utils.data.Dataset):
             logger.warning("%s: skipping %d missing or unreadable files", self.root, len(self.skipped))
         if not self.paths:
             raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
+        note_listing(self.root, [self.root / obj["file_name"] for obj in records], VIDEO_SUFFIXES, "video")
 
     def __len__(self) -> int:
         return len(self.paths)
