@@ -550,3 +550,14 @@ def test_listings_that_repeat_or_leave_out_files_are_named_and_odd_names_pack(al
     batch = next(iter(ShardStream(tmp_path / "shards", 8, img_size=8, channels=1)))
     odd = batch["text"].index("an image named .txt")
     assert torch.equal(batch["pixels"][odd], folder[0]["pixels"])  # (odd.txt is a copy of the first image)
+
+
+def test_shards_missing_from_the_folder_or_the_index_are_named(all_digits: Path, tmp_path: Path, caplog) -> None:
+    src = _digits_folder(all_digits, tmp_path / "src", n=12)
+    index = pack_folder(src, tmp_path / "shards", shard_size=4)
+    names = [s["name"] for s in index["shards"]]
+    (tmp_path / "shards" / names[1]).rename(tmp_path / "shards" / "copied-in.tar")
+    with caplog.at_level(logging.WARNING, logger="starflow.data.stream"):
+        ShardStream(tmp_path / "shards", 4, img_size=8, channels=1)
+    assert f"1 shard(s) its index.json lists are missing (e.g. {names[1]}): their 4 samples are skipped" in caplog.text
+    assert "1 .tar file(s) in it are not in its index.json, so not trained on (e.g. copied-in.tar)" in caplog.text

@@ -115,7 +115,7 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
         n = sum(p.numel() for p in trainer.model.parameters())
         dataset = trainer.dataset
         size = f"{len(dataset)} training {'videos' if cfg.is_video else 'images'}" if hasattr(dataset, "__len__") \
-            else f"shards in {cfg.data}"
+            else f"{dataset.num_samples} samples in {len(dataset.shards)} shards in {cfg.data}"
         precision = "bf16" if trainer.compute_dtype == torch.bfloat16 else "fp32"
         sharding = [k for k in ("fsdp", "fsdp_text_encoder") if getattr(cfg, k)]
         parallel = ("FSDP2" if trainer.sharded else "DDP" if dist.distributed else

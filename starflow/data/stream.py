@@ -140,6 +140,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not self.shards:
             raise ValueError(f"{self.root}: index.json lists no samples; pack a folder that has some "
                              "(`starflow pack SRC OUT`)")
+        if rank == 0:  # what the index and the folder disagree on (said once)
+            missing = [Path(p).name for p in self.shards if not Path(p).is_file()]
+            listed = {s["name"] for s in self.index["shards"]}
+            unlisted = sorted(p.name for p in self.root.glob("*.tar") if p.name not in listed)
+            if missing:
+                logger.warning("%s: %d shard(s) its index.json lists are missing (e.g. %s): their %d samples are skipped "
+                               "every epoch", self.root, len(missing), missing[0],
+                               sum(self.sizes[str(self.root / n)] for n in missing))
+            if unlisted:
+                logger.warning("%s: %d .tar file(s) in it are not in its index.json, so not trained on (e.g. %s): pack "
+                               "the data again to include them", self.root, len(unlisted), unlisted[0])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer, self.shuffle_bytes = shuffle_buffer, shuffle_bytes
         self.positions: dict[int, tuple[int, int]] = {}
