@@ -635,6 +635,25 @@ def test_a_data_error_in_a_worker_ends_the_run_with_one_line(tiny_config, config
     assert "Original Traceback" not in r.stderr
 
 
+def test_an_unreadable_image_is_said_once_over_epochs_of_new_workers(tiny_config, digits, config_file, tmp_path) -> None:
+    """Each epoch starts new DataLoader workers; a file found unreadable is skipped by them without being said again,
+    and the metadata.jsonl of a Windows editor (a UTF-8 byte-order mark) reads."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(digits["train"], data)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / json.loads(lines[0])["file_name"]).write_text("not an image")
+    (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines[:16]).encode())
+    config = config_file(dict(tiny_config, num_workers=1, steps=6, save_freq=6, batch_size=8))  # 3 epochs of 2 steps
+    argv = [sys.executable, "-m", "starflow.cli", *train_args(config, data, tmp_path / "run")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("skipping unreadable image") == 1, r.stderr[-3000:]
+
+
 def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once() -> None:
     import os
     import signal

@@ -190,7 +190,7 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
     with meta.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # (a BOM, as Windows editors write)
             except UnicodeDecodeError as err:
                 raise ValueError(f"{meta}:{line_no}: not UTF-8 ({err.reason} at byte {err.start}): save the file as "
                                  "UTF-8") from None

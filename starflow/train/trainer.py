@@ -562,6 +562,9 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed + 1000 * sampler.epoch + self.dist.rank + 7919 * stream)
         if hasattr(dataset, "set_epoch"):  # per-epoch clip draws (start, rate) of a video folder
             dataset.set_epoch(sampler.epoch)
+        if isinstance(getattr(dataset, "skipped", None), set):  # each epoch's new workers know the files found bad
+            root = str(dataset.root)  # (and do not say so again; the secondary images' are the other folder's)
+            dataset.skipped |= {f for f in self.skipped_files - dataset.skipped if f.startswith(root)}
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, generator=gen, worker_init_fn=_leave_signals_to_the_trainer)
 
