@@ -654,6 +654,34 @@ def test_an_unreadable_image_is_said_once_over_epochs_of_new_workers(tiny_config
     assert r.stderr.count("skipping unreadable image") == 1, r.stderr[-3000:]
 
 
+def test_long_runs_keep_bounded_metrics_and_gather_skipped_names_only_when_new(tiny_config, digits, tmp_path,
+                                                                             monkeypatch) -> None:
+    """fit keeps the last HISTORY_STEPS steps' metrics (metrics.jsonl has them all), and under torchrun the skipped
+    file names (a folder's missing files can be millions) are gathered only when some rank met a new one."""
+    from types import SimpleNamespace
+
+    import starflow.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "HISTORY_STEPS", 2)
+    with torch.random.fork_rng(devices=[]):
+        history = build_trainer(dict(tiny_config, data=str(digits["train"]), steps=4, save_freq=4), tmp_path / "r").fit()
+    assert [m["step"] for m in history] == [3, 4] and len(read_metrics(tmp_path / "r")) == 4
+    gathered = []
+
+    def all_gather_object(out, names):  # this rank's names, and another rank's
+        gathered.append(len(names))
+        out[0], out[1] = set(names), {"other/0.png"}
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, op: None)  # (this rank's flag decides)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    rank = SimpleNamespace(dist=SimpleNamespace(distributed=True, world_size=2, device=torch.device("cpu")),
+                           skipped_files={"a.png"}, _skipped_seen=-1, _skipped_total=0)
+    assert Trainer.skipped_images(rank) == 2 and gathered == [1]
+    assert Trainer.skipped_images(rank) == 2 and gathered == [1]  # nothing new on any rank: no gather
+    rank.skipped_files.add("b.png")
+    assert Trainer.skipped_images(rank) == 3 and gathered == [1, 2]
+
+
 def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once() -> None:
     import os
     import signal

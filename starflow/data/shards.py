@@ -233,8 +233,9 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         marker.touch()  # from here until the new index is in, the set is incomplete (and the next run may replace it)
         (out / INDEX_FILE).unlink(missing_ok=True)
         new = _output_files(staging)
+        names = {p.name for p in new}
         for path in old:
-            if path.name not in {p.name for p in new}:
+            if path.name not in names:
                 path.unlink(missing_ok=True)
         for path in new:  # the index last
             path.replace(out / path.name)

@@ -159,7 +159,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         if "kid" in metrics:
             results["kid_mean"], results["kid_std"] = kid_from_features(real, fake)
         if "precision_recall" in metrics:
-            results["precision"], results["recall"] = precision_recall(real, fake)
+            results["precision"], results["recall"] = precision_recall(real, fake, device=device)
     if captions is not None:
         results["clip_score"] = clip_score(files, captions, clip_model, batch_size=batch_size, device=device,
                                            loaded=clip)

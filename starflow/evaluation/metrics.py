@@ -142,14 +142,16 @@ def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, bl
 PR_NEIGHBOURS = 3  # k of the k-NN balls (Kynkaanniemi et al.): each set needs more than k images
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS, block: int = PR_BLOCK) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS, block: int = PR_BLOCK,
+                     device: torch.device | str = "cpu") -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): the share of samples inside the real
     manifold (union of k-NN balls) and the share of real points inside the samples' manifold.
 
-    The distances are computed ``block`` rows at a time (:data:`PR_BLOCK`), so memory grows linearly with the
-    number of features, not quadratically."""
-    r = torch.from_numpy(np.asarray(real, dtype=np.float64))
-    f = torch.from_numpy(np.asarray(fake, dtype=np.float64))
+    The distances are computed in float64 on ``device``, ``block`` rows at a time (:data:`PR_BLOCK`), so memory
+    grows linearly with the number of features, not quadratically; time grows with ``N_real x N_fake`` (50K
+    against 50K Inception features is minutes of CPU time: evaluate passes its ``--device``)."""
+    r = torch.from_numpy(np.asarray(real, dtype=np.float64)).to(device)
+    f = torch.from_numpy(np.asarray(fake, dtype=np.float64)).to(device)
     r_radii, f_radii = _radii(r, k, block), _radii(f, k, block)
     precision = _inside(f, r, r_radii, block).double().mean()
     recall = _inside(r, f, f_radii, block).double().mean()

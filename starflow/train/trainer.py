@@ -19,6 +19,7 @@ latents require grad), so it costs one denoiser forward/backward and no second f
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import shutil
@@ -116,6 +117,10 @@ def _lora_mismatch(path: str | Path, saved: dict[str, Any], cfg: Config) -> str:
     return (f"{path} is a checkpoint of a run that trains every weight, and this run trains LoRA adapters "
             f"(lora_rank {cfg.lora_rank}): resume it without the LoRA flags, or train the adapters in a new --logdir "
             f"(--init_from {path} adapts its weights)")
+
+
+HISTORY_STEPS = 100_000
+"""Steps whose metrics :meth:`Trainer.fit` keeps in memory (about 0.75 kB each) and returns."""
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
@@ -273,6 +278,7 @@ class Trainer:
         self.skipped_updates = 0
         self.elapsed_s = 0.0  # wall time of the run so far, over all its resumes (seconds; saved in checkpoints)
         self.skipped_files: set[str] = set()  # unreadable or missing data files met by this rank
+        self._skipped_seen, self._skipped_total = -1, 0  # skipped_images: gathered again only when a set grew
         for data in (dataset, secondary):
             self._note_skipped(getattr(data, "skipped", ()))  # found while listing the folder
         self.nonfinite_in_a_row, self.first_nonfinite_step = 0, 0
@@ -576,12 +582,18 @@ class Trainer:
         self.skipped_files |= new
 
     def skipped_images(self) -> int:
-        """Data files skipped so far (missing or unreadable), over all ranks (a collective when distributed)."""
+        """Data files skipped so far (missing or unreadable), over all ranks (a collective when distributed: the
+        file names are gathered only when some rank met a new one, as a folder's missing files can be millions)."""
         if not self.dist.distributed:
             return len(self.skipped_files)
-        every: list[set[str]] = [set() for _ in range(self.dist.world_size)]
-        torch.distributed.all_gather_object(every, self.skipped_files)
-        return len(set().union(*every))
+        grew = torch.tensor([float(len(self.skipped_files) != self._skipped_seen)], device=self.dist.device)
+        torch.distributed.all_reduce(grew, op=torch.distributed.ReduceOp.MAX)
+        if grew.item():
+            every: list[set[str]] = [set() for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather_object(every, self.skipped_files)
+            self._skipped_total = len(set().union(*every))
+        self._skipped_seen = len(self.skipped_files)
+        return self._skipped_total
 
     def _folder_batches(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> Iterator[dict[str, Any]]:
         while True:
@@ -687,7 +699,8 @@ class Trainer:
             tqdm.write(message)
 
     def fit(self, max_steps: int | None = None, dry_run: bool = False) -> list[dict[str, float]]:
-        """Train until ``cfg.steps`` (or ``max_steps`` more steps); returns the logged metrics.
+        """Train until ``cfg.steps`` (or ``max_steps`` more steps); returns the metrics of each step, the last
+        :data:`HISTORY_STEPS` of them (``metrics.jsonl`` holds every logged step).
 
         With ``dry_run`` one step runs and nothing is written. A run that fails before its first step in a logdir
         it created (unreadable data, say) removes that logdir again. The config's ``init_from`` weights are loaded
@@ -710,7 +723,7 @@ class Trainer:
             save_config(cfg, self.logdir / "config.yaml")
             if isinstance(self.text_encoder, LabelEncoder):  # the run's folder holds its classes (starflow export)
                 self.text_encoder.save_pretrained(self.logdir)
-        history: list[dict[str, float]] = []
+        history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_STEPS)  # (bounded memory)
         if cfg.sample_freq and not dry_run:
             self._log(f"sample grids every {cfg.sample_freq} epoch(s) of {self.steps_per_epoch} steps (sample_freq), "
                       "and at the last step")
@@ -796,7 +809,7 @@ class Trainer:
             few = ", ".join(sorted(self.skipped_files)[:3])
             self._log(f"{skipped} data file(s) skipped (missing or unreadable; logged as skipped_images in "
                       f"metrics.jsonl), e.g. {few}")
-        return history
+        return list(history)
 
     def export(self, folder: str | Path) -> Path | None:
         """Write a model folder (``config.yaml``, ``model.safetensors`` in the official layout, and with
