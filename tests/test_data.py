@@ -244,3 +244,20 @@ def test_mix_aspect_folder_batches_stack(tmp_path):
     assert seen == 4
     with pytest.raises(ValueError, match="AspectBucketBatchSampler"):
         collate([ds[0], ds[2]])
+
+
+def test_metadata_in_another_form_is_named_with_the_fix(tmp_path):
+    from starflow.data.images import read_metadata
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metadata.csv").write_text("file_name,text\na.png,x\n")
+    with pytest.raises(FileNotFoundError, match=r"metadata.csv is there: write one metadata.jsonl in the root instead"):
+        read_metadata(tmp_path / "csv")
+    (tmp_path / "nested" / "part").mkdir(parents=True)
+    (tmp_path / "nested" / "part" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    with pytest.raises(FileNotFoundError, match=r"part/metadata.jsonl is there"):
+        read_metadata(tmp_path / "nested")
+    (tmp_path / "array").mkdir()
+    (tmp_path / "array" / "metadata.jsonl").write_text('[\n{"file_name": "a.png", "text": "x"}\n]\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: invalid JSON .* \(a JSON array: write one object per line"):
+        read_metadata(tmp_path / "array")

@@ -185,7 +185,10 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
     """
     meta = root / METADATA_FILE
     if not meta.is_file():
-        raise FileNotFoundError(f"no {meta}: {format_help}")
+        other = next((root / n for n in ("metadata.csv", "metadata.json", "metadata.parquet") if (root / n).is_file()),
+                     None) or next(iter(sorted(root.glob(f"*/{METADATA_FILE}"))), None)
+        found = f" ({other} is there: write one {METADATA_FILE} in the root instead)" if other else ""
+        raise FileNotFoundError(f"no {meta}{found}: {format_help}")
     records = []
     with meta.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -199,7 +202,9 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}); {format_help}") from None
+                array = " (a JSON array: write one object per line, JSON Lines, without the brackets)" \
+                    if line.lstrip().startswith("[") else ""
+                raise ValueError(f"{meta}:{line_no}: invalid JSON ({err}){array}; {format_help}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
                 raise ValueError(f"{meta}:{line_no}: needs a string 'file_name'; {format_help}")
             if not isinstance(obj.get("text"), str):
