@@ -279,6 +279,7 @@ class Trainer:
         self.elapsed_s = 0.0  # wall time of the run so far, over all its resumes (seconds; saved in checkpoints)
         self.skipped_files: set[str] = set()  # unreadable or missing data files met by this rank
         self._skipped_seen, self._skipped_total = -1, 0  # skipped_images: gathered again only when a set grew
+        self._dataset_files: dict[int, set[str]] = {}  # id(folder dataset) -> its files (what its skipped set takes)
         for data in (dataset, secondary):
             self._note_skipped(getattr(data, "skipped", ()))  # found while listing the folder
         self.nonfinite_in_a_row, self.first_nonfinite_step = 0, 0
@@ -569,8 +570,9 @@ class Trainer:
         if hasattr(dataset, "set_epoch"):  # per-epoch clip draws (start, rate) of a video folder
             dataset.set_epoch(sampler.epoch)
         if isinstance(getattr(dataset, "skipped", None), set):  # each epoch's new workers know the files found bad
-            root = str(dataset.root)  # (and do not say so again; the secondary images' are the other folder's)
-            dataset.skipped |= {f for f in self.skipped_files - dataset.skipped if f.startswith(root)}
+            if id(dataset) not in self._dataset_files:  # (and do not say so again; the secondary images' are its own)
+                self._dataset_files[id(dataset)] = {str(p) for p in dataset.paths}
+            dataset.skipped |= (self.skipped_files - dataset.skipped) & self._dataset_files[id(dataset)]
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, generator=gen, worker_init_fn=_leave_signals_to_the_trainer)
 
