@@ -141,13 +141,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"{self.root}: index.json lists no samples; pack a folder that has some "
                              "(`starflow pack SRC OUT`)")
         if rank == 0:  # what the index and the folder disagree on (said once)
-            missing = [Path(p).name for p in self.shards if not Path(p).is_file()]
+            missing = [p for p in self.shards if not Path(p).is_file()]
             listed = {s["name"] for s in self.index["shards"]}
             unlisted = sorted(p.name for p in self.root.glob("*.tar") if p.name not in listed)
             if missing:
                 logger.warning("%s: %d shard(s) its index.json lists are missing (e.g. %s): their %d samples are skipped "
-                               "every epoch", self.root, len(missing), missing[0],
-                               sum(self.sizes[str(self.root / n)] for n in missing))
+                               "every epoch", self.root, len(missing), Path(missing[0]).relative_to(self.root),
+                               sum(self.sizes[p] for p in missing))
             if unlisted:
                 logger.warning("%s: %d .tar file(s) in it are not in its index.json, so not trained on (e.g. %s): pack "
                                "the data again to include them", self.root, len(unlisted), unlisted[0])

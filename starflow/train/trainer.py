@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import shutil
 import signal
 import time
@@ -143,7 +144,9 @@ def _stopping_workers(loader: DataLoader) -> Iterator[Iterator]:
     except Exception as err:  # a worker's error comes wrapped in torch's "Caught ... Original Traceback" text: its own
         lines = str(err).rstrip().splitlines()  # last line ("RuntimeError: every image ... is unreadable") is the news
         name, _, text = lines[-1].partition(": ") if lines else ("", "", "")
-        if len(lines) > 1 and lines[0].startswith("Caught ") and name == type(err).__name__ and text:
+        plain_wanted = not os.environ.get("STARFLOW_DEBUG")  # (debugging: torch's text, with the worker's traceback)
+        if plain_wanted and len(lines) > 1 and lines[0].startswith("Caught ") and text \
+                and name.rpartition(".")[2] == type(err).__name__:
             try:
                 plain = type(err)(text)
             except Exception:  # noqa: BLE001 - an exception type that takes other arguments: keep torch's
@@ -800,6 +803,8 @@ class Trainer:
                 shutil.rmtree(self.logdir, ignore_errors=True)
             raise
         finally:
+            for batches in (data, secondary):  # their workers stop now, not when a traceback is freed (they leave
+                getattr(batches, "close", lambda: None)()  # SIGTERM to this process, and Python's exit would wait)
             stop.restore()
             bar.close()
             logger.close()
