@@ -682,6 +682,24 @@ def test_long_runs_keep_bounded_metrics_and_gather_skipped_names_only_when_new(t
     assert Trainer.skipped_images(rank) == 3 and gathered == [1, 2]
 
 
+def test_an_error_in_fit_stops_the_data_workers_while_its_traceback_lives(tiny_config, digits, tmp_path,
+                                                                           monkeypatch) -> None:
+    """The workers leave SIGTERM to the trainer, so Python's exit (which stops leftover workers with SIGTERM) would
+    wait for them: fit stops them itself when it ends, even while the error's traceback keeps its frames alive."""
+    import multiprocessing
+
+    trainer = build_trainer(dict(tiny_config, data=str(digits["train"]), num_workers=2, save_freq=2), tmp_path / "r")
+
+    def save() -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer, "save", save)
+    with pytest.raises(OSError, match="disk full") as caught:
+        trainer.fit()
+    assert caught.value.__traceback__ is not None  # (held here, with fit's frames)
+    assert multiprocessing.active_children() == []
+
+
 def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once() -> None:
     import os
     import signal
