@@ -312,6 +312,25 @@ def test_video_training_updates_flow_and_denoiser(video_run: Path) -> None:
     assert flow_names == names - den_names
 
 
+def test_an_unreadable_clip_is_said_once_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """Each epoch's new DataLoader workers skip a clip found undecodable without saying so again, and the warning
+    starts a line of its own while the progress bar is shown."""
+    import os
+    import subprocess
+    import sys
+
+    data = _clip_folder(tmp_path / "clips", n=4)
+    (data / "1.mp4").write_bytes(b"not a video")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(TINY_VIDEO, num_workers=1, steps=6, save_freq=6, batch_size=2)))  # 3 epochs
+    argv = [sys.executable, "-m", "starflow.cli", "train", "--config", str(config), "--data", str(data), "--logdir",
+            str(tmp_path / "run"), "--device", "cpu"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("skipping video") == 1, r.stderr[-3000:]
+    assert f"\nwarning: skipping video {data / '1.mp4'} (cannot decode" in r.stderr, r.stderr[-3000:]
+
+
 def test_denoiser_target_is_the_scaled_likelihood_gradient() -> None:
     cfg = load_config(TINY_VIDEO)
     torch.manual_seed(0)

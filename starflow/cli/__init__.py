@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -45,14 +46,38 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _python_formatwarning = warnings.formatwarning
 
 
+def _line_start() -> str:
+    """``"\\n"`` while a progress bar is shown (a message then starts a line of its own), else ``""``."""
+    bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    return "\n" if bars is not None and any(not bar.disable for bar in list(getattr(bars, "_instances", ()))) else ""
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """The package's own warnings as one plain line, ``warning: ...`` (they speak to the user: a truncated prompt, a
     slow setting); those of other libraries as Python shows them (file and line, for their authors)."""
-    bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)  # a warning during a progress bar starts a new line
-    start = "\n" if bars is not None and any(not bar.disable for bar in list(getattr(bars, "_instances", ()))) else ""
+    start = _line_start()
     if Path(filename).resolve().is_relative_to(_PACKAGE):
         return f"{start}warning: {message}\n"
     return start + _python_formatwarning(message, category, filename, lineno, line)
+
+
+class _LogLines(logging.Handler):
+    """The package's log records (skipped data files, dataset listings) as ``warning: ...`` lines on the stderr of
+    the moment, on a line of their own while a progress bar is shown, as the package's warnings are."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{_line_start()}{record.levelname.lower()}: {self.format(record)}\n")
+        except Exception:  # noqa: BLE001 - logging's own rule: a failed log line never ends the command
+            self.handleError(record)
+
+
+def _show_package_logs() -> None:
+    """Give the ``starflow`` loggers the command line's handler (once per process; the workers a command forks inherit
+    it)."""
+    package = logging.getLogger("starflow")
+    if not any(isinstance(h, _LogLines) for h in package.handlers):
+        package.addHandler(_LogLines())
 
 
 def _end_progress_bars() -> None:
@@ -98,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     forget_notes()  # each command says its notes once (several may run in one process, e.g. from Python)
     warnings.formatwarning = _format_warning
+    _show_package_logs()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command

@@ -572,10 +572,15 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed + 1000 * sampler.epoch + self.dist.rank + 7919 * stream)
         if hasattr(dataset, "set_epoch"):  # per-epoch clip draws (start, rate) of a video folder
             dataset.set_epoch(sampler.epoch)
-        if isinstance(getattr(dataset, "skipped", None), set):  # each epoch's new workers know the files found bad
-            if id(dataset) not in self._dataset_files:  # (and do not say so again; the secondary images' are its own)
+        skipped = getattr(dataset, "skipped", None)  # a set of names (images), or names -> reasons (videos)
+        if isinstance(skipped, (set, dict)):  # each epoch's new workers know the files found bad (and do not say so
+            if id(dataset) not in self._dataset_files:  # again; the secondary images' are its own)
                 self._dataset_files[id(dataset)] = {str(p) for p in dataset.paths}
-            dataset.skipped |= (self.skipped_files - dataset.skipped) & self._dataset_files[id(dataset)]
+            known = self.skipped_files.difference(skipped) & self._dataset_files[id(dataset)]
+            if isinstance(skipped, dict):
+                skipped.update(dict.fromkeys(known, "unreadable (found in an earlier epoch)"))
+            else:
+                skipped |= known
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
                           persistent_workers=False, generator=gen, worker_init_fn=_leave_signals_to_the_trainer)
 
