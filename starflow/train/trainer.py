@@ -133,26 +133,38 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _plain_worker_error(err: Exception) -> Exception | None:
+    """The error a DataLoader worker raised, as the training process would have raised it: torch re-raises it with
+    a "Caught ... Original Traceback" text whose last line ("RuntimeError: every image ... is unreadable") is the
+    news. ``None`` when ``err`` is not such an error, when its type takes other arguments, or with
+    ``STARFLOW_DEBUG`` set (debugging: torch's text, with the worker's traceback)."""
+    lines = str(err).rstrip().splitlines()
+    name, _, text = lines[-1].partition(": ") if lines else ("", "", "")
+    if os.environ.get("STARFLOW_DEBUG") or len(lines) < 2 or not lines[0].startswith("Caught ") or not text \
+            or name.rpartition(".")[2] != type(err).__name__:
+        return None
+    try:
+        return type(err)(text)
+    except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+        return None
+
+
 @contextlib.contextmanager
-def _stopping_workers(loader: DataLoader) -> Iterator[Iterator]:
-    """Iterate ``loader``, and on leaving (an epoch's end, an error, a stop) shut its worker processes down at once:
-    they ignore SIGTERM (:func:`_leave_signals_to_the_trainer`), so Python's exit, which stops workers left running
-    with SIGTERM and waits for them, would wait for ever; one still alive after torch's shutdown is killed."""
-    batches = iter(loader)
+def _worker_batches(dataset, num_workers: int, **loader_args: Any) -> Iterator[Iterator]:
+    """Iterate a ``DataLoader(dataset, num_workers=num_workers, **loader_args)`` whose workers leave signals to the
+    training process (:func:`_leave_signals_to_the_trainer`), and on leaving (an epoch's end, an error, a stop)
+    shut them down at once: as they ignore SIGTERM, Python's exit, which stops workers left running with SIGTERM
+    and waits for them, would wait for ever; one still alive after torch's shutdown is killed. A worker's error is
+    raised as :func:`_plain_worker_error` gives it."""
+    batches = iter(DataLoader(dataset, num_workers=num_workers, worker_init_fn=_leave_signals_to_the_trainer,
+                              **loader_args))
     try:
         yield batches
-    except Exception as err:  # a worker's error comes wrapped in torch's "Caught ... Original Traceback" text: its own
-        lines = str(err).rstrip().splitlines()  # last line ("RuntimeError: every image ... is unreadable") is the news
-        name, _, text = lines[-1].partition(": ") if lines else ("", "", "")
-        plain_wanted = not os.environ.get("STARFLOW_DEBUG")  # (debugging: torch's text, with the worker's traceback)
-        if plain_wanted and len(lines) > 1 and lines[0].startswith("Caught ") and text \
-                and name.rpartition(".")[2] == type(err).__name__:
-            try:
-                plain = type(err)(text)
-            except Exception:  # noqa: BLE001 - an exception type that takes other arguments: keep torch's
-                raise err from None
-            raise plain from None
-        raise
+    except Exception as err:
+        plain = _plain_worker_error(err)
+        if plain is None:
+            raise
+        raise plain from None
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)  # (worker processes only: num_workers > 0)
         if shutdown is not None:
@@ -567,7 +579,8 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
-    def _loader(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> DataLoader:
+    def _epoch_batches(self, dataset, sampler: ResumableBatchSampler, stream: int = 0):
+        """:func:`_worker_batches` of one epoch of a folder dataset (``sampler.epoch``, from ``sampler.skip``)."""
         # A private generator: the loader's worker seeds must not consume the global RNG (exact resume).
         gen = torch.Generator().manual_seed(self.cfg.seed + 1000 * sampler.epoch + self.dist.rank + 7919 * stream)
         if hasattr(dataset, "set_epoch"):  # per-epoch clip draws (start, rate) of a video folder
@@ -581,8 +594,8 @@ class Trainer:
                 skipped.update(dict.fromkeys(known, "unreadable (found in an earlier epoch)"))
             else:
                 skipped |= known
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.cfg.num_workers,
-                          persistent_workers=False, generator=gen, worker_init_fn=_leave_signals_to_the_trainer)
+        return _worker_batches(dataset, self.cfg.num_workers, batch_sampler=sampler, collate_fn=collate,
+                               persistent_workers=False, generator=gen)
 
     def _note_skipped(self, files) -> None:
         """Record data files found unreadable or missing (a batch's ``"skipped"``, a dataset's ``skipped``)."""
@@ -607,7 +620,7 @@ class Trainer:
 
     def _folder_batches(self, dataset, sampler: ResumableBatchSampler, stream: int = 0) -> Iterator[dict[str, Any]]:
         while True:
-            with _stopping_workers(self._loader(dataset, sampler, stream)) as batches:
+            with self._epoch_batches(dataset, sampler, stream) as batches:
                 for batch in batches:
                     sampler.skip += 1
                     self._note_skipped(batch.pop("skipped", ()))
@@ -618,8 +631,7 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, Any]]:
         """The endless micro-batches of the training data (``cfg.data``)."""
         if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
-            with _stopping_workers(DataLoader(self.stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                              worker_init_fn=_leave_signals_to_the_trainer)) as batches:
+            with _worker_batches(self.stream, self.cfg.num_workers, batch_size=None) as batches:
                 for batch in batches:
                     self.tracker.update(batch.pop("position"))
                     self._note_skipped(batch.pop("skipped", ()))
