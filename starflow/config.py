@@ -450,12 +450,8 @@ def validate(cfg: Config) -> Config:
     for key in ("video_to_video", "last_frame_cond", "secondary_data"):
         if getattr(cfg, key) and not cfg.is_video:
             raise ValueError(f"config key '{key}' is for video configs (set 'vid_size')")
-    unused = {"lora_alpha": (cfg.lora_rank == 0, "lora_rank > 0"), "lora_targets": (cfg.lora_rank == 0, "lora_rank > 0"),
-              "ema_start": (cfg.ema == 0, "ema > 0"), "denoiser_lr": (not cfg.learnable_self_denoiser,
-                                                                   "learnable_self_denoiser: 1")}
-    for key, (off, needs) in unused.items():
-        if off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
-            raise ValueError(f"config key '{key}' ({getattr(cfg, key)}) acts only with {needs}: set that, or drop the key")
+    for key, needs in _idle_keys(cfg, refused=True).items():
+        raise ValueError(f"config key '{key}' ({getattr(cfg, key)}) acts only with {needs}: set that, or drop the key")
     if cfg.drop_image > 0 and (cfg.video_to_video or cfg.last_frame_cond):
         raise ValueError("config key 'drop_image' is not combined with 'video_to_video' / 'last_frame_cond' here: set "
                          "--drop_image 0")
@@ -467,24 +463,42 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _key_rules(cfg: Config) -> list[tuple[str, bool, str, bool]]:
+    """The keys that act only with others: ``(key, whether it cannot act in cfg, what it needs, refused)``.
+    ``refused``: a config setting it where it cannot act is refused when it loads; the others a saved model may
+    carry (:func:`inactive_keys`)."""
+    text = "text conditioning (txt_size > 0)"
+    return [("lora_alpha", cfg.lora_rank == 0, "lora_rank > 0", True),
+            ("lora_targets", cfg.lora_rank == 0, "lora_rank > 0", True),
+            ("ema_start", cfg.ema == 0, "ema > 0", True),
+            ("denoiser_lr", not cfg.learnable_self_denoiser, "learnable_self_denoiser: 1", True),
+            ("pt_seq_len", not cfg.rope, "rope: 1", False),
+            ("denoiser_window", not cfg.learnable_self_denoiser, "learnable_self_denoiser: 1", False),
+            ("denoiser_window", not cfg.temporal_causal, "temporal_causal > 0 (the window is over causal frames)",
+             False),
+            ("text", cfg.txt_size == 0, text, False), ("cond_top_only", cfg.txt_size == 0, text, False),
+            ("fps_cond", cfg.txt_size == 0, text, False), ("conditional_denoiser", cfg.txt_size == 0, text, False),
+            ("denoiser_lr", cfg.lora_rank > 0, "lora_rank 0 (a LoRA run keeps the learnable denoiser frozen)", False)]
+
+
+def _idle_keys(cfg: Config, refused: bool) -> dict[str, str]:
+    """``{key: what it needs}`` of the :func:`_key_rules` keys with that ``refused`` which the config sets (to other
+    than their default) where they cannot act."""
+    out: dict[str, str] = {}
+    for key, off, needs, always in _key_rules(cfg):
+        if always == refused and off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
+            out.setdefault(key, needs)
+    return out
+
+
 def inactive_keys(cfg: Config) -> dict[str, str]:
     """``{key: what it needs}`` of the keys set (to other than their default) that cannot act with the config's other
     keys: ``pt_seq_len`` without ``rope``, ``denoiser_window`` without a learned denoiser or ``temporal_causal``,
     ``text`` / ``cond_top_only`` / ``fps_cond`` / ``conditional_denoiser`` without text, ``denoiser_lr`` in a LoRA run
     (its denoiser stays frozen). Saved models may carry them (a model trained unconditional from a text config): the
-    commands refuse them as flags and note them in a config."""
-    text = "text conditioning (txt_size > 0)"
-    rules = [("pt_seq_len", not cfg.rope, "rope: 1"),
-             ("denoiser_window", not cfg.learnable_self_denoiser, "learnable_self_denoiser: 1"),
-             ("denoiser_window", not cfg.temporal_causal, "temporal_causal > 0 (the window is over causal frames)"),
-             ("text", cfg.txt_size == 0, text), ("cond_top_only", cfg.txt_size == 0, text),
-             ("fps_cond", cfg.txt_size == 0, text), ("conditional_denoiser", cfg.txt_size == 0, text),
-             ("denoiser_lr", cfg.lora_rank > 0, "lora_rank 0 (a LoRA run keeps the learnable denoiser frozen)")]
-    out: dict[str, str] = {}
-    for key, off, needs in rules:
-        if off and getattr(cfg, key) != CONFIG_DEFAULTS[key]:
-            out.setdefault(key, needs)
-    return out
+    commands refuse them as flags and note them in a config. (Others, such as ``lora_alpha`` without LoRA, are refused
+    when a config loads.)"""
+    return _idle_keys(cfg, refused=False)
 
 
 def check_inactive(cfg: Config, flags: Mapping[str, Any], note: Callable[[str], None]) -> None:
