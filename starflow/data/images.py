@@ -234,6 +234,9 @@ def note_listing(root: Path, paths: Sequence[Path], suffixes: Sequence[str], kin
                        len(repeated), METADATA_FILE, first, repeated[first], kind)
     unlisted = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in suffixes and os.path.normpath(p) not in counts
                       and p.is_file())
+    if unlisted:  # (or listed by another path to it: a symlinked folder, an absolute name)
+        real = {os.path.realpath(p) for p in counts}
+        unlisted = [p for p in unlisted if os.path.realpath(p) not in real]
     if unlisted:
         nested = next((p for p in root.rglob(METADATA_FILE) if p.parent != root), None)
         logger.warning("%s: %d %s file(s) under it not listed in its %s, so not trained on (e.g. %s)%s",
