@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -73,12 +74,86 @@ class _Truncated(OSError):
     """A DCP data file shorter than its checkpoint's metadata says."""
 
 
-def _check_sizes(path: Path) -> None:
-    """Raise if a DCP data file is shorter than the metadata says (a truncated copy)."""
+class _Code(pickle.UnpicklingError):
+    """A checkpoint file whose pickle names more than tensors and plain data: loading it could run code."""
+
+
+_DCP_METADATA_CLASSES = {  # what a DCP .metadata file is made of (any other global is refused)
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, refusing any global but its own dataclasses, ``torch.Size`` and dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_CLASSES.get(module, ()) or (module == "torch"
+                                                              and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise _Code(f"its .metadata names {module}.{name}")
+
+
+def _reader(path: Path):
+    """A DCP ``FileSystemReader`` of ``path`` that refuses (:class:`_Code`) a ``.metadata`` naming other globals than
+    DCP's metadata (torch unpickles it with no restriction) and non-tensor entries (an optimizer's ``lr``, ``betas``)
+    holding more than plain data (torch loads them with ``weights_only=False``): a checkpoint downloaded or copied in
+    cannot run code. Each is checked before torch reads it."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    class PlainDataReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+                _MetadataUnpickler(file).load()
+            return super().read_metadata(*args, **kwargs)
+
+    return PlainDataReader(str(path))
+
+
+def _planner():
+    """DCP's default load planner, with each non-tensor entry first loaded ``weights_only`` (refused if it is more
+    than plain data, :class:`_Code`)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class PlainDataPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise _Code(f"its entry {read_item.dest_index.fqn} is more than plain data") from e
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return PlainDataPlanner()
+
+
+def _numpy_globals() -> list:
+    """The numpy globals of an array pickle (the NumPy RNG state in ``rank_{r}.pt``), allowed to ``weights_only``."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_local(file: Path) -> dict[str, Any]:
+    """A ``rank_{r}.pt`` (data position, RNG states), loaded ``weights_only`` (numpy arrays allowed)."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only" in str(e).lower():
+                raise _Code(f"{file.name} holds more than plain data") from e
+            raise
+
+
+def _check_sizes(path: Path) -> None:
+    """Raise if a DCP data file is shorter than the metadata says (a truncated copy)."""
     needed: dict[str, int] = {}
-    for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+    for info in _reader(path).read_metadata().storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in needed.items():
         have = (path / name).stat().st_size
@@ -116,9 +191,31 @@ def _damaged(path: Path, why: str) -> str:
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(error), re.MULTILINE)  # DCP quotes tracebacks
+    code = error if isinstance(error, _Code) else next((e for e in _causes(error) if isinstance(e, _Code)), None)
+    if code is None and "_Code" in (inner or [""])[-1]:  # (DCP quotes a rank's error as text)
+        code = re.search(r"_Code: (.*)", str(error))
+    if code is not None:
+        what = code.group(1) if isinstance(code, re.Match) else str(code)
+        return CheckpointError(f"training checkpoint {path} is refused: {what}, which loading could run as code "
+                               "(a checkpoint written by starflow holds only tensors and plain data); use a checkpoint "
+                               "from a source you trust")
     why = (f"truncated: {error}" if isinstance(error, _Truncated)
            else f"reading it failed: {(inner or [type(error).__name__])[-1]}")
     return CheckpointError(_damaged(path, why))
+
+
+def _causes(error: BaseException):
+    """``error``'s chain of causes and contexts, and the errors a DCP ``CheckpointException`` gathered per rank."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] for f in (getattr(e, "failures", None) or {}).values() if isinstance(f, tuple)]
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -152,7 +249,7 @@ def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | N
         _check_sizes(path)  # a truncated data file is found before any tensor is written into
         with warnings.catch_warnings():  # one process without a process group is the intended use
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, checkpoint_id=str(path))
+            dcp.load(tensors, storage_reader=_reader(path), planner=_planner())
     except (Exception, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
         mismatch = _SHAPE_MISMATCH.search(str(e))
         if mismatch:
@@ -167,10 +264,8 @@ def dcp_metadata(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: (a RuntimeError) an unreadable ``.metadata`` file (the message names the folder and the inner error).
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return _reader(Path(path)).read_metadata().state_dict_metadata
     except Exception as e:
         raise _corrupt(Path(path), e) from e
 
@@ -281,12 +376,19 @@ class CheckpointManager:
         read_dcp(tensors, path, meta)
         local_file = path / f"rank_{self.rank}.pt"
         try:
-            local = torch.load(local_file, map_location="cpu", weights_only=False) if local_file.is_file() else None
+            local = _load_local(local_file) if local_file.is_file() else None
         except Exception as e:
             raise _corrupt(path, e) from e
         return meta, local
 
     @staticmethod
     def load_local(path: str | Path, rank: int) -> dict[str, Any]:
-        """The per-rank state (data position, RNG) that ``rank`` wrote into checkpoint ``path``."""
-        return torch.load(Path(path) / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+        """The per-rank state (data position, RNG) that ``rank`` wrote into checkpoint ``path``.
+
+        Raises:
+            CheckpointError: the file holds more than plain data (loading it could run code), or is damaged.
+        """
+        try:
+            return _load_local(Path(path) / f"rank_{rank}.pt")
+        except Exception as e:
+            raise _corrupt(Path(path), e) from e
