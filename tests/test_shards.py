@@ -171,6 +171,29 @@ def test_a_damaged_index_is_named_with_the_fix(all_digits: Path, tmp_path: Path,
         read_index(out)
 
 
+@pytest.mark.parametrize("name", ["pipe:touch {marker}; cat shard-000000.tar", "../elsewhere.tar", "/abs/shard.tar",
+                                  "shard-000000.tar.gz"])
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(all_digits: Path, tmp_path: Path, monkeypatch,
+                                                               name: str) -> None:
+    """A shard name is a .tar file under the folder: webdataset runs a "pipe:..." URL as a shell command (a shard
+    folder downloaded and trained on with --data . ran it), and "../x.tar" would read any tar on the machine."""
+    from starflow.data.shards import read_index
+    from starflow.data.stream import ShardStream
+
+    out = tmp_path / "shards"
+    pack_folder(_digits_folder(all_digits, tmp_path / "src", n=4), out)
+    index = json.loads((out / "index.json").read_text())
+    marker = tmp_path / "ran"
+    index["shards"][0]["name"] = name.format(marker=marker)
+    (out / "index.json").write_text(json.dumps(index))
+    monkeypatch.chdir(out)
+    with pytest.raises(ValueError, match=r"index.json names the shard .*, which is not a .tar file in its folder"):
+        read_index(".")
+    with pytest.raises(ValueError, match="which is not a .tar file in its folder"):
+        ShardStream(".", 4, img_size=8, channels=1)
+    assert not marker.exists()
+
+
 def test_pack_skips_corrupt_and_missing_files(all_digits: Path, tmp_path: Path) -> None:
     src = _digits_folder(all_digits, tmp_path / "src", n=10)
     (src / "bad.png").write_bytes(b"not a png at all")

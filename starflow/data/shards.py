@@ -15,12 +15,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -69,6 +70,12 @@ def read_index(root: str | Path) -> tuple[Path, dict]:
                        for s in shards)):
         raise ValueError(f"{path} lacks the kind (image, video or latent) or the list of shards (names, sample counts); "
                          f"{remake}")
+    for shard in shards:
+        name = PurePosixPath(shard["name"])
+        if (name.is_absolute() or ".." in name.parts or name.suffix != ".tar" or ":" in shard["name"]
+                or "\\" in shard["name"]):  # (webdataset would run "pipe:..." as a shell command)
+            raise ValueError(f"{path} names the shard {shard['name'][:200]!r}, which is not a .tar file in its folder "
+                             f"(shards are named relative to the folder, e.g. shard-000000.tar); {remake}")
     return path.parent, index
 
 
@@ -157,7 +164,8 @@ def read_shards(paths: Sequence[str | Path]) -> Iterator[dict]:
         logger.warning("skipping a corrupt part of a shard (%s)", err)
         return True
 
-    return webdataset.tarfile_samples([{"url": str(p)} for p in paths], handler=log_and_continue)
+    # (absolute paths: a relative one such as "pipe:..." would be a URL to webdataset)
+    return webdataset.tarfile_samples([{"url": os.path.abspath(p)} for p in paths], handler=log_and_continue)
 
 
 def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict, shown: Path | None = None) -> dict:
