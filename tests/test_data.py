@@ -261,3 +261,21 @@ def test_metadata_in_another_form_is_named_with_the_fix(tmp_path):
     (tmp_path / "array" / "metadata.jsonl").write_text('[\n{"file_name": "a.png", "text": "x"}\n]\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:1: invalid JSON .* \(a JSON array: write one object per line"):
         read_metadata(tmp_path / "array")
+
+
+def test_a_panorama_is_resized_only_in_the_part_the_crop_keeps(tmp_path, monkeypatch) -> None:
+    """A 60000 x 1 PNG (a few hundred bytes) cover-resized whole to 128 x 128 would be 7.7M x 128 pixels (gigabytes):
+    only the part the centre crop keeps is resized. Smooth content gets the same pixels as resize-then-crop."""
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a,
+                                                                                                          **k))
+    Image.new("L", (60000, 1), 200).save(tmp_path / "wide.png")
+    pixels = load_image(tmp_path / "wide.png", (128, 128), 1)
+    assert pixels.shape == (1, 128, 128) and sizes == [(128, 128)]
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 200 / 127.5 - 1))
+    ramp = np.linspace(0, 255, 800)[None, :] * 0.5 + np.linspace(0, 255, 20)[:, None] * 0.5  # 40:1, smooth
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / "ramp.png")
+    whole = Image.open(tmp_path / "ramp.png").resize((640, 16), Image.Resampling.BICUBIC).crop((312, 0, 328, 16))
+    expected = torch.from_numpy(np.asarray(whole, dtype=np.float32))[None] / 127.5 - 1
+    torch.testing.assert_close(load_image(tmp_path / "ramp.png", (16, 16), 1), expected)

@@ -46,6 +46,11 @@ def _open(path: Path | BinaryIO) -> Image.Image:
         raise CorruptImageError(f"cannot read image {path}: {err}") from err
 
 
+MAX_COVER_AREA = 16
+"""An image whose cover-resize would exceed this many times the target area (an aspect ratio beyond 16:1 to a square)
+is resized only in the part the crop keeps."""
+
+
 def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int) -> torch.Tensor:
     """Loads an image, resizes its shorter side to cover `size` and centre-crops to it.
 
@@ -77,10 +82,14 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
             raise CorruptImageError(f"cannot decode image {shown}: {err}") from err
     scale = max(h / img.height, w / img.width)  # cover the target, then crop the excess
     new_w, new_h = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - w) // 2, (new_h - h) // 2
-    img = img.crop((left, top, left + w, top + h))
+    if new_w * new_h > MAX_COVER_AREA * w * h:  # a panorama of 60000 x 1: resize only the kept part (the whole would
+        sx, sy = img.width / new_w, img.height / new_h  # take gigabytes; PIL filters this part a little differently)
+        img = img.resize((w, h), Image.Resampling.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    else:
+        if (new_w, new_h) != img.size:
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        img = img.crop((left, top, left + w, top + h))
     arr = np.asarray(img, dtype=np.float32).reshape(h, w, channels)  # (H, W, C) in 0..255
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (C, H, W) in [-1, 1]
 
