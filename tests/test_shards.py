@@ -398,7 +398,14 @@ def test_resume_skips_without_decoding(tmp_path: Path, monkeypatch) -> None:
     assert len(calls) == 3  # only the batch returned was decoded
 
 
-def test_video_folder_packs_and_streams_clips(tmp_path: Path) -> None:
+def test_video_folder_packs_and_streams_clips(tmp_path: Path, monkeypatch) -> None:
+    """pack checks that every frame of a video decodes without keeping the frames (a minute of 1080p is ~11 GB as
+    RGB); the packed clips stream as the folder reads them."""
+    import starflow.data.video as video
+
+    converted = []
+    upright_rgb = video._upright_rgb
+    monkeypatch.setattr(video, "_upright_rgb", lambda frame: converted.append(1) or upright_rgb(frame))
     rng = np.random.default_rng(0)
     src = tmp_path / "videos"
     lines = []
@@ -410,6 +417,7 @@ def test_video_folder_packs_and_streams_clips(tmp_path: Path) -> None:
     (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     index = pack_folder(src, tmp_path / "shards")
     assert index["kind"] == "video" and index["total"] == 4 and index["skipped"][0]["file_name"] == "broken.mp4"
+    assert converted == []  # (no frame was kept as RGB)
     batch = next(iter(ShardStream(tmp_path / "shards", 4, frames=5, fps=8, size=(8, 8), channels=1)))
     assert batch["pixels"].shape == (4, 5, 1, 8, 8)
     folder = VideoFolder(src, frames=5, fps=8, size=(8, 8), channels=1, random_start=False)
@@ -588,3 +596,20 @@ def test_shards_missing_from_the_folder_or_the_index_are_named(all_digits: Path,
         ShardStream(tmp_path / "shards", 4, img_size=8, channels=1)
     assert f"1 shard(s) its index.json lists are missing (e.g. {names[1]}): their 4 samples are skipped" in caplog.text
     assert "1 .tar file(s) in it are not in its index.json, so not trained on (e.g. copied-in.tar)" in caplog.text
+
+
+def test_a_compressed_shard_is_skipped_unread(all_digits: Path, tmp_path: Path, caplog) -> None:
+    """A .tar that is gzip inside (tarfile's stream mode would unpack it, each member read whole: a 14 MB file can
+    hold a 3 GiB member) is skipped with a warning; the plain shards are read."""
+    import gzip
+
+    from starflow.data.shards import read_shards
+
+    src = _digits_folder(all_digits, tmp_path / "src", n=8)
+    index = pack_folder(src, tmp_path / "shards", shard_size=4)
+    first, second = (tmp_path / "shards" / s["name"] for s in index["shards"])
+    first.write_bytes(gzip.compress(first.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
+        samples = list(read_shards([first, second]))
+    assert len(samples) == 4 and {s["__url__"] for s in samples} == {str(second)}
+    assert f"skipping {first}: a compressed tar (shards are plain tar files)" in caplog.text

@@ -31,7 +31,7 @@ from starflow.data.aspect import aspect_to_size
 from starflow.data.images import (IMAGE_SUFFIXES, CorruptImageError, image_aspect, load_image, note_listing,
                                   read_metadata, to_8bit)
 from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, CorruptVideoError, _resize_frames,
-                                 clip_indices, draw_rate, read_clip, read_video, video_aspect)
+                                 clip_indices, decoded_length, draw_rate, read_clip, video_aspect)
 from starflow.folder_lock import FolderLock
 
 __all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "write_shards"]
@@ -111,7 +111,7 @@ def _check_file(path: Path, kind: str) -> str | None:
         return "a folder, not a file" if path.is_dir() else "missing"
     try:
         if kind == "video":
-            read_video(path)
+            decoded_length(path)  # every frame decodes (none kept: a long file would take gigabytes)
         else:
             with Image.open(path) as img:
                 img.verify()  # structure and checksums
@@ -155,17 +155,31 @@ def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]
     return kind, samples()
 
 
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
 def read_shards(paths: Sequence[str | Path]) -> Iterator[dict]:
     """The raw samples of tar shards in order (``__key__``, ``__url__`` and bytes per extension); a corrupt
-    tar member is logged and skipped."""
+    tar member is logged and skipped, and so is a compressed shard (``pack`` writes plain tar; each member is read
+    whole, and a compressed one can unpack to gigabytes from a small file)."""
     import webdataset
 
     def log_and_continue(err: Exception) -> bool:
         logger.warning("skipping a corrupt part of a shard (%s)", err)
         return True
 
-    # (absolute paths: a relative one such as "pipe:..." would be a URL to webdataset)
-    return webdataset.tarfile_samples([{"url": os.path.abspath(p)} for p in paths], handler=log_and_continue)
+    for path in paths:
+        path = os.path.abspath(path)  # (a relative path such as "pipe:..." would be a URL to webdataset)
+        try:
+            with open(path, "rb") as file:
+                compressed = file.read(6).startswith(_COMPRESSED)
+        except OSError:
+            compressed = False  # (webdataset's error names it)
+        if compressed:
+            logger.warning("skipping %s: a compressed tar (shards are plain tar files); make the folder again with "
+                           "`starflow pack`", path)
+            continue
+        yield from webdataset.tarfile_samples([{"url": path}], handler=log_and_continue)
 
 
 def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict, shown: Path | None = None) -> dict:
@@ -256,7 +270,7 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
 def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False) -> dict:
     """Packs a captioned image or video folder (``metadata.jsonl``) into tar shards.
 
-    Images must pass PIL's ``verify`` and decode fully; videos must decode (``read_video``). Others are
+    Images must pass PIL's ``verify`` and decode fully; videos must decode, every frame (``decoded_length``). Others are
     skipped, logged and listed in the index.
 
     Args:

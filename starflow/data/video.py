@@ -29,7 +29,7 @@ from starflow.data.images import METADATA_FILE, note_listing, read_metadata
 from starflow.data.seeding import sample_seed
 
 __all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip",
-           "read_video", "load_video", "video_length", "video_size", "video_aspect", "write_video", "write_gif", "to_uint8_frames",
+           "read_video", "decoded_length", "load_video", "video_length", "video_size", "video_aspect", "write_video", "write_gif", "to_uint8_frames",
            "draw_rate"]
 
 logger = logging.getLogger(__name__)
@@ -78,20 +78,45 @@ def read_video(path: str | Path | BinaryIO) -> tuple[np.ndarray, float]:
     Raises:
         CorruptVideoError: the file is missing or cannot be decoded.
     """
+    frames, _, fps = _decode_video(path, keep=True)
+    return np.stack(frames), fps
+
+
+def decoded_length(path: str | Path | BinaryIO) -> tuple[int, float]:
+    """Decode every frame of a video file, keeping none (the memory of one frame, where :func:`read_video` holds the
+    whole file: a minute of 1080p is ~11 GB): the check that every frame decodes, and the true frame count.
+
+    Returns:
+        ``(frames, fps)``.
+
+    Raises:
+        CorruptVideoError: the file is missing or cannot be decoded.
+    """
+    _, count, fps = _decode_video(path, keep=False)
+    return count, fps
+
+
+def _decode_video(path: str | Path | BinaryIO, keep: bool) -> tuple[list[np.ndarray], int, float]:
+    """``(frames as upright RGB if keep, else [], frame count, fps)`` of every frame of a video."""
     import av
 
+    frames: list[np.ndarray] = []
+    count = 0
     try:
         with _open_video(path) as container:
             stream = _video_stream(container, path)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
-            frames = [_upright_rgb(f) for f in container.decode(stream)]
+            for frame in container.decode(stream):
+                count += 1
+                if keep:
+                    frames.append(_upright_rgb(frame))
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
         raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
-    if not frames:
+    if not count:
         raise CorruptVideoError(f"video {path} has no frames")
-    return np.stack(frames), fps
+    return frames, count, fps
 
 
 def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequence[int]]) -> tuple[np.ndarray, float]:
@@ -287,8 +312,7 @@ def video_length(path: str | Path | BinaryIO) -> tuple[int, float]:
         raise CorruptVideoError(f"cannot read video {path}: {err}") from err
     if scan.count:
         return scan.count, scan.fps
-    frames, fps = read_video(path)
-    return len(frames), fps
+    return decoded_length(path)
 
 
 def video_size(path: str | Path | BinaryIO) -> tuple[int, int]:
