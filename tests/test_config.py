@@ -91,6 +91,16 @@ def test_blocks_contradict_layers_per_block() -> None:
     assert load_config({"blocks": 6, "layers_per_block": 2}, {"layers_per_block": "3 3"}).block_layers == [3, 3]
 
 
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    """Nested aliases of a few hundred bytes expand to gigabytes when an error message prints the value; a config is
+    plain keys and values, so an alias is refused where it stands."""
+    levels = ["a0: &a0 [" + ", ".join(["1"] * 10) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    (tmp_path / "aliases.yaml").write_text("\n".join(levels) + "\nlayers_per_block: *a8\n")
+    with pytest.raises(ValueError, match=r"aliases.yaml: not a readable YAML file at line 2 \(a YAML alias"):
+        load_config(tmp_path / "aliases.yaml")
+
+
 def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "plain.yaml").write_text("lr: 0.1\nlr: 0.05\n")  # (PyYAML would keep the last one silently)
     (tmp_path / "official.yaml").write_text("arguments:\n  - lr: 0.1\n  - lr: 0.05\n")
