@@ -570,19 +570,22 @@ def test_listings_that_repeat_or_leave_out_files_are_named_and_odd_names_pack(al
     (src / "kept").mkdir()  # listed through a symlink to its folder: listed
     shutil.copy(src / first["file_name"], src / "kept" / "linked.png")
     (src / "alias").symlink_to(src / "kept", target_is_directory=True)
+    shutil.copy(src / first["file_name"], tmp_path / "beside.png")
     lines += [json.dumps(dict(first, file_name="./" + first["file_name"], text="another caption")),
               json.dumps({"file_name": "odd.txt", "text": "an image named .txt"}),
-              json.dumps({"file_name": "alias/linked.png", "text": "listed by a symlinked folder"})]
+              json.dumps({"file_name": "alias/linked.png", "text": "listed by a symlinked folder"}),
+              json.dumps({"file_name": "../beside.png", "text": "outside the folder"})]
     (src / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="starflow.data.images"):
         folder = ImageFolder(src, 8, channels=1)
-    assert len(folder) == 9
+    assert len(folder) == 10
+    assert f"1 listed file(s) lie outside it (e.g. {tmp_path / 'beside.png'}): they are read as listed" in caplog.text
     assert f"1 file(s) listed more than once in metadata.jsonl (e.g. {src / first['file_name']}, 2 times)" in caplog.text
     assert (f"1 image file(s) under it not listed in its metadata.jsonl, so not trained on (e.g. "
             f"{src / 'more' / 'extra.png'}); {src / 'more' / 'metadata.jsonl'} is not read") in caplog.text
     index = pack_folder(src, tmp_path / "shards", shard_size=16)
-    assert index["total"] == 9 and index["skipped"] == []
-    batch = next(iter(ShardStream(tmp_path / "shards", 9, img_size=8, channels=1)))
+    assert index["total"] == 10 and index["skipped"] == []
+    batch = next(iter(ShardStream(tmp_path / "shards", 10, img_size=8, channels=1)))
     odd = batch["text"].index("an image named .txt")
     assert torch.equal(batch["pixels"][odd], folder[0]["pixels"])  # (odd.txt is a copy of the first image)
 

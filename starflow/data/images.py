@@ -232,9 +232,15 @@ def read_metadata(root: Path, format_help: str = _FORMAT_HELP) -> list[dict]:
 def note_listing(root: Path, paths: Sequence[Path], suffixes: Sequence[str], kind: str) -> None:
     """Warn about what ``metadata.jsonl`` leaves ambiguous: files listed more than once (each listing is a sample:
     several captions of one file, or a duplicate to remove) and ``kind`` files under ``root`` it does not list (they
-    are not trained on; a ``metadata.jsonl`` in a subfolder is not read)."""
+    are not trained on; a ``metadata.jsonl`` in a subfolder is not read), and listed files outside ``root`` (an
+    absolute or ``../`` name: a downloaded dataset could list any file of the machine)."""
     listed = [os.path.normpath(p) for p in paths]
     counts = collections.Counter(listed)
+    inside = os.path.join(os.path.abspath(root), "")
+    outside = [p for p in counts if not os.path.abspath(p).startswith(inside)]
+    if outside:
+        logger.warning("%s: %d listed file(s) lie outside it (e.g. %s): they are read as listed (and `pack` copies "
+                       "them); if that is not meant, check its %s", root, len(outside), outside[0], METADATA_FILE)
     repeated = {p: n for p, n in counts.items() if n > 1}
     if repeated:
         first = next(iter(repeated))
