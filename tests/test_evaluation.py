@@ -396,6 +396,22 @@ def test_evaluation_reads_images_as_shown_and_lists_gifs(tmp_path) -> None:
     assert torch.equal(c[0], a[0])
 
 
+def test_images_pil_refuses_are_named_as_unreadable(tmp_path, monkeypatch) -> None:
+    """An image over PIL's size limit (a decompression bomb) or a float image out of range in a sample or reference
+    folder is an error naming the file, not an unexpected exception."""
+    from PIL import Image
+
+    from starflow.evaluation.features import load_images
+
+    Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(tmp_path / "float.tiff")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(OSError, match=r"cannot read image .*float.tiff: float image with values in \[3.5, 3.5\]"):
+        load_images([tmp_path / "float.tiff"], "RGB")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # (over twice the limit: an error, not a warning)
+    with pytest.raises(OSError, match=r"cannot read image .*big.png: Image size \(4096 pixels\) exceeds limit"):
+        load_images([tmp_path / "big.png"], "RGB")
+
+
 def test_precision_recall_in_row_blocks_is_the_whole_matrix_result() -> None:
     """Distances taken a few rows at a time (bounded memory at 50K samples) give the whole-matrix answer, here
     on overlapping sets where precision and recall are strictly between 0 and 1, and against a brute-force count."""

@@ -616,3 +616,17 @@ def test_a_compressed_shard_is_skipped_unread(all_digits: Path, tmp_path: Path, 
         samples = list(read_shards([first, second]))
     assert len(samples) == 4 and {s["__url__"] for s in samples} == {str(second)}
     assert f"skipping {first}: a compressed tar (shards are plain tar files)" in caplog.text
+
+
+def test_an_undecodable_sample_is_named_by_its_key_and_shard(caplog) -> None:
+    """A sample's image or video is a stream: messages name it by its key and shard, not by the stream's repr."""
+    from starflow.data.shards import SampleDecoder
+
+    sample = {"__key__": "k1", "__url__": "/data/shard-000003.tar", "png": b"not an image", "txt": b"a caption"}
+    with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
+        assert SampleDecoder("image", img_size=8, channels=1, mix_aspect=True).bucket(sample) is None
+        video = {"__key__": "k2", "__url__": "/data/shard-000003.tar", "mp4": b"not a video", "txt": b"a caption"}
+        assert SampleDecoder("video", frames=3, fps=8, size=(8, 8), channels=1).decode(video, "1:1") is None
+    assert "cannot read image sample k1 of /data/shard-000003.tar: cannot identify image file)" in caplog.text
+    assert "cannot decode video sample k2 of /data/shard-000003.tar: " in caplog.text
+    assert "BytesIO" not in caplog.text

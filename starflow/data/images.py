@@ -43,7 +43,13 @@ def _open(path: Path | BinaryIO) -> Image.Image:
     try:
         return Image.open(path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+        why = str(err).replace(f" {path!r}", "")  # (PIL names a stream by its repr: <_io.BytesIO object at 0x...>)
+        raise CorruptImageError(f"cannot read image {shown_name(path)}: {why}") from err
+
+
+def shown_name(source: str | Path | BinaryIO) -> object:
+    """A file as messages name it: a path as given, a stream by its ``name`` attribute (a shard's sample) if any."""
+    return source if isinstance(source, (str, Path)) else getattr(source, "name", source)
 
 
 MAX_COVER_AREA = 16
@@ -73,7 +79,7 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
     if h <= 0 or w <= 0:
         raise ValueError(f"size must be positive (h, w), got {size}")
     path = path if hasattr(path, "read") else Path(path)
-    shown = path if isinstance(path, Path) else getattr(path, "name", path)  # a stream: the name its reader gave it
+    shown = shown_name(path)
     with _open(path) as img:
         try:
             img.load()  # decode now so a truncated file fails here

@@ -296,11 +296,13 @@ def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwr
         return write_shards(staging, samples, shard_size, {"kind": kind, "skipped": skipped}, shown=out)
 
 
-def _media(sample: dict) -> bytes:
-    """The image or video bytes of a raw sample."""
+def _media(sample: dict) -> io.BytesIO:
+    """The image or video file of a raw sample, as a stream named (``name``, which messages show) after the sample."""
     for key, value in sample.items():
         if not key.startswith("__") and key not in _NOT_MEDIA:
-            return value
+            media = io.BytesIO(value)
+            media.name = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+            return media
     raise KeyError("no image or video file in the sample")
 
 
@@ -351,7 +353,7 @@ class SampleDecoder:
             if self.kind == "latent":
                 return json.loads(sample["json"])["aspect_ratio"]
             if self.mix_aspect and self.kind in ("image", "video"):
-                media = io.BytesIO(_media(sample))
+                media = _media(sample)
                 return image_aspect(media) if self.kind == "image" else video_aspect(media)
             return self.aspect_ratio if self.kind == "image" else "1:1"
         except (CorruptImageError, *_BAD_SAMPLE) as err:
@@ -377,13 +379,11 @@ class SampleDecoder:
                         out[name] = _load_tensor(sample[key])
             elif self.kind == "image":
                 size = aspect_to_size(bucket, self.img_size, self.multiple)
-                media = io.BytesIO(_media(sample))
-                media.name = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
-                out["pixels"] = load_image(media, size, self.channels)
+                out["pixels"] = load_image(_media(sample), size, self.channels)
             else:
                 gen = torch.Generator().manual_seed(seed)
                 rate = draw_rate(self.rates, gen)
-                frames, _ = read_clip(io.BytesIO(_media(sample)), lambda n, fps: clip_indices(
+                frames, _ = read_clip(_media(sample), lambda n, fps: clip_indices(
                     n, float(meta.get("fps") or 0) or fps or rate, self.frames, rate, random_start=self.random_start,
                     generator=gen, paired=self.paired))
                 size = aspect_to_size(bucket, self.img_size, self.multiple) if self.mix_aspect else self.size

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from starflow.data.aspect import aspect_to_size, nearest_aspect
-from starflow.data.images import METADATA_FILE, note_listing, read_metadata
+from starflow.data.images import METADATA_FILE, note_listing, read_metadata, shown_name
 from starflow.data.seeding import sample_seed
 
 __all__ = ["VIDEO_SUFFIXES", "CLIP_OR_IMAGE_SUFFIXES", "VideoFolder", "CorruptVideoError", "clip_indices", "read_clip",
@@ -52,7 +52,7 @@ def _video_stream(container, path):
     Raises:
         CorruptVideoError: the file has none (e.g. an audio-only MP4)."""
     if not container.streams.video:
-        raise CorruptVideoError(f"{path} has no video stream (audio or data only): pass a video file")
+        raise CorruptVideoError(f"{shown_name(path)} has no video stream (audio or data only): pass a video file")
     return container.streams.video[0]
 
 
@@ -113,9 +113,9 @@ def _decode_video(path: str | Path | BinaryIO, keep: bool) -> tuple[list[np.ndar
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
-        raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+        raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {err}") from err
     if not count:
-        raise CorruptVideoError(f"video {path} has no frames")
+        raise CorruptVideoError(f"video {shown_name(path)} has no frames")
     return frames, count, fps
 
 
@@ -150,7 +150,7 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
     except CorruptVideoError:
         raise
     except errors as err:
-        raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+        raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {err}") from err
     try:
         pick = list(choose(scan.count, scan.fps)) if scan.count else []
     except CorruptVideoError:  # too short by the count: the full decode below confirms it
@@ -161,7 +161,7 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
             try:
                 clip = _decode_frames(path, sorted(set(pick)), scan.pts if start else None, start)
             except errors as err:
-                raise CorruptVideoError(f"cannot decode video {path}: {err}") from err
+                raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {err}") from err
             if clip is not None:
                 return np.stack([clip[i] for i in pick]), scan.fps
     frames, fps = read_video(path)  # no count, or fewer frames than counted: the whole file, its true length
@@ -309,7 +309,7 @@ def video_length(path: str | Path | BinaryIO) -> tuple[int, float]:
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
-        raise CorruptVideoError(f"cannot read video {path}: {err}") from err
+        raise CorruptVideoError(f"cannot read video {shown_name(path)}: {err}") from err
     if scan.count:
         return scan.count, scan.fps
     return decoded_length(path)
@@ -335,7 +335,7 @@ def video_size(path: str | Path | BinaryIO) -> tuple[int, int]:
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
-        raise CorruptVideoError(f"cannot read the video header of {path}: {err}") from err
+        raise CorruptVideoError(f"cannot read the video header of {shown_name(path)}: {err}") from err
 
 
 def video_aspect(path: str | Path | BinaryIO) -> str:
@@ -347,7 +347,7 @@ def video_aspect(path: str | Path | BinaryIO) -> str:
     try:
         return nearest_aspect(*video_size(path))
     except ZeroDivisionError as err:
-        raise CorruptVideoError(f"cannot read the video header of {path}: {err}") from err
+        raise CorruptVideoError(f"cannot read the video header of {shown_name(path)}: {err}") from err
 
 
 def draw_rate(rates: tuple[float, ...], generator: torch.Generator) -> float:

@@ -88,7 +88,7 @@ def load_images(files: list[Path], mode: str, size: int | None = None) -> list[t
     if given, else at its own size (a set may mix sizes, e.g. aspect-ratio samples or a real reference set).
 
     Raises:
-        OSError: an unreadable image (named).
+        OSError: an unreadable image, or one PIL refuses (over its size limit; a float image out of range), named.
     """
     images = []
     for f in files:
@@ -98,8 +98,8 @@ def load_images(files: list[Path], mode: str, size: int | None = None) -> list[t
                 if size is not None and img.size != (size, size):
                     img = img.resize((size, size), Image.Resampling.BOX)
                 a = np.array(img)  # a writable copy
-        except OSError as err:
-            raise OSError(f"cannot read image {f}: {err}") from err
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # (a float image out of range,
+            raise OSError(f"cannot read image {f}: {err}") from err  # one over PIL's size limit)
         images.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
     return images
 
