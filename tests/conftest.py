@@ -6,6 +6,7 @@ text encoder, no VAE) trains and samples in well under a second per step on one 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
@@ -119,3 +120,19 @@ def digits(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {"train": _subsample(digits_root / "train", small / "train", TRAIN_IMAGES),
             "test": _subsample(digits_root / "test", small / "test", TEST_IMAGES),
             "root": digits_root}
+
+
+class _RunsCode:
+    """Unpickling it runs ``touch marker``: what a hostile checkpoint or weights file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def runs_code(tmp_path: Path) -> tuple[object, Path]:
+    """``(payload, marker)``: an object whose unpickling creates the file ``marker`` (which does not exist yet)."""
+    return _RunsCode(tmp_path / "ran"), tmp_path / "ran"

@@ -496,3 +496,31 @@ def test_an_install_without_the_shipped_checkpoints_says_where_they_come_from(di
                "checkout" in err, (command, err)
     with pytest.raises(FileNotFoundError, match=f"--out {tmp_path / 'features'}"):
         DigitClassifier.load(tmp_path / "features")
+
+
+def test_pickled_t5_and_vae_weights_that_would_run_code_are_refused_by_name(tmp_path: Path, runs_code) -> None:
+    """A T5 or VAE folder whose pickled weights (pytorch_model.bin) name more than tensors: transformers and
+    diffusers refuse them (weights-only loading); the error names the model and the global, as bad input."""
+    from safetensors.torch import load_file
+
+    from starflow.adapters import build_tiny_sd_vae, build_tiny_text_encoder
+    from starflow.adapters.text import TextEncoder
+    from starflow.adapters.vae import SDVAEAdapter
+
+    payload, marker = runs_code
+    t5 = tmp_path / "t5"
+    build_tiny_text_encoder(8).save_pretrained(t5)
+    state = dict(load_file(t5 / "model.safetensors"), evil=payload)
+    (t5 / "model.safetensors").unlink()
+    torch.save(state, t5 / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"the T5 text encoder .*t5' has a weights file holding Python objects besides "
+                                         r"tensors \(it names posix.system\), which loading could run as code"):
+        TextEncoder.from_pretrained(str(t5), max_length=8)
+    vae = tmp_path / "vae"
+    build_tiny_sd_vae().vae.save_pretrained(vae, safe_serialization=False)
+    state = torch.load(vae / "diffusion_pytorch_model.bin", weights_only=True)
+    torch.save(dict(state, evil=payload), vae / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"the SD-VAE .*vae' has a weights file holding Python objects besides tensors "
+                                         r"\(it names posix.system\)"):
+        SDVAEAdapter.from_pretrained(str(vae))
+    assert not marker.exists()

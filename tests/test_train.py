@@ -411,20 +411,8 @@ def test_corrupt_checkpoint_raises_a_clear_error(tmp_path, damage: str) -> None:
 
 
 
-class _RunsCode:
-    """Unpickling it runs ``touch marker``: what a hostile checkpoint file could do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("part", [".metadata", "optimizer entry", "rank file"])
-def test_a_training_checkpoint_that_would_run_code_is_refused(tmp_path, part: str) -> None:
+def test_a_training_checkpoint_that_would_run_code_is_refused(tmp_path, runs_code, part: str) -> None:
     """Torch unpickles a DCP ``.metadata`` and its non-tensor entries (an optimizer's ``lr``) without restriction, and
     ``rank_0.pt`` held the NumPy RNG state: a checkpoint copied in from elsewhere could run code in ``validate``,
     ``export``, ``--init_from`` or a resume. Each part is now refused, and nothing runs."""
@@ -433,14 +421,14 @@ def test_a_training_checkpoint_that_would_run_code_is_refused(tmp_path, part: st
     from starflow.checkpoint import CheckpointError
     from starflow.train.state import dcp_metadata, rng_state
 
-    marker = tmp_path / "ran"
+    payload, marker = runs_code
     manager = CheckpointManager(tmp_path / "c", keep_last=1)
-    group = {"lr": _RunsCode(marker) if part == "optimizer entry" else 0.1}
-    local = {"rng": _RunsCode(marker) if part == "rank file" else rng_state()}
+    group = {"lr": payload if part == "optimizer entry" else 0.1}
+    local = {"rng": payload if part == "rank file" else rng_state()}
     path = manager.save(1, {"w": torch.ones(2), "group": group}, {"step": 1}, local)
     if part == ".metadata":
         metadata = path / ".metadata"
-        metadata.write_bytes(pickle.dumps([_RunsCode(marker), pickle.loads(metadata.read_bytes())]))
+        metadata.write_bytes(pickle.dumps([payload, pickle.loads(metadata.read_bytes())]))
         with pytest.raises(CheckpointError, match=r"refused: its \.metadata names posix\.system, which loading could"):
             dcp_metadata(path)
     refused = {".metadata": r"its \.metadata names posix\.system", "optimizer entry": "its entry group.lr is more than",

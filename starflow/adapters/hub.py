@@ -9,6 +9,7 @@ model is missing.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import huggingface_hub.constants
@@ -59,6 +60,16 @@ def looks_like_local_path(name_or_path: str) -> bool:
         or name_or_path.count("/") > 1
         or "\\" in name_or_path
     )
+
+
+def unsafe_weights_error(name_or_path: str, what: str, cause: BaseException) -> ValueError:
+    """The error of a model whose pickled weights file (``pytorch_model.bin``) holds more than tensors: torch's
+    weights-only loading refuses it, as unpickling it could run code. The message names the model and the global."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(cause))
+    named = f" (it names {found.group(1)})" if found else ""
+    return ValueError(f"the {what} {name_or_path!r} has a weights file holding Python objects besides tensors{named}, "
+                      "which loading could run as code: use its .safetensors weights, or a copy from a source you "
+                      "trust")
 
 
 def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None = None,

@@ -9,13 +9,15 @@ goes through exactly the same code path for tests and demos.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
-from starflow.adapters.hub import check_local_folder, missing_model_error, resolve_local_files_only
+from starflow.adapters.hub import (check_local_folder, missing_model_error, resolve_local_files_only,
+                                   unsafe_weights_error)
 
 T5_DEFAULT = "google/flan-t5-xl"
 """Hub id of the text encoder of the released checkpoints (encoder only, hidden size 2048)."""
@@ -86,6 +88,8 @@ class TextEncoder(nn.Module):
             encoder = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
         except OSError as err:
             raise missing_model_error(name_or_path, what, cause=err) from err
+        except pickle.UnpicklingError as err:
+            raise unsafe_weights_error(name_or_path, what, err) from None
         return cls(tokenizer, encoder.to(device), max_length, name=name_or_path)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import os
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from starflow.adapters.geometry import VAEGeometry, is_wan_vae, no_vae
-from starflow.adapters.hub import check_local_folder, looks_like_local_path, missing_model_error, resolve_local_files_only
+from starflow.adapters.hub import (check_local_folder, looks_like_local_path, missing_model_error,
+                                   resolve_local_files_only, unsafe_weights_error)
 
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 """Hub id of the SD-VAE used by the released text-to-image checkpoint."""
@@ -128,7 +130,12 @@ def _load_diffusers(model_cls, name_or_path: str, what: str, subfolder: str | No
     try:
         return model_cls.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype,
                                          local_files_only=resolve_local_files_only(local_files_only))
-    except OSError as err:
+    except (OSError, pickle.UnpicklingError) as err:
+        refused: BaseException | None = err
+        while refused is not None and not isinstance(refused, pickle.UnpicklingError):  # (diffusers raises an OSError
+            refused = refused.__cause__ or refused.__context__  # while handling it)
+        if refused is not None:
+            raise unsafe_weights_error(name_or_path, what, refused) from None
         raise missing_model_error(name_or_path, what, subfolder=subfolder, cause=err) from err
 
 
