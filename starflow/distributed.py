@@ -68,14 +68,19 @@ def pick_device(requested: str | None = None, local_rank: int = 0, world_size: i
     ``cuda:{local_rank % device_count}`` (``cuda:0`` for one process).
 
     Raises:
-        ValueError: ``requested`` is not a device name, names a CUDA device this machine does not have, or names
-            one GPU for several processes (``world_size`` > 1), which NCCL cannot share.
+        ValueError: ``requested`` is not a device name, is not a CPU, CUDA or (where available) MPS device, names a
+            CUDA device this machine does not have, or names one GPU for several processes (``world_size`` > 1),
+            which NCCL cannot share.
     """
     if requested:
         try:
             device = torch.device(requested)
         except RuntimeError:
             raise ValueError(f"--device {requested}: not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {requested}: this PyTorch has no Apple GPU (MPS) to run on; use --device cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {requested}: {device.type} devices are not supported; use cpu, cuda or cuda:N")
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {requested}: no CUDA GPU is available to this PyTorch; use --device cpu")

@@ -66,6 +66,8 @@ def atomic_scratch_path(path: str | Path) -> Iterator[Path]:
 
 
 def _running(pid: int) -> bool:
+    if os.name == "nt":  # (signal 0 is CTRL_C_EVENT there, sent to the process group: a scratch folder is left)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

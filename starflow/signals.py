@@ -7,14 +7,16 @@ stops after the same step or batch) and raises :class:`Stopped`; ``starflow.cli.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
-__all__ = ["StopSignals", "Stopped", "agreed_stop"]
+__all__ = ["StopSignals", "Stopped", "agreed_stop", "leave_signals_to_the_parent", "stop_signals_held"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -87,3 +89,43 @@ def agreed_stop(stop: StopSignals | None, device: torch.device | str = "cpu") ->
     flag = torch.tensor(signum, dtype=torch.int32, device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item())
+
+
+_HELD = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def stop_signals_held(start_method: str | None = None) -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back from this thread while the block runs, so that processes started in it
+    (DataLoader workers) start with them held, until :func:`leave_signals_to_the_parent` ignores them. (The process
+    itself still takes a signal sent to it, by another of its threads or when the block ends.) Where the platform
+    cannot hold signals (Windows), nothing is held.
+
+    Args:
+        start_method: how the processes start (default: multiprocessing's). For spawn and forkserver,
+            multiprocessing's resource tracker is started first: starting it lets the two signals through again.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    if (start_method or multiprocessing.get_start_method()) != "fork":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def leave_signals_to_the_parent(worker_id: int) -> None:
+    """``worker_init_fn`` of DataLoader workers: ignore SIGTERM and SIGINT, then take the signals held since the
+    worker started (:func:`stop_signals_held`; ignored, they are dropped). A signal sent to the whole process group
+    (``kill -TERM -PGID``, Ctrl-C, a scheduler, torchrun forwarding its own) is the parent's to act on, which stops
+    at a safe point. A worker still exits when its loader shuts down or the parent dies, after the item it is
+    loading. (Here, not in the training modules: a worker started by spawn imports this module's, and only them.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)

@@ -114,6 +114,10 @@ CASES = [
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
     ("sample --caption x --model_config_path {digit_png} --checkpoint_path {demo}", 2, "not a readable YAML file"),
     ("sample --caption x --device foo", 2, "error: --device foo: not a device"),
+    ("sample --caption x --device xpu --checkpoint_path {demo}", 2, "error: --device xpu: xpu devices are not supported; "
+     "use cpu, cuda or cuda:N"),
+    ("eval-nll --checkpoint_path {demo} --data {digits} --device mps", 2, "error: --device mps: this PyTorch has no Apple "
+     "GPU (MPS) to run on; use --device cpu"),
     ("generate-set --checkpoint_path {demo} --caption x --num_samples 2 --out {afile}", 2, "--out {afile}: is a file"),
     ("validate {demo}/config.yaml --gpus 0", 2, "argument --gpus: must be >= 1, got 0"),
     ("validate {demo}/config.yaml --txt_dim 0", 2, "argument --txt_dim: must be >= 1, got 0"),

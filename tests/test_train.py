@@ -748,3 +748,50 @@ def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once()
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+_WORKER_SIGNALS_PROBE = """
+import json, signal
+import torch
+from starflow.train.trainer import _worker_batches
+
+def blocked():
+    return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+class Probe(torch.utils.data.Dataset):
+    def __init__(self):
+        self.started_with = None
+    def __setstate__(self, state):  # unpickled in the worker: before its worker_init_fn, after seconds of imports
+        self.__dict__.update(state, started_with=blocked())
+    def __len__(self):
+        return 1
+    def __getitem__(self, i):
+        return {"started_with": self.started_with, "then": blocked(),
+                "handlers": [int(signal.getsignal(signal.SIGTERM)), int(signal.getsignal(signal.SIGINT))]}
+
+if __name__ == "__main__":
+    with _worker_batches(Probe(), 1, batch_size=None, multiprocessing_context="spawn") as batches:
+        print(json.dumps(next(batches)))
+    print(json.dumps(blocked()))
+"""
+
+
+def test_data_workers_start_with_stop_signals_held_then_leave_them_to_the_trainer(tmp_path) -> None:
+    """A worker started by spawn (macOS; forkserver on Linux from Python 3.14) imports for seconds before its
+    ``worker_init_fn`` runs: a signal to the process group then killed it, and the run hung or ended without a
+    checkpoint. Workers now start with SIGTERM and SIGINT held, and ignore them once set up; the training process
+    holds nothing afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "probe.py").write_text(_WORKER_SIGNALS_PROBE)
+    r = subprocess.run([sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    worker, trainer = map(json.loads, r.stdout.splitlines())
+    held = [int(signal.SIGINT), int(signal.SIGTERM)]
+    assert set(held) <= set(worker["started_with"]) and not set(held) & set(worker["then"])
+    assert worker["handlers"] == [int(signal.SIG_IGN)] * 2
+    assert not set(held) & set(trainer)

@@ -240,7 +240,7 @@ def note_listing(root: Path, paths: Sequence[Path], suffixes: Sequence[str], kin
     several captions of one file, or a duplicate to remove) and ``kind`` files under ``root`` it does not list (they
     are not trained on; a ``metadata.jsonl`` in a subfolder is not read), and listed files outside ``root`` (an
     absolute or ``../`` name: a downloaded dataset could list any file of the machine)."""
-    listed = [os.path.normpath(p) for p in paths]
+    listed = [os.path.normcase(os.path.normpath(p)) for p in paths]  # (normcase: IMG.PNG lists img.png on Windows)
     counts = collections.Counter(listed)
     inside = os.path.join(os.path.abspath(root), "")
     outside = [p for p in counts if not os.path.abspath(p).startswith(inside)]
@@ -253,8 +253,8 @@ def note_listing(root: Path, paths: Sequence[Path], suffixes: Sequence[str], kin
         logger.warning("%s: %d file(s) listed more than once in %s (e.g. %s, %d times): each listing is a training "
                        "sample of its own (several captions of one %s; remove the lines of a duplicate)", root,
                        len(repeated), METADATA_FILE, first, repeated[first], kind)
-    unlisted = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in suffixes and os.path.normpath(p) not in counts
-                      and p.is_file())
+    unlisted = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in suffixes
+                      and os.path.normcase(os.path.normpath(p)) not in counts and p.is_file())
     if unlisted:  # (or listed by another path to it: a symlinked folder, an absolute name)
         real = {os.path.realpath(p) for p in counts}
         unlisted = [p for p in unlisted if os.path.realpath(p) not in real]

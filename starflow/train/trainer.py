@@ -24,7 +24,7 @@ import contextlib
 import math
 import os
 import shutil
-import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,7 +44,7 @@ from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
 from starflow.sampling.io import filmstrips, save_grid, view_scale
 from starflow.sampling.pipeline import Pipeline, SampleSettings
-from starflow.signals import StopSignals, Stopped, agreed_stop
+from starflow.signals import StopSignals, Stopped, agreed_stop, leave_signals_to_the_parent, stop_signals_held
 from starflow.train.ema import EMA, EMA_WEIGHTS
 from starflow.train.init_from import InitReport, base_identity, check_base, init_from
 from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
@@ -74,12 +74,16 @@ class TrainingDiverged(RuntimeError):
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process so far, in GiB: allocated CUDA memory on a GPU, else the peak resident set."""
+    """Peak memory of this process so far, in GiB: allocated CUDA memory on a GPU, else the peak resident set (NaN
+    where the platform does not say: Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, kB on Linux
 
 
 class TrainingStopped(Stopped):
@@ -124,15 +128,6 @@ HISTORY_STEPS = 100_000
 """Steps whose metrics :meth:`Trainer.fit` keeps in memory (about 0.75 kB each) and returns."""
 
 
-def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGINT: a signal sent to the whole process group (``kill -TERM -PGID``,
-    Ctrl-C, a scheduler, torchrun forwarding its own) is the training process's to act on, which stops after the step
-    with a checkpoint (torch's worker handler would die on it, and the loader with it). A worker still exits when the
-    loader shuts down or the training process dies, after the item it is loading."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _plain_worker_error(err: Exception) -> Exception | None:
     """The error a DataLoader worker raised, as the training process would have raised it: torch re-raises it with
     a "Caught ... Original Traceback" text whose last line ("RuntimeError: every image ... is unreadable") is the
@@ -151,13 +146,19 @@ def _plain_worker_error(err: Exception) -> Exception | None:
 
 @contextlib.contextmanager
 def _worker_batches(dataset, num_workers: int, **loader_args: Any) -> Iterator[Iterator]:
-    """Iterate a ``DataLoader(dataset, num_workers=num_workers, **loader_args)`` whose workers leave signals to the
-    training process (:func:`_leave_signals_to_the_trainer`), and on leaving (an epoch's end, an error, a stop)
-    shut them down at once: as they ignore SIGTERM, Python's exit, which stops workers left running with SIGTERM
-    and waits for them, would wait for ever; one still alive after torch's shutdown is killed. A worker's error is
-    raised as :func:`_plain_worker_error` gives it."""
-    batches = iter(DataLoader(dataset, num_workers=num_workers, worker_init_fn=_leave_signals_to_the_trainer,
-                              **loader_args))
+    """Iterate a ``DataLoader(dataset, num_workers=num_workers, **loader_args)`` whose workers leave SIGTERM and
+    SIGINT to the training process (which stops after the step with a checkpoint; torch's worker handler would die
+    on a signal sent to the process group, and the loader with it): the signals are held while the workers start
+    (:func:`starflow.signals.stop_signals_held`; under spawn a worker imports for seconds before its
+    ``worker_init_fn`` runs) and ignored by them afterwards (:func:`starflow.signals.leave_signals_to_the_parent`).
+    On leaving (an epoch's end, an error, a stop) the workers are shut down at once: as they ignore SIGTERM, Python's
+    exit, which stops workers left running with SIGTERM and waits for them, would wait for ever; one still alive
+    after torch's shutdown is killed. A worker's error is raised as :func:`_plain_worker_error` gives it."""
+    context = loader_args.get("multiprocessing_context")
+    method = context if isinstance(context, str) or context is None else context.get_start_method()
+    with stop_signals_held(method) if num_workers > 0 else contextlib.nullcontext():
+        batches = iter(DataLoader(dataset, num_workers=num_workers, worker_init_fn=leave_signals_to_the_parent,
+                                  **loader_args))
     try:
         yield batches
     except Exception as err:
