@@ -456,3 +456,27 @@ def test_negative_prompts_replace_the_unconditional_rows(tmp_path: Path, capsys)
     assert main(base[:3] + ["--cfg", "0", "--caption", "x", "--negative_prompt", "y", "--output_dir",
                             str(tmp_path / "z"), "--device", "cpu"]) == 2
     assert "act through classifier-free guidance, which is off" in capsys.readouterr().err
+
+
+def test_a_broken_pipe_is_silent_only_when_it_is_stdout(tmp_path) -> None:
+    """``starflow validate ... | head`` ends quietly (exit 141) when the reader goes away; a BrokenPipeError from
+    another pipe (a DataLoader worker's) is an error line like any other, not a silent 141."""
+    import os
+    import subprocess
+    import sys
+
+    from starflow.assets import DEMO_DIR
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    config = str(DEMO_DIR / "config.yaml")
+    reader_gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); from starflow.cli import main; "
+                                    f"raise SystemExit(main(['validate', {config!r}]))"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env)
+    reader_gone.stdout.close()
+    assert reader_gone.wait(timeout=120) == 141 and reader_gone.stderr.read() == b""
+    other = ("import starflow.cli.checkpoints as c\n"
+             "def validate(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+             "c.validate = validate\nfrom starflow.cli import main\n"
+             f"raise SystemExit(main(['validate', {config!r}]))")
+    r = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: [Errno 32] Broken pipe", r.stderr

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -80,6 +81,17 @@ def _show_package_logs() -> None:
         package.addHandler(_LogLines())
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader went away (``poll`` sees an error on it); True where that cannot be
+    asked (no ``poll``: Windows)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def _end_progress_bars() -> None:
     """Close the progress bars a failed command left open, so that its error starts a line of its own."""
     from tqdm import tqdm
@@ -145,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             _say_error(f"error: {e.code}")
             return 2
         raise
-    except BrokenPipeError:  # the reader of stdout went away (`starflow validate ... | head`): nothing to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error when Python flushes)
-        return 141
+    except BrokenPipeError as e:
+        if _stdout_reader_gone():  # (`starflow validate ... | head`): nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error when Python flushes)
+            return 141
+        if os.environ.get("STARFLOW_DEBUG"):
+            raise
+        _end_progress_bars()  # another pipe (a DataLoader worker's, say): an error like any other
+        _say_error(f"error: {e}")
+        return 2
     except (ValueError, OSError, CheckpointError, RuntimeError, KeyError, ImportError) as e:  # (a missing package)
         if os.environ.get("STARFLOW_DEBUG"):
             raise
