@@ -109,7 +109,8 @@ def _reader(path: Path):
 
     class PlainDataReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
-            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+            named = getattr(self, "_get_metadata_path", None)  # (torch versions that name a metadata file per rank)
+            with open(named(kwargs.get("rank")) if named else Path(self.path) / ".metadata", "rb") as file:
                 _MetadataUnpickler(file).load()
             return super().read_metadata(*args, **kwargs)
 
@@ -191,12 +192,9 @@ def _damaged(path: Path, why: str) -> str:
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
     inner = re.findall(r"^([\w.]*(?:Error|Exception))\b", str(error), re.MULTILINE)  # DCP quotes tracebacks
-    code = error if isinstance(error, _Code) else next((e for e in _causes(error) if isinstance(e, _Code)), None)
-    if code is None and "_Code" in (inner or [""])[-1]:  # (DCP quotes a rank's error as text)
-        code = re.search(r"_Code: (.*)", str(error))
+    code = next((e for e in _causes(error) if isinstance(e, _Code)), None)
     if code is not None:
-        what = code.group(1) if isinstance(code, re.Match) else str(code)
-        return CheckpointError(f"training checkpoint {path} is refused: {what}, which loading could run as code "
+        return CheckpointError(f"training checkpoint {path} is refused: {code}, which loading could run as code "
                                "(a checkpoint written by starflow holds only tensors and plain data); use a checkpoint "
                                "from a source you trust")
     why = (f"truncated: {error}" if isinstance(error, _Truncated)
