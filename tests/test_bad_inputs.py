@@ -528,3 +528,7 @@ def test_pickled_t5_and_vae_weights_that_would_run_code_are_refused_by_name(tmp_
                                          r"\(it names posix.system\)"):
         SDVAEAdapter.from_pretrained(str(vae))
     assert not marker.exists()
+    (vae / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02garbage")  # damaged, not hostile
+    with pytest.raises(ValueError, match=r"the SD-VAE .*vae' has a damaged weights file \(it does not unpickle\): "
+                                         "download it again"):
+        SDVAEAdapter.from_pretrained(str(vae))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -431,15 +432,38 @@ def test_a_training_checkpoint_that_would_run_code_is_refused(tmp_path, runs_cod
         metadata.write_bytes(pickle.dumps([payload, pickle.loads(metadata.read_bytes())]))
         with pytest.raises(CheckpointError, match=r"refused: its \.metadata names posix\.system, which loading could"):
             dcp_metadata(path)
-    refused = {".metadata": r"its \.metadata names posix\.system", "optimizer entry": "its entry group.lr is more than",
-               "rank file": "rank_0.pt holds more than plain data"}[part]
+    refused = {".metadata": r"its \.metadata names posix\.system", "optimizer entry": "its entry group.lr names posix.system",
+               "rank file": "rank_0.pt names posix.system"}[part]
     with pytest.raises(CheckpointError, match=rf"c/step_00000001 is refused: {refused}.*run as code"):
         manager.load(path, {"w": torch.zeros(2), "group": {"lr": 0.0}})
     assert not marker.exists()
     if part == "rank file":
-        with pytest.raises(CheckpointError, match="rank_0.pt holds more than plain data"):
+        with pytest.raises(CheckpointError, match="rank_0.pt names posix.system"):
             manager.load_local(path, 0)
     assert not marker.exists()
+
+
+def test_a_damaged_rank_file_or_entry_is_damage_and_older_numpy_and_python_names_load(tmp_path) -> None:
+    """Garbage where a pickle should be is a damaged checkpoint (use an earlier one), not a hostile one; a rank file
+    written under NumPy 1 (numpy.core) and a .metadata written by Python 3.13 (pathlib._local) load."""
+    from starflow.checkpoint import CheckpointError
+    from starflow.train.state import rng_state
+
+    manager = CheckpointManager(tmp_path / "c", keep_last=1)
+    path = manager.save(1, {"w": torch.ones(2)}, {"step": 1}, {"rng": rng_state()})
+    rank = path / "rank_0.pt"
+    torch.save({"rng": rng_state()}, rank, _use_new_zipfile_serialization=False)  # (its pickle as it is: protocol 2)
+    data = rank.read_bytes()
+    assert b"cnumpy._core.multiarray\n_reconstruct\n" in data
+    rank.write_bytes(data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))  # as NumPy 1 names it
+    metadata = path / ".metadata"
+    assert b"\x8c\x07pathlib" in metadata.read_bytes()
+    metadata.write_bytes(metadata.read_bytes().replace(b"\x8c\x07pathlib", b"\x8c\x0epathlib._local"))
+    meta, local = manager.load(path, {"w": torch.zeros(2)})
+    assert meta == {"step": 1} and local["rng"]["numpy"][1].dtype == np.uint32
+    rank.write_bytes(b"\x80\x02garbage, not a pickle")
+    with pytest.raises(CheckpointError, match="step_00000001 is corrupt or incomplete .*use an earlier step folder"):
+        manager.load(path, {"w": torch.zeros(2)})
 
 
 def test_an_emptied_checkpoint_meta_file_is_named(tmp_path) -> None:

@@ -62,14 +62,16 @@ def looks_like_local_path(name_or_path: str) -> bool:
     )
 
 
-def unsafe_weights_error(name_or_path: str, what: str, cause: BaseException) -> ValueError:
-    """The error of a model whose pickled weights file (``pytorch_model.bin``) holds more than tensors: torch's
-    weights-only loading refuses it, as unpickling it could run code. The message names the model and the global."""
+def weights_error(name_or_path: str, what: str, cause: BaseException) -> ValueError:
+    """The error of a model whose pickled weights file (``pytorch_model.bin``) torch's weights-only loading refused:
+    one naming a global holds more than tensors (unpickling it could run code); any other is damaged."""
     found = re.search(r"GLOBAL ([\w.]+)", str(cause))
-    named = f" (it names {found.group(1)})" if found else ""
-    return ValueError(f"the {what} {name_or_path!r} has a weights file holding Python objects besides tensors{named}, "
-                      "which loading could run as code: use its .safetensors weights, or a copy from a source you "
-                      "trust")
+    if found:
+        return ValueError(f"the {what} {name_or_path!r} has a weights file holding Python objects besides tensors (it "
+                          f"names {found.group(1)}), which loading could run as code: use its .safetensors weights, "
+                          "or a copy from a source you trust")
+    return ValueError(f"the {what} {name_or_path!r} has a damaged weights file (it does not unpickle): download it "
+                      "again")
 
 
 def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None = None,

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from starflow.adapters.hub import (check_local_folder, missing_model_error, resolve_local_files_only,
-                                   unsafe_weights_error)
+                                   weights_error)
 
 T5_DEFAULT = "google/flan-t5-xl"
 """Hub id of the text encoder of the released checkpoints (encoder only, hidden size 2048)."""
@@ -89,7 +89,7 @@ class TextEncoder(nn.Module):
         except OSError as err:
             raise missing_model_error(name_or_path, what, cause=err) from err
         except pickle.UnpicklingError as err:
-            raise unsafe_weights_error(name_or_path, what, err) from None
+            raise weights_error(name_or_path, what, err) from None
         return cls(tokenizer, encoder.to(device), max_length, name=name_or_path)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from starflow.adapters.geometry import VAEGeometry, is_wan_vae, no_vae
 from starflow.adapters.hub import (check_local_folder, looks_like_local_path, missing_model_error,
-                                   resolve_local_files_only, unsafe_weights_error)
+                                   resolve_local_files_only, weights_error)
 
 SD_VAE_DEFAULT = "stabilityai/sd-vae-ft-ema"
 """Hub id of the SD-VAE used by the released text-to-image checkpoint."""
@@ -135,7 +135,7 @@ def _load_diffusers(model_cls, name_or_path: str, what: str, subfolder: str | No
         while refused is not None and not isinstance(refused, pickle.UnpicklingError):  # (diffusers raises an OSError
             refused = refused.__cause__ or refused.__context__  # while handling it)
         if refused is not None:
-            raise unsafe_weights_error(name_or_path, what, refused) from None
+            raise weights_error(name_or_path, what, refused) from None
         raise missing_model_error(name_or_path, what, subfolder=subfolder, cause=err) from err
 
 

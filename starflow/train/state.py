@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import pickle
 import random
 import re
@@ -85,34 +86,48 @@ _DCP_METADATA_CLASSES = {  # what a DCP .metadata file is made of (any other glo
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
 }
+_PATHS = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path", "PurePath"}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file, refusing any global but its own dataclasses, ``torch.Size`` and dtypes."""
+    """Unpickles a DCP ``.metadata`` file, refusing any global but its own dataclasses, ``torch.Size``, dtypes and
+    paths (read as ``PurePath``: a checkpoint's own folder name, written as ``pathlib._local.PosixPath`` by Python
+    3.13, and a Windows one readable elsewhere)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module in ("pathlib", "pathlib._local") and name in _PATHS:
+            return pathlib.PurePath
         if name in _DCP_METADATA_CLASSES.get(module, ()) or (module == "torch"
                                                               and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise _Code(f"its .metadata names {module}.{name}")
 
 
+def _named_global(error: BaseException) -> str | None:
+    """The global a weights-only load refused (``"posix.system"``), or None: the file is damaged, not hostile."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
+
+
 def _reader(path: Path):
     """A DCP ``FileSystemReader`` of ``path`` that refuses (:class:`_Code`) a ``.metadata`` naming other globals than
     DCP's metadata (torch unpickles it with no restriction) and non-tensor entries (an optimizer's ``lr``, ``betas``)
     holding more than plain data (torch loads them with ``weights_only=False``): a checkpoint downloaded or copied in
-    cannot run code. Each is checked before torch reads it."""
+    cannot run code. (The metadata is read here, as torch reads it, with the restricted unpickler.)"""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class PlainDataReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
             named = getattr(self, "_get_metadata_path", None)  # (torch versions that name a metadata file per rank)
             with open(named(kwargs.get("rank")) if named else Path(self.path) / ".metadata", "rb") as file:
-                _MetadataUnpickler(file).load()
-            return super().read_metadata(*args, **kwargs)
+                metadata = _MetadataUnpickler(file).load()
+            if getattr(metadata, "storage_meta", None) is None:  # (as FileSystemReader.read_metadata does)
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
     return PlainDataReader(str(path))
 
@@ -127,7 +142,9 @@ def _planner():
             try:
                 torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise _Code(f"its entry {read_item.dest_index.fqn} is more than plain data") from e
+                if _named_global(e):
+                    raise _Code(f"its entry {read_item.dest_index.fqn} names {_named_global(e)}") from e
+                raise
             value.seek(0)
             super().load_bytes(read_item, value)
 
@@ -135,9 +152,11 @@ def _planner():
 
 
 def _numpy_globals() -> list:
-    """The numpy globals of an array pickle (the NumPy RNG state in ``rank_{r}.pt``), allowed to ``weights_only``."""
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    """The numpy globals of an array pickle (the NumPy RNG state in ``rank_{r}.pt``), allowed to ``weights_only``,
+    under both NumPy 2's and NumPy 1's module names."""
+    reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    return [(reconstruct, "numpy._core.multiarray._reconstruct"), (reconstruct, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _load_local(file: Path) -> dict[str, Any]:
@@ -146,8 +165,8 @@ def _load_local(file: Path) -> dict[str, Any]:
         try:
             return torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "weights only" in str(e).lower():
-                raise _Code(f"{file.name} holds more than plain data") from e
+            if _named_global(e):
+                raise _Code(f"{file.name} names {_named_global(e)}") from e
             raise
 
 
