@@ -242,8 +242,9 @@ def note_listing(root: Path, paths: Sequence[Path], suffixes: Sequence[str], kin
     absolute or ``../`` name: a downloaded dataset could list any file of the machine)."""
     listed = [os.path.normcase(os.path.normpath(p)) for p in paths]  # (normcase: IMG.PNG lists img.png on Windows)
     counts = collections.Counter(listed)
-    inside = os.path.join(os.path.abspath(root), "")
-    outside = [p for p in counts if not os.path.abspath(p).startswith(inside)]
+    inside = os.path.normcase(os.path.join(os.path.abspath(root), ""))
+    outside = list(dict.fromkeys(os.path.normpath(p) for p in paths
+                                 if not os.path.normcase(os.path.abspath(p)).startswith(inside)))
     if outside:
         logger.warning("%s: %d listed file(s) lie outside it (e.g. %s): they are read as listed (and `pack` copies "
                        "them); if that is not meant, check its %s", root, len(outside), outside[0], METADATA_FILE)
