@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-__all__ = ["StopSignals", "Stopped", "agreed_stop", "leave_signals_to_the_parent", "stop_signals_held"]
+__all__ = ["StopSignals", "Stopped", "agreed_stop", "init_data_worker", "leave_signals_to_the_parent",
+           "stop_signals_held"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -108,7 +109,8 @@ def stop_signals_held(start_method: str | None = None) -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    if (start_method or multiprocessing.get_start_method()) != "fork":
+    method = start_method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method != "fork":  # (get_start_method() would fix the process's start method for good)
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
@@ -117,6 +119,17 @@ def stop_signals_held(start_method: str | None = None) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def init_data_worker(worker_id: int, log_lines: bool = False) -> None:
+    """``worker_init_fn`` of the training DataLoaders: :func:`leave_signals_to_the_parent`, and with ``log_lines``
+    the package's log records shown as the command shows them (:func:`starflow.console.show_log_lines`: a worker
+    started by spawn does not inherit that from its parent)."""
+    leave_signals_to_the_parent(worker_id)
+    if log_lines:
+        from starflow.console import show_log_lines
+
+        show_log_lines()
 
 
 def leave_signals_to_the_parent(worker_id: int) -> None:

@@ -480,3 +480,27 @@ def test_a_broken_pipe_is_silent_only_when_it_is_stdout(tmp_path) -> None:
              f"raise SystemExit(main(['validate', {config!r}]))")
     r = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: [Errno 32] Broken pipe", r.stderr
+
+
+def test_package_log_records_are_warning_lines_during_a_command_only(tmp_path, capsys, caplog) -> None:
+    """During a command the package's log records are ``warning: ...`` lines on stderr, and only that (not also
+    through a root handler: a notebook's, here pytest's); afterwards the logging setup is as it was."""
+    import logging
+
+    from PIL import Image
+
+    from starflow.console import showing_log_lines
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("L", (8, 8), 128).save(src / name)
+    (src / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert main(["pack", str(src), str(tmp_path / "shards")]) == 0
+    assert f"warning: {src}: 1 image file(s) under it not listed in its metadata.jsonl" in capsys.readouterr().err
+    assert "not listed" not in caplog.text  # (shown once)
+    assert not showing_log_lines() and logging.getLogger("starflow").propagate
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("starflow.data.images").warning("after the command")
+    assert "after the command" in caplog.text and "after the command" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "starflow"
 LAYERS = {
     "starflow.files": -1,  # atomic writes and weights fingerprints: imports nothing of the package
     "starflow.worker": -1,  # a torchrun worker's tie to its launcher, set before torch loads: imports nothing
+    "starflow.console": -1,  # the terminal's warning lines: imports nothing of the package
     "starflow": 0, "starflow.config": 0,
     "starflow.prompts": 1, "starflow.assets": 1, "starflow.checkpoint": 1, "starflow.folder_lock": 1,
     "starflow.signals": 1,
@@ -30,7 +31,7 @@ LAYERS = {
 """Each module's unit (the longest prefix listed; ``starflow`` itself is the root ``__init__``, which holds
 only the version) and its layer: a module may import from its own unit or
 from a lower layer only (cli -> train/evaluation -> sampling -> distributed/sizing/download ->
-models/adapters/data -> prompts/assets/checkpoint/folder_lock/signals -> config -> files/worker)."""
+models/adapters/data -> prompts/assets/checkpoint/folder_lock/signals -> config -> files/worker/console)."""
 
 
 def _module_names() -> dict[str, Path]:

@@ -775,8 +775,9 @@ def test_stop_signals_repeated_sigterm_is_one_request_and_ctrl_c_stops_at_once()
 
 
 _WORKER_SIGNALS_PROBE = """
-import json, signal
+import json, logging, signal
 import torch
+from starflow.console import log_lines
 from starflow.train.trainer import _worker_batches
 
 def blocked():
@@ -790,11 +791,12 @@ class Probe(torch.utils.data.Dataset):
     def __len__(self):
         return 1
     def __getitem__(self, i):
+        logging.getLogger("starflow.data.probe").warning("said in the worker")
         return {"started_with": self.started_with, "then": blocked(),
                 "handlers": [int(signal.getsignal(signal.SIGTERM)), int(signal.getsignal(signal.SIGINT))]}
 
 if __name__ == "__main__":
-    with _worker_batches(Probe(), 1, batch_size=None, multiprocessing_context="spawn") as batches:
+    with log_lines(), _worker_batches(Probe(), 1, batch_size=None, multiprocessing_context="spawn") as batches:
         print(json.dumps(next(batches)))
     print(json.dumps(blocked()))
 """
@@ -804,7 +806,7 @@ def test_data_workers_start_with_stop_signals_held_then_leave_them_to_the_traine
     """A worker started by spawn (macOS; forkserver on Linux from Python 3.14) imports for seconds before its
     ``worker_init_fn`` runs: a signal to the process group then killed it, and the run hung or ended without a
     checkpoint. Workers now start with SIGTERM and SIGINT held, and ignore them once set up; the training process
-    holds nothing afterwards."""
+    holds nothing afterwards. The worker's log records are the command's warning lines."""
     import os
     import signal
     import subprocess
@@ -819,3 +821,4 @@ def test_data_workers_start_with_stop_signals_held_then_leave_them_to_the_traine
     assert set(held) <= set(worker["started_with"]) and not set(held) & set(worker["then"])
     assert worker["handlers"] == [int(signal.SIG_IGN)] * 2
     assert not set(held) & set(trainer)
+    assert "\nwarning: said in the worker\n" in r.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import select
 import signal
@@ -25,6 +24,7 @@ if launched_by_torchrun():  # first thing, before the imports below take seconds
 
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
 from starflow.cli._flags import OneLineErrors
+from starflow.console import line_start, log_lines
 
 __all__ = ["main", "build_parser"]
 
@@ -47,38 +47,13 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _python_formatwarning = warnings.formatwarning
 
 
-def _line_start() -> str:
-    """``"\\n"`` while a progress bar is shown (a message then starts a line of its own), else ``""``."""
-    bars = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
-    return "\n" if bars is not None and any(not bar.disable for bar in list(getattr(bars, "_instances", ()))) else ""
-
-
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """The package's own warnings as one plain line, ``warning: ...`` (they speak to the user: a truncated prompt, a
     slow setting); those of other libraries as Python shows them (file and line, for their authors)."""
-    start = _line_start()
+    start = line_start()
     if Path(filename).resolve().is_relative_to(_PACKAGE):
         return f"{start}warning: {message}\n"
     return start + _python_formatwarning(message, category, filename, lineno, line)
-
-
-class _LogLines(logging.Handler):
-    """The package's log records (skipped data files, dataset listings) as ``warning: ...`` lines on the stderr of
-    the moment, on a line of their own while a progress bar is shown, as the package's warnings are."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(f"{_line_start()}{record.levelname.lower()}: {self.format(record)}\n")
-        except Exception:  # noqa: BLE001 - logging's own rule: a failed log line never ends the command
-            self.handleError(record)
-
-
-def _show_package_logs() -> None:
-    """Give the ``starflow`` loggers the command line's handler (once per process; the workers a command forks inherit
-    it)."""
-    package = logging.getLogger("starflow")
-    if not any(isinstance(h, _LogLines) for h in package.handlers):
-        package.addHandler(_LogLines())
 
 
 def _stdout_reader_gone() -> bool:
@@ -129,13 +104,18 @@ RESUMES = {"train": "from its last checkpoint", "generate-set": "from the sample
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; bad input ends as ``error: ...`` on stderr with exit code 2
-    (``STARFLOW_DEBUG=1`` re-raises instead)."""
+    (``STARFLOW_DEBUG=1`` re-raises instead). The package's log records show as ``warning: ...`` lines meanwhile
+    (:func:`starflow.console.log_lines`)."""
+    with log_lines():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from starflow.checkpoint import CheckpointError
     from starflow.cli._flags import forget_notes
 
     forget_notes()  # each command says its notes once (several may run in one process, e.g. from Python)
     warnings.formatwarning = _format_warning
-    _show_package_logs()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command

@@ -172,7 +172,8 @@ def read_shards(paths: Sequence[str | Path]) -> Iterator[dict]:
         path = os.path.abspath(path)  # (a relative path such as "pipe:..." would be a URL to webdataset)
         try:
             with open(path, "rb") as file:
-                compressed = file.read(6).startswith(_COMPRESSED)
+                head = file.read(262)
+            compressed = head[257:262] != b"ustar" and head.startswith(_COMPRESSED)  # (a tar's own magic first)
         except OSError:
             compressed = False  # (webdataset's error names it)
         if compressed:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -44,7 +45,8 @@ from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
 from starflow.sampling.io import filmstrips, save_grid, view_scale
 from starflow.sampling.pipeline import Pipeline, SampleSettings
-from starflow.signals import StopSignals, Stopped, agreed_stop, leave_signals_to_the_parent, stop_signals_held
+from starflow.console import showing_log_lines
+from starflow.signals import StopSignals, Stopped, agreed_stop, init_data_worker, stop_signals_held
 from starflow.train.ema import EMA, EMA_WEIGHTS
 from starflow.train.init_from import InitReport, base_identity, check_base, init_from
 from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
@@ -150,15 +152,15 @@ def _worker_batches(dataset, num_workers: int, **loader_args: Any) -> Iterator[I
     SIGINT to the training process (which stops after the step with a checkpoint; torch's worker handler would die
     on a signal sent to the process group, and the loader with it): the signals are held while the workers start
     (:func:`starflow.signals.stop_signals_held`; under spawn a worker imports for seconds before its
-    ``worker_init_fn`` runs) and ignored by them afterwards (:func:`starflow.signals.leave_signals_to_the_parent`).
+    ``worker_init_fn`` runs) and ignored by them afterwards (:func:`starflow.signals.init_data_worker`).
     On leaving (an epoch's end, an error, a stop) the workers are shut down at once: as they ignore SIGTERM, Python's
     exit, which stops workers left running with SIGTERM and waits for them, would wait for ever; one still alive
     after torch's shutdown is killed. A worker's error is raised as :func:`_plain_worker_error` gives it."""
     context = loader_args.get("multiprocessing_context")
     method = context if isinstance(context, str) or context is None else context.get_start_method()
     with stop_signals_held(method) if num_workers > 0 else contextlib.nullcontext():
-        batches = iter(DataLoader(dataset, num_workers=num_workers, worker_init_fn=leave_signals_to_the_parent,
-                                  **loader_args))
+        batches = iter(DataLoader(dataset, num_workers=num_workers, **loader_args,
+                                  worker_init_fn=functools.partial(init_data_worker, log_lines=showing_log_lines())))
     try:
         yield batches
     except Exception as err:
