@@ -219,7 +219,23 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
     stray.mkdir()
     shutil.copy(out / "000000.png", stray / "000000.png")
     assert main([*args[:-8], "--out", str(stray), *args[-6:]]) == 2
-    assert "holds sample images (000000.png, ...) but no set.json" in capsys.readouterr().err
+    assert "holds images (000000.png, ...) but no set.json: a sample set needs a folder" in capsys.readouterr().err
+    (stray / "000000.png").rename(stray / "photo.jpg")  # a folder of real images (a test set): not written into
+    assert main([*args[:-8], "--out", str(stray), *args[-6:]]) == 2
+    assert "holds images (photo.jpg, ...) but no set.json" in capsys.readouterr().err
+    on_out = [*args[:-8], "--out", str(out), *args[-6:]]
+    (out / "set.json").write_text("[1, 2]")  # damaged
+    assert main(on_out) == 2 and main(["evaluate", "--samples", str(out), "--reference", str(out), "--features",
+                                       "digits"]) == 2
+    assert capsys.readouterr().err.count(f"{out / 'set.json'} is damaged (not an object with a positive integer "
+                                         "num_samples): restore it, or make the set again in an empty --out") == 2
+    (out / "set.json").write_text("")
+    (out / "captions.jsonl").write_text('{"file_name": "000000.png", "capt')  # (a write cut short)
+    assert main(on_out) == 2 and "set.json is damaged (not JSON: Expecting value" in capsys.readouterr().err
+    from starflow.evaluation.generate import read_set_captions
+
+    with pytest.raises(ValueError, match=r"captions.jsonl is damaged \(line 1 is not JSON: Unterminated string"):
+        read_set_captions(out)
 
 
 def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, capsys) -> None:

@@ -100,6 +100,10 @@ def _say_error(line: str) -> None:
 
 
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
+PATH_ARGUMENTS = {"output_dir", "out", "data", "checkpoint", "checkpoint_path", "config", "model_config_path",
+                  "input_image", "input_video", "last_image", "mask", "local_dir", "src", "dst", "samples", "reference",
+                  "save_stats", "caption_file"}
+"""Arguments that name a file or folder: an empty one is refused."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +129,12 @@ def _main(argv: list[str] | None) -> int:
         _say_error(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start "
                    "it without torchrun")
         return 2
+    command = parser.commands[args.command]
+    for action in command._actions:  # ("" is the current folder to pathlib: files would land among the user's own)
+        value = getattr(args, action.dest, None)
+        if action.dest in PATH_ARGUMENTS and isinstance(value, str) and not value.strip():
+            shown = action.option_strings[0] if action.option_strings else action.dest.upper()
+            command.error(f"{shown} {value!r}: an empty path; name the file or folder")
     for key, value in vars(args).items():  # --out=~/x: the shell expands no ~ after '='
         if isinstance(value, str) and value.startswith("~/") and key not in ("caption", "source_caption",
                                                                               "negative_prompt"):

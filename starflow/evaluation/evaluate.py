@@ -9,7 +9,7 @@ from typing import Any
 
 from starflow.data.video import VIDEO_SUFFIXES
 from starflow.evaluation.features import INCEPTION_RESIZE, build_extractor, extract_features, list_images
-from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions, sample_path
+from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions, read_set_record, sample_path
 from starflow.evaluation.metrics import (KID_SUBSET_SIZE, PR_NEIGHBOURS, clip_score, fid_from_features,
                                          kid_from_features, load_clip, load_stats, precision_recall, save_stats)
 from starflow.files import check_file_target, write_text_atomic
@@ -37,7 +37,7 @@ def _set_origin(path: Path) -> dict[str, Any] | None:
     None for a plain folder of images."""
     if not path.is_file():
         return None
-    made = json.loads(path.read_text(encoding="utf-8"))
+    made = read_set_record(path.parent)
     return {k: made[k] for k in ("checkpoint", "ema", WEIGHTS_SHA, "seed", "settings", "num_samples") if k in made}
 
 
@@ -76,7 +76,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     files = list_images(samples)
     made = Path(samples) / SET_FILE
     if made.is_file():  # a generate-set folder: all of it, or a killed run scored as if it were the whole set
-        wanted = json.loads(made.read_text())["num_samples"]
+        wanted = read_set_record(samples)["num_samples"]
         ours = {sample_path(samples, i) for i in range(wanted)}
         others = [f for f in files if f not in ours]
         files = [f for f in files if f in ours]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from starflow.config import TRAINING_KEYS
+from starflow.data.images import IMAGE_SUFFIXES
 from starflow.distributed import DistInfo, from_rank0
 from starflow.files import same_weights, write_text_atomic
 from starflow.folder_lock import FolderLock
@@ -28,6 +29,7 @@ from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.signals import StopSignals
 
 __all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set", "set_record", "sample_path",
+           "read_set_record",
            "read_set_captions"]
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -42,13 +44,49 @@ def sample_path(out: Path, index: int) -> Path:
     return Path(out) / f"{index:06d}.png"
 
 
+def _damaged_set_file(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is damaged ({why}): restore it, or make the set again in an empty --out")
+
+
+def read_set_record(folder: str | Path) -> dict[str, Any]:
+    """A sample set's ``set.json``: what made it, ``num_samples`` among it.
+
+    Raises:
+        ValueError: not a JSON object with a positive integer ``num_samples`` (named, with the way out).
+    """
+    path = Path(folder) / SET_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged_set_file(path, f"not JSON: {e}") from None
+    number = record.get("num_samples") if isinstance(record, dict) else None
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise _damaged_set_file(path, "not an object with a positive integer num_samples")
+    return record
+
+
 def read_set_captions(folder: str | Path) -> dict[str, str]:
-    """``{file name: caption}`` of a sample set's ``captions.jsonl`` (empty when there is none)."""
+    """``{file name: caption}`` of a sample set's ``captions.jsonl`` (empty when there is none).
+
+    Raises:
+        ValueError: a line that is not ``{"file_name": str, "caption": str, ...}`` (named, with the way out).
+    """
     path = Path(folder) / CAPTIONS_FILE
     if not path.is_file():
         return {}
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {r["file_name"]: r["caption"] for r in records}
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _damaged_set_file(path, f"line {number} is not JSON: {e}") from None
+        if not (isinstance(record, dict) and isinstance(record.get("file_name"), str)
+                and isinstance(record.get("caption"), str)):
+            raise _damaged_set_file(path, f"line {number} is not an object with file_name and caption strings")
+        out[record["file_name"]] = record["caption"]
+    return out
 
 
 @dataclass
@@ -98,12 +136,13 @@ def check_set(out: str | Path, record: dict[str, Any], weights_digest: Callable[
     """
     path = Path(out) / SET_FILE
     if not path.is_file():
-        found = next(Path(out).glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"), None) if Path(out).is_dir() else None
-        if found is not None:
-            raise ValueError(f"{out} holds sample images ({found.name}, ...) but no {SET_FILE}: they were not made by "
-                             "generate-set for this set; pass an empty or new --out")
+        found = next((f for f in Path(out).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES),
+                     None) if Path(out).is_dir() else None
+        if found is not None:  # (evaluate would count them with the set's)
+            raise ValueError(f"{out} holds images ({found.relative_to(out)}, ...) but no {SET_FILE}: a sample set "
+                             "needs a folder of its own; pass an empty or new --out")
         return False
-    old, record = _comparable(json.loads(path.read_text(encoding="utf-8")), record)
+    old, record = _comparable(read_set_record(out), record)
     diff = _differences(old, record)
     if "num_samples" in diff and captions is not None:
         if _grows(Path(out), old, record, captions):
@@ -202,7 +241,7 @@ def _check_or_write_record(out: Path, captions: list[str], record: dict[str, Any
     path = out / SET_FILE
     if check_set(out, record, weights_digest, captions):
         if dist.is_main:
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = read_set_record(out)
             now = {k: record[k] for k in ("weights", "checkpoint") if k in record and old.get(k) != record[k]}
             if old["num_samples"] != record["num_samples"]:  # grown: its captions first, then the count
                 now.update(num_samples=record["num_samples"], captions_sha=record["captions_sha"])
