@@ -357,7 +357,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _flatten_official(raw: Any, source: str) -> dict[str, Any]:
     """Accept ``{'arguments': [{'k': v}, ...]}`` (official) or a plain mapping."""
     if raw is None:
-        return {}
+        raise ValueError(f"{source}: the config is empty; the configs are in configs/ (every key is documented by "
+                         "`starflow train --help`)")
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a mapping or an 'arguments:' list, got {type(raw).__name__}")
     if "arguments" in raw:
@@ -410,7 +411,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key 'noise_std' must be >= 0, got {cfg.noise_std}")
     if not cfg.lr > 0:
         raise ValueError(f"config key 'lr' (the peak learning rate) must be > 0, got {cfg.lr}")
-    for key in ("min_lr", "weight_decay", "grad_clip", "denoiser_lr", "warmup_steps"):
+    for key in ("min_lr", "weight_decay", "grad_clip", "denoiser_lr", "warmup_steps", "num_workers", "soft_clip",
+                "temporal_causal", "denoiser_window", "local_attn_window"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if not cfg.nvp:

@@ -7,6 +7,7 @@ nothing was written to their ``--output_dir``.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -112,6 +113,14 @@ CASES = [
     ("pack {digits} /proc/packs", 2, "cannot write the output folder /proc/packs (No such file or directory)"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
+    ("validate {empty_yaml}", 2, "empty.yaml: the config is empty; the configs are in configs/"),
+    ("validate {demo}/config.yaml --num_workers -1", 2, "config key 'num_workers' must be >= 0, got -1"),
+    ("validate {moving}/config.yaml --soft_clip -1", 2, "config key 'soft_clip' must be >= 0, got -1.0"),
+    ("train --config {demo}/config.yaml --data {fifo} --logdir {tmp}/fiforun --dry_run", 2,
+     "no {fifo}/metadata.jsonl: an image folder needs a 'metadata.jsonl' file"),
+    ("generate-set --checkpoint_path {demo} --caption x --num_samples 2 --out ''", 2,
+     "--out '': an empty path; name the file or folder"),
+    ("pack {digits} ''", 2, "OUT '': an empty path; name the file or folder"),
     ("sample --caption x --model_config_path {digit_png} --checkpoint_path {demo}", 2, "not a readable YAML file"),
     ("sample --caption x --device foo", 2, "error: --device foo: not a device"),
     ("sample --caption x --device xpu --checkpoint_path {demo}", 2, "error: --device xpu: xpu devices are not supported; "
@@ -262,6 +271,11 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     (tmp / "empty.txt").write_text("\n  \n")
     (tmp / "bad.yaml").write_text("arguments:\n- img_size: [8\n")
     f["bad_yaml"] = str(tmp / "bad.yaml")
+    (tmp / "empty.yaml").write_text("# nothing\n")
+    f["empty_yaml"] = str(tmp / "empty.yaml")
+    (tmp / "fifo").mkdir()
+    os.mkfifo(tmp / "fifo" / "metadata.jsonl")  # (opening it would wait for a writer)
+    f["fifo"] = str(tmp / "fifo")
     f["empty_txt"] = str(tmp / "empty.txt")
     first = json.loads((digits["train"] / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
     f["digit_png"] = str(digits["train"] / first)
@@ -528,6 +542,11 @@ def test_pickled_t5_and_vae_weights_that_would_run_code_are_refused_by_name(tmp_
                                          r"\(it names posix.system\)"):
         SDVAEAdapter.from_pretrained(str(vae))
     assert not marker.exists()
+    (t5 / "pytorch_model.bin").unlink()
+    (t5 / "model.safetensors").write_bytes(b"\x10\x00")  # a download cut short
+    with pytest.raises(ValueError, match=r"the T5 text encoder .*t5' has a damaged weights file \(Error while "
+                                         "deserializing header"):
+        TextEncoder.from_pretrained(str(t5), max_length=8)
     (vae / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02garbage")  # damaged, not hostile
     with pytest.raises(ValueError, match=r"the SD-VAE .*vae' has a damaged weights file \(it does not unpickle\): "
                                          "download it again"):

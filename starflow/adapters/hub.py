@@ -9,6 +9,7 @@ model is missing.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
 
@@ -63,15 +64,16 @@ def looks_like_local_path(name_or_path: str) -> bool:
 
 
 def weights_error(name_or_path: str, what: str, cause: BaseException) -> ValueError:
-    """The error of a model whose pickled weights file (``pytorch_model.bin``) torch's weights-only loading refused:
-    one naming a global holds more than tensors (unpickling it could run code); any other is damaged."""
+    """The error of a model whose weights file could not be read: a pickled one (``pytorch_model.bin``) that torch's
+    weights-only loading refused naming a global holds more than tensors (unpickling it could run code); any other
+    (a truncated ``.safetensors``, garbage) is damaged."""
     found = re.search(r"GLOBAL ([\w.]+)", str(cause))
     if found:
         return ValueError(f"the {what} {name_or_path!r} has a weights file holding Python objects besides tensors (it "
                           f"names {found.group(1)}), which loading could run as code: use its .safetensors weights, "
                           "or a copy from a source you trust")
-    return ValueError(f"the {what} {name_or_path!r} has a damaged weights file (it does not unpickle): download it "
-                      "again")
+    why = "it does not unpickle" if isinstance(cause, pickle.UnpicklingError) else str(cause).strip().splitlines()[0]
+    return ValueError(f"the {what} {name_or_path!r} has a damaged weights file ({why}): download it again")
 
 
 def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None = None,

@@ -13,6 +13,7 @@ import pickle
 import warnings
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
@@ -88,7 +89,7 @@ class TextEncoder(nn.Module):
             encoder = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
         except OSError as err:
             raise missing_model_error(name_or_path, what, cause=err) from err
-        except pickle.UnpicklingError as err:
+        except (pickle.UnpicklingError, SafetensorError) as err:  # (a download cut short, a file not weights)
             raise weights_error(name_or_path, what, err) from None
         return cls(tokenizer, encoder.to(device), max_length, name=name_or_path)
 
