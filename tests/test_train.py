@@ -473,6 +473,17 @@ def test_an_emptied_checkpoint_meta_file_is_named(tmp_path) -> None:
     (path / "trainer.json").write_text("")  # (a copy to a full disk)
     with pytest.raises(ValueError, match=r"step_00000001 is corrupt or incomplete \(trainer.json is not JSON.*earlier"):
         read_meta(path)
+    for damaged in ("[1]", '{"step": "two"}', '{"step": 1, "config": []}'):  # (edited by hand)
+        (path / "trainer.json").write_text(damaged)
+        with pytest.raises(ValueError, match=r"\(trainer.json is not an object with a step count\): use an earlier"):
+            read_meta(path)
+    (path / "trainer.json").write_text('{"step": 1}')
+    from starflow.checkpoint import CheckpointError
+    from starflow.train.state import TRAINING_META
+
+    with pytest.raises(CheckpointError, match=r"\(trainer.json is not an object with a step count and config, "
+                                              r"schedule, world_size, skipped_updates\): use an earlier step folder"):
+        CheckpointManager(tmp_path, required_meta=TRAINING_META).load(path, {"w": torch.zeros(2)})
 
 
 # ---------------------------------------------------------------------- dry run

@@ -84,7 +84,7 @@ def load_checkpoint_model(path: str | Path, ema: bool = False,
         among them), a LoRA checkpoint without ``merge_lora`` or the reverse; RuntimeError: unreadable checkpoint.
     """
     path = find_checkpoint(path)
-    cfg = load_config(read_meta(path)["config"])
+    cfg = load_config(read_meta(path, ("step", "config"))["config"])
     if bool(cfg.lora_rank) != merge_lora:
         raise ValueError(f"{path} holds LoRA adapters: pass --merge_lora to fold them into the base weights"
                          if cfg.lora_rank else f"{path} is not a LoRA run (lora_rank 0): drop --merge_lora")

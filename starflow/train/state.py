@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from starflow.checkpoint import CheckpointError
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "dcp_metadata", "read_dcp", "read_meta", "rng_state",
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "TRAINING_META", "dcp_metadata", "read_dcp", "read_meta", "rng_state",
            "set_rng_state", "KILL_DURING_SAVE_ENV"]
 
 logger = logging.getLogger(__name__)
@@ -235,18 +235,31 @@ def _causes(error: BaseException):
         todo += [f[0] for f in (getattr(e, "failures", None) or {}).values() if isinstance(f, tuple)]
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+TRAINING_META = ("step", "config", "schedule", "world_size", "skipped_updates")
+"""The ``trainer.json`` keys every training checkpoint has (what a resume reads)."""
+
+
+def read_meta(path: str | Path, required: tuple[str, ...] = ("step",)) -> dict[str, Any]:
     """The ``trainer.json`` of a checkpoint step folder: ``step``, ``config``, ``world_size``, schedule state, ...
 
+    Args:
+        required: keys it must have (:data:`TRAINING_META` for a resume); ``step`` a count, ``config`` a mapping.
+
     Raises:
-        OSError: no readable meta file; ValueError: not JSON (e.g. emptied by a full disk; the message names the file
-            and the way out).
+        OSError: no readable meta file; ValueError: not JSON, or not an object with the ``required`` keys (e.g.
+            emptied by a full disk, edited; the message names the file and the way out).
     """
     file = Path(path) / META_FILE
     try:
-        return json.loads(file.read_text())
+        meta = json.loads(file.read_text())
     except ValueError as e:
         raise ValueError(_damaged(path, f"{file.name} is not JSON: {e}")) from None
+    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
+    step, config = (meta.get("step", 0), meta.get("config", {})) if isinstance(meta, dict) else (None, None)
+    if missing or not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(config, dict):
+        raise ValueError(_damaged(path, f"{file.name} is not an object with a step count"
+                                        + (f" and {', '.join(required[1:])}" if len(required) > 1 else "")))
+    return meta
 
 
 def read_dcp(tensors: dict[str, Any], path: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -294,12 +307,15 @@ class CheckpointManager:
         folder: checkpoint directory (created on first save).
         keep_last: number of checkpoints kept; older ones are deleted after a successful save.
         rank: this process's rank (rank 0 writes the metadata, renames and prunes).
+        required_meta: the ``trainer.json`` keys :meth:`load` requires (:func:`read_meta`).
     """
 
-    def __init__(self, folder: str | Path, keep_last: int = 3, rank: int = 0) -> None:
+    def __init__(self, folder: str | Path, keep_last: int = 3, rank: int = 0,
+                 required_meta: tuple[str, ...] = ("step",)) -> None:
         self.folder = Path(folder)
         self.keep_last = max(1, keep_last)
         self.rank = rank
+        self.required_meta = required_meta
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (``.partial`` folders and other files are ignored)."""
@@ -387,7 +403,9 @@ class CheckpointManager:
         """
         path = Path(path)
         try:
-            meta = read_meta(path)
+            meta = read_meta(path, self.required_meta)
+        except ValueError as e:  # (its message says what is wrong and the way out)
+            raise CheckpointError(str(e)) from None
         except Exception as e:
             raise _corrupt(path, e) from e
         read_dcp(tensors, path, meta)

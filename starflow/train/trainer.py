@@ -55,7 +55,8 @@ from starflow.train.optim import build_cosine_schedule, build_optimizer, build_s
 from starflow.train.recipe import Recipe
 from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_state_dict, gradient_sync, parallelize,
                                         native_bf16, shard_text_encoder, training_dtype)
-from starflow.train.state import CheckpointManager, CheckpointMismatchError, read_meta, rng_state, set_rng_state
+from starflow.train.state import (TRAINING_META, CheckpointManager, CheckpointMismatchError, read_meta, rng_state,
+                                  set_rng_state)
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER", "check_training"]
 
@@ -320,7 +321,8 @@ class Trainer:
             if len(self.secondary_batches.sampler) == 0:
                 raise ValueError(f"secondary_data of {len(secondary)} images is smaller than one global batch of "
                                  f"{cfg.secondary_batch_size or cfg.batch_size}")
-        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", cfg.keep_last, rank=dist.rank)
+        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", cfg.keep_last, rank=dist.rank,
+                                             required_meta=TRAINING_META)
         self.sample_prompts = sorted(set(getattr(dataset, "texts", [])))[:SAMPLE_PROMPTS]
         # an epoch in optimizer steps: the global batches of one pass over the training data (sample_freq counts
         # epochs, as the official flag does)
