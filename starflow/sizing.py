@@ -72,8 +72,11 @@ def text_width(cfg: Config, base_dir: Path | None = None) -> int | None:
 
         return AutoConfig.from_pretrained(name, local_files_only=hub_offline()).d_model
     except Exception as e:  # noqa: BLE001 - any loader failure means the same thing here
-        raise FileNotFoundError(f"cannot find the width of text encoder {cfg.text!r} ({type(e).__name__}); "
-                                "pass --txt_dim (2048 for google/flan-t5-xl)") from e
+        where = f" (no folder {Path(base_dir) / cfg.text} beside the config, " if base_dir is not None else " ("
+        raise FileNotFoundError(f"cannot find the text encoder {cfg.text!r}{where}nor in the Hugging Face cache or "
+                                f"Hub: {type(e).__name__}): restore its folder, or point the config's 'text' at the "
+                                "T5 (`starflow download` fetches the released ones; validate and train --dry_run take "
+                                "its width alone, --txt_dim 2048 for google/flan-t5-xl)") from e
 
 
 @dataclass

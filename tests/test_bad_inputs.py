@@ -113,6 +113,8 @@ CASES = [
     ("pack {digits} /proc/packs", 2, "cannot write the output folder /proc/packs (No such file or directory)"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
+    ("sample --checkpoint_path {no_t5} --caption x", 2, "cannot find the text encoder 'text_encoder' (no folder "
+     "{no_t5}/text_encoder beside the config, nor in the Hugging Face cache or Hub: "),
     ("validate {empty_yaml}", 2, "empty.yaml: the config is empty; the configs are in configs/"),
     ("validate {demo}/config.yaml --num_workers -1", 2, "config key 'num_workers' must be >= 0, got -1"),
     ("validate {moving}/config.yaml --soft_clip -1", 2, "config key 'soft_clip' must be >= 0, got -1.0"),
@@ -271,6 +273,8 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     (tmp / "empty.txt").write_text("\n  \n")
     (tmp / "bad.yaml").write_text("arguments:\n- img_size: [8\n")
     f["bad_yaml"] = str(tmp / "bad.yaml")
+    shutil.copytree(DEMO_DIR, tmp / "no_text_encoder", ignore=shutil.ignore_patterns("text_encoder"))
+    f["no_t5"] = str(tmp / "no_text_encoder")
     (tmp / "empty.yaml").write_text("# nothing\n")
     f["empty_yaml"] = str(tmp / "empty.yaml")
     (tmp / "fifo").mkdir()
