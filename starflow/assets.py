@@ -118,4 +118,9 @@ def find_weights(folder: Path, ema: bool = False) -> Path:
     found = [p for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth")) if p.name not in EMA_WEIGHT_NAMES]
     if len(found) == 1:
         return found[0]
+    if (folder / "checkpoints").is_dir() or (folder / "trainer.json").is_file():  # a training run, or one of its steps
+        ways = [f"pass {folder / 'model'}"] if (folder / "model").is_dir() else []
+        ways.append(f"write a model folder with `starflow export {folder} OUT_FOLDER`")
+        kind = "checkpoint" if (folder / "trainer.json").is_file() else "run"
+        raise FileNotFoundError(f"{folder} is a training {kind}, not a model folder: {', or '.join(ways)}")
     raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")

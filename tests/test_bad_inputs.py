@@ -110,6 +110,8 @@ CASES = [
     ("export {tmp}/no_run {tmp}/exported", 2, "no training checkpoint in"),
     ("convert {demo}/model.safetensors {tmp} --overwrite", 2, "is a folder: DST names the weights file"),
     ("export {run} /proc/x.pth", 2, "cannot write /proc/x.pth ("),
+    ("sample --checkpoint_path {run} --caption x", 2, "{run} is a training run, not a model folder: pass {run}/model, "
+     "or write a model folder with `starflow export {run} OUT_FOLDER`"),
     ("pack {digits} /proc/packs", 2, "cannot write the output folder /proc/packs (No such file or directory)"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
