@@ -110,9 +110,11 @@ CASES = [
     ("export {tmp}/no_run {tmp}/exported", 2, "no training checkpoint in"),
     ("convert {demo}/model.safetensors {tmp} --overwrite", 2, "is a folder: DST names the weights file"),
     ("export {run} /proc/x.pth", 2, "cannot write /proc/x.pth ("),
+    ("inpaint --input_image {digit_png} --mask_box 0,0,4,4 --caption x --output_dir /proc/inp", 2,
+     "--output_dir /proc/inp: cannot write in /proc"),
     ("sample --checkpoint_path {run} --caption x", 2, "{run} is a training run, not a model folder: pass {run}/model, "
      "or write a model folder with `starflow export {run} OUT_FOLDER`"),
-    ("pack {digits} /proc/packs", 2, "cannot write the output folder /proc/packs (No such file or directory)"),
+    ("pack {digits} /proc/packs", 2, "OUT /proc/packs: cannot write in /proc (No such file or directory); pass a writable place"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
     ("sample --checkpoint_path {no_t5} --caption x", 2, "cannot find the text encoder 'text_encoder' (no folder "

@@ -56,9 +56,13 @@ def _check_out_folder(flag: str, path: str) -> None:
 
     Raises:
         ValueError: ``path`` is an existing file.
+        OSError: ``path`` cannot be written (checked before any work: a model loads first in ``cache-latents``).
     """
+    from starflow.files import check_writable
+
     if Path(path).is_file():
         raise ValueError(f"{flag} {path}: is a file; pass a folder for the shards")
+    check_writable(path, flag)
 
 
 def pack(args: argparse.Namespace) -> int:

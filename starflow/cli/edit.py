@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from starflow.cli._flags import (SAMPLING_REJECT, SAMPLING_SKIP, about_flag, add_config_flags, add_device_flag,
-                                 check_input_files, output_folder, read_text_lines)
+                                 check_input_files, check_output_path, output_folder, read_text_lines)
 from starflow.cli.sample import add_decoding_flags, add_model_flags, check_no_prompt, load_pipeline
 
 __all__ = ["register", "EDIT_SEPARATOR"]
@@ -133,6 +133,7 @@ def _start(args: argparse.Namespace, settings_of):
     from starflow.distributed import init_distributed
 
     check_input_files(args, "input_image", "mask", "caption_file")
+    check_output_path(args.output_dir)  # (created once the work is done; refused now, before the weights load)
     if getattr(args, "sample_batch_size", 1) < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     dist = init_distributed(args.device)  # (one process: SINGLE_PROCESS in starflow.cli)
