@@ -109,7 +109,8 @@ def stop_signals_held(start_method: str | None = None) -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    method = start_method or multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    method = (start_method or multiprocessing.get_start_method(allow_none=True)
+              or multiprocessing.get_all_start_methods()[0])
     if method != "fork":  # (get_start_method() would fix the process's start method for good)
         from multiprocessing import resource_tracker
 

@@ -114,7 +114,8 @@ CASES = [
      "--output_dir /proc/inp: cannot write in /proc"),
     ("sample --checkpoint_path {run} --caption x", 2, "{run} is a training run, not a model folder: pass {run}/model, "
      "or write a model folder with `starflow export {run} OUT_FOLDER`"),
-    ("pack {digits} /proc/packs", 2, "OUT /proc/packs: cannot write in /proc (No such file or directory); pass a writable place"),
+    ("pack {digits} /proc/packs", 2, "OUT /proc/packs: cannot write in /proc (No such file or directory); pass a "
+     "writable place"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
     ("sample --checkpoint_path {no_t5} --caption x", 2, "cannot find the text encoder 'text_encoder' (no folder "
@@ -129,10 +130,10 @@ CASES = [
     ("pack {digits} ''", 2, "OUT '': an empty path; name the file or folder"),
     ("sample --caption x --model_config_path {digit_png} --checkpoint_path {demo}", 2, "not a readable YAML file"),
     ("sample --caption x --device foo", 2, "error: --device foo: not a device"),
-    ("sample --caption x --device xpu --checkpoint_path {demo}", 2, "error: --device xpu: xpu devices are not supported; "
-     "use cpu, cuda or cuda:N"),
-    ("eval-nll --checkpoint_path {demo} --data {digits} --device mps", 2, "error: --device mps: this PyTorch has no Apple "
-     "GPU (MPS) to run on; use --device cpu"),
+    ("sample --caption x --device xpu --checkpoint_path {demo}", 2,
+     "error: --device xpu: xpu devices are not supported; use cpu, cuda or cuda:N"),
+    ("eval-nll --checkpoint_path {demo} --data {digits} --device mps", 2,
+     "error: --device mps: this PyTorch has no Apple GPU (MPS) to run on; use --device cpu"),
     ("generate-set --checkpoint_path {demo} --caption x --num_samples 2 --out {afile}", 2, "--out {afile}: is a file"),
     ("validate {demo}/config.yaml --gpus 0", 2, "argument --gpus: must be >= 1, got 0"),
     ("validate {demo}/config.yaml --txt_dim 0", 2, "argument --txt_dim: must be >= 1, got 0"),

@@ -432,7 +432,8 @@ def test_a_training_checkpoint_that_would_run_code_is_refused(tmp_path, runs_cod
         metadata.write_bytes(pickle.dumps([payload, pickle.loads(metadata.read_bytes())]))
         with pytest.raises(CheckpointError, match=r"refused: its \.metadata names posix\.system, which loading could"):
             dcp_metadata(path)
-    refused = {".metadata": r"its \.metadata names posix\.system", "optimizer entry": "its entry group.lr names posix.system",
+    refused = {".metadata": r"its \.metadata names posix\.system",
+               "optimizer entry": "its entry group.lr names posix.system",
                "rank file": "rank_0.pt names posix.system"}[part]
     with pytest.raises(CheckpointError, match=rf"c/step_00000001 is refused: {refused}.*run as code"):
         manager.load(path, {"w": torch.zeros(2), "group": {"lr": 0.0}})

@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from starflow.checkpoint import CheckpointError
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "TRAINING_META", "dcp_metadata", "read_dcp", "read_meta", "rng_state",
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "TRAINING_META", "dcp_metadata", "read_dcp", "read_meta",
+           "rng_state",
            "set_rng_state", "KILL_DURING_SAVE_ENV"]
 
 logger = logging.getLogger(__name__)
