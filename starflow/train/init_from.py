@@ -122,8 +122,9 @@ def plan_init(model_shapes: dict[str, Shape], file_shapes: dict[str, Shape], sou
                 problems.unexpected.append(name)
     if not problems.ok:
         raise CheckpointError(f"--init_from {source} does not fit the model being trained: "
-                              f"{problems.describe(limit=10 ** 9)}\n(only {', '.join(OPTIONAL_PREFIXES)}* may be "
-                              "new or dropped; check that the config describes the weights' architecture)")
+                              f"{problems.describe(limit=5)}\n(only {', '.join(OPTIONAL_PREFIXES)}* may be new or "
+                              "dropped; check that the config describes the weights' architecture: `starflow validate "
+                              f"CONFIG --checkpoint {source}` lists every difference)")
     return report
 
 
