@@ -29,6 +29,7 @@ from torch import nn
 from starflow.files import atomic_scratch_path, follow_umask
 
 __all__ = ["DEPRECATED_BUFFERS", "WEIGHT_SUFFIXES", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated",
+           "refused_global",
            "is_deprecated", "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights",
            "convert_checkpoint"]
 
@@ -143,6 +144,14 @@ def _unwrap(obj: object, source: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def refused_global(error: BaseException) -> str | None:
+    """The global (``"posix.system"``) for which torch's weights-only loading refused a pickle in ``error``, or None.
+    A file refused for naming one holds more than tensors and plain data (unpickling it could run code); any other
+    failure to unpickle is damage."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
+
+
 def _torch_load(path: Path, mmap: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
@@ -185,11 +194,13 @@ def read_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
     except PermissionError:
         raise
     except Exception as e:  # zip, pickle and safetensors readers raise various types on damaged files
-        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
-            what = ("holds Python objects that weights-only loading refuses; if you trust the file, "
-                    "torch.load it with weights_only=False and pass its state dict")
-        else:
-            what = f"the file is corrupt or incomplete ({type(e).__name__}: {e}); download it again"
+        named = refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if named:
+            what = (f"holds Python objects besides tensors (it names {named}), which loading could run as code; if "
+                    "you trust the file, torch.load it with weights_only=False and pass its state dict")
+        else:  # (torch's own text on a pickle it cannot read advises weights_only=False: not for a damaged file)
+            why = "it does not unpickle" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+            what = f"the file is corrupt or incomplete ({why}); download it again"
         raise CheckpointError(f"{path}: {what}") from e
     return _unwrap(obj, str(path))
 

@@ -249,8 +249,12 @@ class NotATensor:
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(1), "obj": NotATensor()}, tmp_path / "unsafe.pth")
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match=r"holds Python objects besides tensors \(it names [\w.]*NotATensor\), "
+                                              "which loading could run as code"):
         read_state_dict(tmp_path / "unsafe.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02garbage, not a pickle")  # damage, not objects
+    with pytest.raises(CheckpointError, match="the file is corrupt or incomplete .*download it again"):
+        read_state_dict(tmp_path / "garbage.pth")
     torch.save({"weight": torch.zeros(1), "step": 3}, tmp_path / "state.pth")
     with pytest.raises(CheckpointError, match="not a state dict"):
         read_state_dict(tmp_path / "state.pth")

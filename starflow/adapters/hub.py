@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import socket
 
 import huggingface_hub.constants
+
+from starflow.checkpoint import refused_global
 
 _TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 
@@ -67,10 +68,10 @@ def weights_error(name_or_path: str, what: str, cause: BaseException) -> ValueEr
     """The error of a model whose weights file could not be read: a pickled one (``pytorch_model.bin``) that torch's
     weights-only loading refused naming a global holds more than tensors (unpickling it could run code); any other
     (a truncated ``.safetensors``, garbage) is damaged."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(cause))
-    if found:
+    named = refused_global(cause)
+    if named:
         return ValueError(f"the {what} {name_or_path!r} has a weights file holding Python objects besides tensors (it "
-                          f"names {found.group(1)}), which loading could run as code: use its .safetensors weights, "
+                          f"names {named}), which loading could run as code: use its .safetensors weights, "
                           "or a copy from a source you trust")
     why = "it does not unpickle" if isinstance(cause, pickle.UnpicklingError) else str(cause).strip().splitlines()[0]
     return ValueError(f"the {what} {name_or_path!r} has a damaged weights file ({why}): download it again")

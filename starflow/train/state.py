@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from starflow.checkpoint import CheckpointError
+from starflow.checkpoint import CheckpointError, refused_global
 
 __all__ = ["CheckpointManager", "CheckpointMismatchError", "TRAINING_META", "dcp_metadata", "read_dcp", "read_meta",
            "rng_state",
@@ -106,10 +106,16 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _Code(f"its .metadata names {module}.{name}")
 
 
-def _named_global(error: BaseException) -> str | None:
-    """The global a weights-only load refused (``"posix.system"``), or None: the file is damaged, not hostile."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return found.group(1) if found else None
+def _plain_data(source, what: str, **load_args: Any) -> Any:
+    """``torch.load(source, weights_only=True)``; a pickle refused for naming a global raises :class:`_Code` (``what``
+    names the part), any other error is raised as it is (damage)."""
+    try:
+        return torch.load(source, weights_only=True, **load_args)
+    except pickle.UnpicklingError as e:
+        named = refused_global(e)
+        if named:
+            raise _Code(f"{what} names {named}") from e
+        raise
 
 
 def _reader(path: Path):
@@ -140,12 +146,7 @@ def _planner():
 
     class PlainDataPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value) -> None:
-            try:
-                torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as e:
-                if _named_global(e):
-                    raise _Code(f"its entry {read_item.dest_index.fqn} names {_named_global(e)}") from e
-                raise
+            _plain_data(value, f"its entry {read_item.dest_index.fqn}")
             value.seek(0)
             super().load_bytes(read_item, value)
 
@@ -163,12 +164,7 @@ def _numpy_globals() -> list:
 def _load_local(file: Path) -> dict[str, Any]:
     """A ``rank_{r}.pt`` (data position, RNG states), loaded ``weights_only`` (numpy arrays allowed)."""
     with torch.serialization.safe_globals(_numpy_globals()):
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if _named_global(e):
-                raise _Code(f"{file.name} names {_named_global(e)}") from e
-            raise
+        return _plain_data(file, file.name, map_location="cpu")
 
 
 def _check_sizes(path: Path) -> None:

@@ -595,10 +595,7 @@ class Trainer:
             if id(dataset) not in self._dataset_files:  # again; the secondary images' are its own)
                 self._dataset_files[id(dataset)] = {str(p) for p in dataset.paths}
             known = self.skipped_files.difference(skipped) & self._dataset_files[id(dataset)]
-            if isinstance(skipped, dict):
-                skipped.update(dict.fromkeys(known, "unreadable (found in an earlier epoch)"))
-            else:
-                skipped |= known
+            skipped.update(dict.fromkeys(known, "unreadable (found in an earlier epoch)"))  # (a set takes the names)
         return _worker_batches(dataset, self.cfg.num_workers, batch_sampler=sampler, collate_fn=collate,
                                persistent_workers=False, generator=gen)
 
