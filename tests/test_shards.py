@@ -510,6 +510,35 @@ def test_cache_latents_refuses_flags_it_would_ignore_and_data_of_another_kind(
     assert not (tmp_path / "cache").exists()
 
 
+def test_cache_latents_refuses_before_the_models_load(all_digits: Path, tmp_path: Path, config_file, tiny_config,
+                                                      monkeypatch, capsys) -> None:
+    """An output folder that already holds a cache, or data of the other kind, is named before the VAE and the text
+    encoder load (minutes for the released ones)."""
+    import starflow.adapters
+    from starflow.cli import main
+
+    src = _digits_folder(all_digits, tmp_path / "src", n=2)
+    config = str(config_file(dict(tiny_config)))
+    assert main(["cache-latents", "--config", config, "--data", str(src), "--out", str(tmp_path / "cache")]) == 0
+    before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the inputs were checked")
+
+    monkeypatch.setattr(starflow.adapters, "build_vae", no_model)
+    monkeypatch.setattr(starflow.adapters, "build_text_encoder", no_model)
+    capsys.readouterr()
+    for args, message in ((["--out", str(tmp_path / "cache")], "already holds shards (shard-000000.tar, ...); pass "
+                                                               "--overwrite to replace them"),
+                          (["--out", str(tmp_path / "other"), "--vid_size", "4:8"],
+                           "holds images, and the config is for videos (vid_size)"),
+                          (["--out", str(src)], "is the source folder")):
+        assert main(["cache-latents", "--config", config, "--data", str(src), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+    assert not (tmp_path / "other").exists()
+
+
 def test_cache_latents_counts_the_samples_of_a_missing_shard(all_digits: Path, tmp_path: Path, tiny_config,
                                                             caplog) -> None:
     from starflow.adapters import build_latent_adapter, build_text_encoder

@@ -83,12 +83,12 @@ def cache(args: argparse.Namespace) -> int:
 
     from starflow.adapters import build_text_encoder, build_vae
     from starflow.config import load_config
-    from starflow.data.latent_cache import cache_latents, check_cacheable
+    from starflow.data.latent_cache import cache_latents, check_cache_inputs
     from starflow.distributed import pick_device
 
     _check_out_folder("--out", args.out)
     cfg = load_config(args.config, config_overrides(args, skip={"data"}))
-    check_cacheable(cfg)  # (before the VAE and the text encoder load)
+    check_cache_inputs(args.data, args.out, cfg, args.overwrite)  # (before the VAE and the text encoder load)
     device = pick_device(args.device)
     base = Path(args.config).parent
     vae = build_vae(cfg, base, device=device)

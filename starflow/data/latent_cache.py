@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from starflow.data.aspect import ASPECT_RATIOS
+from starflow.data.images import read_metadata
 from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.data.shards import (
     INDEX_FILE,
     UNCOND_FILE,
     SampleDecoder,
+    check_replaceable,
+    folder_kind,
     folder_samples,
     replaced_output,
     read_index,
@@ -34,8 +37,8 @@ if TYPE_CHECKING:  # the adapters pull in transformers and diffusers: imported w
     from starflow.adapters import LatentAdapter, TextEncoder
     from starflow.config import Config
 
-__all__ = ["CACHE_KEYS", "UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_settings", "check_cacheable",
-           "load_uncond"]
+__all__ = ["CACHE_KEYS", "UNCOND_FILE", "cache_latents", "cache_settings", "check_cache_inputs",
+           "check_cache_settings", "check_cacheable", "load_uncond"]
 
 _SETTING_KEYS = ("img_size", "vid_size", "vae", "text", "txt_size", "channel_size", "fps_cond",
                  "cond_noise_level", "noise_std", "mix_aspect")
@@ -148,6 +151,35 @@ def _source(src: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]]:
     return folder_samples(src, skipped)
 
 
+def check_cache_inputs(src: str | Path, out: str | Path, cfg: Config, overwrite: bool = False) -> None:
+    """What :func:`cache_latents` refuses, checked without encoders and without reading a sample: for a command to
+    check before models load.
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError: as :func:`cache_latents`.
+    """
+    src = Path(src)
+    if (src / INDEX_FILE).is_file():
+        kind = read_index(src)[1]["kind"]
+    else:
+        kind = folder_kind([r["file_name"] for r in read_metadata(src)], src)
+    _check_source(kind, src, Path(out), cfg, overwrite)
+
+
+def _check_source(kind: str, src: Path, out: Path, cfg: Config, overwrite: bool) -> None:
+    """Refuse a config, a source of ``kind`` or an output folder that :func:`cache_latents` cannot use."""
+    check_cacheable(cfg)
+    if kind == "latent":
+        raise ValueError(f"{src} is already a latent cache; pass the image or video data")
+    if (kind == "video") != cfg.is_video:
+        raise ValueError(f"{src} holds {kind}s, and the config is for {'videos (vid_size)' if cfg.is_video else 'images'}"
+                         f": cache {'videos' if cfg.is_video else 'images'} with it, or use a config for {kind}s")
+    if len(cfg.fps_choices) > 1:
+        raise ValueError(f"vid_size {cfg.to_dict()['vid_size']!r} draws a clip rate per step; a latent cache holds one "
+                         "clip per video: train on the videos (or their shards) instead")
+    check_replaceable(out, overwrite, src)
+
+
 def _counted(samples: Iterator[dict], index: Mapping[str, Any], skipped: list[dict]) -> Iterator[dict]:
     seen = 0
     for sample in samples:
@@ -202,18 +234,10 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
         ValueError: ``src`` is a latent cache or ``out`` itself, holds videos for an image config (or the reverse),
             or no sample is usable; a config :func:`check_cacheable` refuses.
     """
-    check_cacheable(cfg)
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
     kind, samples = _source(src, skipped)
-    if kind == "latent":
-        raise ValueError(f"{src} is already a latent cache; pass the image or video data")
-    if (kind == "video") != cfg.is_video:
-        raise ValueError(f"{src} holds {kind}s, and the config is for {'videos (vid_size)' if cfg.is_video else 'images'}"
-                         f": cache {'videos' if cfg.is_video else 'images'} with it, or use a config for {kind}s")
-    if len(cfg.fps_choices) > 1:
-        raise ValueError(f"vid_size {cfg.to_dict()['vid_size']!r} draws a clip rate per step; a latent cache holds one "
-                         "clip per video: train on the videos (or their shards) instead")
+    _check_source(kind, src, out, cfg, overwrite)
     channels = cfg.channel_size if vae.downsample == 1 else 3
     decoder = SampleDecoder(kind, img_size=cfg.img_size, channels=channels, multiple=vae.downsample * cfg.patch_size,
                             mix_aspect=cfg.mix_aspect, frames=cfg.vid_size[0] if cfg.vid_size else None,

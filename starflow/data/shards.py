@@ -34,7 +34,7 @@ from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, Corrupt
                                  clip_indices, decoded_length, draw_rate, read_clip, video_aspect)
 from starflow.folder_lock import FolderLock
 
-__all__ = ["INDEX_FILE", "SampleDecoder", "pack_folder", "read_index", "read_shards", "write_shards"]
+__all__ = ["INDEX_FILE", "SampleDecoder", "check_replaceable", "pack_folder", "read_index", "read_shards", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,23 @@ def _output_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.tar")) + [p for p in (folder / UNCOND_FILE, folder / INDEX_FILE) if p.exists()]
 
 
+def check_replaceable(out: Path, overwrite: bool, src: Path) -> list[Path]:
+    """What :func:`replaced_output` checks before it writes, for a command to check before its slow work (a model
+    load). Returns the shard, index and cache files ``out`` holds now.
+
+    Raises:
+        ValueError: ``out`` is the source folder ``src``.
+        FileExistsError: ``out`` holds shards, an index or cache files (but not an interrupted replacement) and
+            ``overwrite`` is off.
+    """
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the output folder {out} is the source folder: write the shards to another folder")
+    old = _output_files(out) if out.is_dir() else []
+    if old and not overwrite and not (out / REPLACING_FILE).exists():
+        raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
+    return old
+
+
 @contextmanager
 def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     """A staging folder inside ``out`` to write new shards into; when the block succeeds its files replace the
@@ -230,15 +247,11 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
         FileExistsError: ``out`` holds shards, an index or cache files (but not an interrupted replacement) and
             ``overwrite`` is off.
     """
-    if out.resolve() == src.resolve():
-        raise ValueError(f"the output folder {out} is the source folder: write the shards to another folder")
-    old = _output_files(out) if out.is_dir() else []
-    marker = out / REPLACING_FILE
+    old = check_replaceable(out, overwrite, src)
     if old and not overwrite:
-        if not marker.exists():
-            raise FileExistsError(f"{out} already holds shards ({old[0].name}, ...); pass --overwrite to replace them")
         warnings.warn(f"{out} holds {len(old)} file(s) of an incomplete set (a run killed while it replaced the "
                       "set); replacing them", stacklevel=2)
+    marker = out / REPLACING_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
