@@ -46,9 +46,19 @@ class Asset:
         return local_dir / self.folder if self.folder else local_dir
 
     def present(self, local_dir: Path) -> bool:
-        """Whether the files look present: every exact name exists (patterns: some file matches)."""
+        """Whether the files look present: every exact name is a non-empty file (patterns: some match is)."""
         root = self.target(local_dir)
-        return all(any(root.glob(p)) if _is_glob(p) else (root / p).is_file() for p in self.patterns)
+        return all(any(map(_non_empty, root.glob(p))) if _is_glob(p) else _non_empty(root / p) for p in self.patterns)
+
+    def empty_files(self, local_dir: Path) -> list[Path]:
+        """The files of this asset under ``local_dir`` that are empty (a download that never got its bytes)."""
+        root = self.target(local_dir)
+        found = [f for p in self.patterns for f in (root.glob(p) if _is_glob(p) else [root / p])]
+        return [f for f in found if f.is_file() and f.stat().st_size == 0]
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 T5_XL = Asset("T5 text encoder (google/flan-t5-xl)", "google/flan-t5-xl",
@@ -105,9 +115,11 @@ def manual_instructions(assets: list[Asset], local_dir: Path) -> str:
 
 def _offline_error(assets: list[Asset], local_dir: Path, cause: BaseException | None) -> DownloadError:
     why = "HF_HUB_OFFLINE is set" if cause is None else f"the Hub cannot be reached ({type(cause).__name__}: {cause})"
+    empty = [str(f) for a in assets for f in a.empty_files(local_dir)]
     return DownloadError(
         f"cannot download: {why}. Fetch these files on a machine with access and place them as shown "
-        f"(or unset HF_HUB_OFFLINE / use a mirror through HF_ENDPOINT):\n{manual_instructions(assets, local_dir)}")
+        f"(or unset HF_HUB_OFFLINE / use a mirror through HF_ENDPOINT):\n{manual_instructions(assets, local_dir)}"
+        + (f"\n  empty now (0 bytes): {', '.join(empty)}" if empty else ""))
 
 
 def _check_sizes(infos, root: Path, asset: Asset) -> None:

@@ -162,6 +162,11 @@ def test_download_offline_with_files_in_place(tmp_path: Path, capsys) -> None:
                     'scripts/sample_video.sh "a corgi running on the beach"')
     assert main(["download", "t2i", "--local-dir", str(tmp_path / "starflow-v_7B_t2v_caus_480p_v3.pth")]) == 2
     assert "is a file; pass a folder" in capsys.readouterr().err
+    vae = RELEASES["t2v"][2].target(tmp_path) / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(b"")  # a copy that never got its bytes is not a file in place
+    assert main(["download", "t2v", "--local-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "WAN2.2 VAE" in err and "T5 text encoder" not in err and f"empty now (0 bytes): {vae}" in err
     with pytest.raises(ValueError, match="unknown release"):
         release_assets("t2x")
 
