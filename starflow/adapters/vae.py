@@ -15,6 +15,7 @@ import abc
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -128,8 +129,10 @@ def _load_diffusers(model_cls, name_or_path: str, what: str, subfolder: str | No
     """``model_cls.from_pretrained`` from a folder, the HF cache or the Hub, with the project's missing-model error."""
     check_local_folder(name_or_path, what, subfolder=subfolder)
     try:
-        return model_cls.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype,
-                                         local_files_only=resolve_local_files_only(local_files_only))
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it no longer reads
+            warnings.filterwarnings("ignore", "The `local_dir_use_symlinks` argument is deprecated", UserWarning)
+            return model_cls.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype,
+                                             local_files_only=resolve_local_files_only(local_files_only))
     except (OSError, pickle.UnpicklingError) as err:
         refused: BaseException | None = err
         while refused is not None and not isinstance(refused, pickle.UnpicklingError):  # (diffusers raises an OSError
