@@ -405,7 +405,9 @@ def write_gif(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, s
         path: output file (``.gif``).
         frames: as :func:`write_video`: ``(T, H, W, 3)`` or ``(T, H, W)`` uint8, or a float tensor ``(T, C, H, W)``
             in ``[-1, 1]``.
-        fps: frames per second.
+        fps: frames per second. A GIF times frames in hundredths of a second, so frame ``i`` shows from
+            ``round(100 i / fps)`` to ``round(100 (i + 1) / fps)`` hundredths: 8 fps alternates 0.13 s and 0.12 s,
+            and the clip lasts ``T / fps`` seconds (one rounded duration for all, 0.12 s, would play at 8.33 fps).
         scale: integer enlargement (nearest neighbour), for small demo frames.
     """
     from PIL import Image
@@ -414,9 +416,11 @@ def write_gif(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, s
     if scale > 1:
         frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     images = [Image.fromarray(f) for f in frames]
+    ticks = [round(100 * i / fps) for i in range(len(images) + 1)]
+    durations = [10 * max(1, b - a) for a, b in zip(ticks, ticks[1:])]  # ms, whole hundredths
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
     return path
 
 
