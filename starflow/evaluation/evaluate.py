@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from starflow.data.video import VIDEO_SUFFIXES
 from starflow.evaluation.features import INCEPTION_RESIZE, build_extractor, extract_features, list_images
 from starflow.evaluation.generate import SET_FILE, WEIGHTS_SHA, read_set_captions, read_set_record, sample_path
@@ -73,9 +75,51 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"--metrics {','.join(metrics)}: choose from {','.join(METRICS)}")
+    files, made = _set_files(samples)
+    _check_folders(samples, reference, batch_size)
+    distribution = [m for m in metrics if m != "clip"]
+    stats = _check_reference(metrics, len(files), reference, save_stats_to, features)
+    path = Path(out) if out else Path(samples) / "metrics.json"
+    for flag, target in (("--out", path), ("--save_stats", save_stats_to)):
+        if target is not None:
+            check_file_target(target, flag)
+    captions = _clip_captions(samples, files) if "clip" in metrics else None
+    extractor = build_extractor(features, device) if distribution else None  # fails before any work
+    clip = load_clip(clip_model, device) if captions is not None else None
+    start = time.perf_counter()
+    results: dict[str, float] = {}
+    real_count = kid_subset = None
+    if distribution:
+        real = stats["features"] if stats is not None else \
+            extract_features(list_images(reference), features, batch_size, device, extractor)
+        if save_stats_to:
+            save_stats(save_stats_to, real, features)
+        fake = extract_features(files, features, batch_size, device, extractor)
+        results = _distribution_metrics(distribution, real, fake, reference, features, device)
+        real_count = len(real)
+        kid_subset = min(KID_SUBSET_SIZE, len(real), len(fake)) if "kid" in metrics else None
+    if captions is not None:
+        results["clip_score"] = clip_score(files, captions, clip_model, batch_size=batch_size, device=device,
+                                           loaded=clip)
+    record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
+              "sample_set": _set_origin(made),
+              "reference": None if reference is None else str(reference), "features": features if distribution else None,
+              "inception_resize": INCEPTION_RESIZE if distribution and features == "inception" else None,
+              "reference_images": real_count, "kid_subset_size": kid_subset,
+              "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
+              "saved_stats": None if save_stats_to is None else str(save_stats_to),
+              "versions": _versions()}
+    write_text_atomic(path, json.dumps(record, indent=1))
+    record["path"] = str(path)
+    return record
+
+
+def _set_files(samples: str | Path) -> tuple[list[Path], Path]:
+    """The images of ``samples`` to score, and its ``set.json`` path: a ``generate-set`` folder is scored whole (its
+    own images only), never as the part a killed run made."""
     files = list_images(samples)
     made = Path(samples) / SET_FILE
-    if made.is_file():  # a generate-set folder: all of it, or a killed run scored as if it were the whole set
+    if made.is_file():
         wanted = read_set_record(samples)["num_samples"]
         ours = {sample_path(samples, i) for i in range(wanted)}
         others = [f for f in files if f not in ours]
@@ -85,7 +129,12 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
                              "rerun its `starflow generate-set` command to finish it (it resumes), then evaluate")
         if others:  # (another set made inside it, copies, ...): not samples of this set
             warnings.warn(f"{samples}: {len(others)} image(s) that are not part of its sample set ({others[0]}, ...) "
-                          "are left out", stacklevel=2)
+                          "are left out", stacklevel=3)
+    return files, made
+
+
+def _check_folders(samples: str | Path, reference: str | Path | None, batch_size: int) -> None:
+    """Refuse nested folders, a batch size below 1 and a folder of videos."""
     if reference is not None and not str(reference).endswith(".npz"):
         a, b = Path(samples).resolve(), Path(reference).resolve()
         if a in b.parents or b in a.parents:  # (folders are listed with their subfolders; the same one is a choice)
@@ -99,6 +148,12 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     if videos:
         raise ValueError(f"{samples} holds videos ({videos[0]}, ...): evaluate scores images (its PNGs would be the "
                          "videos' poster strips); pass a folder of images")
+
+
+def _check_reference(metrics: list[str], samples: int, reference: str | Path | None,
+                     save_stats_to: str | Path | None, features: str) -> dict | None:
+    """Refuse a reference (or ``--save_stats``) that ``metrics`` do not use or lack, and sets too small for them;
+    returns the reference's saved statistics when it is a ``.npz`` (small: read up front), else None."""
     distribution = [m for m in metrics if m != "clip"]
     if distribution and reference is None:
         raise ValueError(f"{', '.join(distribution)} compare with real images: pass --reference FOLDER_OR_STATS.npz")
@@ -108,73 +163,57 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     if save_stats_to is not None and not str(save_stats_to).endswith(".npz"):
         raise ValueError(f"--save_stats {save_stats_to}: name the file FILE.npz (--reference reads statistics from a "
                          ".npz)")
-    path = Path(out) if out else Path(samples) / "metrics.json"
-    for flag, target in (("--out", path), ("--save_stats", save_stats_to)):
-        if target is not None:
-            check_file_target(target, flag)
     ref_is_stats = reference is not None and str(reference).endswith(".npz")
     if ref_is_stats and save_stats_to:
         raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
-    stats = load_stats(reference, features) if ref_is_stats and distribution else None  # (small: read up front)
-    if distribution:  # the fewest images per set each metric is defined for
-        need = {"fid": (2, "a covariance"), "kid": (2, "pairs of images"),
-                "precision_recall": (PR_NEIGHBOURS + 1, f"k-NN balls of k = {PR_NEIGHBOURS}")}
-        metric = max(distribution, key=lambda m: need[m][0])
-        n_ref = len(stats["features"]) if stats is not None else len(list_images(reference))
-        few = [(name, n) for name, n in (("samples", len(files)), ("reference", n_ref)) if n < need[metric][0]]
-        if few:
-            raise ValueError(f"{metric} needs at least {need[metric][0]} images per set ({need[metric][1]}); the "
-                             f"{few[0][0]} hold {few[0][1]}")
-    captions = None
-    if "clip" in metrics:
-        table = read_set_captions(samples)
-        missing = [f.name for f in files if f.name not in table]
-        if missing:
-            raise ValueError(f"clip needs each sample's caption: {Path(samples) / 'captions.jsonl'} lacks "
-                             f"{missing[:3]} (make the set with `starflow generate-set`)")
-        captions = [table[f.name] for f in files]
-        if not any(c.strip() for c in captions):
-            raise ValueError(f"clip compares images with their captions, and the samples in {samples} have none (an "
-                             "unconditional model's set): drop clip from --metrics")
-    extractor = build_extractor(features, device) if distribution else None  # fails before any work
-    clip = load_clip(clip_model, device) if captions is not None else None
-    start = time.perf_counter()
+    if not distribution:
+        return None
+    stats = load_stats(reference, features) if ref_is_stats else None
+    need = {"fid": (2, "a covariance"), "kid": (2, "pairs of images"),  # the fewest images per set each is defined for
+            "precision_recall": (PR_NEIGHBOURS + 1, f"k-NN balls of k = {PR_NEIGHBOURS}")}
+    metric = max(distribution, key=lambda m: need[m][0])
+    n_ref = len(stats["features"]) if stats is not None else len(list_images(reference))
+    few = [(name, n) for name, n in (("samples", samples), ("reference", n_ref)) if n < need[metric][0]]
+    if few:
+        raise ValueError(f"{metric} needs at least {need[metric][0]} images per set ({need[metric][1]}); the "
+                         f"{few[0][0]} hold {few[0][1]}")
+    return stats
+
+
+def _clip_captions(samples: str | Path, files: list[Path]) -> list[str]:
+    """Each sample's caption from the set's ``captions.jsonl``, for the CLIP score."""
+    table = read_set_captions(samples)
+    missing = [f.name for f in files if f.name not in table]
+    if missing:
+        raise ValueError(f"clip needs each sample's caption: {Path(samples) / 'captions.jsonl'} lacks "
+                         f"{missing[:3]} (make the set with `starflow generate-set`)")
+    captions = [table[f.name] for f in files]
+    if not any(c.strip() for c in captions):
+        raise ValueError(f"clip compares images with their captions, and the samples in {samples} have none (an "
+                         "unconditional model's set): drop clip from --metrics")
+    return captions
+
+
+def _distribution_metrics(distribution: list[str], real: np.ndarray, fake: np.ndarray, reference: str | Path,
+                          features: str, device: str) -> dict[str, float]:
+    """FID, KID and precision/recall (those asked for) of sample features ``fake`` ``(n, F)`` against ``real``
+    ``(m, F)``."""
+    if real.shape[1] != fake.shape[1]:  # statistics saved before the extractor was recorded
+        raise ValueError(f"{reference} holds {real.shape[1]}-dimensional features and '{features}' gives "
+                         f"{fake.shape[1]}: they come from another extractor; pass the matching --features")
     results: dict[str, float] = {}
-    if distribution:
-        real = stats["features"] if stats is not None else \
-            extract_features(list_images(reference), features, batch_size, device, extractor)
-        if save_stats_to:
-            save_stats(save_stats_to, real, features)
-        fake = extract_features(files, features, batch_size, device, extractor)
-        if real.shape[1] != fake.shape[1]:  # statistics saved before the extractor was recorded
-            raise ValueError(f"{reference} holds {real.shape[1]}-dimensional features and '{features}' gives "
-                             f"{fake.shape[1]}: they come from another extractor; pass the matching --features")
-        if "fid" in metrics:
-            if min(len(real), len(fake)) < real.shape[1]:  # (usual sets: 10K or 50K against 2,048 dimensions)
-                warnings.warn(f"FID from {len(fake)} samples and {len(real)} reference images, fewer than the "
-                              f"{real.shape[1]} feature dimensions on at least one side: "
-                              "their covariance is singular and the FID strongly biased upwards; compare only with "
-                              "FIDs of as many images", stacklevel=2)
-            results["fid"] = fid_from_features(real, fake)
-        if "kid" in metrics:
-            results["kid_mean"], results["kid_std"] = kid_from_features(real, fake)
-        if "precision_recall" in metrics:
-            results["precision"], results["recall"] = precision_recall(real, fake, device=device)
-    if captions is not None:
-        results["clip_score"] = clip_score(files, captions, clip_model, batch_size=batch_size, device=device,
-                                           loaded=clip)
-    record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
-              "sample_set": _set_origin(made),
-              "reference": None if reference is None else str(reference), "features": features if distribution else None,
-              "inception_resize": INCEPTION_RESIZE if distribution and features == "inception" else None,
-              "reference_images": len(real) if distribution else None,
-              "kid_subset_size": min(KID_SUBSET_SIZE, len(real), len(fake)) if "kid" in metrics else None,
-              "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
-              "saved_stats": None if save_stats_to is None else str(save_stats_to),
-              "versions": _versions()}
-    write_text_atomic(path, json.dumps(record, indent=1))
-    record["path"] = str(path)
-    return record
+    if "fid" in distribution:
+        if min(len(real), len(fake)) < real.shape[1]:  # (usual sets: 10K or 50K against 2,048 dimensions)
+            warnings.warn(f"FID from {len(fake)} samples and {len(real)} reference images, fewer than the "
+                          f"{real.shape[1]} feature dimensions on at least one side: "
+                          "their covariance is singular and the FID strongly biased upwards; compare only with "
+                          "FIDs of as many images", stacklevel=3)
+        results["fid"] = fid_from_features(real, fake)
+    if "kid" in distribution:
+        results["kid_mean"], results["kid_std"] = kid_from_features(real, fake)
+    if "precision_recall" in distribution:
+        results["precision"], results["recall"] = precision_recall(real, fake, device=device)
+    return results
 
 
 def format_results(record: dict[str, Any]) -> str:
