@@ -90,17 +90,22 @@ def test_lossless_video_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fps", [8, 16, 24, 10])
 def test_a_gif_lasts_frames_over_fps(tmp_path: Path, fps: int) -> None:
     """GIF frame times are whole hundredths of a second: the durations alternate so that the clip lasts T / fps
-    (one rounded duration, 0.12 s at 8 fps, would play it at 8.33 fps)."""
-    from starflow.data.video import write_gif
+    (one rounded duration, 0.12 s at 8 fps, would play it at 8.33 fps), and reading it back gives frames over that
+    duration (FFmpeg's average rate of a GIF is its first frame's: 8.33)."""
+    from starflow.data.video import video_length, write_gif
 
     frames = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
-    with Image.open(write_gif(tmp_path / "c.gif", frames, fps)) as gif:
+    path = write_gif(tmp_path / "c.gif", frames, fps)
+    with Image.open(path) as gif:
         durations = []
         for i in range(gif.n_frames):
             gif.seek(i)
             durations.append(gif.info["duration"])
     assert len(durations) == 20 and sum(durations) == 10 * round(20 * 100 / fps)  # (whole hundredths)
     assert max(durations) - min(durations) <= 10
+    played = 20 / (sum(durations) / 1000)  # frames per second as a player shows them: fps, up to the hundredths
+    assert read_video(path)[1] == pytest.approx(played) and video_length(path) == (20, pytest.approx(played))
+    assert read_clip(path, lambda n, rate: [0, 5])[1] == pytest.approx(played) and abs(played - fps) < 0.1
 
 
 def test_a_rotated_video_is_read_as_players_show_it(tmp_path: Path) -> None:

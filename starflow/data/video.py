@@ -105,11 +105,13 @@ def _decode_video(path: str | Path | BinaryIO, keep: bool) -> tuple[list[np.ndar
     try:
         with _open_video(path) as container:
             stream = _video_stream(container, path)
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+            rate = _FrameRate(container, stream)
             for frame in container.decode(stream):
                 count += 1
+                rate.add(frame.duration)
                 if keep:
                     frames.append(_upright_rgb(frame))
+            fps = rate.fps()
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
@@ -234,13 +236,14 @@ def _scan_stream(path: str | Path | BinaryIO) -> _StreamScan:
     file cut mid-GOP)."""
     with _open_video(path) as container:
         stream = _video_stream(container, path)
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+        rate = _FrameRate(container, stream)
         count, keyed, pts, key_pts = 0, False, [], []
         for packet in container.demux(stream):
             keyed = keyed or packet.is_keyframe
             if not (keyed and packet.size and not packet.is_discard):
                 continue
             count += 1
+            rate.add(packet.duration)
             if pts is not None and packet.pts is None:
                 pts = None
             elif pts is not None:
@@ -252,7 +255,29 @@ def _scan_stream(path: str | Path | BinaryIO) -> _StreamScan:
         if len(set(pts)) != len(pts):
             pts = None
     keyframes = sorted((bisect.bisect_left(pts, t), t) for t in key_pts) if pts else []
-    return _StreamScan(count, fps, pts, keyframes)
+    return _StreamScan(count, rate.fps(), pts, keyframes)
+
+
+class _FrameRate:
+    """A stream's frame rate: the container's average rate; for a GIF, whose frames each carry their own duration in
+    hundredths of a second (8 fps alternates 0.13 s and 0.12 s), frames over the total duration, when every frame has
+    one (FFmpeg's average rate of a GIF is its first frame's)."""
+
+    def __init__(self, container, stream) -> None:
+        self.header = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+        self.time_base = stream.time_base if container.format.name == "gif" else None
+        self.frames, self.ticks = 0, 0
+
+    def add(self, duration: int | None) -> None:
+        """Count a frame of ``duration`` (in the stream's time base; None or 0 if unknown)."""
+        if self.ticks is not None:
+            self.frames += 1
+            self.ticks = self.ticks + duration if duration else None
+
+    def fps(self) -> float:
+        if self.time_base and self.frames and self.ticks:
+            return self.frames / float(self.ticks * self.time_base)
+        return self.header
 
 
 def _rewound(path: str | Path | BinaryIO) -> str | Path | BinaryIO:
