@@ -65,7 +65,7 @@ def test_same_loss_and_gradients(attention_every: int, mlp_every: int) -> None:
 def test_flags_follow_the_every_kth_layer_rule(every: int, expected: list[list[int]]) -> None:
     attn = tiny(every, 0)
     mlp = tiny(0, every)
-    for stack_a, stack_m, want in zip(stacks(attn), stacks(mlp), expected):
+    for stack_a, stack_m, want in zip(stacks(attn), stacks(mlp), expected, strict=True):
         assert [j for j, layer in enumerate(stack_a) if layer.checkpoint_attention] == want
         assert [j for j, layer in enumerate(stack_m) if layer.checkpoint_mlp] == want
         assert not any(layer.checkpoint_mlp for layer in stack_a)

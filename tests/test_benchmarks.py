@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import train_step  # noqa: E402
-from _args import child_env  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))  # (the benchmarks import their own helpers as top-level modules)
+try:
+    import train_step
+    from _args import child_env
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))  # not importable by the other test modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

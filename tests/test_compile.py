@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from starflow.cli import main
@@ -13,11 +15,22 @@ from starflow.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_compiled_training_matches_eager(tiny_config, digits, tmp_path: Path) -> None:
-    import torch._dynamo
-    from torch._dynamo.utils import counters
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """No compiled graphs from before the test, and none left after it (also when it fails)."""
+    import torch._dynamo  # noqa: F401  (torch.compile's compiler, loaded by the first compile otherwise)
 
     torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_training_matches_eager(tiny_config, digits, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
     counters.clear()
     losses = {}
     for flag in (0, 1):
@@ -35,4 +48,3 @@ def test_compiled_training_matches_eager(tiny_config, digits, tmp_path: Path) ->
     assert not counters["graph_break"], f"a compiled layer was split: {dict(counters['graph_break'])}"
     assert len(losses[1]) == 5
     np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
-    torch._dynamo.reset()

@@ -276,5 +276,6 @@ def test_default_settings_reproduce_the_cli(tmp_path) -> None:
     pipe = Pipeline.from_pretrained(DEMO_DIR)
     assert pipe.default_settings().cfg == pipe.config.cfg > 0
     images = to_uint8(pipe(["a handwritten digit 3"] * 2, pipe.default_settings(), seeds=[5, 6]))
-    for f, image in zip(files, images):
+    assert [f.name for f in files] == ["00000_a_handwritten_digit_3.png", "00001_a_handwritten_digit_3.png"]
+    for f, image in zip(files, images, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(f)), image[..., 0])

@@ -116,6 +116,7 @@ def test_a_checkpoint_of_the_earlier_split_continues_by_samples(shard_runs, digi
 def test_cached_latents_train_like_their_shards(shard_runs) -> None:
     tmp = shard_runs["tmp"]
     straight, cached = metrics(tmp / "straight"), metrics(tmp / "cached")
+    assert straight and sorted(cached) == sorted(straight)
     for step in straight:
         assert cached[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6), step
 
