@@ -20,7 +20,7 @@ from starflow.download import DownloadError, RELEASES, _check_sizes, download, r
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE = Path(os.environ.get("STARFLOW_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
 OFFICIAL = {
     "t2i": ("starflow_3B_t2i_256x256.yaml", "keys_starflow_3B_t2i_256x256.json", 3_858_281_544, 0),
     "t2v": ("starflow-v_7B_t2v_caus_480p.yaml", "keys_starflow-v_7B_t2v_caus_480p.json", 6_890_096_528, 912_884_784),
@@ -36,7 +36,7 @@ def shape_only_checkpoint(keys: dict, path: Path) -> Path:
 
 def official_keys(name: str) -> dict:
     if not (REFERENCE / name).is_file():
-        pytest.skip(f"reference file {name} not available")
+        pytest.skip(f"reference file {REFERENCE / name} not found (set STARFLOW_REFERENCE_DIR)")
     d = json.loads((REFERENCE / name).read_text())
     return {**d["parameters"], **d["deprecated_buffers"]}
 
