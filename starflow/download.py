@@ -46,9 +46,11 @@ class Asset:
         return local_dir / self.folder if self.folder else local_dir
 
     def present(self, local_dir: Path) -> bool:
-        """Whether the files look present: every exact name is a non-empty file (patterns: some match is)."""
+        """Whether the files look present: every exact name is a non-empty file, every pattern matches some file,
+        and none of them is empty."""
         root = self.target(local_dir)
-        return all(any(map(_non_empty, root.glob(p))) if _is_glob(p) else _non_empty(root / p) for p in self.patterns)
+        return all(any(root.glob(p)) if _is_glob(p) else _non_empty(root / p) for p in self.patterns) \
+            and not self.empty_files(local_dir)
 
     def empty_files(self, local_dir: Path) -> list[Path]:
         """The files of this asset under ``local_dir`` that are empty (a download that never got its bytes)."""

@@ -181,6 +181,8 @@ CASES = [
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
     ("cache-latents --config {v2v_cfg} --data {video_meta} --out {tmp}/cache_v2v", 2,
      "video_to_video / last_frame_cond encode parts of each clip, which a latent cache of whole clips does not hold"),
+    ("cache-latents --config {v2v_cfg} --data {tmp}/no_data --out {tmp}/cache_v2v", 2,  # (the config first)
+     "video_to_video / last_frame_cond encode parts of each clip, which a latent cache of whole clips does not hold"),
     ("cache-latents --config {cfg} --data {digits} --out {tmp}/cache_lr --lr 3", 2,
      "--lr 3: a training key, which `starflow cache-latents` does not use"),
     # ---- applications and sample sets
@@ -229,6 +231,8 @@ CASES = [
      "precision_recall needs at least 4 images per set (k-NN balls of k = 3); the samples hold 3"),
     ("evaluate --samples {single} --reference {digits} --features digits --metrics fid,kid", 2,  # (KID was NaN)
      "fid needs at least 2 images per set (a covariance); the samples hold 1"),
+    ("evaluate --samples {single} --reference {digits} --features digits --metrics fid --out {tmp}/nodir/m.json", 2,
+     "its folder {tmp}/nodir does not exist"),  # (the output is checked before the sets are counted)
     ("evaluate --samples {video_set} --reference {digits} --features digits", 2, "holds videos (a.mp4, ...)"),
     # ---- interrupted runs: a half-written checkpoint is skipped, a corrupt one named; sample sets resume
     ("train --config {cfg} --data {digits} --logdir {run_partial} --steps 3", 0, "resumed from"),

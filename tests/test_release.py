@@ -167,6 +167,12 @@ def test_download_offline_with_files_in_place(tmp_path: Path, capsys) -> None:
     assert main(["download", "t2v", "--local-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "WAN2.2 VAE" in err and "T5 text encoder" not in err and f"empty now (0 bytes): {vae}" in err
+    vae.write_bytes(b"x")
+    shard = RELEASES["t2v"][1].target(tmp_path) / "model-00002-of-00002.safetensors"
+    shard.write_bytes(b"")  # an empty second shard beside a full first one (a pattern, *.safetensors)
+    assert main(["download", "t2v", "--local-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "T5 text encoder" in err and "WAN2.2 VAE" not in err and f"empty now (0 bytes): {shard}" in err
     with pytest.raises(ValueError, match="unknown release"):
         release_assets("t2x")
 

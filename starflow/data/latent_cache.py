@@ -158,6 +158,7 @@ def check_cache_inputs(src: str | Path, out: str | Path, cfg: Config, overwrite:
     Raises:
         FileNotFoundError, FileExistsError, ValueError: as :func:`cache_latents`.
     """
+    check_cacheable(cfg)
     src = Path(src)
     if (src / INDEX_FILE).is_file():
         kind = read_index(src)[1]["kind"]
@@ -167,8 +168,8 @@ def check_cache_inputs(src: str | Path, out: str | Path, cfg: Config, overwrite:
 
 
 def _check_source(kind: str, src: Path, out: Path, cfg: Config, overwrite: bool) -> None:
-    """Refuse a config, a source of ``kind`` or an output folder that :func:`cache_latents` cannot use."""
-    check_cacheable(cfg)
+    """Refuse a source of ``kind`` or an output folder that :func:`cache_latents` cannot use (the config: see
+    :func:`check_cacheable`)."""
     if kind == "latent":
         raise ValueError(f"{src} is already a latent cache; pass the image or video data")
     if (kind == "video") != cfg.is_video:
@@ -236,6 +237,7 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     """
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
+    check_cacheable(cfg)
     kind, samples = _source(src, skipped)
     _check_source(kind, src, out, cfg, overwrite)
     channels = cfg.channel_size if vae.downsample == 1 else 3

@@ -433,6 +433,7 @@ def write_gif(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float, s
         fps: frames per second. A GIF times frames in hundredths of a second, so frame ``i`` shows from
             ``round(100 i / fps)`` to ``round(100 (i + 1) / fps)`` hundredths: 8 fps alternates 0.13 s and 0.12 s,
             and the clip lasts ``T / fps`` seconds (one rounded duration for all, 0.12 s, would play at 8.33 fps).
+            Above 50 fps frames get 0.01 s, which many players stretch (to about 0.1 s): a preview plays slower.
         scale: integer enlargement (nearest neighbour), for small demo frames.
     """
     from PIL import Image

@@ -78,11 +78,14 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     files, made = _set_files(samples)
     _check_folders(samples, reference, batch_size)
     distribution = [m for m in metrics if m != "clip"]
-    stats = _check_reference(metrics, len(files), reference, save_stats_to, features)
+    _check_reference(metrics, reference, save_stats_to)
     path = Path(out) if out else Path(samples) / "metrics.json"
     for flag, target in (("--out", path), ("--save_stats", save_stats_to)):
         if target is not None:
             check_file_target(target, flag)
+    if save_stats_to and reference is not None and str(reference).endswith(".npz"):
+        raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
+    stats = _reference_stats(distribution, len(files), reference, features)
     captions = _clip_captions(samples, files) if "clip" in metrics else None
     extractor = build_extractor(features, device) if distribution else None  # fails before any work
     clip = load_clip(clip_model, device) if captions is not None else None
@@ -150,10 +153,8 @@ def _check_folders(samples: str | Path, reference: str | Path | None, batch_size
                          "videos' poster strips); pass a folder of images")
 
 
-def _check_reference(metrics: list[str], samples: int, reference: str | Path | None,
-                     save_stats_to: str | Path | None, features: str) -> dict | None:
-    """Refuse a reference (or ``--save_stats``) that ``metrics`` do not use or lack, and sets too small for them;
-    returns the reference's saved statistics when it is a ``.npz`` (small: read up front), else None."""
+def _check_reference(metrics: list[str], reference: str | Path | None, save_stats_to: str | Path | None) -> None:
+    """Refuse a reference (or ``--save_stats``) that ``metrics`` do not use or lack, by their names alone."""
     distribution = [m for m in metrics if m != "clip"]
     if distribution and reference is None:
         raise ValueError(f"{', '.join(distribution)} compare with real images: pass --reference FOLDER_OR_STATS.npz")
@@ -163,11 +164,15 @@ def _check_reference(metrics: list[str], samples: int, reference: str | Path | N
     if save_stats_to is not None and not str(save_stats_to).endswith(".npz"):
         raise ValueError(f"--save_stats {save_stats_to}: name the file FILE.npz (--reference reads statistics from a "
                          ".npz)")
-    ref_is_stats = reference is not None and str(reference).endswith(".npz")
-    if ref_is_stats and save_stats_to:
-        raise ValueError("--save_stats writes the statistics of a reference folder; --reference is already a .npz")
+
+
+def _reference_stats(distribution: list[str], samples: int, reference: str | Path | None,
+                     features: str) -> dict | None:
+    """The reference's saved statistics when it is a ``.npz`` (small: read up front), else None, once the sets are
+    large enough for the ``distribution`` metrics."""
     if not distribution:
         return None
+    ref_is_stats = str(reference).endswith(".npz")
     stats = load_stats(reference, features) if ref_is_stats else None
     need = {"fid": (2, "a covariance"), "kid": (2, "pairs of images"),  # the fewest images per set each is defined for
             "precision_recall": (PR_NEIGHBOURS + 1, f"k-NN balls of k = {PR_NEIGHBOURS}")}
