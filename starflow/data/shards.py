@@ -34,7 +34,8 @@ from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, Corrupt
                                  clip_indices, decoded_length, draw_rate, read_clip, video_aspect)
 from starflow.folder_lock import FolderLock
 
-__all__ = ["INDEX_FILE", "SampleDecoder", "check_replaceable", "pack_folder", "read_index", "read_shards", "write_shards"]
+__all__ = ["INDEX_FILE", "SampleDecoder", "check_replaceable", "pack_folder", "read_index", "read_shards",
+           "write_shards"]
 
 logger = logging.getLogger(__name__)
 
