@@ -29,7 +29,7 @@ from torch import nn
 from starflow.files import atomic_scratch_path, follow_umask
 
 __all__ = ["DEPRECATED_BUFFERS", "WEIGHT_SUFFIXES", "CheckpointError", "LayoutError", "LayoutReport", "drop_deprecated",
-           "refused_global",
+           "damage_reason", "refused_global",
            "is_deprecated", "read_state_dict", "read_shapes", "load_weights", "compare_layout", "save_weights",
            "convert_checkpoint"]
 
@@ -152,6 +152,16 @@ def refused_global(error: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
+def damage_reason(error: BaseException) -> str:
+    """What a weights file's reader said, in a few words, for a damaged-file message: ``"it does not unpickle"``
+    for a pickle (torch's own text then advises ``weights_only=False``, which is not for a damaged file), else the
+    error's type and first line."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it does not unpickle"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _torch_load(path: Path, mmap: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
@@ -198,9 +208,8 @@ def read_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
         if named:
             what = (f"holds Python objects besides tensors (it names {named}), which loading could run as code; if "
                     "you trust the file, torch.load it with weights_only=False and pass its state dict")
-        else:  # (torch's own text on a pickle it cannot read advises weights_only=False: not for a damaged file)
-            why = "it does not unpickle" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
-            what = f"the file is corrupt or incomplete ({why}); download it again"
+        else:
+            what = f"the file is corrupt or incomplete ({damage_reason(e)}); download it again"
         raise CheckpointError(f"{path}: {what}") from e
     return _unwrap(obj, str(path))
 

@@ -9,12 +9,11 @@ model is missing.
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 
 import huggingface_hub.constants
 
-from starflow.checkpoint import refused_global
+from starflow.checkpoint import damage_reason, refused_global
 
 _TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 
@@ -73,8 +72,8 @@ def weights_error(name_or_path: str, what: str, cause: BaseException) -> ValueEr
         return ValueError(f"the {what} {name_or_path!r} has a weights file holding Python objects besides tensors (it "
                           f"names {named}), which loading could run as code: use its .safetensors weights, "
                           "or a copy from a source you trust")
-    why = "it does not unpickle" if isinstance(cause, pickle.UnpicklingError) else str(cause).strip().splitlines()[0]
-    return ValueError(f"the {what} {name_or_path!r} has a damaged weights file ({why}): download it again")
+    return ValueError(f"the {what} {name_or_path!r} has a damaged weights file ({damage_reason(cause)}): download it "
+                      "again")
 
 
 def missing_model_error(name_or_path: str, what: str, *, subfolder: str | None = None,
