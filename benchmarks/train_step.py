@@ -55,6 +55,7 @@ from starflow.models.tarflow_block import FlowBlock  # noqa: E402
 from starflow.sizing import latent_shape, text_width  # noqa: E402
 from starflow.train.memory import retain_freed_memory  # noqa: E402
 from starflow.train.parallelize import training_dtype  # noqa: E402
+from starflow.train.trainer import peak_memory_gib  # noqa: E402
 
 MODES = ("eager", "compile", "checkpoint")
 DEMO_SCALED = {"img_size": 16, "channels": 192}  # the demo layout at 256 tokens, width 192
@@ -177,9 +178,8 @@ def run_one(args: argparse.Namespace) -> dict:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     times.sort()
     median, best = statistics.median(times), times[0]
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     flops = step_flops(model, x, y)
-    row = {"mode": args.mode, "seconds": median, "best": best, "peak_gib": peak / 2**30, "flops": flops,
+    row = {"mode": args.mode, "seconds": median, "best": best, "peak_gib": peak_memory_gib(x.device), "flops": flops,
            "tflops_per_s": flops / best / 1e12, "loss": loss, "faults": faults,
            "params": sum(p.numel() for p in model.parameters()), "tokens": int(x[0].numel() // cfg.channel_size)}
     if args.mode == "eager" and args.check_flops:
