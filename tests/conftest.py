@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
@@ -16,6 +17,9 @@ import torch
 import yaml
 
 from starflow.data import write_digits
+
+# the helpers several test modules share (tests/helpers.py), importable under any --import-mode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TRAIN_IMAGES = 32  # digits in the small training folder (4 batches of 8: a short run crosses an epoch)
 TEST_IMAGES = 24  # digits in the small test folder

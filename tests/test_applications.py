@@ -22,7 +22,7 @@ from starflow.models.jacobi import _merge_known_runs
 from starflow.models.starflow import patchify
 from starflow.sampling.pipeline import Pipeline, SampleSettings, token_mask
 
-from test_video import TINY_VIDEO
+from helpers import TINY_VIDEO, video_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,20 +194,6 @@ def test_a_uniform_dequantisation_model_gets_its_own_known_input_and_no_tweedie_
 
 
 # ---------------------------------------------------------------------- video: continuation, v2v, end frame
-def _video_pipeline(**overrides) -> Pipeline:
-    """The tiny video config (with ``overrides``) as a pipeline, output layers perturbed: a non-trivial flow."""
-    from starflow.adapters import build_latent_adapter
-
-    cfg = load_config(dict(TINY_VIDEO, **overrides))
-    torch.manual_seed(0)
-    model = STARFlow.from_config(cfg, txt_dim=32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj_out.weight" in name or "final_norm.weight" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    return Pipeline(model, build_text_encoder(cfg), build_latent_adapter("none", channels=1), cfg)
-
-
 def test_one_frame_of_a_video_model_is_prompted_as_an_image(monkeypatch) -> None:
     """One-frame samples were trained as images ("An image:", fps 0; SPEC sections 12 and 16), and a target_length
     the VAE cannot decode is refused, not rounded down."""
@@ -217,7 +203,7 @@ def test_one_frame_of_a_video_model_is_prompted_as_an_image(monkeypatch) -> None
     seen = []
     encode = TextEncoder._encode
     monkeypatch.setattr(TextEncoder, "_encode", lambda self, texts: (seen.extend(texts), encode(self, texts))[1])
-    pipe = _video_pipeline(fps_cond=1)
+    pipe = video_pipeline(fps_cond=1)
     out = pipe(["cat"], SampleSettings(cfg=1.0, jacobi=False, target_length=1, self_denoise=False), seeds=[0])
     assert out.shape[1] == 1 and seen == ["An image:\ncat\n", "An image:\n\n"]
     seen.clear()
@@ -244,13 +230,13 @@ def test_eval_nll_prompts_a_video_model_with_images_as_images(tmp_path, monkeypa
     seen = []
     encode = TextEncoder._encode
     monkeypatch.setattr(TextEncoder, "_encode", lambda self, texts: (seen.extend(texts), encode(self, texts))[1])
-    evaluate_nll(_video_pipeline(fps_cond=1), str(folder), progress=False)
+    evaluate_nll(video_pipeline(fps_cond=1), str(folder), progress=False)
     assert seen == ["An image:\ncat\n"] * 2
 
 
 def test_sample_notes_that_one_frame_is_prompted_as_an_image(tmp_path, capsys) -> None:
     folder = tmp_path / "model"
-    _video_pipeline(fps_cond=1).save_pretrained(folder)
+    video_pipeline(fps_cond=1).save_pretrained(folder)
     args = ["sample", "--checkpoint_path", str(folder), "--caption", "cat", "--num_samples", "1", "--device", "cpu",
             "--target_length", "1", "--output_dir", str(tmp_path / "out")]
     assert main([*args, "--out_fps", "4"]) == 0
@@ -259,7 +245,7 @@ def test_sample_notes_that_one_frame_is_prompted_as_an_image(tmp_path, capsys) -
 
 
 def test_continuation_keeps_the_clip_and_follows_it() -> None:
-    pipe = _video_pipeline()
+    pipe = video_pipeline()
     clip = torch.rand(1, 5, 1, 8, 8) * 2 - 1
     settings = SampleSettings(cfg=1.0, jacobi=False, target_length=4, self_denoise=False)
     out = pipe(["a handwritten digit 2 moving left"], settings, seeds=[0], input_video=clip)
@@ -288,7 +274,7 @@ def test_continuation_checks_the_wan_frame_rules() -> None:
 
 
 def test_latent_frames_rules() -> None:
-    pipe = _video_pipeline()
+    pipe = video_pipeline()
     assert pipe.latent_frames() == pipe.latent_frames(pipe.config.vid_size[0])
     with pytest.raises(ValueError, match="at least one frame, got 0"):  # 0 is not the config's default
         pipe.latent_frames(0)
@@ -298,7 +284,7 @@ def test_latent_frames_rules() -> None:
 
 
 def test_video_to_video_and_end_frame_models() -> None:
-    v2v = _video_pipeline(video_to_video=1, drop_image=0)
+    v2v = video_pipeline(video_to_video=1, drop_image=0)
     assert v2v.trained_latent_frames == 6
     source = torch.rand(2, 3, 1, 8, 8) * 2 - 1
     settings = SampleSettings(cfg=1.0, jacobi=False)
@@ -306,7 +292,7 @@ def test_video_to_video_and_end_frame_models() -> None:
     assert out.shape == source.shape
     torch.testing.assert_close(v2v.video_to_video(["b"], source[1:], settings, seeds=[1]), out[1:])
     with pytest.raises(ValueError, match="video_to_video"):
-        _video_pipeline().video_to_video(["a"], source[:1], settings)
+        video_pipeline().video_to_video(["a"], source[:1], settings)
     with pytest.raises(ValueError, match="vid_size 3 frames"):
         v2v.video_to_video(["a"], source[:, :2], settings)
     # negative prompts are the unconditional rows: "" is the default, another one changes the sample
@@ -318,7 +304,7 @@ def test_video_to_video_and_end_frame_models() -> None:
         with pytest.raises(ValueError, match=f"^{name}: video_to_video redraws"):
             v2v.video_to_video(["a"], source[:1], replace(settings, **{name: 5}))
 
-    last = _video_pipeline(last_frame_cond=1, drop_image=0)
+    last = video_pipeline(last_frame_cond=1, drop_image=0)
     end, first = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 1, 8, 8) * 2 - 1
     clip = last(["a"], settings, seeds=[0], last_image=end, input_image=first)
     assert clip.shape == (1, 3, 1, 8, 8)

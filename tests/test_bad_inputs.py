@@ -449,7 +449,7 @@ def test_video_frame_counts_the_vae_cannot_make_are_refused() -> None:
     from starflow.cli.sample import sample_settings
     from starflow.config import load_config
 
-    from test_video import TINY_VIDEO
+    from helpers import TINY_VIDEO
 
     wan = load_config(dict(TINY_VIDEO, img_size=32, patch_size=1, channel_size=48, vid_size="5:8",
                            vae="Wan-AI/Wan2.2-TI2V-5B-Diffusers"))

@@ -7,7 +7,6 @@ The model is the tiny text-to-image STARFlow of ``conftest.TINY_CONFIG`` with th
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,25 +23,9 @@ from safetensors.torch import load_file
 from starflow.cli import main
 from starflow.train.state import KILL_DURING_SAVE_ENV
 
+from helpers import losses, run_env, train_cmd
+
 STEPS = 30
-
-
-def run_env(tmp: Path, **extra: str) -> dict[str, str]:
-    return dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-
-
-def train_cmd(config: Path, logdir: Path, nproc: int, *extra: str, torchrun: bool | None = None) -> list[str]:
-    """The training command line; under torchrun for several processes (or with ``torchrun``)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if (nproc > 1 if torchrun is None else torchrun) else [sys.executable]
-    return [*launch, "-m", "starflow.cli", "train", "--config", str(config), "--logdir", str(logdir),
-            "--device", "cpu", *extra]
-
-
-def losses(logdir: Path) -> dict[int, dict[str, float]]:
-    """Metrics by step; a step logged again after a resume replaces the earlier line."""
-    lines = (logdir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m for m in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from starflow.cli import main
 from starflow.evaluation.generate import check_set, set_record
 from starflow.evaluation.metrics import fid_from_features, kid_from_features, precision_recall
 from starflow.sampling.settings import SampleSettings
-from test_distributed_training import run_env
+from helpers import run_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

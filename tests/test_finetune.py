@@ -20,7 +20,7 @@ from starflow.config import load_config
 from starflow.distributed import init_distributed
 from starflow.train import launch
 from starflow.train.init_from import init_from, plan_init
-from test_distributed_training import losses, run_env, train_cmd
+from helpers import losses, run_env, train_cmd
 
 STEPS = 3
 

@@ -12,7 +12,7 @@ from starflow.config import load_config
 from starflow.models import STARFlow
 from starflow.models.lora import apply_lora, merge_lora_state
 from starflow.train.state import read_meta
-from test_train import read_checkpoint
+from helpers import TINY_VIDEO, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +119,6 @@ def test_lora_run_trains_adapters_only_and_exports_merged(make_pipeline, tiny_co
 def test_lora_targets_only_the_flow_never_the_frozen_denoiser() -> None:
     """A LoRA run trains the flow's adapters; the learnable denoiser stays as loaded, so a pattern that also matches
     its layers adapts only the flow's, one that matches only its layers is refused, and its denoiser_lr is unused."""
-    from test_video import TINY_VIDEO
 
     base = {k: v for k, v in TINY_VIDEO.items() if k != "denoiser_lr"}
     cfg = load_config(dict(base, lora_rank=2, lora_targets=r".*qkv"))

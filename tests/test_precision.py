@@ -159,7 +159,7 @@ def test_bf16_weights_sample_on_a_cpu_with_the_learnable_denoiser(make_pipeline,
     """``starflow sample --bf16`` on a CPU: KV-cached decoding in bf16 and a video model's learnable denoiser
     (float32 latents into bf16 weights) give the float32 sample to bf16 accuracy."""
     from starflow.sampling.pipeline import SampleSettings
-    from test_video import TINY_VIDEO
+    from helpers import TINY_VIDEO
 
     pipe = make_pipeline(**TINY_VIDEO)
     settings = SampleSettings(cfg=2.0, jacobi=jacobi, jacobi_block_size=4)

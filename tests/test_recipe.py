@@ -22,8 +22,7 @@ from starflow.data.video import VideoFolder, write_video
 from starflow.distributed import init_distributed
 from starflow.train import launch
 from starflow.train.recipe import Recipe
-from test_distributed_training import losses, run_env, train_cmd
-from test_video import TINY_VIDEO, _clip_folder
+from helpers import TINY_VIDEO, clip_folder, losses, run_env, train_cmd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +33,7 @@ def trainer_for(config: dict, logdir: Path):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    return _clip_folder(tmp_path_factory.mktemp("recipe_clips"), n=8, frames=8)
+    return clip_folder(tmp_path_factory.mktemp("recipe_clips"), n=8, frames=8)
 
 
 def test_cond_noise_level_weights_the_loss_and_the_denoiser_target(tiny_config, digits, tmp_path) -> None:

@@ -25,7 +25,7 @@ from starflow.sampling.batch import sample_aspect_ratios
 from starflow.sampling.denoise import learned_denoise, self_denoise
 from starflow.sampling.pipeline import Pipeline, Profile, SampleSettings
 
-from test_applications import _video_pipeline
+from helpers import video_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,8 +134,8 @@ def test_temperature_scales_the_noise_the_flow_inverts(make_pipeline, monkeypatc
         pipe.inpaint(PROMPTS, image, mask, dataclasses.replace(base, temperature=t), seeds=[0, 1])
     assert torch.equal(seen[3], 0.5 * seen[2]) and torch.equal(known[3], known[2])
     # video: image-to-video, continuation and video-to-video scale the sampled noise, never the known frames
-    video = _video_pipeline()
-    v2v = _video_pipeline(video_to_video=1, drop_image=0.0)
+    video = video_pipeline()
+    v2v = video_pipeline(video_to_video=1, drop_image=0.0)
     frame, clip = torch.rand(1, 1, 8, 8) * 2 - 1, torch.rand(1, 5, 1, 8, 8) * 2 - 1
     for p in (video, v2v):
         p.model.reverse, p.model.encode_context = _spy_video(p.model)
@@ -263,7 +263,7 @@ def test_random_aspect_ratio_draws_per_sample(make_pipeline, tmp_path: Path, cap
 
 
 def test_out_fps_sets_the_prompt_and_the_file(tmp_path: Path) -> None:
-    pipe = _video_pipeline(fps_cond=1)
+    pipe = video_pipeline(fps_cond=1)
     assert "A video with 24 fps" in prompt_from_config("x", pipe.config, fps=24)
     s = dict(cfg=0.0, jacobi=False, self_denoise=False)
     native = pipe(["a"], SampleSettings(**s), seeds=[0])
@@ -293,7 +293,7 @@ def test_denoising_controls(make_pipeline) -> None:
     assert prompt_from_config("x", image.config.__class__(**{**vars(image.config), "cond_noise_level": True}),
                               noise_std=0.25).startswith("Noise Level 250:")
 
-    video = _video_pipeline()  # a learnable denoiser
+    video = video_pipeline()  # a learnable denoiser
     v, yv = torch.randn(2, 2, 1, 8, 8), video.encode_prompts(["a", "b"])
     learned = learned_denoise(video.model, v, yv, window=video.trained_latent_frames)
     torch.testing.assert_close(video._denoise(v, yv, SampleSettings(), profile), learned)

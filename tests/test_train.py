@@ -28,6 +28,8 @@ from starflow.train.optim import WARMUP_START_LR, build_optimizer, build_schedul
 from starflow.train.state import CheckpointManager
 from starflow.train.trainer import Trainer, TrainingDiverged
 
+from helpers import read_checkpoint
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,16 +48,6 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def read_metrics(logdir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_checkpoint(path: Path, tmp: Path) -> dict[str, Any]:
-    """Everything in a DCP training checkpoint as one plain dict (plus ``trainer.json`` under ``meta``)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(path, tmp / "consolidated.pt")
-    state = torch.load(tmp / "consolidated.pt", weights_only=False)
-    state["meta"] = json.loads((path / "trainer.json").read_text())
-    return state
 
 
 def train_args(config_file: Path, data: Path, logdir: Path, *extra: str) -> list[str]:

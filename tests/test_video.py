@@ -20,16 +20,9 @@ from starflow.data.video import (CorruptVideoError, VideoFolder, clip_indices, r
                                  write_video)
 from starflow.models import STARFlow
 
+from helpers import TINY_VIDEO, clip_folder
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY_VIDEO = dict(img_size=8, vid_size="3:8", channel_size=1, patch_size=2, channels=32, top_block_channels=48,
-                  head_dim=16, layers_per_block="1 2", rope=1, sos=1, seq_order="L2R", use_softplus=1,
-                  cond_top_only=1, use_final_norm=1, soft_clip=4.0, temporal_causal=1, shallow_block_local=1,
-                  learnable_self_denoiser=1, conditional_denoiser=1, denoiser_window=1, txt_size=48, text="tiny-t5",
-                  vae="none", noise_std=0.3, drop_label=0.1, drop_image=0.5, lr=1e-3, min_lr=1e-5, denoiser_lr=1e-3,
-                  warmup_steps=0, steps=3, batch_size=4, grad_clip=1.0, num_workers=0, log_freq=1, save_freq=3,
-                  sample_freq=0, keep_last=1, seed=0, no_flip=1)
-
 
 # ---------------------------------------------------------------------- WAN2.2 latents
 @pytest.fixture(scope="module")
@@ -263,21 +256,8 @@ def test_read_clip_counts_from_the_first_keyframe(tmp_path: Path) -> None:
         assert np.array_equal(got, full[want])
 
 
-def _clip_folder(root: Path, n: int = 8, frames: int = 6) -> Path:
-    from starflow.data.digits import load_digit_split
-
-    images, labels = load_digit_split("train")
-    lines = []
-    for i in range(n):
-        direction = list(DIRECTIONS)[i % 4]
-        write_video(root / f"{i}.mp4", render_clip(images[i], frames, 8, (i, 2 * i), direction), 8, lossless=True)
-        lines.append(json.dumps({"file_name": f"{i}.mp4", "text": moving_caption(int(labels[i]), direction), "fps": 8}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def test_video_folder_clips_fps_and_bad_files(tmp_path: Path) -> None:
-    root = _clip_folder(tmp_path, n=3, frames=6)
+    root = clip_folder(tmp_path, n=3, frames=6)
     (root / "broken.mp4").write_bytes(b"not a video")
     write_video(root / "short.mp4", np.zeros((2, 8, 8), np.uint8), 8, lossless=True)
     meta = (root / "metadata.jsonl").read_text()
@@ -305,7 +285,7 @@ def test_video_folder_clips_fps_and_bad_files(tmp_path: Path) -> None:
 def video_run(tmp_path_factory, one_thread) -> Path:
     """``starflow train`` on moving digits for 3 steps (learnable denoiser, drop_image 0.5)."""
     tmp = tmp_path_factory.mktemp("video_train")
-    data = _clip_folder(tmp / "clips")
+    data = clip_folder(tmp / "clips")
     config = tmp / "config.yaml"
     config.write_text(yaml.safe_dump(dict(TINY_VIDEO, sample_freq=3)))  # a sample grid at the last step
     with torch.random.fork_rng(devices=[]):
@@ -340,7 +320,7 @@ def test_an_unreadable_clip_is_said_once_on_a_line_of_its_own(tmp_path: Path) ->
     import subprocess
     import sys
 
-    data = _clip_folder(tmp_path / "clips", n=4)
+    data = clip_folder(tmp_path / "clips", n=4)
     (data / "1.mp4").write_bytes(b"not a video")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(dict(TINY_VIDEO, num_workers=1, steps=6, save_freq=6, batch_size=2)))  # 3 epochs
