@@ -8,6 +8,7 @@ The model is the tiny text-to-image STARFlow of ``conftest.TINY_CONFIG`` with th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def runs(tiny_config, digits, tmp_path_factory) -> dict[str, Path]:
     out = {}
     variants = (("one", 1, ()), ("fsdp", 2, ()), ("fsdp_t5", 2, ("--fsdp_text_encoder", "1")),
                 ("ddp_accum", 2, ("--fsdp", "0", "--grad_accum", "2", "--fsdp_text_encoder", "1", "--sample_freq", "4")), ("fsdp_bf16", 2, ("--precision", "bf16")),
-                ("fsdp_one_rank", 1, ()))
+                ("fsdp_one_rank", 1, ("--sample_freq", "4")))
     for name, nproc, extra in variants:
         out[name] = tmp / name
         r = subprocess.run(train_cmd(tmp / "config.yaml", out[name], nproc, *extra, torchrun=name != "one"),
@@ -58,7 +59,8 @@ def test_two_processes_match_one_process(runs, name: str) -> None:
         for key in ("loss", "denoiser_loss"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
     assert one[STEPS]["loss"] < one[1]["loss"] - 0.05  # it learns
-    if name == "ddp_accum":  # DDP with the T5 sharded: every rank samples the grids (rank 0 alone would hang)
+    if name in ("ddp_accum", "fsdp_one_rank"):  # DDP with the T5 sharded: every rank samples the grids (rank 0 alone
+        # would hang); sampling leaves the training noise stream as it was
         assert sorted(p.name for p in (runs[name] / "samples").iterdir()) == ["step_00000016.png", "step_00000030.png"]
     mode = {"fsdp": "(FSDP2)", "fsdp_t5": "(FSDP2)", "ddp_accum": "(DDP)", "fsdp_one_rank": "1 process(es) (FSDP2)"}
     assert mode[name] in (runs[name] / "stdout.txt").read_text()
@@ -97,6 +99,27 @@ def test_sharded_run_exports_the_same_weights(runs, tmp_path) -> None:
     assert any(not torch.allclose(ema[k], final[k], atol=1e-3) for k in ema)  # an average, not the weights
     shards = sorted(p.name for p in (runs["fsdp"] / "checkpoints" / f"step_{STEPS:08d}").glob("*.distcp"))
     assert len(shards) == 2  # each rank wrote its own shards
+
+
+def test_a_sharded_run_killed_before_its_grid_draws_it_on_resume(runs, tmp_path: Path) -> None:
+    """Killed after the step-20 checkpoint, before that step's sample grid: the rerun resumes there and draws the grid
+    before its first step, with FSDP2 layers that have not gathered their weights in a training step yet (sampling
+    under inference mode must not leave their gathered weights inference tensors: every step after it would fail),
+    then trains on to the end, onto the uninterrupted loss curve."""
+    logdir = tmp_path / "run"
+    shutil.copytree(runs["fsdp_one_rank"], logdir)
+    for name in ("step_00000025", "step_00000030"):  # killed after step 20: its checkpoint is the latest
+        shutil.rmtree(logdir / "checkpoints" / name)
+    shutil.rmtree(logdir / "samples")
+    r = subprocess.run(train_cmd(runs["config"], logdir, 1, "--sample_freq", "5", torchrun=True),  # grids at 20, 30
+                       env=run_env(runs["tmp"]), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    assert sorted(p.name for p in (logdir / "samples").iterdir()) == ["step_00000020.png", "step_00000030.png"]
+    got, ref = losses(logdir), losses(runs["fsdp_one_rank"])
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in range(21, STEPS + 1):
+        assert got[step]["loss"] == ref[step]["loss"], step  # the grid left the training noise stream as it was
 
 
 def test_killed_runs_resume_onto_the_uninterrupted_curve(runs) -> None:

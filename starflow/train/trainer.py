@@ -40,7 +40,7 @@ from starflow.assets import TINY_TEXT_ENCODER
 from starflow.config import TRAINING_KEYS, Config, save_config
 from starflow.data import (AspectBucketBatchSampler, ImageFolder, PositionTracker, ResumableBatchSampler, ShardStream,
                            STREAM_VERSION, check_cacheable, collate, continue_positions, load_uncond, sample_seed)
-from starflow.distributed import DistInfo, from_rank0, is_sharded
+from starflow.distributed import DistInfo, from_rank0, is_sharded, prepare_sharded_inference
 from starflow.folder_lock import FolderLock
 from starflow.models import STARFlow
 from starflow.sampling.io import filmstrips, save_grid, view_scale
@@ -885,6 +885,11 @@ class Trainer:
         if not captions:
             return None
         was_training = self.model.training
+        if self.sharded:  # FSDP2 must have gathered the layers outside inference mode once (a resumed run may draw
+            # its grid before any step), or their gathered weights become inference tensors and every step fails
+            with torch.no_grad():
+                prepare_sharded_inference(self.model, self.cfg.txt_size, getattr(self.text_encoder, "hidden_size", None),
+                                          self.dist.device)
         pipe = Pipeline(self.model, self.text_encoder, self.vae, self.cfg)
         prompts = [p for p in captions for _ in range(per_prompt)]
         gen = torch.Generator().manual_seed(self.cfg.seed)
