@@ -32,11 +32,16 @@ from torch import nn
 
 from starflow.worker import stop_with_launcher
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "shard_model", "any_rank",
-           "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference", "from_rank0",
-           "stop_with_launcher"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "pick_device", "world_mesh", "shard_model",
+           "any_rank", "is_sharded", "load_full_state_dict", "load_sharded", "prepare_sharded_inference", "from_rank0",
+           "stop_with_launcher", "PROCESS_GROUP_TIMEOUT"]
 
 T = TypeVar("T")
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+"""How long a collective waits for the other ranks before the process group gives up: gloo's default, for NCCL too
+(whose own default is ten minutes), as rank 0 works alone for a while in places: writing a 7B model folder at the end
+of training, or a sample grid of a DDP run, while the other ranks wait for it."""
 
 
 @dataclass
@@ -99,9 +104,10 @@ def pick_device(requested: str | None = None, local_rank: int = 0, world_size: i
 
 
 def init_distributed(device: str | None = None) -> DistInfo:
-    """Initialise the default process group (NCCL on CUDA, gloo on a CPU) when launched by torchrun, also for
-    ``--nproc_per_node 1`` (so ``fsdp: 1`` shards over one GPU as over eight); a no-op for a plain process. Ranks
-    other than 0 turn ``transformers``' progress bars off (rank 0 shows them)."""
+    """Initialise the default process group (NCCL on CUDA, gloo on a CPU; collectives wait
+    :data:`PROCESS_GROUP_TIMEOUT` for the other ranks) when launched by torchrun, also for ``--nproc_per_node 1``
+    (so ``fsdp: 1`` shards over one GPU as over eight); a no-op for a plain process. Ranks other than 0 turn
+    ``transformers``' progress bars off (rank 0 shows them)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "TORCHELASTIC_RUN_ID" in os.environ or world > 1
     rank = int(os.environ.get("RANK", "0"))
@@ -112,7 +118,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if launched and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
+                                timeout=PROCESS_GROUP_TIMEOUT)
     if rank != 0:  # the libraries' own progress bars (loading the text encoder, ...): rank 0's are shown alone
         from transformers.utils import logging as transformers_logging
 
@@ -137,12 +144,25 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
+def world_mesh(device: torch.device):
+    """The 1-D ``DeviceMesh`` of every rank of the default process group, on ``device``'s type.
+
+    ``fully_shard`` without a mesh builds one on the machine's accelerator, CUDA wherever a GPU is visible, and moves
+    the parameters there: ``--device cpu`` on a GPU machine would shard onto ``cuda:0`` of every rank.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_model(model: nn.Module, mesh=None, *, device: torch.device | None = None, mp_policy=None,
+                reshard_after_forward: bool = True) -> nn.Module:
     """Apply FSDP2 to a STARFlow in place: each transformer layer, each flow block, the denoiser, the root.
 
     Args:
         model: a :class:`~starflow.models.STARFlow`, on the meta device or already on its device.
-        mesh: a 1-D ``DeviceMesh`` (default: all ranks of the default process group).
+        mesh: a 1-D ``DeviceMesh``; default: :func:`world_mesh` of ``device``.
+        device: this rank's device (default: the default process group's, CUDA under NCCL, else the CPU).
         mp_policy: optional ``MixedPrecisionPolicy`` (e.g. bf16 parameters, fp32 reduction).
         reshard_after_forward: free the gathered weights after each unit runs (saves memory).
 
@@ -161,6 +181,8 @@ def shard_model(model: nn.Module, mesh=None, *, mp_policy=None, reshard_after_fo
         raise RuntimeError("sharding needs torch.distributed: launch with torchrun --nproc_per_node N")
     # Our outputs are never modified in place, so FSDP2's warning about returning views does not apply.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if mesh is None:
+        mesh = world_mesh(device or torch.device("cuda" if "nccl" in str(dist.get_backend()) else "cpu"))
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
     for module in model.modules():
         if isinstance(module, AttentionBlock):
@@ -281,7 +303,7 @@ def load_sharded(model: nn.Module, weights, device: torch.device, dtype: torch.d
         raise LayoutError(report, str(weights))
     if dtype is not None:  # the shards convert as they are filled: no rank makes a converted copy of the model
         model.to(dtype)
-    shard_model(model)
+    shard_model(model, device=device)
     model.to_empty(device=device)
     load_full_state_dict(model, state_dict)
     return model  # every name was loaded: compare_layout checked that the two sets of names are equal

@@ -223,3 +223,55 @@ def test_an_error_under_torchrun_is_one_line_and_the_launcher_names_it(tmp_path:
     assert r.returncode != 0 and r.stderr.count("\n" + line) + r.stderr.startswith(line) == 1, r.stderr[-3000:]
     assert r.stderr.count(f"traceback : {line}") == 2  # torchrun's summary: rank 0's and rank 1's record
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_ranks_shard_onto_the_cpu_on_a_gpu_machine(tiny_config, tmp_path: Path, monkeypatch) -> None:
+    """``--device cpu`` under torchrun on a machine with GPUs: FSDP2 shards the flow and the T5 onto the ranks' device
+    (the CPU), not onto the accelerator ``fully_shard`` picks without a mesh (a GPU machine is simulated: the
+    accelerator PyTorch reports is CUDA)."""
+    import torch.distributed as dist
+
+    from starflow.adapters import build_text_encoder
+    from starflow.config import load_config
+    from starflow.distributed import DistInfo
+    from starflow.models import STARFlow
+    from starflow.train.parallelize import parallelize, shard_text_encoder
+
+    cfg = load_config(dict(tiny_config, fsdp=1))
+    text_encoder = build_text_encoder(cfg)
+    torch.manual_seed(0)
+    model = STARFlow(cfg, txt_dim=text_encoder.hidden_size)
+    x = torch.randn(2, 1, 8, 8)
+    want = model.loss(x, text_encoder(["a 1", "a 2"]))["loss"].item()
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rank = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # (as a rank of several)
+        parallelize(model, cfg, rank)
+        shard_text_encoder(text_encoder.encoder, rank)
+        meshes = {p.device_mesh.device_type for m in (model, text_encoder.encoder) for p in m.parameters()}
+        got = model.loss(x, text_encoder(["a 1", "a 2"]))["loss"]
+        got.backward()
+    finally:
+        dist.destroy_process_group()
+    assert meshes == {"cpu"}
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_the_process_group_waits_half_an_hour_for_rank_0(monkeypatch) -> None:
+    """Under torchrun the default group's collectives wait :data:`PROCESS_GROUP_TIMEOUT` (30 minutes; NCCL's own
+    default is 10): rank 0 alone writes the model folder at the end, while the other ranks wait for it."""
+    import torch.distributed as dist
+
+    import starflow.distributed as distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "stop_with_launcher", lambda: True)  # (not this test process)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    distributed.init_distributed("cpu")
+    assert seen["backend"] == "gloo" and seen["timeout"] == distributed.PROCESS_GROUP_TIMEOUT
+    assert distributed.PROCESS_GROUP_TIMEOUT.total_seconds() == 30 * 60

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from starflow.config import PRECISIONS, Config
-from starflow.distributed import is_sharded, shard_model
-from starflow.distributed import DistInfo
+from starflow.distributed import DistInfo, is_sharded, shard_model, world_mesh
 
 __all__ = ["training_dtype", "native_bf16", "mixed_precision_policy", "parallelize", "shard_text_encoder", "gradient_sync", "clip_grad_norm",
            "all_reduce_grads", "full_state_dict"]
@@ -80,7 +79,7 @@ def parallelize(model: nn.Module, cfg: Config, dist: DistInfo) -> nn.Module:
         return model
     if cfg.fsdp:
         policy = mixed_precision_policy(training_dtype(cfg.precision, dist.device), cast_forward_inputs=False)
-        return shard_model(model, mp_policy=policy)
+        return shard_model(model, device=dist.device, mp_policy=policy)
     denoiser = [n for n, _ in model.named_parameters() if n.startswith("learnable_self_denoiser.")]
     if denoiser:  # trained outside the flow's forward: its gradients are synced by hand
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, denoiser)
@@ -98,7 +97,7 @@ def shard_text_encoder(encoder: nn.Module, dist: DistInfo, dtype: torch.dtype = 
     from torch.distributed.fsdp import fully_shard
 
     blocks = [m for m in encoder.modules() if type(m).__name__ == "T5Block"]
-    kw = dict(mp_policy=mixed_precision_policy(dtype))
+    kw = dict(mesh=world_mesh(dist.device), mp_policy=mixed_precision_policy(dtype))
     for block in blocks:
         fully_shard(block, **kw)
     fully_shard(encoder, **kw)
