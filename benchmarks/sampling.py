@@ -187,6 +187,7 @@ def main() -> None:
               f"{'peak MiB':>10}{'rel. dist.':>12}{'evals x':>9}{'speed x':>9}")
     print(header)
     references = {}  # per batch: the float32 sequential sample
+    float32_weights = {k: v.clone() for k, v in model.state_dict().items()}  # (a bf16 round trip would round them)
     for compiled in (False, True) if args.compile else (False,):
         if compiled:
             model.compile_layers()
@@ -194,6 +195,8 @@ def main() -> None:
             y, noise = inputs(batch)
             for dtype in dtypes:
                 model.to(dtype)
+                if dtype == torch.float32:
+                    model.load_state_dict(float32_weights)
                 base = None
                 named = strategies(args.block_sizes, args.thresholds, args.max_iter, args.jacobi_stop)
                 results = measure(model, y, noise, named, guidance, args.repeats, device, dtype)
@@ -207,7 +210,7 @@ def main() -> None:
                           f"{'-' if r.peak_mib != r.peak_mib else f'{r.peak_mib:.1f}':>10}{r.distance:>12.2e}"
                           f"{base.evals / r.evals:>9.1f}"
                           f"{base.seconds / r.seconds:>9.2f}", flush=True)
-            model.to(torch.float32)
+            model.to(torch.float32).load_state_dict(float32_weights)
     print("evals x / speed x: sequential evaluations and seconds of sequential decoding (same batch and dtype) "
           "over the strategy's; rel. dist. to the float32 sequential sample; +c: compiled layers")
 

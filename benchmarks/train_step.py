@@ -165,15 +165,15 @@ def run_one(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         step()
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
     times = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - t0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     times.sort()
@@ -279,7 +279,7 @@ def profile(args: argparse.Namespace, rows: int = 20) -> None:
         for _ in range(args.profile):
             step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(x.device)
     events = prof.key_averages()
     device_time = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(events, key=lambda e: getattr(e, device_time), reverse=True)

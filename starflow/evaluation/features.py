@@ -153,4 +153,4 @@ def extract_features(files: list[Path], name: str, batch_size: int = 256, device
             for j, row in zip(index, feats):
                 rows[j] = row
         out.append(torch.stack(rows))
-    return torch.cat(out).double().cpu().numpy()
+    return torch.cat(out).cpu().double().numpy()  # (float64 on the CPU: MPS has none)

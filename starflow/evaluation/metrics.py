@@ -149,7 +149,11 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS,
 
     The distances are computed in float64 on ``device``, ``block`` rows at a time (:data:`PR_BLOCK`), so memory
     grows linearly with the number of features, not quadratically; time grows with ``N_real x N_fake`` (50K
-    against 50K Inception features is minutes of CPU time: evaluate passes its ``--device``)."""
+    against 50K Inception features is minutes of CPU time: evaluate passes its ``--device``; an Apple GPU, which has
+    no float64, computes on the CPU)."""
+    device = torch.device(device)
+    if device.type == "mps":  # no float64 on Apple GPUs
+        device = torch.device("cpu")
     r = torch.from_numpy(np.asarray(real, dtype=np.float64)).to(device)
     f = torch.from_numpy(np.asarray(fake, dtype=np.float64)).to(device)
     r_radii, f_radii = _radii(r, k, block), _radii(f, k, block)

@@ -99,7 +99,8 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         for k in range(noise_samples):  # the training noise (noise_type): Gaussian, or 8-bit dequantisation
             noise = torch.stack([draw(latents.shape[1:], generator=torch.Generator().manual_seed(
                 sample_seed(seed, i, k))) for i in index]).to(latents.device)
-            per_image += pipe.model.nll(noised_data(latents, noise, cfg), y).double().cpu() / noise_samples
+            nats = pipe.model.nll(noised_data(latents, noise, cfg), y)
+            per_image += nats.cpu().double() / noise_samples  # (float64 on the CPU: MPS has none)
         sums += torch.stack([per_image.sum(), per_image.square().sum(), torch.tensor(float(len(index)))])
     if world_size > 1:  # reduced on the model's device: NCCL has no CPU tensors
         sums = sums.to(pipe.device)
