@@ -175,6 +175,7 @@ def test_a_set_made_otherwise_is_refused_before_the_weights_load(tmp_path, capsy
                            "continues with its own, --sample_batch_size 2)")):
         assert main([*args, *changed]) == 2
         assert what in capsys.readouterr().err
+    assert main([*args, "--fsdp", "1"]) == 0  # sharded or whole weights make the same images: the set continues
     # "auto" Jacobi chunks depend on the device type: a set begun on a GPU is not continued on a CPU
     record = json.loads((out / "set.json").read_text())
     assert record["auto_device"] == "cpu"

@@ -169,17 +169,18 @@ def _grows(out: Path, old: dict[str, Any], record: dict[str, Any], captions: lis
 
 def _comparable(old: dict[str, Any], record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A set's ``set.json`` and a new record, as they compare: what older versions did not record takes the value
-    it had then (a setting's default, the new record's), training keys are left out of the configs (they change no
-    sample), and a legacy caption digest that matches stands for the new one."""
+    it had then (a setting's default, the new record's), training keys and ``fsdp`` are left out of the configs (they
+    change no sample), and a legacy caption digest that matches stands for the new one."""
     old, record = dict(old), dict(record)
     if isinstance(old.get("settings"), dict):  # a set made before a setting existed used its default
         old["settings"] = {**asdict(SampleSettings()), **old["settings"]}
     for key in LATER_KEYS:  # not recorded by the versions that made older sets
         if key not in old:
             old[key] = record.get(key)
-    for r in (old, record):  # training keys do not change samples (a model folder's own copy may be edited)
+    for r in (old, record):  # training keys do not change samples (a model folder's own copy may be edited), nor
+        # does sharding the weights (fsdp: the same images from sharded and whole weights, on any number of ranks)
         if isinstance(r.get("config"), dict):
-            r["config"] = {k: v for k, v in r["config"].items() if k not in TRAINING_KEYS}
+            r["config"] = {k: v for k, v in r["config"].items() if k not in TRAINING_KEYS and k != "fsdp"}
     if old.get("captions_sha") == record.get(LEGACY_CAPTIONS_SHA):  # a set made before, captions with newlines
         old["captions_sha"] = record["captions_sha"]
     return old, record
