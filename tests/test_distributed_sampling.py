@@ -221,3 +221,23 @@ def test_generate_set_decodes_a_sample_alike_in_any_batch(monkeypatch, tmp_path)
                                    full_batches=True)
     alone, inside = kept["00008_a_handwritten_digit_8"]
     assert torch.equal(alone, inside)
+
+
+def test_a_sharded_dry_run_counts_each_process_its_shard_of_the_weights(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``sample --fsdp 1 --dry_run`` of the 3B layout under torchrun (``WORLD_SIZE`` 2): each process holds half the
+    flow's weights (as ``starflow validate --gpus 2`` counts them), and the plan says the flow is sharded; with
+    ``--fsdp 0`` each holds them whole."""
+    import re
+
+    weights = tmp_path / "starflow_3B_t2i_256x256.pth"  # a dry run reads no weights
+    weights.touch()
+    config = Path(__file__).resolve().parents[1] / "configs" / "starflow_3B_t2i_256x256.yaml"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gib = {}
+    for fsdp in ("1", "0"):
+        assert main(["sample", "--checkpoint_path", str(weights), "--model_config_path", str(config), "--caption", "a fox",
+                     "--num_samples", "2", "--fsdp", fsdp, "--dry_run"]) == 0
+        out = capsys.readouterr().out
+        gib[fsdp] = float(re.search(r"weights ([0-9.]+) GiB", out).group(1))
+        assert ("the flow sharded over 2 processes" in out) == (fsdp == "1")
+    assert gib["0"] > 10 and gib["1"] == pytest.approx(gib["0"] / 2, abs=2e-3)

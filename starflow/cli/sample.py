@@ -577,7 +577,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
                                 f"no {config.name} beside the weights ({config}): pass their YAML with "
                                 "--model_config_path (the official models' are in configs/ of the repository)")
     cfg = sampling_config(config, args)
-    check_sharding(args, cfg, world_size)
+    sharded = check_sharding(args, cfg, world_size)
     check_output_path(args.output_dir)  # (sampling creates it once every input has been read)
     classes = config_classes(cfg, config)
     captions = read_captions(args, args.checkpoint_path is None, classes, world_size, cfg.txt_size == 0)
@@ -607,7 +607,7 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     batch = args.sample_batch_size
     per_rank = -(-len(captions) // world_size)
     txt_dim = text_width(cfg, config.parent)
-    report = size_report(cfg, txt_dim, batch=min(batch, per_rank) or 1)
+    report = size_report(cfg, txt_dim, batch=min(batch, per_rank) or 1, gpus=world_size if sharded else 1)
     lines = [f"dry run (nothing loaded or sampled): {weights} with {config}",
              f"samples: {len(captions)} ({len(set(captions))} distinct prompt(s)) over {world_size} process(es), "
              f"{per_rank} per process in {math.ceil(per_rank / batch)} batch(es) of up to {batch}",
@@ -632,7 +632,8 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
                  + f"; denoising {'on' if settings.self_denoise else 'off'}")
     mem = {m.dtype: m for m in report.memory}["bf16" if args.bf16 else "fp32"]
     lines.append(f"memory per process ({mem.dtype} weights, batch {report.batch}, largest trained bucket): weights "
-                 f"{mem.weights / GIB:.3f} GiB, KV cache {mem.kv_cache / GIB:.3f} GiB, "
+                 f"{mem.weights / GIB:.3f} GiB" + (f" (the flow sharded over {world_size} processes, FSDP2)" if sharded
+                                                   else "") + f", KV cache {mem.kv_cache / GIB:.3f} GiB, "
                  f"{report.total_parameters:,} flow parameters")
     lines += [clip_line] if clip_line else []
     kind = ("MP4 + poster PNG" + (" + GIF" if args.gif else "")) if cfg.is_video else "PNG"
