@@ -559,6 +559,20 @@ def test_a_run_diverging_at_its_first_step_keeps_its_logdir_and_starts_again(tin
     assert [m["step"] for m in read_metrics(tmp_path / "diverged")] == [1]  # what happened stays in the logdir
 
 
+def test_a_diverged_run_records_its_reason_for_torchrun(tiny_config, digits, config_file, tmp_path, monkeypatch,
+                                                        capsys) -> None:
+    """``starflow train`` ending in non-finite steps exits 3 with one ``error:`` line, which it also records in the
+    error file torchrun names (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure summary says why."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    config = dict(tiny_config, steps=6, lr=1e12, grad_clip=0.0, max_nonfinite=2)
+    assert main(train_args(config_file(config), digits["train"], tmp_path / "run")) == 3
+    err = capsys.readouterr().err
+    assert "error: 2 consecutive steps" in err and "non-finite" in err
+    recorded = json.loads(error_file.read_text())["message"]["message"]
+    assert recorded.startswith("error: 2 consecutive steps") and recorded in err
+
+
 # ---------------------------------------------------------------------- errors
 def test_typo_in_yaml_names_the_nearest_key(tiny_config, digits, config_file, tmp_path, capsys) -> None:
     config = dict(tiny_config)

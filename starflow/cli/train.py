@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides, note_once
@@ -141,8 +140,9 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
     try:
         history = trainer.fit(dry_run=args.dry_run)
     except TrainingDiverged as e:
-        if dist.is_main:
-            print(f"error: {e}", file=sys.stderr)
+        from starflow.cli import _say_error
+
+        _say_error(f"error: {e}")  # (rank 0 prints it; under torchrun every rank records it for the launcher's summary)
         diverged = True  # the teardown follows outside the handler: its traceback holds the trainer
     if diverged:
         del trainer  # the sharded model goes before its process group (cleanup_distributed)
