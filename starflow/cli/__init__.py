@@ -8,12 +8,10 @@ documents each flag with its default and unit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +21,7 @@ if launched_by_torchrun():  # first thing, before the imports below take seconds
     stop_with_launcher()
 
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
-from starflow.cli._flags import OneLineErrors
+from starflow.cli._flags import OneLineErrors, say_error
 from starflow.console import line_start, log_lines
 
 __all__ = ["main", "build_parser"]
@@ -84,21 +82,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _say_error(line: str) -> None:
-    """Print a command's error line, once: under torchrun rank 0 prints it, and every rank records its own in the error
-    file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure summary names the first rank that
-    failed and why, also when only another rank met the error."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
-        try:
-            Path(path).write_text(json.dumps(record))
-        except OSError:
-            path = None
-    if _rank() == 0 or not path:
-        print(line, file=sys.stderr)
-
-
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
 PATH_ARGUMENTS = {"output_dir", "out", "data", "checkpoint", "checkpoint_path", "config", "model_config_path",
                   "input_image", "input_video", "last_image", "mask", "local_dir", "src", "dst", "samples", "reference",
@@ -126,7 +109,7 @@ def _main(argv: list[str] | None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command in SINGLE_PROCESS and world > 1:
-        _say_error(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start "
+        say_error(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start "
                    "it without torchrun")
         return 2
     command = parser.commands[args.command]
@@ -144,7 +127,7 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status
         _end_progress_bars()
         if isinstance(e.code, str):
-            _say_error(f"error: {e.code}")
+            say_error(f"error: {e.code}")
             return 2
         raise
     except BrokenPipeError as e:
@@ -154,13 +137,13 @@ def _main(argv: list[str] | None) -> int:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         _end_progress_bars()  # another pipe (a DataLoader worker's, say): an error like any other
-        _say_error(f"error: {e}")
+        say_error(f"error: {e}")
         return 2
     except (ValueError, OSError, CheckpointError, RuntimeError, KeyError, ImportError) as e:  # (a missing package)
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         _end_progress_bars()
-        _say_error(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        say_error(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
         return 2
     except KeyboardInterrupt as e:
         _end_progress_bars()
@@ -173,6 +156,6 @@ def _main(argv: list[str] | None) -> int:
         if os.environ.get("STARFLOW_DEBUG"):
             raise
         _end_progress_bars()
-        _say_error(f"error: unexpected {type(e).__name__}: {e} (a bug: rerun with STARFLOW_DEBUG=1 for the traceback "
+        say_error(f"error: unexpected {type(e).__name__}: {e} (a bug: rerun with STARFLOW_DEBUG=1 for the traceback "
                    "and report it)")
         return 1

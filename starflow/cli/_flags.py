@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -24,7 +26,7 @@ SAMPLING_REJECT = {**dict.fromkeys(TRAINING_KEYS),
 """The config keys the sampling commands refuse as flags, with why: training keys, and those of a LoRA fine-tune (its
 model folder records them, but its weights have the adapters merged in)."""
 
-__all__ = ["SAMPLING_SKIP", "SAMPLING_REJECT", "OneLineErrors", "add_config_flags", "config_overrides",
+__all__ = ["say_error", "SAMPLING_SKIP", "SAMPLING_REJECT", "OneLineErrors", "add_config_flags", "config_overrides",
            "add_weights_io_flags", "add_device_flag", "DTYPES", "check_input_files", "about_flag", "output_folder",
            "read_text_lines", "check_output_path", "is_rank0", "note_once", "forget_notes"]
 
@@ -228,3 +230,18 @@ def about_flag(flag: str, value) -> Iterator[None]:
         except TypeError:  # an exception type with another constructor
             wrapped = ValueError(f"{prefix}: {message}")
         raise wrapped from None
+
+
+def say_error(line: str) -> None:
+    """Print a command's error line, once: under torchrun rank 0 prints it, and every rank records its own in the error
+    file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so the launcher's failure summary names the first rank that
+    failed and why, also when only another rank met the error."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        try:
+            Path(path).write_text(json.dumps(record))
+        except OSError:
+            path = None
+    if int(os.environ.get("RANK", "0")) == 0 or not path:
+        print(line, file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides, note_once
+from starflow.cli._flags import add_config_flags, add_device_flag, config_overrides, note_once, say_error
 from starflow.config import check_inactive, load_config
 from starflow.files import check_writable
 
@@ -140,9 +140,7 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
     try:
         history = trainer.fit(dry_run=args.dry_run)
     except TrainingDiverged as e:
-        from starflow.cli import _say_error
-
-        _say_error(f"error: {e}")  # (rank 0 prints it; under torchrun every rank records it for the launcher's summary)
+        say_error(f"error: {e}")  # (rank 0 prints it; under torchrun every rank records it for the launcher's summary)
         diverged = True  # the teardown follows outside the handler: its traceback holds the trainer
     if diverged:
         del trainer  # the sharded model goes before its process group (cleanup_distributed)
