@@ -99,6 +99,16 @@ def absolute_local_asset(name: str | None, folder: Path | str) -> str | None:
     return name
 
 
+def _refuse_training_folder(folder: Path, ema: bool) -> None:
+    """Raise ``FileNotFoundError`` naming what to pass instead when ``folder`` is a training run or one of its steps."""
+    if (folder / "checkpoints").is_dir() or (folder / "trainer.json").is_file():
+        ways = [f"pass {folder / 'model'}"] if (folder / "model").is_dir() else []
+        ways.append(f"write a model folder with `starflow export {folder} OUT_FOLDER{' --ema' if ema else ''}`"
+                    + (" (the moving average as its weights)" if ema else ""))
+        kind = "checkpoint" if (folder / "trainer.json").is_file() else "run"
+        raise FileNotFoundError(f"{folder} is a training {kind}, not a model folder: {', or '.join(ways)}")
+
+
 def find_weights(folder: Path, ema: bool = False) -> Path:
     """The flow weights inside a model folder (``model.safetensors``, ``model.pth`` or a single ``*.pth``), or
     with ``ema`` the moving average (``ema.safetensors``).
@@ -110,6 +120,7 @@ def find_weights(folder: Path, ema: bool = False) -> Path:
         for name in EMA_WEIGHT_NAMES:
             if (folder / name).is_file():
                 return folder / name
+        _refuse_training_folder(folder, ema)
         raise FileNotFoundError(f"no EMA weights in {folder} (expected {EMA_WEIGHT_NAMES[0]}, written by runs with "
                                 "config key 'ema'); drop --ema to use the weights")
     for name in WEIGHT_NAMES:
@@ -118,9 +129,5 @@ def find_weights(folder: Path, ema: bool = False) -> Path:
     found = [p for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth")) if p.name not in EMA_WEIGHT_NAMES]
     if len(found) == 1:
         return found[0]
-    if (folder / "checkpoints").is_dir() or (folder / "trainer.json").is_file():  # a training run, or one of its steps
-        ways = [f"pass {folder / 'model'}"] if (folder / "model").is_dir() else []
-        ways.append(f"write a model folder with `starflow export {folder} OUT_FOLDER`")
-        kind = "checkpoint" if (folder / "trainer.json").is_file() else "run"
-        raise FileNotFoundError(f"{folder} is a training {kind}, not a model folder: {', or '.join(ways)}")
+    _refuse_training_folder(folder, ema)
     raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_NAMES} (or a single .pth/.safetensors)")

@@ -114,6 +114,9 @@ CASES = [
      "--output_dir /proc/inp: cannot write in /proc"),
     ("sample --checkpoint_path {run} --caption x", 2, "{run} is a training run, not a model folder: pass {run}/model, "
      "or write a model folder with `starflow export {run} OUT_FOLDER`"),
+    ("sample --checkpoint_path {run}/checkpoints/step_00000002 --ema --caption x", 2, "{run}/checkpoints/step_00000002 "
+     "is a training checkpoint, not a model folder: write a model folder with `starflow export "
+     "{run}/checkpoints/step_00000002 OUT_FOLDER --ema` (the moving average as its weights)"),
     ("pack {digits} /proc/packs", 2, "OUT /proc/packs: cannot write in /proc (No such file or directory); pass a "
      "writable place"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
