@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from starflow.adapters.geometry import vae_geometry
 from starflow.checkpoint import compare_layout
@@ -19,6 +20,7 @@ from starflow.models import STARFlow, patchify, unpatchify
 from starflow.models.rope import rope_angles, rope_rotation
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
 from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
+from starflow.models import layers
 from starflow.models.layers import MLP, gelu_without_onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,6 +225,42 @@ def test_one_token_decoding_steps_take_atens_gelu_and_leave_onednn_on() -> None:
     with pytest.raises(RuntimeError):
         gelu_without_onednn(torch.ones(3, dtype=torch.int64))
     assert torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize("n", [40, 280, 561])
+def test_chunked_causal_attention_is_causal_attention(n: int) -> None:
+    """The CPU training attention (query chunks over the keys they may see) gives SDPA's causal attention and its
+    gradients: to float64 rounding in float64, to float32 rounding in float32."""
+    g = torch.Generator().manual_seed(n)
+    assert len(layers._chunk_edges(n)) - 1 == max(1, round(n / layers.CAUSAL_CHUNK))
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(2, 3, n, 16, generator=g, dtype=dtype)
+        got = layers.causal_attention_in_chunks(q, k, v)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_attend_takes_the_chunks_only_for_training_within_their_memory(monkeypatch) -> None:
+    """:func:`attend` on a CPU: the chunks when a backward pass follows and their probabilities fit, the flash kernel
+    otherwise (inference, or over ``CHUNKED_PROBABILITIES_MAX_BYTES``); explicit masks always go to SDPA."""
+    calls = []
+    monkeypatch.setattr(layers, "causal_attention_in_chunks",
+                        lambda *a: calls.append("chunks") or F.scaled_dot_product_attention(*a, is_causal=True))
+    q, k, v = (torch.randn(2, 3, 300, 16, requires_grad=True) for _ in range(3))
+    layers.attend(q, k, v, None, is_causal=True)
+    with torch.no_grad():
+        layers.attend(q, k, v, None, is_causal=True)
+    layers.attend(q, k, v, torch.ones(300, 300, dtype=torch.bool).tril(), is_causal=False)
+    assert calls == ["chunks"]
+    # 2 x 3 rows x (150 x 150 + 150 x 300) probabilities of 4 bytes = 1,620,000 bytes
+    assert layers.causal_chunk_edges(6, 300, 4) == [0, 150, 300]
+    monkeypatch.setattr(layers, "CHUNKED_PROBABILITIES_MAX_BYTES", 1_620_000 - 1)
+    assert layers.causal_chunk_edges(6, 300, 4) is None
+    layers.attend(q, k, v, None, is_causal=True)
+    assert calls == ["chunks"]
 
 
 @pytest.mark.parametrize("w", [0.0, 2.0])

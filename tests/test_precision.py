@@ -25,7 +25,7 @@ from starflow.train.parallelize import training_dtype
 class DtypeLog(TorchDispatchMode):
     """Counts ``(op, input dtypes)`` of the matmuls and the attention kernels that run inside it."""
 
-    OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten._scaled_dot_product_flash_attention_for_cpu",
+    OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_flash_attention_for_cpu",
            "aten._scaled_dot_product_flash_attention_for_cpu_backward")
 
     paused = False  # set while the frozen text encoder runs (it is outside autocast, in float32)
@@ -99,9 +99,9 @@ def test_attention_of_bf16_inputs_on_a_cpu_runs_in_float32() -> None:
             y = layer(x, rope)
         y.float().sum().backward()
     assert y.dtype == torch.bfloat16
+    # (training on a CPU: the attention is causal_attention_in_chunks, batched matmuls)
     assert log.seen.keys() == {("addmm", ("torch.bfloat16",)), ("mm", ("torch.bfloat16",)),
-                               ("_scaled_dot_product_flash_attention_for_cpu", ("torch.float32",)),
-                               ("_scaled_dot_product_flash_attention_for_cpu_backward", ("torch.float32",))}
+                               ("baddbmm", ("torch.float32",)), ("bmm", ("torch.float32",))}
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -146,7 +146,7 @@ def test_bf16_training_on_a_cpu(tiny_config, digits, config_file, tmp_path: Path
     fp32, bf16 = matmuls(logs["fp32"]), matmuls(logs["bf16"])
     assert fp32.keys() == {("torch.float32",)} and bf16.keys() == {("torch.bfloat16",)}, (fp32, bf16)
     assert bf16[("torch.bfloat16",)] == fp32[("torch.float32",)] > 0
-    attention = {dtypes for (op, dtypes) in logs["bf16"] if op.startswith("_scaled_dot_product")}
+    attention = {dtypes for (op, dtypes) in logs["bf16"] if op in ("bmm", "baddbmm") or op.startswith("_scaled_dot")}
     assert attention == {("torch.float32",)}, logs["bf16"]
     from safetensors.torch import load_file
 
