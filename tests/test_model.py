@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from starflow.adapters.geometry import vae_geometry
 from starflow.checkpoint import compare_layout
 from starflow.config import load_config
-from starflow.models import STARFlow, patchify, unpatchify
+from starflow.models import STARFlow, layers, patchify, unpatchify
 from starflow.models.rope import rope_angles, rope_rotation
 from starflow.models.tarflow_block import FlowBlock, IdentityBlock
 from starflow.models.jacobi import DecodeStats, JacobiSettings, decode_block
-from starflow.models import layers
 from starflow.models.layers import MLP, gelu_without_onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,6 +256,8 @@ def test_attend_takes_the_chunks_only_for_training_within_their_memory(monkeypat
     assert calls == ["chunks"]
     # 2 x 3 rows x (150 x 150 + 150 x 300) probabilities of 4 bytes = 1,620,000 bytes
     assert layers.causal_chunk_edges(6, 300, 4) == [0, 150, 300]
+    assert layers.causal_chunk_edges(1, layers.CHUNKED_MAX_LEN, 4) is not None
+    assert layers.causal_chunk_edges(1, layers.CHUNKED_MAX_LEN + 1, 4) is None  # (its bias would pass 16 MiB)
     monkeypatch.setattr(layers, "CHUNKED_PROBABILITIES_MAX_BYTES", 1_620_000 - 1)
     assert layers.causal_chunk_edges(6, 300, 4) is None
     layers.attend(q, k, v, None, is_causal=True)
