@@ -270,7 +270,7 @@ def main() -> None:
         print(f"FLOPs per step (analytic): {first['flops'] / 1e9:.3f} G = matmuls {linear / 1e9:.3f} G + attention "
               f"{attention / 1e9:.3f} G; torch.utils.flop_counter: {first['counted_flops'] / 1e9:.3f} G, analytic "
               f"{first['flops_seen'] / 1e9:.3f} G of what it sees (CPU: the causal chunks attention computes, "
-              f"not the square; CUDA: SDPA's square); TFLOP/s below divide the analytic count")
+              f"not the square; CUDA: SDPA's square); TFLOP/s below: {first['flops'] / 1e9:.3f} G over the best step")
     print(f"{'variant':<26}{'best ms':>10}{'median ms':>11}{'vs first':>10}{'peak GiB':>10}{'TFLOP/s':>10}"
           f"{'loss':>12}{'faults/step':>13}")
     for row in rows:
