@@ -210,7 +210,7 @@ def main() -> None:
                           f"{'-' if r.peak_mib != r.peak_mib else f'{r.peak_mib:.1f}':>10}{r.distance:>12.2e}"
                           f"{base.evals / r.evals:>9.1f}"
                           f"{base.seconds / r.seconds:>9.2f}", flush=True)
-            model.to(torch.float32).load_state_dict(float32_weights)
+            model.to(torch.float32)
     print("evals x / speed x: sequential evaluations and seconds of sequential decoding (same batch and dtype) "
           "over the strategy's; rel. dist. to the float32 sequential sample; +c: compiled layers")
 

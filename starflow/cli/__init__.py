@@ -21,7 +21,7 @@ if launched_by_torchrun():  # first thing, before the imports below take seconds
     stop_with_launcher()
 
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
-from starflow.cli._flags import OneLineErrors, say_error
+from starflow.cli._flags import OneLineErrors, is_rank0, say_error
 from starflow.console import line_start, log_lines
 
 __all__ = ["main", "build_parser"]
@@ -76,10 +76,6 @@ def _end_progress_bars() -> None:
 SINGLE_PROCESS = ("validate", "download", "convert", "export", "evaluate", "pack", "cache-latents", "inpaint", "edit")
 """Commands that run on one process: under torchrun (several processes) they are refused before any work, as every
 process would do the whole job and write the same files."""
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
@@ -149,7 +145,7 @@ def _main(argv: list[str] | None) -> int:
         _end_progress_bars()
         resume = RESUMES.get(args.command)
         what = str(e) or "interrupted"  # (training stopped on a signal says at which step, checkpoint written)
-        if _rank() == 0:  # (under torchrun every rank stops: one says so)
+        if is_rank0():  # (under torchrun every rank stops: one says so)
             print(what + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away

@@ -243,5 +243,5 @@ def say_error(line: str) -> None:
             Path(path).write_text(json.dumps(record))
         except OSError:
             path = None
-    if int(os.environ.get("RANK", "0")) == 0 or not path:
+    if is_rank0() or not path:
         print(line, file=sys.stderr)

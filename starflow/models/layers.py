@@ -103,7 +103,7 @@ def causal_chunk_edges(rows: int, n: int, element_size: int) -> list[int] | None
     sequences of ``n`` positions: ``round(n / CAUSAL_CHUNK)`` chunks (at least one), or None when the probabilities
     the chunks keep for the backward pass (``rows * sum((e - a) * e)`` values of ``element_size`` bytes) would
     exceed ``CHUNKED_PROBABILITIES_MAX_BYTES`` or ``n`` exceeds ``CHUNKED_MAX_LEN`` (:func:`attend` then takes the
-    flash kernel; the chunks' advantage shrinks as ``n`` grows: 37% at 560 positions, 9% at 1024)."""
+    flash kernel; the chunks' advantage shrinks as ``n`` grows: 37% at 560 positions, 6-9% at 1024)."""
     if n > CHUNKED_MAX_LEN:
         return None
     edges = _chunk_edges(n)
