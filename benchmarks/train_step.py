@@ -100,7 +100,7 @@ def step_flops(model: STARFlow, x: torch.Tensor, y: torch.Tensor | None, attenti
 
     ``attention="none"``: the matmuls alone. ``attention="chunked"``: the attention counted as a CPU training step
     computes it, what ``torch.utils.flop_counter`` counts there (the two agree exactly, tested): the causal chunks
-    of :func:`starflow.models.layers.causal_attention_in_chunks`, ``4 W sum((e - a) e)`` over its query chunks
+    of :func:`starflow.models.layers.causal_self_attention_in_chunks`, ``4 W sum((e - a) e)`` over its query chunks
     ``[a, e)`` instead of ``4 S^2 W``, and nothing where the flash kernel takes over (it has no FLOP rule on a CPU).
     """
     total, b = 0, x.shape[0]

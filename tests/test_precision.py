@@ -99,7 +99,7 @@ def test_attention_of_bf16_inputs_on_a_cpu_runs_in_float32() -> None:
             y = layer(x, rope)
         y.float().sum().backward()
     assert y.dtype == torch.bfloat16
-    # (training on a CPU: the attention is causal_attention_in_chunks, batched matmuls)
+    # (training on a CPU: the attention is causal_self_attention_in_chunks, batched matmuls)
     assert log.seen.keys() == {("addmm", ("torch.bfloat16",)), ("mm", ("torch.bfloat16",)),
                                ("baddbmm", ("torch.float32",)), ("bmm", ("torch.float32",))}
 

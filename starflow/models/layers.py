@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from starflow.models.kv_cache import LayerCache
 from starflow.models.rope import apply_rope
 
-__all__ = ["RMSNorm", "call_module", "attend", "causal_attention_in_chunks", "causal_chunk_edges", "Attention", "MLP",
-           "gelu_without_onednn", "AttentionBlock", "Rope", "set_activation_checkpointing"]
+__all__ = ["RMSNorm", "call_module", "attend", "causal_self_attention_in_chunks", "causal_chunk_edges",
+           "cached_chunk_mask", "attend_cached", "Attention", "MLP", "gelu_without_onednn", "AttentionBlock", "Rope",
+           "set_activation_checkpointing"]
 
 LAYER_NORM_EPS = 1e-5
 RMS_NORM_EPS = 1e-6
@@ -57,10 +58,9 @@ def call_module(module: nn.Module, x: torch.Tensor, direct: bool) -> torch.Tenso
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            is_causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention ``softmax(q k^T / sqrt(head_dim)) v``: ``F.scaled_dot_product_attention`` (its
-    flash, cuDNN or memory-efficient kernels), except for the causal self-attention of training on a CPU, where
-    :func:`causal_attention_in_chunks` is faster (the eager training step of ``benchmarks/train_step.py``, best of
-    three runs on 2 threads: 525 ms against 552) when its probabilities fit (:func:`causal_chunk_edges`).
+    """Scaled dot-product attention ``softmax(q k^T / sqrt(head_dim)) v`` through ``F.scaled_dot_product_attention``
+    (its flash, cuDNN or memory-efficient kernels). (The causal self-attention of training on a CPU takes
+    :func:`causal_self_attention_in_chunks` instead, from the fused ``qkv`` projection: see :meth:`Attention.forward`.)
 
     Args:
         q: ``(B, heads, n, head_dim)``; k, v: ``(B, heads, S, head_dim)``.
@@ -77,33 +77,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         with torch.autocast("cpu", enabled=False):
             out = attend(q.float(), k.float(), v.float(), mask, is_causal)
         return out.to(q.dtype)
-    if is_causal and q.device.type == "cpu" and _chunked_pays(q, k, v):
-        return causal_attention_in_chunks(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
-CAUSAL_CHUNK = 140  # query positions per chunk of causal_attention_in_chunks
+CAUSAL_CHUNK = 140  # query positions per chunk of causal_self_attention_in_chunks
 CHUNKED_PROBABILITIES_MAX_BYTES = 64 * 2**20  # the attention probabilities one call keeps for its backward pass
 CHUNKED_MAX_LEN = 2048  # longest sequence for the chunks (its cached (n, n) bias: 16 MiB in float32)
 
 
-def _chunked_pays(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether a causal self-attention on a CPU goes through :func:`causal_attention_in_chunks`: when a backward
-    pass follows (the chunks keep their probabilities for it; without one the flash kernel is as fast, with no
-    memory), outside ``torch.compile`` and when :func:`causal_chunk_edges` finds the probabilities small enough."""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                         or v.requires_grad)):
+def _chunks_pay(qkv: torch.Tensor, heads: int) -> bool:
+    """Whether the causal self-attention of ``qkv (B, n, 3 W)`` goes through :func:`causal_self_attention_in_chunks`:
+    on a CPU, in float32 or float64, when a backward pass follows (the chunks keep their probabilities for it; without
+    one the flash kernel is as fast, with no memory), outside ``torch.compile`` and when :func:`causal_chunk_edges`
+    finds the probabilities small enough."""
+    if (qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
+            or not (torch.is_grad_enabled() and qkv.requires_grad)):
         return False  # (compiled, inductor's code for the chunks is slower than the flash kernel: 861 ms a step, 528)
-    b, h, n, _ = q.shape
-    return k.shape[2] == n and causal_chunk_edges(b * h, n, q.element_size()) is not None
+    b, n, _ = qkv.shape
+    return causal_chunk_edges(b * heads, n, qkv.element_size()) is not None
 
 
 def causal_chunk_edges(rows: int, n: int, element_size: int) -> list[int] | None:
-    """Query chunk boundaries ``[0, ..., n]`` of :func:`causal_attention_in_chunks` for ``rows`` = batch x heads
+    """Query chunk boundaries ``[0, ..., n]`` of :func:`causal_self_attention_in_chunks` for ``rows`` = batch x heads
     sequences of ``n`` positions: ``round(n / CAUSAL_CHUNK)`` chunks (at least one), or None when the probabilities
     the chunks keep for the backward pass (``rows * sum((e - a) * e)`` values of ``element_size`` bytes) would
-    exceed ``CHUNKED_PROBABILITIES_MAX_BYTES`` or ``n`` exceeds ``CHUNKED_MAX_LEN`` (:func:`attend` then takes the
-    flash kernel; the chunks' advantage shrinks as ``n`` grows: 37% at 560 positions, 6-9% at 1024)."""
+    exceed ``CHUNKED_PROBABILITIES_MAX_BYTES`` or ``n`` exceeds ``CHUNKED_MAX_LEN`` (:meth:`Attention.forward` then
+    takes the flash kernel; the chunks' advantage shrinks as ``n`` grows: 37% at 560 positions, 6-9% at 1024)."""
     if n > CHUNKED_MAX_LEN:
         return None
     edges = _chunk_edges(n)
@@ -116,39 +115,148 @@ def _chunk_edges(n: int) -> list[int]:
     return [round(i * n / chunks) for i in range(chunks + 1)]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _causal_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(n, n)``: 0 on and below the diagonal, -inf above (built once per length, not per step)."""
+    """``(n, n)``: 0 on and below the diagonal, -inf above (built once per length, not per step: the training
+    lengths of a model's flow blocks and the cache lengths of its sampling, ``n <= CHUNKED_MAX_LEN``)."""
     return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
-def causal_attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal ``softmax(q k^T / sqrt(head_dim)) v`` by query chunks, each over the keys it may see: the training path
-    of a CPU (:func:`attend`).
+def _rotate_pairs(x: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor, inverse: bool = False,
+                  scale: float = 1.0) -> None:
+    """``out = scale * rope(x)`` (``inverse``: the transposed rotation, RoPE's backward pass) in one pass, written into
+    the strided ``out``; as :func:`~starflow.models.rope.apply_rope` (one complex product per feature pair), or a
+    copy without ``rotation``. ``x``, ``out``: ``(..., S, head_dim)`` with adjacent pairs; rotation ``(S, hd/2, 2)``."""
+    if rotation is None:
+        torch.mul(x, scale, out=out) if scale != 1.0 else out.copy_(x)
+        return
+    r = torch.view_as_complex(rotation if scale == 1.0 else rotation * scale)
+    torch.mul(torch.view_as_complex(x.unflatten(-1, (-1, 2))), r.conj() if inverse else r,
+              out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+
+
+def cached_chunk_mask(start: int, n: int, max_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The attention mask of ``n > 1`` queries at positions ``[start, start + n)`` over a KV cache of ``max_len``
+    positions: query ``j`` sees keys ``[0, start + j]``. Shape ``(n, start + n)``.
+
+    On a CPU, in float32 or float64 and for caches of at most ``CHUNKED_MAX_LEN`` positions, an additive mask
+    (0 = attend, -inf = not), a view of one cached ``(max_len, max_len)`` table (no tensors built per chunk), which
+    :func:`attend_cached` attends with batched matrix products; elsewhere a boolean mask (True = attend) for
+    ``F.scaled_dot_product_attention``."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and max_len <= CHUNKED_MAX_LEN:
+        return _causal_bias(max_len, dtype, device)[start : start + n, : start + n]
+    keys = torch.arange(start + n, device=device)
+    return keys[None, :] <= start + torch.arange(n, device=device)[:, None]
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of KV-cached decoding, in the cache's dtype: ``q (B, heads, n, head_dim)`` over the written
+    positions ``k, v (B, heads, S, head_dim)`` with the mask of :func:`cached_chunk_mask` (None for one query).
+
+    An additive mask on a CPU (a Jacobi chunk) is attended as ``softmax(q k^T / sqrt(head_dim) + mask) v`` with two
+    batched matrix products, outside ``torch.compile``: at decoding shapes PyTorch's CPU flash kernel spends most of
+    its time on the mask (16 rows x 3 heads, 16 queries over 88 keys of 32: 347 us against 149, 2 threads), and the
+    two agree to float rounding. Everything else goes to ``F.scaled_dot_product_attention``. Returns
+    ``(B, heads, n, head_dim)``."""
+    if mask is None or mask.dtype == torch.bool or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, h, n, d = q.shape
+    s = k.shape[2]
+    scores = torch.baddbmm(mask, q.reshape(b * h, n, d), k.reshape(b * h, s, d).transpose(1, 2), alpha=d ** -0.5)
+    if torch.is_grad_enabled() and scores.requires_grad:
+        scores = scores.softmax(-1)
+    else:
+        torch._softmax(scores, -1, False, out=scores)  # in place
+    return torch.bmm(scores, v.reshape(b * h, s, d)).view(b, h, n, d)
+
+
+class _CausalChunks(torch.autograd.Function):
+    """Forward and backward of :func:`causal_self_attention_in_chunks`, written out: the gradients of the queries,
+    keys and values are formed in one ``(B, n, 3, heads, head_dim)`` tensor, the layout of the fused ``qkv``
+    projection, with RoPE's backward rotation applied on the way, and the probabilities are normalised and
+    differentiated in place."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rotation: torch.Tensor | None, heads: int) -> torch.Tensor:
+        b, n, width3 = qkv.shape
+        d = width3 // 3 // heads
+        rows = b * heads
+        parts = qkv.view(b, n, 3, heads, d)
+        qk = qkv.new_empty(2, b, heads, n, d)  # rotated queries and keys, head-major
+        _rotate_pairs(parts[:, :, :2].permute(2, 0, 3, 1, 4), rotation, qk)
+        q, k = qk.view(2, rows, n, d).unbind(0)
+        v = parts[:, :, 2].transpose(1, 2).reshape(rows, n, d)
+        bias = _causal_bias(n, qkv.dtype, qkv.device)
+        edges = _chunk_edges(n)
+        out = qkv.new_empty(b, n, heads, d)
+        probs = []
+        for a, e in zip(edges, edges[1:]):
+            p = torch.baddbmm(bias[a:e, :e], q[:, a:e], k[:, :e].transpose(1, 2), alpha=d ** -0.5)
+            torch._softmax(p, -1, False, out=p)  # in place: the scores are not needed again
+            out[:, a:e] = torch.bmm(p, v[:, :e]).view(b, heads, e - a, d).transpose(1, 2)
+            probs.append(p)
+        ctx.save_for_backward(qk, v, rotation, *probs)
+        ctx.heads = heads
+        return out.view(b, n, heads * d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        qk, v, rotation, *probs = ctx.saved_tensors
+        _, b, heads, n, d = qk.shape
+        rows, scale = b * heads, d ** -0.5
+        q, k = qk.view(2, rows, n, d).unbind(0)
+        do = grad_out.reshape(b, n, heads, d).transpose(1, 2).reshape(rows, n, d)
+        grad = grad_out.new_empty(b, n, 3, heads, d)  # d qkv
+        grad_q, grad_k, grad_v = (grad[:, :, i].transpose(1, 2) for i in range(3))  # (B, heads, n, d) views
+        edges = _chunk_edges(n)
+        dk = dv = None  # accumulated over the chunks; the last chunk (computed first) covers every key
+        for (a, e), p in reversed(list(zip(zip(edges, edges[1:]), probs))):
+            dv_chunk = torch.bmm(p.transpose(1, 2), do[:, a:e])  # (rows, e, d)
+            dp = torch.bmm(do[:, a:e], v[:, :e].transpose(1, 2))  # (rows, e - a, e)
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype, grad_input=dp)  # in place
+            dq_chunk = torch.bmm(ds, k[:, :e])
+            _rotate_pairs(dq_chunk.view(b, heads, e - a, d), None if rotation is None else rotation[a:e],
+                          grad_q[:, :, a:e], inverse=True, scale=scale)
+            dk_chunk = torch.bmm(ds.transpose(1, 2), q[:, a:e])
+            if dk is None:
+                dk, dv = dk_chunk, dv_chunk
+            else:
+                dk[:, :e] += dk_chunk
+                dv[:, :e] += dv_chunk
+        _rotate_pairs(dk.view(b, heads, n, d), rotation, grad_k, inverse=True, scale=scale)
+        grad_v.copy_(dv.view(b, heads, n, d))
+        return grad.view(b, n, 3 * heads * d), None, None
+
+
+def causal_self_attention_in_chunks(qkv: torch.Tensor, rotation: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """Causal self-attention of a fused projection, RoPE included, by query chunks, each over the keys it may see:
+    the training path of a CPU (:meth:`Attention.forward`). The same values as splitting ``qkv`` into heads,
+    :func:`~starflow.models.rope.apply_rope` on queries and keys and causal ``softmax(q k^T / sqrt(head_dim)) v``.
 
     The queries are split into ``round(n / CAUSAL_CHUNK)`` chunks; chunk ``[a, e)`` attends keys ``[0, e)`` with a
     batched matrix product, an additive -inf bias above the diagonal and a softmax, so ~``(chunks + 1) / (2 chunks)``
-    of the full score matrix is computed, and autograd differentiates it. At training shapes this is faster on a CPU
-    than PyTorch's flash kernel, forward and backward together (8 x 6 heads x 280 positions x 32: 14.4 ms against
-    20.1; 4 x 6 x 560 x 32: 22.9 against 36.2; 2 x 6 x 1100 x 32: 39.5 against 45.2, 2 threads), and equal to it up to
-    float rounding (~1e-6). It keeps each chunk's probabilities for the backward pass (``B * heads`` times
-    ``sum((e - a) * e)`` floats: ``n^2`` with one chunk, ``3/4 n^2`` with two), hence the size limit in :func:`attend`.
+    of the full score matrix is computed. The backward pass is written out (``_CausalChunks``): it forms the
+    gradient of ``qkv`` in its own layout, RoPE's backward rotation included, where autograd would zero-fill,
+    stack, concatenate and copy per chunk and per split. At training shapes this is faster on a CPU than PyTorch's
+    flash kernel, forward and backward together, and equal to it up to float rounding (~1e-6 in float32). It keeps
+    each chunk's probabilities for the backward pass (``B * heads`` times ``sum((e - a) * e)`` values: ``n^2`` with
+    one chunk, ``3/4 n^2`` with two), hence the size limit of :func:`causal_chunk_edges`. Under CPU autocast it
+    computes in float32.
 
     Args:
-        q, k, v: ``(B, heads, n, head_dim)``, the same ``n`` (self-attention, no cache).
+        qkv: ``(B, n, 3 W)`` the fused projection, ``W = heads * head_dim`` (queries, keys, values; each head-major).
+        rotation: RoPE ``(n, head_dim / 2, 2)`` (:func:`~starflow.models.rope.rope_rotation`) or None.
+        heads: attention heads.
 
     Returns:
-        ``(B, heads, n, head_dim)``, contiguous.
+        ``(B, n, W)`` the attention output with the heads side by side, in ``qkv``'s dtype (float32 under autocast).
     """
-    b, h, n, d = q.shape
-    q2, k2, v2 = (t.reshape(b * h, n, d) for t in (q, k, v))
-    bias = _causal_bias(n, q.dtype, q.device)
-    edges = _chunk_edges(n)
-    outs = []
-    for a, e in zip(edges, edges[1:]):
-        scores = torch.baddbmm(bias[a:e, :e], q2[:, a:e], k2[:, :e].transpose(1, 2), alpha=d ** -0.5)
-        outs.append(torch.bmm(scores.softmax(-1), v2[:, :e]))
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).view(b, h, n, d)
+    if qkv.device.type == "cpu" and (qkv.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):  # (autograd runs the backward pass outside any autocast)
+            return causal_self_attention_in_chunks(qkv.float(), rotation, heads)
+    if not qkv.is_contiguous() or qkv.storage_offset() % 2:
+        qkv = qkv.clone(memory_format=torch.contiguous_format)  # (complex views need adjacent, aligned pairs)
+    return _CausalChunks.apply(qkv, rotation, heads)
 
 
 class Attention(nn.Module):
@@ -176,7 +284,8 @@ class Attention(nn.Module):
             rope: rotation table ``(n, head_dim / 2, 2)`` for those positions
                 (:func:`~starflow.models.rope.rope_rotation`), or None.
             mask: boolean ``(n, S)`` (True = attend) over key positions ``[0, S)``; None = causal. With a cache,
-                ``S = start + n`` (the positions written so far, this chunk's included); None for one query.
+                ``S = start + n`` (the positions written so far, this chunk's included), the mask of
+                :func:`cached_chunk_mask` (boolean or additive), None for one query.
             cache: this layer's KV cache, receiving the chunk's keys/values; attention then runs over positions
                 ``[0, start + n)`` (see :meth:`starflow.models.tarflow_block.FlowBlock._trunk`, which builds the mask).
             start: position of the first query.
@@ -191,7 +300,10 @@ class Attention(nn.Module):
         direct = cache is not None  # decoding: the sub-modules without nn.Module.__call__ (see call_module)
         qkv = call_module(self.qkv, call_module(self.norm, x, direct), direct)
         if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and cache is None:
-            qkv = qkv.float()  # attend() computes in float32 on a CPU: cast once, before RoPE
+            qkv = qkv.float()  # attention computes in float32 on a CPU: cast once, before RoPE
+        if cache is None and mask is None and _chunks_pay(qkv, self.heads):  # training on a CPU
+            out = causal_self_attention_in_chunks(qkv, rope, self.heads)
+            return self.proj(out if out.dtype == x.dtype else out.to(x.dtype))
         # q, k, v each (B, heads, n, head_dim); queries and keys are rotated in one pass, read in place from qkv.
         # Split in qkv's own layout, not indexed after a permute: the backward pass then writes the three gradients
         # into one (B, n, 3 W) tensor by a single concatenation, where indexing zero-fills a qkv-sized gradient per
@@ -210,7 +322,7 @@ class Attention(nn.Module):
         if cache is None:
             out = attend(q, k, v, mask, is_causal=mask is None)  # (one query: causal = unmasked)
         else:  # decoding: attention in the cache's dtype (a float32 copy of the whole cache per call costs more)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attend_cached(q, k, v, mask)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return call_module(self.proj, out if out.dtype == x.dtype else out.to(x.dtype), direct)
 

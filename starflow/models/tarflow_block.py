@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starflow.models.kv_cache import KVCache
-from starflow.models.layers import AttentionBlock, RMSNorm, Rope, call_module
+from starflow.models.layers import AttentionBlock, RMSNorm, Rope, cached_chunk_mask, call_module
 
 __all__ = ["FlowBlock", "IdentityBlock", "SOFTPLUS_ONE", "gathered"]
 
@@ -72,8 +72,7 @@ class FlowBlock(nn.Module):
             n = h.shape[1]
             cache.check(start, n)
             if n > 1:
-                keys = torch.arange(start + n, device=h.device)
-                mask = keys[None, :] <= start + torch.arange(n, device=h.device)[:, None]
+                mask = cached_chunk_mask(start, n, cache.max_len, h.dtype, h.device)
         for j, layer in enumerate(self.attn_blocks):
             h = layer(h, rope, mask, cache=None if cache is None else cache.layer(j), start=start)
         if cache is not None:
