@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from starflow.models.kv_cache import LayerCache
@@ -200,6 +201,7 @@ class _CausalChunks(torch.autograd.Function):
         return out.view(b, n, heads * d)
 
     @staticmethod
+    @once_differentiable  # (its in-place kernels record no graph: a second derivative is refused, not wrong)
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         qk, v, rotation, *probs = ctx.saved_tensors
         _, b, heads, n, d = qk.shape
