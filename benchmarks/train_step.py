@@ -14,7 +14,8 @@ width 32, a 24-token text prefix) scaled to 256 tokens (``img_size 16``) and wid
 
 ``--precision`` is the training config key: ``fp32``, or ``bf16`` = float32 parameters under bf16 autocast,
 as ``starflow train`` runs it (the official recipe; attention runs in float32 on a CPU, see
-:func:`starflow.models.layers.attend`); the default ``auto`` is bf16 on CUDA and fp32 on CPU.
+:func:`starflow.models.layers.causal_self_attention_in_chunks` and :func:`starflow.models.layers.attend`); the default
+``auto`` is bf16 on CUDA and fp32 on CPU.
 
 FLOPs are counted analytically (:func:`step_flops`) and checked against ``torch.utils.flop_counter``.
 
