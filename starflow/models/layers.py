@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from starflow.models.kv_cache import LayerCache
-from starflow.models.rope import apply_rope
+from starflow.models.rope import apply_rope, rotate_pairs
 
 __all__ = ["RMSNorm", "call_module", "attend", "causal_self_attention_in_chunks", "causal_chunk_edges",
            "cached_chunk_mask", "attend_cached", "Attention", "MLP", "gelu_without_onednn", "AttentionBlock", "Rope",
@@ -76,7 +76,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
-            out = attend(q.float(), k.float(), v.float(), mask, is_causal)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
@@ -125,15 +125,14 @@ def _causal_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 def _rotate_pairs(x: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor, inverse: bool = False,
                   scale: float = 1.0) -> None:
-    """``out = scale * rope(x)`` (``inverse``: the transposed rotation, RoPE's backward pass) in one pass, written into
-    the strided ``out``; as :func:`~starflow.models.rope.apply_rope` (one complex product per feature pair), or a
-    copy without ``rotation``. ``x``, ``out``: ``(..., S, head_dim)`` with adjacent pairs; rotation ``(S, hd/2, 2)``."""
-    if rotation is None:
-        torch.mul(x, scale, out=out) if scale != 1.0 else out.copy_(x)
-        return
-    r = torch.view_as_complex(rotation if scale == 1.0 else rotation * scale)
-    torch.mul(torch.view_as_complex(x.unflatten(-1, (-1, 2))), r.conj() if inverse else r,
-              out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    """``out = scale * rope(x)`` written into the strided ``out`` (:func:`~starflow.models.rope.rotate_pairs`), or
+    ``scale * x`` without ``rotation``."""
+    if rotation is not None:
+        rotate_pairs(x, rotation, out, inverse=inverse, scale=scale)
+    elif scale != 1.0:
+        torch.mul(x, scale, out=out)
+    else:
+        out.copy_(x)
 
 
 def cached_chunk_mask(start: int, n: int, max_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["THIRD_AXIS_DIMS", "rope_angles", "rope_rotation", "apply_rope"]
+__all__ = ["THIRD_AXIS_DIMS", "rope_angles", "rope_rotation", "apply_rope", "rotate_pairs"]
 
 THIRD_AXIS_DIMS = 8  # frequencies reserved for the frame / text axis
 ROPE_BASE = 10000.0
@@ -96,6 +96,32 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     else:
         if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(s % 2 for s in x32.stride()[:-1]):
             x32 = x32.contiguous()  # complex views need adjacent (real, imaginary) pairs
-        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
-        out = torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2)
+        out = rotate_pairs(x32, rotation)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor | None = None, *, inverse: bool = False,
+                 scale: float = 1.0) -> torch.Tensor:
+    """The eager form of :func:`apply_rope`: ``scale * rope(x)`` as one complex product per feature pair,
+    ``(x[2k] + i x[2k+1]) * (cos + i sin)``; ``inverse`` rotates by the conjugate (the transposed rotation: RoPE's
+    backward pass).
+
+    Args:
+        x: ``(..., S, head_dim)`` float32 or float64 with adjacent, aligned feature pairs (last stride 1, even other
+            strides and storage offset), read in place.
+        rotation: ``(S, head_dim / 2, 2)`` float32 ``(cos, sin)`` from :func:`rope_rotation`.
+        out: where to write the result (any strides with adjacent, aligned pairs), or None for a new tensor.
+        inverse, scale: see above.
+
+    Returns:
+        ``out``, or the new tensor in ``x``'s shape.
+
+    Raises:
+        RuntimeError: pairs that are not adjacent and aligned (``torch.view_as_complex``).
+    """
+    r = torch.view_as_complex(rotation if scale == 1.0 else rotation * scale)
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    if out is None:
+        return torch.view_as_real(pairs * (r.conj() if inverse else r)).flatten(-2)
+    torch.mul(pairs, r.conj() if inverse else r, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    return out
