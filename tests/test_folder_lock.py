@@ -94,8 +94,8 @@ def test_a_worker_is_stopped_when_its_launcher_is_killed(tmp_path) -> None:
     assert proc.stdout.readline().strip() == "True"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 30
-    while not flag.exists() and time.time() < deadline:
+    deadline = time.time() + 30  # (the file exists before its text is written: wait for the text)
+    while not (flag.exists() and flag.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     assert flag.read_text() == "TERM"
 
