@@ -15,7 +15,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 here=$(cd "$(dirname "$0")/.." && pwd)
 official_ckpt=${CKPT:-$here/ckpts/starflow_3B_t2i_256x256.pth}
 official_cfg=$here/configs/starflow_3B_t2i_256x256.yaml
-if [ ! -f "$official_ckpt" ]; then
+if [ ! -f "$official_ckpt" ] && [[ " $* " != *" --dry_run "* ]]; then  # (the dry run needs only the config)
   echo "error: $official_ckpt not found." >&2
   echo "  Get the STARFlow 3B weights, T5 and SD-VAE with: starflow download t2i --local-dir $here/ckpts" >&2
   echo "  (offline, the same command lists the files to copy by hand; CKPT=path overrides the checkpoint;" >&2

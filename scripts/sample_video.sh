@@ -25,7 +25,7 @@ fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 ckpt=${CKPT:-$here/ckpts/starflow-v_7B_t2v_caus_480p_v3.pth}
 cfg=$here/configs/starflow-v_7B_t2v_caus_480p.yaml
-if [ ! -f "$ckpt" ]; then
+if [ ! -f "$ckpt" ] && [[ " $* " != *" --dry_run "* ]]; then  # (the dry run needs only the config)
   echo "error: $ckpt not found." >&2
   echo "  Get the STARFlow-V weights, T5 and WAN2.2 VAE with: starflow download t2v --local-dir $here/ckpts" >&2
   echo "  (offline, the same command lists the files to copy by hand; CKPT=path overrides the checkpoint)" >&2

@@ -286,6 +286,19 @@ def test_sample_scripts_say_how_to_get_the_weights(script: str, command: str, tm
     assert r.returncode == 2 and command in r.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script, parameters", [("sample_video.sh", "6,890,096,528 flow parameters"),
+                                                ("sample_image.sh", "3,858,281,544 flow parameters")])
+def test_sample_scripts_dry_run_sizes_the_released_model_before_its_download(script: str, parameters: str,
+                                                                              tmp_path: Path) -> None:
+    env = dict(os.environ, CKPT=str(tmp_path / "missing.pth"), HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / script), "a corgi", "--dry_run"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the weights are not there yet" in r.stdout and parameters in r.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_sample_video_script_passes_flags_that_follow_the_caption(tmp_path: Path) -> None:
     """INPUT_IMAGE and TARGET_LENGTH are optional positionals: a flag right after the caption (or the image) goes to
     starflow sample, not into them."""

@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[default: the config's vid_size fps]")
     p.add_argument("--dry_run", action="store_true",
                    help="print the plan (samples, sizes, tokens, batches, memory estimate) and exit without loading "
-                        "weights or sampling")
+                        "weights or sampling; with --model_config_path the weights need not be downloaded yet")
     p.add_argument("--input_image", default=None,
                    help="video configs: the first frame (any PIL-readable file; resized and centre-cropped): "
                         "image-to-video")
@@ -548,12 +548,14 @@ def model_config_path(args: argparse.Namespace) -> Path:
     return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.yaml"
 
 
-def sample_plan(args: argparse.Namespace, world_size: int) -> str:
+def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False) -> str:
     """What ``starflow sample`` would do (``--dry_run``): samples, sizes, tokens, batches and a memory estimate per
-    process, from the config alone (no weights loaded, nothing written).
+    process, from the config alone (no weights loaded, nothing written). ``dry_run``: the weights need not exist yet
+    when ``--model_config_path`` gives their config (the plan says so), as for sizing a released model before its
+    download; sampling itself calls this with ``dry_run=False`` to refuse a missing checkpoint before any work.
 
     Raises:
-        FileNotFoundError: the checkpoint or its config is missing.
+        FileNotFoundError: the checkpoint (unless ``dry_run`` with ``--model_config_path``) or its config is missing.
         ValueError: a bad flag (as sampling would report it).
     """
     import math
@@ -566,10 +568,14 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     from starflow.sizing import GIB, size_report, text_width
 
     checkpoint = Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR))
-    check_checkpoint_path(checkpoint, args.ema)
-    weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
-    if not weights.is_file():
-        raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
+    absent = dry_run and args.model_config_path is not None and not checkpoint.exists()
+    if absent:
+        weights = checkpoint
+    else:
+        check_checkpoint_path(checkpoint, args.ema)
+        weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
+        if not weights.is_file():
+            raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
     config = model_config_path(args)
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)"
@@ -608,7 +614,9 @@ def sample_plan(args: argparse.Namespace, world_size: int) -> str:
     per_rank = -(-len(captions) // world_size)
     txt_dim = text_width(cfg, config.parent)
     report = size_report(cfg, txt_dim, batch=min(batch, per_rank) or 1, gpus=world_size if sharded else 1)
-    lines = [f"dry run (nothing loaded or sampled): {weights} with {config}",
+    lines = [f"dry run (nothing loaded or sampled): {weights} with {config}"
+             + (" (the weights are not there yet: the plan needs only the config; sampling needs them, e.g. "
+                "from starflow download t2i|t2v)" if absent else ""),
              f"samples: {len(captions)} ({len(set(captions))} distinct prompt(s)) over {world_size} process(es), "
              f"{per_rank} per process in {math.ceil(per_rank / batch)} batch(es) of up to {batch}",
              f"{'aspect':<8}{'pixels (T, H, W)':<20}{'latent (T, C, H, W)':<24}{'tokens':>8}{'text tokens':>13}"]
@@ -662,7 +670,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     if args.dry_run:
-        plan = sample_plan(args, int(os.environ.get("WORLD_SIZE", 1)))
+        plan = sample_plan(args, int(os.environ.get("WORLD_SIZE", 1)), dry_run=True)
         if is_rank0():  # (under torchrun every rank plans; one prints)
             print(plan)
         return 0
