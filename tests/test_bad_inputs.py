@@ -184,6 +184,8 @@ CASES = [
     ("pack {empty} {tmp}/shards", 2, "metadata.jsonl"),
     ("pack {digits} {afile}", 2, "error: OUT {afile}: is a file"),
     ("cache-latents --config {cfg} --data {digits} --out {afile}", 2, "error: --out {afile}: is a file"),
+    ("cache-latents --config {cfg} --data {digits} --out {tmp}/c_drop --drop_image 0.5", 2,
+     "error: --drop_image 0.5: config key 'drop_image' drops the first frame of video clips"),
     ("sample --checkpoint_path {tmp}/no_model --caption x", 2, "error: --checkpoint_path {tmp}/no_model: checkpoint not found"),
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
     ("cache-latents --config {v2v_cfg} --data {video_meta} --out {tmp}/cache_v2v", 2,

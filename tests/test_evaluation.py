@@ -255,6 +255,16 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
         assert main(["evaluate", "--samples", str(digits["test"]), "--reference", str(stats), "--features", "digits",
                      "--out", str(tmp_path / "m2.json")]) == 0
     assert json.loads((tmp_path / "m2.json").read_text())["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"])
+    # a run of fewer metrics into the same file keeps the others (same set, reference and features); a run against
+    # another reference replaces them
+    capsys.readouterr()
+    assert main([*args[:-4], "--metrics", "precision_recall", "--out", str(tmp_path / "m.json")]) == 0
+    assert "(kept from the earlier file)" in capsys.readouterr().out
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["metrics"] == first["metrics"] and again["kept"] == ["fid", "kid_mean", "kid_std"]
+    with pytest.warns(UserWarning, match="FID from 24 samples"):
+        assert main([*args[:-4], "--metrics", "fid", "--out", str(tmp_path / "m.json"), "--reference", str(stats)]) == 0
+    assert set(json.loads((tmp_path / "m.json").read_text())["metrics"]) == {"fid"}
     capsys.readouterr()
     assert main(["evaluate", "--samples", str(digits["test"]), "--metrics", "fid", "--out", str(tmp_path / "x.json")]) == 2
     assert "--reference" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

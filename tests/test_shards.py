@@ -472,6 +472,9 @@ def test_cache_latents_stores_vae_and_text_outputs(all_digits: Path, tmp_path: P
     assert not torch.equal(batch["text_emb"], batch["text_emb_extend"])
     with pytest.raises(ValueError, match="img_size.*cache-latents"):
         check_cache_settings(tmp_path / "cache", load_config(dict(tiny_config, **keys, img_size=16)))
+    # the tiny text encoder is drawn from the seed: another seed embeds the captions with another encoder
+    with pytest.raises(ValueError, match="seed: cache 0, config 5"):
+        check_cache_settings(tmp_path / "cache", load_config(dict(tiny_config, **keys, seed=5)))
 
 
 def test_cache_latents_command_on_shards(all_digits: Path, tmp_path: Path, config_file, tiny_config, capsys) -> None:

@@ -292,6 +292,19 @@ def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metri
     assert got[4]["lr"] != resume_runs["reference"][4]["lr"]  # (the new schedule, not the checkpoint's)
 
 
+def test_resume_with_another_seed_of_the_tiny_text_encoder_is_refused(resume_runs, tmp_path, capsys) -> None:
+    """The built-in tiny T5 is drawn from ``seed``: another seed at a resume would swap the encoder under the flow."""
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["straight"], run)
+    config = yaml.safe_load((resume_runs["straight"].parent / "config.yaml").read_text())
+    assert config["text"] == "tiny-t5"
+    (tmp_path / "seeded.yaml").write_text(yaml.safe_dump(dict(config, seed=config.get("seed", 0) + 5)))
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(train_args(tmp_path / "seeded.yaml", Path(config["data"]), run, "--dry_run")) == 2
+    assert "was trained with the built-in tiny text encoder drawn from seed" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
 def test_resume_with_another_grad_accum_continues_the_data_order(resume_runs, tmp_path) -> None:
     """The global batches do not depend on grad_accum, so a run resumed with another one (to keep the batch size on
     fewer ranks) trains on the batches the uninterrupted run did."""

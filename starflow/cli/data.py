@@ -88,6 +88,9 @@ def cache(args: argparse.Namespace) -> int:
 
     _check_out_folder("--out", args.out)
     cfg = load_config(args.config, config_overrides(args, skip={"data"}))
+    if cfg.drop_image > 0 and not cfg.is_video:  # (training refuses it there: no run could read the cache)
+        raise ValueError(f"--drop_image {cfg.drop_image:g}: config key 'drop_image' drops the first frame of video "
+                         "clips, and this config has no vid_size (images): drop it")
     check_cache_inputs(args.data, args.out, cfg, args.overwrite)  # (before the VAE and the text encoder load)
     device = pick_device(args.device)
     base = Path(args.config).parent

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from starflow.assets import TINY_TEXT_ENCODER
 from starflow.data.aspect import ASPECT_RATIOS
 from starflow.data.images import read_metadata
 from starflow.prompts import EXTEND_PREFIX, prompt_from_config
@@ -49,11 +50,13 @@ the others as flags."""
 
 def cache_settings(cfg: Config) -> dict[str, Any]:
     """The config values a latent cache depends on (JSON-safe): the keys above, ``drop_image`` as
-    ``drop_image > 0``, and ``patch_size`` with ``mix_aspect`` (bucket sides are its multiples)."""
+    ``drop_image > 0``, ``patch_size`` with ``mix_aspect`` (bucket sides are its multiples) and ``seed`` with the
+    built-in tiny text encoder (its weights are drawn from it)."""
     d = cfg.to_dict()
     settings = {k: d[k] for k in _SETTING_KEYS}
     settings["drop_image"] = cfg.drop_image > 0
     settings["patch_size"] = cfg.patch_size if cfg.mix_aspect else None
+    settings["seed"] = cfg.seed if cfg.txt_size > 0 and cfg.text == TINY_TEXT_ENCODER else None
     return settings
 
 

@@ -62,8 +62,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
 
     Returns:
         The record written: ``{"metrics": {...}, "samples": n, "sample_set": ..., "reference": ...,
-        "reference_images": m, "kid_subset_size": ..., "features": ..., ...}``; ``sample_set`` is what made a
-        ``generate-set`` folder (checkpoint, weights' SHA-256, seed, settings; None for a plain folder).
+        "reference_images": m, "kid_subset_size": ..., "features": ..., "kept": [...], ...}``; ``sample_set`` is
+        what made a ``generate-set`` folder (checkpoint, weights' SHA-256, seed, settings; None for a plain folder);
+        ``kept`` names the metrics of an earlier file at ``out`` for the same set, reference and models that this
+        run did not compute and keeps (an earlier file of other settings is replaced).
 
     Raises:
         ValueError: unknown metric, a reference needed but missing (or given where no metric uses it), an
@@ -112,9 +114,35 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
               "clip_model": clip_model if captions is not None else None, "seconds": time.perf_counter() - start,
               "saved_stats": None if save_stats_to is None else str(save_stats_to),
               "versions": _versions()}
+    record["kept"] = _keep_earlier_metrics(path, record)
     write_text_atomic(path, json.dumps(record, indent=1))
     record["path"] = str(path)
     return record
+
+
+_SAME_SET_KEYS = ("samples", "sample_set", "reference", "reference_images", "features", "inception_resize",
+                  "kid_subset_size", "clip_model")
+
+
+def _keep_earlier_metrics(path: Path, record: dict[str, Any]) -> list[str]:
+    """Add to ``record["metrics"]`` the metrics of an earlier ``metrics.json`` at ``path`` that this run did not compute,
+    when that file scored the same set against the same reference with the same models (a run of other ``--metrics``
+    then adds to the file instead of losing its values); returns their names. A file of other settings is replaced."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("metrics"), dict):
+        return []
+    same = all(earlier.get(k) == record[k] or record[k] is None for k in _SAME_SET_KEYS if k != "samples") and \
+        earlier.get("samples") == record["samples"] and earlier.get("samples_dir") == record["samples_dir"]
+    kept = [k for k in earlier["metrics"] if k not in record["metrics"]] if same else []
+    if kept:
+        record["metrics"] = {**{k: earlier["metrics"][k] for k in kept}, **record["metrics"]}
+        for k in _SAME_SET_KEYS:  # (what the kept values were computed with, where this run used none)
+            if record[k] is None:
+                record[k] = earlier.get(k)
+    return kept
 
 
 def _set_files(samples: str | Path) -> tuple[list[Path], Path]:
@@ -226,8 +254,9 @@ def format_results(record: dict[str, Any]) -> str:
     lines = [f"{record['samples']} samples from {record['samples_dir']}"
              + (f" against {record['reference']} ({record['features']} features)" if record["reference"] else "")]
     lines.append(f"{'metric':<16}{'value':>14}")
+    kept = record.get("kept") or []
     for name, value in record["metrics"].items():
-        lines.append(f"{name:<16}{value:>14.5g}")
+        lines.append(f"{name:<16}{value:>14.5g}" + ("  (kept from the earlier file)" if name in kept else ""))
     lines.append(f"written to {record['path']}" + (f"; reference statistics in {record['saved_stats']}"
                                                     if record.get("saved_stats") else ""))
     return "\n".join(lines)

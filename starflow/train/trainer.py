@@ -368,12 +368,20 @@ class Trainer:
         Raises:
             CheckpointMismatchError: the checkpoint's tensors do not fit this run's model or optimizer (saved with
                 another config); the message names the changed config keys.
+            ValueError: another ``seed`` with the built-in tiny text encoder, whose weights are drawn from it (the
+                flow was trained on the embeddings of the saved seed's encoder).
         """
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
+        saved = _saved_config(path)
+        if (self.cfg.txt_size > 0 and self.cfg.text == TINY_TEXT_ENCODER == saved.get("text")
+                and saved.get("seed", self.cfg.seed) != self.cfg.seed):
+            raise ValueError(f"--seed {self.cfg.seed}: {path} was trained with the built-in tiny text encoder drawn "
+                             f"from seed {saved['seed']}, and another seed draws another encoder: resume with --seed "
+                             f"{saved['seed']}, or start a new --logdir")
         tensors = self._tensor_state()
-        ema_added = self.ema is not None and not _saved_config(path).get("ema", 1)  # switched on at this resume
+        ema_added = self.ema is not None and not saved.get("ema", 1)  # switched on at this resume
         if ema_added:
             del tensors["ema"]
         fresh_lrs = (list(self.schedule.base_lrs),
