@@ -466,9 +466,11 @@ def validate(cfg: Config) -> Config:
                          "--drop_image 0")
     if cfg.video_to_video and cfg.last_frame_cond:
         raise ValueError("config keys 'video_to_video' and 'last_frame_cond' are two data modes: set one")
-    for key in ("secondary_img_size", "secondary_batch_size"):
+    for key in ("secondary_img_size", "secondary_batch_size", "pt_seq_len"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}"
+                             + (" (leave it out for its default, the latent side // patch_size)"
+                                if key == "pt_seq_len" else ""))
     return cfg
 
 

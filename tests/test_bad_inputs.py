@@ -265,6 +265,14 @@ CASES = [
     ("validate {cfg} --loss_scaling 1", 0, "note: train would refuse this config as it is (sampling takes it): config "
      "key 'loss_scaling: 1' (fp16 dynamic loss scaling) is not supported"),
     ("validate {cfg} --drop_image 0.5", 0, "drops the first frame of video clips; this config has no vid_size"),
+    ("validate {repo}/configs/starflow_3B_t2i_256x256.yaml --img_size 250", 2, "config key 'img_size' (250) must be "
+     "a multiple of the VAE's factor x patch_size (8 x 1 = 8): use 248 or 256"),
+    ("validate {cfg} --pt_seq_len 0", 2, "config key 'pt_seq_len' must be >= 1, got 0 (leave it out for its default"),
+    ("validate {demo}/config.yaml --grad_accum 3", 0, "note: train would refuse this config as it is (sampling takes "
+     "it): config key 'batch_size' (64) must be divisible by world size x grad_accum (1 x 3)"),
+    ("validate {demo}/config.yaml --gpus 3", 0, "must be divisible by world size x grad_accum (3 x 1)"),
+    ("validate {demo}/config.yaml --lora_rank 4", 0, "note: train would refuse this config as it is (sampling takes "
+     "it): --lora_rank 4 trains low-rank adapters over base weights: pass them with --init_from"),
     ("validate {cfg} --logdir none", 2, "config key 'logdir' ('none') names no folder"),
     ("validate {cfg} --rope 0 --pt_seq_len 4", 2, "error: --pt_seq_len 4 acts only with rope: 1, which this config does "
      "not set: drop it"),  # a flag that could not act: refused; the same key set by a file: a note

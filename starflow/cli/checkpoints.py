@@ -69,12 +69,13 @@ def validate(args: argparse.Namespace) -> int:
     from starflow.checkpoint import compare_layout
     from starflow.models.lora import LORA_MARK
     from starflow.sizing import build_meta_model, format_report, size_report, text_width
-    from starflow.train.trainer import check_training
+    from starflow.train.trainer import check_batch_split, check_training
 
     cfg = load_config(args.config, config_overrides(args))
     check_inactive(cfg, config_overrides(args), note_once)
     try:  # what train would refuse from the config alone (the data comes with train); the model itself is fine
         check_training(cfg, has_secondary=True)
+        check_batch_split(cfg, args.gpus)
         refused = None
     except ValueError as e:
         refused = str(e)

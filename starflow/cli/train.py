@@ -85,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--logdir {cfg.logdir}: {above} is a file, so the folder cannot be made; pass another "
                              "folder for the run")
         check_writable(cfg.logdir, "--logdir")
-    if cfg.lora_rank and not cfg.init_from:
-        raise ValueError(f"--lora_rank {cfg.lora_rank} trains low-rank adapters over base weights: pass them with "
-                         "--init_from (a model folder or weights file); without them there is nothing to adapt")
     check_logdir_run(cfg, args.resume)  # (a dry run refuses what the run would)
     dist = init_distributed(args.device)
     lock = None

@@ -58,7 +58,8 @@ from starflow.train.parallelize import (all_reduce_grads, clip_grad_norm, full_s
 from starflow.train.state import (TRAINING_META, CheckpointManager, CheckpointMismatchError, read_meta, rng_state,
                                   set_rng_state)
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER", "check_training"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER", "check_batch_split",
+           "check_training"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
@@ -178,6 +179,19 @@ def _worker_batches(dataset, num_workers: int, **loader_args: Any) -> Iterator[I
                     worker.kill()
 
 
+def check_batch_split(cfg: Config, world_size: int) -> None:
+    """Refuse a global batch that ``world_size`` processes x ``grad_accum`` micro-batches cannot split evenly.
+
+    Raises:
+        ValueError: ``batch_size`` or ``secondary_batch_size`` not divisible by ``world_size * grad_accum``.
+    """
+    for key in ("batch_size", "secondary_batch_size"):
+        value = getattr(cfg, key) or cfg.batch_size
+        if value % (world_size * cfg.grad_accum):
+            raise ValueError(f"config key '{key}' ({value}) must be divisible by world size x grad_accum "
+                             f"({world_size} x {cfg.grad_accum})")
+
+
 def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     """Refuse training keys that this run could not honour or that would do nothing, from the config alone (the
     ``train`` command calls it before anything loads; :class:`Trainer` again). ``has_secondary``: whether secondary
@@ -216,6 +230,9 @@ def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     if cfg.fsdp_text_encoder and (cfg.txt_size == 0 or str(cfg.text).endswith(".vocab")):
         raise ValueError("config key 'fsdp_text_encoder' shards the T5 text encoder, and this model has none (class "
                          "labels, or txt_size 0): set --fsdp_text_encoder 0")
+    if cfg.lora_rank and not cfg.init_from:
+        raise ValueError(f"--lora_rank {cfg.lora_rank} trains low-rank adapters over base weights: pass them with "
+                         "--init_from (a model folder or weights file); without them there is nothing to adapt")
     if cfg.drop_label > 0 and cfg.txt_size == 0:
         raise ValueError(f"config key 'drop_label' ({cfg.drop_label:g}) drops captions, and this model has none "
                          "(txt_size 0, unconditional): set --drop_label 0")
@@ -243,11 +260,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo, model: STARFlow, text_encoder: TextEncoder | None,
                  vae: LatentAdapter, dataset: ImageFolder | ShardStream, logdir: Path,
                  secondary: ImageFolder | None = None) -> None:
-        for key in ("batch_size", "secondary_batch_size"):
-            value = getattr(cfg, key) or cfg.batch_size
-            if value % (dist.world_size * cfg.grad_accum):
-                raise ValueError(f"config key '{key}' ({value}) must be divisible by world size x grad_accum "
-                                 f"({dist.world_size} x {cfg.grad_accum})")
+        check_batch_split(cfg, dist.world_size)
         check_training(cfg, has_secondary=secondary is not None)
         latent_cache = isinstance(dataset, ShardStream) and dataset.decoder.kind == "latent"
         if latent_cache and not cfg.no_flip:
