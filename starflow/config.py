@@ -411,8 +411,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key 'noise_std' must be >= 0, got {cfg.noise_std}")
     if not cfg.lr > 0:
         raise ValueError(f"config key 'lr' (the peak learning rate) must be > 0, got {cfg.lr}")
-    for key in ("min_lr", "weight_decay", "grad_clip", "denoiser_lr", "warmup_steps", "num_workers", "soft_clip",
-                "temporal_causal", "denoiser_window", "local_attn_window"):
+    for key in ("txt_size", "min_lr", "weight_decay", "grad_clip", "denoiser_lr", "warmup_steps", "num_workers",
+                "soft_clip", "temporal_causal", "denoiser_window", "local_attn_window"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}")
     if not cfg.nvp:
@@ -551,6 +551,8 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
         name = "config"
     else:
         path = Path(source)
+        if path.is_dir() and (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{path} is a folder: pass its config, {path / 'config.yaml'}")
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path} (the official configs are in configs/)")
         try:

@@ -42,6 +42,9 @@ CASES = [
     ("sample --caption x --jacobi_block_size 0", 2, "argument --jacobi_block_size: 0: must be >= 1"),
     ("sample --caption x --jacobi_block_size big", 2, "argument --jacobi_block_size: 'big': a number of tokens or 'auto'"),
     ("sample --caption x --output_dir {afile}/sub", 2, "error: --output_dir {afile}/sub: {afile} is a file; pass a folder"),
+    ("sample --caption_file {tmp}/negatives.txt --negative_prompt baz", 2, "error: --negative_prompt 'baz': every "
+     "caption line names its own negative prompt (after a TAB), so it would apply to none"),
+    ("sample --caption_file {tmp}/two_tabs.txt", 2, "holds more than one TAB: write PROMPT<TAB>NEGATIVE PROMPT"),
     ("sample --caption_file {tmp}/missing.txt", 2, "error: --caption_file {tmp}/missing.txt: no such file"),
     ("sample --caption_file {empty_txt}", 2, "error: --caption_file {empty_txt}: no caption in it"),
     ("sample --caption_file {tmp}", 2, "is a folder, not a file"),
@@ -113,7 +116,9 @@ CASES = [
     ("convert {truncated} {tmp}/out.safetensors", 2, "error: "),
     ("export {tmp}/no_run {tmp}/exported", 2, "no training checkpoint in"),
     ("convert {demo}/model.safetensors {tmp} --overwrite", 2, "is a folder: DST names the weights file"),
-    ("export {run} /proc/x.pth", 2, "cannot write /proc/x.pth ("),
+    ("export {run} /proc/x.pth", 2, "error: DST /proc/x.pth: cannot write in /proc ("),
+    ("convert {demo}/model.safetensors {afile}/c.pth", 2, "error: DST {afile}/c.pth: {afile} is a file, so"),
+    ("export {run} {afile}/sub", 2, "error: DST {afile}/sub: {afile} is a file, so {afile}/sub cannot be made there"),
     ("inpaint --input_image {digit_png} --mask_box 0,0,4,4 --caption x --output_dir /proc/inp", 2,
      "--output_dir /proc/inp: cannot write in /proc"),
     ("sample --checkpoint_path {run} --caption x", 2, "{run} is a training run, not a model folder: pass {run}/model, "
@@ -124,6 +129,7 @@ CASES = [
     ("pack {digits} /proc/packs", 2, "OUT /proc/packs: cannot write in /proc (No such file or directory); pass a "
      "writable place"),
     ("validate {tmp}/nope.yaml", 2, "config file not found"),
+    ("validate {demo}", 2, "error: {demo} is a folder: pass its config, {demo}/config.yaml"),
     ("validate {bad_yaml}", 2, "not a readable YAML file at line"),
     ("sample --checkpoint_path {no_t5} --caption x", 2, "cannot find the text encoder 'text_encoder' (no folder "
      "{no_t5}/text_encoder beside the config, nor in the Hugging Face cache or Hub: "),
@@ -297,6 +303,8 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     (tmp / "empty").mkdir()
     f["empty"] = str(tmp / "empty")
     (tmp / "empty.txt").write_text("\n  \n")
+    (tmp / "negatives.txt").write_text("a handwritten digit 1\tfoo\n")
+    (tmp / "two_tabs.txt").write_text("a handwritten digit 1\tfoo\tbar\n")
     (tmp / "bad.yaml").write_text("arguments:\n- img_size: [8\n")
     f["bad_yaml"] = str(tmp / "bad.yaml")
     shutil.copytree(DEMO_DIR, tmp / "no_text_encoder", ignore=shutil.ignore_patterns("text_encoder"))

@@ -153,9 +153,15 @@ def download(args: argparse.Namespace) -> int:
 
 def _output(args: argparse.Namespace):
     """``(DST, dtype or None)`` of a weights-writing command; refuses to replace DST without ``--overwrite``."""
+    from starflow.files import check_writable
+
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise FileExistsError(f"{dst} exists: pass --overwrite to replace it")
+    above = next((q for q in dst.parents if q.exists()), None)  # (before any checkpoint is read)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"DST {dst}: {above} is a file, so {dst} cannot be made there; pass another place")
+    check_writable(dst, "DST")
     return dst, DTYPES[args.dtype] if args.dtype else None
 
 

@@ -202,7 +202,7 @@ VIDEO_LAYOUT_KEYS = ("temporal_causal", "shallow_block_local", "denoiser_window"
 TRAINED_MODES = ("video_to_video", "last_frame_cond")
 """Config keys of how a video model was trained to be conditioned: sampling may turn one off, not on."""
 
-WEIGHTS_BOUND_KEYS = ("img_size", "txt_size", "head_dim", "rope", "pt_seq_len", "seq_order", "use_softplus",
+WEIGHTS_BOUND_KEYS = ("img_size", "txt_size", "head_dim", "rope", "pt_seq_len", "seq_order", "sos", "use_softplus",
                       "cond_top_only", "soft_clip", "temporal_causal", "shallow_block_local", "denoiser_window",
                       "local_attn_window", "noise_std", "cond_noise_level", "fps_cond", "mix_aspect")
 """Model keys whose value the weights were trained with but whose change no weight's shape reveals (the sample size,
@@ -515,12 +515,22 @@ def checked_settings(args: argparse.Namespace, cfg, negatives: list[str]):
 
 
 def split_negatives(captions: list[str], default: str = "") -> tuple[list[str], list[str]]:
-    """``prompt<TAB>negative`` lines -> ``(prompts, negative prompts)``; lines without a tab get ``default``."""
+    """``prompt<TAB>negative`` lines -> ``(prompts, negative prompts)``; lines without a tab get ``default``
+    (``--negative_prompt``).
+
+    Raises:
+        ValueError: a line with more than one tab, or a ``default`` that no line takes (each names its own).
+    """
     prompts, negatives = [], []
     for line in captions:
         prompt, tab, negative = line.partition("\t")
+        if "\t" in negative:
+            raise ValueError(f"caption line {line!r} holds more than one TAB: write PROMPT<TAB>NEGATIVE PROMPT")
         prompts.append(prompt.strip())
         negatives.append(negative.strip() if tab else default)
+    if default and captions and all("\t" in line for line in captions):
+        raise ValueError(f"--negative_prompt {default!r}: every caption line names its own negative prompt (after a "
+                         "TAB), so it would apply to none: drop it, or drop the lines' own")
     return prompts, negatives
 
 
@@ -670,6 +680,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     if args.dry_run:
+        if args.profile:
+            raise ValueError("--profile times the sampling, which --dry_run does not run: drop one of them")
         plan = sample_plan(args, int(os.environ.get("WORLD_SIZE", 1)), dry_run=True)
         if is_rank0():  # (under torchrun every rank plans; one prints)
             print(plan)
