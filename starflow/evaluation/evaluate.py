@@ -134,7 +134,8 @@ def _keep_earlier_metrics(path: Path, record: dict[str, Any]) -> list[str]:
         return []
     if not isinstance(earlier, dict) or not isinstance(earlier.get("metrics"), dict):
         return []
-    same = all(earlier.get(k) == record[k] or record[k] is None for k in _SAME_SET_KEYS if k != "samples") and \
+    same = all(earlier.get(k) == record[k] or None in (earlier.get(k), record[k]) for k in _SAME_SET_KEYS
+               if k != "samples") and \
         earlier.get("samples") == record["samples"] and earlier.get("samples_dir") == record["samples_dir"]
     kept = [k for k in earlier["metrics"] if k not in record["metrics"]] if same else []
     if kept:
