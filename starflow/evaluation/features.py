@@ -99,7 +99,8 @@ def load_images(files: list[Path], mode: str, size: int | None = None) -> list[t
                     img = img.resize((size, size), Image.Resampling.BOX)
                 a = np.array(img)  # a writable copy
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # (a float image out of range,
-            raise OSError(f"cannot read image {f}: {err}") from err  # one over PIL's size limit)
+            raise OSError(f"cannot read image {f}: {err}; every image of a scored folder is read: replace or remove "
+                          "it") from err  # one over PIL's size limit)
         images.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
     return images
 
