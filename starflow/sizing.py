@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from starflow.adapters.geometry import vae_geometry
+from starflow.adapters.geometry import geometry_is_known, vae_geometry
 from starflow.adapters.labels import is_vocab, read_vocab
 from starflow.adapters.text import TINY_T5
 from starflow.assets import TINY_TEXT_ENCODER, resolve_asset
@@ -176,7 +176,14 @@ def latent_shape(cfg: Config, aspect_ratio: str = "1:1") -> tuple[int, ...]:
 
 
 def build_meta_model(cfg: Config, txt_dim: int | None) -> STARFlow:
-    """The config's STARFlow on the meta device (no memory), sized for the VAE its ``vae`` key names."""
+    """The config's STARFlow on the meta device (no memory), sized for the VAE its ``vae`` key names.
+
+    Raises:
+        ValueError: an ``img_size`` that the named VAE's factor x ``patch_size`` does not divide, where the name tells
+            the factor (:func:`~starflow.adapters.geometry.geometry_is_known`; another VAE is checked when it loads).
+    """
+    if geometry_is_known(cfg.vae):
+        vae_geometry(cfg.vae).check_img_size(cfg.img_size, cfg.patch_size)
     with torch.device("meta"):
         return STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae_geometry(cfg.vae).downsample)
 

@@ -570,7 +570,7 @@ def test_an_animated_input_image_gives_a_note(tmp_path: Path, capsys) -> None:
     assert "--target_length 1: --input_image is the first of these frames" in capsys.readouterr().err
 
 
-def test_inpaint_sizes_its_input_by_the_loaded_vaes_factor(tiny_config, tmp_path: Path) -> None:
+def test_inpaint_sizes_its_input_by_the_loaded_vaes_factor(tiny_config, tmp_path: Path, capsys) -> None:
     """A local VAE whose downsampling differs from what its name implies (a tiny SD-style VAE, 2x; the name alone
     says 8x): the input is resized to the size the loaded VAE samples, not to the name's."""
     from starflow.adapters.vae import build_tiny_sd_vae
@@ -587,3 +587,9 @@ def test_inpaint_sizes_its_input_by_the_loaded_vaes_factor(tiny_config, tmp_path
                  "--mask_box", "0,0,8,8", "--caption", "a", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
                  "--jacobi", "0"]) == 0
     assert Image.open(tmp_path / "out" / "result.png").size == (12, 12)
+    # its config is valid: the name alone (8x) does not refuse img_size 12; the loaded VAE checks the size
+    assert main(["validate", str(tmp_path / "model" / "config.yaml")]) == 0
+    assert main(["sample", "--checkpoint_path", str(tmp_path / "model"), "--caption", "a", "--dry_run"]) == 0
+    assert main(["sample", "--checkpoint_path", str(tmp_path / "model"), "--caption", "a", "--img_size", "10",
+                 "--output_dir", str(tmp_path / "out10")]) == 2
+    assert "must be a multiple of the VAE's factor x patch_size (2 x 2 = 4): use 8 or 12" in capsys.readouterr().err

@@ -108,6 +108,8 @@ CASES = [
     ("sample --checkpoint_path {tmp}/nope.pth --model_config_path {repo}/configs/starflow_3B_t2i_256x256.yaml "
      "--caption x --dry_run", 0, "(the weights are not there yet: the plan needs only the config"),
     ("sample --checkpoint_path {tmp}/nope --caption x --dry_run", 2, "checkpoint not found"),
+    ("sample --checkpoint_path {tmp}/nope.pth --model_config_path {repo}/configs/starflow_3B_t2i_256x256.yaml "
+     "--caption x --dry_run --ema", 2, "error: --ema reads a model folder's ema.safetensors"),
     ("sample --checkpoint_path {truncated} --model_config_path {demo}/config.yaml --caption x", 2, "error: "),
     ("sample --checkpoint_path {garbage} --model_config_path {demo}/config.yaml --caption x", 2, "error: "),
     ("sample --checkpoint_path {other_weights} --model_config_path {demo}/config.yaml --caption x", 2, "shape"),

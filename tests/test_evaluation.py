@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from scipy import linalg
@@ -265,6 +266,16 @@ def test_evaluate_with_digit_features_and_cached_statistics(digits, tmp_path, ca
     with pytest.warns(UserWarning, match="FID from 24 samples"):
         assert main([*args[:-4], "--metrics", "fid", "--out", str(tmp_path / "m.json"), "--reference", str(stats)]) == 0
     assert set(json.loads((tmp_path / "m.json").read_text())["metrics"]) == {"fid"}
+    # other images in the same folder (one rewritten): the earlier values are not theirs, and are replaced
+    copy = tmp_path / "copy"
+    shutil.copytree(digits["test"], copy)
+    ours = [*args[:-4], "--samples", str(copy), "--out", str(tmp_path / "c.json")]
+    assert main([*ours, "--metrics", "precision_recall"]) == 0
+    first_png = sorted(copy.glob("*.png"))[0]
+    Image.open(first_png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first_png)
+    with pytest.warns(UserWarning, match="FID from 24 samples"):
+        assert main([*ours, "--metrics", "fid"]) == 0
+    assert set(json.loads((tmp_path / "c.json").read_text())["metrics"]) == {"fid"}
     capsys.readouterr()
     assert main(["evaluate", "--samples", str(digits["test"]), "--metrics", "fid", "--out", str(tmp_path / "x.json")]) == 2
     assert "--reference" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

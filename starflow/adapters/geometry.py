@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["VAEGeometry", "vae_geometry", "is_wan_vae", "no_vae"]
+__all__ = ["VAEGeometry", "vae_geometry", "geometry_is_known", "is_wan_vae", "no_vae"]
 
 _WAN_NAME = re.compile(r"(?:^|[/\\_.-])wan", re.IGNORECASE)
 SD_VAE_DOWNSAMPLE = 8  # stabilityai/sd-vae-ft-ema: 2 ** (len(block_out_channels) - 1)
@@ -37,6 +37,20 @@ class VAEGeometry:
             raise ValueError(f"a video needs at least one frame, got {frames}")
         return (frames - 1) // self.temporal_downsample + 1
 
+    def check_img_size(self, img_size: int, patch_size: int) -> None:
+        """Refuse a config ``img_size`` (pixels) that is no multiple of ``downsample * patch_size``: the latent grid
+        would not split into patches, and the image would be cropped silently.
+
+        Raises:
+            ValueError: naming the factor and the two nearest sizes that work.
+        """
+        multiple = self.downsample * patch_size
+        if img_size % multiple:
+            lower, upper = img_size // multiple * multiple, -(-img_size // multiple) * multiple
+            raise ValueError(f"config key 'img_size' ({img_size}) must be a multiple of the VAE's factor x patch_size "
+                             f"({self.downsample} x {patch_size} = {multiple}): use "
+                             + (f"{lower} or {upper}" if lower else f"{upper}"))
+
     def check_decodable(self, frames: int, name: str = "target_length") -> None:
         """Refuse a pixel frame count the VAE does not decode (``tk + 1``, ``t`` = ``temporal_downsample``).
 
@@ -58,6 +72,12 @@ def no_vae(name: str | None) -> bool:
 def is_wan_vae(name: str) -> bool:
     """Whether a ``vae`` name is a WAN2.2 VAE (see the module docstring)."""
     return bool(_WAN_NAME.search(name))
+
+
+def geometry_is_known(name: str | None) -> bool:
+    """Whether :func:`vae_geometry` knows the factors of ``name`` (pixels, a WAN2.2 VAE or an SD-VAE named as such)
+    rather than assuming SD-VAE's 8 for another autoencoder (a local one may have any factor: only loading it says)."""
+    return no_vae(name) or is_wan_vae(name) or "sd-vae" in name.lower()
 
 
 def vae_geometry(name: str | None) -> VAEGeometry:

@@ -581,6 +581,9 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
     absent = dry_run and args.model_config_path is not None and not checkpoint.exists()
     if absent:
         weights = checkpoint
+        if args.ema and checkpoint.suffix:  # (a weights file's name: sampling would refuse --ema with it)
+            raise ValueError(f"--ema reads a model folder's ema.safetensors, and --checkpoint_path {checkpoint} names "
+                             "a weights file: pass the folder, or drop --ema (an EMA weights file is passed as it is)")
     else:
         check_checkpoint_path(checkpoint, args.ema)
         weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint

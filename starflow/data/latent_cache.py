@@ -77,8 +77,11 @@ def check_cache_settings(index: Mapping[str, Any] | str | Path, cfg: Config) -> 
     stored, wanted = index.get("settings", {}), cache_settings(cfg)
     diff = [f"{k}: cache {stored.get(k)!r}, config {v!r}" for k, v in wanted.items() if stored.get(k) != v]
     if diff:
+        seed = (f"; a run that trained on it resumes with --seed {stored['seed']} (its tiny text encoder is drawn from "
+                "the seed)" if stored.get("seed") is not None and stored.get("seed") != wanted["seed"] else "")
         raise ValueError(f"the latent cache was made with other settings ({'; '.join(diff)}); re-run "
-                         "`starflow cache-latents --config CONFIG --data SRC --out OUT --overwrite` with this config")
+                         "`starflow cache-latents --config CONFIG --data SRC --out OUT --overwrite` with this config"
+                         + seed)
 
 
 def load_uncond(root: str | Path, aspect_ratio: str | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """``starflow evaluate``: a sample set against a reference set or its cached statistics, to ``metrics.json``."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -107,6 +108,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
         results["clip_score"] = clip_score(files, captions, clip_model, batch_size=batch_size, device=device,
                                            loaded=clip)
     record = {"metrics": results, "samples": len(files), "samples_dir": str(samples),
+              "files": _files_fingerprint(files),
               "sample_set": _set_origin(made),
               "reference": None if reference is None else str(reference), "features": features if distribution else None,
               "inception_resize": INCEPTION_RESIZE if distribution and features == "inception" else None,
@@ -120,14 +122,25 @@ def evaluate_samples(samples: str | Path, reference: str | Path | None, metrics:
     return record
 
 
-_SAME_SET_KEYS = ("samples", "sample_set", "reference", "reference_images", "features", "inception_resize",
-                  "kid_subset_size", "clip_model")
+_SAME_SET_KEYS = ("samples", "sample_set", "files", "reference", "reference_images", "features",
+                  "inception_resize", "kid_subset_size", "clip_model")
+_SAME_FILES_KEYS = ("samples", "sample_set", "files")  # what the images are: equal in both files, always
+
+
+def _files_fingerprint(files: list[Path]) -> str:
+    """SHA-256 of the scored images' names, sizes and modification times (a rewritten image changes it)."""
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _keep_earlier_metrics(path: Path, record: dict[str, Any]) -> list[str]:
-    """Add to ``record["metrics"]`` the metrics of an earlier ``metrics.json`` at ``path`` that this run did not compute,
-    when that file scored the same set against the same reference with the same models (a run of other ``--metrics``
-    then adds to the file instead of losing its values); returns their names. A file of other settings is replaced."""
+    """Add to ``record["metrics"]`` the metrics of an earlier ``metrics.json`` at ``path`` that this run did not
+    compute, when that file scored the same images (count, set record, file fingerprint) against the same reference
+    with the same models (a run of other ``--metrics`` then adds to the file instead of losing its values); returns
+    their names. A file of other images or settings is replaced."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -135,8 +148,7 @@ def _keep_earlier_metrics(path: Path, record: dict[str, Any]) -> list[str]:
     if not isinstance(earlier, dict) or not isinstance(earlier.get("metrics"), dict):
         return []
     same = all(earlier.get(k) == record[k] or None in (earlier.get(k), record[k]) for k in _SAME_SET_KEYS
-               if k != "samples") and \
-        earlier.get("samples") == record["samples"] and earlier.get("samples_dir") == record["samples_dir"]
+               if k not in _SAME_FILES_KEYS) and all(earlier.get(k) == record[k] for k in _SAME_FILES_KEYS)
     kept = [k for k in earlier["metrics"] if k not in record["metrics"]] if same else []
     if kept:
         record["metrics"] = {**{k: earlier["metrics"][k] for k in kept}, **record["metrics"]}

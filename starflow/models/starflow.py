@@ -119,12 +119,6 @@ class STARFlow(nn.Module):
             raise ValueError(f"config vae {config.vae!r} names an autoencoder: pass vae_downsample, its spatial factor "
                              "(the loaded adapter's .downsample, or starflow.adapters.vae_geometry(name).downsample)")
         down = vae_downsample or 1
-        multiple = down * config.patch_size
-        if config.img_size % multiple:
-            lower, upper = config.img_size // multiple * multiple, -(-config.img_size // multiple) * multiple
-            raise ValueError(f"config key 'img_size' ({config.img_size}) must be a multiple of the VAE's factor x "
-                             f"patch_size ({down} x {config.patch_size} = {multiple}): use "
-                             + (f"{lower} or {upper}" if lower else f"{upper}"))
         self.patch_size = config.patch_size
         self.token_dim = config.patch_size ** 2 * config.channel_size
         latent_side = config.latent_size(down)
@@ -167,8 +161,8 @@ class STARFlow(nn.Module):
                 (``vae: none``).
 
         Raises:
-            ValueError: a text-conditioned config without ``txt_dim``, a config with a VAE without
-                ``vae_downsample``, or an ``img_size`` that is no multiple of ``vae_downsample * patch_size``.
+            ValueError: a text-conditioned config without ``txt_dim``, or a config with a VAE without
+                ``vae_downsample``.
         """
         return cls(load_config(config), txt_dim, vae_downsample)
 
