@@ -192,8 +192,13 @@ def check_checkpoint_path(checkpoint: str | Path, ema: bool = False) -> None:
         raise FileNotFoundError(f"--checkpoint_path {checkpoint}: checkpoint not found (a model folder or a weights "
                                 "file; the official weights: starflow download t2i|t2v)")
     if ema and Path(checkpoint).is_file():
-        raise ValueError(f"--ema reads a model folder's ema.safetensors, and --checkpoint_path {checkpoint} is a weights "
-                         "file: pass the folder, or drop --ema (an EMA weights file is passed as it is)")
+        raise ema_with_weights_file(checkpoint)
+
+
+def ema_with_weights_file(checkpoint: str | Path) -> ValueError:
+    """The error of ``--ema`` with a weights file as ``--checkpoint_path``."""
+    return ValueError(f"--ema reads a model folder's ema.safetensors, and --checkpoint_path {checkpoint} is a weights "
+                      "file: pass the folder, or drop --ema (an EMA weights file is passed as it is)")
 
 
 VIDEO_LAYOUT_KEYS = ("temporal_causal", "shallow_block_local", "denoiser_window")
@@ -582,8 +587,7 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
     if absent:
         weights = checkpoint
         if args.ema and checkpoint.suffix:  # (a weights file's name: sampling would refuse --ema with it)
-            raise ValueError(f"--ema reads a model folder's ema.safetensors, and --checkpoint_path {checkpoint} names "
-                             "a weights file: pass the folder, or drop --ema (an EMA weights file is passed as it is)")
+            raise ema_with_weights_file(checkpoint)
     else:
         check_checkpoint_path(checkpoint, args.ema)
         weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
