@@ -193,7 +193,7 @@ CASES = [
     ("pack {digits} {afile}", 2, "error: OUT {afile}: is a file"),
     ("cache-latents --config {cfg} --data {digits} --out {afile}", 2, "error: --out {afile}: is a file"),
     ("cache-latents --config {cfg} --data {digits} --out {tmp}/c_drop --drop_image 0.5", 2,
-     "error: --drop_image 0.5: config key 'drop_image' drops the first frame of video clips"),
+     "error: config key 'drop_image' (0.5) drops the first frame of video clips; this config has no vid_size"),
     ("sample --checkpoint_path {tmp}/no_model --caption x", 2, "error: --checkpoint_path {tmp}/no_model: checkpoint not found"),
     ("cache-latents --config {cfg} --data {empty} --out {tmp}/cache", 2, "metadata.jsonl"),
     ("cache-latents --config {v2v_cfg} --data {video_meta} --out {tmp}/cache_v2v", 2,

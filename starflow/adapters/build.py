@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from starflow.adapters.geometry import VAEGeometry
 from starflow.adapters.labels import LabelEncoder, is_vocab
 from starflow.adapters.text import TextEncoder, build_tiny_text_encoder
 from starflow.adapters.vae import LatentAdapter, build_latent_adapter
@@ -45,7 +46,11 @@ def build_vae(cfg: Config, *dirs: Path | str | None, device: str | torch.device 
     """The config's latent adapter (identity for ``vae: none``), ``vae`` looked up like the text encoder.
 
     Raises:
-        ValueError: the VAE's latent channels differ from ``channel_size``.
+        ValueError: the VAE's latent channels differ from ``channel_size``, or ``img_size`` is no multiple of its
+            factor x ``patch_size`` (:meth:`~starflow.adapters.geometry.VAEGeometry.check_img_size`, with the loaded
+            VAE's own factor: a local VAE's name does not tell it).
         FileNotFoundError: the VAE is nowhere to be found.
     """
-    return build_latent_adapter(resolve_asset(cfg.vae, *dirs), channels=cfg.channel_size, device=device)
+    vae = build_latent_adapter(resolve_asset(cfg.vae, *dirs), channels=cfg.channel_size, device=device)
+    VAEGeometry(vae.downsample).check_img_size(cfg.img_size, cfg.patch_size)
+    return vae

@@ -85,12 +85,11 @@ def cache(args: argparse.Namespace) -> int:
     from starflow.config import load_config
     from starflow.data.latent_cache import cache_latents, check_cache_inputs
     from starflow.distributed import pick_device
+    from starflow.train.trainer import check_drop_image
 
     _check_out_folder("--out", args.out)
     cfg = load_config(args.config, config_overrides(args, skip={"data"}))
-    if cfg.drop_image > 0 and not cfg.is_video:  # (training refuses it there: no run could read the cache)
-        raise ValueError(f"--drop_image {cfg.drop_image:g}: config key 'drop_image' drops the first frame of video "
-                         "clips, and this config has no vid_size (images): drop it")
+    check_drop_image(cfg)  # (training refuses it on images: no run could read the cache)
     check_cache_inputs(args.data, args.out, cfg, args.overwrite)  # (before the VAE and the text encoder load)
     device = pick_device(args.device)
     base = Path(args.config).parent

@@ -123,18 +123,6 @@ def _causal_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
-def _rotate_pairs(x: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor, inverse: bool = False,
-                  scale: float = 1.0) -> None:
-    """``out = scale * rope(x)`` written into the strided ``out`` (:func:`~starflow.models.rope.rotate_pairs`), or
-    ``scale * x`` without ``rotation``."""
-    if rotation is not None:
-        rotate_pairs(x, rotation, out, inverse=inverse, scale=scale)
-    elif scale != 1.0:
-        torch.mul(x, scale, out=out)
-    else:
-        out.copy_(x)
-
-
 def cached_chunk_mask(start: int, n: int, max_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The attention mask of ``n > 1`` queries at positions ``[start, start + n)`` over a KV cache of ``max_len``
     positions: query ``j`` sees keys ``[0, start + j]``. Shape ``(n, start + n)``.
@@ -183,7 +171,7 @@ class _CausalChunks(torch.autograd.Function):
         rows = b * heads
         parts = qkv.view(b, n, 3, heads, d)
         qk = qkv.new_empty(2, b, heads, n, d)  # rotated queries and keys, head-major
-        _rotate_pairs(parts[:, :, :2].permute(2, 0, 3, 1, 4), rotation, qk)
+        rotate_pairs(parts[:, :, :2].permute(2, 0, 3, 1, 4), rotation, qk)
         q, k = qk.view(2, rows, n, d).unbind(0)
         v = parts[:, :, 2].transpose(1, 2).reshape(rows, n, d)
         bias = _causal_bias(n, qkv.dtype, qkv.device)
@@ -216,15 +204,15 @@ class _CausalChunks(torch.autograd.Function):
             dp = torch.bmm(do[:, a:e], v[:, :e].transpose(1, 2))  # (rows, e - a, e)
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype, grad_input=dp)  # in place
             dq_chunk = torch.bmm(ds, k[:, :e])
-            _rotate_pairs(dq_chunk.view(b, heads, e - a, d), None if rotation is None else rotation[a:e],
-                          grad_q[:, :, a:e], inverse=True, scale=scale)
+            rotate_pairs(dq_chunk.view(b, heads, e - a, d), None if rotation is None else rotation[a:e],
+                         grad_q[:, :, a:e], inverse=True, scale=scale)
             dk_chunk = torch.bmm(ds.transpose(1, 2), q[:, a:e])
             if dk is None:
                 dk, dv = dk_chunk, dv_chunk
             else:
                 dk[:, :e] += dk_chunk
                 dv[:, :e] += dv_chunk
-        _rotate_pairs(dk.view(b, heads, n, d), rotation, grad_k, inverse=True, scale=scale)
+        rotate_pairs(dk.view(b, heads, n, d), rotation, grad_k, inverse=True, scale=scale)
         grad_v.copy_(dv.view(b, heads, n, d))
         return grad.view(b, n, 3 * heads * d), None, None
 

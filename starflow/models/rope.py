@@ -100,16 +100,16 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor | None = None, *, inverse: bool = False,
-                 scale: float = 1.0) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor | None, out: torch.Tensor | None = None, *,
+                 inverse: bool = False, scale: float = 1.0) -> torch.Tensor:
     """The eager form of :func:`apply_rope`: ``scale * rope(x)`` as one complex product per feature pair,
     ``(x[2k] + i x[2k+1]) * (cos + i sin)``; ``inverse`` rotates by the conjugate (the transposed rotation: RoPE's
-    backward pass).
+    backward pass); ``scale * x`` without ``rotation`` (a model without RoPE).
 
     Args:
         x: ``(..., S, head_dim)`` float32 or float64 with adjacent, aligned feature pairs (last stride 1, even other
             strides and storage offset), read in place.
-        rotation: ``(S, head_dim / 2, 2)`` float32 ``(cos, sin)`` from :func:`rope_rotation`.
+        rotation: ``(S, head_dim / 2, 2)`` float32 ``(cos, sin)`` from :func:`rope_rotation`, or None.
         out: where to write the result (any strides with adjacent, aligned pairs), or None for a new tensor.
         inverse, scale: see above.
 
@@ -119,6 +119,10 @@ def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor | No
     Raises:
         RuntimeError: pairs that are not adjacent and aligned (``torch.view_as_complex``).
     """
+    if rotation is None:
+        if out is None:
+            return x * scale if scale != 1.0 else x.clone()
+        return torch.mul(x, scale, out=out) if scale != 1.0 else out.copy_(x)
     r = torch.view_as_complex(rotation if scale == 1.0 else rotation * scale)
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     if out is None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from starflow.adapters import LabelEncoder, LatentAdapter, TextEncoder, build_text_encoder, build_vae
-from starflow.adapters.geometry import VAEGeometry
 from starflow.assets import EMA_WEIGHT_NAMES, TINY_TEXT_ENCODER, WEIGHT_NAMES, find_weights
 from starflow.checkpoint import load_weights, save_weights
 from starflow.config import Config, load_config, save_config
@@ -134,7 +133,6 @@ class Pipeline:
         device = torch.device(device)
         dirs = (base_dir, weights.parent)
         vae = build_vae(cfg, *dirs, device=device)
-        VAEGeometry(vae.downsample).check_img_size(cfg.img_size, cfg.patch_size)  # (the loaded VAE's own factor)
         text_encoder = build_text_encoder(cfg, *dirs, device=device)
         txt_dim = text_encoder.hidden_size if text_encoder is not None else None
         with torch.device("meta"):

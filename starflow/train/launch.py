@@ -7,7 +7,6 @@ import torch
 from tqdm.auto import tqdm
 
 from starflow.adapters import LabelEncoder, TextEncoder, build_text_encoder, build_vae
-from starflow.adapters.geometry import VAEGeometry
 from starflow.assets import TINY_TEXT_ENCODER
 from starflow.config import Config
 from starflow.data import build_dataset, build_secondary_dataset
@@ -51,7 +50,6 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     if dist.device.type == "cpu" and cfg.malloc_retain:
         retain_freed_memory()
     vae = build_vae(cfg, config_dir, device=dist.device)
-    VAEGeometry(vae.downsample).check_img_size(cfg.img_size, cfg.patch_size)  # (the loaded VAE's own factor)
     text_encoder = build_text_encoder(cfg, config_dir, device=dist.device)
     check_base_text_encoder(cfg, text_encoder)
     # rank 0 decides the kind of data and indexes a folder for all ranks

@@ -59,7 +59,7 @@ from starflow.train.state import (TRAINING_META, CheckpointManager, CheckpointMi
                                   set_rng_state)
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "GRAD_SKIP_AFTER", "check_batch_split",
-           "check_training"]
+           "check_drop_image", "check_training"]
 
 GRAD_SKIP_AFTER = 100  # grad_skip applies from this step on (SPEC section 14)
 DENOISER_WEIGHT_DECAY = 1e-4  # SPEC section 10
@@ -192,6 +192,17 @@ def check_batch_split(cfg: Config, world_size: int) -> None:
                              f"({world_size} x {cfg.grad_accum})")
 
 
+def check_drop_image(cfg: Config) -> None:
+    """Refuse ``drop_image`` > 0 on an image config (training and ``cache-latents``: it drops the first frame of clips).
+
+    Raises:
+        ValueError: naming the key and the fix.
+    """
+    if cfg.drop_image > 0 and not cfg.is_video:
+        raise ValueError(f"config key 'drop_image' ({cfg.drop_image:g}) drops the first frame of video clips; this "
+                         "config has no vid_size: set --drop_image 0")
+
+
 def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     """Refuse training keys that this run could not honour or that would do nothing, from the config alone (the
     ``train`` command calls it before anything loads; :class:`Trainer` again). ``has_secondary``: whether secondary
@@ -221,9 +232,7 @@ def check_training(cfg: Config, has_secondary: bool | None = None) -> None:
     if video and not cfg.is_video:  # (the flow takes them for clips; an image run has none)
         raise ValueError(f"config key '{video[0]}' ({getattr(cfg, video[0])}) acts on video clips, and this config "
                          "trains on images (no vid_size): set vid_size, or drop the key")
-    if cfg.drop_image > 0 and not cfg.is_video:
-        raise ValueError(f"config key 'drop_image' ({cfg.drop_image:g}) drops the first frame of video clips; this "
-                         "config has no vid_size: set --drop_image 0")
+    check_drop_image(cfg)
     if cfg.grad_skip and not cfg.grad_clip > 0:
         raise ValueError("config key 'grad_skip' skips updates whose gradient norm exceeds grad_clip, which is 0 (off): "
                          "set --grad_clip (e.g. 1), or --grad_skip 0")
