@@ -86,11 +86,11 @@ class Recipe:
         fps = [float(f) for f in batch.get("fps", [cfg.fps] * n)]
         drop_image = self.drop_image(step)
         if "latents" in batch:  # a latent cache (starflow cache-latents)
-            latents, text = batch["latents"].to(self.device).float(), batch.get("text_emb")
+            latents, text = batch["latents"].to(self.device, non_blocking=True).float(), batch.get("text_emb")
             if drop_image and latents.dim() == 5 and latents.shape[1] > 1:
                 latents, text = latents[:, 1:], batch["text_emb_extend"]
             return Prepared(latents, captions, fps, text)
-        pixels = batch["pixels"].to(self.device)
+        pixels = batch["pixels"].to(self.device, non_blocking=True)  # (pinned by the loader on CUDA)
         if cfg.is_video and pixels.dim() == 4:  # secondary images: one-frame videos, "An image:"
             pixels, fps = pixels[:, None], [0.0] * n
         if not cfg.no_flip:

@@ -278,6 +278,7 @@ class Trainer:
         if latent_cache:
             check_cacheable(cfg)
         self.cfg, self.dist, self.logdir = cfg, dist, Path(logdir)
+        self._pin_memory = dist.device.type == "cuda"  # batches in page-locked memory: asynchronous copies to the GPU
         self.model, self.text_encoder, self.vae, self.dataset = model, text_encoder, vae, dataset
         meta = any(p.is_meta for p in model.parameters())  # built for init_from: allocated here, loaded later
         if meta and not (cfg.fsdp and dist.distributed):
@@ -627,7 +628,7 @@ class Trainer:
             known = self.skipped_files.difference(skipped) & self._dataset_files[id(dataset)]
             skipped.update(dict.fromkeys(known, "unreadable (found in an earlier epoch)"))  # (a set takes the names)
         return _worker_batches(dataset, self.cfg.num_workers, batch_sampler=sampler, collate_fn=collate,
-                               persistent_workers=False, generator=gen)
+                               persistent_workers=False, generator=gen, pin_memory=self._pin_memory)
 
     def _note_skipped(self, files) -> None:
         """Record data files found unreadable or missing (a batch's ``"skipped"``, a dataset's ``skipped``)."""
@@ -663,7 +664,8 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, Any]]:
         """The endless micro-batches of the training data (``cfg.data``)."""
         if self.stream is not None:  # webdataset shards: an endless stream, positions tracked per worker
-            with _worker_batches(self.stream, self.cfg.num_workers, batch_size=None) as batches:
+            with _worker_batches(self.stream, self.cfg.num_workers, batch_size=None,
+                                 pin_memory=self._pin_memory) as batches:
                 for batch in batches:
                     self.tracker.update(batch.pop("position"))
                     self._note_skipped(batch.pop("skipped", ()))
