@@ -122,12 +122,13 @@ class Recipe:
         """``(x, dropped captions)``: ``x = latents + noise_std * N(0, I)`` (``noise_type: uniform``: 8-bit
         dequantisation ``((x + 1) 127.5 + U[0, 1)) / 256 * 2 - 1``) and each sample's caption dropout."""
         cfg, dev = self.cfg, latents.device
-        noise, drop = [], []
+        noise, dropout_draws = [], []
+        draw = torch.rand if cfg.noise_type == "uniform" else torch.randn
         for i in range(latents.shape[0]):
             gen = torch.Generator(device=dev).manual_seed(sample_seed(cfg.seed, step, first + i))
-            drop.append(bool(torch.rand((), generator=gen, device=dev) < cfg.drop_label))
-            draw = torch.rand if cfg.noise_type == "uniform" else torch.randn
+            dropout_draws.append(torch.rand((), generator=gen, device=dev))
             noise.append(draw(latents.shape[1:], generator=gen, device=dev))
+        drop = (torch.stack(dropout_draws) < cfg.drop_label).tolist()  # (one device-to-host copy a batch)
         return noised_data(latents, torch.stack(noise), cfg), drop
 
     def prompts(self, captions: list[str], aspects: list[str], fps: list[float], drop: list[bool]) -> list[str]:
