@@ -16,11 +16,13 @@ every file's size is checked against the Hub's record afterwards. Without networ
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Asset", "RELEASES", "DownloadError", "download", "manual_instructions", "release_assets"]
+__all__ = ["Asset", "RELEASES", "DownloadError", "MANIFEST", "download", "manual_instructions", "release_assets",
+           "write_manifest"]
 
 HUB = "https://huggingface.co"
 
@@ -153,19 +155,25 @@ def _refused_access(error: BaseException) -> bool:
     return False
 
 
-def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str | None = None) -> list[Path]:
+def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str | None = None,
+             revisions: dict[str, str] | None = None) -> list[Path]:
     """Download a release's checkpoint, T5 and VAE into ``local_dir``, resuming partial files.
+
+    Each repository is fetched at one commit: the one ``revisions`` names (a commit hash, branch or tag), else the
+    newest of its main branch when the download starts. The commits are recorded in ``local_dir/downloads.json``
+    (:func:`write_manifest`), so that a download can be repeated exactly (``starflow download --revision``).
 
     Args:
         which: ``t2i``, ``t2v`` or ``all``.
         local_dir: destination folder (created); models go to subfolders named like their Hub ids.
         token: Hugging Face token (default: the logged-in one / ``HF_TOKEN``).
+        revisions: Hub repository id -> revision, for some of the release's repositories.
 
     Returns:
         The folders (or the checkpoint files) written.
 
     Raises:
-        ValueError: unknown release.
+        ValueError: unknown release, or ``revisions`` names a repository the release does not use.
         DownloadError: offline (with manual instructions), or a file's size differs from the Hub's.
     """
     import huggingface_hub
@@ -175,6 +183,11 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
 
     local_dir = Path(local_dir)
     assets = release_assets(which)
+    revisions = dict(revisions or {})
+    unknown = sorted(set(revisions) - {a.repo for a in assets})
+    if unknown:
+        raise ValueError(f"--revision {unknown[0]}=...: the {which} release does not download {unknown[0]}; its "
+                         f"repositories are {', '.join(dict.fromkeys(a.repo for a in assets))}")
     if hub_offline():
         missing = [a for a in assets if not a.present(local_dir)]
         if missing:
@@ -186,7 +199,7 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
         root = asset.target(local_dir)
         try:  # plan first: file list and sizes, without downloading
             infos = huggingface_hub.snapshot_download(asset.repo, allow_patterns=list(asset.patterns), local_dir=root,
-                                                      token=token, dry_run=True)
+                                                      token=token, revision=revisions.get(asset.repo), dry_run=True)
         except (DryRunError, huggingface_hub.errors.HfHubHTTPError) as e:
             if _refused_access(e):  # (the Hub answered: it is reachable, it said no)
                 raise DownloadError(f"{asset.repo} is gated or needs a login: accept its licence on {HUB}/{asset.repo} "
@@ -196,10 +209,34 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
             raise
         if not infos:
             raise DownloadError(f"{asset.repo} has no files matching {asset.patterns}; the release layout changed?")
+        commit = infos[0].commit_hash  # the files planned: fetched from that commit, whatever is pushed meanwhile
         todo = sum(i.file_size or 0 for i in infos if i.will_download)
         print(f"{asset.what}: {len(infos)} file(s), {sum(i.file_size or 0 for i in infos) / 2**30:.2f} GiB "
-              f"({todo / 2**30:.2f} GiB to fetch) -> {root}")
-        huggingface_hub.snapshot_download(asset.repo, allow_patterns=list(asset.patterns), local_dir=root, token=token)
+              f"({todo / 2**30:.2f} GiB to fetch) at commit {commit} -> {root}")
+        huggingface_hub.snapshot_download(asset.repo, allow_patterns=list(asset.patterns), local_dir=root, token=token,
+                                          revision=commit)
         _check_sizes(infos, root, asset)
+        write_manifest(local_dir, asset.repo, commit, {i.filename: i.file_size for i in infos})
         written.append(root / asset.patterns[0] if not asset.folder else root)
     return written
+
+
+MANIFEST = "downloads.json"
+"""The file of ``--local-dir`` that records what :func:`download` fetched."""
+
+
+def write_manifest(local_dir: Path, repo: str, commit: str, files: dict[str, int | None]) -> Path:
+    """Record in ``local_dir/downloads.json`` (JSON, ``{repo: {"commit": hash, "files": {name: bytes}}}``) that
+    ``files`` of Hub repository ``repo`` were downloaded at ``commit``; other repositories' entries are kept.
+    Returns the file. ``starflow download RELEASE --revision REPO=COMMIT`` (one per entry) repeats the download."""
+    from starflow.files import write_text_atomic
+
+    path = Path(local_dir) / MANIFEST
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}  # (none yet, or unreadable: rewritten whole)
+    entries = entries if isinstance(entries, dict) else {}
+    entries[repo] = {"commit": commit, "files": dict(sorted(files.items()))}
+    write_text_atomic(path, json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
+    return path

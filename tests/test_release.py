@@ -340,3 +340,47 @@ def test_download_tells_a_gated_repo_from_an_unreachable_hub(refused: bool, tmp_
         assert "apple/starflow is gated or needs a login: accept its licence" in str(info.value)
     else:
         assert "is gated" not in str(info.value) and "cannot download" in str(info.value)
+
+
+def test_download_fetches_each_repository_at_one_commit_and_records_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The files planned by the dry run are fetched from the commit it saw (``revision=`` of the real call), a
+    ``--revision REPO=REV`` reaches that repository's calls, and ``downloads.json`` records each repository's commit
+    and file sizes; a revision for a repository the release does not use, or one named twice, is refused."""
+    import huggingface_hub
+    from huggingface_hub.file_download import DryRunFileInfo
+
+    import starflow.adapters.hub
+
+    calls = []
+
+    def snapshot_download(repo, allow_patterns, local_dir, token=None, revision=None, dry_run=False):
+        calls.append((repo, revision, dry_run))
+        names = [p.replace("*", "model") for p in allow_patterns]
+        if dry_run:
+            commit = {"main": "c0mmit", None: "c0mmit"}.get(revision, revision)
+            return [DryRunFileInfo(commit_hash=f"{commit}-{repo}", file_size=3, filename=n,
+                                   local_path=str(Path(local_dir) / n), is_cached=False, will_download=True)
+                    for n in names]
+        for n in names:
+            (Path(local_dir) / n).parent.mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / n).write_bytes(b"abc")
+        return str(local_dir)
+
+    monkeypatch.setattr(starflow.adapters.hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert main(["download", "t2i", "--local-dir", str(tmp_path), "--revision", "apple/starflow=v1"]) == 0
+    assert ("apple/starflow", "v1", True) in calls and ("apple/starflow", "v1-apple/starflow", False) in calls
+    assert ("google/flan-t5-xl", None, True) in calls and ("google/flan-t5-xl", "c0mmit-google/flan-t5-xl", False) in calls
+    manifest = json.loads((tmp_path / "downloads.json").read_text())
+    assert manifest["apple/starflow"] == {"commit": "v1-apple/starflow", "files": {"starflow_3B_t2i_256x256.pth": 3}}
+    assert set(manifest) == {a.repo for a in release_assets("t2i")}
+    assert "at commit c0mmit-stabilityai/sd-vae-ft-ema" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="the t2i release does not download Wan-AI/Wan2.2-TI2V-5B-Diffusers"):
+        download("t2i", tmp_path, revisions={"Wan-AI/Wan2.2-TI2V-5B-Diffusers": "main"})
+    assert main(["download", "t2i", "--local-dir", str(tmp_path), "--revision", "apple/starflow=a",
+                 "--revision", "apple/starflow=b"]) == 2
+    assert "--revision names apple/starflow more than once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["download", "t2i", "--revision", "apple/starflow"])
+    assert "expected REPO=REV" in capsys.readouterr().err

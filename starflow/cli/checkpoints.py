@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the files and where to place them by hand.")
     p.add_argument("release", choices=("t2i", "t2v", "all"), help="t2i: STARFlow 3B, t2v: STARFlow-V 7B, all: both")
     p.add_argument("--local-dir", "--local_dir", dest="local_dir", default="ckpts", help="destination [default: ckpts]")
+    p.add_argument("--revision", action="append", type=_repo_revision, default=[], metavar="REPO=REV",
+                   help="fetch Hub repository REPO at revision REV (a commit hash, branch or tag), e.g. "
+                        "apple/starflow=<commit>; repeat for several repositories [default: each one's newest commit; "
+                        "the commits fetched are recorded in LOCAL_DIR/downloads.json]")
     p.set_defaults(func=download)
 
     p = sub.add_parser("convert", help="convert weights between .pth and .safetensors, keeping every name",
@@ -132,6 +136,14 @@ def _checkpoint_shapes(path: Path) -> dict:
                                     "logdir") from None
 
 
+def _repo_revision(text: str) -> tuple[str, str]:
+    """``--revision REPO=REV`` as ``(REPO, REV)``."""
+    repo, sep, revision = text.partition("=")
+    if not (sep and repo.strip() and revision.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected REPO=REV, e.g. apple/starflow=main")
+    return repo.strip(), revision.strip()
+
+
 def download(args: argparse.Namespace) -> int:
     """:func:`starflow.download.download` into ``--local-dir``."""
     from starflow.assets import PACKAGE_CKPTS
@@ -140,7 +152,11 @@ def download(args: argparse.Namespace) -> int:
 
     if Path(args.local_dir).exists() and not Path(args.local_dir).is_dir():
         raise ValueError(f"--local-dir {args.local_dir}: is a file; pass a folder for the weights")
-    for path in fetch(args.release, args.local_dir):
+    repos = [repo for repo, _ in args.revision]
+    twice = sorted({r for r in repos if repos.count(r) > 1})
+    if twice:
+        raise ValueError(f"--revision names {twice[0]} more than once: give one revision per repository")
+    for path in fetch(args.release, args.local_dir, revisions=dict(args.revision)):
         print(f"ready: {path}")
     scripts = {"t2i": 'scripts/sample_image.sh "a red fox in the snow"',
                "t2v": 'scripts/sample_video.sh "a corgi running on the beach"'}
