@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Asset", "RELEASES", "DownloadError", "MANIFEST", "download", "manual_instructions", "release_assets",
-           "write_manifest"]
+__all__ = ["Asset", "RELEASES", "DownloadError", "MANIFEST", "download", "manual_instructions", "read_manifest",
+           "release_assets", "write_manifest"]
 
 HUB = "https://huggingface.co"
 
@@ -192,6 +192,15 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
         missing = [a for a in assets if not a.present(local_dir)]
         if missing:
             raise _offline_error(missing, local_dir, None)
+        recorded = read_manifest(local_dir)
+        for repo, revision in revisions.items():
+            commit = recorded.get(repo, {}).get("commit")
+            if not (commit and commit.startswith(revision)):
+                raise DownloadError(
+                    f"--revision {repo}={revision}: HF_HUB_OFFLINE is set, and {local_dir / MANIFEST} records "
+                    + (f"commit {commit} for it" if commit else "no commit for it")
+                    + ": the files in place cannot be shown to be that revision (offline, give the commit hash "
+                    "recorded, or download again with network access)")
         print(f"every file is already in {local_dir} (sizes not checked: HF_HUB_OFFLINE is set)")
         return [a.target(local_dir) for a in assets]
     written = []
@@ -232,11 +241,16 @@ def write_manifest(local_dir: Path, repo: str, commit: str, files: dict[str, int
     from starflow.files import write_text_atomic
 
     path = Path(local_dir) / MANIFEST
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}  # (none yet, or unreadable: rewritten whole)
-    entries = entries if isinstance(entries, dict) else {}
+    entries = read_manifest(local_dir)  # (none yet, or unreadable: rewritten whole)
     entries[repo] = {"commit": commit, "files": dict(sorted(files.items()))}
     write_text_atomic(path, json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
     return path
+
+
+def read_manifest(local_dir: str | os.PathLike) -> dict[str, dict]:
+    """The entries of ``local_dir/downloads.json`` (:func:`write_manifest`); ``{}`` if it is missing or unreadable."""
+    try:
+        entries = json.loads((Path(local_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}

@@ -384,3 +384,8 @@ def test_download_fetches_each_repository_at_one_commit_and_records_it(tmp_path:
     with pytest.raises(SystemExit):
         main(["download", "t2i", "--revision", "apple/starflow"])
     assert "expected REPO=REV" in capsys.readouterr().err
+
+    monkeypatch.setattr(starflow.adapters.hub, "hub_offline", lambda: True)  # offline: checked against the record
+    assert download("t2i", tmp_path, revisions={"apple/starflow": "v1-app"})
+    with pytest.raises(DownloadError, match="records commit v1-apple/starflow for it: the files in place cannot"):
+        download("t2i", tmp_path, revisions={"apple/starflow": "v2"})
