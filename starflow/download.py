@@ -11,7 +11,8 @@ subfolder named like its Hub id, which is where sampling looks first (see
     ckpts/Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/...          WAN2.2 VAE (text-to-video)
 
 Downloads resume where they stopped (``huggingface_hub`` keeps partial files), show progress bars, and
-every file's size is checked against the Hub's record afterwards. Without network access (or with
+every file's size is checked against the Hub's record afterwards. Each repository is fetched at one commit, which
+``--local-dir``'s ``downloads.json`` records (``--revision REPO=COMMIT`` repeats it). Without network access (or with
 ``HF_HUB_OFFLINE=1``) the command fails at once and lists the files and where to put them by hand.
 """
 from __future__ import annotations
