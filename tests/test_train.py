@@ -377,6 +377,26 @@ def test_checkpoint_manager_ignores_partial_folders(tmp_path) -> None:
     assert not leftover.exists()  # the next save clears what a killed save left
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interruption_not_a_disk_error(tmp_path, monkeypatch) -> None:
+    """DCP hands a KeyboardInterrupt raised inside its save (a second Ctrl-C) back wrapped in a CheckpointException:
+    it stays an interruption (exit 130, not the "cannot write the checkpoint" disk message) and the half-written
+    folder goes; the earlier checkpoint stays."""
+    import torch.distributed.checkpoint as dcp
+
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    manager.save(1, {"w": torch.ones(3)}, {"step": 1}, {})
+    real_save = dcp.save
+
+    def interrupted_save(tensors, checkpoint_id):
+        real_save(tensors, checkpoint_id=checkpoint_id)  # (the files are written, then the signal arrives)
+        raise dcp.api.CheckpointException("save failed", {0: (KeyboardInterrupt(), None)})
+
+    monkeypatch.setattr(dcp, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt, match="interrupted while writing the checkpoint .*step_00000002"):
+        manager.save(2, {"w": torch.zeros(3)}, {"step": 2}, {})
+    assert [p.name for p in manager.folder.iterdir()] == ["step_00000001"]
+
+
 def test_a_checkpoint_that_cannot_be_written_keeps_the_earlier_ones(tmp_path) -> None:
     """A save that fails part way (here a file-size limit, as a full disk or a quota) says so in one line and removes
     its half-written folder; the earlier checkpoint stays."""

@@ -363,6 +363,12 @@ class CheckpointManager:
             if self.rank == 0:
                 (partial / META_FILE).write_text(json.dumps(meta, indent=1))
         except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # (DCP wraps its errors in a BaseException)
+            failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+            if any(isinstance(f[0], KeyboardInterrupt) for f in (failures or {}).values()):  # Ctrl-C again, mid-save
+                if self.rank == 0:
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise KeyboardInterrupt(f"interrupted while writing the checkpoint {final} (not kept; the earlier "
+                                        "checkpoints are)") from None
             raise self._unwritten(final, partial, e) from None
         if self.rank == 0:
             os.replace(partial, final)
