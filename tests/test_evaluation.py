@@ -107,6 +107,16 @@ def test_generate_set_resumes_after_a_kill_and_matches_on_two_processes(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     for name in names:
         assert (two / name).read_bytes() == (out / name).read_bytes(), name
+    # files damaged after the run (a crash before the data reached the disk, a bad copy) are made again, the same
+    (out / names[1]).write_bytes((out / names[1]).read_bytes()[:30])  # truncated
+    (out / names[2]).write_bytes(b"")
+    (out / names[3]).write_bytes(b"garbage")
+    r = subprocess.run(_generate(out, n), env=run_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"3 damaged image(s) made again (empty, truncated or not a PNG), e.g. {out / names[1]}" in r.stdout
+    assert f"{n - 3} already there, 3 written" in r.stdout
+    for name in names:
+        assert (two / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_a_set_made_before_a_setting_existed_resumes_at_its_default(tmp_path, capsys) -> None:

@@ -100,7 +100,8 @@ def load_images(files: list[Path], mode: str, size: int | None = None) -> list[t
                 a = np.array(img)  # a writable copy
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # (a float image out of range,
             raise OSError(f"cannot read image {f}: {err}; every image of a scored folder is read: replace or remove "
-                          "it") from err  # one over PIL's size limit)
+                          "it (in a set of generate-set, rerunning that command makes a damaged image again)") \
+                from err  # (one over PIL's size limit)
         images.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
     return images
 

@@ -14,6 +14,7 @@ run was writing is removed when the set is resumed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -302,7 +303,10 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
             for stale in out.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
         # one listing, by rank 0, sent to every rank before anyone writes: the ranks cannot disagree (NFS caches)
-        missing = from_rank0(lambda: [i for i in range(len(captions)) if not sample_path(out, i).is_file()])
+        missing, damaged = from_rank0(lambda: _unfinished(out, len(captions)))
+        if damaged and dist.is_main:
+            print(f"{out}: {len(damaged)} damaged image(s) made again (empty, truncated or not a PNG), e.g. "
+                  f"{sample_path(out, damaged[0])}")
         start = time.perf_counter()
         with StopSignals(verbose=dist.is_main, at="after this batch, its images written") as stop:
             write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
@@ -311,6 +315,40 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
     finally:
         lock.release()
     return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)
+
+
+PNG_START = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
+def is_whole_png(path: Path) -> bool:
+    """Whether ``path`` is a file that starts with the PNG signature and ends with the IEND chunk: what a finished
+    sample is, read in two short reads (a 50K set is checked in seconds). An empty, truncated or foreign file (a
+    crash before the data reached the disk, a bad copy) is not; a file damaged in its middle is not detected."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(PNG_START)) != PNG_START:
+                return False
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_START) + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def _unfinished(out: Path, total: int) -> tuple[list[int], list[int]]:
+    """``(to write, damaged)``: the indices of samples without a whole PNG (:func:`is_whole_png`), and those of
+    them whose file exists (damaged: written again, to the same pixels, as every sample has its own seed)."""
+    todo, damaged = [], []
+    for i in range(total):
+        path = sample_path(out, i)
+        if not is_whole_png(path):
+            todo.append(i)
+            if path.exists():
+                damaged.append(i)
+    return todo, damaged
 
 
 def _digest(captions: list[str], legacy: bool = False) -> str:
