@@ -8,8 +8,9 @@ picks other Jacobi chunks, so a set is continued only with the batch size it was
 ``{"index", "file_name", "caption"}`` per sample) and ``set.json`` (what produced the set) are written first;
 a re-run of the same command skips every image already there, so a killed 50K run continues where it
 stopped, and one with a larger ``--num_samples`` (the same captions, cycled) grows a finished set. Images are
-written under a temporary name and renamed, so no truncated PNG is ever left; the temporary file of an image a killed
-run was writing is removed when the set is resumed.
+written under a temporary name and renamed, so a killed run leaves no truncated PNG; the temporary file of an image it
+was writing is removed when the set is resumed, and an image found damaged then (empty, truncated or not a PNG: a
+crash before the data reached the disk, a bad copy) is made again, to the same pixels.
 """
 from __future__ import annotations
 
