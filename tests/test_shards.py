@@ -29,6 +29,7 @@ from starflow.data import (
 )
 from starflow.data.video import VideoFolder, write_video
 from starflow.prompts import EXTEND_PREFIX, apply_prompt_template
+from starflow.train.trainer import data_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +93,13 @@ def test_pack_round_trips_image_folder(all_digits: Path, tmp_path: Path, capsys)
     assert [s["samples"] for s in index["shards"]] == [16, 16, 8]
     batch = next(iter(ShardStream(tmp_path / "shards", N, img_size=8, channels=1)))
     folder = ImageFolder(src, 8, channels=1)
+    # what a resume compares (starflow.train.trainer.data_fingerprint): both name their N samples, and repacking
+    # into other shards is another listing
+    stream_print = data_fingerprint(ShardStream(tmp_path / "shards", N, img_size=8, channels=1))
+    assert stream_print["samples"] == data_fingerprint(folder)["samples"] == N
+    assert main(["pack", str(src), str(tmp_path / "shards10"), "--shard_size", "10"]) == 0
+    repacked = data_fingerprint(ShardStream(tmp_path / "shards10", N, img_size=8, channels=1))
+    assert repacked["samples"] == N and repacked["sha"] != stream_print["sha"]
     expected = [folder[i] for i in range(len(folder))]
     assert batch["pixels"].shape == (N, 1, 8, 8) and batch["pixels"].dtype == torch.float32
     assert _as_set(batch["pixels"], batch["text"]) == _as_set(torch.stack([s["pixels"] for s in expected]),

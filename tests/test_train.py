@@ -284,12 +284,33 @@ def test_resume_applies_a_changed_schedule_and_keeps_each_step_once_in_the_metri
         out = capsys.readouterr().out
         assert (f"resuming with changed config keys, which apply from step 4 on: lr {config['lr']} -> "
                 f"{config['lr'] / 10}, steps {config['steps']} -> 8 (") in out
+        assert "training data differ" not in out
         assert main(train_args(tmp_path / "changed.yaml", Path(config["data"]), tmp_path / "fresh")) == 0
     got, fresh = read_metrics(run), read_metrics(tmp_path / "fresh")
     assert [m["step"] for m in got] == list(range(1, 9))
     assert [m["lr"] for m in got[:4]] == [m["lr"] for m in resume_runs["reference"][:4]]
     assert [m["lr"] for m in got[4:]] == [m["lr"] for m in fresh[4:]]
     assert got[4]["lr"] != resume_runs["reference"][4]["lr"]  # (the new schedule, not the checkpoint's)
+
+
+def test_resume_on_changed_training_data_says_so(resume_runs, tmp_path, capsys) -> None:
+    """Checkpoints record the training data's listing (:func:`data_fingerprint`): a resume on a folder with fewer
+    images, or with the same number under other captions, names the change (a note: the run goes on)."""
+    run = tmp_path / "run"
+    shutil.copytree(resume_runs["straight"], run)
+    config = yaml.safe_load((resume_runs["straight"].parent / "config.yaml").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(config["data"], data)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:-8]) + "\n")
+    assert main(train_args(resume_runs["straight"].parent / "config.yaml", data, run, "--dry_run")) == 0
+    out = capsys.readouterr().out
+    assert f"note: the training data differ from those {run / 'checkpoints' / 'step_00000006'} was trained on " \
+           f"({len(lines)} -> {len(lines) - 8} samples)" in out
+    recaptioned = [json.dumps(dict(json.loads(line), text="another caption")) for line in lines]
+    (data / "metadata.jsonl").write_text("\n".join(recaptioned) + "\n")
+    assert main(train_args(resume_runs["straight"].parent / "config.yaml", data, run, "--dry_run")) == 0
+    assert f"(the same {len(lines)} samples in number, another listing)" in capsys.readouterr().out
 
 
 def test_resume_with_another_seed_of_the_tiny_text_encoder_is_refused(resume_runs, tmp_path, capsys) -> None:

@@ -107,6 +107,25 @@ def changed_keys(saved: dict, now: dict, model_only: bool = False) -> list[str]:
             and k != "logdir" and not (model_only and k in TRAINING_KEYS)]
 
 
+def data_fingerprint(data: Any) -> dict[str, Any] | None:
+    """What identifies a training dataset's samples, for a resume to notice that they changed: ``{"samples": N,
+    "sha": 16 hex digits}``, over each shard's name and sample count (webdataset shards, their ``index.json``), or over
+    a folder's listed files (relative to its root) and their captions, in their order; None for other datasets.
+    (A file rewritten under the same name is not noticed: the listing is hashed, not the files' bytes.)"""
+    import hashlib
+
+    if isinstance(getattr(data, "sizes", None), dict):  # ShardStream
+        listing, samples = [f"{Path(k).name}\t{v}" for k, v in data.sizes.items()], int(data.num_samples)
+    elif isinstance(getattr(data, "paths", None), list) and getattr(data, "root", None) is not None:
+        root, texts = Path(data.root), getattr(data, "texts", None) or [""] * len(data.paths)
+        listing = [f"{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p}\t{t}"
+                   for p, t in zip(data.paths, texts)]
+        samples = len(data.paths)
+    else:
+        return None
+    return {"samples": samples, "sha": hashlib.sha256("\n".join(listing).encode("utf-8")).hexdigest()[:16]}
+
+
 def _saved_config(path: str | Path) -> dict[str, Any]:
     """The config a checkpoint was saved with (empty when its meta file cannot be read: loading it says why)."""
     try:
@@ -336,6 +355,7 @@ class Trainer:
                 raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch of "
                                  f"{cfg.batch_size}: lower --batch_size or add data")
         self.secondary, self.secondary_batches = secondary, None
+        self._data_fingerprints: dict[str, Any] | None = None
         if secondary is not None:  # images as one-frame videos on a secondary_ratio share of the steps
             micro = (cfg.secondary_batch_size or cfg.batch_size) // (dist.world_size * cfg.grad_accum)
             self.secondary_batches = ResumableBatchSampler(AspectBucketBatchSampler(
@@ -382,8 +402,32 @@ class Trainer:
             if self.lora_base is None:  # hashed once per run, at its first checkpoint
                 self.lora_base = base_identity(self.cfg.init_from)
             meta["lora_base"] = self.lora_base
+        meta["data"] = self._data_identity()
         local = {"data": self._data_position(), "rng": rng_state(self.dist.device)}
         return self.checkpoints.save(self.step, self._tensor_state(), meta, local)
+
+    def _data_identity(self) -> dict[str, Any]:
+        """:func:`data_fingerprint` of the training data (and of the secondary images), computed once per run."""
+        if self._data_fingerprints is None:
+            self._data_fingerprints = {"data": data_fingerprint(self.stream if self.stream is not None else
+                                                                self.dataset)}
+            if self.secondary is not None:
+                self._data_fingerprints["secondary"] = data_fingerprint(self.secondary)
+        return self._data_fingerprints
+
+    def _note_changed_data(self, path: Path, meta: dict[str, Any]) -> None:
+        """Say so when the training data (or the secondary images) differ from those a checkpoint was trained on:
+        the run goes on from the saved position in the new data, which is not the order the first run would have
+        seen (checkpoints written before the data were recorded say nothing)."""
+        for key, saved in (meta.get("data") or {}).items():
+            now = self._data_identity().get(key)
+            if saved and now and saved != now:
+                what = "secondary images" if key == "secondary" else "training data"
+                counts = (f"{saved['samples']} -> {now['samples']} samples" if saved["samples"] != now["samples"]
+                          else f"the same {now['samples']} samples in number, another listing")
+                self._log(f"note: the {what} differ from those {path} was trained on ({counts}): the run goes on "
+                          "from its saved data position in the new data, so the batches from here are not the ones "
+                          "it would have seen (resume with the same data for the exact order)")
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save` (on any number of ranks).
@@ -461,6 +505,7 @@ class Trainer:
             local = self.checkpoints.load_local(path, 0)
         else:
             set_rng_state(local["rng"], self.dist.device)
+        self._note_changed_data(path, meta)
         self._set_data_position(local["data"], path, meta)
 
     def initialise_from(self, path: str | Path) -> InitReport:
