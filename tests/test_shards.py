@@ -670,3 +670,37 @@ def test_an_undecodable_sample_is_named_by_its_key_and_shard(caplog) -> None:
     assert "cannot read image sample k1 of /data/shard-000003.tar: cannot identify image file)" in caplog.text
     assert "cannot decode video sample k2 of /data/shard-000003.tar: " in caplog.text
     assert "BytesIO" not in caplog.text
+
+
+def test_cache_latents_stopped_by_sigterm_cleans_up_and_says_so(all_digits: Path, tmp_path: Path, config_file,
+                                                               tiny_config) -> None:
+    """SIGTERM stops ``cache-latents`` as Ctrl-C does (it used to kill it outright): the staging folder and the lock
+    go, the cache already in the output folder stays, and the message says that a rerun starts again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import run_env
+
+    config = str(config_file(dict(tiny_config)))
+    out = tmp_path / "cache"
+    base = [sys.executable, "-m", "starflow.cli", "cache-latents", "--config", config, "--out", str(out)]
+    small = _digits_folder(all_digits, tmp_path / "small", n=4)
+    assert subprocess.run([*base, "--data", str(small)], env=run_env(tmp_path), capture_output=True,
+                          timeout=300).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    proc = subprocess.Popen([*base, "--data", str(all_digits), "--overwrite", "--batch", "1", "--shard_size", "8"],
+                            env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob(".staging-*/shard-*.tar")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it was signalled"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert ("stopped by SIGTERM before it finished: nothing half-written is kept, and the cache already in the output "
+            "folder, if any, is unchanged; rerun the same command to start again") in err
+    assert "Traceback" not in err
+    assert not list(out.glob(".staging-*"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before

@@ -8,12 +8,15 @@ documents each flag with its default and unit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from starflow.worker import launched_by_torchrun, stop_with_launcher
 
@@ -79,10 +82,33 @@ process would do the whole job and write the same files."""
 
 
 RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
+RESTARTS = {"pack": "the shards already in the output folder, if any, are unchanged",  # written aside, then
+            "cache-latents": "the cache already in the output folder, if any, is unchanged"}  # swapped in whole
 PATH_ARGUMENTS = {"output_dir", "out", "data", "checkpoint", "checkpoint_path", "config", "model_config_path",
                   "input_image", "input_video", "last_image", "mask", "local_dir", "src", "dst", "samples", "reference",
                   "save_stats", "caption_file"}
 """Arguments that name a file or folder: an empty one is refused."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While a command runs (in the main thread), SIGTERM stops it as Ctrl-C does, at once, instead of killing the
+    process: its ``finally`` blocks run (folder locks released, staging folders removed) and it exits ``128 + 15``
+    with a line saying what was kept. Loops with a safe point (training, ``generate-set``) take the signal over
+    meanwhile (:class:`~starflow.signals.StopSignals`) and stop there instead."""
+    from starflow.signals import Stopped
+
+    def stop(signum: int, frame) -> None:
+        raise Stopped(signum, "before it finished")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +145,8 @@ def _main(argv: list[str] | None) -> int:
                                                                               "negative_prompt"):
             setattr(args, key, os.path.expanduser(value))
     try:
-        return args.func(args)
+        with _sigterm_stops():
+            return args.func(args)
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status
         _end_progress_bars()
         if isinstance(e.code, str):
@@ -145,8 +172,12 @@ def _main(argv: list[str] | None) -> int:
         _end_progress_bars()
         resume = RESUMES.get(args.command)
         what = str(e) or "interrupted"  # (training stopped on a signal says at which step, checkpoint written)
+        if resume:
+            what += f": rerun the same command to resume ({resume})"
+        elif args.command in RESTARTS:
+            what += f": nothing half-written is kept, and {RESTARTS[args.command]}; rerun the same command to start again"
         if is_rank0():  # (under torchrun every rank stops: one says so)
-            print(what + (f": rerun the same command to resume ({resume})" if resume else ""), file=sys.stderr)
+            print(what, file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - anything else is a bug: say so in one line, keep the traceback one env var away
         if os.environ.get("STARFLOW_DEBUG"):
