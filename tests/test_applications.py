@@ -310,6 +310,9 @@ def test_video_to_video_and_end_frame_models() -> None:
     assert clip.shape == (1, 3, 1, 8, 8)
     torch.testing.assert_close(clip[:, 0], first)  # the end frame is not part of the result
     assert last(["a"], settings, seeds=[0], last_image=end).shape == (1, 3, 1, 8, 8)
+    # the end frame conditions one window (training clips end at it): a longer video would lose it after the first
+    with pytest.raises(ValueError, match="target_length 5: the end frame .* use target_length 3 or less"):
+        last(["a"], replace(settings, target_length=5), seeds=[0], last_image=end)
     with pytest.raises(ValueError, match="last_frame_cond"):
         v2v(["a"], settings, last_image=end)
     for name in ("input_image", "last_image"):  # a one-frame clip is not an image
@@ -593,3 +596,19 @@ def test_inpaint_sizes_its_input_by_the_loaded_vaes_factor(tiny_config, tmp_path
     assert main(["sample", "--checkpoint_path", str(tmp_path / "model"), "--caption", "a", "--img_size", "10",
                  "--output_dir", str(tmp_path / "out10")]) == 2
     assert "must be a multiple of the VAE's factor x patch_size (2 x 2 = 4): use 8 or 12" in capsys.readouterr().err
+
+
+def test_last_image_beyond_one_window_is_refused_from_the_config_alone() -> None:
+    """``--last_image`` with a ``--target_length`` longer than the trained clip: refused before sampling (and by
+    ``--dry_run``), as the windows after the first would not see the end frame."""
+    from argparse import Namespace
+
+    from starflow.cli._video_inputs import check_video_flags
+
+    cfg = load_config(MOVING_DEMO / "config.yaml", {"last_frame_cond": 1, "drop_image": 0})
+    flags = dict(input_image=None, input_video=None, last_image="end.png", context_length=None, gif=False,
+                 lossless_mp4=False)
+    check_video_flags(Namespace(**flags, target_length=cfg.vid_size[0]), cfg)  # one window: fine
+    with pytest.raises(ValueError, match=rf"--target_length 8: the end frame \(last_image\) conditions one window of "
+                                         rf"the {cfg.vid_size[0]} frames .* use --target_length {cfg.vid_size[0]} or less"):
+        check_video_flags(Namespace(**flags, target_length=8), cfg)

@@ -18,7 +18,8 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
         ValueError: a video flag with an image model; ``--last_image`` without ``last_frame_cond``; ``--input_video``
             with ``--input_image``/``--last_image``; ``--return_sequence`` with ``--input_video``;
             ``--target_length`` or ``--context_length`` with video-to-video; a ``--target_length`` that leaves
-            ``--input_image`` nothing to sample; ``--context_length`` where no window is carried over, or not below the
+            ``--input_image`` nothing to sample; a ``--target_length`` beyond one window with ``--last_image``;
+            ``--context_length`` where no window is carried over, or not below the
             window.
     """
     from starflow.adapters.geometry import vae_geometry
@@ -52,6 +53,10 @@ def check_video_flags(args: argparse.Namespace, cfg) -> None:
     if flags["input_image"] and flags["target_length"] and geometry.latent_frames(flags["target_length"]) < 2:
         raise ValueError(f"--target_length {flags['target_length']}: --input_image is the first of these frames, so "
                          f"none would be sampled; use {1 + geometry.temporal_downsample} or more")
+    if flags["last_image"] and flags["target_length"] and geometry.latent_frames(flags["target_length"]) > window:
+        from starflow.sampling.pipeline import last_image_beyond_window
+
+        raise ValueError(last_image_beyond_window(flags["target_length"], cfg.vid_size[0]))
     if context is None:
         return
     if flags["input_video"]:  # continuation: the clip's last latent frames are the context

@@ -34,6 +34,14 @@ from starflow.sizing import trained_latent_frames
 __all__ = ["Pipeline", "SampleSettings", "Profile", "pixel_mask_like", "token_mask", "continuation_frames",
            "check_settings"]
 
+def last_image_beyond_window(target_length: int, vid_size: int, flag: str = "--target_length") -> str:
+    """The error of an end frame (``last_image``) asked of a video longer than the trained clip: it conditions one
+    window (the training clips ended at it), and the windows after the first would not see it."""
+    return (f"{flag} {target_length}: the end frame (last_image) conditions one window of the {vid_size} frames the "
+            f"model was trained on (vid_size), and the windows of a longer video would not see it: use {flag} "
+            f"{vid_size} or less")
+
+
 DEFAULT_CONTEXT_FRAMES = 16  # latent frames carried into each new window of a long video (SPEC section 11)
 PREFIX_SEED_OFFSET = 1_000_003  # the noise of a known input (prefix, inpainted image): the sample's seed plus this
 LAST_SEED_OFFSET = 2_000_003  # the end frame's noise (last_frame_cond)
@@ -481,7 +489,8 @@ class Pipeline:
             ValueError: an input of the wrong kind (video inputs with an image model, ``last_image`` with a model
                 not trained with ``last_frame_cond``, ``input_video`` with ``input_image`` or ``last_image``), size,
                 frame count, channel count or pixel range, or not one per prompt; seeds not one per prompt;
-                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame; a
+                ``sequence`` with ``input_video``; ``input_image`` with a ``target_length`` of one latent frame;
+                ``last_image`` with a ``target_length`` beyond the trained clip (one window); a
                 ``target_length`` the VAE cannot decode (not ``tk + 1``, ``t`` its temporal factor); settings that
                 would not act on this model (:meth:`_check_settings`).
             TypeError: prompts, seeds, negative prompts or settings of the wrong type.
@@ -509,6 +518,8 @@ class Pipeline:
         if c.is_video and settings.target_length:
             self.vae.geometry.check_decodable(settings.target_length)
         shape = self.latent_shape(settings.aspect_ratio, settings.target_length)
+        if last_image is not None and shape[0] > self.window:
+            raise ValueError(last_image_beyond_window(settings.target_length, c.vid_size[0], "target_length"))
         if input_image is not None and shape[0] < 2:
             raise ValueError(f"target_length {settings.target_length}: input_image is the first of these frames, so "
                              f"none would be sampled; use {1 + self.vae.temporal_downsample} or more")
