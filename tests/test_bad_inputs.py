@@ -216,6 +216,8 @@ CASES = [
     ("edit --input_image {digit_png} --caption x --output_dir {tmp}/ed1", 2, "edit needs --source_caption and --caption"),
     ("inpaint --input_image {wide_png} --mask_box 0,0,16,32 --caption x --output_dir {tmp}/inp7", 2,
      "the input is resized and centre-cropped to it, keeping x 16..48 and y 0..32 of its pixels"),
+    ("inpaint --input_image {odd_png} --mask_box 31,0,40,24 --caption x --output_dir {tmp}/inp10", 2,
+     "keeping x 6.15..30.8 and y 0..24 of its pixels"),  # (resized to 13 x 8, rounded: columns 2..10 kept)
     ("inpaint --input_image {digit_png} --mask {wide_png} --caption x --output_dir {tmp}/inp8", 2,
      "error: --mask {wide_png}: 64x32 pixels, but the input image is 8x8"),
     ("inpaint --input_image {exif_png} --mask_box 0,8,8,16 --caption x --output_dir {tmp}/inp9", 0,
@@ -327,6 +329,8 @@ def files(tmp_path_factory, tiny_config, digits, make_pipeline) -> dict[str, str
     f["one_txt"] = str(tmp / "one.txt")
     Image.new("L", (64, 32), 255).save(tmp / "wide.png")
     f["wide_png"] = str(tmp / "wide.png")
+    Image.new("L", (40, 24), 255).save(tmp / "odd.png")  # resized to 13 x 8 (rounded), then cropped to 8 x 8
+    f["odd_png"] = str(tmp / "odd.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 16 wide x 8 high, displayed rotated: 8 wide x 16 high
     Image.new("L", (16, 8), 128).save(tmp / "exif.png", exif=exif)

@@ -81,7 +81,7 @@ def _load_inputs(args: argparse.Namespace, cfg, down: int):
 
     from starflow.data import load_image
     from starflow.data.aspect import aspect_to_size
-    from starflow.data.images import image_size
+    from starflow.data.images import image_size, kept_region
 
     size = aspect_to_size(args.aspect_ratio, cfg.img_size, down * cfg.patch_size)  # (H, W) pixels
     with about_flag("input_image", args.input_image):
@@ -114,14 +114,14 @@ def _load_inputs(args: argparse.Namespace, cfg, down: int):
         box.save(Path(tmp) / "mask_box.png")
         mask = load_image(Path(tmp) / "mask_box.png", size, 1)[None] > 0
     if not mask.any():
-        scale = max(size[0] / height, size[1] / width)  # load_image: cover the sampling size, then centre-crop
-        keep_w, keep_h = size[1] / scale, size[0] / scale
-        left, top = (width - keep_w) / 2, (height - keep_h) / 2
-        inside = x0 >= left - 0.5 and y0 >= top - 0.5 and x1 <= left + keep_w + 0.5 and y1 <= top + keep_h + 0.5
-        why = (f"each sampled pixel spans {1 / scale:.3g} x {1 / scale:.3g} input pixels and is masked when the box "
+        left, top, right, bottom = kept_region(width, height, size)  # load_image: cover the size, centre-crop
+        span_x, span_y = (right - left) / size[1], (bottom - top) / size[0]
+        inside = x0 >= left - span_x / 2 and y0 >= top - span_y / 2 and x1 <= right + span_x / 2 \
+            and y1 <= bottom + span_y / 2
+        why = (f"each sampled pixel spans {span_x:.3g} x {span_y:.3g} input pixels and is masked when the box "
                "covers about half of it: enlarge the box" if inside else
-               f"the input is resized and centre-cropped to it, keeping x {left:.0f}..{left + keep_w:.0f} and y "
-               f"{top:.0f}..{top + keep_h:.0f} of its pixels: put the box inside that region")
+               f"the input is resized and centre-cropped to it, keeping x {left:.3g}..{right:.3g} and y "
+               f"{top:.3g}..{bottom:.3g} of its pixels: put the box inside that region")
         raise ValueError(f"--mask_box {args.mask_box} covers no pixel at the sampling size {size}: {why}")
     return image, torch.as_tensor(mask)
 

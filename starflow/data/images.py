@@ -57,6 +57,24 @@ MAX_COVER_AREA = 16
 is resized only in the part the crop keeps."""
 
 
+def cover_and_crop(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """How :func:`load_image` fits a ``width x height`` image to ``size = (h, w)``: ``(new_w, new_h, left, top)``,
+    the resized image (its shorter side covering ``size``, rounded to whole pixels) and the corner of the centred
+    ``w x h`` crop in it."""
+    h, w = size
+    scale = max(h / height, w / width)  # cover the target, then crop the excess
+    new_w, new_h = max(w, round(width * scale)), max(h, round(height * scale))
+    return new_w, new_h, (new_w - w) // 2, (new_h - h) // 2
+
+
+def kept_region(width: int, height: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The part of a ``width x height`` image that :func:`load_image` keeps at ``size = (h, w)``: ``(x0, y0, x1, y1)``
+    in the image's own pixels."""
+    new_w, new_h, left, top = cover_and_crop(width, height, size)
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size[1]) * sx, (top + size[0]) * sy
+
+
 def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int) -> torch.Tensor:
     """Loads an image, resizes its shorter side to cover `size` and centre-crops to it.
 
@@ -86,9 +104,7 @@ def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int
             img = as_shown_8bit(img, shown).convert("L" if channels == 1 else "RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise CorruptImageError(f"cannot decode image {shown}: {err}") from err
-    scale = max(h / img.height, w / img.width)  # cover the target, then crop the excess
-    new_w, new_h = max(w, round(img.width * scale)), max(h, round(img.height * scale))
-    left, top = (new_w - w) // 2, (new_h - h) // 2
+    new_w, new_h, left, top = cover_and_crop(img.width, img.height, size)
     if new_w * new_h > MAX_COVER_AREA * w * h:  # a panorama of 60000 x 1: resize only the kept part (the whole would
         sx, sy = img.width / new_w, img.height / new_h  # take gigabytes; PIL filters this part a little differently)
         img = img.resize((w, h), Image.Resampling.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
