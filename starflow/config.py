@@ -463,7 +463,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key '{key}' ({getattr(cfg, key)}) acts only with {needs}: set that, or drop the key")
     if cfg.drop_image > 0 and (cfg.video_to_video or cfg.last_frame_cond):
         raise ValueError("config key 'drop_image' is not combined with 'video_to_video' / 'last_frame_cond' here: set "
-                         "--drop_image 0")
+                         "it to 0 (drop_image: 0 in the config file; when training, --drop_image 0 does too)")
     if cfg.video_to_video and cfg.last_frame_cond:
         raise ValueError("config keys 'video_to_video' and 'last_frame_cond' are two data modes: set one")
     for key in ("secondary_img_size", "secondary_batch_size", "pt_seq_len"):
