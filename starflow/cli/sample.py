@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="video configs: frames of the sampled video, --input_image's frame included (the VAE decodes "
                         "tk+1 frames, t its temporal factor: 4 for WAN2.2, 1 without a VAE) [default: the config's "
                         "vid_size]; longer than trained samples window by window; with --input_video (continuation): "
-                        "the frames added after the clip, a multiple of t [default: vid_size - 1 rounded down to one]")
+                        "the frames added after the clip, a multiple of t [default: vid_size - 1 rounded down to a "
+                        "multiple of t, at least t; vid_size itself when t is 1]")
     p.add_argument("--context_length", type=int, default=None,
                    help="video configs: latent frames carried into each new window [default: min(16, window - 1)]")
     p.add_argument("--gif", action="store_true", help="video configs: also write an animated GIF per sample")
