@@ -184,7 +184,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     save_panels([image[0], overlay, *results], out / "side_by_side.png", view_scale(image.shape[-1]))
     write_settings(out, {"command": "inpaint", "caption": args.caption, "checkpoint": str(checkpoint),
                          "input_image": args.input_image, "mask": args.mask, "mask_box": args.mask_box,
-                         "rounds": args.rounds, "seed": cfg.seed, "settings": vars(settings), "config": cfg.to_dict()})
+                         "rounds": args.rounds, "num_samples": len(results), "seed": cfg.seed,
+                         "settings": vars(settings), "config": cfg.to_dict()})
     print(f"wrote {', '.join(names)}, input.png, mask.png, side_by_side.png and settings.json to {out}")
     note_earlier_files(out, before)
     del pipe  # the model goes before the process group torchrun --nproc_per_node 1 created (cleanup_distributed)
