@@ -517,7 +517,8 @@ def test_sample_dry_run_counts_the_input_clip(tmp_path: Path, capsys) -> None:
     short = write_video(tmp_path / "short.mp4", np.zeros((2, 12, 12, 3), np.uint8), 8, lossless=True)
     assert main([*base[:-3], "--input_video", str(short), "--dry_run", "--checkpoint_path",
                  str(ROOT / "ckpts" / "demo_moving_digits_v2v")]) == 2
-    assert "2 frames; this video_to_video model needs 4" in capsys.readouterr().err
+    assert "2 frame(s); this video_to_video model redraws 4 (vid_size): give a clip of at least 4" \
+        in capsys.readouterr().err
     out = tmp_path / "v2v"  # sampling says it too: a 9-frame source of a 4-frame model loses 5 frames
     assert main([*base[:-1], "--checkpoint_path", str(ROOT / "ckpts" / "demo_moving_digits_v2v"), "--num_samples", "1",
                  "--output_dir", str(out), "--device", "cpu"]) == 0

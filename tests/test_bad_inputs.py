@@ -218,6 +218,8 @@ CASES = [
      "the input is resized and centre-cropped to it, keeping x 16..48 and y 0..32 of its pixels"),
     ("inpaint --input_image {odd_png} --mask_box 31,0,40,24 --caption x --output_dir {tmp}/inp10", 2,
      "keeping x 6.15..30.8 and y 0..24 of its pixels"),  # (resized to 13 x 8, rounded: columns 2..10 kept)
+    ("inpaint --input_image {digit_png} --mask_box 0,4,8,8 --caption x --vid_size 4:8 --output_dir {tmp}/inp11", 2,
+     "error: --vid_size 4:8: inpaint works on image models, and the flag makes"),
     ("inpaint --input_image {digit_png} --mask {wide_png} --caption x --output_dir {tmp}/inp8", 2,
      "error: --mask {wide_png}: 64x32 pixels, but the input image is 8x8"),
     ("inpaint --input_image {exif_png} --mask_box 0,8,8,16 --caption x --output_dir {tmp}/inp9", 0,

@@ -141,8 +141,8 @@ def check_input_clip(path: str, frames: int, fps: float, cfg, out_fps: int | Non
 
     t = vae_geometry(cfg.vae).temporal_downsample
     if cfg.video_to_video and frames < cfg.vid_size[0]:
-        raise ValueError(f"--input_video {path}: {frames} frames; this video_to_video model needs {cfg.vid_size[0]} "
-                         "(vid_size)")
+        raise ValueError(f"--input_video {path}: {frames} frame(s); this video_to_video model redraws {cfg.vid_size[0]} "
+                         f"(vid_size): give a clip of at least {cfg.vid_size[0]} frames (longer ones are cut to them)")
     frames = min(frames, cfg.vid_size[0]) if cfg.video_to_video else frames
     if (frames - 1) % t:
         raise ValueError(f"--input_video {path}: {frames} frames; the VAE encodes {t}k+1 frames (temporal factor {t}): "

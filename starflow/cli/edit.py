@@ -141,6 +141,9 @@ def _start(args: argparse.Namespace, settings_of):
 
     def check(cfg, checkpoint: Path) -> None:  # from the config alone, before the weights load
         if cfg.is_video:
+            if getattr(args, "vid_size", None):  # (the flag made it one)
+                raise ValueError(f"--vid_size {args.vid_size}: {args.command} works on image models, and the flag makes "
+                                 f"{checkpoint} a video model: drop it")
             raise ValueError(f"{args.command} works on image models; {checkpoint} is a video model (use sample "
                              "--input_video for continuation and video-to-video)")
         if cfg.txt_size == 0 and args.command == "edit":
