@@ -98,7 +98,8 @@ CASES = [
     ("sample --checkpoint_path {moving} --caption x --input_image {clip} --dry_run", 2,
      "error: --input_image {clip}: a video file, where an image is expected; pass a clip as --input_video"),
     ("sample --checkpoint_path {moving} --caption x --input_video {corrupt_png} --dry_run", 2,
-     "error: --input_video: cannot read the video header of {corrupt_png}"),
+     "error: --input_video: cannot read the video header of {corrupt_png}: Invalid data found when processing input "
+     "(not a video FFmpeg can read, or a damaged one: re-encode it"),
     ("sample --checkpoint_path {v2v} --caption x --input_video {clip} --target_length 8 --dry_run", 2,
      "error: --target_length: a video_to_video model redraws the clip's first 4 frames"),
     # ---- weights: missing, truncated, corrupt, of another model

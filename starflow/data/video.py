@@ -115,7 +115,7 @@ def _decode_video(path: str | Path | BinaryIO, keep: bool) -> tuple[list[np.ndar
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
-        raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {err}") from err
+        raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {av_reason(err)}") from err
     if not count:
         raise CorruptVideoError(f"video {shown_name(path)} has no frames")
     return frames, count, fps
@@ -152,7 +152,7 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
     except CorruptVideoError:
         raise
     except errors as err:
-        raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {err}") from err
+        raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {av_reason(err)}") from err
     try:
         pick = list(choose(scan.count, scan.fps)) if scan.count else []
     except CorruptVideoError:  # too short by the count: the full decode below confirms it
@@ -163,7 +163,7 @@ def read_clip(path: str | Path | BinaryIO, choose: Callable[[int, float], Sequen
             try:
                 clip = _decode_frames(path, sorted(set(pick)), scan.pts if start else None, start)
             except errors as err:
-                raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {err}") from err
+                raise CorruptVideoError(f"cannot decode video {shown_name(path)}: {av_reason(err)}") from err
             if clip is not None:
                 return np.stack([clip[i] for i in pick]), scan.fps
     frames, fps = read_video(path)  # no count, or fewer frames than counted: the whole file, its true length
@@ -334,10 +334,22 @@ def video_length(path: str | Path | BinaryIO) -> tuple[int, float]:
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
-        raise CorruptVideoError(f"cannot read video {shown_name(path)}: {err}") from err
+        raise CorruptVideoError(f"cannot read video {shown_name(path)}: {av_reason(err)}") from err
     if scan.count:
         return scan.count, scan.fps
     return decoded_length(path)
+
+
+def av_reason(err: BaseException) -> str:
+    """The reason of a PyAV / FFmpeg error, for a message: FFmpeg's text without its errno and the path the message
+    already names (``[Errno 1094995529] Invalid data found when processing input: 'x.mp4'`` -> ``Invalid data found
+    when processing input``), and what to do about it."""
+    import av
+
+    if isinstance(err, av.error.FFmpegError) and getattr(err, "strerror", None):
+        return (f"{err.strerror} (not a video FFmpeg can read, or a damaged one: re-encode it, e.g. "
+                "ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4)")
+    return str(err)
 
 
 def video_size(path: str | Path | BinaryIO) -> tuple[int, int]:
@@ -360,7 +372,7 @@ def video_size(path: str | Path | BinaryIO) -> tuple[int, int]:
     except CorruptVideoError:
         raise
     except (OSError, ValueError, IndexError, av.error.FFmpegError) as err:
-        raise CorruptVideoError(f"cannot read the video header of {shown_name(path)}: {err}") from err
+        raise CorruptVideoError(f"cannot read the video header of {shown_name(path)}: {av_reason(err)}") from err
 
 
 def video_aspect(path: str | Path | BinaryIO) -> str:
@@ -372,7 +384,7 @@ def video_aspect(path: str | Path | BinaryIO) -> str:
     try:
         return nearest_aspect(*video_size(path))
     except ZeroDivisionError as err:
-        raise CorruptVideoError(f"cannot read the video header of {shown_name(path)}: {err}") from err
+        raise CorruptVideoError(f"cannot read the video header of {shown_name(path)}: {av_reason(err)}") from err
 
 
 def draw_rate(rates: tuple[float, ...], generator: torch.Generator) -> float:
