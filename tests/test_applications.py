@@ -522,8 +522,13 @@ def test_sample_dry_run_counts_the_input_clip(tmp_path: Path, capsys) -> None:
     out = tmp_path / "v2v"  # sampling says it too: a 9-frame source of a 4-frame model loses 5 frames
     assert main([*base[:-1], "--checkpoint_path", str(ROOT / "ckpts" / "demo_moving_digits_v2v"), "--num_samples", "1",
                  "--output_dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
     assert "has 9 frames; the model redraws clips of 4 (vid_size), so its first 4 are redrawn and the rest are left " \
-           "out" in capsys.readouterr().out
+           "out" in printed and "trained for video-to-video" not in printed
+    assert main([*base[:-3], "--checkpoint_path", str(ROOT / "ckpts" / "demo_moving_digits_v2v"), "--num_samples", "1",
+                 "--output_dir", str(tmp_path / "t2v"), "--device", "cpu"]) == 0  # (runs: said, not refused)
+    assert "note: this model was trained for video-to-video (every training sample came with a source clip); " \
+           "without --input_video it samples from the caption alone" in capsys.readouterr().out
 
 
 def test_an_input_of_another_size_is_noted_as_resized(tmp_path: Path, capsys) -> None:

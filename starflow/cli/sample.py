@@ -706,6 +706,9 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main and still and cfg.fps_cond and settings.fps:
         print(f"note: a one-frame sample is prompted as an image ('An image:'), as such samples were trained; "
               f"--out_fps {settings.fps} sets only the written file's rate")
+    if dist.is_main and cfg.video_to_video and not args.input_video:
+        print("note: this model was trained for video-to-video (every training sample came with a source clip); "
+              "without --input_video it samples from the caption alone, which it was not trained to do")
     inputs = read_video_inputs(args, pipe, cfg, dist.is_main)
     out, before = output_folder(args.output_dir)
     random_ratio = settings.aspect_ratio == RANDOM_ASPECT
