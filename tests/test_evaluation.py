@@ -573,3 +573,30 @@ def test_generate_set_refuses_a_caption_file_with_sample_negative_prompts(tmp_pa
     assert main(["generate-set", "--caption", "a\tb", "--num_samples", "1", "--out", str(tmp_path / "set"),
                  "--device", "cpu"]) == 2
     assert "--caption: the caption 'a\\tb' holds a tab" in capsys.readouterr().err
+
+
+def test_sets_of_different_seeds_share_no_noise_and_older_sets_keep_theirs(tmp_path, capsys) -> None:
+    """Image i of a set gets a seed hashed from --seed and i: the set of seed 2 is not the set of seed 0 shifted by
+    two images, as it was with seed + i (mean and spread over seeds would score one set). A set made before (no
+    "seeding" in its set.json) continues with seed + i."""
+    def make(out: Path, seed: int) -> dict[str, bytes]:
+        argv = _generate(out, 4)[3:]  # (in process: after "python -m starflow.cli")
+        assert main([*argv, "--seed", str(seed)]) == 0, capsys.readouterr().err
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+    a, b = make(tmp_path / "a", 0), make(tmp_path / "b", 2)
+    assert json.loads((tmp_path / "a" / "set.json").read_text())["seeding"] == "hashed"
+    assert not set(a.values()) & set(b.values())
+    older = {}
+    for seed in (0, 2):  # sets made before: their set.json without "seeding", images still to make
+        out = tmp_path / f"old{seed}"
+        make(out, seed)
+        record = json.loads((out / "set.json").read_text())
+        del record["seeding"]
+        (out / "set.json").write_text(json.dumps(record))
+        for png in out.glob("*.png"):
+            png.unlink()
+        older[seed] = make(out, seed)
+        assert "seeding" not in json.loads((out / "set.json").read_text())
+    assert older[2]["000000.png"] == older[0]["000002.png"]  # seed + i: caption "4" with seed 2 in both
+    assert older[0]["000001.png"] != a["000001.png"]

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate-set", help="sample a resumable set of N images for metrics (FID, CLIP score)",
                        description="Sample --num_samples images into --out as {index:06d}.png with captions.jsonl "
-                                   "and set.json; image i uses caption i (the captions cycle) and seed seed + i, and "
+                                   "and set.json; image i uses caption i (the captions cycle) and its own seed, a hash of "
+                                   "--seed and i (sets of different seeds share no noise), and "
                                    "every batch is padded to --sample_batch_size, so the set does not depend on the "
                                    "process count or on resuming (with --jacobi_block_size auto, the default, "
                                    "--sample_batch_size picks the Jacobi chunks, and a set continues only with its "

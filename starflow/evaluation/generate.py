@@ -1,6 +1,7 @@
 """Sample sets for metrics (``starflow generate-set``): ``N`` images, resumable, split over ranks.
 
-Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i]`` with seed ``seed + i``, and every
+Sample ``i`` (``0 <= i < N``) is ``{i:06d}.png``, made from caption ``captions[i]`` with seed
+``set_sample_seed(seed, i)`` (a hash: the sets of different seeds are independent), and every
 batch is padded to its full size (see ``full_batches`` in :func:`~starflow.sampling.batch.write_samples`), so at one
 ``--sample_batch_size`` a set is exactly the same whatever the number of processes and however often it was resumed.
 Another batch size gives the same images up to float rounding with a fixed ``jacobi_block_size``; with ``auto`` it
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from starflow.config import TRAINING_KEYS
 from starflow.data.images import IMAGE_SUFFIXES
+from starflow.data.seeding import sample_seed
 from starflow.distributed import DistInfo, from_rank0
 from starflow.files import same_weights, write_text_atomic
 from starflow.folder_lock import FolderLock
@@ -36,7 +38,8 @@ __all__ = ["CAPTIONS_FILE", "SET_FILE", "SetSummary", "generate_set", "check_set
 
 CAPTIONS_FILE = "captions.jsonl"
 SET_FILE = "set.json"
-LATER_KEYS = ("precision", "config", "weights", "auto_device")  # set.json keys that sets made by earlier versions lack
+LATER_KEYS = ("precision", "config", "weights", "auto_device", "seeding")  # set.json keys that older sets lack
+SEEDING = "hashed"  # set.json "seeding": sample i's seed is set_sample_seed(seed, i); sets without it used seed + i
 WEIGHTS_SHA = "weights_sha"  # set.json: SHA-256 of the weights files, checked when their times changed
 LEGACY_CAPTIONS_SHA = "captions_sha_legacy"  # a record's digest as sets made before computed it (captions with newlines)
 
@@ -106,12 +109,20 @@ class SetSummary:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
+def set_sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a set made with ``--seed seed``: a 61-bit hash of both (``sample_seed``), so
+    that sets of different seeds share no noise (with ``seed + index``, the set of seed 1 was the set of seed 0
+    shifted by one image). Sets made before record no ``seeding`` in ``set.json`` and continue with ``seed + index``.
+    (61 bits: the pipeline adds offsets of a few million for the noise of known inputs, in a 64-bit generator.)"""
+    return sample_seed(seed, "generate-set", index) >> 2
+
+
 def set_record(captions: list[str], settings: SampleSettings, seed: int,
                record: dict[str, Any] | None = None) -> dict[str, Any]:
     """What identifies a sample set, as ``set.json`` stores it: count, seed, settings, a digest of the captions, and
     ``record`` (the checkpoint, ...)."""
-    full = {"num_samples": len(captions), "seed": seed, "settings": asdict(settings), "captions_sha": _digest(captions),
-            **(record or {})}
+    full = {"num_samples": len(captions), "seed": seed, "seeding": SEEDING, "settings": asdict(settings),
+            "captions_sha": _digest(captions), **(record or {})}
     if any("\n" in c for c in captions):  # what sets made before held for them (checked, never written)
         full[LEGACY_CAPTIONS_SHA] = _digest(captions, legacy=True)
     return json.loads(json.dumps(full))  # as read back from the file (tuples -> lists)
@@ -303,6 +314,8 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
         if dist.is_main:  # the half-written image of a killed run (every rank waits below before writing)
             for stale in out.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
+        # rank 0 wrote set.json (a set made before has no "seeding": seed + i, to its end)
+        hashed = from_rank0(lambda: read_set_record(out).get("seeding") == SEEDING)
         # one listing, by rank 0, sent to every rank before anyone writes: the ranks cannot disagree (NFS caches)
         missing, damaged = from_rank0(lambda: _unfinished(out, len(captions)))
         if damaged and dist.is_main:
@@ -312,7 +325,8 @@ def generate_set(pipe: Pipeline, captions: list[str], out: str | Path, settings:
         with StopSignals(verbose=dist.is_main, at="after this batch, its images written") as stop:
             write_samples(pipe, captions, settings, out, seed=seed, batch_size=batch_size, dist=dist, indices=missing,
                           stem=lambda folder, i, _: sample_path(folder, i).with_suffix(""), progress="generate-set",
-                          stop=stop, full_batches=True)
+                          stop=stop, full_batches=True,
+                          sample_seeds=(lambda i: set_sample_seed(seed, i)) if hashed else None)
     finally:
         lock.release()
     return SetSummary(len(captions), len(captions) - len(missing), len(missing), time.perf_counter() - start)

@@ -38,8 +38,8 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
                   indices: Sequence[int] | None = None, stem: Callable[[Path, int, str], Path] = sample_stem,
                   progress: str = "sample", negatives: Sequence[str] | None = None,
                   return_sequence: bool = False, stop: StopSignals | None = None,
-                  full_batches: bool = False) -> tuple[int, ...]:
-    """Sample caption ``i`` with seed ``seed + i`` into ``stem(out, i, captions[i])`` (see
+                  full_batches: bool = False, sample_seeds: Callable[[int], int] | None = None) -> tuple[int, ...]:
+    """Sample caption ``i`` with seed ``seed + i`` (or ``sample_seeds(i)``) into ``stem(out, i, captions[i])`` (see
     :func:`starflow.sampling.io.save_sample`), for every ``i`` of ``indices`` (default: all captions).
 
     The indices are split across ranks round-robin; every rank runs the same number of batches (the last ones
@@ -76,6 +76,8 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
             (CPU and GPU kernels are chosen by it), so without this a rank's short last batch, which depends on the
             number of ranks and on what a resumed run still lacks, can move a sample by ~1e-5 (now and then one
             8-bit level of a pixel). ``generate-set`` sets it; one-off sampling does not pay for the padding.
+        sample_seeds: the seed of sample ``i``, instead of ``seed + i`` (``generate-set``: independent sets per
+            seed, :func:`~starflow.evaluation.generate.set_sample_seed`).
 
     Returns:
         The shape of one batch of samples, ``(B, C, H, W)`` or ``(B, T, C, H, W)`` (``()`` when there was none).
@@ -110,7 +112,8 @@ def write_samples(pipe: Pipeline, captions: list[str], settings: SampleSettings,
         if full_batches:
             real += [real[-1]] * (batch_size - len(real))
         batch = {k: v.expand(len(real), *v.shape[1:]) for k, v in (inputs or {}).items()}
-        prompts, seeds = [captions[i] for i in real], [seed + i for i in real]
+        prompts = [captions[i] for i in real]
+        seeds = [seed + i if sample_seeds is None else sample_seeds(i) for i in real]
         if negatives is not None and any(negatives):
             batch["negative_prompts"] = [negatives[i] for i in real]
         if "input_video" in batch and pipe.config.video_to_video:
