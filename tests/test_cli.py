@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import re
 from pathlib import Path
@@ -219,6 +220,19 @@ def test_eval_nll_command(model_dir: Path, digits, capsys) -> None:
     again = evaluate_nll(pipe, str(digits["test"]), batch_size=16, seed=3, progress=False)
     assert record["bits_per_dim"] == again.bits_per_dim and record["pixel_bits_per_dim"] == again.pixel_bits_per_dim
     assert record["seed"] == 3 and record["images"] == 24 and record["checkpoint"] == str(model_dir.resolve())
+    assert record["resized"] == 0 and "resized" not in capsys.readouterr().out
+    # images of another size are resized to the model's: said, and counted, as their bits/dim are not the files'
+    big = model_dir.parent / "big"
+    shutil.copytree(digits["test"], big)
+    records = [json.loads(line) for line in (big / "metadata.jsonl").read_text().splitlines()]
+    for r in records[:3]:
+        with Image.open(big / r["file_name"]) as img:
+            img.resize((32, 32)).save(big / r["file_name"])
+    assert main(["eval-nll", "--checkpoint_path", str(model_dir), "--data", str(big), "--num_samples", "100",
+                 "--device", "cpu", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "note: 3 of the 24 images are not 8x8 pixels, the model's size: each was resized" in out
+    assert "note: --num_samples 100: " in out and json.loads(out_file.read_text())["resized"] == 3
 
 
 def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> None:

@@ -123,6 +123,13 @@ def eval_nll(args: argparse.Namespace) -> int:
     space = "latents" if pipe.vae.downsample > 1 else "pixels"
     print(f"checkpoint: {checkpoint}; images: {r.images} x {args.noise_samples} noise draws (seed {args.seed}) from "
           f"{args.data} ({dist.world_size} process(es))")
+    if r.resized:
+        side = pipe.config.img_size
+        print(f"note: {r.resized} of the {r.images} images are not {side}x{side} pixels, the model's size: each was "
+              "resized and centre-cropped to it, so the bits/dim below are those of the resized images, not of the "
+              "files ('resized' in --out)")
+    if args.num_samples and args.num_samples > r.images:
+        print(f"note: --num_samples {args.num_samples}: {args.data} lists {r.images} images; all of them were scored")
     spread = (f"± {r.bits_per_dim_ci95:.4f} bits/dim (95% interval over images; " if r.images > 1 else
               "bits/dim (one image: no interval over images; ")
     print(f"NLL of the noised {space}: {r.nats_per_dim:.4f} nats/dim = {r.bits_per_dim:.4f} {spread}"

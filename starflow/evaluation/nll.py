@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from starflow.data import ImageFolder, collate, sample_seed
+from starflow.data.images import image_size
 from starflow.models.starflow import DEQUANTISED_BITS, HALF_LOG_2PI, noised_data
 
 __all__ = ["NLLResult", "evaluate_nll", "PIXEL_SCALE_BITS", "pixel_scale_bits"]
@@ -41,6 +42,8 @@ class NLLResult:
         pixel_bits_per_dim: on the 8-bit pixel scale (pixel-space models only; adds :func:`pixel_scale_bits`).
         bits_per_dim_ci95: half-width of the 95% interval of ``bits_per_dim`` over images
             (``1.96 * std / sqrt(images)`` of the per-image values; 0 for one image).
+        resized: images whose files are not at the model's ``img_size`` (square models): each was resized and
+            centre-cropped to it, so its bits/dim are those of the resized image, not of the file.
     """
 
     images: int
@@ -48,6 +51,7 @@ class NLLResult:
     bits_per_dim: float
     pixel_bits_per_dim: float | None
     bits_per_dim_ci95: float = 0.0
+    resized: int = 0
 
 
 @torch.no_grad()
@@ -84,7 +88,9 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
                          f"{sorted(data.skipped)[0]}: the NLL is over every listed image; restore them or drop their lines")
     n = len(data) if num_samples is None else min(num_samples, len(data))
     mine = list(range(rank, n, world_size))
-    sums = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count of per-image nats/dim
+    sums = torch.zeros(4, dtype=torch.float64)  # sum, sum of squares, count of per-image nats/dim; resized images
+    if not cfg.mix_aspect:  # (a mix_aspect model takes each image at its bucket: resized by design)
+        sums[3] = sum(image_size(data.paths[i]) != (cfg.img_size, cfg.img_size) for i in mine)
     start = 0
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, collate_fn=collate)
     for batch in tqdm(loader, desc="eval-nll", disable=not progress or rank != 0):
@@ -101,15 +107,15 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
                 sample_seed(seed, i, k))) for i in index]).to(latents.device)
             nats = pipe.model.nll(noised_data(latents, noise, cfg), y)
             per_image += nats.cpu().double() / noise_samples  # (float64 on the CPU: MPS has none)
-        sums += torch.stack([per_image.sum(), per_image.square().sum(), torch.tensor(float(len(index)))])
+        sums[:3] += torch.stack([per_image.sum(), per_image.square().sum(), torch.tensor(float(len(index)))])
     if world_size > 1:  # reduced on the model's device: NCCL has no CPU tensors
         sums = sums.to(pipe.device)
         torch.distributed.all_reduce(sums)
         sums = sums.cpu()
-    total, squares, count = sums.tolist()
+    total, squares, count, resized = sums.tolist()
     mean = total / count
     var = max(0.0, (squares - count * mean * mean) / (count - 1)) if count > 1 else 0.0
     nats = mean + HALF_LOG_2PI
     bpd = nats / math.log(2)
     pixel = bpd + pixel_scale_bits(cfg) if pipe.vae.downsample == 1 else None
-    return NLLResult(int(count), nats, bpd, pixel, 1.96 * math.sqrt(var / count) / math.log(2))
+    return NLLResult(int(count), nats, bpd, pixel, 1.96 * math.sqrt(var / count) / math.log(2), int(resized))
