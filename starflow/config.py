@@ -384,6 +384,9 @@ def validate(cfg: Config) -> Config:
                 "save_freq", "keep_last"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.cfg < float("inf"):
+        raise ValueError(f"the guidance weight must be >= 0 and finite (0 = no guidance), got {cfg.cfg:g} (config "
+                         "key 'cfg')")
     for key in ("sample_freq", "max_nonfinite", "ema_start"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0 (0 = off), got {getattr(cfg, key)}")

@@ -38,6 +38,7 @@ CASES = [
     ("sample --caption x --aspect_ratio wide", 2, "error: --aspect_ratio wide: aspect ratio must look like 'w:h'"),
     ("sample --caption x --aspect_ratio random", 2, "error: --aspect_ratio random draws from the nine trained"),
     ("sample --caption x --cfg -3", 2, "error: --cfg -3: the guidance weight must be >= 0"),
+    ("sample --caption x --num_sample 2", 2, "unrecognized arguments: --num_sample 2"),  # (no prefix matching)
     ("sample --caption x --jacobi_th -1", 2, "error: --jacobi_th -1: the stopping threshold must be >= 0"),
     ("sample --caption x --jacobi_block_size 0", 2, "argument --jacobi_block_size: 0: must be >= 1"),
     ("sample --caption x --jacobi_block_size big", 2, "argument --jacobi_block_size: 'big': a number of tokens or 'auto'"),

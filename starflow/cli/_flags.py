@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -40,6 +40,10 @@ class OneLineErrors(argparse.ArgumentParser):
     """
 
     commands: dict[str, argparse.ArgumentParser] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --step 3 is not --steps 3: a mistyped flag is an error, not a guess
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         missing = re.fullmatch(r"argument (--\w+)(?:/\S+)?: expected one argument", message)

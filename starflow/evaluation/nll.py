@@ -54,6 +54,14 @@ class NLLResult:
     resized: int = 0
 
 
+def _size_of(path) -> tuple[int, int] | None:
+    """An image's ``(width, height)``, or None when its header is unreadable (the loader then says so)."""
+    try:
+        return image_size(path)
+    except OSError:  # (CorruptImageError is one)
+        return None
+
+
 @torch.no_grad()
 def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 1, seed: int = 0,
                  progress: bool = True, num_samples: int | None = None, rank: int = 0,
@@ -90,7 +98,7 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
     mine = list(range(rank, n, world_size))
     sums = torch.zeros(4, dtype=torch.float64)  # sum, sum of squares, count of per-image nats/dim; resized images
     if not cfg.mix_aspect:  # (a mix_aspect model takes each image at its bucket: resized by design)
-        sums[3] = sum(image_size(data.paths[i]) != (cfg.img_size, cfg.img_size) for i in mine)
+        sums[3] = sum(_size_of(data.paths[i]) not in (None, (cfg.img_size, cfg.img_size)) for i in mine)
     start = 0
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, collate_fn=collate)
     for batch in tqdm(loader, desc="eval-nll", disable=not progress or rank != 0):
