@@ -518,3 +518,14 @@ def test_package_log_records_are_warning_lines_during_a_command_only(tmp_path, c
     with caplog.at_level(logging.WARNING):
         logging.getLogger("starflow.data.images").warning("after the command")
     assert "after the command" in caplog.text and "after the command" not in capsys.readouterr().err
+
+
+def test_sampling_seed_does_not_redraw_the_tiny_text_encoder(tmp_path: Path) -> None:
+    """``text: tiny-t5`` is drawn from the config's seed: ``--seed`` picks the samples' noise, not another encoder
+    (the weights file with the demo's YAML gives the model folder's samples, whatever the seed)."""
+    common = ["--caption", "a handwritten digit 7", "--seed", "5", "--num_samples", "1", "--device", "cpu"]
+    assert main(["sample", "--checkpoint_path", str(DEMO_DIR), *common, "--output_dir", str(tmp_path / "folder")]) == 0
+    assert main(["sample", "--checkpoint_path", str(DEMO_DIR / "model.safetensors"), "--model_config_path",
+                 str(DEMO_DIR.parents[1] / "configs" / "demo_digits.yaml"), *common, "--output_dir", str(tmp_path / "file")]) == 0
+    made = sorted(p.name for p in (tmp_path / "folder").glob("*.png") if p.name != "grid.png")
+    assert made and all((tmp_path / "folder" / n).read_bytes() == (tmp_path / "file" / n).read_bytes() for n in made)

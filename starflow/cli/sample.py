@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -284,7 +285,10 @@ def load_pipeline(args: argparse.Namespace, dist, check: Callable[[Any, Path], N
     shard = check_sharding(args, cfg, dist.world_size)
     if dist.is_main and shard:
         print(f"fsdp: the flow is sharded over {dist.world_size} ranks (FSDP2); pass --fsdp 0 to replicate it")
-    pipe = Pipeline.from_pretrained(checkpoint, config=cfg, device=dist.device,
+    built = cfg
+    if cfg.txt_size and cfg.text == assets.TINY_TEXT_ENCODER:  # drawn from the config's seed, not from --seed (the
+        built = dataclasses.replace(cfg, seed=load_config(config).seed)  # flow learnt that encoder's embeddings)
+    pipe = Pipeline.from_pretrained(checkpoint, config=built, device=dist.device,
                                     dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                     asset_dir=Path(config).parent, shard=shard, ema=args.ema)
     if args.compile:
