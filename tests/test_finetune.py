@@ -150,3 +150,16 @@ def test_a_finetune_refuses_a_tiny_t5_other_than_its_bases(digits, tmp_path, cap
             in capsys.readouterr().err)
     assert main([*train, "--seed", "3", "--text", str(DEMO_DIR / "text_encoder")]) == 0
     assert main(train) == 0  # the seed the base was trained with: the same encoder
+
+
+def test_a_lora_run_refuses_weights_without_the_denoiser_it_would_freeze(config, weights, tmp_path, capsys) -> None:
+    """A LoRA run trains only its adapters: a learnable denoiser the init_from weights lack would keep its fresh
+    initialisation, and sampling would use it. Refused, with the ways out; without LoRA the denoiser trains."""
+    args = ["train", "--config", str(config), "--logdir", str(tmp_path / "lora"), "--device", "cpu", "--init_from",
+            str(weights), "--lora_rank", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"--init_from {weights} has no learnable_self_denoiser weights (" in err
+            and "train without LoRA (lora_rank 0), or turn learnable_self_denoiser off (--learnable_self_denoiser 0)"
+            in err)
+    assert main([*args, "--learnable_self_denoiser", "0", "--steps", "1"]) == 0

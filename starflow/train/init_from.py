@@ -28,7 +28,7 @@ from starflow.files import same_weights, weights_fingerprint, weights_sha256
 from starflow.models.lora import LORA_MARK
 
 __all__ = ["OPTIONAL_PREFIXES", "InitReport", "plan_init", "init_from", "read_init_shapes", "describe_source",
-           "covers_every_parameter"]
+           "covers_every_parameter", "check_lora_base"]
 
 OPTIONAL_PREFIXES = ("learnable_self_denoiser.",)
 """Parameters a fine-tune may add (initialised fresh) or drop (config turned the part off)."""
@@ -84,6 +84,23 @@ def _part_order(part: str) -> tuple:
 
 def _optional(name: str) -> bool:
     return name.startswith(OPTIONAL_PREFIXES)
+
+
+def check_lora_base(report: InitReport) -> None:
+    """Refuse, for a LoRA run, base weights that lack some of the model's (``report.new``: a learnable denoiser the
+    file has not): the base stays frozen and only the adapters train, so those would keep their fresh initialisation,
+    and sampling would use them.
+
+    Raises:
+        ValueError: naming the part, and the ways out.
+    """
+    untrained = [name for name in report.new if LORA_MARK not in name]
+    if untrained:
+        part = untrained[0].split(".")[0]
+        raise ValueError(f"--init_from {report.source} has no {part} weights ({len(untrained)} tensors new, e.g. "
+                         f"{untrained[0]}), and a LoRA run trains only its adapters, so they would stay at their "
+                         "initial values and sampling would use them: start from weights that have them, train "
+                         f"without LoRA (lora_rank 0), or turn {part} off (--{part} 0)")
 
 
 def plan_init(model_shapes: dict[str, Shape], file_shapes: dict[str, Shape], source: str) -> InitReport:

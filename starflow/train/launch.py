@@ -13,7 +13,7 @@ from starflow.data import build_dataset, build_secondary_dataset
 from starflow.data.build import check_data_folder
 from starflow.distributed import DistInfo, from_rank0
 from starflow.models import STARFlow
-from starflow.train.init_from import covers_every_parameter, init_from
+from starflow.train.init_from import check_lora_base, covers_every_parameter, init_from
 from starflow.train.memory import retain_freed_memory
 from starflow.models.lora import apply_lora
 from starflow.train.trainer import Trainer
@@ -71,6 +71,7 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
             report = init_from(model, cfg.init_from)
             if dist.is_main:
                 tqdm.write(report.table())
+            check_lora_base(report)
         trainable = apply_lora(model, cfg)
         if dist.is_main:
             total = sum(p.numel() for p in model.parameters())

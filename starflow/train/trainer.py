@@ -48,7 +48,7 @@ from starflow.sampling.pipeline import Pipeline, SampleSettings
 from starflow.console import showing_log_lines
 from starflow.signals import StopSignals, Stopped, agreed_stop, init_data_worker, stop_signals_held
 from starflow.train.ema import EMA, EMA_WEIGHTS
-from starflow.train.init_from import InitReport, base_identity, check_base, init_from
+from starflow.train.init_from import InitReport, base_identity, check_base, check_lora_base, init_from
 from starflow.models.lora import ADAPTER_WEIGHTS, LORA_MARK, merge_lora_state
 from starflow.train.logging import MetricsLogger
 from starflow.train.optim import build_cosine_schedule, build_optimizer, build_schedule, rebase_schedule
@@ -512,6 +512,8 @@ class Trainer:
         """Fine-tune: load weights (``--init_from``, see :mod:`starflow.train.init_from`) into the model, the EMA
         starting from them; logs the table of loaded / new / dropped parameters."""
         report = init_from(self.model, path)
+        if self.lora:
+            check_lora_base(report)
         self.init_pending = False
         if self.ema is not None:
             self.ema.reset()
