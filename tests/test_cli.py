@@ -529,3 +529,23 @@ def test_sampling_seed_does_not_redraw_the_tiny_text_encoder(tmp_path: Path) -> 
                  str(DEMO_DIR.parents[1] / "configs" / "demo_digits.yaml"), *common, "--output_dir", str(tmp_path / "file")]) == 0
     made = sorted(p.name for p in (tmp_path / "folder").glob("*.png") if p.name != "grid.png")
     assert made and all((tmp_path / "folder" / n).read_bytes() == (tmp_path / "file" / n).read_bytes() for n in made)
+
+
+def test_an_image_model_with_a_learnable_denoiser_says_it_is_not_used(model_dir: Path, digits, tmp_path,
+                                                                      capsys) -> None:
+    """Images denoise with the Tweedie step (SPEC section 10): training an image config's learnable denoiser is said
+    to be unused by sampling, and --disable_learnable_denoiser, which could change nothing, is refused."""
+    text = (model_dir / "config.yaml").read_text()
+    assert "learnable_self_denoiser: false" in text
+    shutil.copytree(model_dir, tmp_path / "model")  # (its text encoder beside it)
+    config = tmp_path / "model" / "config.yaml"  # (the check reads the config alone, before the weights load)
+    config.write_text(text.replace("learnable_self_denoiser: false", "learnable_self_denoiser: true"))
+    assert main(["sample", "--checkpoint_path", str(model_dir / "model.safetensors"), "--model_config_path",
+                 str(config), "--caption", "x", "--disable_learnable_denoiser", "--output_dir", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
+    assert "--disable_learnable_denoiser: images always denoise with the Tweedie step" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--data", str(digits["train"]), "--logdir",
+                 str(tmp_path / "run"), "--device", "cpu", "--ema", "0.9", "--ema_start", "100", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "note: learnable_self_denoiser trains a denoiser that image sampling does not use" in out
+    assert "note: ema_start 100 >= steps 4: the moving average never starts" in out

@@ -415,6 +415,9 @@ def sample_settings(args: argparse.Namespace, cfg):
     if args.disable_learnable_denoiser and not cfg.learnable_self_denoiser:
         raise ValueError("--disable_learnable_denoiser: this model has no learnable denoiser (learnable_self_denoiser "
                          "0); it already denoises with the Tweedie step")
+    if args.disable_learnable_denoiser and not cfg.is_video:
+        raise ValueError("--disable_learnable_denoiser: images always denoise with the Tweedie step; the learnable "
+                         "denoiser acts on video models only (SPEC section 10): drop the flag")
     if args.aspect_ratio == RANDOM_ASPECT:
         if not cfg.mix_aspect:
             raise ValueError("--aspect_ratio random draws from the nine trained ratios of a mix_aspect model; this "

@@ -125,6 +125,12 @@ def _train(args: argparse.Namespace, cfg, dist) -> int:
     if dist.is_main and cfg.warmup_steps >= cfg.steps:
         print(f"note: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches lr "
               f"{cfg.lr:g}")
+    if dist.is_main and cfg.ema > 0 and cfg.ema_start >= cfg.steps:
+        print(f"note: ema_start {cfg.ema_start} >= steps {cfg.steps}: the moving average never starts, and "
+              "ema.safetensors will hold the trained weights themselves")
+    if dist.is_main and cfg.learnable_self_denoiser and not cfg.is_video and not cfg.lora_rank:
+        print("note: learnable_self_denoiser trains a denoiser that image sampling does not use (images denoise with "
+              "the Tweedie step; the learned one acts on video models, SPEC section 10)")
     resumed = args.resume and trainer.resume()  # (a dry run too: it checks the checkpoint a real run resumes from)
     if resumed and trainer.step >= cfg.steps and dist.is_main:
         print(f"the run in {cfg.logdir} is at step {trainer.step} of --steps {cfg.steps}: nothing to train (raise "
