@@ -251,9 +251,9 @@ CASES = [
     ("evaluate --samples {digits} --reference {digits} --features digits --batch_size 0", 2,
      "argument --batch_size: must be >= 1, got 0"),
     ("evaluate --samples {three} --reference {digits} --features digits --metrics precision_recall", 2,
-     "precision_recall needs at least 4 images per set (k-NN balls of k = 3); the samples hold 3"),
+     "precision_recall needs at least 4 images per set (k-NN balls of k = 3); the samples set holds 3"),
     ("evaluate --samples {single} --reference {digits} --features digits --metrics fid,kid", 2,  # (KID was NaN)
-     "fid needs at least 2 images per set (a covariance); the samples hold 1"),
+     "fid needs at least 2 images per set (a covariance); the samples set holds 1"),
     ("evaluate --samples {single} --reference {digits} --features digits --metrics fid --out {tmp}/nodir/m.json", 2,
      "its folder {tmp}/nodir does not exist"),  # (the output is checked before the sets are counted)
     ("evaluate --samples {video_set} --reference {digits} --features digits", 2, "holds videos (a.mp4, ...)"),

@@ -600,3 +600,20 @@ def test_sets_of_different_seeds_share_no_noise_and_older_sets_keep_theirs(tmp_p
         assert "seeding" not in json.loads((out / "set.json").read_text())
     assert older[2]["000000.png"] == older[0]["000002.png"]  # seed + i: caption "4" with seed 2 in both
     assert older[0]["000001.png"] != a["000001.png"]
+
+
+def test_kid_of_equal_sets_within_one_subset_warns_that_its_std_is_empty() -> None:
+    """With as many samples as reference images, at most the subset size, every KID subset is both whole sets: the
+    std printed beside the mean is ~0 and measures nothing, which is said; unequal sets draw varying subsets."""
+    from starflow.evaluation.evaluate import _distribution_metrics
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 0.1
+    with pytest.warns(UserWarning, match="subsets .* are the whole sets, so kid_std is ~0"):
+        results = _distribution_metrics(["kid"], real, fake, "ref", "digits", "cpu")
+    assert results["kid_std"] < 1e-9
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _distribution_metrics(["kid"], real, fake[:30], "ref", "digits", "cpu")["kid_std"] > 1e-6

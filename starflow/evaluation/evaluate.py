@@ -222,7 +222,7 @@ def _reference_stats(distribution: list[str], samples: int, reference: str | Pat
     few = [(name, n) for name, n in (("samples", samples), ("reference", n_ref)) if n < need[metric][0]]
     if few:
         raise ValueError(f"{metric} needs at least {need[metric][0]} images per set ({need[metric][1]}); the "
-                         f"{few[0][0]} hold {few[0][1]}")
+                         f"{few[0][0]} set holds {few[0][1]}")
     return stats
 
 
@@ -257,6 +257,10 @@ def _distribution_metrics(distribution: list[str], real: np.ndarray, fake: np.nd
         results["fid"] = fid_from_features(real, fake)
     if "kid" in distribution:
         results["kid_mean"], results["kid_std"] = kid_from_features(real, fake)
+        if len(real) == len(fake) <= KID_SUBSET_SIZE:
+            warnings.warn(f"KID from {len(fake)} samples and as many reference images: its subsets (of {len(fake)}, "
+                          f"the subset size of {KID_SUBSET_SIZE} capped) are the whole sets, so kid_std is ~0 and does "
+                          "not measure its spread; compare KIDs of larger sets", stacklevel=3)
     if "precision_recall" in distribution:
         results["precision"], results["recall"] = precision_recall(real, fake, device=device)
     return results
