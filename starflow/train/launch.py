@@ -65,7 +65,8 @@ def build_trainer(cfg: Config, dist: DistInfo, config_dir: Path | str | None = N
     if not (cfg.init_from and not cfg.lora_rank and covers_every_parameter(model, cfg.init_from)):
         model = STARFlow.from_config(cfg, txt_dim=txt_dim, vae_downsample=vae.downsample).to(dist.device)
     elif dist.is_main:  # every weight comes from init_from: no random initialisation, no full copy per rank
-        tqdm.write(f"the model is built on the meta device; its weights come from {cfg.init_from}")
+        tqdm.write(f"the model is built on the meta device; its weights come from {cfg.init_from}, or from the "
+                   "run's own checkpoint when it resumes")
     if cfg.lora_rank:  # LoRA: base weights first (checkpoints hold only the adapters), then the adapters
         if cfg.init_from:
             report = init_from(model, cfg.init_from)
