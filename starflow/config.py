@@ -376,6 +376,10 @@ def _flatten_official(raw: Any, source: str) -> dict[str, Any]:
     return dict(raw)
 
 
+GUIDANCE_RULE = "the guidance weight must be >= 0 and finite (0 = no guidance)"
+"""What a guidance weight ``cfg`` must be (config key and sampling setting alike)."""
+
+
 def validate(cfg: Config) -> Config:
     """Check cross-field constraints; raise ValueError naming the offending key."""
     if cfg.seq_order not in ("L2R", "R2L"):
@@ -385,8 +389,7 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
     if not 0 <= cfg.cfg < float("inf"):
-        raise ValueError(f"the guidance weight must be >= 0 and finite (0 = no guidance), got {cfg.cfg:g} (config "
-                         "key 'cfg')")
+        raise ValueError(f"{GUIDANCE_RULE}, got {cfg.cfg:g} (config key 'cfg')")
     for key in ("sample_freq", "max_nonfinite", "ema_start"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0 (0 = off), got {getattr(cfg, key)}")

@@ -3,7 +3,7 @@
 Training stops after the step in progress, with a checkpoint; ``generate-set`` after the batch in progress, its images
 written. :class:`StopSignals` records the signal, the loop asks :func:`agreed_stop` at its safe point (every rank
 stops after the same step or batch) and raises :class:`Stopped`; ``starflow.cli.main`` says how to resume and exits
-``128 + signal``.
+``128 + signal``. Every other command stops at once on SIGTERM, as on Ctrl-C (:func:`sigterm_stops_at_once`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 __all__ = ["StopSignals", "Stopped", "agreed_stop", "init_data_worker", "leave_signals_to_the_parent",
-           "stop_signals_held"]
+           "sigterm_stops_at_once", "stop_signals_held"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -77,6 +77,25 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+@contextlib.contextmanager
+def sigterm_stops_at_once() -> Iterator[None]:
+    """While a command runs (in the main thread), SIGTERM stops it as Ctrl-C does, at once (:class:`Stopped`), instead
+    of killing the process: its ``finally`` blocks run (folder locks released, staging folders removed) and
+    ``starflow.cli.main`` exits ``128 + 15`` with a line saying what was kept. Loops with a safe point (training,
+    ``generate-set``) install :class:`StopSignals` inside it, which takes the signal over meanwhile."""
+    def stop(signum: int, frame) -> None:
+        raise Stopped(signum, "before it finished")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def agreed_stop(stop: StopSignals | None, device: torch.device | str = "cpu") -> int:

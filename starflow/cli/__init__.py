@@ -8,15 +8,12 @@ documents each flag with its default and unit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import select
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 from starflow.worker import launched_by_torchrun, stop_with_launcher
 
@@ -26,6 +23,7 @@ if launched_by_torchrun():  # first thing, before the imports below take seconds
 from starflow.cli import checkpoints, data, edit, evaluate, sample, train
 from starflow.cli._flags import OneLineErrors, is_rank0, say_error
 from starflow.console import line_start, log_lines
+from starflow.signals import sigterm_stops_at_once
 
 __all__ = ["main", "build_parser"]
 
@@ -90,27 +88,6 @@ PATH_ARGUMENTS = {"output_dir", "out", "data", "checkpoint", "checkpoint_path", 
 """Arguments that name a file or folder: an empty one is refused."""
 
 
-@contextlib.contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    """While a command runs (in the main thread), SIGTERM stops it as Ctrl-C does, at once, instead of killing the
-    process: its ``finally`` blocks run (folder locks released, staging folders removed) and it exits ``128 + 15``
-    with a line saying what was kept. Loops with a safe point (training, ``generate-set``) take the signal over
-    meanwhile (:class:`~starflow.signals.StopSignals`) and stop there instead."""
-    from starflow.signals import Stopped
-
-    def stop(signum: int, frame) -> None:
-        raise Stopped(signum, "before it finished")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; bad input ends as ``error: ...`` on stderr with exit code 2
     (``STARFLOW_DEBUG=1`` re-raises instead). The package's log records show as ``warning: ...`` lines meanwhile
@@ -145,7 +122,7 @@ def _main(argv: list[str] | None) -> int:
                                                                               "negative_prompt"):
             setattr(args, key, os.path.expanduser(value))
     try:
-        with _sigterm_stops():
+        with sigterm_stops_at_once():
             return args.func(args)
     except SystemExit as e:  # a command's own stop: a message is bad input, a number an exit status
         _end_progress_bars()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from starflow.config import Config
+from starflow.config import GUIDANCE_RULE, Config
 from starflow.models.jacobi import AUTO, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
 
 __all__ = ["SampleSettings", "Profile", "check_settings"]
@@ -57,7 +57,7 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise TypeError(f"{name} {value!r}: must be a number")
-        rules = [("cfg", 0 <= self.cfg < float("inf"), "the guidance weight must be >= 0 and finite (0 = no guidance)"),
+        rules = [("cfg", 0 <= self.cfg < float("inf"), GUIDANCE_RULE),
                  ("jacobi_th", self.jacobi_th >= 0, "the stopping threshold must be >= 0"),
                  ("attn_temp", self.attn_temp > 0, "the attention temperature must be > 0 (1 = plain guidance)"),
                  ("temperature", 0 < self.temperature < float("inf"),
