@@ -566,6 +566,65 @@ def test_cache_latents_counts_the_samples_of_a_missing_shard(all_digits: Path, t
                                  "reason": "missing or damaged shard", "count": 4}]
 
 
+def test_cache_latents_resumes_an_interrupted_run(all_digits: Path, tmp_path: Path, tiny_config, monkeypatch,
+                                                 caplog) -> None:
+    """A run stopped mid-way (Ctrl-C) keeps its full shards; the rerun encodes only the other samples and makes the
+    cache an uninterrupted run makes, sample for sample. A rerun of other inputs (another shard_size) starts afresh."""
+    from starflow.adapters import build_latent_adapter
+    from starflow.data.latent_cache import _Encoder, cache_latents
+    from starflow.data.shards import RESUME_FOLDER, read_shards
+
+    src = _digits_folder(all_digits, tmp_path / "src", n=10, unique=True)
+    cfg = load_config(dict(tiny_config))
+    vae, text_encoder = build_latent_adapter(None, channels=1), build_text_encoder(cfg)
+
+    def cache(out: Path, shard_size: int = 3) -> dict:
+        return cache_latents(src, out, cfg, vae, text_encoder, batch_size=2, shard_size=shard_size)
+
+    def contents(out: Path) -> list[dict]:
+        index = json.loads((out / "index.json").read_text())
+        return [{k: v for k, v in sample.items() if k != "__url__"}
+                for sample in read_shards([out / s["name"] for s in index["shards"]])]
+
+    whole = cache(tmp_path / "whole")
+    encoded: list[str] = []
+    batch = _Encoder.batch
+
+    def counted(self, items):
+        if len(encoded) == 6 and stop:
+            raise KeyboardInterrupt
+        encoded.extend(raw["__key__"] for raw, _ in items)
+        yield from batch(self, items)
+
+    monkeypatch.setattr(_Encoder, "batch", counted)
+    out, stop = tmp_path / "cache", True
+    with pytest.raises(KeyboardInterrupt):
+        cache(out)
+    progress = json.loads((out / RESUME_FOLDER / "progress.json").read_text())
+    assert [(s["name"], s["samples"]) for s in progress["shards"]] == [("shard-000000.tar", 3)]  # shard 1: unclosed
+    assert not (out / "index.json").exists()
+    encoded.clear()
+    stop = False
+    with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
+        index = cache(out)
+    assert "resuming: 3 sample(s) in 1 shard(s) already written by an interrupted run" in caplog.text
+    assert sorted(encoded) == [f"{i:09d}" for i in range(3, 10)]  # the first shard's samples are not encoded again
+    assert index == dict(whole, source=index["source"]) and contents(out) == contents(tmp_path / "whole")
+    assert not (out / RESUME_FOLDER).exists()
+
+    encoded.clear()
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        cache(tmp_path / "other")
+    encoded.clear()
+    stop = False
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
+        cache(tmp_path / "other", shard_size=4)
+    assert "discarding the 1 shard(s) an interrupted run left in" in caplog.text and "(shard_size)" in caplog.text
+    assert len(encoded) == 10
+
+
 def test_single_process_commands_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch,
                                                           capsys) -> None:
     """Under torchrun every process would do the whole job and write the same files: the one-process commands refuse
@@ -674,8 +733,8 @@ def test_an_undecodable_sample_is_named_by_its_key_and_shard(caplog) -> None:
 
 def test_cache_latents_stopped_by_sigterm_cleans_up_and_says_so(all_digits: Path, tmp_path: Path, config_file,
                                                                tiny_config) -> None:
-    """SIGTERM stops ``cache-latents`` as Ctrl-C does (it used to kill it outright): the staging folder and the lock
-    go, the cache already in the output folder stays, and the message says that a rerun starts again."""
+    """SIGTERM stops ``cache-latents`` as Ctrl-C does (it used to kill it outright): the lock goes, the cache already in
+    the output folder stays, the full shards written so far stay aside for a rerun, and the message says so."""
     import signal
     import subprocess
     import sys
@@ -693,14 +752,19 @@ def test_cache_latents_stopped_by_sigterm_cleans_up_and_says_so(all_digits: Path
     proc = subprocess.Popen([*base, "--data", str(all_digits), "--overwrite", "--batch", "1", "--shard_size", "8"],
                             env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(out.glob(".staging-*/shard-*.tar")):
-        time.sleep(0.05)
+    progress = out / ".staging-resume" / "progress.json"
+    while time.time() < deadline and proc.poll() is None and b'"name"' not in (progress.read_bytes()
+                                                                               if progress.exists() else b""):
+        time.sleep(0.05)  # (until a shard is full)
     assert proc.poll() is None, "the run ended before it was signalled"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert ("stopped by SIGTERM before it finished: nothing half-written is kept, and the cache already in the output "
-            "folder, if any, is unchanged; rerun the same command to start again") in err
+    assert ("stopped by SIGTERM before it finished: rerun the same command to resume (from the shards it finished, "
+            "kept in the output folder's .staging-resume; the cache already in the output folder, if any, is unchanged "
+            "until the new one is complete)") in err
     assert "Traceback" not in err
-    assert not list(out.glob(".staging-*"))
+    assert [p.name for p in out.glob(".staging-*")] == [".staging-resume"]  # (what a rerun goes on from)
+    kept = json.loads(progress.read_text())["shards"]
+    assert kept and all(s["samples"] == 8 and (progress.parent / s["name"]).is_file() for s in kept)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before

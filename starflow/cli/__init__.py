@@ -79,9 +79,10 @@ SINGLE_PROCESS = ("validate", "download", "convert", "export", "evaluate", "pack
 process would do the whole job and write the same files."""
 
 
-RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written"}  # resumable
-RESTARTS = {"pack": "the shards already in the output folder, if any, are unchanged",  # written aside, then
-            "cache-latents": "the cache already in the output folder, if any, is unchanged"}  # swapped in whole
+RESUMES = {"train": "from its last checkpoint", "generate-set": "from the samples already written",  # resumable
+           "cache-latents": "from the shards it finished, kept in the output folder's .staging-resume; the cache "
+                            "already in the output folder, if any, is unchanged until the new one is complete"}
+RESTARTS = {"pack": "the shards already in the output folder, if any, are unchanged"}  # written aside, swapped in whole
 PATH_ARGUMENTS = {"output_dir", "out", "data", "checkpoint", "checkpoint_path", "config", "model_config_path",
                   "input_image", "input_video", "last_image", "mask", "local_dir", "src", "dst", "samples", "reference",
                   "save_stats", "caption_file"}

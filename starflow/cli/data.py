@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "metadata.jsonl or a shard folder) to --out as shards, with the settings they "
                                    "depend on; training checks them against its config. A VAE's latents are its "
                                    "posterior mean (training from the images draws from the posterior, seeded per "
-                                   "sample).")
+                                   "sample). A stopped run keeps its full shards in OUT/.staging-resume: the same "
+                                   "command resumes from them (other data, settings, --dtype or --shard_size start "
+                                   "afresh).")
     p.add_argument("--config", required=True, help="training config (YAML)")
     p.add_argument("--data", required=True, help="image/video folder with metadata.jsonl, or a shard folder")
     p.add_argument("--out", required=True, help="output folder")

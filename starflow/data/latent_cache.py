@@ -19,12 +19,13 @@ import torch
 
 from starflow.assets import TINY_TEXT_ENCODER
 from starflow.data.aspect import ASPECT_RATIOS
-from starflow.data.images import read_metadata
+from starflow.data.images import METADATA_FILE, read_metadata
 from starflow.prompts import EXTEND_PREFIX, prompt_from_config
 from starflow.data.shards import (
     INDEX_FILE,
     UNCOND_FILE,
     SampleDecoder,
+    ShardProgress,
     check_replaceable,
     folder_kind,
     folder_samples,
@@ -135,7 +136,8 @@ class _Encoder:
             if self.cfg.drop_image > 0:
                 extend = self.embed([EXTEND_PREFIX + t for t in texts], aspects).to(self.dtype)
         for i, (raw, d) in enumerate(items):
-            out = {"__key__": raw["__key__"], "latent.pth": _tensor_bytes(latents[i]), "txt": raw["txt"],
+            out = {"__key__": raw["__key__"], "__source__": _source_name(raw), "latent.pth": _tensor_bytes(latents[i]),
+                   "txt": raw["txt"],
                    "json": _with_aspect(raw.get("json"), d["aspect_ratio"])}
             if emb is not None:
                 out["txt.pth"] = _tensor_bytes(emb[i])
@@ -232,6 +234,12 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
         shard_size: Samples per shard.
         overwrite: Replace a cache already in ``out`` (once the new one is complete: a failed run keeps it).
 
+    Resumable: a run that fails or is stopped keeps its full shards in ``out/.staging-resume`` (with
+    ``progress.json``, :class:`~starflow.data.shards.ShardProgress`); the next run of the same source, listing,
+    settings, ``dtype`` and ``shard_size`` keeps them and encodes the other samples only (samples are named by shard
+    and key: a rerun reads the source again, but decodes and encodes only what is left). A run of other inputs
+    discards them.
+
     Returns:
         The index written to ``out/index.json``.
 
@@ -252,14 +260,40 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
                             fps=cfg.fps or None, size=(cfg.img_size, cfg.img_size),
                             random_start=False)
     encoder = _Encoder(cfg, vae, text_encoder, dtype)
-    with replaced_output(out, overwrite, src) as staging, torch.no_grad():
+    inputs = {"source": str(src.resolve()), "listing": _listing_sha(src), "settings": cache_settings(cfg),
+              "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
+    with replaced_output(out, overwrite, src, resume=True) as staging, torch.no_grad():
+        progress = ShardProgress(staging, inputs)
         if text_encoder is not None:
             aspects = ASPECT_RATIOS if cfg.mix_aspect else ("1:1",)
             table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype).cpu()  # as the samples: loadable anywhere
             torch.save({a: table[i].clone() for i, a in enumerate(aspects)}, staging / UNCOND_FILE)
-        return write_shards(staging, _encoded(samples, decoder, encoder, batch_size, skipped, src), shard_size,
+        todo = (raw for raw in samples if progress.wants(_source_name(raw)))
+        return write_shards(staging, _encoded(todo, decoder, encoder, batch_size, skipped, src), shard_size,
                             {"kind": "latent", "settings": cache_settings(cfg), "source": str(src), "skipped": skipped},
-                            shown=out)
+                            shown=out, progress=progress, expected=_source_size(src), desc="cache-latents")
+
+
+def _source_size(src: Path) -> int:
+    """The number of samples the source lists (its shard index's, or its ``metadata.jsonl`` lines)."""
+    if (src / INDEX_FILE).is_file():
+        return sum(s["samples"] for s in read_index(src)[1]["shards"])
+    return len(read_metadata(src))
+
+
+def _source_name(raw: dict) -> str:
+    """What names a raw sample of the source across runs: its shard and key (a folder's samples: the key)."""
+    url = raw.get("__url__")
+    return f"{Path(url).name}/{raw['__key__']}" if url else str(raw["__key__"])
+
+
+def _listing_sha(src: Path) -> str:
+    """A hash of what lists the source's samples (``index.json`` of a shard folder, else ``metadata.jsonl``): a
+    resumed run of changed data starts afresh. (A file rewritten under the same name is not noticed.)"""
+    import hashlib
+
+    listing = src / INDEX_FILE if (src / INDEX_FILE).is_file() else src / METADATA_FILE
+    return hashlib.sha256(listing.read_bytes()).hexdigest()[:16]
 
 
 def _encoded(samples: Iterable[dict], decoder: SampleDecoder, encoder: _Encoder, batch_size: int,

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from starflow.data.aspect import aspect_to_size
 from starflow.data.images import (IMAGE_SUFFIXES, CorruptImageError, image_aspect, load_image, note_listing,
@@ -34,8 +35,8 @@ from starflow.data.video import (CLIP_OR_IMAGE_SUFFIXES, VIDEO_SUFFIXES, Corrupt
                                  clip_indices, decoded_length, draw_rate, read_clip, video_aspect)
 from starflow.folder_lock import FolderLock
 
-__all__ = ["INDEX_FILE", "SampleDecoder", "check_replaceable", "pack_folder", "read_index", "read_shards",
-           "write_shards"]
+__all__ = ["INDEX_FILE", "SampleDecoder", "ShardProgress", "check_replaceable", "pack_folder", "read_index",
+           "read_shards", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ SHARD_PATTERN = "shard-%06d.tar"
 INDEX_FILE = "index.json"
 UNCOND_FILE = "uncond.pt"  # a latent cache's unconditional text embedding
 STAGING_PREFIX = ".staging-"  # the folder inside OUT that new shards are written to
+RESUME_FOLDER = STAGING_PREFIX + "resume"  # the staging folder of a resumable run, kept when it is stopped
+PROGRESS_FILE = "progress.json"  # in RESUME_FOLDER: the shards written so far (ShardProgress)
+SOURCES_SUFFIX = ".sources"  # beside each of those shards: the source samples it holds, one per line
 REPLACING_FILE = ".replacing"  # in OUT while a finished run moves its set in (its presence: an incomplete set)
 _NOT_MEDIA = frozenset({"txt", "json", "latent.pth", "txt.pth", "txt_extend.pth"})
 _BAD_SAMPLE = (OSError, ValueError, KeyError, RuntimeError, EOFError)  # what a corrupt sample can raise
@@ -184,30 +188,123 @@ def read_shards(paths: Sequence[str | Path]) -> Iterator[dict]:
         yield from webdataset.tarfile_samples([{"url": path}], handler=log_and_continue)
 
 
-def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict, shown: Path | None = None) -> dict:
+def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dict, shown: Path | None = None,
+                 progress: ShardProgress | None = None, expected: int | None = None, desc: str = "writing") -> dict:
     """Writes ``samples`` into ``out/shard-*.tar`` (``shard_size`` each) and ``out/index.json`` (``index``
     plus ``shards`` and ``total``); returns the index. ``shown``: the folder named in errors (default ``out``).
+    ``progress``: a resumable run's record (:class:`ShardProgress`): the shards it lists are kept and counted, new
+    ones are numbered after them, and each shard is recorded once full (a sample's ``__source__``, if any, names
+    it in the record, else its ``__key__``; neither is written). A progress bar (``desc``) counts the samples
+    written against ``expected`` (the source's; samples skipped as unusable leave it short).
 
     Raises:
         ValueError: No sample was written.
     """
     import webdataset
 
-    counts: dict[str, int] = {}
-    writer = webdataset.ShardWriter(str(out / SHARD_PATTERN), maxcount=shard_size, verbose=0)
+    done = list(progress.shards) if progress is not None else []
+    counts: dict[str, int] = {s["name"]: s["samples"] for s in done}
+    sources: list[str] = []
+    writing = True  # a shard closed while the loop is stopped (an error, Ctrl-C) may be short: never recorded
+
+    def shard_closed(fname: str) -> None:
+        name = Path(fname).name
+        if writing and progress is not None and counts.get(name):
+            progress.record(name, counts[name], sources)
+        sources.clear()
+
+    writer = webdataset.ShardWriter(str(out / SHARD_PATTERN), maxcount=shard_size, verbose=0, start_shard=len(done),
+                                    post=shard_closed)
+    bar = tqdm(total=expected, initial=sum(counts.values()), desc=desc, unit="sample", dynamic_ncols=True)
     try:
         for sample in samples:
             writer.write(sample)
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
+            sources.append(str(sample.get("__source__", sample["__key__"])))
+            bar.update()
+    except BaseException:
+        writing = False
+        raise
     finally:
         writer.close()
+        bar.close()
     if not counts:
         (out / (SHARD_PATTERN % 0)).unlink(missing_ok=True)
         raise ValueError(f"no usable sample to write to {shown or out}; skipped: {index.get('skipped', [])[:3]}")
     index = dict(index, shards=[{"name": n, "samples": c} for n, c in counts.items()], total=sum(counts.values()))
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return index
+
+
+class ShardProgress:
+    """The full shards a resumable run (``cache-latents``) has written to its staging folder, and the samples in each,
+    kept in ``progress.json`` there: a rerun of the same inputs keeps those shards and skips their samples, where a
+    rerun of other inputs starts afresh.
+
+    Args:
+        staging: the run's staging folder (:func:`replaced_output` with ``resume``).
+        inputs: what the shards' contents depend on (JSON-able: source folder and its listing, settings); a record of
+            other inputs is discarded, with its shards.
+    """
+
+    def __init__(self, staging: Path, inputs: dict[str, Any]) -> None:
+        self.path, self.inputs = staging / PROGRESS_FILE, json.loads(json.dumps(inputs))
+        try:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = None
+        if not (isinstance(state, dict) and isinstance(state.get("shards"), list)):
+            state = {"inputs": None, "shards": []}
+        same = state.get("inputs") == self.inputs
+        if state["shards"] and not same:
+            logger.warning("discarding the %d shard(s) an interrupted run left in %s: it had other inputs (%s)",
+                           len(state["shards"]), staging.parent, ", ".join(_changed(state.get("inputs"), self.inputs)))
+        self.staging, self.shards, self.done = staging, [], set()
+        for shard in state["shards"] if same else []:  # in order, up to the first one missing
+            name = str(shard.get("name")) if isinstance(shard, dict) else ""
+            sources = self._sources(name) if name else None
+            if sources is None or not (staging / name).is_file():
+                break
+            self.shards.append(shard)
+            self.done.update(sources)
+        names = {s["name"] for s in self.shards}
+        for path in [*staging.glob("shard-*.tar"), *staging.glob("shard-*.tar" + SOURCES_SUFFIX)]:
+            if path.name.removesuffix(SOURCES_SUFFIX) not in names:  # unfinished, or of other inputs
+                path.unlink()
+        if self.shards:
+            logger.warning("resuming: %d sample(s) in %d shard(s) already written by an interrupted run",
+                           sum(s["samples"] for s in self.shards), len(self.shards))
+        self._save()
+
+    def wants(self, source: str) -> bool:
+        """Whether the sample named ``source`` is still to be written (not in a recorded shard)."""
+        return source not in self.done
+
+    def record(self, name: str, samples: int, sources: Sequence[str]) -> None:
+        """Record the full shard ``name`` of ``samples`` samples named ``sources`` (one line each, in a file beside the
+        shard: the record itself stays small)."""
+        (self.staging / (name + SOURCES_SUFFIX)).write_text("".join(f"{s}\n" for s in sources), encoding="utf-8")
+        self.shards.append({"name": name, "samples": samples})
+        self.done.update(sources)
+        self._save()
+
+    def _sources(self, name: str) -> list[str] | None:
+        try:
+            return (self.staging / (name + SOURCES_SUFFIX)).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return None
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"inputs": self.inputs, "shards": self.shards}), encoding="utf-8")
+        tmp.replace(self.path)  # (a kill mid-write leaves the last record)
+
+
+def _changed(old: Any, new: dict[str, Any]) -> list[str]:
+    """The names of the inputs that differ between two records."""
+    old = old if isinstance(old, dict) else {}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["unreadable"]
 
 
 def _output_files(folder: Path) -> list[Path]:
@@ -234,10 +331,11 @@ def check_replaceable(out: Path, overwrite: bool, src: Path) -> list[Path]:
 
 
 @contextmanager
-def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
+def replaced_output(out: Path, overwrite: bool, src: Path, resume: bool = False) -> Iterator[Path]:
     """A staging folder inside ``out`` to write new shards into; when the block succeeds its files replace the
     shards, index and cache files already in ``out``, which stay untouched if it fails (or is interrupted; the staging
-    folder of a killed run is removed by the next one). The replacement removes the old index first and moves the new
+    folder of a killed run is removed by the next one). With ``resume`` the staging folder is ``RESUME_FOLDER``,
+    kept when the block fails, for the next run to go on from (its :class:`ShardProgress` says what it may keep). The replacement removes the old index first and moves the new
     one in last, so a kill during it leaves a folder without an index: an incomplete set, which no reader takes and
     the next run replaces without ``overwrite`` (a ``.replacing`` file marks it; shards without an index and without
     that mark, made by another tool, are left alone).
@@ -260,13 +358,20 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
     lock = FolderLock(out, "shard folder", " (or pass another output folder)").acquire()  # one writer at a time
     try:
         for stale in out.glob(STAGING_PREFIX + "*"):  # what a killed run left (the lock: no live writer's)
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+            if not (resume and stale.name == RESUME_FOLDER):
+                shutil.rmtree(stale, ignore_errors=True)
+        if resume:
+            staging = out / RESUME_FOLDER
+            staging.mkdir(exist_ok=True)
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     except OSError as e:
         lock.release()
         raise OSError(f"cannot write the output folder {out} ({e.strerror}); pass a writable folder") from None
+    finished = False
     try:
         yield staging
+        finished = True
         marker.touch()  # from here until the new index is in, the set is incomplete (and the next run may replace it)
         (out / INDEX_FILE).unlink(missing_ok=True)
         new = _output_files(staging)
@@ -278,7 +383,8 @@ def replaced_output(out: Path, overwrite: bool, src: Path) -> Iterator[Path]:
             path.replace(out / path.name)
         marker.unlink()
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if finished or not resume:
+            shutil.rmtree(staging, ignore_errors=True)
         lock.release()
 
 
@@ -308,7 +414,8 @@ def pack_folder(src: str | Path, out: str | Path, shard_size: int = 1000, overwr
     skipped: list[dict] = []
     kind, samples = folder_samples(src, skipped)
     with replaced_output(out, overwrite, src) as staging:
-        return write_shards(staging, samples, shard_size, {"kind": kind, "skipped": skipped}, shown=out)
+        return write_shards(staging, samples, shard_size, {"kind": kind, "skipped": skipped}, shown=out,
+                            expected=len(read_metadata(src)), desc="pack")
 
 
 def _media(sample: dict) -> io.BytesIO:
