@@ -273,6 +273,24 @@ def test_continuation_checks_the_wan_frame_rules() -> None:
         pipe(["a"], SampleSettings(target_length=3), input_video=torch.zeros(1, 5, 3, 32, 32))
 
 
+def test_settings_record_the_target_length_used() -> None:
+    """settings.json records --target_length with its default resolved: the frames a continuation adds (whole
+    latent frames of the VAE's temporal factor), a video-to-video model's source frames, or the sampled frames."""
+    import argparse
+
+    from starflow.cli.sample import used_target_length
+
+    wan = load_config(dict(TINY_VIDEO, img_size=32, patch_size=1, channel_size=48, vid_size="17:8",
+                           vae="Wan-AI/Wan2.2-TI2V-5B-Diffusers"))
+    plain = load_config(dict(TINY_VIDEO, vid_size="6:8"))
+    clip, none = argparse.Namespace(input_video="clip.mp4"), argparse.Namespace(input_video=None)
+    assert used_target_length(clip, wan, None) == 16 and used_target_length(clip, wan, 8) == 8
+    assert used_target_length(clip, plain, None) == 6
+    assert used_target_length(none, wan, None) == 17 and used_target_length(none, plain, 9) == 9
+    assert used_target_length(clip, load_config(dict(TINY_VIDEO, vid_size="6:8", video_to_video=True, drop_image=0)),
+                              None) == 6
+
+
 def test_latent_frames_rules() -> None:
     pipe = video_pipeline()
     assert pipe.latent_frames() == pipe.latent_frames(pipe.config.vid_size[0])
@@ -461,6 +479,7 @@ def test_sample_continues_a_real_moving_digit_clip(tmp_path: Path) -> None:
                  "--device", "cpu"]) == 0
     frames, _ = read_video(next(out.glob("*.mp4")))
     assert frames.shape[0] == 8
+    assert json.loads((out / "settings.json").read_text())["target_length"] == 4
     assert main(["sample", "--checkpoint_path", str(DEMO_DIR), "--caption", "a", "--input_video", str(source),
                  "--output_dir", str(out), "--device", "cpu"]) == 2
     assert main(["sample", "--checkpoint_path", str(MOVING_DEMO), "--caption", "a", "--last_image",

@@ -675,6 +675,19 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
     return "\n".join(lines)
 
 
+def used_target_length(args: argparse.Namespace, cfg, target_length: int | None) -> int:
+    """The ``--target_length`` a video run used, its default resolved: the frames added after ``--input_video``
+    (a continuation), the source's ``vid_size`` frames (video-to-video), else the sampled video's frames."""
+    from starflow.adapters.geometry import vae_geometry
+    from starflow.sampling.pipeline import continuation_frames
+
+    if args.input_video and cfg.video_to_video:
+        return cfg.vid_size[0]
+    if args.input_video:
+        return continuation_frames(cfg, vae_geometry(cfg.vae).temporal_downsample, target_length)
+    return target_length or cfg.vid_size[0]
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample every caption into ``--output_dir``, then (rank 0) write ``grid.png`` and ``settings.json``."""
     import os
@@ -729,6 +742,8 @@ def run(args: argparse.Namespace) -> int:
                   "last_image": args.last_image, "negative_prompts": negatives, "ema": args.ema, "flags": flags}
         if random_ratio:
             record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
+        if cfg.is_video:
+            record["target_length"] = used_target_length(args, cfg, settings.target_length)
         write_settings(out, record)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,
