@@ -233,6 +233,17 @@ def test_eval_nll_command(model_dir: Path, digits, capsys) -> None:
     out = capsys.readouterr().out
     assert "note: 3 of the 24 images are not 8x8 pixels, the model's size: each was resized" in out
     assert "note: --num_samples 100: " in out and json.loads(out_file.read_text())["resized"] == 3
+    # an unreadable or missing image is refused by name (never replaced by another, as training does), unwarned
+    (big / records[5]["file_name"]).write_bytes(b"not an image")
+    args = ["eval-nll", "--checkpoint_path", str(model_dir), "--data", str(big), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot read image {big / records[5]['file_name']}" in err and "over every listed image" in err
+    assert "skipping" not in err
+    (big / records[5]["file_name"]).unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 file(s) listed in" in err and "are missing" in err and "skipping" not in err
 
 
 def test_evaluate_nll_matches_the_model_likelihood(model_dir: Path, digits) -> None:

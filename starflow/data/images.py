@@ -298,6 +298,8 @@ class ImageFolder(torch.utils.data.Dataset):
             and resize to that bucket's size; otherwise every image uses `aspect_ratio`.
         multiple: `vae_downsample * patch_size`, in pixels; bucket sides are multiples of it.
         aspect_ratio: The `"w:h"` bucket used when `mix_aspect` is off.
+        substitute: False for a measure over every listed image (`eval-nll`): missing files are recorded in
+            `skipped` without a warning (the caller refuses them), and `__getitem__` raises on an unreadable one.
 
     Raises:
         FileNotFoundError: If `metadata.jsonl` is absent (the message explains the format).
@@ -312,8 +314,9 @@ class ImageFolder(torch.utils.data.Dataset):
         mix_aspect: bool = False,
         multiple: int = 1,
         aspect_ratio: str = "1:1",
+        substitute: bool = True,
     ) -> None:
-        self.root = Path(root)
+        self.root, self.substitute = Path(root), substitute
         self.img_size, self.channels, self.multiple = img_size, channels, multiple
         self.mix_aspect, self.aspect_ratio = mix_aspect, aspect_ratio
         aspect_to_size(aspect_ratio, img_size, multiple)  # validate early
@@ -334,8 +337,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if missing:
             self._missing = len(missing)
             self.skipped.update(missing)
-            logger.warning("%s: skipping %d listed paths that are not files (missing, or folders), e.g. %s", self.root,
-                           len(missing), missing[:3])
+            if substitute:
+                logger.warning("%s: skipping %d listed paths that are not files (missing, or folders), e.g. %s",
+                               self.root, len(missing), missing[:3])
         if not self.paths:
             raise ValueError(f"none of the files listed in {self.root / METADATA_FILE} exist")
         note_listing(self.root, [self.root / r["file_name"] for r in records], IMAGE_SUFFIXES, "image")
@@ -363,6 +367,8 @@ class ImageFolder(torch.utils.data.Dataset):
             return self.aspect_ratio
 
     def _skip(self, path: Path, err: Exception) -> None:
+        if not self.substitute:
+            raise err if isinstance(err, CorruptImageError) else CorruptImageError(f"cannot read image {path}: {err}")
         if str(path) not in self.skipped:
             self.skipped.add(str(path))
             logger.warning("skipping unreadable image (%s)", err)
@@ -384,6 +390,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
         Raises:
             RuntimeError: If no file in the folder can be read.
+            CorruptImageError: The file is unreadable, and the folder does not `substitute`.
         """
         bucket = self.buckets[index]
         size = aspect_to_size(bucket, self.img_size, self.multiple)

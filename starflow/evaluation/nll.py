@@ -8,6 +8,7 @@ that density, averaged over noise draws: a statement about the noised data, not 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from starflow.data import ImageFolder, collate, sample_seed
-from starflow.data.images import image_size
+from starflow.data.images import CorruptImageError, image_size
 from starflow.models.starflow import DEQUANTISED_BITS, HALF_LOG_2PI, noised_data
 
 __all__ = ["NLLResult", "evaluate_nll", "PIXEL_SCALE_BITS", "pixel_scale_bits"]
@@ -54,6 +55,14 @@ class NLLResult:
     resized: int = 0
 
 
+def _refusing_unreadable(batches: Iterable[dict]) -> Iterator[dict]:
+    """``batches``, an unreadable image (:class:`~starflow.data.images.CorruptImageError`) refused by name."""
+    try:
+        yield from batches
+    except CorruptImageError as err:
+        raise ValueError(f"{err}: the NLL is over every listed image; fix the file or drop its line") from None
+
+
 def _size_of(path) -> tuple[int, int] | None:
     """An image's ``(width, height)``, or None when its header is unreadable (the loader then says so)."""
     try:
@@ -90,7 +99,8 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
     cfg = pipe.config
     draw = torch.rand if cfg.noise_type == "uniform" else torch.randn
     pixel_channels = cfg.channel_size if pipe.vae.downsample == 1 else 3
-    data = ImageFolder(folder, cfg.img_size, pixel_channels, multiple=pipe.vae.downsample * cfg.patch_size)
+    data = ImageFolder(folder, cfg.img_size, pixel_channels, multiple=pipe.vae.downsample * cfg.patch_size,
+                       substitute=False)
     if data.skipped:  # (training replaces such files; a likelihood of the folder must not)
         raise ValueError(f"{len(data.skipped)} file(s) listed in {folder}/metadata.jsonl are missing, e.g. "
                          f"{sorted(data.skipped)[0]}: the NLL is over every listed image; restore them or drop their lines")
@@ -101,10 +111,7 @@ def evaluate_nll(pipe, folder: str, batch_size: int = 256, noise_samples: int = 
         sums[3] = sum(_size_of(data.paths[i]) not in (None, (cfg.img_size, cfg.img_size)) for i in mine)
     start = 0
     loader = DataLoader(Subset(data, mine), batch_size=batch_size, collate_fn=collate)
-    for batch in tqdm(loader, desc="eval-nll", disable=not progress or rank != 0):
-        if batch["skipped"]:
-            raise ValueError(f"{batch['skipped'][0]} is unreadable (the data loader would put the next image in its "
-                             "place): the NLL is over every listed image; fix the file or drop its line")
+    for batch in _refusing_unreadable(tqdm(loader, desc="eval-nll", disable=not progress or rank != 0)):
         index = mine[start : start + len(batch["text"])]
         start += len(index)
         latents = pipe.vae.encode(batch["pixels"].to(pipe.device), sample=False).float()
