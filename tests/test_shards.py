@@ -569,7 +569,9 @@ def test_cache_latents_counts_the_samples_of_a_missing_shard(all_digits: Path, t
 def test_cache_latents_resumes_an_interrupted_run(all_digits: Path, tmp_path: Path, tiny_config, monkeypatch,
                                                  caplog) -> None:
     """A run stopped mid-way (Ctrl-C) keeps its full shards; the rerun encodes only the other samples and makes the
-    cache an uninterrupted run makes, sample for sample. A rerun of other inputs (another shard_size) starts afresh."""
+    cache an uninterrupted run makes, sample for sample. A rerun of other inputs (another shard_size) starts afresh; a
+    damaged kept shard is written again; a file removed after its sample was cached leaves the other keys as they
+    were."""
     from starflow.adapters import build_latent_adapter
     from starflow.data.latent_cache import _Encoder, cache_latents
     from starflow.data.shards import RESUME_FOLDER, read_shards
@@ -612,17 +614,36 @@ def test_cache_latents_resumes_an_interrupted_run(all_digits: Path, tmp_path: Pa
     assert index == dict(whole, source=index["source"]) and contents(out) == contents(tmp_path / "whole")
     assert not (out / RESUME_FOLDER).exists()
 
-    encoded.clear()
-    stop = True
-    with pytest.raises(KeyboardInterrupt):
-        cache(tmp_path / "other")
-    encoded.clear()
-    stop = False
-    caplog.clear()
+    def interrupted(out: Path) -> None:
+        nonlocal stop
+        encoded.clear()
+        stop = True
+        with pytest.raises(KeyboardInterrupt):
+            cache(out)
+        encoded.clear()
+        stop = False
+        caplog.clear()
+
+    interrupted(tmp_path / "other")
     with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
         cache(tmp_path / "other", shard_size=4)
     assert "discarding the 1 shard(s) an interrupted run left in" in caplog.text and "(shard_size)" in caplog.text
     assert len(encoded) == 10
+
+    interrupted(tmp_path / "damaged")  # a kept shard cut short is written again, and the ones after it
+    kept = tmp_path / "damaged" / RESUME_FOLDER / "shard-000000.tar"
+    kept.write_bytes(kept.read_bytes()[:-1024])
+    with caplog.at_level(logging.WARNING, logger="starflow.data.shards"):
+        cache(tmp_path / "damaged")
+    assert "shard-000000.tar in" in caplog.text and "is missing or damaged" in caplog.text
+    assert len(encoded) == 10 and contents(tmp_path / "damaged") == contents(tmp_path / "whole")
+
+    interrupted(tmp_path / "moved")  # samples are named by their metadata line: a file gone since keeps the others'
+    lines = (src / "metadata.jsonl").read_text().splitlines()
+    (src / json.loads(lines[1])["file_name"]).unlink()  # (cached in the kept shard)
+    cache(tmp_path / "moved")
+    assert sorted(encoded) == [f"{i:09d}" for i in range(3, 10)]
+    assert contents(tmp_path / "moved") == contents(tmp_path / "whole")
 
 
 def test_single_process_commands_refuse_several_processes(all_digits: Path, tmp_path: Path, monkeypatch,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,13 +150,15 @@ def _with_aspect(meta: bytes | None, aspect_ratio: str) -> bytes:
     return json.dumps(dict(json.loads(meta) if meta else {}, aspect_ratio=aspect_ratio)).encode("utf-8")
 
 
-def _source(src: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]]:
-    """``(kind, raw samples)`` of a shard folder (read in order) or a captioned folder. The samples of a shard
-    folder that never arrive (a missing or truncated shard) are counted into ``skipped`` once it is read."""
+def _source(src: Path, skipped: list[dict], done: Container[str]) -> tuple[str, Iterator[dict]]:
+    """``(kind, raw samples)`` of a shard folder (read in order) or a captioned folder, without the samples whose
+    :func:`_source_name` is in ``done`` (a folder's: unread). The samples of a shard folder that never arrive (a
+    missing or truncated shard) are counted into ``skipped`` once it is read."""
     if (src / INDEX_FILE).is_file():
         root, index = read_index(src)
-        return index["kind"], _counted(read_shards([root / s["name"] for s in index["shards"]]), index, skipped)
-    return folder_samples(src, skipped)
+        samples = _counted(read_shards([root / s["name"] for s in index["shards"]]), index, skipped)
+        return index["kind"], (raw for raw in samples if _source_name(raw) not in done)
+    return folder_samples(src, skipped, done)
 
 
 def check_cache_inputs(src: str | Path, out: str | Path, cfg: Config, overwrite: bool = False) -> None:
@@ -236,9 +238,10 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
 
     Resumable: a run that fails or is stopped keeps its full shards in ``out/.staging-resume`` (with
     ``progress.json``, :class:`~starflow.data.shards.ShardProgress`); the next run of the same source, listing,
-    settings, ``dtype`` and ``shard_size`` keeps them and encodes the other samples only (samples are named by shard
-    and key: a rerun reads the source again, but decodes and encodes only what is left). A run of other inputs
-    discards them.
+    settings, ``dtype`` and ``shard_size`` keeps them and encodes the other samples only (a folder's samples are named
+    by their line in ``metadata.jsonl`` and left unread; a shard folder's by shard and key, read again but not
+    decoded). A run of other inputs discards them. A sample cached before a resume stays cached as it was when read
+    (a file changed or removed since is not noticed; an unreadable one made readable is cached by the resume).
 
     Returns:
         The index written to ``out/index.json``.
@@ -252,7 +255,8 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
     src, out = Path(src), Path(out)
     skipped: list[dict] = []
     check_cacheable(cfg)
-    kind, samples = _source(src, skipped)
+    done: set[str] = set()  # (filled from the progress of an interrupted run before the samples are read)
+    kind, samples = _source(src, skipped, done)
     _check_source(kind, src, out, cfg, overwrite)
     channels = cfg.channel_size if vae.downsample == 1 else 3
     decoder = SampleDecoder(kind, img_size=cfg.img_size, channels=channels, multiple=vae.downsample * cfg.patch_size,
@@ -264,12 +268,12 @@ def cache_latents(src: str | Path, out: str | Path, cfg: Config, vae: LatentAdap
               "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
     with replaced_output(out, overwrite, src, resume=True) as staging, torch.no_grad():
         progress = ShardProgress(staging, inputs)
+        done.update(progress.done)
         if text_encoder is not None:
             aspects = ASPECT_RATIOS if cfg.mix_aspect else ("1:1",)
             table = encoder.embed([""] * len(aspects), list(aspects)).to(dtype).cpu()  # as the samples: loadable anywhere
             torch.save({a: table[i].clone() for i, a in enumerate(aspects)}, staging / UNCOND_FILE)
-        todo = (raw for raw in samples if progress.wants(_source_name(raw)))
-        return write_shards(staging, _encoded(todo, decoder, encoder, batch_size, skipped, src), shard_size,
+        return write_shards(staging, _encoded(samples, decoder, encoder, batch_size, skipped, src), shard_size,
                             {"kind": "latent", "settings": cache_settings(cfg), "source": str(src), "skipped": skipped},
                             shown=out, progress=progress, expected=_source_size(src), desc="cache-latents")
 
@@ -282,14 +286,15 @@ def _source_size(src: Path) -> int:
 
 
 def _source_name(raw: dict) -> str:
-    """What names a raw sample of the source across runs: its shard and key (a folder's samples: the key)."""
+    """What names a raw sample of the source across runs: its shard and key (a folder's samples: the key, its line
+    in ``metadata.jsonl``)."""
     url = raw.get("__url__")
     return f"{Path(url).name}/{raw['__key__']}" if url else str(raw["__key__"])
 
 
 def _listing_sha(src: Path) -> str:
     """A hash of what lists the source's samples (``index.json`` of a shard folder, else ``metadata.jsonl``): a
-    resumed run of changed data starts afresh. (A file rewritten under the same name is not noticed.)"""
+    resumed run of a changed listing starts afresh. (The files themselves are not hashed: see :func:`cache_latents`.)"""
     import hashlib
 
     listing = src / INDEX_FILE if (src / INDEX_FILE).is_file() else src / METADATA_FILE

@@ -5,7 +5,7 @@ A shard folder holds ``shard-000000.tar, shard-000001.tar, ...`` and ``index.jso
     {"kind": "image" | "video" | "latent", "shards": [{"name": "shard-000000.tar", "samples": 1000}, ...],
      "total": N, "skipped": [{"file_name": ..., "reason": ...}, ...]}
 
-A sample is ``__key__`` (a zero-padded running index), the file's bytes under its extension (``png``,
+A sample is ``__key__`` (packed from a folder: the zero-padded line of ``metadata.jsonl`` it comes from), the file's bytes under its extension (``png``,
 ``mp4``, ...; latent caches: ``latent.pth``, ``txt.pth``, ``txt_extend.pth``), ``txt`` (the caption) and
 ``json`` (the original ``file_name``, ``fps`` if given, ``aspect_ratio`` in latent caches). Training reads
 shard folders with :class:`starflow.data.stream.ShardStream`.
@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -128,10 +128,12 @@ def _check_file(path: Path, kind: str) -> str | None:
     return None
 
 
-def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]]:
-    """``(kind, samples)`` of a captioned folder; samples are raw (bytes), as read back from a shard.
+def folder_samples(root: Path, skipped: list[dict], done: Container[str] = ()) -> tuple[str, Iterator[dict]]:
+    """``(kind, samples)`` of a captioned folder; samples are raw (bytes), as read back from a shard, keyed by their
+    line in ``metadata.jsonl`` (zero-padded: the same key whichever other files are unusable).
 
-    Unusable files are left out and appended to ``skipped`` as ``{"file_name", "reason"}``.
+    Unusable files are left out and appended to ``skipped`` as ``{"file_name", "reason"}``; the lines whose key is in
+    ``done`` (what a resumed run has written) are left out unread.
 
     Raises:
         FileNotFoundError: No ``metadata.jsonl`` (the message explains the format).
@@ -143,8 +145,10 @@ def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]
                  kind)
 
     def samples() -> Iterator[dict]:
-        written = 0
-        for record in records:
+        for line, record in enumerate(records):
+            key = f"{line:09d}"
+            if key in done:
+                continue
             path = root / record["file_name"]
             reason = _check_file(path, kind)
             if reason is not None:
@@ -153,9 +157,8 @@ def folder_samples(root: Path, skipped: list[dict]) -> tuple[str, Iterator[dict]
                 continue
             meta = {k: v for k, v in record.items() if k != "text"}
             ext = _extension(path.name)  # (a name ending .txt or .json would take the caption's or metadata's key)
-            yield {"__key__": f"{written:09d}", "bin" if not ext or ext in _NOT_MEDIA else ext: path.read_bytes(),
+            yield {"__key__": key, "bin" if not ext or ext in _NOT_MEDIA else ext: path.read_bytes(),
                    "txt": record["text"].encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
-            written += 1
 
     return kind, samples()
 
@@ -229,8 +232,9 @@ def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dic
     finally:
         writer.close()
         bar.close()
+        if writer.fname and not counts.get(Path(writer.fname).name):  # opened, nothing written into it
+            Path(writer.fname).unlink(missing_ok=True)
     if not counts:
-        (out / (SHARD_PATTERN % 0)).unlink(missing_ok=True)
         raise ValueError(f"no usable sample to write to {shown or out}; skipped: {index.get('skipped', [])[:3]}")
     index = dict(index, shards=[{"name": n, "samples": c} for n, c in counts.items()], total=sum(counts.values()))
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
@@ -239,8 +243,9 @@ def write_shards(out: Path, samples: Iterable[dict], shard_size: int, index: dic
 
 class ShardProgress:
     """The full shards a resumable run (``cache-latents``) has written to its staging folder, and the samples in each,
-    kept in ``progress.json`` there: a rerun of the same inputs keeps those shards and skips their samples, where a
-    rerun of other inputs starts afresh.
+    kept in ``progress.json`` there: a rerun of the same inputs keeps those shards (each checked against its recorded
+    size and sample count, up to the first that fails) and skips their samples (``done``: their source names), where
+    a rerun of other inputs starts afresh.
 
     Args:
         staging: the run's staging folder (:func:`replaced_output` with ``resume``).
@@ -261,10 +266,14 @@ class ShardProgress:
             logger.warning("discarding the %d shard(s) an interrupted run left in %s: it had other inputs (%s)",
                            len(state["shards"]), staging.parent, ", ".join(_changed(state.get("inputs"), self.inputs)))
         self.staging, self.shards, self.done = staging, [], set()
-        for shard in state["shards"] if same else []:  # in order, up to the first one missing
+        for shard in state["shards"] if same else []:  # in order, up to the first one missing or damaged
             name = str(shard.get("name")) if isinstance(shard, dict) else ""
             sources = self._sources(name) if name else None
-            if sources is None or not (staging / name).is_file():
+            path = staging / name
+            if sources is None or len(sources) != shard.get("samples") or not path.is_file() \
+                    or path.stat().st_size != shard.get("bytes"):
+                logger.warning("%s in %s is missing or damaged: it and the shards after it are written again",
+                               name or "a shard", staging)
                 break
             self.shards.append(shard)
             self.done.update(sources)
@@ -277,15 +286,15 @@ class ShardProgress:
                            sum(s["samples"] for s in self.shards), len(self.shards))
         self._save()
 
-    def wants(self, source: str) -> bool:
-        """Whether the sample named ``source`` is still to be written (not in a recorded shard)."""
-        return source not in self.done
-
     def record(self, name: str, samples: int, sources: Sequence[str]) -> None:
         """Record the full shard ``name`` of ``samples`` samples named ``sources`` (one line each, in a file beside the
         shard: the record itself stays small)."""
-        (self.staging / (name + SOURCES_SUFFIX)).write_text("".join(f"{s}\n" for s in sources), encoding="utf-8")
-        self.shards.append({"name": name, "samples": samples})
+        listing = self.staging / (name + SOURCES_SUFFIX)
+        listing.write_text("".join(f"{s}\n" for s in sources), encoding="utf-8")
+        for path in (self.staging / name, listing):  # on disk before the record names them
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+        self.shards.append({"name": name, "samples": samples, "bytes": (self.staging / name).stat().st_size})
         self.done.update(sources)
         self._save()
 
