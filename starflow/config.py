@@ -393,6 +393,8 @@ def validate(cfg: Config) -> Config:
     for key in ("sample_freq", "max_nonfinite", "ema_start"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must be >= 0 (0 = off), got {getattr(cfg, key)}")
+    if cfg.num_blocks < 1:
+        raise ValueError(f"config key 'blocks' must be >= 1 (the deep block at least), got {cfg.num_blocks}")
     if any(n < 0 for n in cfg.layers_per_block) or cfg.block_layers[-1] < 1:
         raise ValueError("config key 'layers_per_block': counts must be >= 0 and the deep (last) block needs >= 1")
     for key in ("channels", "deep_channels"):

@@ -171,3 +171,9 @@ def test_an_unknown_key_names_the_key_meant(key: str, meant: str) -> None:
     """Other codebases' names (the official scripts' flags written as YAML keys among them) and typos get a hint."""
     with pytest.raises(ValueError, match=f"unknown config key '{key}'; did you mean '{meant}'"):
         load_config({key: 1})
+
+
+@pytest.mark.parametrize("blocks", [0, -1])
+def test_a_config_without_flow_blocks_is_refused(blocks: int) -> None:
+    with pytest.raises(ValueError, match=f"config key 'blocks' must be >= 1 \\(the deep block at least\\), got {blocks}"):
+        load_config({"blocks": blocks})

@@ -100,7 +100,8 @@ def test_guide_top_guides_only_the_first_blocks(make_pipeline) -> None:
     guided = pipe(PROMPTS, SampleSettings(**s), seeds=[0, 1])
     assert torch.equal(pipe(PROMPTS, SampleSettings(**s, guide_top=3), seeds=[0, 1]), guided)
     unguided = pipe(PROMPTS, SampleSettings(**{**s, "cfg": 0.0}), seeds=[0, 1])
-    assert torch.equal(pipe(PROMPTS, SampleSettings(**s, guide_top=0), seeds=[0, 1]), unguided)
+    with pytest.raises(ValueError, match=r"guide_top 0 guides no flow block, which turns guidance \(cfg 2\) off"):
+        pipe(PROMPTS, SampleSettings(**s, guide_top=0), seeds=[0, 1])  # (cfg would be accepted and do nothing)
     top = pipe(PROMPTS, SampleSettings(**s, guide_top=1), seeds=[0, 1])
     assert (top - guided).abs().max() > 1e-4 and (top - unguided).abs().max() > 1e-4
     # guidance in the deep block alone is what a cond_top_only model does in every block it conditions

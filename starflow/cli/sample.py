@@ -555,14 +555,15 @@ def config_classes(cfg, config: Path) -> list[str] | None:
     return read_vocab(assets.resolve_asset(cfg.text, config.parent)) if is_vocab(cfg.text) else None
 
 
-def model_config_path(args: argparse.Namespace) -> Path:
+def model_config_path(args: argparse.Namespace, dry_run: bool = False) -> Path:
     """``--model_config_path``, or ``config.yaml`` beside ``--checkpoint_path`` (the shipped demo without one).
 
     Raises:
-        ValueError: ``--model_config_path`` without ``--checkpoint_path`` (the demo's weights fit only its own config).
+        ValueError: ``--model_config_path`` without ``--checkpoint_path`` (the demo's weights fit only its own config),
+            unless for a ``dry_run``'s plan, which needs the config alone.
     """
     if args.model_config_path is not None:
-        if args.checkpoint_path is None:
+        if args.checkpoint_path is None and not dry_run:
             raise ValueError(f"--model_config_path {args.model_config_path}: pass the weights of that config with "
                              "--checkpoint_path (without it the shipped demo is sampled, whose weights fit only its "
                              "own config)")
@@ -590,9 +591,12 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
     from starflow.sampling.pipeline import DEFAULT_CONTEXT_FRAMES, continuation_frames
     from starflow.sizing import GIB, size_report, text_width
 
-    checkpoint = Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR))
-    absent = dry_run and args.model_config_path is not None and not checkpoint.exists()
-    if absent:
+    from_config = dry_run and args.model_config_path is not None and args.checkpoint_path is None
+    checkpoint = Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR)) if not from_config else None
+    absent = dry_run and args.model_config_path is not None and (from_config or not checkpoint.exists())
+    if from_config:
+        weights = None
+    elif absent:
         weights = checkpoint
         if args.ema and checkpoint.suffix:  # (a weights file's name: sampling would refuse --ema with it)
             raise ema_with_weights_file(checkpoint)
@@ -601,7 +605,7 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
         weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
         if not weights.is_file():
             raise FileNotFoundError(f"--checkpoint_path {checkpoint}: no weights at {weights}")
-    config = model_config_path(args)
+    config = model_config_path(args, dry_run)
     if not config.is_file():
         raise FileNotFoundError(f"--model_config_path {config}: no such config (pass the YAML of the weights)"
                                 if args.model_config_path else
@@ -639,7 +643,9 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
     per_rank = -(-len(captions) // world_size)
     txt_dim = text_width(cfg, config.parent)
     report = size_report(cfg, txt_dim, batch=min(batch, per_rank) or 1, gpus=world_size if sharded else 1)
-    lines = [f"dry run (nothing loaded or sampled): {weights} with {config}"
+    lines = [f"dry run (nothing loaded or sampled): {config} alone (no --checkpoint_path: sampling needs its "
+             "weights, e.g. from starflow download t2i|t2v)" if from_config else
+             f"dry run (nothing loaded or sampled): {weights} with {config}"
              + (" (the weights are not there yet: the plan needs only the config; sampling needs them, e.g. "
                 "from starflow download t2i|t2v)" if absent else ""),
              f"samples: {len(captions)} ({len(set(captions))} distinct prompt(s)) over {world_size} process(es), "

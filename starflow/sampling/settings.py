@@ -128,8 +128,8 @@ def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] |
     into its flag's.
 
     Raises:
-        ValueError: ``guide_top`` above the number of flow blocks, or >= 1 for a ``cond_top_only`` model (where it
-            would change nothing); ``attn_temp``, ``guide_top``, ``anneal_guidance``
+        ValueError: ``guide_top`` above the number of flow blocks, 0 with guidance on (it would turn guidance off),
+            or >= 1 for a ``cond_top_only`` model (where it would change nothing); ``attn_temp``, ``guide_top``, ``anneal_guidance``
             or negative prompts without guidance (``cfg`` 0); ``target_noise_std`` or ``self_denoising_lr`` for a
             ``noise_type: uniform`` model; video settings (``fps``, ``target_length``, ``context_length``) for an
             image model.
@@ -137,6 +137,9 @@ def check_settings(settings: SampleSettings, cfg: Config, negatives: list[str] |
     if settings.guide_top is not None and settings.guide_top > cfg.num_blocks:
         raise ValueError(f"guide_top {settings.guide_top}: the number of guided blocks must be in 0..{cfg.num_blocks} "
                          f"(this model has {cfg.num_blocks} flow blocks)")
+    if settings.guide_top == 0 and settings.cfg > 0:
+        raise ValueError(f"guide_top 0 guides no flow block, which turns guidance (cfg {settings.cfg:g}) off: pass cfg 0 "
+                         f"for that, or guide_top 1..{cfg.num_blocks}")
     if not settings.cfg > 0:
         shaping = [name for name, on in (("attn_temp", settings.attn_temp != 1.0),
                                          ("guide_top", settings.guide_top is not None),
