@@ -131,6 +131,11 @@ def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny
         assert main(["export", str(step1), str(tmp_path / odd)]) == 2
         assert "weights files end in .safetensors, .pth, .pt, .bin" in capsys.readouterr().err
         assert not (tmp_path / odd).exists()
+    run_config = (logdir / "config.yaml").read_bytes()
+    for src, dst in ((logdir, logdir), (logdir, step1), (step1, logdir), (logdir, logdir / "checkpoints" / "x")):
+        assert main(["export", str(src), str(dst), "--overwrite"]) == 2  # (the run's own files would be replaced)
+        assert "that is the run or a folder of its checkpoints" in capsys.readouterr().err
+    assert (logdir / "config.yaml").read_bytes() == run_config and not (step1 / "model.safetensors").exists()
     shard = next(step1.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])
     for command in (["export", str(step1), str(tmp_path / "w.pth")],

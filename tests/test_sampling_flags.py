@@ -261,6 +261,11 @@ def test_random_aspect_ratio_draws_per_sample(make_pipeline, tmp_path: Path, cap
     assert capsys.readouterr().err.count("note: --aspect_ratio 2:1 is outside the trained buckets") == 1
     assert run_cli(*common, "--num_samples", "1", "--aspect_ratio", "2:1", "--output_dir", str(tmp_path / "w")) == 0
     assert capsys.readouterr().err.count("note: --aspect_ratio 2:1 is outside the trained buckets") == 1  # each run
+    # a trained bucket spelled otherwise is that bucket: its size, its name in the prompt, no note
+    assert run_cli(*common, "--aspect_ratio", ratios[3].replace(":", ".0:"), "--output_dir", str(tmp_path / "g")) == 0
+    assert "outside the trained buckets" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g" / "00003_a.png")),
+                                  np.asarray(Image.open(tmp_path / "f" / "00003_a.png")))
 
 
 def test_out_fps_sets_the_prompt_and_the_file(tmp_path: Path) -> None:

@@ -205,6 +205,10 @@ def export(args: argparse.Namespace) -> int:
     from starflow.train.export import export_checkpoint, find_checkpoint
 
     src, (dst, dtype) = find_checkpoint(args.src), _output(args)
+    step, target = src.resolve(), dst.resolve()
+    if target in (Path(args.src).resolve(), step, *step.parents[:2]) or step.parent in target.parents:
+        raise ValueError(f"DST {dst}: that is the run or a folder of its checkpoints ({src}), whose files the export "
+                         "would replace: export to a folder of its own (e.g. models/NAME)")
     export_checkpoint(src, dst, dtype=dtype, ema=args.ema, merge_lora=args.merge_lora)
     weights = dst if dst.is_file() else dst / "model.safetensors"
     print(f"wrote {dst} from {src}{' (EMA weights)' if args.ema else ''} ({len(read_shapes(weights))} tensors, "

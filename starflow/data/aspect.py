@@ -42,6 +42,17 @@ def parse_aspect(aspect_ratio: str) -> float:
     return w / h
 
 
+def bucket_name(aspect_ratio: str) -> str:
+    """The name of the trained bucket of :data:`ASPECT_RATIOS` that ``aspect_ratio`` spells otherwise (``"32:18"``,
+    ``"1:1.0"``: the bucket's size, and its name in the prompt), else ``aspect_ratio`` as given (unparseable ones too:
+    :func:`parse_aspect` says why where they are used)."""
+    try:
+        ratio = parse_aspect(aspect_ratio)
+    except ValueError:
+        return aspect_ratio
+    return next((name for name in ASPECT_RATIOS if parse_aspect(name) == ratio), aspect_ratio)
+
+
 def aspect_to_size(aspect_ratio: str, img_size: int, multiple: int) -> tuple[int, int]:
     """Pixel size of an aspect-ratio bucket (SPEC 13).
 
