@@ -507,7 +507,20 @@ def test_non_finite_samples_are_an_error_not_black_images(tmp_path, capsys) -> N
                      "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert "samples came out non-finite (NaN or inf), which would be written as black images" in err
+        assert "the guidance (cfg) or temperature is too large for this model" in err
         assert "Traceback" not in err and not list(tmp_path.rglob("*.png"))
+    # weights that hold a NaN are named as the cause, not the settings
+    from starflow.assets import DEMO_DIR
+    from starflow.sampling.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(DEMO_DIR)
+    name = next(n for n, _ in pipe.model.named_parameters() if n.endswith("proj_in.weight"))
+    with torch.no_grad():
+        pipe.model.get_parameter(name)[0, 0] = float("nan")
+    pipe.save_pretrained(tmp_path / "broken")
+    assert main(["sample", "--checkpoint_path", str(tmp_path / "broken"), "--caption", "a", "--num_samples", "1",
+                 "--output_dir", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert f"the model's weights are not finite ({name} holds NaN or inf)" in capsys.readouterr().err
 
 
 def test_a_home_folder_after_equals_is_the_home_folder(tmp_path, monkeypatch, capsys) -> None:

@@ -384,16 +384,20 @@ class Pipeline:
         """VAE decoding to pixels clamped to ``[-1, 1]``.
 
         Raises:
-            ValueError: a sample is not finite (NaN or inf: guidance or temperature too large for the model), which
-                would otherwise be written as a black image.
+            ValueError: a sample is not finite (NaN or inf: guidance or temperature too large for the model, or
+                weights that are not finite, named), which would otherwise be written as a black image.
         """
         with profile.stage("VAE decoding", self.device):
             pixels = self.vae.decode(latents.to(self.device)).float()
         bad = ~torch.isfinite(pixels.flatten(1)).all(1)
         if bad.any():
+            broken = next((name for name, t in self.model.state_dict().items()
+                           if t.is_floating_point() and not torch.isfinite(t).all()), None)
+            cause = (f"the model's weights are not finite ({broken} holds NaN or inf): the checkpoint is damaged or "
+                     "was saved from a diverged run" if broken else
+                     "the guidance (cfg) or temperature is too large for this model; lower it")
             raise ValueError(f"{int(bad.sum())} of {len(bad)} samples came out non-finite (NaN or inf), which would be "
-                             "written as black images: the guidance (cfg) or temperature is too large for this model; "
-                             "lower it")
+                             f"written as black images: {cause}")
         return pixels.clamp(-1, 1)
 
     def _encode_pixels(self, pixels: torch.Tensor, what: str, shape: tuple[int, ...], profile: Profile,
