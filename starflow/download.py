@@ -17,6 +17,7 @@ every file's size is checked against the Hub's record afterwards. Each repositor
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from dataclasses import dataclass
@@ -104,27 +105,67 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def manual_instructions(assets: list[Asset], local_dir: Path) -> str:
-    """Where to get each file in a browser and where to put it, for machines without Hub access."""
+def manual_instructions(assets: list[Asset], local_dir: Path, revisions: dict[str, str] | None = None) -> str:
+    """Where to get each file in a browser (at the revision ``revisions`` names for its repository, else ``main``)
+    and where to put it, for machines without Hub access."""
     lines = []
     for a in assets:
         lines.append(f"  {a.what}:")
-        root = a.target(local_dir)
+        root, rev = a.target(local_dir), (revisions or {}).get(a.repo, "main")
         for p in a.patterns:
             if _is_glob(p):
-                lines.append(f"    {HUB}/{a.repo}/tree/main: every file matching {p} -> {root / Path(p).parent}/")
+                lines.append(f"    {HUB}/{a.repo}/tree/{rev}: every file matching {p} -> {root / Path(p).parent}/")
             else:
-                lines.append(f"    {HUB}/{a.repo}/resolve/main/{p} -> {root / p}")
+                lines.append(f"    {HUB}/{a.repo}/resolve/{rev}/{p} -> {root / p}")
     return "\n".join(lines)
 
 
-def _offline_error(assets: list[Asset], local_dir: Path, cause: BaseException | None) -> DownloadError:
+def _offline_error(assets: list[Asset], local_dir: Path, cause: BaseException | None,
+                   revisions: dict[str, str] | None = None) -> DownloadError:
     why = "HF_HUB_OFFLINE is set" if cause is None else f"the Hub cannot be reached ({type(cause).__name__}: {cause})"
+    fix = "unset HF_HUB_OFFLINE, or use a mirror through HF_ENDPOINT" if cause is None else \
+        "or use a mirror through HF_ENDPOINT"
     empty = [str(f) for a in assets for f in a.empty_files(local_dir)]
     return DownloadError(
         f"cannot download: {why}. Fetch these files on a machine with access and place them as shown "
-        f"(or unset HF_HUB_OFFLINE / use a mirror through HF_ENDPOINT):\n{manual_instructions(assets, local_dir)}"
+        f"({fix}):\n{manual_instructions(assets, local_dir, revisions)}"
         + (f"\n  empty now (0 bytes): {', '.join(empty)}" if empty else ""))
+
+
+def _recorded(local_dir: Path, asset: Asset) -> dict[str, tuple[str | None, int | None]]:
+    """The files of ``asset`` that ``downloads.json`` records: name -> (commit, bytes)."""
+    entry = read_manifest(local_dir).get(asset.repo, {})
+    commits = entry.get("commits") or {}
+    return {name: (commits.get(name, entry.get("commit")), size) for name, size in (entry.get("files") or {}).items()
+            if any(fnmatch.fnmatch(name, p) for p in asset.patterns)}
+
+
+def _check_in_place(assets: list[Asset], local_dir: Path, revisions: dict[str, str], why: str) -> None:
+    """Without the Hub (``why``): refuse files of another size than ``downloads.json`` records, and a ``revisions``
+    entry the record does not show the files to be; else say that every file is in place.
+
+    Raises:
+        DownloadError: as above.
+    """
+    for asset in assets:
+        recorded, root = _recorded(local_dir, asset), asset.target(local_dir)
+        for name, (_, size) in recorded.items():
+            have = (root / name).stat().st_size if (root / name).is_file() else None
+            if size is not None and have != size:
+                raise DownloadError(f"{root / name}: {have if have is not None else 'missing'} bytes, and "
+                                    f"{local_dir / MANIFEST} records {size}: download it again (with network access)")
+        revision = revisions.get(asset.repo)
+        commits = {commit for commit, _ in recorded.values()}
+        if revision and not (commits and all(c and c.startswith(revision) for c in commits)):
+            raise DownloadError(
+                f"--revision {asset.repo}={revision}: {why}, and {local_dir / MANIFEST} records "
+                + (f"commit {', '.join(sorted(c or '?' for c in commits))} for its files" if commits
+                   else "no commit for its files")
+                + ": the files in place cannot be shown to be that revision (offline, give the commit hash "
+                "recorded, or download again with network access)")
+    checked = all(_recorded(local_dir, a) for a in assets)
+    print(f"every file is already in {local_dir} ({why}; sizes "
+          + ("checked against its downloads.json)" if checked else "not checked: no downloads.json records them)"))
 
 
 def _check_sizes(infos, root: Path, asset: Asset) -> None:
@@ -192,17 +233,8 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
     if hub_offline():
         missing = [a for a in assets if not a.present(local_dir)]
         if missing:
-            raise _offline_error(missing, local_dir, None)
-        recorded = read_manifest(local_dir)
-        for repo, revision in revisions.items():
-            commit = recorded.get(repo, {}).get("commit")
-            if not (commit and commit.startswith(revision)):
-                raise DownloadError(
-                    f"--revision {repo}={revision}: HF_HUB_OFFLINE is set, and {local_dir / MANIFEST} records "
-                    + (f"commit {commit} for it" if commit else "no commit for it")
-                    + ": the files in place cannot be shown to be that revision (offline, give the commit hash "
-                    "recorded, or download again with network access)")
-        print(f"every file is already in {local_dir} (sizes not checked: HF_HUB_OFFLINE is set)")
+            raise _offline_error(missing, local_dir, None, revisions)
+        _check_in_place(assets, local_dir, revisions, "HF_HUB_OFFLINE is set")
         return [a.target(local_dir) for a in assets]
     written = []
     for asset in assets:
@@ -215,7 +247,10 @@ def download(which: str, local_dir: str | os.PathLike = "ckpts", *, token: str |
                 raise DownloadError(f"{asset.repo} is gated or needs a login: accept its licence on {HUB}/{asset.repo} "
                                     "and log in (`hf auth login`) or set HF_TOKEN") from e
             if isinstance(e, DryRunError):
-                raise _offline_error(assets, local_dir, e) from e
+                if all(a.present(local_dir) for a in assets):
+                    _check_in_place(assets, local_dir, revisions, f"the Hub cannot be reached ({type(e).__name__})")
+                    return [a.target(local_dir) for a in assets]
+                raise _offline_error([a for a in assets if not a.present(local_dir)], local_dir, e, revisions) from e
             raise
         if not infos:
             raise DownloadError(f"{asset.repo} has no files matching {asset.patterns}; the release layout changed?")
@@ -236,14 +271,19 @@ MANIFEST = "downloads.json"
 
 
 def write_manifest(local_dir: Path, repo: str, commit: str, files: dict[str, int | None]) -> Path:
-    """Record in ``local_dir/downloads.json`` (JSON, ``{repo: {"commit": hash, "files": {name: bytes}}}``) that
-    ``files`` of Hub repository ``repo`` were downloaded at ``commit``; other repositories' entries are kept.
+    """Record in ``local_dir/downloads.json`` (JSON, ``{repo: {"commit": the latest hash, "files": {name: bytes},
+    "commits": {name: hash}}}``) that ``files`` of Hub repository ``repo`` were downloaded at ``commit``; the files
+    recorded before (another release's, from the same repository) and other repositories' entries are kept.
     Returns the file. ``starflow download RELEASE --revision REPO=COMMIT`` (one per entry) repeats the download."""
     from starflow.files import write_text_atomic
 
     path = Path(local_dir) / MANIFEST
     entries = read_manifest(local_dir)  # (none yet, or unreadable: rewritten whole)
-    entries[repo] = {"commit": commit, "files": dict(sorted(files.items()))}
+    old = entries.get(repo, {})
+    commits = {name: (old.get("commits") or {}).get(name, old.get("commit")) for name in old.get("files") or {}}
+    commits.update(dict.fromkeys(files, commit))  # (each file's own: releases share a repository, fetched apart)
+    entries[repo] = {"commit": commit, "files": dict(sorted({**(old.get("files") or {}), **files}.items())),
+                     "commits": dict(sorted(commits.items()))}
     write_text_atomic(path, json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
     return path
 

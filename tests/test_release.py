@@ -340,6 +340,13 @@ def test_download_tells_a_gated_repo_from_an_unreachable_hub(refused: bool, tmp_
         assert "apple/starflow is gated or needs a login: accept its licence" in str(info.value)
     else:
         assert "is gated" not in str(info.value) and "cannot download" in str(info.value)
+        assert "unset HF_HUB_OFFLINE" not in str(info.value)  # (it is not set)
+        for asset in release_assets("t2i"):  # every file in place: no download needed, said so (exit 0)
+            for pattern in asset.patterns:
+                path = asset.target(tmp_path) / pattern.replace("*", "model")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"abc")
+        assert download("t2i", tmp_path)
 
 
 def test_download_fetches_each_repository_at_one_commit_and_records_it(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -372,7 +379,8 @@ def test_download_fetches_each_repository_at_one_commit_and_records_it(tmp_path:
     assert ("apple/starflow", "v1", True) in calls and ("apple/starflow", "v1-apple/starflow", False) in calls
     assert ("google/flan-t5-xl", None, True) in calls and ("google/flan-t5-xl", "c0mmit-google/flan-t5-xl", False) in calls
     manifest = json.loads((tmp_path / "downloads.json").read_text())
-    assert manifest["apple/starflow"] == {"commit": "v1-apple/starflow", "files": {"starflow_3B_t2i_256x256.pth": 3}}
+    assert manifest["apple/starflow"] == {"commit": "v1-apple/starflow", "files": {"starflow_3B_t2i_256x256.pth": 3},
+                                          "commits": {"starflow_3B_t2i_256x256.pth": "v1-apple/starflow"}}
     assert set(manifest) == {a.repo for a in release_assets("t2i")}
     assert "at commit c0mmit-stabilityai/sd-vae-ft-ema" in capsys.readouterr().out
 
@@ -385,7 +393,20 @@ def test_download_fetches_each_repository_at_one_commit_and_records_it(tmp_path:
         main(["download", "t2i", "--revision", "apple/starflow"])
     assert "expected REPO=REV" in capsys.readouterr().err
 
+    # the other release from the same repository, at another commit: each file keeps its own in the record
+    assert main(["download", "t2v", "--local-dir", str(tmp_path), "--revision", "apple/starflow=v2"]) == 0
+    commits = json.loads((tmp_path / "downloads.json").read_text())["apple/starflow"]["commits"]
+    assert commits["starflow_3B_t2i_256x256.pth"] == "v1-apple/starflow" and set(commits.values()) == {
+        "v1-apple/starflow", "v2-apple/starflow"}
+
     monkeypatch.setattr(starflow.adapters.hub, "hub_offline", lambda: True)  # offline: checked against the record
     assert download("t2i", tmp_path, revisions={"apple/starflow": "v1-app"})
-    with pytest.raises(DownloadError, match="records commit v1-apple/starflow for it: the files in place cannot"):
+    assert "sizes checked against its downloads.json" in capsys.readouterr().out
+    with pytest.raises(DownloadError, match="records commit v1-apple/starflow for its files: the files in place cannot"):
         download("t2i", tmp_path, revisions={"apple/starflow": "v2"})
+    (tmp_path / "starflow_3B_t2i_256x256.pth").write_bytes(b"abcd")  # not the size recorded
+    with pytest.raises(DownloadError, match="starflow_3B_t2i_256x256.pth: 4 bytes, and .* records 3: download it again"):
+        download("t2i", tmp_path)
+    (tmp_path / "starflow_3B_t2i_256x256.pth").unlink()  # missing: fetched by hand from the revision asked for
+    with pytest.raises(DownloadError, match="huggingface.co/apple/starflow/resolve/v1/starflow_3B_t2i_256x256.pth"):
+        download("t2i", tmp_path, revisions={"apple/starflow": "v1"})
