@@ -175,7 +175,10 @@ def _spy_video(model):
 def test_temperature_from_the_flag(tmp_path: Path, capsys) -> None:
     base = ["--caption", "a handwritten digit 4", "--num_samples", "1", "--cfg", "2"]
     assert run_cli(*base, "--temperature", "0.7", "--output_dir", str(tmp_path / "a")) == 0
-    assert json.loads((tmp_path / "a" / "settings.json").read_text())["settings"]["temperature"] == 0.7
+    record = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert record["settings"]["temperature"] == 0.7
+    # the denoising step taken, its defaults resolved: the image demo takes Tweedie's (it has no learned denoiser)
+    assert record["denoising"] == {"kind": "tweedie", "step": 1.0, "noise_std": 0.1}
     assert run_cli(*base, "--temperature", "0", "--output_dir", str(tmp_path / "b")) == 2
     assert "config key 'temperature' scales the sampling noise and must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

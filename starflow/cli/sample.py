@@ -752,6 +752,8 @@ def run(args: argparse.Namespace) -> int:
             record["aspect_ratios"] = sample_aspect_ratios(RANDOM_ASPECT, cfg.seed, len(captions))
         if cfg.is_video:
             record["target_length"] = used_target_length(args, cfg, settings.target_length)
+        kind, step, std = pipe.denoising(settings, video=cfg.is_video)  # (the defaults above, resolved)
+        record["denoising"] = {"kind": kind, "step": step, "noise_std": std}
         write_settings(out, record)
     profile = Profile()
     shape = write_samples(pipe, captions, settings, out, seed=cfg.seed, batch_size=args.sample_batch_size, dist=dist,

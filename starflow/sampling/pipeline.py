@@ -351,29 +351,42 @@ class Pipeline:
                                   attn_temp=settings.attn_temp, timer=lambda name: profile.stage(name, dev, stats),
                                   jacobi_auto_batch=settings.jacobi_auto_batch, **kwargs)
 
+    def denoising(self, settings: SampleSettings, video: bool) -> tuple[str, float, float]:
+        """The denoising step sampling takes (STARFlow Sec. 3.3, STARFlow-V Sec. 3.3): ``(kind, step, noise_std)``,
+        ``kind`` ``"learned"`` (a video model's learnable denoiser, ``settings.learnable_denoiser``), ``"tweedie"``
+        (the score of the flow itself) or ``"off"`` (``self_denoise`` off, or no Gaussian noise: ``noise_std`` 0 or
+        ``noise_type: uniform``); ``step`` the update's factor (``self_denoising_lr``, else 1 for Tweedie's formula,
+        ``LEARNED_DENOISER_STEP`` for the learned one); ``noise_std`` the noise level it removes."""
+        c = self.config
+        std = c.noise_std if settings.noise_std is None else settings.noise_std
+        if c.noise_type == "uniform":  # dequantisation noise, below one 8-bit level: quantising removes it
+            std = 0.0
+        if not (settings.self_denoise and std > 0):
+            return "off", 0.0, std
+        lr = settings.self_denoising_lr
+        if self.model.learnable_self_denoiser is not None and video and settings.learnable_denoiser:
+            return "learned", LEARNED_DENOISER_STEP if lr is None else lr, std
+        return "tweedie", 1.0 if lr is None else lr, std
+
     def _denoise(self, x: torch.Tensor, y, settings: SampleSettings, profile: Profile,
                  clean: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Remove the training noise from sampled latents (SPEC section 10); ``clean = (P, latents)`` puts back the
         first ``P`` frames as they were encoded (a video prefix). A ``noise_type: uniform`` model's samples carry
         dequantisation noise below one 8-bit level, not Gaussian noise: they get no Tweedie step (quantising the
         pixels to 8 bits removes it)."""
-        dev, c = self.device, self.config
-        std = c.noise_std if settings.noise_std is None else settings.noise_std
-        if c.noise_type == "uniform":  # dequantisation noise, below one 8-bit level: quantising removes it
-            std = 0.0
-        if settings.self_denoise and std > 0:
-            learned = self.model.learnable_self_denoiser is not None and x.dim() == 5 and settings.learnable_denoiser
-            lr = settings.self_denoising_lr
+        dev = self.device
+        kind, step, std = self.denoising(settings, video=x.dim() == 5)
+        if kind != "off":
+            learned = kind == "learned"
             n = settings.denoising_batch_size or x.shape[0]
             parts = []
             with profile.stage("denoising", dev):
                 for s in range(0, x.shape[0], n):  # --denoising_batch_size: the Tweedie step holds a backward pass
                     xs, ys = x[s : s + n], None if y is None else y[s : s + n]
                     if learned:
-                        parts.append(learned_denoise(self.model, xs, ys, window=self.trained_latent_frames,
-                                                     step=LEARNED_DENOISER_STEP if lr is None else lr))
+                        parts.append(learned_denoise(self.model, xs, ys, window=self.trained_latent_frames, step=step))
                     else:
-                        parts.append(self_denoise(self.model, xs, ys, std, step=1.0 if lr is None else lr))
+                        parts.append(self_denoise(self.model, xs, ys, std, step=step))
             x = torch.cat(parts)
         if clean is not None:
             x = x.clone()
