@@ -190,12 +190,18 @@ def read_state_dict(path: PathLike, *, mmap: bool = True) -> dict[str, torch.Ten
         CheckpointError: the file is truncated, corrupt, holds non-tensor objects, or is not a state dict.
     """
     path = Path(path)
+    training = path if path.is_dir() else path.parent
+    if any(training.glob("*.distcp")):  # (a step folder of starflow train, or one of its files)
+        raise CheckpointError(f"{path}: part of a training checkpoint (torch.distributed.checkpoint), not a weights "
+                              f"file: write its weights with `starflow export {training} OUT`")
     if path.is_dir():
         inside = [p.name for p in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))][:3]
         raise FileNotFoundError(f"{path} is a folder, not a weights file: pass the file"
                                 + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; {HOW_TO_GET}")
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise CheckpointError(f"{path}: a config file, not weights: pass the weights file (.safetensors, .pth)")
     try:
         if path.suffix == ".safetensors":
             obj = safetensors.torch.load_file(path, device="cpu")

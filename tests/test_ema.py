@@ -136,6 +136,9 @@ def test_export_refuses_damage_and_odd_names_and_never_leaves_stale_weights(tiny
         assert main(["export", str(src), str(dst), "--overwrite"]) == 2  # (the run's own files would be replaced)
         assert "that is the run or a folder of its checkpoints" in capsys.readouterr().err
     assert (logdir / "config.yaml").read_bytes() == run_config and not (step1 / "model.safetensors").exists()
+    for part in (step1, next(step1.glob("*.distcp"))):  # a training checkpoint is exported, not converted
+        assert main(["convert", str(part), str(tmp_path / "c.safetensors")]) == 2
+        assert f"write its weights with `starflow export {step1} OUT`" in capsys.readouterr().err
     shard = next(step1.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:1000])
     for command in (["export", str(step1), str(tmp_path / "w.pth")],

@@ -361,7 +361,8 @@ def sample_settings(args: argparse.Namespace, cfg):
     from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.settings import SampleSettings, check_settings
 
-    args.aspect_ratio = bucket_name(args.aspect_ratio)  # (16:9 spelled 32:18 is sized and prompted as 16:9)
+    if cfg.mix_aspect:  # (16:9 spelled 32:18 is sized and prompted as 16:9)
+        args.aspect_ratio = bucket_name(args.aspect_ratio)
     if args.sample_batch_size is not None and args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     try:  # the ranges of the flags that are fields of SampleSettings (same names, but --out_fps), first

@@ -37,6 +37,9 @@ def find_checkpoint(src: str | Path) -> Path:
         FileNotFoundError: no complete checkpoint there (the message says what was looked for).
     """
     src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist: pass a run's logdir (starflow train --logdir), its "
+                                "checkpoints/ folder or a step_XXXXXXXX folder")
     if (src / META_FILE).is_file():
         return src
     for folder in (src / "checkpoints", src):
