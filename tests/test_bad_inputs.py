@@ -126,6 +126,7 @@ CASES = [
     ("convert {demo}/config.yaml {tmp}/o.safetensors", 2, "config.yaml: a config file, not weights"),
     ("validate {repo}/tests", 2, "{repo}/tests is a folder: pass a config file"),
     ("convert {demo}/model.safetensors {tmp} --overwrite", 2, "is a folder: DST names the weights file"),
+    ("convert {demo}/model.safetensors {tmp}", 2, "is a folder: DST names the weights file"),
     ("export {run} /proc/x.pth", 2, "error: DST /proc/x.pth: cannot write in /proc ("),
     ("convert {demo}/model.safetensors {afile}/c.pth", 2, "error: DST {afile}/c.pth: {afile} is a file, so"),
     ("export {run} {afile}/sub", 2, "error: DST {afile}/sub: {afile} is a file, so {afile}/sub cannot be made there"),

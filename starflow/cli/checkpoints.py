@@ -185,9 +185,10 @@ def convert(args: argparse.Namespace) -> int:
     """:func:`starflow.checkpoint.convert_checkpoint`, then check that names and shapes survived."""
     from starflow.checkpoint import convert_checkpoint, read_shapes
 
+    if Path(args.dst).is_dir():  # (before --overwrite is asked for: it would not help)
+        raise IsADirectoryError(f"{args.dst} is a folder: DST names the weights file to write (e.g. "
+                                f"{Path(args.dst) / 'model.safetensors'})")
     src, (dst, dtype) = Path(args.src), _output(args)
-    if dst.is_dir():
-        raise IsADirectoryError(f"{dst} is a folder: DST names the weights file to write (e.g. {dst}/model.safetensors)")
     convert_checkpoint(src, dst, dtype=dtype)
     with warnings.catch_warnings():  # what reading src warns about was said once already
         warnings.simplefilter("ignore")
