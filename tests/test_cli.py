@@ -78,7 +78,7 @@ def test_sample_writes_images_grid_and_settings(model_dir: Path, tmp_path: Path,
     record = json.loads((out / "settings.json").read_text())
     assert set(record) == {"captions", "seeds", "checkpoint", "settings", "seed", "world_size", "device", "torch",
                            "starflow", "config", "input_image", "input_video", "last_image", "negative_prompts", "ema",
-                           "flags"}
+                           "flags", "denoising"}
     assert record["device"] == "cpu" and record["seeds"] == "seed + i for the i-th caption (seed 0)"
     assert record["captions"] == [CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2
     assert record["checkpoint"] == str(model_dir) and record["seed"] == 0 and record["world_size"] == 1
