@@ -5,9 +5,10 @@ A shard folder holds ``shard-000000.tar, shard-000001.tar, ...`` and ``index.jso
     {"kind": "image" | "video" | "latent", "shards": [{"name": "shard-000000.tar", "samples": 1000}, ...],
      "total": N, "skipped": [{"file_name": ..., "reason": ...}, ...]}
 
-A sample is ``__key__`` (packed from a folder: the zero-padded line of ``metadata.jsonl`` it comes from), the file's bytes under its extension (``png``,
-``mp4``, ...; latent caches: ``latent.pth``, ``txt.pth``, ``txt_extend.pth``), ``txt`` (the caption) and
-``json`` (the original ``file_name``, ``fps`` if given, ``aspect_ratio`` in latent caches). Training reads
+A sample is ``__key__`` (packed from a folder: the zero-padded line of ``metadata.jsonl`` it comes from), the
+file's bytes under its extension (``png``, ``mp4``, ...; latent caches: ``latent.pth``, ``txt.pth``,
+``txt_extend.pth``), ``txt`` (the caption) and ``json`` (the original ``file_name``, ``fps`` if given,
+``aspect_ratio`` in latent caches). Training reads
 shard folders with :class:`starflow.data.stream.ShardStream`.
 """
 from __future__ import annotations
