@@ -89,6 +89,19 @@ PATH_ARGUMENTS = {"output_dir", "out", "data", "checkpoint", "checkpoint_path", 
 """Arguments that name a file or folder: an empty one is refused."""
 
 
+def _did_you_mean(command: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`` (did you mean --caption?)`` for a mistyped flag among ``unknown`` close to one of ``command``'s, else ``""``."""
+    import difflib
+
+    flags = [s for action in command._actions for s in action.option_strings if s.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.75)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; bad input ends as ``error: ...`` on stderr with exit code 2
     (``STARFLOW_DEBUG=1`` re-raises instead). The package's log records show as ``warning: ...`` lines meanwhile
@@ -106,7 +119,8 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, which names the command
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        command = parser.commands[args.command]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + _did_you_mean(command, unknown))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command in SINGLE_PROCESS and world > 1:
         say_error(f"error: starflow {args.command} runs on one process, and {world} were started (torchrun): start "
