@@ -559,10 +559,10 @@ def load_config(source: str | Path | Mapping[str, Any] | Config, overrides: Mapp
         name = "config"
     else:
         path = Path(source)
-        if path.is_dir() and (path / "config.yaml").is_file():
-            raise FileNotFoundError(f"{path} is a folder: pass its config, {path / 'config.yaml'}")
         if path.is_dir():
-            raise FileNotFoundError(f"{path} is a folder: pass a config file (YAML; the official ones are in configs/)")
+            raise FileNotFoundError(f"{path} is a folder: " + (f"pass its config, {path / 'config.yaml'}"
+                                    if (path / "config.yaml").is_file() else
+                                    "pass a config file (YAML; the official ones are in configs/)"))
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path} (the official configs are in configs/)")
         try:

@@ -148,12 +148,11 @@ def _check_in_place(assets: list[Asset], local_dir: Path, revisions: dict[str, s
         DownloadError: as above.
     """
     for asset in assets:
-        recorded, root = _recorded(local_dir, asset), asset.target(local_dir)
-        for name, (_, size) in recorded.items():
-            have = (root / name).stat().st_size if (root / name).is_file() else None
-            if size is not None and have != size:
-                raise DownloadError(f"{root / name}: {have if have is not None else 'missing'} bytes, and "
-                                    f"{local_dir / MANIFEST} records {size}: download it again (with network access)")
+        recorded = _recorded(local_dir, asset)
+        bad = _wrong_sizes(asset.target(local_dir), {name: size for name, (_, size) in recorded.items()})
+        if bad:
+            raise DownloadError(f"{bad[0]} (as {local_dir / MANIFEST} records): download it again (with network "
+                                "access)")
         revision = revisions.get(asset.repo)
         commits = {commit for commit, _ in recorded.values()}
         if revision and not (commits and all(c and c.startswith(revision) for c in commits)):
@@ -168,13 +167,19 @@ def _check_in_place(assets: list[Asset], local_dir: Path, revisions: dict[str, s
           + ("checked against its downloads.json)" if checked else "not checked: no downloads.json records them)"))
 
 
-def _check_sizes(infos, root: Path, asset: Asset) -> None:
+def _wrong_sizes(root: Path, expected: dict[str, int | None]) -> list[str]:
+    """``"PATH: N bytes, expected M"`` for each file under ``root`` whose size is not the one ``expected`` gives."""
     bad = []
-    for info in infos:
-        path = root / info.filename
-        size = path.stat().st_size if path.is_file() else None
-        if info.file_size is not None and size != info.file_size:
-            bad.append(f"{path}: {size if size is not None else 'missing'} bytes, expected {info.file_size}")
+    for name, want in expected.items():
+        path = root / name
+        have = path.stat().st_size if path.is_file() else None
+        if want is not None and have != want:
+            bad.append(f"{path}: {have if have is not None else 'missing'} bytes, expected {want}")
+    return bad
+
+
+def _check_sizes(infos, root: Path, asset: Asset) -> None:
+    bad = _wrong_sizes(root, {info.filename: info.file_size for info in infos})
     if bad:
         raise DownloadError(f"{asset.what}: incomplete download ({'; '.join(bad)}); run the command again "
                             "to resume, or delete the file to start over")

@@ -303,7 +303,7 @@ def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
     Raises:
         ValueError: a malformed ratio, or another shape than the one a ``mix_aspect 0`` model was trained on.
     """
-    from starflow.data.aspect import ASPECT_RATIOS, aspect_to_size, parse_aspect
+    from starflow.data.aspect import ASPECT_RATIOS, aspect_to_size, bucket_name, parse_aspect
     from starflow.adapters.geometry import vae_geometry
 
     try:
@@ -316,7 +316,7 @@ def check_aspect_ratio(aspect_ratio: str, cfg) -> None:
                              f"{cfg.img_size} samples only (mix_aspect 0); drop the flag (1:1) or use a model trained "
                              "with mix_aspect 1")
         return
-    if aspect_ratio not in ASPECT_RATIOS:
+    if bucket_name(aspect_ratio) not in ASPECT_RATIOS:  # (16:9 spelled 32:18 is that bucket: SampleSettings)
         h, w = aspect_to_size(aspect_ratio, cfg.img_size, vae_geometry(cfg.vae).downsample * cfg.patch_size)
         note_once(f"note: --aspect_ratio {aspect_ratio} is outside the trained buckets ({' '.join(ASPECT_RATIOS)}); "
                   f"sampling {w}x{h} pixels")
@@ -357,12 +357,9 @@ def sample_settings(args: argparse.Namespace, cfg):
     Raises:
         ValueError: a flag out of range or one that would not act on this model, named with the fix.
     """
-    from starflow.data.aspect import bucket_name
     from starflow.sampling.batch import RANDOM_ASPECT
     from starflow.sampling.settings import SampleSettings, check_settings
 
-    if cfg.mix_aspect:  # (16:9 spelled 32:18 is sized and prompted as 16:9)
-        args.aspect_ratio = bucket_name(args.aspect_ratio)
     if args.sample_batch_size is not None and args.sample_batch_size < 1:
         raise ValueError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
     try:  # the ranges of the flags that are fields of SampleSettings (same names, but --out_fps), first
@@ -595,15 +592,12 @@ def sample_plan(args: argparse.Namespace, world_size: int, dry_run: bool = False
     from starflow.sizing import GIB, size_report, text_width
 
     from_config = dry_run and args.model_config_path is not None and args.checkpoint_path is None
-    checkpoint = Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR)) if not from_config else None
-    absent = dry_run and args.model_config_path is not None and (from_config or not checkpoint.exists())
-    if from_config:
-        weights = None
-    elif absent:
-        weights = checkpoint
+    checkpoint = weights = None if from_config else Path(args.checkpoint_path or assets.shipped(assets.DEMO_DIR))
+    absent = dry_run and args.model_config_path is not None and checkpoint is not None and not checkpoint.exists()
+    if absent:
         if args.ema and checkpoint.suffix:  # (a weights file's name: sampling would refuse --ema with it)
             raise ema_with_weights_file(checkpoint)
-    else:
+    elif not from_config:
         check_checkpoint_path(checkpoint, args.ema)
         weights = assets.find_weights(checkpoint, ema=args.ema) if checkpoint.is_dir() else checkpoint
         if not weights.is_file():

@@ -136,8 +136,8 @@ class _Encoder:
             if self.cfg.drop_image > 0:
                 extend = self.embed([EXTEND_PREFIX + t for t in texts], aspects).to(self.dtype)
         for i, (raw, d) in enumerate(items):
-            out = {"__key__": raw["__key__"], "__source__": _source_name(raw), "latent.pth": _tensor_bytes(latents[i]),
-                   "txt": raw["txt"],
+            out = {"__key__": raw["__key__"], "__source__": _source_name(raw),  # (__source__: not written)
+                   "latent.pth": _tensor_bytes(latents[i]), "txt": raw["txt"],
                    "json": _with_aspect(raw.get("json"), d["aspect_ratio"])}
             if emb is not None:
                 out["txt.pth"] = _tensor_bytes(emb[i])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from starflow.config import GUIDANCE_RULE, Config
+from starflow.data.aspect import bucket_name
 from starflow.models.jacobi import AUTO, JACOBI_MAX_ITER, JACOBI_THRESHOLD, DecodeStats
 
 __all__ = ["SampleSettings", "Profile", "check_settings"]
@@ -45,12 +46,14 @@ class SampleSettings:
     denoising_batch_size: int | None = None  # samples per denoising pass (default: the whole batch)
 
     def __post_init__(self) -> None:
-        """Refuse values no sampler could use (model-independent; :meth:`Pipeline.__call__` checks the rest).
+        """Refuse values no sampler could use (model-independent; :meth:`Pipeline.__call__` checks the rest), and
+        name a trained aspect bucket spelled otherwise (``32:18``, ``1:1.0``) as the bucket: its size and its prompt.
 
         Raises:
             TypeError: a number field holding something else (e.g. a string).
             ValueError: named after the field, as the ``starflow sample`` flag of the same name.
         """
+        self.aspect_ratio = bucket_name(self.aspect_ratio)
         for name in ("cfg", "jacobi_th", "attn_temp", "temperature", "target_noise_std", "self_denoising_lr",
                      "jacobi_max_iter", "target_length", "context_length", "fps", "denoising_batch_size",
                      "jacobi_auto_batch", "guide_top"):
